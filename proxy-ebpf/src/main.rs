@@ -1,0 +1,28 @@
+//! sluice's kernel programs. Built for `bpfel-unknown-none` by `proxy-userspace/build.rs`
+//! (aya-build, pinned nightly) and embedded in the `sluice` binary.
+//!
+//! On the host this crate is a stub with an empty `main`, so that `cargo build --workspace`
+//! and `cargo clippy --workspace` work without the BPF target.
+#![cfg_attr(target_arch = "bpf", no_std, no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod counters;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod programs;
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any path that could reach a panic, so this is never called.
+    loop {}
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
