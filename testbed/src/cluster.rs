@@ -1,0 +1,269 @@
+//! A cluster in network namespaces:
+//!
+//! ```text
+//!   pod ns (eth0) ==veth== (pvI) node ns (eth0) ==veth== (nK) fabric ns: bridge br0 (198.18.0.1)
+//!                                                          (oJ) ==veth== (eth0) outside ns
+//! ```
+//! Pods have a /32 and a default route via the node (198.19.k.1, held by every pod veth's node
+//! side, as Calico does); the node routes each pod's /32 to its veth and other nodes' pod
+//! CIDRs via their uplinks. Forwarding is on and rp_filter off in nodes; TX checksum offload is
+//! off on both ends of every veth, so a wrong checksum is never hidden by the NIC model.
+use std::net::Ipv4Addr;
+
+use crate::{
+    cmd::CmdError,
+    netns::Netns,
+    plan::{self, cidr},
+};
+
+/// A pod: a namespace with one veth (`eth0`) to its node.
+#[derive(Debug)]
+pub struct Pod {
+    pub ns: Netns,
+    /// The pod's name (what its HTTP server answers with).
+    pub name: String,
+    pub addr: Ipv4Addr,
+    /// The node side of the pod's veth, inside the node's namespace (`pv<i>`).
+    pub host_veth: String,
+    pub node: u8,
+}
+
+/// A node: a namespace with an uplink (`eth0`) to the fabric and one veth per pod.
+#[derive(Debug)]
+pub struct Node {
+    pub ns: Netns,
+    pub index: u8,
+    pub addr: Ipv4Addr,
+    /// The uplink's name inside the node namespace.
+    pub uplink: String,
+    pub pods: Vec<Pod>,
+}
+
+/// A client outside the cluster, on the fabric.
+#[derive(Debug)]
+pub struct Outside {
+    pub ns: Netns,
+    pub addr: Ipv4Addr,
+}
+
+/// Nodes, pods, outside clients and the fabric that joins them. Dropping it (also during a
+/// panic) deletes every namespace it made and kills every process inside them.
+#[derive(Debug)]
+pub struct Cluster {
+    // Field order is drop order: pods and nodes go before the fabric.
+    pub nodes: Vec<Node>,
+    pub outside: Vec<Outside>,
+    pub fabric: Netns,
+}
+
+fn tx_off(ns: &Netns, dev: &str) -> Result<(), CmdError> {
+    ns.exec(&["ethtool", "-K", dev, "tx", "off"]).map(drop)
+}
+
+impl Cluster {
+    /// A fabric and `nodes` nodes without pods.
+    pub fn new(nodes: u8) -> Result<Self, CmdError> {
+        assert!(nodes <= plan::MAX_NODES);
+        let fabric = Netns::new("fabric")?;
+        fabric.ip(&["link", "add", "br0", "type", "bridge"])?;
+        fabric.ip(&[
+            "addr",
+            "add",
+            &format!("{}/{}", plan::FABRIC_ROUTER, plan::FABRIC_PREFIX),
+            "dev",
+            "br0",
+        ])?;
+        fabric.ip(&["link", "set", "br0", "up"])?;
+        let mut cluster = Self {
+            nodes: Vec::new(),
+            outside: Vec::new(),
+            fabric,
+        };
+        for k in 0..nodes {
+            cluster.add_node(k)?;
+        }
+        // Every node reaches every other node's pods through that node's uplink.
+        for node in &cluster.nodes {
+            for other in &cluster.nodes {
+                if other.index != node.index {
+                    node.ns.ip(&[
+                        "route",
+                        "add",
+                        &cidr(plan::pod_cidr(other.index)),
+                        "via",
+                        &other.addr.to_string(),
+                    ])?;
+                }
+            }
+        }
+        Ok(cluster)
+    }
+
+    /// Joins namespace `ns` (device `eth0` at `addr`) to the fabric bridge through port `port`.
+    fn join_fabric(&self, ns: &Netns, port: &str, addr: Ipv4Addr) -> Result<(), CmdError> {
+        self.fabric.ip(&[
+            "link",
+            "add",
+            port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ])?;
+        self.fabric
+            .ip(&["link", "set", port, "master", "br0", "up"])?;
+        tx_off(&self.fabric, port)?;
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{addr}/{}", plan::FABRIC_PREFIX),
+            "dev",
+            "eth0",
+        ])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        tx_off(ns, "eth0")?;
+        ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &plan::FABRIC_ROUTER.to_string(),
+        ])?;
+        Ok(())
+    }
+
+    fn add_node(&mut self, k: u8) -> Result<(), CmdError> {
+        let ns = Netns::new(&format!("node{k}"))?;
+        let addr = plan::node_addr(k);
+        self.join_fabric(&ns, &format!("n{k}"), addr)?;
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        // The datapath rewrites addresses before routing; strict reverse-path filtering would
+        // drop such packets (toolchain.md).
+        ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+        ns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+        self.nodes.push(Node {
+            ns,
+            index: k,
+            addr,
+            uplink: "eth0".into(),
+            pods: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// Adds a pod called `name` on node `node`; returns it.
+    pub fn add_pod(&mut self, node: u8, name: &str) -> Result<&Pod, CmdError> {
+        let n = &mut self.nodes[usize::from(node)];
+        let i = u8::try_from(n.pods.len()).expect("pod count fits the plan");
+        let addr = plan::pod_addr(node, i);
+        let gw = plan::pod_gateway(node);
+        let ns = Netns::new(&format!("pod{node}-{i}"))?;
+        let host_veth = format!("pv{i}");
+        n.ns.ip(&[
+            "link",
+            "add",
+            &host_veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ])?;
+        // Every pod veth's node side holds the pods' gateway address, so pods ARP for it there.
+        n.ns.ip(&["addr", "add", &format!("{gw}/32"), "dev", &host_veth])?;
+        n.ns.ip(&["link", "set", &host_veth, "up"])?;
+        n.ns.sysctl(&format!("net.ipv4.conf.{host_veth}.rp_filter"), "0")?;
+        tx_off(&n.ns, &host_veth)?;
+        n.ns.ip(&[
+            "route",
+            "add",
+            &format!("{addr}/32"),
+            "dev",
+            &host_veth,
+            "scope",
+            "link",
+        ])?;
+        ns.ip(&["addr", "add", &format!("{addr}/32"), "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        tx_off(&ns, "eth0")?;
+        ns.ip(&[
+            "route",
+            "add",
+            &gw.to_string(),
+            "dev",
+            "eth0",
+            "scope",
+            "link",
+        ])?;
+        ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &gw.to_string(),
+            "dev",
+            "eth0",
+        ])?;
+        n.pods.push(Pod {
+            ns,
+            name: name.to_owned(),
+            addr,
+            host_veth,
+            node,
+        });
+        Ok(n.pods.last().expect("just pushed"))
+    }
+
+    /// Adds a client outside the cluster, on the fabric; returns it.
+    pub fn add_outside(&mut self) -> Result<&Outside, CmdError> {
+        let j = u8::try_from(self.outside.len()).expect("outside count fits the plan");
+        let ns = Netns::new(&format!("out{j}"))?;
+        let addr = plan::outside_addr(j);
+        self.join_fabric(&ns, &format!("o{j}"), addr)?;
+        self.outside.push(Outside { ns, addr });
+        Ok(self.outside.last().expect("just pushed"))
+    }
+
+    /// Routes `net` from outside client `j` (and the fabric) through node `node`, as an
+    /// upstream router does for externalIPs and LoadBalancer addresses.
+    pub fn route_outside_via(
+        &self,
+        j: usize,
+        net: (Ipv4Addr, u8),
+        node: u8,
+    ) -> Result<(), CmdError> {
+        let via = plan::node_addr(node).to_string();
+        self.outside[j]
+            .ns
+            .ip(&["route", "add", &cidr(net), "via", &via])?;
+        Ok(())
+    }
+
+    /// Every pod of every node.
+    pub fn pods(&self) -> impl Iterator<Item = &Pod> {
+        self.nodes.iter().flat_map(|n| n.pods.iter())
+    }
+
+    /// The pod called `name`.
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod called {name} in the sandbox"))
+    }
+
+    /// The names of every namespace of this cluster.
+    pub fn namespaces(&self) -> Vec<String> {
+        let mut v = vec![self.fabric.name().to_owned()];
+        for n in &self.nodes {
+            v.push(n.ns.name().to_owned());
+            v.extend(n.pods.iter().map(|p| p.ns.name().to_owned()));
+        }
+        v.extend(self.outside.iter().map(|o| o.ns.name().to_owned()));
+        v
+    }
+}

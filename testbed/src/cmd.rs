@@ -1,0 +1,95 @@
+//! Running commands with a bounded time, and errors that show what was run and what it said.
+use std::{
+    io::Read as _,
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CmdError {
+    #[error("could not start `{cmd}`: {source} (is it installed? `cargo xtask setup` installs it)")]
+    Spawn {
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{cmd}` did not finish within {timeout:?} and was killed")]
+    Timeout { cmd: String, timeout: Duration },
+    #[error("`{cmd}` failed ({status}): {stderr}")]
+    Failed {
+        cmd: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    #[error("waiting for `{cmd}` failed: {source}")]
+    Wait {
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Runs `argv`, killing it after `timeout`; returns its output whether or not it succeeded.
+pub fn output(argv: &[&str], timeout: Duration) -> Result<Output, CmdError> {
+    let cmd = argv.join(" ");
+    let mut child = Command::new(argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| CmdError::Spawn {
+            cmd: cmd.clone(),
+            source,
+        })?;
+    // Drain the pipes on threads so a chatty child cannot block on a full pipe.
+    let mut out = child.stdout.take().expect("stdout is piped");
+    let mut err = child.stderr.take().expect("stderr is piped");
+    let out_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let start = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if start.elapsed() > timeout => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(CmdError::Timeout { cmd, timeout });
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+            Err(source) => return Err(CmdError::Wait { cmd, source }),
+        }
+    };
+    Ok(Output {
+        status,
+        stdout: out_t.join().unwrap_or_default(),
+        stderr: err_t.join().unwrap_or_default(),
+    })
+}
+
+/// Runs `argv` within `timeout` and returns its stdout; a non-zero exit is an error that
+/// carries stderr.
+pub fn run_timeout(argv: &[&str], timeout: Duration) -> Result<String, CmdError> {
+    let out = output(argv, timeout)?;
+    if !out.status.success() {
+        return Err(CmdError::Failed {
+            cmd: argv.join(" "),
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// [`run_timeout`] with the default bound for set-up commands (10 s).
+pub fn run(argv: &[&str]) -> Result<String, CmdError> {
+    run_timeout(argv, Duration::from_secs(10))
+}

@@ -1,0 +1,24 @@
+//! sluice's sandbox: a cluster made of network namespaces, shared by the tests, the demo and
+//! the benchmark.
+//!
+//! - [`netns`]: one network namespace, removed on drop; commands and threads inside it.
+//! - [`cluster`]: nodes, pods, a fabric and outside clients joined by veth pairs, with routes,
+//!   forwarding, and TX checksum offload off on every veth; the [`plan`] of addresses.
+//! - [`apps`]: real servers (python3 HTTP answering with the pod's name, UDP echo) and a real
+//!   client (curl), all with bounded timeouts.
+//! - [`privilege`]: the rule for tests that need root: skip loudly, or fail in CI.
+//!
+//! Every name carries the creating process's pid and a counter, so tests run in parallel and a
+//! sweep ([`netns::sweep_stale`]) can remove what a killed test run left behind.
+pub mod apps;
+pub mod cluster;
+pub mod cmd;
+pub mod netns;
+pub mod plan;
+pub mod privilege;
+
+pub use apps::{HttpServer, UdpEcho, curl, udp_request};
+pub use cluster::{Cluster, Node, Outside, Pod};
+pub use cmd::{CmdError, run};
+pub use netns::Netns;
+pub use privilege::{Privilege, privileged};
