@@ -1,0 +1,151 @@
+//! `cargo xtask test`: every tier in one run, then a check that nothing was left behind.
+//!
+//! Tiers: unit tests (model, plan, ABI), packet tests through BPF_PROG_TEST_RUN, sandbox
+//! end-to-end tests in network namespaces. They are all `cargo test` tests; the privileged
+//! ones skip loudly without root, and fail instead under `SLUICE_REQUIRE_PRIVILEGED=1` (CI).
+//! Skips are collected through `SLUICE_SKIP_LOG` and reported as skipped, never as passed.
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, bail};
+use testbed::privilege::SKIP_LOG_ENV;
+
+#[derive(Default, Debug, PartialEq, Eq)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+/// Adds up one `test result: ok. 3 passed; 0 failed; 1 ignored; ...` line.
+fn add_result_line(t: &mut Totals, line: &str) {
+    let Some(rest) = line.trim().strip_prefix("test result: ") else {
+        return;
+    };
+    for part in rest.split(';') {
+        let mut words = part.split_whitespace().rev();
+        let (Some(what), Some(n)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let Ok(n) = n.parse::<u64>() else { continue };
+        match what {
+            "passed" => t.passed += n,
+            "failed" => t.failed += n,
+            "ignored" => t.ignored += n,
+            _ => {}
+        }
+    }
+}
+
+pub fn run(cargo_args: &[String]) -> anyhow::Result<()> {
+    let root = crate::workspace_root();
+    let privileged = nix::unistd::geteuid().is_root();
+    if privileged {
+        let stale = testbed::netns::sweep_stale();
+        if !stale.is_empty() {
+            eprintln!(
+                "test: removed namespaces left by killed runs: {}",
+                stale.join(" ")
+            );
+        }
+    }
+    let skip_log = root.join("target").join("test-skips.log");
+    std::fs::create_dir_all(root.join("target")).context("creating target/")?;
+    let _ = std::fs::remove_file(&skip_log);
+
+    let mut child = Command::new("cargo")
+        .current_dir(&root)
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .args(cargo_args)
+        .env(SKIP_LOG_ENV, &skip_log)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    let mut totals = Totals::default();
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line.context("reading cargo test's output")?;
+        println!("{line}");
+        add_result_line(&mut totals, &line);
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+
+    // The last tier: the README's main command, checked once, as a user would run it.
+    if privileged {
+        println!("running the demo: cargo xtask demo --once");
+        match crate::demo::run(true) {
+            Ok(()) => totals.passed += 1,
+            Err(e) => {
+                println!("demo --once FAILED: {e:#}");
+                totals.failed += 1;
+            }
+        }
+    } else {
+        testbed::privileged("xtask demo --once");
+    }
+
+    let skips: Vec<String> = std::fs::read_to_string(&skip_log)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    // A skipped test returns early and cargo counts it as passed: count it as skipped instead.
+    let skipped = skips.len() as u64 + totals.ignored;
+    let passed = totals.passed.saturating_sub(skips.len() as u64);
+
+    let mut leftovers = Vec::new();
+    if privileged {
+        leftovers = testbed::netns::ours();
+        testbed::netns::sweep_stale();
+    }
+    for s in &skips {
+        println!("skipped: {s}");
+    }
+    if !leftovers.is_empty() {
+        println!(
+            "cleanup: the tests left these namespaces behind: {}",
+            leftovers.join(" ")
+        );
+    }
+    println!(
+        "summary: {passed} passed, {} failed, {skipped} skipped",
+        totals.failed
+    );
+    if !status.success() || totals.failed > 0 {
+        bail!("cargo test failed ({status})");
+    }
+    if !leftovers.is_empty() {
+        bail!("the tests left network namespaces behind: cleanup is broken");
+    }
+    if totals.passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn result_lines_are_added_up_and_other_lines_ignored() {
+        let mut t = Totals::default();
+        for l in [
+            "test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.00s",
+            "test result: FAILED. 6 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 2.34s",
+            "test foo ... ok",
+            "running 3 tests",
+        ] {
+            add_result_line(&mut t, l);
+        }
+        assert_eq!(
+            t,
+            Totals {
+                passed: 9,
+                failed: 2,
+                ignored: 1
+            }
+        );
+    }
+}
