@@ -1,5 +1,5 @@
 //! The contract between sluice's kernel programs (`proxy-ebpf`) and its userspace
-//! (`proxy-userspace`): map names, key and value layouts, counter indices.
+//! (`proxy-userspace`): map names, key and value layouts, flags, counter indices.
 //!
 //! Rules (docs/ARCHITECTURE.md, "The ABI"):
 //! - every type is `#[repr(C)]` with explicit padding and a compile-time size assert;
@@ -9,6 +9,27 @@
 //! - a layout change renames the map (`_v2`), because pinned maps outlive the agent.
 #![no_std]
 
+pub mod conntrack;
 pub mod counters;
+pub mod lb4;
 
+pub use conntrack::*;
 pub use counters::*;
+pub use lb4::*;
+
+/// Implements `aya::Pod` for plain-old-data ABI types when the `user` feature is on.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! impl_pod {
+    ($($t:ty),+ $(,)?) => {
+        $(
+            #[cfg(feature = "user")]
+            // SAFETY: repr(C), integer fields only, padding explicit: every bit pattern is valid.
+            unsafe impl aya::Pod for $t {}
+        )+
+    };
+}
+
+/// IP protocol numbers the datapath translates.
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;

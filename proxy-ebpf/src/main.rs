@@ -1,16 +1,30 @@
 //! sluice's kernel programs. Built for `bpfel-unknown-none` by `proxy-userspace/build.rs`
 //! (aya-build, pinned nightly) and embedded in the `sluice` binary.
 //!
+//! Thin programs (`programs`) over small modules: `parse` (headers, fragments, options),
+//! `lb` (frontends, backend choice), `conntrack` (flows and their state), `nat` (rewrites and
+//! checksums), `reject` (ICMP port unreachable), `stats` (per-CPU counters), `maps`.
+//!
 //! On the host this crate is a stub with an empty `main`, so that `cargo build --workspace`
 //! and `cargo clippy --workspace` work without the BPF target.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 #[cfg(target_arch = "bpf")]
-mod counters;
+mod conntrack;
+#[cfg(target_arch = "bpf")]
+mod lb;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
+mod nat;
+#[cfg(target_arch = "bpf")]
+mod parse;
+#[cfg(target_arch = "bpf")]
 mod programs;
+#[cfg(target_arch = "bpf")]
+mod reject;
+#[cfg(target_arch = "bpf")]
+mod stats;
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}

@@ -1,15 +1,47 @@
-//! The maps, declared once. Names come from `proxy_common`, so both sides agree on them.
-use aya_ebpf::{macros::map, maps::PerCpuArray};
-use proxy_common::{CTR_MAX, Counter};
+//! The maps, declared once. Names come from `proxy_common` (checked at compile time below),
+//! so both sides agree on them. Sizes here are defaults; the agent sets its own at load time.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use proxy_common::{
+    CT4_DEFAULT_MAX, CTR_MAX, Counter, Ct4Entry, Ct4Key, LB4_BACKENDS_DEFAULT_MAX,
+    LB4_REVNAT_DEFAULT_MAX, LB4_SERVICES_DEFAULT_MAX, Lb4Backend, Lb4Config, Lb4Key, Lb4RevNat,
+    Lb4Service,
+};
 
-/// See [`proxy_common::PKT_COUNTERS_MAP`].
 #[map(name = "PKT_COUNTERS")]
 pub static PKT_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(CTR_MAX, 0);
 
-// The map macro takes a literal name; this keeps it equal to the shared constant.
-const _: () = assert!(const_str_eq(proxy_common::PKT_COUNTERS_MAP, "PKT_COUNTERS"));
+#[map(name = "LB4_SERVICES")]
+pub static LB4_SERVICES: HashMap<Lb4Key, Lb4Service> =
+    HashMap::with_max_entries(LB4_SERVICES_DEFAULT_MAX, 0);
 
-const fn const_str_eq(a: &str, b: &str) -> bool {
+#[map(name = "LB4_BACKENDS")]
+pub static LB4_BACKENDS: HashMap<u32, Lb4Backend> =
+    HashMap::with_max_entries(LB4_BACKENDS_DEFAULT_MAX, 0);
+
+#[map(name = "LB4_REVNAT")]
+pub static LB4_REVNAT: HashMap<u32, Lb4RevNat> =
+    HashMap::with_max_entries(LB4_REVNAT_DEFAULT_MAX, 0);
+
+#[map(name = "LB4_CONFIG")]
+pub static LB4_CONFIG: Array<Lb4Config> = Array::with_max_entries(1, 0);
+
+#[map(name = "CT4")]
+pub static CT4: LruHashMap<Ct4Key, Ct4Entry> = LruHashMap::with_max_entries(CT4_DEFAULT_MAX, 0);
+
+// The map macro takes a literal name; these keep each equal to the shared constant.
+const _: () = {
+    assert!(str_eq(proxy_common::PKT_COUNTERS_MAP, "PKT_COUNTERS"));
+    assert!(str_eq(proxy_common::LB4_SERVICES_MAP, "LB4_SERVICES"));
+    assert!(str_eq(proxy_common::LB4_BACKENDS_MAP, "LB4_BACKENDS"));
+    assert!(str_eq(proxy_common::LB4_REVNAT_MAP, "LB4_REVNAT"));
+    assert!(str_eq(proxy_common::LB4_CONFIG_MAP, "LB4_CONFIG"));
+    assert!(str_eq(proxy_common::CT4_MAP, "CT4"));
+};
+
+const fn str_eq(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     if a.len() != b.len() {
         return false;

@@ -1,18 +1,248 @@
-//! The TC programs. Thin: parse, decide, count, return the verdict.
-use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
-use network_types::eth::{EthHdr, EtherType};
-use proxy_common::{CTR_IPV4, CTR_OTHER, CTR_SEEN};
+//! The TC programs. Thin: parse, decide, rewrite, count, return the verdict.
+//!
+//! | program              | attach at                             | does                            |
+//! |----------------------|---------------------------------------|---------------------------------|
+//! | `sluice_from_pod`    | TC ingress of pod-facing devices      | replies back; DNAT to Services  |
+//! | `sluice_to_pod`      | TC egress of pod-facing devices       | replies back (remote backends)  |
+//! | `sluice_from_uplink` | TC ingress of uplinks                 | replies back; DNAT NodePort, externalIPs, LoadBalancer |
+//! | `sluice_pass`        | anywhere                              | nothing: the benchmark's floor  |
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    macros::classifier,
+    programs::TcContext,
+};
+use proxy_common::{
+    CT_FLAG_SNAT, CT_KIND_REVERSE, CTR_CT_HIT, CTR_DROP_CT_WRITE, CTR_DROP_NO_BACKEND_ENTRY,
+    CTR_DROP_REJECT_FAILED, CTR_DROP_REWRITE, CTR_HAIRPIN, CTR_NEW_FLOW, CTR_PASS_NO_MATCH,
+    CTR_REJECT_NO_BACKEND, CTR_REPLY, CTR_SEEN, Ct4Entry, Ct4Key, SVC_FLAG_CLUSTER_IP,
+    ct_lifetime_ns,
+};
 
-use crate::counters::count;
+use crate::{
+    conntrack::{self, forward_state, lookup, reopens, reply_key, reply_state, service_key, touch},
+    lb,
+    maps::{CT4, LB4_CONFIG},
+    nat::{set_dst, set_src},
+    parse::{Flow, parse},
+    reject,
+    stats::count,
+};
 
-/// Counts every packet on the device it is attached to, and passes it on unchanged.
+const PASS: i32 = TC_ACT_OK as i32;
+const DROP: i32 = TC_ACT_SHOT as i32;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hook {
+    FromPod,
+    ToPod,
+    FromUplink,
+}
+
+/// Packets from pods: replies of flows we translated go back to showing the frontend;
+/// packets to any frontend are DNATed to a backend.
 #[classifier]
-pub fn sluice_count(ctx: TcContext) -> i32 {
+pub fn sluice_from_pod(ctx: TcContext) -> i32 {
+    handle(&ctx, Hook::FromPod)
+}
+
+/// Packets into pods: replies from backends elsewhere go back to showing the frontend.
+#[classifier]
+pub fn sluice_to_pod(ctx: TcContext) -> i32 {
+    handle(&ctx, Hook::ToPod)
+}
+
+/// Packets from outside: NodePort, externalIPs and LoadBalancer frontends (not ClusterIPs),
+/// and replies of flows we translated.
+#[classifier]
+pub fn sluice_from_uplink(ctx: TcContext) -> i32 {
+    handle(&ctx, Hook::FromUplink)
+}
+
+/// Does nothing: the floor the benchmark compares the others with.
+#[classifier]
+pub fn sluice_pass(_ctx: TcContext) -> i32 {
+    PASS
+}
+
+#[inline(always)]
+fn handle(ctx: &TcContext, hook: Hook) -> i32 {
     let len = ctx.len();
     count(CTR_SEEN, len);
-    match ctx.load::<EthHdr>(0) {
-        Ok(eth) if eth.ether_type == EtherType::Ipv4 as u16 => count(CTR_IPV4, len),
-        _ => count(CTR_OTHER, len),
+    let flow = match parse(ctx) {
+        Ok(f) => f,
+        Err(counter) => {
+            count(counter, len);
+            return PASS;
+        }
+    };
+    let now = conntrack::now();
+    let (verdict, counter) = match reply(ctx, &flow, now, len) {
+        Some(r) => r,
+        None if hook == Hook::ToPod => (PASS, CTR_PASS_NO_MATCH),
+        None => forward(ctx, &flow, now, len, hook),
+    };
+    count(counter, len);
+    verdict
+}
+
+/// A reply of a translated flow: source back to the frontend (and, for SNATed flows,
+/// destination back to the client).
+#[inline(always)]
+fn reply(ctx: &TcContext, f: &Flow, now: u64, len: u32) -> Option<(i32, u32)> {
+    let e = lookup(&reply_key(f), now)?;
+    // SAFETY: `e` is a live entry from a successful lookup; copy what we need.
+    let c: Ct4Entry = unsafe { *e };
+    touch(e, f.proto, reply_state(f, c.flags), now, len);
+    if set_src(ctx, f, c.nat_addr_be, c.nat_port_be).is_err() {
+        return Some((DROP, CTR_DROP_REWRITE));
     }
-    TC_ACT_OK
+    if c.flags & CT_FLAG_SNAT != 0 && set_dst(ctx, f, c.addr_be, c.port_be).is_err() {
+        return Some((DROP, CTR_DROP_REWRITE));
+    }
+    Some((PASS, CTR_REPLY))
+}
+
+/// A packet from a client: a known flow keeps its backend; a new one to a frontend gets one.
+#[inline(always)]
+fn forward(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> (i32, u32) {
+    let skey = service_key(f);
+    if let Some(s) = lookup(&skey, now) {
+        // SAFETY: `s` is a live entry from a successful lookup.
+        let svc: Ct4Entry = unsafe { *s };
+        let src = if svc.nat_addr_be != 0 {
+            svc.nat_addr_be
+        } else {
+            f.saddr_be
+        };
+        let rkey = Ct4Key {
+            saddr_be: src,
+            daddr_be: svc.addr_be,
+            sport_be: f.sport_be,
+            dport_be: svc.port_be,
+            proto: f.proto,
+            kind: CT_KIND_REVERSE,
+            _pad: [0; 2],
+        };
+        let state = match lookup(&rkey, now) {
+            // SAFETY: as above.
+            Some(r) => unsafe { (*r).flags },
+            None => 0,
+        };
+        if !reopens(f, state) {
+            let flags = forward_state(f, state);
+            match lookup(&rkey, now) {
+                Some(r) => touch(r, f.proto, flags, now, 0),
+                None => {
+                    // The reverse entry was evicted: rebuild it from what we know.
+                    let rev = reverse_entry(f, svc.nat_addr_be != 0, svc.rev_nat_id, flags, now);
+                    if CT4.insert(&rkey, &rev, 0).is_err() {
+                        return (DROP, CTR_DROP_CT_WRITE);
+                    }
+                }
+            }
+            touch(s, f.proto, flags, now, len);
+            if svc.nat_addr_be != 0 && set_src(ctx, f, svc.nat_addr_be, f.sport_be).is_err() {
+                return (DROP, CTR_DROP_REWRITE);
+            }
+            if set_dst(ctx, f, svc.addr_be, svc.port_be).is_err() {
+                return (DROP, CTR_DROP_REWRITE);
+            }
+            return (PASS, CTR_CT_HIT);
+        }
+        // A new connection on the tuple of a closed one: choose afresh below.
+    }
+    new_flow(ctx, f, now, len, hook, &skey)
+}
+
+#[inline(always)]
+fn reverse_entry(f: &Flow, snat: bool, rev_nat_id: u32, flags: u16, now: u64) -> Ct4Entry {
+    Ct4Entry {
+        expires_ns: now + ct_lifetime_ns(f.proto, flags),
+        addr_be: f.saddr_be,
+        port_be: f.sport_be,
+        flags: if snat { flags | CT_FLAG_SNAT } else { flags },
+        nat_addr_be: f.daddr_be,
+        nat_port_be: f.dport_be,
+        _pad: 0,
+        rev_nat_id,
+        _pad2: 0,
+        packets: 0,
+        bytes: 0,
+    }
+}
+
+#[inline(always)]
+fn new_flow(
+    ctx: &TcContext,
+    f: &Flow,
+    now: u64,
+    len: u32,
+    hook: Hook,
+    skey: &Ct4Key,
+) -> (i32, u32) {
+    let Some(fe) = lb::frontend(f.daddr_be, f.dport_be, f.proto) else {
+        return (PASS, CTR_PASS_NO_MATCH);
+    };
+    if hook == Hook::FromUplink && fe.flags & SVC_FLAG_CLUSTER_IP != 0 {
+        // ClusterIPs are for pods and the node, not for the outside world.
+        return (PASS, CTR_PASS_NO_MATCH);
+    }
+    if fe.count == 0 {
+        return match reject::port_unreachable(ctx, f) {
+            Some(verdict) => (verdict, CTR_REJECT_NO_BACKEND),
+            None => (DROP, CTR_DROP_REJECT_FAILED),
+        };
+    }
+    let Some(be) = lb::pick_backend(f.daddr_be, f.dport_be, f.proto, fe.count) else {
+        return (DROP, CTR_DROP_NO_BACKEND_ENTRY);
+    };
+    // A pod reaching itself through a Service: the kernel would drop a packet whose source is
+    // its own address, so the flow is SNATed to the hairpin address.
+    let mut snat = 0;
+    if be.addr_be == f.saddr_be {
+        // SAFETY: the array always has index 0; the value is copied out.
+        snat = LB4_CONFIG.get(0).map_or(0, |c| c.hairpin_snat_be);
+        if snat != 0 {
+            count(CTR_HAIRPIN, len);
+        }
+    }
+    let flags = forward_state(f, 0);
+    let src = if snat != 0 { snat } else { f.saddr_be };
+    let rkey = Ct4Key {
+        saddr_be: src,
+        daddr_be: be.addr_be,
+        sport_be: f.sport_be,
+        dport_be: be.port_be,
+        proto: f.proto,
+        kind: CT_KIND_REVERSE,
+        _pad: [0; 2],
+    };
+    // The reverse entry first, so that no reply can arrive before it exists.
+    let rev = reverse_entry(f, snat != 0, fe.rev_nat_id, flags, now);
+    if CT4.insert(&rkey, &rev, 0).is_err() {
+        return (DROP, CTR_DROP_CT_WRITE);
+    }
+    let svc = Ct4Entry {
+        expires_ns: now + ct_lifetime_ns(f.proto, flags),
+        addr_be: be.addr_be,
+        port_be: be.port_be,
+        flags,
+        nat_addr_be: snat,
+        nat_port_be: 0,
+        _pad: 0,
+        rev_nat_id: fe.rev_nat_id,
+        _pad2: 0,
+        packets: 1,
+        bytes: u64::from(len),
+    };
+    if CT4.insert(skey, &svc, 0).is_err() {
+        return (DROP, CTR_DROP_CT_WRITE);
+    }
+    if snat != 0 && set_src(ctx, f, snat, f.sport_be).is_err() {
+        return (DROP, CTR_DROP_REWRITE);
+    }
+    if set_dst(ctx, f, be.addr_be, be.port_be).is_err() {
+        return (DROP, CTR_DROP_REWRITE);
+    }
+    (PASS, CTR_NEW_FLOW)
 }

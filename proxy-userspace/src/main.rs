@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use aya::programs::TcAttachType;
 use clap::{Parser, Subcommand, ValueEnum};
-use sluice::dataplane::{AttachMode, COUNT_PROGRAM, Dataplane};
+use sluice::dataplane::{AttachMode, Dataplane, FROM_POD};
 
 #[derive(Parser)]
 #[command(
@@ -19,11 +19,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Attach the packet counter to a device and print what it counts, once a second.
+    /// Attach the pod-side program to a device and print its counters, once a second.
     ///
-    /// The first program of the pipeline, kept as a smoke test of a node's eBPF support:
-    /// it loads the embedded object (the verifier runs), attaches at TC, and shows real
-    /// packets going through. It changes no packet.
+    /// A smoke test of a node's eBPF support: it loads the embedded object (the verifier
+    /// runs), attaches at TC, and shows real packets going through. With no Services in its
+    /// (unpinned, empty) maps it changes no packet.
     Count {
         /// The device to attach to (in the current network namespace).
         #[arg(long, env = "SLUICE_INTERFACE")]
@@ -81,7 +81,7 @@ fn count(interface: &str, hook: Hook, mode: Mode, seconds: Option<u64>) -> anyho
         Mode::Clsact => AttachMode::Clsact,
     };
     let mut dp = Dataplane::load().context("loading the dataplane")?;
-    dp.attach(COUNT_PROGRAM, interface, hook, mode)
+    dp.attach(FROM_POD, interface, hook, mode)
         .with_context(|| format!("attaching the counter to {interface}"))?;
     tracing::info!(interface, ?hook, %mode, "counter attached");
     // The header line tells scripts (the demo, tests) that the program is attached.
@@ -94,7 +94,9 @@ fn count(interface: &str, hook: Hook, mode: Mode, seconds: Option<u64>) -> anyho
         let line: Vec<String> = proxy_common::COUNTER_NAMES
             .iter()
             .zip(c.iter())
-            .map(|(name, c)| format!("{name}={}/{}B", c.packets, c.bytes))
+            .enumerate()
+            .filter(|(i, (_, c))| *i == proxy_common::CTR_SEEN as usize || c.packets > 0)
+            .map(|(_, (name, c))| format!("{name}={}/{}B", c.packets, c.bytes))
             .collect();
         println!("{}", line.join(" "));
         if stop.is_some_and(|s| start.elapsed() >= s) {

@@ -153,7 +153,7 @@ pub fn run(once: bool) -> anyhow::Result<()> {
         }
         let ipv4: u64 = counted
             .split_whitespace()
-            .find_map(|w| w.strip_prefix("ipv4="))
+            .find_map(|w| w.strip_prefix("pass_no_match="))
             .and_then(|v| v.split('/').next())
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);

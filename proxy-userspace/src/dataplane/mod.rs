@@ -1,37 +1,69 @@
 //! The dataplane: the eBPF object embedded in this binary, its programs and its maps.
 //!
-//! Programs attach at TC with TCX on kernels that have it (6.6+) and through a `clsact` qdisc
-//! and a netlink filter otherwise, so the same binary runs from 5.10 on.
-use std::ffi::CString;
+//! - [`Dataplane::load`] loads the object with the map sizes of a [`DataplaneConfig`], reusing
+//!   maps pinned under its pin path (so a restarted agent adopts what the last one wrote), and
+//!   runs the verifier on every program.
+//! - [`Dataplane::attach`] puts a program on a device's TC hook: TCX on kernels that have it
+//!   (6.6+), a `clsact` qdisc and a direct-action netlink filter otherwise.
+//! - `services` ([`Dataplane::upsert_service`], [`Dataplane::remove_service`]) writes Services in
+//!   the safe order; `inspect` reads counters and conntrack.
+mod inspect;
+mod services;
+
+use std::{ffi::CString, net::Ipv4Addr, path::PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapError, PerCpuArray},
+    maps::{Array, MapError},
     programs::{
         ProgramError, SchedClassifier, TcAttachType,
         tc::{TcAttach, TcError, qdisc_add_clsact},
     },
     util::KernelVersion,
 };
-use proxy_common::{CTR_MAX, Counter, PKT_COUNTERS_MAP};
+use proxy_common::{
+    CT4_DEFAULT_MAX, CT4_MAP, LB4_BACKENDS_DEFAULT_MAX, LB4_BACKENDS_MAP, LB4_CONFIG_MAP,
+    LB4_REVNAT_DEFAULT_MAX, LB4_REVNAT_MAP, LB4_SERVICES_DEFAULT_MAX, LB4_SERVICES_MAP, Lb4Config,
+    PKT_COUNTERS_MAP,
+};
+
+pub use inspect::{CtEntry, CtKind};
+pub use services::{Backend, Frontend, FrontendKind, Protocol};
 
 /// The eBPF object built by build.rs (aya-build) from `proxy-ebpf`.
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-ebpf"));
 
-/// The program that counts every packet on its device and passes it unchanged.
-pub const COUNT_PROGRAM: &str = "sluice_count";
+/// TC ingress of pod-facing devices: replies back, DNAT of new flows to any frontend.
+pub const FROM_POD: &str = "sluice_from_pod";
+/// TC egress of pod-facing devices: replies from backends elsewhere back to the frontend.
+pub const TO_POD: &str = "sluice_to_pod";
+/// TC ingress of uplinks: NodePort, externalIPs, LoadBalancer; replies back.
+pub const FROM_UPLINK: &str = "sluice_from_uplink";
+/// Does nothing; the benchmark's floor.
+pub const PASS: &str = "sluice_pass";
 
 /// Every program in the object; [`Dataplane::load`] loads them all, so the verifier checks
 /// each one at start-up rather than at first attach.
-pub const PROGRAMS: &[&str] = &[COUNT_PROGRAM];
+pub const PROGRAMS: &[&str] = &[FROM_POD, TO_POD, FROM_UPLINK, PASS];
+
+/// Every map the agent owns (and pins).
+pub const MAPS: &[&str] = &[
+    LB4_SERVICES_MAP,
+    LB4_BACKENDS_MAP,
+    LB4_REVNAT_MAP,
+    LB4_CONFIG_MAP,
+    CT4_MAP,
+    PKT_COUNTERS_MAP,
+];
 
 /// What can go wrong in the dataplane; each message says what the operator can do.
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
     #[error(
         "loading the eBPF object failed (needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_SYS_ADMIN, \
-         and Linux >= 5.10): {source}"
+         and Linux >= 5.10; a pinned map whose layout changed must be removed from the pin path): \
+         {source}"
     )]
     Load {
         #[source]
@@ -52,7 +84,8 @@ pub enum DataplaneError {
     #[error("interface name {interface:?} contains a NUL byte")]
     BadInterface { interface: String },
     #[error(
-        "adding the clsact qdisc to {interface} failed (is it up, and do we have CAP_NET_ADMIN?): {source}"
+        "adding the clsact qdisc to {interface} failed (does it exist, and do we have \
+         CAP_NET_ADMIN?): {source}"
     )]
     Clsact {
         interface: String,
@@ -68,11 +101,29 @@ pub enum DataplaneError {
         #[source]
         source: ProgramError,
     },
-    #[error("reading map {map} failed: {source}")]
+    #[error("map {map}: {op} failed: {source}")]
     Map {
         map: &'static str,
+        op: &'static str,
         #[source]
         source: MapError,
+    },
+    #[error(
+        "map {map} is full ({max} entries): {what} was not written. Raise the map's size \
+         (agent flags) or reduce what it must hold"
+    )]
+    MapFull {
+        map: &'static str,
+        max: u32,
+        what: String,
+    },
+    #[error("no free {what} id: all {max} are in use")]
+    IdsExhausted { what: &'static str, max: u32 },
+    #[error("pin path {path}: {source}")]
+    PinPath {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
     },
 }
 
@@ -104,16 +155,70 @@ impl std::fmt::Display for AttachMode {
     }
 }
 
-/// The loaded eBPF object. Dropping it detaches its programs and unloads what is not pinned.
+/// Map sizes, pinning and node facts the datapath needs.
+#[derive(Clone, Debug)]
+pub struct DataplaneConfig {
+    /// Where maps are pinned (on a bpffs) so they outlive the process; `None`: not pinned.
+    pub pin_path: Option<PathBuf>,
+    pub services_max: u32,
+    pub backends_max: u32,
+    pub revnat_max: u32,
+    pub conntrack_max: u32,
+    /// Source address for hairpin flows (a pod reaching itself through a Service); it must
+    /// route to the node, like the pods' gateway address. `None`: hairpin does not work.
+    pub hairpin_snat: Option<Ipv4Addr>,
+}
+
+impl Default for DataplaneConfig {
+    fn default() -> Self {
+        Self {
+            pin_path: None,
+            services_max: LB4_SERVICES_DEFAULT_MAX,
+            backends_max: LB4_BACKENDS_DEFAULT_MAX,
+            revnat_max: LB4_REVNAT_DEFAULT_MAX,
+            conntrack_max: CT4_DEFAULT_MAX,
+            hairpin_snat: None,
+        }
+    }
+}
+
+/// The loaded eBPF object. Dropping it detaches its programs; pinned maps stay.
 pub struct Dataplane {
     ebpf: Ebpf,
+    config: DataplaneConfig,
+    ids: services::Ids,
 }
 
 impl Dataplane {
-    /// Loads the embedded object and every program in it (the verifier runs here).
+    /// Loads the embedded object with default sizes, unpinned.
     pub fn load() -> Result<Self, DataplaneError> {
+        Self::load_with(DataplaneConfig::default())
+    }
+
+    /// Loads the embedded object and every program in it (the verifier runs here). Maps
+    /// already pinned under `config.pin_path` are reused with their contents.
+    pub fn load_with(config: DataplaneConfig) -> Result<Self, DataplaneError> {
         raise_memlock_rlimit();
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(LB4_SERVICES_MAP, config.services_max)
+            .map_max_entries(LB4_BACKENDS_MAP, config.backends_max)
+            .map_max_entries(LB4_REVNAT_MAP, config.revnat_max)
+            .map_max_entries(CT4_MAP, config.conntrack_max);
+        let pins: Vec<(&str, PathBuf)> = match &config.pin_path {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|source| DataplaneError::PinPath {
+                    path: dir.clone(),
+                    source,
+                })?;
+                MAPS.iter().map(|m| (*m, dir.join(m))).collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|source| DataplaneError::Load { source })?;
         for &program in PROGRAMS {
@@ -124,7 +229,42 @@ impl Dataplane {
             prog.load()
                 .map_err(|source| DataplaneError::Verifier { program, source })?;
         }
-        Ok(Self { ebpf })
+        let mut dp = Self {
+            ebpf,
+            config,
+            ids: services::Ids::default(),
+        };
+        dp.write_config()?;
+        dp.ids = dp.recover_ids()?;
+        Ok(dp)
+    }
+
+    pub fn config(&self) -> &DataplaneConfig {
+        &self.config
+    }
+
+    fn write_config(&mut self) -> Result<(), DataplaneError> {
+        let map = LB4_CONFIG_MAP;
+        let mut cfg: Array<_, Lb4Config> = self
+            .ebpf
+            .map_mut(map)
+            .ok_or(DataplaneError::MissingMap { map })
+            .and_then(|m| {
+                Array::try_from(m).map_err(|source| DataplaneError::Map {
+                    map,
+                    op: "open",
+                    source,
+                })
+            })?;
+        let value = Lb4Config {
+            hairpin_snat_be: self.config.hairpin_snat.map_or(0, |a| u32::from(a).to_be()),
+            _pad: 0,
+        };
+        cfg.set(0, &value, 0).map_err(|source| DataplaneError::Map {
+            map,
+            op: "write",
+            source,
+        })
     }
 
     /// The loaded program `name`, for attaching it or running it through BPF_PROG_TEST_RUN.
@@ -186,27 +326,24 @@ impl Dataplane {
         Ok(())
     }
 
-    /// The packet counters, summed over every CPU, indexed by `proxy_common::CTR_*`.
-    pub fn counters(&self) -> Result<[Counter; CTR_MAX as usize], DataplaneError> {
-        let map = PKT_COUNTERS_MAP;
-        let counters: PerCpuArray<_, Counter> = self
-            .ebpf
-            .map(map)
-            .ok_or(DataplaneError::MissingMap { map })
-            .and_then(|m| {
-                PerCpuArray::try_from(m).map_err(|source| DataplaneError::Map { map, source })
-            })?;
-        let mut out = [Counter::default(); CTR_MAX as usize];
-        for (index, total) in (0..CTR_MAX).zip(out.iter_mut()) {
-            let per_cpu = counters
-                .get(&index, 0)
-                .map_err(|source| DataplaneError::Map { map, source })?;
-            for c in per_cpu.iter() {
-                total.packets += c.packets;
-                total.bytes += c.bytes;
-            }
-        }
-        Ok(out)
+    /// Attaches the pod-side pair to a pod-facing device: [`FROM_POD`] at ingress, [`TO_POD`]
+    /// at egress.
+    pub fn attach_pod_device(
+        &mut self,
+        interface: &str,
+        mode: AttachMode,
+    ) -> Result<(), DataplaneError> {
+        self.attach(FROM_POD, interface, TcAttachType::Ingress, mode)?;
+        self.attach(TO_POD, interface, TcAttachType::Egress, mode)
+    }
+
+    /// Attaches [`FROM_UPLINK`] at ingress of an uplink.
+    pub fn attach_uplink(
+        &mut self,
+        interface: &str,
+        mode: AttachMode,
+    ) -> Result<(), DataplaneError> {
+        self.attach(FROM_UPLINK, interface, TcAttachType::Ingress, mode)
     }
 }
 

@@ -1,0 +1,97 @@
+//! IPv4 conntrack: one LRU map, two kinds of entry per translated flow.
+//!
+//! - A *service* entry, keyed by the tuple the client sent (client -> frontend), pins the flow
+//!   to its backend for its whole life, even when the Service's backends change.
+//! - A *reverse* entry, keyed by the tuple after translation (client or SNAT address ->
+//!   backend), holds what replies must show (the frontend) and where they go (the client),
+//!   and the flow's TCP state.
+//!
+//! Lifetimes (like Cilium's defaults): TCP established 6 h, TCP opening 60 s, TCP closing
+//! (FIN both ways, or RST) 10 s, UDP 60 s. An expired entry is treated as absent and
+//! replaced; the LRU evicts the least recently used when the map is full.
+
+/// `CT4`: [`Ct4Key`] -> [`Ct4Entry`]; LRU hash, size set by the agent
+/// ([`CT4_DEFAULT_MAX`] otherwise); written by the programs, read by the CLI.
+pub const CT4_MAP: &str = "CT4";
+pub const CT4_DEFAULT_MAX: u32 = 131_072;
+
+/// [`Ct4Key::kind`] of a service entry (client -> frontend).
+pub const CT_KIND_SERVICE: u8 = 1;
+/// [`Ct4Key::kind`] of a reverse entry (after translation: client/SNAT -> backend).
+pub const CT_KIND_REVERSE: u8 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Ct4Key {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    /// [`CT_KIND_SERVICE`] or [`CT_KIND_REVERSE`].
+    pub kind: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<Ct4Key>() == 16);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ct4Entry {
+    /// `bpf_ktime_get_ns()` after which the entry is dead.
+    pub expires_ns: u64,
+    /// Service entry: the backend. Reverse entry: the original client.
+    pub addr_be: u32,
+    pub port_be: u16,
+    /// `CT_FLAG_*`.
+    pub flags: u16,
+    /// Service entry: the source address after SNAT (hairpin), 0 if none.
+    /// Reverse entry: the frontend address replies must come from.
+    pub nat_addr_be: u32,
+    /// Reverse entry: the frontend port replies must come from. Service entry: 0.
+    pub nat_port_be: u16,
+    pub _pad: u16,
+    /// The frontend's reverse-NAT id (for the CLI and metrics).
+    pub rev_nat_id: u32,
+    pub _pad2: u32,
+    /// Packets and bytes seen by this entry (its direction only).
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<Ct4Entry>() == 48);
+
+/// A TCP SYN was seen from the client.
+pub const CT_FLAG_SYN: u16 = 1 << 0;
+/// A packet was seen in the reply direction.
+pub const CT_FLAG_SEEN_REPLY: u16 = 1 << 1;
+/// FIN seen from the client.
+pub const CT_FLAG_FIN_FWD: u16 = 1 << 2;
+/// FIN seen from the backend.
+pub const CT_FLAG_FIN_REPLY: u16 = 1 << 3;
+/// RST seen either way.
+pub const CT_FLAG_RST: u16 = 1 << 4;
+/// The flow was SNATed (hairpin): replies' destination must be put back too.
+pub const CT_FLAG_SNAT: u16 = 1 << 5;
+/// Reached the established state (a reply, then another packet from the client).
+pub const CT_FLAG_ESTABLISHED: u16 = 1 << 6;
+
+pub const CT_LIFETIME_TCP_ESTABLISHED_NS: u64 = 6 * 3600 * 1_000_000_000;
+pub const CT_LIFETIME_TCP_OPENING_NS: u64 = 60 * 1_000_000_000;
+pub const CT_LIFETIME_TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
+pub const CT_LIFETIME_UDP_NS: u64 = 60 * 1_000_000_000;
+
+/// The lifetime a flow gets from its state, the same on both sides of the kernel line.
+pub const fn ct_lifetime_ns(proto: u8, flags: u16) -> u64 {
+    if proto != crate::IPPROTO_TCP {
+        return CT_LIFETIME_UDP_NS;
+    }
+    if flags & CT_FLAG_RST != 0 || (flags & CT_FLAG_FIN_FWD != 0 && flags & CT_FLAG_FIN_REPLY != 0)
+    {
+        CT_LIFETIME_TCP_CLOSING_NS
+    } else if flags & CT_FLAG_ESTABLISHED != 0 {
+        CT_LIFETIME_TCP_ESTABLISHED_NS
+    } else {
+        CT_LIFETIME_TCP_OPENING_NS
+    }
+}
+
+crate::impl_pod!(Ct4Key, Ct4Entry);

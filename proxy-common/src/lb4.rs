@@ -1,0 +1,104 @@
+//! IPv4 load-balancing maps: frontends with backend slots, backends, reverse NAT, config.
+//!
+//! A Service frontend (address, port, protocol) is a set of entries in [`LB4_SERVICES_MAP`]:
+//! slot 0 holds the frontend ([`Lb4Service`] with `count` backends), slots 1..=count hold
+//! backend ids. Choosing a backend is then one random number and two lookups, whatever the
+//! number of Services. Writers put backends first, then slots, then slot 0; removal goes in
+//! the reverse order, so the programs never see a half-built Service.
+
+/// `LB4_SERVICES`: [`Lb4Key`] -> [`Lb4Service`]; hash; written by the agent, read by the
+/// programs.
+pub const LB4_SERVICES_MAP: &str = "LB4_SERVICES";
+/// `LB4_BACKENDS`: backend id (u32, never 0) -> [`Lb4Backend`]; hash; written by the agent,
+/// read by the programs.
+pub const LB4_BACKENDS_MAP: &str = "LB4_BACKENDS";
+/// `LB4_REVNAT`: reverse-NAT id (u32, never 0) -> [`Lb4RevNat`] (the frontend replies must
+/// show); hash; written by the agent, read by the CLI (the programs keep a copy in conntrack).
+pub const LB4_REVNAT_MAP: &str = "LB4_REVNAT";
+/// `LB4_CONFIG`: index 0 -> [`Lb4Config`]; array of 1; written by the agent, read by the
+/// programs.
+pub const LB4_CONFIG_MAP: &str = "LB4_CONFIG";
+
+/// Default sizes; the agent may set others at load time.
+pub const LB4_SERVICES_DEFAULT_MAX: u32 = 65_536;
+pub const LB4_BACKENDS_DEFAULT_MAX: u32 = 65_536;
+pub const LB4_REVNAT_DEFAULT_MAX: u32 = 65_536;
+
+/// Key of [`LB4_SERVICES_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Lb4Key {
+    /// The frontend address (ClusterIP, externalIP, LoadBalancer IP or node address).
+    pub addr_be: u32,
+    /// The frontend port (Service port, or nodePort for a node address).
+    pub port_be: u16,
+    /// 0 for the frontend entry, 1..=count for backend slots.
+    pub slot: u16,
+    /// [`crate::IPPROTO_TCP`] or [`crate::IPPROTO_UDP`].
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<Lb4Key>() == 12);
+
+/// Value of [`LB4_SERVICES_MAP`]. In slot 0: `count`, `rev_nat_id`, `flags`. In slots
+/// 1..=count: `backend_id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lb4Service {
+    /// The backend id this slot points at (slots >= 1), 0 in slot 0.
+    pub backend_id: u32,
+    /// Number of backend slots (slot 0 only). 0 means: reject new connections.
+    pub count: u16,
+    /// `SVC_FLAG_*` (slot 0 only).
+    pub flags: u16,
+    /// The reverse-NAT id of this frontend (slot 0 only).
+    pub rev_nat_id: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<Lb4Service>() == 16);
+
+/// The frontend is a ClusterIP: reachable from pods (and the node), not from the uplink.
+pub const SVC_FLAG_CLUSTER_IP: u16 = 1 << 0;
+/// The frontend is a node address with a nodePort.
+pub const SVC_FLAG_NODE_PORT: u16 = 1 << 1;
+/// The frontend is an externalIP.
+pub const SVC_FLAG_EXTERNAL_IP: u16 = 1 << 2;
+/// The frontend is a LoadBalancer status ingress IP.
+pub const SVC_FLAG_LOAD_BALANCER: u16 = 1 << 3;
+
+/// Value of [`LB4_BACKENDS_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lb4Backend {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    /// `BACKEND_FLAG_*`.
+    pub flags: u8,
+}
+const _: () = assert!(core::mem::size_of::<Lb4Backend>() == 8);
+
+/// Value of [`LB4_REVNAT_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lb4RevNat {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<Lb4RevNat>() == 8);
+
+/// Value of [`LB4_CONFIG_MAP`] index 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lb4Config {
+    /// The source address for hairpin traffic (a pod reaching itself through a Service):
+    /// the kernel drops a packet whose source is the receiver's own address, so such flows are
+    /// SNATed to this address, which must route to the node (the pods' gateway address).
+    /// 0: hairpin flows are not SNATed (and will not work).
+    pub hairpin_snat_be: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<Lb4Config>() == 8);
+
+crate::impl_pod!(Lb4Key, Lb4Service, Lb4Backend, Lb4RevNat, Lb4Config);

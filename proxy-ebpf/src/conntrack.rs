@@ -1,0 +1,116 @@
+//! Conntrack: lookups that treat expired entries as absent, flow creation, state updates.
+//! The layout and lifetimes are documented in `proxy_common::conntrack`.
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use proxy_common::{
+    CT_FLAG_ESTABLISHED, CT_FLAG_FIN_FWD, CT_FLAG_FIN_REPLY, CT_FLAG_RST, CT_FLAG_SEEN_REPLY,
+    CT_FLAG_SYN, CT_KIND_REVERSE, CT_KIND_SERVICE, Ct4Entry, Ct4Key, IPPROTO_TCP, ct_lifetime_ns,
+};
+
+use crate::{
+    maps::CT4,
+    parse::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
+
+#[inline(always)]
+pub fn now() -> u64 {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// The service-entry key of a packet from a client: its own tuple.
+#[inline(always)]
+pub fn service_key(f: &Flow) -> Ct4Key {
+    Ct4Key {
+        saddr_be: f.saddr_be,
+        daddr_be: f.daddr_be,
+        sport_be: f.sport_be,
+        dport_be: f.dport_be,
+        proto: f.proto,
+        kind: CT_KIND_SERVICE,
+        _pad: [0; 2],
+    }
+}
+
+/// The reverse-entry key that a reply `f` (backend -> client) belongs to: its tuple reversed.
+#[inline(always)]
+pub fn reply_key(f: &Flow) -> Ct4Key {
+    Ct4Key {
+        saddr_be: f.daddr_be,
+        daddr_be: f.saddr_be,
+        sport_be: f.dport_be,
+        dport_be: f.sport_be,
+        proto: f.proto,
+        kind: CT_KIND_REVERSE,
+        _pad: [0; 2],
+    }
+}
+
+/// The live entry for `key`, or `None` if absent or expired.
+#[inline(always)]
+pub fn lookup(key: &Ct4Key, now: u64) -> Option<*mut Ct4Entry> {
+    let e = CT4.get_ptr_mut(key)?;
+    // SAFETY: a successful lookup returns a valid pointer into the map's value.
+    if unsafe { (*e).expires_ns } < now {
+        return None;
+    }
+    Some(e)
+}
+
+/// Whether a TCP packet with `tcp_flags` opens a new connection on a tuple whose flow is
+/// closing (port reuse after close): then the old entry is replaced, not continued.
+#[inline(always)]
+pub fn reopens(f: &Flow, state: u16) -> bool {
+    f.proto == IPPROTO_TCP
+        && f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        && state & (CT_FLAG_RST | CT_FLAG_FIN_FWD | CT_FLAG_FIN_REPLY) != 0
+}
+
+/// Folds a packet from the client into the flow state; returns the new flags.
+#[inline(always)]
+pub fn forward_state(f: &Flow, mut flags: u16) -> u16 {
+    if f.proto == IPPROTO_TCP {
+        if f.tcp_flags & TCP_SYN != 0 {
+            flags |= CT_FLAG_SYN;
+        }
+        if f.tcp_flags & TCP_FIN != 0 {
+            flags |= CT_FLAG_FIN_FWD;
+        }
+        if f.tcp_flags & TCP_RST != 0 {
+            flags |= CT_FLAG_RST;
+        }
+    }
+    if flags & CT_FLAG_SEEN_REPLY != 0 {
+        flags |= CT_FLAG_ESTABLISHED;
+    }
+    flags
+}
+
+/// Folds a reply into the flow state; returns the new flags.
+#[inline(always)]
+pub fn reply_state(f: &Flow, mut flags: u16) -> u16 {
+    flags |= CT_FLAG_SEEN_REPLY;
+    if f.proto == IPPROTO_TCP {
+        if f.tcp_flags & TCP_FIN != 0 {
+            flags |= CT_FLAG_FIN_REPLY;
+        }
+        if f.tcp_flags & TCP_RST != 0 {
+            flags |= CT_FLAG_RST;
+        }
+    } else {
+        flags |= CT_FLAG_ESTABLISHED;
+    }
+    flags
+}
+
+/// Updates an entry's state, lifetime and counters in place.
+#[inline(always)]
+pub fn touch(e: *mut Ct4Entry, proto: u8, flags: u16, now: u64, bytes: u32) {
+    // SAFETY: `e` comes from a successful map lookup. Concurrent updates from other CPUs may
+    // lose a counter increment; state bits only ever get added, so they converge.
+    unsafe {
+        (*e).flags = flags;
+        (*e).expires_ns = now + ct_lifetime_ns(proto, flags);
+        (*e).packets += 1;
+        (*e).bytes += u64::from(bytes);
+    }
+}

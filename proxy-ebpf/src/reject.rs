@@ -1,0 +1,91 @@
+//! Rejecting a new connection to a Service with no backends, as kube-proxy does: an ICMP
+//! destination unreachable (port unreachable) back to the client, from the Service address.
+//! TCP clients see "connection refused" at once, UDP clients get ECONNREFUSED; nothing hangs.
+//!
+//! The packet is rebuilt in place: trimmed or grown to Ethernet + IPv4 (20) + ICMP (8) + the
+//! original IPv4 header and first 8 bytes of its payload (RFC 792), then redirected out of the
+//! device it came in on.
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{__sk_buff, TC_ACT_SHOT},
+    helpers::{bpf_csum_diff, bpf_redirect},
+    programs::TcContext,
+};
+
+use crate::parse::{ETH_LEN, Flow};
+
+const INNER_LEN: usize = 28; // the original IPv4 header (no options) + 8 bytes
+const ICMP_LEN: usize = 8 + INNER_LEN;
+const IP_LEN: usize = 20 + ICMP_LEN;
+
+#[repr(C)]
+struct Reply {
+    ip: [u8; 20],
+    icmp: [u8; ICMP_LEN],
+}
+
+/// Folds a 32-bit one's-complement sum to the 16-bit checksum, in memory order.
+#[inline(always)]
+fn fold(mut sum: u64) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+#[inline(always)]
+fn csum(buf: *mut u8, len: u32) -> Option<u16> {
+    // SAFETY: `buf` points to `len` bytes on our stack; len is a multiple of 4 and <= 512.
+    let s = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, buf.cast(), len, 0) };
+    if s < 0 { None } else { Some(fold(s as u64)) }
+}
+
+/// Turns `ctx` into the ICMP port unreachable for `flow` and redirects it back out. Returns
+/// the TC verdict, or `None` if the packet could not be rebuilt (the caller drops it).
+#[inline(always)]
+pub fn port_unreachable(ctx: &TcContext, flow: &Flow) -> Option<i32> {
+    if flow.ihl_bytes != 20 {
+        // IP options would have to be quoted too; such packets are dropped and counted.
+        return None;
+    }
+    let eth: [u8; 14] = ctx.load(0).ok()?;
+    let mut r = Reply {
+        ip: [0; 20],
+        icmp: [0; ICMP_LEN],
+    };
+    let inner: [u8; INNER_LEN] = ctx.load(ETH_LEN as usize).ok()?;
+    r.icmp[8..].copy_from_slice(&inner);
+    r.icmp[0] = 3; // destination unreachable
+    r.icmp[1] = 3; // port unreachable
+    let c = csum(r.icmp.as_mut_ptr(), ICMP_LEN as u32)?.to_ne_bytes();
+    r.icmp[2] = c[0];
+    r.icmp[3] = c[1];
+
+    r.ip[0] = 0x45;
+    r.ip[2..4].copy_from_slice(&(IP_LEN as u16).to_be_bytes());
+    r.ip[8] = 64; // TTL
+    r.ip[9] = 1; // ICMP
+    r.ip[12..16].copy_from_slice(&flow.daddr_be.to_ne_bytes()); // from the Service address
+    r.ip[16..20].copy_from_slice(&flow.saddr_be.to_ne_bytes()); // to the client
+    let c = csum(r.ip.as_mut_ptr(), 20)?.to_ne_bytes();
+    r.ip[10] = c[0];
+    r.ip[11] = c[1];
+
+    let mut new_eth = [0u8; 14];
+    new_eth[0..6].copy_from_slice(&eth[6..12]);
+    new_eth[6..12].copy_from_slice(&eth[0..6]);
+    new_eth[12] = 0x08;
+    new_eth[13] = 0x00;
+
+    ctx.change_tail(ETH_LEN + IP_LEN as u32, 0).ok()?;
+    ctx.store(0, &new_eth, 0).ok()?;
+    ctx.store(ETH_LEN as usize, &r, 0).ok()?;
+    // SAFETY: reading ifindex from the context the kernel passed us.
+    let ifindex = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).ifindex };
+    // SAFETY: bpf_redirect has no memory preconditions; flags 0 means the device's egress.
+    let verdict = unsafe { bpf_redirect(ifindex, 0) } as i32;
+    if verdict == TC_ACT_SHOT as i32 {
+        return None;
+    }
+    Some(verdict)
+}

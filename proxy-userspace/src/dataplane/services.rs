@@ -1,0 +1,509 @@
+//! Writing Services into the maps, in the order that never shows the kernel a half-built one:
+//! backends, then the reverse-NAT entry, then backend slots, then the frontend entry (slot 0)
+//! last; removal in the reverse order. Ids are stable: a backend keeps its id while any
+//! frontend uses it, a frontend keeps its reverse-NAT id while it exists, and both are
+//! recovered from the (pinned) maps when a new process loads them.
+use std::{
+    collections::{BTreeMap, HashMap as StdHashMap},
+    net::Ipv4Addr,
+};
+
+use aya::maps::{HashMap, MapData, MapError};
+use proxy_common::{
+    IPPROTO_TCP, IPPROTO_UDP, LB4_BACKENDS_MAP, LB4_REVNAT_MAP, LB4_SERVICES_MAP, Lb4Backend,
+    Lb4Key, Lb4RevNat, Lb4Service, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL_IP,
+    SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT,
+};
+
+use super::{Dataplane, DataplaneError};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => IPPROTO_TCP,
+            Self::Udp => IPPROTO_UDP,
+        }
+    }
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            IPPROTO_TCP => Some(Self::Tcp),
+            IPPROTO_UDP => Some(Self::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+        })
+    }
+}
+
+/// What kind of address a frontend is; decides where it is reachable from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FrontendKind {
+    /// Reachable from pods (and the node), not from the uplink.
+    ClusterIp,
+    /// A node address with a nodePort: reachable from pods and from outside.
+    NodePort,
+    ExternalIp,
+    LoadBalancer,
+}
+
+impl FrontendKind {
+    fn flags(self) -> u16 {
+        match self {
+            Self::ClusterIp => SVC_FLAG_CLUSTER_IP,
+            Self::NodePort => SVC_FLAG_NODE_PORT,
+            Self::ExternalIp => SVC_FLAG_EXTERNAL_IP,
+            Self::LoadBalancer => SVC_FLAG_LOAD_BALANCER,
+        }
+    }
+    fn from_flags(f: u16) -> Self {
+        if f & SVC_FLAG_NODE_PORT != 0 {
+            Self::NodePort
+        } else if f & SVC_FLAG_EXTERNAL_IP != 0 {
+            Self::ExternalIp
+        } else if f & SVC_FLAG_LOAD_BALANCER != 0 {
+            Self::LoadBalancer
+        } else {
+            Self::ClusterIp
+        }
+    }
+}
+
+/// A Service frontend: an address, port and protocol that clients connect to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub proto: Protocol,
+    pub kind: FrontendKind,
+}
+
+impl Frontend {
+    fn key(&self, slot: u16) -> Lb4Key {
+        Lb4Key {
+            addr_be: u32::from(self.addr).to_be(),
+            port_be: self.port.to_be(),
+            slot,
+            proto: self.proto.number(),
+            _pad: [0; 3],
+        }
+    }
+    fn id(&self) -> FeId {
+        (self.addr, self.port, self.proto)
+    }
+}
+
+impl std::fmt::Display for Frontend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+    }
+}
+
+/// A backend: where a frontend's traffic goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+}
+
+type FeId = (Ipv4Addr, u16, Protocol);
+type BeId = (Ipv4Addr, u16, Protocol);
+
+#[derive(Clone, Debug)]
+struct FeState {
+    kind: FrontendKind,
+    rev_nat_id: u32,
+    backend_ids: Vec<u32>,
+}
+
+/// The id tables: what is in the maps, from userspace's side.
+#[derive(Default, Debug)]
+pub(super) struct Ids {
+    frontends: BTreeMap<FeId, FeState>,
+    backends: StdHashMap<BeId, (u32, u32)>, // -> (id, references)
+    backend_by_id: StdHashMap<u32, BeId>,
+    next_backend: u32,
+    next_rev_nat: u32,
+    used_rev_nat: std::collections::HashSet<u32>,
+}
+
+fn alloc(next: &mut u32, max: u32, used: impl Fn(u32) -> bool) -> Option<u32> {
+    for _ in 0..max {
+        *next = if *next >= max { 1 } else { *next + 1 };
+        if !used(*next) {
+            return Some(*next);
+        }
+    }
+    None
+}
+
+fn is_full(e: &MapError) -> bool {
+    matches!(e, MapError::SyscallError(s) if matches!(s.io_error.raw_os_error(), Some(libc::E2BIG) | Some(libc::ENOMEM)))
+}
+
+impl Dataplane {
+    fn hash<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        map: &'static str,
+    ) -> Result<HashMap<&mut MapData, K, V>, DataplaneError> {
+        let m = self
+            .ebpf
+            .map_mut(map)
+            .ok_or(DataplaneError::MissingMap { map })?;
+        HashMap::try_from(m).map_err(|source| DataplaneError::Map {
+            map,
+            op: "open",
+            source,
+        })
+    }
+
+    fn insert<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        map: &'static str,
+        max: u32,
+        key: K,
+        value: V,
+        what: impl FnOnce() -> String,
+    ) -> Result<(), DataplaneError> {
+        let mut m = self.hash::<K, V>(map)?;
+        m.insert(&key, &value, 0).map_err(|source| {
+            if is_full(&source) {
+                DataplaneError::MapFull {
+                    map,
+                    max,
+                    what: what(),
+                }
+            } else {
+                DataplaneError::Map {
+                    map,
+                    op: "insert",
+                    source,
+                }
+            }
+        })
+    }
+
+    fn remove<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        map: &'static str,
+        key: &K,
+    ) -> Result<(), DataplaneError> {
+        let mut m = self.hash::<K, V>(map)?;
+        match m.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            Err(source) => Err(DataplaneError::Map {
+                map,
+                op: "remove",
+                source,
+            }),
+        }
+    }
+
+    /// Makes `frontend` send new flows to `backends` (duplicates ignored), chosen uniformly at
+    /// random; an empty list makes it reject new connections. Flows already established keep
+    /// their backend (conntrack pins them).
+    pub fn upsert_service(
+        &mut self,
+        frontend: Frontend,
+        backends: &[Backend],
+    ) -> Result<(), DataplaneError> {
+        let mut wanted: Vec<Backend> = Vec::with_capacity(backends.len());
+        for b in backends {
+            if !wanted.contains(b) {
+                wanted.push(*b);
+            }
+        }
+        let max_slots = usize::from(u16::MAX);
+        if wanted.len() > max_slots {
+            return Err(DataplaneError::MapFull {
+                map: LB4_SERVICES_MAP,
+                max: u32::from(u16::MAX),
+                what: format!(
+                    "{frontend} with {} backends (at most {max_slots} per frontend)",
+                    wanted.len()
+                ),
+            });
+        }
+        let old = self.ids.frontends.get(&frontend.id()).cloned();
+
+        // 1. Backends (new ones get an id; every one is (re)written, which is idempotent).
+        let mut ids = Vec::with_capacity(wanted.len());
+        let mut taken = Vec::new();
+        for b in &wanted {
+            let bid = (b.addr, b.port, frontend.proto);
+            let id = match self.ids.backends.get_mut(&bid) {
+                Some((id, refs)) => {
+                    *refs += 1;
+                    *id
+                }
+                None => {
+                    let max = self.config.backends_max;
+                    let by_id = &self.ids.backend_by_id;
+                    let Some(id) =
+                        alloc(&mut self.ids.next_backend, max, |i| by_id.contains_key(&i))
+                    else {
+                        self.release(&taken)?;
+                        return Err(DataplaneError::IdsExhausted {
+                            what: "backend",
+                            max,
+                        });
+                    };
+                    self.ids.backends.insert(bid, (id, 1));
+                    self.ids.backend_by_id.insert(id, bid);
+                    id
+                }
+            };
+            taken.push(id);
+            let value = Lb4Backend {
+                addr_be: u32::from(b.addr).to_be(),
+                port_be: b.port.to_be(),
+                proto: frontend.proto.number(),
+                flags: 0,
+            };
+            let max = self.config.backends_max;
+            if let Err(e) = self.insert(LB4_BACKENDS_MAP, max, id, value, || {
+                format!("backend {}:{} of {frontend}", b.addr, b.port)
+            }) {
+                self.release(&taken)?;
+                return Err(e);
+            }
+            ids.push(id);
+        }
+
+        // 2. The reverse-NAT entry (what replies must show).
+        let rev_nat_id = match &old {
+            Some(o) => o.rev_nat_id,
+            None => {
+                let max = self.config.revnat_max;
+                let used = &self.ids.used_rev_nat;
+                let Some(id) = alloc(&mut self.ids.next_rev_nat, max, |i| used.contains(&i)) else {
+                    self.release(&taken)?;
+                    return Err(DataplaneError::IdsExhausted {
+                        what: "reverse-NAT",
+                        max,
+                    });
+                };
+                id
+            }
+        };
+        let rn = Lb4RevNat {
+            addr_be: u32::from(frontend.addr).to_be(),
+            port_be: frontend.port.to_be(),
+            _pad: 0,
+        };
+        if let Err(e) = self.insert(
+            LB4_REVNAT_MAP,
+            self.config.revnat_max,
+            rev_nat_id,
+            rn,
+            || format!("reverse NAT of {frontend}"),
+        ) {
+            self.release(&taken)?;
+            return Err(e);
+        }
+        self.ids.used_rev_nat.insert(rev_nat_id);
+
+        // 3. Backend slots, then 4. the frontend entry: only now can new flows use them.
+        let max = self.config.services_max;
+        let mut result = Ok(());
+        for (i, id) in ids.iter().enumerate() {
+            let slot = Lb4Service {
+                backend_id: *id,
+                ..Default::default()
+            };
+            result = self.insert(
+                LB4_SERVICES_MAP,
+                max,
+                frontend.key(i as u16 + 1),
+                slot,
+                || format!("backend slot {} of {frontend}", i + 1),
+            );
+            if result.is_err() {
+                break;
+            }
+        }
+        if result.is_ok() {
+            let fe = Lb4Service {
+                backend_id: 0,
+                count: ids.len() as u16,
+                flags: frontend.kind.flags(),
+                rev_nat_id,
+                _pad: 0,
+            };
+            result = self.insert(LB4_SERVICES_MAP, max, frontend.key(0), fe, || {
+                format!("frontend {frontend}")
+            });
+        }
+        if let Err(e) = result {
+            // The old frontend entry (if any) still points only at slots it had; slots past
+            // its count are unreachable. Undo our references and report.
+            let keep = old.as_ref().map_or(0, |o| o.backend_ids.len());
+            for slot in keep + 1..=ids.len() {
+                self.remove::<Lb4Key, Lb4Service>(LB4_SERVICES_MAP, &frontend.key(slot as u16))?;
+            }
+            if old.is_none() {
+                self.remove::<u32, Lb4RevNat>(LB4_REVNAT_MAP, &rev_nat_id)?;
+                self.ids.used_rev_nat.remove(&rev_nat_id);
+            }
+            self.release(&taken)?;
+            return Err(e);
+        }
+
+        // 5. Slots past the new count are unreachable now: remove them, then release the old
+        //    backends' references (removing backends nobody uses any more).
+        if let Some(o) = &old {
+            for slot in ids.len() + 1..=o.backend_ids.len() {
+                self.remove::<Lb4Key, Lb4Service>(LB4_SERVICES_MAP, &frontend.key(slot as u16))?;
+            }
+            self.release(&o.backend_ids)?;
+        }
+        self.ids.frontends.insert(
+            frontend.id(),
+            FeState {
+                kind: frontend.kind,
+                rev_nat_id,
+                backend_ids: ids,
+            },
+        );
+        Ok(())
+    }
+
+    /// Removes `frontend`: new connections to it are no longer translated. Established flows
+    /// keep working until their conntrack entries expire.
+    pub fn remove_service(&mut self, frontend: Frontend) -> Result<(), DataplaneError> {
+        let Some(old) = self.ids.frontends.remove(&frontend.id()) else {
+            return Ok(());
+        };
+        self.remove::<Lb4Key, Lb4Service>(LB4_SERVICES_MAP, &frontend.key(0))?;
+        for slot in 1..=old.backend_ids.len() {
+            self.remove::<Lb4Key, Lb4Service>(LB4_SERVICES_MAP, &frontend.key(slot as u16))?;
+        }
+        self.remove::<u32, Lb4RevNat>(LB4_REVNAT_MAP, &old.rev_nat_id)?;
+        self.ids.used_rev_nat.remove(&old.rev_nat_id);
+        self.release(&old.backend_ids)
+    }
+
+    /// Drops one reference to each backend id; a backend nobody references is removed.
+    fn release(&mut self, ids: &[u32]) -> Result<(), DataplaneError> {
+        for id in ids {
+            let Some(bid) = self.ids.backend_by_id.get(id).copied() else {
+                continue;
+            };
+            let gone = match self.ids.backends.get_mut(&bid) {
+                Some((_, refs)) => {
+                    *refs -= 1;
+                    *refs == 0
+                }
+                None => false,
+            };
+            if gone {
+                self.ids.backends.remove(&bid);
+                self.ids.backend_by_id.remove(id);
+                self.remove::<u32, Lb4Backend>(LB4_BACKENDS_MAP, id)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every frontend and its backends, as the id tables hold them (which equal the maps).
+    pub fn services(&self) -> Vec<(Frontend, Vec<Backend>)> {
+        self.ids
+            .frontends
+            .iter()
+            .map(|((addr, port, proto), st)| {
+                let fe = Frontend {
+                    addr: *addr,
+                    port: *port,
+                    proto: *proto,
+                    kind: st.kind,
+                };
+                let bes = st
+                    .backend_ids
+                    .iter()
+                    .filter_map(|id| self.ids.backend_by_id.get(id))
+                    .map(|(a, p, _)| Backend { addr: *a, port: *p })
+                    .collect();
+                (fe, bes)
+            })
+            .collect()
+    }
+
+    /// Rebuilds the id tables from the maps (pinned maps adopted from an earlier process).
+    pub(super) fn recover_ids(&mut self) -> Result<Ids, DataplaneError> {
+        let mut ids = Ids::default();
+        let backends: Vec<(u32, Lb4Backend)> = {
+            let m = self.hash::<u32, Lb4Backend>(LB4_BACKENDS_MAP)?;
+            m.iter().filter_map(Result::ok).collect()
+        };
+        for (id, b) in backends {
+            let Some(proto) = Protocol::from_number(b.proto) else {
+                continue;
+            };
+            let bid = (
+                Ipv4Addr::from(u32::from_be(b.addr_be)),
+                u16::from_be(b.port_be),
+                proto,
+            );
+            ids.backends.insert(bid, (id, 0));
+            ids.backend_by_id.insert(id, bid);
+            ids.next_backend = ids.next_backend.max(id);
+        }
+        let entries: Vec<(Lb4Key, Lb4Service)> = {
+            let m = self.hash::<Lb4Key, Lb4Service>(LB4_SERVICES_MAP)?;
+            m.iter().filter_map(Result::ok).collect()
+        };
+        let mut slots: BTreeMap<(FeId, u16), u32> = BTreeMap::new();
+        for (k, v) in &entries {
+            let Some(proto) = Protocol::from_number(k.proto) else {
+                continue;
+            };
+            let fe: FeId = (
+                Ipv4Addr::from(u32::from_be(k.addr_be)),
+                u16::from_be(k.port_be),
+                proto,
+            );
+            if k.slot == 0 {
+                ids.frontends.insert(
+                    fe,
+                    FeState {
+                        kind: FrontendKind::from_flags(v.flags),
+                        rev_nat_id: v.rev_nat_id,
+                        backend_ids: vec![0; usize::from(v.count)],
+                    },
+                );
+                ids.used_rev_nat.insert(v.rev_nat_id);
+                ids.next_rev_nat = ids.next_rev_nat.max(v.rev_nat_id);
+            } else {
+                slots.insert((fe, k.slot), v.backend_id);
+            }
+        }
+        for ((fe, slot), id) in slots {
+            if let Some(st) = ids.frontends.get_mut(&fe)
+                && let Some(s) = st.backend_ids.get_mut(usize::from(slot) - 1)
+            {
+                *s = id;
+                if let Some(bid) = ids.backend_by_id.get(&id)
+                    && let Some((_, refs)) = ids.backends.get_mut(bid)
+                {
+                    *refs += 1;
+                }
+            }
+        }
+        Ok(ids)
+    }
+}

@@ -1,0 +1,212 @@
+//! Shared by the integration tests: packets built and checked with etherparse, so no checksum
+//! is ever verified by the code that computed it.
+#![allow(dead_code, reason = "each test binary uses a different part")]
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use etherparse::{Icmpv4Header, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use proxy_common::{CTR_MAX, Counter};
+use sluice::dataplane::Dataplane;
+
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
+
+pub const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 0xa];
+pub const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 0xb];
+
+pub fn sa(s: &str) -> SocketAddrV4 {
+    s.parse().unwrap()
+}
+
+#[derive(Clone, Copy, Default)]
+pub struct Tcp {
+    pub syn: bool,
+    pub ack: bool,
+    pub fin: bool,
+    pub rst: bool,
+}
+pub const SYN: Tcp = Tcp {
+    syn: true,
+    ack: false,
+    fin: false,
+    rst: false,
+};
+pub const SYN_ACK: Tcp = Tcp {
+    syn: true,
+    ack: true,
+    fin: false,
+    rst: false,
+};
+pub const ACK: Tcp = Tcp {
+    syn: false,
+    ack: true,
+    fin: false,
+    rst: false,
+};
+pub const FIN_ACK: Tcp = Tcp {
+    syn: false,
+    ack: true,
+    fin: true,
+    rst: false,
+};
+pub const RST: Tcp = Tcp {
+    syn: false,
+    ack: false,
+    fin: false,
+    rst: true,
+};
+
+pub fn tcp(src: SocketAddrV4, dst: SocketAddrV4, f: Tcp, payload: &[u8]) -> Vec<u8> {
+    let mut b = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src.ip().octets(), dst.ip().octets(), 64)
+        .tcp(src.port(), dst.port(), 1000, 64240);
+    if f.syn {
+        b = b.syn();
+    }
+    if f.ack {
+        b = b.ack(1);
+    }
+    if f.fin {
+        b = b.fin();
+    }
+    if f.rst {
+        b = b.rst();
+    }
+    let mut v = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut v, payload).unwrap();
+    v
+}
+
+pub fn udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src.ip().octets(), dst.ip().octets(), 64)
+        .udp(src.port(), dst.port());
+    let mut v = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut v, payload).unwrap();
+    v
+}
+
+/// Runs `program` once on `pkt`; returns the verdict and the packet as it left.
+pub fn run(dp: &Dataplane, program: &'static str, pkt: &[u8]) -> (u32, Vec<u8>) {
+    let prog = dp.program(program).unwrap();
+    let mut out = vec![0u8; pkt.len() + 256];
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(pkt),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        })
+        .unwrap();
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
+/// What a translated TCP/UDP packet says, after checking every checksum independently.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub src: SocketAddrV4,
+    pub dst: SocketAddrV4,
+    pub payload: Vec<u8>,
+    pub udp_checksum: Option<u16>,
+}
+
+/// Parses `pkt` and panics unless its IPv4 header checksum and TCP/UDP checksum are right.
+pub fn check(pkt: &[u8]) -> Seen {
+    let s = SlicedPacket::from_ethernet(pkt).expect("the packet parses");
+    let Some(NetSlice::Ipv4(ip)) = &s.net else {
+        panic!("not IPv4: {pkt:02x?}")
+    };
+    let h = ip.header();
+    let hdr = h.to_header();
+    assert_eq!(
+        h.header_checksum(),
+        hdr.calc_header_checksum(),
+        "IPv4 header checksum is wrong"
+    );
+    let (sport, dport, payload, udp_checksum) = match &s.transport {
+        Some(TransportSlice::Tcp(t)) => {
+            let want = t.calc_checksum_ipv4(h.source(), h.destination()).unwrap();
+            assert_eq!(t.checksum(), want, "TCP checksum is wrong");
+            (
+                t.source_port(),
+                t.destination_port(),
+                t.payload().to_vec(),
+                None,
+            )
+        }
+        Some(TransportSlice::Udp(u)) => {
+            if u.checksum() != 0 {
+                let want = u
+                    .to_header()
+                    .calc_checksum_ipv4_raw(h.source(), h.destination(), u.payload())
+                    .unwrap();
+                assert_eq!(u.checksum(), want, "UDP checksum is wrong");
+            }
+            (
+                u.source_port(),
+                u.destination_port(),
+                u.payload().to_vec(),
+                Some(u.checksum()),
+            )
+        }
+        other => panic!("not TCP or UDP: {other:?}"),
+    };
+    Seen {
+        src: SocketAddrV4::new(h.source_addr(), sport),
+        dst: SocketAddrV4::new(h.destination_addr(), dport),
+        payload,
+        udp_checksum,
+    }
+}
+
+/// An ICMP error, after checking its IPv4 and ICMP checksums independently.
+#[derive(Debug)]
+pub struct Icmp {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub type_: u8,
+    pub code: u8,
+    /// The quoted original packet (IPv4 header + 8 bytes).
+    pub quoted: Vec<u8>,
+    pub eth_src: [u8; 6],
+    pub eth_dst: [u8; 6],
+}
+
+pub fn check_icmp(pkt: &[u8]) -> Icmp {
+    let s = SlicedPacket::from_ethernet(pkt).expect("the ICMP packet parses");
+    let Some(NetSlice::Ipv4(ip)) = &s.net else {
+        panic!("not IPv4")
+    };
+    let h = ip.header();
+    assert_eq!(
+        h.header_checksum(),
+        h.to_header().calc_header_checksum(),
+        "IPv4 checksum"
+    );
+    let Some(TransportSlice::Icmpv4(i)) = &s.transport else {
+        panic!("not ICMP: {:?}", s.transport)
+    };
+    let want = Icmpv4Header::with_checksum(i.icmp_type(), i.payload()).checksum;
+    assert_eq!(i.checksum(), want, "ICMP checksum is wrong");
+    Icmp {
+        src: h.source_addr(),
+        dst: h.destination_addr(),
+        type_: i.type_u8(),
+        code: i.code_u8(),
+        quoted: i.payload().to_vec(),
+        eth_src: pkt[6..12].try_into().unwrap(),
+        eth_dst: pkt[0..6].try_into().unwrap(),
+    }
+}
+
+/// The counters' change between two reads.
+pub fn delta(
+    before: &[Counter; CTR_MAX as usize],
+    after: &[Counter; CTR_MAX as usize],
+    i: u32,
+) -> u64 {
+    after[i as usize].packets - before[i as usize].packets
+}
