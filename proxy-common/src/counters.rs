@@ -44,10 +44,12 @@ counters! {
     CTR_DROP_REWRITE = 13, "drop_rewrite";
     /// Not a verdict: of the translated packets, those hairpinned (a pod to itself via SNAT).
     CTR_HAIRPIN = 14, "hairpin";
+    /// Passed: a reply seen at ingress, to be translated at egress after routing.
+    CTR_PASS_REPLY_AT_EGRESS = 15, "pass_reply_at_egress";
 }
 
 /// Number of counter slots; the map's size.
-pub const CTR_MAX: u32 = 15;
+pub const CTR_MAX: u32 = 16;
 
 /// One CPU's share of a counter.
 #[repr(C)]

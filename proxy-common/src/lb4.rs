@@ -94,8 +94,9 @@ const _: () = assert!(core::mem::size_of::<Lb4RevNat>() == 8);
 pub struct Lb4Config {
     /// The source address for hairpin traffic (a pod reaching itself through a Service):
     /// the kernel drops a packet whose source is the receiver's own address, so such flows are
-    /// SNATed to this address, which must route to the node (the pods' gateway address).
-    /// 0: hairpin flows are not SNATed (and will not work).
+    /// SNATed to this address. It must not be an address of the node (the node would drop
+    /// the packet as a martian before routing it) and pods must send it to the node (their
+    /// default route does), like Cilium's 169.254.42.1. 0: hairpin flows will not work.
     pub hairpin_snat_be: u32,
     pub _pad: u32,
 }

@@ -1,11 +1,17 @@
 //! The TC programs. Thin: parse, decide, rewrite, count, return the verdict.
 //!
-//! | program              | attach at                             | does                            |
-//! |----------------------|---------------------------------------|---------------------------------|
-//! | `sluice_from_pod`    | TC ingress of pod-facing devices      | replies back; DNAT to Services  |
-//! | `sluice_to_pod`      | TC egress of pod-facing devices       | replies back (remote backends)  |
-//! | `sluice_from_uplink` | TC ingress of uplinks                 | replies back; DNAT NodePort, externalIPs, LoadBalancer |
-//! | `sluice_pass`        | anywhere                              | nothing: the benchmark's floor  |
+//! | program              | attach at                        | does                                   |
+//! |----------------------|----------------------------------|----------------------------------------|
+//! | `sluice_from_pod`    | TC ingress of pod-facing devices | DNAT to any frontend; SNATed replies   |
+//! | `sluice_to_pod`      | TC egress of pod-facing devices  | replies back to showing the frontend   |
+//! | `sluice_from_uplink` | TC ingress of uplinks            | DNAT NodePort, externalIPs, LoadBalancer; SNATed replies |
+//! | `sluice_to_uplink`   | TC egress of uplinks             | replies back to showing the frontend   |
+//! | `sluice_pass`        | anywhere                         | nothing: the benchmark's floor         |
+//!
+//! Replies are translated after routing, at egress, because the kernel drops a packet whose
+//! source is one of its own addresses before routing it (a NodePort reply shows the node's
+//! address). Only replies of SNATed flows (hairpin) are translated at ingress: their
+//! destination must change before the kernel can route them.
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     macros::classifier,
@@ -14,8 +20,8 @@ use aya_ebpf::{
 use proxy_common::{
     CT_FLAG_SNAT, CT_KIND_REVERSE, CTR_CT_HIT, CTR_DROP_CT_WRITE, CTR_DROP_NO_BACKEND_ENTRY,
     CTR_DROP_REJECT_FAILED, CTR_DROP_REWRITE, CTR_HAIRPIN, CTR_NEW_FLOW, CTR_PASS_NO_MATCH,
-    CTR_REJECT_NO_BACKEND, CTR_REPLY, CTR_SEEN, Ct4Entry, Ct4Key, SVC_FLAG_CLUSTER_IP,
-    ct_lifetime_ns,
+    CTR_PASS_REPLY_AT_EGRESS, CTR_REJECT_NO_BACKEND, CTR_REPLY, CTR_SEEN, Ct4Entry, Ct4Key,
+    SVC_FLAG_CLUSTER_IP, ct_lifetime_ns,
 };
 
 use crate::{
@@ -36,26 +42,39 @@ enum Hook {
     FromPod,
     ToPod,
     FromUplink,
+    ToUplink,
 }
 
-/// Packets from pods: replies of flows we translated go back to showing the frontend;
-/// packets to any frontend are DNATed to a backend.
+impl Hook {
+    fn is_egress(self) -> bool {
+        matches!(self, Self::ToPod | Self::ToUplink)
+    }
+}
+
+/// Packets from pods: packets to any frontend are DNATed to a backend; replies of SNATed
+/// (hairpin) flows are translated back.
 #[classifier]
 pub fn sluice_from_pod(ctx: TcContext) -> i32 {
     handle(&ctx, Hook::FromPod)
 }
 
-/// Packets into pods: replies from backends elsewhere go back to showing the frontend.
+/// Packets into pods: replies go back to showing the frontend.
 #[classifier]
 pub fn sluice_to_pod(ctx: TcContext) -> i32 {
     handle(&ctx, Hook::ToPod)
 }
 
 /// Packets from outside: NodePort, externalIPs and LoadBalancer frontends (not ClusterIPs),
-/// and replies of flows we translated.
+/// and replies of SNATed flows.
 #[classifier]
 pub fn sluice_from_uplink(ctx: TcContext) -> i32 {
     handle(&ctx, Hook::FromUplink)
+}
+
+/// Packets leaving the node: replies to outside clients go back to showing the frontend.
+#[classifier]
+pub fn sluice_to_uplink(ctx: TcContext) -> i32 {
+    handle(&ctx, Hook::ToUplink)
 }
 
 /// Does nothing: the floor the benchmark compares the others with.
@@ -76,9 +95,9 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
         }
     };
     let now = conntrack::now();
-    let (verdict, counter) = match reply(ctx, &flow, now, len) {
+    let (verdict, counter) = match reply(ctx, &flow, now, len, hook) {
         Some(r) => r,
-        None if hook == Hook::ToPod => (PASS, CTR_PASS_NO_MATCH),
+        None if hook.is_egress() => (PASS, CTR_PASS_NO_MATCH),
         None => forward(ctx, &flow, now, len, hook),
     };
     count(counter, len);
@@ -86,17 +105,22 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
 }
 
 /// A reply of a translated flow: source back to the frontend (and, for SNATed flows,
-/// destination back to the client).
+/// destination back to the client). At ingress only SNATed flows are translated; the others
+/// pass, to be translated at egress after routing.
 #[inline(always)]
-fn reply(ctx: &TcContext, f: &Flow, now: u64, len: u32) -> Option<(i32, u32)> {
+fn reply(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> Option<(i32, u32)> {
     let e = lookup(&reply_key(f), now)?;
     // SAFETY: `e` is a live entry from a successful lookup; copy what we need.
     let c: Ct4Entry = unsafe { *e };
+    let snat = c.flags & CT_FLAG_SNAT != 0;
+    if !hook.is_egress() && !snat {
+        return Some((PASS, CTR_PASS_REPLY_AT_EGRESS));
+    }
     touch(e, f.proto, reply_state(f, c.flags), now, len);
     if set_src(ctx, f, c.nat_addr_be, c.nat_port_be).is_err() {
         return Some((DROP, CTR_DROP_REWRITE));
     }
-    if c.flags & CT_FLAG_SNAT != 0 && set_dst(ctx, f, c.addr_be, c.port_be).is_err() {
+    if snat && set_dst(ctx, f, c.addr_be, c.port_be).is_err() {
         return Some((DROP, CTR_DROP_REWRITE));
     }
     Some((PASS, CTR_REPLY))

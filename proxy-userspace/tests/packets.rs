@@ -8,13 +8,13 @@ use common::*;
 use proxy_common::*;
 use sluice::dataplane::{
     Backend, Dataplane, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend, FrontendKind, Protocol,
-    TO_POD,
+    TO_POD, TO_UPLINK,
 };
 use testbed::require_privileged;
 
 const VIP: &str = "198.18.128.1:80";
 const CLIENT: &str = "198.19.0.10:40000";
-const GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
+const HAIRPIN: Ipv4Addr = testbed::plan::HAIRPIN_SNAT;
 
 fn fe(addr: &str, proto: Protocol, kind: FrontendKind) -> Frontend {
     let a = sa(addr);
@@ -36,7 +36,7 @@ fn be(addr: &str) -> Backend {
 
 fn dataplane() -> Dataplane {
     Dataplane::load_with(DataplaneConfig {
-        hairpin_snat: Some(GATEWAY),
+        hairpin_snat: Some(HAIRPIN),
         conntrack_max: 4096,
         ..Default::default()
     })
@@ -61,15 +61,15 @@ fn packets_to_no_service_leave_untouched() {
         tcp(sa(CLIENT), sa("198.19.0.20:8080"), SYN, b"x"), // a pod address
         udp(sa(CLIENT), sa(VIP), b"udp is another frontend"), // right address and port, UDP
     ] {
-        for prog in [FROM_POD, TO_POD, FROM_UPLINK] {
+        for prog in [FROM_POD, TO_POD, FROM_UPLINK, TO_UPLINK] {
             let (verdict, out) = run(&dp, prog, &pkt);
             assert_eq!(verdict, TC_ACT_OK, "{prog} passes it");
             assert_eq!(out, pkt, "{prog} leaves every byte as it was");
         }
     }
     let after = dp.counters().unwrap();
-    assert_eq!(delta(&before, &after, CTR_PASS_NO_MATCH), 9);
-    assert_eq!(delta(&before, &after, CTR_SEEN), 9);
+    assert_eq!(delta(&before, &after, CTR_PASS_NO_MATCH), 12);
+    assert_eq!(delta(&before, &after, CTR_SEEN), 12);
     assert!(dp.conntrack().unwrap().is_empty(), "nothing is tracked");
 }
 
@@ -96,8 +96,15 @@ fn a_reply_is_translated_back_to_the_service_address() {
     cluster_ip(&mut dp, &["198.19.0.20:8080"]);
     run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(VIP), SYN, b""));
     let reply = tcp(sa("198.19.0.20:8080"), sa(CLIENT), SYN_ACK, b"hello");
-    // The backend's reply enters at its own pod device (local backend) ...
+    // Entering at the backend's pod device, the reply is left for after routing ...
     let (verdict, out) = run(&dp, FROM_POD, &reply);
+    assert_eq!(
+        (verdict, &out),
+        (TC_ACT_OK, &reply),
+        "untouched before routing"
+    );
+    // ... and translated as it leaves at the client's pod device.
+    let (verdict, out) = run(&dp, TO_POD, &reply);
     assert_eq!(verdict, TC_ACT_OK);
     let seen = check(&out);
     assert_eq!(
@@ -107,11 +114,9 @@ fn a_reply_is_translated_back_to_the_service_address() {
     );
     assert_eq!(seen.dst, sa(CLIENT));
     assert_eq!(seen.payload, b"hello");
-    // ... or, from a backend elsewhere, leaves at the client's pod device.
-    let (verdict, out) = run(&dp, TO_POD, &reply);
-    assert_eq!(verdict, TC_ACT_OK);
-    assert_eq!(check(&out).src, sa(VIP));
-    assert_eq!(dp.counters().unwrap()[CTR_REPLY as usize].packets, 2);
+    let c = dp.counters().unwrap();
+    assert_eq!(c[CTR_PASS_REPLY_AT_EGRESS as usize].packets, 1);
+    assert_eq!(c[CTR_REPLY as usize].packets, 1);
 }
 
 #[test]
@@ -225,7 +230,7 @@ fn a_pod_reaching_itself_through_its_service_is_snated_and_gets_its_answer() {
     assert_eq!(fwd.dst, sa("198.19.0.10:8080"));
     assert_eq!(
         fwd.src,
-        std::net::SocketAddrV4::new(GATEWAY, 40000),
+        std::net::SocketAddrV4::new(HAIRPIN, 40000),
         "SNAT to the hairpin address"
     );
     // The pod answers the hairpin address; the reply comes back in at the same device.
@@ -279,7 +284,7 @@ fn tcp_conntrack_moves_from_opening_to_established_to_closing() {
         "opening flows live 60 s, {left} left"
     );
 
-    run(&dp, FROM_POD, &tcp(backend, sa(CLIENT), SYN_ACK, b""));
+    run(&dp, TO_POD, &tcp(backend, sa(CLIENT), SYN_ACK, b""));
     run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(VIP), ACK, b""));
     let e = reverse_entry(&dp);
     assert_ne!(
@@ -299,7 +304,7 @@ fn tcp_conntrack_moves_from_opening_to_established_to_closing() {
         left > 3600.0,
         "half-closed is still established, {left} left"
     );
-    run(&dp, FROM_POD, &tcp(backend, sa(CLIENT), FIN_ACK, b""));
+    run(&dp, TO_POD, &tcp(backend, sa(CLIENT), FIN_ACK, b""));
     let left = lifetime_left_s(&reverse_entry(&dp));
     assert!(
         left <= 10.0,
@@ -325,7 +330,7 @@ fn a_reset_closes_the_flow() {
     run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(VIP), SYN, b""));
     run(
         &dp,
-        FROM_POD,
+        TO_POD,
         &tcp(sa("198.19.0.20:8080"), sa(CLIENT), RST, b""),
     );
     let e = reverse_entry(&dp);
@@ -355,7 +360,7 @@ fn udp_is_translated_both_ways_with_its_own_timeout() {
     );
     let (_, out) = run(
         &dp,
-        FROM_POD,
+        TO_POD,
         &udp(sa("198.19.0.20:5353"), sa(CLIENT), b"answer"),
     );
     let a = check(&out);
@@ -536,10 +541,10 @@ fn the_uplink_translates_node_ports_and_external_ips_but_not_cluster_ips() {
             sa("198.19.0.20:8080"),
             "{frontend} from outside"
         );
-        // The local backend's reply, at its pod device, shows the frontend it was sent to.
+        // The local backend's reply, leaving by the uplink, shows the frontend it was sent to.
         let (_, out) = run(
             &dp,
-            FROM_POD,
+            TO_UPLINK,
             &tcp(sa("198.19.0.20:8080"), sa(outside), SYN_ACK, b""),
         );
         assert_eq!(check(&out).src, sa(frontend));

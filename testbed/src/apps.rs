@@ -221,3 +221,267 @@ pub fn udp_request(
         data: lines.next().unwrap_or_default().to_owned(),
     })
 }
+
+const HTTP_MANY_PY: &str = r#"
+import socket, sys
+addr, port, n, timeout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+for i in range(n):
+    try:
+        s = socket.create_connection((addr, port), timeout=timeout)
+        peer = "%s:%d" % s.getpeername()
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        s.close()
+        body = data.split(b"\r\n\r\n", 1)[1].decode().strip()
+        print("OK", peer, body, flush=True)
+    except Exception as e:
+        print("ERR", type(e).__name__, str(e).replace("\n", " "), flush=True)
+"#;
+
+/// The outcome of one of [`http_many`]'s connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attempt {
+    /// The peer the client's socket was connected to, and the body (the pod's name).
+    Ok {
+        peer: SocketAddrV4,
+        body: String,
+    },
+    Err(String),
+}
+
+/// `n` HTTP requests from inside `ns`, each on a new TCP connection, one after the other
+/// (python3, each connection bounded by `timeout`).
+pub fn http_many(
+    ns: &Netns,
+    addr: Ipv4Addr,
+    port: u16,
+    n: u32,
+    timeout: Duration,
+) -> Result<Vec<Attempt>, CmdError> {
+    let out = ns.exec_timeout(
+        &[
+            "python3",
+            "-c",
+            HTTP_MANY_PY,
+            &addr.to_string(),
+            &port.to_string(),
+            &n.to_string(),
+            &format!("{:.1}", timeout.as_secs_f64()),
+        ],
+        timeout * n + Duration::from_secs(10),
+    )?;
+    Ok(out
+        .lines()
+        .map(|l| {
+            let mut it = l.splitn(3, ' ');
+            match (it.next(), it.next(), it.next()) {
+                (Some("OK"), Some(peer), Some(body)) => match peer.parse() {
+                    Ok(peer) => Attempt::Ok {
+                        peer,
+                        body: body.to_owned(),
+                    },
+                    Err(_) => Attempt::Err(l.to_owned()),
+                },
+                _ => Attempt::Err(l.to_owned()),
+            }
+        })
+        .collect())
+}
+
+const KEEPALIVE_PY: &str = r#"
+import http.client, sys, time
+addr, port, n, interval = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+c = http.client.HTTPConnection(addr, port, timeout=5)
+c.connect()
+print("PEER %s:%d LOCAL %s:%d" % (c.sock.getpeername() + c.sock.getsockname()), flush=True)
+for i in range(n):
+    try:
+        c.request("GET", "/")
+        r = c.getresponse()
+        print("OK", r.read().decode().strip(), flush=True)
+    except Exception as e:
+        print("ERR", type(e).__name__, e, flush=True)
+        break
+    time.sleep(interval)
+print("DONE", flush=True)
+"#;
+
+/// One long-lived HTTP/1.1 connection making `n` requests, `interval` apart, in the
+/// background. [`KeepAlive::finish`] waits for it and returns what it printed.
+#[derive(Debug)]
+pub struct KeepAlive {
+    child: Child,
+}
+
+impl KeepAlive {
+    pub fn start(
+        ns: &Netns,
+        addr: Ipv4Addr,
+        port: u16,
+        n: u32,
+        interval: Duration,
+    ) -> Result<Self, CmdError> {
+        let (a, p, n, i) = (
+            addr.to_string(),
+            port.to_string(),
+            n.to_string(),
+            format!("{:.3}", interval.as_secs_f64()),
+        );
+        let full = ns.exec_argv(&["python3", "-c", KEEPALIVE_PY, &a, &p, &n, &i]);
+        let child = Command::new(full[0])
+            .args(&full[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|source| CmdError::Spawn {
+                cmd: full.join(" "),
+                source,
+            })?;
+        Ok(Self { child })
+    }
+
+    /// Waits (at most `timeout`) and returns the output lines: `PEER ...`, then `OK <body>`
+    /// per request, then `DONE`.
+    pub fn finish(mut self, timeout: Duration) -> Vec<String> {
+        let start = std::time::Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut out = String::new();
+        if let Some(mut s) = self.child.stdout.take() {
+            let _ = std::io::Read::read_to_string(&mut s, &mut out);
+        }
+        out.lines().map(str::to_owned).collect()
+    }
+}
+
+impl Drop for KeepAlive {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const SNIFF_PY: &str = r#"
+import socket, sys, time, select
+iface, src, dst, n, timeout = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+# ETH_P_ALL: only such sockets see outgoing packets too.
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+s.bind((iface, 0))
+print("ready", flush=True)
+end = time.time() + timeout
+got = 0
+while got < n and time.time() < end:
+    r, _, _ = select.select([s], [], [], max(0.0, end - time.time()))
+    if not r:
+        break
+    frame = s.recv(65535)
+    ip = frame[14:]
+    if frame[12:14] == b"\x08\x00" and len(ip) >= 20 and socket.inet_ntoa(ip[12:16]) == src and socket.inet_ntoa(ip[16:20]) == dst:
+        print(ip.hex(), flush=True)
+        got += 1
+"#;
+
+/// Captures (AF_PACKET) the IPv4 packets from `src` to `dst` seen on `iface` in `ns`, both
+/// directions of the device, until `n` are seen or `timeout` passes.
+#[derive(Debug)]
+pub struct Sniffer {
+    child: Child,
+}
+
+impl Sniffer {
+    pub fn start(
+        ns: &Netns,
+        iface: &str,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        n: u32,
+        timeout: Duration,
+    ) -> Result<Self, CmdError> {
+        let (s, d, n, t) = (
+            src.to_string(),
+            dst.to_string(),
+            n.to_string(),
+            format!("{:.1}", timeout.as_secs_f64()),
+        );
+        let full = ns.exec_argv(&["python3", "-c", SNIFF_PY, iface, &s, &d, &n, &t]);
+        let cmd = full.join(" ");
+        let mut child = Command::new(full[0])
+            .args(&full[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|source| CmdError::Spawn {
+                cmd: cmd.clone(),
+                source,
+            })?;
+        // Wait for "ready" without consuming more than that line.
+        let mut stdout = child.stdout.take().expect("piped");
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while std::io::Read::read(&mut stdout, &mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
+            line.push(b[0]);
+        }
+        child.stdout = Some(stdout);
+        if line != b"ready" {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(CmdError::Timeout {
+                cmd,
+                timeout: Duration::from_secs(0),
+            });
+        }
+        Ok(Self { child })
+    }
+
+    /// Waits for the capture to end and returns the IPv4 packets it saw.
+    pub fn finish(mut self) -> Vec<Vec<u8>> {
+        let _ = self.child.wait();
+        let mut out = String::new();
+        if let Some(mut s) = self.child.stdout.take() {
+            let _ = std::io::Read::read_to_string(&mut s, &mut out);
+        }
+        out.lines()
+            .filter_map(|l| {
+                (0..l.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(l.get(i..i + 2)?, 16).ok())
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+impl Drop for Sniffer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const SEND_FRAME_PY: &str = r#"
+import socket, sys
+iface, hexframe = sys.argv[1], sys.argv[2]
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((iface, 0))
+s.send(bytes.fromhex(hexframe))
+"#;
+
+/// Sends one raw Ethernet frame out of `iface` in `ns` (AF_PACKET), exactly as given.
+pub fn send_frame(ns: &Netns, iface: &str, frame: &[u8]) -> Result<(), CmdError> {
+    let hex: String = frame.iter().map(|b| format!("{b:02x}")).collect();
+    ns.exec(&["python3", "-c", SEND_FRAME_PY, iface, &hex])
+        .map(drop)
+}

@@ -17,7 +17,9 @@ pub mod netns;
 pub mod plan;
 pub mod privilege;
 
-pub use apps::{HttpServer, UdpEcho, curl, udp_request};
+pub use apps::{
+    Attempt, HttpServer, KeepAlive, Sniffer, UdpEcho, curl, http_many, send_frame, udp_request,
+};
 pub use cluster::{Cluster, Node, Outside, Pod};
 pub use cmd::{CmdError, run};
 pub use netns::Netns;

@@ -10,6 +10,7 @@
 //! | pods of node k                | 198.19.k.0/24; gateway 198.19.k.1, pod i 198.19.k.(10+i) |
 //! | Service ClusterIPs            | 198.18.128.0/18                    |
 //! | externalIPs, LoadBalancer IPs | 198.18.192.0/18                    |
+//! | hairpin SNAT address          | 198.18.127.254 (assigned nowhere)  |
 use std::net::Ipv4Addr;
 
 /// The whole range the sandbox may use; nothing outside it is ever a target.
@@ -18,6 +19,10 @@ pub const FABRIC_PREFIX: u8 = 24;
 pub const FABRIC_ROUTER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const SERVICE_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(198, 18, 128, 0), 18);
 pub const EXTERNAL_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(198, 18, 192, 0), 18);
+
+/// The source address hairpin flows are SNATed to: assigned to no device, so the node routes
+/// packets from it, and pods send replies to it through their default route (the node).
+pub const HAIRPIN_SNAT: Ipv4Addr = Ipv4Addr::new(198, 18, 127, 254);
 
 /// At most this many nodes, outside clients, and pods per node.
 pub const MAX_NODES: u8 = 64;
@@ -85,7 +90,7 @@ mod tests {
 
     #[test]
     fn every_planned_address_is_inside_198_18_0_0_15() {
-        let mut all = vec![FABRIC_ROUTER, SERVICE_CIDR.0, EXTERNAL_CIDR.0];
+        let mut all = vec![FABRIC_ROUTER, SERVICE_CIDR.0, EXTERNAL_CIDR.0, HAIRPIN_SNAT];
         for k in 0..MAX_NODES {
             all.extend([node_addr(k), pod_gateway(k), pod_cidr(k).0]);
             all.extend([pod_addr(k, 0), pod_addr(k, MAX_PODS_PER_NODE - 1)]);

@@ -44,7 +44,7 @@ impl Dataplane {
                 PerCpuArray::try_from(m).map_err(|source| DataplaneError::Map {
                     map,
                     op: "open",
-                    source,
+                    source: Box::new(source),
                 })
             })?;
         let mut out = [Counter::default(); CTR_MAX as usize];
@@ -54,7 +54,7 @@ impl Dataplane {
                 .map_err(|source| DataplaneError::Map {
                     map,
                     op: "read",
-                    source,
+                    source: Box::new(source),
                 })?;
             for c in per_cpu.iter() {
                 total.packets += c.packets;
@@ -75,7 +75,7 @@ impl Dataplane {
                 HashMap::try_from(m).map_err(|source| DataplaneError::Map {
                     map,
                     op: "open",
-                    source,
+                    source: Box::new(source),
                 })
             })?;
         Ok(ct

@@ -34,18 +34,21 @@ pub use services::{Backend, Frontend, FrontendKind, Protocol};
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-ebpf"));
 
-/// TC ingress of pod-facing devices: replies back, DNAT of new flows to any frontend.
+/// TC ingress of pod-facing devices: DNAT of new flows to any frontend; replies of SNATed
+/// (hairpin) flows.
 pub const FROM_POD: &str = "sluice_from_pod";
-/// TC egress of pod-facing devices: replies from backends elsewhere back to the frontend.
+/// TC egress of pod-facing devices: replies back to the frontend (after routing).
 pub const TO_POD: &str = "sluice_to_pod";
-/// TC ingress of uplinks: NodePort, externalIPs, LoadBalancer; replies back.
+/// TC ingress of uplinks: NodePort, externalIPs, LoadBalancer; replies of SNATed flows.
 pub const FROM_UPLINK: &str = "sluice_from_uplink";
+/// TC egress of uplinks: replies to outside clients back to the frontend.
+pub const TO_UPLINK: &str = "sluice_to_uplink";
 /// Does nothing; the benchmark's floor.
 pub const PASS: &str = "sluice_pass";
 
 /// Every program in the object; [`Dataplane::load`] loads them all, so the verifier checks
 /// each one at start-up rather than at first attach.
-pub const PROGRAMS: &[&str] = &[FROM_POD, TO_POD, FROM_UPLINK, PASS];
+pub const PROGRAMS: &[&str] = &[FROM_POD, TO_POD, FROM_UPLINK, TO_UPLINK, PASS];
 
 /// Every map the agent owns (and pins).
 pub const MAPS: &[&str] = &[
@@ -67,7 +70,7 @@ pub enum DataplaneError {
     )]
     Load {
         #[source]
-        source: aya::EbpfError,
+        source: Box<aya::EbpfError>,
     },
     #[error(
         "program {program} is not in the eBPF object: the binary and proxy-ebpf are out of step"
@@ -79,7 +82,7 @@ pub enum DataplaneError {
     Verifier {
         program: &'static str,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("interface name {interface:?} contains a NUL byte")]
     BadInterface { interface: String },
@@ -90,7 +93,7 @@ pub enum DataplaneError {
     Clsact {
         interface: String,
         #[source]
-        source: TcError,
+        source: Box<TcError>,
     },
     #[error("attaching {program} at {hook:?} of {interface} ({mode}) failed: {source}")]
     Attach {
@@ -99,14 +102,14 @@ pub enum DataplaneError {
         hook: TcAttachType,
         mode: AttachMode,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("map {map}: {op} failed: {source}")]
     Map {
         map: &'static str,
         op: &'static str,
         #[source]
-        source: MapError,
+        source: Box<MapError>,
     },
     #[error(
         "map {map} is full ({max} entries): {what} was not written. Raise the map's size \
@@ -164,8 +167,9 @@ pub struct DataplaneConfig {
     pub backends_max: u32,
     pub revnat_max: u32,
     pub conntrack_max: u32,
-    /// Source address for hairpin flows (a pod reaching itself through a Service); it must
-    /// route to the node, like the pods' gateway address. `None`: hairpin does not work.
+    /// Source address for hairpin flows (a pod reaching itself through a Service): an address
+    /// that pods route to the node but that is not the node's own (see `Lb4Config`).
+    /// `None`: hairpin does not work.
     pub hairpin_snat: Option<Ipv4Addr>,
 }
 
@@ -220,14 +224,18 @@ impl Dataplane {
         }
         let mut ebpf = loader
             .load(EBPF_OBJECT)
-            .map_err(|source| DataplaneError::Load { source })?;
+            .map_err(|source| DataplaneError::Load {
+                source: Box::new(source),
+            })?;
         for &program in PROGRAMS {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(program)
                 .and_then(|p| p.try_into().ok())
                 .ok_or(DataplaneError::MissingProgram { program })?;
-            prog.load()
-                .map_err(|source| DataplaneError::Verifier { program, source })?;
+            prog.load().map_err(|source| DataplaneError::Verifier {
+                program,
+                source: Box::new(source),
+            })?;
         }
         let mut dp = Self {
             ebpf,
@@ -253,7 +261,7 @@ impl Dataplane {
                 Array::try_from(m).map_err(|source| DataplaneError::Map {
                     map,
                     op: "open",
-                    source,
+                    source: Box::new(source),
                 })
             })?;
         let value = Lb4Config {
@@ -263,7 +271,7 @@ impl Dataplane {
         cfg.set(0, &value, 0).map_err(|source| DataplaneError::Map {
             map,
             op: "write",
-            source,
+            source: Box::new(source),
         })
     }
 
@@ -295,7 +303,7 @@ impl Dataplane {
                 Err(source) => {
                     return Err(DataplaneError::Clsact {
                         interface: interface.to_owned(),
-                        source,
+                        source: Box::new(source),
                     });
                 }
             }
@@ -321,7 +329,7 @@ impl Dataplane {
                 interface: interface.to_owned(),
                 hook,
                 mode,
-                source,
+                source: Box::new(source),
             })?;
         Ok(())
     }
@@ -337,13 +345,14 @@ impl Dataplane {
         self.attach(TO_POD, interface, TcAttachType::Egress, mode)
     }
 
-    /// Attaches [`FROM_UPLINK`] at ingress of an uplink.
+    /// Attaches the uplink pair: [`FROM_UPLINK`] at ingress, [`TO_UPLINK`] at egress.
     pub fn attach_uplink(
         &mut self,
         interface: &str,
         mode: AttachMode,
     ) -> Result<(), DataplaneError> {
-        self.attach(FROM_UPLINK, interface, TcAttachType::Ingress, mode)
+        self.attach(FROM_UPLINK, interface, TcAttachType::Ingress, mode)?;
+        self.attach(TO_UPLINK, interface, TcAttachType::Egress, mode)
     }
 }
 

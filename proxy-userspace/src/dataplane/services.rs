@@ -165,7 +165,7 @@ impl Dataplane {
         HashMap::try_from(m).map_err(|source| DataplaneError::Map {
             map,
             op: "open",
-            source,
+            source: Box::new(source),
         })
     }
 
@@ -189,7 +189,7 @@ impl Dataplane {
                 DataplaneError::Map {
                     map,
                     op: "insert",
-                    source,
+                    source: Box::new(source),
                 }
             }
         })
@@ -209,7 +209,7 @@ impl Dataplane {
             Err(source) => Err(DataplaneError::Map {
                 map,
                 op: "remove",
-                source,
+                source: Box::new(source),
             }),
         }
     }

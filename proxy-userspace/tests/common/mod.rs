@@ -210,3 +210,73 @@ pub fn delta(
 ) -> u64 {
     after[i as usize].packets - before[i as usize].packets
 }
+
+type Job = Box<dyn FnOnce(&mut Dataplane) + Send>;
+
+/// A [`Dataplane`] living on a thread inside a node's network namespace, so that attaching
+/// and detaching (netlink) happen there and never in the root namespace. Drop it before the
+/// cluster it belongs to.
+pub struct NodeDataplane {
+    tx: Option<std::sync::mpsc::Sender<Job>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl NodeDataplane {
+    /// Loads the dataplane in `node`'s namespace and attaches it to every pod device and the
+    /// uplink, in the best mode the kernel has.
+    pub fn start(node: &testbed::Node, config: sluice::dataplane::DataplaneConfig) -> Self {
+        let ns = node.ns.name().to_owned();
+        let pods: Vec<String> = node.pods.iter().map(|p| p.host_veth.clone()).collect();
+        let uplink = node.uplink.clone();
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let handle = std::thread::spawn(move || {
+            let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let mode = sluice::dataplane::AttachMode::for_running_kernel();
+            let mut dp = Dataplane::load_with(config).expect("the dataplane loads");
+            for dev in &pods {
+                dp.attach_pod_device(dev, mode)
+                    .expect("attach to a pod device");
+            }
+            dp.attach_uplink(&uplink, mode)
+                .expect("attach to the uplink");
+            ready_tx.send(()).unwrap();
+            for job in rx {
+                job(&mut dp);
+            }
+        });
+        ready_rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the dataplane started in the node namespace");
+        Self {
+            tx: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    /// Runs `f` on the dataplane and returns its result.
+    pub fn with<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Dataplane) -> R + Send + 'static,
+    ) -> R {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.tx
+            .as_ref()
+            .unwrap()
+            .send(Box::new(move |dp| {
+                let _ = tx.send(f(dp));
+            }))
+            .unwrap();
+        rx.recv().expect("the dataplane thread answered")
+    }
+}
+
+impl Drop for NodeDataplane {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}

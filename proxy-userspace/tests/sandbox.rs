@@ -1,0 +1,353 @@
+//! The datapath end to end: real programs attached to real devices in a sandbox node, real
+//! servers (python3) in backend pods, real clients in a client pod and outside the cluster.
+mod common;
+
+use std::{collections::HashMap, net::SocketAddrV4, time::Duration};
+
+use common::NodeDataplane;
+use proxy_common::{CTR_PASS_MALFORMED, CTR_PASS_NO_MATCH};
+use sluice::dataplane::{Backend, DataplaneConfig, Frontend, FrontendKind, Protocol};
+use testbed::{
+    Attempt, Cluster, HttpServer, KeepAlive, Sniffer, UdpEcho, http_many, plan, require_privileged,
+    send_frame, udp_request,
+};
+
+const T: Duration = Duration::from_secs(5);
+const BACKENDS: [&str; 3] = ["backend-a", "backend-b", "backend-c"];
+
+struct Sandbox {
+    // Field order is drop order: the dataplane goes before the namespaces.
+    dp: NodeDataplane,
+    _servers: Vec<HttpServer>,
+    _echo: Vec<UdpEcho>,
+    c: Cluster,
+}
+
+fn sandbox() -> Sandbox {
+    let mut c = Cluster::new(1).unwrap();
+    c.add_pod(0, "client").unwrap();
+    for b in BACKENDS {
+        c.add_pod(0, b).unwrap();
+    }
+    c.add_outside().unwrap();
+    c.route_outside_via(0, plan::EXTERNAL_CIDR, 0).unwrap();
+    let servers = BACKENDS
+        .iter()
+        .map(|b| HttpServer::start(&c.pod(b).ns, b, 8080).unwrap())
+        .collect();
+    let echo = BACKENDS
+        .iter()
+        .map(|b| UdpEcho::start(&c.pod(b).ns, b, 5353).unwrap())
+        .collect();
+    let dp = NodeDataplane::start(
+        &c.nodes[0],
+        DataplaneConfig {
+            hairpin_snat: Some(plan::HAIRPIN_SNAT),
+            conntrack_max: 16384,
+            ..Default::default()
+        },
+    );
+    Sandbox {
+        dp,
+        _servers: servers,
+        _echo: echo,
+        c,
+    }
+}
+
+impl Sandbox {
+    fn backends(&self, names: &[&str], port: u16) -> Vec<Backend> {
+        names
+            .iter()
+            .map(|n| Backend {
+                addr: self.c.pod(n).addr,
+                port,
+            })
+            .collect()
+    }
+    fn upsert(&self, fe: Frontend, backends: Vec<Backend>) {
+        self.dp
+            .with(move |dp| dp.upsert_service(fe, &backends))
+            .unwrap();
+    }
+}
+
+fn frontend(addr: std::net::Ipv4Addr, port: u16, proto: Protocol, kind: FrontendKind) -> Frontend {
+    Frontend {
+        addr,
+        port,
+        proto,
+        kind,
+    }
+}
+
+#[test]
+fn three_hundred_connections_to_a_cluster_ip_all_succeed_and_spread_over_three_backends() {
+    require_privileged!(
+        "three_hundred_connections_to_a_cluster_ip_all_succeed_and_spread_over_three_backends"
+    );
+    let s = sandbox();
+    let vip = plan::cluster_ip(0);
+    s.upsert(
+        frontend(vip, 80, Protocol::Tcp, FrontendKind::ClusterIp),
+        s.backends(&BACKENDS, 8080),
+    );
+    let attempts = http_many(&s.c.pod("client").ns, vip, 80, 300, T).unwrap();
+    assert_eq!(attempts.len(), 300);
+    let mut per_backend: HashMap<String, u32> = HashMap::new();
+    for a in &attempts {
+        match a {
+            Attempt::Ok { peer, body } => {
+                assert_eq!(
+                    *peer,
+                    SocketAddrV4::new(vip, 80),
+                    "the client's peer is the Service"
+                );
+                *per_backend.entry(body.clone()).or_default() += 1;
+            }
+            Attempt::Err(e) => panic!("a connection failed: {e}"),
+        }
+    }
+    for b in BACKENDS {
+        let n = per_backend.get(b).copied().unwrap_or(0);
+        assert!(
+            n >= 45,
+            "{b} answered {n} of 300 (at least 15% expected): {per_backend:?}"
+        );
+    }
+}
+
+#[test]
+fn udp_requests_through_a_cluster_ip_are_answered_from_the_service_address() {
+    require_privileged!("udp_requests_through_a_cluster_ip_are_answered_from_the_service_address");
+    let s = sandbox();
+    let vip = plan::cluster_ip(1);
+    s.upsert(
+        frontend(vip, 53, Protocol::Udp, FrontendKind::ClusterIp),
+        s.backends(&BACKENDS, 5353),
+    );
+    for i in 0..10 {
+        let r = udp_request(&s.c.pod("client").ns, vip, 53, &format!("q{i}"), T).unwrap();
+        assert_eq!(
+            r.from,
+            SocketAddrV4::new(vip, 53),
+            "the reply comes from the Service"
+        );
+        let (who, payload) = r.data.split_once(' ').unwrap();
+        assert!(BACKENDS.contains(&who), "answered by a backend: {}", r.data);
+        assert_eq!(payload, format!("q{i}"));
+    }
+}
+
+#[test]
+fn node_port_and_external_ip_work_from_outside_the_cluster() {
+    require_privileged!("node_port_and_external_ip_work_from_outside_the_cluster");
+    let s = sandbox();
+    let node = s.c.nodes[0].addr;
+    let ext = plan::external_ip(0);
+    s.upsert(
+        frontend(node, 30080, Protocol::Tcp, FrontendKind::NodePort),
+        s.backends(&BACKENDS, 8080),
+    );
+    s.upsert(
+        frontend(ext, 80, Protocol::Tcp, FrontendKind::ExternalIp),
+        s.backends(&BACKENDS, 8080),
+    );
+    let outside = &s.c.outside[0].ns;
+    for (addr, port) in [(node, 30080), (ext, 80)] {
+        let attempts = http_many(outside, addr, port, 30, T).unwrap();
+        for a in attempts {
+            match a {
+                Attempt::Ok { peer, body } => {
+                    assert_eq!(peer, SocketAddrV4::new(addr, port));
+                    assert!(BACKENDS.contains(&body.as_str()), "answered by {body}");
+                }
+                Attempt::Err(e) => panic!("{addr}:{port} from outside failed: {e}"),
+            }
+        }
+    }
+    // A ClusterIP is not reachable from outside, even routed to the node.
+    let vip = plan::cluster_ip(0);
+    s.upsert(
+        frontend(vip, 80, Protocol::Tcp, FrontendKind::ClusterIp),
+        s.backends(&BACKENDS, 8080),
+    );
+    s.c.route_outside_via(0, plan::SERVICE_CIDR, 0).unwrap();
+    let attempts = http_many(outside, vip, 80, 1, Duration::from_secs(2)).unwrap();
+    assert!(
+        matches!(attempts[0], Attempt::Err(_)),
+        "ClusterIP from outside: {attempts:?}"
+    );
+}
+
+#[test]
+fn a_long_lived_connection_keeps_its_backend_while_backends_come_and_go() {
+    require_privileged!("a_long_lived_connection_keeps_its_backend_while_backends_come_and_go");
+    let s = sandbox();
+    let vip = plan::cluster_ip(2);
+    let fe = frontend(vip, 80, Protocol::Tcp, FrontendKind::ClusterIp);
+    s.upsert(fe, s.backends(&BACKENDS[..2], 8080));
+    let ka = KeepAlive::start(
+        &s.c.pod("client").ns,
+        vip,
+        80,
+        30,
+        Duration::from_millis(100),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    s.upsert(fe, s.backends(&BACKENDS, 8080)); // add one
+    std::thread::sleep(Duration::from_millis(500));
+    s.upsert(fe, s.backends(&BACKENDS[2..], 8080)); // remove the first two
+    std::thread::sleep(Duration::from_millis(500));
+    s.upsert(fe, s.backends(&BACKENDS[1..], 8080)); // and one comes back
+    let out = ka.finish(Duration::from_secs(20));
+    assert_eq!(
+        out.last().map(String::as_str),
+        Some("DONE"),
+        "the connection lived: {out:?}"
+    );
+    assert!(
+        out[0].starts_with(&format!("PEER {vip}:80 ")),
+        "connected to the Service: {out:?}"
+    );
+    let bodies: Vec<&str> = out.iter().filter_map(|l| l.strip_prefix("OK ")).collect();
+    assert_eq!(bodies.len(), 30, "every request answered: {out:?}");
+    assert!(
+        BACKENDS[..2].contains(&bodies[0]) && bodies.iter().all(|b| *b == bodies[0]),
+        "one backend, one of the first two, for the whole connection: {bodies:?}"
+    );
+    // New connections use the current set only.
+    for a in http_many(&s.c.pod("client").ns, vip, 80, 20, T).unwrap() {
+        let Attempt::Ok { body, .. } = a else {
+            panic!("{a:?}")
+        };
+        assert!(
+            BACKENDS[1..].contains(&body.as_str()),
+            "{body} is not a current backend"
+        );
+    }
+}
+
+#[test]
+fn a_service_without_backends_refuses_connections_at_once() {
+    require_privileged!("a_service_without_backends_refuses_connections_at_once");
+    let s = sandbox();
+    let vip = plan::cluster_ip(3);
+    s.upsert(
+        frontend(vip, 80, Protocol::Tcp, FrontendKind::ClusterIp),
+        vec![],
+    );
+    let start = std::time::Instant::now();
+    let attempts = http_many(&s.c.pod("client").ns, vip, 80, 1, T).unwrap();
+    match &attempts[0] {
+        Attempt::Err(e) => assert!(
+            e.contains("ConnectionRefused"),
+            "refused, not timed out: {e}"
+        ),
+        ok => panic!("expected a refusal, got {ok:?}"),
+    }
+    assert!(
+        start.elapsed() < T,
+        "the refusal came before the client's timeout"
+    );
+}
+
+#[test]
+fn a_pod_reaches_itself_through_its_own_service() {
+    require_privileged!("a_pod_reaches_itself_through_its_own_service");
+    let s = sandbox();
+    let vip = plan::cluster_ip(4);
+    s.upsert(
+        frontend(vip, 80, Protocol::Tcp, FrontendKind::ClusterIp),
+        s.backends(&["backend-a"], 8080),
+    );
+    let attempts = http_many(&s.c.pod("backend-a").ns, vip, 80, 5, T).unwrap();
+    for a in attempts {
+        assert_eq!(
+            a,
+            Attempt::Ok {
+                peer: SocketAddrV4::new(vip, 80),
+                body: "backend-a".into()
+            }
+        );
+    }
+}
+
+#[test]
+fn traffic_to_addresses_that_are_not_services_is_unchanged_byte_for_byte() {
+    require_privileged!("traffic_to_addresses_that_are_not_services_is_unchanged_byte_for_byte");
+    let s = sandbox();
+    let vip = plan::cluster_ip(0);
+    s.upsert(
+        frontend(vip, 80, Protocol::Tcp, FrontendKind::ClusterIp),
+        s.backends(&BACKENDS, 8080),
+    );
+    let client = s.c.pod("client");
+    let server = s.c.pod("backend-a");
+    let before = s.dp.with(|dp| dp.counters().unwrap());
+    let n = 5;
+    let sent = Sniffer::start(&client.ns, "eth0", client.addr, server.addr, n, T).unwrap();
+    let received = Sniffer::start(&server.ns, "eth0", client.addr, server.addr, n, T).unwrap();
+    for i in 0..n {
+        let r = udp_request(
+            &client.ns,
+            server.addr,
+            5353,
+            &format!("payload-{i}-{}", "x".repeat(i as usize * 100)),
+            T,
+        )
+        .unwrap();
+        assert_eq!(r.from, SocketAddrV4::new(server.addr, 5353));
+    }
+    let (sent, received) = (sent.finish(), received.finish());
+    assert_eq!(sent.len(), n as usize, "captured every datagram sent");
+    assert_eq!(
+        received.len(),
+        n as usize,
+        "captured every datagram received"
+    );
+    for (a, b) in sent.iter().zip(&received) {
+        assert_eq!(a.len(), b.len());
+        assert_eq!(
+            b[8],
+            a[8] - 1,
+            "routing through the node lowers the TTL by one, nothing else"
+        );
+        let mask = |p: &[u8]| {
+            let mut p = p.to_vec();
+            p[8] = 0; // TTL
+            p[10] = 0; // header checksum (follows the TTL)
+            p[11] = 0;
+            p
+        };
+        assert_eq!(
+            mask(a),
+            mask(b),
+            "the packet is otherwise byte-for-byte what was sent"
+        );
+    }
+    // A frame that claims IPv4 but stops 10 bytes in goes through a real device untouched
+    // (the kernel drops it later) and is counted; the node goes on serving.
+    let mut frame = vec![0xff; 6];
+    frame.extend([2, 0, 0, 0, 0, 1, 0x08, 0x00]);
+    frame.extend([0x45, 0, 0, 40, 0, 0, 0, 0, 64, 6]);
+    send_frame(&client.ns, "eth0", &frame).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let after = s.dp.with(|dp| dp.counters().unwrap());
+    let d = |i: u32| after[i as usize].packets - before[i as usize].packets;
+    assert!(
+        d(CTR_PASS_NO_MATCH) >= 2 * u64::from(n),
+        "requests and replies passed untouched"
+    );
+    assert_eq!(
+        d(CTR_PASS_MALFORMED),
+        1,
+        "the truncated frame was counted as malformed"
+    );
+    let attempts = http_many(&client.ns, vip, 80, 3, T).unwrap();
+    assert!(
+        attempts.iter().all(|a| matches!(a, Attempt::Ok { .. })),
+        "{attempts:?}"
+    );
+}
