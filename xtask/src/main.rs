@@ -28,6 +28,13 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         cargo_args: Vec<String>,
     },
+    /// Benchmarks: ns per packet through BPF_PROG_TEST_RUN (conntrack hit, new flow, no
+    /// match) against an empty program, at 1 and 10,000 Services. Report in target/bench/.
+    Bench {
+        /// A shorter run (fewer samples).
+        #[arg(long)]
+        quick: bool,
+    },
     /// The main job on a sandbox cluster in network namespaces, live until Ctrl-C.
     Demo {
         /// Run the checks once and exit with their status instead of running live.
@@ -47,11 +54,35 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             test::run(&cargo_args)
         }
+        Task::Bench { quick } => {
+            setup::run()?;
+            bench(quick)
+        }
         Task::Demo { once } => {
             setup::run()?;
             demo::run(once)
         }
     }
+}
+
+fn bench(quick: bool) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let mut cmd = std::process::Command::new("cargo");
+    cmd.current_dir(workspace_root()).args([
+        "bench",
+        "--package",
+        "proxy-userspace",
+        "--bench",
+        "datapath",
+        "--",
+    ]);
+    if quick {
+        cmd.arg("--quick");
+    }
+    let st = cmd.status().context("starting cargo bench")?;
+    anyhow::ensure!(st.success(), "the benchmark failed ({st})");
+    println!("report: target/bench/datapath.md");
+    Ok(())
 }
 
 /// The workspace root (xtask lives one level below it).

@@ -1,0 +1,161 @@
+//! Per-packet cost of the datapath through BPF_PROG_TEST_RUN, beside an empty program on the
+//! same hook, with 1 and 10,000 Services in the maps. Run by `cargo xtask bench`.
+//!
+//! BPF_PROG_TEST_RUN reuses its input buffer across repeats, so after one DNAT every further
+//! repeat would be a miss. Each measurement therefore runs the program once per call (the
+//! kernel times that one run) on a fresh copy of the input, over many calls, and the
+//! counters must show that every call took the path it is reported under.
+use std::net::Ipv4Addr;
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use etherparse::PacketBuilder;
+use proxy_common::{CTR_CT_HIT, CTR_NEW_FLOW, CTR_PASS_NO_MATCH, Counter};
+use sluice::dataplane::{
+    Backend, Dataplane, DataplaneConfig, FROM_POD, Frontend, FrontendKind, PASS, Protocol,
+};
+
+fn syn(sport: u16, dst: Ipv4Addr) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4([198, 19, 0, 10], dst.octets(), 64)
+        .tcp(sport, 80, 1, 64240)
+        .syn();
+    let mut v = Vec::with_capacity(b.size(0));
+    b.write(&mut v, &[]).unwrap();
+    v
+}
+
+struct Stats {
+    median: f64,
+    mean: f64,
+    p90: f64,
+}
+
+/// Runs `program` once per packet of `pkts`, `rounds` times over; the kernel's own timing of
+/// each run, in ns.
+fn measure(dp: &Dataplane, program: &'static str, pkts: &[Vec<u8>], rounds: usize) -> Stats {
+    let prog = dp.program(program).unwrap();
+    let mut out = vec![0u8; 256];
+    let mut ns = Vec::with_capacity(pkts.len() * rounds);
+    for _ in 0..rounds {
+        for p in pkts {
+            let r = prog
+                .test_run(TestRunOptions {
+                    data_in: Some(p),
+                    data_out: Some(&mut out),
+                    repeat: 1,
+                    ..Default::default()
+                })
+                .unwrap();
+            ns.push(r.duration.as_nanos() as f64);
+        }
+    }
+    ns.sort_by(f64::total_cmp);
+    Stats {
+        median: ns[ns.len() / 2],
+        mean: ns.iter().sum::<f64>() / ns.len() as f64,
+        p90: ns[ns.len() * 9 / 10],
+    }
+}
+
+fn counter(dp: &Dataplane, i: u32) -> u64 {
+    let c: [Counter; _] = dp.counters().unwrap();
+    c[i as usize].packets
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    if !nix_is_root() {
+        eprintln!("the datapath benchmark loads eBPF programs: run it as root");
+        std::process::exit(1);
+    }
+    let flows: u16 = if quick { 2_000 } else { 20_000 };
+    let rounds = if quick { 2 } else { 5 };
+    let mut rows = Vec::new();
+    for services in [1u32, 10_000] {
+        let mut dp = Dataplane::load_with(DataplaneConfig {
+            conntrack_max: 262_144,
+            ..Default::default()
+        })
+        .unwrap();
+        let start = std::time::Instant::now();
+        for n in 0..services {
+            let addr = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 1)) + n);
+            let fe = Frontend {
+                addr,
+                port: 80,
+                proto: Protocol::Tcp,
+                kind: FrontendKind::ClusterIp,
+            };
+            let bes: Vec<Backend> = (0..3)
+                .map(|b| Backend {
+                    addr: Ipv4Addr::from(
+                        u32::from(Ipv4Addr::new(198, 19, 0, 10)) + (n * 3 + b) % 60_000,
+                    ),
+                    port: 8080,
+                })
+                .collect();
+            dp.upsert_service(fe, &bes).unwrap();
+        }
+        let program_time = start.elapsed();
+        // The Service under load is in the middle of the table.
+        let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 1)) + services / 2);
+        let pkts: Vec<Vec<u8>> = (0..flows).map(|i| syn(10_000 + i, vip)).collect();
+
+        let empty = measure(&dp, PASS, &pkts, rounds);
+        let before = counter(&dp, CTR_NEW_FLOW);
+        let new_flow = measure(&dp, FROM_POD, &pkts, 1);
+        assert_eq!(
+            counter(&dp, CTR_NEW_FLOW) - before,
+            u64::from(flows),
+            "every run was a new flow"
+        );
+        let before = counter(&dp, CTR_CT_HIT);
+        let ct_hit = measure(&dp, FROM_POD, &pkts, rounds);
+        assert_eq!(
+            counter(&dp, CTR_CT_HIT) - before,
+            u64::from(flows) * rounds as u64,
+            "every run was a conntrack hit"
+        );
+        let miss: Vec<Vec<u8>> = (0..flows)
+            .map(|i| syn(10_000 + i, Ipv4Addr::new(198, 18, 191, 1)))
+            .collect();
+        let before = counter(&dp, CTR_PASS_NO_MATCH);
+        let no_match = measure(&dp, FROM_POD, &miss, rounds);
+        assert_eq!(
+            counter(&dp, CTR_PASS_NO_MATCH) - before,
+            u64::from(flows) * rounds as u64
+        );
+        rows.push((services, program_time, empty, ct_hit, new_flow, no_match));
+    }
+    let mut md = String::new();
+    md.push_str("| Services | empty program | conntrack hit | new flow | no match | time to program all |\n");
+    md.push_str("|---:|---:|---:|---:|---:|---:|\n");
+    let f = |s: &Stats| format!("{:.0} ns (mean {:.0}, p90 {:.0})", s.median, s.mean, s.p90);
+    for (n, t, e, h, nf, nm) in &rows {
+        md.push_str(&format!(
+            "| {n} | {} | {} | {} | {} | {:.1} ms |\n",
+            f(e),
+            f(h),
+            f(nf),
+            f(nm),
+            t.as_secs_f64() * 1e3
+        ));
+    }
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let header = format!(
+        "# sluice datapath: ns per packet through BPF_PROG_TEST_RUN\n\nKernel {}, {} CPUs, {} mode: {flows} flows, medians of single kernel-timed runs ({} samples per cell; new flow: {flows}).\nTC ingress of a pod device (`sluice_from_pod`) against the empty program on the same hook (`sluice_pass`).\n\n",
+        kernel.trim(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        if quick { "quick" } else { "full" },
+        usize::from(flows) * rounds,
+    );
+    let report = format!("{header}{md}");
+    println!("{report}");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("datapath.md"), report).unwrap();
+}
+
+fn nix_is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
