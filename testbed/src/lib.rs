@@ -11,6 +11,7 @@
 //! Every name carries the creating process's pid and a counter, so tests run in parallel and a
 //! sweep ([`netns::sweep_stale`]) can remove what a killed test run left behind.
 pub mod apps;
+pub mod bpffs;
 pub mod cluster;
 pub mod cmd;
 pub mod netns;
@@ -20,6 +21,7 @@ pub mod privilege;
 pub use apps::{
     Attempt, HttpServer, KeepAlive, Sniffer, UdpEcho, curl, http_many, send_frame, udp_request,
 };
+pub use bpffs::BpfFs;
 pub use cluster::{Cluster, Node, Outside, Pod};
 pub use cmd::{CmdError, run};
 pub use netns::Netns;

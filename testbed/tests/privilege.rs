@@ -15,7 +15,13 @@ fn probe_needs_root() {
     );
 }
 
+/// Copying a binary and executing it races with any fork in another thread: the child holds
+/// the copy's write descriptor until it execs, and executing the copy then fails with
+/// ETXTBSY. The two tests that do it take turns, and retry that error.
+static COPY_AND_EXEC: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn run_probe_as_nobody(require: bool) -> std::process::Output {
+    let _turn = COPY_AND_EXEC.lock().unwrap_or_else(|e| e.into_inner());
     // Copy the binary somewhere any user can execute it; the checkout may not be.
     let dir = std::env::temp_dir().join(format!("sluice-probe-{}-{require}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -40,7 +46,16 @@ fn run_probe_as_nobody(require: bool) -> std::process::Output {
     } else {
         cmd.env_remove(testbed::privilege::REQUIRE_ENV);
     }
-    let out = cmd.output().unwrap();
+    let mut tries = 0;
+    let out = loop {
+        match cmd.output() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => break r.unwrap(),
+        }
+    };
     let _ = std::fs::remove_dir_all(&dir);
     out
 }

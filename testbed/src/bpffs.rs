@@ -1,0 +1,40 @@
+//! A private bpffs for tests that pin maps: mounted on a fresh temporary directory, unmounted
+//! and removed on drop. The machine's own /sys/fs/bpf is never touched.
+use std::path::{Path, PathBuf};
+
+use crate::cmd::{CmdError, run};
+
+#[derive(Debug)]
+pub struct BpfFs {
+    dir: PathBuf,
+}
+
+impl BpfFs {
+    pub fn new() -> Result<Self, CmdError> {
+        let dir = std::env::temp_dir().join(crate::netns::unique_name("bpffs"));
+        std::fs::create_dir_all(&dir).map_err(|source| CmdError::Spawn {
+            cmd: format!("mkdir {}", dir.display()),
+            source,
+        })?;
+        let d = dir.to_string_lossy().into_owned();
+        if let Err(e) = run(&["mount", "-t", "bpf", "bpf", &d]) {
+            let _ = std::fs::remove_dir(&dir);
+            return Err(e);
+        }
+        Ok(Self { dir })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let d = self.dir.to_string_lossy().into_owned();
+        if let Err(e) = run(&["umount", &d]) {
+            eprintln!("testbed: could not unmount {d}: {e}");
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
