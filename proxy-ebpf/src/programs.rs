@@ -147,14 +147,15 @@ fn forward(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> (i32, u
             kind: CT_KIND_REVERSE,
             _pad: [0; 2],
         };
-        let state = match lookup(&rkey, now) {
+        let rev = lookup(&rkey, now);
+        let state = match rev {
             // SAFETY: as above.
             Some(r) => unsafe { (*r).flags },
             None => 0,
         };
         if !reopens(f, state) {
             let flags = forward_state(f, state);
-            match lookup(&rkey, now) {
+            match rev {
                 Some(r) => touch(r, f.proto, flags, now, 0),
                 None => {
                     // The reverse entry was evicted: rebuild it from what we know.
