@@ -62,6 +62,24 @@ print("%s:%d" % peer)
 print(data.decode())
 "#;
 
+/// Starts `argv` inside `ns` with stdout piped (stderr to ours); returns the child and the
+/// command line, for error messages.
+fn spawn_in(ns: &Netns, argv: &[&str]) -> Result<(Child, String), CmdError> {
+    let full = ns.exec_argv(argv);
+    let cmd = full.join(" ");
+    let child = Command::new(full[0])
+        .args(&full[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|source| CmdError::Spawn {
+            cmd: cmd.clone(),
+            source,
+        })?;
+    Ok((child, cmd))
+}
+
 /// A server process started inside a namespace, killed on drop.
 #[derive(Debug)]
 pub struct Server {
@@ -72,18 +90,7 @@ pub struct Server {
 impl Server {
     /// Starts `argv` in `ns` and waits (at most 10 s) for it to print `ready`.
     fn start(ns: &Netns, argv: &[&str], port: u16) -> Result<Self, CmdError> {
-        let full = ns.exec_argv(argv);
-        let cmd = full.join(" ");
-        let mut child = Command::new(full[0])
-            .args(&full[1..])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|source| CmdError::Spawn {
-                cmd: cmd.clone(),
-                source,
-            })?;
+        let (mut child, cmd) = spawn_in(ns, argv)?;
         let stdout = child.stdout.take().expect("stdout is piped");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -332,17 +339,7 @@ impl KeepAlive {
             n.to_string(),
             format!("{:.3}", interval.as_secs_f64()),
         );
-        let full = ns.exec_argv(&["python3", "-c", KEEPALIVE_PY, &a, &p, &n, &i]);
-        let child = Command::new(full[0])
-            .args(&full[1..])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|source| CmdError::Spawn {
-                cmd: full.join(" "),
-                source,
-            })?;
+        let (child, _) = spawn_in(ns, &["python3", "-c", KEEPALIVE_PY, &a, &p, &n, &i])?;
         Ok(Self { child })
     }
 
@@ -415,18 +412,7 @@ impl Sniffer {
             n.to_string(),
             format!("{:.1}", timeout.as_secs_f64()),
         );
-        let full = ns.exec_argv(&["python3", "-c", SNIFF_PY, iface, &s, &d, &n, &t]);
-        let cmd = full.join(" ");
-        let mut child = Command::new(full[0])
-            .args(&full[1..])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|source| CmdError::Spawn {
-                cmd: cmd.clone(),
-                source,
-            })?;
+        let (mut child, cmd) = spawn_in(ns, &["python3", "-c", SNIFF_PY, iface, &s, &d, &n, &t])?;
         // Wait for "ready" without consuming more than that line.
         let mut stdout = child.stdout.take().expect("piped");
         let mut line = Vec::new();
