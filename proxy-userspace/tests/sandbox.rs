@@ -351,3 +351,63 @@ fn traffic_to_addresses_that_are_not_services_is_unchanged_byte_for_byte() {
         "{attempts:?}"
     );
 }
+
+#[test]
+fn the_clsact_attachment_of_older_kernels_translates_too_and_detaches_cleanly() {
+    require_privileged!(
+        "the_clsact_attachment_of_older_kernels_translates_too_and_detaches_cleanly"
+    );
+    let mut c = Cluster::new(1).unwrap();
+    c.add_pod(0, "client").unwrap();
+    c.add_pod(0, "backend-a").unwrap();
+    let _http = HttpServer::start(&c.pod("backend-a").ns, "backend-a", 8080).unwrap();
+    let dp = NodeDataplane::start_mode(
+        &c.nodes[0],
+        DataplaneConfig::default(),
+        sluice::dataplane::AttachMode::Clsact,
+    );
+    let vip = plan::cluster_ip(0);
+    let be = Backend {
+        addr: c.pod("backend-a").addr,
+        port: 8080,
+    };
+    dp.with(move |dp| {
+        dp.upsert_service(
+            frontend(vip, 80, Protocol::Tcp, FrontendKind::ClusterIp),
+            &[be],
+        )
+    })
+    .unwrap();
+    let dev = c.pod("client").host_veth.clone();
+    let filters = c.nodes[0]
+        .ns
+        .exec(&["tc", "filter", "show", "dev", &dev, "ingress"])
+        .unwrap();
+    assert!(
+        filters.contains("sluice_from_pod"),
+        "a clsact filter, not a TCX link: {filters}"
+    );
+    for a in http_many(&c.pod("client").ns, vip, 80, 20, T).unwrap() {
+        assert_eq!(
+            a,
+            Attempt::Ok {
+                peer: SocketAddrV4::new(vip, 80),
+                body: "backend-a".into()
+            }
+        );
+    }
+    drop(dp);
+    let filters = c.nodes[0]
+        .ns
+        .exec(&["tc", "filter", "show", "dev", &dev, "ingress"])
+        .unwrap();
+    assert!(
+        !filters.contains("sluice"),
+        "detached when the dataplane is dropped: {filters}"
+    );
+    let direct = http_many(&c.pod("client").ns, c.pod("backend-a").addr, 8080, 1, T).unwrap();
+    assert!(
+        matches!(direct[0], Attempt::Ok { .. }),
+        "pod traffic flows after detach: {direct:?}"
+    );
+}

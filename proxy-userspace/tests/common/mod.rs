@@ -225,6 +225,19 @@ impl NodeDataplane {
     /// Loads the dataplane in `node`'s namespace and attaches it to every pod device and the
     /// uplink, in the best mode the kernel has.
     pub fn start(node: &testbed::Node, config: sluice::dataplane::DataplaneConfig) -> Self {
+        Self::start_mode(
+            node,
+            config,
+            sluice::dataplane::AttachMode::for_running_kernel(),
+        )
+    }
+
+    /// [`NodeDataplane::start`] with the attachment mode chosen by the caller.
+    pub fn start_mode(
+        node: &testbed::Node,
+        config: sluice::dataplane::DataplaneConfig,
+        mode: sluice::dataplane::AttachMode,
+    ) -> Self {
         let ns = node.ns.name().to_owned();
         let pods: Vec<String> = node.pods.iter().map(|p| p.host_veth.clone()).collect();
         let uplink = node.uplink.clone();
@@ -233,7 +246,6 @@ impl NodeDataplane {
         let handle = std::thread::spawn(move || {
             let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
             nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            let mode = sluice::dataplane::AttachMode::for_running_kernel();
             let mut dp = Dataplane::load_with(config).expect("the dataplane loads");
             for dev in &pods {
                 dp.attach_pod_device(dev, mode)
