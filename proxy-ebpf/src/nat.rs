@@ -12,13 +12,23 @@ use crate::parse::{Flow, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF};
 
 pub struct RewriteFailed;
 
+/// Updates the TCP/UDP checksum for a field changing from `old` to `new`; `flags` carries the
+/// field size and whether it is in the pseudo-header.
 #[inline(always)]
-fn l4_flags(flow: &Flow) -> u64 {
-    if flow.proto == IPPROTO_UDP {
+fn l4_csum(
+    ctx: &TcContext,
+    flow: &Flow,
+    old: u64,
+    new: u64,
+    flags: u64,
+) -> Result<(), RewriteFailed> {
+    let udp = if flow.proto == IPPROTO_UDP {
         u64::from(BPF_F_MARK_MANGLED_0)
     } else {
         0
-    }
+    };
+    ctx.l4_csum_replace(flow.l4_csum_off() as usize, old, new, flags | udp)
+        .map_err(|_| RewriteFailed)
 }
 
 #[inline(always)]
@@ -26,14 +36,13 @@ fn addr(ctx: &TcContext, flow: &Flow, off: u32, old: u32, new: u32) -> Result<()
     if old == new {
         return Ok(());
     }
-    let l4 = l4_flags(flow) | u64::from(BPF_F_PSEUDO_HDR) | 4;
-    ctx.l4_csum_replace(
-        flow.l4_csum_off() as usize,
+    l4_csum(
+        ctx,
+        flow,
         u64::from(old),
         u64::from(new),
-        l4,
-    )
-    .map_err(|_| RewriteFailed)?;
+        u64::from(BPF_F_PSEUDO_HDR) | 4,
+    )?;
     ctx.l3_csum_replace(IP_CSUM_OFF as usize, u64::from(old), u64::from(new), 4)
         .map_err(|_| RewriteFailed)?;
     ctx.store(off as usize, &new, 0).map_err(|_| RewriteFailed)
@@ -44,14 +53,7 @@ fn port(ctx: &TcContext, flow: &Flow, off: u32, old: u16, new: u16) -> Result<()
     if old == new {
         return Ok(());
     }
-    let l4 = l4_flags(flow) | 2;
-    ctx.l4_csum_replace(
-        flow.l4_csum_off() as usize,
-        u64::from(old),
-        u64::from(new),
-        l4,
-    )
-    .map_err(|_| RewriteFailed)?;
+    l4_csum(ctx, flow, u64::from(old), u64::from(new), 2)?;
     ctx.store(off as usize, &new, 0).map_err(|_| RewriteFailed)
 }
 
@@ -77,4 +79,20 @@ pub fn set_src(
 ) -> Result<(), RewriteFailed> {
     addr(ctx, flow, IP_SADDR_OFF, flow.saddr_be, addr_be)?;
     port(ctx, flow, flow.l4_off, flow.sport_be, port_be)
+}
+
+/// Applies a flow's translation to a packet from its client: the source to `snat_be` (when not
+/// 0; the port is kept), the destination to the backend.
+#[inline(always)]
+pub fn translate(
+    ctx: &TcContext,
+    flow: &Flow,
+    snat_be: u32,
+    backend_addr_be: u32,
+    backend_port_be: u16,
+) -> Result<(), RewriteFailed> {
+    if snat_be != 0 {
+        set_src(ctx, flow, snat_be, flow.sport_be)?;
+    }
+    set_dst(ctx, flow, backend_addr_be, backend_port_be)
 }

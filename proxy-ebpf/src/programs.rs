@@ -18,17 +18,20 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    CT_FLAG_SNAT, CT_KIND_REVERSE, CTR_CT_HIT, CTR_DROP_CT_WRITE, CTR_DROP_NO_BACKEND_ENTRY,
-    CTR_DROP_REJECT_FAILED, CTR_DROP_REWRITE, CTR_HAIRPIN, CTR_NEW_FLOW, CTR_PASS_NO_MATCH,
-    CTR_PASS_REPLY_AT_EGRESS, CTR_REJECT_NO_BACKEND, CTR_REPLY, CTR_SEEN, Ct4Entry, Ct4Key,
-    SVC_FLAG_CLUSTER_IP, ct_lifetime_ns,
+    CT_FLAG_SNAT, CTR_CT_HIT, CTR_DROP_CT_WRITE, CTR_DROP_NO_BACKEND_ENTRY, CTR_DROP_REJECT_FAILED,
+    CTR_DROP_REWRITE, CTR_HAIRPIN, CTR_NEW_FLOW, CTR_PASS_NO_MATCH, CTR_PASS_REPLY_AT_EGRESS,
+    CTR_REJECT_NO_BACKEND, CTR_REPLY, CTR_SEEN, Ct4Entry, Ct4Key, SVC_FLAG_CLUSTER_IP,
+    ct_lifetime_ns,
 };
 
 use crate::{
-    conntrack::{self, forward_state, lookup, reopens, reply_key, reply_state, service_key, touch},
+    conntrack::{
+        self, forward_state, lookup, reopens, reply_key, reply_state, service_key, touch,
+        translated_key,
+    },
     lb,
     maps::{CT4, LB4_CONFIG},
-    nat::{set_dst, set_src},
+    nat::{set_dst, set_src, translate},
     parse::{Flow, parse},
     reject,
     stats::count,
@@ -133,20 +136,7 @@ fn forward(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> (i32, u
     if let Some(s) = lookup(&skey, now) {
         // SAFETY: `s` is a live entry from a successful lookup.
         let svc: Ct4Entry = unsafe { *s };
-        let src = if svc.nat_addr_be != 0 {
-            svc.nat_addr_be
-        } else {
-            f.saddr_be
-        };
-        let rkey = Ct4Key {
-            saddr_be: src,
-            daddr_be: svc.addr_be,
-            sport_be: f.sport_be,
-            dport_be: svc.port_be,
-            proto: f.proto,
-            kind: CT_KIND_REVERSE,
-            _pad: [0; 2],
-        };
+        let rkey = translated_key(f, svc.nat_addr_be, svc.addr_be, svc.port_be);
         let rev = lookup(&rkey, now);
         let state = match rev {
             // SAFETY: as above.
@@ -166,10 +156,7 @@ fn forward(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> (i32, u
                 }
             }
             touch(s, f.proto, flags, now, len);
-            if svc.nat_addr_be != 0 && set_src(ctx, f, svc.nat_addr_be, f.sport_be).is_err() {
-                return (DROP, CTR_DROP_REWRITE);
-            }
-            if set_dst(ctx, f, svc.addr_be, svc.port_be).is_err() {
+            if translate(ctx, f, svc.nat_addr_be, svc.addr_be, svc.port_be).is_err() {
                 return (DROP, CTR_DROP_REWRITE);
             }
             return (PASS, CTR_CT_HIT);
@@ -225,23 +212,13 @@ fn new_flow(
     // its own address, so the flow is SNATed to the hairpin address.
     let mut snat = 0;
     if be.addr_be == f.saddr_be {
-        // SAFETY: the array always has index 0; the value is copied out.
         snat = LB4_CONFIG.get(0).map_or(0, |c| c.hairpin_snat_be);
         if snat != 0 {
             count(CTR_HAIRPIN, len);
         }
     }
     let flags = forward_state(f, 0);
-    let src = if snat != 0 { snat } else { f.saddr_be };
-    let rkey = Ct4Key {
-        saddr_be: src,
-        daddr_be: be.addr_be,
-        sport_be: f.sport_be,
-        dport_be: be.port_be,
-        proto: f.proto,
-        kind: CT_KIND_REVERSE,
-        _pad: [0; 2],
-    };
+    let rkey = translated_key(f, snat, be.addr_be, be.port_be);
     // The reverse entry first, so that no reply can arrive before it exists.
     let rev = reverse_entry(f, snat != 0, fe.rev_nat_id, flags, now);
     if CT4.insert(&rkey, &rev, 0).is_err() {
@@ -263,10 +240,7 @@ fn new_flow(
     if CT4.insert(skey, &svc, 0).is_err() {
         return (DROP, CTR_DROP_CT_WRITE);
     }
-    if snat != 0 && set_src(ctx, f, snat, f.sport_be).is_err() {
-        return (DROP, CTR_DROP_REWRITE);
-    }
-    if set_dst(ctx, f, be.addr_be, be.port_be).is_err() {
+    if translate(ctx, f, snat, be.addr_be, be.port_be).is_err() {
         return (DROP, CTR_DROP_REWRITE);
     }
     (PASS, CTR_NEW_FLOW)
