@@ -6,7 +6,7 @@ use proxy_common::{
     CT_KIND_SERVICE, CT4_MAP, CTR_MAX, Counter, Ct4Entry, Ct4Key, PKT_COUNTERS_MAP,
 };
 
-use super::{Dataplane, DataplaneError, Protocol};
+use super::{Dataplane, DataplaneError, Protocol, map_error};
 
 /// Which of a flow's two conntrack entries this is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,26 +36,10 @@ impl Dataplane {
     /// The packet counters, summed over every CPU, indexed by `proxy_common::CTR_*`.
     pub fn counters(&self) -> Result<[Counter; CTR_MAX as usize], DataplaneError> {
         let map = PKT_COUNTERS_MAP;
-        let counters: PerCpuArray<_, Counter> = self
-            .ebpf
-            .map(map)
-            .ok_or(DataplaneError::MissingMap { map })
-            .and_then(|m| {
-                PerCpuArray::try_from(m).map_err(|source| DataplaneError::Map {
-                    map,
-                    op: "open",
-                    source: Box::new(source),
-                })
-            })?;
+        let counters: PerCpuArray<_, Counter> = self.open(map)?;
         let mut out = [Counter::default(); CTR_MAX as usize];
         for (index, total) in (0..CTR_MAX).zip(out.iter_mut()) {
-            let per_cpu = counters
-                .get(&index, 0)
-                .map_err(|source| DataplaneError::Map {
-                    map,
-                    op: "read",
-                    source: Box::new(source),
-                })?;
+            let per_cpu = counters.get(&index, 0).map_err(map_error(map, "read"))?;
             for c in per_cpu.iter() {
                 total.packets += c.packets;
                 total.bytes += c.bytes;
@@ -66,18 +50,7 @@ impl Dataplane {
 
     /// Every conntrack entry (live or expired but not yet evicted).
     pub fn conntrack(&self) -> Result<Vec<CtEntry>, DataplaneError> {
-        let map = CT4_MAP;
-        let ct: HashMap<&MapData, Ct4Key, Ct4Entry> = self
-            .ebpf
-            .map(map)
-            .ok_or(DataplaneError::MissingMap { map })
-            .and_then(|m| {
-                HashMap::try_from(m).map_err(|source| DataplaneError::Map {
-                    map,
-                    op: "open",
-                    source: Box::new(source),
-                })
-            })?;
+        let ct: HashMap<&MapData, Ct4Key, Ct4Entry> = self.open(CT4_MAP)?;
         Ok(ct
             .iter()
             .filter_map(Result::ok)

@@ -14,7 +14,7 @@ use std::{ffi::CString, net::Ipv4Addr, path::PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapError},
+    maps::{Array, Map, MapError},
     programs::{
         ProgramError, SchedClassifier, TcAttachType,
         tc::{TcAttach, TcError, qdisc_add_clsact},
@@ -228,14 +228,12 @@ impl Dataplane {
                 source: Box::new(source),
             })?;
         for &program in PROGRAMS {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(program)
-                .and_then(|p| p.try_into().ok())
-                .ok_or(DataplaneError::MissingProgram { program })?;
-            prog.load().map_err(|source| DataplaneError::Verifier {
-                program,
-                source: Box::new(source),
-            })?;
+            classifier_mut(&mut ebpf, program)?
+                .load()
+                .map_err(|source| DataplaneError::Verifier {
+                    program,
+                    source: Box::new(source),
+                })?;
         }
         let mut dp = Self {
             ebpf,
@@ -253,26 +251,37 @@ impl Dataplane {
 
     fn write_config(&mut self) -> Result<(), DataplaneError> {
         let map = LB4_CONFIG_MAP;
-        let mut cfg: Array<_, Lb4Config> = self
-            .ebpf
-            .map_mut(map)
-            .ok_or(DataplaneError::MissingMap { map })
-            .and_then(|m| {
-                Array::try_from(m).map_err(|source| DataplaneError::Map {
-                    map,
-                    op: "open",
-                    source: Box::new(source),
-                })
-            })?;
+        let hairpin_snat = self.config.hairpin_snat;
+        let mut cfg: Array<_, Lb4Config> = self.open_mut(map)?;
         let value = Lb4Config {
-            hairpin_snat_be: self.config.hairpin_snat.map_or(0, |a| u32::from(a).to_be()),
+            hairpin_snat_be: hairpin_snat.map_or(0, |a| u32::from(a).to_be()),
             _pad: 0,
         };
-        cfg.set(0, &value, 0).map_err(|source| DataplaneError::Map {
-            map,
-            op: "write",
-            source: Box::new(source),
-        })
+        cfg.set(0, &value, 0).map_err(map_error(map, "write"))
+    }
+
+    /// Opens map `map` as a `T` (HashMap, Array, ...) for reading.
+    fn open<'a, T>(&'a self, map: &'static str) -> Result<T, DataplaneError>
+    where
+        T: TryFrom<&'a Map, Error = MapError>,
+    {
+        let m = self
+            .ebpf
+            .map(map)
+            .ok_or(DataplaneError::MissingMap { map })?;
+        T::try_from(m).map_err(map_error(map, "open"))
+    }
+
+    /// Opens map `map` as a `T` for writing.
+    fn open_mut<'a, T>(&'a mut self, map: &'static str) -> Result<T, DataplaneError>
+    where
+        T: TryFrom<&'a mut Map, Error = MapError>,
+    {
+        let m = self
+            .ebpf
+            .map_mut(map)
+            .ok_or(DataplaneError::MissingMap { map })?;
+        T::try_from(m).map_err(map_error(map, "open"))
     }
 
     /// The loaded program `name`, for attaching it or running it through BPF_PROG_TEST_RUN.
@@ -318,12 +327,8 @@ impl Dataplane {
                 options: Default::default(),
             },
         };
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(program)
-            .and_then(|p| p.try_into().ok())
-            .ok_or(DataplaneError::MissingProgram { program })?;
-        prog.attach(&name, attach)
+        classifier_mut(&mut self.ebpf, program)?
+            .attach(&name, attach)
             .map_err(|source| DataplaneError::Attach {
                 program,
                 interface: interface.to_owned(),
@@ -354,6 +359,25 @@ impl Dataplane {
         self.attach(FROM_UPLINK, interface, TcAttachType::Ingress, mode)?;
         self.attach(TO_UPLINK, interface, TcAttachType::Egress, mode)
     }
+}
+
+/// The error for a failed `op` on map `map`.
+fn map_error(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map {
+        map,
+        op,
+        source: Box::new(source),
+    }
+}
+
+/// The TC program `program` of the object, to load or attach.
+fn classifier_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    program: &'static str,
+) -> Result<&'a mut SchedClassifier, DataplaneError> {
+    ebpf.program_mut(program)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(DataplaneError::MissingProgram { program })
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones charge the cgroup and

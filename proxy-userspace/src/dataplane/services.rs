@@ -15,7 +15,7 @@ use proxy_common::{
     SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT,
 };
 
-use super::{Dataplane, DataplaneError};
+use super::{Dataplane, DataplaneError, map_error};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {
@@ -158,15 +158,7 @@ impl Dataplane {
         &mut self,
         map: &'static str,
     ) -> Result<HashMap<&mut MapData, K, V>, DataplaneError> {
-        let m = self
-            .ebpf
-            .map_mut(map)
-            .ok_or(DataplaneError::MissingMap { map })?;
-        HashMap::try_from(m).map_err(|source| DataplaneError::Map {
-            map,
-            op: "open",
-            source: Box::new(source),
-        })
+        self.open_mut(map)
     }
 
     fn insert<K: aya::Pod, V: aya::Pod>(
@@ -186,11 +178,7 @@ impl Dataplane {
                     what: what(),
                 }
             } else {
-                DataplaneError::Map {
-                    map,
-                    op: "insert",
-                    source: Box::new(source),
-                }
+                map_error(map, "insert")(source)
             }
         })
     }
@@ -206,11 +194,7 @@ impl Dataplane {
             Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => {
                 Ok(())
             }
-            Err(source) => Err(DataplaneError::Map {
-                map,
-                op: "remove",
-                source: Box::new(source),
-            }),
+            Err(source) => Err(map_error(map, "remove")(source)),
         }
     }
 
