@@ -16,8 +16,8 @@ pub const REQUIRE_ENV: &str = "SLUICE_REQUIRE_PRIVILEGED";
 /// The environment variable naming the file where skipped tests are recorded.
 pub const SKIP_LOG_ENV: &str = "SLUICE_SKIP_LOG";
 
-/// Checks for what privileged tests need: root (or CAP_SYS_ADMIN + CAP_NET_ADMIN + CAP_BPF,
-/// which in practice means euid 0 here), `ip`, and a mounted bpffs is not required.
+/// Checks for what privileged tests need: root (CAP_SYS_ADMIN + CAP_NET_ADMIN + CAP_BPF,
+/// which in practice means euid 0 here) and `ip` (iproute2).
 pub fn check() -> Privilege {
     if !nix::unistd::geteuid().is_root() {
         return Privilege::Missing {
