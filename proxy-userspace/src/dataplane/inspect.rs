@@ -1,12 +1,19 @@
-//! Reading what the datapath did: counters and conntrack.
-use std::net::{Ipv4Addr, SocketAddrV4};
-
-use aya::maps::{HashMap, MapData, PerCpuArray};
-use proxy_common::{
-    CT_KIND_SERVICE, CT4_MAP, CTR_MAX, Counter, Ct4Entry, Ct4Key, PKT_COUNTERS_MAP,
+//! Reading what the datapath did: counters, conntrack and the Services in the maps, either
+//! through a loaded [`Dataplane`] or straight from the maps pinned by a running agent
+//! ([`PinnedMaps`], which is what `sluice services` and `sluice conntrack` use).
+use std::{
+    borrow::Borrow,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
 };
 
-use super::{Dataplane, DataplaneError, Protocol, map_error};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use proxy_common::{
+    CT_KIND_SERVICE, CT4_MAP, CTR_MAX, Counter, Ct4Entry, Ct4Key, LB4_BACKENDS_MAP,
+    LB4_SERVICES_MAP, Lb4Backend, Lb4Key, Lb4Service, PKT_COUNTERS_MAP,
+};
+
+use super::{Backend, Dataplane, DataplaneError, Frontend, Protocol, map_error, services::Ids};
 
 /// Which of a flow's two conntrack entries this is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,45 +35,118 @@ pub struct CtEntry {
     pub entry: Ct4Entry,
 }
 
-fn sock(addr_be: u32, port_be: u16) -> SocketAddrV4 {
+/// The decoded form of the packet counters: `proxy_common::CTR_*` index -> total.
+pub type Counters = [Counter; CTR_MAX as usize];
+
+pub(super) fn sock(addr_be: u32, port_be: u16) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::from(u32::from_be(addr_be)), u16::from_be(port_be))
+}
+
+fn read_counters<T: Borrow<MapData>>(
+    counters: &PerCpuArray<T, Counter>,
+) -> Result<Counters, DataplaneError> {
+    let mut out = [Counter::default(); CTR_MAX as usize];
+    for (index, total) in (0..CTR_MAX).zip(out.iter_mut()) {
+        let per_cpu = counters
+            .get(&index, 0)
+            .map_err(map_error(PKT_COUNTERS_MAP, "read"))?;
+        for c in per_cpu.iter() {
+            total.packets += c.packets;
+            total.bytes += c.bytes;
+        }
+    }
+    Ok(out)
+}
+
+fn read_conntrack<T: Borrow<MapData>>(ct: &HashMap<T, Ct4Key, Ct4Entry>) -> Vec<CtEntry> {
+    ct.iter()
+        .filter_map(Result::ok)
+        .filter_map(|(k, v)| {
+            Some(CtEntry {
+                kind: if k.kind == CT_KIND_SERVICE {
+                    CtKind::Service
+                } else {
+                    CtKind::Reverse
+                },
+                proto: Protocol::from_number(k.proto)?,
+                src: sock(k.saddr_be, k.sport_be),
+                dst: sock(k.daddr_be, k.dport_be),
+                entry: v,
+            })
+        })
+        .collect()
 }
 
 impl Dataplane {
     /// The packet counters, summed over every CPU, indexed by `proxy_common::CTR_*`.
-    pub fn counters(&self) -> Result<[Counter; CTR_MAX as usize], DataplaneError> {
-        let map = PKT_COUNTERS_MAP;
-        let counters: PerCpuArray<_, Counter> = self.open(map)?;
-        let mut out = [Counter::default(); CTR_MAX as usize];
-        for (index, total) in (0..CTR_MAX).zip(out.iter_mut()) {
-            let per_cpu = counters.get(&index, 0).map_err(map_error(map, "read"))?;
-            for c in per_cpu.iter() {
-                total.packets += c.packets;
-                total.bytes += c.bytes;
-            }
-        }
-        Ok(out)
+    pub fn counters(&self) -> Result<Counters, DataplaneError> {
+        read_counters(&self.open::<PerCpuArray<_, Counter>>(PKT_COUNTERS_MAP)?)
     }
 
     /// Every conntrack entry (live or expired but not yet evicted).
     pub fn conntrack(&self) -> Result<Vec<CtEntry>, DataplaneError> {
-        let ct: HashMap<&MapData, Ct4Key, Ct4Entry> = self.open(CT4_MAP)?;
-        Ok(ct
+        Ok(read_conntrack(
+            &self.open::<HashMap<&MapData, Ct4Key, Ct4Entry>>(CT4_MAP)?,
+        ))
+    }
+}
+
+/// Read-only access to the maps a running agent pinned under its pin path. Opening them
+/// loads no program and writes nothing.
+pub struct PinnedMaps {
+    dir: PathBuf,
+}
+
+impl PinnedMaps {
+    /// Checks that the maps are there (an agent has run with this pin path).
+    pub fn open(dir: &Path) -> Result<Self, DataplaneError> {
+        let maps = Self {
+            dir: dir.to_owned(),
+        };
+        maps.map(LB4_SERVICES_MAP)?;
+        Ok(maps)
+    }
+
+    fn map(&self, map: &'static str) -> Result<Map, DataplaneError> {
+        let path = self.dir.join(map);
+        let data = MapData::from_pin(&path).map_err(|source| DataplaneError::Pinned {
+            map,
+            path: path.clone(),
+            source: Box::new(source),
+        })?;
+        Map::from_map_data(data).map_err(map_error(map, "open"))
+    }
+
+    fn hash<K: aya::Pod, V: aya::Pod>(
+        &self,
+        map: &'static str,
+    ) -> Result<HashMap<MapData, K, V>, DataplaneError> {
+        HashMap::try_from(self.map(map)?).map_err(map_error(map, "open"))
+    }
+
+    /// Every frontend and its backends (in slot order).
+    pub fn services(&self) -> Result<Vec<(Frontend, Vec<Backend>)>, DataplaneError> {
+        let backends: Vec<(u32, Lb4Backend)> = self
+            .hash::<u32, Lb4Backend>(LB4_BACKENDS_MAP)?
             .iter()
             .filter_map(Result::ok)
-            .filter_map(|(k, v)| {
-                Some(CtEntry {
-                    kind: if k.kind == CT_KIND_SERVICE {
-                        CtKind::Service
-                    } else {
-                        CtKind::Reverse
-                    },
-                    proto: Protocol::from_number(k.proto)?,
-                    src: sock(k.saddr_be, k.sport_be),
-                    dst: sock(k.daddr_be, k.dport_be),
-                    entry: v,
-                })
-            })
-            .collect())
+            .collect();
+        let entries: Vec<(Lb4Key, Lb4Service)> = self
+            .hash::<Lb4Key, Lb4Service>(LB4_SERVICES_MAP)?
+            .iter()
+            .filter_map(Result::ok)
+            .collect();
+        Ok(Ids::from_entries(backends, &entries).services())
+    }
+
+    /// Every conntrack entry.
+    pub fn conntrack(&self) -> Result<Vec<CtEntry>, DataplaneError> {
+        Ok(read_conntrack(&self.hash::<Ct4Key, Ct4Entry>(CT4_MAP)?))
+    }
+
+    /// The packet counters, summed over every CPU.
+    pub fn counters(&self) -> Result<Counters, DataplaneError> {
+        let map = PKT_COUNTERS_MAP;
+        read_counters(&PerCpuArray::try_from(self.map(map)?).map_err(map_error(map, "open"))?)
     }
 }

@@ -10,14 +10,19 @@
 mod inspect;
 mod services;
 
-use std::{ffi::CString, net::Ipv4Addr, path::PathBuf};
+use std::{
+    ffi::CString,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, Map, MapError},
     programs::{
         ProgramError, SchedClassifier, TcAttachType,
-        tc::{TcAttach, TcError, qdisc_add_clsact},
+        links::{FdLink, PinnedLink},
+        tc::{NlOptions, SchedClassifierLink, TcAttach, TcError, TcHandle, qdisc_add_clsact},
     },
     util::KernelVersion,
 };
@@ -27,7 +32,7 @@ use proxy_common::{
     PKT_COUNTERS_MAP,
 };
 
-pub use inspect::{CtEntry, CtKind};
+pub use inspect::{Counters, CtEntry, CtKind, PinnedMaps};
 pub use services::{Backend, Frontend, FrontendKind, Protocol};
 
 /// The eBPF object built by build.rs (aya-build) from `proxy-ebpf`.
@@ -122,6 +127,23 @@ pub enum DataplaneError {
     },
     #[error("no free {what} id: all {max} are in use")]
     IdsExhausted { what: &'static str, max: u32 },
+    #[error(
+        "map {map} is not pinned at {path} (is the agent running, with this --pin-path?): {source}"
+    )]
+    Pinned {
+        map: &'static str,
+        path: PathBuf,
+        #[source]
+        source: Box<MapError>,
+    },
+    #[error(
+        "the pinned link {path} could not be used or replaced (remove it to reattach): {source}"
+    )]
+    PinnedLink {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("pin path {path}: {source}")]
     PinPath {
         path: PathBuf,
@@ -301,21 +323,9 @@ impl Dataplane {
         hook: TcAttachType,
         mode: AttachMode,
     ) -> Result<(), DataplaneError> {
-        let name = CString::new(interface).map_err(|_| DataplaneError::BadInterface {
-            interface: interface.to_owned(),
-        })?;
+        let name = c_name(interface)?;
         if mode == AttachMode::Clsact {
-            match qdisc_add_clsact(&name) {
-                Ok(()) => {}
-                // Another program (or an earlier run) already added it: that is fine.
-                Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(source) => {
-                    return Err(DataplaneError::Clsact {
-                        interface: interface.to_owned(),
-                        source: Box::new(source),
-                    });
-                }
-            }
+            ensure_clsact(&name, interface)?;
         }
         let attach = match mode {
             AttachMode::Tcx => TcAttach::Tcx {
@@ -358,6 +368,217 @@ impl Dataplane {
     ) -> Result<(), DataplaneError> {
         self.attach(FROM_UPLINK, interface, TcAttachType::Ingress, mode)?;
         self.attach(TO_UPLINK, interface, TcAttachType::Egress, mode)
+    }
+}
+
+/// The netlink filter priority and handle of sluice's persistent clsact attachments: fixed, so
+/// a restarted agent finds its filter and replaces the program in it.
+const CLSACT_PRIORITY: u16 = 1;
+const CLSACT_HANDLE: TcHandle = TcHandle::new(0, 1);
+
+impl Dataplane {
+    /// Attaches `program` at `hook` of `interface` so that it stays attached after this process
+    /// exits (even by `kill -9`), and replaces, atomically, what an earlier process attached
+    /// there. TCX: the link is pinned at `links_dir/<hook>_<interface>` and a later call
+    /// updates it in place (`BPF_LINK_UPDATE`). clsact: a netlink filter at a fixed priority and
+    /// handle, replaced in place. Traffic is translated without a gap across agent restarts.
+    pub fn attach_persistent(
+        &mut self,
+        program: &'static str,
+        interface: &str,
+        hook: TcAttachType,
+        mode: AttachMode,
+        links_dir: &Path,
+    ) -> Result<(), DataplaneError> {
+        let attach_error = |source: ProgramError| DataplaneError::Attach {
+            program,
+            interface: interface.to_owned(),
+            hook,
+            mode,
+            source: Box::new(source),
+        };
+        match mode {
+            AttachMode::Tcx => {
+                std::fs::create_dir_all(links_dir).map_err(|source| DataplaneError::PinPath {
+                    path: links_dir.to_owned(),
+                    source,
+                })?;
+                let path = link_pin(links_dir, interface, hook);
+                let prog = classifier_mut(&mut self.ebpf, program)?;
+                if let Ok(old) = PinnedLink::from_pin(&path) {
+                    let replaced = match SchedClassifierLink::try_from(FdLink::from(old)) {
+                        Ok(link) => prog.attach_to_link(link).map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    match replaced {
+                        Ok(id) => {
+                            // The pin holds the link; our fd to it can go.
+                            drop(prog.take_link(id).map_err(attach_error)?);
+                            return Ok(());
+                        }
+                        // The device the link was made for is gone (its name is reused): the
+                        // link is defunct. Attach afresh below.
+                        Err(error) => {
+                            tracing::debug!(%interface, %error, "pinned link is stale; reattaching");
+                            remove_pin(&path)?;
+                        }
+                    }
+                }
+                let name = c_name(interface)?;
+                let id = prog
+                    .attach(
+                        &name,
+                        TcAttach::Tcx {
+                            attach_type: hook,
+                            order: Default::default(),
+                        },
+                    )
+                    .map_err(attach_error)?;
+                let link = FdLink::try_from(prog.take_link(id).map_err(attach_error)?)
+                    .map_err(|e| attach_error(e.into()))?;
+                link.pin(&path)
+                    .map_err(|source| DataplaneError::PinnedLink {
+                        path: path.clone(),
+                        source: Box::new(source),
+                    })?;
+                Ok(())
+            }
+            AttachMode::Clsact => {
+                let name = c_name(interface)?;
+                ensure_clsact(&name, interface)?;
+                let prog = classifier_mut(&mut self.ebpf, program)?;
+                let existing = SchedClassifierLink::attached(
+                    name.as_c_str(),
+                    hook.into(),
+                    CLSACT_PRIORITY,
+                    CLSACT_HANDLE,
+                    None,
+                )
+                .ok();
+                // Replace our filter if it is there; otherwise create it.
+                let id = match existing.map(|link| prog.attach_to_link(link)) {
+                    Some(Ok(id)) => id,
+                    _ => prog
+                        .attach(
+                            &name,
+                            TcAttach::Netlink {
+                                parent: hook.into(),
+                                options: NlOptions {
+                                    priority: CLSACT_PRIORITY,
+                                    handle: CLSACT_HANDLE,
+                                    ..Default::default()
+                                },
+                            },
+                        )
+                        .map_err(attach_error)?,
+                };
+                // Forgetting the link leaves the filter in place when this process exits.
+                std::mem::forget(prog.take_link(id).map_err(attach_error)?);
+                Ok(())
+            }
+        }
+    }
+
+    /// [`Self::attach_persistent`] of the pod-side pair ([`FROM_POD`], [`TO_POD`]).
+    pub fn attach_pod_device_persistent(
+        &mut self,
+        interface: &str,
+        mode: AttachMode,
+        links_dir: &Path,
+    ) -> Result<(), DataplaneError> {
+        self.attach_persistent(FROM_POD, interface, TcAttachType::Ingress, mode, links_dir)?;
+        self.attach_persistent(TO_POD, interface, TcAttachType::Egress, mode, links_dir)
+    }
+
+    /// [`Self::attach_persistent`] of the uplink pair ([`FROM_UPLINK`], [`TO_UPLINK`]).
+    pub fn attach_uplink_persistent(
+        &mut self,
+        interface: &str,
+        mode: AttachMode,
+        links_dir: &Path,
+    ) -> Result<(), DataplaneError> {
+        self.attach_persistent(
+            FROM_UPLINK,
+            interface,
+            TcAttachType::Ingress,
+            mode,
+            links_dir,
+        )?;
+        self.attach_persistent(TO_UPLINK, interface, TcAttachType::Egress, mode, links_dir)
+    }
+}
+
+fn c_name(interface: &str) -> Result<CString, DataplaneError> {
+    CString::new(interface).map_err(|_| DataplaneError::BadInterface {
+        interface: interface.to_owned(),
+    })
+}
+
+/// Adds the clsact qdisc to `interface` unless it is there already.
+fn ensure_clsact(name: &CString, interface: &str) -> Result<(), DataplaneError> {
+    match qdisc_add_clsact(name) {
+        // Another program (or an earlier run) already added it: that is fine.
+        Ok(()) => Ok(()),
+        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        Err(source) => Err(DataplaneError::Clsact {
+            interface: interface.to_owned(),
+            source: Box::new(source),
+        }),
+    }
+}
+
+/// Removes the link pins of a device that is gone (its links went with it).
+pub fn forget_device_links(links_dir: &Path, interface: &str) -> Result<(), DataplaneError> {
+    for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
+        remove_pin(&link_pin(links_dir, interface, hook))?;
+    }
+    Ok(())
+}
+
+/// The interfaces that have pinned links under `links_dir`.
+pub fn pinned_link_devices(links_dir: &Path) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(links_dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let (_, iface) = name.split_once('_')?;
+            Some(decode_pin_name(iface))
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// bpffs refuses names with a dot (EPERM), and device names may have one (`eth0.100`, a
+/// VLAN): dots and percent signs are percent-encoded.
+fn encode_pin_name(interface: &str) -> String {
+    interface.replace('%', "%25").replace('.', "%2E")
+}
+
+fn decode_pin_name(name: &str) -> String {
+    name.replace("%2E", ".").replace("%25", "%")
+}
+
+/// `links_dir/<hook>_<interface>`.
+fn link_pin(links_dir: &Path, interface: &str, hook: TcAttachType) -> PathBuf {
+    let hook = match hook {
+        TcAttachType::Ingress => "ingress",
+        TcAttachType::Egress => "egress",
+    };
+    links_dir.join(format!("{hook}_{}", encode_pin_name(interface)))
+}
+
+fn remove_pin(path: &Path) -> Result<(), DataplaneError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(DataplaneError::PinPath {
+            path: path.to_owned(),
+            source,
+        }),
     }
 }
 

@@ -406,34 +406,30 @@ impl Dataplane {
 
     /// Every frontend and its backends, as the id tables hold them (which equal the maps).
     pub fn services(&self) -> Vec<(Frontend, Vec<Backend>)> {
-        self.ids
-            .frontends
-            .iter()
-            .map(|((addr, port, proto), st)| {
-                let fe = Frontend {
-                    addr: *addr,
-                    port: *port,
-                    proto: *proto,
-                    kind: st.kind,
-                };
-                let bes = st
-                    .backend_ids
-                    .iter()
-                    .filter_map(|id| self.ids.backend_by_id.get(id))
-                    .map(|(a, p, _)| Backend { addr: *a, port: *p })
-                    .collect();
-                (fe, bes)
-            })
-            .collect()
+        self.ids.services()
     }
 
     /// Rebuilds the id tables from the maps (pinned maps adopted from an earlier process).
     pub(super) fn recover_ids(&mut self) -> Result<Ids, DataplaneError> {
-        let mut ids = Ids::default();
         let backends: Vec<(u32, Lb4Backend)> = {
             let m = self.hash::<u32, Lb4Backend>(LB4_BACKENDS_MAP)?;
             m.iter().filter_map(Result::ok).collect()
         };
+        let entries: Vec<(Lb4Key, Lb4Service)> = {
+            let m = self.hash::<Lb4Key, Lb4Service>(LB4_SERVICES_MAP)?;
+            m.iter().filter_map(Result::ok).collect()
+        };
+        Ok(Ids::from_entries(backends, &entries))
+    }
+}
+
+impl Ids {
+    /// The id tables that the entries of the backends and services maps describe.
+    pub(super) fn from_entries(
+        backends: Vec<(u32, Lb4Backend)>,
+        entries: &[(Lb4Key, Lb4Service)],
+    ) -> Self {
+        let mut ids = Ids::default();
         for (id, b) in backends {
             let Some(proto) = Protocol::from_number(b.proto) else {
                 continue;
@@ -447,12 +443,8 @@ impl Dataplane {
             ids.backend_by_id.insert(id, bid);
             ids.next_backend = ids.next_backend.max(id);
         }
-        let entries: Vec<(Lb4Key, Lb4Service)> = {
-            let m = self.hash::<Lb4Key, Lb4Service>(LB4_SERVICES_MAP)?;
-            m.iter().filter_map(Result::ok).collect()
-        };
         let mut slots: BTreeMap<(FeId, u16), u32> = BTreeMap::new();
-        for (k, v) in &entries {
+        for (k, v) in entries {
             let Some(proto) = Protocol::from_number(k.proto) else {
                 continue;
             };
@@ -488,6 +480,28 @@ impl Dataplane {
                 }
             }
         }
-        Ok(ids)
+        ids
+    }
+
+    /// Every frontend and its backends, as the id tables hold them (which equal the maps).
+    pub(super) fn services(&self) -> Vec<(Frontend, Vec<Backend>)> {
+        self.frontends
+            .iter()
+            .map(|((addr, port, proto), st)| {
+                let fe = Frontend {
+                    addr: *addr,
+                    port: *port,
+                    proto: *proto,
+                    kind: st.kind,
+                };
+                let bes = st
+                    .backend_ids
+                    .iter()
+                    .filter_map(|id| self.backend_by_id.get(id))
+                    .map(|(a, p, _)| Backend { addr: *a, port: *p })
+                    .collect();
+                (fe, bes)
+            })
+            .collect()
     }
 }
