@@ -1,0 +1,1299 @@
+//! Kubernetes objects in, frontends and backends out.
+//!
+//! [`service_frontends`] applies kube-proxy's rules to one Service and its EndpointSlices: which
+//! addresses and ports the Service answers on (ClusterIP, NodePort, LoadBalancer, externalIPs)
+//! and which endpoints each of them sends traffic to. It is pure (no I/O, no clocks, no maps), so
+//! parity with kube-proxy is proven here, on tables of cases, rather than on a cluster.
+//!
+//! References are to kube-proxy's source (kubernetes/kubernetes): `cmd/kube-proxy/app/server.go`
+//! (which objects it watches), `pkg/proxy/serviceport.go` (`newBaseServiceInfo`: the frontends of
+//! a service port) and `pkg/proxy/endpointslicecache.go` (the endpoints of a service port).
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use k8s_openapi::api::{
+    core::v1::{Node, Service, ServicePort},
+    discovery::v1::EndpointSlice,
+};
+
+use crate::dataplane::{Backend, Frontend, FrontendKind, Protocol};
+
+/// The label that ties an EndpointSlice to its Service (`discovery.LabelServiceName`).
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// Objects with this label belong to another service proxy; kube-proxy started without
+/// `--service-proxy-name` filters them out of its watches, and so does sluice.
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// Set by the EndpointSlice controller on the slices of headless Services; kube-proxy filters
+/// these out of its watches too (`v1.IsHeadlessService`).
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+
+/// The namespace an object without one is in, as `kubectl apply` would put it.
+const DEFAULT_NAMESPACE: &str = "default";
+
+/// Names a Service: namespace and name. Displays as `namespace/name`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> ServiceKey {
+        ServiceKey {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// The key of a Service; a missing namespace is `default`.
+    pub fn of_service(svc: &Service) -> ServiceKey {
+        ServiceKey::new(
+            namespace_or_default(svc.metadata.namespace.as_deref()),
+            svc.metadata.name.clone().unwrap_or_default(),
+        )
+    }
+
+    /// The key of the Service a slice belongs to: its `kubernetes.io/service-name` label and its
+    /// own namespace. `None` without the label (a slice no Service owns; kube-proxy skips those).
+    pub fn of_slice(slice: &EndpointSlice) -> Option<ServiceKey> {
+        let name = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
+        if name.is_empty() {
+            return None;
+        }
+        Some(ServiceKey::new(
+            namespace_or_default(slice.metadata.namespace.as_deref()),
+            name.clone(),
+        ))
+    }
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+fn namespace_or_default(ns: Option<&str>) -> &str {
+    match ns {
+        Some(ns) if !ns.is_empty() => ns,
+        _ => DEFAULT_NAMESPACE,
+    }
+}
+
+/// What the model needs to know about the node it computes frontends for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeContext {
+    /// The addresses NodePorts are served on (kube-proxy's `--nodeport-addresses`), resolved
+    /// by the agent.
+    pub nodeport_addresses: Vec<Ipv4Addr>,
+}
+
+/// Bounds past which a Service is refused rather than programmed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// At most this many backends behind one service port.
+    ///
+    /// The default, 10,000, is far above what real Services carry (the EndpointSlice controller
+    /// writes 100 endpoints per slice; the legacy Endpoints object stopped at 1,000), so hitting
+    /// it means a runaway controller or a generated manifest gone wrong. Letting such a Service
+    /// through would fill the maps every Service shares: each frontend takes one entry per
+    /// backend plus one in `LB4_SERVICES` (`LB4_SERVICES_DEFAULT_MAX` = 65,536 entries), and a
+    /// NodePort Service has a frontend per node address, so one absurd Service would starve all
+    /// the others.
+    pub max_backends_per_frontend: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_backends_per_frontend: 10_000,
+        }
+    }
+}
+
+/// What to do with one Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Not for this proxy: ExternalName, headless (clusterIP None), labelled
+    /// service.kubernetes.io/service-proxy-name.
+    Ignored { reason: &'static str },
+    /// Frontends (sorted) each with its backends (sorted, deduplicated); `warnings` lists what
+    /// was skipped and why (SCTP port, IPv6 address, ...), for logging.
+    Proxied {
+        frontends: Vec<(Frontend, Vec<Backend>)>,
+        warnings: Vec<String>,
+    },
+    /// The Service cannot be programmed; nothing of it is programmed. For logs and a counter.
+    Invalid { reason: String },
+}
+
+/// The frontends of `svc` on this node and the backends of each, from `slices` (any slices:
+/// those of other Services, of other address types and of other proxies are skipped).
+pub fn service_frontends(
+    svc: &Service,
+    slices: &[&EndpointSlice],
+    node: &NodeContext,
+    limits: &Limits,
+) -> Outcome {
+    if let Some(reason) = ignored(svc) {
+        return Outcome::Ignored { reason };
+    }
+    let mut warnings = Warnings::default();
+    match proxied(svc, slices, node, limits, &mut warnings) {
+        Ok(frontends) => Outcome::Proxied {
+            frontends,
+            warnings: warnings.0,
+        },
+        Err(reason) => Outcome::Invalid { reason },
+    }
+}
+
+/// The node's addresses from status.addresses (InternalIP first, then ExternalIP), IPv4 only,
+/// deduplicated.
+pub fn node_addresses(node: &Node) -> Vec<Ipv4Addr> {
+    let addresses = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_deref())
+        .unwrap_or_default();
+    let mut out: Vec<Ipv4Addr> = Vec::new();
+    for wanted in ["InternalIP", "ExternalIP"] {
+        for a in addresses.iter().filter(|a| a.type_ == wanted) {
+            if let Ok(ip) = a.address.parse::<Ipv4Addr>()
+                && !out.contains(&ip)
+            {
+                out.push(ip);
+            }
+        }
+    }
+    out
+}
+
+/// Why kube-proxy would leave `svc` alone, if it would.
+fn ignored(svc: &Service) -> Option<&'static str> {
+    let labels = svc.metadata.labels.as_ref();
+    let has_label = |l: &str| labels.is_some_and(|ls| ls.contains_key(l));
+    // cmd/kube-proxy/app/server.go: the informers carry the label selector
+    // `!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless`, so kube-proxy
+    // never sees these objects at all.
+    if has_label(LABEL_SERVICE_PROXY_NAME) {
+        return Some("labelled service.kubernetes.io/service-proxy-name: another proxy serves it");
+    }
+    if has_label(LABEL_HEADLESS) {
+        return Some("labelled service.kubernetes.io/headless");
+    }
+    let spec = svc.spec.as_ref();
+    // pkg/proxy/util ShouldSkipService: ExternalName Services are answered by DNS, and headless
+    // ones (clusterIP None) by DNS with the pods' own addresses; neither gets proxy rules.
+    if spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName") {
+        return Some("type ExternalName: answered by DNS with a CNAME, not proxied");
+    }
+    let cluster_ip = spec.and_then(|s| s.cluster_ip.as_deref());
+    let first_cluster_ip = spec
+        .and_then(|s| s.cluster_ips.as_deref())
+        .and_then(|ips| ips.first())
+        .map(String::as_str);
+    if cluster_ip == Some("None") || first_cluster_ip == Some("None") {
+        return Some("headless (clusterIP None): DNS answers with the pods' addresses");
+    }
+    None
+}
+
+/// What was skipped and why, each message once, in the order found.
+#[derive(Default)]
+struct Warnings(Vec<String>);
+
+impl Warnings {
+    fn push(&mut self, w: String) {
+        if !self.0.contains(&w) {
+            self.0.push(w);
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ServiceType {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+}
+
+/// One service port, validated.
+struct Port<'a> {
+    /// `None` and `""` are the same name (the unnamed port of a single-port Service).
+    name: &'a str,
+    port: u16,
+    proto: Protocol,
+    node_port: Option<u16>,
+}
+
+impl fmt::Display for Port<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.name.is_empty() {
+            write!(f, "port {}/{}", self.port, self.proto)
+        } else {
+            write!(f, "port {:?} ({}/{})", self.name, self.port, self.proto)
+        }
+    }
+}
+
+fn proxied(
+    svc: &Service,
+    slices: &[&EndpointSlice],
+    node: &NodeContext,
+    limits: &Limits,
+    warnings: &mut Warnings,
+) -> Result<Vec<(Frontend, Vec<Backend>)>, String> {
+    let key = ServiceKey::of_service(svc);
+    let Some(spec) = svc.spec.as_ref() else {
+        return Ok(Vec::new());
+    };
+    let svc_type = match spec.type_.as_deref() {
+        None | Some("ClusterIP") => ServiceType::ClusterIp,
+        Some("NodePort") => ServiceType::NodePort,
+        Some("LoadBalancer") => ServiceType::LoadBalancer,
+        // The API server rejects any other type; a manifest with a typo must not be read as
+        // ClusterIP and silently lose its NodePorts.
+        Some(other) => {
+            return Err(format!(
+                "unknown type {other:?} (expected ClusterIP, NodePort, LoadBalancer or ExternalName)"
+            ));
+        }
+    };
+    let ports = service_ports(spec.ports.as_deref().unwrap_or_default(), warnings)?;
+
+    // Addresses by kind, each list in the Service's own order.
+    // newBaseServiceInfo: GetClusterIPByFamily reads spec.clusterIPs, falling back to
+    // spec.clusterIP for objects written before dual-stack. kube-proxy skips a Service without
+    // a clusterIP altogether (ShouldSkipService); the API server always allocates one, so only
+    // a hand-written manifest lacks it, and sluice then programs its other frontends rather
+    // than silently nothing.
+    let cluster_ips: Vec<&str> = match spec.cluster_ips.as_deref() {
+        Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        _ => spec.cluster_ip.as_deref().into_iter().collect(),
+    };
+    let mut addresses: Vec<(Ipv4Addr, FrontendKind)> = Vec::new();
+    for ip in cluster_ips.into_iter().filter(|ip| !ip.is_empty()) {
+        if let Some(ip) = spec_ipv4("clusterIP", ip, warnings)? {
+            addresses.push((ip, FrontendKind::ClusterIp));
+        }
+    }
+    // newBaseServiceInfo: externalIPs of the proxy's family, whatever the type.
+    for ip in spec.external_ips.as_deref().unwrap_or_default() {
+        if let Some(ip) = spec_ipv4("externalIP", ip, warnings)? {
+            addresses.push((ip, FrontendKind::ExternalIp));
+        }
+    }
+    // As for nodePort: kube-proxy reads the status whatever the type; only LoadBalancer
+    // Services are meant to have one.
+    if svc_type == ServiceType::LoadBalancer {
+        addresses.extend(load_balancer_ips(svc, warnings));
+    }
+
+    let mut frontends: BTreeMap<(Ipv4Addr, u16, Protocol), (FrontendKind, Vec<Backend>)> =
+        BTreeMap::new();
+    for port in &ports {
+        let backends = backends(&key, port, slices, warnings);
+        if backends.len() > limits.max_backends_per_frontend {
+            return Err(format!(
+                "{port}: absurd number of endpoints: {} > {} (the per-frontend limit)",
+                backends.len(),
+                limits.max_backends_per_frontend
+            ));
+        }
+        let mut wanted: Vec<(Ipv4Addr, u16, FrontendKind)> = addresses
+            .iter()
+            .map(|&(addr, kind)| (addr, port.port, kind))
+            .collect();
+        // NodePorts exist for types NodePort and LoadBalancer (a LoadBalancer may be created
+        // without them: allocateLoadBalancerNodePorts false, nodePort unset). kube-proxy reads
+        // nodePort whatever the type, relying on the API server to clear it when the type
+        // changes; checking the type here keeps a stale field in a manifest from opening a port.
+        if let Some(node_port) = port.node_port
+            && svc_type != ServiceType::ClusterIp
+        {
+            wanted.extend(
+                node.nodeport_addresses
+                    .iter()
+                    .map(|&addr| (addr, node_port, FrontendKind::NodePort)),
+            );
+        }
+        for (addr, fport, kind) in wanted {
+            add_frontend(
+                &mut frontends,
+                (addr, fport, port.proto),
+                kind,
+                &backends,
+                warnings,
+            )?;
+        }
+    }
+    Ok(frontends
+        .into_iter()
+        .map(|((addr, port, proto), (kind, backends))| {
+            (
+                Frontend {
+                    addr,
+                    port,
+                    proto,
+                    kind,
+                },
+                backends,
+            )
+        })
+        .collect())
+}
+
+/// Adds one frontend. The datapath keys frontends by address, port and protocol, so two
+/// frontends of this Service on the same triple (an externalIP that is also the LoadBalancer
+/// address, a node address listed as an externalIP) must become one. With the same backends
+/// that is harmless: the widest kind is kept (reachable from the uplink beats pods only). With
+/// different backends the Service is ambiguous and refused.
+fn add_frontend(
+    frontends: &mut BTreeMap<(Ipv4Addr, u16, Protocol), (FrontendKind, Vec<Backend>)>,
+    id: (Ipv4Addr, u16, Protocol),
+    kind: FrontendKind,
+    backends: &[Backend],
+    warnings: &mut Warnings,
+) -> Result<(), String> {
+    let (addr, port, proto) = id;
+    match frontends.get_mut(&id) {
+        None => {
+            frontends.insert(id, (kind, backends.to_vec()));
+        }
+        Some((old_kind, old_backends)) if old_backends.as_slice() == backends => {
+            if *old_kind != kind {
+                let wider = (*old_kind).max(kind);
+                warnings.push(format!(
+                    "{addr}:{port}/{proto} is both a {old_kind:?} and a {kind:?} frontend; \
+                     programmed once, as {wider:?}"
+                ));
+                *old_kind = wider;
+            }
+        }
+        Some((old_kind, _)) => {
+            return Err(format!(
+                "{addr}:{port}/{proto} is a frontend of two service ports with different \
+                 endpoints (as {old_kind:?} and as {kind:?}); change the ports or addresses so \
+                 each address, port and protocol names one service port"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Validates spec.ports as the API server would, skipping what sluice cannot proxy (SCTP).
+fn service_ports<'a>(
+    ports: &'a [ServicePort],
+    warnings: &mut Warnings,
+) -> Result<Vec<Port<'a>>, String> {
+    let mut seen_port: BTreeSet<(i32, &str)> = BTreeSet::new();
+    let mut seen_name: BTreeSet<(&str, &str)> = BTreeSet::new();
+    let mut seen_node_port: BTreeSet<(i32, &str)> = BTreeSet::new();
+    let mut out = Vec::new();
+    for p in ports {
+        let name = p.name.as_deref().unwrap_or_default();
+        let label = if name.is_empty() {
+            format!("port {}", p.port)
+        } else {
+            format!("port {name:?}")
+        };
+        let proto_name = p.protocol.as_deref().unwrap_or("TCP");
+        let proto = match proto_name {
+            "TCP" => Some(Protocol::Tcp),
+            "UDP" => Some(Protocol::Udp),
+            "SCTP" => None,
+            other => {
+                return Err(format!(
+                    "{label}: unknown protocol {other:?} (expected TCP, UDP or SCTP)"
+                ));
+            }
+        };
+        let port = u16::try_from(p.port)
+            .ok()
+            .filter(|&n| n != 0)
+            .ok_or_else(|| format!("{label}: port {} is outside 1-65535", p.port))?;
+        // nodePort 0 (or absent) means none was allocated.
+        let node_port = match p.node_port {
+            None | Some(0) => None,
+            Some(n) => Some(
+                u16::try_from(n)
+                    .ok()
+                    .filter(|&n| n != 0)
+                    .ok_or_else(|| format!("{label}: nodePort {n} is outside 1-65535"))?,
+            ),
+        };
+        // The API server's validation refuses these duplicates; a Service that has them (from
+        // a manifest) cannot be programmed unambiguously.
+        if !seen_port.insert((p.port, proto_name)) {
+            return Err(format!(
+                "two ports are {}/{proto_name}; each port and protocol may appear once",
+                p.port
+            ));
+        }
+        if !seen_name.insert((name, proto_name)) {
+            return Err(format!(
+                "two {proto_name} ports are named {name:?}: their endpoints cannot be told apart; \
+                 give each port its own name"
+            ));
+        }
+        if let Some(n) = node_port
+            && !seen_node_port.insert((i32::from(n), proto_name))
+        {
+            return Err(format!(
+                "two ports have nodePort {n}/{proto_name}; each nodePort may appear once"
+            ));
+        }
+        match proto {
+            Some(proto) => out.push(Port {
+                name,
+                port,
+                proto,
+                node_port,
+            }),
+            // kube-proxy's iptables mode handles SCTP; sluice's datapath does not (yet).
+            None => warnings.push(format!(
+                "{label} ({}/SCTP) skipped: sluice proxies TCP and UDP only",
+                p.port
+            )),
+        }
+    }
+    Ok(out)
+}
+
+/// An IPv4 address from the Service's spec; IPv6 is skipped with a warning (this proxy is
+/// IPv4-only, as a kube-proxy of the IPv4 family filters by family); anything else is an error.
+fn spec_ipv4(field: &str, ip: &str, warnings: &mut Warnings) -> Result<Option<Ipv4Addr>, String> {
+    match ip.parse::<IpAddr>() {
+        Ok(IpAddr::V4(v4)) => Ok(Some(v4)),
+        Ok(IpAddr::V6(_)) => {
+            warnings.push(format!(
+                "{field} {ip} skipped: IPv6 is not proxied (IPv4 only)"
+            ));
+            Ok(None)
+        }
+        Err(_) => Err(format!("{field} {ip:?} is not an IP address")),
+    }
+}
+
+/// status.loadBalancer.ingress addresses that should be programmed.
+fn load_balancer_ips(svc: &Service, warnings: &mut Warnings) -> Vec<(Ipv4Addr, FrontendKind)> {
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_deref())
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for ing in ingress {
+        // Hostname-only entries (an ELB's DNS name) give nothing to match packets against.
+        let Some(ip) = ing.ip.as_deref().filter(|ip| !ip.is_empty()) else {
+            continue;
+        };
+        // proxyutil.IsVIPMode (KEP-1860, kube-proxy 1.30+): only ipMode VIP (or unset) is
+        // short-circuited on the node; with ipMode Proxy the load balancer terminates or
+        // rewrites the traffic and must receive it, so no rule may capture it first.
+        match ing.ip_mode.as_deref() {
+            None | Some("VIP") => {}
+            Some("Proxy") => continue,
+            Some(other) => {
+                warnings.push(format!(
+                    "load balancer ingress {ip} skipped: unknown ipMode {other:?}"
+                ));
+                continue;
+            }
+        }
+        // Written by a load-balancer controller rather than the user: a bad entry is skipped,
+        // and the rest of the Service still works.
+        match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(v4)) => out.push((v4, FrontendKind::LoadBalancer)),
+            Ok(IpAddr::V6(_)) => warnings.push(format!(
+                "load balancer ingress {ip} skipped: IPv6 is not proxied (IPv4 only)"
+            )),
+            Err(_) => warnings.push(format!(
+                "load balancer ingress {ip:?} skipped: not an IP address"
+            )),
+        }
+    }
+    out
+}
+
+/// The ready endpoints of one service port, from every IPv4 slice of the Service, sorted and
+/// deduplicated (pkg/proxy/endpointslicecache.go).
+fn backends(
+    key: &ServiceKey,
+    port: &Port<'_>,
+    slices: &[&EndpointSlice],
+    warnings: &mut Warnings,
+) -> Vec<Backend> {
+    let mut out = BTreeSet::new();
+    for slice in slices {
+        if ServiceKey::of_slice(slice).as_ref() != Some(key) {
+            continue;
+        }
+        let labels = slice.metadata.labels.as_ref();
+        if labels.is_some_and(|l| {
+            l.contains_key(LABEL_SERVICE_PROXY_NAME) || l.contains_key(LABEL_HEADLESS)
+        }) {
+            continue;
+        }
+        // IPv6 and FQDN slices are for other proxies (or the other family's kube-proxy).
+        if slice.address_type != "IPv4" {
+            continue;
+        }
+        let slice_name = slice.metadata.name.as_deref().unwrap_or_default();
+        for sp in slice.ports.as_deref().unwrap_or_default() {
+            // Ports are matched by name and protocol, not number: a named targetPort can be a
+            // different number in every pod, and the slice carries the number it resolved to.
+            if sp.name.as_deref().unwrap_or_default() != port.name
+                || sp.protocol.as_deref().unwrap_or("TCP") != port.proto.to_string()
+            {
+                continue;
+            }
+            // kube-proxy skips ports without a number ("TODO: handle nil ports to mean all").
+            let Some(number) = sp.port else { continue };
+            let Some(number) = u16::try_from(number).ok().filter(|&n| n != 0) else {
+                warnings.push(format!(
+                    "EndpointSlice {slice_name}: port {number} for {port} skipped: outside 1-65535"
+                ));
+                continue;
+            };
+            for ep in &slice.endpoints {
+                // Ready unset counts as ready, as kube-proxy reads it.
+                if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                    continue;
+                }
+                // kube-proxy uses addresses[0] only; the API calls the addresses of one endpoint
+                // fungible, and the EndpointSlice controller writes exactly one, so every one of
+                // them is taken here.
+                for a in &ep.addresses {
+                    match a.parse::<Ipv4Addr>() {
+                        Ok(addr) => {
+                            out.insert(Backend { addr, port: number });
+                        }
+                        Err(_) => warnings.push(format!(
+                            "EndpointSlice {slice_name}: endpoint address {a:?} skipped: not an \
+                             IPv4 address"
+                        )),
+                    }
+                }
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    const TCP: Protocol = Protocol::Tcp;
+    const UDP: Protocol = Protocol::Udp;
+    use FrontendKind::{ClusterIp, ExternalIp, LoadBalancer, NodePort};
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn fe(addr: &str, port: u16, proto: Protocol, kind: FrontendKind) -> Frontend {
+        Frontend {
+            addr: ip(addr),
+            port,
+            proto,
+            kind,
+        }
+    }
+
+    fn be(addr: &str, port: u16) -> Backend {
+        Backend {
+            addr: ip(addr),
+            port,
+        }
+    }
+
+    /// A Service in namespace `default`, named `web`, from the YAML-like `spec`.
+    fn svc(spec: Value) -> Service {
+        svc_with(json!({"metadata": {"name": "web", "namespace": "default"}, "spec": spec}))
+    }
+
+    fn svc_with(object: Value) -> Service {
+        serde_json::from_value(object).expect("a valid Service")
+    }
+
+    /// An IPv4 EndpointSlice of default/web.
+    fn slice(name: &str, ports: Value, endpoints: Value) -> EndpointSlice {
+        slice_with(json!({
+            "metadata": {"name": name, "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": ports,
+            "endpoints": endpoints,
+        }))
+    }
+
+    fn slice_with(object: Value) -> EndpointSlice {
+        serde_json::from_value(object).expect("a valid EndpointSlice")
+    }
+
+    /// Two ready pods behind the unnamed TCP port 8080.
+    fn two_pods() -> EndpointSlice {
+        slice(
+            "web-1",
+            json!([{"port": 8080}]),
+            json!([{"addresses": ["10.1.0.1"]}, {"addresses": ["10.1.0.2"]}]),
+        )
+    }
+
+    fn node(addrs: &[&str]) -> NodeContext {
+        NodeContext {
+            nodeport_addresses: addrs.iter().map(|a| ip(a)).collect(),
+        }
+    }
+
+    fn outcome(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext) -> Outcome {
+        service_frontends(svc, slices, node, &Limits::default())
+    }
+
+    /// The frontends and warnings of a Service that must be proxied.
+    #[track_caller]
+    fn proxied(
+        svc: &Service,
+        slices: &[&EndpointSlice],
+        node: &NodeContext,
+    ) -> (Vec<(Frontend, Vec<Backend>)>, Vec<String>) {
+        match outcome(svc, slices, node) {
+            Outcome::Proxied {
+                frontends,
+                warnings,
+            } => (frontends, warnings),
+            other => panic!("expected the Service to be proxied, got {other:?}"),
+        }
+    }
+
+    #[track_caller]
+    fn frontends(
+        svc: &Service,
+        slices: &[&EndpointSlice],
+        node: &NodeContext,
+    ) -> Vec<(Frontend, Vec<Backend>)> {
+        let (frontends, warnings) = proxied(svc, slices, node);
+        assert!(
+            warnings.is_empty(),
+            "expected no warnings, got {warnings:?}"
+        );
+        frontends
+    }
+
+    #[track_caller]
+    fn invalid_reason(svc: &Service, slices: &[&EndpointSlice], limits: &Limits) -> String {
+        match service_frontends(svc, slices, &node(&[]), limits) {
+            Outcome::Invalid { reason } => reason,
+            other => panic!("expected the Service to be invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn cluster_ip_service_has_one_frontend_per_port_with_the_ready_pods() {
+        let s =
+            svc(json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80, "targetPort": 8080}]}));
+        assert_eq!(
+            frontends(&s, &[&two_pods()], &node(&["192.168.1.1"])),
+            vec![(
+                fe("10.96.0.10", 80, TCP, ClusterIp),
+                vec![be("10.1.0.1", 8080), be("10.1.0.2", 8080)]
+            )]
+        );
+    }
+
+    #[test]
+    fn service_key_displays_as_namespace_slash_name_and_defaults_the_namespace() {
+        let s = svc_with(json!({"metadata": {"name": "web"}}));
+        assert_eq!(ServiceKey::of_service(&s).to_string(), "default/web");
+        let sl = slice_with(json!({
+            "metadata": {"name": "web-1", "namespace": "shop",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4", "endpoints": []
+        }));
+        assert_eq!(
+            ServiceKey::of_slice(&sl),
+            Some(ServiceKey::new("shop", "web"))
+        );
+        let orphan =
+            slice_with(json!({"metadata": {"name": "x"}, "addressType": "IPv4", "endpoints": []}));
+        assert_eq!(ServiceKey::of_slice(&orphan), None);
+    }
+
+    #[test]
+    fn dual_stack_cluster_ips_program_the_ipv4_one_and_warn_about_ipv6() {
+        // Either order: IPv6-primary and IPv4-primary dual-stack Services.
+        for cluster_ips in [
+            json!(["fd00::10", "10.96.0.10"]),
+            json!(["10.96.0.10", "fd00::10"]),
+        ] {
+            let s = svc(json!({
+                "clusterIP": cluster_ips[0], "clusterIPs": cluster_ips,
+                "ipFamilyPolicy": "RequireDualStack", "ports": [{"port": 80}]
+            }));
+            let (fes, warnings) = proxied(&s, &[&two_pods()], &node(&[]));
+            let addrs: Vec<_> = fes.iter().map(|(f, _)| (f.addr, f.kind)).collect();
+            assert_eq!(
+                addrs,
+                vec![(ip("10.96.0.10"), ClusterIp)],
+                "for clusterIPs {cluster_ips}"
+            );
+            assert_eq!(
+                warnings.len(),
+                1,
+                "one IPv6 warning expected, got {warnings:?}"
+            );
+            assert!(
+                warnings[0].contains("fd00::10"),
+                "warning should name the address: {warnings:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn cluster_ip_is_used_when_cluster_ips_is_empty() {
+        let s = svc(json!({"clusterIP": "10.96.0.10", "clusterIPs": [], "ports": [{"port": 80}]}));
+        let fes = frontends(&s, &[], &node(&[]));
+        assert_eq!(fes, vec![(fe("10.96.0.10", 80, TCP, ClusterIp), vec![])]);
+    }
+
+    #[test]
+    fn an_unparseable_cluster_ip_makes_the_service_invalid() {
+        let s = svc(json!({"clusterIP": "10.96.0.300", "ports": [{"port": 80}]}));
+        let reason = invalid_reason(&s, &[], &Limits::default());
+        assert!(
+            reason.contains("10.96.0.300"),
+            "reason should name the address: {reason}"
+        );
+    }
+
+    #[test]
+    fn services_kube_proxy_does_not_serve_are_ignored() {
+        let cases = [
+            (
+                "ExternalName",
+                svc(
+                    json!({"type": "ExternalName", "externalName": "db.example.com",
+                           "ports": [{"port": 5432}]}),
+                ),
+                "ExternalName",
+            ),
+            (
+                "headless",
+                svc(json!({"clusterIP": "None", "clusterIPs": ["None"], "ports": [{"port": 80}]})),
+                "headless",
+            ),
+            (
+                "another proxy's",
+                svc_with(json!({
+                    "metadata": {"name": "web", "namespace": "default",
+                                 "labels": {"service.kubernetes.io/service-proxy-name": "other"}},
+                    "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}
+                })),
+                "service-proxy-name",
+            ),
+        ];
+        for (what, s, expected) in cases {
+            match outcome(&s, &[&two_pods()], &node(&["192.168.1.1"])) {
+                Outcome::Ignored { reason } => assert!(
+                    reason.contains(expected),
+                    "{what}: reason {reason:?} should mention {expected:?}"
+                ),
+                other => panic!("{what}: expected Ignored, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_service_without_any_address_has_no_frontends() {
+        let s = svc(json!({"ports": [{"port": 80}]}));
+        assert_eq!(
+            frontends(&s, &[&two_pods()], &node(&["192.168.1.1"])),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn node_port_is_served_on_every_node_address() {
+        let s = svc(json!({
+            "type": "NodePort", "clusterIP": "10.96.0.10",
+            "ports": [{"port": 80, "nodePort": 30080}]
+        }));
+        let fes = frontends(&s, &[&two_pods()], &node(&["192.168.1.1", "203.0.113.7"]));
+        let pods = vec![be("10.1.0.1", 8080), be("10.1.0.2", 8080)];
+        assert_eq!(
+            fes,
+            vec![
+                (fe("10.96.0.10", 80, TCP, ClusterIp), pods.clone()),
+                (fe("192.168.1.1", 30080, TCP, NodePort), pods.clone()),
+                (fe("203.0.113.7", 30080, TCP, NodePort), pods),
+            ]
+        );
+    }
+
+    #[test]
+    fn node_port_zero_or_on_a_cluster_ip_service_gives_no_node_port_frontend() {
+        for (what, spec) in [
+            (
+                "nodePort 0",
+                json!({"type": "NodePort", "clusterIP": "10.96.0.10",
+                                  "ports": [{"port": 80, "nodePort": 0}]}),
+            ),
+            (
+                "type ClusterIP",
+                json!({"type": "ClusterIP", "clusterIP": "10.96.0.10",
+                                      "ports": [{"port": 80, "nodePort": 30080}]}),
+            ),
+        ] {
+            let fes = frontends(&svc(spec), &[], &node(&["192.168.1.1"]));
+            assert_eq!(
+                fes,
+                vec![(fe("10.96.0.10", 80, TCP, ClusterIp), vec![])],
+                "{what}"
+            );
+        }
+    }
+
+    #[test]
+    fn load_balancer_serves_its_ingress_ip_on_the_service_port_and_node_ports() {
+        let s = svc_with(json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10",
+                     "ports": [{"port": 80, "nodePort": 30080}]},
+            "status": {"loadBalancer": {"ingress": [
+                {"ip": "203.0.113.50", "ipMode": "VIP"},
+                {"ip": "203.0.113.51"},
+                {"hostname": "lb.example.com"}
+            ]}}
+        }));
+        let fes = frontends(&s, &[], &node(&["192.168.1.1"]));
+        let got: Vec<Frontend> = fes.into_iter().map(|(f, _)| f).collect();
+        assert_eq!(
+            got,
+            vec![
+                fe("10.96.0.10", 80, TCP, ClusterIp),
+                fe("192.168.1.1", 30080, TCP, NodePort),
+                fe("203.0.113.50", 80, TCP, LoadBalancer),
+                fe("203.0.113.51", 80, TCP, LoadBalancer),
+            ]
+        );
+    }
+
+    #[test]
+    fn load_balancer_ingress_with_ip_mode_proxy_is_not_programmed() {
+        let s = svc_with(json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10", "ports": [{"port": 80}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.50", "ipMode": "Proxy"}]}}
+        }));
+        let fes = frontends(&s, &[], &node(&["192.168.1.1"]));
+        assert_eq!(fes, vec![(fe("10.96.0.10", 80, TCP, ClusterIp), vec![])]);
+    }
+
+    #[test]
+    fn external_ips_are_frontends_on_the_service_port() {
+        let s = svc(json!({
+            "clusterIP": "10.96.0.10", "externalIPs": ["198.51.100.1", "2001:db8::1"],
+            "ports": [{"port": 80}]
+        }));
+        let (fes, warnings) = proxied(&s, &[&two_pods()], &node(&[]));
+        let got: Vec<Frontend> = fes.into_iter().map(|(f, _)| f).collect();
+        assert_eq!(
+            got,
+            vec![
+                fe("10.96.0.10", 80, TCP, ClusterIp),
+                fe("198.51.100.1", 80, TCP, ExternalIp)
+            ]
+        );
+        assert!(
+            warnings.len() == 1 && warnings[0].contains("2001:db8::1"),
+            "expected one warning about the IPv6 externalIP, got {warnings:?}"
+        );
+    }
+
+    #[test]
+    fn an_external_ip_equal_to_the_load_balancer_ip_is_programmed_once() {
+        let s = svc_with(json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"type": "LoadBalancer", "externalIPs": ["203.0.113.50"], "ports": [{"port": 80}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.50"}]}}
+        }));
+        let (fes, warnings) = proxied(&s, &[], &node(&[]));
+        assert_eq!(
+            fes,
+            vec![(fe("203.0.113.50", 80, TCP, LoadBalancer), vec![])]
+        );
+        assert_eq!(
+            warnings.len(),
+            1,
+            "expected a warning about the merge, got {warnings:?}"
+        );
+    }
+
+    #[test]
+    fn named_target_ports_are_matched_by_port_name_across_two_ports() {
+        // targetPort "http" and "metrics" resolve to different numbers; the slice carries them
+        // under the service ports' names.
+        let s = svc(json!({
+            "clusterIP": "10.96.0.10",
+            "ports": [{"name": "web", "port": 80, "targetPort": "http"},
+                      {"name": "metrics", "port": 9090, "targetPort": "metrics"}]
+        }));
+        let sl = slice(
+            "web-1",
+            json!([{"name": "metrics", "port": 9100, "protocol": "TCP"},
+                   {"name": "web", "port": 8080, "protocol": "TCP"}]),
+            json!([{"addresses": ["10.1.0.1"]}]),
+        );
+        assert_eq!(
+            frontends(&s, &[&sl], &node(&[])),
+            vec![
+                (
+                    fe("10.96.0.10", 80, TCP, ClusterIp),
+                    vec![be("10.1.0.1", 8080)]
+                ),
+                (
+                    fe("10.96.0.10", 9090, TCP, ClusterIp),
+                    vec![be("10.1.0.1", 9100)]
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_unnamed_service_port_matches_an_unnamed_or_empty_named_slice_port() {
+        let s = svc(json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}));
+        for ports in [json!([{"port": 8080}]), json!([{"name": "", "port": 8080}])] {
+            let sl = slice("web-1", ports.clone(), json!([{"addresses": ["10.1.0.1"]}]));
+            assert_eq!(
+                frontends(&s, &[&sl], &node(&[])),
+                vec![(
+                    fe("10.96.0.10", 80, TCP, ClusterIp),
+                    vec![be("10.1.0.1", 8080)]
+                )],
+                "slice ports {ports}"
+            );
+        }
+    }
+
+    #[test]
+    fn slice_ports_of_another_protocol_or_without_a_number_are_not_used() {
+        let s = svc(json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}));
+        let sl = slice(
+            "web-1",
+            json!([{"port": 8080, "protocol": "UDP"}, {"name": ""}]),
+            json!([{"addresses": ["10.1.0.1"]}]),
+        );
+        assert_eq!(
+            frontends(&s, &[&sl], &node(&[])),
+            vec![(fe("10.96.0.10", 80, TCP, ClusterIp), vec![])]
+        );
+    }
+
+    #[test]
+    fn not_ready_endpoints_are_excluded_and_unknown_readiness_counts_as_ready() {
+        let s = svc(json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}));
+        let sl = slice(
+            "web-1",
+            json!([{"port": 8080}]),
+            json!([
+                {"addresses": ["10.1.0.1"], "conditions": {"ready": true}},
+                {"addresses": ["10.1.0.2"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+                {"addresses": ["10.1.0.3"], "conditions": {}},
+                {"addresses": ["10.1.0.4"]},
+            ]),
+        );
+        assert_eq!(
+            frontends(&s, &[&sl], &node(&[])),
+            vec![(
+                fe("10.96.0.10", 80, TCP, ClusterIp),
+                vec![
+                    be("10.1.0.1", 8080),
+                    be("10.1.0.3", 8080),
+                    be("10.1.0.4", 8080)
+                ]
+            )]
+        );
+    }
+
+    #[test]
+    fn slices_that_are_not_this_services_ipv4_slices_are_ignored() {
+        let s = svc(json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}));
+        let eps = json!([{"addresses": ["10.9.9.9"]}]);
+        let cases = [
+            (
+                "another service's",
+                slice_with(json!({
+                    "metadata": {"name": "api-1", "namespace": "default",
+                                 "labels": {"kubernetes.io/service-name": "api"}},
+                    "addressType": "IPv4", "ports": [{"port": 8080}], "endpoints": eps,
+                })),
+            ),
+            (
+                "same name, another namespace",
+                slice_with(json!({
+                    "metadata": {"name": "web-1", "namespace": "shop",
+                                 "labels": {"kubernetes.io/service-name": "web"}},
+                    "addressType": "IPv4", "ports": [{"port": 8080}], "endpoints": eps,
+                })),
+            ),
+            (
+                "IPv6",
+                slice_with(json!({
+                    "metadata": {"name": "web-v6", "namespace": "default",
+                                 "labels": {"kubernetes.io/service-name": "web"}},
+                    "addressType": "IPv6", "ports": [{"port": 8080}],
+                    "endpoints": [{"addresses": ["fd00::1"]}],
+                })),
+            ),
+            (
+                "another proxy's",
+                slice_with(json!({
+                    "metadata": {"name": "web-2", "namespace": "default",
+                                 "labels": {"kubernetes.io/service-name": "web",
+                                            "service.kubernetes.io/service-proxy-name": "other"}},
+                    "addressType": "IPv4", "ports": [{"port": 8080}], "endpoints": eps,
+                })),
+            ),
+        ];
+        for (what, other) in cases {
+            assert_eq!(
+                frontends(&s, &[&two_pods(), &other], &node(&[])),
+                vec![(
+                    fe("10.96.0.10", 80, TCP, ClusterIp),
+                    vec![be("10.1.0.1", 8080), be("10.1.0.2", 8080)]
+                )],
+                "the {what} slice must not add backends"
+            );
+        }
+    }
+
+    #[test]
+    fn endpoints_in_several_slices_are_deduplicated_and_sorted() {
+        let s = svc(json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}));
+        let a = slice(
+            "web-a",
+            json!([{"port": 8080}]),
+            json!([{"addresses": ["10.1.0.9"]}, {"addresses": ["10.1.0.2"]}]),
+        );
+        let b = slice(
+            "web-b",
+            json!([{"port": 8080}]),
+            json!([{"addresses": ["10.1.0.2"]}, {"addresses": ["10.1.0.1"]}]),
+        );
+        assert_eq!(
+            frontends(&s, &[&a, &b], &node(&[])),
+            vec![(
+                fe("10.96.0.10", 80, TCP, ClusterIp),
+                vec![
+                    be("10.1.0.1", 8080),
+                    be("10.1.0.2", 8080),
+                    be("10.1.0.9", 8080)
+                ]
+            )]
+        );
+    }
+
+    #[test]
+    fn every_address_of_an_endpoint_is_a_backend_and_bad_ones_are_warned_about() {
+        let s = svc(json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}));
+        let sl = slice(
+            "web-1",
+            json!([{"port": 8080}]),
+            json!([{"addresses": ["10.1.0.1", "10.1.0.5", "not-an-ip"]}]),
+        );
+        let (fes, warnings) = proxied(&s, &[&sl], &node(&[]));
+        assert_eq!(
+            fes,
+            vec![(
+                fe("10.96.0.10", 80, TCP, ClusterIp),
+                vec![be("10.1.0.1", 8080), be("10.1.0.5", 8080)]
+            )]
+        );
+        assert!(
+            warnings.len() == 1 && warnings[0].contains("not-an-ip"),
+            "expected one warning naming the bad address, got {warnings:?}"
+        );
+    }
+
+    #[test]
+    fn udp_ports_get_udp_frontends_and_the_udp_slice_port() {
+        let s = svc(json!({
+            "clusterIP": "10.96.0.10",
+            "ports": [{"name": "dns", "port": 53, "protocol": "UDP"},
+                      {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]
+        }));
+        let sl = slice(
+            "web-1",
+            json!([{"name": "dns", "port": 5353, "protocol": "UDP"},
+                   {"name": "dns-tcp", "port": 5354, "protocol": "TCP"}]),
+            json!([{"addresses": ["10.1.0.1"]}]),
+        );
+        assert_eq!(
+            frontends(&s, &[&sl], &node(&[])),
+            vec![
+                (
+                    fe("10.96.0.10", 53, TCP, ClusterIp),
+                    vec![be("10.1.0.1", 5354)]
+                ),
+                (
+                    fe("10.96.0.10", 53, UDP, ClusterIp),
+                    vec![be("10.1.0.1", 5353)]
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn sctp_ports_are_skipped_with_a_warning() {
+        let s = svc(json!({
+            "clusterIP": "10.96.0.10",
+            "ports": [{"name": "web", "port": 80}, {"name": "sig", "port": 3868, "protocol": "SCTP"}]
+        }));
+        let (fes, warnings) = proxied(&s, &[], &node(&[]));
+        assert_eq!(fes, vec![(fe("10.96.0.10", 80, TCP, ClusterIp), vec![])]);
+        assert!(
+            warnings.len() == 1 && warnings[0].contains("SCTP"),
+            "expected one SCTP warning, got {warnings:?}"
+        );
+    }
+
+    #[test]
+    fn malformed_services_are_invalid_with_a_reason() {
+        let cases = [
+            (
+                "unknown protocol",
+                json!([{"port": 80, "protocol": "ICMP"}]),
+                "unknown protocol",
+            ),
+            (
+                "lower-case protocol",
+                json!([{"port": 80, "protocol": "tcp"}]),
+                "unknown protocol",
+            ),
+            ("port 0", json!([{"port": 0}]), "port 0 is outside 1-65535"),
+            (
+                "port 70000",
+                json!([{"port": 70000}]),
+                "port 70000 is outside 1-65535",
+            ),
+            (
+                "negative port",
+                json!([{"port": -1}]),
+                "port -1 is outside 1-65535",
+            ),
+            (
+                "nodePort 70000",
+                json!([{"port": 80, "nodePort": 70000}]),
+                "nodePort 70000",
+            ),
+            (
+                "same port and protocol twice",
+                json!([{"name": "a", "port": 80}, {"name": "b", "port": 80, "protocol": "TCP"}]),
+                "two ports are 80/TCP",
+            ),
+            (
+                "same name and protocol twice",
+                json!([{"name": "a", "port": 80}, {"name": "a", "port": 81}]),
+                "two TCP ports are named \"a\"",
+            ),
+        ];
+        for (what, ports, expected) in cases {
+            let s = svc(json!({"type": "NodePort", "clusterIP": "10.96.0.10", "ports": ports}));
+            let reason = invalid_reason(&s, &[], &Limits::default());
+            assert!(
+                reason.contains(expected),
+                "{what}: reason {reason:?} should contain {expected:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_same_port_number_on_tcp_and_udp_is_valid() {
+        let s = svc(json!({"clusterIP": "10.96.0.10",
+                           "ports": [{"name": "a", "port": 53}, {"name": "b", "port": 53, "protocol": "UDP"}]}));
+        assert_eq!(frontends(&s, &[], &node(&[])).len(), 2);
+    }
+
+    #[test]
+    fn an_unknown_service_type_is_invalid() {
+        let s =
+            svc(json!({"type": "Nodeport", "clusterIP": "10.96.0.10", "ports": [{"port": 80}]}));
+        let reason = invalid_reason(&s, &[], &Limits::default());
+        assert!(
+            reason.contains("unknown type \"Nodeport\""),
+            "got {reason:?}"
+        );
+    }
+
+    #[test]
+    fn an_absurd_number_of_endpoints_makes_the_service_invalid() {
+        let s = svc(json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}));
+        let limits = Limits {
+            max_backends_per_frontend: 2,
+        };
+        let three = slice(
+            "web-1",
+            json!([{"port": 8080}]),
+            json!([{"addresses": ["10.1.0.1"]}, {"addresses": ["10.1.0.2"]}, {"addresses": ["10.1.0.3"]}]),
+        );
+        let reason = invalid_reason(&s, &[&three], &limits);
+        assert!(
+            reason.contains("absurd number of endpoints: 3 > 2"),
+            "got {reason:?}"
+        );
+        // At the limit it is fine.
+        assert!(matches!(
+            service_frontends(&s, &[&two_pods()], &node(&[]), &limits),
+            Outcome::Proxied { .. }
+        ));
+    }
+
+    #[test]
+    fn a_service_without_ready_endpoints_keeps_its_frontend_with_no_backends() {
+        // The datapath rejects traffic to a frontend with no backends, as kube-proxy's REJECT
+        // rule does, rather than letting it through to nothing.
+        let s = svc(json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}));
+        let all_down = slice(
+            "web-1",
+            json!([{"port": 8080}]),
+            json!([{"addresses": ["10.1.0.1"], "conditions": {"ready": false}}]),
+        );
+        for slices in [vec![], vec![&all_down]] {
+            assert_eq!(
+                frontends(&s, &slices, &node(&[])),
+                vec![(fe("10.96.0.10", 80, TCP, ClusterIp), vec![])]
+            );
+        }
+    }
+
+    #[test]
+    fn node_addresses_lists_internal_then_external_ipv4_without_duplicates() {
+        let n: Node = serde_json::from_value(json!({
+            "metadata": {"name": "node0"},
+            "status": {"addresses": [
+                {"type": "Hostname", "address": "node0"},
+                {"type": "ExternalIP", "address": "203.0.113.7"},
+                {"type": "InternalIP", "address": "192.168.1.1"},
+                {"type": "InternalIP", "address": "fd00::1"},
+                {"type": "ExternalIP", "address": "192.168.1.1"},
+                {"type": "InternalDNS", "address": "node0.internal"},
+            ]}
+        }))
+        .unwrap();
+        assert_eq!(
+            node_addresses(&n),
+            vec![ip("192.168.1.1"), ip("203.0.113.7")]
+        );
+        let bare: Node = serde_json::from_value(json!({"metadata": {"name": "n"}})).unwrap();
+        assert_eq!(node_addresses(&bare), Vec::<Ipv4Addr>::new());
+    }
+}
