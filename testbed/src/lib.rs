@@ -6,10 +6,15 @@
 //!   forwarding, and TX checksum offload off on every veth; the [`plan`] of addresses.
 //! - [`apps`]: real servers (python3 HTTP answering with the pod's name, UDP echo) and a real
 //!   client (curl), all with bounded timeouts.
+//! - [`agent`]: a `sluice agent` process in a node's namespace, its health and metrics.
+//! - [`apiserver`]: a Kubernetes API test server (list, watch, 410 Gone, bookmarks) reached
+//!   through an ordinary kubeconfig.
 //! - [`privilege`]: the rule for tests that need root: skip loudly, or fail in CI.
 //!
 //! Every name carries the creating process's pid and a counter, so tests run in parallel and a
 //! sweep ([`netns::sweep_stale`]) can remove what a killed test run left behind.
+pub mod agent;
+pub mod apiserver;
 pub mod apps;
 pub mod bpffs;
 pub mod cluster;
@@ -18,6 +23,7 @@ pub mod netns;
 pub mod plan;
 pub mod privilege;
 
+pub use apiserver::ApiServer;
 pub use apps::{
     Attempt, HttpServer, KeepAlive, Sniffer, UdpEcho, curl, http_many, send_frame, udp_request,
 };
