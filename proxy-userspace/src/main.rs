@@ -1,10 +1,21 @@
 //! `sluice`: the node agent and its inspection commands.
-use std::time::{Duration, Instant};
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use aya::programs::TcAttachType;
 use clap::{Parser, Subcommand, ValueEnum};
-use sluice::dataplane::{AttachMode, Dataplane, FROM_POD};
+use proxy_common::{
+    CT_FLAG_ESTABLISHED, CT_FLAG_FIN_FWD, CT_FLAG_FIN_REPLY, CT_FLAG_RST, CT_FLAG_SEEN_REPLY,
+    CT_FLAG_SNAT,
+};
+use serde_json::json;
+use sluice::{
+    agent::{AgentArgs, Mode},
+    dataplane::{AttachMode, CtKind, Dataplane, FROM_POD, PinnedMaps},
+};
 
 #[derive(Parser)]
 #[command(
@@ -19,6 +30,23 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the node agent: watch the API server (or a manifests directory) and keep the
+    /// datapath's maps equal to the Services, EndpointSlices and this Node.
+    Agent(Box<AgentArgs>),
+    /// Frontends and their backends, read from the maps a running agent pinned.
+    Services {
+        #[arg(long, env = "SLUICE_PIN_PATH", default_value = "/sys/fs/bpf/sluice")]
+        pin_path: PathBuf,
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Live flows through Services (the conntrack table), read from the pinned maps.
+    Conntrack {
+        #[arg(long, env = "SLUICE_PIN_PATH", default_value = "/sys/fs/bpf/sluice")]
+        pin_path: PathBuf,
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Attach the pod-side program to a device and print its counters, once a second.
     ///
     /// A smoke test of a node's eBPF support: it loads the embedded object (the verifier
@@ -46,11 +74,10 @@ enum Hook {
     Egress,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Mode {
-    Auto,
-    Tcx,
-    Clsact,
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,6 +88,9 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Agent(args) => sluice::agent::run(*args),
+        Command::Services { pin_path, output } => services(&pin_path, output),
+        Command::Conntrack { pin_path, output } => conntrack(&pin_path, output),
         Command::Count {
             interface,
             hook,
@@ -68,6 +98,143 @@ fn main() -> anyhow::Result<()> {
             seconds,
         } => count(&interface, hook, mode, seconds),
     }
+}
+
+fn services(pin_path: &std::path::Path, output: Output) -> anyhow::Result<()> {
+    let maps = PinnedMaps::open(pin_path)?;
+    let services = maps.services()?;
+    if output == Output::Json {
+        let v: Vec<_> = services
+            .iter()
+            .map(|(fe, bes)| {
+                json!({
+                    "address": fe.addr.to_string(),
+                    "port": fe.port,
+                    "protocol": fe.proto.to_string(),
+                    "kind": format!("{:?}", fe.kind),
+                    "backends": bes.iter().map(|b| json!({"address": b.addr.to_string(), "port": b.port})).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("{:<24} {:<13} BACKENDS", "FRONTEND", "KIND");
+    for (fe, bes) in &services {
+        let list: Vec<String> = bes
+            .iter()
+            .map(|b| format!("{}:{}", b.addr, b.port))
+            .collect();
+        let list = if list.is_empty() {
+            "(none: rejected)".to_owned()
+        } else {
+            list.join(", ")
+        };
+        println!(
+            "{:<24} {:<13} {list}",
+            fe.to_string(),
+            format!("{:?}", fe.kind)
+        );
+    }
+    Ok(())
+}
+
+fn tcp_state(flags: u16) -> &'static str {
+    if flags & CT_FLAG_RST != 0 {
+        "closed(rst)"
+    } else if flags & CT_FLAG_FIN_FWD != 0 && flags & CT_FLAG_FIN_REPLY != 0 {
+        "closed"
+    } else if flags & (CT_FLAG_FIN_FWD | CT_FLAG_FIN_REPLY) != 0 {
+        "closing"
+    } else if flags & CT_FLAG_ESTABLISHED != 0 {
+        "established"
+    } else if flags & CT_FLAG_SEEN_REPLY != 0 {
+        "syn-recv"
+    } else {
+        "syn-sent"
+    }
+}
+
+fn conntrack(pin_path: &std::path::Path, output: Output) -> anyhow::Result<()> {
+    let maps = PinnedMaps::open(pin_path)?;
+    let entries = maps.conntrack()?;
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0);
+    // A flow is its service entry (client -> frontend, pinned backend); the reverse entry
+    // carries the state both directions update.
+    let mut flows = Vec::new();
+    for e in entries.iter().filter(|e| e.kind == CtKind::Service) {
+        if e.entry.expires_ns <= now {
+            continue;
+        }
+        let backend = sluice_sock(e.entry.addr_be, e.entry.port_be);
+        let reverse = entries.iter().find(|r| {
+            r.kind == CtKind::Reverse
+                && r.proto == e.proto
+                && r.dst == backend
+                && (r.src.port() == e.src.port())
+        });
+        let flags = reverse.map_or(e.entry.flags, |r| r.entry.flags);
+        let state = if e.proto == sluice::dataplane::Protocol::Tcp {
+            tcp_state(flags)
+        } else if flags & CT_FLAG_SEEN_REPLY != 0 {
+            "replied"
+        } else {
+            "unreplied"
+        };
+        flows.push((
+            e,
+            backend,
+            state,
+            (e.entry.expires_ns - now) / 1_000_000_000,
+            flags & CT_FLAG_SNAT != 0 || e.entry.nat_addr_be != 0,
+        ));
+    }
+    if output == Output::Json {
+        let v: Vec<_> = flows
+            .iter()
+            .map(|(e, backend, state, expires, snat)| {
+                json!({
+                    "protocol": e.proto.to_string(),
+                    "client": e.src.to_string(),
+                    "frontend": e.dst.to_string(),
+                    "backend": backend.to_string(),
+                    "state": state,
+                    "expires_in_seconds": expires,
+                    "hairpin_snat": snat,
+                    "packets": e.entry.packets,
+                    "bytes": e.entry.bytes,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{:<5} {:<22} {:<22} {:<22} {:<12} {:>8} {:>9}",
+        "PROTO", "CLIENT", "FRONTEND", "BACKEND", "STATE", "EXPIRES", "PACKETS"
+    );
+    for (e, backend, state, expires, _) in &flows {
+        println!(
+            "{:<5} {:<22} {:<22} {:<22} {:<12} {:>7}s {:>9}",
+            e.proto.to_string(),
+            e.src.to_string(),
+            e.dst.to_string(),
+            backend.to_string(),
+            state,
+            expires,
+            e.entry.packets
+        );
+    }
+    Ok(())
+}
+
+fn sluice_sock(addr_be: u32, port_be: u16) -> std::net::SocketAddrV4 {
+    std::net::SocketAddrV4::new(
+        std::net::Ipv4Addr::from(u32::from_be(addr_be)),
+        u16::from_be(port_be),
+    )
 }
 
 fn count(interface: &str, hook: Hook, mode: Mode, seconds: Option<u64>) -> anyhow::Result<()> {

@@ -1,0 +1,220 @@
+//! Which devices the datapath sits on, kept up to date as devices come and go.
+//!
+//! - Pod-facing devices: names matching `--pod-interfaces` globs (the host side of pod veths),
+//!   attached as they appear: a netlink socket subscribed to link and address events wakes the
+//!   sync loop, which also re-checks every few seconds.
+//! - Uplinks: `--uplinks`, or by default the devices holding the node's addresses.
+//!
+//! Attachments are persistent (see `Dataplane::attach_persistent`): they survive the agent's
+//! exit, and a restarted agent replaces the programs in place. A device that disappears takes
+//! its attachments with it; its link pins are then removed. A device that is no longer wanted
+//! (flags changed) is detached by removing its pins.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::PathBuf,
+    sync::Arc,
+};
+
+use super::{
+    metrics::{Metrics, RoleLabel},
+    source::{Change, ChangeTx},
+};
+use crate::dataplane::{self, AttachMode, Dataplane};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Pod,
+    Uplink,
+}
+
+impl Role {
+    fn label(self) -> RoleLabel {
+        RoleLabel {
+            role: match self {
+                Role::Pod => "pod",
+                Role::Uplink => "uplink",
+            }
+            .into(),
+        }
+    }
+}
+
+pub struct Devices {
+    pod_globs: Vec<glob::Pattern>,
+    uplinks: Vec<String>,
+    mode: AttachMode,
+    links_dir: PathBuf,
+    attached: BTreeMap<String, Role>,
+    metrics: Arc<Metrics>,
+}
+
+/// The node's devices and their IPv4 addresses, in the current network namespace.
+pub fn local_devices() -> BTreeMap<String, Vec<Ipv4Addr>> {
+    let mut out: BTreeMap<String, Vec<Ipv4Addr>> = BTreeMap::new();
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return out;
+    };
+    for ifa in addrs {
+        let entry = out.entry(ifa.interface_name.clone()).or_default();
+        if let Some(sin) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()) {
+            entry.push(sin.ip());
+        }
+    }
+    out
+}
+
+impl Devices {
+    pub fn new(
+        pod_globs: Vec<glob::Pattern>,
+        uplinks: Vec<String>,
+        mode: AttachMode,
+        links_dir: PathBuf,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            pod_globs,
+            uplinks,
+            mode,
+            links_dir,
+            attached: BTreeMap::new(),
+            metrics,
+        }
+    }
+
+    fn role(&self, name: &str, addrs: &[Ipv4Addr], node_addrs: &[Ipv4Addr]) -> Option<Role> {
+        if name == "lo" {
+            return None;
+        }
+        if self.uplinks.iter().any(|u| u == name) {
+            return Some(Role::Uplink);
+        }
+        if self.pod_globs.iter().any(|g| g.matches(name)) {
+            return Some(Role::Pod);
+        }
+        if self.uplinks.is_empty() && addrs.iter().any(|a| node_addrs.contains(a)) {
+            return Some(Role::Uplink);
+        }
+        None
+    }
+
+    /// Attaches to every wanted device not yet attached, forgets the ones that are gone.
+    pub fn reconcile(&mut self, dp: &mut Dataplane, node_addrs: &[Ipv4Addr]) {
+        let present = local_devices();
+        let mut wanted: BTreeMap<String, Role> = BTreeMap::new();
+        for (name, addrs) in &present {
+            if let Some(role) = self.role(name, addrs, node_addrs) {
+                wanted.insert(name.clone(), role);
+            }
+        }
+        for (name, role) in &wanted {
+            if self.attached.get(name) == Some(role) {
+                continue;
+            }
+            let result = match role {
+                Role::Pod => dp.attach_pod_device_persistent(name, self.mode, &self.links_dir),
+                Role::Uplink => dp.attach_uplink_persistent(name, self.mode, &self.links_dir),
+            };
+            match result {
+                Ok(()) => {
+                    tracing::info!(device = %name, ?role, mode = %self.mode, "attached");
+                    self.attached.insert(name.clone(), *role);
+                }
+                Err(error) => {
+                    self.metrics.attach_errors.inc();
+                    let error = super::chain(&error);
+                    tracing::warn!(device = %name, ?role, %error, "attach failed; will retry");
+                }
+            }
+        }
+        // Gone or no longer wanted: drop the pins (for a device still there, that detaches).
+        let pinned: BTreeSet<String> = dataplane::pinned_link_devices(&self.links_dir)
+            .into_iter()
+            .chain(self.attached.keys().cloned())
+            .collect();
+        for name in pinned {
+            if wanted.contains_key(&name) {
+                continue;
+            }
+            if let Err(error) = dataplane::forget_device_links(&self.links_dir, &name) {
+                tracing::warn!(device = %name, %error, "could not remove link pins");
+                continue;
+            }
+            if self.attached.remove(&name).is_some() {
+                let why = if present.contains_key(&name) {
+                    "no longer wanted"
+                } else {
+                    "gone"
+                };
+                tracing::info!(device = %name, why, "detached");
+            }
+        }
+        for role in [Role::Pod, Role::Uplink] {
+            let n = self.attached.values().filter(|r| **r == role).count();
+            self.metrics
+                .attached_devices
+                .get_or_create(&role.label())
+                .set(n as i64);
+        }
+    }
+}
+
+/// Wakes the sync loop on every link or IPv4 address change (rtnetlink multicast groups).
+pub fn watch_links(tx: ChangeTx) -> std::io::Result<()> {
+    // SAFETY: socket(2) with constant arguments; the fd is owned right after.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: raw is a fresh, valid fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: sockaddr_nl is plain data; all-zero is a valid value.
+    let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    sa.nl_family = libc::AF_NETLINK as u16;
+    sa.nl_groups = (libc::RTMGRP_LINK | libc::RTMGRP_IPV4_IFADDR) as u32;
+    // SAFETY: sa is a valid sockaddr_nl and the length says so.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&raw const sa).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    std::thread::Builder::new()
+        .name("sluice-netlink".into())
+        .spawn(move || {
+            let mut buf = [0u8; 16384];
+            loop {
+                // SAFETY: buf is valid for writes of its length.
+                let n = unsafe {
+                    libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
+                };
+                if n < 0 {
+                    let e = std::io::Error::last_os_error();
+                    match e.raw_os_error() {
+                        Some(libc::EINTR) => continue,
+                        // Events were lost: a re-check covers them.
+                        Some(libc::ENOBUFS) => {}
+                        _ => {
+                            tracing::warn!(error = %e, "netlink watch ended; devices are re-checked periodically");
+                            return;
+                        }
+                    }
+                }
+                if tx.send(Change::Devices).is_err() {
+                    return;
+                }
+            }
+        })?;
+    Ok(())
+}

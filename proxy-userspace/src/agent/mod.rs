@@ -1,0 +1,345 @@
+//! The node agent (`sluice agent`): watches Services, EndpointSlices and its own Node (or reads
+//! them from a manifests directory) and keeps the datapath's maps equal to what kube-proxy
+//! would program, changing only what changed.
+//!
+//! - [`source`]: where objects come from (kube-rs watchers, or YAML files) and the changes
+//!   sent to the sync loop;
+//! - [`sync`]: the sync loop, which owns the dataplane and writes the maps;
+//! - [`devices`]: which devices the programs sit on, followed as they come and go;
+//! - [`server`] and [`metrics`]: `/healthz`, `/livez` and `/metrics`.
+//!
+//! Threads: a tokio runtime runs the sources and the HTTP endpoints; the sync loop runs on
+//! its own thread (map writes are short blocking syscalls); a netlink thread wakes it when
+//! devices change.
+pub mod devices;
+pub mod metrics;
+pub mod server;
+pub mod source;
+pub mod sync;
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::Context as _;
+use clap::ValueEnum;
+
+use crate::{
+    dataplane::{AttachMode, Dataplane, DataplaneConfig},
+    model::Limits,
+};
+use proxy_common::{
+    CT4_DEFAULT_MAX, LB4_BACKENDS_DEFAULT_MAX, LB4_REVNAT_DEFAULT_MAX, LB4_SERVICES_DEFAULT_MAX,
+};
+use source::{Change, ObjectView};
+use sync::{Cidr4, NodePortAddresses, SyncConfig, Syncer};
+
+/// How to attach to devices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// TCX on Linux >= 6.6, clsact before.
+    Auto,
+    Tcx,
+    Clsact,
+}
+
+/// `sluice agent`'s flags. Every one can also be set through the environment variable shown,
+/// which is how the DaemonSet sets them.
+#[derive(clap::Args, Clone, Debug)]
+pub struct AgentArgs {
+    /// This node's name: its Node object gives the NodePort addresses and the default uplinks.
+    /// Default: $NODE_NAME (the DaemonSet sets it from spec.nodeName), else the hostname.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// A kubeconfig file for the API server. Default: the in-cluster service account, else
+    /// $KUBECONFIG or ~/.kube/config.
+    #[arg(long, env = "SLUICE_KUBECONFIG", conflicts_with = "manifests")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// No API server: read Services, EndpointSlices and Nodes from the YAML files in this
+    /// directory (what `kubectl apply -f DIR` takes), re-read when they change. A file that does
+    /// not parse is reported with file and line, and the last good state stays in force.
+    #[arg(long, env = "SLUICE_MANIFESTS")]
+    pub manifests: Option<PathBuf>,
+
+    /// Pod-facing devices (the host side of pod veths), as comma-separated globs. Devices that
+    /// appear later are attached as they come.
+    #[arg(
+        long,
+        env = "SLUICE_POD_INTERFACES",
+        value_delimiter = ',',
+        default_value = "veth*,cali*,lxc*"
+    )]
+    pub pod_interfaces: Vec<String>,
+
+    /// Uplinks (NICs carrying NodePort, externalIPs and LoadBalancer traffic from outside),
+    /// comma-separated. Default: the devices holding the node's addresses.
+    #[arg(long, env = "SLUICE_UPLINKS", value_delimiter = ',')]
+    pub uplinks: Vec<String>,
+
+    /// Where NodePorts are served: `primary` (the Node's InternalIP and ExternalIP addresses,
+    /// kube-proxy's default in nftables mode), or comma-separated CIDRs (every local address
+    /// inside them).
+    #[arg(
+        long,
+        env = "SLUICE_NODEPORT_ADDRESSES",
+        value_delimiter = ',',
+        default_value = "primary"
+    )]
+    pub nodeport_addresses: Vec<String>,
+
+    /// Where maps and links are pinned (on a bpffs; /sys/fs/bpf is mounted if it is not).
+    /// Pinned state outlives the agent: a restarted agent adopts it and traffic keeps flowing.
+    #[arg(long, env = "SLUICE_PIN_PATH", default_value = "/sys/fs/bpf/sluice")]
+    pub pin_path: PathBuf,
+
+    /// Prometheus metrics (`GET /metrics`). Port 0 picks a free port.
+    #[arg(
+        long,
+        env = "SLUICE_METRICS_BIND_ADDRESS",
+        default_value = "127.0.0.1:10249"
+    )]
+    pub metrics_bind_address: SocketAddr,
+
+    /// Health checks (`GET /healthz`: synced and keeping up; `GET /livez`: alive).
+    #[arg(
+        long,
+        env = "SLUICE_HEALTHZ_BIND_ADDRESS",
+        default_value = "0.0.0.0:10256"
+    )]
+    pub healthz_bind_address: SocketAddr,
+
+    /// How programs are attached: tcx (Linux >= 6.6), clsact (any), or auto.
+    #[arg(long, env = "SLUICE_ATTACH_MODE", value_enum, default_value_t = Mode::Auto)]
+    pub attach_mode: Mode,
+
+    /// Source address for hairpin flows (a pod reaching itself through a Service): routed to
+    /// the node by pods, held by no device. Cilium uses the same default.
+    #[arg(
+        long,
+        env = "SLUICE_HAIRPIN_SNAT_ADDRESS",
+        default_value = "169.254.42.1"
+    )]
+    pub hairpin_snat_address: Ipv4Addr,
+
+    /// Size of the services map (frontends plus one slot per backend of each).
+    #[arg(long, env = "SLUICE_SERVICES_MAX", default_value_t = LB4_SERVICES_DEFAULT_MAX)]
+    pub services_max: u32,
+
+    /// Size of the backends map (distinct backend address, port and protocol).
+    #[arg(long, env = "SLUICE_BACKENDS_MAX", default_value_t = LB4_BACKENDS_DEFAULT_MAX)]
+    pub backends_max: u32,
+
+    /// Size of the reverse-NAT map (one per frontend).
+    #[arg(long, env = "SLUICE_REVNAT_MAX", default_value_t = LB4_REVNAT_DEFAULT_MAX)]
+    pub revnat_max: u32,
+
+    /// Size of the conntrack table (two entries per flow; least recently used evicted).
+    #[arg(long, env = "SLUICE_CONNTRACK_MAX", default_value_t = CT4_DEFAULT_MAX)]
+    pub conntrack_max: u32,
+
+    /// A Service port with more endpoints than this is invalid and skipped.
+    #[arg(long, env = "SLUICE_MAX_BACKENDS_PER_SERVICE", default_value_t = Limits::default().max_backends_per_frontend)]
+    pub max_backends_per_service: usize,
+}
+
+impl AgentArgs {
+    fn node_name(&self) -> String {
+        self.node_name.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "localhost".into())
+        })
+    }
+
+    fn nodeport_addresses(&self) -> anyhow::Result<NodePortAddresses> {
+        if self.nodeport_addresses.iter().any(|a| a == "primary") {
+            anyhow::ensure!(
+                self.nodeport_addresses.len() == 1,
+                "--nodeport-addresses: `primary` cannot be combined with CIDRs"
+            );
+            return Ok(NodePortAddresses::Primary);
+        }
+        let cidrs = self
+            .nodeport_addresses
+            .iter()
+            .map(|c| c.parse::<Cidr4>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("--nodeport-addresses: {e}"))?;
+        Ok(NodePortAddresses::Cidrs(cidrs))
+    }
+
+    fn pod_globs(&self) -> anyhow::Result<Vec<glob::Pattern>> {
+        self.pod_interfaces
+            .iter()
+            .filter(|g| !g.is_empty())
+            .map(|g| {
+                glob::Pattern::new(g).with_context(|| format!("--pod-interfaces: bad glob {g:?}"))
+            })
+            .collect()
+    }
+}
+
+/// An error and its sources, one line: what the operator needs in a log.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = s.source();
+    }
+    out
+}
+
+/// Makes sure `pin_path` is on a bpffs. If it is under /sys/fs/bpf and that is not mounted
+/// (a bare host, or a container without the mount), mounts it; anything else is an error
+/// that says what to do.
+fn ensure_bpffs(pin_path: &Path) -> anyhow::Result<()> {
+    let is_bpffs = |p: &Path| {
+        nix::sys::statfs::statfs(p)
+            .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+    };
+    let mut probe = pin_path.to_path_buf();
+    while !probe.exists() {
+        if !probe.pop() {
+            break;
+        }
+    }
+    if is_bpffs(&probe) {
+        return Ok(());
+    }
+    let root = Path::new("/sys/fs/bpf");
+    if pin_path.starts_with(root) && !is_bpffs(root) {
+        std::fs::create_dir_all(root).context("creating /sys/fs/bpf")?;
+        nix::mount::mount(
+            Some("bpffs"),
+            root,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .context("mounting bpffs at /sys/fs/bpf (needs CAP_SYS_ADMIN; or mount it on the host and pass it in)")?;
+        tracing::info!("mounted bpffs at /sys/fs/bpf");
+        return Ok(());
+    }
+    anyhow::bail!(
+        "--pin-path {} is not on a bpffs: mount one there (`mount -t bpf bpffs DIR`) or use a path under /sys/fs/bpf",
+        pin_path.display()
+    )
+}
+
+/// Runs the agent until SIGINT or SIGTERM. The maps and attachments stay pinned after exit,
+/// so Service traffic keeps flowing while the agent restarts.
+pub fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let node_name = args.node_name();
+    let nodeport_addresses = args.nodeport_addresses()?;
+    let pod_globs = args.pod_globs()?;
+    ensure_bpffs(&args.pin_path)?;
+    let mode = match args.attach_mode {
+        Mode::Auto => AttachMode::for_running_kernel(),
+        Mode::Tcx => AttachMode::Tcx,
+        Mode::Clsact => AttachMode::Clsact,
+    };
+    let dp = Dataplane::load_with(DataplaneConfig {
+        pin_path: Some(args.pin_path.clone()),
+        services_max: args.services_max,
+        backends_max: args.backends_max,
+        revnat_max: args.revnat_max,
+        conntrack_max: args.conntrack_max,
+        hairpin_snat: Some(args.hairpin_snat_address),
+    })?;
+    let metrics = Arc::new(metrics::Metrics::new());
+    let health = Arc::new(server::Health::default());
+    let (tx, rx) = std::sync::mpsc::channel::<Change>();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("sluice-rt")
+        .build()
+        .context("starting the tokio runtime")?;
+
+    let view: Arc<dyn ObjectView> = rt.block_on(async {
+        let m = server::start_metrics(args.metrics_bind_address, metrics.clone(), args.pin_path.clone())
+            .await
+            .with_context(|| format!("--metrics-bind-address {}", args.metrics_bind_address))?;
+        let h = server::start_health(args.healthz_bind_address, health.clone())
+            .await
+            .with_context(|| format!("--healthz-bind-address {}", args.healthz_bind_address))?;
+        tracing::info!(metrics = %m, healthz = %h, "listening");
+        let view: Arc<dyn ObjectView> = match &args.manifests {
+            Some(dir) => {
+                tracing::info!(dir = %dir.display(), node = %node_name, "source: manifests");
+                source::manifests::start(dir.clone(), &node_name, tx.clone(), metrics.clone())
+            }
+            None => {
+                let config = match &args.kubeconfig {
+                    Some(path) => {
+                        let kc = kube::config::Kubeconfig::read_from(path)
+                            .with_context(|| format!("reading --kubeconfig {}", path.display()))?;
+                        kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                            .await
+                            .with_context(|| format!("--kubeconfig {}", path.display()))?
+                    }
+                    None => kube::Config::infer()
+                        .await
+                        .context("no in-cluster config and no kubeconfig (pass --kubeconfig or --manifests)")?,
+                };
+                tracing::info!(server = %config.cluster_url, node = %node_name, "source: API server");
+                let client = kube::Client::try_from(config).context("building the API client")?;
+                source::kube::start(client, &node_name, tx.clone(), metrics.clone())
+            }
+        };
+        anyhow::Ok(view)
+    })?;
+
+    if let Err(error) = devices::watch_links(tx.clone()) {
+        tracing::warn!(%error, "no netlink link events; devices are re-checked every few seconds");
+    }
+    let devices = devices::Devices::new(
+        pod_globs,
+        args.uplinks.clone(),
+        mode,
+        args.pin_path.join("links"),
+        metrics.clone(),
+    );
+    let syncer = Syncer::new(
+        dp,
+        view,
+        metrics,
+        health,
+        SyncConfig {
+            nodeport_addresses,
+            limits: Limits {
+                max_backends_per_frontend: args.max_backends_per_service,
+            },
+        },
+        devices,
+    );
+    let sync_thread = std::thread::Builder::new()
+        .name("sluice-sync".into())
+        .spawn(move || syncer.run(rx))
+        .context("starting the sync thread")?;
+
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+        anyhow::Ok(())
+    })?;
+    tracing::info!("stopping; maps and attachments stay pinned");
+    let _ = tx.send(Change::Shutdown);
+    let _ = sync_thread.join();
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    Ok(())
+}

@@ -1,0 +1,486 @@
+//! The sync loop: keeps the maps equal to what the model says the objects want, writing only
+//! what changed.
+//!
+//! It owns the [`Dataplane`] and runs on its own thread. Changes arrive on a channel and are
+//! taken in batches (everything queued when the loop wakes), so a burst of events to one
+//! Service costs one write.
+//!
+//! - Before the first full sync nothing is written: the maps keep serving what was adopted
+//!   from the pins. The first full sync happens once every resource has been listed; it
+//!   writes what differs from the adopted entries and only then removes adopted frontends no
+//!   Service wants (stale entries).
+//! - Incremental: a changed Service (or slice) is recomputed; frontends whose backends
+//!   changed are upserted (the dataplane writes in the safe order), frontends it no longer has
+//!   are removed.
+//! - A frontend (address, port, protocol) belongs to the first Service that claims it; a
+//!   second claimant is counted and logged and gets it when the first lets go.
+//! - An invalid Service keeps whatever it had (its last good entries) and is counted; it never
+//!   touches another Service's entries.
+//! - A failed write (a full map) is reported and counted; the Service keeps its last good
+//!   entries and is retried every second.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::Ipv4Addr,
+    sync::{Arc, mpsc::Receiver, mpsc::RecvTimeoutError},
+    time::{Duration, Instant, SystemTime},
+};
+
+use super::{
+    devices::{Devices, local_devices},
+    metrics::{MapLabel, Metrics, SyncLabel},
+    server::Health,
+    source::{Change, ObjectView, Resource},
+};
+use crate::{
+    dataplane::{Backend, Dataplane, DataplaneError, Frontend, Protocol},
+    model::{self, Limits, NodeContext, Outcome, ServiceKey},
+};
+
+/// How often devices are re-checked and failed writes retried when nothing else happens.
+const TICK: Duration = Duration::from_secs(5);
+const RETRY: Duration = Duration::from_secs(1);
+
+/// The identity of a frontend in the maps.
+type FeId = (Ipv4Addr, u16, Protocol);
+type Entries = BTreeMap<FeId, (Frontend, Vec<Backend>)>;
+
+fn id(fe: &Frontend) -> FeId {
+    (fe.addr, fe.port, fe.proto)
+}
+
+/// An IPv4 prefix, for `--nodeport-addresses`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr4 {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Cidr4 {
+    pub fn contains(&self, a: Ipv4Addr) -> bool {
+        let mask = if self.prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(self.prefix))
+        };
+        u32::from(a) & mask == u32::from(self.addr) & mask
+    }
+}
+
+impl std::str::FromStr for Cidr4 {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, p) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not a CIDR (want a.b.c.d/n)"))?;
+        let addr: Ipv4Addr = a
+            .parse()
+            .map_err(|_| format!("{a:?} is not an IPv4 address"))?;
+        let prefix: u8 = p
+            .parse()
+            .ok()
+            .filter(|p| *p <= 32)
+            .ok_or_else(|| format!("{p:?} is not a prefix length 0..=32"))?;
+        Ok(Self { addr, prefix })
+    }
+}
+
+/// Where NodePorts are served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodePortAddresses {
+    /// The Node object's addresses (InternalIP, ExternalIP): kube-proxy's `primary`.
+    Primary,
+    /// Every local address inside one of these prefixes.
+    Cidrs(Vec<Cidr4>),
+}
+
+pub struct SyncConfig {
+    pub nodeport_addresses: NodePortAddresses,
+    pub limits: Limits,
+}
+
+pub struct Syncer {
+    dp: Dataplane,
+    view: Arc<dyn ObjectView>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    config: SyncConfig,
+    devices: Devices,
+    node: NodeContext,
+    node_addrs: Vec<Ipv4Addr>,
+    applied: HashMap<ServiceKey, Entries>,
+    owners: HashMap<FeId, ServiceKey>,
+    /// What the maps held at start, until the first full sync has claimed or removed it.
+    adopted: Option<Entries>,
+    invalid: BTreeMap<ServiceKey, String>,
+    /// Services that wanted a frontend another one holds.
+    waiting: BTreeSet<ServiceKey>,
+    retry: BTreeSet<ServiceKey>,
+    listed: BTreeSet<Resource>,
+    synced_once: bool,
+    /// The oldest unwritten last-change-trigger-time of each Service.
+    triggers: HashMap<ServiceKey, SystemTime>,
+}
+
+impl Syncer {
+    pub fn new(
+        dp: Dataplane,
+        view: Arc<dyn ObjectView>,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        config: SyncConfig,
+        devices: Devices,
+    ) -> Self {
+        let adopted: Entries = dp
+            .services()
+            .into_iter()
+            .map(|(fe, bes)| (id(&fe), (fe, sorted(bes))))
+            .collect();
+        if !adopted.is_empty() {
+            tracing::info!(
+                frontends = adopted.len(),
+                "adopted the pinned maps; they keep serving until the first full sync"
+            );
+        }
+        Self {
+            dp,
+            view,
+            metrics,
+            health,
+            config,
+            devices,
+            node: NodeContext {
+                nodeport_addresses: Vec::new(),
+            },
+            node_addrs: Vec::new(),
+            applied: HashMap::new(),
+            owners: HashMap::new(),
+            adopted: Some(adopted),
+            invalid: BTreeMap::new(),
+            waiting: BTreeSet::new(),
+            retry: BTreeSet::new(),
+            listed: BTreeSet::new(),
+            synced_once: false,
+            triggers: HashMap::new(),
+        }
+    }
+
+    /// Runs until [`Change::Shutdown`] or until every sender is gone.
+    pub fn run(mut self, rx: Receiver<Change>) {
+        self.refresh_node();
+        self.devices.reconcile(&mut self.dp, &self.node_addrs);
+        let mut last_tick = Instant::now();
+        loop {
+            let wait = if self.retry.is_empty() { TICK } else { RETRY };
+            let mut batch = Vec::new();
+            match rx.recv_timeout(wait) {
+                Ok(c) => batch.push(c),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            batch.extend(rx.try_iter());
+            self.health.beat();
+
+            let mut dirty = BTreeSet::new();
+            let mut full = false;
+            let mut node_changed = false;
+            let mut devices = last_tick.elapsed() >= TICK;
+            for change in batch {
+                match change {
+                    Change::Service(k) => {
+                        dirty.insert(k);
+                    }
+                    Change::Slices { service, trigger } => {
+                        if let Some(t) = trigger {
+                            let e = self.triggers.entry(service.clone()).or_insert(t);
+                            *e = (*e).min(t);
+                        }
+                        dirty.insert(service);
+                    }
+                    Change::Node => node_changed = true,
+                    Change::Listed(r) => {
+                        self.listed.insert(r);
+                        // A relist after the first sync: compare everything, flush nothing.
+                        full |= self.synced_once;
+                    }
+                    Change::Devices => devices = true,
+                    Change::Shutdown => return,
+                }
+            }
+            if node_changed && self.refresh_node() {
+                full = true;
+                devices = true;
+            }
+            if devices {
+                last_tick = Instant::now();
+                self.devices.reconcile(&mut self.dp, &self.node_addrs);
+            }
+            if !self.synced_once {
+                if self
+                    .view
+                    .resources()
+                    .iter()
+                    .all(|r| self.listed.contains(r))
+                {
+                    full = true;
+                } else {
+                    if !dirty.is_empty() {
+                        self.health.pending();
+                    }
+                    continue;
+                }
+            }
+            if !full && dirty.is_empty() && self.retry.is_empty() {
+                continue;
+            }
+            let start = Instant::now();
+            let kind = if full {
+                self.full_sync();
+                "full"
+            } else {
+                dirty.append(&mut self.retry);
+                for key in &dirty {
+                    self.sync_service(key);
+                }
+                "incremental"
+            };
+            self.finish_pass(kind, start);
+        }
+    }
+
+    fn finish_pass(&mut self, kind: &str, start: Instant) {
+        // Services that lost a conflict get another chance when frontends were freed.
+        let waiting = std::mem::take(&mut self.waiting);
+        for key in waiting {
+            self.sync_service(&key);
+        }
+        let m = &self.metrics;
+        m.sync_duration.observe(start.elapsed().as_secs_f64());
+        m.syncs
+            .get_or_create(&SyncLabel { kind: kind.into() })
+            .inc();
+        m.services.set(self.applied.len() as i64);
+        m.frontends.set(self.owners.len() as i64);
+        m.backends.set(
+            self.applied
+                .values()
+                .flat_map(|e| e.values())
+                .map(|(_, b)| b.len() as i64)
+                .sum(),
+        );
+        m.invalid_services.set(self.invalid.len() as i64);
+        if let Ok(d) = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
+            m.last_sync.set(d.as_secs_f64());
+        }
+        self.health.synced(self.synced_once);
+    }
+
+    /// Recomputes the node's addresses; true if the NodePort addresses changed.
+    fn refresh_node(&mut self) -> bool {
+        let node = self.view.node();
+        self.node_addrs = node
+            .as_deref()
+            .map(model::node_addresses)
+            .unwrap_or_default();
+        let nodeport_addresses = match &self.config.nodeport_addresses {
+            NodePortAddresses::Primary => self.node_addrs.clone(),
+            NodePortAddresses::Cidrs(cidrs) => {
+                let mut v: Vec<Ipv4Addr> = local_devices()
+                    .into_values()
+                    .flatten()
+                    .filter(|a| cidrs.iter().any(|c| c.contains(*a)))
+                    .collect();
+                v.sort();
+                v.dedup();
+                v
+            }
+        };
+        if nodeport_addresses != self.node.nodeport_addresses {
+            tracing::info!(addresses = ?nodeport_addresses, "NodePort addresses");
+            self.node.nodeport_addresses = nodeport_addresses;
+            return true;
+        }
+        false
+    }
+
+    /// Every Service, compared with the maps; then adopted entries nobody claimed are removed.
+    fn full_sync(&mut self) {
+        self.refresh_node();
+        let mut keys: BTreeSet<ServiceKey> = self.view.service_keys().into_iter().collect();
+        keys.extend(self.applied.keys().cloned());
+        keys.append(&mut self.retry);
+        for key in &keys {
+            self.sync_service(key);
+        }
+        if let Some(stale) = self.adopted.take() {
+            let mut removed = 0;
+            for (fe_id, (fe, _)) in stale {
+                if self.owners.contains_key(&fe_id) {
+                    continue;
+                }
+                match self.dp.remove_service(fe) {
+                    Ok(()) => removed += 1,
+                    Err(error) => self.write_error(&fe, error),
+                }
+            }
+            if removed > 0 {
+                tracing::info!(removed, "removed stale frontends left by an earlier agent");
+            }
+        }
+        if !self.synced_once {
+            tracing::info!(
+                services = self.applied.len(),
+                frontends = self.owners.len(),
+                invalid = self.invalid.len(),
+                "first full sync done"
+            );
+        }
+        self.synced_once = true;
+    }
+
+    fn write_error(&mut self, fe: &Frontend, error: DataplaneError) {
+        self.metrics.write_errors.inc();
+        if let DataplaneError::MapFull { map, .. } = &error {
+            self.metrics
+                .map_full
+                .get_or_create(&MapLabel {
+                    map: (*map).to_owned(),
+                })
+                .inc();
+        }
+        let error = super::chain(&error);
+        tracing::error!(frontend = %fe, %error, "map write failed");
+    }
+
+    /// What the model wants for `key` now; `None`: keep what it has (it is invalid).
+    fn desired(&mut self, key: &ServiceKey) -> Option<Entries> {
+        let Some(svc) = self.view.service(key) else {
+            self.invalid.remove(key);
+            return Some(Entries::new());
+        };
+        let slices = self.view.slices(key);
+        let refs: Vec<_> = slices.iter().map(|s| s.as_ref()).collect();
+        match model::service_frontends(&svc, &refs, &self.node, &self.config.limits) {
+            Outcome::Ignored { reason } => {
+                self.invalid.remove(key);
+                tracing::debug!(service = %key, reason, "not proxied");
+                Some(Entries::new())
+            }
+            Outcome::Invalid { reason } => {
+                self.metrics.invalid_service_events.inc();
+                if self.invalid.get(key) != Some(&reason) {
+                    tracing::warn!(service = %key, %reason, "invalid Service skipped; it keeps its last good entries");
+                }
+                self.invalid.insert(key.clone(), reason);
+                None
+            }
+            Outcome::Proxied {
+                frontends,
+                warnings,
+            } => {
+                self.invalid.remove(key);
+                for w in warnings {
+                    tracing::debug!(service = %key, warning = %w, "skipped part of a Service");
+                }
+                Some(
+                    frontends
+                        .into_iter()
+                        .map(|(fe, bes)| (id(&fe), (fe, sorted(bes))))
+                        .collect(),
+                )
+            }
+        }
+    }
+
+    /// Brings one Service's entries in line with what it wants.
+    fn sync_service(&mut self, key: &ServiceKey) {
+        let Some(desired) = self.desired(key) else {
+            self.triggers.remove(key);
+            return;
+        };
+        let old = self.applied.remove(key).unwrap_or_default();
+        let mut new = Entries::new();
+        let mut written = 0usize;
+        let mut failed = false;
+        for (fe_id, (fe, bes)) in desired {
+            if let Some(owner) = self.owners.get(&fe_id)
+                && owner != key
+            {
+                self.metrics.frontend_conflicts.inc();
+                tracing::warn!(service = %key, frontend = %fe, holder = %owner, "frontend already held by another Service; skipped");
+                self.waiting.insert(key.clone());
+                continue;
+            }
+            let entry = (fe, bes);
+            let adopted_same = self
+                .adopted
+                .as_mut()
+                .and_then(|a| a.remove(&fe_id))
+                .is_some_and(|a| a == entry);
+            if old.get(&fe_id) != Some(&entry) && !adopted_same {
+                if let Err(error) = self.dp.upsert_service(entry.0, &entry.1) {
+                    self.write_error(&entry.0, error);
+                    failed = true;
+                    // The dataplane rolled back: the frontend still has what it had.
+                    if let Some(prev) = old.get(&fe_id) {
+                        new.insert(fe_id, prev.clone());
+                    } else {
+                        self.owners.remove(&fe_id);
+                    }
+                    continue;
+                }
+                written += 1;
+            }
+            self.owners.insert(fe_id, key.clone());
+            new.insert(fe_id, entry);
+        }
+        let mut removed = 0usize;
+        for (fe_id, (fe, bes)) in old {
+            if new.contains_key(&fe_id) {
+                continue;
+            }
+            match self.dp.remove_service(fe) {
+                Ok(()) => {
+                    removed += 1;
+                    self.owners.remove(&fe_id);
+                    // Someone may have been waiting for it.
+                    if !self.waiting.is_empty() {
+                        self.retry.extend(self.waiting.iter().cloned());
+                    }
+                }
+                Err(error) => {
+                    self.write_error(&fe, error);
+                    failed = true;
+                    new.insert(fe_id, (fe, bes));
+                }
+            }
+        }
+        if failed {
+            self.retry.insert(key.clone());
+        }
+        if written + removed > 0 {
+            tracing::info!(
+                service = %key,
+                frontends = new.len(),
+                backends = new.values().map(|(_, b)| b.len()).max().unwrap_or(0),
+                written,
+                removed,
+                "programmed"
+            );
+        }
+        if !new.is_empty() {
+            self.applied.insert(key.clone(), new);
+        }
+        if !failed && let Some(t) = self.triggers.remove(key) {
+            let latency = SystemTime::now().duration_since(t).unwrap_or_default();
+            self.metrics
+                .programming_latency
+                .observe(latency.as_secs_f64());
+        }
+    }
+}
+
+fn sorted(mut v: Vec<Backend>) -> Vec<Backend> {
+    v.sort();
+    v.dedup();
+    v
+}
