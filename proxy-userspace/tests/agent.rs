@@ -1,0 +1,620 @@
+//! The agent end to end: the real `sluice agent` binary on a sandbox node, reaching the API
+//! test server through an ordinary kubeconfig (or reading a manifests directory), real servers
+//! in backend pods, real clients. Each test is one behaviour an operator relies on.
+use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use serde_json::json;
+use testbed::{
+    Attempt, BpfFs, Cluster, HttpServer, KeepAlive,
+    agent::{AgentProcess, eventually},
+    apiserver::ApiServer,
+    curl, http_many, require_privileged,
+};
+
+const T: Duration = Duration::from_secs(3);
+const WAIT: Duration = Duration::from_secs(20);
+const BACKENDS: [&str; 3] = ["backend-a", "backend-b", "backend-c"];
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 128, 20);
+const NODE_PORT: u16 = 30080;
+
+fn service(name: &str, ip: Ipv4Addr, protocol: &str) -> Service {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "type": "NodePort",
+            "clusterIP": ip.to_string(), "clusterIPs": [ip.to_string()],
+            "ports": [{"name": "web", "port": 80, "targetPort": "http", "protocol": protocol,
+                       "nodePort": NODE_PORT + u16::from(ip.octets()[3])}],
+        }
+    }))
+    .expect("a valid Service")
+}
+
+/// The slice the EndpointSlice controller would write for `svc` with these ready endpoints.
+fn slice(svc: &str, endpoints: &[Ipv4Addr]) -> EndpointSlice {
+    let now = jiff::Timestamp::now().to_string();
+    serde_json::from_value(json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {
+            "name": format!("{svc}-x1"), "namespace": "default",
+            "labels": {"kubernetes.io/service-name": svc},
+            "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": now},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "web", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints.iter().map(|a| json!({
+            "addresses": [a.to_string()], "conditions": {"ready": true},
+        })).collect::<Vec<_>>(),
+    }))
+    .expect("a valid EndpointSlice")
+}
+
+fn node_object(addr: Ipv4Addr) -> Node {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "node0"},
+        "status": {"addresses": [{"type": "InternalIP", "address": addr.to_string()}]},
+    }))
+    .expect("a valid Node")
+}
+
+struct Env {
+    // Field order is drop order: the agent first, the namespaces last.
+    agent: Option<AgentProcess>,
+    api: ApiServer,
+    _servers: Vec<HttpServer>,
+    bpffs: BpfFs,
+    dir: TempDir,
+    c: Cluster,
+}
+
+struct TempDir(PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Env {
+    fn new() -> Self {
+        let mut c = Cluster::new(1).unwrap();
+        c.add_pod(0, "client").unwrap();
+        for b in BACKENDS {
+            c.add_pod(0, b).unwrap();
+        }
+        c.add_outside().unwrap();
+        let servers = BACKENDS
+            .iter()
+            .map(|b| HttpServer::start(&c.pod(b).ns, b, 8080).unwrap())
+            .collect();
+        // The API server listens inside the node, where the agent runs.
+        let listener = c.nodes[0]
+            .ns
+            .run_in(|| std::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap()
+            .unwrap();
+        let api = ApiServer::start(listener).unwrap();
+        let dir = std::env::temp_dir().join(testbed::netns::unique_name("agent"));
+        std::fs::create_dir_all(&dir).unwrap();
+        api.write_kubeconfig(&dir.join("kubeconfig")).unwrap();
+        api.create(&node_object(c.nodes[0].addr)).unwrap();
+        Self {
+            agent: None,
+            api,
+            _servers: servers,
+            bpffs: BpfFs::new().unwrap(),
+            dir: TempDir(dir),
+            c,
+        }
+    }
+
+    fn pins(&self) -> PathBuf {
+        self.bpffs.path().join("sluice")
+    }
+
+    fn addr(&self, pod: &str) -> Ipv4Addr {
+        self.c.pod(pod).addr
+    }
+
+    fn args(&self, extra: &[&str]) -> Vec<String> {
+        let mut a: Vec<String> = [
+            "--node-name",
+            "node0",
+            "--pod-interfaces",
+            "pv*",
+            "--hairpin-snat-address",
+            "198.18.127.254",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.push("--pin-path".into());
+        a.push(self.pins().display().to_string());
+        if !extra.iter().any(|e| *e == "--manifests") {
+            a.push("--kubeconfig".into());
+            a.push(self.dir.0.join("kubeconfig").display().to_string());
+        }
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    }
+
+    /// Starts the agent and waits for its first full sync.
+    fn start_agent(&mut self, extra: &[&str]) -> &mut AgentProcess {
+        let log = self
+            .dir
+            .0
+            .join(format!("agent-{}.log", self.api.resource_version()));
+        let args = self.args(extra);
+        let bin = Path::new(env!("CARGO_BIN_EXE_sluice"));
+        let mut agent = AgentProcess::start(&self.c.nodes[0].ns, bin, &args, &log).unwrap();
+        agent.wait_healthy(WAIT);
+        self.agent = Some(agent);
+        self.agent.as_mut().unwrap()
+    }
+
+    fn agent(&self) -> &AgentProcess {
+        self.agent.as_ref().expect("agent started")
+    }
+
+    fn client_calls(&self, addr: Ipv4Addr, port: u16, n: u32) -> Vec<Attempt> {
+        http_many(&self.c.pod("client").ns, addr, port, n, T).unwrap()
+    }
+
+    /// The backends that answered `n` new connections; panics on a failed one.
+    fn answered(&self, addr: Ipv4Addr, port: u16, n: u32) -> BTreeSet<String> {
+        self.client_calls(addr, port, n)
+            .into_iter()
+            .map(|a| match a {
+                Attempt::Ok { body, .. } => body,
+                Attempt::Err(e) => panic!(
+                    "a connection to {addr}:{port} failed: {e}\nagent log:\n{}",
+                    self.agent().log()
+                ),
+            })
+            .collect()
+    }
+
+    /// Waits until `n` new connections to `addr:port` are answered by exactly `want`.
+    fn wait_for_backends(&self, addr: Ipv4Addr, port: u16, want: &[&str]) {
+        let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
+        let mut last = Vec::new();
+        let ok = eventually(WAIT, || {
+            last = self.client_calls(addr, port, 30);
+            let got: BTreeSet<String> = last
+                .iter()
+                .filter_map(|a| match a {
+                    Attempt::Ok { body, .. } => Some(body.clone()),
+                    Attempt::Err(_) => None,
+                })
+                .collect();
+            got == want && last.iter().all(|a| matches!(a, Attempt::Ok { .. }))
+        });
+        assert!(
+            ok,
+            "{addr}:{port} never served exactly {want:?}; last attempts: {last:?}\nagent log:\n{}",
+            self.agent().log()
+        );
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        self.agent().metric(name).unwrap_or(0.0)
+    }
+
+    fn services_json(&self) -> Vec<serde_json::Value> {
+        let out = self.c.nodes[0]
+            .ns
+            .exec(&[
+                env!("CARGO_BIN_EXE_sluice"),
+                "services",
+                "-o",
+                "json",
+                "--pin-path",
+                &self.pins().display().to_string(),
+            ])
+            .unwrap();
+        serde_json::from_str(&out).unwrap()
+    }
+
+    fn frontends(&self) -> BTreeSet<String> {
+        self.services_json()
+            .iter()
+            .map(|f| format!("{}:{}", f["address"].as_str().unwrap(), f["port"]))
+            .collect()
+    }
+}
+
+fn refused(a: &Attempt) -> bool {
+    matches!(a, Attempt::Err(e) if e.contains("refused") || e.contains("Refused"))
+}
+
+#[test]
+fn a_service_created_through_the_api_server_is_served_scaled_and_removed() {
+    require_privileged!("a_service_created_through_the_api_server_is_served_scaled_and_removed");
+    let mut env = Env::new();
+    env.start_agent(&[]);
+    let (a, b, c) = (
+        env.addr("backend-a"),
+        env.addr("backend-b"),
+        env.addr("backend-c"),
+    );
+    env.api.create(&service("web", VIP, "TCP")).unwrap();
+    env.api.create(&slice("web", &[a])).unwrap();
+    env.wait_for_backends(VIP, 80, &["backend-a"]);
+
+    // NodePort from outside the cluster, on the Node object's InternalIP.
+    let node = env.c.nodes[0].addr;
+    let np = NODE_PORT + 20;
+    let r = curl(&env.c.outside[0].ns, node, np, T).expect("NodePort from outside");
+    assert_eq!(r.body, "backend-a");
+
+    env.api.update(&slice("web", &[a, b, c])).unwrap();
+    env.wait_for_backends(VIP, 80, &["backend-a", "backend-b", "backend-c"]);
+    let latency = env.metric("sluice_network_programming_duration_seconds_count");
+    assert!(
+        latency >= 2.0,
+        "programming latency observed {latency} times, want >= 2"
+    );
+
+    // No ready endpoints: connections are refused at once (kube-proxy's REJECT).
+    env.api.update(&slice("web", &[])).unwrap();
+    let ok = eventually(WAIT, || env.client_calls(VIP, 80, 3).iter().all(refused));
+    assert!(
+        ok,
+        "connections to a Service without endpoints were not refused"
+    );
+
+    env.api
+        .delete::<EndpointSlice>(Some("default"), "web-x1")
+        .unwrap();
+    env.api.delete::<Service>(Some("default"), "web").unwrap();
+    let ok = eventually(WAIT, || env.frontends().is_empty());
+    assert!(
+        ok,
+        "frontends left after the Service was deleted: {:?}",
+        env.frontends()
+    );
+    let after = env.client_calls(VIP, 80, 2);
+    assert!(
+        after.iter().all(|a| matches!(a, Attempt::Err(_))),
+        "a deleted Service still answered: {after:?}"
+    );
+}
+
+#[test]
+fn a_dropped_watch_resumes_without_a_relist() {
+    require_privileged!("a_dropped_watch_resumes_without_a_relist");
+    let mut env = Env::new();
+    let (a, b) = (env.addr("backend-a"), env.addr("backend-b"));
+    env.api.create(&service("web", VIP, "TCP")).unwrap();
+    env.api.create(&slice("web", &[a])).unwrap();
+    env.start_agent(&[]);
+    env.wait_for_backends(VIP, 80, &["backend-a"]);
+    let lists = |api: &ApiServer| {
+        api.requests()
+            .iter()
+            .filter(|r| r.path.ends_with("/endpointslices") && !r.is_watch())
+            .count()
+    };
+    let before = lists(&env.api);
+
+    env.api.drop_watches();
+    env.api.update(&slice("web", &[a, b])).unwrap();
+    env.wait_for_backends(VIP, 80, &["backend-a", "backend-b"]);
+    assert_eq!(
+        lists(&env.api),
+        before,
+        "the watch relisted instead of resuming"
+    );
+    let full = env.metric("sluice_syncs_total{kind=\"full\"}");
+    assert_eq!(full, 1.0, "a resumed watch must not cause a full sync");
+}
+
+#[test]
+fn an_expired_resource_version_relists_and_flushes_nothing() {
+    require_privileged!("an_expired_resource_version_relists_and_flushes_nothing");
+    let mut env = Env::new();
+    let (a, b) = (env.addr("backend-a"), env.addr("backend-b"));
+    env.api.create(&service("web", VIP, "TCP")).unwrap();
+    env.api.create(&slice("web", &[a])).unwrap();
+    env.start_agent(&[]);
+    env.wait_for_backends(VIP, 80, &["backend-a"]);
+    let ka = KeepAlive::start(
+        &env.c.pod("client").ns,
+        VIP,
+        80,
+        60,
+        Duration::from_millis(50),
+    )
+    .unwrap();
+
+    // Changes the agent has not seen, then compaction: the watch cannot resume.
+    env.api.update(&slice("web", &[a, b])).unwrap();
+    env.api.expire();
+    env.wait_for_backends(VIP, 80, &["backend-a", "backend-b"]);
+    let ok = eventually(WAIT, || {
+        env.metric("sluice_syncs_total{kind=\"full\"}") >= 2.0
+    });
+    assert!(ok, "no full sync after the relist:\n{}", env.agent().log());
+    let lines = ka.finish(Duration::from_secs(15));
+    let oks = lines
+        .iter()
+        .filter(|l| l.starts_with("OK backend-a"))
+        .count();
+    assert_eq!(
+        oks, 60,
+        "the established connection was disturbed: {lines:?}"
+    );
+}
+
+#[test]
+fn a_killed_agent_leaves_traffic_flowing_and_its_successor_adopts_and_cleans_up() {
+    require_privileged!(
+        "a_killed_agent_leaves_traffic_flowing_and_its_successor_adopts_and_cleans_up"
+    );
+    let mut env = Env::new();
+    let (a, b) = (env.addr("backend-a"), env.addr("backend-b"));
+    let gone = Ipv4Addr::new(198, 18, 128, 21);
+    env.api.create(&service("web", VIP, "TCP")).unwrap();
+    env.api.create(&slice("web", &[a, b])).unwrap();
+    env.api.create(&service("gone", gone, "TCP")).unwrap();
+    env.start_agent(&[]);
+    env.wait_for_backends(VIP, 80, &["backend-a", "backend-b"]);
+    assert!(env.frontends().contains(&format!("{gone}:80")));
+
+    // 150 requests on one connection over ~6 s, across the kill and the restart.
+    let ka = KeepAlive::start(
+        &env.c.pod("client").ns,
+        VIP,
+        80,
+        150,
+        Duration::from_millis(40),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    env.agent.as_mut().unwrap().kill9();
+    // With no agent: new connections still work (pinned maps and links), and a Service is
+    // deleted that the next agent must clean up.
+    let answered = env.answered(VIP, 80, 10);
+    assert!(!answered.is_empty());
+    env.api.delete::<Service>(Some("default"), "gone").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    env.start_agent(&[]);
+    assert!(
+        env.agent().log().contains("adopted the pinned maps"),
+        "the new agent did not adopt the pins:\n{}",
+        env.agent().log()
+    );
+    let lines = ka.finish(Duration::from_secs(20));
+    let oks = lines.iter().filter(|l| l.starts_with("OK ")).count();
+    assert_eq!(
+        oks, 150,
+        "requests lost across kill -9 and restart: {lines:?}"
+    );
+    assert_eq!(lines.last().map(String::as_str), Some("DONE"));
+    let backends: BTreeSet<&str> = lines.iter().filter_map(|l| l.strip_prefix("OK ")).collect();
+    assert_eq!(
+        backends.len(),
+        1,
+        "the connection changed backend: {backends:?}"
+    );
+    let ok = eventually(WAIT, || !env.frontends().contains(&format!("{gone}:80")));
+    assert!(
+        ok,
+        "the stale frontend of a deleted Service stayed: {:?}",
+        env.frontends()
+    );
+    env.wait_for_backends(VIP, 80, &["backend-a", "backend-b"]);
+}
+
+#[test]
+fn an_unreachable_api_server_leaves_the_last_good_state_serving() {
+    require_privileged!("an_unreachable_api_server_leaves_the_last_good_state_serving");
+    let mut env = Env::new();
+    let (a, b) = (env.addr("backend-a"), env.addr("backend-b"));
+    env.api.create(&service("web", VIP, "TCP")).unwrap();
+    env.api.create(&slice("web", &[a])).unwrap();
+    env.start_agent(&[]);
+    env.wait_for_backends(VIP, 80, &["backend-a"]);
+
+    env.api.set_available(false);
+    let ok = eventually(WAIT, || {
+        env.metric("sluice_source_errors_total{resource=\"EndpointSlices\"}") > 0.0
+    });
+    assert!(ok, "the outage was not counted:\n{}", env.agent().log());
+    assert_eq!(
+        env.answered(VIP, 80, 10),
+        BTreeSet::from(["backend-a".to_owned()])
+    );
+    assert_eq!(
+        env.agent().healthz(),
+        Some(200),
+        "an outage alone must not fail /healthz"
+    );
+
+    env.api.update(&slice("web", &[a, b])).unwrap();
+    env.api.set_available(true);
+    env.wait_for_backends(VIP, 80, &["backend-a", "backend-b"]);
+}
+
+#[test]
+fn an_agent_started_while_the_api_server_is_down_serves_the_pinned_state() {
+    require_privileged!("an_agent_started_while_the_api_server_is_down_serves_the_pinned_state");
+    let mut env = Env::new();
+    let a = env.addr("backend-a");
+    env.api.create(&service("web", VIP, "TCP")).unwrap();
+    env.api.create(&slice("web", &[a])).unwrap();
+    env.start_agent(&[]);
+    env.wait_for_backends(VIP, 80, &["backend-a"]);
+    env.agent.as_mut().unwrap().kill9();
+    env.api.set_available(false);
+
+    let log = env.dir.0.join("agent-down.log");
+    let args = env.args(&[]);
+    let bin = Path::new(env!("CARGO_BIN_EXE_sluice"));
+    env.agent = Some(AgentProcess::start(&env.c.nodes[0].ns, bin, &args, &log).unwrap());
+    std::thread::sleep(Duration::from_secs(2));
+    assert_ne!(env.agent().healthz(), Some(200), "healthy before any list");
+    assert_eq!(
+        env.answered(VIP, 80, 10),
+        BTreeSet::from(["backend-a".to_owned()])
+    );
+    env.api.set_available(true);
+    env.agent
+        .as_mut()
+        .unwrap()
+        .wait_healthy(Duration::from_secs(40));
+}
+
+#[test]
+fn an_invalid_service_is_counted_and_skipped_and_others_are_served() {
+    require_privileged!("an_invalid_service_is_counted_and_skipped_and_others_are_served");
+    let mut env = Env::new();
+    let a = env.addr("backend-a");
+    let bad = Ipv4Addr::new(198, 18, 128, 22);
+    env.api.create(&service("bad", bad, "QUIC")).unwrap();
+    env.api.create(&slice("bad", &[a])).unwrap();
+    env.api.create(&service("web", VIP, "TCP")).unwrap();
+    env.api.create(&slice("web", &[a])).unwrap();
+    env.start_agent(&[]);
+    env.wait_for_backends(VIP, 80, &["backend-a"]);
+    assert_eq!(env.metric("sluice_invalid_services"), 1.0);
+    assert!(env.metric("sluice_invalid_service_events_total") >= 1.0);
+    assert!(
+        !env.frontends()
+            .iter()
+            .any(|f| f.starts_with(&bad.to_string()))
+    );
+    assert!(
+        env.agent().log().contains("default/bad"),
+        "the invalid Service was not logged by name"
+    );
+}
+
+#[test]
+fn a_full_map_is_reported_and_nothing_is_half_written() {
+    require_privileged!("a_full_map_is_reported_and_nothing_is_half_written");
+    let mut env = Env::new();
+    let (a, b) = (env.addr("backend-a"), env.addr("backend-b"));
+    // 8 entries: each Service here needs 2 frontends (ClusterIP, NodePort) x (1 + 2 slots).
+    for (i, name) in ["one", "two"].iter().enumerate() {
+        let ip = Ipv4Addr::new(198, 18, 128, 30 + i as u8);
+        env.api.create(&service(name, ip, "TCP")).unwrap();
+        env.api.create(&slice(name, &[a, b])).unwrap();
+    }
+    env.start_agent(&["--services-max", "8"]);
+    let full = env.metric("sluice_map_full_errors_total{map=\"LB4_SERVICES\"}");
+    assert!(
+        full >= 1.0,
+        "no map-full error counted:\n{}",
+        env.metrics_text()
+    );
+    // What is in the maps is whole: every frontend has both its backends.
+    let services = env.services_json();
+    assert!(!services.is_empty(), "nothing was written");
+    for f in &services {
+        assert_eq!(
+            f["backends"].as_array().unwrap().len(),
+            2,
+            "half-written frontend: {f}"
+        );
+    }
+    let first = &services[0];
+    let (ip, port): (Ipv4Addr, u16) = (
+        first["address"].as_str().unwrap().parse().unwrap(),
+        first["port"].as_u64().unwrap() as u16,
+    );
+    env.wait_for_backends(ip, port, &["backend-a", "backend-b"]);
+    assert!(
+        env.agent().log().contains("is full"),
+        "the full map was not logged"
+    );
+}
+
+impl Env {
+    fn metrics_text(&self) -> String {
+        self.agent().metrics()
+    }
+}
+
+#[test]
+fn a_pod_device_that_appears_later_is_attached() {
+    require_privileged!("a_pod_device_that_appears_later_is_attached");
+    let mut env = Env::new();
+    let a = env.addr("backend-a");
+    env.api.create(&service("web", VIP, "TCP")).unwrap();
+    env.api.create(&slice("web", &[a])).unwrap();
+    env.start_agent(&[]);
+    env.wait_for_backends(VIP, 80, &["backend-a"]);
+    let late = env.c.add_pod(0, "late").unwrap();
+    let ns = late.ns.name().to_owned();
+    let late_ns = &env.c.pod("late").ns;
+    let mut last = None;
+    let ok = eventually(WAIT, || {
+        last = Some(curl(late_ns, VIP, 80, Duration::from_secs(1)));
+        matches!(&last, Some(Ok(r)) if r.body == "backend-a")
+    });
+    assert!(
+        ok,
+        "a pod added after the agent started ({ns}) cannot reach the Service: {last:?}"
+    );
+}
+
+#[test]
+fn manifests_mode_keeps_the_last_good_state_when_a_file_breaks() {
+    require_privileged!("manifests_mode_keeps_the_last_good_state_when_a_file_breaks");
+    let mut env = Env::new();
+    let (a, b) = (env.addr("backend-a"), env.addr("backend-b"));
+    let dir = env.dir.0.join("manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, objs: &[serde_json::Value]| {
+        // JSON is YAML: one document per object.
+        let text: Vec<String> = objs.iter().map(|o| o.to_string()).collect();
+        std::fs::write(dir.join(name), text.join("\n---\n")).unwrap();
+    };
+    let node = serde_json::to_value(node_object(env.c.nodes[0].addr)).unwrap();
+    let svc = serde_json::to_value(service("web", VIP, "TCP")).unwrap();
+    write("node.yaml", &[node]);
+    write(
+        "web.yaml",
+        &[
+            svc.clone(),
+            serde_json::to_value(slice("web", &[a])).unwrap(),
+        ],
+    );
+    let d = dir.display().to_string();
+    env.start_agent(&["--manifests", &d]);
+    env.wait_for_backends(VIP, 80, &["backend-a"]);
+
+    std::fs::write(
+        dir.join("web.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n spec: [\n",
+    )
+    .unwrap();
+    let ok = eventually(WAIT, || env.metric("sluice_manifest_errors_total") >= 1.0);
+    assert!(ok, "the broken file was not counted");
+    assert!(
+        env.agent().log().contains("web.yaml:"),
+        "the error does not name the file and line:\n{}",
+        env.agent().log()
+    );
+    assert_eq!(
+        env.answered(VIP, 80, 10),
+        BTreeSet::from(["backend-a".to_owned()])
+    );
+
+    write(
+        "web.yaml",
+        &[svc, serde_json::to_value(slice("web", &[a, b])).unwrap()],
+    );
+    env.wait_for_backends(VIP, 80, &["backend-a", "backend-b"]);
+}
