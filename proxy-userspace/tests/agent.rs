@@ -140,7 +140,7 @@ impl Env {
         .collect();
         a.push("--pin-path".into());
         a.push(self.pins().display().to_string());
-        if !extra.iter().any(|e| *e == "--manifests") {
+        if !extra.contains(&"--manifests") {
             a.push("--kubeconfig".into());
             a.push(self.dir.0.join("kubeconfig").display().to_string());
         }
