@@ -1305,6 +1305,9 @@ async fn accept(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
             let _ = stream.set_zero_linger();
             continue;
         }
+        // As Go's net package (and so kube-apiserver) does: watch events are small writes,
+        // and Nagle plus the client's delayed ACK would hold each one back ~40 ms.
+        let _ = stream.set_nodelay(true);
         tokio::spawn(connection(stream, Arc::clone(&shared)));
     }
 }

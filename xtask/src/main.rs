@@ -67,21 +67,23 @@ fn main() -> anyhow::Result<()> {
 
 fn bench(quick: bool) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    let mut cmd = std::process::Command::new("cargo");
-    cmd.current_dir(workspace_root()).args([
-        "bench",
-        "--package",
-        "proxy-userspace",
-        "--bench",
-        "datapath",
-        "--",
-    ]);
-    if quick {
-        cmd.arg("--quick");
+    for bench in ["datapath", "agent"] {
+        let mut cmd = std::process::Command::new("cargo");
+        cmd.current_dir(workspace_root()).args([
+            "bench",
+            "--package",
+            "proxy-userspace",
+            "--bench",
+            bench,
+            "--",
+        ]);
+        if quick {
+            cmd.arg("--quick");
+        }
+        let st = cmd.status().context("starting cargo bench")?;
+        anyhow::ensure!(st.success(), "the {bench} benchmark failed ({st})");
     }
-    let st = cmd.status().context("starting cargo bench")?;
-    anyhow::ensure!(st.success(), "the benchmark failed ({st})");
-    println!("report: target/bench/datapath.md");
+    println!("reports: target/bench/datapath.md, target/bench/agent.md");
     Ok(())
 }
 
