@@ -163,18 +163,22 @@ fn conntrack(pin_path: &std::path::Path, output: Output) -> anyhow::Result<()> {
         .unwrap_or(0);
     // A flow is its service entry (client -> frontend, pinned backend); the reverse entry
     // carries the state both directions update.
+    // Reverse entries by (protocol, translated source port, backend): the translated source is
+    // the client, or the hairpin SNAT address with the client's port.
+    let reverse: std::collections::HashMap<_, _> = entries
+        .iter()
+        .filter(|r| r.kind == CtKind::Reverse)
+        .map(|r| ((r.proto, r.src.port(), r.dst), r))
+        .collect();
     let mut flows = Vec::new();
     for e in entries.iter().filter(|e| e.kind == CtKind::Service) {
         if e.entry.expires_ns <= now {
             continue;
         }
         let backend = sluice_sock(e.entry.addr_be, e.entry.port_be);
-        let reverse = entries.iter().find(|r| {
-            r.kind == CtKind::Reverse
-                && r.proto == e.proto
-                && r.dst == backend
-                && (r.src.port() == e.src.port())
-        });
+        let reverse = reverse
+            .get(&(e.proto, e.src.port(), backend))
+            .filter(|r| r.src.ip() == e.src.ip() || e.entry.nat_addr_be != 0);
         let flags = reverse.map_or(e.entry.flags, |r| r.entry.flags);
         let state = if e.proto == sluice::dataplane::Protocol::Tcp {
             tcp_state(flags)

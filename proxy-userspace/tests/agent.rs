@@ -346,13 +346,17 @@ fn an_expired_resource_version_relists_and_flushes_nothing() {
     });
     assert!(ok, "no full sync after the relist:\n{}", env.agent().log());
     let lines = ka.finish(Duration::from_secs(15));
-    let oks = lines
-        .iter()
-        .filter(|l| l.starts_with("OK backend-a"))
-        .count();
+    // It connected around the change, so to either backend; it must keep that one.
+    let backends: BTreeSet<&str> = lines.iter().filter_map(|l| l.strip_prefix("OK ")).collect();
+    let oks = lines.iter().filter(|l| l.starts_with("OK ")).count();
     assert_eq!(
         oks, 60,
         "the established connection was disturbed: {lines:?}"
+    );
+    assert_eq!(
+        backends.len(),
+        1,
+        "the connection changed backend: {lines:?}"
     );
 }
 
@@ -361,13 +365,25 @@ fn a_killed_agent_leaves_traffic_flowing_and_its_successor_adopts_and_cleans_up(
     require_privileged!(
         "a_killed_agent_leaves_traffic_flowing_and_its_successor_adopts_and_cleans_up"
     );
+    killed_agent(&["--attach-mode", "tcx"]);
+}
+
+/// The same through clsact filters (kernels before 6.6): the filter outlives the process and
+/// the successor replaces the program in it.
+#[test]
+fn a_killed_agent_on_clsact_leaves_traffic_flowing() {
+    require_privileged!("a_killed_agent_on_clsact_leaves_traffic_flowing");
+    killed_agent(&["--attach-mode", "clsact"]);
+}
+
+fn killed_agent(mode: &[&str]) {
     let mut env = Env::new();
     let (a, b) = (env.addr("backend-a"), env.addr("backend-b"));
     let gone = Ipv4Addr::new(198, 18, 128, 21);
     env.api.create(&service("web", VIP, "TCP")).unwrap();
     env.api.create(&slice("web", &[a, b])).unwrap();
     env.api.create(&service("gone", gone, "TCP")).unwrap();
-    env.start_agent(&[]);
+    env.start_agent(mode);
     env.wait_for_backends(VIP, 80, &["backend-a", "backend-b"]);
     assert!(env.frontends().contains(&format!("{gone}:80")));
 
@@ -388,7 +404,7 @@ fn a_killed_agent_leaves_traffic_flowing_and_its_successor_adopts_and_cleans_up(
     assert!(!answered.is_empty());
     env.api.delete::<Service>(Some("default"), "gone").unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    env.start_agent(&[]);
+    env.start_agent(mode);
     assert!(
         env.agent().log().contains("adopted the pinned maps"),
         "the new agent did not adopt the pins:\n{}",
@@ -414,6 +430,22 @@ fn a_killed_agent_leaves_traffic_flowing_and_its_successor_adopts_and_cleans_up(
         env.frontends()
     );
     env.wait_for_backends(VIP, 80, &["backend-a", "backend-b"]);
+    if mode.contains(&"clsact") {
+        // The successor replaced its predecessor's filter rather than adding a second one.
+        let client_dev = env.c.pod("client").host_veth.clone();
+        let filters = env.c.nodes[0]
+            .ns
+            .exec(&["tc", "filter", "show", "dev", &client_dev, "ingress"])
+            .unwrap();
+        let n = filters
+            .lines()
+            .filter(|l| l.contains("sluice_from_pod"))
+            .count();
+        assert_eq!(
+            n, 1,
+            "want one sluice filter after a restart, found:\n{filters}"
+        );
+    }
 }
 
 #[test]
@@ -468,6 +500,15 @@ fn an_agent_started_while_the_api_server_is_down_serves_the_pinned_state() {
         env.answered(VIP, 80, 10),
         BTreeSet::from(["backend-a".to_owned()])
     );
+    // The uplink (found by the Node's address, which this agent has not listed) keeps its
+    // programs: NodePort from outside still works.
+    let node = env.c.nodes[0].addr;
+    let r = curl(&env.c.outside[0].ns, node, NODE_PORT + 20, T);
+    assert!(
+        matches!(&r, Ok(r) if r.body == "backend-a"),
+        "NodePort from outside failed while the new agent waited for the API server: {r:?}\n{}",
+        env.agent().log()
+    );
     env.api.set_available(true);
     env.agent
         .as_mut()
@@ -504,23 +545,37 @@ fn an_invalid_service_is_counted_and_skipped_and_others_are_served() {
 fn a_full_map_is_reported_and_nothing_is_half_written() {
     require_privileged!("a_full_map_is_reported_and_nothing_is_half_written");
     let mut env = Env::new();
-    let (a, b) = (env.addr("backend-a"), env.addr("backend-b"));
-    // 8 entries: each Service here needs 2 frontends (ClusterIP, NodePort) x (1 + 2 slots).
+    let (a, b, c) = (
+        env.addr("backend-a"),
+        env.addr("backend-b"),
+        env.addr("backend-c"),
+    );
+    // 6 entries: one Service needs 2 frontends (ClusterIP, NodePort) x (1 + 2 slots), so the
+    // second does not fit.
     for (i, name) in ["one", "two"].iter().enumerate() {
         let ip = Ipv4Addr::new(198, 18, 128, 30 + i as u8);
         env.api.create(&service(name, ip, "TCP")).unwrap();
-        env.api.create(&slice(name, &[a, b])).unwrap();
+        env.api.create(&slice(name, &[b, c])).unwrap();
     }
-    env.start_agent(&["--services-max", "8"]);
-    let full = env.metric("sluice_map_full_errors_total{map=\"LB4_SERVICES\"}");
+    env.start_agent(&["--services-max", "6"]);
+    let full = || env.metric("sluice_map_full_errors_total{map=\"LB4_SERVICES\"}");
+    let before = full();
     assert!(
-        full >= 1.0,
+        before >= 1.0,
         "no map-full error counted:\n{}",
         env.metrics_text()
     );
+    assert!(
+        env.agent().log().contains("is full"),
+        "the full map was not logged"
+    );
     // What is in the maps is whole: every frontend has both its backends.
     let services = env.services_json();
-    assert!(!services.is_empty(), "nothing was written");
+    assert_eq!(
+        services.len(),
+        2,
+        "want the two frontends of one Service: {services:?}"
+    );
     for f in &services {
         assert_eq!(
             f["backends"].as_array().unwrap().len(),
@@ -528,16 +583,21 @@ fn a_full_map_is_reported_and_nothing_is_half_written() {
             "half-written frontend: {f}"
         );
     }
-    let first = &services[0];
-    let (ip, port): (Ipv4Addr, u16) = (
-        first["address"].as_str().unwrap().parse().unwrap(),
-        first["port"].as_u64().unwrap() as u16,
-    );
-    env.wait_for_backends(ip, port, &["backend-a", "backend-b"]);
-    assert!(
-        env.agent().log().contains("is full"),
-        "the full map was not logged"
-    );
+    let ip: Ipv4Addr = services[0]["address"].as_str().unwrap().parse().unwrap();
+    let port = services[0]["port"].as_u64().unwrap() as u16;
+    env.wait_for_backends(ip, port, &["backend-b", "backend-c"]);
+
+    // Scaling up a Service that does not fit any more: refused, and the old backends keep
+    // serving (the new set [a, b, c] would move b and c to other slots).
+    let owner = if ip == Ipv4Addr::new(198, 18, 128, 30) || port == NODE_PORT + 30 {
+        "one"
+    } else {
+        "two"
+    };
+    env.api.update(&slice(owner, &[a, b, c])).unwrap();
+    let ok = eventually(WAIT, || full() > before);
+    assert!(ok, "the refused scale-up was not counted");
+    env.wait_for_backends(ip, port, &["backend-b", "backend-c"]);
 }
 
 impl Env {

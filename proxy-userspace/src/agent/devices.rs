@@ -46,7 +46,9 @@ pub struct Devices {
     uplinks: Vec<String>,
     mode: AttachMode,
     links_dir: PathBuf,
-    attached: BTreeMap<String, Role>,
+    /// Attached devices: role and ifindex (a device recreated under the same name has a new
+    /// index and must be attached again).
+    attached: BTreeMap<String, (Role, u32)>,
     metrics: Arc<Metrics>,
 }
 
@@ -100,7 +102,9 @@ impl Devices {
     }
 
     /// Attaches to every wanted device not yet attached, forgets the ones that are gone.
-    pub fn reconcile(&mut self, dp: &mut Dataplane, node_addrs: &[Ipv4Addr]) {
+    /// `node_known`: the node's addresses are known (its Node has been listed); until then a
+    /// present device is never detached, since it may be an uplink found by address.
+    pub fn reconcile(&mut self, dp: &mut Dataplane, node_addrs: &[Ipv4Addr], node_known: bool) {
         let present = local_devices();
         let mut wanted: BTreeMap<String, Role> = BTreeMap::new();
         for (name, addrs) in &present {
@@ -109,7 +113,8 @@ impl Devices {
             }
         }
         for (name, role) in &wanted {
-            if self.attached.get(name) == Some(role) {
+            let index = nix::net::if_::if_nametoindex(name.as_str()).unwrap_or(0);
+            if self.attached.get(name) == Some(&(*role, index)) {
                 continue;
             }
             let result = match role {
@@ -119,7 +124,7 @@ impl Devices {
             match result {
                 Ok(()) => {
                     tracing::info!(device = %name, ?role, mode = %self.mode, "attached");
-                    self.attached.insert(name.clone(), *role);
+                    self.attached.insert(name.clone(), (*role, index));
                 }
                 Err(error) => {
                     self.metrics.attach_errors.inc();
@@ -134,11 +139,18 @@ impl Devices {
             .chain(self.attached.keys().cloned())
             .collect();
         for name in pinned {
-            if wanted.contains_key(&name) {
+            if wanted.contains_key(&name) || (!node_known && present.contains_key(&name)) {
                 continue;
             }
-            if let Err(error) = dataplane::forget_device_links(&self.links_dir, &name) {
-                tracing::warn!(device = %name, %error, "could not remove link pins");
+            let result = dataplane::forget_device_links(&self.links_dir, &name).and_then(|()| {
+                if self.mode == AttachMode::Clsact && present.contains_key(&name) {
+                    dataplane::detach_clsact(&name)
+                } else {
+                    Ok(())
+                }
+            });
+            if let Err(error) = result {
+                tracing::warn!(device = %name, %error, "could not detach");
                 continue;
             }
             if self.attached.remove(&name).is_some() {
@@ -151,7 +163,7 @@ impl Devices {
             }
         }
         for role in [Role::Pod, Role::Uplink] {
-            let n = self.attached.values().filter(|r| **r == role).count();
+            let n = self.attached.values().filter(|(r, _)| *r == role).count();
             self.metrics
                 .attached_devices
                 .get_or_create(&role.label())

@@ -1,10 +1,10 @@
 //! The agent's two HTTP endpoints, as kube-proxy has them:
 //! - metrics (`--metrics-bind-address`, default 127.0.0.1:10249): `GET /metrics`;
-//! - health (`--healthz-bind-address`, default 0.0.0.0:10256): `GET /healthz` (200 once the
-//!   first full sync is done and the sync loop keeps up; 503 otherwise) and `GET /livez`
-//!   (200 while the sync loop is alive).
+//! - health (`--healthz-bind-address`, default 0.0.0.0:10256): `GET /healthz` (and its alias
+//!   `/readyz`: 200 once the first full sync is done and the sync loop keeps up; 503 otherwise)
+//!   and `GET /livez` (200 while the sync loop is alive).
 //!
-//! Nothing else listens. Both answer GET only.
+//! Nothing else listens. Both answer GET and HEAD only.
 use std::{
     convert::Infallible,
     net::SocketAddr,

@@ -107,6 +107,12 @@ pub struct Syncer {
     devices: Devices,
     node: NodeContext,
     node_addrs: Vec<Ipv4Addr>,
+    /// The own Node has been seen: its addresses (the default uplinks) are known.
+    node_known: bool,
+    /// When this agent started: trigger times from before are not its latency.
+    started: SystemTime,
+    /// (Service, frontend) conflicts already logged.
+    conflicts_logged: BTreeSet<(ServiceKey, FeId)>,
     applied: HashMap<ServiceKey, Entries>,
     owners: HashMap<FeId, ServiceKey>,
     /// What the maps held at start, until the first full sync has claimed or removed it.
@@ -152,6 +158,9 @@ impl Syncer {
                 nodeport_addresses: Vec::new(),
             },
             node_addrs: Vec::new(),
+            node_known: false,
+            started: SystemTime::now(),
+            conflicts_logged: BTreeSet::new(),
             applied: HashMap::new(),
             owners: HashMap::new(),
             adopted: Some(adopted),
@@ -167,7 +176,8 @@ impl Syncer {
     /// Runs until [`Change::Shutdown`] or until every sender is gone.
     pub fn run(mut self, rx: Receiver<Change>) {
         self.refresh_node();
-        self.devices.reconcile(&mut self.dp, &self.node_addrs);
+        self.devices
+            .reconcile(&mut self.dp, &self.node_addrs, self.node_known);
         let mut last_tick = Instant::now();
         loop {
             let wait = if self.retry.is_empty() { TICK } else { RETRY };
@@ -190,7 +200,9 @@ impl Syncer {
                         dirty.insert(k);
                     }
                     Change::Slices { service, trigger } => {
-                        if let Some(t) = trigger {
+                        // kube-proxy's rule: a trigger from before this process started
+                        // measures the downtime, not the programming.
+                        if let Some(t) = trigger.filter(|t| *t >= self.started) {
                             let e = self.triggers.entry(service.clone()).or_insert(t);
                             *e = (*e).min(t);
                         }
@@ -206,13 +218,15 @@ impl Syncer {
                     Change::Shutdown => return,
                 }
             }
-            if node_changed && self.refresh_node() {
+            // Addresses come and go with devices too (CIDR --nodeport-addresses).
+            if (node_changed || devices) && self.refresh_node() {
                 full = true;
                 devices = true;
             }
-            if devices {
+            if devices || node_changed {
                 last_tick = Instant::now();
-                self.devices.reconcile(&mut self.dp, &self.node_addrs);
+                self.devices
+                    .reconcile(&mut self.dp, &self.node_addrs, self.node_known);
             }
             if !self.synced_once {
                 if self
@@ -234,6 +248,7 @@ impl Syncer {
             }
             let start = Instant::now();
             let kind = if full {
+                self.retry.append(&mut dirty);
                 self.full_sync();
                 "full"
             } else {
@@ -276,11 +291,12 @@ impl Syncer {
 
     /// Recomputes the node's addresses; true if the NodePort addresses changed.
     fn refresh_node(&mut self) -> bool {
-        let node = self.view.node();
-        self.node_addrs = node
-            .as_deref()
-            .map(model::node_addresses)
-            .unwrap_or_default();
+        // A Node that is not (or no longer) there keeps its last known addresses: losing the
+        // object must not take NodePorts and uplinks away.
+        if let Some(node) = self.view.node() {
+            self.node_addrs = model::node_addresses(&node);
+            self.node_known = true;
+        }
         let nodeport_addresses = match &self.config.nodeport_addresses {
             NodePortAddresses::Primary => self.node_addrs.clone(),
             NodePortAddresses::Cidrs(cidrs) => {
@@ -395,6 +411,7 @@ impl Syncer {
     fn sync_service(&mut self, key: &ServiceKey) {
         let Some(desired) = self.desired(key) else {
             self.triggers.remove(key);
+            self.claim_adopted_for_invalid(key);
             return;
         };
         let old = self.applied.remove(key).unwrap_or_default();
@@ -405,24 +422,25 @@ impl Syncer {
             if let Some(owner) = self.owners.get(&fe_id)
                 && owner != key
             {
-                self.metrics.frontend_conflicts.inc();
-                tracing::warn!(service = %key, frontend = %fe, holder = %owner, "frontend already held by another Service; skipped");
+                if self.conflicts_logged.insert((key.clone(), fe_id)) {
+                    self.metrics.frontend_conflicts.inc();
+                    tracing::warn!(service = %key, frontend = %fe, holder = %owner, "frontend already held by another Service; skipped");
+                }
                 self.waiting.insert(key.clone());
                 continue;
             }
             let entry = (fe, bes);
-            let adopted_same = self
-                .adopted
-                .as_mut()
-                .and_then(|a| a.remove(&fe_id))
-                .is_some_and(|a| a == entry);
+            let adopted = self.adopted.as_mut().and_then(|a| a.remove(&fe_id));
+            let adopted_same = adopted.as_ref() == Some(&entry);
             if old.get(&fe_id) != Some(&entry) && !adopted_same {
                 if let Err(error) = self.dp.upsert_service(entry.0, &entry.1) {
                     self.write_error(&entry.0, error);
                     failed = true;
-                    // The dataplane rolled back: the frontend still has what it had.
-                    if let Some(prev) = old.get(&fe_id) {
-                        new.insert(fe_id, prev.clone());
+                    // The dataplane rolled back: the frontend still has what it had, which
+                    // this Service now holds (and removes if it stops wanting it).
+                    if let Some(prev) = old.get(&fe_id).cloned().or(adopted) {
+                        self.owners.insert(fe_id, key.clone());
+                        new.insert(fe_id, prev);
                     } else {
                         self.owners.remove(&fe_id);
                     }
@@ -475,6 +493,61 @@ impl Syncer {
             self.metrics
                 .programming_latency
                 .observe(latency.as_secs_f64());
+        }
+    }
+}
+
+impl Syncer {
+    /// An invalid Service keeps its last good entries, also across a restart: before the first
+    /// full sync, the adopted frontends on its addresses (ClusterIPs, externalIPs,
+    /// LoadBalancer IPs, and its nodePorts on the node) become its own, so the stale sweep
+    /// leaves them alone.
+    fn claim_adopted_for_invalid(&mut self, key: &ServiceKey) {
+        let (Some(adopted), Some(svc)) = (self.adopted.as_mut(), self.view.service(key)) else {
+            return;
+        };
+        let parse = |v: &str| v.parse::<Ipv4Addr>().ok();
+        let spec = svc.spec.as_ref();
+        let mut addrs: BTreeSet<Ipv4Addr> = BTreeSet::new();
+        if let Some(spec) = spec {
+            addrs.extend(spec.cluster_ip.as_deref().and_then(parse));
+            for list in [&spec.cluster_ips, &spec.external_ips]
+                .into_iter()
+                .flatten()
+            {
+                addrs.extend(list.iter().filter_map(|a| parse(a)));
+            }
+        }
+        let lb = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref());
+        for ing in lb.and_then(|l| l.ingress.as_ref()).into_iter().flatten() {
+            addrs.extend(ing.ip.as_deref().and_then(parse));
+        }
+        let node_ports: BTreeSet<u16> = spec
+            .and_then(|s| s.ports.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.node_port.and_then(|n| u16::try_from(n).ok()))
+            .collect();
+        let mine: Vec<FeId> = adopted
+            .keys()
+            .filter(|(a, p, _)| {
+                addrs.contains(a)
+                    || (node_ports.contains(p) && self.node.nodeport_addresses.contains(a))
+            })
+            .copied()
+            .collect();
+        let entries = self.applied.entry(key.clone()).or_default();
+        for fe_id in mine {
+            if self.owners.contains_key(&fe_id) {
+                continue;
+            }
+            if let Some(entry) = adopted.remove(&fe_id) {
+                self.owners.insert(fe_id, key.clone());
+                entries.insert(fe_id, entry);
+            }
+        }
+        if entries.is_empty() {
+            self.applied.remove(key);
         }
     }
 }

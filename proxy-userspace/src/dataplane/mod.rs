@@ -406,20 +406,27 @@ impl Dataplane {
                 let path = link_pin(links_dir, interface, hook);
                 let prog = classifier_mut(&mut self.ebpf, program)?;
                 if let Ok(old) = PinnedLink::from_pin(&path) {
-                    let replaced = match SchedClassifierLink::try_from(FdLink::from(old)) {
-                        Ok(link) => prog.attach_to_link(link).map_err(|e| e.to_string()),
-                        Err(e) => Err(e.to_string()),
-                    };
-                    match replaced {
-                        Ok(id) => {
-                            // The pin holds the link; our fd to it can go.
-                            drop(prog.take_link(id).map_err(attach_error)?);
-                            return Ok(());
-                        }
-                        // The device the link was made for is gone (its name is reused): the
-                        // link is defunct. Attach afresh below.
+                    match SchedClassifierLink::try_from(FdLink::from(old)) {
+                        Ok(link) => match prog.attach_to_link(link) {
+                            Ok(id) => {
+                                // The pin holds the link; our fd to it can go.
+                                drop(prog.take_link(id).map_err(attach_error)?);
+                                return Ok(());
+                            }
+                            // The device the link was made for is gone (its name is reused):
+                            // the link is defunct. Attach afresh below.
+                            Err(ProgramError::SyscallError(e))
+                                if e.io_error.raw_os_error() == Some(libc::ENOLINK) =>
+                            {
+                                tracing::debug!(%interface, "pinned link is defunct; reattaching");
+                                remove_pin(&path)?;
+                            }
+                            // Anything else: keep the working link, report.
+                            Err(e) => return Err(attach_error(e)),
+                        },
+                        // Not a TC link: something else sits at our pin's path.
                         Err(error) => {
-                            tracing::debug!(%interface, %error, "pinned link is stale; reattaching");
+                            tracing::warn!(%interface, %error, path = %path.display(), "replacing a pin that is not a TC link");
                             remove_pin(&path)?;
                         }
                     }
@@ -527,10 +534,43 @@ fn ensure_clsact(name: &CString, interface: &str) -> Result<(), DataplaneError> 
     }
 }
 
-/// Removes the link pins of a device that is gone (its links went with it).
+/// Removes the link pins of a device: for a device that is gone, its links went with it; for
+/// one that is still there, the last reference goes and the programs are detached.
 pub fn forget_device_links(links_dir: &Path, interface: &str) -> Result<(), DataplaneError> {
     for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
         remove_pin(&link_pin(links_dir, interface, hook))?;
+    }
+    Ok(())
+}
+
+/// Removes sluice's persistent clsact filters (fixed priority and handle) from a device.
+pub fn detach_clsact(interface: &str) -> Result<(), DataplaneError> {
+    let name = c_name(interface)?;
+    for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
+        let Ok(link) = SchedClassifierLink::attached(
+            name.as_c_str(),
+            hook.into(),
+            CLSACT_PRIORITY,
+            CLSACT_HANDLE,
+            None,
+        ) else {
+            continue; // the device is gone
+        };
+        match aya::programs::links::Link::detach(link) {
+            Ok(()) => {}
+            // Not there (already removed): fine.
+            Err(ProgramError::TcError(TcError::NetlinkError(e)))
+                if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(source) => {
+                return Err(DataplaneError::Attach {
+                    program: "(detach)",
+                    interface: interface.to_owned(),
+                    hook,
+                    mode: AttachMode::Clsact,
+                    source: Box::new(source),
+                });
+            }
+        }
     }
     Ok(())
 }

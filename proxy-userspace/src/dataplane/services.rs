@@ -305,7 +305,12 @@ impl Dataplane {
         // 3. Backend slots, then 4. the frontend entry: only now can new flows use them.
         let max = self.config.services_max;
         let mut result = Ok(());
-        for (i, id) in ids.iter().enumerate() {
+        // New slot keys first (the only inserts that can fail on a full map), then the slots
+        // the old entry already has: a failure leaves the old frontend's slots untouched.
+        let keep = old.as_ref().map_or(0, |o| o.backend_ids.len());
+        let order = (keep.min(ids.len())..ids.len()).chain(0..keep.min(ids.len()));
+        for i in order {
+            let id = &ids[i];
             let slot = Lb4Service {
                 backend_id: *id,
                 ..Default::default()
@@ -334,9 +339,24 @@ impl Dataplane {
             });
         }
         if let Err(e) = result {
-            // The old frontend entry (if any) still points only at slots it had; slots past
-            // its count are unreachable. Undo our references and report.
-            let keep = old.as_ref().map_or(0, |o| o.backend_ids.len());
+            // The old frontend entry (if any) still points only at slots it had, whose
+            // contents are unchanged unless the failure came after them; slots past its
+            // count are unreachable. Restore the old slots, undo our references, report.
+            if let Some(o) = &old {
+                for (i, id) in o.backend_ids.iter().enumerate() {
+                    let slot = Lb4Service {
+                        backend_id: *id,
+                        ..Default::default()
+                    };
+                    let _ = self.insert(
+                        LB4_SERVICES_MAP,
+                        max,
+                        frontend.key(i as u16 + 1),
+                        slot,
+                        String::new,
+                    );
+                }
+            }
             for slot in keep + 1..=ids.len() {
                 self.remove::<Lb4Key, Lb4Service>(LB4_SERVICES_MAP, &frontend.key(slot as u16))?;
             }
@@ -370,14 +390,17 @@ impl Dataplane {
     /// Removes `frontend`: new connections to it are no longer translated. Established flows
     /// keep working until their conntrack entries expire.
     pub fn remove_service(&mut self, frontend: Frontend) -> Result<(), DataplaneError> {
-        let Some(old) = self.ids.frontends.remove(&frontend.id()) else {
+        let Some(old) = self.ids.frontends.get(&frontend.id()).cloned() else {
             return Ok(());
         };
+        // The id tables forget the frontend only once the maps have: a failure part-way is
+        // retried from the start (removing what is already gone is not an error).
         self.remove::<Lb4Key, Lb4Service>(LB4_SERVICES_MAP, &frontend.key(0))?;
         for slot in 1..=old.backend_ids.len() {
             self.remove::<Lb4Key, Lb4Service>(LB4_SERVICES_MAP, &frontend.key(slot as u16))?;
         }
         self.remove::<u32, Lb4RevNat>(LB4_REVNAT_MAP, &old.rev_nat_id)?;
+        self.ids.frontends.remove(&frontend.id());
         self.ids.used_rev_nat.remove(&old.rev_nat_id);
         self.release(&old.backend_ids)
     }
