@@ -149,20 +149,23 @@ pub fn ours() -> Vec<String> {
 /// Removes namespaces left by testbed processes that no longer run (a test run killed with
 /// SIGKILL cannot clean up after itself). Returns the names removed.
 pub fn sweep_stale() -> Vec<String> {
-    let mut removed = Vec::new();
-    for name in ours() {
-        let Some(pid) = name
-            .strip_prefix(PREFIX)
-            .and_then(|rest| rest.split('x').next())
-            .and_then(|p| p.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
-        if !alive {
-            remove(&name);
-            removed.push(name);
-        }
+    let removed = orphaned();
+    for name in &removed {
+        remove(name);
     }
     removed
+}
+
+/// Our namespaces whose creating process has exited: leaked, since `Netns` removes its
+/// namespace on drop. Namespaces of a process still running (another test run) are not.
+pub fn orphaned() -> Vec<String> {
+    ours()
+        .into_iter()
+        .filter(|name| {
+            name.strip_prefix(PREFIX)
+                .and_then(|rest| rest.split('x').next())
+                .and_then(|p| p.parse::<i32>().ok())
+                .is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+        })
+        .collect()
 }

@@ -96,8 +96,9 @@ pub fn run(cargo_args: &[String]) -> anyhow::Result<()> {
 
     let mut leftovers = Vec::new();
     if privileged {
-        leftovers = testbed::netns::ours();
-        testbed::netns::sweep_stale();
+        // Every test process has exited: what they left is orphaned. (Namespaces of another
+        // run still going on this machine are that run's business.)
+        leftovers = testbed::netns::sweep_stale();
     }
     for s in &skips {
         println!("skipped: {s}");
