@@ -154,12 +154,7 @@ fn main() {
     let changes: u32 = if quick { 50 } else { 200 };
 
     let c = Cluster::new(1).unwrap();
-    let listener = c.nodes[0]
-        .ns
-        .run_in(|| std::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap()
-        .unwrap();
-    let api = ApiServer::start(listener).unwrap();
+    let api = ApiServer::start_in(&c.nodes[0].ns).unwrap();
     let node: Node = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Node",
         "metadata": {"name": "node0"},
         "status": {"addresses": [{"type": "InternalIP", "address": c.nodes[0].addr.to_string()}]}}))

@@ -175,7 +175,7 @@ fn conntrack(pin_path: &std::path::Path, output: Output) -> anyhow::Result<()> {
         if e.entry.expires_ns <= now {
             continue;
         }
-        let backend = sluice_sock(e.entry.addr_be, e.entry.port_be);
+        let backend = sluice::dataplane::sock_addr(e.entry.addr_be, e.entry.port_be);
         let reverse = reverse
             .get(&(e.proto, e.src.port(), backend))
             .filter(|r| r.src.ip() == e.src.ip() || e.entry.nat_addr_be != 0);
@@ -234,23 +234,12 @@ fn conntrack(pin_path: &std::path::Path, output: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn sluice_sock(addr_be: u32, port_be: u16) -> std::net::SocketAddrV4 {
-    std::net::SocketAddrV4::new(
-        std::net::Ipv4Addr::from(u32::from_be(addr_be)),
-        u16::from_be(port_be),
-    )
-}
-
 fn count(interface: &str, hook: Hook, mode: Mode, seconds: Option<u64>) -> anyhow::Result<()> {
     let hook = match hook {
         Hook::Ingress => TcAttachType::Ingress,
         Hook::Egress => TcAttachType::Egress,
     };
-    let mode = match mode {
-        Mode::Auto => AttachMode::for_running_kernel(),
-        Mode::Tcx => AttachMode::Tcx,
-        Mode::Clsact => AttachMode::Clsact,
-    };
+    let mode = AttachMode::from(mode);
     let mut dp = Dataplane::load().context("loading the dataplane")?;
     dp.attach(FROM_POD, interface, hook, mode)
         .with_context(|| format!("attaching the counter to {interface}"))?;

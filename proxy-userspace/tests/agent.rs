@@ -97,13 +97,7 @@ impl Env {
             .iter()
             .map(|b| HttpServer::start(&c.pod(b).ns, b, 8080).unwrap())
             .collect();
-        // The API server listens inside the node, where the agent runs.
-        let listener = c.nodes[0]
-            .ns
-            .run_in(|| std::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap()
-            .unwrap();
-        let api = ApiServer::start(listener).unwrap();
+        let api = ApiServer::start_in(&c.nodes[0].ns).unwrap();
         let dir = std::env::temp_dir().join(testbed::netns::unique_name("agent"));
         std::fs::create_dir_all(&dir).unwrap();
         api.write_kubeconfig(&dir.join("kubeconfig")).unwrap();

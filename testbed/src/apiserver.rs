@@ -210,6 +210,15 @@ impl ApiServer {
     /// Serves on an already-bound listener. Bind it inside a network namespace
     /// (`Netns::run_in(|| TcpListener::bind("127.0.0.1:0"))`) so an agent there can reach it.
     pub fn start(listener: std::net::TcpListener) -> io::Result<ApiServer> {
+        Self::serve(listener)
+    }
+
+    /// Serves on 127.0.0.1 inside `ns` (a node), where the agent runs.
+    pub fn start_in(ns: &crate::Netns) -> io::Result<ApiServer> {
+        Self::serve(ns.run_in(|| std::net::TcpListener::bind("127.0.0.1:0"))??)
+    }
+
+    fn serve(listener: std::net::TcpListener) -> io::Result<ApiServer> {
         let addr = listener.local_addr()?;
         listener.set_nonblocking(true)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -45,6 +45,16 @@ pub enum Mode {
     Clsact,
 }
 
+impl From<Mode> for AttachMode {
+    fn from(m: Mode) -> Self {
+        match m {
+            Mode::Auto => AttachMode::for_running_kernel(),
+            Mode::Tcx => AttachMode::Tcx,
+            Mode::Clsact => AttachMode::Clsact,
+        }
+    }
+}
+
 /// `sluice agent`'s flags. Every one can also be set through the environment variable shown,
 /// which is how the DaemonSet sets them.
 #[derive(clap::Args, Clone, Debug)]
@@ -243,11 +253,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     let nodeport_addresses = args.nodeport_addresses()?;
     let pod_globs = args.pod_globs()?;
     ensure_bpffs(&args.pin_path)?;
-    let mode = match args.attach_mode {
-        Mode::Auto => AttachMode::for_running_kernel(),
-        Mode::Tcx => AttachMode::Tcx,
-        Mode::Clsact => AttachMode::Clsact,
-    };
+    let mode = AttachMode::from(args.attach_mode);
     let dp = Dataplane::load_with(DataplaneConfig {
         pin_path: Some(args.pin_path.clone()),
         services_max: args.services_max,

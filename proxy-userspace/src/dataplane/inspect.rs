@@ -38,7 +38,8 @@ pub struct CtEntry {
 /// The decoded form of the packet counters: `proxy_common::CTR_*` index -> total.
 pub type Counters = [Counter; CTR_MAX as usize];
 
-pub(super) fn sock(addr_be: u32, port_be: u16) -> SocketAddrV4 {
+/// A socket address from the network-order fields the maps hold.
+pub fn sock_addr(addr_be: u32, port_be: u16) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::from(u32::from_be(addr_be)), u16::from_be(port_be))
 }
 
@@ -69,8 +70,8 @@ fn read_conntrack<T: Borrow<MapData>>(ct: &HashMap<T, Ct4Key, Ct4Entry>) -> Vec<
                     CtKind::Reverse
                 },
                 proto: Protocol::from_number(k.proto)?,
-                src: sock(k.saddr_be, k.sport_be),
-                dst: sock(k.daddr_be, k.dport_be),
+                src: sock_addr(k.saddr_be, k.sport_be),
+                dst: sock_addr(k.daddr_be, k.dport_be),
                 entry: v,
             })
         })

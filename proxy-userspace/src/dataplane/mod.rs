@@ -32,7 +32,7 @@ use proxy_common::{
     PKT_COUNTERS_MAP,
 };
 
-pub use inspect::{Counters, CtEntry, CtKind, PinnedMaps};
+pub use inspect::{Counters, CtEntry, CtKind, PinnedMaps, sock_addr};
 pub use services::{Backend, Frontend, FrontendKind, Protocol};
 
 /// The eBPF object built by build.rs (aya-build) from `proxy-ebpf`.
