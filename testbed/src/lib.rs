@@ -9,6 +9,9 @@
 //! - [`agent`]: a `sluice agent` process in a node's namespace, its health and metrics.
 //! - [`apiserver`]: a Kubernetes API test server (list, watch, 410 Gone, bookmarks) reached
 //!   through an ordinary kubeconfig.
+//! - [`load`]: the benchmark's servers and closed-loop load generator (new connections,
+//!   persistent connections, UDP), in Rust so the path is measured and not an interpreter.
+//! - [`report`]: the side-by-side benchmark's Markdown tables and SVG chart, from raw samples.
 //! - [`privilege`]: the rule for tests that need root: skip loudly, or fail in CI.
 //!
 //! Every name carries the creating process's pid and a counter, so tests run in parallel and a
@@ -19,9 +22,11 @@ pub mod apps;
 pub mod bpffs;
 pub mod cluster;
 pub mod cmd;
+pub mod load;
 pub mod netns;
 pub mod plan;
 pub mod privilege;
+pub mod report;
 
 pub use apiserver::ApiServer;
 pub use apps::{
