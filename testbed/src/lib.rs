@@ -22,6 +22,7 @@ pub mod apps;
 pub mod bpffs;
 pub mod cluster;
 pub mod cmd;
+pub mod kubeproxy;
 pub mod load;
 pub mod netns;
 pub mod plan;
