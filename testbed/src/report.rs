@@ -12,20 +12,31 @@ pub enum Mode {
     Direct,
     /// The client talks to the Service address through sluice's TC programs.
     Sluice,
-    /// kube-proxy's iptables mode: KUBE-SERVICES, KUBE-SVC-*, KUBE-SEP-* rules.
-    Iptables,
+    /// kube-proxy's iptables mode (KUBE-SERVICES, KUBE-SVC-*, KUBE-SEP-* rules) on the legacy
+    /// x_tables backend (`iptables-legacy-restore`).
+    IptablesLegacy,
+    /// The same rules through the nf_tables backend (`iptables-nft-restore`), what
+    /// `iptables` is on current Debian, Ubuntu and RHEL hosts.
+    IptablesNft,
     /// kube-proxy's nftables mode: the service-ips verdict map and per-service chains.
     Nftables,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 4] = [Mode::Direct, Mode::Sluice, Mode::Iptables, Mode::Nftables];
+    pub const ALL: [Mode; 5] = [
+        Mode::Direct,
+        Mode::Sluice,
+        Mode::IptablesLegacy,
+        Mode::IptablesNft,
+        Mode::Nftables,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Mode::Direct => "direct",
             Mode::Sluice => "sluice",
-            Mode::Iptables => "iptables",
+            Mode::IptablesLegacy => "iptables-legacy",
+            Mode::IptablesNft => "iptables-nft",
             Mode::Nftables => "nftables",
         }
     }
@@ -34,7 +45,8 @@ impl Mode {
         match self {
             Mode::Direct => "#777777",
             Mode::Sluice => "#1f77b4",
-            Mode::Iptables => "#d62728",
+            Mode::IptablesLegacy => "#d62728",
+            Mode::IptablesNft => "#ff7f0e",
             Mode::Nftables => "#2ca02c",
         }
     }
@@ -121,6 +133,8 @@ pub struct Report {
     pub samples: Vec<Sample>,
     /// Modes that could not run here, and why.
     pub unavailable: Vec<(Mode, String)>,
+    /// Cells (mode, Service count) that ran fewer rounds than the others, or none, and why.
+    pub skipped: Vec<(Mode, u32, String)>,
     /// Things the reader must know about this run (errors seen, for example).
     pub notes: Vec<String>,
 }
@@ -173,6 +187,19 @@ impl Report {
         v.sort_unstable();
         v.dedup();
         v
+    }
+
+    /// The most rounds any cell has.
+    pub fn max_rounds(&self) -> usize {
+        let mut best = 0;
+        for m in Mode::ALL {
+            for n in self.sizes() {
+                for metric in Metric::ALL {
+                    best = best.max(self.cell(m, n, metric).map_or(0, |s| s.rounds));
+                }
+            }
+        }
+        best
     }
 
     fn why_unavailable(&self, mode: Mode) -> Option<&str> {
@@ -242,9 +269,18 @@ pub fn render_tables(report: &Report) -> String {
     for (mode, why) in &report.unavailable {
         let _ = writeln!(md, "- **{}** could not run here: {why}", mode.name());
     }
-    if !report.unavailable.is_empty() {
+    for (mode, n, why) in &report.skipped {
+        let _ = writeln!(
+            md,
+            "- **{}** at {} Services: {why}",
+            mode.name(),
+            fmt_count(*n)
+        );
+    }
+    if !report.unavailable.is_empty() || !report.skipped.is_empty() {
         md.push('\n');
     }
+    let max_rounds = report.max_rounds();
     for metric in Metric::ALL {
         let modes: Vec<Mode> = Mode::ALL
             .into_iter()
@@ -282,8 +318,19 @@ pub fn render_tables(report: &Report) -> String {
             let _ = write!(md, "| {} |", fmt_count(n));
             for &m in &modes {
                 let cell = match (report.cell(m, n, metric), report.why_unavailable(m)) {
+                    (Some(s), _) if s.rounds < max_rounds => {
+                        format!("{} [{} of {max_rounds} rounds]", fmt_cell(&s), s.rounds)
+                    }
                     (Some(s), _) => fmt_cell(&s),
                     (None, Some(_)) => "did not run".into(),
+                    (None, None)
+                        if report
+                            .skipped
+                            .iter()
+                            .any(|(sm, sn, _)| *sm == m && *sn == n) =>
+                    {
+                        "skipped".into()
+                    }
                     (None, None) => "—".into(),
                 };
                 let _ = write!(md, " {cell} |");
@@ -507,8 +554,13 @@ mod tests {
                 .push(sample(Mode::Direct, 1000, round, Metric::NewConnRate, d));
             r.samples
                 .push(sample(Mode::Sluice, 1000, round, Metric::NewConnRate, s));
-            r.samples
-                .push(sample(Mode::Iptables, 1000, round, Metric::NewConnRate, i));
+            r.samples.push(sample(
+                Mode::IptablesLegacy,
+                1000,
+                round,
+                Metric::NewConnRate,
+                i,
+            ));
             r.samples
                 .push(sample(Mode::Nftables, 1000, round, Metric::NewConnRate, n));
         }
@@ -517,10 +569,11 @@ mod tests {
             .lines()
             .find(|l| l.starts_with("| 1,000 |"))
             .expect("a row for 1,000 Services");
-        // Medians 100, 90, 45, 60: sluice/direct 0.90, /iptables 2.00, /nftables 1.50.
+        // Medians 100, 90, 45, 60: sluice/direct 0.90, /iptables-legacy 2.00, /nftables 1.50;
+        // iptables-nft has no samples.
         assert_eq!(
             row,
-            "| 1,000 | 100 (90.0–110) | 90.0 (80.0–95.0) | 45.0 (40.0–50.0) | 60.0 (58.0–62.0) | 0.90 | 2.00 | 1.50 |"
+            "| 1,000 | 100 (90.0–110) | 90.0 (80.0–95.0) | 45.0 (40.0–50.0) | — | 60.0 (58.0–62.0) | 0.90 | 2.00 | — | 1.50 |"
         );
         assert!(md.contains("higher is better"));
     }
@@ -531,7 +584,7 @@ mod tests {
         r.samples
             .push(sample(Mode::Sluice, 1, 0, Metric::ProgramAll, 2.0));
         r.samples
-            .push(sample(Mode::Iptables, 1, 0, Metric::ProgramAll, 8.0));
+            .push(sample(Mode::IptablesLegacy, 1, 0, Metric::ProgramAll, 8.0));
         r.unavailable
             .push((Mode::Nftables, "nft is not installed".into()));
         let md = render_tables(&r);
@@ -541,12 +594,45 @@ mod tests {
             .find(|s| s.starts_with("Time to program all"))
             .unwrap();
         assert!(section.contains(
-            "| Services | sluice | iptables | nftables | sluice/iptables | sluice/nftables |"
+            "| Services | sluice | iptables-legacy | iptables-nft | nftables | sluice/iptables-legacy | sluice/iptables-nft | sluice/nftables |"
         ));
         assert!(
-            section
-                .contains("| 1 | 2.00 (2.00–2.00) | 8.00 (8.00–8.00) | did not run | 0.25 | — |"),
+            section.contains(
+                "| 1 | 2.00 (2.00–2.00) | 8.00 (8.00–8.00) | — | did not run | 0.25 | — | — |"
+            ),
             "{section}"
+        );
+    }
+
+    #[test]
+    fn cells_with_fewer_rounds_say_so_and_skipped_cells_say_why() {
+        let mut r = Report::default();
+        for round in 0..5 {
+            r.samples.push(sample(
+                Mode::Sluice,
+                10_000,
+                round,
+                Metric::ProgramAll,
+                100.0,
+            ));
+        }
+        r.samples.push(sample(
+            Mode::IptablesNft,
+            10_000,
+            0,
+            Metric::ProgramAll,
+            400_000.0,
+        ));
+        r.skipped.push((
+            Mode::Nftables,
+            10_000,
+            "quick mode leaves it out (one load takes 88 s)".into(),
+        ));
+        let md = render_tables(&r);
+        assert!(md.contains("- **nftables** at 10,000 Services: quick mode leaves it out"));
+        assert!(
+            md.contains("| 10,000 | 100 (100–100) | — | 400,000 (400,000–400,000) [1 of 5 rounds] | skipped |"),
+            "{md}"
         );
     }
 
@@ -559,13 +645,18 @@ mod tests {
                 .push(sample(Mode::Direct, n, 0, Metric::NewConnP50, v));
             r.samples
                 .push(sample(Mode::Sluice, n, 0, Metric::NewConnP50, v));
-            r.samples
-                .push(sample(Mode::Iptables, n, 0, Metric::NewConnP50, v * 3.0));
+            r.samples.push(sample(
+                Mode::IptablesLegacy,
+                n,
+                0,
+                Metric::NewConnP50,
+                v * 3.0,
+            ));
         }
         let svg = chart_svg(&r, Metric::NewConnP50, "test");
         assert_eq!(svg.matches("<polyline").count(), 3, "{svg}");
         assert_eq!(svg.matches("<circle").count(), 9);
-        for name in ["direct", "sluice", "iptables"] {
+        for name in ["direct", "sluice", "iptables-legacy"] {
             assert!(svg.contains(&format!(">{name}</text>")));
         }
         assert!(!svg.contains(">nftables</text>"));

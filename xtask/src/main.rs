@@ -28,10 +28,12 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         cargo_args: Vec<String>,
     },
-    /// Benchmarks: ns per packet through BPF_PROG_TEST_RUN (conntrack hit, new flow, no
-    /// match) against an empty program, at 1 and 10,000 Services. Report in target/bench/.
+    /// Benchmarks, side by side in one run: sluice against the direct path and kube-proxy's
+    /// iptables and nftables rules at 1, 1,000 and 10,000 Services (connection rates and
+    /// latencies, UDP, control plane), ns per packet through BPF_PROG_TEST_RUN, and the
+    /// agent's control plane and memory. Report: target/bench/report.md and latency.svg.
     Bench {
-        /// A shorter run (fewer samples).
+        /// A shorter run (shorter cells, fewer samples; under 3 minutes once built).
         #[arg(long)]
         quick: bool,
     },
@@ -67,7 +69,8 @@ fn main() -> anyhow::Result<()> {
 
 fn bench(quick: bool) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    for bench in ["datapath", "agent"] {
+    // The comparison runs last: its report takes in the other two.
+    for bench in ["datapath", "agent", "compare"] {
         let mut cmd = std::process::Command::new("cargo");
         cmd.current_dir(workspace_root()).args([
             "bench",
@@ -83,7 +86,7 @@ fn bench(quick: bool) -> anyhow::Result<()> {
         let st = cmd.status().context("starting cargo bench")?;
         anyhow::ensure!(st.success(), "the {bench} benchmark failed ({st})");
     }
-    println!("reports: target/bench/datapath.md, target/bench/agent.md");
+    println!("report: target/bench/report.md (chart: target/bench/latency.svg)");
     Ok(())
 }
 

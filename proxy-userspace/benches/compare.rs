@@ -1,0 +1,622 @@
+//! sluice side by side with the direct path and kube-proxy's iptables and nftables modes, in
+//! one sandbox and one run, so the ratios hold on a noisy machine.
+//!
+//! One node namespace between a client pod and three backend pods, each backend running the
+//! same Rust servers (`testbed::load`). For each Service count (1, 1,000, 10,000: one Service
+//! carries the traffic, the rest are filler with three endpoints each, as kube-proxy's scale
+//! tests have them) and each round, every mode in turn, in a rotated order:
+//! - **direct**: nothing installed; the client spreads its requests over the pod addresses.
+//! - **sluice**: the datapath loaded and attached to every device of the node, all Services
+//!   written to its maps.
+//! - **iptables**: kube-proxy's iptables-mode rules (`testbed::kubeproxy::iptables`), loaded
+//!   with `iptables-restore --noflush` as kube-proxy does.
+//! - **nftables**: kube-proxy's nftables-mode rules, loaded with `nft -f`.
+//!
+//! Each cell measures new connections (rate, p50, p99), persistent connections (rate, p99),
+//! UDP request/response (rate), the time to program every Service from empty (sluice: the map
+//! writes; the others: the iptables-restore / nft run), and the time for one endpoint change
+//! to take effect (sluice: the map write; the others: the partial sync kube-proxy issues).
+//! Then the mode is torn down to nothing, so the next mode starts from the same node.
+//!
+//! Writes target/bench/compare.json (every sample), target/bench/report.md (these tables
+//! with the datapath and agent benches' reports, when they ran first) and
+//! target/bench/latency.svg. Run by `cargo xtask bench` (`--quick`: shorter cells).
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::{
+    io::Write as _,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::NodeDataplane;
+use sluice::dataplane::{Backend, DataplaneConfig, Frontend, FrontendKind, Protocol};
+use testbed::{
+    Cluster, Netns,
+    kubeproxy::{self, ProxyConfig, ServicePort},
+    load::{self, BenchServer, LoadResult, LoadSpec},
+    plan,
+    report::{Metric, Mode, Report, Sample},
+};
+
+const BACKENDS: [&str; 3] = ["backend-a", "backend-b", "backend-c"];
+const SERVICE_PORT: u16 = 80;
+const TARGET_PORT: u16 = 8080;
+/// The Service that carries the traffic has this ClusterIP index; fillers use 0..N-1.
+const TRAFFIC_IP_INDEX: u16 = 16_000;
+
+struct Params {
+    sizes: Vec<u32>,
+    rounds: u32,
+    workers: usize,
+    warmup: Duration,
+    duration: Duration,
+    max_ops_per_worker: u64,
+}
+
+impl Params {
+    fn new(quick: bool) -> Self {
+        Self {
+            sizes: vec![1, 1_000, 10_000],
+            rounds: 5,
+            workers: 4,
+            warmup: Duration::from_millis(if quick { 50 } else { 300 }),
+            duration: Duration::from_millis(if quick { 250 } else { 2_000 }),
+            max_ops_per_worker: 200_000,
+        }
+    }
+}
+
+fn proxy_config(node_ip: Ipv4Addr) -> ProxyConfig {
+    ProxyConfig {
+        cluster_cidr: (Ipv4Addr::new(198, 19, 0, 0), 16),
+        service_cidr: plan::SERVICE_CIDR,
+        node_ip,
+    }
+}
+
+/// The `i`th filler endpoint: 198.19.64.0 and up, pod space no pod of the sandbox uses (these
+/// addresses only ever appear in rules and maps; no traffic is sent to them).
+fn filler_endpoint(i: u32) -> SocketAddrV4 {
+    SocketAddrV4::new(
+        Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 64, 0)) + i),
+        TARGET_PORT,
+    )
+}
+
+fn filler(i: u32) -> ServicePort {
+    ServicePort {
+        namespace: "filler".into(),
+        name: format!("svc-{i}"),
+        port_name: "http".into(),
+        protocol: kubeproxy::Protocol::Tcp,
+        cluster_ip: plan::cluster_ip(u16::try_from(i).expect("fewer than 16,000 fillers")),
+        port: SERVICE_PORT,
+        endpoints: (0..3).map(|k| filler_endpoint(3 * i + k)).collect(),
+    }
+}
+
+/// The Service under load: a TCP and a UDP port, both to the three backend pods.
+fn traffic(backends: &[Ipv4Addr]) -> [ServicePort; 2] {
+    let port = |port_name: &str, protocol| ServicePort {
+        namespace: "bench".into(),
+        name: "echo".into(),
+        port_name: port_name.into(),
+        protocol,
+        cluster_ip: plan::cluster_ip(TRAFFIC_IP_INDEX),
+        port: SERVICE_PORT,
+        endpoints: backends
+            .iter()
+            .map(|a| SocketAddrV4::new(*a, TARGET_PORT))
+            .collect(),
+    };
+    [
+        port("tcp", kubeproxy::Protocol::Tcp),
+        port("udp", kubeproxy::Protocol::Udp),
+    ]
+}
+
+/// `n` Services: `n - 1` fillers with the traffic Service in the middle of them (iptables
+/// walks KUBE-SERVICES in order, so the middle is its average case).
+fn services(n: u32, backends: &[Ipv4Addr]) -> Vec<ServicePort> {
+    let mut v: Vec<ServicePort> = (0..n - 1).map(filler).collect();
+    let at = v.len() / 2;
+    for (k, sp) in traffic(backends).into_iter().enumerate() {
+        v.insert(at + k, sp);
+    }
+    v
+}
+
+/// The endpoint change every mode makes: the traffic Service's TCP port gains a fourth
+/// endpoint. Made after the cell's traffic, so it never disturbs a measurement.
+fn changed(sp: &ServicePort) -> ServicePort {
+    let mut new = sp.clone();
+    new.endpoints.push(filler_endpoint(60_000));
+    new
+}
+
+fn sluice_service(sp: &ServicePort) -> (Frontend, Vec<Backend>) {
+    (
+        Frontend {
+            addr: sp.cluster_ip,
+            port: sp.port,
+            proto: match sp.protocol {
+                kubeproxy::Protocol::Tcp => Protocol::Tcp,
+                kubeproxy::Protocol::Udp => Protocol::Udp,
+            },
+            kind: FrontendKind::ClusterIp,
+        },
+        sp.endpoints
+            .iter()
+            .map(|e| Backend {
+                addr: *e.ip(),
+                port: e.port(),
+            })
+            .collect(),
+    )
+}
+
+/// Runs `argv` in `ns` (spawned from a thread inside it, so no `ip netns exec` cost is
+/// timed) with `input` on stdin, as kube-proxy pipes its rules; the wall time to exit.
+fn run_timed(ns: &Netns, argv: &[&str], input: String) -> Result<Duration, String> {
+    let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+    ns.run_in(move || {
+        let t0 = Instant::now();
+        let mut child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("{}: {e}", argv[0]))?;
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(input.as_bytes())
+            .map_err(|e| format!("writing to {}: {e}", argv[0]))?;
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        let took = t0.elapsed();
+        if !out.status.success() {
+            return Err(format!(
+                "{} failed ({}): {}",
+                argv.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(took)
+    })
+    .map_err(|e| e.to_string())?
+}
+
+/// The restore command of each iptables backend, with kube-proxy's flags.
+fn restore_command(mode: Mode) -> [&'static str; 3] {
+    let [noflush, counters] = kubeproxy::iptables::RESTORE_FLAGS;
+    match mode {
+        Mode::IptablesLegacy => ["iptables-legacy-restore", noflush, counters],
+        _ => ["iptables-nft-restore", noflush, counters],
+    }
+}
+const NFT: [&str; 3] = ["nft", "-f", "-"];
+
+/// One cell's sandbox, built fresh so every mode starts from a bare node: the legacy iptables
+/// tables, once used, stay registered (and keep connection tracking on) until their namespace
+/// goes, and conntrack entries would outlive a mode.
+struct Sandbox {
+    // Field order is drop order: the dataplane and the servers go before the namespaces.
+    dp: Option<NodeDataplane>,
+    _servers: Vec<BenchServer>,
+    c: Cluster,
+    backends: Vec<Ipv4Addr>,
+}
+
+impl Sandbox {
+    fn new() -> Self {
+        let mut c = Cluster::new(1).expect("the sandbox node");
+        c.add_pod(0, "client").expect("the client pod");
+        for b in BACKENDS {
+            c.add_pod(0, b).expect("a backend pod");
+        }
+        load::tune_client(&c.pod("client").ns).expect("client sysctls");
+        let servers = BACKENDS
+            .iter()
+            .map(|b| BenchServer::start(&c.pod(b).ns, b, TARGET_PORT).expect("a backend server"))
+            .collect();
+        let backends = BACKENDS.iter().map(|b| c.pod(b).addr).collect();
+        Self {
+            dp: None,
+            _servers: servers,
+            c,
+            backends,
+        }
+    }
+
+    fn node_ns(&self) -> &Netns {
+        &self.c.nodes[0].ns
+    }
+
+    /// Installs `mode` with `svcs`; the time to program them, if the mode programs anything.
+    fn install(&mut self, mode: Mode, svcs: &[ServicePort]) -> Result<Option<Duration>, String> {
+        let cfg = proxy_config(self.c.nodes[0].addr);
+        match mode {
+            Mode::Direct => Ok(None),
+            Mode::Sluice => {
+                let dp = NodeDataplane::start(
+                    &self.c.nodes[0],
+                    DataplaneConfig {
+                        conntrack_max: 262_144,
+                        ..Default::default()
+                    },
+                );
+                let all: Vec<(Frontend, Vec<Backend>)> = svcs.iter().map(sluice_service).collect();
+                let took = dp.with(move |dp| {
+                    let t0 = Instant::now();
+                    for (fe, bes) in &all {
+                        dp.upsert_service(*fe, bes).map_err(|e| e.to_string())?;
+                    }
+                    Ok::<_, String>(t0.elapsed())
+                })?;
+                self.dp = Some(dp);
+                Ok(Some(took))
+            }
+            Mode::IptablesLegacy | Mode::IptablesNft => {
+                let restore = restore_command(mode);
+                run_timed(self.node_ns(), &restore, kubeproxy::iptables::bootstrap())?;
+                let rules = kubeproxy::iptables::full_restore(&cfg, svcs);
+                run_timed(self.node_ns(), &restore, rules).map(Some)
+            }
+            Mode::Nftables => {
+                let rules = kubeproxy::nftables::full(&cfg, svcs);
+                run_timed(self.node_ns(), &NFT, rules).map(Some)
+            }
+        }
+    }
+
+    /// Makes the endpoint change `old` -> `new` the way `mode` would; the time it took.
+    fn change(
+        &self,
+        mode: Mode,
+        svcs: &[ServicePort],
+        old: &ServicePort,
+        new: &ServicePort,
+    ) -> Result<Duration, String> {
+        let cfg = proxy_config(self.c.nodes[0].addr);
+        match mode {
+            Mode::Sluice => {
+                let (fe, bes) = sluice_service(new);
+                let dp = self.dp.as_ref().ok_or("sluice is not installed")?;
+                dp.with(move |dp| {
+                    let t0 = Instant::now();
+                    dp.upsert_service(fe, &bes).map_err(|e| e.to_string())?;
+                    Ok(t0.elapsed())
+                })
+            }
+            Mode::IptablesLegacy | Mode::IptablesNft => {
+                let now: Vec<ServicePort> = svcs
+                    .iter()
+                    .map(|s| if s == old { new.clone() } else { s.clone() })
+                    .collect();
+                let text = kubeproxy::iptables::partial_restore(&cfg, &now, old, new);
+                run_timed(self.node_ns(), &restore_command(mode), text)
+            }
+            Mode::Nftables => run_timed(
+                self.node_ns(),
+                &NFT,
+                kubeproxy::nftables::change(&cfg, old, new),
+            ),
+            Mode::Direct => Err("the direct path makes no changes".into()),
+        }
+    }
+}
+
+struct Bench {
+    params: Params,
+    quick: bool,
+    report: Report,
+    /// The longest program-all time seen per (mode, Service count).
+    longest_load: Vec<(Mode, u32, Duration)>,
+}
+
+/// A full load longer than this runs in one round only.
+const ONE_ROUND_IF_LOAD_OVER: Duration = Duration::from_secs(120);
+
+impl Bench {
+    fn spec(&self, targets: Vec<SocketAddrV4>) -> LoadSpec {
+        LoadSpec {
+            targets,
+            workers: self.params.workers,
+            warmup: self.params.warmup,
+            duration: self.params.duration,
+            max_ops_per_worker: self.params.max_ops_per_worker,
+        }
+    }
+
+    fn record(&mut self, mode: Mode, services: u32, round: u32, metric: Metric, value: f64) {
+        self.report.samples.push(Sample {
+            mode,
+            services,
+            round,
+            metric,
+            value,
+        });
+    }
+
+    /// Why cell (`mode`, `n`) does not run this round, if it does not.
+    fn skip(&self, mode: Mode, n: u32) -> Option<String> {
+        let slow = matches!(mode, Mode::IptablesNft | Mode::Nftables);
+        if self.quick && slow && n >= 10_000 {
+            return Some(
+                "left out of `--quick`: loading this many Services through it takes over a \
+                 minute here (the full mode runs it)"
+                    .into(),
+            );
+        }
+        let longest = self
+            .longest_load
+            .iter()
+            .find(|(m, k, _)| *m == mode && *k == n)
+            .map(|(_, _, d)| *d)?;
+        (longest > ONE_ROUND_IF_LOAD_OVER).then(|| {
+            format!(
+                "one round only: loading all Services took {:.0} s, so {} rounds would take {:.0} minutes",
+                longest.as_secs_f64(),
+                self.params.rounds,
+                longest.as_secs_f64() * f64::from(self.params.rounds) / 60.0
+            )
+        })
+    }
+
+    /// Notes a load run that lost requests or missed a backend.
+    fn check(&mut self, what: &str, mode: Mode, n: u32, r: &LoadResult) {
+        let total = r.ops + r.errors;
+        if r.errors * 100 > total {
+            self.report.notes.push(format!(
+                "{} at {n} Services, {what}: {} of {total} requests failed",
+                mode.name(),
+                r.errors
+            ));
+        }
+        if what == "new connections" && r.per_backend.len() < BACKENDS.len() {
+            self.report.notes.push(format!(
+                "{} at {n} Services: only {:?} answered new connections",
+                mode.name(),
+                r.per_backend
+            ));
+        }
+    }
+
+    fn cell(&mut self, mode: Mode, n: u32, round: u32) -> Result<(), String> {
+        let mut sb = Sandbox::new();
+        let svcs = services(n, &sb.backends);
+        let programmed = sb.install(mode, &svcs)?;
+        if let Some(d) = programmed {
+            match self
+                .longest_load
+                .iter_mut()
+                .find(|(m, k, _)| *m == mode && *k == n)
+            {
+                Some((_, _, longest)) => *longest = (*longest).max(d),
+                None => self.longest_load.push((mode, n, d)),
+            }
+        }
+        let vip = SocketAddrV4::new(plan::cluster_ip(TRAFFIC_IP_INDEX), SERVICE_PORT);
+        let targets = match mode {
+            Mode::Direct => sb
+                .backends
+                .iter()
+                .map(|a| SocketAddrV4::new(*a, TARGET_PORT))
+                .collect(),
+            _ => vec![vip],
+        };
+        let spec = self.spec(targets);
+        let client = &sb.c.pod("client").ns;
+        let err = |e: std::io::Error| e.to_string();
+        let new = load::tcp_new_connections(client, &spec).map_err(err)?;
+        let persistent = load::tcp_persistent(client, &spec).map_err(err)?;
+        let udp = load::udp_request_response(client, &spec).map_err(err)?;
+        self.check("new connections", mode, n, &new);
+        self.check("persistent connections", mode, n, &persistent);
+        self.check("UDP", mode, n, &udp);
+        let us = |r: &LoadResult, p| r.percentile_us(p).unwrap_or(f64::NAN);
+        self.record(mode, n, round, Metric::NewConnRate, new.rate());
+        self.record(mode, n, round, Metric::NewConnP50, us(&new, 50.0));
+        self.record(mode, n, round, Metric::NewConnP99, us(&new, 99.0));
+        self.record(mode, n, round, Metric::PersistentRate, persistent.rate());
+        self.record(mode, n, round, Metric::PersistentP99, us(&persistent, 99.0));
+        self.record(mode, n, round, Metric::UdpRate, udp.rate());
+        let mut change = None;
+        if let Some(p) = programmed {
+            self.record(mode, n, round, Metric::ProgramAll, p.as_secs_f64() * 1e3);
+            let old = svcs
+                .iter()
+                .find(|s| s.namespace == "bench" && s.protocol == kubeproxy::Protocol::Tcp)
+                .expect("the traffic Service is in the set")
+                .clone();
+            let took = sb.change(mode, &svcs, &old, &changed(&old))?;
+            self.record(
+                mode,
+                n,
+                round,
+                Metric::EndpointChange,
+                took.as_secs_f64() * 1e3,
+            );
+            change = Some(took);
+        }
+        let ms = |d: Option<Duration>| {
+            d.map_or("-".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3))
+        };
+        println!(
+            "  {:>15} {n:>6} Services round {round}: new {:>6.0}/s p50 {:>5.0} µs p99 {:>6.0} µs | persistent {:>6.0}/s | udp {:>6.0}/s | program {} | change {} | errors {}",
+            mode.name(),
+            new.rate(),
+            us(&new, 50.0),
+            us(&new, 99.0),
+            persistent.rate(),
+            udp.rate(),
+            ms(programmed),
+            ms(change),
+            new.errors + persistent.errors + udp.errors,
+        );
+        Ok(())
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{cpu}, {} CPUs, {mem_gib:.0} GiB, kernel {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        kernel.trim()
+    )
+}
+
+fn tool_version(argv: &[&str]) -> String {
+    Command::new(argv[0])
+        .args(&argv[1..])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|e| format!("{} not found: {e}", argv[0]))
+}
+
+/// Another bench's report, its title demoted one level, or a line saying it did not run.
+fn section(dir: &Path, file: &str, title: &str) -> String {
+    match std::fs::read_to_string(dir.join(file)) {
+        Ok(md) => md
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) => format!("## {rest}"),
+                None => l.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Err(_) => format!(
+            "## {title}\n\nNot run in this invocation (`cargo xtask bench` runs it first).\n"
+        ),
+    }
+}
+
+fn main() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("the comparison bench builds network namespaces and loads eBPF: run it as root");
+        std::process::exit(1);
+    }
+    let quick = std::env::args().any(|a| a == "--quick");
+    let started = Instant::now();
+    let mut bench = Bench {
+        params: Params::new(quick),
+        quick,
+        report: Report::default(),
+        longest_load: Vec::new(),
+    };
+    let sizes = bench.params.sizes.clone();
+    for &n in &sizes {
+        for round in 0..bench.params.rounds {
+            // Rotate the order every round, so no mode always runs first or last.
+            let mut order = Mode::ALL.to_vec();
+            let len = order.len();
+            order.rotate_left(round as usize % len);
+            for mode in order {
+                if bench.report.unavailable.iter().any(|(m, _)| *m == mode) {
+                    continue;
+                }
+                if let Some(why) = bench.skip(mode, n) {
+                    if !bench
+                        .report
+                        .skipped
+                        .iter()
+                        .any(|(m, k, _)| *m == mode && *k == n)
+                    {
+                        println!("  {:>15} {n:>6} Services: {why}", mode.name());
+                        bench.report.skipped.push((mode, n, why));
+                    }
+                    continue;
+                }
+                if let Err(why) = bench.cell(mode, n, round) {
+                    eprintln!("{} cannot run: {why}", mode.name());
+                    bench.report.unavailable.push((mode, why));
+                }
+            }
+        }
+    }
+    let took = started.elapsed();
+
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(
+        out.join("compare.json"),
+        serde_json::to_string_pretty(&bench.report).unwrap(),
+    )
+    .unwrap();
+    let subtitle = format!(
+        "{}; median of {} rounds, bars min–max",
+        machine(),
+        bench.params.rounds
+    );
+    std::fs::write(
+        out.join("latency.svg"),
+        testbed::report::chart_svg(&bench.report, Metric::NewConnP50, &subtitle),
+    )
+    .unwrap();
+    let p = &bench.params;
+    let mut md = format!(
+        "# sluice side by side: direct path, sluice, kube-proxy iptables (legacy and nft backends), kube-proxy nftables\n\n\
+         **Machine:** {machine}. **Mode:** {mode} ({rounds} rounds, {dur} ms per measure after {warm} ms warm-up, {workers} closed-loop clients; the comparison took {took:.0} s).\n\
+         **Tools:** {iptl}; {iptn}; {nft}.\n\n\
+         ![new-connection latency against the number of Services](latency.svg)\n\n\
+         ## How it is measured\n\n\
+         One node namespace routes between a client pod and three backend pods; every backend runs the same Rust TCP and UDP servers (64-byte request, 64-byte reply naming the pod). \
+         For each Service count the modes run in turn, {rounds} rounds, the order rotated every round. Every cell builds its sandbox afresh (namespaces, veths, servers), so each mode starts on a bare node: no netfilter table, conntrack entry or program from another mode survives into it. \
+         One Service (a TCP and a UDP port, three endpoints: the backend pods) carries the traffic and sits in the middle of the filler Services (three endpoints each, addresses no pod holds).\n\n\
+         - **direct**: the client connects to the pod addresses in turn; nothing is installed (the floor).\n\
+         - **sluice**: sluice's TC programs on every device of the node, Services in its BPF maps. Program-all is the map writes of every Service; the endpoint change is one Service's map write.\n\
+         - **iptables-legacy** and **iptables-nft**: kube-proxy's iptables-mode rule set (KUBE-SERVICES, KUBE-SVC-*, KUBE-SEP-* with statistic probabilities, masquerade marks), piped to `iptables-legacy-restore` / `iptables-nft-restore --noflush --counters` as kube-proxy does (its image picks the backend the host uses); the change is kube-proxy's partial sync (KUBE-SERVICES rewritten whole, the changed chains, stale chains deleted). The `iptables-save` kube-proxy runs before each sync is not counted.\n\
+         - **nftables**: kube-proxy's nftables-mode rule set (table `ip kube-proxy`, the service-ips verdict map, per-service and per-endpoint chains) piped to `nft -f -`; the change is the transaction kube-proxy issues for it.\n\n\
+         Control-plane times are wall times of the map writes (in process) and of the iptables-restore / nft processes (exec included, as kube-proxy pays it; rule generation excluded on every side). \
+         New connection: connect, 64-byte request, reply, server closes; the latency runs from connect to close. Persistent: 64-byte request/response on {workers} long-lived connections. UDP: the same on {workers} connected sockets.\n\
+         The iptables and nftables modes turn on netfilter connection tracking in the node; direct and sluice do not need it (sluice keeps its own conntrack in a BPF map), and on this bare node nothing else turns it on. On a real node a CNI or host firewall often does.\n\n\
+         ## Side by side\n\n",
+        machine = machine(),
+        mode = if quick { "quick" } else { "full" },
+        rounds = p.rounds,
+        dur = p.duration.as_millis(),
+        warm = p.warmup.as_millis(),
+        workers = p.workers,
+        took = took.as_secs_f64(),
+        iptl = tool_version(&["iptables-legacy-restore", "--version"]),
+        iptn = tool_version(&["iptables-nft-restore", "--version"]),
+        nft = tool_version(&["nft", "--version"]),
+    );
+    md.push_str(&testbed::report::render_tables(&bench.report));
+    if !bench.report.notes.is_empty() {
+        md.push_str("## Notes from this run\n\n");
+        for n in &bench.report.notes {
+            md.push_str(&format!("- {n}\n"));
+        }
+        md.push('\n');
+    }
+    md.push_str(&section(&out, "datapath.md", "Per packet"));
+    md.push_str("\n\n");
+    md.push_str(&section(&out, "agent.md", "Agent control plane and memory"));
+    md.push('\n');
+    std::fs::write(out.join("report.md"), &md).unwrap();
+    println!("{md}");
+    println!("report: target/bench/report.md, chart: target/bench/latency.svg");
+}
