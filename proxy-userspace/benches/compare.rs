@@ -33,7 +33,10 @@ use std::{
 };
 
 use common::NodeDataplane;
-use sluice::dataplane::{Backend, DataplaneConfig, Frontend, FrontendKind, Protocol};
+use sluice::dataplane::{
+    Backend, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend, FrontendKind, Protocol, TO_POD,
+    TO_UPLINK,
+};
 use testbed::{
     Cluster, Netns,
     kubeproxy::{self, ProxyConfig, ServicePort},
@@ -62,7 +65,7 @@ impl Params {
         Self {
             sizes: vec![1, 1_000, 10_000],
             rounds: 5,
-            workers: 4,
+            workers: 2,
             warmup: Duration::from_millis(if quick { 50 } else { 300 }),
             duration: Duration::from_millis(if quick { 250 } else { 2_000 }),
             max_ops_per_worker: 200_000,
@@ -203,9 +206,9 @@ fn restore_command(mode: Mode) -> [&'static str; 3] {
 }
 const NFT: [&str; 3] = ["nft", "-f", "-"];
 
-/// One cell's sandbox, built fresh so every mode starts from a bare node: the legacy iptables
-/// tables, once used, stay registered (and keep connection tracking on) until their namespace
-/// goes, and conntrack entries would outlive a mode.
+/// The sandbox: one node between a client pod and three backend pods. Every mode is removed
+/// after its cell; where that cannot leave the node bare (iptables-legacy), the next cell
+/// gets a new sandbox.
 struct Sandbox {
     // Field order is drop order: the dataplane and the servers go before the namespaces.
     dp: Option<NodeDataplane>,
@@ -233,6 +236,21 @@ impl Sandbox {
             c,
             backends,
         }
+    }
+
+    /// The summed run time and run count of sluice's attached programs (the kernel keeps
+    /// them while run-time statistics are enabled), or `None` without sluice.
+    fn program_stats(&self) -> Option<(Duration, u64)> {
+        let dp = self.dp.as_ref()?;
+        dp.with(|dp| {
+            let mut total = (Duration::ZERO, 0);
+            for p in [FROM_POD, TO_POD, FROM_UPLINK, TO_UPLINK] {
+                let info = dp.program(p).ok()?.info().ok()?;
+                total.0 += info.run_time();
+                total.1 += info.run_count();
+            }
+            Some(total)
+        })
     }
 
     fn node_ns(&self) -> &Netns {
@@ -272,6 +290,31 @@ impl Sandbox {
             Mode::Nftables => {
                 let rules = kubeproxy::nftables::full(&cfg, svcs);
                 run_timed(self.node_ns(), &NFT, rules).map(Some)
+            }
+        }
+    }
+
+    /// Removes what `mode` installed. Whether the node is bare again: the legacy iptables
+    /// tables, once used, stay registered (and keep connection tracking on) until their
+    /// namespace goes, so after them the sandbox is rebuilt.
+    fn uninstall(&mut self, mode: Mode) -> Result<bool, String> {
+        // Dropping the dataplane detaches every program.
+        self.dp = None;
+        match mode {
+            Mode::Direct | Mode::Sluice => Ok(true),
+            Mode::IptablesLegacy => Ok(false),
+            Mode::IptablesNft | Mode::Nftables => {
+                let ns = self.node_ns();
+                ns.exec(&["nft", "flush", "ruleset"])
+                    .map_err(|e| e.to_string())?;
+                let left = ns
+                    .exec(&["nft", "list", "ruleset"])
+                    .map_err(|e| e.to_string())?;
+                if left.trim().is_empty() {
+                    Ok(true)
+                } else {
+                    Err(format!("rules left after flushing: {left}"))
+                }
             }
         }
     }
@@ -389,8 +432,25 @@ impl Bench {
         }
     }
 
-    fn cell(&mut self, mode: Mode, n: u32, round: u32) -> Result<(), String> {
-        let mut sb = Sandbox::new();
+    /// Runs one cell in `sb` (a fresh one when `None`), then removes the mode; gives the
+    /// sandbox back when it is bare again.
+    fn cell(
+        &mut self,
+        sb: Option<Sandbox>,
+        mode: Mode,
+        n: u32,
+        round: u32,
+    ) -> (Result<(), String>, Option<Sandbox>) {
+        let mut sb = sb.unwrap_or_else(Sandbox::new);
+        let result = self.measure(&mut sb, mode, n, round);
+        match (result, sb.uninstall(mode)) {
+            (Ok(()), Ok(true)) => (Ok(()), Some(sb)),
+            (Ok(()), Ok(false)) => (Ok(()), None),
+            (Err(e), _) | (Ok(()), Err(e)) => (Err(e), None),
+        }
+    }
+
+    fn measure(&mut self, sb: &mut Sandbox, mode: Mode, n: u32, round: u32) -> Result<(), String> {
         let svcs = services(n, &sb.backends);
         let programmed = sb.install(mode, &svcs)?;
         if let Some(d) = programmed {
@@ -415,7 +475,49 @@ impl Bench {
         let spec = self.spec(targets);
         let client = &sb.c.pod("client").ns;
         let err = |e: std::io::Error| e.to_string();
+        // Each mode has its own slice of client ports. A server keeps TIME_WAIT for the
+        // connections it closed; a later SYN on the same four-tuple is accepted only if its
+        // timestamp is newer, and the client's timestamp offset depends on the address it
+        // dialled (the Service or the pod), so a tuple reused across modes would stall for a
+        // SYN retransmit (1 s).
+        let slice = 64_000 / Mode::ALL.len() as u32;
+        let lo = 1_500 + slice * Mode::ALL.iter().position(|m| *m == mode).unwrap_or(0) as u32;
+        client
+            .sysctl(
+                "net.ipv4.ip_local_port_range",
+                &format!("{lo} {}", lo + slice - 1),
+            )
+            .map_err(|e| e.to_string())?;
+        let waited = wait_quiet(Duration::from_secs(5));
+        if waited >= Duration::from_secs(5) {
+            self.report.notes.push(format!(
+                "{} at {n} Services, round {round}: the machine was still busy after 5 s; measured anyway",
+                mode.name()
+            ));
+        }
+        let stats_before = sb.program_stats();
         let new = load::tcp_new_connections(client, &spec).map_err(err)?;
+        if let (Some((t0, c0)), Some((t1, c1))) = (stats_before, sb.program_stats())
+            && c1 > c0
+        {
+            let conns = (new.ops + new.warmup_ops).max(1) as f64;
+            let ns = (t1 - t0).as_nanos() as f64;
+            self.record(
+                mode,
+                n,
+                round,
+                Metric::ProgramNsPerRun,
+                ns / (c1 - c0) as f64,
+            );
+            self.record(
+                mode,
+                n,
+                round,
+                Metric::ProgramRunsPerConn,
+                (c1 - c0) as f64 / conns,
+            );
+            self.record(mode, n, round, Metric::ProgramUsPerConn, ns / 1e3 / conns);
+        }
         let persistent = load::tcp_persistent(client, &spec).map_err(err)?;
         let udp = load::udp_request_response(client, &spec).map_err(err)?;
         self.check("new connections", mode, n, &new);
@@ -463,6 +565,39 @@ impl Bench {
         );
         Ok(())
     }
+}
+
+/// Busy share of all CPUs over the next `window`, from /proc/stat.
+fn busy_share(window: Duration) -> f64 {
+    let sample = || -> (u64, u64) {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let v: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        let total: u64 = v.iter().sum();
+        // idle and iowait
+        let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+        (total, idle)
+    };
+    let (t0, i0) = sample();
+    std::thread::sleep(window);
+    let (t1, i1) = sample();
+    let dt = t1.saturating_sub(t0).max(1);
+    1.0 - i1.saturating_sub(i0) as f64 / dt as f64
+}
+
+/// Waits until the machine is quiet (under 15% busy over 100 ms), at most `max`: a deleted
+/// sandbox is torn down by the kernel in the background, and that work must not land in a
+/// measurement. How long it waited.
+fn wait_quiet(max: Duration) -> Duration {
+    let t0 = Instant::now();
+    while t0.elapsed() < max && busy_share(Duration::from_millis(100)) > 0.15 {}
+    t0.elapsed()
 }
 
 fn machine() -> String {
@@ -520,6 +655,13 @@ fn main() {
     }
     let quick = std::env::args().any(|a| a == "--quick");
     let started = Instant::now();
+    // The kernel keeps per-program run time and run counts while this descriptor is open
+    // (BPF_ENABLE_STATS: scoped to this process, no sysctl changed).
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .map_err(|e| {
+            eprintln!("no BPF run-time statistics ({e}): the program-time table stays empty")
+        })
+        .ok();
     let mut bench = Bench {
         params: Params::new(quick),
         quick,
@@ -527,6 +669,7 @@ fn main() {
         longest_load: Vec::new(),
     };
     let sizes = bench.params.sizes.clone();
+    let mut sandbox: Option<Sandbox> = None;
     for &n in &sizes {
         for round in 0..bench.params.rounds {
             // Rotate the order every round, so no mode always runs first or last.
@@ -549,7 +692,9 @@ fn main() {
                     }
                     continue;
                 }
-                if let Err(why) = bench.cell(mode, n, round) {
+                let (result, bare) = bench.cell(sandbox.take(), mode, n, round);
+                sandbox = bare;
+                if let Err(why) = result {
                     eprintln!("{} cannot run: {why}", mode.name());
                     bench.report.unavailable.push((mode, why));
                 }
@@ -583,14 +728,14 @@ fn main() {
          ![new-connection latency against the number of Services](latency.svg)\n\n\
          ## How it is measured\n\n\
          One node namespace routes between a client pod and three backend pods; every backend runs the same Rust TCP and UDP servers (64-byte request, 64-byte reply naming the pod). \
-         For each Service count the modes run in turn, {rounds} rounds, the order rotated every round. Every cell builds its sandbox afresh (namespaces, veths, servers), so each mode starts on a bare node: no netfilter table, conntrack entry or program from another mode survives into it. \
+         For each Service count the modes run in turn, {rounds} rounds, the order rotated every round. Each mode is removed after its cell (programs detached; `nft flush ruleset`, checked empty), so the next starts on a bare node; the legacy iptables tables cannot be removed from a namespace (they keep connection tracking on), so after iptables-legacy the whole sandbox is built anew. \
          One Service (a TCP and a UDP port, three endpoints: the backend pods) carries the traffic and sits in the middle of the filler Services (three endpoints each, addresses no pod holds).\n\n\
          - **direct**: the client connects to the pod addresses in turn; nothing is installed (the floor).\n\
          - **sluice**: sluice's TC programs on every device of the node, Services in its BPF maps. Program-all is the map writes of every Service; the endpoint change is one Service's map write.\n\
          - **iptables-legacy** and **iptables-nft**: kube-proxy's iptables-mode rule set (KUBE-SERVICES, KUBE-SVC-*, KUBE-SEP-* with statistic probabilities, masquerade marks), piped to `iptables-legacy-restore` / `iptables-nft-restore --noflush --counters` as kube-proxy does (its image picks the backend the host uses); the change is kube-proxy's partial sync (KUBE-SERVICES rewritten whole, the changed chains, stale chains deleted). The `iptables-save` kube-proxy runs before each sync is not counted.\n\
          - **nftables**: kube-proxy's nftables-mode rule set (table `ip kube-proxy`, the service-ips verdict map, per-service and per-endpoint chains) piped to `nft -f -`; the change is the transaction kube-proxy issues for it.\n\n\
          Control-plane times are wall times of the map writes (in process) and of the iptables-restore / nft processes (exec included, as kube-proxy pays it; rule generation excluded on every side). \
-         New connection: connect, 64-byte request, reply, server closes; the latency runs from connect to close. Persistent: 64-byte request/response on {workers} long-lived connections. UDP: the same on {workers} connected sockets.\n\
+         Before each cell's traffic the bench waits for the machine to be quiet (under 15% busy over 100 ms, at most 5 s), so the kernel's background teardown of an earlier sandbox does not land in a measurement. sluice's own program time comes from the kernel's run-time statistics (BPF_ENABLE_STATS, held for the run). New connection: connect, 64-byte request, reply, server closes; the latency runs from connect to close. Persistent: 64-byte request/response on {workers} long-lived connections. UDP: the same on {workers} connected sockets.\n\
          The iptables and nftables modes turn on netfilter connection tracking in the node; direct and sluice do not need it (sluice keeps its own conntrack in a BPF map), and on this bare node nothing else turns it on. On a real node a CNI or host firewall often does.\n\n\
          ## Side by side\n\n",
         machine = machine(),

@@ -157,6 +157,8 @@ pub struct LoadResult {
     pub ops: u64,
     /// Operations that failed (timeout, refused, reset, short reply).
     pub errors: u64,
+    /// Operations that completed in the warm-up, not counted in `ops`.
+    pub warmup_ops: u64,
     /// Length of the measured stretch (up to the last worker's end).
     pub elapsed: Duration,
     /// Latency of every counted operation, sorted, in ns.
@@ -179,6 +181,7 @@ impl LoadResult {
     fn merge(&mut self, other: WorkerResult) {
         self.ops += other.latencies_ns.len() as u64;
         self.errors += other.errors;
+        self.warmup_ops += other.warmup_ops;
         self.elapsed = self.elapsed.max(other.elapsed);
         self.latencies_ns.extend(other.latencies_ns);
         for (k, v) in other.per_backend {
@@ -199,6 +202,7 @@ pub fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
 #[derive(Default)]
 struct WorkerResult {
     errors: u64,
+    warmup_ops: u64,
     elapsed: Duration,
     latencies_ns: Vec<u64>,
     per_backend: BTreeMap<String, u64>,
@@ -240,6 +244,7 @@ where
                     let t1 = Instant::now();
                     i += 1;
                     if t0 < begin {
+                        r.warmup_ops += u64::from(res.is_ok());
                         continue;
                     }
                     match res {

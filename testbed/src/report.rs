@@ -68,10 +68,17 @@ pub enum Metric {
     ProgramAll,
     /// Time for one endpoint change to take effect, every Service present.
     EndpointChange,
+    /// sluice's programs during the new-connection load: mean ns per program run (the
+    /// kernel's own run-time statistics).
+    ProgramNsPerRun,
+    /// sluice's programs during the new-connection load: program runs per connection.
+    ProgramRunsPerConn,
+    /// sluice's programs during the new-connection load: µs of program time per connection.
+    ProgramUsPerConn,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 8] = [
+    pub const ALL: [Metric; 11] = [
         Metric::NewConnRate,
         Metric::NewConnP50,
         Metric::NewConnP99,
@@ -80,6 +87,9 @@ impl Metric {
         Metric::UdpRate,
         Metric::ProgramAll,
         Metric::EndpointChange,
+        Metric::ProgramNsPerRun,
+        Metric::ProgramRunsPerConn,
+        Metric::ProgramUsPerConn,
     ];
 
     pub fn title(self) -> &'static str {
@@ -92,13 +102,27 @@ impl Metric {
             Metric::UdpRate => "UDP requests per second",
             Metric::ProgramAll => "Time to program all Services from empty",
             Metric::EndpointChange => "Time for one endpoint change to take effect",
+            Metric::ProgramNsPerRun => {
+                "sluice's programs under the new-connection load: time per run"
+            }
+            Metric::ProgramRunsPerConn => {
+                "sluice's programs under the new-connection load: runs per connection"
+            }
+            Metric::ProgramUsPerConn => {
+                "sluice's programs under the new-connection load: time per connection"
+            }
         }
     }
 
     pub fn unit(self) -> &'static str {
         match self {
             Metric::NewConnRate | Metric::PersistentRate | Metric::UdpRate => "/s",
-            Metric::NewConnP50 | Metric::NewConnP99 | Metric::PersistentP99 => "µs",
+            Metric::NewConnP50
+            | Metric::NewConnP99
+            | Metric::PersistentP99
+            | Metric::ProgramUsPerConn => "µs",
+            Metric::ProgramNsPerRun => "ns",
+            Metric::ProgramRunsPerConn => "runs",
             Metric::ProgramAll | Metric::EndpointChange => "ms",
         }
     }
@@ -111,9 +135,16 @@ impl Metric {
         )
     }
 
-    /// Whether the direct path has this measure (it programs nothing).
+    /// Whether `mode` has this measure: the direct path programs nothing, and the program
+    /// statistics are sluice's own.
     fn applies_to(self, mode: Mode) -> bool {
-        mode != Mode::Direct || !matches!(self, Metric::ProgramAll | Metric::EndpointChange)
+        match self {
+            Metric::ProgramAll | Metric::EndpointChange => mode != Mode::Direct,
+            Metric::ProgramNsPerRun | Metric::ProgramRunsPerConn | Metric::ProgramUsPerConn => {
+                mode == Mode::Sluice
+            }
+            _ => true,
+        }
     }
 }
 
@@ -298,9 +329,14 @@ pub fn render_tables(report: &Report) -> String {
         };
         let _ = writeln!(
             md,
-            "### {} ({})\n\n{better}. Median of the rounds (min–max).\n",
+            "### {} ({})\n\n{}Median of the rounds (min–max).\n",
             metric.title(),
-            metric.unit()
+            metric.unit(),
+            if others.is_empty() {
+                String::new()
+            } else {
+                format!("{better}. ")
+            }
         );
         md.push_str("| Services |");
         for m in &modes {
