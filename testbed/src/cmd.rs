@@ -31,10 +31,24 @@ pub enum CmdError {
 
 /// Runs `argv`, killing it after `timeout`; returns its output whether or not it succeeded.
 pub fn output(argv: &[&str], timeout: Duration) -> Result<Output, CmdError> {
+    output_with_input(argv, None, timeout)
+}
+
+/// [`output`] with `input` written to the command's stdin (closed after it); `None`: stdin is
+/// /dev/null.
+pub fn output_with_input(
+    argv: &[&str],
+    input: Option<Vec<u8>>,
+    timeout: Duration,
+) -> Result<Output, CmdError> {
     let cmd = argv.join(" ");
     let mut child = Command::new(argv[0])
         .args(&argv[1..])
-        .stdin(Stdio::null())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -42,6 +56,16 @@ pub fn output(argv: &[&str], timeout: Duration) -> Result<Output, CmdError> {
             cmd: cmd.clone(),
             source,
         })?;
+    // Feed stdin on a thread too: a child that writes before it has read all of its input
+    // must not wait on us while we wait on it. A child that exits early (an error) closes
+    // the pipe; its status says why, so the write error is ignored.
+    let in_t = input.map(|bytes| {
+        let mut stdin = child.stdin.take().expect("stdin is piped");
+        std::thread::spawn(move || {
+            use std::io::Write as _;
+            let _ = stdin.write_all(&bytes);
+        })
+    });
     // Drain the pipes on threads so a chatty child cannot block on a full pipe.
     let mut out = child.stdout.take().expect("stdout is piped");
     let mut err = child.stderr.take().expect("stderr is piped");
@@ -68,6 +92,9 @@ pub fn output(argv: &[&str], timeout: Duration) -> Result<Output, CmdError> {
             Err(source) => return Err(CmdError::Wait { cmd, source }),
         }
     };
+    if let Some(t) = in_t {
+        let _ = t.join();
+    }
     Ok(Output {
         status,
         stdout: out_t.join().unwrap_or_default(),
@@ -78,7 +105,11 @@ pub fn output(argv: &[&str], timeout: Duration) -> Result<Output, CmdError> {
 /// Runs `argv` within `timeout` and returns its stdout; a non-zero exit is an error that
 /// carries stderr.
 pub fn run_timeout(argv: &[&str], timeout: Duration) -> Result<String, CmdError> {
-    let out = output(argv, timeout)?;
+    stdout_of(argv, output(argv, timeout)?)
+}
+
+/// `out`'s stdout if `argv` succeeded; else an error carrying its stderr.
+pub(crate) fn stdout_of(argv: &[&str], out: Output) -> Result<String, CmdError> {
     if !out.status.success() {
         return Err(CmdError::Failed {
             cmd: argv.join(" "),

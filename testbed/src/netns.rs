@@ -8,7 +8,7 @@ use std::{
 
 use nix::sched::{CloneFlags, setns};
 
-use crate::cmd::{CmdError, output, run, run_timeout};
+use crate::cmd::{CmdError, output, output_with_input, run, run_timeout, stdout_of};
 
 /// Every namespace this crate creates starts with this, then the creating pid.
 pub const PREFIX: &str = "sluicet";
@@ -61,6 +61,30 @@ impl Netns {
     /// Runs `argv` inside the namespace, bounded by 10 s; returns stdout on success.
     pub fn exec(&self, argv: &[&str]) -> Result<String, CmdError> {
         self.exec_timeout(argv, Duration::from_secs(10))
+    }
+
+    /// Runs `argv` inside the namespace with `input` on its stdin, bounded by `timeout`, as
+    /// kube-proxy pipes rules to `iptables-restore` and `nft -f -`; returns stdout on success.
+    /// The command is started from a thread inside the namespace rather than through
+    /// `ip netns exec`, so a caller timing it times the command alone.
+    pub fn exec_with_input(
+        &self,
+        argv: &[&str],
+        input: &str,
+        timeout: Duration,
+    ) -> Result<String, CmdError> {
+        let owned: Vec<String> = argv.iter().map(|a| (*a).to_owned()).collect();
+        let input = input.as_bytes().to_vec();
+        let out = self
+            .run_in(move || {
+                let argv: Vec<&str> = owned.iter().map(String::as_str).collect();
+                output_with_input(&argv, Some(input), timeout)
+            })
+            .map_err(|source| CmdError::Spawn {
+                cmd: argv.join(" "),
+                source,
+            })??;
+        stdout_of(argv, out)
     }
 
     /// Runs `argv` inside the namespace and returns its whole output, success or not.

@@ -3,8 +3,7 @@
 //! change to one Service then leaves the kernel as kube-proxy's partial sync leaves it.
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
-    path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
 };
 
 use testbed::{
@@ -25,6 +24,9 @@ const IPTABLES_RESTORE: [&str; 3] = [
     iptables::RESTORE_FLAGS[0],
     iptables::RESTORE_FLAGS[1],
 ];
+
+/// How kube-proxy (through knftables) loads a transaction.
+const NFT: [&str; 3] = ["nft", "-f", "-"];
 
 /// `n` Services bench/svc<i>:http on ClusterIPs from 198.18.128.1, three endpoints each.
 fn services(n: u8) -> Vec<ServicePort> {
@@ -50,36 +52,9 @@ fn with_one_endpoint_replaced(old: &[ServicePort]) -> Vec<ServicePort> {
     new
 }
 
-/// A rules file under the temp directory, removed on drop: `Netns::exec` has no stdin.
-struct RuleFile(PathBuf);
-
-impl RuleFile {
-    fn new(text: &str) -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("sluice-kp-{}-{n}.rules", std::process::id()));
-        std::fs::write(&path, text)
-            .unwrap_or_else(|e| panic!("writing {} failed: {e}", path.display()));
-        Self(path)
-    }
-
-    fn path(&self) -> &str {
-        self.0.to_str().expect("the temp directory path is UTF-8")
-    }
-}
-
-impl Drop for RuleFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// Runs `argv` with a file holding `text` appended, inside `ns`.
+/// Pipes `text` to `argv` inside `ns`, as kube-proxy feeds its restores.
 fn load(ns: &Netns, argv: &[&str], text: &str) {
-    let file = RuleFile::new(text);
-    let mut full = argv.to_vec();
-    full.push(file.path());
-    if let Err(e) = ns.exec(&full) {
+    if let Err(e) = ns.exec_with_input(argv, text, Duration::from_secs(60)) {
         panic!(
             "`{}` did not accept kube-proxy's rules: {e}",
             argv.join(" ")
@@ -173,7 +148,7 @@ fn nftables_rules_load_and_a_change_flushes_then_deletes_the_stale_endpoint_chai
     );
     let ns = Netns::new("kp").expect("create the namespace");
     let old = services(100);
-    load(&ns, &["nft", "-f"], &nftables::full(&CFG, &old));
+    load(&ns, &NFT, &nftables::full(&CFG, &old));
 
     let ruleset = ns.exec(&["nft", "list", "ruleset"]).unwrap();
     // Service chains carry "/" (ns/name/protocol/port); "service-endpoints-check" does not.
@@ -193,11 +168,7 @@ fn nftables_rules_load_and_a_change_flushes_then_deletes_the_stale_endpoint_chai
     );
 
     let new = with_one_endpoint_replaced(&old);
-    load(
-        &ns,
-        &["nft", "-f"],
-        &nftables::change(&CFG, &old[7], &new[7]),
-    );
+    load(&ns, &NFT, &nftables::change(&CFG, &old[7], &new[7]));
     let stale = nftables::endpoint_chain(&old[7], old[7].endpoints[2]);
     let fresh = nftables::endpoint_chain(&new[7], new[7].endpoints[2]);
     let chain = |name: &str| ns.exec(&["nft", "list", "chain", "ip", "kube-proxy", name]);
@@ -217,11 +188,7 @@ fn nftables_rules_load_and_a_change_flushes_then_deletes_the_stale_endpoint_chai
         "expected the service chain to dispatch to {fresh} and not to {stale}:\n{service_rules}"
     );
 
-    load(
-        &ns,
-        &["nft", "-f"],
-        &nftables::delete_stale(&old[7], &new[7]),
-    );
+    load(&ns, &NFT, &nftables::delete_stale(&old[7], &new[7]));
     let ruleset = ns.exec(&["nft", "list", "ruleset"]).unwrap();
     assert!(
         !ruleset.contains(&stale),
@@ -233,7 +200,7 @@ fn nftables_rules_load_and_a_change_flushes_then_deletes_the_stale_endpoint_chai
         "the other endpoint chains stay"
     );
 
-    load(&ns, &["nft", "-f"], &nftables::teardown());
+    load(&ns, &NFT, &nftables::teardown());
     let tables = ns.exec(&["nft", "list", "tables"]).unwrap();
     assert!(
         !tables.contains("kube-proxy"),
