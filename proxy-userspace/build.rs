@@ -1,10 +1,14 @@
 //! Builds the eBPF crate with the pinned nightly (aya-build) and leaves the object in OUT_DIR,
-//! where `src/dataplane/mod.rs` embeds it. `cargo xtask build-ebpf` uses this same build.
+//! where `src/dataplane/mod.rs` embeds it. `./x build-ebpf` uses this same build.
 use anyhow::{Context as _, anyhow};
 
-/// The eBPF toolchain: a nightly whose LLVM major equals bpf-linker's (LLVM 22). Keep in step
-/// with `EBPF_TOOLCHAIN` in `xtask/src/toolchain.rs`.
-const EBPF_TOOLCHAIN: &str = "nightly-2026-06-25";
+/// The `channel` of a rust-toolchain.toml.
+fn channel(toml: &str) -> Option<&str> {
+    toml.lines().find_map(|l| {
+        let v = l.trim().strip_prefix("channel")?.trim().strip_prefix('=')?;
+        Some(v.trim().trim_matches('"'))
+    })
+}
 
 fn main() -> anyhow::Result<()> {
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?;
@@ -17,6 +21,15 @@ fn main() -> anyhow::Result<()> {
         "cargo::rerun-if-changed={}",
         root.join("proxy-common").display()
     );
+    // The eBPF nightly (LLVM 22, like bpf-linker) is pinned in the eBPF crate's own
+    // rust-toolchain.toml, the one place it is named.
+    let pin = ebpf_dir.join("rust-toolchain.toml");
+    println!("cargo::rerun-if-changed={}", pin.display());
+    let pin_text =
+        std::fs::read_to_string(&pin).with_context(|| format!("reading {}", pin.display()))?;
+    let toolchain = channel(&pin_text)
+        .ok_or_else(|| anyhow!("{} names no channel", pin.display()))?
+        .to_owned();
     let ebpf_dir = ebpf_dir
         .to_str()
         .ok_or_else(|| anyhow!("non-UTF-8 path {}", ebpf_dir.display()))?;
@@ -26,10 +39,10 @@ fn main() -> anyhow::Result<()> {
             root_dir: ebpf_dir,
             ..Default::default()
         }],
-        aya_build::Toolchain::Custom(EBPF_TOOLCHAIN),
+        aya_build::Toolchain::Custom(&toolchain),
     )
     .context(
-        "building the eBPF programs failed: run `cargo xtask setup` to install the pinned \
-         nightly, rust-src and bpf-linker",
+        "building the eBPF programs failed: run `./x setup` to install the pinned nightly \
+         (proxy-ebpf/rust-toolchain.toml), rust-src and bpf-linker",
     )
 }

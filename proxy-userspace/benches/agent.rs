@@ -133,11 +133,12 @@ fn maps_memory(pins: &Path) -> u64 {
         .filter_map(Result::ok)
         .filter(|e| e.path().is_file())
         .filter_map(|e| {
-            let out = std::process::Command::new("bpftool")
-                .args(["-j", "map", "show", "pinned"])
-                .arg(e.path())
-                .output()
-                .ok()?;
+            let pin = e.path().to_string_lossy().into_owned();
+            let out = testbed::cmd::output(
+                &["bpftool", "-j", "map", "show", "pinned", &pin],
+                std::time::Duration::from_secs(10),
+            )
+            .ok()?;
             let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
             v["bytes_memlock"].as_u64()
         })

@@ -28,7 +28,6 @@ use std::{
     collections::HashMap,
     net::{Ipv4Addr, SocketAddrV4},
     path::Path,
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -586,9 +585,7 @@ fn machine() -> String {
 }
 
 fn tool_version(argv: &[&str]) -> String {
-    Command::new(argv[0])
-        .args(&argv[1..])
-        .output()
+    testbed::cmd::output(argv, Duration::from_secs(10))
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_else(|e| format!("{} not found: {e}", argv[0]))
 }
@@ -604,9 +601,9 @@ fn section(dir: &Path, file: &str, title: &str) -> String {
             })
             .collect::<Vec<_>>()
             .join("\n"),
-        Err(_) => format!(
-            "## {title}\n\nNot run in this invocation (`cargo xtask bench` runs it first).\n"
-        ),
+        Err(_) => {
+            format!("## {title}\n\nNot run in this invocation (`./x bench` runs it first).\n")
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 use std::{
     fs::File,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
@@ -33,8 +33,7 @@ impl AgentProcess {
             source,
         };
         let file = File::create(log).map_err(spawn_err)?;
-        let child = Command::new(full[0])
-            .args(&full[1..])
+        let child = crate::cmd::command(&full)?
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -66,21 +65,22 @@ impl AgentProcess {
     }
 
     fn get(&self, url: &str) -> Option<(u16, String)> {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns_name,
-                "curl",
-                "-s",
-                "-m",
-                "2",
-                "-w",
-                "\n%{http_code}",
-                url,
-            ])
-            .output()
-            .ok()?;
+        let out = crate::cmd::command(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.ns_name,
+            "curl",
+            "-s",
+            "-m",
+            "2",
+            "-w",
+            "\n%{http_code}",
+            url,
+        ])
+        .ok()?
+        .output()
+        .ok()?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let (body, code) = text.rsplit_once('\n')?;
         Some((code.trim().parse().ok()?, body.to_owned()))

@@ -9,7 +9,7 @@
 use std::{
     io::{BufRead as _, BufReader},
     net::{Ipv4Addr, SocketAddrV4},
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     sync::mpsc,
     time::Duration,
 };
@@ -67,8 +67,7 @@ print(data.decode())
 fn spawn_in(ns: &Netns, argv: &[&str]) -> Result<(Child, String), CmdError> {
     let full = ns.exec_argv(argv);
     let cmd = full.join(" ");
-    let child = Command::new(full[0])
-        .args(&full[1..])
+    let child = crate::cmd::command(&full)?
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

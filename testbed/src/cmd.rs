@@ -1,13 +1,25 @@
 //! Running commands with a bounded time, and errors that show what was run and what it said.
+//!
+//! [`command`] is the one place in the workspace where a process is started (the test
+//! `every_spawned_command_is_listed` holds every other file to that): it refuses any command
+//! that `tools.txt` does not list, so a new dependency on a system tool cannot go unnoticed by
+//! `./x setup`. The project's own binaries (sluice, test binaries) are started by path.
 use std::{
+    ffi::OsStr,
     io::Read as _,
+    path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
+use crate::tools;
+
 #[derive(Debug, thiserror::Error)]
 pub enum CmdError {
-    #[error("could not start `{cmd}`: {source} (is it installed? `cargo xtask setup` installs it)")]
+    #[error(
+        "could not start `{cmd}`: {source} (is it installed? `./x setup` installs everything in \
+         tools.txt)"
+    )]
     Spawn {
         cmd: String,
         #[source]
@@ -21,12 +33,89 @@ pub enum CmdError {
         status: std::process::ExitStatus,
         stderr: String,
     },
+    #[error(
+        "`{program}` (in `{cmd}`) is not in tools.txt, the list of every command sluice runs: \
+         add a row for it with the Debian package that provides it, so that `./x setup` \
+         installs it"
+    )]
+    Unlisted { cmd: String, program: String },
+    #[error(
+        "`{cmd}` starts a program by path: name a command from tools.txt instead (only the \
+         workspace's own binaries, under its target directory, are started by path)"
+    )]
+    ByPath { cmd: String },
     #[error("waiting for `{cmd}` failed: {source}")]
     Wait {
         cmd: String,
         #[source]
         source: std::io::Error,
     },
+}
+
+/// A [`Command`] for `argv` (program and arguments), refused unless every program it runs is
+/// listed in `tools.txt`: `argv[0]`, and for `ip netns exec NS PROG ...` also `PROG`. A program
+/// given by path must be one of the workspace's own binaries (see [`is_own_binary`]).
+pub fn command<S: AsRef<OsStr>>(argv: &[S]) -> Result<Command, CmdError> {
+    let words: Vec<&str> = argv
+        .iter()
+        .map(|a| a.as_ref().to_str().unwrap_or("\u{fffd}"))
+        .collect();
+    let cmd = words.join(" ");
+    let Some(&program) = words.first() else {
+        return Err(CmdError::Unlisted {
+            cmd,
+            program: String::new(),
+        });
+    };
+    check_program(program, &cmd)?;
+    // `ip netns exec NS PROG ...` runs PROG: it must be listed too.
+    if let ["ip", "netns", "exec", _, inner, ..] = words.as_slice() {
+        check_program(inner, &cmd)?;
+    }
+    let mut c = Command::new(argv[0].as_ref());
+    c.args(&argv[1..]);
+    Ok(c)
+}
+
+fn check_program(program: &str, cmd: &str) -> Result<(), CmdError> {
+    if program.contains('/') {
+        return if is_own_binary(Path::new(program)) {
+            Ok(())
+        } else {
+            Err(CmdError::ByPath {
+                cmd: cmd.to_owned(),
+            })
+        };
+    }
+    match tools::find(program) {
+        Some(_) => Ok(()),
+        None => Err(CmdError::Unlisted {
+            cmd: cmd.to_owned(),
+            program: program.to_owned(),
+        }),
+    }
+}
+
+/// Where cargo puts this workspace's builds: `$CARGO_TARGET_DIR`, else `<workspace>/target`.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}
+
+/// Whether `path` is one of the workspace's own binaries: under its target directory.
+pub fn is_own_binary(path: &Path) -> bool {
+    let canon = |p: &Path| std::fs::canonicalize(p).ok();
+    match (canon(path), canon(&target_dir())) {
+        (Some(p), Some(t)) => p.starts_with(t),
+        _ => false,
+    }
+}
+
+/// A [`Command`] for a copy of one of the workspace's own binaries placed elsewhere (a test
+/// binary copied where another user may run it). Never a system command.
+pub fn own_binary_copy(path: &Path) -> Command {
+    Command::new(path)
 }
 
 /// Runs `argv`, killing it after `timeout`; returns its output whether or not it succeeded.
@@ -42,8 +131,7 @@ pub fn output_with_input(
     timeout: Duration,
 ) -> Result<Output, CmdError> {
     let cmd = argv.join(" ");
-    let mut child = Command::new(argv[0])
-        .args(&argv[1..])
+    let mut child = command(argv)?
         .stdin(if input.is_some() {
             Stdio::piped()
         } else {
@@ -123,4 +211,66 @@ pub(crate) fn stdout_of(argv: &[&str], out: Output) -> Result<String, CmdError> 
 /// [`run_timeout`] with the default bound for set-up commands (10 s).
 pub fn run(argv: &[&str]) -> Result<String, CmdError> {
     run_timeout(argv, Duration::from_secs(10))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listed_command_is_built_with_its_arguments() {
+        let c = command(&["ip", "-n", "ns1", "link"]).unwrap();
+        assert_eq!(c.get_program(), "ip");
+        assert_eq!(c.get_args().collect::<Vec<_>>(), ["-n", "ns1", "link"]);
+    }
+
+    #[test]
+    fn an_unlisted_command_is_refused_before_it_runs() {
+        match command(&["kubectl", "get", "pods"]) {
+            Err(CmdError::Unlisted { program, cmd }) => {
+                assert_eq!(
+                    (program.as_str(), cmd.as_str()),
+                    ("kubectl", "kubectl get pods")
+                );
+            }
+            other => panic!("expected Unlisted, got {other:?}"),
+        }
+        // The error says where the list is and what to do.
+        let msg = command(&["kubectl"]).unwrap_err().to_string();
+        assert!(
+            msg.contains("tools.txt") && msg.contains("Debian package"),
+            "{msg}"
+        );
+        assert!(matches!(
+            command::<&str>(&[]),
+            Err(CmdError::Unlisted { .. })
+        ));
+    }
+
+    #[test]
+    fn the_program_that_ip_netns_exec_runs_must_be_listed_too() {
+        assert!(command(&["ip", "netns", "exec", "ns1", "curl", "-s"]).is_ok());
+        match command(&["ip", "netns", "exec", "ns1", "tcpdump", "-i", "eth0"]) {
+            Err(CmdError::Unlisted { program, .. }) => assert_eq!(program, "tcpdump"),
+            other => panic!("expected Unlisted, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn only_the_workspaces_own_binaries_run_by_path() {
+        assert!(matches!(
+            command(&["/usr/bin/curl", "-s"]),
+            Err(CmdError::ByPath { .. })
+        ));
+        // This test binary lives under the target directory.
+        let me = std::env::current_exe().unwrap();
+        assert!(
+            is_own_binary(&me),
+            "{} is not under {}",
+            me.display(),
+            target_dir().display()
+        );
+        assert!(command(&[me.as_os_str(), OsStr::new("--list")]).is_ok());
+        assert!(command(&["ip", "netns", "exec", "ns1", me.to_str().unwrap()]).is_ok());
+    }
 }

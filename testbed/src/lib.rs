@@ -13,6 +13,8 @@
 //!   persistent connections, UDP), in Rust so the path is measured and not an interpreter.
 //! - [`report`]: the side-by-side benchmark's Markdown tables and SVG chart, from raw samples.
 //! - [`privilege`]: the rule for tests that need root: skip loudly, or fail in CI.
+//! - [`cmd`] and [`tools`]: the one way to start a process, and `tools.txt`, the list of every
+//!   external command the project runs, which that one way enforces.
 //!
 //! Every name carries the creating process's pid and a counter, so tests run in parallel and a
 //! sweep ([`netns::sweep_stale`]) can remove what a killed test run left behind.
@@ -28,6 +30,7 @@ pub mod netns;
 pub mod plan;
 pub mod privilege;
 pub mod report;
+pub mod tools;
 
 pub use apiserver::ApiServer;
 pub use apps::{

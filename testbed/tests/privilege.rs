@@ -1,7 +1,7 @@
 //! The privileged-test rule, exercised for real: this test binary re-runs itself as an
 //! unprivileged user (uid 65534) and watches a privileged test skip loudly, or fail when
 //! `SLUICE_REQUIRE_PRIVILEGED=1`.
-use std::{os::unix::process::CommandExt as _, process::Command};
+use std::os::unix::process::CommandExt as _;
 
 use testbed::require_privileged;
 
@@ -30,7 +30,7 @@ fn run_probe_as_nobody(require: bool) -> std::process::Output {
     let mut perms = std::fs::metadata(&dir).unwrap().permissions();
     std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
     std::fs::set_permissions(&dir, perms).unwrap();
-    let mut cmd = Command::new(&exe);
+    let mut cmd = testbed::cmd::own_binary_copy(&exe);
     cmd.args([
         "--exact",
         "probe_needs_root",

@@ -118,10 +118,11 @@ fn dropping_a_cluster_removes_its_namespaces_and_kills_its_servers() {
     let server = HttpServer::start(&c.pod("a").ns, "a", 8080).unwrap();
     let pid = server.0.pid();
     // A process the sandbox did not start itself, left running inside a pod.
-    let mut stray = std::process::Command::new("ip")
-        .args(["netns", "exec", c.pod("a").ns.name(), "sleep", "30"])
-        .spawn()
-        .unwrap();
+    let mut stray =
+        testbed::cmd::command(&["ip", "netns", "exec", c.pod("a").ns.name(), "sleep", "30"])
+            .unwrap()
+            .spawn()
+            .unwrap();
     std::thread::sleep(Duration::from_millis(200));
     std::mem::forget(server); // leave it to the namespace cleanup
     drop(c);
@@ -184,7 +185,7 @@ fn a_panicking_test_leaves_no_namespace_behind() {
 fn sweep_removes_namespaces_of_dead_test_processes_only() {
     require_privileged!("sweep_removes_namespaces_of_dead_test_processes_only");
     // A namespace named as if a process that has exited had made it (pid of a finished child).
-    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let mut child = testbed::cmd::command(&["true"]).unwrap().spawn().unwrap();
     let dead = child.id();
     child.wait().unwrap();
     let stale = format!("{}{dead}x0-stale", netns::PREFIX);

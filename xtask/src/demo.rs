@@ -1,4 +1,4 @@
-//! `cargo xtask demo`: sluice doing kube-proxy's job on a sandbox cluster.
+//! `./x demo` (`cargo xtask demo`): sluice doing kube-proxy's job on a sandbox cluster.
 //!
 //! One node (a network namespace) with two backend pods serving the example app of
 //! `deploy/examples/service-test.yaml` (python3 answering with the pod's name on 8080), a
@@ -12,7 +12,6 @@
 use std::{
     collections::BTreeMap,
     path::Path,
-    process::Command,
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
@@ -45,7 +44,7 @@ pub fn run(once: bool) -> anyhow::Result<()> {
         "the demo builds network namespaces and loads eBPF programs: run it as root"
     );
     let root = crate::workspace_root();
-    let st = Command::new("cargo")
+    let st = testbed::cmd::command(&["cargo"])?
         .current_dir(&root)
         .args([
             "build",

@@ -1,5 +1,6 @@
-//! Project tasks. `cargo xtask <task>`; every task but `setup` runs `setup` first, so that on a
-//! fresh machine the README's two commands are all anyone types.
+//! Project tasks: `./x <task>`, which is `cargo xtask <task>` once `./x` has made sure cargo
+//! can run. Every task but `setup` runs `setup` first, so that on a fresh machine the README's
+//! two commands are all anyone types.
 mod build_ebpf;
 mod demo;
 mod setup;
@@ -17,8 +18,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what this machine lacks: Debian packages, the eBPF nightly with rust-src,
-    /// bpf-linker built against LLVM 22. Idempotent: skips what is there.
+    /// Install what this machine lacks, from tools.txt: Debian packages, the eBPF nightly with
+    /// rust-src, bpf-linker built against LLVM 22. Idempotent: skips what is there.
     Setup,
     /// Build the eBPF object (target/bpfel-unknown-none/release/sluice-ebpf) for development.
     BuildEbpf,
@@ -71,7 +72,7 @@ fn bench(quick: bool) -> anyhow::Result<()> {
     use anyhow::Context as _;
     // The comparison runs last: its report takes in the other two.
     for bench in ["datapath", "agent", "compare"] {
-        let mut cmd = std::process::Command::new("cargo");
+        let mut cmd = testbed::cmd::command(&["cargo"])?;
         cmd.current_dir(workspace_root()).args([
             "bench",
             "--package",

@@ -1,42 +1,29 @@
-//! `cargo xtask setup`: make a fresh Debian 12 machine of this project's kind able to build and
-//! test sluice. Each step checks first and does nothing when the piece is already there.
-use std::process::Command;
+//! `./x setup` (`cargo xtask setup`): make a fresh Debian 12 machine able to build, test, demo
+//! and benchmark sluice, from one list: `tools.txt`. `./x` has already installed the rows
+//! marked `x` (a C linker, curl, rustup and the userspace toolchain), since nothing of ours
+//! compiles without them. Setup installs the rest, each step checking first and doing nothing
+//! when its piece is there, and says what it installed, why, and how long each step took:
+//! 1. the Debian packages of every `apt:` row whose command (or package) is missing;
+//! 2. the eBPF nightly with rust-src (proxy-ebpf/rust-toolchain.toml);
+//! 3. bpf-linker, built against LLVM 22;
+//! 4. a check that every command in the list is now there.
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, bail};
+use testbed::tools::{self, Provider, Tool};
 
-use crate::toolchain::{BPF_LINKER_VERSION, EBPF_TOOLCHAIN, LLVM_MAJOR};
-
-/// Commands the build and the tests use, and the Debian package that provides each.
-const COMMANDS: &[(&str, &str)] = &[
-    ("ip", "iproute2"),
-    ("tc", "iproute2"),
-    ("ethtool", "ethtool"),
-    ("curl", "curl"),
-    ("python3", "python3"),
-    ("ping", "iputils-ping"),
-    ("sysctl", "procps"),
-    ("bpftool", "bpftool"),
-];
+use crate::toolchain::{BPF_LINKER_VERSION, LLVM_MAJOR, in_ebpf_dir};
 
 pub fn run() -> anyhow::Result<()> {
-    let mut missing: Vec<&str> = COMMANDS
-        .iter()
-        .filter(|(cmd, _)| !on_path(cmd))
-        .map(|(_, pkg)| *pkg)
-        .collect();
-    let llvm = format!("llvm-{LLVM_MAJOR}-dev");
-    if !on_path(&format!("llvm-config-{LLVM_MAJOR}")) {
-        missing.push(&llvm);
-    }
-    missing.sort_unstable();
-    missing.dedup();
-    if missing.is_empty() {
-        say("Debian packages: all there");
-    } else {
-        apt_install(&missing)?;
-    }
-    ebpf_toolchain()?;
-    bpf_linker()?;
+    let start = Instant::now();
+    step("Debian packages", debian_packages)?;
+    step("eBPF toolchain", ebpf_toolchain)?;
+    step("bpf-linker", bpf_linker)?;
+    step("every command in tools.txt", check_all)?;
+    say(&format!("ready ({})", secs(start.elapsed())));
     Ok(())
 }
 
@@ -44,65 +31,129 @@ fn say(msg: &str) {
     eprintln!("setup: {msg}");
 }
 
-fn on_path(cmd: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|dir| {
-            let p = dir.join(cmd);
-            p.is_file()
-                && std::fs::metadata(&p)
-                    .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0)
-                    .unwrap_or(false)
+fn secs(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
+/// Runs one step and reports its outcome and its time, or what went wrong.
+fn step(name: &str, f: fn() -> anyhow::Result<String>) -> anyhow::Result<()> {
+    let t = Instant::now();
+    match f() {
+        Ok(outcome) => {
+            say(&format!("{name}: {outcome} ({})", secs(t.elapsed())));
+            Ok(())
+        }
+        Err(e) => Err(e.context(format!(
+            "setup step `{name}` failed after {}",
+            secs(t.elapsed())
+        ))),
+    }
+}
+
+/// Whether `cmd` is an executable file on PATH (or in the sbin directories, which a non-root
+/// PATH often lacks).
+pub fn on_path(cmd: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(Into::into))
+        .any(|dir| {
+            std::fs::metadata(dir.join(cmd)).is_ok_and(|m| {
+                m.is_file()
+                    && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0
+            })
         })
-    }) || ["/usr/sbin", "/sbin"]
-        .iter()
-        .any(|d| std::path::Path::new(d).join(cmd).is_file())
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    testbed::cmd::output(
+        &["dpkg-query", "-W", "-f=${Status}", pkg],
+        Duration::from_secs(10),
+    )
+    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+/// Whether a row's piece is on the machine: its command on PATH, or for a row without one,
+/// its package installed.
+fn present(t: &Tool) -> bool {
+    match (t.command, t.provider) {
+        (Some(cmd), _) => on_path(cmd),
+        (None, Provider::Apt(pkg)) => dpkg_installed(pkg),
+        (None, _) => true,
+    }
 }
 
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-fn status(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
-    let st = cmd
-        .status()
-        .with_context(|| format!("could not start {what} ({cmd:?})"))?;
-    if !st.success() {
-        bail!("{what} failed ({st}); command: {cmd:?}");
+fn debian_packages() -> anyhow::Result<String> {
+    // Package -> the rows that need it, in list order.
+    let mut missing: BTreeMap<&str, Vec<&Tool>> = BTreeMap::new();
+    let mut total = 0;
+    for t in tools::all() {
+        if let Provider::Apt(pkg) = t.provider {
+            total += 1;
+            if !present(t) {
+                missing.entry(pkg).or_default().push(t);
+            }
+        }
     }
-    Ok(())
-}
-
-fn apt_install(pkgs: &[&str]) -> anyhow::Result<()> {
+    if missing.is_empty() {
+        return Ok(format!("all {total} listed are there"));
+    }
+    let pkgs: Vec<&str> = missing.keys().copied().collect();
+    let install = format!(
+        "apt-get install -y --no-install-recommends {}",
+        pkgs.join(" ")
+    );
     if !is_root() {
         bail!(
-            "these Debian packages are missing: {}. Installing them needs root: run \
-             `sudo cargo xtask setup`, or install them yourself with apt-get",
+            "these Debian packages are missing: {}. Installing them needs root: run `sudo ./x \
+             setup`, or `sudo {install}` yourself",
             pkgs.join(" ")
         );
     }
-    say(&format!("installing Debian packages: {}", pkgs.join(" ")));
-    status(
-        Command::new("apt-get").args(["update", "-q"]),
-        "apt-get update (is the Debian package registry reachable?)",
-    )?;
-    status(
-        Command::new("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(pkgs),
-        "apt-get install (is the Debian package registry reachable?)",
-    )
-}
-
-fn ebpf_toolchain() -> anyhow::Result<()> {
-    if !on_path("rustup") {
+    say("installing from Debian:");
+    for (pkg, rows) in &missing {
+        let what: Vec<String> = rows
+            .iter()
+            .map(|t| match t.command {
+                Some(c) => format!("{c} ({})", t.why),
+                None => t.why.to_owned(),
+            })
+            .collect();
+        say(&format!("  {pkg}: {}", what.join("; ")));
+    }
+    let t = Instant::now();
+    let update = testbed::cmd::command(&["apt-get", "update", "-q"])?
+        .status()
+        .context("starting apt-get update")?;
+    if !update.success() {
         bail!(
-            "rustup is not on PATH: sluice builds its eBPF programs with a pinned nightly that \
-             rustup installs. Install rustup, or add ~/.cargo/bin to PATH"
+            "apt-get update failed ({update}): Debian's package registry did not answer. Check \
+             the network and /etc/apt/sources.list, then run `./x setup` again, or install the \
+             packages yourself: {install}"
         );
     }
-    let sysroot = Command::new("rustup")
-        .args(["run", EBPF_TOOLCHAIN, "rustc", "--print", "sysroot"])
+    say(&format!("  apt-get update ({})", secs(t.elapsed())));
+    let st = testbed::cmd::command(&["apt-get", "install", "-y", "-q", "--no-install-recommends"])?
+        .args(&pkgs)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("starting apt-get install")?;
+    if !st.success() {
+        bail!(
+            "`{install}` failed ({st}): a package may be missing from the configured suites \
+             (llvm-{LLVM_MAJOR}-dev comes from bookworm-security), or the registry stopped \
+             answering. Fix the apt sources and run `./x setup` again"
+        );
+    }
+    Ok(format!("installed {}", pkgs.join(" ")))
+}
+
+/// The eBPF nightly and its rust-src, from proxy-ebpf/rust-toolchain.toml.
+fn ebpf_toolchain() -> anyhow::Result<String> {
+    let sysroot = in_ebpf_dir(&["rustc", "--print", "sysroot"])?
         .output()
         .ok()
         .filter(|o| o.status.success())
@@ -113,67 +164,91 @@ fn ebpf_toolchain() -> anyhow::Result<()> {
             .is_file()
     });
     if has_src {
-        say(&format!(
-            "eBPF toolchain {EBPF_TOOLCHAIN} with rust-src: there"
+        return Ok(format!(
+            "there, with rust-src ({})",
+            sysroot.unwrap_or_default()
         ));
-        return Ok(());
     }
-    say(&format!("installing {EBPF_TOOLCHAIN} with rust-src"));
-    status(
-        Command::new("rustup").args([
-            "toolchain",
-            "install",
-            EBPF_TOOLCHAIN,
-            "--profile",
-            "minimal",
-            "--component",
-            "rust-src",
-        ]),
-        "rustup toolchain install (is the Rust toolchain server reachable?)",
-    )
+    say("installing the eBPF nightly of proxy-ebpf/rust-toolchain.toml, with rust-src");
+    let st = in_ebpf_dir(&["rustup", "toolchain", "install"])?
+        .status()
+        .context("starting rustup")?;
+    if !st.success() {
+        bail!(
+            "`rustup toolchain install` in proxy-ebpf/ failed ({st}): rustup's server \
+             (static.rust-lang.org) may be unreachable. Run `./x setup` again once it answers"
+        );
+    }
+    Ok("installed".into())
 }
 
-fn bpf_linker() -> anyhow::Result<()> {
-    let version = Command::new("bpf-linker")
-        .arg("--version")
-        .output()
+fn bpf_linker() -> anyhow::Result<String> {
+    let version = testbed::cmd::output(&["bpf-linker", "--version"], Duration::from_secs(10))
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
     if version
         .as_deref()
         .is_some_and(|v| v.contains(BPF_LINKER_VERSION))
     {
-        say(&format!("bpf-linker {BPF_LINKER_VERSION}: there"));
-        return Ok(());
+        return Ok(format!("{BPF_LINKER_VERSION} there"));
     }
-    let llvm_bindir = Command::new(format!("llvm-config-{LLVM_MAJOR}"))
-        .arg("--bindir")
-        .output()
-        .context("llvm-config is missing: the llvm-dev package did not install")?;
-    let llvm_bindir = String::from_utf8_lossy(&llvm_bindir.stdout)
-        .trim()
-        .to_owned();
+    let llvm_config = format!("llvm-config-{LLVM_MAJOR}");
+    let llvm_bindir = testbed::cmd::run(&[&llvm_config, "--bindir"]).with_context(|| {
+        format!("{llvm_config} did not answer: the llvm-{LLVM_MAJOR}-dev package did not install")
+    })?;
     let path = format!(
-        "{llvm_bindir}:{}",
+        "{}:{}",
+        llvm_bindir.trim(),
         std::env::var("PATH").unwrap_or_default()
     );
     say(&format!(
-        "building bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR} (about 70 s)"
+        "building bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR} (about 70 s on 2 cores)"
     ));
-    status(
-        Command::new("cargo")
-            .env("PATH", path)
-            .current_dir(crate::workspace_root())
-            .args([
-                "install",
-                "bpf-linker",
-                "--version",
-                BPF_LINKER_VERSION,
-                "--locked",
-                "--no-default-features",
-                "--features",
-                &format!("llvm-{LLVM_MAJOR}"),
-            ]),
-        "cargo install bpf-linker (is crates.io reachable?)",
-    )
+    let features = format!("llvm-{LLVM_MAJOR}");
+    let st = testbed::cmd::command(&[
+        "cargo",
+        "install",
+        "bpf-linker",
+        "--version",
+        BPF_LINKER_VERSION,
+        "--locked",
+        "--no-default-features",
+        "--features",
+        &features,
+    ])?
+    .env("PATH", path)
+    .current_dir(crate::workspace_root())
+    .status()
+    .context("starting cargo install")?;
+    if !st.success() {
+        bail!(
+            "`cargo install bpf-linker` failed ({st}): crates.io may be unreachable, or LLVM \
+             {LLVM_MAJOR} is not where {llvm_config} says. Run `./x setup` again once fixed"
+        );
+    }
+    Ok(format!("{BPF_LINKER_VERSION} installed"))
+}
+
+/// Every command the list names is there now; if not, which and where it comes from.
+fn check_all() -> anyhow::Result<String> {
+    let missing: Vec<String> = tools::all()
+        .iter()
+        .filter(|t| !present(t))
+        .map(|t| {
+            let from = match t.provider {
+                Provider::Apt(p) => format!("Debian package {p}"),
+                Provider::Cargo(c) => format!("cargo install {c}"),
+                Provider::Rustup => "the rustup toolchain".into(),
+                Provider::RustupInit => "rustup (./x installs it)".into(),
+            };
+            format!("{} (from {from})", t.command.unwrap_or("-"))
+        })
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "still missing after setup: {}. Is ~/.cargo/bin on PATH?",
+            missing.join(", ")
+        );
+    }
+    Ok(format!("all {} rows there", tools::all().len()))
 }

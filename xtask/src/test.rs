@@ -1,4 +1,4 @@
-//! `cargo xtask test`: every tier in one run, then a check that nothing was left behind.
+//! `./x test` (`cargo xtask test`): every tier in one run, then a check that nothing was left behind.
 //!
 //! Tiers: unit tests (model, plan, ABI), packet tests through BPF_PROG_TEST_RUN, sandbox
 //! end-to-end tests in network namespaces. They are all `cargo test` tests; the privileged
@@ -6,7 +6,7 @@
 //! Skips are collected through `SLUICE_SKIP_LOG` and reported as skipped, never as passed.
 use std::{
     io::{BufRead as _, BufReader},
-    process::{Command, Stdio},
+    process::Stdio,
 };
 
 use anyhow::{Context as _, bail};
@@ -55,7 +55,7 @@ pub fn run(cargo_args: &[String]) -> anyhow::Result<()> {
     std::fs::create_dir_all(root.join("target")).context("creating target/")?;
     let _ = std::fs::remove_file(&skip_log);
 
-    let mut child = Command::new("cargo")
+    let mut child = testbed::cmd::command(&["cargo"])?
         .current_dir(&root)
         .args(["test", "--workspace", "--no-fail-fast"])
         .args(cargo_args)
@@ -73,7 +73,7 @@ pub fn run(cargo_args: &[String]) -> anyhow::Result<()> {
 
     // The last tier: the README's main command, checked once, as a user would run it.
     if privileged {
-        println!("running the demo: cargo xtask demo --once");
+        println!("running the demo: ./x demo --once");
         match crate::demo::run(true) {
             Ok(()) => totals.passed += 1,
             Err(e) => {
