@@ -1,5 +1,5 @@
 //! Per-packet cost of the datapath through BPF_PROG_TEST_RUN, beside an empty program on the
-//! same hook, with 1, 1,000 and 10,000 Services in the maps. Run by `cargo xtask bench`.
+//! same hook, with 1, 1,000 and 10,000 Services in the maps. Run by `./x bench`.
 //!
 //! BPF_PROG_TEST_RUN reuses its input buffer across repeats, so after one DNAT every further
 //! repeat would be a miss. Each measurement therefore runs the program once per call (the

@@ -2,7 +2,7 @@
 //!
 //! `SLUICE_REQUIRE_PRIVILEGED=1` turns every skip into a failure, so CI cannot pass by
 //! skipping. A skip is also appended to the file named by `SLUICE_SKIP_LOG`, so that
-//! `cargo xtask test` reports it as skipped rather than passed.
+//! `./x test` reports it as skipped rather than passed.
 
 /// Whether this process may do what privileged tests need.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,7 +28,7 @@ pub fn check() -> Privilege {
     }
     if crate::cmd::run(&["ip", "-V"]).is_err() {
         return Privilege::Missing {
-            reason: "`ip` (iproute2) is not installed: run `cargo xtask setup`".into(),
+            reason: "`ip` (iproute2) is not installed: run `./x setup`".into(),
         };
     }
     Privilege::Available
