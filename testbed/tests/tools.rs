@@ -4,7 +4,7 @@
 //! - no file but `testbed/src/cmd.rs` starts a process (`Command::new`, fork, exec*, system);
 //! - every literal command passed to a spawning function (`run(&["ip", ...])`,
 //!   `ns.exec(&["nft", ...])`, `ip netns exec NS prog ...`) is listed;
-//! - every command `./x` and `.ci/run` run is listed.
+//! - every command `./x` and the scripts in `.ci/` run is listed.
 use std::path::{Path, PathBuf};
 
 use proc_macro2::Span;
@@ -292,7 +292,22 @@ fn code_of(line: &str) -> String {
 fn shell_commands(text: &str) -> Vec<(usize, String)> {
     let mut functions = Vec::new();
     let mut found = Vec::new();
-    for (n, raw) in text.lines().enumerate() {
+    // Lines continued with a trailing backslash are one line, numbered by their first.
+    let mut lines: Vec<(usize, String)> = Vec::new();
+    let mut continued = false;
+    for (n, l) in text.lines().enumerate() {
+        let (body, more) = match l.strip_suffix('\\') {
+            Some(b) => (b, true),
+            None => (l, false),
+        };
+        match lines.last_mut() {
+            Some((_, prev)) if continued => prev.push_str(body),
+            _ => lines.push((n, body.to_owned())),
+        }
+        continued = more;
+    }
+    for (n, raw) in &lines {
+        let n = *n;
         let line = match raw.trim_start() {
             l if l.starts_with('#') => continue,
             l => l,
@@ -354,7 +369,12 @@ fn every_spawned_command_is_listed() {
             .into_owned();
         findings.extend(scan_rust(&rel, &std::fs::read_to_string(f).unwrap()));
     }
-    for script in ["x", ".ci/run"] {
+    let mut scripts = vec!["x".to_owned()];
+    for e in std::fs::read_dir(root.join(".ci")).unwrap().flatten() {
+        scripts.push(format!(".ci/{}", e.file_name().to_string_lossy()));
+    }
+    assert!(scripts.contains(&".ci/run".to_owned()));
+    for script in &scripts {
         let text = std::fs::read_to_string(root.join(script)).unwrap();
         for (line, cmd) in shell_commands(&text) {
             // The project's own scripts (./x) run by path.
@@ -434,6 +454,8 @@ if ! command -v rustup >/dev/null 2>&1; then
 fi
 echo "$sum" | sha256sum -c --quiet
 exec cargo xtask "$@"
+chroot "$root" /usr/bin/env -i \
+    PATH=/bin /bin/sh -c "cd /src"
 "#;
     let got: Vec<String> = shell_commands(script)
         .into_iter()
@@ -450,7 +472,8 @@ exec cargo xtask "$@"
             "9:wget",
             "10:apt-get",
             "12:sha256sum",
-            "13:cargo"
+            "13:cargo",
+            "14:chroot"
         ]
     );
 }
