@@ -35,6 +35,12 @@ class S(http.server.ThreadingHTTPServer):
     allow_reuse_address = True
     daemon_threads = True
     request_queue_size = 512
+    def server_bind(self):
+        # HTTPServer.server_bind looks the host's name up (socket.getfqdn). Inside a pod
+        # namespace that is a DNS query to a resolver the sandbox cannot reach whenever the
+        # machine's /etc/hosts lacks its hostname: 10 s of timeouts before "ready".
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = name, self.server_address[1]
 s = S(("0.0.0.0", port), H)
 print("ready", flush=True)
 s.serve_forever()
