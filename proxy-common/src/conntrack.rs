@@ -44,10 +44,11 @@ pub struct Ct4Entry {
     pub port_be: u16,
     /// `CT_FLAG_*`.
     pub flags: u16,
-    /// Service entry: the source address after SNAT (hairpin), 0 if none.
-    /// Reverse entry: the frontend address replies must come from.
+    /// Service entry: the source address after SNAT (hairpin, or the node for a remote
+    /// backend), 0 if none. Reverse entry: the frontend address replies must come from.
     pub nat_addr_be: u32,
-    /// Reverse entry: the frontend port replies must come from. Service entry: 0.
+    /// Reverse entry: the frontend port replies must come from. Service entry: the source
+    /// port after SNAT, 0 to keep the client's.
     pub nat_port_be: u16,
     pub _pad: u16,
     /// The frontend's reverse-NAT id (for the CLI and metrics).
@@ -73,6 +74,10 @@ pub const CT_FLAG_RST: u16 = 1 << 4;
 pub const CT_FLAG_SNAT: u16 = 1 << 5;
 /// Reached the established state (a reply, then another packet from the client).
 pub const CT_FLAG_ESTABLISHED: u16 = 1 << 6;
+/// The flow's translated packets are forwarded with a FIB lookup and a redirect, not handed
+/// to the stack: they carry the node's own address (SNAT to the node, or a reply showing a
+/// NodePort), which the stack would drop as martian at ingress.
+pub const CT_FLAG_REDIRECT: u16 = 1 << 7;
 
 pub const CT_LIFETIME_TCP_ESTABLISHED_NS: u64 = 6 * 3600 * 1_000_000_000;
 pub const CT_LIFETIME_TCP_OPENING_NS: u64 = 60 * 1_000_000_000;

@@ -1,9 +1,14 @@
 //! Per-CPU packet counters: one slot per verdict or drop reason, so that every packet the
 //! programs see is accounted for in exactly one "verdict" slot.
 
-/// `PKT_COUNTERS`: index (u32, a `CTR_*` constant) -> [`Counter`]; `PerCpuArray` of
-/// [`CTR_MAX`] entries; written by every program, read (summed over CPUs) by userspace.
-pub const PKT_COUNTERS_MAP: &str = "PKT_COUNTERS";
+/// `PKT_COUNTERS_V2`: index (u32, a `CTR_*` constant) -> [`Counter`]; `PerCpuArray` of
+/// [`CTR_SLOTS`] entries, of which the first [`CTR_MAX`] are used; written by every program,
+/// read (summed over CPUs) by userspace. The spare slots let counters be added without
+/// changing the map (the first version, `PKT_COUNTERS`, had exactly 16).
+pub const PKT_COUNTERS_MAP: &str = "PKT_COUNTERS_V2";
+
+/// The counter map's size: room for counters yet to come.
+pub const CTR_SLOTS: u32 = 64;
 
 macro_rules! counters {
     ($($(#[doc = $doc:literal])* $name:ident = $idx:literal, $label:literal;)+) => {
@@ -46,10 +51,35 @@ counters! {
     CTR_HAIRPIN = 14, "hairpin";
     /// Passed: a reply seen at ingress, to be translated at egress after routing.
     CTR_PASS_REPLY_AT_EGRESS = 15, "pass_reply_at_egress";
+    /// Translated: a new flow from outside to a backend on another node, DNATed and SNATed
+    /// to the node, and forwarded (externalTrafficPolicy Cluster).
+    CTR_NEW_FLOW_SNAT = 16, "new_flow_snat";
+    /// Dropped: no free SNAT source port for a new flow to a remote backend (every port tried
+    /// was taken by a live flow to the same backend); see ARCHITECTURE.md.
+    CTR_DROP_SNAT_PORTS = 17, "drop_snat_ports_exhausted";
+    /// Dropped: traffic from outside to an externalTrafficPolicy Local frontend on a node
+    /// without a local endpoint, as kube-proxy drops it.
+    CTR_DROP_NO_LOCAL_BACKEND = 18, "drop_no_local_backend";
+    /// Dropped: a packet to forward with a redirect had no route (FIB lookup failed), or was
+    /// too big for the route without the DF bit, or its TTL ran out.
+    CTR_DROP_FIB = 19, "drop_fib";
+    /// Translated: an ICMP error about a translated flow, its quoted packet and addresses put
+    /// back to what the client sent.
+    CTR_ICMP_ERROR = 20, "icmp_error";
+    /// Rejected: a packet too big for the route to its remote backend, with DF set: an ICMP
+    /// fragmentation needed went back to the client (path-MTU discovery).
+    CTR_REJECT_FRAG_NEEDED = 21, "reject_frag_needed";
+    /// Dropped: a flow needs SNAT to a remote backend but the agent set no SNAT address.
+    CTR_DROP_NO_SNAT_ADDR = 22, "drop_no_snat_address";
+    /// Not a verdict: SNAT source ports tried that a live flow already held.
+    CTR_SNAT_PORT_TAKEN = 23, "snat_port_taken";
+    /// Not a verdict: of the translated packets, those forwarded with a FIB redirect.
+    CTR_REDIRECT = 24, "redirect";
 }
 
-/// Number of counter slots; the map's size.
-pub const CTR_MAX: u32 = 16;
+/// Number of counters in use (at most [`CTR_SLOTS`]).
+pub const CTR_MAX: u32 = 25;
+const _: () = assert!(CTR_MAX <= CTR_SLOTS);
 
 /// One CPU's share of a counter.
 #[repr(C)]

@@ -5,6 +5,10 @@
 //! backend ids. Choosing a backend is then one random number and two lookups, whatever the
 //! number of Services. Writers put backends first, then slots, then slot 0; removal goes in
 //! the reverse order, so the programs never see a half-built Service.
+//!
+//! A frontend with [`SVC_FLAG_EXT_LOCAL`] (externalTrafficPolicy: Local) has a second list:
+//! slots count+1..=count+local_count hold the node's own endpoints, which traffic arriving
+//! from outside (on an uplink) must use; traffic from the node's pods uses slots 1..=count.
 
 /// `LB4_SERVICES`: [`Lb4Key`] -> [`Lb4Service`]; hash; written by the agent, read by the
 /// programs.
@@ -15,9 +19,9 @@ pub const LB4_BACKENDS_MAP: &str = "LB4_BACKENDS";
 /// `LB4_REVNAT`: reverse-NAT id (u32, never 0) -> [`Lb4RevNat`] (the frontend replies must
 /// show); hash; written by the agent, read by the CLI (the programs keep a copy in conntrack).
 pub const LB4_REVNAT_MAP: &str = "LB4_REVNAT";
-/// `LB4_CONFIG`: index 0 -> [`Lb4Config`]; array of 1; written by the agent, read by the
-/// programs.
-pub const LB4_CONFIG_MAP: &str = "LB4_CONFIG";
+/// `LB4_CONFIG_V2`: index 0 -> [`Lb4Config`]; array of 1; written by the agent, read by the
+/// programs. (`LB4_CONFIG`, 8 bytes, had no SNAT fields; an agent removes its old pin.)
+pub const LB4_CONFIG_MAP: &str = "LB4_CONFIG_V2";
 
 /// Default sizes; the agent may set others at load time.
 pub const LB4_SERVICES_DEFAULT_MAX: u32 = 65_536;
@@ -53,7 +57,10 @@ pub struct Lb4Service {
     pub flags: u16,
     /// The reverse-NAT id of this frontend (slot 0 only).
     pub rev_nat_id: u32,
-    pub _pad: u32,
+    /// With [`SVC_FLAG_EXT_LOCAL`] (slot 0 only): the number of slots after `count` that
+    /// hold the node's own endpoints, for traffic from outside. 0: such traffic is dropped.
+    pub local_count: u16,
+    pub _pad: u16,
 }
 const _: () = assert!(core::mem::size_of::<Lb4Service>() == 16);
 
@@ -65,6 +72,10 @@ pub const SVC_FLAG_NODE_PORT: u16 = 1 << 1;
 pub const SVC_FLAG_EXTERNAL_IP: u16 = 1 << 2;
 /// The frontend is a LoadBalancer status ingress IP.
 pub const SVC_FLAG_LOAD_BALANCER: u16 = 1 << 3;
+/// externalTrafficPolicy: Local. Traffic from outside (arriving on an uplink) goes only to
+/// the `local_count` slots after `count`, keeping the client's address; the node's pods
+/// still use slots 1..=count (kube-proxy sends in-cluster traffic to every endpoint).
+pub const SVC_FLAG_EXT_LOCAL: u16 = 1 << 4;
 
 /// Value of [`LB4_BACKENDS_MAP`].
 #[repr(C)]
@@ -77,6 +88,10 @@ pub struct Lb4Backend {
     pub flags: u8,
 }
 const _: () = assert!(core::mem::size_of::<Lb4Backend>() == 8);
+
+/// The backend runs on this node: its replies come back through the node by themselves. Traffic
+/// from outside to a backend without it is SNATed to the node (externalTrafficPolicy Cluster).
+pub const BACKEND_FLAG_LOCAL: u8 = 1 << 0;
 
 /// Value of [`LB4_REVNAT_MAP`].
 #[repr(C)]
@@ -98,8 +113,17 @@ pub struct Lb4Config {
     /// the packet as a martian before routing it) and pods must send it to the node (their
     /// default route does), like Cilium's 169.254.42.1. 0: hairpin flows will not work.
     pub hairpin_snat_be: u32,
+    /// The node's own address that traffic from outside to a backend on another node is
+    /// SNATed to, so that the backend's replies come back through this node. 0: no SNAT (such
+    /// flows are dropped and counted).
+    pub snat_addr_be: u32,
+    /// The source ports SNAT chooses from (host order, inclusive). The agent keeps the range
+    /// clear of the NodePort range and of the node's ephemeral ports, so that a SNATed flow
+    /// never takes the tuple of a connection the node makes itself.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
     pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Lb4Config>() == 8);
+const _: () = assert!(core::mem::size_of::<Lb4Config>() == 16);
 
 crate::impl_pod!(Lb4Key, Lb4Service, Lb4Backend, Lb4RevNat, Lb4Config);

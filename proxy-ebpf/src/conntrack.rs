@@ -46,18 +46,23 @@ pub fn reply_key(f: &Flow) -> Ct4Key {
 }
 
 /// The reverse-entry key of a flow after translation: from the client (or, when `snat_be` is
-/// not 0, the SNAT address; the port is kept) to the backend.
+/// not 0, the SNAT address, with `snat_port_be` unless that is 0) to the backend.
 #[inline(always)]
 pub fn translated_key(
     f: &Flow,
     snat_be: u32,
+    snat_port_be: u16,
     backend_addr_be: u32,
     backend_port_be: u16,
 ) -> Ct4Key {
     Ct4Key {
         saddr_be: if snat_be != 0 { snat_be } else { f.saddr_be },
         daddr_be: backend_addr_be,
-        sport_be: f.sport_be,
+        sport_be: if snat_port_be != 0 {
+            snat_port_be
+        } else {
+            f.sport_be
+        },
         dport_be: backend_port_be,
         proto: f.proto,
         kind: CT_KIND_REVERSE,

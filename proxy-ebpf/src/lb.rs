@@ -18,14 +18,22 @@ pub fn frontend(addr_be: u32, port_be: u16, proto: u8) -> Option<Lb4Service> {
     unsafe { LB4_SERVICES.get(&key).copied() }
 }
 
-/// A backend chosen uniformly at random among the frontend's `count` slots. `None` if a slot
-/// or its backend is missing (the agent writes backends and slots before the frontend, so this
-/// means a map was changed by hand or a write failed half-way).
+/// A backend chosen uniformly at random among the frontend's `count` slots from `first` on.
+/// `None` if a slot or its backend is missing (the agent writes backends and slots before the
+/// frontend, so this means a map was changed by hand or a write failed half-way).
 #[inline(always)]
-pub fn pick_backend(addr_be: u32, port_be: u16, proto: u8, count: u16) -> Option<Lb4Backend> {
+pub fn pick_backend(
+    addr_be: u32,
+    port_be: u16,
+    proto: u8,
+    first: u16,
+    count: u16,
+) -> Option<Lb4Backend> {
+    // Non-zero by type: the verifier rejects the panic path a plain `%` would keep.
+    let count = core::num::NonZeroU32::new(u32::from(count))?;
     // SAFETY: bpf_get_prandom_u32 has no preconditions.
     let r = unsafe { bpf_get_prandom_u32() };
-    let slot = (r % u32::from(count)) as u16 + 1;
+    let slot = (r % count) as u16 + first;
     let key = Lb4Key {
         addr_be,
         port_be,

@@ -1,9 +1,11 @@
 //! sluice's kernel programs. Built for `bpfel-unknown-none` by `proxy-userspace/build.rs`
 //! (aya-build, pinned nightly) and embedded in the `sluice` binary.
 //!
-//! Thin programs (`programs`) over small modules: `parse` (headers, fragments, options),
-//! `lb` (frontends, backend choice), `conntrack` (flows and their state), `nat` (rewrites and
-//! checksums), `reject` (ICMP port unreachable), `stats` (per-CPU counters), `maps`.
+//! Thin programs (`programs`) over small modules: `parse` (headers, fragments, options, ICMP
+//! errors), `lb` (frontends, backend choice), `conntrack` (flows and their state), `nat`
+//! (rewrites and checksums), `snat` (source ports for flows SNATed to the node), `fib`
+//! (forwarding by FIB lookup and redirect), `icmp` (ICMP errors of translated flows), `reject`
+//! (ICMP port unreachable, fragmentation needed), `stats` (per-CPU counters), `maps`.
 //!
 //! On the host this crate is a stub with an empty `main`, so that `cargo build --workspace`
 //! and `cargo clippy --workspace` work without the BPF target.
@@ -11,6 +13,10 @@
 
 #[cfg(target_arch = "bpf")]
 mod conntrack;
+#[cfg(target_arch = "bpf")]
+mod fib;
+#[cfg(target_arch = "bpf")]
+mod icmp;
 #[cfg(target_arch = "bpf")]
 mod lb;
 #[cfg(target_arch = "bpf")]
@@ -23,6 +29,8 @@ mod parse;
 mod programs;
 #[cfg(target_arch = "bpf")]
 mod reject;
+#[cfg(target_arch = "bpf")]
+mod snat;
 #[cfg(target_arch = "bpf")]
 mod stats;
 

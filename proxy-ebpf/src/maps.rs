@@ -5,13 +5,13 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
-    CT4_DEFAULT_MAX, CTR_MAX, Counter, Ct4Entry, Ct4Key, LB4_BACKENDS_DEFAULT_MAX,
+    CT4_DEFAULT_MAX, CTR_SLOTS, Counter, Ct4Entry, Ct4Key, LB4_BACKENDS_DEFAULT_MAX,
     LB4_REVNAT_DEFAULT_MAX, LB4_SERVICES_DEFAULT_MAX, Lb4Backend, Lb4Config, Lb4Key, Lb4RevNat,
     Lb4Service,
 };
 
-#[map(name = "PKT_COUNTERS")]
-pub static PKT_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(CTR_MAX, 0);
+#[map(name = "PKT_COUNTERS_V2")]
+pub static PKT_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(CTR_SLOTS, 0);
 
 #[map(name = "LB4_SERVICES")]
 pub static LB4_SERVICES: HashMap<Lb4Key, Lb4Service> =
@@ -25,7 +25,7 @@ pub static LB4_BACKENDS: HashMap<u32, Lb4Backend> =
 pub static LB4_REVNAT: HashMap<u32, Lb4RevNat> =
     HashMap::with_max_entries(LB4_REVNAT_DEFAULT_MAX, 0);
 
-#[map(name = "LB4_CONFIG")]
+#[map(name = "LB4_CONFIG_V2")]
 pub static LB4_CONFIG: Array<Lb4Config> = Array::with_max_entries(1, 0);
 
 #[map(name = "CT4")]
@@ -33,11 +33,11 @@ pub static CT4: LruHashMap<Ct4Key, Ct4Entry> = LruHashMap::with_max_entries(CT4_
 
 // The map macro takes a literal name; these keep each equal to the shared constant.
 const _: () = {
-    assert!(str_eq(proxy_common::PKT_COUNTERS_MAP, "PKT_COUNTERS"));
+    assert!(str_eq(proxy_common::PKT_COUNTERS_MAP, "PKT_COUNTERS_V2"));
     assert!(str_eq(proxy_common::LB4_SERVICES_MAP, "LB4_SERVICES"));
     assert!(str_eq(proxy_common::LB4_BACKENDS_MAP, "LB4_BACKENDS"));
     assert!(str_eq(proxy_common::LB4_REVNAT_MAP, "LB4_REVNAT"));
-    assert!(str_eq(proxy_common::LB4_CONFIG_MAP, "LB4_CONFIG"));
+    assert!(str_eq(proxy_common::LB4_CONFIG_MAP, "LB4_CONFIG_V2"));
     assert!(str_eq(proxy_common::CT4_MAP, "CT4"));
 };
 

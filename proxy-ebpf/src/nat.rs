@@ -82,17 +82,23 @@ pub fn set_src(
 }
 
 /// Applies a flow's translation to a packet from its client: the source to `snat_be` (when not
-/// 0; the port is kept), the destination to the backend.
+/// 0) and `snat_port_be` (when not 0; else the port is kept), the destination to the backend.
 #[inline(always)]
 pub fn translate(
     ctx: &TcContext,
     flow: &Flow,
     snat_be: u32,
+    snat_port_be: u16,
     backend_addr_be: u32,
     backend_port_be: u16,
 ) -> Result<(), RewriteFailed> {
     if snat_be != 0 {
-        set_src(ctx, flow, snat_be, flow.sport_be)?;
+        let port = if snat_port_be != 0 {
+            snat_port_be
+        } else {
+            flow.sport_be
+        };
+        set_src(ctx, flow, snat_be, port)?;
     }
     set_dst(ctx, flow, backend_addr_be, backend_port_be)
 }

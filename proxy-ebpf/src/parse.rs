@@ -1,17 +1,25 @@
-//! Parsing: Ethernet, IPv4 (options allowed), TCP and UDP ports. Reads go through
-//! `bpf_skb_load_bytes`, which checks bounds at run time, so a short packet is an error here,
-//! never an out-of-bounds read.
+//! Parsing: Ethernet, IPv4 (options allowed), TCP and UDP ports, and ICMP errors with the
+//! TCP or UDP packet they quote. Reads go through `bpf_skb_load_bytes`, which checks bounds at
+//! run time, so a short packet is an error here, never an out-of-bounds read.
 use aya_ebpf::programs::TcContext;
 use proxy_common::{
     CTR_PASS_FRAGMENT, CTR_PASS_MALFORMED, CTR_PASS_NOT_IPV4, CTR_PASS_OTHER_PROTO, IPPROTO_TCP,
     IPPROTO_UDP,
 };
 
+pub const IPPROTO_ICMP: u8 = 1;
+/// ICMP destination unreachable (port unreachable, fragmentation needed, ...).
+pub const ICMP_DEST_UNREACH: u8 = 3;
+/// ICMP time exceeded.
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+
 pub const ETH_LEN: u32 = 14;
 pub const IP_CSUM_OFF: u32 = ETH_LEN + 10;
 pub const IP_SADDR_OFF: u32 = ETH_LEN + 12;
 pub const IP_DADDR_OFF: u32 = ETH_LEN + 16;
+pub const IP_TTL_OFF: u32 = ETH_LEN + 8;
 const ETH_P_IP_BE: u16 = 0x0800_u16.to_be();
+const IP_DF: u16 = 0x4000;
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
 
@@ -50,6 +58,42 @@ pub struct Flow {
     pub proto: u8,
     /// TCP flags byte (0 for UDP).
     pub tcp_flags: u8,
+    /// The don't-fragment bit.
+    pub df: bool,
+    /// The IP total length.
+    pub tot_len: u16,
+}
+
+/// An ICMP error (destination unreachable, time exceeded) quoting a TCP or UDP packet: where
+/// its parts are, and the quoted packet's addressing (network byte order).
+#[derive(Clone, Copy)]
+pub struct IcmpError {
+    /// Offset of the ICMP header (its checksum is at +2).
+    pub icmp_off: u32,
+    /// Offsets of the quoted IPv4 header and of its TCP/UDP header.
+    pub inner_l3_off: u32,
+    pub inner_l4_off: u32,
+    /// The error's own source and destination.
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    /// The quoted packet's tuple.
+    pub inner: Tuple,
+}
+
+/// Addresses, ports and protocol of a packet (network byte order).
+#[derive(Clone, Copy)]
+pub struct Tuple {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+}
+
+/// What a packet is, for the programs.
+pub enum Packet {
+    Flow(Flow),
+    IcmpError(IcmpError),
 }
 
 impl Flow {
@@ -64,10 +108,10 @@ impl Flow {
     }
 }
 
-/// Parses `ctx` as Ethernet + IPv4 + TCP/UDP. `Err` carries the pass counter that says why the
-/// packet is not one the datapath translates.
+/// Parses `ctx` as Ethernet + IPv4 + TCP/UDP, or an ICMP error quoting such a packet. `Err`
+/// carries the pass counter that says why the packet is not one the datapath translates.
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Result<Flow, u32> {
+pub fn parse(ctx: &TcContext) -> Result<Packet, u32> {
     let eth_type: u16 = ctx.load(12).map_err(|_| CTR_PASS_MALFORMED)?;
     if eth_type != ETH_P_IP_BE {
         return Err(CTR_PASS_NOT_IPV4);
@@ -91,6 +135,7 @@ pub fn parse(ctx: &TcContext) -> Result<Flow, u32> {
     let min_l4 = match ip.proto {
         IPPROTO_TCP => 20,
         IPPROTO_UDP => 8,
+        IPPROTO_ICMP => return icmp_error(ctx, &ip, ETH_LEN + ihl_bytes).map(Packet::IcmpError),
         _ => return Err(CTR_PASS_OTHER_PROTO),
     };
     if l4_len < min_l4 {
@@ -104,7 +149,7 @@ pub fn parse(ctx: &TcContext) -> Result<Flow, u32> {
     } else {
         0
     };
-    Ok(Flow {
+    Ok(Packet::Flow(Flow {
         l4_off,
         ihl_bytes,
         saddr_be: ip.saddr_be,
@@ -113,5 +158,48 @@ pub fn parse(ctx: &TcContext) -> Result<Flow, u32> {
         dport_be: ports[1],
         proto: ip.proto,
         tcp_flags,
+        df: frag & IP_DF != 0,
+        tot_len: tot_len as u16,
+    }))
+}
+
+/// An ICMP error quoting a TCP or UDP packet (its IPv4 header and at least the 8 bytes with
+/// the ports, as RFC 792 requires). Anything else ICMP (echo, ...) passes untouched.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, ip: &Ip4Hdr, icmp_off: u32) -> Result<IcmpError, u32> {
+    let kind: u8 = ctx
+        .load(icmp_off as usize)
+        .map_err(|_| CTR_PASS_MALFORMED)?;
+    if kind != ICMP_DEST_UNREACH && kind != ICMP_TIME_EXCEEDED {
+        return Err(CTR_PASS_OTHER_PROTO);
+    }
+    let inner_l3_off = icmp_off + 8;
+    let inner: Ip4Hdr = ctx
+        .load(inner_l3_off as usize)
+        .map_err(|_| CTR_PASS_MALFORMED)?;
+    if inner.version_ihl >> 4 != 4 {
+        return Err(CTR_PASS_MALFORMED);
+    }
+    let inner_ihl = u32::from(inner.version_ihl & 0x0f) * 4;
+    if inner_ihl < 20 || (inner.proto != IPPROTO_TCP && inner.proto != IPPROTO_UDP) {
+        return Err(CTR_PASS_OTHER_PROTO);
+    }
+    let inner_l4_off = inner_l3_off + inner_ihl;
+    let ports: [u16; 2] = ctx
+        .load(inner_l4_off as usize)
+        .map_err(|_| CTR_PASS_MALFORMED)?;
+    Ok(IcmpError {
+        icmp_off,
+        inner_l3_off,
+        inner_l4_off,
+        saddr_be: ip.saddr_be,
+        daddr_be: ip.daddr_be,
+        inner: Tuple {
+            saddr_be: inner.saddr_be,
+            daddr_be: inner.daddr_be,
+            sport_be: ports[0],
+            dport_be: ports[1],
+            proto: inner.proto,
+        },
     })
 }

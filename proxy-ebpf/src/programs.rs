@@ -10,18 +10,26 @@
 //!
 //! Replies are translated after routing, at egress, because the kernel drops a packet whose
 //! source is one of its own addresses before routing it (a NodePort reply shows the node's
-//! address). Only replies of SNATed flows (hairpin) are translated at ingress: their
-//! destination must change before the kernel can route them.
+//! address). Only replies of SNATed flows are translated at ingress: their destination must
+//! change before the kernel can route them. Flows SNATed to the node (from outside to a
+//! backend on another node) carry the node's address both ways, so their packets never go to
+//! the stack: they are forwarded with a FIB lookup and a redirect (`fib`).
+//!
+//! Traffic from outside means: arriving on an uplink (`sluice_from_uplink`). It may use
+//! NodePorts, externalIPs and LoadBalancer IPs, and for externalTrafficPolicy Local only the
+//! node's own endpoints. Traffic from the node's pods may use every frontend and every endpoint.
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     macros::classifier,
     programs::TcContext,
 };
 use proxy_common::{
-    CT_FLAG_SNAT, CTR_CT_HIT, CTR_DROP_CT_WRITE, CTR_DROP_NO_BACKEND_ENTRY, CTR_DROP_REJECT_FAILED,
-    CTR_DROP_REWRITE, CTR_HAIRPIN, CTR_NEW_FLOW, CTR_PASS_NO_MATCH, CTR_PASS_REPLY_AT_EGRESS,
-    CTR_REJECT_NO_BACKEND, CTR_REPLY, CTR_SEEN, Ct4Entry, Ct4Key, SVC_FLAG_CLUSTER_IP,
-    ct_lifetime_ns,
+    BACKEND_FLAG_LOCAL, CT_FLAG_REDIRECT, CT_FLAG_SNAT, CTR_CT_HIT, CTR_DROP_CT_WRITE,
+    CTR_DROP_FIB, CTR_DROP_NO_BACKEND_ENTRY, CTR_DROP_NO_LOCAL_BACKEND, CTR_DROP_NO_SNAT_ADDR,
+    CTR_DROP_REJECT_FAILED, CTR_DROP_REWRITE, CTR_DROP_SNAT_PORTS, CTR_HAIRPIN, CTR_NEW_FLOW,
+    CTR_NEW_FLOW_SNAT, CTR_PASS_NO_MATCH, CTR_PASS_REPLY_AT_EGRESS, CTR_REDIRECT,
+    CTR_REJECT_FRAG_NEEDED, CTR_REJECT_NO_BACKEND, CTR_REPLY, CTR_SEEN, Ct4Entry, Ct4Key,
+    Lb4Config, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL, ct_lifetime_ns,
 };
 
 use crate::{
@@ -29,16 +37,17 @@ use crate::{
         self, forward_state, lookup, reopens, reply_key, reply_state, service_key, touch,
         translated_key,
     },
-    lb,
+    fib::{self, Fib, Route},
+    icmp, lb,
     maps::{CT4, LB4_CONFIG},
     nat::{set_dst, set_src, translate},
-    parse::{Flow, parse},
-    reject,
+    parse::{Flow, Packet, parse},
+    reject, snat,
     stats::count,
 };
 
-const PASS: i32 = TC_ACT_OK as i32;
-const DROP: i32 = TC_ACT_SHOT as i32;
+pub const PASS: i32 = TC_ACT_OK as i32;
+pub const DROP: i32 = TC_ACT_SHOT as i32;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Hook {
@@ -90,21 +99,65 @@ pub fn sluice_pass(_ctx: TcContext) -> i32 {
 fn handle(ctx: &TcContext, hook: Hook) -> i32 {
     let len = ctx.len();
     count(CTR_SEEN, len);
-    let flow = match parse(ctx) {
-        Ok(f) => f,
+    let packet = match parse(ctx) {
+        Ok(p) => p,
         Err(counter) => {
             count(counter, len);
             return PASS;
         }
     };
     let now = conntrack::now();
-    let (verdict, counter) = match reply(ctx, &flow, now, len, hook) {
-        Some(r) => r,
-        None if hook.is_egress() => (PASS, CTR_PASS_NO_MATCH),
-        None => forward(ctx, &flow, now, len, hook),
+    let (verdict, counter) = match packet {
+        Packet::IcmpError(e) => icmp::error(ctx, &e, now, hook.is_egress(), PASS),
+        Packet::Flow(flow) => match reply(ctx, &flow, now, len, hook) {
+            Some(r) => r,
+            None if hook.is_egress() => (PASS, CTR_PASS_NO_MATCH),
+            None => forward(ctx, &flow, now, len, hook),
+        },
     };
     count(counter, len);
     verdict
+}
+
+/// Sends a translated packet along `route`; `counter` is its verdict's counter.
+#[inline(always)]
+fn redirected(ctx: &TcContext, route: &Route, counter: u32) -> (i32, u32) {
+    match fib::redirect(ctx, route) {
+        Some(v) => {
+            count(CTR_REDIRECT, 0);
+            (v, counter)
+        }
+        None => (DROP, CTR_DROP_FIB),
+    }
+}
+
+/// A packet of a flow that is forwarded by redirect, too big for its route: with DF, an ICMP
+/// fragmentation needed back to the sender (quoting the packet as it was sent); without,
+/// dropped and counted.
+#[inline(always)]
+fn too_big(ctx: &TcContext, f: &Flow, mtu: u16, len: u16) -> (i32, u32) {
+    if !f.df {
+        return (DROP, CTR_DROP_FIB);
+    }
+    // Linux < 5.12 does not report the route's MTU (the field still holds our length): fall
+    // back to a size every IPv4 path of a cluster carries.
+    let mtu = if mtu == 0 || mtu >= len { 1280 } else { mtu };
+    match reject::unreachable(ctx, f, reject::FRAG_NEEDED, mtu) {
+        Some(v) => (v, CTR_REJECT_FRAG_NEEDED),
+        None => (DROP, CTR_DROP_REJECT_FAILED),
+    }
+}
+
+/// The route of a redirected flow's packet from `saddr_be` to `daddr_be`, or the verdict to
+/// return instead.
+#[inline(always)]
+fn route_for(ctx: &TcContext, f: &Flow, saddr_be: u32, daddr_be: u32) -> Result<Route, (i32, u32)> {
+    let len = fib::wire_len(ctx, f);
+    match fib::lookup(ctx, saddr_be, daddr_be, f.proto, len) {
+        Fib::Route(r) => Ok(r),
+        Fib::FragNeeded { mtu } => Err(too_big(ctx, f, mtu, len)),
+        Fib::NoRoute => Err((DROP, CTR_DROP_FIB)),
+    }
 }
 
 /// A reply of a translated flow: source back to the frontend (and, for SNATed flows,
@@ -119,12 +172,23 @@ fn reply(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> Option<(i
     if !hook.is_egress() && !snat {
         return Some((PASS, CTR_PASS_REPLY_AT_EGRESS));
     }
+    let route = if c.flags & CT_FLAG_REDIRECT != 0 {
+        match route_for(ctx, f, c.nat_addr_be, c.addr_be) {
+            Ok(r) => Some(r),
+            Err(verdict) => return Some(verdict),
+        }
+    } else {
+        None
+    };
     touch(e, f.proto, reply_state(f, c.flags), now, len);
     if set_src(ctx, f, c.nat_addr_be, c.nat_port_be).is_err() {
         return Some((DROP, CTR_DROP_REWRITE));
     }
     if snat && set_dst(ctx, f, c.addr_be, c.port_be).is_err() {
         return Some((DROP, CTR_DROP_REWRITE));
+    }
+    if let Some(r) = route {
+        return Some(redirected(ctx, &r, CTR_REPLY));
     }
     Some((PASS, CTR_REPLY))
 }
@@ -136,28 +200,54 @@ fn forward(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> (i32, u
     if let Some(s) = lookup(&skey, now) {
         // SAFETY: `s` is a live entry from a successful lookup.
         let svc: Ct4Entry = unsafe { *s };
-        let rkey = translated_key(f, svc.nat_addr_be, svc.addr_be, svc.port_be);
+        let rkey = translated_key(
+            f,
+            svc.nat_addr_be,
+            svc.nat_port_be,
+            svc.addr_be,
+            svc.port_be,
+        );
         let rev = lookup(&rkey, now);
         let state = match rev {
             // SAFETY: as above.
             Some(r) => unsafe { (*r).flags },
-            None => 0,
+            None => svc.flags,
         };
         if !reopens(f, state) {
             let flags = forward_state(f, state);
+            let route = if flags & CT_FLAG_REDIRECT != 0 {
+                match route_for(ctx, f, svc.nat_addr_be, svc.addr_be) {
+                    Ok(r) => Some(r),
+                    Err(verdict) => return verdict,
+                }
+            } else {
+                None
+            };
             match rev {
                 Some(r) => touch(r, f.proto, flags, now, 0),
                 None => {
                     // The reverse entry was evicted: rebuild it from what we know.
-                    let rev = reverse_entry(f, svc.nat_addr_be != 0, svc.rev_nat_id, flags, now);
+                    let rev = reverse_entry(f, flags, svc.rev_nat_id, now);
                     if CT4.insert(&rkey, &rev, 0).is_err() {
                         return (DROP, CTR_DROP_CT_WRITE);
                     }
                 }
             }
             touch(s, f.proto, flags, now, len);
-            if translate(ctx, f, svc.nat_addr_be, svc.addr_be, svc.port_be).is_err() {
+            if translate(
+                ctx,
+                f,
+                svc.nat_addr_be,
+                svc.nat_port_be,
+                svc.addr_be,
+                svc.port_be,
+            )
+            .is_err()
+            {
                 return (DROP, CTR_DROP_REWRITE);
+            }
+            if let Some(r) = route {
+                return redirected(ctx, &r, CTR_CT_HIT);
             }
             return (PASS, CTR_CT_HIT);
         }
@@ -166,13 +256,14 @@ fn forward(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> (i32, u
     new_flow(ctx, f, now, len, hook, &skey)
 }
 
+/// The reverse entry of a flow from `f`'s client to its frontend, in state `flags`.
 #[inline(always)]
-fn reverse_entry(f: &Flow, snat: bool, rev_nat_id: u32, flags: u16, now: u64) -> Ct4Entry {
+fn reverse_entry(f: &Flow, flags: u16, rev_nat_id: u32, now: u64) -> Ct4Entry {
     Ct4Entry {
         expires_ns: now + ct_lifetime_ns(f.proto, flags),
         addr_be: f.saddr_be,
         port_be: f.sport_be,
-        flags: if snat { flags | CT_FLAG_SNAT } else { flags },
+        flags,
         nat_addr_be: f.daddr_be,
         nat_port_be: f.dport_be,
         _pad: 0,
@@ -195,7 +286,8 @@ fn new_flow(
     let Some(fe) = lb::frontend(f.daddr_be, f.dport_be, f.proto) else {
         return (PASS, CTR_PASS_NO_MATCH);
     };
-    if hook == Hook::FromUplink && fe.flags & SVC_FLAG_CLUSTER_IP != 0 {
+    let from_outside = hook == Hook::FromUplink;
+    if from_outside && fe.flags & SVC_FLAG_CLUSTER_IP != 0 {
         // ClusterIPs are for pods and the node, not for the outside world.
         return (PASS, CTR_PASS_NO_MATCH);
     }
@@ -205,24 +297,60 @@ fn new_flow(
             None => (DROP, CTR_DROP_REJECT_FAILED),
         };
     }
-    let Some(be) = lb::pick_backend(f.daddr_be, f.dport_be, f.proto, fe.count) else {
+    // externalTrafficPolicy Local: traffic from outside uses the node's own endpoints, kept
+    // in the slots after the others.
+    let (first, n) = if from_outside && fe.flags & SVC_FLAG_EXT_LOCAL != 0 {
+        (fe.count + 1, fe.local_count)
+    } else {
+        (1, fe.count)
+    };
+    if n == 0 {
+        return (DROP, CTR_DROP_NO_LOCAL_BACKEND);
+    }
+    let Some(be) = lb::pick_backend(f.daddr_be, f.dport_be, f.proto, first, n) else {
         return (DROP, CTR_DROP_NO_BACKEND_ENTRY);
     };
-    // A pod reaching itself through a Service: the kernel would drop a packet whose source is
-    // its own address, so the flow is SNATed to the hairpin address.
+    // SAFETY: the config is plain integers, copied out.
+    let cfg: Lb4Config = LB4_CONFIG.get(0).copied().unwrap_or_default();
     let mut snat = 0;
+    let mut flags = forward_state(f, 0);
+    let mut counter = CTR_NEW_FLOW;
+    let mut route = None;
     if be.addr_be == f.saddr_be {
-        snat = LB4_CONFIG.get(0).map_or(0, |c| c.hairpin_snat_be);
+        // A pod reaching itself through a Service: the kernel would drop a packet whose source
+        // is its own address, so the flow is SNATed to the hairpin address.
+        snat = cfg.hairpin_snat_be;
         if snat != 0 {
+            flags |= CT_FLAG_SNAT;
             count(CTR_HAIRPIN, len);
         }
+    } else if from_outside && be.flags & BACKEND_FLAG_LOCAL == 0 {
+        // From outside to another node's backend: SNAT to this node, so that the replies come
+        // back here to be translated, and forward it ourselves (it now carries our address).
+        snat = cfg.snat_addr_be;
+        if snat == 0 {
+            return (DROP, CTR_DROP_NO_SNAT_ADDR);
+        }
+        route = match route_for(ctx, f, snat, be.addr_be) {
+            Ok(r) => Some(r),
+            Err(verdict) => return verdict,
+        };
+        flags |= CT_FLAG_SNAT | CT_FLAG_REDIRECT;
+        counter = CTR_NEW_FLOW_SNAT;
     }
-    let flags = forward_state(f, 0);
-    let rkey = translated_key(f, snat, be.addr_be, be.port_be);
     // The reverse entry first, so that no reply can arrive before it exists.
-    let rev = reverse_entry(f, snat != 0, fe.rev_nat_id, flags, now);
-    if CT4.insert(&rkey, &rev, 0).is_err() {
-        return (DROP, CTR_DROP_CT_WRITE);
+    let rev = reverse_entry(f, flags, fe.rev_nat_id, now);
+    let mut snat_port = 0;
+    if flags & CT_FLAG_REDIRECT != 0 {
+        match snat::reserve_port(&cfg, snat, be.addr_be, be.port_be, f.proto, &rev, now) {
+            Some(p) => snat_port = p,
+            None => return (DROP, CTR_DROP_SNAT_PORTS),
+        }
+    } else {
+        let rkey = translated_key(f, snat, 0, be.addr_be, be.port_be);
+        if CT4.insert(&rkey, &rev, 0).is_err() {
+            return (DROP, CTR_DROP_CT_WRITE);
+        }
     }
     let svc = Ct4Entry {
         expires_ns: now + ct_lifetime_ns(f.proto, flags),
@@ -230,7 +358,7 @@ fn new_flow(
         port_be: be.port_be,
         flags,
         nat_addr_be: snat,
-        nat_port_be: 0,
+        nat_port_be: snat_port,
         _pad: 0,
         rev_nat_id: fe.rev_nat_id,
         _pad2: 0,
@@ -240,8 +368,11 @@ fn new_flow(
     if CT4.insert(skey, &svc, 0).is_err() {
         return (DROP, CTR_DROP_CT_WRITE);
     }
-    if translate(ctx, f, snat, be.addr_be, be.port_be).is_err() {
+    if translate(ctx, f, snat, snat_port, be.addr_be, be.port_be).is_err() {
         return (DROP, CTR_DROP_REWRITE);
     }
-    (PASS, CTR_NEW_FLOW)
+    if let Some(r) = route {
+        return redirected(ctx, &r, counter);
+    }
+    (PASS, counter)
 }

@@ -1,13 +1,14 @@
-//! Rejecting a new connection to a Service with no backends, as kube-proxy does: an ICMP
-//! destination unreachable (port unreachable) back to the client, from the Service address.
-//! TCP clients see "connection refused" at once, UDP clients get ECONNREFUSED; nothing hangs.
+//! ICMP destination unreachable back to the client, from the Service address:
+//! - port unreachable for a new connection to a Service with no backends, as kube-proxy does:
+//!   TCP clients see "connection refused" at once, UDP clients get ECONNREFUSED; nothing hangs;
+//! - fragmentation needed for a packet with DF set that is too big for the route to its
+//!   (remote) backend, so that path-MTU discovery works through a Service.
 //!
 //! The packet is rebuilt in place: trimmed or grown to Ethernet + IPv4 (20) + ICMP (8) + the
 //! original IPv4 header and first 8 bytes of its payload (RFC 792), then redirected out of the
 //! device it came in on.
 use aya_ebpf::{
-    EbpfContext as _,
-    bindings::{__sk_buff, TC_ACT_SHOT},
+    bindings::TC_ACT_SHOT,
     helpers::{bpf_csum_diff, bpf_redirect},
     programs::TcContext,
 };
@@ -40,10 +41,22 @@ fn csum(buf: *mut u8, len: u32) -> Option<u16> {
     if s < 0 { None } else { Some(fold(s as u64)) }
 }
 
+/// ICMP destination-unreachable codes.
+pub const PORT_UNREACHABLE: u8 = 3;
+pub const FRAG_NEEDED: u8 = 4;
+
 /// Turns `ctx` into the ICMP port unreachable for `flow` and redirects it back out. Returns
 /// the TC verdict, or `None` if the packet could not be rebuilt (the caller drops it).
 #[inline(always)]
 pub fn port_unreachable(ctx: &TcContext, flow: &Flow) -> Option<i32> {
+    unreachable(ctx, flow, PORT_UNREACHABLE, 0)
+}
+
+/// Turns `ctx` into an ICMP destination unreachable with `code` (and, for fragmentation
+/// needed, the next hop's `mtu`) for `flow`, and redirects it back out of the device it came
+/// in on.
+#[inline(always)]
+pub fn unreachable(ctx: &TcContext, flow: &Flow, code: u8, mtu: u16) -> Option<i32> {
     if flow.ihl_bytes != 20 {
         // IP options would have to be quoted too; such packets are dropped and counted.
         return None;
@@ -56,7 +69,8 @@ pub fn port_unreachable(ctx: &TcContext, flow: &Flow) -> Option<i32> {
     let inner: [u8; INNER_LEN] = ctx.load(ETH_LEN as usize).ok()?;
     r.icmp[8..].copy_from_slice(&inner);
     r.icmp[0] = 3; // destination unreachable
-    r.icmp[1] = 3; // port unreachable
+    r.icmp[1] = code;
+    r.icmp[6..8].copy_from_slice(&mtu.to_be_bytes());
     let c = csum(r.icmp.as_mut_ptr(), ICMP_LEN as u32)?.to_ne_bytes();
     r.icmp[2] = c[0];
     r.icmp[3] = c[1];
@@ -80,8 +94,7 @@ pub fn port_unreachable(ctx: &TcContext, flow: &Flow) -> Option<i32> {
     ctx.change_tail(ETH_LEN + IP_LEN as u32, 0).ok()?;
     ctx.store(0, &new_eth, 0).ok()?;
     ctx.store(ETH_LEN as usize, &r, 0).ok()?;
-    // SAFETY: reading ifindex from the context the kernel passed us.
-    let ifindex = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).ifindex };
+    let ifindex = crate::fib::ifindex(ctx);
     // SAFETY: bpf_redirect has no memory preconditions; flags 0 means the device's egress.
     let verdict = unsafe { bpf_redirect(ifindex, 0) } as i32;
     if verdict == TC_ACT_SHOT as i32 {

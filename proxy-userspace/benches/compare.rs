@@ -156,6 +156,7 @@ fn sluice_service(sp: &ServicePort) -> (Frontend, Vec<Backend>) {
             .map(|e| Backend {
                 addr: *e.ip(),
                 port: e.port(),
+                local: true,
             })
             .collect(),
     )

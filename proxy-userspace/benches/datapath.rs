@@ -92,6 +92,7 @@ fn main() {
                         u32::from(Ipv4Addr::new(198, 19, 0, 10)) + (n * 3 + b) % 60_000,
                     ),
                     port: 8080,
+                    local: true,
                 })
                 .collect();
             dp.upsert_service(fe, &bes).unwrap();

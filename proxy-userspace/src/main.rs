@@ -100,41 +100,66 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// The kind as Kubernetes spells it.
+fn kind_name(kind: sluice::service::FrontendKind) -> &'static str {
+    use sluice::service::FrontendKind as K;
+    match kind {
+        K::ClusterIp => "ClusterIP",
+        K::NodePort => "NodePort",
+        K::ExternalIp => "ExternalIP",
+        K::LoadBalancer => "LoadBalancer",
+    }
+}
+
 fn services(pin_path: &std::path::Path, output: Output) -> anyhow::Result<()> {
     let maps = PinnedMaps::open(pin_path)?;
     let services = maps.services()?;
+    let json_list = |list: &[sluice::service::Backend]| {
+        list.iter()
+            .map(|b| json!({"address": b.addr.to_string(), "port": b.port, "local": b.local}))
+            .collect::<Vec<_>>()
+    };
     if output == Output::Json {
         let v: Vec<_> = services
             .iter()
             .map(|(fe, bes)| {
-                json!({
+                let mut o = json!({
                     "address": fe.addr.to_string(),
                     "port": fe.port,
                     "protocol": fe.proto.to_string(),
-                    "kind": format!("{:?}", fe.kind),
-                    "backends": bes.iter().map(|b| json!({"address": b.addr.to_string(), "port": b.port})).collect::<Vec<_>>(),
-                })
+                    "kind": kind_name(fe.kind),
+                    "backends": json_list(&bes.all),
+                });
+                if let Some(ext) = &bes.external {
+                    o["externalTrafficPolicy"] = json!("Local");
+                    o["backendsFromOutside"] = json!(json_list(ext));
+                }
+                o
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
+    let text_list = |list: &[sluice::service::Backend], none: &str| {
+        if list.is_empty() {
+            return none.to_owned();
+        }
+        list.iter()
+            .map(|b| {
+                let local = if b.local { " (local)" } else { "" };
+                format!("{}:{}{local}", b.addr, b.port)
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     println!("{:<24} {:<13} BACKENDS", "FRONTEND", "KIND");
     for (fe, bes) in &services {
-        let list: Vec<String> = bes
-            .iter()
-            .map(|b| format!("{}:{}", b.addr, b.port))
-            .collect();
-        let list = if list.is_empty() {
-            "(none: rejected)".to_owned()
-        } else {
-            list.join(", ")
-        };
-        println!(
-            "{:<24} {:<13} {list}",
-            fe.to_string(),
-            format!("{:?}", fe.kind)
-        );
+        let mut line = text_list(&bes.all, "(none: rejected)");
+        if let Some(ext) = &bes.external {
+            line.push_str("; from outside (externalTrafficPolicy Local): ");
+            line.push_str(&text_list(ext, "(none on this node: dropped)"));
+        }
+        println!("{:<24} {:<13} {line}", fe.to_string(), kind_name(fe.kind));
     }
     Ok(())
 }

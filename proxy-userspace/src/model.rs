@@ -19,7 +19,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 
-use crate::dataplane::{Backend, Frontend, FrontendKind, Protocol};
+use crate::service::{Backend, Backends, Frontend, FrontendKind, Protocol};
 
 /// The label that ties an EndpointSlice to its Service (`discovery.LabelServiceName`).
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -86,6 +86,9 @@ fn namespace_or_default(ns: Option<&str>) -> &str {
 /// What the model needs to know about the node it computes frontends for.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeContext {
+    /// The node's name: endpoints whose `nodeName` is this one are local (kube-proxy's
+    /// `IsLocal`).
+    pub name: String,
     /// The addresses NodePorts are served on (kube-proxy's `--nodeport-addresses`), resolved
     /// by the agent.
     pub nodeport_addresses: Vec<Ipv4Addr>,
@@ -121,13 +124,26 @@ pub enum Outcome {
     /// service.kubernetes.io/service-proxy-name.
     Ignored { reason: &'static str },
     /// Frontends (sorted) each with its backends (sorted, deduplicated); `warnings` lists what
-    /// was skipped and why (SCTP port, IPv6 address, ...), for logging.
+    /// was skipped and why (SCTP port, IPv6 address, ...), for logging. `health_check`: the
+    /// Service's `healthCheckNodePort`, which the node must answer.
     Proxied {
-        frontends: Vec<(Frontend, Vec<Backend>)>,
+        frontends: Vec<(Frontend, Backends)>,
         warnings: Vec<String>,
+        health_check: Option<HealthCheck>,
     },
     /// The Service cannot be programmed; nothing of it is programmed. For logs and a counter.
     Invalid { reason: String },
+}
+
+/// A LoadBalancer Service with externalTrafficPolicy Local: its load balancer asks each node,
+/// on `spec.healthCheckNodePort`, whether it has endpoints of the Service
+/// (pkg/proxy/healthcheck/service_health.go).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub node_port: u16,
+    /// This node's ready endpoints of the Service (distinct addresses over all its ports):
+    /// terminating ones do not count, so that a load balancer drains the node.
+    pub local_endpoints: usize,
 }
 
 /// The frontends of `svc` on this node and the backends of each, from `slices` (any slices:
@@ -146,6 +162,7 @@ pub fn service_frontends(
         Ok(frontends) => Outcome::Proxied {
             frontends,
             warnings: warnings.0,
+            health_check: health_check(svc, slices, node),
         },
         Err(reason) => Outcome::Invalid { reason },
     }
@@ -170,6 +187,23 @@ pub fn node_addresses(node: &Node) -> Vec<Ipv4Addr> {
         }
     }
     out
+}
+
+/// The taint the cluster autoscaler puts on a node it is about to remove.
+pub const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// Whether load balancers should keep sending externalTrafficPolicy Cluster traffic to this
+/// node (KEP-3836, kube-proxy's `NodeEligible`): not while the Node is being deleted or
+/// carries the cluster autoscaler's to-be-deleted taint (whatever its effect).
+pub fn node_eligible(node: &Node) -> bool {
+    if node.metadata.deletion_timestamp.is_some() {
+        return false;
+    }
+    let taints = node.spec.as_ref().and_then(|s| s.taints.as_deref());
+    !taints
+        .unwrap_or_default()
+        .iter()
+        .any(|t| t.key == TAINT_TO_BE_DELETED)
 }
 
 /// Why kube-proxy would leave `svc` alone, if it would.
@@ -246,7 +280,7 @@ fn proxied(
     node: &NodeContext,
     limits: &Limits,
     warnings: &mut Warnings,
-) -> Result<Vec<(Frontend, Vec<Backend>)>, String> {
+) -> Result<Vec<(Frontend, Backends)>, String> {
     let key = ServiceKey::of_service(svc);
     let Some(spec) = svc.spec.as_ref() else {
         return Ok(Vec::new());
@@ -293,17 +327,27 @@ fn proxied(
         addresses.extend(load_balancer_ips(svc, warnings));
     }
 
-    let mut frontends: BTreeMap<(Ipv4Addr, u16, Protocol), (FrontendKind, Vec<Backend>)> =
+    let ext_local = externally_accessible(svc, svc_type) && external_policy_local(svc);
+    let mut frontends: BTreeMap<(Ipv4Addr, u16, Protocol), (FrontendKind, Backends)> =
         BTreeMap::new();
     for port in &ports {
-        let backends = backends(&key, port, slices, warnings);
-        if backends.len() > limits.max_backends_per_frontend {
+        let endpoints = endpoints(&key, port, slices, node, warnings);
+        if endpoints.len() > limits.max_backends_per_frontend {
             return Err(format!(
                 "{port}: absurd number of endpoints: {} > {} (the per-frontend limit)",
-                backends.len(),
+                endpoints.len(),
                 limits.max_backends_per_frontend
             ));
         }
+        let cluster = Backends::all(usable(&endpoints, |_| true));
+        let external = if ext_local {
+            Backends {
+                all: cluster.all.clone(),
+                external: Some(usable(&endpoints, |e| e.backend.local)),
+            }
+        } else {
+            cluster.clone()
+        };
         let mut wanted: Vec<(Ipv4Addr, u16, FrontendKind)> = addresses
             .iter()
             .map(|&(addr, kind)| (addr, port.port, kind))
@@ -322,11 +366,16 @@ fn proxied(
             );
         }
         for (addr, fport, kind) in wanted {
+            let backends = if kind == FrontendKind::ClusterIp {
+                &cluster
+            } else {
+                &external
+            };
             add_frontend(
                 &mut frontends,
                 (addr, fport, port.proto),
                 kind,
-                &backends,
+                backends,
                 warnings,
             )?;
         }
@@ -353,18 +402,18 @@ fn proxied(
 /// that is harmless: the widest kind is kept (reachable from the uplink beats pods only). With
 /// different backends the Service is ambiguous and refused.
 fn add_frontend(
-    frontends: &mut BTreeMap<(Ipv4Addr, u16, Protocol), (FrontendKind, Vec<Backend>)>,
+    frontends: &mut BTreeMap<(Ipv4Addr, u16, Protocol), (FrontendKind, Backends)>,
     id: (Ipv4Addr, u16, Protocol),
     kind: FrontendKind,
-    backends: &[Backend],
+    backends: &Backends,
     warnings: &mut Warnings,
 ) -> Result<(), String> {
     let (addr, port, proto) = id;
     match frontends.get_mut(&id) {
         None => {
-            frontends.insert(id, (kind, backends.to_vec()));
+            frontends.insert(id, (kind, backends.clone()));
         }
-        Some((old_kind, old_backends)) if old_backends.as_slice() == backends => {
+        Some((old_kind, old_backends)) if old_backends.all == backends.all => {
             if *old_kind != kind {
                 let wider = (*old_kind).max(kind);
                 warnings.push(format!(
@@ -372,6 +421,10 @@ fn add_frontend(
                      programmed once, as {wider:?}"
                 ));
                 *old_kind = wider;
+                // Reachable from outside now: with the policy of the outside kinds.
+                if kind != FrontendKind::ClusterIp {
+                    *old_backends = backends.clone();
+                }
             }
         }
         Some((old_kind, _)) => {
@@ -521,29 +574,120 @@ fn load_balancer_ips(svc: &Service, warnings: &mut Warnings) -> Vec<(Ipv4Addr, F
     out
 }
 
-/// The ready endpoints of one service port, from every IPv4 slice of the Service, sorted and
-/// deduplicated (pkg/proxy/endpointslicecache.go).
-fn backends(
+/// One endpoint of one service port, with its conditions as kube-proxy reads them
+/// (pkg/proxy/endpointslicecache.go): ready unset counts as ready, serving unset as ready,
+/// terminating unset as not terminating.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Endpoint {
+    backend: Backend,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+}
+
+/// The endpoints of `list` that new connections may use, as kube-proxy's
+/// `CategorizeEndpoints` chooses them (pkg/proxy/topology.go, KEP-1669): the ready ones; when
+/// none is ready, the serving and terminating ones; never one that is not serving. `keep`
+/// narrows the list first (to this node's endpoints for externalTrafficPolicy Local).
+fn usable(list: &[Endpoint], keep: impl Fn(&Endpoint) -> bool) -> Vec<Backend> {
+    let kept: Vec<&Endpoint> = list.iter().filter(|e| keep(e)).collect();
+    let ready: Vec<Backend> = kept.iter().filter(|e| e.ready).map(|e| e.backend).collect();
+    if !ready.is_empty() {
+        return ready;
+    }
+    kept.iter()
+        .filter(|e| e.serving && e.terminating)
+        .map(|e| e.backend)
+        .collect()
+}
+
+/// Whether kube-proxy treats the Service as reachable from outside
+/// (`apiservice.ExternallyAccessible`): type NodePort or LoadBalancer, or externalIPs.
+fn externally_accessible(svc: &Service, svc_type: ServiceType) -> bool {
+    svc_type != ServiceType::ClusterIp
+        || svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.external_ips.as_ref())
+            .is_some_and(|ips| !ips.is_empty())
+}
+
+fn external_policy_local(svc: &Service) -> bool {
+    svc.spec
+        .as_ref()
+        .and_then(|s| s.external_traffic_policy.as_deref())
+        == Some("Local")
+}
+
+/// The health check node port of a LoadBalancer Service with externalTrafficPolicy Local
+/// (`NeedsHealthCheck`), and this node's ready endpoints of it.
+fn health_check(
+    svc: &Service,
+    slices: &[&EndpointSlice],
+    node: &NodeContext,
+) -> Option<HealthCheck> {
+    let spec = svc.spec.as_ref()?;
+    if spec.type_.as_deref() != Some("LoadBalancer") || !external_policy_local(svc) {
+        return None;
+    }
+    let node_port = u16::try_from(spec.health_check_node_port?)
+        .ok()
+        .filter(|p| *p != 0)?;
+    let key = ServiceKey::of_service(svc);
+    let mut local: BTreeSet<Ipv4Addr> = BTreeSet::new();
+    for (_, ep) in slice_endpoints(&key, slices) {
+        let ready = ep.conditions.as_ref().and_then(|c| c.ready) != Some(false);
+        if ready && ep.node_name.as_deref() == Some(node.name.as_str()) && !node.name.is_empty() {
+            local.extend(
+                ep.addresses
+                    .iter()
+                    .filter_map(|a| a.parse::<Ipv4Addr>().ok()),
+            );
+        }
+    }
+    Some(HealthCheck {
+        node_port,
+        local_endpoints: local.len(),
+    })
+}
+
+/// The proxied IPv4 slices of Service `key`, with each of their endpoints.
+fn slice_endpoints<'a>(
+    key: &ServiceKey,
+    slices: &[&'a EndpointSlice],
+) -> impl Iterator<
+    Item = (
+        &'a EndpointSlice,
+        &'a k8s_openapi::api::discovery::v1::Endpoint,
+    ),
+> {
+    let mine: Vec<&'a EndpointSlice> = slices
+        .iter()
+        .copied()
+        .filter(|slice| ServiceKey::of_slice(slice).as_ref() == Some(key))
+        .filter(|slice| {
+            !slice.metadata.labels.as_ref().is_some_and(|l| {
+                l.contains_key(LABEL_SERVICE_PROXY_NAME) || l.contains_key(LABEL_HEADLESS)
+            })
+        })
+        // IPv6 and FQDN slices are for other proxies (or the other family's kube-proxy).
+        .filter(|slice| slice.address_type == "IPv4")
+        .collect();
+    mine.into_iter()
+        .flat_map(|slice| slice.endpoints.iter().map(move |ep| (slice, ep)))
+}
+
+/// The endpoints of one service port, from every IPv4 slice of the Service, sorted and
+/// deduplicated (pkg/proxy/endpointslicecache.go), with their conditions.
+fn endpoints(
     key: &ServiceKey,
     port: &Port<'_>,
     slices: &[&EndpointSlice],
+    node: &NodeContext,
     warnings: &mut Warnings,
-) -> Vec<Backend> {
-    let mut out = BTreeSet::new();
-    for slice in slices {
-        if ServiceKey::of_slice(slice).as_ref() != Some(key) {
-            continue;
-        }
-        let labels = slice.metadata.labels.as_ref();
-        if labels.is_some_and(|l| {
-            l.contains_key(LABEL_SERVICE_PROXY_NAME) || l.contains_key(LABEL_HEADLESS)
-        }) {
-            continue;
-        }
-        // IPv6 and FQDN slices are for other proxies (or the other family's kube-proxy).
-        if slice.address_type != "IPv4" {
-            continue;
-        }
+) -> Vec<Endpoint> {
+    let mut out: BTreeMap<(Ipv4Addr, u16), Endpoint> = BTreeMap::new();
+    for (slice, ep) in slice_endpoints(key, slices) {
         let slice_name = slice.metadata.name.as_deref().unwrap_or_default();
         for sp in slice.ports.as_deref().unwrap_or_default() {
             // Ports are matched by name and protocol, not number: a named targetPort can be a
@@ -561,29 +705,44 @@ fn backends(
                 ));
                 continue;
             };
-            for ep in &slice.endpoints {
-                // Ready unset counts as ready, as kube-proxy reads it.
-                if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
-                    continue;
-                }
-                // kube-proxy uses addresses[0] only; the API calls the addresses of one endpoint
-                // fungible, and the EndpointSlice controller writes exactly one, so every one of
-                // them is taken here.
-                for a in &ep.addresses {
-                    match a.parse::<Ipv4Addr>() {
-                        Ok(addr) => {
-                            out.insert(Backend { addr, port: number });
+            let c = ep.conditions.as_ref();
+            let ready = c.and_then(|c| c.ready) != Some(false);
+            let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+            let terminating = c.and_then(|c| c.terminating) == Some(true);
+            let local =
+                !node.name.is_empty() && ep.node_name.as_deref() == Some(node.name.as_str());
+            // kube-proxy uses addresses[0] only; the API calls the addresses of one endpoint
+            // fungible, and the EndpointSlice controller writes exactly one, so every one of
+            // them is taken here.
+            for a in &ep.addresses {
+                match a.parse::<Ipv4Addr>() {
+                    Ok(addr) => {
+                        let e = Endpoint {
+                            backend: Backend {
+                                addr,
+                                port: number,
+                                local,
+                            },
+                            ready,
+                            serving,
+                            terminating,
+                        };
+                        // The same address in two slices (a move between slices): the more
+                        // usable condition wins.
+                        let slot = out.entry((addr, number)).or_insert(e);
+                        if (e.ready, e.serving) > (slot.ready, slot.serving) {
+                            *slot = e;
                         }
-                        Err(_) => warnings.push(format!(
-                            "EndpointSlice {slice_name}: endpoint address {a:?} skipped: not an \
-                             IPv4 address"
-                        )),
                     }
+                    Err(_) => warnings.push(format!(
+                        "EndpointSlice {slice_name}: endpoint address {a:?} skipped: not an \
+                         IPv4 address"
+                    )),
                 }
             }
         }
     }
-    out.into_iter().collect()
+    out.into_values().collect()
 }
 
 #[cfg(test)]
@@ -613,6 +772,7 @@ mod tests {
         Backend {
             addr: ip(addr),
             port,
+            local: false,
         }
     }
 
@@ -651,6 +811,7 @@ mod tests {
 
     fn node(addrs: &[&str]) -> NodeContext {
         NodeContext {
+            name: "node-a".into(),
             nodeport_addresses: addrs.iter().map(|a| ip(a)).collect(),
         }
     }
@@ -659,20 +820,44 @@ mod tests {
         service_frontends(svc, slices, node, &Limits::default())
     }
 
-    /// The frontends and warnings of a Service that must be proxied.
+    /// The frontends (with both backend lists) and warnings of a Service that must be
+    /// proxied.
+    #[track_caller]
+    fn proxied_all(
+        svc: &Service,
+        slices: &[&EndpointSlice],
+        node: &NodeContext,
+    ) -> (Vec<(Frontend, Backends)>, Vec<String>) {
+        match outcome(svc, slices, node) {
+            Outcome::Proxied {
+                frontends,
+                warnings,
+                ..
+            } => (frontends, warnings),
+            other => panic!("expected the Service to be proxied, got {other:?}"),
+        }
+    }
+
+    /// The frontends and warnings of a Service that must be proxied, the same backends for
+    /// every origin (no externalTrafficPolicy Local).
     #[track_caller]
     fn proxied(
         svc: &Service,
         slices: &[&EndpointSlice],
         node: &NodeContext,
     ) -> (Vec<(Frontend, Vec<Backend>)>, Vec<String>) {
-        match outcome(svc, slices, node) {
-            Outcome::Proxied {
-                frontends,
-                warnings,
-            } => (frontends, warnings),
-            other => panic!("expected the Service to be proxied, got {other:?}"),
-        }
+        let (frontends, warnings) = proxied_all(svc, slices, node);
+        let frontends = frontends
+            .into_iter()
+            .map(|(fe, b)| {
+                assert_eq!(
+                    b.external, None,
+                    "{fe}: unexpected backends for outside traffic"
+                );
+                (fe, b.all)
+            })
+            .collect();
+        (frontends, warnings)
     }
 
     #[track_caller]
@@ -1295,5 +1480,201 @@ mod tests {
         );
         let bare: Node = serde_json::from_value(json!({"metadata": {"name": "n"}})).unwrap();
         assert_eq!(node_addresses(&bare), Vec::<Ipv4Addr>::new());
+    }
+
+    /// An endpoint on `node` with the given conditions, as the EndpointSlice controller
+    /// writes them.
+    fn ep(addr: &str, node: &str, ready: bool, serving: bool, terminating: bool) -> Value {
+        json!({"addresses": [addr], "nodeName": node,
+               "conditions": {"ready": ready, "serving": serving, "terminating": terminating}})
+    }
+
+    fn local_be(addr: &str, port: u16) -> Backend {
+        Backend {
+            local: true,
+            ..be(addr, port)
+        }
+    }
+
+    // pkg/proxy/topology_test.go TestCategorizeEndpoints, "Cluster traffic policy, endpoints
+    // not ready" and "iTP: Local, eTP: Cluster, some endpoints local" rows; KEP-1669.
+    #[test]
+    fn new_connections_use_ready_endpoints_then_serving_terminating_ones_never_not_serving() {
+        let s = svc(json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}));
+        let mixed = slice(
+            "web-1",
+            json!([{"port": 8080}]),
+            json!([
+                ep("10.1.0.1", "node-a", true, true, false),
+                ep("10.1.0.2", "node-b", false, true, true),
+                ep("10.1.0.3", "node-b", false, false, true),
+            ]),
+        );
+        assert_eq!(
+            frontends(&s, &[&mixed], &node(&[])),
+            vec![(
+                fe("10.96.0.10", 80, TCP, ClusterIp),
+                vec![local_be("10.1.0.1", 8080)]
+            )],
+            "the ready endpoint only"
+        );
+        let draining = slice(
+            "web-1",
+            json!([{"port": 8080}]),
+            json!([
+                ep("10.1.0.2", "node-b", false, true, true),
+                ep("10.1.0.3", "node-b", false, false, true),
+                ep("10.1.0.4", "node-b", false, false, false),
+            ]),
+        );
+        assert_eq!(
+            frontends(&s, &[&draining], &node(&[])),
+            vec![(
+                fe("10.96.0.10", 80, TCP, ClusterIp),
+                vec![be("10.1.0.2", 8080)]
+            )],
+            "none ready: the serving, terminating one, never the one not serving"
+        );
+    }
+
+    #[test]
+    fn an_endpoint_is_local_when_its_node_name_is_this_nodes() {
+        let s = svc(json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}));
+        let sl = slice(
+            "web-1",
+            json!([{"port": 8080}]),
+            json!([
+                ep("10.1.0.1", "node-a", true, true, false),
+                ep("10.1.0.2", "node-b", true, true, false),
+                {"addresses": ["10.1.0.3"]},
+            ]),
+        );
+        assert_eq!(
+            frontends(&s, &[&sl], &node(&[])),
+            vec![(
+                fe("10.96.0.10", 80, TCP, ClusterIp),
+                vec![
+                    local_be("10.1.0.1", 8080),
+                    be("10.1.0.2", 8080),
+                    be("10.1.0.3", 8080)
+                ]
+            )]
+        );
+    }
+
+    fn local_policy_service(kind: &str) -> Service {
+        svc(
+            json!({"type": kind, "clusterIP": "10.96.0.10", "externalTrafficPolicy": "Local",
+                   "externalIPs": ["192.0.2.7"], "healthCheckNodePort": 32100,
+                   "ports": [{"port": 80, "nodePort": 30080}]}),
+        )
+    }
+
+    // pkg/proxy/topology_test.go "eTP: Local, with a local endpoint": external traffic to
+    // the local endpoints, internal (cluster) traffic to all; iptables proxier: pod traffic to
+    // external destinations short-circuits to the cluster policy chain.
+    #[test]
+    fn external_traffic_policy_local_sends_outside_traffic_to_this_nodes_endpoints_only() {
+        let s = local_policy_service("NodePort");
+        let sl = slice(
+            "web-1",
+            json!([{"port": 8080}]),
+            json!([
+                ep("10.1.0.1", "node-a", true, true, false),
+                ep("10.1.0.2", "node-b", true, true, false),
+            ]),
+        );
+        let (got, warnings) = proxied_all(&s, &[&sl], &node(&["192.168.1.1"]));
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let all = vec![local_be("10.1.0.1", 8080), be("10.1.0.2", 8080)];
+        let outside = Backends {
+            all: all.clone(),
+            external: Some(vec![local_be("10.1.0.1", 8080)]),
+        };
+        assert_eq!(
+            got,
+            vec![
+                (
+                    fe("10.96.0.10", 80, TCP, ClusterIp),
+                    Backends::all(all.clone())
+                ),
+                (fe("192.0.2.7", 80, TCP, ExternalIp), outside.clone()),
+                (fe("192.168.1.1", 30080, TCP, NodePort), outside),
+            ]
+        );
+    }
+
+    // topology_test.go "eTP: Local, only terminating local endpoints" (KEP-1669): outside
+    // traffic falls back to the serving and terminating local ones; with none at all, the
+    // list is empty and the datapath drops outside traffic, as kube-proxy does.
+    #[test]
+    fn local_policy_falls_back_to_terminating_local_endpoints_and_else_to_none() {
+        let s = local_policy_service("NodePort");
+        let sl = slice(
+            "web-1",
+            json!([{"port": 8080}]),
+            json!([
+                ep("10.1.0.1", "node-a", false, true, true),
+                ep("10.1.0.2", "node-b", true, true, false),
+            ]),
+        );
+        let (got, _) = proxied_all(&s, &[&sl], &node(&["192.168.1.1"]));
+        let np = &got.iter().find(|(f, _)| f.kind == NodePort).unwrap().1;
+        assert_eq!(np.all, vec![be("10.1.0.2", 8080)]);
+        assert_eq!(np.external, Some(vec![local_be("10.1.0.1", 8080)]));
+
+        let remote_only = slice(
+            "web-1",
+            json!([{"port": 8080}]),
+            json!([ep("10.1.0.2", "node-b", true, true, false)]),
+        );
+        let (got, _) = proxied_all(&s, &[&remote_only], &node(&["192.168.1.1"]));
+        let np = &got.iter().find(|(f, _)| f.kind == NodePort).unwrap().1;
+        assert_eq!(np.external, Some(vec![]));
+        assert_eq!(np.all, vec![be("10.1.0.2", 8080)]);
+    }
+
+    // service_health.go: only Ready local endpoints count (distinct addresses), so a load
+    // balancer drains a node whose endpoints are terminating; only LoadBalancer Services with
+    // externalTrafficPolicy Local have a health check node port (NeedsHealthCheck).
+    #[test]
+    fn the_health_check_node_port_counts_ready_local_endpoints() {
+        let sl = slice(
+            "web-1",
+            json!([{"port": 8080}, {"name": "b", "port": 9090}]),
+            json!([
+                ep("10.1.0.1", "node-a", true, true, false),
+                ep("10.1.0.5", "node-a", false, true, true),
+                ep("10.1.0.2", "node-b", true, true, false),
+            ]),
+        );
+        let hc = |s: &Service| match outcome(s, &[&sl], &node(&["192.168.1.1"])) {
+            Outcome::Proxied { health_check, .. } => health_check,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            hc(&local_policy_service("LoadBalancer")),
+            Some(HealthCheck {
+                node_port: 32100,
+                local_endpoints: 1
+            })
+        );
+        assert_eq!(hc(&local_policy_service("NodePort")), None);
+        let cluster = svc(json!({"type": "LoadBalancer", "clusterIP": "10.96.0.10",
+                                 "ports": [{"port": 80, "nodePort": 30080}]}));
+        assert_eq!(hc(&cluster), None);
+    }
+
+    #[test]
+    fn a_node_being_deleted_or_tainted_for_deletion_is_not_eligible() {
+        let node = |v: Value| -> Node { serde_json::from_value(v).unwrap() };
+        assert!(node_eligible(&node(json!({"metadata": {"name": "n"}}))));
+        assert!(node_eligible(&node(json!({"metadata": {"name": "n"},
+            "spec": {"taints": [{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]}}))));
+        assert!(!node_eligible(&node(json!({"metadata": {"name": "n",
+            "deletionTimestamp": "2026-11-30T12:00:00Z"}}))));
+        assert!(!node_eligible(&node(json!({"metadata": {"name": "n"},
+            "spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "value": "1700000000",
+                                 "effect": "PreferNoSchedule"}]}}))));
     }
 }

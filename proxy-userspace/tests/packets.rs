@@ -31,6 +31,7 @@ fn be(addr: &str) -> Backend {
     Backend {
         addr: *a.ip(),
         port: a.port(),
+        local: true,
     }
 }
 

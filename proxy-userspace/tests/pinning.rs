@@ -28,10 +28,12 @@ fn a_reloaded_dataplane_adopts_pinned_services_and_flows() {
         Backend {
             addr: "198.19.0.20".parse().unwrap(),
             port: 8080,
+            local: true,
         },
         Backend {
             addr: "198.19.0.21".parse().unwrap(),
             port: 8080,
+            local: true,
         },
     ];
     let client = sa("198.19.0.10:40000");
@@ -50,7 +52,7 @@ fn a_reloaded_dataplane_adopts_pinned_services_and_flows() {
     let services = dp.services();
     assert_eq!(services.len(), 1, "the Service was adopted: {services:?}");
     assert_eq!(services[0].0, vip);
-    let mut got = services[0].1.clone();
+    let mut got = services[0].1.all.clone();
     got.sort();
     assert_eq!(got, backends, "with its backends");
     let (_, out) = run(&dp, FROM_POD, &tcp(client, sa("198.18.128.1:80"), ACK, b""));
@@ -61,7 +63,7 @@ fn a_reloaded_dataplane_adopts_pinned_services_and_flows() {
     );
     // Writing through the adopted ids works: shrink to one backend, then remove.
     dp.upsert_service(vip, &backends[1..]).unwrap();
-    assert_eq!(dp.services()[0].1, backends[1..]);
+    assert_eq!(dp.services()[0].1.all, backends[1..]);
     let (_, out) = run(
         &dp,
         FROM_POD,

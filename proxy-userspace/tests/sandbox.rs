@@ -62,6 +62,7 @@ impl Sandbox {
             .map(|n| Backend {
                 addr: self.c.pod(n).addr,
                 port,
+                local: true,
             })
             .collect()
     }
@@ -370,6 +371,7 @@ fn the_clsact_attachment_of_older_kernels_translates_too_and_detaches_cleanly() 
     let be = Backend {
         addr: c.pod("backend-a").addr,
         port: 8080,
+        local: true,
     };
     dp.with(move |dp| {
         dp.upsert_service(

@@ -135,6 +135,19 @@ pub struct AgentArgs {
     )]
     pub hairpin_snat_address: Ipv4Addr,
 
+    /// The NodePort range of the cluster (the API server's --service-node-port-range), kept out
+    /// of the SNAT source ports.
+    #[arg(long, env = "SLUICE_NODEPORT_RANGE", default_value = "30000-32767", value_parser = parse_port_range)]
+    pub nodeport_range: (u16, u16),
+
+    /// Source ports for SNAT of traffic from outside to endpoints on other nodes
+    /// (externalTrafficPolicy Cluster), as MIN-MAX, or `auto`: the largest range above 1023
+    /// that overlaps neither the NodePort range nor the node's ephemeral ports
+    /// (net.ipv4.ip_local_port_range), so a SNATed flow never takes the tuple of a connection
+    /// the node makes itself. A range that overlaps either is refused.
+    #[arg(long, env = "SLUICE_SNAT_PORT_RANGE", default_value = "auto")]
+    pub snat_port_range: String,
+
     /// Size of the services map (frontends plus one slot per backend of each).
     #[arg(long, env = "SLUICE_SERVICES_MAX", default_value_t = LB4_SERVICES_DEFAULT_MAX)]
     pub services_max: u32,
@@ -154,6 +167,84 @@ pub struct AgentArgs {
     /// A Service port with more endpoints than this is invalid and skipped.
     #[arg(long, env = "SLUICE_MAX_BACKENDS_PER_SERVICE", default_value_t = Limits::default().max_backends_per_frontend)]
     pub max_backends_per_service: usize,
+}
+
+/// `MIN-MAX`, inclusive, MIN <= MAX.
+pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?} is not a port range (want MIN-MAX)"))?;
+    let p = |v: &str| {
+        v.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|n| *n != 0)
+            .ok_or_else(|| format!("{v:?} is not a port 1-65535"))
+    };
+    let (a, b) = (p(a)?, p(b)?);
+    if a > b {
+        return Err(format!("{s:?}: MIN is above MAX"));
+    }
+    Ok((a, b))
+}
+
+/// The SNAT source ports: `wanted` (MIN-MAX, or `auto`) checked or chosen against the
+/// NodePort range and the node's ephemeral ports.
+pub fn snat_ports(
+    wanted: &str,
+    nodeport: (u16, u16),
+    ephemeral: (u16, u16),
+) -> Result<(u16, u16), String> {
+    let overlaps = |(a, b): (u16, u16), (c, d): (u16, u16)| a <= d && c <= b;
+    if wanted != "auto" {
+        let r = parse_port_range(wanted)?;
+        if overlaps(r, nodeport) {
+            return Err(format!(
+                "{}-{} overlaps the NodePort range {}-{}",
+                r.0, r.1, nodeport.0, nodeport.1
+            ));
+        }
+        if overlaps(r, ephemeral) {
+            return Err(format!(
+                "{}-{} overlaps the node's ephemeral ports {}-{} (net.ipv4.ip_local_port_range): \
+                 SNATed flows would take the tuples of the node's own connections",
+                r.0, r.1, ephemeral.0, ephemeral.1
+            ));
+        }
+        return Ok(r);
+    }
+    // The gaps of 1024..=65535 around the two reserved ranges; the widest wins.
+    let mut taken = [nodeport, ephemeral];
+    taken.sort();
+    let mut best: Option<(u16, u16)> = None;
+    let mut from: u32 = 1024;
+    for (a, b) in taken.iter().map(|&(a, b)| (u32::from(a), u32::from(b))) {
+        if a > from {
+            let gap = (from as u16, (a - 1) as u16);
+            if best.is_none_or(|(x, y)| gap.1 - gap.0 > y - x) {
+                best = Some(gap);
+            }
+        }
+        from = from.max(b + 1);
+    }
+    if from <= 65535 {
+        let gap = (from as u16, 65535);
+        if best.is_none_or(|(x, y)| gap.1 - gap.0 > y - x) {
+            best = Some(gap);
+        }
+    }
+    best.ok_or_else(|| "no ports are left for SNAT: set --snat-port-range".into())
+}
+
+/// The node's ephemeral port range (net.ipv4.ip_local_port_range of this network namespace).
+fn ephemeral_ports() -> anyhow::Result<(u16, u16)> {
+    let path = "/proc/sys/net/ipv4/ip_local_port_range";
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    let mut it = text.split_whitespace().map(str::parse::<u16>);
+    match (it.next(), it.next()) {
+        (Some(Ok(a)), Some(Ok(b))) => Ok((a, b)),
+        _ => anyhow::bail!("{path}: unexpected {text:?}"),
+    }
 }
 
 impl AgentArgs {
@@ -252,6 +343,17 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     let node_name = args.node_name();
     let nodeport_addresses = args.nodeport_addresses()?;
     let pod_globs = args.pod_globs()?;
+    let snat_ports = snat_ports(
+        &args.snat_port_range,
+        args.nodeport_range,
+        ephemeral_ports()?,
+    )
+    .map_err(|e| anyhow::anyhow!("--snat-port-range: {e}"))?;
+    tracing::info!(
+        min = snat_ports.0,
+        max = snat_ports.1,
+        "SNAT source ports (clear of the NodePort range and the node's ephemeral ports)"
+    );
     ensure_bpffs(&args.pin_path)?;
     let mode = AttachMode::from(args.attach_mode);
     let dp = Dataplane::load_with(DataplaneConfig {
@@ -261,10 +363,13 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         revnat_max: args.revnat_max,
         conntrack_max: args.conntrack_max,
         hairpin_snat: Some(args.hairpin_snat_address),
+        // Set by the sync loop once the Node's address is known.
+        snat: None,
     })?;
     let metrics = Arc::new(metrics::Metrics::new());
     let health = Arc::new(server::Health::default());
     let (tx, rx) = std::sync::mpsc::channel::<Change>();
+    let (health_checks, _) = tokio::sync::watch::channel(sync::HealthCheckState::default());
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -281,6 +386,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("--healthz-bind-address {}", args.healthz_bind_address))?;
         tracing::info!(metrics = %m, healthz = %h, "listening");
+        server::start_service_health(&health_checks, health.clone());
         let view: Arc<dyn ObjectView> = match &args.manifests {
             Some(dir) => {
                 tracing::info!(dir = %dir.display(), node = %node_name, "source: manifests");
@@ -323,12 +429,15 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         metrics,
         health,
         SyncConfig {
+            node_name: node_name.clone(),
             nodeport_addresses,
             limits: Limits {
                 max_backends_per_frontend: args.max_backends_per_service,
             },
+            snat_ports,
         },
         devices,
+        health_checks,
     );
     let sync_thread = std::thread::Builder::new()
         .name("sluice-sync".into())
@@ -348,4 +457,43 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     let _ = sync_thread.join();
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_snat_ports_avoid_the_nodeport_range_and_the_ephemeral_ports() {
+        // Linux's and Kubernetes' defaults: 1024-29999 (28,976 ports) beats 61000-65535.
+        assert_eq!(
+            snat_ports("auto", (30000, 32767), (32768, 60999)),
+            Ok((1024, 29999))
+        );
+        // A node that widened its ephemeral range leaves the gap below the NodePorts.
+        assert_eq!(
+            snat_ports("auto", (30000, 32767), (1024, 29999)),
+            Ok((32768, 65535))
+        );
+        // Overlapping reserved ranges.
+        assert_eq!(
+            snat_ports("auto", (30000, 32767), (20000, 31000)),
+            Ok((32768, 65535))
+        );
+        assert!(snat_ports("auto", (1024, 40000), (40001, 65535)).is_err());
+    }
+
+    #[test]
+    fn an_explicit_snat_range_that_overlaps_is_refused_with_the_reason() {
+        assert_eq!(
+            snat_ports("61000-65535", (30000, 32767), (32768, 60999)),
+            Ok((61000, 65535))
+        );
+        let e = snat_ports("40000-50000", (30000, 32767), (32768, 60999)).unwrap_err();
+        assert!(e.contains("ephemeral"), "{e}");
+        let e = snat_ports("29000-30000", (30000, 32767), (32768, 60999)).unwrap_err();
+        assert!(e.contains("NodePort"), "{e}");
+        assert!(snat_ports("9-8", (30000, 32767), (32768, 60999)).is_err());
+        assert!(snat_ports("0-8", (30000, 32767), (32768, 60999)).is_err());
+    }
 }

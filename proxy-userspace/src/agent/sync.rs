@@ -32,21 +32,16 @@ use super::{
     source::{Change, ObjectView, Resource},
 };
 use crate::{
-    dataplane::{Backend, Dataplane, DataplaneError, Frontend, Protocol},
-    model::{self, Limits, NodeContext, Outcome, ServiceKey},
+    dataplane::{Dataplane, DataplaneError, Snat},
+    model::{self, HealthCheck, Limits, NodeContext, Outcome, ServiceKey},
+    service::{Backends, Frontend, FrontendId},
 };
 
 /// How often devices are re-checked and failed writes retried when nothing else happens.
 const TICK: Duration = Duration::from_secs(5);
 const RETRY: Duration = Duration::from_secs(1);
 
-/// The identity of a frontend in the maps.
-type FeId = (Ipv4Addr, u16, Protocol);
-type Entries = BTreeMap<FeId, (Frontend, Vec<Backend>)>;
-
-fn id(fe: &Frontend) -> FeId {
-    (fe.addr, fe.port, fe.proto)
-}
+type Entries = BTreeMap<FrontendId, (Frontend, Backends)>;
 
 /// An IPv4 prefix, for `--nodeport-addresses`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,9 +89,24 @@ pub enum NodePortAddresses {
 }
 
 pub struct SyncConfig {
+    pub node_name: String,
     pub nodeport_addresses: NodePortAddresses,
     pub limits: Limits,
+    /// The source ports for SNAT of traffic from outside to other nodes' backends; the
+    /// address is the node's first (InternalIP), known once the Node has been seen.
+    pub snat_ports: (u16, u16),
 }
+
+/// What the health check node ports must answer: where they listen (the NodePort addresses)
+/// and, by Service, the port and its local endpoint count. The sync loop publishes it; the
+/// HTTP side (`server::start_service_health`) follows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HealthCheckState {
+    pub addresses: Vec<Ipv4Addr>,
+    pub services: BTreeMap<ServiceKey, HealthCheck>,
+}
+
+pub type HealthChecks = tokio::sync::watch::Sender<HealthCheckState>;
 
 pub struct Syncer {
     dp: Dataplane,
@@ -105,6 +115,7 @@ pub struct Syncer {
     health: Arc<Health>,
     config: SyncConfig,
     devices: Devices,
+    health_checks: HealthChecks,
     node: NodeContext,
     node_addrs: Vec<Ipv4Addr>,
     /// The own Node has been seen: its addresses (the default uplinks) are known.
@@ -112,9 +123,9 @@ pub struct Syncer {
     /// When this agent started: trigger times from before are not its latency.
     started: SystemTime,
     /// (Service, frontend) conflicts already logged.
-    conflicts_logged: BTreeSet<(ServiceKey, FeId)>,
+    conflicts_logged: BTreeSet<(ServiceKey, FrontendId)>,
     applied: HashMap<ServiceKey, Entries>,
-    owners: HashMap<FeId, ServiceKey>,
+    owners: HashMap<FrontendId, ServiceKey>,
     /// What the maps held at start, until the first full sync has claimed or removed it.
     adopted: Option<Entries>,
     invalid: BTreeMap<ServiceKey, String>,
@@ -135,11 +146,12 @@ impl Syncer {
         health: Arc<Health>,
         config: SyncConfig,
         devices: Devices,
+        health_checks: HealthChecks,
     ) -> Self {
         let adopted: Entries = dp
             .services()
             .into_iter()
-            .map(|(fe, bes)| (id(&fe), (fe, sorted(bes))))
+            .map(|(fe, bes)| (fe.id(), (fe, bes.normalized())))
             .collect();
         if !adopted.is_empty() {
             tracing::info!(
@@ -152,11 +164,13 @@ impl Syncer {
             view,
             metrics,
             health,
-            config,
-            devices,
             node: NodeContext {
+                name: config.node_name.clone(),
                 nodeport_addresses: Vec::new(),
             },
+            config,
+            devices,
+            health_checks,
             node_addrs: Vec::new(),
             node_known: false,
             started: SystemTime::now(),
@@ -279,7 +293,7 @@ impl Syncer {
             self.applied
                 .values()
                 .flat_map(|e| e.values())
-                .map(|(_, b)| b.len() as i64)
+                .map(|(_, b)| b.all.len() as i64)
                 .sum(),
         );
         m.invalid_services.set(self.invalid.len() as i64);
@@ -296,6 +310,29 @@ impl Syncer {
         if let Some(node) = self.view.node() {
             self.node_addrs = model::node_addresses(&node);
             self.node_known = true;
+            let eligible = model::node_eligible(&node);
+            if self.health.set_node_eligible(eligible) {
+                tracing::info!(
+                    eligible,
+                    "node eligibility for externalTrafficPolicy Cluster traffic (KEP-3836): /healthz follows it"
+                );
+            }
+        }
+        // Until the Node is known, the SNAT adopted from the pins (if any) stays.
+        let snat = self.node_addrs.first().map(|&addr| Snat {
+            addr,
+            ports: self.config.snat_ports,
+        });
+        if self.node_known && self.dp.config().snat != snat {
+            match self.dp.set_snat(snat) {
+                Ok(()) => tracing::info!(
+                    ?snat,
+                    "SNAT for traffic from outside to other nodes' endpoints"
+                ),
+                Err(error) => {
+                    tracing::error!(error = %super::chain(&error), "writing the SNAT configuration failed")
+                }
+            }
         }
         let nodeport_addresses = match &self.config.nodeport_addresses {
             NodePortAddresses::Primary => self.node_addrs.clone(),
@@ -312,6 +349,10 @@ impl Syncer {
         };
         if nodeport_addresses != self.node.nodeport_addresses {
             tracing::info!(addresses = ?nodeport_addresses, "NodePort addresses");
+            self.health_checks.send_if_modified(|s| {
+                s.addresses.clone_from(&nodeport_addresses);
+                true
+            });
             self.node.nodeport_addresses = nodeport_addresses;
             return true;
         }
@@ -371,6 +412,7 @@ impl Syncer {
     fn desired(&mut self, key: &ServiceKey) -> Option<Entries> {
         let Some(svc) = self.view.service(key) else {
             self.invalid.remove(key);
+            self.set_health_check(key, None);
             return Some(Entries::new());
         };
         let slices = self.view.slices(key);
@@ -378,6 +420,7 @@ impl Syncer {
         match model::service_frontends(&svc, &refs, &self.node, &self.config.limits) {
             Outcome::Ignored { reason } => {
                 self.invalid.remove(key);
+                self.set_health_check(key, None);
                 tracing::debug!(service = %key, reason, "not proxied");
                 Some(Entries::new())
             }
@@ -392,15 +435,17 @@ impl Syncer {
             Outcome::Proxied {
                 frontends,
                 warnings,
+                health_check,
             } => {
                 self.invalid.remove(key);
+                self.set_health_check(key, health_check);
                 for w in warnings {
                     tracing::debug!(service = %key, warning = %w, "skipped part of a Service");
                 }
                 Some(
                     frontends
                         .into_iter()
-                        .map(|(fe, bes)| (id(&fe), (fe, sorted(bes))))
+                        .map(|(fe, bes)| (fe.id(), (fe, bes.normalized())))
                         .collect(),
                 )
             }
@@ -433,7 +478,7 @@ impl Syncer {
             let adopted = self.adopted.as_mut().and_then(|a| a.remove(&fe_id));
             let adopted_same = adopted.as_ref() == Some(&entry);
             if old.get(&fe_id) != Some(&entry) && !adopted_same {
-                if let Err(error) = self.dp.upsert_service(entry.0, &entry.1) {
+                if let Err(error) = self.dp.upsert_frontend(entry.0, &entry.1) {
                     self.write_error(&entry.0, error);
                     failed = true;
                     // The dataplane rolled back: the frontend still has what it had, which
@@ -479,7 +524,7 @@ impl Syncer {
             tracing::info!(
                 service = %key,
                 frontends = new.len(),
-                backends = new.values().map(|(_, b)| b.len()).max().unwrap_or(0),
+                backends = new.values().map(|(_, b)| b.all.len()).max().unwrap_or(0),
                 written,
                 removed,
                 "programmed"
@@ -528,11 +573,12 @@ impl Syncer {
             .flatten()
             .filter_map(|p| p.node_port.and_then(|n| u16::try_from(n).ok()))
             .collect();
-        let mine: Vec<FeId> = adopted
+        let mine: Vec<FrontendId> = adopted
             .keys()
-            .filter(|(a, p, _)| {
-                addrs.contains(a)
-                    || (node_ports.contains(p) && self.node.nodeport_addresses.contains(a))
+            .filter(|id| {
+                addrs.contains(&id.addr)
+                    || (node_ports.contains(&id.port)
+                        && self.node.nodeport_addresses.contains(&id.addr))
             })
             .copied()
             .collect();
@@ -552,8 +598,16 @@ impl Syncer {
     }
 }
 
-fn sorted(mut v: Vec<Backend>) -> Vec<Backend> {
-    v.sort();
-    v.dedup();
-    v
+impl Syncer {
+    /// Publishes the health check node port of `key` (or its absence) to the HTTP side.
+    fn set_health_check(&self, key: &ServiceKey, hc: Option<HealthCheck>) {
+        self.health_checks.send_if_modified(|s| match hc {
+            Some(hc) if s.services.get(key) != Some(&hc) => {
+                s.services.insert(key.clone(), hc);
+                true
+            }
+            Some(_) => false,
+            None => s.services.remove(key).is_some(),
+        });
+    }
 }

@@ -13,7 +13,7 @@ use proxy_common::{
     LB4_SERVICES_MAP, Lb4Backend, Lb4Key, Lb4Service, PKT_COUNTERS_MAP,
 };
 
-use super::{Backend, Dataplane, DataplaneError, Frontend, Protocol, map_error, services::Ids};
+use super::{Backends, Dataplane, DataplaneError, Frontend, Protocol, map_error, services::Ids};
 
 /// Which of a flow's two conntrack entries this is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,7 +126,7 @@ impl PinnedMaps {
     }
 
     /// Every frontend and its backends (in slot order).
-    pub fn services(&self) -> Result<Vec<(Frontend, Vec<Backend>)>, DataplaneError> {
+    pub fn services(&self) -> Result<Vec<(Frontend, Backends)>, DataplaneError> {
         let backends: Vec<(u32, Lb4Backend)> = self
             .hash::<u32, Lb4Backend>(LB4_BACKENDS_MAP)?
             .iter()

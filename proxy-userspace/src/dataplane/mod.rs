@@ -32,8 +32,8 @@ use proxy_common::{
     PKT_COUNTERS_MAP,
 };
 
+pub use crate::service::{Backend, Backends, Frontend, FrontendId, FrontendKind, Protocol};
 pub use inspect::{Counters, CtEntry, CtKind, PinnedMaps, sock_addr};
-pub use services::{Backend, Frontend, FrontendKind, Protocol};
 
 /// The eBPF object built by build.rs (aya-build) from `proxy-ebpf`.
 pub static EBPF_OBJECT: &[u8] =
@@ -54,6 +54,9 @@ pub const PASS: &str = "sluice_pass";
 /// Every program in the object; [`Dataplane::load`] loads them all, so the verifier checks
 /// each one at start-up rather than at first attach.
 pub const PROGRAMS: &[&str] = &[FROM_POD, TO_POD, FROM_UPLINK, TO_UPLINK, PASS];
+
+/// Maps of earlier layouts, whose pins an agent removes (the programs no longer use them).
+pub const RETIRED_MAPS: &[&str] = &["LB4_CONFIG", "PKT_COUNTERS"];
 
 /// Every map the agent owns (and pins).
 pub const MAPS: &[&str] = &[
@@ -193,6 +196,20 @@ pub struct DataplaneConfig {
     /// that pods route to the node but that is not the node's own (see `Lb4Config`).
     /// `None`: hairpin does not work.
     pub hairpin_snat: Option<Ipv4Addr>,
+    /// SNAT of traffic from outside to backends on other nodes; `None`: such flows are
+    /// dropped (counted as `drop_no_snat_address`). The agent sets it once the node's address
+    /// is known ([`Dataplane::set_snat`]).
+    pub snat: Option<Snat>,
+}
+
+/// Where traffic from outside to another node's backend is SNATed to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Snat {
+    /// The node's address (its InternalIP).
+    pub addr: Ipv4Addr,
+    /// Source ports to choose from (inclusive), clear of the NodePort range and of the
+    /// node's ephemeral ports.
+    pub ports: (u16, u16),
 }
 
 impl Default for DataplaneConfig {
@@ -204,6 +221,7 @@ impl Default for DataplaneConfig {
             revnat_max: LB4_REVNAT_DEFAULT_MAX,
             conntrack_max: CT4_DEFAULT_MAX,
             hairpin_snat: None,
+            snat: None,
         }
     }
 }
@@ -237,6 +255,16 @@ impl Dataplane {
                     path: dir.clone(),
                     source,
                 })?;
+                for old in RETIRED_MAPS {
+                    let path = dir.join(old);
+                    if path.exists() {
+                        std::fs::remove_file(&path).map_err(|source| DataplaneError::PinPath {
+                            path: path.clone(),
+                            source,
+                        })?;
+                        tracing::info!(map = old, "removed the pin of a map of an earlier layout");
+                    }
+                }
                 MAPS.iter().map(|m| (*m, dir.join(m))).collect()
             }
             None => Vec::new(),
@@ -262,6 +290,11 @@ impl Dataplane {
             config,
             ids: services::Ids::default(),
         };
+        // A restarted agent that does not know the node's address yet (the API server is
+        // down) keeps the SNAT its predecessor set, so traffic to remote endpoints goes on.
+        if dp.config.snat.is_none() {
+            dp.config.snat = dp.pinned_snat()?;
+        }
         dp.write_config()?;
         dp.ids = dp.recover_ids()?;
         Ok(dp)
@@ -274,12 +307,37 @@ impl Dataplane {
     fn write_config(&mut self) -> Result<(), DataplaneError> {
         let map = LB4_CONFIG_MAP;
         let hairpin_snat = self.config.hairpin_snat;
+        let snat = self.config.snat;
         let mut cfg: Array<_, Lb4Config> = self.open_mut(map)?;
         let value = Lb4Config {
             hairpin_snat_be: hairpin_snat.map_or(0, |a| u32::from(a).to_be()),
+            snat_addr_be: snat.map_or(0, |s| u32::from(s.addr).to_be()),
+            snat_port_min: snat.map_or(0, |s| s.ports.0),
+            snat_port_max: snat.map_or(0, |s| s.ports.1),
             _pad: 0,
         };
         cfg.set(0, &value, 0).map_err(map_error(map, "write"))
+    }
+
+    /// The SNAT the config map holds (pinned by an earlier process), if any.
+    fn pinned_snat(&self) -> Result<Option<Snat>, DataplaneError> {
+        let map = LB4_CONFIG_MAP;
+        let cfg: Array<_, Lb4Config> = self.open(map)?;
+        let c = cfg.get(&0, 0).map_err(map_error(map, "read"))?;
+        Ok((c.snat_addr_be != 0).then(|| Snat {
+            addr: Ipv4Addr::from(u32::from_be(c.snat_addr_be)),
+            ports: (c.snat_port_min, c.snat_port_max),
+        }))
+    }
+
+    /// Sets (or clears) the SNAT of traffic from outside to other nodes' backends. Flows
+    /// already SNATed keep their address and port.
+    pub fn set_snat(&mut self, snat: Option<Snat>) -> Result<(), DataplaneError> {
+        if self.config.snat != snat {
+            self.config.snat = snat;
+            self.write_config()?;
+        }
+        Ok(())
     }
 
     /// Opens map `map` as a `T` (HashMap, Array, ...) for reading.

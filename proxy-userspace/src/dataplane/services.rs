@@ -3,137 +3,68 @@
 //! last; removal in the reverse order. Ids are stable: a backend keeps its id while any
 //! frontend uses it, a frontend keeps its reverse-NAT id while it exists, and both are
 //! recovered from the (pinned) maps when a new process loads them.
-use std::{
-    collections::{BTreeMap, HashMap as StdHashMap},
-    net::Ipv4Addr,
-};
+use std::collections::{BTreeMap, HashMap as StdHashMap};
 
 use aya::maps::{HashMap, MapData, MapError};
 use proxy_common::{
-    IPPROTO_TCP, IPPROTO_UDP, LB4_BACKENDS_MAP, LB4_REVNAT_MAP, LB4_SERVICES_MAP, Lb4Backend,
-    Lb4Key, Lb4RevNat, Lb4Service, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL_IP,
+    BACKEND_FLAG_LOCAL, LB4_BACKENDS_MAP, LB4_REVNAT_MAP, LB4_SERVICES_MAP, Lb4Backend, Lb4Key,
+    Lb4RevNat, Lb4Service, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL, SVC_FLAG_EXTERNAL_IP,
     SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT,
 };
 
 use super::{Dataplane, DataplaneError, map_error};
+use crate::service::{Backend, Backends, Frontend, FrontendId, FrontendKind, Protocol};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Protocol {
-    Tcp,
-    Udp,
-}
-
-impl Protocol {
-    pub fn number(self) -> u8 {
-        match self {
-            Self::Tcp => IPPROTO_TCP,
-            Self::Udp => IPPROTO_UDP,
-        }
-    }
-    pub fn from_number(n: u8) -> Option<Self> {
-        match n {
-            IPPROTO_TCP => Some(Self::Tcp),
-            IPPROTO_UDP => Some(Self::Udp),
-            _ => None,
-        }
+fn kind_flags(kind: FrontendKind) -> u16 {
+    match kind {
+        FrontendKind::ClusterIp => SVC_FLAG_CLUSTER_IP,
+        FrontendKind::NodePort => SVC_FLAG_NODE_PORT,
+        FrontendKind::ExternalIp => SVC_FLAG_EXTERNAL_IP,
+        FrontendKind::LoadBalancer => SVC_FLAG_LOAD_BALANCER,
     }
 }
 
-impl std::fmt::Display for Protocol {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Tcp => "TCP",
-            Self::Udp => "UDP",
-        })
+fn kind_from_flags(f: u16) -> FrontendKind {
+    if f & SVC_FLAG_NODE_PORT != 0 {
+        FrontendKind::NodePort
+    } else if f & SVC_FLAG_EXTERNAL_IP != 0 {
+        FrontendKind::ExternalIp
+    } else if f & SVC_FLAG_LOAD_BALANCER != 0 {
+        FrontendKind::LoadBalancer
+    } else {
+        FrontendKind::ClusterIp
     }
 }
 
-/// What kind of address a frontend is; decides where it is reachable from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum FrontendKind {
-    /// Reachable from pods (and the node), not from the uplink.
-    ClusterIp,
-    /// A node address with a nodePort: reachable from pods and from outside.
-    NodePort,
-    ExternalIp,
-    LoadBalancer,
-}
-
-impl FrontendKind {
-    fn flags(self) -> u16 {
-        match self {
-            Self::ClusterIp => SVC_FLAG_CLUSTER_IP,
-            Self::NodePort => SVC_FLAG_NODE_PORT,
-            Self::ExternalIp => SVC_FLAG_EXTERNAL_IP,
-            Self::LoadBalancer => SVC_FLAG_LOAD_BALANCER,
-        }
-    }
-    fn from_flags(f: u16) -> Self {
-        if f & SVC_FLAG_NODE_PORT != 0 {
-            Self::NodePort
-        } else if f & SVC_FLAG_EXTERNAL_IP != 0 {
-            Self::ExternalIp
-        } else if f & SVC_FLAG_LOAD_BALANCER != 0 {
-            Self::LoadBalancer
-        } else {
-            Self::ClusterIp
-        }
+fn key(fe: FrontendId, slot: u16) -> Lb4Key {
+    Lb4Key {
+        addr_be: u32::from(fe.addr).to_be(),
+        port_be: fe.port.to_be(),
+        slot,
+        proto: fe.proto.number(),
+        _pad: [0; 3],
     }
 }
 
-/// A Service frontend: an address, port and protocol that clients connect to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Frontend {
-    pub addr: Ipv4Addr,
-    pub port: u16,
-    pub proto: Protocol,
-    pub kind: FrontendKind,
-}
-
-impl Frontend {
-    fn key(&self, slot: u16) -> Lb4Key {
-        Lb4Key {
-            addr_be: u32::from(self.addr).to_be(),
-            port_be: self.port.to_be(),
-            slot,
-            proto: self.proto.number(),
-            _pad: [0; 3],
-        }
-    }
-    fn id(&self) -> FeId {
-        (self.addr, self.port, self.proto)
-    }
-}
-
-impl std::fmt::Display for Frontend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
-    }
-}
-
-/// A backend: where a frontend's traffic goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Backend {
-    pub addr: Ipv4Addr,
-    pub port: u16,
-}
-
-type FeId = (Ipv4Addr, u16, Protocol);
-type BeId = (Ipv4Addr, u16, Protocol);
+type BeId = (std::net::Ipv4Addr, u16, Protocol);
 
 #[derive(Clone, Debug)]
 struct FeState {
     kind: FrontendKind,
     rev_nat_id: u32,
+    /// Every slot's backend id, in slot order: first the `count` slots for every origin, then
+    /// (with `ext_local`) the slots for traffic from outside.
     backend_ids: Vec<u32>,
+    count: usize,
+    ext_local: bool,
 }
 
 /// The id tables: what is in the maps, from userspace's side.
 #[derive(Default, Debug)]
 pub(super) struct Ids {
-    frontends: BTreeMap<FeId, FeState>,
+    frontends: BTreeMap<FrontendId, FeState>,
     backends: StdHashMap<BeId, (u32, u32)>, // -> (id, references)
-    backend_by_id: StdHashMap<u32, BeId>,
+    backend_by_id: StdHashMap<u32, (BeId, bool)>, // -> (backend, local)
     next_backend: u32,
     next_rev_nat: u32,
     used_rev_nat: std::collections::HashSet<u32>,
@@ -199,18 +130,37 @@ impl Dataplane {
     }
 
     /// Makes `frontend` send new flows to `backends` (duplicates ignored), chosen uniformly at
-    /// random; an empty list makes it reject new connections. Flows already established keep
-    /// their backend (conntrack pins them).
+    /// random, from every origin; an empty list makes it reject new connections. Flows already
+    /// established keep their backend (conntrack pins them).
     pub fn upsert_service(
         &mut self,
         frontend: Frontend,
         backends: &[Backend],
     ) -> Result<(), DataplaneError> {
-        let mut wanted: Vec<Backend> = Vec::with_capacity(backends.len());
-        for b in backends {
-            if !wanted.contains(b) {
-                wanted.push(*b);
+        self.upsert_frontend(frontend, &Backends::all(backends.to_vec()))
+    }
+
+    /// Makes `frontend` send new flows to `backends.all`, and traffic from outside to
+    /// `backends.external` when that is set (externalTrafficPolicy Local).
+    pub fn upsert_frontend(
+        &mut self,
+        frontend: Frontend,
+        backends: &Backends,
+    ) -> Result<(), DataplaneError> {
+        let dedup = |list: &[Backend]| {
+            let mut out: Vec<Backend> = Vec::with_capacity(list.len());
+            for b in list {
+                if !out.iter().any(|o| o.addr == b.addr && o.port == b.port) {
+                    out.push(*b);
+                }
             }
+            out
+        };
+        let mut wanted = dedup(&backends.all);
+        let count = wanted.len();
+        let ext_local = backends.external.is_some();
+        if let Some(ext) = &backends.external {
+            wanted.extend(dedup(ext));
         }
         let max_slots = usize::from(u16::MAX);
         if wanted.len() > max_slots {
@@ -218,7 +168,7 @@ impl Dataplane {
                 map: LB4_SERVICES_MAP,
                 max: u32::from(u16::MAX),
                 what: format!(
-                    "{frontend} with {} backends (at most {max_slots} per frontend)",
+                    "{frontend} with {} backend slots (at most {max_slots} per frontend)",
                     wanted.len()
                 ),
             });
@@ -248,16 +198,16 @@ impl Dataplane {
                         });
                     };
                     self.ids.backends.insert(bid, (id, 1));
-                    self.ids.backend_by_id.insert(id, bid);
                     id
                 }
             };
+            self.ids.backend_by_id.insert(id, (bid, b.local));
             taken.push(id);
             let value = Lb4Backend {
                 addr_be: u32::from(b.addr).to_be(),
                 port_be: b.port.to_be(),
                 proto: frontend.proto.number(),
-                flags: 0,
+                flags: if b.local { BACKEND_FLAG_LOCAL } else { 0 },
             };
             let max = self.config.backends_max;
             if let Err(e) = self.insert(LB4_BACKENDS_MAP, max, id, value, || {
@@ -318,7 +268,7 @@ impl Dataplane {
             result = self.insert(
                 LB4_SERVICES_MAP,
                 max,
-                frontend.key(i as u16 + 1),
+                key(frontend.id(), i as u16 + 1),
                 slot,
                 || format!("backend slot {} of {frontend}", i + 1),
             );
@@ -329,12 +279,13 @@ impl Dataplane {
         if result.is_ok() {
             let fe = Lb4Service {
                 backend_id: 0,
-                count: ids.len() as u16,
-                flags: frontend.kind.flags(),
+                count: count as u16,
+                flags: kind_flags(frontend.kind) | if ext_local { SVC_FLAG_EXT_LOCAL } else { 0 },
                 rev_nat_id,
+                local_count: (ids.len() - count) as u16,
                 _pad: 0,
             };
-            result = self.insert(LB4_SERVICES_MAP, max, frontend.key(0), fe, || {
+            result = self.insert(LB4_SERVICES_MAP, max, key(frontend.id(), 0), fe, || {
                 format!("frontend {frontend}")
             });
         }
@@ -351,14 +302,17 @@ impl Dataplane {
                     let _ = self.insert(
                         LB4_SERVICES_MAP,
                         max,
-                        frontend.key(i as u16 + 1),
+                        key(frontend.id(), i as u16 + 1),
                         slot,
                         String::new,
                     );
                 }
             }
             for slot in keep + 1..=ids.len() {
-                self.remove::<Lb4Key, Lb4Service>(LB4_SERVICES_MAP, &frontend.key(slot as u16))?;
+                self.remove::<Lb4Key, Lb4Service>(
+                    LB4_SERVICES_MAP,
+                    &key(frontend.id(), slot as u16),
+                )?;
             }
             if old.is_none() {
                 self.remove::<u32, Lb4RevNat>(LB4_REVNAT_MAP, &rev_nat_id)?;
@@ -372,7 +326,10 @@ impl Dataplane {
         //    backends' references (removing backends nobody uses any more).
         if let Some(o) = &old {
             for slot in ids.len() + 1..=o.backend_ids.len() {
-                self.remove::<Lb4Key, Lb4Service>(LB4_SERVICES_MAP, &frontend.key(slot as u16))?;
+                self.remove::<Lb4Key, Lb4Service>(
+                    LB4_SERVICES_MAP,
+                    &key(frontend.id(), slot as u16),
+                )?;
             }
             self.release(&o.backend_ids)?;
         }
@@ -382,6 +339,8 @@ impl Dataplane {
                 kind: frontend.kind,
                 rev_nat_id,
                 backend_ids: ids,
+                count,
+                ext_local,
             },
         );
         Ok(())
@@ -395,9 +354,9 @@ impl Dataplane {
         };
         // The id tables forget the frontend only once the maps have: a failure part-way is
         // retried from the start (removing what is already gone is not an error).
-        self.remove::<Lb4Key, Lb4Service>(LB4_SERVICES_MAP, &frontend.key(0))?;
+        self.remove::<Lb4Key, Lb4Service>(LB4_SERVICES_MAP, &key(frontend.id(), 0))?;
         for slot in 1..=old.backend_ids.len() {
-            self.remove::<Lb4Key, Lb4Service>(LB4_SERVICES_MAP, &frontend.key(slot as u16))?;
+            self.remove::<Lb4Key, Lb4Service>(LB4_SERVICES_MAP, &key(frontend.id(), slot as u16))?;
         }
         self.remove::<u32, Lb4RevNat>(LB4_REVNAT_MAP, &old.rev_nat_id)?;
         self.ids.frontends.remove(&frontend.id());
@@ -408,7 +367,7 @@ impl Dataplane {
     /// Drops one reference to each backend id; a backend nobody references is removed.
     fn release(&mut self, ids: &[u32]) -> Result<(), DataplaneError> {
         for id in ids {
-            let Some(bid) = self.ids.backend_by_id.get(id).copied() else {
+            let Some((bid, _)) = self.ids.backend_by_id.get(id).copied() else {
                 continue;
             };
             let gone = match self.ids.backends.get_mut(&bid) {
@@ -428,7 +387,7 @@ impl Dataplane {
     }
 
     /// Every frontend and its backends, as the id tables hold them (which equal the maps).
-    pub fn services(&self) -> Vec<(Frontend, Vec<Backend>)> {
+    pub fn services(&self) -> Vec<(Frontend, Backends)> {
         self.ids.services()
     }
 
@@ -458,31 +417,36 @@ impl Ids {
                 continue;
             };
             let bid = (
-                Ipv4Addr::from(u32::from_be(b.addr_be)),
+                std::net::Ipv4Addr::from(u32::from_be(b.addr_be)),
                 u16::from_be(b.port_be),
                 proto,
             );
             ids.backends.insert(bid, (id, 0));
-            ids.backend_by_id.insert(id, bid);
+            ids.backend_by_id
+                .insert(id, (bid, b.flags & BACKEND_FLAG_LOCAL != 0));
             ids.next_backend = ids.next_backend.max(id);
         }
-        let mut slots: BTreeMap<(FeId, u16), u32> = BTreeMap::new();
+        let mut slots: BTreeMap<(FrontendId, u16), u32> = BTreeMap::new();
         for (k, v) in entries {
             let Some(proto) = Protocol::from_number(k.proto) else {
                 continue;
             };
-            let fe: FeId = (
-                Ipv4Addr::from(u32::from_be(k.addr_be)),
-                u16::from_be(k.port_be),
+            let fe = FrontendId {
+                addr: std::net::Ipv4Addr::from(u32::from_be(k.addr_be)),
+                port: u16::from_be(k.port_be),
                 proto,
-            );
+            };
             if k.slot == 0 {
+                let ext_local = v.flags & SVC_FLAG_EXT_LOCAL != 0;
+                let local = if ext_local { v.local_count } else { 0 };
                 ids.frontends.insert(
                     fe,
                     FeState {
-                        kind: FrontendKind::from_flags(v.flags),
+                        kind: kind_from_flags(v.flags),
                         rev_nat_id: v.rev_nat_id,
-                        backend_ids: vec![0; usize::from(v.count)],
+                        backend_ids: vec![0; usize::from(v.count) + usize::from(local)],
+                        count: usize::from(v.count),
+                        ext_local,
                     },
                 );
                 ids.used_rev_nat.insert(v.rev_nat_id);
@@ -496,7 +460,7 @@ impl Ids {
                 && let Some(s) = st.backend_ids.get_mut(usize::from(slot) - 1)
             {
                 *s = id;
-                if let Some(bid) = ids.backend_by_id.get(&id)
+                if let Some((bid, _)) = ids.backend_by_id.get(&id)
                     && let Some((_, refs)) = ids.backends.get_mut(bid)
                 {
                     *refs += 1;
@@ -507,22 +471,31 @@ impl Ids {
     }
 
     /// Every frontend and its backends, as the id tables hold them (which equal the maps).
-    pub(super) fn services(&self) -> Vec<(Frontend, Vec<Backend>)> {
+    pub(super) fn services(&self) -> Vec<(Frontend, Backends)> {
         self.frontends
             .iter()
-            .map(|((addr, port, proto), st)| {
+            .map(|(id, st)| {
                 let fe = Frontend {
-                    addr: *addr,
-                    port: *port,
-                    proto: *proto,
+                    addr: id.addr,
+                    port: id.port,
+                    proto: id.proto,
                     kind: st.kind,
                 };
-                let bes = st
-                    .backend_ids
-                    .iter()
-                    .filter_map(|id| self.backend_by_id.get(id))
-                    .map(|(a, p, _)| Backend { addr: *a, port: *p })
-                    .collect();
+                let list = |ids: &[u32]| -> Vec<Backend> {
+                    ids.iter()
+                        .filter_map(|id| self.backend_by_id.get(id))
+                        .map(|((a, p, _), local)| Backend {
+                            addr: *a,
+                            port: *p,
+                            local: *local,
+                        })
+                        .collect()
+                };
+                let (all, ext) = st.backend_ids.split_at(st.count.min(st.backend_ids.len()));
+                let bes = Backends {
+                    all: list(all),
+                    external: st.ext_local.then(|| list(ext)),
+                };
                 (fe, bes)
             })
             .collect()

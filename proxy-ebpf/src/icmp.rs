@@ -1,0 +1,151 @@
+//! ICMP errors about translated flows, put back to what the client knows.
+//!
+//! A router on the way to a backend (fragmentation needed), or the backend itself (port
+//! unreachable), reports about the packet it saw: the translated one (client or node ->
+//! backend). The client's kernel matches an error to a socket by the packet it quotes, so the
+//! quote must show what the client sent (client -> frontend), or path-MTU discovery stalls
+//! and a UDP client waits for a reply that never comes instead of getting ECONNREFUSED.
+//!
+//! The quoted tuple, as it stands, is the key of the flow's reverse entry. Rewritten:
+//! - the quoted destination -> the frontend; for SNATed flows the quoted source -> the client,
+//!   and the error's destination (the node) -> the client;
+//! - the error's source, when it is the backend itself, -> the frontend (as for replies).
+//!
+//! Checksums: a quoted address changes with the quoted IP checksum, which leaves the ICMP
+//! checksum's sum over the quoted header unchanged; a quoted port changes the ICMP checksum.
+//! The quoted TCP/UDP checksum is left as it is (no receiver checks it in an error).
+//!
+//! Like replies, errors of flows without SNAT are translated at egress (after routing, the
+//! error's destination is the client), errors of SNATed flows at ingress (their destination
+//! is the node, and must change before the kernel can route them).
+use proxy_common::{
+    CT_FLAG_REDIRECT, CT_FLAG_SNAT, CT_KIND_REVERSE, CTR_DROP_FIB, CTR_DROP_REWRITE,
+    CTR_ICMP_ERROR, CTR_PASS_NO_MATCH, CTR_PASS_REPLY_AT_EGRESS, CTR_REDIRECT, Ct4Entry, Ct4Key,
+};
+
+use aya_ebpf::programs::TcContext;
+
+use crate::{
+    conntrack::lookup,
+    fib::{self, Fib},
+    parse::{IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IPPROTO_ICMP, IcmpError},
+    stats::count,
+};
+
+pub struct RewriteFailed;
+
+/// Rewrites a quoted address at `off` (its IP checksum at `inner_l3_off + 10`).
+#[inline(always)]
+fn inner_addr(
+    ctx: &TcContext,
+    e: &IcmpError,
+    off: u32,
+    old: u32,
+    new: u32,
+) -> Result<(), RewriteFailed> {
+    if old == new {
+        return Ok(());
+    }
+    ctx.l3_csum_replace(
+        (e.inner_l3_off + 10) as usize,
+        u64::from(old),
+        u64::from(new),
+        4,
+    )
+    .map_err(|_| RewriteFailed)?;
+    ctx.store(off as usize, &new, 0).map_err(|_| RewriteFailed)
+}
+
+/// Rewrites a quoted port at `off`, fixing the ICMP checksum.
+#[inline(always)]
+fn inner_port(
+    ctx: &TcContext,
+    e: &IcmpError,
+    off: u32,
+    old: u16,
+    new: u16,
+) -> Result<(), RewriteFailed> {
+    if old == new {
+        return Ok(());
+    }
+    ctx.l4_csum_replace((e.icmp_off + 2) as usize, u64::from(old), u64::from(new), 2)
+        .map_err(|_| RewriteFailed)?;
+    ctx.store(off as usize, &new, 0).map_err(|_| RewriteFailed)
+}
+
+/// Rewrites the error's own address at `off` (ICMP has no pseudo-header: the IP checksum only).
+#[inline(always)]
+fn outer_addr(ctx: &TcContext, off: u32, old: u32, new: u32) -> Result<(), RewriteFailed> {
+    if old == new {
+        return Ok(());
+    }
+    ctx.l3_csum_replace(IP_CSUM_OFF as usize, u64::from(old), u64::from(new), 4)
+        .map_err(|_| RewriteFailed)?;
+    ctx.store(off as usize, &new, 0).map_err(|_| RewriteFailed)
+}
+
+#[inline(always)]
+fn rewrite(ctx: &TcContext, e: &IcmpError, c: &Ct4Entry, snat: bool) -> Result<(), RewriteFailed> {
+    let q = &e.inner;
+    inner_addr(ctx, e, e.inner_l3_off + 16, q.daddr_be, c.nat_addr_be)?;
+    inner_port(ctx, e, e.inner_l4_off + 2, q.dport_be, c.nat_port_be)?;
+    if snat {
+        inner_addr(ctx, e, e.inner_l3_off + 12, q.saddr_be, c.addr_be)?;
+        inner_port(ctx, e, e.inner_l4_off, q.sport_be, c.port_be)?;
+        outer_addr(ctx, IP_DADDR_OFF, e.daddr_be, c.addr_be)?;
+    }
+    if e.saddr_be == q.daddr_be {
+        // From the backend itself: it must look as if from the frontend.
+        outer_addr(ctx, IP_SADDR_OFF, e.saddr_be, c.nat_addr_be)?;
+    }
+    Ok(())
+}
+
+/// Handles an ICMP error at `hook`; returns the verdict and its counter.
+#[inline(always)]
+pub fn error(ctx: &TcContext, e: &IcmpError, now: u64, egress: bool, pass: i32) -> (i32, u32) {
+    let q = &e.inner;
+    let key = Ct4Key {
+        saddr_be: q.saddr_be,
+        daddr_be: q.daddr_be,
+        sport_be: q.sport_be,
+        dport_be: q.dport_be,
+        proto: q.proto,
+        kind: CT_KIND_REVERSE,
+        _pad: [0; 2],
+    };
+    let Some(p) = lookup(&key, now) else {
+        return (pass, CTR_PASS_NO_MATCH);
+    };
+    // SAFETY: a live entry from a successful lookup; copied out.
+    let c: Ct4Entry = unsafe { *p };
+    let snat = c.flags & CT_FLAG_SNAT != 0;
+    if !snat && !egress {
+        return (pass, CTR_PASS_REPLY_AT_EGRESS);
+    }
+    if snat && egress {
+        return (pass, CTR_PASS_NO_MATCH);
+    }
+    // A redirected flow's error goes straight back to the client.
+    let route = if c.flags & CT_FLAG_REDIRECT != 0 {
+        match fib::lookup(ctx, c.nat_addr_be, c.addr_be, IPPROTO_ICMP, 0) {
+            Fib::Route(r) => Some(r),
+            _ => return (crate::programs::DROP, CTR_DROP_FIB),
+        }
+    } else {
+        None
+    };
+    if rewrite(ctx, e, &c, snat).is_err() {
+        return (crate::programs::DROP, CTR_DROP_REWRITE);
+    }
+    if let Some(r) = route {
+        return match fib::redirect(ctx, &r) {
+            Some(v) => {
+                count(CTR_REDIRECT, 0);
+                (v, CTR_ICMP_ERROR)
+            }
+            None => (crate::programs::DROP, CTR_DROP_FIB),
+        };
+    }
+    (pass, CTR_ICMP_ERROR)
+}

@@ -1,0 +1,64 @@
+//! SNAT source ports: the allocator for flows SNATed to the node (and, later, for tuple
+//! clashes), after netfilter's and Cilium's: the reverse entry of the translated tuple is
+//! inserted with BPF_NOEXIST, so a port held by a live flow is never overwritten; a clash
+//! moves on to another port. The first try is a random port of the agent's range, the next
+//! ones follow it, at most [`TRIES`] in all; after that the flow is dropped and counted
+//! (`drop_snat_ports_exhausted`), never given a port that would break another flow.
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
+use proxy_common::{CT_KIND_REVERSE, CTR_SNAT_PORT_TAKEN, Ct4Entry, Ct4Key, Lb4Config};
+
+use crate::{conntrack::lookup, maps::CT4, stats::count};
+
+/// Ports tried per new flow. A clash needs a live flow from the same node address to the same
+/// backend address and port on that very port; with 32 tries and a range of thousands, a
+/// failure means the range is nearly full for that backend.
+const TRIES: u32 = 32;
+
+/// Reserves a source port for a flow from `snat_be` to `daddr_be:dport_be` by inserting its
+/// reverse entry `rev`; returns the port (network order), or `None` if every try clashed.
+#[inline(always)]
+pub fn reserve_port(
+    cfg: &Lb4Config,
+    snat_be: u32,
+    daddr_be: u32,
+    dport_be: u16,
+    proto: u8,
+    rev: &Ct4Entry,
+    now: u64,
+) -> Option<u16> {
+    let min = u32::from(cfg.snat_port_min);
+    let max = u32::from(cfg.snat_port_max);
+    if min == 0 || max < min {
+        return None;
+    }
+    // Non-zero by type: the verifier rejects the panic path a plain `%` would keep.
+    let range = core::num::NonZeroU32::new(max - min + 1)?;
+    // SAFETY: bpf_get_prandom_u32 has no preconditions.
+    let start = unsafe { bpf_get_prandom_u32() } % range;
+    let mut key = Ct4Key {
+        saddr_be: snat_be,
+        daddr_be,
+        sport_be: 0,
+        dport_be,
+        proto,
+        kind: CT_KIND_REVERSE,
+        _pad: [0; 2],
+    };
+    for i in 0..TRIES {
+        let port = (min + (start + i) % range) as u16;
+        key.sport_be = port.to_be();
+        if CT4.insert(&key, rev, u64::from(BPF_NOEXIST)).is_ok() {
+            return Some(key.sport_be);
+        }
+        // Taken. An expired entry (the LRU keeps dead ones until it needs the room) is no
+        // live flow: remove it and take the port, unless another CPU beats us to it.
+        if lookup(&key, now).is_none() {
+            let _ = CT4.remove(&key);
+            if CT4.insert(&key, rev, u64::from(BPF_NOEXIST)).is_ok() {
+                return Some(key.sport_be);
+            }
+        }
+        count(CTR_SNAT_PORT_TAKEN, 0);
+    }
+    None
+}
