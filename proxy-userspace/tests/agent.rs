@@ -205,18 +205,11 @@ impl Env {
     }
 
     fn services_json(&self) -> Vec<serde_json::Value> {
-        let out = self.c.nodes[0]
-            .ns
-            .exec(&[
-                env!("CARGO_BIN_EXE_sluice"),
-                "services",
-                "-o",
-                "json",
-                "--pin-path",
-                &self.pins().display().to_string(),
-            ])
-            .unwrap();
-        serde_json::from_str(&out).unwrap()
+        testbed::agent::services_json(
+            &self.c.nodes[0].ns,
+            Path::new(env!("CARGO_BIN_EXE_sluice")),
+            &self.pins(),
+        )
     }
 
     fn frontends(&self) -> BTreeSet<String> {

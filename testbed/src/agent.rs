@@ -10,6 +10,75 @@ use std::{
 
 use crate::{cmd::CmdError, netns::Netns};
 
+/// The flags every sandbox agent runs with: its node's name, the sandbox's pod devices
+/// (`pv*`), the sandbox's hairpin address and its own pin path, then `extra` (the source:
+/// `--manifests DIR` or `--kubeconfig FILE`, and anything else).
+pub fn sandbox_args(node: &str, pins: &Path, extra: &[&str]) -> Vec<String> {
+    let hairpin = crate::plan::HAIRPIN_SNAT.to_string();
+    let pins = pins.display().to_string();
+    let mut a: Vec<String> = [
+        "--node-name",
+        node,
+        "--pod-interfaces",
+        "pv*",
+        "--hairpin-snat-address",
+        &hairpin,
+        "--pin-path",
+        &pins,
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    a.extend(extra.iter().map(|s| (*s).to_owned()));
+    a
+}
+
+/// `sluice services -o json` of the agent pinned at `pins`, run by `binary` inside `ns`; empty
+/// if it fails (no agent has pinned there yet).
+pub fn services_json(ns: &Netns, binary: &Path, pins: &Path) -> Vec<serde_json::Value> {
+    let (bin, pins) = (binary.display().to_string(), pins.display().to_string());
+    ns.exec(&[&bin, "services", "-o", "json", "--pin-path", &pins])
+        .ok()
+        .and_then(|out| serde_json::from_str(&out).ok())
+        .unwrap_or_default()
+}
+
+/// A directory of manifests (what `sluice agent --manifests` reads), removed on drop. Objects
+/// are written as JSON, which is YAML.
+#[derive(Debug)]
+pub struct ManifestsDir(PathBuf);
+
+impl ManifestsDir {
+    pub fn new() -> std::io::Result<Self> {
+        let dir = std::env::temp_dir().join(crate::netns::unique_name("manifests"));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self(dir))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Writes `objects` as file `name` (one document each), replacing it.
+    pub fn write(&self, name: &str, objects: &[serde_json::Value]) -> std::io::Result<()> {
+        let text: Vec<String> = objects.iter().map(|o| o.to_string()).collect();
+        // Write then rename, so the agent never reads half a file.
+        let tmp = self.0.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text.join("\n---\n"))?;
+        std::fs::rename(&tmp, self.0.join(name))
+    }
+
+    pub fn remove(&self, name: &str) -> std::io::Result<()> {
+        std::fs::remove_file(self.0.join(name))
+    }
+}
+
+impl Drop for ManifestsDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// The agent's endpoints inside its namespace (kube-proxy's ports).
 pub const METRICS: &str = "http://127.0.0.1:10249/metrics";
 pub const HEALTHZ: &str = "http://127.0.0.1:10256/healthz";
@@ -64,7 +133,9 @@ impl AgentProcess {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    fn get(&self, url: &str) -> Option<(u16, String)> {
+    /// GET `url` from inside the agent's namespace: the status code and body, or None if
+    /// nothing answers.
+    pub fn get(&self, url: &str) -> Option<(u16, String)> {
         let out = crate::cmd::command(&[
             "ip",
             "netns",

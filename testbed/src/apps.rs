@@ -29,6 +29,19 @@ class H(http.server.BaseHTTPRequestHandler):
         self.send_header("X-Client", "%s:%d" % self.client_address)
         self.end_headers()
         self.wfile.write(body)
+    def do_POST(self):
+        # An upload: reads it whole and answers `<name> <bytes received>`.
+        n, left = 0, int(self.headers.get("Content-Length", "0"))
+        while left > 0:
+            chunk = self.rfile.read(min(left, 65536))
+            if not chunk:
+                break
+            n, left = n + len(chunk), left - len(chunk)
+        body = ("%s %d\n" % (name, n)).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
     def log_message(self, *a):
         pass
 class S(http.server.ThreadingHTTPServer):
@@ -126,7 +139,9 @@ impl Drop for Server {
     }
 }
 
-/// python3's http.server on `0.0.0.0:port`, answering every GET with `<name>\n`.
+/// python3's http.server on `0.0.0.0:port`, answering every GET with `<name>\n` (and a header
+/// `X-Client` naming the address it saw the request come from), and every POST with
+/// `<name> <bytes received>\n`.
 #[derive(Debug)]
 pub struct HttpServer(pub Server);
 
@@ -155,6 +170,8 @@ pub struct HttpReply {
     pub body: String,
     /// The address and port curl was connected to, as the client's socket saw it.
     pub peer: SocketAddrV4,
+    /// The client's address and port as the server saw them (its `X-Client` header).
+    pub client: Option<SocketAddrV4>,
 }
 
 /// One `GET http://addr:port/` with curl from inside `ns`, within `timeout`.
@@ -175,7 +192,7 @@ pub fn curl(
             "--max-time",
             &max,
             "-w",
-            "\n%{remote_ip} %{remote_port}",
+            "\n%{remote_ip} %{remote_port} %header{x-client}",
             &url,
         ],
         timeout + Duration::from_secs(2),
@@ -191,6 +208,95 @@ pub fn curl(
     Ok(HttpReply {
         body: body.trim().to_owned(),
         peer,
+        client: it.next().and_then(|s| s.parse().ok()),
+    })
+}
+
+/// An HTTP POST of `bytes` bytes to `addr:port` with curl from inside `ns`, within `timeout`;
+/// returns the body (`<pod name> <bytes the server received>`). Large uploads need path-MTU
+/// discovery to work end to end.
+pub fn http_upload(
+    ns: &Netns,
+    addr: Ipv4Addr,
+    port: u16,
+    bytes: usize,
+    timeout: Duration,
+) -> Result<String, CmdError> {
+    let url = format!("http://{addr}:{port}/");
+    let max = format!("{:.1}", timeout.as_secs_f64());
+    let data = "x".repeat(bytes);
+    let out = ns.exec_with_input(
+        &[
+            "curl",
+            "-sS",
+            "--noproxy",
+            "*",
+            "--max-time",
+            &max,
+            "-H",
+            "Expect:",
+            "--data-binary",
+            "@-",
+            &url,
+        ],
+        &data,
+        timeout + Duration::from_secs(2),
+    )?;
+    Ok(out.trim().to_owned())
+}
+
+const UDP_CONNECTED_PY: &str = r#"
+import socket, sys
+addr, port, payload, timeout = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(timeout)
+s.connect((addr, port))
+try:
+    s.send(payload.encode())
+    data = s.recv(65535)
+    print("OK %s:%d %s" % (s.getpeername() + (data.decode(),)))
+except ConnectionRefusedError:
+    print("REFUSED")
+except socket.timeout:
+    print("TIMEOUT")
+"#;
+
+/// What a connected UDP client got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UdpOutcome {
+    /// A reply: the socket's peer and the data.
+    Reply { peer: SocketAddrV4, data: String },
+    /// ECONNREFUSED: an ICMP port unreachable matched the socket.
+    Refused,
+    /// Nothing within the timeout.
+    Timeout,
+}
+
+/// Sends `payload` over a UDP socket *connected* to `addr:port` from inside `ns` and waits
+/// `timeout`: a connected socket learns of an ICMP port unreachable (ECONNREFUSED) only when
+/// the error quotes the packet it sent, to the address it connected to.
+pub fn udp_connected(
+    ns: &Netns,
+    addr: Ipv4Addr,
+    port: u16,
+    payload: &str,
+    timeout: Duration,
+) -> Result<UdpOutcome, CmdError> {
+    let out = udp_client(ns, UDP_CONNECTED_PY, addr, port, payload, timeout)?;
+    let line = out.trim();
+    Ok(match line {
+        "REFUSED" => UdpOutcome::Refused,
+        "TIMEOUT" => UdpOutcome::Timeout,
+        _ => {
+            let rest = line.strip_prefix("OK ").unwrap_or(line);
+            let (peer, data) = rest.split_once(' ').unwrap_or((rest, ""));
+            UdpOutcome::Reply {
+                peer: peer
+                    .parse()
+                    .unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)),
+                data: data.to_owned(),
+            }
+        }
     })
 }
 
@@ -203,6 +309,29 @@ pub struct UdpReply {
     pub data: String,
 }
 
+/// Runs the python UDP client `script` (argv: address, port, payload, timeout) inside `ns`.
+fn udp_client(
+    ns: &Netns,
+    script: &str,
+    addr: Ipv4Addr,
+    port: u16,
+    payload: &str,
+    timeout: Duration,
+) -> Result<String, CmdError> {
+    ns.exec_timeout(
+        &[
+            "python3",
+            "-c",
+            script,
+            &addr.to_string(),
+            &port.to_string(),
+            payload,
+            &format!("{:.1}", timeout.as_secs_f64()),
+        ],
+        timeout + Duration::from_secs(5),
+    )
+}
+
 /// Sends `payload` to `addr:port` over UDP from inside `ns` and waits `timeout` for a reply.
 pub fn udp_request(
     ns: &Netns,
@@ -211,18 +340,7 @@ pub fn udp_request(
     payload: &str,
     timeout: Duration,
 ) -> Result<UdpReply, CmdError> {
-    let out = ns.exec_timeout(
-        &[
-            "python3",
-            "-c",
-            UDP_CLIENT_PY,
-            &addr.to_string(),
-            &port.to_string(),
-            payload,
-            &format!("{:.1}", timeout.as_secs_f64()),
-        ],
-        timeout + Duration::from_secs(5),
-    )?;
+    let out = udp_client(ns, UDP_CLIENT_PY, addr, port, payload, timeout)?;
     let mut lines = out.lines();
     let from = lines
         .next()

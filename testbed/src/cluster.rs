@@ -4,10 +4,16 @@
 //!   pod ns (eth0) ==veth== (pvI) node ns (eth0) ==veth== (nK) fabric ns: bridge br0 (198.18.0.1)
 //!                                                          (oJ) ==veth== (eth0) outside ns
 //! ```
-//! Pods have a /32 and a default route via the node (198.19.k.1, held by every pod veth's node
-//! side, as Calico does); the node routes each pod's /32 to its veth and other nodes' pod
-//! CIDRs via their uplinks. Forwarding is on and rp_filter off in nodes; TX checksum offload is
-//! off on both ends of every veth, so a wrong checksum is never hidden by the NIC model.
+//! Each node's pods are wired in one of two shapes ([`PodNetwork`]):
+//! - routed (Calico's): pods have a /32 and a default route via the node (198.19.k.1, held by
+//!   every pod veth's node side); the node routes each pod's /32 to its veth;
+//! - bridged (flannel's `cni0`): the pod veths' node sides are ports of a Linux bridge `cni0`
+//!   holding 198.19.k.1/24; pods have a /24, so same-node pod-to-pod traffic is bridged, not
+//!   routed.
+//!
+//! Nodes route other nodes' pod CIDRs via their uplinks (a host-gw CNI). Forwarding is on and
+//! rp_filter off in nodes; TX checksum offload is off on both ends of every veth (and on the
+//! bridge), so a wrong checksum is never hidden by the NIC model.
 use std::net::Ipv4Addr;
 
 use crate::{
@@ -28,6 +34,18 @@ pub struct Pod {
     pub node: u8,
 }
 
+/// How a node's pods are wired.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodNetwork {
+    /// Calico's shape: one routed veth per pod, a /32 route each.
+    Routed,
+    /// flannel's shape: pod veths on a Linux bridge `cni0`; same-node traffic is bridged.
+    Bridge,
+}
+
+/// The bridge of [`PodNetwork::Bridge`] nodes.
+pub const POD_BRIDGE: &str = "cni0";
+
 /// A node: a namespace with an uplink (`eth0`) to the fabric and one veth per pod.
 #[derive(Debug)]
 pub struct Node {
@@ -36,6 +54,7 @@ pub struct Node {
     pub addr: Ipv4Addr,
     /// The uplink's name inside the node namespace.
     pub uplink: String,
+    pub pod_network: PodNetwork,
     pub pods: Vec<Pod>,
 }
 
@@ -61,9 +80,14 @@ fn tx_off(ns: &Netns, dev: &str) -> Result<(), CmdError> {
 }
 
 impl Cluster {
-    /// A fabric and `nodes` nodes without pods.
+    /// A fabric and `nodes` routed nodes without pods.
     pub fn new(nodes: u8) -> Result<Self, CmdError> {
-        assert!(nodes <= plan::MAX_NODES);
+        Self::with(&vec![PodNetwork::Routed; usize::from(nodes)])
+    }
+
+    /// A fabric and one node per entry of `nodes`, its pods wired that way.
+    pub fn with(nodes: &[PodNetwork]) -> Result<Self, CmdError> {
+        assert!(nodes.len() <= usize::from(plan::MAX_NODES));
         let fabric = Netns::new("fabric")?;
         fabric.ip(&["link", "add", "br0", "type", "bridge"])?;
         fabric.ip(&[
@@ -79,8 +103,8 @@ impl Cluster {
             outside: Vec::new(),
             fabric,
         };
-        for k in 0..nodes {
-            cluster.add_node(k)?;
+        for (k, net) in nodes.iter().enumerate() {
+            cluster.add_node(k as u8, *net)?;
         }
         // Every node reaches every other node's pods through that node's uplink.
         for node in &cluster.nodes {
@@ -135,7 +159,7 @@ impl Cluster {
         Ok(())
     }
 
-    fn add_node(&mut self, k: u8) -> Result<(), CmdError> {
+    fn add_node(&mut self, k: u8, pod_network: PodNetwork) -> Result<(), CmdError> {
         let ns = Netns::new(&format!("node{k}"))?;
         let addr = plan::node_addr(k);
         self.join_fabric(&ns, &format!("n{k}"), addr)?;
@@ -144,13 +168,47 @@ impl Cluster {
         // drop such packets (toolchain.md).
         ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
         ns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+        if pod_network == PodNetwork::Bridge {
+            ns.ip(&["link", "add", POD_BRIDGE, "type", "bridge"])?;
+            let gw = format!("{}/{}", plan::pod_gateway(k), plan::pod_cidr(k).1);
+            ns.ip(&["addr", "add", &gw, "dev", POD_BRIDGE])?;
+            ns.ip(&["link", "set", POD_BRIDGE, "up"])?;
+            tx_off(&ns, POD_BRIDGE)?;
+        }
         self.nodes.push(Node {
             ns,
             index: k,
             addr,
             uplink: "eth0".into(),
+            pod_network,
             pods: Vec::new(),
         });
+        Ok(())
+    }
+
+    /// Lowers the MTU of node `node`'s link to the fabric (both ends) to `mtu`, and tells the
+    /// other nodes, as a CNI whose path to that node is narrower would (a locked route MTU:
+    /// unlocked, the FIB lookup that forwarding programs use ignores it and takes the device's,
+    /// while the kernel's own forwarding honours it), so that they answer oversized packets
+    /// with ICMP fragmentation needed instead of losing them in the fabric's bridge.
+    pub fn narrow_link(&self, node: u8, mtu: u16) -> Result<(), CmdError> {
+        let mtu_s = mtu.to_string();
+        let n = &self.nodes[usize::from(node)];
+        n.ns.ip(&["link", "set", "eth0", "mtu", &mtu_s])?;
+        self.fabric
+            .ip(&["link", "set", &format!("n{node}"), "mtu", &mtu_s])?;
+        for other in self.nodes.iter().filter(|o| o.index != node) {
+            other.ns.ip(&[
+                "route",
+                "replace",
+                &cidr(plan::pod_cidr(node)),
+                "via",
+                &n.addr.to_string(),
+                "mtu",
+                "lock",
+                &mtu_s,
+            ])?;
+        }
         Ok(())
     }
 
@@ -162,6 +220,7 @@ impl Cluster {
         let gw = plan::pod_gateway(node);
         let ns = Netns::new(&format!("pod{node}-{i}"))?;
         let host_veth = format!("pv{i}");
+        let bridged = n.pod_network == PodNetwork::Bridge;
         n.ns.ip(&[
             "link",
             "add",
@@ -174,32 +233,41 @@ impl Cluster {
             "netns",
             ns.name(),
         ])?;
-        // Every pod veth's node side holds the pods' gateway address, so pods ARP for it there.
-        n.ns.ip(&["addr", "add", &format!("{gw}/32"), "dev", &host_veth])?;
-        n.ns.ip(&["link", "set", &host_veth, "up"])?;
-        n.ns.sysctl(&format!("net.ipv4.conf.{host_veth}.rp_filter"), "0")?;
+        if bridged {
+            // A port of the bridge, which holds the gateway; the pod's /24 is on-link.
+            n.ns.ip(&["link", "set", &host_veth, "master", POD_BRIDGE, "up"])?;
+        } else {
+            // Every pod veth's node side holds the pods' gateway address, so pods ARP for it
+            // there, and the node routes the pod's /32 to it.
+            n.ns.ip(&["addr", "add", &format!("{gw}/32"), "dev", &host_veth])?;
+            n.ns.ip(&["link", "set", &host_veth, "up"])?;
+            n.ns.sysctl(&format!("net.ipv4.conf.{host_veth}.rp_filter"), "0")?;
+            n.ns.ip(&[
+                "route",
+                "add",
+                &format!("{addr}/32"),
+                "dev",
+                &host_veth,
+                "scope",
+                "link",
+            ])?;
+        }
         tx_off(&n.ns, &host_veth)?;
-        n.ns.ip(&[
-            "route",
-            "add",
-            &format!("{addr}/32"),
-            "dev",
-            &host_veth,
-            "scope",
-            "link",
-        ])?;
-        ns.ip(&["addr", "add", &format!("{addr}/32"), "dev", "eth0"])?;
+        let prefix = if bridged { plan::pod_cidr(node).1 } else { 32 };
+        ns.ip(&["addr", "add", &format!("{addr}/{prefix}"), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         tx_off(&ns, "eth0")?;
-        ns.ip(&[
-            "route",
-            "add",
-            &gw.to_string(),
-            "dev",
-            "eth0",
-            "scope",
-            "link",
-        ])?;
+        if !bridged {
+            ns.ip(&[
+                "route",
+                "add",
+                &gw.to_string(),
+                "dev",
+                "eth0",
+                "scope",
+                "link",
+            ])?;
+        }
         ns.ip(&[
             "route",
             "add",

@@ -34,10 +34,11 @@ pub mod tools;
 
 pub use apiserver::ApiServer;
 pub use apps::{
-    Attempt, HttpServer, KeepAlive, Sniffer, UdpEcho, curl, http_many, send_frame, udp_request,
+    Attempt, HttpServer, KeepAlive, Sniffer, UdpEcho, UdpOutcome, curl, http_many, http_upload,
+    send_frame, udp_connected, udp_request,
 };
 pub use bpffs::BpfFs;
-pub use cluster::{Cluster, Node, Outside, Pod};
+pub use cluster::{Cluster, Node, Outside, Pod, PodNetwork};
 pub use cmd::{CmdError, run};
 pub use netns::Netns;
 pub use privilege::{Privilege, privileged};

@@ -1,0 +1,633 @@
+//! A cluster, not one node: three sandbox nodes (two routed, one with its pods on a Linux
+//! bridge, flannel's `cni0`), pods on each, a client outside, and one real `sluice agent` per
+//! node with its own pin path, all reading the same manifests (Services, EndpointSlices with
+//! each endpoint's `nodeName`, Nodes), as DaemonSet pods read the same API server.
+//!
+//! Every test asserts what the client and the backend each see: the answer, the address the
+//! client's socket is connected to, and the client address the backend saw (its `X-Client`).
+use std::{net::Ipv4Addr, path::Path, time::Duration};
+
+use serde_json::{Value, json};
+use testbed::{
+    BpfFs, Cluster, HttpServer, PodNetwork, UdpEcho, UdpOutcome,
+    agent::{AgentProcess, ManifestsDir, eventually, sandbox_args, services_json},
+    curl, http_upload, plan, require_privileged, udp_connected,
+};
+
+const T: Duration = Duration::from_secs(3);
+const WAIT: Duration = Duration::from_secs(20);
+const NODES: usize = 3;
+/// The node whose pods hang off a bridge.
+const BRIDGE_NODE: usize = 2;
+const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 128, 30);
+const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 192, 30);
+const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 192, 31);
+const NODE_PORT: u16 = 30090;
+const UDP_NODE_PORT: u16 = 30091;
+const HC_NODE_PORT: u16 = 32100;
+/// UDP: an echo on 5353; nothing listens on 5354.
+const UDP_ECHO: u16 = 5353;
+const UDP_CLOSED: u16 = 5354;
+
+fn node_name(k: usize) -> String {
+    format!("node{k}")
+}
+
+/// The Node objects of the sandbox's nodes, as their kubelets register them.
+fn node_objects(c: &Cluster) -> Vec<Value> {
+    c.nodes
+        .iter()
+        .map(|n| {
+            json!({"apiVersion": "v1", "kind": "Node",
+                   "metadata": {"name": node_name(usize::from(n.index))},
+                   "status": {"addresses": [{"type": "InternalIP", "address": n.addr.to_string()}]}})
+        })
+        .collect()
+}
+
+/// One endpoint as the EndpointSlice controller writes it.
+fn endpoint(addr: Ipv4Addr, node: usize, ready: bool, terminating: bool) -> Value {
+    json!({"addresses": [addr.to_string()], "nodeName": node_name(node),
+           "conditions": {"ready": ready, "serving": ready || terminating, "terminating": terminating}})
+}
+
+struct Env {
+    // Field order is drop order: agents first, namespaces last.
+    agents: Vec<AgentProcess>,
+    _http: Vec<HttpServer>,
+    _udp: Vec<UdpEcho>,
+    bpffs: Vec<BpfFs>,
+    manifests: ManifestsDir,
+    c: Cluster,
+}
+
+impl Env {
+    /// The cluster with pods `web-K` (HTTP on 8080, UDP echo on 5353) and `client-K` on every
+    /// node K, one outside client, the Node objects, and an agent per node (`extra` flags for
+    /// each), healthy.
+    fn new(extra: &[&str]) -> Self {
+        let mut c =
+            Cluster::with(&[PodNetwork::Routed, PodNetwork::Routed, PodNetwork::Bridge]).unwrap();
+        for k in 0..NODES {
+            c.add_pod(k as u8, &format!("web-{k}")).unwrap();
+            c.add_pod(k as u8, &format!("client-{k}")).unwrap();
+        }
+        c.add_outside().unwrap();
+        let http = (0..NODES)
+            .map(|k| {
+                let name = format!("web-{k}");
+                HttpServer::start(&c.pod(&name).ns, &name, 8080).unwrap()
+            })
+            .collect();
+        let udp = (0..NODES)
+            .map(|k| {
+                let name = format!("web-{k}");
+                UdpEcho::start(&c.pod(&name).ns, &name, UDP_ECHO).unwrap()
+            })
+            .collect();
+        let manifests = ManifestsDir::new().unwrap();
+        manifests.write("nodes.yaml", &node_objects(&c)).unwrap();
+        let mut env = Self {
+            agents: Vec::new(),
+            _http: http,
+            _udp: udp,
+            bpffs: Vec::new(),
+            manifests,
+            c,
+        };
+        for k in 0..NODES {
+            env.start_agent(k, extra);
+        }
+        env
+    }
+
+    fn start_agent(&mut self, k: usize, extra: &[&str]) {
+        let bpffs = BpfFs::new().unwrap();
+        let pins = bpffs.path().join("sluice");
+        let dir = self.manifests.path().display().to_string();
+        let mut flags = vec!["--manifests", dir.as_str()];
+        flags.extend_from_slice(extra);
+        let args = sandbox_args(&node_name(k), &pins, &flags);
+        let log = bpffs.path().with_extension("log");
+        let bin = Path::new(env!("CARGO_BIN_EXE_sluice"));
+        let mut agent = AgentProcess::start(&self.c.nodes[k].ns, bin, &args, &log).unwrap();
+        agent.wait_healthy(WAIT);
+        self.agents.push(agent);
+        self.bpffs.push(bpffs);
+    }
+
+    fn logs(&self) -> String {
+        self.agents
+            .iter()
+            .enumerate()
+            .map(|(k, a)| format!("--- agent on node{k}:\n{}", a.log()))
+            .collect()
+    }
+
+    fn addr(&self, pod: &str) -> Ipv4Addr {
+        self.c.pod(pod).addr
+    }
+
+    fn node_addr(&self, k: usize) -> Ipv4Addr {
+        self.c.nodes[k].addr
+    }
+
+    /// Writes Service `web` (TCP 80 -> 8080 and UDP 53 -> 5353/5354, with nodePorts) of
+    /// `kind` and `policy`, with `endpoints` (built by [`endpoint`]).
+    fn web(&self, kind: &str, policy: &str, endpoints: Vec<Value>) {
+        let svc = json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {
+                "type": kind, "externalTrafficPolicy": policy,
+                "clusterIP": CLUSTER_IP.to_string(), "clusterIPs": [CLUSTER_IP.to_string()],
+                "externalIPs": [EXTERNAL_IP.to_string()],
+                "healthCheckNodePort": if kind == "LoadBalancer" && policy == "Local" { json!(HC_NODE_PORT) } else { Value::Null },
+                "ports": [
+                    {"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP", "nodePort": NODE_PORT},
+                    {"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP", "nodePort": UDP_NODE_PORT},
+                    {"name": "closed", "port": 54, "targetPort": 5354, "protocol": "UDP"},
+                ],
+            },
+            "status": if kind == "LoadBalancer" {
+                json!({"loadBalancer": {"ingress": [{"ip": LB_IP.to_string()}]}})
+            } else { json!({}) },
+        });
+        let slice = json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "web-abc12", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"},
+                      {"name": "dns", "port": UDP_ECHO, "protocol": "UDP"},
+                      {"name": "closed", "port": UDP_CLOSED, "protocol": "UDP"}],
+            "endpoints": endpoints,
+        });
+        self.manifests.write("web.yaml", &[svc, slice]).unwrap();
+    }
+
+    /// The endpoint of pod `web-K`, ready.
+    fn web_ep(&self, k: usize) -> Value {
+        endpoint(self.addr(&format!("web-{k}")), k, true, false)
+    }
+
+    /// Waits until every agent has frontend `addr:port` with `n` backends for traffic from
+    /// its pods (a Service written to the manifests reaches every node).
+    fn wait_programmed(&self, addr: Ipv4Addr, port: u16, n: usize) {
+        let ok = eventually(WAIT, || {
+            (0..NODES).all(|k| {
+                self.services(k).iter().any(|f| {
+                    f["address"] == addr.to_string()
+                        && f["port"] == port
+                        && f["backends"].as_array().map(Vec::len) == Some(n)
+                })
+            })
+        });
+        assert!(
+            ok,
+            "{addr}:{port} was not programmed with {n} backends on every node\n{}",
+            self.logs()
+        );
+    }
+
+    fn services(&self, k: usize) -> Vec<Value> {
+        let pins = self.bpffs[k].path().join("sluice");
+        services_json(
+            &self.c.nodes[k].ns,
+            Path::new(env!("CARGO_BIN_EXE_sluice")),
+            &pins,
+        )
+    }
+
+    fn counter(&self, k: usize, name: &str) -> f64 {
+        self.agents[k]
+            .metric(&format!(
+                "sluice_datapath_packets_total{{verdict=\"{name}\"}}"
+            ))
+            .unwrap_or(0.0)
+    }
+
+    /// Every datapath counter of node `k`'s agent that is not zero, for failure messages.
+    fn counters(&self, k: usize) -> String {
+        self.agents[k]
+            .metrics()
+            .lines()
+            .filter(|l| l.starts_with("sluice_datapath_packets_total") && !l.ends_with(" 0"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn outside(&self) -> &testbed::Netns {
+        &self.c.outside[0].ns
+    }
+}
+
+#[test]
+fn a_pod_reaches_a_cluster_ip_backend_on_another_node_over_tcp_and_udp() {
+    require_privileged!("a_pod_reaches_a_cluster_ip_backend_on_another_node_over_tcp_and_udp");
+    let env = Env::new(&[]);
+    env.web("ClusterIP", "Cluster", vec![env.web_ep(1)]);
+    env.wait_programmed(CLUSTER_IP, 80, 1);
+    for client in ["client-0", "client-2"] {
+        let ns = &env.c.pod(client).ns;
+        let r =
+            curl(ns, CLUSTER_IP, 80, T).unwrap_or_else(|e| panic!("{client}: {e}\n{}", env.logs()));
+        assert_eq!(r.body, "web-1", "{client}");
+        assert_eq!(
+            r.peer.ip(),
+            &CLUSTER_IP,
+            "{client}'s socket shows the ClusterIP"
+        );
+        assert_eq!(
+            r.client.map(|c| *c.ip()),
+            Some(env.addr(client)),
+            "the backend sees the pod's own address across nodes"
+        );
+        let u = testbed::udp_request(ns, CLUSTER_IP, 53, "hi", T).unwrap();
+        assert_eq!(u.data, "web-1 hi");
+        assert_eq!(
+            u.from,
+            std::net::SocketAddrV4::new(CLUSTER_IP, 53),
+            "the reply comes from the Service address"
+        );
+    }
+}
+
+#[test]
+fn node_port_from_outside_to_a_remote_backend_is_snated_to_the_ingress_node() {
+    require_privileged!("node_port_from_outside_to_a_remote_backend_is_snated_to_the_ingress_node");
+    let env = Env::new(&[]);
+    env.web("NodePort", "Cluster", vec![env.web_ep(1)]);
+    env.wait_programmed(CLUSTER_IP, 80, 1);
+    for ingress in [0, BRIDGE_NODE] {
+        let node = env.node_addr(ingress);
+        for _ in 0..5 {
+            let r = curl(env.outside(), node, NODE_PORT, T)
+                .unwrap_or_else(|e| panic!("NodePort of node{ingress}: {e}\n{}", env.logs()));
+            assert_eq!(r.body, "web-1");
+            assert_eq!(
+                r.peer.ip(),
+                &node,
+                "the client talks to the node it dialled"
+            );
+            let seen = r.client.expect("the backend says who called");
+            assert_eq!(
+                seen.ip(),
+                &node,
+                "the remote backend sees the ingress node's address (SNAT)"
+            );
+        }
+        assert!(
+            env.counter(ingress, "new_flow_snat") >= 5.0,
+            "{}",
+            env.logs()
+        );
+        assert!(env.counter(ingress, "redirect") > 0.0);
+    }
+    // The same for externalIPs, and UDP.
+    env.c.route_outside_via(0, (EXTERNAL_IP, 32), 0).unwrap();
+    let r = curl(env.outside(), EXTERNAL_IP, 80, T).unwrap();
+    assert_eq!(
+        (r.body.as_str(), r.client.map(|c| *c.ip())),
+        ("web-1", Some(env.node_addr(0)))
+    );
+    let u = testbed::udp_request(env.outside(), env.node_addr(0), UDP_NODE_PORT, "x", T).unwrap();
+    assert_eq!(u.data, "web-1 x");
+    assert_eq!(
+        u.from,
+        std::net::SocketAddrV4::new(env.node_addr(0), UDP_NODE_PORT)
+    );
+}
+
+// Departure from kube-proxy (ARCHITECTURE.md): kube-proxy masquerades all external traffic
+// of an externalTrafficPolicy Cluster Service, also to a backend on the ingress node; sluice,
+// like Cilium, SNATs only where the replies would otherwise miss the node.
+#[test]
+fn node_port_from_outside_to_a_local_backend_keeps_the_client_address() {
+    require_privileged!("node_port_from_outside_to_a_local_backend_keeps_the_client_address");
+    let env = Env::new(&[]);
+    env.web("NodePort", "Cluster", vec![env.web_ep(0)]);
+    env.wait_programmed(CLUSTER_IP, 80, 1);
+    let r = curl(env.outside(), env.node_addr(0), NODE_PORT, T).unwrap();
+    assert_eq!(r.body, "web-0");
+    assert_eq!(r.client.map(|c| *c.ip()), Some(env.c.outside[0].addr));
+}
+
+#[test]
+fn external_traffic_policy_local_serves_outside_traffic_from_local_endpoints_only() {
+    require_privileged!(
+        "external_traffic_policy_local_serves_outside_traffic_from_local_endpoints_only"
+    );
+    let env = Env::new(&[]);
+    env.web("LoadBalancer", "Local", vec![env.web_ep(0), env.web_ep(1)]);
+    env.wait_programmed(CLUSTER_IP, 80, 2);
+    // Outside to node0's NodePort: web-0 only, and it sees the client's own address.
+    for _ in 0..10 {
+        let r = curl(env.outside(), env.node_addr(0), NODE_PORT, T).unwrap();
+        assert_eq!(r.body, "web-0");
+        assert_eq!(
+            r.client.map(|c| *c.ip()),
+            Some(env.c.outside[0].addr),
+            "no SNAT under Local"
+        );
+    }
+    // node2 has no local endpoint: outside traffic to it is dropped, as kube-proxy drops it.
+    let dropped = curl(
+        env.outside(),
+        env.node_addr(2),
+        NODE_PORT,
+        Duration::from_secs(2),
+    );
+    assert!(dropped.is_err(), "node2 answered {dropped:?}");
+    assert!(
+        env.counter(2, "drop_no_local_backend") >= 1.0,
+        "{}",
+        env.logs()
+    );
+    // In-cluster clients are never black-holed: a pod on node2 reaches node2's own NodePort,
+    // the LoadBalancer IP and the externalIP, through every endpoint (kube-proxy's
+    // short-circuit of pod traffic to external destinations).
+    let pod = &env.c.pod("client-2").ns;
+    for (addr, port) in [
+        (env.node_addr(2), NODE_PORT),
+        (LB_IP, 80),
+        (EXTERNAL_IP, 80),
+    ] {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..16 {
+            seen.insert(
+                curl(pod, addr, port, T)
+                    .unwrap_or_else(|e| panic!("{addr}:{port}: {e}"))
+                    .body,
+            );
+        }
+        assert_eq!(
+            seen,
+            ["web-0".to_owned(), "web-1".to_owned()].into(),
+            "{addr}:{port}"
+        );
+    }
+}
+
+#[test]
+fn a_terminating_local_endpoint_serves_outside_traffic_while_no_local_one_is_ready() {
+    require_privileged!(
+        "a_terminating_local_endpoint_serves_outside_traffic_while_no_local_one_is_ready"
+    );
+    let env = Env::new(&[]);
+    let web0 = env.addr("web-0");
+    env.web(
+        "NodePort",
+        "Local",
+        vec![endpoint(web0, 0, false, true), env.web_ep(1)],
+    );
+    env.wait_programmed(CLUSTER_IP, 80, 1);
+    let r = curl(env.outside(), env.node_addr(0), NODE_PORT, T).unwrap();
+    assert_eq!(
+        r.body, "web-0",
+        "KEP-1669: the serving, terminating local endpoint"
+    );
+    // Not serving any more: nothing local is left, and outside traffic is dropped.
+    env.web(
+        "NodePort",
+        "Local",
+        vec![endpoint(web0, 0, false, false), env.web_ep(1)],
+    );
+    let ok = eventually(WAIT, || {
+        curl(
+            env.outside(),
+            env.node_addr(0),
+            NODE_PORT,
+            Duration::from_secs(1),
+        )
+        .is_err()
+    });
+    assert!(ok, "node0 kept answering from outside\n{}", env.logs());
+}
+
+#[test]
+fn the_health_check_node_port_answers_as_kube_proxy_does() {
+    require_privileged!("the_health_check_node_port_answers_as_kube_proxy_does");
+    let env = Env::new(&[]);
+    env.web("LoadBalancer", "Local", vec![env.web_ep(0), env.web_ep(1)]);
+    env.wait_programmed(CLUSTER_IP, 80, 2);
+    let get = |k: usize| {
+        let url = format!("http://{}:{HC_NODE_PORT}/healthz", env.node_addr(k));
+        let out = env
+            .outside()
+            .exec(&["curl", "-s", "-m", "2", "-i", &url])
+            .unwrap_or_default();
+        out.replace("\r\n", "\n")
+    };
+    let mut node0 = String::new();
+    assert!(
+        eventually(WAIT, || {
+            node0 = get(0);
+            node0.starts_with("HTTP/1.1 200")
+        }),
+        "node0 said:\n{node0}\n{}",
+        env.logs()
+    );
+    let body = node0.split_once("\n\n").map(|(_, b)| b).unwrap_or_default();
+    assert_eq!(
+        body,
+        "{\n\t\"service\": {\n\t\t\"namespace\": \"default\",\n\t\t\"name\": \"web\"\n\t},\n\t\"localEndpoints\": 1,\n\t\"serviceProxyHealthy\": true\n}"
+    );
+    let headers = node0.to_lowercase();
+    assert!(
+        headers.contains("content-type: application/json"),
+        "{node0}"
+    );
+    assert!(
+        headers.contains("x-load-balancing-endpoint-weight: 1"),
+        "{node0}"
+    );
+    let node2 = get(2);
+    assert!(
+        node2.starts_with("HTTP/1.1 503"),
+        "node2 has no local endpoint:\n{node2}"
+    );
+    assert!(node2.contains("\"localEndpoints\": 0"), "{node2}");
+    // web-0 terminating: it no longer counts, and node0 tells the load balancer to drain it.
+    env.web(
+        "LoadBalancer",
+        "Local",
+        vec![endpoint(env.addr("web-0"), 0, false, true), env.web_ep(1)],
+    );
+    assert!(
+        eventually(WAIT, || get(0).starts_with("HTTP/1.1 503")),
+        "{}",
+        get(0)
+    );
+    // Turned into a Cluster Service: the port closes.
+    env.web("LoadBalancer", "Cluster", vec![env.web_ep(0)]);
+    assert!(
+        eventually(WAIT, || get(0).is_empty()),
+        "still answering:\n{}",
+        get(0)
+    );
+}
+
+#[test]
+fn healthz_fails_once_the_node_is_tainted_for_deletion_and_livez_does_not() {
+    require_privileged!("healthz_fails_once_the_node_is_tainted_for_deletion_and_livez_does_not");
+    let env = Env::new(&[]);
+    assert_eq!(env.agents[0].healthz(), Some(200));
+    let mut nodes = node_objects(&env.c);
+    nodes[0]["spec"] = json!({"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "value": "1764504000", "effect": "NoSchedule"}]});
+    env.manifests.write("nodes.yaml", &nodes).unwrap();
+    assert!(
+        eventually(WAIT, || env.agents[0].healthz() == Some(503)),
+        "{}",
+        env.logs()
+    );
+    let (_, body) = env.agents[0].get(testbed::agent::HEALTHZ).unwrap();
+    assert!(
+        body.contains("\"nodeEligible\":false") && body.contains("\"healthy\":true"),
+        "{body}"
+    );
+    let (live, body) = env.agents[0].get("http://127.0.0.1:10256/livez").unwrap();
+    assert_eq!(live, 200, "{body}");
+    assert!(!body.contains("nodeEligible"), "{body}");
+    assert_eq!(
+        env.agents[1].healthz(),
+        Some(200),
+        "other nodes are not affected"
+    );
+}
+
+#[test]
+fn pods_on_a_bridged_node_reach_services_on_their_node_and_themselves() {
+    require_privileged!("pods_on_a_bridged_node_reach_services_on_their_node_and_themselves");
+    let env = Env::new(&[]);
+    env.web("ClusterIP", "Cluster", vec![env.web_ep(BRIDGE_NODE)]);
+    env.wait_programmed(CLUSTER_IP, 80, 1);
+    // Client and backend on the same bridge: the reply is bridged back, not routed.
+    let r = curl(&env.c.pod("client-2").ns, CLUSTER_IP, 80, T)
+        .unwrap_or_else(|e| panic!("{e}\n{}", env.logs()));
+    assert_eq!(r.body, "web-2");
+    assert_eq!(r.client.map(|c| *c.ip()), Some(env.addr("client-2")));
+    // Hairpin: the backend calling its own Service, SNATed to the hairpin address.
+    let r = curl(&env.c.pod("web-2").ns, CLUSTER_IP, 80, T).unwrap();
+    assert_eq!(r.body, "web-2");
+    assert_eq!(r.client.map(|c| *c.ip()), Some(plan::HAIRPIN_SNAT));
+    // And across nodes, from a routed node to the bridged one.
+    assert_eq!(
+        curl(&env.c.pod("client-0").ns, CLUSTER_IP, 80, T)
+            .unwrap()
+            .body,
+        "web-2"
+    );
+}
+
+#[test]
+fn a_udp_client_connected_to_a_service_gets_econnrefused_from_a_remote_backend() {
+    require_privileged!(
+        "a_udp_client_connected_to_a_service_gets_econnrefused_from_a_remote_backend"
+    );
+    let env = Env::new(&[]);
+    env.web("NodePort", "Cluster", vec![env.web_ep(1)]);
+    env.wait_programmed(CLUSTER_IP, 54, 1);
+    // Nothing listens on the backend's port: its port unreachable must reach the client's
+    // socket, which only matches it if the quoted packet shows the Service address.
+    let pod = &env.c.pod("client-0").ns;
+    assert_eq!(
+        udp_connected(pod, CLUSTER_IP, 54, "x", T).unwrap(),
+        UdpOutcome::Refused,
+        "{}",
+        env.logs()
+    );
+    assert!(env.counter(0, "icmp_error") >= 1.0);
+    // A control: an open port answers.
+    assert!(matches!(
+        udp_connected(pod, CLUSTER_IP, 53, "x", T).unwrap(),
+        UdpOutcome::Reply { .. }
+    ));
+}
+
+#[test]
+fn path_mtu_discovery_works_through_a_service_to_a_node_behind_a_narrower_link() {
+    require_privileged!(
+        "path_mtu_discovery_works_through_a_service_to_a_node_behind_a_narrower_link"
+    );
+    let env = Env::new(&[]);
+    env.c.narrow_link(1, 1300).unwrap();
+    env.web("NodePort", "Cluster", vec![env.web_ep(1)]);
+    env.wait_programmed(CLUSTER_IP, 80, 1);
+    const BYTES: usize = 300_000;
+    // From a pod through a ClusterIP: node0's stack answers the oversized packets with ICMP
+    // fragmentation needed about the translated packet; the client learns the path MTU only
+    // if the quote is put back to the ClusterIP.
+    let up = http_upload(
+        &env.c.pod("client-0").ns,
+        CLUSTER_IP,
+        80,
+        BYTES,
+        Duration::from_secs(10),
+    );
+    assert_eq!(
+        up.as_deref().ok(),
+        Some(format!("web-1 {BYTES}").as_str()),
+        "{up:?}\n{}",
+        env.logs()
+    );
+    // From outside through node0's NodePort (SNAT, forwarded by redirect): sluice itself
+    // answers packets too big for the route.
+    let up = http_upload(
+        env.outside(),
+        env.node_addr(0),
+        NODE_PORT,
+        BYTES,
+        Duration::from_secs(10),
+    );
+    assert_eq!(
+        up.as_deref().ok(),
+        Some(format!("web-1 {BYTES}").as_str()),
+        "{up:?}\nnode0's counters:\n{}\n{}",
+        env.counters(0),
+        env.logs()
+    );
+    assert!(
+        env.counter(0, "reject_frag_needed") >= 1.0,
+        "{}",
+        env.logs()
+    );
+}
+
+#[test]
+fn snat_source_ports_run_out_cleanly_and_are_counted_never_reused_under_a_live_flow() {
+    require_privileged!(
+        "snat_source_ports_run_out_cleanly_and_are_counted_never_reused_under_a_live_flow"
+    );
+    // Two SNAT ports for the whole node.
+    let env = Env::new(&["--snat-port-range", "20000-20001"]);
+    env.web("NodePort", "Cluster", vec![env.web_ep(1)]);
+    env.wait_programmed(CLUSTER_IP, 80, 1);
+    let node = env.node_addr(0);
+    // Two long-lived connections take both ports (40 requests, 100 ms apart: 4 s each).
+    let held: Vec<testbed::KeepAlive> = (0..2)
+        .map(|_| {
+            testbed::KeepAlive::start(
+                env.outside(),
+                node,
+                NODE_PORT,
+                40,
+                Duration::from_millis(100),
+            )
+            .unwrap()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let third = curl(env.outside(), node, NODE_PORT, Duration::from_secs(2));
+    assert!(third.is_err(), "a third flow got a port: {third:?}");
+    assert!(
+        env.counter(0, "drop_snat_ports_exhausted") >= 1.0,
+        "{}",
+        env.logs()
+    );
+    for k in held {
+        let lines = k.finish(Duration::from_secs(15));
+        let ok = lines.iter().filter(|l| l.starts_with("OK web-1")).count();
+        assert_eq!(ok, 40, "a live flow was disturbed: {lines:?}");
+    }
+}
