@@ -1,0 +1,402 @@
+//! Packet tests of what the datapath forwards itself: flows from outside SNATed to the node and
+//! sent on by FIB lookup and redirect, ICMP errors of translated flows, externalTrafficPolicy
+//! Local. The real programs run through BPF_PROG_TEST_RUN on a thread inside a network
+//! namespace the test builds, whose routes and neighbours the FIB lookups see; checksums are
+//! verified with etherparse (tests/common).
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use common::*;
+use etherparse::{Ipv4HeaderSlice, PacketBuilder};
+use proxy_common::*;
+use sluice::dataplane::{
+    Backend, Backends, Dataplane, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend, FrontendKind,
+    Protocol, Snat, TO_POD,
+};
+use testbed::{Netns, require_privileged};
+
+/// The node: its uplink `v0` holds NODE; the other node (a gateway to its pods) and the
+/// outside client are permanent neighbours, so the FIB lookups resolve them.
+const NODE: &str = "198.18.0.10";
+const OTHER_NODE: &str = "198.18.0.11";
+const CLIENT: &str = "198.18.0.100:40000";
+const NODE_PORT: &str = "198.18.0.10:30080";
+/// A pod on the other node, and one on a node behind a narrower path (MTU 1300).
+const REMOTE: &str = "198.19.1.10:8080";
+const NARROW: &str = "198.19.2.10:8080";
+const OTHER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x11];
+const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 1, 0];
+const SNAT_PORTS: (u16, u16) = (20000, 20009);
+
+/// The namespace: routes to the other nodes' pods, neighbours that never need resolving.
+fn node_ns() -> Netns {
+    let ns = Netns::new("fib").unwrap();
+    ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"])
+        .unwrap();
+    ns.ip(&["addr", "add", &format!("{NODE}/24"), "dev", "v0"])
+        .unwrap();
+    for dev in ["v0", "v1"] {
+        ns.ip(&["link", "set", dev, "up"]).unwrap();
+    }
+    let mac = |m: [u8; 6]| {
+        m.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    let client = sa(CLIENT).ip().to_string();
+    for (addr, m) in [(OTHER_NODE, OTHER_MAC), (client.as_str(), CLIENT_MAC)] {
+        ns.ip(&[
+            "neigh",
+            "add",
+            addr,
+            "lladdr",
+            &mac(m),
+            "dev",
+            "v0",
+            "nud",
+            "permanent",
+        ])
+        .unwrap();
+    }
+    ns.ip(&["route", "add", "198.19.1.0/24", "via", OTHER_NODE])
+        .unwrap();
+    ns.ip(&[
+        "route",
+        "add",
+        "198.19.2.0/24",
+        "via",
+        OTHER_NODE,
+        "mtu",
+        "lock",
+        "1300",
+    ])
+    .unwrap();
+    ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    ns
+}
+
+/// The MAC address of the namespace's `v0`.
+fn v0_mac(ns: &str) -> [u8; 6] {
+    let out = testbed::run(&["ip", "-n", ns, "-o", "link", "show", "v0"]).unwrap();
+    let m = out
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap();
+    let mut mac = [0u8; 6];
+    for (b, h) in mac.iter_mut().zip(m.split(':')) {
+        *b = u8::from_str_radix(h, 16).unwrap();
+    }
+    mac
+}
+
+fn dataplane(snat_ports: (u16, u16)) -> Dataplane {
+    Dataplane::load_with(DataplaneConfig {
+        hairpin_snat: Some(testbed::plan::HAIRPIN_SNAT),
+        snat: Some(Snat {
+            addr: NODE.parse().unwrap(),
+            ports: snat_ports,
+        }),
+        conntrack_max: 4096,
+        ..Default::default()
+    })
+    .expect("the programs load and pass the verifier")
+}
+
+fn frontend(addr: &str, kind: FrontendKind) -> Frontend {
+    let a = sa(addr);
+    Frontend {
+        addr: *a.ip(),
+        port: a.port(),
+        proto: Protocol::Tcp,
+        kind,
+    }
+}
+
+fn backend(addr: &str, local: bool) -> Backend {
+    let a = sa(addr);
+    Backend {
+        addr: *a.ip(),
+        port: a.port(),
+        local,
+    }
+}
+
+/// Runs `f` on a thread inside a fresh node namespace (given its name); the namespace goes
+/// when it returns or panics.
+fn in_node(f: impl FnOnce(&str) + Send + 'static) {
+    let ns = node_ns();
+    let name = ns.name().to_owned();
+    ns.run_in(move || f(&name)).unwrap();
+}
+
+fn ttl(pkt: &[u8]) -> u8 {
+    pkt[14 + 8]
+}
+
+#[test]
+fn a_new_flow_from_outside_to_a_remote_backend_is_snated_and_redirected_both_ways() {
+    require_privileged!(
+        "a_new_flow_from_outside_to_a_remote_backend_is_snated_and_redirected_both_ways"
+    );
+    in_node(|ns| {
+        let mut dp = dataplane(SNAT_PORTS);
+        dp.upsert_service(
+            frontend(NODE_PORT, FrontendKind::NodePort),
+            &[backend(REMOTE, false)],
+        )
+        .unwrap();
+        let before = dp.counters().unwrap();
+        let (verdict, out) = run(&dp, FROM_UPLINK, &tcp(sa(CLIENT), sa(NODE_PORT), SYN, b""));
+        assert_eq!(
+            verdict, TC_ACT_REDIRECT,
+            "forwarded by the program, not the stack"
+        );
+        let seen = check(&out);
+        assert_eq!(seen.dst, sa(REMOTE));
+        assert_eq!(
+            seen.src.ip(),
+            &NODE.parse::<Ipv4Addr>().unwrap(),
+            "SNATed to the node"
+        );
+        let port = seen.src.port();
+        assert!(
+            (SNAT_PORTS.0..=SNAT_PORTS.1).contains(&port),
+            "port {port} outside the range"
+        );
+        assert_eq!(ttl(&out), 63, "a router hop");
+        assert_eq!(out[0..6], OTHER_MAC, "to the gateway the FIB names");
+        assert_eq!(out[6..12], v0_mac(ns), "from the route's device");
+        let after = dp.counters().unwrap();
+        assert_eq!(delta(&before, &after, CTR_NEW_FLOW_SNAT), 1);
+        assert_eq!(delta(&before, &after, CTR_REDIRECT), 1);
+
+        // The flow's next packet keeps its port; the reply goes back to the client, showing
+        // the NodePort.
+        let (v, out) = run(
+            &dp,
+            FROM_UPLINK,
+            &tcp(sa(CLIENT), sa(NODE_PORT), ACK, b"GET"),
+        );
+        assert_eq!((v, check(&out).src.port()), (TC_ACT_REDIRECT, port));
+        let snat = SocketAddrV4::new(NODE.parse().unwrap(), port);
+        let (v, out) = run(&dp, FROM_UPLINK, &tcp(sa(REMOTE), snat, SYN_ACK, b""));
+        assert_eq!(
+            v, TC_ACT_REDIRECT,
+            "the reply carries the node's address: not for the stack"
+        );
+        let seen = check(&out);
+        assert_eq!((seen.src, seen.dst), (sa(NODE_PORT), sa(CLIENT)));
+        assert_eq!(out[0..6], CLIENT_MAC);
+    });
+}
+
+#[test]
+fn a_packet_too_big_for_the_route_to_its_backend_gets_fragmentation_needed() {
+    require_privileged!("a_packet_too_big_for_the_route_to_its_backend_gets_fragmentation_needed");
+    in_node(|_| {
+        let mut dp = dataplane(SNAT_PORTS);
+        dp.upsert_service(
+            frontend(NODE_PORT, FrontendKind::NodePort),
+            &[backend(NARROW, false)],
+        )
+        .unwrap();
+        let (v, _) = run(&dp, FROM_UPLINK, &tcp(sa(CLIENT), sa(NODE_PORT), SYN, b""));
+        assert_eq!(v, TC_ACT_REDIRECT);
+        // 1,400 bytes with DF (etherparse sets it) on a path of 1,300.
+        let big = tcp(sa(CLIENT), sa(NODE_PORT), ACK, &[7u8; 1360]);
+        let before = dp.counters().unwrap();
+        let (v, out) = run(&dp, FROM_UPLINK, &big);
+        assert_eq!(v, TC_ACT_REDIRECT, "the ICMP goes back out");
+        let icmp = check_icmp(&out);
+        assert_eq!((icmp.type_, icmp.code), (3, 4), "fragmentation needed");
+        assert_eq!(
+            u16::from_be_bytes([out[14 + 20 + 6], out[14 + 20 + 7]]),
+            1300,
+            "the route's MTU"
+        );
+        assert_eq!(
+            (icmp.src, icmp.dst),
+            (*sa(NODE_PORT).ip(), *sa(CLIENT).ip())
+        );
+        let quoted = Ipv4HeaderSlice::from_slice(&icmp.quoted).unwrap();
+        assert_eq!(
+            quoted.destination_addr(),
+            *sa(NODE_PORT).ip(),
+            "quotes what the client sent"
+        );
+        assert_eq!(icmp.quoted[20..24], big[34..38], "with its ports");
+        let after = dp.counters().unwrap();
+        assert_eq!(delta(&before, &after, CTR_REJECT_FRAG_NEEDED), 1);
+    });
+}
+
+/// An ICMP error from `from` about `quoted` (a translated packet), to `to`.
+fn icmp_error(from: Ipv4Addr, to: Ipv4Addr, code: u8, quoted: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(from.octets(), to.octets(), 64)
+        .icmpv4_raw(3, code, [0; 4]);
+    // The quoted IP header and 8 bytes, as RFC 792 has it.
+    let q = &quoted[14..14 + 28];
+    let mut v = Vec::new();
+    b.write(&mut v, q).unwrap();
+    v
+}
+
+/// Checks the quoted header's IP checksum independently; returns (source, destination) of the
+/// quoted packet, with its ports.
+fn quoted_tuple(q: &[u8]) -> (SocketAddrV4, SocketAddrV4) {
+    let h = Ipv4HeaderSlice::from_slice(q).unwrap();
+    assert_eq!(
+        h.header_checksum(),
+        h.to_header().calc_header_checksum(),
+        "the quoted IP checksum is wrong"
+    );
+    let port = |i: usize| u16::from_be_bytes([q[20 + i], q[21 + i]]);
+    (
+        SocketAddrV4::new(h.source_addr(), port(0)),
+        SocketAddrV4::new(h.destination_addr(), port(2)),
+    )
+}
+
+#[test]
+fn an_icmp_error_from_a_backend_shows_the_client_the_service_it_called() {
+    require_privileged!("an_icmp_error_from_a_backend_shows_the_client_the_service_it_called");
+    in_node(|_| {
+        let mut dp = dataplane(SNAT_PORTS);
+        let vip = "198.18.128.1:53";
+        let pod = "198.19.0.10:40000";
+        let f = Frontend {
+            proto: Protocol::Udp,
+            ..frontend(vip, FrontendKind::ClusterIp)
+        };
+        dp.upsert_service(f, &[backend(REMOTE, false)]).unwrap();
+        let (_, sent) = run(&dp, FROM_POD, &udp(sa(pod), sa(vip), b"q"));
+        assert_eq!(check(&sent).dst, sa(REMOTE));
+        // The backend's port unreachable, on its way into the client's pod.
+        let err = icmp_error(*sa(REMOTE).ip(), *sa(pod).ip(), 3, &sent);
+        let before = dp.counters().unwrap();
+        let (v, out) = run(&dp, TO_POD, &err);
+        assert_eq!(v, TC_ACT_OK);
+        let icmp = check_icmp(&out);
+        assert_eq!(icmp.src, *sa(vip).ip(), "from the Service, as replies are");
+        assert_eq!(
+            quoted_tuple(&icmp.quoted),
+            (sa(pod), sa(vip)),
+            "the packet the client sent"
+        );
+        assert_eq!(delta(&before, &dp.counters().unwrap(), CTR_ICMP_ERROR), 1);
+        // At the node's ingress it waits for egress, as replies do.
+        let (v, out) = run(&dp, FROM_UPLINK, &err);
+        assert_eq!((v, out), (TC_ACT_OK, err.clone()));
+    });
+}
+
+#[test]
+fn an_icmp_error_about_a_snated_flow_goes_back_to_the_client_by_redirect() {
+    require_privileged!("an_icmp_error_about_a_snated_flow_goes_back_to_the_client_by_redirect");
+    in_node(|_| {
+        let mut dp = dataplane(SNAT_PORTS);
+        let f = Frontend {
+            proto: Protocol::Udp,
+            ..frontend(NODE_PORT, FrontendKind::NodePort)
+        };
+        dp.upsert_service(f, &[backend(REMOTE, false)]).unwrap();
+        let (_, sent) = run(&dp, FROM_UPLINK, &udp(sa(CLIENT), sa(NODE_PORT), b"q"));
+        let err = icmp_error(*sa(REMOTE).ip(), NODE.parse().unwrap(), 3, &sent);
+        let (v, out) = run(&dp, FROM_UPLINK, &err);
+        assert_eq!(v, TC_ACT_REDIRECT, "to the client, not to the node's stack");
+        let icmp = check_icmp(&out);
+        assert_eq!(
+            (icmp.src, icmp.dst),
+            (*sa(NODE_PORT).ip(), *sa(CLIENT).ip())
+        );
+        assert_eq!(quoted_tuple(&icmp.quoted), (sa(CLIENT), sa(NODE_PORT)));
+        assert_eq!(out[0..6], CLIENT_MAC);
+    });
+}
+
+#[test]
+fn outside_traffic_to_a_local_policy_frontend_uses_local_endpoints_or_is_dropped() {
+    require_privileged!(
+        "outside_traffic_to_a_local_policy_frontend_uses_local_endpoints_or_is_dropped"
+    );
+    in_node(|_| {
+        let mut dp = dataplane(SNAT_PORTS);
+        let f = frontend(NODE_PORT, FrontendKind::NodePort);
+        let local = backend("198.19.0.20:8080", true);
+        dp.upsert_frontend(
+            f,
+            &Backends {
+                all: vec![backend(REMOTE, false), local],
+                external: Some(vec![local]),
+            },
+        )
+        .unwrap();
+        for port in 0..20 {
+            let c = SocketAddrV4::new(*sa(CLIENT).ip(), 41000 + port);
+            let (v, out) = run(&dp, FROM_UPLINK, &tcp(c, sa(NODE_PORT), SYN, b""));
+            assert_eq!(v, TC_ACT_OK);
+            let seen = check(&out);
+            assert_eq!(
+                (seen.src, seen.dst),
+                (c, sa("198.19.0.20:8080")),
+                "local, client kept"
+            );
+        }
+        dp.upsert_frontend(
+            f,
+            &Backends {
+                all: vec![backend(REMOTE, false)],
+                external: Some(vec![]),
+            },
+        )
+        .unwrap();
+        let before = dp.counters().unwrap();
+        let (v, _) = run(
+            &dp,
+            FROM_UPLINK,
+            &tcp(sa("198.18.0.100:42000"), sa(NODE_PORT), SYN, b""),
+        );
+        assert_eq!(v, TC_ACT_SHOT);
+        assert_eq!(
+            delta(&before, &dp.counters().unwrap(), CTR_DROP_NO_LOCAL_BACKEND),
+            1
+        );
+        // A pod of the node still reaches it, through every endpoint.
+        let (v, out) = run(
+            &dp,
+            FROM_POD,
+            &tcp(sa("198.19.0.10:40000"), sa(NODE_PORT), SYN, b""),
+        );
+        assert_eq!((v, check(&out).dst), (TC_ACT_OK, sa(REMOTE)));
+    });
+}
+
+#[test]
+fn with_every_snat_port_held_a_new_flow_is_dropped_and_the_live_one_keeps_its_port() {
+    require_privileged!(
+        "with_every_snat_port_held_a_new_flow_is_dropped_and_the_live_one_keeps_its_port"
+    );
+    in_node(|_| {
+        let mut dp = dataplane((20000, 20000));
+        dp.upsert_service(
+            frontend(NODE_PORT, FrontendKind::NodePort),
+            &[backend(REMOTE, false)],
+        )
+        .unwrap();
+        let (_, out) = run(&dp, FROM_UPLINK, &tcp(sa(CLIENT), sa(NODE_PORT), SYN, b""));
+        assert_eq!(check(&out).src.port(), 20000);
+        let before = dp.counters().unwrap();
+        let other = sa("198.18.0.100:40001");
+        let (v, _) = run(&dp, FROM_UPLINK, &tcp(other, sa(NODE_PORT), SYN, b""));
+        assert_eq!(v, TC_ACT_SHOT);
+        let after = dp.counters().unwrap();
+        assert_eq!(delta(&before, &after, CTR_DROP_SNAT_PORTS), 1);
+        assert!(delta(&before, &after, CTR_SNAT_PORT_TAKEN) >= 1);
+        let (v, out) = run(&dp, FROM_UPLINK, &tcp(sa(CLIENT), sa(NODE_PORT), ACK, b""));
+        assert_eq!((v, check(&out).src.port()), (TC_ACT_REDIRECT, 20000));
+    });
+}
