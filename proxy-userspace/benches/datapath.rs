@@ -5,13 +5,20 @@
 //! repeat would be a miss. Each measurement therefore runs the program once per call (the
 //! kernel times that one run) on a fresh copy of the input, over many calls, and the
 //! counters must show that every call took the path it is reported under.
-use std::net::Ipv4Addr;
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use etherparse::PacketBuilder;
-use proxy_common::{CTR_CT_HIT, CTR_NEW_FLOW, CTR_PASS_NO_MATCH, Counter};
+use proxy_common::{
+    CT_FLAG_SNAT, CTR_CT_HIT, CTR_NEW_FLOW, CTR_NEW_FLOW_SNAT, CTR_PASS_NO_MATCH, CTR_REDIRECT,
+    CTR_REPLY, Counter,
+};
 use sluice::dataplane::{
-    Backend, Dataplane, DataplaneConfig, FROM_POD, Frontend, FrontendKind, PASS, Protocol,
+    Backend, CtKind, Dataplane, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend, FrontendKind,
+    PASS, Protocol, Snat,
 };
 
 fn syn(sport: u16, dst: Ipv4Addr) -> Vec<u8> {
@@ -57,6 +64,114 @@ fn measure(dp: &Dataplane, program: &'static str, pkts: &[Vec<u8>], rounds: usiz
     }
 }
 
+/// Writes `services` Services: ClusterIPs 198.18.128.1.. (`kind` ClusterIP), or NodePorts
+/// 30000.. on `node_port_addr`, each with 3 backends (local or not).
+fn program(dp: &mut Dataplane, services: u32, node_port_addr: Option<Ipv4Addr>, local: bool) {
+    for n in 0..services {
+        let fe = match node_port_addr {
+            None => Frontend {
+                addr: Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 1)) + n),
+                port: 80,
+                proto: Protocol::Tcp,
+                kind: FrontendKind::ClusterIp,
+            },
+            Some(addr) => Frontend {
+                addr,
+                port: 30000 + (n % 30000) as u16,
+                proto: Protocol::Tcp,
+                kind: FrontendKind::NodePort,
+            },
+        };
+        // Local backends anywhere in 198.19.0.0/16; remote ones inside 198.19.1.0/24, the
+        // other node's pods that the namespace routes to.
+        let (base, spread) = if local {
+            ([198, 19, 0, 10], 60_000)
+        } else {
+            ([198, 19, 1, 10], 240)
+        };
+        let bes: Vec<Backend> = (0..3)
+            .map(|b| Backend {
+                addr: Ipv4Addr::from(u32::from(Ipv4Addr::from(base)) + (n * 3 + b) % spread),
+                port: 8080,
+                local,
+            })
+            .collect();
+        dp.upsert_service(fe, &bes).unwrap();
+    }
+}
+
+/// The SNAT path, measured on a thread inside a namespace with a route to the remote
+/// backends: new flows from outside to a NodePort with remote endpoints (DNAT, SNAT port
+/// reserved, FIB lookup, redirect), their next packets (conntrack hit, redirect), and the
+/// backends' replies (reverse translation, redirect), beside the empty program.
+fn snat_cell(services: u32, flows: u16, rounds: usize) -> [Stats; 4] {
+    let (tx, rx) = std::sync::mpsc::channel();
+    common::in_node(move |_| {
+        let node: Ipv4Addr = common::NODE.parse().unwrap();
+        let mut dp = Dataplane::load_with(DataplaneConfig {
+            conntrack_max: 262_144,
+            snat: Some(Snat {
+                addr: node,
+                ports: (1024, 29999),
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+        // NodePorts cycle over 30000..60000; the one under load is the middle Service's.
+        program(&mut dp, services.min(30_000), Some(node), false);
+        let np = 30000 + (services.min(30_000) / 2) as u16;
+        let client = |i: u16| SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 100), 10_000 + i);
+        let pkts: Vec<Vec<u8>> = (0..flows)
+            .map(|i| common::tcp(client(i), SocketAddrV4::new(node, np), common::SYN, b""))
+            .collect();
+        let empty = measure(&dp, PASS, &pkts, rounds);
+        let before = counter(&dp, CTR_NEW_FLOW_SNAT);
+        let new_flow = measure(&dp, FROM_UPLINK, &pkts, 1);
+        assert_eq!(
+            counter(&dp, CTR_NEW_FLOW_SNAT) - before,
+            u64::from(flows),
+            "every run was a SNATed new flow; the counters: {:?}",
+            proxy_common::COUNTER_NAMES
+                .iter()
+                .zip(dp.counters().unwrap())
+                .filter(|(_, c)| c.packets > 0)
+                .map(|(n, c)| (n, c.packets))
+                .collect::<Vec<_>>()
+        );
+        let before = (counter(&dp, CTR_CT_HIT), counter(&dp, CTR_REDIRECT));
+        let ct_hit = measure(&dp, FROM_UPLINK, &pkts, rounds);
+        let runs = u64::from(flows) * rounds as u64;
+        assert_eq!(
+            counter(&dp, CTR_CT_HIT) - before.0,
+            runs,
+            "every run was a conntrack hit"
+        );
+        assert_eq!(
+            counter(&dp, CTR_REDIRECT) - before.1,
+            runs,
+            "and redirected"
+        );
+        // The replies, to the SNAT address and port each flow got.
+        let replies: Vec<Vec<u8>> = dp
+            .conntrack()
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == CtKind::Reverse && e.entry.flags & CT_FLAG_SNAT != 0)
+            .map(|e| common::tcp(e.dst, e.src, common::SYN_ACK, b""))
+            .collect();
+        assert_eq!(replies.len(), usize::from(flows));
+        let before = counter(&dp, CTR_REPLY);
+        let reply = measure(&dp, FROM_UPLINK, &replies, rounds);
+        assert_eq!(
+            counter(&dp, CTR_REPLY) - before,
+            runs,
+            "every run was a reply"
+        );
+        tx.send([empty, new_flow, ct_hit, reply]).unwrap();
+    });
+    rx.recv().unwrap()
+}
+
 fn counter(dp: &Dataplane, i: u32) -> u64 {
     let c: [Counter; _] = dp.counters().unwrap();
     c[i as usize].packets
@@ -78,25 +193,7 @@ fn main() {
         })
         .unwrap();
         let start = std::time::Instant::now();
-        for n in 0..services {
-            let addr = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 1)) + n);
-            let fe = Frontend {
-                addr,
-                port: 80,
-                proto: Protocol::Tcp,
-                kind: FrontendKind::ClusterIp,
-            };
-            let bes: Vec<Backend> = (0..3)
-                .map(|b| Backend {
-                    addr: Ipv4Addr::from(
-                        u32::from(Ipv4Addr::new(198, 19, 0, 10)) + (n * 3 + b) % 60_000,
-                    ),
-                    port: 8080,
-                    local: true,
-                })
-                .collect();
-            dp.upsert_service(fe, &bes).unwrap();
-        }
+        program(&mut dp, services, None, true);
         let program_time = start.elapsed();
         // The Service under load is in the middle of the table.
         let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 1)) + services / 2);
@@ -142,6 +239,21 @@ fn main() {
             h.median - e.median,
             nf.median - e.median,
             t.as_secs_f64() * 1e3
+        ));
+    }
+    md.push_str("\n## The SNAT path: from outside to a NodePort whose endpoints are on other nodes\n\nTC ingress of the uplink (`sluice_from_uplink`) on a thread inside a namespace with a route and a resolved neighbour for the remote endpoints: a new flow (DNAT, SNAT port reserved, FIB lookup, TTL and MACs, redirect), the flow's next packet (conntrack hit, FIB lookup, redirect) and the endpoint's reply (reverse translation, FIB lookup, redirect), against the empty program.\n\n");
+    md.push_str("| Services | empty program | new flow (SNAT) | conntrack hit (SNAT) | reply (SNAT) | over empty: new / hit / reply |\n|---:|---:|---:|---:|---:|---:|\n");
+    for services in [1u32, 10_000] {
+        let [e, nf, h, r] = snat_cell(services, flows, rounds);
+        md.push_str(&format!(
+            "| {services} | {} | {} | {} | {} | +{:.0} / +{:.0} / +{:.0} ns |\n",
+            f(&e),
+            f(&nf),
+            f(&h),
+            f(&r),
+            nf.median - e.median,
+            h.median - e.median,
+            r.median - e.median
         ));
     }
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();

@@ -14,83 +14,7 @@ use sluice::dataplane::{
     Backend, Backends, Dataplane, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend, FrontendKind,
     Protocol, Snat, TO_POD,
 };
-use testbed::{Netns, require_privileged};
-
-/// The node: its uplink `v0` holds NODE; the other node (a gateway to its pods) and the
-/// outside client are permanent neighbours, so the FIB lookups resolve them.
-const NODE: &str = "198.18.0.10";
-const OTHER_NODE: &str = "198.18.0.11";
-const CLIENT: &str = "198.18.0.100:40000";
-const NODE_PORT: &str = "198.18.0.10:30080";
-/// A pod on the other node, and one on a node behind a narrower path (MTU 1300).
-const REMOTE: &str = "198.19.1.10:8080";
-const NARROW: &str = "198.19.2.10:8080";
-const OTHER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x11];
-const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 1, 0];
-const SNAT_PORTS: (u16, u16) = (20000, 20009);
-
-/// The namespace: routes to the other nodes' pods, neighbours that never need resolving.
-fn node_ns() -> Netns {
-    let ns = Netns::new("fib").unwrap();
-    ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"])
-        .unwrap();
-    ns.ip(&["addr", "add", &format!("{NODE}/24"), "dev", "v0"])
-        .unwrap();
-    for dev in ["v0", "v1"] {
-        ns.ip(&["link", "set", dev, "up"]).unwrap();
-    }
-    let mac = |m: [u8; 6]| {
-        m.iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":")
-    };
-    let client = sa(CLIENT).ip().to_string();
-    for (addr, m) in [(OTHER_NODE, OTHER_MAC), (client.as_str(), CLIENT_MAC)] {
-        ns.ip(&[
-            "neigh",
-            "add",
-            addr,
-            "lladdr",
-            &mac(m),
-            "dev",
-            "v0",
-            "nud",
-            "permanent",
-        ])
-        .unwrap();
-    }
-    ns.ip(&["route", "add", "198.19.1.0/24", "via", OTHER_NODE])
-        .unwrap();
-    ns.ip(&[
-        "route",
-        "add",
-        "198.19.2.0/24",
-        "via",
-        OTHER_NODE,
-        "mtu",
-        "lock",
-        "1300",
-    ])
-    .unwrap();
-    ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
-    ns
-}
-
-/// The MAC address of the namespace's `v0`.
-fn v0_mac(ns: &str) -> [u8; 6] {
-    let out = testbed::run(&["ip", "-n", ns, "-o", "link", "show", "v0"]).unwrap();
-    let m = out
-        .split_whitespace()
-        .skip_while(|w| *w != "link/ether")
-        .nth(1)
-        .unwrap();
-    let mut mac = [0u8; 6];
-    for (b, h) in mac.iter_mut().zip(m.split(':')) {
-        *b = u8::from_str_radix(h, 16).unwrap();
-    }
-    mac
-}
+use testbed::require_privileged;
 
 fn dataplane(snat_ports: (u16, u16)) -> Dataplane {
     Dataplane::load_with(DataplaneConfig {
@@ -122,14 +46,6 @@ fn backend(addr: &str, local: bool) -> Backend {
         port: a.port(),
         local,
     }
-}
-
-/// Runs `f` on a thread inside a fresh node namespace (given its name); the namespace goes
-/// when it returns or panics.
-fn in_node(f: impl FnOnce(&str) + Send + 'static) {
-    let ns = node_ns();
-    let name = ns.name().to_owned();
-    ns.run_in(move || f(&name)).unwrap();
 }
 
 fn ttl(pkt: &[u8]) -> u8 {
