@@ -9,7 +9,6 @@ use aya::programs::TcAttachType;
 use clap::{Parser, Subcommand, ValueEnum};
 use proxy_common::{
     CT_FLAG_ESTABLISHED, CT_FLAG_FIN_FWD, CT_FLAG_FIN_REPLY, CT_FLAG_RST, CT_FLAG_SEEN_REPLY,
-    CT_FLAG_SNAT,
 };
 use serde_json::json;
 use sluice::{
@@ -189,7 +188,8 @@ fn conntrack(pin_path: &std::path::Path, output: Output) -> anyhow::Result<()> {
     // A flow is its service entry (client -> frontend, pinned backend); the reverse entry
     // carries the state both directions update.
     // Reverse entries by (protocol, translated source port, backend): the translated source is
-    // the client, or the hairpin SNAT address with the client's port.
+    // the client, or the SNAT address (hairpin, with the client's port; the node, with a port
+    // of its own).
     let reverse: std::collections::HashMap<_, _> = entries
         .iter()
         .filter(|r| r.kind == CtKind::Reverse)
@@ -201,9 +201,21 @@ fn conntrack(pin_path: &std::path::Path, output: Output) -> anyhow::Result<()> {
             continue;
         }
         let backend = sluice::dataplane::sock_addr(e.entry.addr_be, e.entry.port_be);
+        let snat = (e.entry.nat_addr_be != 0).then(|| {
+            let port = if e.entry.nat_port_be != 0 {
+                u16::from_be(e.entry.nat_port_be)
+            } else {
+                e.src.port()
+            };
+            std::net::SocketAddrV4::new(
+                std::net::Ipv4Addr::from(u32::from_be(e.entry.nat_addr_be)),
+                port,
+            )
+        });
+        let translated_port = snat.map_or(e.src.port(), |s| s.port());
         let reverse = reverse
-            .get(&(e.proto, e.src.port(), backend))
-            .filter(|r| r.src.ip() == e.src.ip() || e.entry.nat_addr_be != 0);
+            .get(&(e.proto, translated_port, backend))
+            .filter(|r| r.src.ip() == e.src.ip() || snat.is_some());
         let flags = reverse.map_or(e.entry.flags, |r| r.entry.flags);
         let state = if e.proto == sluice::dataplane::Protocol::Tcp {
             tcp_state(flags)
@@ -217,7 +229,7 @@ fn conntrack(pin_path: &std::path::Path, output: Output) -> anyhow::Result<()> {
             backend,
             state,
             (e.entry.expires_ns - now) / 1_000_000_000,
-            flags & CT_FLAG_SNAT != 0 || e.entry.nat_addr_be != 0,
+            snat,
         ));
     }
     if output == Output::Json {
@@ -231,7 +243,7 @@ fn conntrack(pin_path: &std::path::Path, output: Output) -> anyhow::Result<()> {
                     "backend": backend.to_string(),
                     "state": state,
                     "expires_in_seconds": expires,
-                    "hairpin_snat": snat,
+                    "snat": snat.map(|s| s.to_string()),
                     "packets": e.entry.packets,
                     "bytes": e.entry.bytes,
                 })
@@ -241,15 +253,16 @@ fn conntrack(pin_path: &std::path::Path, output: Output) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<5} {:<22} {:<22} {:<22} {:<12} {:>8} {:>9}",
-        "PROTO", "CLIENT", "FRONTEND", "BACKEND", "STATE", "EXPIRES", "PACKETS"
+        "{:<5} {:<22} {:<22} {:<22} {:<22} {:<12} {:>8} {:>9}",
+        "PROTO", "CLIENT", "FRONTEND", "SNAT", "BACKEND", "STATE", "EXPIRES", "PACKETS"
     );
-    for (e, backend, state, expires, _) in &flows {
+    for (e, backend, state, expires, snat) in &flows {
         println!(
-            "{:<5} {:<22} {:<22} {:<22} {:<12} {:>7}s {:>9}",
+            "{:<5} {:<22} {:<22} {:<22} {:<22} {:<12} {:>7}s {:>9}",
             e.proto.to_string(),
             e.src.to_string(),
             e.dst.to_string(),
+            snat.map_or("-".into(), |s| s.to_string()),
             backend.to_string(),
             state,
             expires,

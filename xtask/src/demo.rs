@@ -1,14 +1,16 @@
 //! `./x demo` (`cargo xtask demo`): sluice doing kube-proxy's job on a sandbox cluster.
 //!
-//! One node (a network namespace) with two backend pods serving the example app of
+//! Two nodes (network namespaces), each with one pod of the example app of
 //! `deploy/examples/service-test.yaml` (python3 answering with the pod's name on 8080), a
-//! client pod, and a client outside the cluster. `sluice agent` runs on the node in manifests
-//! mode, reading the example's Service and EndpointSlice and a Node object for the sandbox node,
-//! with its maps pinned on a private bpffs. The clients call the Service's ClusterIP (from the
-//! pod) and its NodePort (from the pod and from outside) and the demo prints which pod
-//! answered, live, until Ctrl-C. `--once` runs ten rounds, checks that every call was answered,
-//! by both pods on every frontend, and that `sluice services` shows what the manifests ask
-//! for, and exits with the result.
+//! client pod on node0, and a client outside the cluster. `sluice agent` runs on each node in
+//! manifests mode, as a DaemonSet's pods would, reading the example's Service and EndpointSlice
+//! and the Node objects, with its maps pinned on a private bpffs. The clients call the
+//! Service's ClusterIP (from the pod) and node0's NodePort (from the pod and from outside), and
+//! the demo prints which pod answered and which client address it saw, live, until Ctrl-C:
+//! from outside, the pod on node0 sees the client itself, the pod on node1 sees node0 (SNAT, so
+//! its replies come back through node0). `--once` runs ten rounds, checks that every call was
+//! answered, by both pods on every frontend, with those addresses, and that `sluice services`
+//! shows what the manifests ask for, and exits with the result.
 use std::{
     collections::BTreeMap,
     path::Path,
@@ -17,7 +19,7 @@ use std::{
 };
 
 use anyhow::{Context as _, ensure};
-use testbed::{BpfFs, Cluster, HttpServer, agent::AgentProcess, curl, plan};
+use testbed::{BpfFs, Cluster, HttpServer, agent::AgentProcess, curl};
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -29,6 +31,7 @@ extern "C" fn on_sigint(_: i32) {
 const CLUSTER_IP: &str = "198.18.128.10";
 const PORT: u16 = 80;
 const NODE_PORT: u16 = 30080;
+/// The example's pods: the first on node0, the second on node1.
 const PODS: [&str; 2] = ["service-test-7d4f9-a", "service-test-7d4f9-b"];
 
 /// The Node object a kubelet would register for the sandbox node.
@@ -69,10 +72,9 @@ pub fn run(once: bool) -> anyhow::Result<()> {
     }
     .context("installing the Ctrl-C handler")?;
 
-    let mut c = Cluster::new(1)?;
-    for p in PODS {
-        c.add_pod(0, p)?;
-    }
+    let mut c = Cluster::new(2)?;
+    c.add_pod(0, PODS[0])?;
+    c.add_pod(1, PODS[1])?;
     c.add_pod(0, "client")?;
     c.add_outside()?;
     let _servers: Vec<HttpServer> = PODS
@@ -81,9 +83,9 @@ pub fn run(once: bool) -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
     let node = &c.nodes[0];
     println!(
-        "sandbox: node0 {} ({}); pods {} {} and {} {}; client pod {}; outside client {}",
-        node.ns.name(),
+        "sandbox: node0 {} and node1 {}; pods {} {} (node0) and {} {} (node1); client pod {} (node0); outside client {}",
         node.addr,
+        c.nodes[1].addr,
         PODS[0],
         c.pod(PODS[0]).addr,
         PODS[1],
@@ -92,7 +94,7 @@ pub fn run(once: bool) -> anyhow::Result<()> {
         c.outside[0].addr,
     );
 
-    // The manifests the agent reads: the example app, and the sandbox node's Node object.
+    // The manifests the agents read: the example app, and the sandbox nodes' Node objects.
     let work = std::env::temp_dir().join(testbed::netns::unique_name("demo"));
     let manifests = work.join("manifests");
     std::fs::create_dir_all(&manifests).context("creating the manifests directory")?;
@@ -102,36 +104,37 @@ pub fn run(once: bool) -> anyhow::Result<()> {
         manifests.join("service-test.yaml"),
     )
     .context("copying deploy/examples/service-test.yaml")?;
-    std::fs::write(manifests.join("node.yaml"), node_yaml("node0", node.addr))?;
-    let bpffs = BpfFs::new()?;
-    let pins = bpffs.path().join("sluice");
-
-    let args: Vec<String> = [
-        "--manifests",
-        manifests.to_str().context("non-UTF-8 temp dir")?,
-        "--node-name",
-        "node0",
-        "--pod-interfaces",
-        "pv*",
-        "--pin-path",
-        pins.to_str().context("non-UTF-8 temp dir")?,
-        "--hairpin-snat-address",
-        &plan::HAIRPIN_SNAT.to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    println!("agent: sluice agent {}", args.join(" "));
-    let mut agent = AgentProcess::start(&node.ns, &sluice, &args, &work.join("agent.log"))?;
-    agent.wait_healthy(Duration::from_secs(30));
-    println!("agent: healthy (first full sync done)");
+    let nodes: Vec<String> = c
+        .nodes
+        .iter()
+        .map(|n| node_yaml(&format!("node{}", n.index), n.addr))
+        .collect();
+    std::fs::write(manifests.join("nodes.yaml"), nodes.join("---\n"))?;
+    let dir = manifests.to_str().context("non-UTF-8 temp dir")?;
+    // One agent per node, each with its own pins, as a DaemonSet runs them.
+    let mut pinned = Vec::new();
+    let mut agents = Vec::new();
+    for n in &c.nodes {
+        let bpffs = BpfFs::new()?;
+        let pins = bpffs.path().join("sluice");
+        let name = format!("node{}", n.index);
+        let args = testbed::agent::sandbox_args(&name, &pins, &["--manifests", dir]);
+        println!("agent on {name}: sluice agent {}", args.join(" "));
+        let log = work.join(format!("agent-{name}.log"));
+        let mut agent = AgentProcess::start(&n.ns, &sluice, &args, &log)?;
+        agent.wait_healthy(Duration::from_secs(30));
+        agents.push(agent);
+        pinned.push((bpffs, pins));
+    }
+    println!("agents: healthy (first full sync done)");
+    let pins = &pinned[0].1;
     let services = node.ns.exec(&[
         sluice.to_str().context("path")?,
         "services",
         "--pin-path",
         pins.to_str().context("path")?,
     ])?;
-    println!("sluice services:\n{services}");
+    println!("sluice services (node0):\n{services}");
 
     let cluster_ip: std::net::Ipv4Addr = CLUSTER_IP.parse()?;
     let client = &c.pod("client").ns;
@@ -143,6 +146,8 @@ pub fn run(once: bool) -> anyhow::Result<()> {
     ];
     let rounds = if once { 10 } else { usize::MAX };
     let mut answered: BTreeMap<(usize, String), u32> = BTreeMap::new();
+    // (frontend, pod, the client address the pod saw)
+    let mut seen: std::collections::BTreeSet<(usize, String, String)> = Default::default();
     let mut failures = Vec::new();
     for _ in 0..rounds {
         if STOP.load(Ordering::SeqCst) {
@@ -151,7 +156,12 @@ pub fn run(once: bool) -> anyhow::Result<()> {
         for (i, (what, ns, addr, port)) in calls.iter().enumerate() {
             match curl(ns, *addr, *port, Duration::from_secs(3)) {
                 Ok(r) => {
-                    println!("{what} {addr}:{port} answered by {}", r.body);
+                    let saw = r.client.map_or("?".into(), |c| c.ip().to_string());
+                    println!(
+                        "{what} {addr}:{port} answered by {} (which saw the call come from {saw})",
+                        r.body
+                    );
+                    seen.insert((i, r.body.clone(), saw));
                     *answered.entry((i, r.body)).or_insert(0) += 1;
                 }
                 Err(e) => {
@@ -164,8 +174,10 @@ pub fn run(once: bool) -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_secs(1));
         }
     }
-    if !agent.running() {
-        anyhow::bail!("the agent exited; its log:\n{}", agent.log());
+    for (k, agent) in agents.iter_mut().enumerate() {
+        if !agent.running() {
+            anyhow::bail!("the agent on node{k} exited; its log:\n{}", agent.log());
+        }
     }
     let conntrack = node.ns.exec(&[
         sluice.to_str().context("path")?,
@@ -175,13 +187,33 @@ pub fn run(once: bool) -> anyhow::Result<()> {
     ])?;
     println!("sluice conntrack (live flows):\n{conntrack}");
     if once {
-        if let Err(e) = check(&failures, &answered, &sluice, &node.ns, &pins, node.addr) {
-            eprintln!("demo: FAILED; the agent's log:\n{}", agent.log());
+        let sources = [(2, PODS[0], c.outside[0].addr), (2, PODS[1], node.addr)];
+        let result =
+            check(&failures, &answered, &sluice, &node.ns, pins, node.addr).and_then(|()| {
+                for (i, pod, want) in sources {
+                    ensure!(
+                        seen.iter()
+                            .all(|(f, p, saw)| *f != i || p != pod || *saw == want.to_string()),
+                        "from outside, {pod} should have seen {want}: {seen:?}"
+                    );
+                }
+                Ok(())
+            });
+        if let Err(e) = result {
+            for (k, agent) in agents.iter().enumerate() {
+                eprintln!(
+                    "demo: FAILED; the log of the agent on node{k}:\n{}",
+                    agent.log()
+                );
+            }
             return Err(e);
         }
-        println!("demo: ok: every call answered; both pods served every frontend");
+        println!(
+            "demo: ok: every call answered; both pods served every frontend; from outside, the \
+             pod on node0 saw the client and the pod on node1 saw node0 (SNAT)"
+        );
     }
-    drop(agent);
+    drop(agents);
     Ok(())
 }
 
