@@ -97,6 +97,7 @@ fn filler(i: u32) -> ServicePort {
         protocol: kubeproxy::Protocol::Tcp,
         cluster_ip: plan::cluster_ip(u16::try_from(i).expect("fewer than 16,000 fillers")),
         port: SERVICE_PORT,
+        node_port: None,
         endpoints: (0..3).map(|k| filler_endpoint(3 * i + k)).collect(),
     }
 }
@@ -110,6 +111,7 @@ fn traffic(backends: &[Ipv4Addr]) -> [ServicePort; 2] {
         protocol,
         cluster_ip: plan::cluster_ip(TRAFFIC_IP_INDEX),
         port: SERVICE_PORT,
+        node_port: None,
         endpoints: backends
             .iter()
             .map(|a| SocketAddrV4::new(*a, TARGET_PORT))

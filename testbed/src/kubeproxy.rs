@@ -1,15 +1,19 @@
 //! The rule sets kube-proxy itself writes, byte for byte where its source says so, for the
 //! benchmark that sets sluice against kube-proxy's iptables mode and nftables mode.
 //!
-//! Only what a ClusterIP Service needs is generated per Service (no NodePort, LoadBalancer or
-//! externalIP rules, no session affinity, no traffic policies), but the fixed scaffolding is all
-//! there as kube-proxy writes it: the jumps from the built-in chains, KUBE-NODEPORTS and
-//! KUBE-FORWARD, the `service-nodeports` map, the no-endpoint and firewall checks.
+//! Generated per Service: what a ClusterIP Service needs and, for a port with a `nodePort`,
+//! what a NodePort Service with `externalTrafficPolicy: Cluster` adds (the external chain that
+//! marks every packet for masquerading, the NodePort dispatch and the no-endpoint reject). No
+//! LoadBalancer or externalIP rules, no session affinity, no Local traffic policies. The fixed
+//! scaffolding is all there as kube-proxy writes it: the jumps from the built-in chains,
+//! KUBE-NODEPORTS and KUBE-FORWARD, the `service-nodeports` map, the no-endpoint and firewall
+//! checks.
 //!
 //! Where the shapes come from (kubernetes/kubernetes):
 //! - iptables: `pkg/proxy/iptables/proxier.go` (`syncProxyRules`, `writeServiceToEndpointRules`,
-//!   `iptablesJumpChains`, `portProtoHash`, `servicePortEndpointChainName`), checked against the
-//!   expected restore texts in `pkg/proxy/iptables/proxier_test.go`.
+//!   `iptablesJumpChains`, `portProtoHash`, `servicePortEndpointChainName`,
+//!   `serviceExternalChainName`), checked against the expected restore texts in
+//!   `pkg/proxy/iptables/proxier_test.go` (`TestOverallIPTablesRules`).
 //! - nftables: `pkg/proxy/nftables/proxier.go` (`setupNFTables`, `syncProxyRules`,
 //!   `hashAndTruncate`, `nftElementStorage`) and the exact rules expected by
 //!   `TestOverallNFTablesRules`/`TestSyncProxyRulesRepeated` in `proxier_test.go` (the version
@@ -62,7 +66,7 @@ impl Protocol {
     }
 }
 
-/// One port of a ClusterIP Service with its ready endpoints.
+/// One port of a ClusterIP or NodePort Service with its ready endpoints.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServicePort {
     pub namespace: String,
@@ -72,6 +76,9 @@ pub struct ServicePort {
     pub protocol: Protocol,
     pub cluster_ip: Ipv4Addr,
     pub port: u16,
+    /// The port's `nodePort` (a Service of type NodePort, `externalTrafficPolicy: Cluster`);
+    /// `None` for a ClusterIP Service.
+    pub node_port: Option<u16>,
     pub endpoints: Vec<SocketAddrV4>,
 }
 
@@ -241,10 +248,27 @@ pub mod iptables {
         sep_chain(&sp.port_name_string(), sp.protocol, &ep.to_string())
     }
 
+    /// `KUBE-EXT-` + the KUBE-SVC chain's hash (`serviceExternalChainName`, `portProtoHash`):
+    /// the chain NodePort traffic jumps to.
+    pub fn external_chain(sp: &ServicePort) -> String {
+        ext_chain(&svc_chain(&sp.port_name_string(), sp.protocol))
+    }
+
     fn svc_chain(name: &str, protocol: Protocol) -> String {
         let mut chain = String::with_capacity(25);
         chain.push_str("KUBE-SVC-");
         push_hash(&mut chain, &[name, protocol.as_str()], 16);
+        chain
+    }
+
+    /// The KUBE-EXT chain of the service whose KUBE-SVC chain is `svc` (the same hash).
+    fn ext_chain(svc: &str) -> String {
+        let hash = svc
+            .strip_prefix("KUBE-SVC-")
+            .expect("a KUBE-SVC chain name");
+        let mut chain = String::with_capacity(25);
+        chain.push_str("KUBE-EXT-");
+        chain.push_str(hash);
         chain
     }
 
@@ -340,11 +364,12 @@ pub mod iptables {
     }
 
     /// What a partial sync (MinimizeIPTablesRestore, on by default) writes after `old`
-    /// changed into `new` (the same service port, other endpoints); `services` is the whole
-    /// new set and contains `new`. Every sync rewrites the filter table's chains, KUBE-SERVICES
-    /// (one rule per service), KUBE-NODEPORTS, KUBE-POSTROUTING and KUBE-MARK-MASQ; only the
-    /// changed service's KUBE-SVC and KUBE-SEP chains are rewritten; its endpoint chains that
-    /// are gone are flushed and deleted (`-X`).
+    /// changed into `new` (the same service port and nodePort, other endpoints); `services` is
+    /// the whole new set and contains `new`. Every sync rewrites the filter table's chains,
+    /// KUBE-SERVICES (one rule per service), KUBE-NODEPORTS (one rule per nodePort),
+    /// KUBE-POSTROUTING and KUBE-MARK-MASQ; only the changed service's KUBE-EXT, KUBE-SVC and
+    /// KUBE-SEP chains are rewritten; its endpoint chains that are gone are flushed and deleted
+    /// (`-X`), and so are its KUBE-SVC and KUBE-EXT chains when it has no endpoints left.
     ///
     /// kube-proxy finds those stale chains by running `iptables-save -t nat` before the
     /// restore; in large cluster mode it does that (and the `-X`) at most once per
@@ -355,6 +380,10 @@ pub mod iptables {
         old: &ServicePort,
         new: &ServicePort,
     ) -> String {
+        assert_eq!(
+            old.node_port, new.node_port,
+            "a partial sync here changes endpoints only"
+        );
         write_sync(cfg, services, Some((old, new)))
     }
 
@@ -365,12 +394,25 @@ pub mod iptables {
         ip: String,
         port: String,
         svc: String,
+        /// The KUBE-EXT chain and the nodePort, for a port with a nodePort.
+        external: Option<(String, String)>,
         /// With their KUBE-SEP chains; empty when this sync leaves the service's chains alone.
         endpoints: Vec<(Endpoint, String)>,
     }
 
-    /// `syncProxyRules` for ClusterIP services: everything when `changed` is `None`, else the
-    /// partial sync for that one change.
+    /// `syncProxyRules` for ClusterIP and NodePort (`externalTrafficPolicy: Cluster`) services:
+    /// everything when `changed` is `None`, else the partial sync for that one change.
+    ///
+    /// Per service port, in kube-proxy's order: the filter REJECT rules of a port without
+    /// endpoints (KUBE-SERVICES for its ClusterIP, KUBE-EXTERNAL-SERVICES for its nodePort);
+    /// the nat KUBE-SERVICES and KUBE-NODEPORTS rules (written by every sync); then, when the
+    /// service is rewritten, the KUBE-SVC masquerade rule, the KUBE-EXT rules, the KUBE-SVC
+    /// dispatch and the KUBE-SEP chains, with the chain lines KUBE-EXT, KUBE-SVC, KUBE-SEP....
+    ///
+    /// kube-proxy adds a second KUBE-NODEPORTS rule per nodePort (`-d 127.0.0.0/8 ... -m nfacct
+    /// --nfacct-name localhost_nps_accepted_pkts`) only when it could create that nfacct
+    /// counter, which iptables-restore cannot; as with KUBE-FORWARD's INVALID rule, these are
+    /// the rules of a node without nfacct.
     fn write_sync(
         cfg: &ProxyConfig,
         services: &[ServicePort],
@@ -396,11 +438,13 @@ pub mod iptables {
                 } else {
                     Vec::new()
                 };
+                let svc = svc_chain(&name, sp.protocol);
                 Rendered {
                     sp,
                     ip: ipv4_string(sp.cluster_ip),
                     port: decimal(sp.port),
-                    svc: svc_chain(&name, sp.protocol),
+                    external: sp.node_port.map(|np| (ext_chain(&svc), decimal(np))),
+                    svc,
                     name,
                     endpoints,
                 }
@@ -417,6 +461,9 @@ pub mod iptables {
         for r in &rendered {
             let n = r.name.len();
             capacity += 160 + n;
+            if r.external.is_some() {
+                capacity += 280 + 2 * n;
+            }
             if !r.endpoints.is_empty() {
                 capacity += 240 + n + r.endpoints.len() * (440 + 3 * n);
             }
@@ -441,14 +488,21 @@ pub mod iptables {
         );
         for sp in services.iter().filter(|s| s.endpoints.is_empty()) {
             let p = sp.protocol.as_str();
+            let name = sp.port_name_string();
             push_line!(
                 out,
-                "-A KUBE-SERVICES -m comment --comment \"{} has no endpoints\" -m {p} -p {p} \
+                "-A KUBE-SERVICES -m comment --comment \"{name} has no endpoints\" -m {p} -p {p} \
                  -d {} --dport {} -j REJECT",
-                sp.port_name_string(),
                 sp.cluster_ip,
                 sp.port
             );
+            if let Some(node_port) = sp.node_port {
+                push_line!(
+                    out,
+                    "-A KUBE-EXTERNAL-SERVICES -m comment --comment \"{name} has no endpoints\" \
+                     -m addrtype --dst-type LOCAL -m {p} -p {p} --dport {node_port} -j REJECT"
+                );
+            }
         }
         // kube-proxy adds `-m nfacct --nfacct-name ...` before `-j DROP` only when it could
         // create that nfacct counter; iptables-restore cannot, and without the counter the
@@ -475,6 +529,9 @@ pub mod iptables {
             push_all(&mut out, &[":", chain, " - [0:0]\n"]);
         }
         for r in rendered.iter().filter(|r| !r.endpoints.is_empty()) {
+            if let Some((ext, _)) = &r.external {
+                push_all(&mut out, &[":", ext, " - [0:0]\n"]);
+            }
             push_all(&mut out, &[":", &r.svc, " - [0:0]\n"]);
             for (_, sep) in &r.endpoints {
                 push_all(&mut out, &[":", sep, " - [0:0]\n"]);
@@ -506,6 +563,13 @@ pub mod iptables {
                 "-A KUBE-SERVICES -m comment --comment \"", name, " cluster IP\" -m ", p, " -p ", p,
                 " -d ", ip, " --dport ", port, " -j ", svc, "\n",
             ]);
+            if let Some((ext, node_port)) = &r.external {
+                #[rustfmt::skip]
+                push_all(&mut out, &[
+                    "-A KUBE-NODEPORTS -m comment --comment ", name, " -m ", p, " -p ", p,
+                    " --dport ", node_port, " -j ", ext, "\n",
+                ]);
+            }
             if r.endpoints.is_empty() {
                 continue;
             }
@@ -514,6 +578,16 @@ pub mod iptables {
                 "-A ", svc, " -m comment --comment \"", name, " cluster IP\" -m ", p, " -p ", p,
                 " -d ", ip, " --dport ", port, " ! -s ", &cidr, " -j KUBE-MARK-MASQ\n",
             ]);
+            // externalTrafficPolicy: Cluster, so every packet to a nodePort is masqueraded:
+            // the endpoint may be on another node.
+            if let Some((ext, _)) = &r.external {
+                #[rustfmt::skip]
+                push_all(&mut out, &[
+                    "-A ", ext, " -m comment --comment \"masquerade traffic for ", name,
+                    " external destinations\" -j KUBE-MARK-MASQ\n",
+                    "-A ", ext, " -j ", svc, "\n",
+                ]);
+            }
             let n = r.endpoints.len();
             for (i, (ep, sep)) in r.endpoints.iter().enumerate() {
                 push_all(&mut out, &["-A ", svc]);
@@ -555,7 +629,8 @@ pub mod iptables {
         out
     }
 
-    /// The chains of `old` that `new` no longer uses.
+    /// The chains of `old` that `new` no longer uses. (kube-proxy walks a set here, so its
+    /// order varies; this one is the endpoint chains, then KUBE-SVC, then KUBE-EXT.)
     fn stale_chains(old: &ServicePort, new: &ServicePort) -> Vec<String> {
         let name = old.port_name_string();
         let kept: HashSet<SocketAddrV4> = new.endpoints.iter().copied().collect();
@@ -566,7 +641,14 @@ pub mod iptables {
             .map(|e| sep_chain(&name, old.protocol, &e.ip_port))
             .collect();
         if new.endpoints.is_empty() && !old.endpoints.is_empty() {
-            stale.push(svc_chain(&name, old.protocol));
+            let svc = svc_chain(&name, old.protocol);
+            if old.node_port.is_some() {
+                let ext = ext_chain(&svc);
+                stale.push(svc);
+                stale.push(ext);
+            } else {
+                stale.push(svc);
+            }
         }
         stale
     }
@@ -604,6 +686,12 @@ pub mod nftables {
         ep_chain(&base(sp), ep)
     }
 
+    /// `external-HASH-ns/name/protocol/portname` (`serviceExternalChainNamePrefix` + the
+    /// service chain's base), e.g. `external-4AT6LBPK-ns3/svc3/tcp/p80`.
+    pub fn external_chain(sp: &ServicePort) -> String {
+        chain_name("external-", &base(sp))
+    }
+
     fn base(sp: &ServicePort) -> String {
         format!(
             "{}/{}/{}/{}",
@@ -627,6 +715,8 @@ pub mod nftables {
     /// One service port's chain names and strings, endpoints in kube-proxy's order.
     struct Chains {
         service: String,
+        /// The external chain and the nodePort, for a port with a nodePort.
+        external: Option<(String, String)>,
         ip: String,
         protocol: &'static str,
         port: String,
@@ -646,6 +736,9 @@ pub mod nftables {
                 .collect();
             Self {
                 service: chain_name("service-", &base),
+                external: sp
+                    .node_port
+                    .map(|np| (chain_name("external-", &base), decimal(np))),
                 ip: ipv4_string(sp.cluster_ip),
                 protocol: sp.protocol.as_str(),
                 port: decimal(sp.port),
@@ -656,12 +749,34 @@ pub mod nftables {
         /// Bytes this service port adds to a transaction, generously.
         fn estimate(&self) -> usize {
             let endpoints: usize = self.endpoints.iter().map(|(_, c)| 5 * c.len() + 260).sum();
-            400 + 6 * self.service.len() + endpoints
+            let external = self.external.as_ref().map_or(0, |(e, _)| 300 + 6 * e.len());
+            400 + 6 * self.service.len() + external + endpoints
+        }
+
+        /// `ensureChain` for every chain of a port with endpoints, in kube-proxy's order:
+        /// the endpoint chains, the service chain, the external chain.
+        fn add_and_flush_chains(&self, out: &mut String) {
+            for (_, ep) in &self.endpoints {
+                add_and_flush_chain(out, ep);
+            }
+            add_and_flush_chain(out, &self.service);
+            if let Some((external, _)) = &self.external {
+                add_and_flush_chain(out, external);
+            }
         }
     }
 
     /// The first sync's transaction: creates the table and everything in it (`setupNFTables`
     /// on a proxier that has not flushed yet, then every service).
+    ///
+    /// Per service port, in `syncProxyRules`' order: its chains created and flushed; its
+    /// `cluster-ips` element; its `service-ips` element (or `no-endpoint-services`); its
+    /// `service-nodeports` element (or `no-endpoint-nodeports`) if it has a nodePort; then the
+    /// service chain's masquerade rule, the external chain's rules (`jump mark-for-masquerade`,
+    /// `goto` the service chain: `externalTrafficPolicy: Cluster`), the service chain's
+    /// dispatch and the endpoint chains' rules. NodePort traffic reaches the map through the
+    /// `services` chain's `ip daddr @nodeport-ips ... vmap @service-nodeports` rule of
+    /// [`setup`] (`--nodeport-addresses` defaults to the primary node IP in nftables mode).
     pub fn full(cfg: &ProxyConfig, services: &[ServicePort]) -> String {
         let chains: Vec<Chains> = services.iter().map(Chains::of).collect();
         let capacity = 16384 + chains.iter().map(Chains::estimate).sum::<usize>();
@@ -671,10 +786,7 @@ pub mod nftables {
         let mut cluster_ips = HashSet::with_capacity(services.len());
         for (sp, c) in services.iter().zip(&chains) {
             if !c.endpoints.is_empty() {
-                for (_, ep) in &c.endpoints {
-                    add_and_flush_chain(&mut out, ep);
-                }
-                add_and_flush_chain(&mut out, &c.service);
+                c.add_and_flush_chains(&mut out);
             }
             // nftElementStorage adds an element once, however many ports share the address.
             if cluster_ips.insert(sp.cluster_ip) {
@@ -685,8 +797,10 @@ pub mod nftables {
             }
             if c.endpoints.is_empty() {
                 add_no_endpoint_element(&mut out, sp, c);
+                add_no_endpoint_nodeport_element(&mut out, sp, c);
             } else {
                 add_service_element(&mut out, c);
+                add_nodeport_element(&mut out, c);
                 service_rules(&mut out, &cidr, c);
             }
         }
@@ -694,26 +808,34 @@ pub mod nftables {
     }
 
     /// The transaction kube-proxy's partial sync issues after `old` changed into `new` (the
-    /// same service port, other endpoints): every endpoint chain of `new` and its service
-    /// chain created (if missing), flushed and refilled; map elements only where the verdict
-    /// changed; the endpoint chains `new` no longer uses flushed. Those are deleted by the next
-    /// sync at least a second later, in a transaction of their own: [`delete_stale`].
+    /// same service port and nodePort, other endpoints): every endpoint chain of `new`, its
+    /// service chain and its external chain created (if missing), flushed and refilled; map
+    /// elements only where the verdict changed; the chains `new` no longer uses flushed. Those
+    /// are deleted by the next sync at least a second later, in a transaction of their own:
+    /// [`delete_stale`].
     ///
     /// Before running it kube-proxy lists the table's chains and sets (`nft -j list chains ip`,
     /// `nft -j list sets ip`) to find stale ones; unchanged services add nothing.
     pub fn change(cfg: &ProxyConfig, old: &ServicePort, new: &ServicePort) -> String {
+        assert_eq!(
+            old.node_port, new.node_port,
+            "a change here changes endpoints only"
+        );
         let c = Chains::of(new);
         let mut out = String::with_capacity(1024 + c.estimate());
         if !c.endpoints.is_empty() {
-            for (_, ep) in &c.endpoints {
-                add_and_flush_chain(&mut out, ep);
-            }
-            add_and_flush_chain(&mut out, &c.service);
+            c.add_and_flush_chains(&mut out);
         }
         let (had, has) = (!old.endpoints.is_empty(), !new.endpoints.is_empty());
         match (had, has) {
-            (false, true) => add_service_element(&mut out, &c),
-            (true, false) => add_no_endpoint_element(&mut out, new, &c),
+            (false, true) => {
+                add_service_element(&mut out, &c);
+                add_nodeport_element(&mut out, &c);
+            }
+            (true, false) => {
+                add_no_endpoint_element(&mut out, new, &c);
+                add_no_endpoint_nodeport_element(&mut out, new, &c);
+            }
             _ => {}
         }
         if has {
@@ -723,16 +845,29 @@ pub mod nftables {
         for stale in stale_chains(old, new) {
             push_all(&mut out, &["flush chain ip kube-proxy ", &stale, "\n"]);
         }
-        // nftElementStorage.cleanupLeftoverKeys: the element the service no longer has.
+        // nftElementStorage.cleanupLeftoverKeys, map by map in kube-proxy's order
+        // (service-ips, no-endpoint-services, no-endpoint-nodeports, service-nodeports): the
+        // elements the service no longer has.
         let key = [c.ip.as_str(), " . ", c.protocol, " . ", &c.port, " }\n"];
+        let delete_nodeport = |out: &mut String, map: &str| {
+            if let Some((_, node_port)) = &c.external {
+                #[rustfmt::skip]
+                push_all(out, &[
+                    "delete element ip kube-proxy ", map, " { ", c.protocol, " . ", node_port,
+                    " }\n",
+                ]);
+            }
+        };
         match (had, has) {
             (false, true) => {
                 out.push_str("delete element ip kube-proxy no-endpoint-services { ");
                 push_all(&mut out, &key);
+                delete_nodeport(&mut out, "no-endpoint-nodeports");
             }
             (true, false) => {
                 out.push_str("delete element ip kube-proxy service-ips { ");
                 push_all(&mut out, &key);
+                delete_nodeport(&mut out, "service-nodeports");
             }
             _ => {}
         }
@@ -766,6 +901,9 @@ pub mod nftables {
             .collect();
         if new.endpoints.is_empty() && !old.endpoints.is_empty() {
             stale.push(chain_name("service-", &base));
+            if old.node_port.is_some() {
+                stale.push(chain_name("external-", &base));
+            }
         }
         stale
     }
@@ -795,7 +933,30 @@ pub mod nftables {
         ]);
     }
 
-    /// The service chain's masquerade and dispatch rules, then each endpoint chain's rules.
+    /// A port with a nodePort and endpoints: its `service-nodeports` element.
+    fn add_nodeport_element(out: &mut String, c: &Chains) {
+        if let Some((external, node_port)) = &c.external {
+            #[rustfmt::skip]
+            push_all(out, &[
+                "add element ip kube-proxy service-nodeports { ", c.protocol, " . ", node_port,
+                " : goto ", external, " }\n",
+            ]);
+        }
+    }
+
+    /// A port with a nodePort and no endpoints: its `no-endpoint-nodeports` element.
+    fn add_no_endpoint_nodeport_element(out: &mut String, sp: &ServicePort, c: &Chains) {
+        if let Some((_, node_port)) = &c.external {
+            #[rustfmt::skip]
+            push_all(out, &[
+                "add element ip kube-proxy no-endpoint-nodeports { ", c.protocol, " . ", node_port,
+                " comment \"", &sp.port_name_string(), "\" : goto reject-chain }\n",
+            ]);
+        }
+    }
+
+    /// The service chain's masquerade rule, the external chain's rules, the service chain's
+    /// dispatch rule, then each endpoint chain's rules.
     fn service_rules(out: &mut String, cidr: &str, c: &Chains) {
         let svc = &c.service;
         #[rustfmt::skip]
@@ -803,6 +964,15 @@ pub mod nftables {
             "add rule ip kube-proxy ", svc, " ip daddr ", &c.ip, " ip saddr != ", cidr,
             " jump mark-for-masquerade\n",
         ]);
+        // externalTrafficPolicy: Cluster, so every packet to the nodePort is masqueraded: the
+        // endpoint may be on another node.
+        if let Some((external, _)) = &c.external {
+            #[rustfmt::skip]
+            push_all(out, &[
+                "add rule ip kube-proxy ", external, " jump mark-for-masquerade\n",
+                "add rule ip kube-proxy ", external, " goto ", svc, "\n",
+            ]);
+        }
         push_all(
             out,
             &["add rule ip kube-proxy ", svc, " numgen random mod "],
@@ -1007,6 +1177,7 @@ mod tests {
             protocol,
             cluster_ip: Ipv4Addr::new(198, 18, 128, 1),
             port: 80,
+            node_port: None,
             endpoints: Vec::new(),
         }
     }
@@ -1042,6 +1213,17 @@ mod tests {
             (iptables::service_chain(&svc2), "KUBE-SVC-2VJB64SDSIJUP5T6"),
             (iptables::service_chain(&svc3), "KUBE-SVC-X27LE4BHSL4DOUIK"),
             (iptables::service_chain(&svc4), "KUBE-SVC-4SW47YFZTEDKD3PK"),
+            // TestOverallIPTablesRules: the KUBE-EXT chains share the KUBE-SVC hash.
+            (iptables::external_chain(&svc3), "KUBE-EXT-X27LE4BHSL4DOUIK"),
+            (iptables::external_chain(&svc4), "KUBE-EXT-4SW47YFZTEDKD3PK"),
+            (
+                iptables::external_chain(&sp("ns2", "svc2", "p80", Protocol::Tcp)),
+                "KUBE-EXT-GNZBNJ2PO5MGZ6GT",
+            ),
+            (
+                iptables::external_chain(&sp("ns5", "svc5", "p80", Protocol::Tcp)),
+                "KUBE-EXT-NUKIZ6OKUXPJNT4C",
+            ),
             (
                 iptables::endpoint_chain(&svc1, ep("10.180.0.1:80")),
                 "KUBE-SEP-SXIVWICOYRO3J4NJ",
@@ -1102,6 +1284,19 @@ mod tests {
             (
                 nftables::service_chain(&svc3),
                 "service-4AT6LBPK-ns3/svc3/tcp/p80",
+            ),
+            // TestOverallNFTablesRules: the external chains share the service chain's base.
+            (
+                nftables::external_chain(&svc3),
+                "external-4AT6LBPK-ns3/svc3/tcp/p80",
+            ),
+            (
+                nftables::external_chain(&svc2),
+                "external-42NFTM6N-ns2/svc2/tcp/p80",
+            ),
+            (
+                nftables::external_chain(&sp("ns5", "svc5", "p80", Protocol::Tcp)),
+                "external-HVFWP5L3-ns5/svc5/tcp/p80",
             ),
             (
                 nftables::endpoint_chain(&svc1, ep("10.180.0.1:80")),
@@ -1537,6 +1732,368 @@ delete element ip kube-proxy service-ips { 198.18.128.1 . tcp . 80 }
                  -p tcp -d 198.18.128.1 --dport 80 -j REJECT\n"
             ) && restore.contains("-X KUBE-SVC-ORYCKD7ZOX5JNSP3\n"),
             "expected a REJECT rule in filter KUBE-SERVICES and the service chain deleted:\n{restore}"
+        );
+    }
+
+    // ---- NodePort, externalTrafficPolicy: Cluster ----
+
+    /// kube-proxy's own NodePort Service: `svc3` of `TestOverallIPTablesRules` and
+    /// `TestOverallNFTablesRules` (type NodePort, default externalTrafficPolicy Cluster,
+    /// ClusterIP 172.30.0.43:80, nodePort 3003, one endpoint 10.180.0.3:80; pod CIDR
+    /// 10.0.0.0/8, ServiceCIDR 172.30.0.0/16, node IP 192.168.0.2).
+    fn kube_proxy_svc3() -> (ProxyConfig, ServicePort) {
+        let cfg = ProxyConfig {
+            cluster_cidr: (Ipv4Addr::new(10, 0, 0, 0), 8),
+            service_cidr: (Ipv4Addr::new(172, 30, 0, 0), 16),
+            node_ip: Ipv4Addr::new(192, 168, 0, 2),
+        };
+        let svc3 = ServicePort {
+            cluster_ip: Ipv4Addr::new(172, 30, 0, 43),
+            node_port: Some(3003),
+            endpoints: vec![ep("10.180.0.3:80")],
+            ..sp("ns3", "svc3", "p80", Protocol::Tcp)
+        };
+        (cfg, svc3)
+    }
+
+    /// The lines of `text` that belong to one service (they mention one of `needles`),
+    /// sorted: kube-proxy's tests compare sorted dumps.
+    fn lines_mentioning(text: &str, needles: &[&str], skip_prefix: &str) -> Vec<String> {
+        let mut lines: Vec<String> = text
+            .lines()
+            .filter(|l| needles.iter().any(|n| l.contains(n)))
+            .filter(|l| skip_prefix.is_empty() || !l.starts_with(skip_prefix))
+            .map(str::to_owned)
+            .collect();
+        lines.sort();
+        lines
+    }
+
+    /// Every svc3 line of `TestOverallIPTablesRules`' expected restore, verbatim, except the
+    /// second KUBE-NODEPORTS rule (`-d 127.0.0.0/8 ... -m nfacct --nfacct-name
+    /// localhost_nps_accepted_pkts`), which kube-proxy writes only when it could create that
+    /// nfacct counter.
+    #[test]
+    fn iptables_nodeport_lines_equal_kube_proxys_test_for_svc3() {
+        let (cfg, svc3) = kube_proxy_svc3();
+        let mut want = vec![
+            ":KUBE-EXT-X27LE4BHSL4DOUIK - [0:0]",
+            ":KUBE-SEP-OYPFS5VJICHGATKP - [0:0]",
+            ":KUBE-SVC-X27LE4BHSL4DOUIK - [0:0]",
+            "-A KUBE-NODEPORTS -m comment --comment ns3/svc3:p80 -m tcp -p tcp --dport 3003 -j KUBE-EXT-X27LE4BHSL4DOUIK",
+            "-A KUBE-SERVICES -m comment --comment \"ns3/svc3:p80 cluster IP\" -m tcp -p tcp -d 172.30.0.43 --dport 80 -j KUBE-SVC-X27LE4BHSL4DOUIK",
+            "-A KUBE-EXT-X27LE4BHSL4DOUIK -m comment --comment \"masquerade traffic for ns3/svc3:p80 external destinations\" -j KUBE-MARK-MASQ",
+            "-A KUBE-EXT-X27LE4BHSL4DOUIK -j KUBE-SVC-X27LE4BHSL4DOUIK",
+            "-A KUBE-SEP-OYPFS5VJICHGATKP -m comment --comment ns3/svc3:p80 -s 10.180.0.3 -j KUBE-MARK-MASQ",
+            "-A KUBE-SEP-OYPFS5VJICHGATKP -m comment --comment ns3/svc3:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.3:80",
+            "-A KUBE-SVC-X27LE4BHSL4DOUIK -m comment --comment \"ns3/svc3:p80 cluster IP\" -m tcp -p tcp -d 172.30.0.43 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ",
+            "-A KUBE-SVC-X27LE4BHSL4DOUIK -m comment --comment \"ns3/svc3:p80 -> 10.180.0.3:80\" -j KUBE-SEP-OYPFS5VJICHGATKP",
+        ];
+        want.sort_unstable();
+        let text = iptables::full_restore(&cfg, &[svc3]);
+        let got = lines_mentioning(&text, &["svc3", "X27LE4BHSL4DOUIK", "OYPFS5VJICHGATKP"], "");
+        assert_eq!(got, want, "whole text:\n{text}");
+        // With endpoints and externalTrafficPolicy Cluster kube-proxy adds nothing to the
+        // filter table for a nodePort.
+        let filter = text.split("*nat").next().expect("a filter table");
+        assert_eq!(filter, FILTER_TABLE);
+    }
+
+    /// Every svc3 line of `TestOverallNFTablesRules`' expected dump, verbatim. (The fake
+    /// nftables dump leaves out the transaction's `flush chain` lines.)
+    #[test]
+    fn nftables_nodeport_lines_equal_kube_proxys_test_for_svc3() {
+        let (cfg, svc3) = kube_proxy_svc3();
+        let mut want = vec![
+            "add chain ip kube-proxy service-4AT6LBPK-ns3/svc3/tcp/p80",
+            "add rule ip kube-proxy service-4AT6LBPK-ns3/svc3/tcp/p80 ip daddr 172.30.0.43 ip saddr != 10.0.0.0/8 jump mark-for-masquerade",
+            "add rule ip kube-proxy service-4AT6LBPK-ns3/svc3/tcp/p80 numgen random mod 1 vmap { 0 : goto endpoint-UEIP74TE-ns3/svc3/tcp/p80__10.180.0.3/80 }",
+            "add chain ip kube-proxy external-4AT6LBPK-ns3/svc3/tcp/p80",
+            "add rule ip kube-proxy external-4AT6LBPK-ns3/svc3/tcp/p80 jump mark-for-masquerade",
+            "add rule ip kube-proxy external-4AT6LBPK-ns3/svc3/tcp/p80 goto service-4AT6LBPK-ns3/svc3/tcp/p80",
+            "add chain ip kube-proxy endpoint-UEIP74TE-ns3/svc3/tcp/p80__10.180.0.3/80",
+            "add rule ip kube-proxy endpoint-UEIP74TE-ns3/svc3/tcp/p80__10.180.0.3/80 ip saddr 10.180.0.3 jump mark-for-masquerade",
+            "add rule ip kube-proxy endpoint-UEIP74TE-ns3/svc3/tcp/p80__10.180.0.3/80 meta l4proto tcp dnat to 10.180.0.3:80",
+            "add element ip kube-proxy cluster-ips { 172.30.0.43 }",
+            "add element ip kube-proxy service-ips { 172.30.0.43 . tcp . 80 : goto service-4AT6LBPK-ns3/svc3/tcp/p80 }",
+            "add element ip kube-proxy service-nodeports { tcp . 3003 : goto external-4AT6LBPK-ns3/svc3/tcp/p80 }",
+        ];
+        want.sort_unstable();
+        let text = nftables::full(&cfg, &[svc3]);
+        let got = lines_mentioning(&text, &["svc3", "172.30.0.43"], "flush chain ");
+        assert_eq!(got, want, "whole text:\n{text}");
+        // The setup already dispatches NodePort traffic: `--nodeport-addresses` defaults to
+        // the primary node IP in nftables mode (`baseRules` in proxier_test.go).
+        for line in [
+            "add element ip kube-proxy nodeport-ips { 192.168.0.2 }\n",
+            "add rule ip kube-proxy services ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports\n",
+        ] {
+            assert!(text.contains(line), "expected {line:?} in:\n{text}");
+        }
+    }
+
+    /// web() as a NodePort Service: nodePort 30080.
+    fn web_np() -> ServicePort {
+        ServicePort {
+            node_port: Some(30080),
+            ..web()
+        }
+    }
+
+    /// web_np() with 198.19.0.13 replaced by 198.19.0.14.
+    fn web_np_changed() -> ServicePort {
+        ServicePort {
+            node_port: Some(30080),
+            ..web_changed()
+        }
+    }
+
+    /// api() as a NodePort Service: nodePort 30090; it does not change.
+    fn api_np() -> ServicePort {
+        ServicePort {
+            node_port: Some(30090),
+            ..api()
+        }
+    }
+
+    /// The shape of svc3 in `TestOverallIPTablesRules`, in the order `syncProxyRules` writes
+    /// it: chain lines KUBE-EXT, KUBE-SVC, KUBE-SEP...; rules KUBE-SERVICES, KUBE-NODEPORTS,
+    /// the KUBE-SVC masquerade rule, the two KUBE-EXT rules, then the dispatch and endpoints.
+    #[test]
+    fn iptables_full_restore_is_kube_proxys_text_for_one_nodeport_service() {
+        let want = FILTER_TABLE.to_owned()
+            + "*nat
+:KUBE-SERVICES - [0:0]
+:KUBE-NODEPORTS - [0:0]
+:KUBE-POSTROUTING - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-EXT-ORYCKD7ZOX5JNSP3 - [0:0]
+:KUBE-SVC-ORYCKD7ZOX5JNSP3 - [0:0]
+:KUBE-SEP-TYQHSLZ5NGHODEHC - [0:0]
+:KUBE-SEP-5HSOZTVHQMJW5KWP - [0:0]
+:KUBE-SEP-ZIB6QAJMOESWRJBN - [0:0]
+-A KUBE-POSTROUTING -m mark ! --mark 0x00004000/0x00004000 -j RETURN
+-A KUBE-POSTROUTING -j MARK --xor-mark 0x00004000
+-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully
+-A KUBE-MARK-MASQ -j MARK --or-mark 0x00004000
+-A KUBE-SERVICES -m comment --comment \"bench/web:http cluster IP\" -m tcp -p tcp -d 198.18.128.1 --dport 80 -j KUBE-SVC-ORYCKD7ZOX5JNSP3
+-A KUBE-NODEPORTS -m comment --comment bench/web:http -m tcp -p tcp --dport 30080 -j KUBE-EXT-ORYCKD7ZOX5JNSP3
+-A KUBE-SVC-ORYCKD7ZOX5JNSP3 -m comment --comment \"bench/web:http cluster IP\" -m tcp -p tcp -d 198.18.128.1 --dport 80 ! -s 198.19.0.0/16 -j KUBE-MARK-MASQ
+-A KUBE-EXT-ORYCKD7ZOX5JNSP3 -m comment --comment \"masquerade traffic for bench/web:http external destinations\" -j KUBE-MARK-MASQ
+-A KUBE-EXT-ORYCKD7ZOX5JNSP3 -j KUBE-SVC-ORYCKD7ZOX5JNSP3
+-A KUBE-SVC-ORYCKD7ZOX5JNSP3 -m comment --comment \"bench/web:http -> 198.19.0.11:8080\" -m statistic --mode random --probability 0.3333333333 -j KUBE-SEP-TYQHSLZ5NGHODEHC
+-A KUBE-SVC-ORYCKD7ZOX5JNSP3 -m comment --comment \"bench/web:http -> 198.19.0.12:8080\" -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-5HSOZTVHQMJW5KWP
+-A KUBE-SVC-ORYCKD7ZOX5JNSP3 -m comment --comment \"bench/web:http -> 198.19.0.13:8080\" -j KUBE-SEP-ZIB6QAJMOESWRJBN
+-A KUBE-SEP-TYQHSLZ5NGHODEHC -m comment --comment bench/web:http -s 198.19.0.11 -j KUBE-MARK-MASQ
+-A KUBE-SEP-TYQHSLZ5NGHODEHC -m comment --comment bench/web:http -m tcp -p tcp -j DNAT --to-destination 198.19.0.11:8080
+-A KUBE-SEP-5HSOZTVHQMJW5KWP -m comment --comment bench/web:http -s 198.19.0.12 -j KUBE-MARK-MASQ
+-A KUBE-SEP-5HSOZTVHQMJW5KWP -m comment --comment bench/web:http -m tcp -p tcp -j DNAT --to-destination 198.19.0.12:8080
+-A KUBE-SEP-ZIB6QAJMOESWRJBN -m comment --comment bench/web:http -s 198.19.0.13 -j KUBE-MARK-MASQ
+-A KUBE-SEP-ZIB6QAJMOESWRJBN -m comment --comment bench/web:http -m tcp -p tcp -j DNAT --to-destination 198.19.0.13:8080
+-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+COMMIT
+";
+        assert_text(
+            "full iptables restore with a nodePort",
+            &iptables::full_restore(&cfg(), &[web_np()]),
+            &want,
+        );
+    }
+
+    /// The changed NodePort service's KUBE-EXT chain is rewritten with its KUBE-SVC chain;
+    /// the unchanged one keeps its chains but, like every sync, gets its KUBE-SERVICES and
+    /// KUBE-NODEPORTS rules (they are written before `syncProxyRules` switches an unchanged
+    /// service to the skipped buffers).
+    #[test]
+    fn iptables_partial_restore_rewrites_the_changed_services_external_chain() {
+        let want = FILTER_TABLE.to_owned()
+            + "*nat
+:KUBE-SERVICES - [0:0]
+:KUBE-NODEPORTS - [0:0]
+:KUBE-POSTROUTING - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-EXT-ORYCKD7ZOX5JNSP3 - [0:0]
+:KUBE-SVC-ORYCKD7ZOX5JNSP3 - [0:0]
+:KUBE-SEP-TYQHSLZ5NGHODEHC - [0:0]
+:KUBE-SEP-5HSOZTVHQMJW5KWP - [0:0]
+:KUBE-SEP-PB4NS7FPK4JKFGOI - [0:0]
+:KUBE-SEP-ZIB6QAJMOESWRJBN - [0:0]
+-A KUBE-POSTROUTING -m mark ! --mark 0x00004000/0x00004000 -j RETURN
+-A KUBE-POSTROUTING -j MARK --xor-mark 0x00004000
+-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully
+-A KUBE-MARK-MASQ -j MARK --or-mark 0x00004000
+-A KUBE-SERVICES -m comment --comment \"bench/api:grpc cluster IP\" -m tcp -p tcp -d 198.18.128.2 --dport 9090 -j KUBE-SVC-VG2GQ5EPGBMD5Z2V
+-A KUBE-NODEPORTS -m comment --comment bench/api:grpc -m tcp -p tcp --dport 30090 -j KUBE-EXT-VG2GQ5EPGBMD5Z2V
+-A KUBE-SERVICES -m comment --comment \"bench/web:http cluster IP\" -m tcp -p tcp -d 198.18.128.1 --dport 80 -j KUBE-SVC-ORYCKD7ZOX5JNSP3
+-A KUBE-NODEPORTS -m comment --comment bench/web:http -m tcp -p tcp --dport 30080 -j KUBE-EXT-ORYCKD7ZOX5JNSP3
+-A KUBE-SVC-ORYCKD7ZOX5JNSP3 -m comment --comment \"bench/web:http cluster IP\" -m tcp -p tcp -d 198.18.128.1 --dport 80 ! -s 198.19.0.0/16 -j KUBE-MARK-MASQ
+-A KUBE-EXT-ORYCKD7ZOX5JNSP3 -m comment --comment \"masquerade traffic for bench/web:http external destinations\" -j KUBE-MARK-MASQ
+-A KUBE-EXT-ORYCKD7ZOX5JNSP3 -j KUBE-SVC-ORYCKD7ZOX5JNSP3
+-A KUBE-SVC-ORYCKD7ZOX5JNSP3 -m comment --comment \"bench/web:http -> 198.19.0.11:8080\" -m statistic --mode random --probability 0.3333333333 -j KUBE-SEP-TYQHSLZ5NGHODEHC
+-A KUBE-SVC-ORYCKD7ZOX5JNSP3 -m comment --comment \"bench/web:http -> 198.19.0.12:8080\" -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-5HSOZTVHQMJW5KWP
+-A KUBE-SVC-ORYCKD7ZOX5JNSP3 -m comment --comment \"bench/web:http -> 198.19.0.14:8080\" -j KUBE-SEP-PB4NS7FPK4JKFGOI
+-A KUBE-SEP-TYQHSLZ5NGHODEHC -m comment --comment bench/web:http -s 198.19.0.11 -j KUBE-MARK-MASQ
+-A KUBE-SEP-TYQHSLZ5NGHODEHC -m comment --comment bench/web:http -m tcp -p tcp -j DNAT --to-destination 198.19.0.11:8080
+-A KUBE-SEP-5HSOZTVHQMJW5KWP -m comment --comment bench/web:http -s 198.19.0.12 -j KUBE-MARK-MASQ
+-A KUBE-SEP-5HSOZTVHQMJW5KWP -m comment --comment bench/web:http -m tcp -p tcp -j DNAT --to-destination 198.19.0.12:8080
+-A KUBE-SEP-PB4NS7FPK4JKFGOI -m comment --comment bench/web:http -s 198.19.0.14 -j KUBE-MARK-MASQ
+-A KUBE-SEP-PB4NS7FPK4JKFGOI -m comment --comment bench/web:http -m tcp -p tcp -j DNAT --to-destination 198.19.0.14:8080
+-X KUBE-SEP-ZIB6QAJMOESWRJBN
+-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+COMMIT
+";
+        assert_text(
+            "partial iptables restore with nodePorts",
+            &iptables::partial_restore(
+                &cfg(),
+                &[api_np(), web_np_changed()],
+                &web_np(),
+                &web_np_changed(),
+            ),
+            &want,
+        );
+    }
+
+    /// svc3 of `TestOverallNFTablesRules` in transaction order (`syncProxyRules`): the chains
+    /// (endpoints, service, external), the elements (cluster-ips, service-ips,
+    /// service-nodeports), the service chain's masquerade rule, the external chain's rules,
+    /// the dispatch, the endpoint chains' rules.
+    #[test]
+    fn nftables_full_is_kube_proxys_first_transaction_for_one_nodeport_service() {
+        let want = NFT_SETUP.to_owned()
+            + "add chain ip kube-proxy endpoint-YAJHH6Y5-bench/web/tcp/http__198.19.0.11/8080
+flush chain ip kube-proxy endpoint-YAJHH6Y5-bench/web/tcp/http__198.19.0.11/8080
+add chain ip kube-proxy endpoint-QLZOBDRZ-bench/web/tcp/http__198.19.0.12/8080
+flush chain ip kube-proxy endpoint-QLZOBDRZ-bench/web/tcp/http__198.19.0.12/8080
+add chain ip kube-proxy endpoint-ILCUDCQB-bench/web/tcp/http__198.19.0.13/8080
+flush chain ip kube-proxy endpoint-ILCUDCQB-bench/web/tcp/http__198.19.0.13/8080
+add chain ip kube-proxy service-XS2ODQL6-bench/web/tcp/http
+flush chain ip kube-proxy service-XS2ODQL6-bench/web/tcp/http
+add chain ip kube-proxy external-XS2ODQL6-bench/web/tcp/http
+flush chain ip kube-proxy external-XS2ODQL6-bench/web/tcp/http
+add element ip kube-proxy cluster-ips { 198.18.128.1 }
+add element ip kube-proxy service-ips { 198.18.128.1 . tcp . 80 : goto service-XS2ODQL6-bench/web/tcp/http }
+add element ip kube-proxy service-nodeports { tcp . 30080 : goto external-XS2ODQL6-bench/web/tcp/http }
+add rule ip kube-proxy service-XS2ODQL6-bench/web/tcp/http ip daddr 198.18.128.1 ip saddr != 198.19.0.0/16 jump mark-for-masquerade
+add rule ip kube-proxy external-XS2ODQL6-bench/web/tcp/http jump mark-for-masquerade
+add rule ip kube-proxy external-XS2ODQL6-bench/web/tcp/http goto service-XS2ODQL6-bench/web/tcp/http
+add rule ip kube-proxy service-XS2ODQL6-bench/web/tcp/http numgen random mod 3 vmap { 0 : goto endpoint-YAJHH6Y5-bench/web/tcp/http__198.19.0.11/8080 , 1 : goto endpoint-QLZOBDRZ-bench/web/tcp/http__198.19.0.12/8080 , 2 : goto endpoint-ILCUDCQB-bench/web/tcp/http__198.19.0.13/8080 }
+add rule ip kube-proxy endpoint-YAJHH6Y5-bench/web/tcp/http__198.19.0.11/8080 ip saddr 198.19.0.11 jump mark-for-masquerade
+add rule ip kube-proxy endpoint-YAJHH6Y5-bench/web/tcp/http__198.19.0.11/8080 meta l4proto tcp dnat to 198.19.0.11:8080
+add rule ip kube-proxy endpoint-QLZOBDRZ-bench/web/tcp/http__198.19.0.12/8080 ip saddr 198.19.0.12 jump mark-for-masquerade
+add rule ip kube-proxy endpoint-QLZOBDRZ-bench/web/tcp/http__198.19.0.12/8080 meta l4proto tcp dnat to 198.19.0.12:8080
+add rule ip kube-proxy endpoint-ILCUDCQB-bench/web/tcp/http__198.19.0.13/8080 ip saddr 198.19.0.13 jump mark-for-masquerade
+add rule ip kube-proxy endpoint-ILCUDCQB-bench/web/tcp/http__198.19.0.13/8080 meta l4proto tcp dnat to 198.19.0.13:8080
+";
+        assert_text(
+            "full nft transaction with a nodePort",
+            &nftables::full(&cfg(), &[web_np()]),
+            &want,
+        );
+    }
+
+    /// A partial sync refills the external chain like the service chain; the
+    /// service-nodeports element keeps its verdict, so nftElementStorage leaves it alone.
+    #[test]
+    fn nftables_change_refills_the_external_chain() {
+        let want = "add chain ip kube-proxy endpoint-YAJHH6Y5-bench/web/tcp/http__198.19.0.11/8080
+flush chain ip kube-proxy endpoint-YAJHH6Y5-bench/web/tcp/http__198.19.0.11/8080
+add chain ip kube-proxy endpoint-QLZOBDRZ-bench/web/tcp/http__198.19.0.12/8080
+flush chain ip kube-proxy endpoint-QLZOBDRZ-bench/web/tcp/http__198.19.0.12/8080
+add chain ip kube-proxy endpoint-4DXLETZP-bench/web/tcp/http__198.19.0.14/8080
+flush chain ip kube-proxy endpoint-4DXLETZP-bench/web/tcp/http__198.19.0.14/8080
+add chain ip kube-proxy service-XS2ODQL6-bench/web/tcp/http
+flush chain ip kube-proxy service-XS2ODQL6-bench/web/tcp/http
+add chain ip kube-proxy external-XS2ODQL6-bench/web/tcp/http
+flush chain ip kube-proxy external-XS2ODQL6-bench/web/tcp/http
+add rule ip kube-proxy service-XS2ODQL6-bench/web/tcp/http ip daddr 198.18.128.1 ip saddr != 198.19.0.0/16 jump mark-for-masquerade
+add rule ip kube-proxy external-XS2ODQL6-bench/web/tcp/http jump mark-for-masquerade
+add rule ip kube-proxy external-XS2ODQL6-bench/web/tcp/http goto service-XS2ODQL6-bench/web/tcp/http
+add rule ip kube-proxy service-XS2ODQL6-bench/web/tcp/http numgen random mod 3 vmap { 0 : goto endpoint-YAJHH6Y5-bench/web/tcp/http__198.19.0.11/8080 , 1 : goto endpoint-QLZOBDRZ-bench/web/tcp/http__198.19.0.12/8080 , 2 : goto endpoint-4DXLETZP-bench/web/tcp/http__198.19.0.14/8080 }
+add rule ip kube-proxy endpoint-YAJHH6Y5-bench/web/tcp/http__198.19.0.11/8080 ip saddr 198.19.0.11 jump mark-for-masquerade
+add rule ip kube-proxy endpoint-YAJHH6Y5-bench/web/tcp/http__198.19.0.11/8080 meta l4proto tcp dnat to 198.19.0.11:8080
+add rule ip kube-proxy endpoint-QLZOBDRZ-bench/web/tcp/http__198.19.0.12/8080 ip saddr 198.19.0.12 jump mark-for-masquerade
+add rule ip kube-proxy endpoint-QLZOBDRZ-bench/web/tcp/http__198.19.0.12/8080 meta l4proto tcp dnat to 198.19.0.12:8080
+add rule ip kube-proxy endpoint-4DXLETZP-bench/web/tcp/http__198.19.0.14/8080 ip saddr 198.19.0.14 jump mark-for-masquerade
+add rule ip kube-proxy endpoint-4DXLETZP-bench/web/tcp/http__198.19.0.14/8080 meta l4proto tcp dnat to 198.19.0.14:8080
+flush chain ip kube-proxy endpoint-ILCUDCQB-bench/web/tcp/http__198.19.0.13/8080
+";
+        assert_text(
+            "nft change transaction with a nodePort",
+            &nftables::change(&cfg(), &web_np(), &web_np_changed()),
+            want,
+        );
+    }
+
+    /// A NodePort service without endpoints: kube-proxy rejects its ClusterIP and its
+    /// nodePort (`TestNoEndpointsReject`; the filter rule's shape is the ns2/svc2 nodePort
+    /// rule of `TestOverallIPTablesRules` with REJECT for DROP and "has no endpoints").
+    #[test]
+    fn a_nodeport_service_losing_all_endpoints_rejects_its_node_port() {
+        let gone = ServicePort {
+            endpoints: Vec::new(),
+            ..web_np()
+        };
+        let want = "add element ip kube-proxy no-endpoint-services { 198.18.128.1 . tcp . 80 comment \"bench/web:http\" : goto reject-chain }
+add element ip kube-proxy no-endpoint-nodeports { tcp . 30080 comment \"bench/web:http\" : goto reject-chain }
+flush chain ip kube-proxy endpoint-YAJHH6Y5-bench/web/tcp/http__198.19.0.11/8080
+flush chain ip kube-proxy endpoint-QLZOBDRZ-bench/web/tcp/http__198.19.0.12/8080
+flush chain ip kube-proxy endpoint-ILCUDCQB-bench/web/tcp/http__198.19.0.13/8080
+flush chain ip kube-proxy service-XS2ODQL6-bench/web/tcp/http
+flush chain ip kube-proxy external-XS2ODQL6-bench/web/tcp/http
+delete element ip kube-proxy service-ips { 198.18.128.1 . tcp . 80 }
+delete element ip kube-proxy service-nodeports { tcp . 30080 }
+";
+        assert_text(
+            "nft change of a nodePort service to no endpoints",
+            &nftables::change(&cfg(), &web_np(), &gone),
+            want,
+        );
+        assert_eq!(
+            nftables::delete_stale(&web_np(), &gone).lines().last(),
+            Some("delete chain ip kube-proxy external-XS2ODQL6-bench/web/tcp/http")
+        );
+
+        let want = "*filter
+:KUBE-SERVICES - [0:0]
+:KUBE-EXTERNAL-SERVICES - [0:0]
+:KUBE-FORWARD - [0:0]
+:KUBE-NODEPORTS - [0:0]
+:KUBE-PROXY-FIREWALL - [0:0]
+:KUBE-FIREWALL - [0:0]
+-A KUBE-FIREWALL -m comment --comment \"block incoming localnet connections\" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
+-A KUBE-SERVICES -m comment --comment \"bench/web:http has no endpoints\" -m tcp -p tcp -d 198.18.128.1 --dport 80 -j REJECT
+-A KUBE-EXTERNAL-SERVICES -m comment --comment \"bench/web:http has no endpoints\" -m addrtype --dst-type LOCAL -m tcp -p tcp --dport 30080 -j REJECT
+-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x00004000/0x00004000 -j ACCEPT
+-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+COMMIT
+*nat
+:KUBE-SERVICES - [0:0]
+:KUBE-NODEPORTS - [0:0]
+:KUBE-POSTROUTING - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-SEP-TYQHSLZ5NGHODEHC - [0:0]
+:KUBE-SEP-5HSOZTVHQMJW5KWP - [0:0]
+:KUBE-SEP-ZIB6QAJMOESWRJBN - [0:0]
+:KUBE-SVC-ORYCKD7ZOX5JNSP3 - [0:0]
+:KUBE-EXT-ORYCKD7ZOX5JNSP3 - [0:0]
+-A KUBE-POSTROUTING -m mark ! --mark 0x00004000/0x00004000 -j RETURN
+-A KUBE-POSTROUTING -j MARK --xor-mark 0x00004000
+-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully
+-A KUBE-MARK-MASQ -j MARK --or-mark 0x00004000
+-X KUBE-SEP-TYQHSLZ5NGHODEHC
+-X KUBE-SEP-5HSOZTVHQMJW5KWP
+-X KUBE-SEP-ZIB6QAJMOESWRJBN
+-X KUBE-SVC-ORYCKD7ZOX5JNSP3
+-X KUBE-EXT-ORYCKD7ZOX5JNSP3
+-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+COMMIT
+";
+        assert_text(
+            "partial iptables restore of a nodePort service to no endpoints",
+            &iptables::partial_restore(&cfg(), std::slice::from_ref(&gone), &web_np(), &gone),
+            want,
         );
     }
 

@@ -38,6 +38,7 @@ fn services(n: u8) -> Vec<ServicePort> {
             protocol: Protocol::Tcp,
             cluster_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 1)) + u32::from(i)),
             port: 80,
+            node_port: None,
             endpoints: (0..3)
                 .map(|k| SocketAddrV4::new(Ipv4Addr::new(198, 19, i, 10 + k), 8080))
                 .collect(),
@@ -205,5 +206,158 @@ fn nftables_rules_load_and_a_change_flushes_then_deletes_the_stale_endpoint_chai
     assert!(
         !tables.contains("kube-proxy"),
         "the table should be gone:\n{tables}"
+    );
+}
+
+/// `services(n)` as NodePort Services (nodePort 30000 + i), plus bench/empty:http, a NodePort
+/// Service (nodePort 30999) with no endpoints.
+fn nodeport_services(n: u8) -> Vec<ServicePort> {
+    let mut v: Vec<ServicePort> = services(n)
+        .into_iter()
+        .enumerate()
+        .map(|(i, sp)| ServicePort {
+            node_port: Some(30000 + u16::try_from(i).expect("few services")),
+            ..sp
+        })
+        .collect();
+    v.push(ServicePort {
+        name: "empty".into(),
+        cluster_ip: Ipv4Addr::new(198, 18, 129, 1),
+        node_port: Some(30999),
+        endpoints: Vec::new(),
+        ..v[0].clone()
+    });
+    v
+}
+
+/// The lines of an `iptables-save` text that append to `chain`.
+fn rules_of<'a>(save: &'a str, chain: &str) -> Vec<&'a str> {
+    let prefix = format!("-A {chain} ");
+    save.lines().filter(|l| l.starts_with(&prefix)).collect()
+}
+
+#[test]
+fn iptables_nodeport_rules_load_and_a_partial_sync_rewrites_the_external_chain() {
+    require_privileged!(
+        "iptables_nodeport_rules_load_and_a_partial_sync_rewrites_the_external_chain"
+    );
+    let ns = Netns::new("kp").expect("create the namespace");
+    let old = nodeport_services(10);
+    load(
+        &ns,
+        &["iptables-restore", "--noflush"],
+        &iptables::bootstrap(),
+    );
+    load(&ns, &IPTABLES_RESTORE, &iptables::full_restore(&CFG, &old));
+
+    let nat = ns.exec(&["iptables-save", "-t", "nat"]).unwrap();
+    assert_eq!(
+        count(&nat, ":KUBE-EXT-"),
+        10,
+        "one KUBE-EXT chain per NodePort service with endpoints:\n{nat}"
+    );
+    let ext7 = iptables::external_chain(&old[7]);
+    let svc7 = iptables::service_chain(&old[7]);
+    let nodeports = rules_of(&nat, "KUBE-NODEPORTS");
+    assert_eq!(nodeports.len(), 10, "one nodePort rule per service:\n{nat}");
+    assert!(
+        nodeports
+            .iter()
+            .any(|l| l.contains("--dport 30007") && l.ends_with(&format!("-j {ext7}"))),
+        "expected KUBE-NODEPORTS to send nodePort 30007 to {ext7}:\n{nat}"
+    );
+    let ext_rules = rules_of(&nat, &ext7);
+    assert!(
+        ext_rules.len() == 2
+            && ext_rules[0]
+                .contains("\"masquerade traffic for bench/svc7:http external destinations\"")
+            && ext_rules[0].ends_with("-j KUBE-MARK-MASQ")
+            && ext_rules[1] == format!("-A {ext7} -j {svc7}"),
+        "expected {ext7} to mark for masquerade, then jump to {svc7}:\n{nat}"
+    );
+    let filter = ns.exec(&["iptables-save", "-t", "filter"]).unwrap();
+    assert!(
+        rules_of(&filter, "KUBE-EXTERNAL-SERVICES").iter().any(|l| {
+            l.contains("\"bench/empty:http has no endpoints\"")
+                && l.contains("--dst-type LOCAL")
+                && l.contains("--dport 30999")
+                && l.contains("-j REJECT")
+        }),
+        "expected the endpoint-less nodePort 30999 rejected:\n{filter}"
+    );
+
+    let new = with_one_endpoint_replaced(&old);
+    load(
+        &ns,
+        &IPTABLES_RESTORE,
+        &iptables::partial_restore(&CFG, &new, &old[7], &new[7]),
+    );
+    let nat = ns.exec(&["iptables-save", "-t", "nat"]).unwrap();
+    assert_eq!(
+        rules_of(&nat, &ext7).len(),
+        2,
+        "the rewritten {ext7} has its two rules once:\n{nat}"
+    );
+    assert_eq!(
+        count(&nat, ":KUBE-EXT-"),
+        10,
+        "the other services' external chains stay"
+    );
+    assert_eq!(
+        rules_of(&nat, "KUBE-NODEPORTS").len(),
+        10,
+        "every sync rewrites KUBE-NODEPORTS whole:\n{nat}"
+    );
+    let fresh = iptables::endpoint_chain(&new[7], new[7].endpoints[2]);
+    assert!(
+        rules_of(&nat, &svc7)
+            .iter()
+            .any(|l| l.ends_with(&format!("-j {fresh}"))),
+        "expected {svc7} to jump to {fresh}:\n{nat}"
+    );
+}
+
+#[test]
+fn nftables_nodeport_rules_load_and_a_change_refills_the_external_chain() {
+    require_privileged!("nftables_nodeport_rules_load_and_a_change_refills_the_external_chain");
+    let ns = Netns::new("kp").expect("create the namespace");
+    let old = nodeport_services(10);
+    load(&ns, &NFT, &nftables::full(&CFG, &old));
+
+    let ruleset = ns.exec(&["nft", "list", "ruleset"]).unwrap();
+    assert_eq!(
+        count(&ruleset, "chain external-"),
+        10,
+        "one external chain per NodePort service with endpoints:\n{ruleset}"
+    );
+    let ext7 = nftables::external_chain(&old[7]);
+    let svc7 = nftables::service_chain(&old[7]);
+    assert!(
+        ruleset.contains(&format!("tcp . 30007 : goto {ext7}")),
+        "expected service 7's element in service-nodeports:\n{ruleset}"
+    );
+    assert!(
+        ruleset.contains("tcp . 30999 comment \"bench/empty:http\" : goto reject-chain"),
+        "expected the endpoint-less nodePort in no-endpoint-nodeports:\n{ruleset}"
+    );
+    let chain = |name: &str| ns.exec(&["nft", "list", "chain", "ip", "kube-proxy", name]);
+    let ext_rules = chain(&ext7).expect("the external chain exists");
+    let want = format!("jump mark-for-masquerade\n\t\tgoto {svc7}\n");
+    assert!(
+        ext_rules.contains(&want),
+        "expected {ext7} to mark for masquerade, then go to {svc7}:\n{ext_rules}"
+    );
+
+    let new = with_one_endpoint_replaced(&old);
+    load(&ns, &NFT, &nftables::change(&CFG, &old[7], &new[7]));
+    let ext_rules = chain(&ext7).expect("the external chain stays");
+    assert!(
+        ext_rules.contains(&want) && ext_rules.matches("mark-for-masquerade").count() == 1,
+        "expected {ext7} refilled, not appended to:\n{ext_rules}"
+    );
+    let ruleset = ns.exec(&["nft", "list", "ruleset"]).unwrap();
+    assert!(
+        ruleset.contains(&format!("tcp . 30007 : goto {ext7}")),
+        "the service-nodeports element stays:\n{ruleset}"
     );
 }
