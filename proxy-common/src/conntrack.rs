@@ -7,8 +7,11 @@
 //!   and the flow's TCP state.
 //!
 //! Lifetimes (like Cilium's defaults): TCP established 6 h, TCP opening 60 s, TCP closing
-//! (FIN both ways, or RST) 10 s, UDP 60 s. An expired entry is treated as absent and
-//! replaced; the LRU evicts the least recently used when the map is full.
+//! (FIN both ways, or RST) 10 s, UDP 60 s. A closed TCP flow SNATed to the node keeps its
+//! entries 60 s, as long as the backend may keep the connection in TIME_WAIT: its source port
+//! is then not handed to a new flow whose SYN the backend would refuse (a 1 s stall). An
+//! expired entry is treated as absent and replaced; the LRU evicts the least recently used
+//! when the map is full.
 
 /// `CT4`: [`Ct4Key`] -> [`Ct4Entry`]; LRU hash, size set by the agent
 /// ([`CT4_DEFAULT_MAX`] otherwise); written by the programs, read by the CLI.
@@ -83,15 +86,25 @@ pub const CT_LIFETIME_TCP_ESTABLISHED_NS: u64 = 6 * 3600 * 1_000_000_000;
 pub const CT_LIFETIME_TCP_OPENING_NS: u64 = 60 * 1_000_000_000;
 pub const CT_LIFETIME_TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
 pub const CT_LIFETIME_UDP_NS: u64 = 60 * 1_000_000_000;
+/// Closed TCP flows SNATed to the node: Linux's TIME_WAIT (2 MSL).
+pub const CT_LIFETIME_TCP_SNAT_CLOSED_NS: u64 = 60 * 1_000_000_000;
+
+/// Whether TCP state `flags` is closed (FIN both ways, or RST).
+pub const fn ct_closed(flags: u16) -> bool {
+    flags & CT_FLAG_RST != 0 || (flags & CT_FLAG_FIN_FWD != 0 && flags & CT_FLAG_FIN_REPLY != 0)
+}
 
 /// The lifetime a flow gets from its state, the same on both sides of the kernel line.
 pub const fn ct_lifetime_ns(proto: u8, flags: u16) -> u64 {
     if proto != crate::IPPROTO_TCP {
         return CT_LIFETIME_UDP_NS;
     }
-    if flags & CT_FLAG_RST != 0 || (flags & CT_FLAG_FIN_FWD != 0 && flags & CT_FLAG_FIN_REPLY != 0)
-    {
-        CT_LIFETIME_TCP_CLOSING_NS
+    if ct_closed(flags) {
+        if flags & CT_FLAG_REDIRECT != 0 {
+            CT_LIFETIME_TCP_SNAT_CLOSED_NS
+        } else {
+            CT_LIFETIME_TCP_CLOSING_NS
+        }
     } else if flags & CT_FLAG_ESTABLISHED != 0 {
         CT_LIFETIME_TCP_ESTABLISHED_NS
     } else {

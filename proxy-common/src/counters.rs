@@ -75,10 +75,13 @@ counters! {
     CTR_SNAT_PORT_TAKEN = 23, "snat_port_taken";
     /// Not a verdict: of the translated packets, those forwarded with a FIB redirect.
     CTR_REDIRECT = 24, "redirect";
+    /// Not a verdict: new SNATed flows given the port of a closed flow still in its TIME_WAIT
+    /// hold, because every port tried was held (the range is running out for that backend).
+    CTR_SNAT_PORT_REUSED = 25, "snat_port_reused";
 }
 
 /// Number of counters in use (at most [`CTR_SLOTS`]).
-pub const CTR_MAX: u32 = 25;
+pub const CTR_MAX: u32 = 26;
 const _: () = assert!(CTR_MAX <= CTR_SLOTS);
 
 /// One CPU's share of a counter.

@@ -2,10 +2,19 @@
 //! clashes), after netfilter's and Cilium's: the reverse entry of the translated tuple is
 //! inserted with BPF_NOEXIST, so a port held by a live flow is never overwritten; a clash
 //! moves on to another port. The first try is a random port of the agent's range, the next
-//! ones follow it, at most [`TRIES`] in all; after that the flow is dropped and counted
-//! (`drop_snat_ports_exhausted`), never given a port that would break another flow.
+//! ones follow it, at most [`TRIES`] in all.
+//!
+//! A closed flow keeps its port for the backend's TIME_WAIT (60 s, see
+//! `proxy_common::conntrack`), so a new SYN does not meet the old connection there. Only when
+//! every try found its port held is the first closed flow met given up: its port goes to the
+//! new flow (`snat_port_reused`) and its service entry is removed, so that its stray packets
+//! cannot ride on the new flow. With no closed flow either, the new flow is dropped and
+//! counted (`drop_snat_ports_exhausted`), never given a port a live flow holds.
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
-use proxy_common::{CT_KIND_REVERSE, CTR_SNAT_PORT_TAKEN, Ct4Entry, Ct4Key, Lb4Config};
+use proxy_common::{
+    CT_KIND_REVERSE, CT_KIND_SERVICE, CTR_SNAT_PORT_REUSED, CTR_SNAT_PORT_TAKEN, Ct4Entry, Ct4Key,
+    Lb4Config, ct_closed,
+};
 
 use crate::{conntrack::lookup, maps::CT4, stats::count};
 
@@ -44,6 +53,8 @@ pub fn reserve_port(
         kind: CT_KIND_REVERSE,
         _pad: [0; 2],
     };
+    // The first port held by a closed flow, and that flow's client (for its service entry).
+    let mut closed: Option<(u16, u32, u16, u32, u16)> = None;
     for i in 0..TRIES {
         let port = (min + (start + i) % range) as u16;
         key.sport_be = port.to_be();
@@ -52,13 +63,44 @@ pub fn reserve_port(
         }
         // Taken. An expired entry (the LRU keeps dead ones until it needs the room) is no
         // live flow: remove it and take the port, unless another CPU beats us to it.
-        if lookup(&key, now).is_none() {
-            let _ = CT4.remove(&key);
-            if CT4.insert(&key, rev, u64::from(BPF_NOEXIST)).is_ok() {
-                return Some(key.sport_be);
+        match lookup(&key, now) {
+            None => {
+                let _ = CT4.remove(&key);
+                if CT4.insert(&key, rev, u64::from(BPF_NOEXIST)).is_ok() {
+                    return Some(key.sport_be);
+                }
+            }
+            Some(e) => {
+                // SAFETY: a live entry from a successful lookup; fields copied out.
+                let old = unsafe { *e };
+                if closed.is_none() && ct_closed(old.flags) {
+                    closed = Some((
+                        key.sport_be,
+                        old.addr_be,
+                        old.port_be,
+                        old.nat_addr_be,
+                        old.nat_port_be,
+                    ));
+                }
             }
         }
         count(CTR_SNAT_PORT_TAKEN, 0);
     }
-    None
+    let (port_be, client_be, client_port_be, frontend_be, frontend_port_be) = closed?;
+    key.sport_be = port_be;
+    if CT4.insert(&key, rev, 0).is_err() {
+        return None;
+    }
+    // The closed flow's own entry would still map its client onto this port.
+    let _ = CT4.remove(&Ct4Key {
+        saddr_be: client_be,
+        daddr_be: frontend_be,
+        sport_be: client_port_be,
+        dport_be: frontend_port_be,
+        proto,
+        kind: CT_KIND_SERVICE,
+        _pad: [0; 2],
+    });
+    count(CTR_SNAT_PORT_REUSED, 0);
+    Some(port_be)
 }

@@ -316,3 +316,66 @@ fn with_every_snat_port_held_a_new_flow_is_dropped_and_the_live_one_keeps_its_po
         assert_eq!((v, check(&out).src.port()), (TC_ACT_REDIRECT, 20000));
     });
 }
+
+#[test]
+fn a_closed_snat_flow_holds_its_port_for_time_wait_and_gives_it_up_only_when_nothing_else_is_free()
+{
+    require_privileged!(
+        "a_closed_snat_flow_holds_its_port_for_time_wait_and_gives_it_up_only_when_nothing_else_is_free"
+    );
+    in_node(|_| {
+        let mut dp = dataplane((20000, 20000));
+        dp.upsert_service(
+            frontend(NODE_PORT, FrontendKind::NodePort),
+            &[backend(REMOTE, false)],
+        )
+        .unwrap();
+        let snat = SocketAddrV4::new(NODE.parse().unwrap(), 20000);
+        run(&dp, FROM_UPLINK, &tcp(sa(CLIENT), sa(NODE_PORT), SYN, b""));
+        run(&dp, FROM_UPLINK, &tcp(sa(REMOTE), snat, SYN_ACK, b""));
+        run(
+            &dp,
+            FROM_UPLINK,
+            &tcp(sa(CLIENT), sa(NODE_PORT), FIN_ACK, b""),
+        );
+        run(&dp, FROM_UPLINK, &tcp(sa(REMOTE), snat, FIN_ACK, b""));
+        // Closed: the port is held as long as the backend's TIME_WAIT, not 10 s.
+        let rev = dp
+            .conntrack()
+            .unwrap()
+            .into_iter()
+            .find(|e| e.kind == sluice::dataplane::CtKind::Reverse)
+            .unwrap();
+        let left = rev.entry.expires_ns.saturating_sub(now_ns()) as f64 / 1e9;
+        assert!((55.0..=60.0).contains(&left), "held {left:.1} s");
+        // Every other port held: the closed flow's port goes to the new flow, and the closed
+        // flow's own entry goes with it.
+        let before = dp.counters().unwrap();
+        let other = sa("198.18.0.100:40001");
+        let (v, out) = run(&dp, FROM_UPLINK, &tcp(other, sa(NODE_PORT), SYN, b""));
+        assert_eq!((v, check(&out).src), (TC_ACT_REDIRECT, snat));
+        let after = dp.counters().unwrap();
+        assert_eq!(delta(&before, &after, CTR_SNAT_PORT_REUSED), 1);
+        let services: Vec<_> = dp
+            .conntrack()
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == sluice::dataplane::CtKind::Service)
+            .map(|e| e.src)
+            .collect();
+        assert_eq!(services, vec![other], "the closed flow's entry is gone");
+        // The new flow is live: a third one finds nothing to take.
+        let (v, _) = run(
+            &dp,
+            FROM_UPLINK,
+            &tcp(sa("198.18.0.100:40002"), sa(NODE_PORT), SYN, b""),
+        );
+        assert_eq!(v, TC_ACT_SHOT);
+    });
+}
+
+/// CLOCK_MONOTONIC, which bpf_ktime_get_ns reads, in ns.
+fn now_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
