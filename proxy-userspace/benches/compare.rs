@@ -18,9 +18,14 @@
 //! to take effect (sluice: the map write; the others: the partial sync kube-proxy issues).
 //! Then the mode is torn down to nothing, so the next mode starts from the same node.
 //!
-//! Writes target/bench/compare.json (every sample), target/bench/report.md (these tables
-//! with the datapath and agent benches' reports, when they ran first) and
-//! target/bench/latency.svg. Run by `cargo xtask bench` (`--quick`: shorter cells).
+//! A second section puts the Service's traffic on the path that needs SNAT: an outside client
+//! calls a NodePort of node0 whose endpoints are the three backend pods on node1 (kube-proxy:
+//! its KUBE-EXT masquerade and conntrack; sluice: SNAT to node0 and forwarding by FIB redirect;
+//! direct: the client reaches the pods through node1), at 1 and 10,000 Services.
+//!
+//! Writes target/bench/compare.json and compare-nodeport.json (every sample),
+//! target/bench/report.md (these tables with the datapath and agent benches' reports, when
+//! they ran first) and target/bench/latency.svg. Run by `cargo xtask bench` (`--quick`: shorter cells).
 #[path = "../tests/common/mod.rs"]
 mod common;
 
@@ -33,8 +38,8 @@ use std::{
 
 use common::NodeDataplane;
 use sluice::dataplane::{
-    Backend, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend, FrontendKind, Protocol, TO_POD,
-    TO_UPLINK,
+    Backend, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend, FrontendKind, Protocol, Snat,
+    TO_POD, TO_UPLINK,
 };
 use testbed::{
     Cluster, Netns,
@@ -49,6 +54,17 @@ const SERVICE_PORT: u16 = 80;
 const TARGET_PORT: u16 = 8080;
 /// The Service that carries the traffic has this ClusterIP index; fillers use 0..N-1.
 const TRAFFIC_IP_INDEX: u16 = 16_000;
+/// The traffic Service's nodePort, TCP and UDP alike, in the NodePort section.
+const NODE_PORT: u16 = 30080;
+
+/// Where the Service's traffic comes from and where its endpoints are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    /// A client pod and the backends on one node, through a ClusterIP.
+    OneNode,
+    /// A client outside the cluster, node0's NodePort, the backends on node1.
+    RemoteNodePort,
+}
 
 struct Params {
     sizes: Vec<u32>,
@@ -102,8 +118,9 @@ fn filler(i: u32) -> ServicePort {
     }
 }
 
-/// The Service under load: a TCP and a UDP port, both to the three backend pods.
-fn traffic(backends: &[Ipv4Addr]) -> [ServicePort; 2] {
+/// The Service under load: a TCP and a UDP port, both to the three backend pods, with a
+/// nodePort in the NodePort section.
+fn traffic(backends: &[Ipv4Addr], layout: Layout) -> [ServicePort; 2] {
     let port = |port_name: &str, protocol| ServicePort {
         namespace: "bench".into(),
         name: "echo".into(),
@@ -111,7 +128,7 @@ fn traffic(backends: &[Ipv4Addr]) -> [ServicePort; 2] {
         protocol,
         cluster_ip: plan::cluster_ip(TRAFFIC_IP_INDEX),
         port: SERVICE_PORT,
-        node_port: None,
+        node_port: (layout == Layout::RemoteNodePort).then_some(NODE_PORT),
         endpoints: backends
             .iter()
             .map(|a| SocketAddrV4::new(*a, TARGET_PORT))
@@ -125,10 +142,10 @@ fn traffic(backends: &[Ipv4Addr]) -> [ServicePort; 2] {
 
 /// `n` Services: `n - 1` fillers with the traffic Service in the middle of them (iptables
 /// walks KUBE-SERVICES in order, so the middle is its average case).
-fn services(n: u32, backends: &[Ipv4Addr]) -> Vec<ServicePort> {
+fn services(n: u32, backends: &[Ipv4Addr], layout: Layout) -> Vec<ServicePort> {
     let mut v: Vec<ServicePort> = (0..n - 1).map(filler).collect();
     let at = v.len() / 2;
-    for (k, sp) in traffic(backends).into_iter().enumerate() {
+    for (k, sp) in traffic(backends, layout).into_iter().enumerate() {
         v.insert(at + k, sp);
     }
     v
@@ -142,26 +159,43 @@ fn changed(sp: &ServicePort) -> ServicePort {
     new
 }
 
-fn sluice_service(sp: &ServicePort) -> (Frontend, Vec<Backend>) {
-    (
+/// What sluice writes for `sp`: its ClusterIP frontend and, with a nodePort, the NodePort
+/// frontend on `node`; `local`: the endpoints are on this node.
+fn sluice_service(sp: &ServicePort, node: Ipv4Addr, local: bool) -> Vec<(Frontend, Vec<Backend>)> {
+    let proto = match sp.protocol {
+        kubeproxy::Protocol::Tcp => Protocol::Tcp,
+        kubeproxy::Protocol::Udp => Protocol::Udp,
+    };
+    let backends: Vec<Backend> = sp
+        .endpoints
+        .iter()
+        .map(|e| Backend {
+            addr: *e.ip(),
+            port: e.port(),
+            local,
+        })
+        .collect();
+    let mut out = vec![(
         Frontend {
             addr: sp.cluster_ip,
             port: sp.port,
-            proto: match sp.protocol {
-                kubeproxy::Protocol::Tcp => Protocol::Tcp,
-                kubeproxy::Protocol::Udp => Protocol::Udp,
-            },
+            proto,
             kind: FrontendKind::ClusterIp,
         },
-        sp.endpoints
-            .iter()
-            .map(|e| Backend {
-                addr: *e.ip(),
-                port: e.port(),
-                local: true,
-            })
-            .collect(),
-    )
+        backends.clone(),
+    )];
+    if let Some(np) = sp.node_port {
+        out.push((
+            Frontend {
+                addr: node,
+                port: np,
+                proto,
+                kind: FrontendKind::NodePort,
+            },
+            backends,
+        ));
+    }
+    out
 }
 
 /// Pipes `input` to `argv` in `ns`, as kube-proxy pipes its rules; the wall time to exit.
@@ -183,25 +217,59 @@ fn restore_command(mode: Mode) -> [&'static str; 3] {
 }
 const NFT: [&str; 3] = ["nft", "-f", "-"];
 
-/// The sandbox: one node between a client pod and three backend pods. Every mode is removed
-/// after its cell; where that cannot leave the node bare (iptables-legacy), the next cell
-/// gets a new sandbox.
+/// The sandbox: one node between a client pod and three backend pods; or, for the NodePort
+/// section, an outside client, node0 (where every mode is installed) and node1 with the three
+/// backend pods. Every mode is removed after its cell; where that cannot leave the node bare
+/// (iptables-legacy), the next cell gets a new sandbox.
 struct Sandbox {
     // Field order is drop order: the dataplane and the servers go before the namespaces.
     dp: Option<NodeDataplane>,
     _servers: Vec<BenchServer>,
     c: Cluster,
     backends: Vec<Ipv4Addr>,
+    layout: Layout,
 }
 
 impl Sandbox {
-    fn new() -> Self {
-        let mut c = Cluster::new(1).expect("the sandbox node");
-        c.add_pod(0, "client").expect("the client pod");
+    fn new(layout: Layout) -> Self {
+        let (mut c, backend_node) = match layout {
+            Layout::OneNode => {
+                let mut c = Cluster::new(1).expect("the sandbox node");
+                c.add_pod(0, "client").expect("the client pod");
+                load::tune_client(&c.pod("client").ns).expect("client sysctls");
+                (c, 0)
+            }
+            Layout::RemoteNodePort => (Cluster::new(2).expect("the sandbox nodes"), 1),
+        };
         for b in BACKENDS {
-            c.add_pod(0, b).expect("a backend pod");
+            c.add_pod(backend_node, b).expect("a backend pod");
+            if layout == Layout::RemoteNodePort {
+                // The backends see the node's SNAT ports (sluice's, or MASQUERADE's), and each
+                // cell starts with fresh NAT state: a port reused across cells would meet the
+                // previous cell's connection in the backend's TIME_WAIT and stall its SYN 1 s.
+                // Without TIME_WAIT sockets on the backends no cell inherits another's.
+                c.pod(b)
+                    .ns
+                    .sysctl("net.ipv4.tcp_max_tw_buckets", "0")
+                    .expect("backend sysctl");
+            }
         }
-        load::tune_client(&c.pod("client").ns).expect("client sysctls");
+        if layout == Layout::RemoteNodePort {
+            c.add_outside().expect("the outside client");
+            let client = &c.outside[0].ns;
+            load::tune_client(client).expect("client sysctls");
+            // The direct path: straight to the pods, through their node.
+            let via = plan::node_addr(backend_node).to_string();
+            client
+                .ip(&[
+                    "route",
+                    "add",
+                    &plan::cidr(plan::pod_cidr(backend_node)),
+                    "via",
+                    &via,
+                ])
+                .expect("a route to the pods");
+        }
         let servers = BACKENDS
             .iter()
             .map(|b| BenchServer::start(&c.pod(b).ns, b, TARGET_PORT).expect("a backend server"))
@@ -212,7 +280,24 @@ impl Sandbox {
             _servers: servers,
             c,
             backends,
+            layout,
         }
+    }
+
+    fn client(&self) -> &Netns {
+        match self.layout {
+            Layout::OneNode => &self.c.pod("client").ns,
+            Layout::RemoteNodePort => &self.c.outside[0].ns,
+        }
+    }
+
+    /// What sluice writes for `svcs` on node0.
+    fn sluice_services(&self, svcs: &[ServicePort]) -> Vec<(Frontend, Vec<Backend>)> {
+        let node = self.c.nodes[0].addr;
+        let local = self.layout == Layout::OneNode;
+        svcs.iter()
+            .flat_map(|sp| sluice_service(sp, node, local))
+            .collect()
     }
 
     /// The summed run time and run count of sluice's attached programs (the kernel keeps
@@ -244,10 +329,16 @@ impl Sandbox {
                     &self.c.nodes[0],
                     DataplaneConfig {
                         conntrack_max: 262_144,
+                        // The agent's default range (clear of the NodePorts and of the node's
+                        // ephemeral ports).
+                        snat: Some(Snat {
+                            addr: self.c.nodes[0].addr,
+                            ports: (1024, 29999),
+                        }),
                         ..Default::default()
                     },
                 );
-                let all: Vec<(Frontend, Vec<Backend>)> = svcs.iter().map(sluice_service).collect();
+                let all = self.sluice_services(svcs);
                 let took = dp.with(move |dp| {
                     let t0 = Instant::now();
                     for (fe, bes) in &all {
@@ -307,11 +398,13 @@ impl Sandbox {
         let cfg = proxy_config(self.c.nodes[0].addr);
         match mode {
             Mode::Sluice => {
-                let (fe, bes) = sluice_service(new);
+                let frontends = self.sluice_services(std::slice::from_ref(new));
                 let dp = self.dp.as_ref().ok_or("sluice is not installed")?;
                 dp.with(move |dp| {
                     let t0 = Instant::now();
-                    dp.upsert_service(fe, &bes).map_err(|e| e.to_string())?;
+                    for (fe, bes) in &frontends {
+                        dp.upsert_service(*fe, bes).map_err(|e| e.to_string())?;
+                    }
                     Ok(t0.elapsed())
                 })
             }
@@ -337,6 +430,10 @@ struct Bench {
     params: Params,
     quick: bool,
     report: Report,
+    /// The NodePort section's samples.
+    nodeport: Report,
+    /// The section being measured.
+    layout: Layout,
     /// The longest program-all time seen per (mode, Service count).
     longest_load: HashMap<(Mode, u32), Duration>,
 }
@@ -355,8 +452,16 @@ impl Bench {
         }
     }
 
+    /// The report of the section being measured.
+    fn current(&mut self) -> &mut Report {
+        match self.layout {
+            Layout::OneNode => &mut self.report,
+            Layout::RemoteNodePort => &mut self.nodeport,
+        }
+    }
+
     fn record(&mut self, mode: Mode, services: u32, round: u32, metric: Metric, value: f64) {
-        self.report.samples.push(Sample {
+        self.current().samples.push(Sample {
             mode,
             services,
             round,
@@ -391,14 +496,14 @@ impl Bench {
     fn check(&mut self, what: &str, every_backend: bool, mode: Mode, n: u32, r: &LoadResult) {
         let total = r.ops + r.errors;
         if r.errors * 100 > total {
-            self.report.notes.push(format!(
+            self.current().notes.push(format!(
                 "{} at {n} Services, {what}: {} of {total} requests failed",
                 mode.name(),
                 r.errors
             ));
         }
         if every_backend && r.per_backend.len() < BACKENDS.len() {
-            self.report.notes.push(format!(
+            self.current().notes.push(format!(
                 "{} at {n} Services: only {:?} answered new connections",
                 mode.name(),
                 r.per_backend
@@ -415,7 +520,8 @@ impl Bench {
         n: u32,
         round: u32,
     ) -> (Result<(), String>, Option<Sandbox>) {
-        let mut sb = sb.unwrap_or_else(Sandbox::new);
+        let layout = self.layout;
+        let mut sb = sb.unwrap_or_else(|| Sandbox::new(layout));
         let result = self.measure(&mut sb, mode, n, round);
         match (result, sb.uninstall(mode)) {
             (Ok(()), Ok(true)) => (Ok(()), Some(sb)),
@@ -425,13 +531,16 @@ impl Bench {
     }
 
     fn measure(&mut self, sb: &mut Sandbox, mode: Mode, n: u32, round: u32) -> Result<(), String> {
-        let svcs = services(n, &sb.backends);
+        let svcs = services(n, &sb.backends, sb.layout);
         let programmed = sb.install(mode, &svcs)?;
         if let Some(d) = programmed {
             let longest = self.longest_load.entry((mode, n)).or_default();
             *longest = (*longest).max(d);
         }
-        let vip = SocketAddrV4::new(plan::cluster_ip(TRAFFIC_IP_INDEX), SERVICE_PORT);
+        let vip = match sb.layout {
+            Layout::OneNode => SocketAddrV4::new(plan::cluster_ip(TRAFFIC_IP_INDEX), SERVICE_PORT),
+            Layout::RemoteNodePort => SocketAddrV4::new(sb.c.nodes[0].addr, NODE_PORT),
+        };
         let targets = match mode {
             Mode::Direct => sb
                 .backends
@@ -441,7 +550,7 @@ impl Bench {
             _ => vec![vip],
         };
         let spec = self.spec(targets);
-        let client = &sb.c.pod("client").ns;
+        let client = sb.client();
         let err = |e: std::io::Error| e.to_string();
         // Each mode has its own slice of client ports. A server keeps TIME_WAIT for the
         // connections it closed; a later SYN on the same four-tuple is accepted only if its
@@ -458,7 +567,7 @@ impl Bench {
             .map_err(|e| e.to_string())?;
         let waited = wait_quiet(Duration::from_secs(5));
         if waited >= Duration::from_secs(5) {
-            self.report.notes.push(format!(
+            self.current().notes.push(format!(
                 "{} at {n} Services, round {round}: the machine was still busy after 5 s; measured anyway",
                 mode.name()
             ));
@@ -501,7 +610,7 @@ impl Bench {
         let mut change = None;
         if let Some(p) = programmed {
             self.record(mode, n, round, Metric::ProgramAll, p.as_secs_f64() * 1e3);
-            let [old, _] = traffic(&sb.backends);
+            let [old, _] = traffic(&sb.backends, sb.layout);
             let took = sb.change(mode, &svcs, &old, &changed(&old))?;
             self.record(
                 mode,
@@ -610,6 +719,43 @@ fn section(dir: &Path, file: &str, title: &str) -> String {
     }
 }
 
+/// Runs every cell of the current section: each Service count, every round, every mode in an
+/// order rotated each round.
+fn run_section(bench: &mut Bench, sizes: &[u32]) {
+    let mut sandbox: Option<Sandbox> = None;
+    for &n in sizes {
+        for round in 0..bench.params.rounds {
+            // Rotate the order every round, so no mode always runs first or last.
+            let mut order = Mode::ALL.to_vec();
+            let len = order.len();
+            order.rotate_left(round as usize % len);
+            for mode in order {
+                if bench.current().unavailable.iter().any(|(m, _)| *m == mode) {
+                    continue;
+                }
+                if let Some(why) = bench.skip(mode, n) {
+                    if !bench
+                        .current()
+                        .skipped
+                        .iter()
+                        .any(|(m, k, _)| *m == mode && *k == n)
+                    {
+                        println!("  {:>15} {n:>6} Services: {why}", mode.name());
+                        bench.current().skipped.push((mode, n, why));
+                    }
+                    continue;
+                }
+                let (result, bare) = bench.cell(sandbox.take(), mode, n, round);
+                sandbox = bare;
+                if let Err(why) = result {
+                    eprintln!("{} cannot run: {why}", mode.name());
+                    bench.current().unavailable.push((mode, why));
+                }
+            }
+        }
+    }
+}
+
 fn main() {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("the comparison bench builds network namespaces and loads eBPF: run it as root");
@@ -628,40 +774,16 @@ fn main() {
         params: Params::new(quick),
         quick,
         report: Report::default(),
+        nodeport: Report::default(),
+        layout: Layout::OneNode,
         longest_load: HashMap::new(),
     };
-    let sizes = bench.params.sizes.clone();
-    let mut sandbox: Option<Sandbox> = None;
-    for &n in &sizes {
-        for round in 0..bench.params.rounds {
-            // Rotate the order every round, so no mode always runs first or last.
-            let mut order = Mode::ALL.to_vec();
-            let len = order.len();
-            order.rotate_left(round as usize % len);
-            for mode in order {
-                if bench.report.unavailable.iter().any(|(m, _)| *m == mode) {
-                    continue;
-                }
-                if let Some(why) = bench.skip(mode, n) {
-                    if !bench
-                        .report
-                        .skipped
-                        .iter()
-                        .any(|(m, k, _)| *m == mode && *k == n)
-                    {
-                        println!("  {:>15} {n:>6} Services: {why}", mode.name());
-                        bench.report.skipped.push((mode, n, why));
-                    }
-                    continue;
-                }
-                let (result, bare) = bench.cell(sandbox.take(), mode, n, round);
-                sandbox = bare;
-                if let Err(why) = result {
-                    eprintln!("{} cannot run: {why}", mode.name());
-                    bench.report.unavailable.push((mode, why));
-                }
-            }
-        }
+    let mut sections = vec![(Layout::OneNode, bench.params.sizes.clone())];
+    sections.push((Layout::RemoteNodePort, vec![1, 10_000]));
+    for (layout, sizes) in sections {
+        println!("section: {layout:?}");
+        bench.layout = layout;
+        run_section(&mut bench, &sizes);
     }
     let took = started.elapsed();
 
@@ -670,6 +792,11 @@ fn main() {
     std::fs::write(
         out.join("compare.json"),
         serde_json::to_string_pretty(&bench.report).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        out.join("compare-nodeport.json"),
+        serde_json::to_string_pretty(&bench.nodeport).unwrap(),
     )
     .unwrap();
     let subtitle = format!(
@@ -715,6 +842,22 @@ fn main() {
     if !bench.report.notes.is_empty() {
         md.push_str("## Notes from this run\n\n");
         for n in &bench.report.notes {
+            md.push_str(&format!("- {n}\n"));
+        }
+        md.push('\n');
+    }
+    md.push_str(
+        "## NodePort from outside to endpoints on another node\n\n\
+         The path that needs SNAT: a client outside the cluster calls node0's NodePort (TCP and UDP), whose three endpoints are pods on node1. \
+         **sluice** DNATs and SNATs to node0 with a reserved source port and forwards by FIB lookup and redirect, and translates the replies back the same way (`Backend.local` false); \
+         **iptables** and **nftables** are kube-proxy's NodePort rules for externalTrafficPolicy Cluster (KUBE-NODEPORTS / `service-nodeports` to the external chain, marked for masquerade, then DNAT; MASQUERADE in POSTROUTING; netfilter conntrack un-NATs the replies); \
+         **direct** is the client reaching the pods through node1, no load balancer. The other Services are ClusterIP fillers, as above; kube-proxy's iptables mode walks all of them before its NodePort rule, the last in KUBE-SERVICES. \
+         The backends keep no TIME_WAIT sockets (`tcp_max_tw_buckets` 0): every cell starts with fresh NAT state, and a SNAT port reused from an earlier cell would otherwise meet that cell's connection in TIME_WAIT and stall 1 s, whichever mode it came from.\n\n",
+    );
+    md.push_str(&testbed::report::render_tables(&bench.nodeport));
+    if !bench.nodeport.notes.is_empty() {
+        md.push_str("### Notes from this section\n\n");
+        for n in &bench.nodeport.notes {
             md.push_str(&format!("- {n}\n"));
         }
         md.push('\n');
