@@ -7,8 +7,10 @@
 //! the reverse order, so the programs never see a half-built Service.
 //!
 //! A frontend with [`SVC_FLAG_EXT_LOCAL`] (externalTrafficPolicy: Local) has a second list:
-//! slots count+1..=count+local_count hold the node's own endpoints, which traffic arriving
-//! from outside (on an uplink) must use; traffic from the node's pods uses slots 1..=count.
+//! slots [`LOCAL_SLOT_BASE`]+1..=[`LOCAL_SLOT_BASE`]+local_count hold the node's own
+//! endpoints, which traffic arriving from outside (on an uplink) must use; traffic from the
+//! node's pods uses slots 1..=count. Each list has slots of its own, so rewriting one never
+//! puts the other's backends where a program could read them.
 
 /// `LB4_SERVICES`: [`Lb4Key`] -> [`Lb4Service`]; hash; written by the agent, read by the
 /// programs.
@@ -22,6 +24,10 @@ pub const LB4_REVNAT_MAP: &str = "LB4_REVNAT";
 /// `LB4_CONFIG_V2`: index 0 -> [`Lb4Config`]; array of 1; written by the agent, read by the
 /// programs. (`LB4_CONFIG`, 8 bytes, had no SNAT fields; an agent removes its old pin.)
 pub const LB4_CONFIG_MAP: &str = "LB4_CONFIG_V2";
+
+/// The slot after which the local list (externalTrafficPolicy Local) starts; the list for
+/// every origin ends below it, so each list holds at most `LOCAL_SLOT_BASE - 1` backends.
+pub const LOCAL_SLOT_BASE: u16 = 0x8000;
 
 /// Default sizes; the agent may set others at load time.
 pub const LB4_SERVICES_DEFAULT_MAX: u32 = 65_536;
@@ -57,8 +63,9 @@ pub struct Lb4Service {
     pub flags: u16,
     /// The reverse-NAT id of this frontend (slot 0 only).
     pub rev_nat_id: u32,
-    /// With [`SVC_FLAG_EXT_LOCAL`] (slot 0 only): the number of slots after `count` that
-    /// hold the node's own endpoints, for traffic from outside. 0: such traffic is dropped.
+    /// With [`SVC_FLAG_EXT_LOCAL`] (slot 0 only): the number of slots after
+    /// [`LOCAL_SLOT_BASE`] that hold the node's own endpoints, for traffic from outside. 0:
+    /// such traffic is dropped.
     pub local_count: u16,
     pub _pad: u16,
 }
@@ -73,8 +80,9 @@ pub const SVC_FLAG_EXTERNAL_IP: u16 = 1 << 2;
 /// The frontend is a LoadBalancer status ingress IP.
 pub const SVC_FLAG_LOAD_BALANCER: u16 = 1 << 3;
 /// externalTrafficPolicy: Local. Traffic from outside (arriving on an uplink) goes only to
-/// the `local_count` slots after `count`, keeping the client's address; the node's pods
-/// still use slots 1..=count (kube-proxy sends in-cluster traffic to every endpoint).
+/// the `local_count` slots after [`LOCAL_SLOT_BASE`], keeping the client's address; the
+/// node's pods still use slots 1..=count (kube-proxy sends in-cluster traffic to every
+/// endpoint).
 pub const SVC_FLAG_EXT_LOCAL: u16 = 1 << 4;
 
 /// Value of [`LB4_BACKENDS_MAP`].

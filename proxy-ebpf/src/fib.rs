@@ -50,13 +50,23 @@ pub fn ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*(ctx.as_ptr() as *const __sk_buff)).ifindex }
 }
 
+fn gso_size(ctx: &TcContext) -> u32 {
+    // SAFETY: reading a field of the context the kernel passed us.
+    unsafe { (*(ctx.as_ptr() as *const __sk_buff)).gso_size }
+}
+
+/// Whether the packet is a GSO (GRO-aggregated) one.
+#[inline(always)]
+pub fn is_gso(ctx: &TcContext) -> bool {
+    gso_size(ctx) != 0
+}
+
 /// The IP length of the packets `f` will leave as: its own, or for a GSO (GRO-aggregated)
 /// packet, that of one segment (headers plus the segment size), which is what the route
 /// must carry.
 #[inline(always)]
 pub fn wire_len(ctx: &TcContext, f: &Flow) -> u16 {
-    // SAFETY: reading a field of the context the kernel passed us.
-    let gso_size = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).gso_size };
+    let gso_size = gso_size(ctx);
     if gso_size == 0 {
         return f.tot_len;
     }

@@ -18,9 +18,17 @@
 //! Like replies, errors of flows without SNAT are translated at egress (after routing, the
 //! error's destination is the client), errors of SNATed flows at ingress (their destination
 //! is the node, and must change before the kernel can route them).
+//!
+//! The other direction: an error about a *reply* (a router on the client's side too small
+//! for the backend's answers, or a client whose UDP socket has closed) quotes what the client
+//! received (frontend -> client) and is addressed to the frontend. That quote, reversed, is the
+//! key of the flow's service entry; at ingress the error is put back to what the backend sent
+//! (backend -> client, or -> the node's SNAT address and port) and addressed to the backend,
+//! which the kernel then routes like any packet to a pod.
 use proxy_common::{
-    CT_FLAG_REDIRECT, CT_FLAG_SNAT, CT_KIND_REVERSE, CTR_DROP_FIB, CTR_DROP_REWRITE,
-    CTR_ICMP_ERROR, CTR_PASS_NO_MATCH, CTR_PASS_REPLY_AT_EGRESS, CTR_REDIRECT, Ct4Entry, Ct4Key,
+    CT_FLAG_REDIRECT, CT_FLAG_SNAT, CT_KIND_REVERSE, CT_KIND_SERVICE, CTR_DROP_FIB,
+    CTR_DROP_REWRITE, CTR_ICMP_ERROR, CTR_PASS_NO_MATCH, CTR_PASS_REPLY_AT_EGRESS, CTR_REDIRECT,
+    Ct4Entry, Ct4Key,
 };
 
 use aya_ebpf::programs::TcContext;
@@ -115,7 +123,11 @@ pub fn error(ctx: &TcContext, e: &IcmpError, now: u64, egress: bool, pass: i32) 
         _pad: [0; 2],
     };
     let Some(p) = lookup(&key, now) else {
-        return (pass, CTR_PASS_NO_MATCH);
+        return if egress {
+            (pass, CTR_PASS_NO_MATCH)
+        } else {
+            about_a_reply(ctx, e, now, pass)
+        };
     };
     // SAFETY: a live entry from a successful lookup; copied out.
     let c: Ct4Entry = unsafe { *p };
@@ -146,6 +158,49 @@ pub fn error(ctx: &TcContext, e: &IcmpError, now: u64, egress: bool, pass: i32) 
             }
             None => (crate::programs::DROP, CTR_DROP_FIB),
         };
+    }
+    (pass, CTR_ICMP_ERROR)
+}
+
+/// An error quoting a reply (frontend -> client), at ingress: to the backend, quoting what the
+/// backend sent.
+#[inline(always)]
+fn about_a_reply(ctx: &TcContext, e: &IcmpError, now: u64, pass: i32) -> (i32, u32) {
+    let q = &e.inner;
+    let key = Ct4Key {
+        saddr_be: q.daddr_be,
+        daddr_be: q.saddr_be,
+        sport_be: q.dport_be,
+        dport_be: q.sport_be,
+        proto: q.proto,
+        kind: CT_KIND_SERVICE,
+        _pad: [0; 2],
+    };
+    let Some(p) = lookup(&key, now) else {
+        return (pass, CTR_PASS_NO_MATCH);
+    };
+    // SAFETY: a live entry from a successful lookup; copied out.
+    let s: Ct4Entry = unsafe { *p };
+    // Where the backend sent its reply: the client, or the address and port it was SNATed to.
+    let (to_be, to_port_be) = if s.nat_addr_be != 0 {
+        let port = if s.nat_port_be != 0 {
+            s.nat_port_be
+        } else {
+            q.dport_be
+        };
+        (s.nat_addr_be, port)
+    } else {
+        (q.daddr_be, q.dport_be)
+    };
+    let r = (|| {
+        inner_addr(ctx, e, e.inner_l3_off + 12, q.saddr_be, s.addr_be)?;
+        inner_port(ctx, e, e.inner_l4_off, q.sport_be, s.port_be)?;
+        inner_addr(ctx, e, e.inner_l3_off + 16, q.daddr_be, to_be)?;
+        inner_port(ctx, e, e.inner_l4_off + 2, q.dport_be, to_port_be)?;
+        outer_addr(ctx, IP_DADDR_OFF, e.daddr_be, s.addr_be)
+    })();
+    if r.is_err() {
+        return (crate::programs::DROP, CTR_DROP_REWRITE);
     }
     (pass, CTR_ICMP_ERROR)
 }

@@ -19,7 +19,7 @@
 //! NodePorts, externalIPs and LoadBalancer IPs, and for externalTrafficPolicy Local only the
 //! node's own endpoints. Traffic from the node's pods may use every frontend and every endpoint.
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
     macros::classifier,
     programs::TcContext,
 };
@@ -29,7 +29,7 @@ use proxy_common::{
     CTR_DROP_REJECT_FAILED, CTR_DROP_REWRITE, CTR_DROP_SNAT_PORTS, CTR_HAIRPIN, CTR_NEW_FLOW,
     CTR_NEW_FLOW_SNAT, CTR_PASS_NO_MATCH, CTR_PASS_REPLY_AT_EGRESS, CTR_REDIRECT,
     CTR_REJECT_FRAG_NEEDED, CTR_REJECT_NO_BACKEND, CTR_REPLY, CTR_SEEN, Ct4Entry, Ct4Key,
-    Lb4Config, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL, ct_lifetime_ns,
+    LOCAL_SLOT_BASE, Lb4Config, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL, ct_lifetime_ns,
 };
 
 use crate::{
@@ -136,7 +136,10 @@ fn redirected(ctx: &TcContext, route: &Route, counter: u32) -> (i32, u32) {
 /// dropped and counted.
 #[inline(always)]
 fn too_big(ctx: &TcContext, f: &Flow, mtu: u16, len: u16) -> (i32, u32) {
-    if !f.df {
+    // A GRO-aggregated packet is checksum-partial for its TCP header: trimmed into an ICMP,
+    // the checksum offload would write into the quote. Dropped; its segments, resent one by
+    // one, get the ICMP.
+    if !f.df || fib::is_gso(ctx) {
         return (DROP, CTR_DROP_FIB);
     }
     // Linux < 5.12 does not report the route's MTU (the field still holds our length): fall
@@ -208,6 +211,17 @@ fn forward(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> (i32, u
             svc.port_be,
         );
         let rev = lookup(&rkey, now);
+        // The reverse entry must be this flow's own: for a flow SNATed with a port of its own
+        // the key does not name the client, and once this flow closed its port may have gone
+        // to another flow. Then this flow is over: its packet starts afresh.
+        if let Some(r) = rev {
+            // SAFETY: as above.
+            let (addr, port) = unsafe { ((*r).addr_be, (*r).port_be) };
+            if addr != f.saddr_be || port != f.sport_be {
+                let _ = CT4.remove(&skey);
+                return new_flow(ctx, f, now, len, hook, &skey);
+            }
+        }
         let state = match rev {
             // SAFETY: as above.
             Some(r) => unsafe { (*r).flags },
@@ -226,10 +240,12 @@ fn forward(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> (i32, u
             match rev {
                 Some(r) => touch(r, f.proto, flags, now, 0),
                 None => {
-                    // The reverse entry was evicted: rebuild it from what we know.
+                    // The reverse entry was evicted: rebuild it from what we know, unless
+                    // another flow has just taken its tuple; then this one starts afresh.
                     let rev = reverse_entry(f, flags, svc.rev_nat_id, now);
-                    if CT4.insert(&rkey, &rev, 0).is_err() {
-                        return (DROP, CTR_DROP_CT_WRITE);
+                    if CT4.insert(&rkey, &rev, u64::from(BPF_NOEXIST)).is_err() {
+                        let _ = CT4.remove(&skey);
+                        return new_flow(ctx, f, now, len, hook, &skey);
                     }
                 }
             }
@@ -298,9 +314,9 @@ fn new_flow(
         };
     }
     // externalTrafficPolicy Local: traffic from outside uses the node's own endpoints, kept
-    // in the slots after the others.
+    // in slots of their own.
     let (first, n) = if from_outside && fe.flags & SVC_FLAG_EXT_LOCAL != 0 {
-        (fe.count + 1, fe.local_count)
+        (LOCAL_SLOT_BASE + 1, fe.local_count)
     } else {
         (1, fe.count)
     };

@@ -10,7 +10,10 @@
 //! new flow (`snat_port_reused`) and its service entry is removed, so that its stray packets
 //! cannot ride on the new flow. With no closed flow either, the new flow is dropped and
 //! counted (`drop_snat_ports_exhausted`), never given a port a live flow holds.
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
+use aya_ebpf::{
+    bindings::{BPF_EXIST, BPF_NOEXIST},
+    helpers::bpf_get_prandom_u32,
+};
 use proxy_common::{
     CT_KIND_REVERSE, CT_KIND_SERVICE, CTR_SNAT_PORT_REUSED, CTR_SNAT_PORT_TAKEN, Ct4Entry, Ct4Key,
     Lb4Config, ct_closed,
@@ -62,7 +65,9 @@ pub fn reserve_port(
             return Some(key.sport_be);
         }
         // Taken. An expired entry (the LRU keeps dead ones until it needs the room) is no
-        // live flow: remove it and take the port, unless another CPU beats us to it.
+        // live flow: remove it and take the port, unless another CPU beats us to it. (Two
+        // CPUs reclaiming the same expired port in the same instant could both win: the
+        // random start makes that unlikely, and nothing but the two new flows is at stake.)
         match lookup(&key, now) {
             None => {
                 let _ = CT4.remove(&key);
@@ -88,11 +93,19 @@ pub fn reserve_port(
     }
     let (port_be, client_be, client_port_be, frontend_be, frontend_port_be) = closed?;
     key.sport_be = port_be;
-    if CT4.insert(&key, rev, 0).is_err() {
+    // Still the closed flow's (another CPU may have taken the port since)? A small window is
+    // left between this look and the write; BPF has no compare-and-swap on map values here.
+    let still = lookup(&key, now).is_some_and(|e| {
+        // SAFETY: a live entry from a successful lookup; fields copied out.
+        let old = unsafe { *e };
+        ct_closed(old.flags) && old.addr_be == client_be && old.port_be == client_port_be
+    });
+    if !still || CT4.insert(&key, rev, u64::from(BPF_EXIST)).is_err() {
         return None;
     }
-    // The closed flow's own entry would still map its client onto this port.
-    let _ = CT4.remove(&Ct4Key {
+    // The closed flow's own entry would still map its client onto this port, unless the
+    // client has since opened a new flow on that tuple (with a port of its own).
+    let skey = Ct4Key {
         saddr_be: client_be,
         daddr_be: frontend_be,
         sport_be: client_port_be,
@@ -100,7 +113,14 @@ pub fn reserve_port(
         proto,
         kind: CT_KIND_SERVICE,
         _pad: [0; 2],
-    });
+    };
+    if let Some(e) = CT4.get_ptr(&skey) {
+        // SAFETY: a pointer from a successful lookup; fields copied out.
+        let (a, p) = unsafe { ((*e).nat_addr_be, (*e).nat_port_be) };
+        if a == snat_be && p == port_be {
+            let _ = CT4.remove(&skey);
+        }
+    }
     count(CTR_SNAT_PORT_REUSED, 0);
     Some(port_be)
 }

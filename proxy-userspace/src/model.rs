@@ -575,7 +575,7 @@ fn load_balancer_ips(svc: &Service, warnings: &mut Warnings) -> Vec<(Ipv4Addr, F
 }
 
 /// One endpoint of one service port, with its conditions as kube-proxy reads them
-/// (pkg/proxy/endpointslicecache.go): ready unset counts as ready, serving unset as ready,
+/// (pkg/proxy/endpointslicecache.go): ready unset counts as ready, serving unset as serving,
 /// terminating unset as not terminating.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Endpoint {
@@ -634,15 +634,16 @@ fn health_check(
         .ok()
         .filter(|p| *p != 0)?;
     let key = ServiceKey::of_service(svc);
+    // Distinct addresses over the endpoints of every service port, as kube-proxy counts its
+    // per-port endpoint map.
+    let mut ignored = Warnings::default();
+    let ports = service_ports(spec.ports.as_deref().unwrap_or_default(), &mut ignored).ok()?;
     let mut local: BTreeSet<Ipv4Addr> = BTreeSet::new();
-    for (_, ep) in slice_endpoints(&key, slices) {
-        let ready = ep.conditions.as_ref().and_then(|c| c.ready) != Some(false);
-        if ready && ep.node_name.as_deref() == Some(node.name.as_str()) && !node.name.is_empty() {
-            local.extend(
-                ep.addresses
-                    .iter()
-                    .filter_map(|a| a.parse::<Ipv4Addr>().ok()),
-            );
+    for port in &ports {
+        for e in endpoints(&key, port, slices, node, &mut ignored) {
+            if e.ready && e.backend.local {
+                local.insert(e.backend.addr);
+            }
         }
     }
     Some(HealthCheck {
@@ -707,7 +708,7 @@ fn endpoints(
             };
             let c = ep.conditions.as_ref();
             let ready = c.and_then(|c| c.ready) != Some(false);
-            let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+            let serving = c.and_then(|c| c.serving) != Some(false);
             let terminating = c.and_then(|c| c.terminating) == Some(true);
             let local =
                 !node.name.is_empty() && ep.node_name.as_deref() == Some(node.name.as_str());
@@ -1534,6 +1535,20 @@ mod tests {
                 vec![be("10.1.0.2", 8080)]
             )],
             "none ready: the serving, terminating one, never the one not serving"
+        );
+        // endpointslicecache.go: serving unset counts as serving.
+        let unset = slice(
+            "web-1",
+            json!([{"port": 8080}]),
+            json!([{"addresses": ["10.1.0.6"], "nodeName": "node-b",
+                    "conditions": {"ready": false, "terminating": true}}]),
+        );
+        assert_eq!(
+            frontends(&s, &[&unset], &node(&[])),
+            vec![(
+                fe("10.96.0.10", 80, TCP, ClusterIp),
+                vec![be("10.1.0.6", 8080)]
+            )]
         );
     }
 

@@ -379,3 +379,39 @@ fn now_ns() -> u64 {
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
     t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
 }
+
+#[test]
+fn an_icmp_error_about_a_reply_goes_to_the_backend_quoting_what_it_sent() {
+    require_privileged!("an_icmp_error_about_a_reply_goes_to_the_backend_quoting_what_it_sent");
+    in_node(|_| {
+        let mut dp = dataplane(SNAT_PORTS);
+        dp.upsert_service(
+            frontend(NODE_PORT, FrontendKind::NodePort),
+            &[backend(REMOTE, false)],
+        )
+        .unwrap();
+        let (_, sent) = run(&dp, FROM_UPLINK, &tcp(sa(CLIENT), sa(NODE_PORT), SYN, b""));
+        let snat = check(&sent).src;
+        // The reply as the client got it (NodePort -> client), too big for a router on the
+        // client's side, which tells the NodePort's address.
+        let reply = tcp(sa(NODE_PORT), sa(CLIENT), SYN_ACK, &[0u8; 1400]);
+        let router: Ipv4Addr = "198.18.0.1".parse().unwrap();
+        let err = icmp_error(router, *sa(NODE_PORT).ip(), 4, &reply);
+        let before = dp.counters().unwrap();
+        let (v, out) = run(&dp, FROM_UPLINK, &err);
+        assert_eq!(v, TC_ACT_OK, "routed by the stack, to a pod address");
+        let icmp = check_icmp(&out);
+        assert_eq!(
+            (icmp.src, icmp.dst),
+            (router, *sa(REMOTE).ip()),
+            "to the backend"
+        );
+        assert_eq!((icmp.type_, icmp.code), (3, 4));
+        assert_eq!(
+            quoted_tuple(&icmp.quoted),
+            (sa(REMOTE), snat),
+            "what the backend sent"
+        );
+        assert_eq!(delta(&before, &dp.counters().unwrap(), CTR_ICMP_ERROR), 1);
+    });
+}

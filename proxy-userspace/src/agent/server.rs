@@ -317,13 +317,22 @@ pub fn start_service_health(checks: &HealthChecks, health: Arc<Health>) {
                     }
                     Err(error) => {
                         if failed.insert(addr) {
-                            tracing::warn!(%addr, service = %key, %error, "health check node port could not be opened");
+                            tracing::warn!(%addr, service = %key, %error, "health check node port could not be opened; trying again every 2 s");
                         }
                     }
                 }
             }
-            if rx.changed().await.is_err() {
-                return;
+            // Ports that could not be bound (still held by an agent on its way out, say)
+            // are tried again every 2 s, not only at the next change.
+            if failed.is_empty() {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            } else {
+                tokio::select! {
+                    changed = rx.changed() => if changed.is_err() { return },
+                    () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
             }
         }
     });

@@ -7,9 +7,9 @@ use std::collections::{BTreeMap, HashMap as StdHashMap};
 
 use aya::maps::{HashMap, MapData, MapError};
 use proxy_common::{
-    BACKEND_FLAG_LOCAL, LB4_BACKENDS_MAP, LB4_REVNAT_MAP, LB4_SERVICES_MAP, Lb4Backend, Lb4Key,
-    Lb4RevNat, Lb4Service, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL, SVC_FLAG_EXTERNAL_IP,
-    SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT,
+    BACKEND_FLAG_LOCAL, LB4_BACKENDS_MAP, LB4_REVNAT_MAP, LB4_SERVICES_MAP, LOCAL_SLOT_BASE,
+    Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL,
+    SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT,
 };
 
 use super::{Dataplane, DataplaneError, map_error};
@@ -52,11 +52,23 @@ type BeId = (std::net::Ipv4Addr, u16, Protocol);
 struct FeState {
     kind: FrontendKind,
     rev_nat_id: u32,
-    /// Every slot's backend id, in slot order: first the `count` slots for every origin, then
-    /// (with `ext_local`) the slots for traffic from outside.
-    backend_ids: Vec<u32>,
-    count: usize,
-    ext_local: bool,
+    /// The backend ids of slots 1..=all.len(): every origin's list.
+    all: Vec<u32>,
+    /// externalTrafficPolicy Local: the backend ids of slots LOCAL_SLOT_BASE+1..: the list for
+    /// traffic from outside.
+    external: Option<Vec<u32>>,
+}
+
+impl FeState {
+    /// Every backend id the frontend references, with repeats (one reference each).
+    fn ids(&self) -> impl Iterator<Item = &u32> {
+        self.all.iter().chain(self.external.iter().flatten())
+    }
+}
+
+/// The slot keys of a list starting after `base`.
+fn slots(fe: FrontendId, base: u16, len: usize) -> impl Iterator<Item = Lb4Key> {
+    (1..=len).map(move |i| key(fe, base + i as u16))
 }
 
 /// The id tables: what is in the maps, from userspace's side.
@@ -142,6 +154,12 @@ impl Dataplane {
 
     /// Makes `frontend` send new flows to `backends.all`, and traffic from outside to
     /// `backends.external` when that is set (externalTrafficPolicy Local).
+    ///
+    /// Each list is written where it lives (slots 1.. and LOCAL_SLOT_BASE+1..), new slots
+    /// first, then the slots the old entry has, then the frontend entry (slot 0) with the new
+    /// counts; slots past the new counts go last. So the programs only ever read, in each
+    /// list, either an old or a new backend of that very list: the local list never holds an
+    /// endpoint of another node, not even for a moment.
     pub fn upsert_frontend(
         &mut self,
         frontend: Frontend,
@@ -156,68 +174,41 @@ impl Dataplane {
             }
             out
         };
-        let mut wanted = dedup(&backends.all);
-        let count = wanted.len();
-        let ext_local = backends.external.is_some();
-        if let Some(ext) = &backends.external {
-            wanted.extend(dedup(ext));
-        }
-        let max_slots = usize::from(u16::MAX);
-        if wanted.len() > max_slots {
+        let all = dedup(&backends.all);
+        let external = backends.external.as_deref().map(dedup);
+        let max_slots = usize::from(LOCAL_SLOT_BASE) - 1;
+        let longest = all.len().max(external.as_ref().map_or(0, Vec::len));
+        if longest > max_slots {
             return Err(DataplaneError::MapFull {
                 map: LB4_SERVICES_MAP,
-                max: u32::from(u16::MAX),
+                max: max_slots as u32,
                 what: format!(
-                    "{frontend} with {} backend slots (at most {max_slots} per frontend)",
-                    wanted.len()
+                    "{frontend} with {longest} backends (at most {max_slots} per frontend)"
                 ),
             });
         }
-        let old = self.ids.frontends.get(&frontend.id()).cloned();
+        let fe = frontend.id();
+        let old = self.ids.frontends.get(&fe).cloned();
 
         // 1. Backends (new ones get an id; every one is (re)written, which is idempotent).
-        let mut ids = Vec::with_capacity(wanted.len());
         let mut taken = Vec::new();
-        for b in &wanted {
-            let bid = (b.addr, b.port, frontend.proto);
-            let id = match self.ids.backends.get_mut(&bid) {
-                Some((id, refs)) => {
-                    *refs += 1;
-                    *id
-                }
-                None => {
-                    let max = self.config.backends_max;
-                    let by_id = &self.ids.backend_by_id;
-                    let Some(id) =
-                        alloc(&mut self.ids.next_backend, max, |i| by_id.contains_key(&i))
-                    else {
-                        self.release(&taken)?;
-                        return Err(DataplaneError::IdsExhausted {
-                            what: "backend",
-                            max,
-                        });
-                    };
-                    self.ids.backends.insert(bid, (id, 1));
-                    id
-                }
-            };
-            self.ids.backend_by_id.insert(id, (bid, b.local));
-            taken.push(id);
-            let value = Lb4Backend {
-                addr_be: u32::from(b.addr).to_be(),
-                port_be: b.port.to_be(),
-                proto: frontend.proto.number(),
-                flags: if b.local { BACKEND_FLAG_LOCAL } else { 0 },
-            };
-            let max = self.config.backends_max;
-            if let Err(e) = self.insert(LB4_BACKENDS_MAP, max, id, value, || {
-                format!("backend {}:{} of {frontend}", b.addr, b.port)
-            }) {
+        let all_ids = match self.acquire(frontend, &all, &mut taken) {
+            Ok(ids) => ids,
+            Err(e) => {
                 self.release(&taken)?;
                 return Err(e);
             }
-            ids.push(id);
-        }
+        };
+        let ext_ids = match &external {
+            None => None,
+            Some(list) => match self.acquire(frontend, list, &mut taken) {
+                Ok(ids) => Some(ids),
+                Err(e) => {
+                    self.release(&taken)?;
+                    return Err(e);
+                }
+            },
+        };
 
         // 2. The reverse-NAT entry (what replies must show).
         let rev_nat_id = match &old {
@@ -253,66 +244,58 @@ impl Dataplane {
         self.ids.used_rev_nat.insert(rev_nat_id);
 
         // 3. Backend slots, then 4. the frontend entry: only now can new flows use them.
-        let max = self.config.services_max;
-        let mut result = Ok(());
-        // New slot keys first (the only inserts that can fail on a full map), then the slots
-        // the old entry already has: a failure leaves the old frontend's slots untouched.
-        let keep = old.as_ref().map_or(0, |o| o.backend_ids.len());
-        let order = (keep.min(ids.len())..ids.len()).chain(0..keep.min(ids.len()));
-        for i in order {
-            let id = &ids[i];
-            let slot = Lb4Service {
-                backend_id: *id,
-                ..Default::default()
+        let old_all = old.as_ref().map_or(&[][..], |o| o.all.as_slice());
+        let old_ext = old
+            .as_ref()
+            .and_then(|o| o.external.as_deref())
+            .unwrap_or(&[]);
+        let empty = Vec::new();
+        let new_ext = ext_ids.as_ref().unwrap_or(&empty);
+        let mut result = self.write_slots(frontend, 0, &all_ids, old_all.len());
+        if result.is_ok() {
+            result = self.write_slots(frontend, LOCAL_SLOT_BASE, new_ext, old_ext.len());
+        }
+        if result.is_ok() {
+            let entry = Lb4Service {
+                backend_id: 0,
+                count: all_ids.len() as u16,
+                flags: kind_flags(frontend.kind)
+                    | if ext_ids.is_some() {
+                        SVC_FLAG_EXT_LOCAL
+                    } else {
+                        0
+                    },
+                rev_nat_id,
+                local_count: new_ext.len() as u16,
+                _pad: 0,
             };
             result = self.insert(
                 LB4_SERVICES_MAP,
-                max,
-                key(frontend.id(), i as u16 + 1),
-                slot,
-                || format!("backend slot {} of {frontend}", i + 1),
+                self.config.services_max,
+                key(fe, 0),
+                entry,
+                || format!("frontend {frontend}"),
             );
-            if result.is_err() {
-                break;
-            }
-        }
-        if result.is_ok() {
-            let fe = Lb4Service {
-                backend_id: 0,
-                count: count as u16,
-                flags: kind_flags(frontend.kind) | if ext_local { SVC_FLAG_EXT_LOCAL } else { 0 },
-                rev_nat_id,
-                local_count: (ids.len() - count) as u16,
-                _pad: 0,
-            };
-            result = self.insert(LB4_SERVICES_MAP, max, key(frontend.id(), 0), fe, || {
-                format!("frontend {frontend}")
-            });
         }
         if let Err(e) = result {
             // The old frontend entry (if any) still points only at slots it had, whose
-            // contents are unchanged unless the failure came after them; slots past its
-            // count are unreachable. Restore the old slots, undo our references, report.
-            if let Some(o) = &old {
-                for (i, id) in o.backend_ids.iter().enumerate() {
+            // contents may have changed: put them back, remove the slots past its counts,
+            // undo our references, report.
+            for (base, list, new_len) in [
+                (0, old_all, all_ids.len()),
+                (LOCAL_SLOT_BASE, old_ext, new_ext.len()),
+            ] {
+                let max = self.config.services_max;
+                for (k, id) in slots(fe, base, list.len()).zip(list) {
                     let slot = Lb4Service {
                         backend_id: *id,
                         ..Default::default()
                     };
-                    let _ = self.insert(
-                        LB4_SERVICES_MAP,
-                        max,
-                        key(frontend.id(), i as u16 + 1),
-                        slot,
-                        String::new,
-                    );
+                    let _ = self.insert(LB4_SERVICES_MAP, max, k, slot, String::new);
                 }
-            }
-            for slot in keep + 1..=ids.len() {
-                self.remove::<Lb4Key, Lb4Service>(
-                    LB4_SERVICES_MAP,
-                    &key(frontend.id(), slot as u16),
-                )?;
+                for k in slots(fe, base, new_len).skip(list.len()) {
+                    self.remove::<Lb4Key, Lb4Service>(LB4_SERVICES_MAP, &k)?;
+                }
             }
             if old.is_none() {
                 self.remove::<u32, Lb4RevNat>(LB4_REVNAT_MAP, &rev_nat_id)?;
@@ -322,27 +305,100 @@ impl Dataplane {
             return Err(e);
         }
 
-        // 5. Slots past the new count are unreachable now: remove them, then release the old
+        // 5. Slots past the new counts are unreachable now: remove them, then release the old
         //    backends' references (removing backends nobody uses any more).
         if let Some(o) = &old {
-            for slot in ids.len() + 1..=o.backend_ids.len() {
-                self.remove::<Lb4Key, Lb4Service>(
-                    LB4_SERVICES_MAP,
-                    &key(frontend.id(), slot as u16),
-                )?;
+            for k in slots(fe, 0, o.all.len()).skip(all_ids.len()) {
+                self.remove::<Lb4Key, Lb4Service>(LB4_SERVICES_MAP, &k)?;
             }
-            self.release(&o.backend_ids)?;
+            for k in slots(fe, LOCAL_SLOT_BASE, old_ext.len()).skip(new_ext.len()) {
+                self.remove::<Lb4Key, Lb4Service>(LB4_SERVICES_MAP, &k)?;
+            }
+            let old_ids: Vec<u32> = o.ids().copied().collect();
+            self.release(&old_ids)?;
         }
         self.ids.frontends.insert(
-            frontend.id(),
+            fe,
             FeState {
                 kind: frontend.kind,
                 rev_nat_id,
-                backend_ids: ids,
-                count,
-                ext_local,
+                all: all_ids,
+                external: ext_ids,
             },
         );
+        Ok(())
+    }
+
+    /// Ids for `list`'s backends (one new reference each, pushed to `taken`), their entries
+    /// (re)written.
+    fn acquire(
+        &mut self,
+        frontend: Frontend,
+        list: &[Backend],
+        taken: &mut Vec<u32>,
+    ) -> Result<Vec<u32>, DataplaneError> {
+        let mut ids = Vec::with_capacity(list.len());
+        for b in list {
+            let bid = (b.addr, b.port, frontend.proto);
+            let id = match self.ids.backends.get_mut(&bid) {
+                Some((id, refs)) => {
+                    *refs += 1;
+                    *id
+                }
+                None => {
+                    let max = self.config.backends_max;
+                    let by_id = &self.ids.backend_by_id;
+                    let Some(id) =
+                        alloc(&mut self.ids.next_backend, max, |i| by_id.contains_key(&i))
+                    else {
+                        return Err(DataplaneError::IdsExhausted {
+                            what: "backend",
+                            max,
+                        });
+                    };
+                    self.ids.backends.insert(bid, (id, 1));
+                    id
+                }
+            };
+            self.ids.backend_by_id.insert(id, (bid, b.local));
+            taken.push(id);
+            let value = Lb4Backend {
+                addr_be: u32::from(b.addr).to_be(),
+                port_be: b.port.to_be(),
+                proto: frontend.proto.number(),
+                flags: if b.local { BACKEND_FLAG_LOCAL } else { 0 },
+            };
+            let max = self.config.backends_max;
+            self.insert(LB4_BACKENDS_MAP, max, id, value, || {
+                format!("backend {}:{} of {frontend}", b.addr, b.port)
+            })?;
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
+    /// Writes a list of backend ids into the slots after `base`: the slots past `old_len` (new
+    /// ones, the only inserts that can fail on a full map) first, then the ones the old entry
+    /// has, so a failure leaves the old entry's slots as they were.
+    fn write_slots(
+        &mut self,
+        frontend: Frontend,
+        base: u16,
+        ids: &[u32],
+        old_len: usize,
+    ) -> Result<(), DataplaneError> {
+        let max = self.config.services_max;
+        let keep = old_len.min(ids.len());
+        for i in (keep..ids.len()).chain(0..keep) {
+            let slot = Lb4Service {
+                backend_id: ids[i],
+                ..Default::default()
+            };
+            let n = base + i as u16 + 1;
+            self.insert(LB4_SERVICES_MAP, max, key(frontend.id(), n), slot, || {
+                format!("backend slot {n} of {frontend}")
+            })?;
+        }
         Ok(())
     }
 
@@ -354,14 +410,17 @@ impl Dataplane {
         };
         // The id tables forget the frontend only once the maps have: a failure part-way is
         // retried from the start (removing what is already gone is not an error).
-        self.remove::<Lb4Key, Lb4Service>(LB4_SERVICES_MAP, &key(frontend.id(), 0))?;
-        for slot in 1..=old.backend_ids.len() {
-            self.remove::<Lb4Key, Lb4Service>(LB4_SERVICES_MAP, &key(frontend.id(), slot as u16))?;
+        let fe = frontend.id();
+        self.remove::<Lb4Key, Lb4Service>(LB4_SERVICES_MAP, &key(fe, 0))?;
+        let ext_len = old.external.as_ref().map_or(0, Vec::len);
+        for k in slots(fe, 0, old.all.len()).chain(slots(fe, LOCAL_SLOT_BASE, ext_len)) {
+            self.remove::<Lb4Key, Lb4Service>(LB4_SERVICES_MAP, &k)?;
         }
         self.remove::<u32, Lb4RevNat>(LB4_REVNAT_MAP, &old.rev_nat_id)?;
         self.ids.frontends.remove(&frontend.id());
         self.ids.used_rev_nat.remove(&old.rev_nat_id);
-        self.release(&old.backend_ids)
+        let old_ids: Vec<u32> = old.ids().copied().collect();
+        self.release(&old_ids)
     }
 
     /// Drops one reference to each backend id; a backend nobody references is removed.
@@ -438,15 +497,13 @@ impl Ids {
             };
             if k.slot == 0 {
                 let ext_local = v.flags & SVC_FLAG_EXT_LOCAL != 0;
-                let local = if ext_local { v.local_count } else { 0 };
                 ids.frontends.insert(
                     fe,
                     FeState {
                         kind: kind_from_flags(v.flags),
                         rev_nat_id: v.rev_nat_id,
-                        backend_ids: vec![0; usize::from(v.count) + usize::from(local)],
-                        count: usize::from(v.count),
-                        ext_local,
+                        all: vec![0; usize::from(v.count)],
+                        external: ext_local.then(|| vec![0; usize::from(v.local_count)]),
                     },
                 );
                 ids.used_rev_nat.insert(v.rev_nat_id);
@@ -456,9 +513,17 @@ impl Ids {
             }
         }
         for ((fe, slot), id) in slots {
-            if let Some(st) = ids.frontends.get_mut(&fe)
-                && let Some(s) = st.backend_ids.get_mut(usize::from(slot) - 1)
-            {
+            let Some(st) = ids.frontends.get_mut(&fe) else {
+                continue;
+            };
+            let place = if slot > LOCAL_SLOT_BASE {
+                st.external
+                    .as_mut()
+                    .and_then(|e| e.get_mut(usize::from(slot - LOCAL_SLOT_BASE) - 1))
+            } else {
+                st.all.get_mut(usize::from(slot) - 1)
+            };
+            if let Some(s) = place {
                 *s = id;
                 if let Some((bid, _)) = ids.backend_by_id.get(&id)
                     && let Some((_, refs)) = ids.backends.get_mut(bid)
@@ -491,10 +556,9 @@ impl Ids {
                         })
                         .collect()
                 };
-                let (all, ext) = st.backend_ids.split_at(st.count.min(st.backend_ids.len()));
                 let bes = Backends {
-                    all: list(all),
-                    external: st.ext_local.then(|| list(ext)),
+                    all: list(&st.all),
+                    external: st.external.as_deref().map(list),
                 };
                 (fe, bes)
             })
