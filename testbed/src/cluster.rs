@@ -79,6 +79,86 @@ fn tx_off(ns: &Netns, dev: &str) -> Result<(), CmdError> {
     ns.exec(&["ethtool", "-K", dev, "tx", "off"]).map(drop)
 }
 
+impl Node {
+    /// Makes pod number `i` of this node, called `name` (its namespace, veth `pv<i>`, address
+    /// and routes), without recording it in the node: for a sandbox kubelet that keeps its own
+    /// pods. Index `i` must be unused on this node.
+    pub fn make_pod(&self, i: u8, name: &str) -> Result<Pod, CmdError> {
+        let node = self.index;
+        let addr = plan::pod_addr(node, i);
+        let gw = plan::pod_gateway(node);
+        let ns = Netns::new(&format!("pod{node}-{i}"))?;
+        let host_veth = format!("pv{i}");
+        let bridged = self.pod_network == PodNetwork::Bridge;
+        self.ns.ip(&[
+            "link",
+            "add",
+            &host_veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ])?;
+        if bridged {
+            // A port of the bridge, which holds the gateway; the pod's /24 is on-link.
+            self.ns
+                .ip(&["link", "set", &host_veth, "master", POD_BRIDGE, "up"])?;
+        } else {
+            // Every pod veth's node side holds the pods' gateway address, so pods ARP for it
+            // there, and the node routes the pod's /32 to it.
+            self.ns
+                .ip(&["addr", "add", &format!("{gw}/32"), "dev", &host_veth])?;
+            self.ns.ip(&["link", "set", &host_veth, "up"])?;
+            self.ns
+                .sysctl(&format!("net.ipv4.conf.{host_veth}.rp_filter"), "0")?;
+            self.ns.ip(&[
+                "route",
+                "add",
+                &format!("{addr}/32"),
+                "dev",
+                &host_veth,
+                "scope",
+                "link",
+            ])?;
+        }
+        tx_off(&self.ns, &host_veth)?;
+        let prefix = if bridged { plan::pod_cidr(node).1 } else { 32 };
+        ns.ip(&["addr", "add", &format!("{addr}/{prefix}"), "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        tx_off(&ns, "eth0")?;
+        if !bridged {
+            ns.ip(&[
+                "route",
+                "add",
+                &gw.to_string(),
+                "dev",
+                "eth0",
+                "scope",
+                "link",
+            ])?;
+        }
+        ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &gw.to_string(),
+            "dev",
+            "eth0",
+        ])?;
+        Ok(Pod {
+            ns,
+            name: name.to_owned(),
+            addr,
+            host_veth,
+            node,
+        })
+    }
+}
+
 impl Cluster {
     /// A fabric and `nodes` routed nodes without pods.
     pub fn new(nodes: u8) -> Result<Self, CmdError> {
@@ -123,8 +203,9 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// Joins namespace `ns` (device `eth0` at `addr`) to the fabric bridge through port `port`.
-    fn join_fabric(&self, ns: &Netns, port: &str, addr: Ipv4Addr) -> Result<(), CmdError> {
+    /// Joins namespace `ns` (device `eth0` at `addr`) to the fabric bridge through port `port`
+    /// (a control plane's namespace, say; nodes and outside clients join this way too).
+    pub fn join_fabric(&self, ns: &Netns, port: &str, addr: Ipv4Addr) -> Result<(), CmdError> {
         self.fabric.ip(&[
             "link",
             "add",
@@ -216,74 +297,8 @@ impl Cluster {
     pub fn add_pod(&mut self, node: u8, name: &str) -> Result<&Pod, CmdError> {
         let n = &mut self.nodes[usize::from(node)];
         let i = u8::try_from(n.pods.len()).expect("pod count fits the plan");
-        let addr = plan::pod_addr(node, i);
-        let gw = plan::pod_gateway(node);
-        let ns = Netns::new(&format!("pod{node}-{i}"))?;
-        let host_veth = format!("pv{i}");
-        let bridged = n.pod_network == PodNetwork::Bridge;
-        n.ns.ip(&[
-            "link",
-            "add",
-            &host_veth,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns.name(),
-        ])?;
-        if bridged {
-            // A port of the bridge, which holds the gateway; the pod's /24 is on-link.
-            n.ns.ip(&["link", "set", &host_veth, "master", POD_BRIDGE, "up"])?;
-        } else {
-            // Every pod veth's node side holds the pods' gateway address, so pods ARP for it
-            // there, and the node routes the pod's /32 to it.
-            n.ns.ip(&["addr", "add", &format!("{gw}/32"), "dev", &host_veth])?;
-            n.ns.ip(&["link", "set", &host_veth, "up"])?;
-            n.ns.sysctl(&format!("net.ipv4.conf.{host_veth}.rp_filter"), "0")?;
-            n.ns.ip(&[
-                "route",
-                "add",
-                &format!("{addr}/32"),
-                "dev",
-                &host_veth,
-                "scope",
-                "link",
-            ])?;
-        }
-        tx_off(&n.ns, &host_veth)?;
-        let prefix = if bridged { plan::pod_cidr(node).1 } else { 32 };
-        ns.ip(&["addr", "add", &format!("{addr}/{prefix}"), "dev", "eth0"])?;
-        ns.ip(&["link", "set", "eth0", "up"])?;
-        tx_off(&ns, "eth0")?;
-        if !bridged {
-            ns.ip(&[
-                "route",
-                "add",
-                &gw.to_string(),
-                "dev",
-                "eth0",
-                "scope",
-                "link",
-            ])?;
-        }
-        ns.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &gw.to_string(),
-            "dev",
-            "eth0",
-        ])?;
-        n.pods.push(Pod {
-            ns,
-            name: name.to_owned(),
-            addr,
-            host_veth,
-            node,
-        });
+        let pod = n.make_pod(i, name)?;
+        n.pods.push(pod);
         Ok(n.pods.last().expect("just pushed"))
     }
 

@@ -41,7 +41,8 @@ pub enum CmdError {
     Unlisted { cmd: String, program: String },
     #[error(
         "`{cmd}` starts a program by path: name a command from tools.txt instead (only the \
-         workspace's own binaries, under its target directory, are started by path)"
+         workspace's own binaries, under its target directory, and the tools setup built into \
+         its cache are started by path)"
     )]
     ByPath { cmd: String },
     #[error("waiting for `{cmd}` failed: {source}")]
@@ -79,7 +80,7 @@ pub fn command<S: AsRef<OsStr>>(argv: &[S]) -> Result<Command, CmdError> {
 
 fn check_program(program: &str, cmd: &str) -> Result<(), CmdError> {
     if program.contains('/') {
-        return if is_own_binary(Path::new(program)) {
+        return if is_own_binary(Path::new(program)) || is_built_tool(Path::new(program)) {
             Ok(())
         } else {
             Err(CmdError::ByPath {
@@ -110,6 +111,27 @@ pub fn is_own_binary(path: &Path) -> bool {
         (Some(p), Some(t)) => p.starts_with(t),
         _ => false,
     }
+}
+
+/// Whether `path` is a tool `./x setup` built or fetched into the cache (the control plane,
+/// Go), one that `tools.txt` lists as such.
+pub fn is_built_tool(path: &Path) -> bool {
+    let listed = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(tools::find)
+        .is_some_and(|t| {
+            matches!(
+                t.provider,
+                tools::Provider::GoBuild(_) | tools::Provider::GoProxy
+            )
+        });
+    let cache = std::fs::canonicalize(crate::controlplane::versions::cache_dir());
+    listed
+        && matches!(
+            (std::fs::canonicalize(path), cache),
+            (Ok(p), Ok(c)) if p.starts_with(&c)
+        )
 }
 
 /// A [`Command`] for a copy of one of the workspace's own binaries placed elsewhere (a test
@@ -226,17 +248,17 @@ mod tests {
 
     #[test]
     fn an_unlisted_command_is_refused_before_it_runs() {
-        match command(&["kubectl", "get", "pods"]) {
+        match command(&["telnet", "get", "pods"]) {
             Err(CmdError::Unlisted { program, cmd }) => {
                 assert_eq!(
                     (program.as_str(), cmd.as_str()),
-                    ("kubectl", "kubectl get pods")
+                    ("telnet", "telnet get pods")
                 );
             }
             other => panic!("expected Unlisted, got {other:?}"),
         }
         // The error says where the list is and what to do.
-        let msg = command(&["kubectl"]).unwrap_err().to_string();
+        let msg = command(&["telnet"]).unwrap_err().to_string();
         assert!(
             msg.contains("tools.txt") && msg.contains("Debian package"),
             "{msg}"

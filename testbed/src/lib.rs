@@ -24,6 +24,8 @@ pub mod apps;
 pub mod bpffs;
 pub mod cluster;
 pub mod cmd;
+pub mod controlplane;
+pub mod kubelet;
 pub mod kubeproxy;
 pub mod load;
 pub mod netns;

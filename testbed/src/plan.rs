@@ -11,6 +11,7 @@
 //! | Service ClusterIPs            | 198.18.128.0/18                    |
 //! | externalIPs, LoadBalancer IPs | 198.18.192.0/18                    |
 //! | hairpin SNAT address          | 198.18.127.254 (assigned nowhere)  |
+//! | the control plane (API server)| 198.18.0.5/24 on the fabric         |
 use std::net::Ipv4Addr;
 
 /// The whole range the sandbox may use; nothing outside it is ever a target.
@@ -19,6 +20,10 @@ pub const FABRIC_PREFIX: u8 = 24;
 pub const FABRIC_ROUTER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const SERVICE_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(198, 18, 128, 0), 18);
 pub const EXTERNAL_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(198, 18, 192, 0), 18);
+/// The control plane's address on the fabric: kube-apiserver listens (and advertises) here.
+pub const CONTROL_PLANE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 5);
+/// The NodePort range the control plane allocates from (the API server's default).
+pub const NODE_PORT_RANGE: (u16, u16) = (30000, 32767);
 
 /// The source address hairpin flows are SNATed to: assigned to no device, so the node routes
 /// packets from it, and pods send replies to it through their default route (the node).
@@ -90,7 +95,13 @@ mod tests {
 
     #[test]
     fn every_planned_address_is_inside_198_18_0_0_15() {
-        let mut all = vec![FABRIC_ROUTER, SERVICE_CIDR.0, EXTERNAL_CIDR.0, HAIRPIN_SNAT];
+        let mut all = vec![
+            FABRIC_ROUTER,
+            SERVICE_CIDR.0,
+            EXTERNAL_CIDR.0,
+            HAIRPIN_SNAT,
+            CONTROL_PLANE,
+        ];
         for k in 0..MAX_NODES {
             all.extend([node_addr(k), pod_gateway(k), pod_cidr(k).0]);
             all.extend([pod_addr(k, 0), pod_addr(k, MAX_PODS_PER_NODE - 1)]);

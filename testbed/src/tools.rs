@@ -20,6 +20,10 @@ pub enum Provider {
     Rustup,
     /// A crate installed with `cargo install` by `./x setup`.
     Cargo(&'static str),
+    /// Go: the machine's, or the pinned toolchain from the Go module proxy (`./x setup`).
+    GoProxy,
+    /// Built by `./x setup` from this Go module, into the control plane's cache.
+    GoBuild(&'static str),
 }
 
 /// Who installs it: `./x` before any Rust code can compile, or `./x setup`.
@@ -79,11 +83,13 @@ pub fn parse(text: &'static str) -> Result<Vec<Tool>, ListError> {
         let provider = match provider.split_once(':') {
             Some(("apt", pkg)) if !pkg.is_empty() => Provider::Apt(pkg),
             Some(("cargo", krate)) if !krate.is_empty() => Provider::Cargo(krate),
+            Some(("go-build", module)) if !module.is_empty() => Provider::GoBuild(module),
+            None if provider == "go-proxy" => Provider::GoProxy,
             None if provider == "rustup-init" => Provider::RustupInit,
             None if provider == "rustup" => Provider::Rustup,
             _ => {
                 return Err(err(
-                    "provider must be apt:PKG, cargo:CRATE, rustup or rustup-init",
+                    "provider must be apt:PKG, cargo:CRATE, go-build:MODULE, rustup, rustup-init or go-proxy",
                 ));
             }
         };
@@ -148,7 +154,7 @@ mod tests {
             find("bpf-linker").map(|t| &t.provider),
             Some(&Provider::Cargo("bpf-linker"))
         );
-        assert!(find("kubectl").is_none());
+        assert!(find("telnet").is_none());
     }
 
     #[test]
@@ -175,11 +181,11 @@ mod tests {
             ),
             (
                 "ip deb:iproute2 setup tests why\n",
-                "provider must be apt:PKG, cargo:CRATE, rustup or rustup-init",
+                "provider must be apt:PKG, cargo:CRATE, go-build:MODULE, rustup, rustup-init or go-proxy",
             ),
             (
                 "ip apt: setup tests why\n",
-                "provider must be apt:PKG, cargo:CRATE, rustup or rustup-init",
+                "provider must be apt:PKG, cargo:CRATE, go-build:MODULE, rustup, rustup-init or go-proxy",
             ),
             (
                 "ip apt:iproute2 later tests why\n",

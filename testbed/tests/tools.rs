@@ -398,7 +398,7 @@ fn the_scan_finds_an_unlisted_command_and_a_stray_spawn() {
     let src = r#"
         fn f(ns: &Netns) {
             let _ = run(&["ip", "link"]);
-            let _ = run(&["kubectl", "get", "pods"]);
+            let _ = run(&["telnet", "get", "pods"]);
             let _ = ns.exec(&["nft", "list", "ruleset"]);
             let _ = ns.exec_argv(&vec!["socat", "-"]);
             let _ = command(&["ip", "netns", "exec", name, "tcpdump", "-i", "eth0"]);
@@ -409,7 +409,7 @@ fn the_scan_finds_an_unlisted_command_and_a_stray_spawn() {
     "#;
     let got = scan_rust("some/file.rs", src);
     let want = [
-        "some/file.rs:4: runs `kubectl`",
+        "some/file.rs:4: runs `telnet`",
         "some/file.rs:6: runs `socat`",
         "some/file.rs:7: runs `tcpdump`",
         "some/file.rs:8: runs `iperf3`",
@@ -425,14 +425,14 @@ fn the_scan_finds_an_unlisted_command_and_a_stray_spawn() {
     assert!(
         scan_rust(
             ONE_PLACE,
-            "mod tests { fn t() { command(&[\"kubectl\"]); } }"
+            "mod tests { fn t() { command(&[\"telnet\"]); } }"
         )
         .is_empty()
     );
     assert_eq!(
         scan_rust(
             ONE_PLACE,
-            "mod other { fn t() { command(&[\"kubectl\"]); } }"
+            "mod other { fn t() { command(&[\"telnet\"]); } }"
         )
         .len(),
         1

@@ -2,6 +2,7 @@
 //! can run. Every task but `setup` runs `setup` first, so that on a fresh machine the README's
 //! two commands are all anyone types.
 mod build_ebpf;
+mod controlplane;
 mod demo;
 mod setup;
 mod test;

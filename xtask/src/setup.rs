@@ -22,12 +22,13 @@ pub fn run() -> anyhow::Result<()> {
     step("Debian packages", debian_packages)?;
     step("eBPF toolchain", ebpf_toolchain)?;
     step("bpf-linker", bpf_linker)?;
+    step("control plane", crate::controlplane::ensure_built)?;
     step("every command in tools.txt", check_all)?;
     say(&format!("ready ({})", secs(start.elapsed())));
     Ok(())
 }
 
-fn say(msg: &str) {
+pub(crate) fn say(msg: &str) {
     eprintln!("setup: {msg}");
 }
 
@@ -75,7 +76,12 @@ fn dpkg_installed(pkg: &str) -> bool {
 /// Whether a row's piece is on the machine: its command on PATH, or for a row without one,
 /// its package installed.
 fn present(t: &Tool) -> bool {
+    use testbed::controlplane::versions::{GO, bin_dir, cache_dir};
     match (t.command, t.provider) {
+        (Some(cmd), Provider::GoBuild(_)) => bin_dir().join(cmd).is_file(),
+        (Some(cmd), Provider::GoProxy) => {
+            on_path(cmd) || cache_dir().join(format!("go{GO}/bin/go")).is_file()
+        }
         (Some(cmd), _) => on_path(cmd),
         (None, Provider::Apt(pkg)) => dpkg_installed(pkg),
         (None, _) => true,
@@ -240,6 +246,8 @@ fn check_all() -> anyhow::Result<String> {
                 Provider::Cargo(c) => format!("cargo install {c}"),
                 Provider::Rustup => "the rustup toolchain".into(),
                 Provider::RustupInit => "rustup (./x installs it)".into(),
+                Provider::GoProxy => "Go, or the Go module proxy".into(),
+                Provider::GoBuild(m) => format!("a build of {m} by setup"),
             };
             format!("{} (from {from})", t.command.unwrap_or("-"))
         })
