@@ -1,7 +1,9 @@
 //! A sandbox kubelet (ours): it makes the real control plane's Pods real on the sandbox's
 //! nodes, so that the real controllers produce real EndpointSlices.
 //!
-//! - Registers a Node object per sandbox node (InternalIP, hostname and zone labels, Ready).
+//! - Registers a Node object per sandbox node (InternalIP, hostname and zone labels, Ready),
+//!   and keeps it: every [`HEARTBEAT`] it re-creates a Node that was deleted and writes the
+//!   Ready condition again with a fresh `lastHeartbeatTime`.
 //! - Schedules: a Pod without a node is bound to one (round robin, or the node its
 //!   `kubernetes.io/hostname` node selector names) through the binding subresource.
 //! - Runs: for each Pod bound to a sandbox node it makes the pod's network namespace and veth
@@ -17,8 +19,8 @@
 //!
 //! Not done: images and volumes, init and sidecar containers, restarts (a process that exits
 //! leaves its Pod not ready, phase Failed or Succeeded), probes other than HTTP GET (liveness
-//! and startup probes are ignored), resources, node heartbeats (no node lifecycle controller
-//! runs). It polls the API every 100 ms rather than watching.
+//! and startup probes are ignored), resources, node leases (no node lifecycle controller runs to
+//! read them). It polls the API every 100 ms rather than watching.
 use std::{
     collections::HashMap,
     io::{Read as _, Write as _},
@@ -40,6 +42,8 @@ use crate::{cluster::Cluster, cmd, netns::Netns};
 
 /// How often the kubelet looks at the API.
 pub const POLL: Duration = Duration::from_millis(100);
+/// How often the kubelet writes its nodes' status.
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
 /// The first pod index the kubelet uses on a node (those below are the tests' own).
 const FIRST_INDEX: u8 = 100;
 
@@ -221,7 +225,14 @@ async fn run(
     let mut running: HashMap<(String, String), Running> = HashMap::new();
     let mut next_index: Vec<u8> = vec![FIRST_INDEX; cluster.nodes.len()];
     let mut round_robin = 0usize;
+    let mut heartbeat = Instant::now();
     while !stop.load(Ordering::SeqCst) {
+        if heartbeat.elapsed() >= HEARTBEAT {
+            heartbeat = Instant::now();
+            if let Err(e) = register_nodes(&client, &cluster, &zones).await {
+                note(format!("node heartbeat: {e}"));
+            }
+        }
         match pods_api.list(&ListParams::default()).await {
             Ok(list) => {
                 let items = list.items;
@@ -317,6 +328,8 @@ async fn register_nodes(
     zones: &[String],
 ) -> Result<(), String> {
     let api: Api<NodeObject> = Api::all(client.clone());
+    let now =
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
     for n in &cluster.nodes {
         let k = usize::from(n.index);
         let name = node_name(k);
@@ -344,7 +357,8 @@ async fn register_nodes(
                 {"type": "Hostname", "address": name},
             ],
             "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
-                            "message": "sandbox kubelet"}],
+                            "message": "sandbox kubelet",
+                            "lastHeartbeatTime": now}],
             "capacity": {"pods": "110", "cpu": "2", "memory": "4Gi"},
             "allocatable": {"pods": "110", "cpu": "2", "memory": "4Gi"},
         }});

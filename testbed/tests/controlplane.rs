@@ -118,8 +118,6 @@ fn the_sandbox_kubelet_runs_pods_and_the_endpointslice_controller_follows_their_
     assert!(pods.iter().all(|p| p.ready), "{pods:?}");
     // The pods really run: each answers with its name from its own address.
     for p in &pods {
-        let pod_ns = std::fs::read_dir("/run/netns").unwrap().count();
-        assert!(pod_ns > 0);
         let r = testbed::curl(
             &c.nodes[p.node].ns,
             p.addr,
@@ -147,5 +145,23 @@ fn the_sandbox_kubelet_runs_pods_and_the_endpointslice_controller_follows_their_
         !t.contains("=true") && endpoints("ready").matches("=true").count() == 2
     });
     assert!(ok, "the rollout did not finish: {}", endpoints("ready"));
+    // Its nodes: registered with their sandbox address, zone and Ready, and kept so: a Node
+    // deleted comes back at the next heartbeat.
+    let node1 = || {
+        cp.kubectl(&[
+            "get",
+            "node",
+            "node1",
+            "-o",
+            r#"jsonpath={.status.addresses[?(@.type=="InternalIP")].address} {.metadata.labels.topology\.kubernetes\.io/zone} {.status.conditions[?(@.type=="Ready")].status}"#,
+        ])
+    };
+    let want = format!("{} zone-b True", c.nodes[1].addr);
+    assert_eq!(node1().unwrap(), want);
+    cp.kubectl(&["delete", "node", "node1"]).unwrap();
+    let back = testbed::agent::eventually(3 * testbed::kubelet::HEARTBEAT, || {
+        node1().is_ok_and(|n| n == want)
+    });
+    assert!(back, "node1 was not registered again: {:?}", node1());
     drop(kubelet);
 }
