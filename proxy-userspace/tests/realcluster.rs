@@ -4,14 +4,14 @@
 //! controller's real output. The agents authenticate as the service account of
 //! `deploy/rbac.yaml`, applied for real, so its least-privilege RBAC is proven against the
 //! real authorizer.
-use std::{collections::BTreeSet, net::Ipv4Addr, path::Path, sync::Arc, time::Duration};
+use std::{collections::BTreeSet, net::Ipv4Addr, path::Path, time::Duration};
 
 use testbed::{
-    Attempt, BpfFs, Cluster,
-    agent::{AgentProcess, eventually, sandbox_args},
+    Attempt, Cluster,
+    agent::eventually,
     controlplane::ControlPlane,
     curl, http_many,
-    kubelet::Kubelet,
+    realcluster::{RealCluster, example_app, repo_file},
     require_privileged,
 };
 
@@ -20,102 +20,39 @@ const WAIT: Duration = Duration::from_secs(60);
 /// The example's Service (deploy/examples/service-test.yaml).
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 128, 10);
 const NODE_PORT: u16 = 30080;
+/// The example's pods' names start so.
+const APP: &str = "service-test";
 
-fn repo(file: &str) -> String {
-    format!("{}/../{file}", env!("CARGO_MANIFEST_DIR"))
+struct Env(RealCluster);
+
+impl std::ops::Deref for Env {
+    type Target = RealCluster;
+    fn deref(&self) -> &RealCluster {
+        &self.0
+    }
 }
 
-/// The example app: its Deployment and Service (the control plane writes the EndpointSlice).
-fn example_app() -> String {
-    let text = std::fs::read_to_string(repo("deploy/examples/service-test.yaml")).unwrap();
-    text.split("\n---\n")
-        .filter(|d| !d.contains("kind: EndpointSlice"))
-        .collect::<Vec<_>>()
-        .join("\n---\n")
-}
-
-struct Env {
-    // Field order is drop order: agents, kubelet (and its pods), control plane, namespaces.
-    agents: Vec<Option<AgentProcess>>,
-    kubelet: Kubelet,
-    cp: ControlPlane,
-    bpffs: Vec<BpfFs>,
-    kubeconfig: std::path::PathBuf,
-    c: Arc<Cluster>,
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.kubeconfig);
+impl std::ops::DerefMut for Env {
+    fn deref_mut(&mut self) -> &mut RealCluster {
+        &mut self.0
     }
 }
 
 impl Env {
-    /// Two nodes, a client pod on node0 and an outside client, the control plane (with
-    /// `apiserver_flags`), the kubelet, deploy/rbac.yaml applied, and an agent per node
-    /// running as its service account.
+    /// Two nodes in two zones, a client pod on node0 and an outside client, on the real
+    /// control plane (with `apiserver_flags`), an agent per node.
     fn new(apiserver_flags: &[&str]) -> Self {
         let mut c = Cluster::new(2).unwrap();
         c.add_pod(0, "client").unwrap();
         c.add_outside().unwrap();
-        let c = Arc::new(c);
-        let cp = ControlPlane::start(&c, apiserver_flags).unwrap();
-        let kubelet = Kubelet::start(
-            c.clone(),
-            &cp.ns,
-            &cp.admin_kubeconfig(),
-            &["zone-a", "zone-b"],
-        )
-        .unwrap();
-        cp.kubectl(&["apply", "-f", &repo("deploy/rbac.yaml")])
-            .unwrap();
-        let kubeconfig =
-            std::env::temp_dir().join(testbed::netns::unique_name("sluice.kubeconfig"));
-        cp.service_account_kubeconfig("kube-system", "sluice", 2, &kubeconfig)
-            .unwrap();
-        let mut env = Self {
-            agents: Vec::new(),
-            kubelet,
-            cp,
-            bpffs: Vec::new(),
-            kubeconfig,
-            c,
-        };
-        for k in 0..2 {
-            env.bpffs.push(BpfFs::new().unwrap());
-            env.agents.push(None);
-            env.start_agent(k);
-        }
-        env
-    }
-
-    fn start_agent(&mut self, k: usize) {
-        let pins = self.bpffs[k].path().join("sluice");
-        let kc = self.kubeconfig.display().to_string();
-        let args = sandbox_args(&format!("node{k}"), &pins, &["--kubeconfig", &kc]);
-        let log = self.bpffs[k]
-            .path()
-            .with_extension(format!("agent{}.log", self.agents.len()));
         let bin = Path::new(env!("CARGO_BIN_EXE_sluice"));
-        let mut a = AgentProcess::start(&self.c.nodes[k].ns, bin, &args, &log).unwrap();
-        a.wait_healthy(WAIT);
-        self.agents[k] = Some(a);
+        Self(RealCluster::start(c, bin, apiserver_flags, &["zone-a", "zone-b"]).unwrap())
     }
 
-    fn diagnose(&self) -> String {
-        let agents: String = self
-            .agents
-            .iter()
-            .flatten()
-            .enumerate()
-            .map(|(k, a)| format!("--- agent on node{k}:\n{}\n", a.log()))
-            .collect();
-        format!(
-            "{agents}--- kubelet: pods {:?}, errors {:?}\n{}",
-            self.kubelet.pods(),
-            self.kubelet.errors(),
-            self.cp.logs()
-        )
+    fn apply_example(&self) {
+        self.cp
+            .kubectl_with_input(&["apply", "-f", "-"], Some(&example_app().unwrap()))
+            .unwrap();
     }
 
     fn client(&self) -> &testbed::Netns {
@@ -139,14 +76,9 @@ impl Env {
         (names, failed)
     }
 
-    /// The names of the kubelet's ready pods of the example app.
-    fn ready_pods(&self) -> BTreeSet<String> {
-        self.kubelet
-            .pods()
-            .into_iter()
-            .filter(|p| p.ready && p.name.starts_with("service-test"))
-            .map(|p| p.name)
-            .collect()
+    /// The names of the example app's ready pods.
+    fn ready(&self) -> BTreeSet<String> {
+        self.ready_names(APP)
     }
 
     /// Waits until the ClusterIP is answered by exactly the example's ready pods, `n` of
@@ -154,7 +86,7 @@ impl Env {
     fn wait_served_by(&self, n: usize) {
         let mut last = (BTreeSet::new(), 0);
         let ok = eventually(WAIT, || {
-            let ready = self.ready_pods();
+            let ready = self.ready();
             if ready.len() != n {
                 return false;
             }
@@ -164,7 +96,7 @@ impl Env {
         assert!(
             ok,
             "the ClusterIP was not served by {n} pods: last {last:?}, ready {:?}\n{}",
-            self.ready_pods(),
+            self.ready(),
             self.diagnose()
         );
     }
@@ -174,9 +106,7 @@ impl Env {
 fn the_example_app_applied_with_kubectl_is_served_scaled_and_removed() {
     require_privileged!("the_example_app_applied_with_kubectl_is_served_scaled_and_removed");
     let env = Env::new(&[]);
-    env.cp
-        .kubectl_with_input(&["apply", "-f", "-"], Some(&example_app()))
-        .unwrap();
+    env.apply_example();
     env.wait_served_by(2);
     // The pods run on both nodes; from outside, node0's NodePort reaches both (one through
     // SNAT to node1).
@@ -185,7 +115,7 @@ fn the_example_app_applied_with_kubectl_is_served_scaled_and_removed() {
         let r = curl(&env.c.outside[0].ns, env.c.nodes[0].addr, NODE_PORT, T).unwrap();
         from_outside.insert(r.body);
     }
-    assert_eq!(from_outside, env.ready_pods(), "{}", env.diagnose());
+    assert_eq!(from_outside, env.ready(), "{}", env.diagnose());
 
     env.cp
         .kubectl(&["scale", "deployment", "service-test", "--replicas=3"])
@@ -193,16 +123,12 @@ fn the_example_app_applied_with_kubectl_is_served_scaled_and_removed() {
     env.wait_served_by(3);
 
     env.cp
-        .kubectl_with_input(&["delete", "-f", "-"], Some(&example_app()))
+        .kubectl_with_input(&["delete", "-f", "-"], Some(&example_app().unwrap()))
         .unwrap();
     let gone = eventually(WAIT, || {
-        testbed::agent::services_json(
-            &env.c.nodes[0].ns,
-            Path::new(env!("CARGO_BIN_EXE_sluice")),
-            &env.bpffs[0].path().join("sluice"),
-        )
-        .iter()
-        .all(|f| f["address"] != CLUSTER_IP.to_string())
+        env.services(0)
+            .iter()
+            .all(|f| f["address"] != CLUSTER_IP.to_string())
     });
     assert!(
         gone,
@@ -215,9 +141,7 @@ fn the_example_app_applied_with_kubectl_is_served_scaled_and_removed() {
 fn a_service_made_with_kubectl_expose_is_served_on_what_kubectl_get_shows() {
     require_privileged!("a_service_made_with_kubectl_expose_is_served_on_what_kubectl_get_shows");
     let env = Env::new(&[]);
-    env.cp
-        .kubectl_with_input(&["apply", "-f", "-"], Some(&example_app()))
-        .unwrap();
+    env.apply_example();
     env.wait_served_by(2);
     env.cp
         .kubectl(&[
@@ -252,7 +176,7 @@ fn a_service_made_with_kubectl_expose_is_served_on_what_kubectl_get_shows() {
     assert!(testbed::plan::in_range(ip), "{ip}");
     assert!((30000..=32767).contains(&np), "{np}");
     let ok = eventually(WAIT, || {
-        env.answered(ip, 8000, 20) == (env.ready_pods(), 0)
+        env.answered(ip, 8000, 20) == (env.ready(), 0)
             && curl(&env.c.outside[0].ns, env.c.nodes[1].addr, np, T).is_ok()
     });
     assert!(
@@ -266,9 +190,7 @@ fn a_service_made_with_kubectl_expose_is_served_on_what_kubectl_get_shows() {
 fn a_rolling_update_under_load_loses_no_request() {
     require_privileged!("a_rolling_update_under_load_loses_no_request");
     let env = Env::new(&[]);
-    env.cp
-        .kubectl_with_input(&["apply", "-f", "-"], Some(&example_app()))
-        .unwrap();
+    env.apply_example();
     // Old pods keep serving for 2 s after they are marked terminating, as a preStop sleep
     // does in production, so endpoints can follow before they stop.
     env.cp
@@ -282,7 +204,7 @@ fn a_rolling_update_under_load_loses_no_request() {
         ])
         .unwrap();
     env.wait_served_by(2);
-    let before = env.ready_pods();
+    let before = env.ready();
     let client = env.c.pod("client").ns.name().to_owned();
     let load = std::thread::spawn(move || {
         // A namespace handle for the thread: the name of one the test keeps alive.
@@ -304,7 +226,7 @@ fn a_rolling_update_under_load_loses_no_request() {
         .kubectl(&["rollout", "restart", "deployment", "service-test"])
         .unwrap();
     let out = load.join().unwrap().unwrap();
-    let after = env.ready_pods();
+    let after = env.ready();
     assert!(
         after.is_disjoint(&before),
         "the rollout did not replace the pods: {before:?} {after:?}"
@@ -327,9 +249,7 @@ fn the_agent_follows_changes_after_an_api_server_restart_and_expiring_watches() 
     );
     // Watches the API server closes after 5 to 10 s, as it closes every watch after a while.
     let mut env = Env::new(&["--min-request-timeout=5"]);
-    env.cp
-        .kubectl_with_input(&["apply", "-f", "-"], Some(&example_app()))
-        .unwrap();
+    env.apply_example();
     env.wait_served_by(2);
     std::thread::sleep(Duration::from_secs(12));
     env.cp
@@ -351,9 +271,7 @@ fn the_agent_follows_changes_after_an_api_server_restart_and_expiring_watches() 
 fn an_agent_killed_and_restarted_under_load_loses_no_request() {
     require_privileged!("an_agent_killed_and_restarted_under_load_loses_no_request");
     let mut env = Env::new(&[]);
-    env.cp
-        .kubectl_with_input(&["apply", "-f", "-"], Some(&example_app()))
-        .unwrap();
+    env.apply_example();
     env.wait_served_by(2);
     let client = env.c.pod("client").ns.name().to_owned();
     let load = std::thread::spawn(move || {
@@ -373,7 +291,7 @@ fn an_agent_killed_and_restarted_under_load_loses_no_request() {
     std::thread::sleep(Duration::from_secs(2));
     env.agents[0].as_mut().unwrap().kill9();
     std::thread::sleep(Duration::from_secs(1));
-    env.start_agent(0);
+    env.start_agent(0).unwrap();
     let out = load.join().unwrap().unwrap();
     assert!(out.trim().ends_with("ERR 0"), "{out}\n{}", env.diagnose());
 }
@@ -431,7 +349,12 @@ fn the_install_manifests_pass_the_api_servers_validation() {
     let c = Cluster::new(1).unwrap();
     let cp = ControlPlane::start(&c, &[]).unwrap();
     let out = cp
-        .kubectl(&["apply", "--dry-run=server", "-k", &repo("deploy")])
+        .kubectl(&[
+            "apply",
+            "--dry-run=server",
+            "-k",
+            &repo_file("deploy").display().to_string(),
+        ])
         .unwrap_or_else(|e| panic!("{e}\n{}", cp.logs()));
     for kind in [
         "serviceaccount/sluice",

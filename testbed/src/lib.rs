@@ -9,8 +9,13 @@
 //! - [`agent`]: a `sluice agent` process in a node's namespace, its health and metrics.
 //! - [`apiserver`]: a Kubernetes API test server (list, watch, 410 Gone, bookmarks) reached
 //!   through an ordinary kubeconfig.
+//! - [`controlplane`], [`kubelet`] and [`realcluster`]: the real control plane (etcd,
+//!   kube-apiserver, kube-controller-manager, built by `./x setup`), our sandbox kubelet that
+//!   runs its Pods, and both with an agent per node running as the RBAC of `deploy/rbac.yaml`.
 //! - [`load`]: the benchmark's servers and closed-loop load generator (new connections,
 //!   persistent connections, UDP), in Rust so the path is measured and not an interpreter.
+//! - [`kubeproxy`]: kube-proxy's own rules (iptables, nftables) for the same Services, the
+//!   benchmark's other side.
 //! - [`report`]: the side-by-side benchmark's Markdown tables and SVG chart, from raw samples.
 //! - [`privilege`]: the rule for tests that need root: skip loudly, or fail in CI.
 //! - [`cmd`] and [`tools`]: the one way to start a process, and `tools.txt`, the list of every
@@ -31,6 +36,7 @@ pub mod load;
 pub mod netns;
 pub mod plan;
 pub mod privilege;
+pub mod realcluster;
 pub mod report;
 pub mod tools;
 

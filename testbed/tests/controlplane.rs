@@ -61,20 +61,6 @@ fn the_api_server_advertises_a_sandbox_address_and_authorizes_with_rbac() {
     );
 }
 
-/// The example app of deploy/examples/service-test.yaml, its Deployment and Service only (the
-/// control plane writes the EndpointSlice itself).
-fn example_app() -> String {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/examples/service-test.yaml"
-    ))
-    .unwrap();
-    text.split("\n---\n")
-        .filter(|d| !d.contains("kind: EndpointSlice"))
-        .collect::<Vec<_>>()
-        .join("\n---\n")
-}
-
 #[test]
 fn the_sandbox_kubelet_runs_pods_and_the_endpointslice_controller_follows_their_conditions() {
     require_privileged!(
@@ -89,8 +75,11 @@ fn the_sandbox_kubelet_runs_pods_and_the_endpointslice_controller_follows_their_
         &["zone-a", "zone-b"],
     )
     .unwrap();
-    cp.kubectl_with_input(&["apply", "-f", "-"], Some(&example_app()))
-        .unwrap();
+    cp.kubectl_with_input(
+        &["apply", "-f", "-"],
+        Some(&testbed::realcluster::example_app().unwrap()),
+    )
+    .unwrap();
     let endpoints = |cond: &str| {
         cp.kubectl(&[
             "get",

@@ -44,27 +44,37 @@ enum Task {
         /// Run the checks once and exit with their status instead of running live.
         #[arg(long)]
         once: bool,
+        /// Run the same story on the real control plane (etcd, kube-apiserver,
+        /// kube-controller-manager, built by setup) through kubectl, with the sandbox kubelet
+        /// running the pods, instead of manifests mode.
+        #[arg(long)]
+        control_plane: bool,
     },
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
-        Task::Setup => setup::run(),
+        Task::Setup => setup::run(setup::Scope::ALL),
         Task::BuildEbpf => {
-            setup::run()?;
+            setup::run(setup::Scope::RUST)?;
             build_ebpf::run()
         }
         Task::Test { cargo_args } => {
-            setup::run()?;
+            setup::run(setup::Scope::ALL)?;
             test::run(&cargo_args)
         }
         Task::Bench { quick } => {
-            setup::run()?;
+            setup::run(setup::Scope::ALL)?;
             bench(quick)
         }
-        Task::Demo { once } => {
-            setup::run()?;
-            demo::run(once)
+        Task::Demo {
+            once,
+            control_plane,
+        } => {
+            // Manifests mode needs no control plane, so a fresh machine's first demo does not
+            // wait for its Go build.
+            setup::run(setup::Scope { control_plane })?;
+            demo::run(once, control_plane)
         }
     }
 }

@@ -6,7 +6,10 @@
 //! 1. the Debian packages of every `apt:` row whose command (or package) is missing;
 //! 2. the eBPF nightly with rust-src (proxy-ebpf/rust-toolchain.toml);
 //! 3. bpf-linker, built against LLVM 22;
-//! 4. a check that every command in the list is now there.
+//! 4. the control plane (etcd, kube-apiserver, kube-controller-manager, kubectl), built from
+//!    the Go module proxy into a versioned cache outside the repository (`controlplane.rs`),
+//!    unless the task needs none ([`Scope`]: the manifests-mode demo, `build-ebpf`);
+//! 5. a check that every command in the list, or the part of it the task needs, is now there.
 use std::{
     collections::BTreeMap,
     time::{Duration, Instant},
@@ -17,13 +20,37 @@ use testbed::tools::{self, Provider, Tool};
 
 use crate::toolchain::{BPF_LINKER_VERSION, LLVM_MAJOR, in_ebpf_dir};
 
-pub fn run() -> anyhow::Result<()> {
+/// What a task needs set up.
+#[derive(Clone, Copy, Debug)]
+pub struct Scope {
+    /// The control plane's Go build (minutes cold), for the tests, the bench and the demo's
+    /// `--control-plane`.
+    pub control_plane: bool,
+}
+
+impl Scope {
+    pub const ALL: Self = Self {
+        control_plane: true,
+    };
+    /// What building and running sluice itself needs.
+    pub const RUST: Self = Self {
+        control_plane: false,
+    };
+
+    fn wants(self, t: &Tool) -> bool {
+        self.control_plane || !matches!(t.provider, Provider::GoBuild(_) | Provider::GoProxy)
+    }
+}
+
+pub fn run(scope: Scope) -> anyhow::Result<()> {
     let start = Instant::now();
     step("Debian packages", debian_packages)?;
     step("eBPF toolchain", ebpf_toolchain)?;
     step("bpf-linker", bpf_linker)?;
-    step("control plane", crate::controlplane::ensure_built)?;
-    step("every command in tools.txt", check_all)?;
+    if scope.control_plane {
+        step("control plane", crate::controlplane::ensure_built)?;
+    }
+    step("every command in tools.txt", || check_all(scope))?;
     say(&format!("ready ({})", secs(start.elapsed())));
     Ok(())
 }
@@ -37,7 +64,7 @@ fn secs(d: Duration) -> String {
 }
 
 /// Runs one step and reports its outcome and its time, or what went wrong.
-fn step(name: &str, f: fn() -> anyhow::Result<String>) -> anyhow::Result<()> {
+fn step(name: &str, f: impl FnOnce() -> anyhow::Result<String>) -> anyhow::Result<()> {
     let t = Instant::now();
     match f() {
         Ok(outcome) => {
@@ -236,8 +263,9 @@ fn bpf_linker() -> anyhow::Result<String> {
 }
 
 /// Every command the list names is there now; if not, which and where it comes from.
-fn check_all() -> anyhow::Result<String> {
-    let missing: Vec<String> = tools::all()
+fn check_all(scope: Scope) -> anyhow::Result<String> {
+    let wanted: Vec<&Tool> = tools::all().iter().filter(|t| scope.wants(t)).collect();
+    let missing: Vec<String> = wanted
         .iter()
         .filter(|t| !present(t))
         .map(|t| {
@@ -258,5 +286,13 @@ fn check_all() -> anyhow::Result<String> {
             missing.join(", ")
         );
     }
-    Ok(format!("all {} rows there", tools::all().len()))
+    Ok(format!(
+        "all {} rows{} there",
+        wanted.len(),
+        if scope.control_plane {
+            ""
+        } else {
+            " but the control plane's"
+        }
+    ))
 }

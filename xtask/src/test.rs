@@ -71,18 +71,21 @@ pub fn run(cargo_args: &[String]) -> anyhow::Result<()> {
     }
     let status = child.wait().context("waiting for cargo test")?;
 
-    // The last tier: the README's main command, checked once, as a user would run it.
-    if privileged {
-        println!("running the demo: ./x demo --once");
-        match crate::demo::run(true) {
+    // The last tier: the README's main command, checked once, as a user would run it, in
+    // both modes.
+    for (flags, control_plane) in [("--once", false), ("--once --control-plane", true)] {
+        if !privileged {
+            testbed::privileged(&format!("xtask demo {flags}"));
+            continue;
+        }
+        println!("running the demo: ./x demo {flags}");
+        match crate::demo::run(true, control_plane) {
             Ok(()) => totals.passed += 1,
             Err(e) => {
-                println!("demo --once FAILED: {e:#}");
+                println!("demo {flags} FAILED: {e:#}");
                 totals.failed += 1;
             }
         }
-    } else {
-        testbed::privileged("xtask demo --once");
     }
 
     let skips: Vec<String> = std::fs::read_to_string(&skip_log)
