@@ -865,6 +865,12 @@ fn main() {
     md.push_str(&section(&out, "datapath.md", "Per packet"));
     md.push_str("\n\n");
     md.push_str(&section(&out, "agent.md", "Agent control plane and memory"));
+    md.push_str("\n\n");
+    md.push_str(&section(
+        &out,
+        "realcluster.md",
+        "The agent on the real control plane",
+    ));
     md.push('\n');
     std::fs::write(out.join("report.md"), &md).unwrap();
     println!("{md}");

@@ -24,7 +24,8 @@ enum Task {
     Setup,
     /// Build the eBPF object (target/bpfel-unknown-none/release/sluice-ebpf) for development.
     BuildEbpf,
-    /// Run every test tier: unit, packet tests (BPF_PROG_TEST_RUN), sandbox end-to-end.
+    /// Run every test tier: unit, packet tests (BPF_PROG_TEST_RUN), sandbox end-to-end, the
+    /// real control plane, and the demo in both modes.
     /// Extra arguments go to `cargo test` (for example a test name filter).
     Test {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -33,7 +34,8 @@ enum Task {
     /// Benchmarks, side by side in one run: sluice against the direct path and kube-proxy's
     /// iptables and nftables rules at 1, 1,000 and 10,000 Services (connection rates and
     /// latencies, UDP, control plane), ns per packet through BPF_PROG_TEST_RUN, and the
-    /// agent's control plane and memory. Report: target/bench/report.md and latency.svg.
+    /// agent's control plane and memory, against the API test server and the real control
+    /// plane. Report: target/bench/report.md and latency.svg.
     Bench {
         /// A shorter run (shorter cells, fewer samples; under 3 minutes once built).
         #[arg(long)]
@@ -82,7 +84,7 @@ fn main() -> anyhow::Result<()> {
 fn bench(quick: bool) -> anyhow::Result<()> {
     use anyhow::Context as _;
     // The comparison runs last: its report takes in the other two.
-    for bench in ["datapath", "agent", "compare"] {
+    for bench in ["datapath", "agent", "realcluster", "compare"] {
         let mut cmd = testbed::cmd::command(&["cargo"])?;
         cmd.current_dir(workspace_root()).args([
             "bench",

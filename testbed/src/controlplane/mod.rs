@@ -218,6 +218,8 @@ impl ControlPlane {
             "--etcd-servers=http://127.0.0.1:2379".into(),
             format!("--secure-port={API_PORT}"),
             format!("--advertise-address={}", plan::CONTROL_PLANE),
+            // Only the sandbox address: nothing listens anywhere else.
+            format!("--bind-address={}", plan::CONTROL_PLANE),
             format!("--service-cluster-ip-range={cidr}"),
             format!("--service-node-port-range={np_lo}-{np_hi}"),
             format!("--tls-cert-file={}", self.path("apiserver.crt")),
