@@ -22,6 +22,7 @@ use proxy_common::{
     IPPROTO_TCP, LB4_BACKENDS_MAP, LB4_SERVICES_MAP, Lb4Backend, Lb4Key, Lb4Service,
 };
 use serde_json::json;
+use testbed::report::{proc_status_kib, quantile_ms};
 use testbed::{BpfFs, Cluster, agent::AgentProcess, apiserver::ApiServer};
 
 /// The n-th Service's ClusterIP: 198.18.128.0/18 holds 16,384 addresses.
@@ -110,21 +111,6 @@ fn until(start: Instant, f: impl Fn() -> bool) -> Duration {
     start.elapsed()
 }
 
-fn pct(v: &mut [Duration], p: f64) -> f64 {
-    v.sort();
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i].as_secs_f64() * 1e3
-}
-
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Sum of `bytes_memlock` of the pinned maps, from bpftool.
 fn maps_memory(pins: &Path) -> u64 {
     std::fs::read_dir(pins)
@@ -204,7 +190,7 @@ fn main() {
         maps.has_frontend(vip(n - 1)),
         "the last Service is not programmed"
     );
-    let rss_synced = status_kib(agent.pid(), "VmRSS:");
+    let rss_synced = proc_status_kib(agent.pid(), "VmRSS:");
 
     // One endpoint change at a time: a slice's third endpoint is replaced.
     let mut endpoint = Vec::new();
@@ -225,8 +211,8 @@ fn main() {
         let t0 = Instant::now();
         created.push(until(t0, || maps.has_frontend(vip(i))));
     }
-    let rss = status_kib(agent.pid(), "VmRSS:");
-    let hwm = status_kib(agent.pid(), "VmHWM:");
+    let rss = proc_status_kib(agent.pid(), "VmRSS:");
+    let hwm = proc_status_kib(agent.pid(), "VmHWM:");
     let maps_bytes = maps_memory(&pins);
     let agent_latency_count = agent
         .metric("sluice_network_programming_duration_seconds_count")
@@ -248,12 +234,12 @@ fn main() {
         cpus = std::thread::available_parallelism().map_or(0, |p| p.get()),
         healthy = to_healthy.as_secs_f64() * 1e3,
         full = full_sync * 1e3,
-        e50 = pct(&mut endpoint, 0.5),
-        e99 = pct(&mut endpoint, 0.99),
-        emax = pct(&mut endpoint, 1.0),
-        c50 = pct(&mut created, 0.5),
-        c99 = pct(&mut created, 0.99),
-        cmax = pct(&mut created, 1.0),
+        e50 = quantile_ms(&endpoint, 0.5),
+        e99 = quantile_ms(&endpoint, 0.99),
+        emax = quantile_ms(&endpoint, 1.0),
+        c50 = quantile_ms(&created, 0.5),
+        c99 = quantile_ms(&created, 0.99),
+        cmax = quantile_ms(&created, 1.0),
         maps_mib = maps_bytes as f64 / (1024.0 * 1024.0),
     );
     drop(agent);

@@ -17,8 +17,7 @@
 //! Run by `./x bench`; writes target/bench/realcluster.md.
 use std::{
     collections::BTreeSet,
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -28,6 +27,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::api::{Api, PostParams};
 use serde_json::json;
 use sluice::dataplane::PinnedMaps;
+use testbed::report::{proc_status_kib, quantile_ms};
 use testbed::{Cluster, controlplane::ControlPlane, realcluster::RealCluster};
 
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 128, 10);
@@ -35,22 +35,6 @@ const APP: &str = "service-test";
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-fn pct(v: &[Duration], p: f64) -> f64 {
-    let mut v = v.to_vec();
-    v.sort();
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    ms(v[i])
-}
-
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Polls `f` every `every` until it returns true; panics with `what` after `limit`.
@@ -62,7 +46,7 @@ fn wait(what: &str, limit: Duration, every: Duration, mut f: impl FnMut() -> boo
     }
 }
 
-/// The backends node `pins`' maps hold for the example's ClusterIP.
+/// The backends `maps` hold for the example's ClusterIP.
 fn backends(maps: &PinnedMaps) -> BTreeSet<Ipv4Addr> {
     maps.services()
         .unwrap_or_default()
@@ -74,15 +58,14 @@ fn backends(maps: &PinnedMaps) -> BTreeSet<Ipv4Addr> {
 
 /// One GET through the ClusterIP from the calling thread's namespace: who answered.
 fn who_answers() -> Option<String> {
-    let mut s =
-        TcpStream::connect_timeout(&SocketAddr::from((CLUSTER_IP, 80)), Duration::from_secs(1))
-            .ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
-    s.write_all(b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let (_, body) = text.split_once("\r\n\r\n")?;
-    Some(body.trim().to_owned())
+    testbed::http_get(
+        SocketAddr::from((CLUSTER_IP, 80)),
+        "/",
+        Duration::from_secs(1),
+    )
+    .ok()
+    .filter(|(code, _)| *code == 200)
+    .map(|(_, body)| body)
 }
 
 struct ScaleSample {
@@ -131,16 +114,21 @@ fn scale_ups(rc: &RealCluster, n: usize) -> Vec<ScaleSample> {
             rc.c.pod("client")
                 .ns
                 .run_in(move || {
+                    // One request per millisecond at most, for at most 30 s.
                     let start = Instant::now();
-                    while who_answers().as_deref() != Some(name.as_str()) {
-                        assert!(
-                            start.elapsed() < Duration::from_secs(30),
-                            "no answer from {name}"
-                        );
+                    for _ in 0..30_000 {
+                        if who_answers().as_deref() == Some(name.as_str()) {
+                            return Some(t0.elapsed());
+                        }
+                        if start.elapsed() > Duration::from_secs(30) {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(1));
                     }
-                    t0.elapsed()
+                    None
                 })
-                .unwrap();
+                .unwrap()
+                .unwrap_or_else(|| panic!("no answer from {} within 30 s", new.name));
         samples.push(ScaleSample { to_map, to_traffic });
         rc.cp
             .kubectl(&["scale", "deployment", APP, "--replicas=1"])
@@ -244,7 +232,7 @@ fn main() {
     let mut c = Cluster::new(2).unwrap();
     c.add_pod(0, "client").unwrap();
     let t = Instant::now();
-    let mut rc = RealCluster::start(c, sluice, &[], &["zone-a", "zone-b"]).unwrap();
+    let mut rc = RealCluster::start(c, sluice, Default::default()).unwrap();
     let rc_start = t.elapsed();
 
     // kubectl scale to traffic.
@@ -267,11 +255,11 @@ fn main() {
 
     // 10,000 Services through the API.
     let pid = rc.agents[0].as_ref().unwrap().pid();
-    let rss_before = status_kib(pid, "VmRSS:");
+    let rss_before = proc_status_kib(pid, "VmRSS:");
+    let maps = PinnedMaps::open(&rc.pins(0)).unwrap();
+    let want = maps.services().unwrap().len() + n as usize;
     let created = create_services(&rc.c.nodes[0].ns, rc.cp.admin_kubeconfig(), n);
     let t = Instant::now();
-    let maps = PinnedMaps::open(&rc.pins(0)).unwrap();
-    let want = n as usize + 2; // and the example's and the kubernetes Service's ClusterIPs
     wait(
         "every Service programmed",
         Duration::from_secs(600),
@@ -279,14 +267,14 @@ fn main() {
         || maps.services().map_or(0, |s| s.len()) >= want,
     );
     let programmed_after_last_create = t.elapsed();
-    let rss_following = status_kib(pid, "VmRSS:");
-    let hwm_following = status_kib(pid, "VmHWM:");
+    let rss_following = proc_status_kib(pid, "VmRSS:");
+    let hwm_following = proc_status_kib(pid, "VmHWM:");
     let t = Instant::now();
     rc.start_agent(0).unwrap();
     let restart_healthy = t.elapsed();
     let pid = rc.agents[0].as_ref().unwrap().pid();
-    let rss_restarted = status_kib(pid, "VmRSS:");
-    let hwm_restarted = status_kib(pid, "VmHWM:");
+    let rss_restarted = proc_status_kib(pid, "VmRSS:");
+    let hwm_restarted = proc_status_kib(pid, "VmHWM:");
     let full_sync = rc.agents[0]
         .as_ref()
         .unwrap()
@@ -317,13 +305,13 @@ fn main() {
         etcd = testbed::controlplane::versions::ETCD,
         cp_ms = cp_ms.join(", "),
         rc_ms = ms(rc_start),
-        t50 = pct(&to_traffic, 0.5),
-        t99 = pct(&to_traffic, 0.99),
-        tmax = pct(&to_traffic, 1.0),
-        m50 = pct(&to_map, 0.5),
-        m99 = pct(&to_map, 0.99),
-        a50 = pct(&after_map, 0.5),
-        a99 = pct(&after_map, 0.99),
+        t50 = quantile_ms(&to_traffic, 0.5),
+        t99 = quantile_ms(&to_traffic, 0.99),
+        tmax = quantile_ms(&to_traffic, 1.0),
+        m50 = quantile_ms(&to_map, 0.5),
+        m99 = quantile_ms(&to_map, 0.99),
+        a50 = quantile_ms(&after_map, 0.5),
+        a99 = quantile_ms(&after_map, 0.99),
         created = created.as_secs_f64(),
         prog = ms(programmed_after_last_create),
         restart = ms(restart_healthy),

@@ -74,15 +74,8 @@ struct Env {
     api: ApiServer,
     _servers: Vec<HttpServer>,
     bpffs: BpfFs,
-    dir: TempDir,
+    dir: testbed::TempDir,
     c: Cluster,
-}
-
-struct TempDir(PathBuf);
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 impl Env {
@@ -98,8 +91,7 @@ impl Env {
             .map(|b| HttpServer::start(&c.pod(b).ns, b, 8080).unwrap())
             .collect();
         let api = ApiServer::start_in(&c.nodes[0].ns).unwrap();
-        let dir = std::env::temp_dir().join(testbed::netns::unique_name("agent"));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = testbed::TempDir::new("agent").unwrap();
         api.write_kubeconfig(&dir.join("kubeconfig")).unwrap();
         api.create(&node_object(c.nodes[0].addr)).unwrap();
         Self {
@@ -107,7 +99,7 @@ impl Env {
             api,
             _servers: servers,
             bpffs: BpfFs::new().unwrap(),
-            dir: TempDir(dir),
+            dir,
             c,
         }
     }
@@ -136,7 +128,7 @@ impl Env {
         a.push(self.pins().display().to_string());
         if !extra.contains(&"--manifests") {
             a.push("--kubeconfig".into());
-            a.push(self.dir.0.join("kubeconfig").display().to_string());
+            a.push(self.dir.join("kubeconfig").display().to_string());
         }
         a.extend(extra.iter().map(|s| s.to_string()));
         a
@@ -146,7 +138,6 @@ impl Env {
     fn start_agent(&mut self, extra: &[&str]) -> &mut AgentProcess {
         let log = self
             .dir
-            .0
             .join(format!("agent-{}.log", self.api.resource_version()));
         let args = self.args(extra);
         let bin = Path::new(env!("CARGO_BIN_EXE_sluice"));
@@ -477,7 +468,7 @@ fn an_agent_started_while_the_api_server_is_down_serves_the_pinned_state() {
     env.agent.as_mut().unwrap().kill9();
     env.api.set_available(false);
 
-    let log = env.dir.0.join("agent-down.log");
+    let log = env.dir.join("agent-down.log");
     let args = env.args(&[]);
     let bin = Path::new(env!("CARGO_BIN_EXE_sluice"));
     env.agent = Some(AgentProcess::start(&env.c.nodes[0].ns, bin, &args, &log).unwrap());
@@ -621,7 +612,7 @@ fn manifests_mode_keeps_the_last_good_state_when_a_file_breaks() {
     require_privileged!("manifests_mode_keeps_the_last_good_state_when_a_file_breaks");
     let mut env = Env::new();
     let (a, b) = (env.addr("backend-a"), env.addr("backend-b"));
-    let dir = env.dir.0.join("manifests");
+    let dir = env.dir.join("manifests");
     std::fs::create_dir_all(&dir).unwrap();
     let write = |name: &str, objs: &[serde_json::Value]| {
         // JSON is YAML: one document per object.

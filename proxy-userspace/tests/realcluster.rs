@@ -4,14 +4,19 @@
 //! controller's real output. The agents authenticate as the service account of
 //! `deploy/rbac.yaml`, applied for real, so its least-privilege RBAC is proven against the
 //! real authorizer.
-use std::{collections::BTreeSet, net::Ipv4Addr, path::Path, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddr},
+    path::Path,
+    time::Duration,
+};
 
 use testbed::{
-    Attempt, Cluster,
+    Attempt, Cluster, LoopResult, RequestLoop,
     agent::eventually,
     controlplane::ControlPlane,
     curl, http_many,
-    realcluster::{RealCluster, example_app, repo_file},
+    realcluster::{Options, RealCluster, example_app, repo_file},
     require_privileged,
 };
 
@@ -40,13 +45,40 @@ impl std::ops::DerefMut for Env {
 
 impl Env {
     /// Two nodes in two zones, a client pod on node0 and an outside client, on the real
-    /// control plane (with `apiserver_flags`), an agent per node.
-    fn new(apiserver_flags: &[&str]) -> Self {
+    /// control plane, an agent per node.
+    fn new(opts: Options) -> Self {
         let mut c = Cluster::new(2).unwrap();
         c.add_pod(0, "client").unwrap();
         c.add_outside().unwrap();
         let bin = Path::new(env!("CARGO_BIN_EXE_sluice"));
-        Self(RealCluster::start(c, bin, apiserver_flags, &["zone-a", "zone-b"]).unwrap())
+        Self(RealCluster::start(c, bin, opts).unwrap())
+    }
+
+    /// Requests to the example's ClusterIP from the client pod, one every 10 ms, for at most
+    /// 2 minutes.
+    fn load(&self) -> RequestLoop {
+        let to = SocketAddr::from((CLUSTER_IP, 80));
+        RequestLoop::start(
+            self.client(),
+            to,
+            Duration::from_millis(10),
+            20_000,
+            Duration::from_secs(120),
+        )
+        .unwrap()
+    }
+
+    /// Asserts that the load lost nothing and was answered.
+    fn assert_nothing_lost(&self, what: &str, r: &LoopResult) {
+        assert!(
+            r.failed == 0 && r.ok() > 0,
+            "{what}: {} answered ({:?}), {} failed, first failures {:?}\n{}",
+            r.ok(),
+            r.answered_by,
+            r.failed,
+            r.failures,
+            self.diagnose()
+        );
     }
 
     fn apply_example(&self) {
@@ -105,7 +137,7 @@ impl Env {
 #[test]
 fn the_example_app_applied_with_kubectl_is_served_scaled_and_removed() {
     require_privileged!("the_example_app_applied_with_kubectl_is_served_scaled_and_removed");
-    let env = Env::new(&[]);
+    let env = Env::new(Options::default());
     env.apply_example();
     env.wait_served_by(2);
     // The pods run on both nodes; from outside, node0's NodePort reaches both (one through
@@ -118,17 +150,19 @@ fn the_example_app_applied_with_kubectl_is_served_scaled_and_removed() {
     assert_eq!(from_outside, env.ready(), "{}", env.diagnose());
 
     env.cp
-        .kubectl(&["scale", "deployment", "service-test", "--replicas=3"])
+        .kubectl(&["scale", "deployment", APP, "--replicas=3"])
         .unwrap();
     env.wait_served_by(3);
 
     env.cp
         .kubectl_with_input(&["delete", "-f", "-"], Some(&example_app().unwrap()))
         .unwrap();
+    // Read while the `kubernetes` Service is there, so that a failed read proves nothing.
+    let kubernetes = testbed::controlplane::kubernetes_service_ip().to_string();
     let gone = eventually(WAIT, || {
-        env.services(0)
-            .iter()
-            .all(|f| f["address"] != CLUSTER_IP.to_string())
+        let s = env.services(0);
+        s.iter().any(|f| f["address"] == kubernetes.as_str())
+            && s.iter().all(|f| f["address"] != CLUSTER_IP.to_string())
     });
     assert!(
         gone,
@@ -140,14 +174,14 @@ fn the_example_app_applied_with_kubectl_is_served_scaled_and_removed() {
 #[test]
 fn a_service_made_with_kubectl_expose_is_served_on_what_kubectl_get_shows() {
     require_privileged!("a_service_made_with_kubectl_expose_is_served_on_what_kubectl_get_shows");
-    let env = Env::new(&[]);
+    let env = Env::new(Options::default());
     env.apply_example();
     env.wait_served_by(2);
     env.cp
         .kubectl(&[
             "expose",
             "deployment",
-            "service-test",
+            APP,
             "--name=exposed",
             "--type=NodePort",
             "--port=8000",
@@ -189,7 +223,7 @@ fn a_service_made_with_kubectl_expose_is_served_on_what_kubectl_get_shows() {
 #[test]
 fn a_rolling_update_under_load_loses_no_request() {
     require_privileged!("a_rolling_update_under_load_loses_no_request");
-    let env = Env::new(&[]);
+    let env = Env::new(Options::default());
     env.apply_example();
     // Old pods keep serving for 2 s after they are marked terminating, as a preStop sleep
     // does in production, so endpoints can follow before they stop.
@@ -197,7 +231,7 @@ fn a_rolling_update_under_load_loses_no_request() {
         .kubectl(&[
             "patch",
             "deployment",
-            "service-test",
+            APP,
             "--type=json",
             "-p",
             r#"[{"op":"add","path":"/spec/template/spec/containers/0/lifecycle","value":{"preStop":{"sleep":{"seconds":2}}}}]"#,
@@ -205,55 +239,78 @@ fn a_rolling_update_under_load_loses_no_request() {
         .unwrap();
     env.wait_served_by(2);
     let before = env.ready();
-    let client = env.c.pod("client").ns.name().to_owned();
-    let load = std::thread::spawn(move || {
-        // A namespace handle for the thread: the name of one the test keeps alive.
-        testbed::cmd::run_timeout(
-            &[
-                "ip",
-                "netns",
-                "exec",
-                &client,
-                "python3",
-                "-c",
-                "import socket, sys, time\nok = err = 0\nt0 = time.time()\nwhile time.time() - t0 < 25:\n    try:\n        s = socket.create_connection(('198.18.128.10', 80), timeout=2)\n        s.sendall(b'GET / HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n')\n        d = b''\n        while True:\n            c = s.recv(4096)\n            if not c: break\n            d += c\n        s.close()\n        ok += d.startswith(b'HTTP/1.0 200') or d.startswith(b'HTTP/1.1 200')\n        err += not (d.startswith(b'HTTP/1.0 200') or d.startswith(b'HTTP/1.1 200'))\n    except Exception as e:\n        err += 1\n        print('ERR', e, flush=True)\n    time.sleep(0.02)\nprint('OK', ok, 'ERR', err)\n",
-            ],
-            Duration::from_secs(40),
-        )
-    });
-    std::thread::sleep(Duration::from_secs(3));
+    let load = env.load();
+    std::thread::sleep(Duration::from_secs(1));
     env.cp
-        .kubectl(&["rollout", "restart", "deployment", "service-test"])
+        .kubectl(&["rollout", "restart", "deployment", APP])
         .unwrap();
-    let out = load.join().unwrap().unwrap();
-    let after = env.ready();
+    // Until the controller says the rollout is complete, and the old pods are gone.
+    env.cp
+        .kubectl(&["rollout", "status", "deployment", APP, "--timeout=90s"])
+        .unwrap_or_else(|e| panic!("{e}\n{}", env.diagnose()));
+    let replaced = eventually(WAIT, || {
+        let pods: BTreeSet<String> = env
+            .kubelet
+            .pods()
+            .into_iter()
+            .filter(|p| p.name.starts_with(APP))
+            .map(|p| p.name)
+            .collect();
+        pods.len() == 2 && pods.is_disjoint(&before) && env.ready() == pods
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let r = load.stop();
     assert!(
-        after.is_disjoint(&before),
-        "the rollout did not replace the pods: {before:?} {after:?}"
+        replaced,
+        "the rollout did not replace the pods: {before:?} -> {:?}",
+        env.kubelet.pods()
     );
-    let last = out.lines().last().unwrap_or_default().to_owned();
-    let mut it = last.split_whitespace();
-    let ok: u32 = it.nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
-    let err: u32 = it.nth(1).and_then(|v| v.parse().ok()).unwrap_or(u32::MAX);
+    env.assert_nothing_lost("during the rollout", &r);
+    // Both generations answered under the load.
     assert!(
-        ok > 100 && err == 0,
-        "during the rollout: {out}\n{}",
-        env.diagnose()
+        before.iter().any(|p| r.answered_by.contains_key(p)),
+        "{:?}",
+        r.answered_by
+    );
+    assert!(
+        env.ready().iter().any(|p| r.answered_by.contains_key(p)),
+        "{:?}",
+        r.answered_by
     );
 }
 
+/// How many watches of Services the API server has served (ended), from its own metrics.
+fn service_watches(env: &Env) -> f64 {
+    let text = env.cp.kubectl(&["get", "--raw", "/metrics"]).unwrap();
+    text.lines()
+        .filter(|l| {
+            l.starts_with("apiserver_request_total{")
+                && l.contains(r#"verb="WATCH""#)
+                && l.contains(r#"resource="services""#)
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
 #[test]
-fn the_agent_follows_changes_after_an_api_server_restart_and_expiring_watches() {
+fn the_agent_follows_changes_across_expiring_watches_and_an_api_server_restart() {
     require_privileged!(
-        "the_agent_follows_changes_after_an_api_server_restart_and_expiring_watches"
+        "the_agent_follows_changes_across_expiring_watches_and_an_api_server_restart"
     );
-    // Watches the API server closes after 5 to 10 s, as it closes every watch after a while.
-    let mut env = Env::new(&["--min-request-timeout=5"]);
+    // The agents ask the API server to end every watch after 5 s.
+    let mut env = Env::new(Options {
+        agent_flags: &["--watch-timeout", "5"],
+        ..Options::default()
+    });
     env.apply_example();
     env.wait_served_by(2);
-    std::thread::sleep(Duration::from_secs(12));
+    let watches = service_watches(&env);
+    std::thread::sleep(Duration::from_secs(13));
+    // Each agent's Services watch ended (and was resumed) at least twice meanwhile.
+    let ended = service_watches(&env) - watches;
+    assert!(ended >= 4.0, "only {ended} Services watches ended in 13 s");
     env.cp
-        .kubectl(&["scale", "deployment", "service-test", "--replicas=3"])
+        .kubectl(&["scale", "deployment", APP, "--replicas=3"])
         .unwrap();
     env.wait_served_by(3);
     // An outage: the last good state keeps serving; after it, changes are followed again.
@@ -262,7 +319,7 @@ fn the_agent_follows_changes_after_an_api_server_restart_and_expiring_watches() 
     assert_eq!((names.len(), failed), (3, 0), "during the outage");
     env.cp.restart_apiserver().unwrap();
     env.cp
-        .kubectl(&["scale", "deployment", "service-test", "--replicas=2"])
+        .kubectl(&["scale", "deployment", APP, "--replicas=2"])
         .unwrap();
     env.wait_served_by(2);
 }
@@ -270,46 +327,25 @@ fn the_agent_follows_changes_after_an_api_server_restart_and_expiring_watches() 
 #[test]
 fn an_agent_killed_and_restarted_under_load_loses_no_request() {
     require_privileged!("an_agent_killed_and_restarted_under_load_loses_no_request");
-    let mut env = Env::new(&[]);
+    let mut env = Env::new(Options::default());
     env.apply_example();
     env.wait_served_by(2);
-    let client = env.c.pod("client").ns.name().to_owned();
-    let load = std::thread::spawn(move || {
-        testbed::cmd::run_timeout(
-            &[
-                "ip",
-                "netns",
-                "exec",
-                &client,
-                "python3",
-                "-c",
-                "import socket, time\nok = err = 0\nt0 = time.time()\nwhile time.time() - t0 < 8:\n    try:\n        s = socket.create_connection(('198.18.128.10', 80), timeout=2)\n        s.sendall(b'GET / HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n')\n        d = s.recv(4096)\n        s.close()\n        ok += d.startswith(b'HTTP/1.')\n        err += not d.startswith(b'HTTP/1.')\n    except Exception:\n        err += 1\n    time.sleep(0.01)\nprint('OK', ok, 'ERR', err)\n",
-            ],
-            Duration::from_secs(30),
-        )
-    });
-    std::thread::sleep(Duration::from_secs(2));
+    let load = env.load();
+    std::thread::sleep(Duration::from_secs(1));
     env.agents[0].as_mut().unwrap().kill9();
     std::thread::sleep(Duration::from_secs(1));
     env.start_agent(0).unwrap();
-    let out = load.join().unwrap().unwrap();
-    assert!(out.trim().ends_with("ERR 0"), "{out}\n{}", env.diagnose());
+    // Some more of the load after the new agent took over.
+    std::thread::sleep(Duration::from_secs(2));
+    let r = load.stop();
+    env.assert_nothing_lost("across the agent's restart", &r);
 }
 
 #[test]
 fn the_agents_service_account_may_read_what_it_needs_and_nothing_else() {
     require_privileged!("the_agents_service_account_may_read_what_it_needs_and_nothing_else");
-    let env = Env::new(&[]);
-    let bin = testbed::controlplane::versions::binary("kubectl");
-    let kc = format!("--kubeconfig={}", env.kubeconfig.display());
-    let as_agent = |args: &[&str]| {
-        let mut argv = vec![bin.to_str().unwrap(), kc.as_str()];
-        argv.extend_from_slice(args);
-        env.cp
-            .ns
-            .exec_output(&argv, Duration::from_secs(30))
-            .unwrap()
-    };
+    let env = Env::new(Options::default());
+    let as_agent = |args: &[&str]| env.cp.kubectl_as(&env.kubeconfig, args).unwrap();
     for allowed in [
         &["get", "services", "-A"][..],
         &["get", "endpointslices", "-A"],
@@ -356,12 +392,15 @@ fn the_install_manifests_pass_the_api_servers_validation() {
             &repo_file("deploy").display().to_string(),
         ])
         .unwrap_or_else(|e| panic!("{e}\n{}", cp.logs()));
-    for kind in [
+    for object in [
         "serviceaccount/sluice",
-        "clusterrole",
-        "clusterrolebinding",
-        "daemonset",
+        "clusterrole.rbac.authorization.k8s.io/sluice",
+        "clusterrolebinding.rbac.authorization.k8s.io/sluice",
+        "daemonset.apps/sluice",
     ] {
-        assert!(out.contains(kind), "{kind} missing from:\n{out}");
+        assert!(
+            out.lines().any(|l| l.starts_with(&format!("{object} "))),
+            "{object} missing from:\n{out}"
+        );
     }
 }

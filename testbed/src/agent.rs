@@ -2,13 +2,11 @@
 //! node: the real binary, its real flags, its health and metrics endpoints reached over HTTP
 //! inside that namespace. Killed (by its pid) on drop.
 use std::{
-    fs::File,
-    path::{Path, PathBuf},
-    process::{Child, Stdio},
+    path::Path,
     time::{Duration, Instant},
 };
 
-use crate::{cmd::CmdError, netns::Netns};
+use crate::{TempDir, cmd::CmdError, daemon::Daemon, netns::Netns};
 
 /// The flags every sandbox agent runs with: its node's name, the sandbox's pod devices
 /// (`pv*`), the sandbox's hairpin address and its own pin path, then `extra` (the source:
@@ -46,17 +44,15 @@ pub fn services_json(ns: &Netns, binary: &Path, pins: &Path) -> Vec<serde_json::
 /// A directory of manifests (what `sluice agent --manifests` reads), removed on drop. Objects
 /// are written as JSON, which is YAML.
 #[derive(Debug)]
-pub struct ManifestsDir(PathBuf);
+pub struct ManifestsDir(TempDir);
 
 impl ManifestsDir {
     pub fn new() -> std::io::Result<Self> {
-        let dir = std::env::temp_dir().join(crate::netns::unique_name("manifests"));
-        std::fs::create_dir_all(&dir)?;
-        Ok(Self(dir))
+        TempDir::new("manifests").map(Self)
     }
 
     pub fn path(&self) -> &Path {
-        &self.0
+        self.0.path()
     }
 
     /// Writes `objects` as file `name` (one document each), replacing it.
@@ -73,64 +69,41 @@ impl ManifestsDir {
     }
 }
 
-impl Drop for ManifestsDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The agent's endpoints inside its namespace (kube-proxy's ports).
 pub const METRICS: &str = "http://127.0.0.1:10249/metrics";
 pub const HEALTHZ: &str = "http://127.0.0.1:10256/healthz";
 
 #[derive(Debug)]
 pub struct AgentProcess {
-    child: Child,
+    d: Daemon,
     ns_name: String,
-    log: PathBuf,
 }
 
 impl AgentProcess {
-    /// Starts `binary agent ARGS...` in `ns`; its stderr (the log) goes to `log`.
+    /// Starts `binary agent ARGS...` in `ns`; its output (the log) goes to `log`.
     pub fn start(ns: &Netns, binary: &Path, args: &[String], log: &Path) -> Result<Self, CmdError> {
-        let mut argv: Vec<String> = vec![binary.display().to_string(), "agent".into()];
-        argv.extend(args.iter().cloned());
-        let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let full = ns.exec_argv(&refs);
-        let spawn_err = |source| CmdError::Spawn {
-            cmd: full.join(" "),
-            source,
-        };
-        let file = File::create(log).map_err(spawn_err)?;
-        let child = crate::cmd::command(&full)?
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .map_err(spawn_err)?;
+        let bin = binary.display().to_string();
+        let mut argv: Vec<&str> = vec![&bin, "agent"];
+        argv.extend(args.iter().map(String::as_str));
+        let level = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
         Ok(Self {
-            child,
+            d: Daemon::start(ns, &argv, &[("RUST_LOG", &level)], log)?,
             ns_name: ns.name().to_owned(),
-            log: log.to_owned(),
         })
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.d.pid()
     }
 
     /// What the agent has logged so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.d.log()
     }
 
     /// Whether the process is still running.
     pub fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        self.d.running()
     }
 
     /// GET `url` from inside the agent's namespace: the status code and body, or None if
@@ -197,30 +170,13 @@ impl AgentProcess {
 
     /// SIGKILL, as a crash or an OOM kill would do, and reap it.
     pub fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.d.kill();
     }
 
     /// SIGTERM (a DaemonSet rolling update) and wait for the exit; returns whether it exited
     /// by itself within `timeout`.
     pub fn terminate(&mut self, timeout: Duration) -> bool {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let start = Instant::now();
-        while start.elapsed() < timeout {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.kill9();
-        false
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        self.kill9();
+        self.d.terminate(timeout)
     }
 }
 

@@ -594,3 +594,105 @@ pub fn send_frame(ns: &Netns, iface: &str, frame: &[u8]) -> Result<(), CmdError>
     ns.exec(&["python3", "-c", SEND_FRAME_PY, iface, &hex])
         .map(drop)
 }
+
+/// One HTTP/1.0 GET of `path` from the calling thread's namespace, on a new connection, within
+/// `timeout` for the connect and again for the answer: the status code and the body, trimmed.
+pub fn http_get(
+    to: std::net::SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
+    let mut s = std::net::TcpStream::connect_timeout(&to, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: sandbox\r\n\r\n").as_bytes())?;
+    let mut text = Vec::new();
+    s.take(1 << 20).read_to_end(&mut text)?;
+    let text = String::from_utf8_lossy(&text);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| bad("no end of headers"))?;
+    let status = head
+        .strip_prefix("HTTP/1.")
+        .and_then(|r| r.get(2..5))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| bad("no HTTP status line"))?;
+    Ok((status, body.trim().to_owned()))
+}
+
+/// What a [`RequestLoop`] saw.
+#[derive(Debug, Default)]
+pub struct LoopResult {
+    /// Requests answered 200, by body (the pod's name, for the sandbox's servers).
+    pub answered_by: std::collections::BTreeMap<String, u64>,
+    /// Requests that failed or were answered otherwise.
+    pub failed: u64,
+    /// The first few failures: when (since the start) and why.
+    pub failures: Vec<(Duration, String)>,
+}
+
+impl LoopResult {
+    pub fn ok(&self) -> u64 {
+        self.answered_by.values().sum()
+    }
+}
+
+/// New connections one after another, each an HTTP GET, from a thread inside a namespace to
+/// one address, until stopped or bounded by count and time: the load under which tests change
+/// things and count what was lost.
+pub struct RequestLoop {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<LoopResult>,
+}
+
+impl RequestLoop {
+    /// Starts it: a request every `pause` (plus its own time), at most `limit` requests and
+    /// `max` in all.
+    pub fn start(
+        ns: &Netns,
+        to: std::net::SocketAddr,
+        pause: Duration,
+        limit: u64,
+        max: Duration,
+    ) -> std::io::Result<Self> {
+        use std::sync::atomic::Ordering;
+        let file = std::fs::File::open(format!("/run/netns/{}", ns.name()))?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut r = LoopResult::default();
+            if let Err(e) = nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET) {
+                r.failed += 1;
+                r.failures.push((Duration::ZERO, format!("setns: {e}")));
+                return r;
+            }
+            let start = std::time::Instant::now();
+            let mut n = 0;
+            while !stop2.load(Ordering::SeqCst) && n < limit && start.elapsed() < max {
+                n += 1;
+                match http_get(to, "/", Duration::from_secs(2)) {
+                    Ok((200, body)) => *r.answered_by.entry(body).or_default() += 1,
+                    other => {
+                        r.failed += 1;
+                        if r.failures.len() < 20 {
+                            r.failures.push((start.elapsed(), format!("{other:?}")));
+                        }
+                    }
+                }
+                std::thread::sleep(pause);
+            }
+            r
+        });
+        Ok(Self { stop, thread })
+    }
+
+    /// Stops it and returns what it saw.
+    pub fn stop(self) -> LoopResult {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    }
+}

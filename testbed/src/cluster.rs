@@ -90,18 +90,7 @@ impl Node {
         let ns = Netns::new(&format!("pod{node}-{i}"))?;
         let host_veth = format!("pv{i}");
         let bridged = self.pod_network == PodNetwork::Bridge;
-        self.ns.ip(&[
-            "link",
-            "add",
-            &host_veth,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns.name(),
-        ])?;
+        veth_into(&self.ns, &host_veth, &ns)?;
         if bridged {
             // A port of the bridge, which holds the gateway; the pod's /24 is on-link.
             self.ns
@@ -206,18 +195,7 @@ impl Cluster {
     /// Joins namespace `ns` (device `eth0` at `addr`) to the fabric bridge through port `port`
     /// (a control plane's namespace, say; nodes and outside clients join this way too).
     pub fn join_fabric(&self, ns: &Netns, port: &str, addr: Ipv4Addr) -> Result<(), CmdError> {
-        self.fabric.ip(&[
-            "link",
-            "add",
-            port,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns.name(),
-        ])?;
+        veth_into(&self.fabric, port, ns)?;
         self.fabric
             .ip(&["link", "set", port, "master", "br0", "up"])?;
         tx_off(&self.fabric, port)?;
@@ -349,4 +327,21 @@ impl Cluster {
         v.extend(self.outside.iter().map(|o| o.ns.name().to_owned()));
         v
     }
+}
+
+/// A veth pair: `name` in `ns`, its peer `eth0` in `into`.
+fn veth_into(ns: &Netns, name: &str, into: &Netns) -> Result<(), CmdError> {
+    ns.ip(&[
+        "link",
+        "add",
+        name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        into.name(),
+    ])
+    .map(drop)
 }

@@ -7,24 +7,30 @@
 //! - Schedules: a Pod without a node is bound to one (round robin, or the node its
 //!   `kubernetes.io/hostname` node selector names) through the binding subresource.
 //! - Runs: for each Pod bound to a sandbox node it makes the pod's network namespace and veth
-//!   on that node (`Node::make_pod`, indexes 100 and up), runs the first container's command
-//!   and args as a real process (`HOSTNAME` and literal `env` set; no images: the command must
-//!   be one `tools.txt` lists, python3 in practice), and writes the Pod's status: phase,
-//!   podIP, hostIP, and the Ready condition, after an HTTP GET readiness probe when one is
-//!   given.
+//!   on that node (`Node::make_pod`, indexes 100 and up, each given back when its pod goes),
+//!   runs the first container's command and args as a real process with the pod's environment
+//!   only (PATH, `HOSTNAME` and literal `env`; no images: the program must be python3, since
+//!   it runs as root on the machine's filesystem), and writes the Pod's status: phase, podIP,
+//!   hostIP, the container's state, and the Ready condition.
+//! - Probes: an HTTP GET readiness probe with its period, timeout, thresholds and initial
+//!   delay as the API server defaulted them. A probe of another kind, or one naming a port the
+//!   container lacks, fails the Pod.
+//! - A Pod it cannot run (another program, no address left on the node, a probe it cannot
+//!   run) is marked Failed with the reason, once, and not tried again.
 //! - Deletes: on a deletion timestamp it runs a `preStop.sleep` if given, sends SIGTERM,
 //!   keeps the Pod as it is (terminating, still serving while ready, as the EndpointSlice
-//!   controller then reports it) until the process exits or the grace period runs out
-//!   (SIGKILL), then removes the namespace and the Pod (grace 0, on its uid).
+//!   controller then reports it) until the process exits or the grace period (the deletion's,
+//!   else the spec's) runs out (SIGKILL), then deletes the Pod (grace 0, on its uid) and only
+//!   then forgets it and removes its namespace. A terminating Pod with nothing running here is
+//!   deleted at once.
 //!
 //! Not done: images and volumes, init and sidecar containers, restarts (a process that exits
-//! leaves its Pod not ready, phase Failed or Succeeded), probes other than HTTP GET (liveness
-//! and startup probes are ignored), resources, node leases (no node lifecycle controller runs to
-//! read them). It polls the API every 100 ms rather than watching.
+//! leaves its Pod not ready, phase Failed or Succeeded), liveness and startup probes (ignored),
+//! resources, node leases (no node lifecycle controller runs to read them). It polls the API
+//! every 100 ms rather than watching.
 use std::{
     collections::HashMap,
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, TcpStream},
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Child, Stdio},
     sync::{
@@ -65,15 +71,19 @@ pub enum KubeletError {
 struct Running {
     uid: String,
     node: usize,
+    /// Its index on the node (its address), given back when it goes.
+    index: u8,
     pod: crate::cluster::Pod,
+    container: String,
+    started: k8s_openapi::jiff::Timestamp,
+    started_at: Instant,
     child: Option<Child>,
-    probe: Option<(u16, String)>,
+    probe: Option<Probe>,
     ready: bool,
     exited: Option<i32>,
     /// When deletion began, and when SIGTERM is due (after preStop).
     deleting: Option<(Instant, Instant, Duration)>,
     sigterm_sent: bool,
-    last_probe: Option<Instant>,
     /// The status last written, to write only changes.
     written: Option<serde_json::Value>,
 }
@@ -84,6 +94,91 @@ impl Drop for Running {
         if let Some(c) = self.child.as_mut() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+}
+
+/// An HTTP GET readiness probe with the settings the API server defaulted (period 10 s,
+/// timeout 1 s, success threshold 1, failure threshold 3, no initial delay).
+#[derive(Clone, Debug)]
+struct Probe {
+    port: u16,
+    path: String,
+    initial_delay: Duration,
+    period: Duration,
+    timeout: Duration,
+    success_threshold: u32,
+    failure_threshold: u32,
+    last: Option<Instant>,
+    /// Consecutive results of the same kind.
+    successes: u32,
+    failures: u32,
+}
+
+impl Probe {
+    /// The container's readiness probe, if it has an HTTP GET one; an error if it names a
+    /// port the container does not declare, or is of a kind this kubelet does not run.
+    fn of(c: &k8s_openapi::api::core::v1::Container) -> Result<Option<Self>, String> {
+        let Some(p) = &c.readiness_probe else {
+            return Ok(None);
+        };
+        let Some(h) = &p.http_get else {
+            return Err("only HTTP GET readiness probes are run here".into());
+        };
+        use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+        let port = match &h.port {
+            IntOrString::Int(n) => u16::try_from(*n).ok(),
+            IntOrString::String(named) => c
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some(named))
+                .and_then(|p| u16::try_from(p.container_port).ok()),
+        }
+        .ok_or_else(|| {
+            format!(
+                "readiness probe port {:?} is no port of the container",
+                h.port
+            )
+        })?;
+        let secs =
+            |v: Option<i32>, default: i32| Duration::from_secs(v.unwrap_or(default).max(0) as u64);
+        Ok(Some(Self {
+            port,
+            path: h.path.clone().unwrap_or_else(|| "/".into()),
+            initial_delay: secs(p.initial_delay_seconds, 0),
+            period: secs(p.period_seconds, 10).max(Duration::from_secs(1)),
+            timeout: secs(p.timeout_seconds, 1).max(Duration::from_secs(1)),
+            success_threshold: p.success_threshold.unwrap_or(1).max(1) as u32,
+            failure_threshold: p.failure_threshold.unwrap_or(3).max(1) as u32,
+            last: None,
+            successes: 0,
+            failures: 0,
+        }))
+    }
+
+    /// Probes when due (`since` is the container's start); the new readiness given the old.
+    fn tend(&mut self, ns: &Netns, since: Instant, ready: bool) -> bool {
+        if since.elapsed() < self.initial_delay
+            || self.last.is_some_and(|t| t.elapsed() < self.period)
+        {
+            return ready;
+        }
+        self.last = Some(Instant::now());
+        let ok = http_ok(ns, self.port, &self.path, self.timeout);
+        self.record(ok, ready)
+    }
+
+    /// Counts one result; the new readiness given the old, as the kubelet's thresholds say.
+    fn record(&mut self, ok: bool, ready: bool) -> bool {
+        if ok {
+            self.successes += 1;
+            self.failures = 0;
+            ready || self.successes >= self.success_threshold
+        } else {
+            self.failures += 1;
+            self.successes = 0;
+            ready && self.failures < self.failure_threshold
         }
     }
 }
@@ -151,13 +246,15 @@ impl Kubelet {
                 rt.block_on(run(cluster, kc, zones, stop2, pods2, errors2, ready_tx));
             })
             .map_err(KubeletError::Thread)?;
+        // Built first, so that a failure below stops and joins the thread (Drop).
+        let kubelet = Self {
+            stop,
+            thread: Some(thread),
+            pods,
+            errors,
+        };
         match ready_rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(Ok(())) => Ok(Self {
-                stop,
-                thread: Some(thread),
-                pods,
-                errors,
-            }),
+            Ok(Ok(())) => Ok(kubelet),
             Ok(Err(e)) => Err(KubeletError::Register(e)),
             Err(_) => Err(KubeletError::Register("no answer within 30 s".into())),
         }
@@ -201,15 +298,20 @@ async fn run(
 ) {
     let note = |e: String| {
         let mut v = errors.lock().unwrap_or_else(|p| p.into_inner());
-        if v.len() < 100 {
+        if v.len() < 100 && !v.contains(&e) {
             v.push(e);
         }
     };
     let client = match kube::Config::from_custom_kubeconfig(kc, &Default::default())
         .await
         .map_err(|e| e.to_string())
-        .and_then(|c| kube::Client::try_from(c).map_err(|e| e.to_string()))
-    {
+        .and_then(|mut c| {
+            // Bounded, so that stopping never waits on a hung API server for long.
+            c.connect_timeout = Some(Duration::from_secs(5));
+            c.read_timeout = Some(Duration::from_secs(20));
+            c.write_timeout = Some(Duration::from_secs(20));
+            kube::Client::try_from(c).map_err(|e| e.to_string())
+        }) {
         Ok(c) => c,
         Err(e) => {
             let _ = ready.send(Err(e));
@@ -223,7 +325,12 @@ async fn run(
     let _ = ready.send(Ok(()));
     let pods_api: Api<PodObject> = Api::all(client.clone());
     let mut running: HashMap<(String, String), Running> = HashMap::new();
-    let mut next_index: Vec<u8> = vec![FIRST_INDEX; cluster.nodes.len()];
+    // Per node, the pod indexes not in use.
+    let mut free: Vec<std::collections::BTreeSet<u8>> = (0..cluster.nodes.len())
+        .map(|_| (FIRST_INDEX..crate::plan::MAX_PODS_PER_NODE).collect())
+        .collect();
+    // Pods that could not run (by uid), so that they are not tried again.
+    let mut failed: std::collections::HashSet<String> = Default::default();
     let mut round_robin = 0usize;
     let mut heartbeat = Instant::now();
     while !stop.load(Ordering::SeqCst) {
@@ -245,65 +352,83 @@ async fn run(
                     let spec = pod.spec.as_ref();
                     let bound = spec.and_then(|s| s.node_name.clone());
                     let deleting = pod.metadata.deletion_timestamp.is_some();
-                    match bound {
-                        None if !deleting => {
+                    let uid = pod.metadata.uid.clone().unwrap_or_default();
+                    let Some(node) = bound else {
+                        if !deleting {
                             let k = chosen_node(pod, cluster.nodes.len(), &mut round_robin);
                             if let Err(e) = bind(&client, &ns, &name, &node_name(k)).await {
                                 note(format!("binding {ns}/{name}: {e}"));
                             }
                         }
-                        None => {}
-                        Some(node) => {
-                            let Some(k) = (0..cluster.nodes.len()).find(|k| node_name(*k) == node)
-                            else {
-                                continue;
-                            };
-                            let key = (ns.clone(), name.clone());
-                            let uid = pod.metadata.uid.clone().unwrap_or_default();
-                            if running.get(&key).is_some_and(|r| r.uid != uid) {
-                                // A new Pod of the same name: the old one is gone.
-                                running.remove(&key);
-                            }
-                            if !running.contains_key(&key) && !deleting {
-                                match start_pod(&cluster, k, &mut next_index[k], pod) {
-                                    Ok(r) => {
-                                        running.insert(key.clone(), r);
-                                    }
-                                    Err(e) => note(format!("running {ns}/{name}: {e}")),
+                        continue;
+                    };
+                    let Some(k) = (0..cluster.nodes.len()).find(|k| node_name(*k) == node) else {
+                        continue;
+                    };
+                    let key = (ns.clone(), name.clone());
+                    if running.get(&key).is_some_and(|r| r.uid != uid) {
+                        // A new Pod of the same name: the old one is gone.
+                        release(&mut free, running.remove(&key));
+                    }
+                    if !running.contains_key(&key) {
+                        if deleting {
+                            // Nothing of it runs here (it never started, or it failed): it
+                            // can go at once.
+                            match remove_pod(&client, &ns, &name, &uid).await {
+                                Ok(()) => {
+                                    failed.remove(&uid);
                                 }
+                                Err(e) => note(format!("removing {ns}/{name}: {e}")),
                             }
-                            if let Some(r) = running.get_mut(&key) {
-                                tend(r, pod);
-                                if let Err(e) = write_status(&client, &ns, &name, r, &cluster).await
-                                {
+                            continue;
+                        }
+                        if failed.contains(&uid) {
+                            continue;
+                        }
+                        match start_pod(&cluster, k, &mut free[k], pod) {
+                            Ok(r) => {
+                                running.insert(key.clone(), r);
+                            }
+                            Err(e) => {
+                                note(format!("running {ns}/{name}: {e}"));
+                                failed.insert(uid.clone());
+                                if let Err(e) = write_failed(&client, &ns, &name, &e).await {
                                     note(format!("status of {ns}/{name}: {e}"));
                                 }
-                                if finished(r) {
-                                    let dp = DeleteParams {
-                                        grace_period_seconds: Some(0),
-                                        preconditions: Some(Preconditions {
-                                            uid: Some(r.uid.clone()),
-                                            resource_version: None,
-                                        }),
-                                        ..Default::default()
-                                    };
-                                    let api: Api<PodObject> = Api::namespaced(client.clone(), &ns);
-                                    if let Err(e) = api.delete(&name, &dp).await {
-                                        note(format!("removing {ns}/{name}: {e}"));
-                                    }
-                                    running.remove(&key);
-                                }
+                                continue;
                             }
+                        }
+                    }
+                    let Some(r) = running.get_mut(&key) else {
+                        continue;
+                    };
+                    tend(r, pod);
+                    if let Err(e) = write_status(&client, &ns, &name, r, &cluster).await {
+                        note(format!("status of {ns}/{name}: {e}"));
+                    }
+                    if finished(r) {
+                        // Removed from our books only once the API has let it go.
+                        match remove_pod(&client, &ns, &name, &uid).await {
+                            Ok(()) => release(&mut free, running.remove(&key)),
+                            Err(e) => note(format!("removing {ns}/{name}: {e}")),
                         }
                     }
                 }
                 // Pods gone from the API (deleted with grace 0 by someone else).
-                running.retain(|(ns, name), _| {
-                    items.iter().any(|p| {
-                        p.metadata.namespace.as_deref() == Some(ns)
-                            && p.metadata.name.as_deref() == Some(name)
+                let gone: Vec<(String, String)> = running
+                    .keys()
+                    .filter(|(ns, name)| {
+                        !items.iter().any(|p| {
+                            p.metadata.namespace.as_deref() == Some(ns)
+                                && p.metadata.name.as_deref() == Some(name)
+                        })
                     })
-                });
+                    .cloned()
+                    .collect();
+                for key in gone {
+                    release(&mut free, running.remove(&key));
+                }
+                failed.retain(|uid| items.iter().any(|p| p.metadata.uid.as_deref() == Some(uid)));
             }
             Err(e) => note(format!("listing pods: {e}")),
         }
@@ -320,6 +445,53 @@ async fn run(
         tokio::time::sleep(POLL).await;
     }
     // Stopping: every process and namespace goes with `running`.
+}
+
+/// Gives a removed pod's index back to its node (after its namespace is gone).
+fn release(free: &mut [std::collections::BTreeSet<u8>], r: Option<Running>) {
+    if let Some(r) = r {
+        let (node, index) = (r.node, r.index);
+        drop(r);
+        free[node].insert(index);
+    }
+}
+
+/// Deletes Pod `ns/name` with grace 0, on its uid; a Pod already gone counts as removed.
+async fn remove_pod(client: &kube::Client, ns: &str, name: &str, uid: &str) -> Result<(), String> {
+    let dp = DeleteParams {
+        grace_period_seconds: Some(0),
+        preconditions: Some(Preconditions {
+            uid: Some(uid.to_owned()),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    let api: Api<PodObject> = Api::namespaced(client.clone(), ns);
+    match api.delete(name, &dp).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Marks a Pod that could not run as Failed, with why.
+async fn write_failed(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    why: &str,
+) -> Result<(), String> {
+    let status = json!({"status": {
+        "phase": "Failed",
+        "reason": "SandboxKubelet",
+        "message": why,
+        "conditions": [{"type": "Ready", "status": "False", "reason": "SandboxKubelet", "message": why}],
+    }});
+    let api: Api<PodObject> = Api::namespaced(client.clone(), ns);
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 async fn register_nodes(
@@ -405,10 +577,14 @@ async fn bind(client: &kube::Client, ns: &str, name: &str, node: &str) -> Result
     .map_err(|e| e.to_string())
 }
 
+/// The programs a sandbox pod may run: the sandbox has no images, and a pod's process runs
+/// as root on the machine's filesystem, so only an interpreter the tests' apps use.
+const POD_PROGRAMS: [&str; 1] = ["python3"];
+
 fn start_pod(
     cluster: &Cluster,
     k: usize,
-    next: &mut u8,
+    free: &mut std::collections::BTreeSet<u8>,
     pod: &PodObject,
 ) -> Result<Running, String> {
     let name = pod.metadata.name.clone().unwrap_or_default();
@@ -416,18 +592,28 @@ fn start_pod(
     let c = spec.containers.first().ok_or("no container")?;
     let mut argv: Vec<String> = c.command.clone().unwrap_or_default();
     argv.extend(c.args.clone().unwrap_or_default());
-    if argv.is_empty() {
+    let Some(program) = argv.first() else {
         return Err("the container has no command: images are not run here".into());
+    };
+    if !POD_PROGRAMS.contains(&program.as_str()) {
+        return Err(format!(
+            "the container runs {program:?}: a sandbox pod may run only {POD_PROGRAMS:?}"
+        ));
     }
-    if *next >= crate::plan::MAX_PODS_PER_NODE {
+    let probe = Probe::of(c)?;
+    let Some(&index) = free.first() else {
         return Err(format!("node{k} has no pod addresses left"));
-    }
-    let index = *next;
-    *next += 1;
+    };
     let node = &cluster.nodes[k];
     let p = node.make_pod(index, &name).map_err(|e| e.to_string())?;
     let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
     let mut command = cmd::command(&p.ns.exec_argv(&refs)).map_err(|e| e.to_string())?;
+    // The pod's environment only: not the test process's.
+    command.env_clear();
+    command.env(
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    );
     command.env("HOSTNAME", &name);
     for e in c.env.iter().flatten() {
         if let Some(v) = &e.value {
@@ -440,35 +626,21 @@ fn start_pod(
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| format!("starting {}: {e}", argv.join(" ")))?;
-    let probe = c
-        .readiness_probe
-        .as_ref()
-        .and_then(|p| p.http_get.as_ref())
-        .and_then(|h| {
-            let port = match &h.port {
-                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n) => {
-                    u16::try_from(*n).ok()
-                }
-                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(named) => c
-                    .ports
-                    .iter()
-                    .flatten()
-                    .find(|p| p.name.as_deref() == Some(named))
-                    .and_then(|p| u16::try_from(p.container_port).ok()),
-            }?;
-            Some((port, h.path.clone().unwrap_or_else(|| "/".into())))
-        });
+    free.remove(&index);
     Ok(Running {
         uid: pod.metadata.uid.clone().unwrap_or_default(),
         node: k,
+        index,
         pod: p,
+        container: c.name.clone(),
+        started: k8s_openapi::jiff::Timestamp::now(),
+        started_at: Instant::now(),
         child: Some(child),
         ready: probe.is_none(),
         probe,
         exited: None,
         deleting: None,
         sigterm_sent: false,
-        last_probe: None,
         written: None,
     })
 }
@@ -483,27 +655,26 @@ fn tend(r: &mut Running, pod: &PodObject) {
         r.ready = false;
     }
     if r.exited.is_none()
-        && let Some((port, path)) = r.probe.clone()
-        && r.last_probe
-            .is_none_or(|t| t.elapsed() >= Duration::from_millis(250))
+        && let Some(probe) = r.probe.as_mut()
     {
-        r.last_probe = Some(Instant::now());
-        r.ready = http_ok(&r.pod.ns, port, &path);
+        r.ready = probe.tend(&r.pod.ns, r.started_at, r.ready);
     }
-    if let Some(ts) = &pod.metadata.deletion_timestamp
-        && r.deleting.is_none()
-    {
-        let _ = ts;
+    if pod.metadata.deletion_timestamp.is_some() && r.deleting.is_none() {
         let c = pod.spec.as_ref().and_then(|s| s.containers.first());
         let pre_stop = c
             .and_then(|c| c.lifecycle.as_ref())
             .and_then(|l| l.pre_stop.as_ref())
             .and_then(|h| h.sleep.as_ref())
             .map_or(0, |s| s.seconds.max(0) as u64);
+        // The deletion's own grace period (`kubectl delete --grace-period`), else the spec's.
         let grace = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.termination_grace_period_seconds)
+            .metadata
+            .deletion_grace_period_seconds
+            .or_else(|| {
+                pod.spec
+                    .as_ref()
+                    .and_then(|s| s.termination_grace_period_seconds)
+            })
             .unwrap_or(30)
             .max(0) as u64;
         let now = Instant::now();
@@ -541,25 +712,12 @@ fn finished(r: &Running) -> bool {
     r.deleting.is_some() && r.exited.is_some()
 }
 
-/// GET `path` on `127.0.0.1:port` inside the pod: a 2xx or 3xx status.
-fn http_ok(ns: &Netns, port: u16, path: &str) -> bool {
+/// GET `path` on `127.0.0.1:port` inside the pod within `timeout`: a 2xx or 3xx status.
+fn http_ok(ns: &Netns, port: u16, path: &str, timeout: Duration) -> bool {
     let path = path.to_owned();
     ns.run_in(move || {
-        let Ok(mut s) = TcpStream::connect_timeout(
-            &std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-            Duration::from_millis(500),
-        ) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-        let req = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
-        if s.write_all(req.as_bytes()).is_err() {
-            return false;
-        }
-        let mut buf = [0u8; 16];
-        let n = s.read(&mut buf).unwrap_or(0);
-        let head = String::from_utf8_lossy(&buf[..n]);
-        head.starts_with("HTTP/1.") && matches!(head.as_bytes().get(9), Some(b'2' | b'3'))
+        crate::apps::http_get((Ipv4Addr::LOCALHOST, port).into(), &path, timeout)
+            .is_ok_and(|(code, _)| (200..400).contains(&code))
     })
     .unwrap_or(false)
 }
@@ -580,7 +738,7 @@ async fn write_status(
     let host = cluster.nodes[r.node].addr.to_string();
     let ip = r.pod.addr.to_string();
     let state = match r.exited {
-        None => json!({"running": {"startedAt": "2026-01-01T00:00:00Z"}}),
+        None => json!({"running": {"startedAt": r.started}}),
         Some(code) => json!({"terminated": {"exitCode": code, "reason": "Completed"}}),
     };
     let status = json!({"status": {
@@ -593,7 +751,7 @@ async fn write_status(
             {"type": "ContainersReady", "status": ready},
             {"type": "Ready", "status": ready},
         ],
-        "containerStatuses": [{"name": "main", "ready": r.ready, "started": r.exited.is_none(),
+        "containerStatuses": [{"name": r.container, "ready": r.ready, "started": r.exited.is_none(),
                                "restartCount": 0, "image": "sandbox", "imageID": "",
                                "state": state}],
     }});
@@ -606,4 +764,60 @@ async fn write_status(
         .map_err(|e| e.to_string())?;
     r.written = Some(status);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::Container;
+
+    fn container(probe: serde_json::Value) -> Container {
+        serde_json::from_value(json!({
+            "name": "web",
+            "ports": [{"name": "http", "containerPort": 8080}],
+            "readinessProbe": probe,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_probe_takes_the_api_servers_defaults_and_resolves_named_ports() {
+        let p = Probe::of(&container(json!({"httpGet": {"port": "http"}})))
+            .unwrap()
+            .unwrap();
+        assert_eq!((p.port, p.path.as_str()), (8080, "/"));
+        assert_eq!(
+            (p.period, p.timeout),
+            (Duration::from_secs(10), Duration::from_secs(1))
+        );
+        assert_eq!((p.success_threshold, p.failure_threshold), (1, 3));
+        let err = Probe::of(&container(json!({"httpGet": {"port": "metrics"}}))).unwrap_err();
+        assert!(err.contains("metrics"), "{err}");
+        let err = Probe::of(&container(json!({"exec": {"command": ["true"]}}))).unwrap_err();
+        assert!(err.contains("HTTP GET"), "{err}");
+    }
+
+    #[test]
+    fn readiness_follows_the_success_and_failure_thresholds() {
+        let mut p = Probe::of(&container(json!({
+            "httpGet": {"port": 8080}, "successThreshold": 2, "failureThreshold": 3
+        })))
+        .unwrap()
+        .unwrap();
+        let mut ready = false;
+        let mut seen = Vec::new();
+        for ok in [
+            true, false, true, true, false, false, true, false, false, false,
+        ] {
+            ready = p.record(ok, ready);
+            seen.push(ready);
+        }
+        // Ready after two successes in a row; not ready only after three failures in a row.
+        assert_eq!(
+            seen,
+            [
+                false, false, false, true, true, true, true, true, true, false
+            ]
+        );
+    }
 }

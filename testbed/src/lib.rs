@@ -6,6 +6,7 @@
 //!   forwarding, and TX checksum offload off on every veth; the [`plan`] of addresses.
 //! - [`apps`]: real servers (python3 HTTP answering with the pod's name, UDP echo) and a real
 //!   client (curl), all with bounded timeouts.
+//! - [`daemon`]: a long-running process in a namespace, logging to a file, killed by its pid.
 //! - [`agent`]: a `sluice agent` process in a node's namespace, its health and metrics.
 //! - [`apiserver`]: a Kubernetes API test server (list, watch, 410 Gone, bookmarks) reached
 //!   through an ordinary kubeconfig.
@@ -30,6 +31,7 @@ pub mod bpffs;
 pub mod cluster;
 pub mod cmd;
 pub mod controlplane;
+pub mod daemon;
 pub mod kubelet;
 pub mod kubeproxy;
 pub mod load;
@@ -38,15 +40,17 @@ pub mod plan;
 pub mod privilege;
 pub mod realcluster;
 pub mod report;
+pub mod tempdir;
 pub mod tools;
 
 pub use apiserver::ApiServer;
 pub use apps::{
-    Attempt, HttpServer, KeepAlive, Sniffer, UdpEcho, UdpOutcome, curl, http_many, http_upload,
-    send_frame, udp_connected, udp_request,
+    Attempt, HttpServer, KeepAlive, LoopResult, RequestLoop, Sniffer, UdpEcho, UdpOutcome, curl,
+    http_get, http_many, http_upload, send_frame, udp_connected, udp_request,
 };
 pub use bpffs::BpfFs;
 pub use cluster::{Cluster, Node, Outside, Pod, PodNetwork};
 pub use cmd::{CmdError, run};
 pub use netns::Netns;
 pub use privilege::{Privilege, privileged};
+pub use tempdir::TempDir;

@@ -12,7 +12,7 @@ use std::{
 };
 
 use crate::{
-    BpfFs, Cluster,
+    BpfFs, Cluster, TempDir,
     agent::{self, AgentProcess},
     cmd::CmdError,
     controlplane::{ControlPlane, ControlPlaneError},
@@ -61,6 +61,30 @@ pub fn example_app() -> Result<String, RealClusterError> {
         .join("\n---\n"))
 }
 
+/// How a [`RealCluster`] is started.
+#[derive(Clone, Copy, Debug)]
+pub struct Options<'a> {
+    /// Extra kube-apiserver flags.
+    pub apiserver_flags: &'a [&'a str],
+    /// Extra `sluice agent` flags, after the sandbox's.
+    pub agent_flags: &'a [&'a str],
+    /// Node k's zone is `zones[k % len]`.
+    pub zones: &'a [&'a str],
+}
+
+impl Default for Options<'_> {
+    fn default() -> Self {
+        Self {
+            apiserver_flags: &[],
+            agent_flags: &[],
+            zones: &["zone-a", "zone-b"],
+        }
+    }
+}
+
+/// How long the agents' token lasts (the demo may run live for a day).
+pub const TOKEN_HOURS: u32 = 24;
+
 /// See the module docs. Field order is drop order.
 pub struct RealCluster {
     /// One per node; `None` while a test has it stopped.
@@ -70,35 +94,27 @@ pub struct RealCluster {
     bpffs: Vec<BpfFs>,
     /// The agents' kubeconfig (service account kube-system/sluice).
     pub kubeconfig: PathBuf,
+    agent_flags: Vec<String>,
+    /// The kubeconfig and the agents' logs.
+    dir: TempDir,
     sluice: PathBuf,
     /// How many agents were started so far (each gets its own log).
     started: usize,
     pub c: Arc<Cluster>,
 }
 
-impl Drop for RealCluster {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.kubeconfig);
-    }
-}
-
 impl RealCluster {
-    /// Starts the control plane (with `apiserver_flags`) for `c`, the kubelet (node k in
-    /// `zones[k % len]`), applies `deploy/rbac.yaml`, and starts the `sluice` binary as an
-    /// agent on every node, waiting until each is healthy.
-    pub fn start(
-        c: Cluster,
-        sluice: &Path,
-        apiserver_flags: &[&str],
-        zones: &[&str],
-    ) -> Result<Self, RealClusterError> {
+    /// Starts the control plane for `c`, the kubelet, applies `deploy/rbac.yaml`, and starts
+    /// the `sluice` binary as an agent on every node, waiting until each is healthy.
+    pub fn start(c: Cluster, sluice: &Path, opts: Options) -> Result<Self, RealClusterError> {
         let c = Arc::new(c);
-        let cp = ControlPlane::start(&c, apiserver_flags)?;
-        let kubelet = Kubelet::start(c.clone(), &cp.ns, &cp.admin_kubeconfig(), zones)?;
+        let dir = TempDir::new("realcluster").map_err(io("creating the cluster's dir"))?;
+        let cp = ControlPlane::start(&c, opts.apiserver_flags)?;
+        let kubelet = Kubelet::start(c.clone(), &cp.ns, &cp.admin_kubeconfig(), opts.zones)?;
         let rbac = repo_file("deploy/rbac.yaml");
         cp.kubectl(&["apply", "-f", &rbac.display().to_string()])?;
-        let kubeconfig = std::env::temp_dir().join(crate::netns::unique_name("sluice.kubeconfig"));
-        cp.service_account_kubeconfig("kube-system", "sluice", 2, &kubeconfig)?;
+        let kubeconfig = dir.join("sluice.kubeconfig");
+        cp.service_account_kubeconfig("kube-system", "sluice", TOKEN_HOURS, &kubeconfig)?;
         let n = c.nodes.len();
         let mut rc = Self {
             agents: (0..n).map(|_| None).collect(),
@@ -106,6 +122,8 @@ impl RealCluster {
             cp,
             bpffs: Vec::new(),
             kubeconfig,
+            agent_flags: opts.agent_flags.iter().map(|f| (*f).to_owned()).collect(),
+            dir,
             sluice: sluice.to_owned(),
             started: 0,
             c,
@@ -125,16 +143,16 @@ impl RealCluster {
     /// The command line of node `k`'s agent (after `sluice agent`).
     pub fn agent_args(&self, k: usize) -> Vec<String> {
         let kc = self.kubeconfig.display().to_string();
-        agent::sandbox_args(&format!("node{k}"), &self.pins(k), &["--kubeconfig", &kc])
+        let mut extra = vec!["--kubeconfig", kc.as_str()];
+        extra.extend(self.agent_flags.iter().map(String::as_str));
+        agent::sandbox_args(&format!("node{k}"), &self.pins(k), &extra)
     }
 
     /// Starts (again) the agent of node `k` and waits until it is healthy (panics with its
     /// log if it is not).
     pub fn start_agent(&mut self, k: usize) -> Result<(), RealClusterError> {
         self.agents[k] = None;
-        let log = self.bpffs[k]
-            .path()
-            .with_extension(format!("agent{}.log", self.started));
+        let log = self.dir.join(format!("agent-node{k}-{}.log", self.started));
         self.started += 1;
         let mut a =
             AgentProcess::start(&self.c.nodes[k].ns, &self.sluice, &self.agent_args(k), &log)?;

@@ -540,6 +540,26 @@ fn nice_ceiling(v: f64) -> f64 {
     10.0 * p
 }
 
+/// The `p` quantile (0 to 1, nearest rank) of `v`, in milliseconds.
+pub fn quantile_ms(v: &[std::time::Duration], p: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort();
+    let Some(last) = v.len().checked_sub(1) else {
+        return f64::NAN;
+    };
+    v[(last as f64 * p).round() as usize].as_secs_f64() * 1e3
+}
+
+/// A field of `/proc/PID/status` in KiB (`VmRSS:`, `VmHWM:`); 0 if unreadable.
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

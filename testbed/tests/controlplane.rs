@@ -36,23 +36,11 @@ fn the_api_server_advertises_a_sandbox_address_and_authorizes_with_rbac() {
     // A service account gets a token from the TokenRequest API, and RBAC denies it what no
     // role grants.
     cp.kubectl(&["create", "serviceaccount", "probe"]).unwrap();
-    let kc = std::env::temp_dir().join(testbed::netns::unique_name("probe.kubeconfig"));
+    let dir = testbed::TempDir::new("probe").unwrap();
+    let kc = dir.join("probe.kubeconfig");
     cp.service_account_kubeconfig("default", "probe", 1, &kc)
         .unwrap();
-    let bin = testbed::controlplane::versions::binary("kubectl");
-    let out = cp
-        .ns
-        .exec_output(
-            &[
-                bin.to_str().unwrap(),
-                &format!("--kubeconfig={}", kc.display()),
-                "get",
-                "secrets",
-            ],
-            std::time::Duration::from_secs(30),
-        )
-        .unwrap();
-    let _ = std::fs::remove_file(&kc);
+    let out = cp.kubectl_as(&kc, &["get", "secrets"]).unwrap();
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("forbidden"),
@@ -121,13 +109,24 @@ fn the_sandbox_kubelet_runs_pods_and_the_endpointslice_controller_follows_their_
     cp.kubectl(&["patch", "deployment", "service-test", "--type=json", "-p",
         r#"[{"op":"add","path":"/spec/template/spec/containers/0/lifecycle","value":{"preStop":{"sleep":{"seconds":3}}}}]"#])
         .unwrap();
+    // Both conditions of every endpoint, from one read.
+    let mut seen = String::new();
     let ok = testbed::agent::eventually(std::time::Duration::from_secs(60), || {
-        endpoints("terminating").contains("=true")
+        seen = cp
+            .kubectl(&[
+                "get",
+                "endpointslices",
+                "-l",
+                "kubernetes.io/service-name=service-test",
+                "-o",
+                "jsonpath={range .items[*].endpoints[*]}{.conditions.terminating}/{.conditions.serving} {end}",
+            ])
+            .unwrap_or_default();
+        seen.contains("true/true")
     });
     assert!(
         ok,
-        "no endpoint was ever terminating: {}",
-        endpoints("terminating")
+        "no endpoint was ever terminating and still serving: {seen}"
     );
     let ok = testbed::agent::eventually(std::time::Duration::from_secs(60), || {
         let t = endpoints("terminating");

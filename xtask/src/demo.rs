@@ -79,14 +79,12 @@ pub fn run(once: bool, control_plane: bool) -> anyhow::Result<()> {
     }
     .context("installing the Ctrl-C handler")?;
 
-    let work = std::env::temp_dir().join(testbed::netns::unique_name("demo"));
-    std::fs::create_dir_all(&work).context("creating the demo's directory")?;
-    let _cleanup = RemoveDir(work.clone());
+    let work = testbed::TempDir::new("demo").context("creating the demo's directory")?;
     let c = Cluster::new(2)?;
     let mut stage = if control_plane {
         Stage::real(c, &sluice)?
     } else {
-        Stage::manifests(c, &sluice, &root, &work)?
+        Stage::manifests(c, &sluice, &root, work.path())?
     };
     let result = story(&mut stage, once, &sluice);
     if result.is_err() {
@@ -172,7 +170,7 @@ impl Stage {
     fn real(mut c: Cluster, sluice: &Path) -> anyhow::Result<Self> {
         add_clients(&mut c)?;
         let t = Instant::now();
-        let rc = RealCluster::start(c, sluice, &[], &["zone-a", "zone-b"])?;
+        let rc = RealCluster::start(c, sluice, Default::default())?;
         println!(
             "control plane: etcd {}, kube-apiserver and kube-controller-manager {} at {}; the \
              sandbox kubelet registered node0 and node1; deploy/rbac.yaml applied; agents \
@@ -188,6 +186,10 @@ impl Stage {
                 rc.agent_args(k).join(" ")
             );
         }
+        println!(
+            "(the agents authenticate with a service account token valid {} h)",
+            testbed::realcluster::TOKEN_HOURS
+        );
         let kubectl = |args: &[&str], input: Option<&str>| -> anyhow::Result<()> {
             let out = rc.cp.kubectl_with_input(args, input)?;
             println!("$ kubectl {}\n{}", args.join(" "), out.trim_end());
@@ -454,11 +456,4 @@ fn check(
         "sluice services shows {got:?}, expected {want:?}"
     );
     Ok(())
-}
-
-struct RemoveDir(std::path::PathBuf);
-impl Drop for RemoveDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }

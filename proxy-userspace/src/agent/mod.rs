@@ -69,6 +69,13 @@ pub struct AgentArgs {
     #[arg(long, env = "SLUICE_KUBECONFIG", conflicts_with = "manifests")]
     pub kubeconfig: Option<PathBuf>,
 
+    /// Seconds after which the API server ends each watch (its `timeoutSeconds`); the agent
+    /// then resumes it from the last version it saw, without a relist. Lower it where a load
+    /// balancer or proxy in front of the API server cuts long-lived connections sooner.
+    #[arg(long, env = "SLUICE_WATCH_TIMEOUT", default_value_t = 290,
+          value_parser = clap::value_parser!(u32).range(1..=290))]
+    pub watch_timeout: u32,
+
     /// No API server: read Services, EndpointSlices and Nodes from the YAML files in this
     /// directory (what `kubectl apply -f DIR` takes), re-read when they change. A file that does
     /// not parse is reported with file and line, and the last good state stays in force.
@@ -407,7 +414,13 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
                 };
                 tracing::info!(server = %config.cluster_url, node = %node_name, "source: API server");
                 let client = kube::Client::try_from(config).context("building the API client")?;
-                source::kube::start(client, &node_name, tx.clone(), metrics.clone())
+                source::kube::start(
+                    client,
+                    &node_name,
+                    args.watch_timeout,
+                    tx.clone(),
+                    metrics.clone(),
+                )
             }
         };
         anyhow::Ok(view)

@@ -14,20 +14,15 @@ pub mod pki;
 pub mod versions;
 
 use std::{
-    fs::File,
     net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
-    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
-use crate::{
-    cluster::Cluster,
-    cmd::{self, CmdError},
-    netns::Netns,
-    plan,
-};
+use crate::{TempDir, cluster::Cluster, cmd::CmdError, daemon::Daemon, netns::Netns, plan};
 
+/// How much of a component's log failure messages show (its end says why).
+const LOG_TAIL: usize = 6000;
 /// The API server's port.
 pub const API_PORT: u16 = 6443;
 /// The admin's bearer token (in system:masters). Sandbox-only.
@@ -63,54 +58,6 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ControlPlaneErr
     move |source| ControlPlaneError::Io { what, source }
 }
 
-/// A process of the control plane, in its namespace, logging to a file; killed on drop.
-#[derive(Debug)]
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(ns: &Netns, argv: &[String], log: &Path) -> Result<Self, ControlPlaneError> {
-        let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let file = File::create(log).map_err(io(format!("creating {}", log.display())))?;
-        let err = file
-            .try_clone()
-            .map_err(io(format!("opening {}", log.display())))?;
-        let child = cmd::command(&ns.exec_argv(&refs))?
-            .stdin(Stdio::null())
-            .stdout(file)
-            .stderr(err)
-            .spawn()
-            .map_err(|source| CmdError::Spawn {
-                cmd: argv.join(" "),
-                source,
-            })?;
-        Ok(Self {
-            child,
-            log: log.to_owned(),
-        })
-    }
-
-    fn log(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        // The end says why it failed.
-        let start = text.len().saturating_sub(6000);
-        text[text.ceil_char_boundary(start)..].to_owned()
-    }
-
-    fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The control plane; see the module docs.
 #[derive(Debug)]
 pub struct ControlPlane {
@@ -122,14 +69,6 @@ pub struct ControlPlane {
     dir: TempDir,
     /// Extra kube-apiserver flags this control plane was started with.
     apiserver_flags: Vec<String>,
-}
-
-#[derive(Debug)]
-struct TempDir(PathBuf);
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 impl ControlPlane {
@@ -147,12 +86,11 @@ impl ControlPlane {
         }
         let ns = Netns::new("cp")?;
         cluster.join_fabric(&ns, "cp", plan::CONTROL_PLANE)?;
-        let dir = std::env::temp_dir().join(crate::netns::unique_name("controlplane"));
-        std::fs::create_dir_all(dir.join("etcd"))
-            .map_err(io("creating the control plane's dir"))?;
-        let dir = TempDir(dir);
+        // Keys and tokens inside: TempDir is the owner's only.
+        let dir = TempDir::new("controlplane").map_err(io("creating the control plane's dir"))?;
+        std::fs::create_dir_all(dir.join("etcd")).map_err(io("creating etcd's dir"))?;
         pki::write(
-            &dir.0,
+            dir.path(),
             &[
                 IpAddr::V4(plan::CONTROL_PLANE),
                 IpAddr::V4(kubernetes_service_ip()),
@@ -160,7 +98,7 @@ impl ControlPlane {
             ],
         )?;
         std::fs::write(
-            dir.0.join("tokens.csv"),
+            dir.join("tokens.csv"),
             format!("{ADMIN_TOKEN},admin,admin-uid,system:masters\n"),
         )
         .map_err(io("writing the token file"))?;
@@ -179,11 +117,51 @@ impl ControlPlane {
         cp.start_etcd()?;
         cp.start_apiserver()?;
         cp.start_controller_manager()?;
+        cp.wait_settled(Duration::from_secs(60))?;
         Ok(cp)
     }
 
+    /// Waits until what every user of a fresh cluster relies on is there: the `kubernetes`
+    /// Service's endpoint (the API server writes it after it is ready) and the `default`
+    /// ServiceAccount (the controller manager makes it; Pods need it).
+    fn wait_settled(&mut self, timeout: Duration) -> Result<(), ControlPlaneError> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            let endpoint = self
+                .kubectl(&[
+                    "get",
+                    "endpointslices",
+                    "-n",
+                    "default",
+                    "-l",
+                    "kubernetes.io/service-name=kubernetes",
+                    "-o",
+                    "jsonpath={.items[*].endpoints[*].addresses[*]}",
+                ])
+                .is_ok_and(|o| o.trim() == plan::CONTROL_PLANE.to_string());
+            if endpoint
+                && self
+                    .kubectl(&["get", "serviceaccount", "default", "-o", "name"])
+                    .is_ok()
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        Err(ControlPlaneError::NotReady {
+            what: "the kubernetes Service's endpoint and the default ServiceAccount",
+            timeout,
+            log: self.logs(),
+        })
+    }
+
+    fn daemon(&self, argv: &[String], log: &str) -> Result<Daemon, ControlPlaneError> {
+        let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
+        Ok(Daemon::start(&self.ns, &refs, &[], &self.dir.join(log))?)
+    }
+
     fn path(&self, file: &str) -> String {
-        self.dir.0.join(file).display().to_string()
+        self.dir.join(file).display().to_string()
     }
 
     fn start_etcd(&mut self) -> Result<(), ControlPlaneError> {
@@ -201,11 +179,7 @@ impl ControlPlane {
             "--log-level=warn".into(),
         ]
         .into();
-        self.etcd = Some(Daemon::start(
-            &self.ns,
-            &argv,
-            &self.dir.0.join("etcd.log"),
-        )?);
+        self.etcd = Some(self.daemon(&argv, "etcd.log")?);
         Ok(())
     }
 
@@ -235,11 +209,7 @@ impl ControlPlane {
             "--profiling=false".into(),
         ];
         argv.extend(self.apiserver_flags.iter().cloned());
-        self.apiserver = Some(Daemon::start(
-            &self.ns,
-            &argv,
-            &self.dir.0.join("kube-apiserver.log"),
-        )?);
+        self.apiserver = Some(self.daemon(&argv, "kube-apiserver.log")?);
         self.wait_ready(Duration::from_secs(90))
     }
 
@@ -255,11 +225,7 @@ impl ControlPlane {
             // No HTTPS endpoint of its own: nothing listens beyond the API server.
             "--secure-port=0".into(),
         ];
-        self.controller_manager = Some(Daemon::start(
-            &self.ns,
-            &argv,
-            &self.dir.0.join("kube-controller-manager.log"),
-        )?);
+        self.controller_manager = Some(self.daemon(&argv, "kube-controller-manager.log")?);
         Ok(())
     }
 
@@ -283,7 +249,11 @@ impl ControlPlane {
         Err(ControlPlaneError::NotReady {
             what: "kube-apiserver",
             timeout,
-            log: self.apiserver.as_ref().map(Daemon::log).unwrap_or_default(),
+            log: self
+                .apiserver
+                .as_ref()
+                .map(|d| d.log_tail(LOG_TAIL))
+                .unwrap_or_default(),
         })
     }
 
@@ -305,12 +275,12 @@ impl ControlPlane {
     }
 
     pub fn ca_file(&self) -> PathBuf {
-        self.dir.0.join("ca.crt")
+        self.dir.join("ca.crt")
     }
 
     /// A kubeconfig for the admin (system:masters).
     pub fn admin_kubeconfig(&self) -> PathBuf {
-        self.dir.0.join("admin.kubeconfig")
+        self.dir.join("admin.kubeconfig")
     }
 
     /// Writes a kubeconfig at `path` that reaches this API server with bearer `token`.
@@ -320,7 +290,30 @@ impl ControlPlane {
             self.url(),
             self.ca_file().display()
         );
-        std::fs::write(path, text).map_err(io(format!("writing {}", path.display())))
+        // A bearer token: readable by the owner only.
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+            .map_err(io(format!("writing {}", path.display())))
+    }
+
+    /// Runs kubectl with `kubeconfig` (another user than the admin), inside the control
+    /// plane's namespace; its output whether or not it succeeded.
+    pub fn kubectl_as(
+        &self,
+        kubeconfig: &Path,
+        args: &[&str],
+    ) -> Result<std::process::Output, CmdError> {
+        let bin = versions::binary("kubectl").display().to_string();
+        let kc = format!("--kubeconfig={}", kubeconfig.display());
+        let mut argv = vec![bin.as_str(), kc.as_str()];
+        argv.extend_from_slice(args);
+        self.ns.exec_output(&argv, Duration::from_secs(60))
     }
 
     /// A kubeconfig at `path` for service account `namespace/name` (a token from the
@@ -372,7 +365,7 @@ impl ControlPlane {
             format!(
                 "--- {n}:\n{}",
                 d.as_ref()
-                    .map(Daemon::log)
+                    .map(|d| d.log_tail(LOG_TAIL))
                     .unwrap_or_else(|| "(stopped)".into())
             )
         })

@@ -112,6 +112,7 @@ impl ObjectView for KubeView {
 pub fn start(
     client: Client,
     node_name: &str,
+    watch_timeout: u32,
     tx: ChangeTx,
     metrics: Arc<Metrics>,
 ) -> Arc<KubeView> {
@@ -132,7 +133,7 @@ pub fn start(
         let metrics = metrics.clone();
         let stream = watcher(
             Api::<Service>::all(client.clone()),
-            watcher::Config::default(),
+            watcher::Config::default().timeout(watch_timeout),
         )
         .reflect(services_w);
         tokio::spawn(drive(
@@ -160,7 +161,7 @@ pub fn start(
         let mut relist: Option<SliceIndex> = None;
         let stream = watcher(
             Api::<EndpointSlice>::all(client.clone()),
-            watcher::Config::default(),
+            watcher::Config::default().timeout(watch_timeout),
         )
         .reflect(slices_w);
         tokio::spawn(drive(
@@ -199,7 +200,9 @@ pub fn start(
 
     // The own Node only.
     {
-        let config = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+        let config = watcher::Config::default()
+            .timeout(watch_timeout)
+            .fields(&format!("metadata.name={node_name}"));
         let stream = watcher(Api::<Node>::all(client), config).reflect(nodes_w);
         tokio::spawn(drive(stream, Resource::Node, metrics, move |ev| match ev {
             Event::Apply(_) | Event::Delete(_) => {
