@@ -78,10 +78,25 @@ counters! {
     /// Not a verdict: new SNATed flows given the port of a closed flow still in its TIME_WAIT
     /// hold, because every port tried was held (the range is running out for that backend).
     CTR_SNAT_PORT_REUSED = 25, "snat_port_reused";
+    /// Socket LB, not a packet: a `connect()` to a frontend, translated to a backend.
+    CTR_SOCK_CONNECT = 26, "sock_connect";
+    /// Socket LB, not a packet: a `sendmsg()` to a frontend (unconnected UDP), translated.
+    CTR_SOCK_SENDMSG = 27, "sock_sendmsg";
+    /// Socket LB, not a packet: a `recvmsg()` or `getpeername()` shown the frontend's address.
+    CTR_SOCK_REVERSE = 28, "sock_reverse";
+    /// Socket LB, not a packet: a `connect()` or `sendmsg()` to a frontend with no backends,
+    /// refused (ECONNREFUSED; EPERM before Linux 5.18 from the node's own namespace).
+    CTR_SOCK_REJECT_NO_BACKEND = 29, "sock_reject_no_backend";
+    /// Socket LB, not a packet: a call from a pod's namespace left to the TC path
+    /// (`--socket-lb host-only`, or a frontend with no backends before Linux 5.18).
+    CTR_SOCK_PASS_TO_TC = 30, "sock_pass_to_tc";
+    /// Socket LB, not a packet: a translation whose reverse entry could not be written (the
+    /// socket still goes to the backend; recvmsg and getpeername show the backend).
+    CTR_SOCK_REVNAT_WRITE = 31, "sock_revnat_write_failed";
 }
 
 /// Number of counters in use (at most [`CTR_SLOTS`]).
-pub const CTR_MAX: u32 = 26;
+pub const CTR_MAX: u32 = 32;
 const _: () = assert!(CTR_MAX <= CTR_SLOTS);
 
 /// One CPU's share of a counter.

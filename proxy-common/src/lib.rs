@@ -12,10 +12,12 @@
 pub mod conntrack;
 pub mod counters;
 pub mod lb4;
+pub mod sock;
 
 pub use conntrack::*;
 pub use counters::*;
 pub use lb4::*;
+pub use sock::*;
 
 /// Implements `aya::Pod` for plain-old-data ABI types when the `user` feature is on.
 #[macro_export]

@@ -29,10 +29,23 @@ pub fn pick_backend(
     first: u16,
     count: u16,
 ) -> Option<Lb4Backend> {
-    // Non-zero by type: the verifier rejects the panic path a plain `%` would keep.
-    let count = core::num::NonZeroU32::new(u32::from(count))?;
     // SAFETY: bpf_get_prandom_u32 has no preconditions.
     let r = unsafe { bpf_get_prandom_u32() };
+    backend_at(r, addr_be, port_be, proto, first, count)
+}
+
+/// The backend in slot `first + r % count`: [`pick_backend`] with the choice made by `r`.
+#[inline(always)]
+pub fn backend_at(
+    r: u32,
+    addr_be: u32,
+    port_be: u16,
+    proto: u8,
+    first: u16,
+    count: u16,
+) -> Option<Lb4Backend> {
+    // Non-zero by type: the verifier rejects the panic path a plain `%` would keep.
+    let count = core::num::NonZeroU32::new(u32::from(count))?;
     let slot = (r % count) as u16 + first;
     let key = Lb4Key {
         addr_be,

@@ -5,7 +5,8 @@
 //! errors), `lb` (frontends, backend choice), `conntrack` (flows and their state), `nat`
 //! (rewrites and checksums), `snat` (source ports for flows SNATed to the node), `fib`
 //! (forwarding by FIB lookup and redirect), `icmp` (ICMP errors of translated flows), `reject`
-//! (ICMP port unreachable, fragmentation needed), `stats` (per-CPU counters), `maps`.
+//! (ICMP port unreachable, fragmentation needed), `stats` (per-CPU counters), `maps`; and
+//! `sock`, the cgroup socket programs (socket-level load balancing).
 //!
 //! On the host this crate is a stub with an empty `main`, so that `cargo build --workspace`
 //! and `cargo clippy --workspace` work without the BPF target.
@@ -31,6 +32,8 @@ mod programs;
 mod reject;
 #[cfg(target_arch = "bpf")]
 mod snat;
+#[cfg(target_arch = "bpf")]
+mod sock;
 #[cfg(target_arch = "bpf")]
 mod stats;
 

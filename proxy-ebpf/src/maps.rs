@@ -7,7 +7,7 @@ use aya_ebpf::{
 use proxy_common::{
     CT4_DEFAULT_MAX, CTR_SLOTS, Counter, Ct4Entry, Ct4Key, LB4_BACKENDS_DEFAULT_MAX,
     LB4_REVNAT_DEFAULT_MAX, LB4_SERVICES_DEFAULT_MAX, Lb4Backend, Lb4Config, Lb4Key, Lb4RevNat,
-    Lb4Service,
+    Lb4Service, SOCK_REVNAT_DEFAULT_MAX, SockConfig, SockRevKey, SockRevValue,
 };
 
 #[map(name = "PKT_COUNTERS_V2")]
@@ -31,6 +31,13 @@ pub static LB4_CONFIG: Array<Lb4Config> = Array::with_max_entries(1, 0);
 #[map(name = "CT4")]
 pub static CT4: LruHashMap<Ct4Key, Ct4Entry> = LruHashMap::with_max_entries(CT4_DEFAULT_MAX, 0);
 
+#[map(name = "LB4_SOCK_REVNAT")]
+pub static LB4_SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> =
+    LruHashMap::with_max_entries(SOCK_REVNAT_DEFAULT_MAX, 0);
+
+#[map(name = "SOCK_CONFIG")]
+pub static SOCK_CONFIG: Array<SockConfig> = Array::with_max_entries(1, 0);
+
 // The map macro takes a literal name; these keep each equal to the shared constant.
 const _: () = {
     assert!(str_eq(proxy_common::PKT_COUNTERS_MAP, "PKT_COUNTERS_V2"));
@@ -39,6 +46,8 @@ const _: () = {
     assert!(str_eq(proxy_common::LB4_REVNAT_MAP, "LB4_REVNAT"));
     assert!(str_eq(proxy_common::LB4_CONFIG_MAP, "LB4_CONFIG_V2"));
     assert!(str_eq(proxy_common::CT4_MAP, "CT4"));
+    assert!(str_eq(proxy_common::SOCK_REVNAT_MAP, "LB4_SOCK_REVNAT"));
+    assert!(str_eq(proxy_common::SOCK_CONFIG_MAP, "SOCK_CONFIG"));
 };
 
 const fn str_eq(a: &str, b: &str) -> bool {

@@ -166,6 +166,8 @@ fn main() {
         &pins.display().to_string(),
         "--hairpin-snat-address",
         "198.18.127.254",
+        "--socket-lb",
+        "off",
     ]
     .iter()
     .map(|s| s.to_string())

@@ -585,6 +585,24 @@ struct Endpoint {
     terminating: bool,
 }
 
+/// Whether any of `slices` still lists `addr` on `port`/`proto`, whatever its conditions: a
+/// terminating endpoint is not gone (its connections go on until they end), one that no slice
+/// lists is.
+pub fn slices_list(slices: &[&EndpointSlice], addr: Ipv4Addr, port: u16, proto: Protocol) -> bool {
+    let addr = addr.to_string();
+    let proto = match proto {
+        Protocol::Tcp => "TCP",
+        Protocol::Udp => "UDP",
+    };
+    slices.iter().any(|s| {
+        s.address_type == "IPv4"
+            && s.ports.iter().flatten().any(|p| {
+                p.port == Some(i32::from(port)) && p.protocol.as_deref().unwrap_or("TCP") == proto
+            })
+            && s.endpoints.iter().any(|e| e.addresses.contains(&addr))
+    })
+}
+
 /// The endpoints of `list` that new connections may use, as kube-proxy's
 /// `CategorizeEndpoints` chooses them (pkg/proxy/topology.go, KEP-1669): the ready ones; when
 /// none is ready, the serving and terminating ones; never one that is not serving. `keep`

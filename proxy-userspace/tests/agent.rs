@@ -120,6 +120,9 @@ impl Env {
             "pv*",
             "--hairpin-snat-address",
             "198.18.127.254",
+            // The TC path, which these tests are about.
+            "--socket-lb",
+            "off",
         ]
         .iter()
         .map(|s| s.to_string())

@@ -200,11 +200,7 @@ impl Env {
     }
 
     fn counter(&self, k: usize, name: &str) -> f64 {
-        self.agents[k]
-            .metric(&format!(
-                "sluice_datapath_packets_total{{verdict=\"{name}\"}}"
-            ))
-            .unwrap_or(0.0)
+        self.agents[k].packets(name)
     }
 
     /// Every datapath counter of node `k`'s agent that is not zero, for failure messages.

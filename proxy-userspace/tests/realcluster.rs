@@ -11,6 +11,7 @@ use std::{
     time::Duration,
 };
 
+use serde_json::json;
 use testbed::{
     Attempt, Cluster, LoopResult, RequestLoop,
     agent::eventually,
@@ -403,4 +404,63 @@ fn the_install_manifests_pass_the_api_servers_validation() {
             "{object} missing from:\n{out}"
         );
     }
+}
+
+#[test]
+fn with_socket_lb_the_agent_reaches_the_api_server_through_the_kubernetes_service() {
+    require_privileged!(
+        "with_socket_lb_the_agent_reaches_the_api_server_through_the_kubernetes_service"
+    );
+    let mut env = Env::new(Options {
+        socket_lb: true,
+        ..Options::default()
+    });
+    // As a pod's in-cluster config has it: the `kubernetes` Service's ClusterIP.
+    let service = testbed::controlplane::kubernetes_service_ip();
+    let via_service = env.kubeconfig.with_file_name("via-service.kubeconfig");
+    let token = ControlPlane::token_of(&env.kubeconfig).unwrap();
+    env.cp
+        .write_kubeconfig_via(&via_service, &token, &format!("https://{service}:443"))
+        .unwrap();
+    // A node's first start after boot: no pins, so no translation yet, and without a
+    // bootstrap address the agent cannot reach the API server.
+    env.reboot_node(1).unwrap();
+    let args = env.agent_args_with(1, &via_service, &[]);
+    let a = env.spawn_agent(1, &args).unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    assert_ne!(
+        a.healthz(),
+        Some(200),
+        "healthy without reaching the API server?\n{}",
+        a.log()
+    );
+    drop(a);
+    // With --bootstrap-api-server it does, and the first sync writes the Service's real
+    // endpoint over the seed.
+    let boot = format!("{}:6443", testbed::plan::CONTROL_PLANE);
+    let args = env.agent_args_with(1, &via_service, &["--bootstrap-api-server", &boot]);
+    let mut a = env.spawn_agent(1, &args).unwrap();
+    a.wait_healthy(WAIT);
+    assert!(a.log().contains("bootstrap endpoint"), "{}", a.log());
+    let kubernetes = env
+        .services(1)
+        .into_iter()
+        .find(|f| f["address"] == service.to_string() && f["port"] == 443);
+    assert_eq!(
+        kubernetes
+            .as_ref()
+            .map(|f| f["backends"][0]["address"].clone()),
+        Some(json!(testbed::plan::CONTROL_PLANE.to_string())),
+        "{kubernetes:?}"
+    );
+    // Restarted (no reboot), without the flag: through the pinned maps and socket LB.
+    a.kill9();
+    let args = env.agent_args_with(1, &via_service, &[]);
+    let mut a = env.spawn_agent(1, &args).unwrap();
+    // Healthy: it listed everything through the ClusterIP its kubeconfig names.
+    a.wait_healthy(WAIT);
+    // And it follows changes through the Service.
+    env.agents[1] = Some(a);
+    env.apply_example();
+    env.wait_served_by(2);
 }

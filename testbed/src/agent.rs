@@ -10,7 +10,9 @@ use crate::{TempDir, cmd::CmdError, daemon::Daemon, netns::Netns};
 
 /// The flags every sandbox agent runs with: its node's name, the sandbox's pod devices
 /// (`pv*`), the sandbox's hairpin address and its own pin path, then `extra` (the source:
-/// `--manifests DIR` or `--kubeconfig FILE`, and anything else).
+/// `--manifests DIR` or `--kubeconfig FILE`, and anything else). Socket LB is off unless
+/// `extra` sets `--socket-lb` (with the node's `--cgroup-root`): a test that means the TC path
+/// says so, and no agent attaches to a cgroup the test did not make.
 pub fn sandbox_args(node: &str, pins: &Path, extra: &[&str]) -> Vec<String> {
     let hairpin = crate::plan::HAIRPIN_SNAT.to_string();
     let pins = pins.display().to_string();
@@ -28,14 +30,61 @@ pub fn sandbox_args(node: &str, pins: &Path, extra: &[&str]) -> Vec<String> {
     .map(|s| (*s).to_owned())
     .collect();
     a.extend(extra.iter().map(|s| (*s).to_owned()));
+    if !extra.contains(&"--socket-lb") {
+        a.extend(["--socket-lb".to_owned(), "off".to_owned()]);
+    }
     a
+}
+
+/// Refuses agent flags that would attach socket programs anywhere but a cgroup the sandbox
+/// made: socket LB on needs `--cgroup-root` naming one of ours (`<cgroup2>/sluicet...`), since
+/// the agent's default is the machine's whole tree.
+pub fn check_socket_lb_scope(args: &[String]) -> Result<(), String> {
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .map(String::as_str)
+    };
+    if value("--socket-lb") == Some("off") {
+        return Ok(());
+    }
+    let Some(root) = value("--cgroup-root") else {
+        return Err(
+            "socket LB is on (the agent's default) without --cgroup-root: it would \
+                    attach to the machine's whole cgroup tree; pass --socket-lb off or a \
+                    sandbox node's cgroup"
+                .into(),
+        );
+    };
+    let ours = crate::cgroup::is_sandbox_cgroup(Path::new(root));
+    if ours {
+        Ok(())
+    } else {
+        Err(format!(
+            "--cgroup-root {root} is not a cgroup the sandbox made (a {}... directory in a \
+             cgroup2 mount)",
+            crate::netns::PREFIX
+        ))
+    }
 }
 
 /// `sluice services -o json` of the agent pinned at `pins`, run by `binary` inside `ns`; empty
 /// if it fails (no agent has pinned there yet).
 pub fn services_json(ns: &Netns, binary: &Path, pins: &Path) -> Vec<serde_json::Value> {
+    cli_json(ns, binary, pins, "services")
+}
+
+/// `sluice SUBCOMMAND -o json` (`services`, `conntrack`) of the agent pinned at `pins`; empty
+/// if it fails.
+pub fn cli_json(
+    ns: &Netns,
+    binary: &Path,
+    pins: &Path,
+    subcommand: &str,
+) -> Vec<serde_json::Value> {
     let (bin, pins) = (binary.display().to_string(), pins.display().to_string());
-    ns.exec(&[&bin, "services", "-o", "json", "--pin-path", &pins])
+    ns.exec(&[&bin, subcommand, "-o", "json", "--pin-path", &pins])
         .ok()
         .and_then(|out| serde_json::from_str(&out).ok())
         .unwrap_or_default()
@@ -82,6 +131,9 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Starts `binary agent ARGS...` in `ns`; its output (the log) goes to `log`.
     pub fn start(ns: &Netns, binary: &Path, args: &[String], log: &Path) -> Result<Self, CmdError> {
+        if let Err(why) = check_socket_lb_scope(args) {
+            panic!("refusing to start the agent: {why}");
+        }
         let bin = binary.display().to_string();
         let mut argv: Vec<&str> = vec![&bin, "agent"];
         argv.extend(args.iter().map(String::as_str));
@@ -146,6 +198,15 @@ impl AgentProcess {
         parse_metric(&self.metrics(), name)
     }
 
+    /// The datapath counter `verdict` (`sluice_datapath_packets_total{verdict=...}`), 0 if
+    /// not exported.
+    pub fn packets(&self, verdict: &str) -> f64 {
+        self.metric(&format!(
+            "sluice_datapath_packets_total{{verdict=\"{verdict}\"}}"
+        ))
+        .unwrap_or(0.0)
+    }
+
     /// Waits until /healthz answers 200 (the first full sync is done). Panics with the log if
     /// it does not within `timeout` or the process exits.
     pub fn wait_healthy(&mut self, timeout: Duration) {
@@ -199,5 +260,38 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
             return false;
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(flags: &[&str]) -> Vec<String> {
+        flags.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn no_sandbox_agent_attaches_socket_programs_outside_a_sandbox_cgroup() {
+        // The agent's default is the machine's whole tree: refused.
+        assert!(check_socket_lb_scope(&args(&["--node-name", "node0"])).is_err());
+        assert!(check_socket_lb_scope(&args(&["--socket-lb", "all"])).is_err());
+        // A cgroup root that is not one the sandbox made: refused.
+        let root = crate::cgroup::mount()
+            .unwrap_or_else(|_| "/sys/fs/cgroup".into())
+            .display()
+            .to_string();
+        for dir in [root.clone(), format!("{root}/system.slice")] {
+            assert!(
+                check_socket_lb_scope(&args(&["--socket-lb", "all", "--cgroup-root", &dir]))
+                    .is_err(),
+                "{dir}"
+            );
+        }
+        // Off: nothing attaches.
+        assert!(check_socket_lb_scope(&args(&["--socket-lb", "off"])).is_ok());
+        // What sandbox_args gives a test that does not ask for socket LB.
+        let a = sandbox_args("node0", Path::new("/x"), &["--manifests", "/m"]);
+        assert!(check_socket_lb_scope(&a).is_ok(), "{a:?}");
     }
 }

@@ -696,3 +696,188 @@ impl RequestLoop {
             .unwrap_or_else(|p| std::panic::resume_unwind(p))
     }
 }
+
+const TCP_CONNECT_PY: &str = r#"
+import errno, socket, sys
+addr, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.settimeout(timeout)
+try:
+    s.connect((addr, port))
+    print("OK %s:%d" % s.getpeername())
+except socket.timeout:
+    print("TIMEOUT")
+except OSError as e:
+    print("ERR %s" % errno.errorcode.get(e.errno, str(e.errno)))
+"#;
+
+/// What a TCP `connect()` from a process got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Connect {
+    /// Connected; the peer as `getpeername()` shows it.
+    Connected(SocketAddrV4),
+    /// Failed with this errno's name (`ECONNREFUSED`, `EPERM`, ...).
+    Failed(String),
+    Timeout,
+}
+
+/// One TCP `connect()` to `addr:port` from a python3 process inside `ns`.
+pub fn tcp_connect(
+    ns: &Netns,
+    addr: Ipv4Addr,
+    port: u16,
+    timeout: Duration,
+) -> Result<Connect, CmdError> {
+    let out = ns.exec_timeout(
+        &[
+            "python3",
+            "-c",
+            TCP_CONNECT_PY,
+            &addr.to_string(),
+            &port.to_string(),
+            &format!("{:.1}", timeout.as_secs_f64()),
+        ],
+        timeout + Duration::from_secs(5),
+    )?;
+    let line = out.trim();
+    Ok(if let Some(peer) = line.strip_prefix("OK ") {
+        Connect::Connected(
+            peer.parse()
+                .unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)),
+        )
+    } else if let Some(e) = line.strip_prefix("ERR ") {
+        Connect::Failed(e.to_owned())
+    } else {
+        Connect::Timeout
+    })
+}
+
+const CLIENT_LOOP_PY: &str = r#"
+import errno, socket, sys, time
+proto, addr, port, secs, pause = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
+t0 = time.monotonic()
+def now():
+    return "%.3f" % (time.monotonic() - t0)
+def err(e):
+    return errno.errorcode.get(getattr(e, "errno", None) or 0, type(e).__name__)
+s = None
+n = 0
+while time.monotonic() - t0 < secs and n < 100000:
+    n += 1
+    try:
+        if proto == "tcp":
+            c = socket.create_connection((addr, port), timeout=2)
+            c.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+            d = b""
+            while True:
+                b = c.recv(4096)
+                if not b:
+                    break
+                d += b
+            c.close()
+            head, _, body = d.partition(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.") or b" 200 " not in head.split(b"\r\n")[0]:
+                raise OSError(0, "bad answer")
+            print("OK", now(), body.decode().strip(), flush=True)
+        else:
+            if s is None:
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                s.settimeout(0.5)
+                s.connect((addr, port))
+            s.send(b"hi")
+            d = s.recv(65535)
+            print("OK", now(), d.decode().split()[0], flush=True)
+    except Exception as e:
+        print("ERR", now(), err(e), flush=True)
+        if s is not None:
+            s.close()
+            s = None
+    time.sleep(pause)
+print("END", now(), flush=True)
+"#;
+
+/// One event of a [`ClientLoop`]: seconds since its start, and who answered or what failed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LoopEvent {
+    Answered(f64, String),
+    Failed(f64, String),
+}
+
+/// A client process in a namespace (so in its cgroup, where socket LB translates it), calling
+/// `addr:port` over and over for at most `secs` seconds: TCP (a new connection and an HTTP GET
+/// each time) or UDP (one connected socket, opened again after an error). Killed by its pid
+/// when dropped.
+pub struct ClientLoop {
+    d: crate::daemon::Daemon,
+    _dir: crate::TempDir,
+    started: std::time::Instant,
+}
+
+impl ClientLoop {
+    pub fn start(
+        ns: &Netns,
+        udp: bool,
+        addr: Ipv4Addr,
+        port: u16,
+        secs: f64,
+        pause: Duration,
+    ) -> Result<Self, CmdError> {
+        let dir = crate::TempDir::new("clientloop").map_err(|source| CmdError::Spawn {
+            cmd: "a directory for the client loop's log".into(),
+            source,
+        })?;
+        let log = dir.join("events");
+        let d = crate::daemon::Daemon::start(
+            ns,
+            &[
+                "python3",
+                "-c",
+                CLIENT_LOOP_PY,
+                if udp { "udp" } else { "tcp" },
+                &addr.to_string(),
+                &port.to_string(),
+                &secs.to_string(),
+                &pause.as_secs_f64().to_string(),
+            ],
+            &[],
+            &log,
+        )?;
+        Ok(Self {
+            d,
+            _dir: dir,
+            started: std::time::Instant::now(),
+        })
+    }
+
+    /// Seconds since it was started (its events' clock, give or take the interpreter's
+    /// start-up).
+    pub fn elapsed(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// What it has seen so far.
+    pub fn events(&self) -> Vec<LoopEvent> {
+        self.d
+            .log()
+            .lines()
+            .filter_map(|l| {
+                let mut it = l.splitn(3, ' ');
+                let (kind, t, what) = (it.next()?, it.next()?.parse().ok()?, it.next()?);
+                match kind {
+                    "OK" => Some(LoopEvent::Answered(t, what.to_owned())),
+                    "ERR" => Some(LoopEvent::Failed(t, what.to_owned())),
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+
+    /// Waits (at most `limit`) until it has ended by itself; then its events.
+    pub fn wait(&mut self, limit: Duration) -> Vec<LoopEvent> {
+        let start = std::time::Instant::now();
+        while self.d.running() && start.elapsed() < limit {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.events()
+    }
+}

@@ -17,6 +17,7 @@
 use std::net::Ipv4Addr;
 
 use crate::{
+    cgroup::{self, Cgroup},
     cmd::CmdError,
     netns::Netns,
     plan::{self, cidr},
@@ -32,6 +33,9 @@ pub struct Pod {
     /// The node side of the pod's veth, inside the node's namespace (`pv<i>`).
     pub host_veth: String,
     pub node: u8,
+    /// Its cgroup (`pod<i>` under its node's), where its processes start, when the node has
+    /// one.
+    pub cgroup: Option<Cgroup>,
 }
 
 /// How a node's pods are wired.
@@ -56,6 +60,9 @@ pub struct Node {
     pub uplink: String,
     pub pod_network: PodNetwork,
     pub pods: Vec<Pod>,
+    /// The node's cgroup tree ([`Cluster::add_cgroups`]): its own processes start in it, its
+    /// pods' in theirs below it, as on a real node; socket LB attaches here.
+    pub cgroup: Option<Cgroup>,
 }
 
 /// A client outside the cluster, on the fabric.
@@ -138,12 +145,26 @@ impl Node {
             "dev",
             "eth0",
         ])?;
+        let cgroup = match &self.cgroup {
+            Some(parent) => {
+                let cg = parent
+                    .child(&format!("pod{i}"))
+                    .map_err(|source| CmdError::Spawn {
+                        cmd: format!("mkdir {}/pod{i}", parent.path().display()),
+                        source,
+                    })?;
+                cgroup::assign(&ns, &cg);
+                Some(cg)
+            }
+            None => None,
+        };
         Ok(Pod {
             ns,
             name: name.to_owned(),
             addr,
             host_veth,
             node,
+            cgroup,
         })
     }
 }
@@ -241,7 +262,28 @@ impl Cluster {
             uplink: "eth0".into(),
             pod_network,
             pods: Vec::new(),
+            cgroup: None,
         });
+        Ok(())
+    }
+
+    /// Gives every node a cgroup under the cgroup v2 mount (`...-node<k>`), and its pods
+    /// theirs below it (pods added later get one too): from then on the processes started in
+    /// those namespaces run in them.
+    pub fn add_cgroups(&mut self) -> std::io::Result<()> {
+        for n in &mut self.nodes {
+            if n.cgroup.is_some() {
+                continue;
+            }
+            let cg = Cgroup::new(&format!("node{}", n.index))?;
+            cgroup::assign(&n.ns, &cg);
+            for (i, p) in n.pods.iter_mut().enumerate() {
+                let pc = cg.child(&format!("pod{i}"))?;
+                cgroup::assign(&p.ns, &pc);
+                p.cgroup = Some(pc);
+            }
+            n.cgroup = Some(cg);
+        }
         Ok(())
     }
 

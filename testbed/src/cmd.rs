@@ -75,6 +75,31 @@ pub fn command<S: AsRef<OsStr>>(argv: &[S]) -> Result<Command, CmdError> {
     }
     let mut c = Command::new(argv[0].as_ref());
     c.args(&argv[1..]);
+    // A namespace given a cgroup (a sandbox node's or pod's): its processes start in it.
+    if let ["ip", "netns", "exec", ns, ..] = words.as_slice()
+        && let Some(cgroup) = crate::cgroup::assigned(ns)
+    {
+        let procs = cgroup.join("cgroup.procs");
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&procs)
+            .map_err(|source| CmdError::Spawn {
+                cmd: format!("{cmd} (joining {})", procs.display()),
+                source,
+            })?;
+        // SAFETY: between fork and exec the child only calls write(2), which is
+        // async-signal-safe, on a descriptor opened before the fork. "0" moves the writer.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut c, move || {
+                use std::os::fd::AsRawFd as _;
+                if libc::write(file.as_raw_fd(), b"0".as_ptr().cast(), 1) == 1 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
     Ok(c)
 }
 

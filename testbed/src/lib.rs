@@ -2,6 +2,8 @@
 //! the benchmark.
 //!
 //! - [`netns`]: one network namespace, removed on drop; commands and threads inside it.
+//! - [`cgroup`]: cgroup v2 directories for sandbox nodes and pods (socket LB attaches to a
+//!   node's), which the processes started in their namespaces join.
 //! - [`cluster`]: nodes, pods, a fabric and outside clients joined by veth pairs, with routes,
 //!   forwarding, and TX checksum offload off on every veth; the [`plan`] of addresses.
 //! - [`apps`]: real servers (python3 HTTP answering with the pod's name, UDP echo) and a real
@@ -28,6 +30,7 @@ pub mod agent;
 pub mod apiserver;
 pub mod apps;
 pub mod bpffs;
+pub mod cgroup;
 pub mod cluster;
 pub mod cmd;
 pub mod controlplane;
@@ -45,8 +48,9 @@ pub mod tools;
 
 pub use apiserver::ApiServer;
 pub use apps::{
-    Attempt, HttpServer, KeepAlive, LoopResult, RequestLoop, Sniffer, UdpEcho, UdpOutcome, curl,
-    http_get, http_many, http_upload, send_frame, udp_connected, udp_request,
+    Attempt, ClientLoop, Connect, HttpServer, KeepAlive, LoopEvent, LoopResult, RequestLoop,
+    Sniffer, UdpEcho, UdpOutcome, curl, http_get, http_many, http_upload, send_frame, tcp_connect,
+    udp_connected, udp_request,
 };
 pub use bpffs::BpfFs;
 pub use cluster::{Cluster, Node, Outside, Pod, PodNetwork};

@@ -173,10 +173,16 @@ pub fn ours() -> Vec<String> {
 /// Removes namespaces left by testbed processes that no longer run (a test run killed with
 /// SIGKILL cannot clean up after itself). Returns the names removed.
 pub fn sweep_stale() -> Vec<String> {
-    let removed = orphaned();
+    let mut removed = orphaned();
     for name in &removed {
         remove(name);
     }
+    // And their cgroups (after the namespaces, whose processes are gone by then).
+    removed.extend(
+        crate::cgroup::sweep_stale()
+            .iter()
+            .map(|p| p.display().to_string()),
+    );
     removed
 }
 

@@ -70,6 +70,9 @@ pub struct Options<'a> {
     pub agent_flags: &'a [&'a str],
     /// Node k's zone is `zones[k % len]`.
     pub zones: &'a [&'a str],
+    /// Socket LB on (`--socket-lb all`): the nodes and pods get cgroups, and each agent
+    /// attaches to its node's. Off: the TC path alone.
+    pub socket_lb: bool,
 }
 
 impl Default for Options<'_> {
@@ -78,6 +81,7 @@ impl Default for Options<'_> {
             apiserver_flags: &[],
             agent_flags: &[],
             zones: &["zone-a", "zone-b"],
+            socket_lb: false,
         }
     }
 }
@@ -106,7 +110,10 @@ pub struct RealCluster {
 impl RealCluster {
     /// Starts the control plane for `c`, the kubelet, applies `deploy/rbac.yaml`, and starts
     /// the `sluice` binary as an agent on every node, waiting until each is healthy.
-    pub fn start(c: Cluster, sluice: &Path, opts: Options) -> Result<Self, RealClusterError> {
+    pub fn start(mut c: Cluster, sluice: &Path, opts: Options) -> Result<Self, RealClusterError> {
+        if opts.socket_lb {
+            c.add_cgroups().map_err(io("making the nodes' cgroups"))?;
+        }
         let c = Arc::new(c);
         let dir = TempDir::new("realcluster").map_err(io("creating the cluster's dir"))?;
         let cp = ControlPlane::start(&c, opts.apiserver_flags)?;
@@ -142,22 +149,58 @@ impl RealCluster {
 
     /// The command line of node `k`'s agent (after `sluice agent`).
     pub fn agent_args(&self, k: usize) -> Vec<String> {
-        let kc = self.kubeconfig.display().to_string();
-        let mut extra = vec!["--kubeconfig", kc.as_str()];
-        extra.extend(self.agent_flags.iter().map(String::as_str));
-        agent::sandbox_args(&format!("node{k}"), &self.pins(k), &extra)
+        self.agent_args_with(k, &self.kubeconfig, &[])
+    }
+
+    /// Node `k`'s agent's command line with another kubeconfig and `extra` flags.
+    pub fn agent_args_with(&self, k: usize, kubeconfig: &Path, extra: &[&str]) -> Vec<String> {
+        let kc = kubeconfig.display().to_string();
+        let mut flags = vec!["--kubeconfig", kc.as_str()];
+        let cgroup = self.c.nodes[k]
+            .cgroup
+            .as_ref()
+            .map(|c| c.path().display().to_string());
+        if let Some(cg) = &cgroup {
+            flags.extend(["--socket-lb", "all", "--cgroup-root", cg.as_str()]);
+        }
+        flags.extend(self.agent_flags.iter().map(String::as_str));
+        flags.extend_from_slice(extra);
+        agent::sandbox_args(&format!("node{k}"), &self.pins(k), &flags)
     }
 
     /// Starts (again) the agent of node `k` and waits until it is healthy (panics with its
     /// log if it is not).
     pub fn start_agent(&mut self, k: usize) -> Result<(), RealClusterError> {
+        let args = self.agent_args(k);
+        let mut a = self.spawn_agent(k, &args)?;
+        a.wait_healthy(AGENT_HEALTHY);
+        self.agents[k] = Some(a);
+        Ok(())
+    }
+
+    /// Stops node `k`'s agent and starts `sluice agent ARGS` there instead, without waiting
+    /// for it; the caller owns it.
+    pub fn spawn_agent(
+        &mut self,
+        k: usize,
+        args: &[String],
+    ) -> Result<AgentProcess, RealClusterError> {
         self.agents[k] = None;
         let log = self.dir.join(format!("agent-node{k}-{}.log", self.started));
         self.started += 1;
-        let mut a =
-            AgentProcess::start(&self.c.nodes[k].ns, &self.sluice, &self.agent_args(k), &log)?;
-        a.wait_healthy(AGENT_HEALTHY);
-        self.agents[k] = Some(a);
+        Ok(AgentProcess::start(
+            &self.c.nodes[k].ns,
+            &self.sluice,
+            args,
+            &log,
+        )?)
+    }
+
+    /// Node `k` as after a reboot: its agent stopped and its pins gone (a fresh bpffs), so its
+    /// programs are detached and its maps empty.
+    pub fn reboot_node(&mut self, k: usize) -> Result<(), RealClusterError> {
+        self.agents[k] = None;
+        self.bpffs[k] = BpfFs::new()?;
         Ok(())
     }
 

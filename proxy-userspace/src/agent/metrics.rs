@@ -60,6 +60,8 @@ pub struct Metrics {
     pub invalid_service_events: Counter,
     pub frontend_conflicts: Counter,
     pub write_errors: Counter,
+    pub sockets_destroyed: Counter,
+    pub socket_destroy_errors: Counter,
     pub map_full: Family<MapLabel, Counter>,
     pub source_errors: Family<SourceLabel, Counter>,
     pub manifest_errors: Counter,
@@ -93,6 +95,8 @@ impl Metrics {
             invalid_service_events: Counter::default(),
             frontend_conflicts: Counter::default(),
             write_errors: Counter::default(),
+            sockets_destroyed: Counter::default(),
+            socket_destroy_errors: Counter::default(),
             map_full: Family::default(),
             source_errors: Family::default(),
             manifest_errors: Counter::default(),
@@ -152,6 +156,16 @@ impl Metrics {
             "map_write_errors",
             "Failed map writes (the Service keeps its last good entries and is retried)",
             m.write_errors.clone(),
+        );
+        r.register(
+            "sockets_destroyed",
+            "UDP sockets connected (by socket LB) to a backend that went away, destroyed so that they reconnect",
+            m.sockets_destroyed.clone(),
+        );
+        r.register(
+            "socket_destroy_errors",
+            "Failed attempts to destroy such sockets (the kernel may lack CONFIG_INET_DIAG_DESTROY)",
+            m.socket_destroy_errors.clone(),
         );
         r.register(
             "map_full_errors",

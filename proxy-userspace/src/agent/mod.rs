@@ -14,6 +14,7 @@
 pub mod devices;
 pub mod metrics;
 pub mod server;
+pub mod sockets;
 pub mod source;
 pub mod sync;
 
@@ -27,11 +28,15 @@ use anyhow::Context as _;
 use clap::ValueEnum;
 
 use crate::{
-    dataplane::{AttachMode, Dataplane, DataplaneConfig},
+    dataplane::{
+        AttachMode, Dataplane, DataplaneConfig,
+        socket::{SocketLb, SocketLbConfig},
+    },
     model::Limits,
 };
 use proxy_common::{
     CT4_DEFAULT_MAX, LB4_BACKENDS_DEFAULT_MAX, LB4_REVNAT_DEFAULT_MAX, LB4_SERVICES_DEFAULT_MAX,
+    SOCK_REVNAT_DEFAULT_MAX,
 };
 use source::{Change, ObjectView};
 use sync::{Cidr4, NodePortAddresses, SyncConfig, Syncer};
@@ -68,6 +73,15 @@ pub struct AgentArgs {
     /// $KUBECONFIG or ~/.kube/config.
     #[arg(long, env = "SLUICE_KUBECONFIG", conflicts_with = "manifests")]
     pub kubeconfig: Option<PathBuf>,
+
+    /// ADDRESS:PORT of the API server, for a node's first start after boot, when the
+    /// configured server (the in-cluster `kubernetes` Service's ClusterIP) cannot be reached
+    /// yet: the maps are empty, so socket LB translates nothing. That Service's address is then
+    /// programmed to this endpoint until the first full sync writes its real endpoints. Not
+    /// used when the maps already hold it (a restart without a reboot), and never needed with
+    /// a kubeconfig that names the API server's own address.
+    #[arg(long, env = "SLUICE_BOOTSTRAP_API_SERVER")]
+    pub bootstrap_api_server: Option<std::net::SocketAddrV4>,
 
     /// Seconds after which the API server ends each watch (its `timeoutSeconds`); the agent
     /// then resumes it from the last version it saw, without a relist. Lower it where a load
@@ -170,6 +184,31 @@ pub struct AgentArgs {
     /// Size of the conntrack table (two entries per flow; least recently used evicted).
     #[arg(long, env = "SLUICE_CONNTRACK_MAX", default_value_t = CT4_DEFAULT_MAX)]
     pub conntrack_max: u32,
+
+    /// Socket-level load balancing: translate Service addresses when a socket connects or
+    /// sends (cgroup programs), so its packets go straight to the backend. `all`: every
+    /// process under --cgroup-root, the node's own (hostNetwork pods, the kubelet) and its
+    /// pods'; `host-only`: the node's own only, leaving pods to the TC path (for service meshes
+    /// that must see the Service address); `off`: none (the node's own processes then cannot
+    /// reach Services).
+    #[arg(long, env = "SLUICE_SOCKET_LB", value_enum, default_value_t = SocketLb::All)]
+    pub socket_lb: SocketLb,
+
+    /// The cgroup v2 directory socket LB attaches to: every process under it is translated.
+    /// Default: the host's cgroup v2 mount (from /proc/self/mountinfo; /sys/fs/cgroup, or
+    /// /sys/fs/cgroup/unified on hybrid hierarchies). In a container with its own cgroup
+    /// namespace, mount the host's cgroup2 hierarchy and name it here (deploy/ does).
+    #[arg(long, env = "SLUICE_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+
+    /// For tests: use the socket programs of kernels before 5.18 (no `bpf_set_retval`).
+    #[arg(long, hide = true)]
+    pub socket_lb_as_before_5_18: bool,
+
+    /// Size of the socket reverse-NAT map (one entry per translated socket and backend;
+    /// least recently used evicted).
+    #[arg(long, env = "SLUICE_SOCK_REVNAT_MAX", default_value_t = SOCK_REVNAT_DEFAULT_MAX)]
+    pub sock_revnat_max: u32,
 
     /// A Service port with more endpoints than this is invalid and skipped.
     #[arg(long, env = "SLUICE_MAX_BACKENDS_PER_SERVICE", default_value_t = Limits::default().max_backends_per_frontend)]
@@ -344,6 +383,73 @@ fn ensure_bpffs(pin_path: &Path) -> anyhow::Result<()> {
     )
 }
 
+/// `--bootstrap-api-server`: programs the configured server's address (the `kubernetes`
+/// Service's ClusterIP) to `boot` unless the maps already translate it, so that this agent (and
+/// every other process of the node, through socket LB) reaches the API server before the first
+/// sync. The first full sync replaces it with the Service's real endpoints, or removes it if
+/// no Service has that address.
+fn seed_api_server_service(
+    dp: &mut Dataplane,
+    url: &hyper::Uri,
+    boot: std::net::SocketAddrV4,
+) -> anyhow::Result<()> {
+    use crate::service::{Backend, Backends, Frontend, FrontendKind, Protocol};
+    let Some(addr) = url
+        .host()
+        .and_then(|h| h.trim_matches(['[', ']']).parse::<Ipv4Addr>().ok())
+    else {
+        tracing::info!(server = %url, "--bootstrap-api-server: the server is not an IPv4 address, nothing to seed");
+        return Ok(());
+    };
+    let port = url.port_u16().unwrap_or(443);
+    if dp
+        .services()
+        .iter()
+        .any(|(f, _)| f.addr == addr && f.port == port && f.proto == Protocol::Tcp)
+    {
+        tracing::info!(server = %url, "the API server's Service is in the pinned maps: reaching it through them");
+        return Ok(());
+    }
+    let frontend = Frontend {
+        addr,
+        port,
+        proto: Protocol::Tcp,
+        kind: FrontendKind::ClusterIp,
+    };
+    let backends = Backends {
+        all: vec![Backend {
+            addr: *boot.ip(),
+            port: boot.port(),
+            local: false,
+        }],
+        external: None,
+    };
+    dp.upsert_frontend(frontend, &backends)
+        .context("--bootstrap-api-server: programming the API server's Service")?;
+    tracing::info!(server = %url, bootstrap = %boot, "first start: the API server's Service goes to the bootstrap endpoint until the first sync");
+    Ok(())
+}
+
+/// Where and how socket LB attaches, from the flags and the running kernel.
+fn socket_lb_config(args: &AgentArgs) -> anyhow::Result<SocketLbConfig> {
+    use crate::dataplane::socket;
+    let cgroup = match (&args.cgroup_root, args.socket_lb) {
+        (Some(dir), _) => dir.clone(),
+        (None, SocketLb::Off) => PathBuf::new(),
+        (None, _) => socket::cgroup2_mount().context(
+            "--socket-lb: no cgroup v2 mount in /proc/self/mountinfo; mount the host's cgroup2 \
+             hierarchy and pass --cgroup-root, or --socket-lb off",
+        )?,
+    };
+    Ok(SocketLbConfig {
+        mode: args.socket_lb,
+        cgroup,
+        host_netns_cookie: socket::current_netns_cookie(),
+        set_retval: socket::kernel_has_set_retval() && !args.socket_lb_as_before_5_18,
+        links_dir: args.pin_path.join("cgroup-links"),
+    })
+}
+
 /// Runs the agent until SIGINT or SIGTERM. The maps and attachments stay pinned after exit,
 /// so Service traffic keeps flowing while the agent restarts.
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
@@ -363,16 +469,29 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     );
     ensure_bpffs(&args.pin_path)?;
     let mode = AttachMode::from(args.attach_mode);
-    let dp = Dataplane::load_with(DataplaneConfig {
+    let mut dp = Dataplane::load_with(DataplaneConfig {
         pin_path: Some(args.pin_path.clone()),
         services_max: args.services_max,
         backends_max: args.backends_max,
         revnat_max: args.revnat_max,
         conntrack_max: args.conntrack_max,
+        sock_revnat_max: args.sock_revnat_max,
         hairpin_snat: Some(args.hairpin_snat_address),
         // Set by the sync loop once the Node's address is known.
         snat: None,
     })?;
+    let socket_lb = socket_lb_config(&args)?;
+    dp.set_socket_lb(&socket_lb)?;
+    match socket_lb.mode {
+        SocketLb::Off => tracing::info!("socket LB off"),
+        mode => tracing::info!(
+            %mode,
+            cgroup = %socket_lb.cgroup.display(),
+            netns_cookie = socket_lb.host_netns_cookie,
+            refuse_with = if socket_lb.set_retval { "ECONNREFUSED" } else { "EPERM (Linux < 5.18)" },
+            "socket LB attached"
+        ),
+    }
     let metrics = Arc::new(metrics::Metrics::new());
     let health = Arc::new(server::Health::default());
     let (tx, rx) = std::sync::mpsc::channel::<Change>();
@@ -413,6 +532,9 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
                         .context("no in-cluster config and no kubeconfig (pass --kubeconfig or --manifests)")?,
                 };
                 tracing::info!(server = %config.cluster_url, node = %node_name, "source: API server");
+                if let Some(boot) = args.bootstrap_api_server {
+                    seed_api_server_service(&mut dp, &config.cluster_url, boot)?;
+                }
                 let client = kube::Client::try_from(config).context("building the API client")?;
                 source::kube::start(
                     client,
@@ -448,6 +570,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
                 max_backends_per_frontend: args.max_backends_per_service,
             },
             snat_ports,
+            socket_lb_cgroup: (socket_lb.mode != SocketLb::Off).then(|| socket_lb.cgroup.clone()),
         },
         devices,
         health_checks,

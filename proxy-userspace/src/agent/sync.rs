@@ -19,8 +19,9 @@
 //! - A failed write (a full map) is reported and counted; the Service keeps its last good
 //!   entries and is retried every second.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::Ipv4Addr,
+    path::PathBuf,
     sync::{Arc, mpsc::Receiver, mpsc::RecvTimeoutError},
     time::{Duration, Instant, SystemTime},
 };
@@ -32,9 +33,9 @@ use super::{
     source::{Change, ObjectView, Resource},
 };
 use crate::{
-    dataplane::{Dataplane, DataplaneError, Snat},
+    dataplane::{Dataplane, DataplaneError, Snat, socket::SocketTarget},
     model::{self, HealthCheck, Limits, NodeContext, Outcome, ServiceKey},
-    service::{Backends, Frontend, FrontendId},
+    service::{Backends, Frontend, FrontendId, Protocol},
 };
 
 /// How often devices are re-checked and failed writes retried when nothing else happens.
@@ -95,6 +96,9 @@ pub struct SyncConfig {
     /// The source ports for SNAT of traffic from outside to other nodes' backends; the
     /// address is the node's first (InternalIP), known once the Node has been seen.
     pub snat_ports: (u16, u16),
+    /// Socket LB's cgroup root, when it is on: the UDP sockets it connected to a backend
+    /// that went away are destroyed in the namespaces of the processes under it.
+    pub socket_lb_cgroup: Option<PathBuf>,
 }
 
 /// What the health check node ports must answer: where they listen (the NodePort addresses)
@@ -136,6 +140,8 @@ pub struct Syncer {
     synced_once: bool,
     /// The oldest unwritten last-change-trigger-time of each Service.
     triggers: HashMap<ServiceKey, SystemTime>,
+    /// UDP backends gone from their frontends in this pass, whose connected sockets go.
+    gone: HashSet<SocketTarget>,
 }
 
 impl Syncer {
@@ -184,6 +190,7 @@ impl Syncer {
             listed: BTreeSet::new(),
             synced_once: false,
             triggers: HashMap::new(),
+            gone: HashSet::new(),
         }
     }
 
@@ -282,6 +289,7 @@ impl Syncer {
         for key in waiting {
             self.sync_service(&key);
         }
+        self.destroy_gone_sockets();
         let m = &self.metrics;
         m.sync_duration.observe(start.elapsed().as_secs_f64());
         m.syncs
@@ -301,6 +309,71 @@ impl Syncer {
             m.last_sync.set(d.as_secs_f64());
         }
         self.health.synced(self.synced_once);
+    }
+
+    /// Destroys the UDP sockets socket LB connected to the backends gone in this pass, so their
+    /// owners reconnect to live ones (kube-proxy flushes UDP conntrack for the same reason).
+    fn destroy_gone_sockets(&mut self) {
+        let gone = std::mem::take(&mut self.gone);
+        let Some(cgroup) = &self.config.socket_lb_cgroup else {
+            return;
+        };
+        if gone.is_empty() {
+            return;
+        }
+        let keys = match self.dp.sockets_to(&gone) {
+            Ok(k) => k,
+            Err(error) => {
+                tracing::warn!(error = %super::chain(&error), "could not read the socket reverse map");
+                return;
+            }
+        };
+        if keys.is_empty() {
+            return;
+        }
+        let cookies: HashSet<u64> = keys.iter().map(|k| k.cookie).collect();
+        match super::sockets::destroy_udp(cgroup, &cookies) {
+            Ok(d) => {
+                self.metrics.sockets_destroyed.inc_by(d.sockets as u64);
+                tracing::info!(
+                    sockets = d.sockets,
+                    namespaces = d.namespaces,
+                    backends = gone.len(),
+                    "destroyed UDP sockets connected to backends that went away"
+                );
+            }
+            Err(error) => {
+                self.metrics.socket_destroy_errors.inc();
+                tracing::warn!(%error, "destroying UDP sockets of removed backends failed (needs CONFIG_INET_DIAG_DESTROY)");
+            }
+        }
+        if let Err(error) = self.dp.forget_sockets(&keys) {
+            tracing::warn!(error = %super::chain(&error), "could not clean the socket reverse map");
+        }
+    }
+
+    /// Notes the UDP backends `before` had that `after` (None: the frontend is gone) does
+    /// not, and that no slice of the Service lists any more.
+    fn note_gone(
+        &mut self,
+        fe: &Frontend,
+        before: &Backends,
+        after: Option<&Backends>,
+        slices: &[&k8s_openapi::api::discovery::v1::EndpointSlice],
+    ) {
+        if fe.proto != Protocol::Udp || self.config.socket_lb_cgroup.is_none() {
+            return;
+        }
+        for b in &before.all {
+            let kept =
+                after.is_some_and(|a| a.all.iter().any(|x| x.addr == b.addr && x.port == b.port));
+            if !kept && (after.is_none() || !model::slices_list(slices, b.addr, b.port, fe.proto)) {
+                self.gone.insert(SocketTarget {
+                    frontend: fe.id(),
+                    backend: (b.addr, b.port),
+                });
+            }
+        }
     }
 
     /// Recomputes the node's addresses; true if the NodePort addresses changed.
@@ -370,12 +443,15 @@ impl Syncer {
         }
         if let Some(stale) = self.adopted.take() {
             let mut removed = 0;
-            for (fe_id, (fe, _)) in stale {
+            for (fe_id, (fe, bes)) in stale {
                 if self.owners.contains_key(&fe_id) {
                     continue;
                 }
                 match self.dp.remove_service(fe) {
-                    Ok(()) => removed += 1,
+                    Ok(()) => {
+                        removed += 1;
+                        self.note_gone(&fe, &bes, None, &[]);
+                    }
                     Err(error) => self.write_error(&fe, error),
                 }
             }
@@ -459,6 +535,8 @@ impl Syncer {
             self.claim_adopted_for_invalid(key);
             return;
         };
+        let slices = self.view.slices(key);
+        let slices: Vec<_> = slices.iter().map(|s| s.as_ref()).collect();
         let old = self.applied.remove(key).unwrap_or_default();
         let mut new = Entries::new();
         let mut written = 0usize;
@@ -477,6 +555,10 @@ impl Syncer {
             let entry = (fe, bes);
             let adopted = self.adopted.as_mut().and_then(|a| a.remove(&fe_id));
             let adopted_same = adopted.as_ref() == Some(&entry);
+            if let Some((_, before)) = old.get(&fe_id).or(adopted.as_ref()) {
+                let before = before.clone();
+                self.note_gone(&entry.0, &before, Some(&entry.1), &slices);
+            }
             if old.get(&fe_id) != Some(&entry) && !adopted_same {
                 if let Err(error) = self.dp.upsert_frontend(entry.0, &entry.1) {
                     self.write_error(&entry.0, error);
@@ -504,6 +586,7 @@ impl Syncer {
             match self.dp.remove_service(fe) {
                 Ok(()) => {
                     removed += 1;
+                    self.note_gone(&fe, &bes, None, &[]);
                     self.owners.remove(&fe_id);
                     // Someone may have been waiting for it.
                     if !self.waiting.is_empty() {

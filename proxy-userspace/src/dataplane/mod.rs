@@ -9,6 +9,7 @@
 //!   the safe order; `inspect` reads counters and conntrack.
 mod inspect;
 mod services;
+pub mod socket;
 
 use std::{
     ffi::CString,
@@ -29,7 +30,7 @@ use aya::{
 use proxy_common::{
     CT4_DEFAULT_MAX, CT4_MAP, LB4_BACKENDS_DEFAULT_MAX, LB4_BACKENDS_MAP, LB4_CONFIG_MAP,
     LB4_REVNAT_DEFAULT_MAX, LB4_REVNAT_MAP, LB4_SERVICES_DEFAULT_MAX, LB4_SERVICES_MAP, Lb4Config,
-    PKT_COUNTERS_MAP,
+    PKT_COUNTERS_MAP, SOCK_CONFIG_MAP, SOCK_REVNAT_DEFAULT_MAX, SOCK_REVNAT_MAP,
 };
 
 pub use crate::service::{Backend, Backends, Frontend, FrontendId, FrontendKind, Protocol};
@@ -51,8 +52,9 @@ pub const TO_UPLINK: &str = "sluice_to_uplink";
 /// Does nothing; the benchmark's floor.
 pub const PASS: &str = "sluice_pass";
 
-/// Every program in the object; [`Dataplane::load`] loads them all, so the verifier checks
-/// each one at start-up rather than at first attach.
+/// Every TC program in the object; [`Dataplane::load`] loads them all, so the verifier checks
+/// each one at start-up rather than at first attach. (The socket programs are loaded when
+/// socket LB is set up: which ones depends on the kernel; see [`socket`].)
 pub const PROGRAMS: &[&str] = &[FROM_POD, TO_POD, FROM_UPLINK, TO_UPLINK, PASS];
 
 /// Maps of earlier layouts, whose pins an agent removes (the programs no longer use them).
@@ -66,6 +68,8 @@ pub const MAPS: &[&str] = &[
     LB4_CONFIG_MAP,
     CT4_MAP,
     PKT_COUNTERS_MAP,
+    SOCK_REVNAT_MAP,
+    SOCK_CONFIG_MAP,
 ];
 
 /// What can go wrong in the dataplane; each message says what the operator can do.
@@ -147,6 +151,18 @@ pub enum DataplaneError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("cgroup {path} (a cgroup v2 directory; --cgroup-root): {source}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("attaching {program} to the cgroup failed: {source}")]
+    CgroupAttach {
+        program: &'static str,
+        #[source]
+        source: Box<ProgramError>,
+    },
     #[error("pin path {path}: {source}")]
     PinPath {
         path: PathBuf,
@@ -192,6 +208,7 @@ pub struct DataplaneConfig {
     pub backends_max: u32,
     pub revnat_max: u32,
     pub conntrack_max: u32,
+    pub sock_revnat_max: u32,
     /// Source address for hairpin flows (a pod reaching itself through a Service): an address
     /// that pods route to the node but that is not the node's own (see `Lb4Config`).
     /// `None`: hairpin does not work.
@@ -220,6 +237,7 @@ impl Default for DataplaneConfig {
             backends_max: LB4_BACKENDS_DEFAULT_MAX,
             revnat_max: LB4_REVNAT_DEFAULT_MAX,
             conntrack_max: CT4_DEFAULT_MAX,
+            sock_revnat_max: SOCK_REVNAT_DEFAULT_MAX,
             hairpin_snat: None,
             snat: None,
         }
@@ -248,7 +266,8 @@ impl Dataplane {
             .map_max_entries(LB4_SERVICES_MAP, config.services_max)
             .map_max_entries(LB4_BACKENDS_MAP, config.backends_max)
             .map_max_entries(LB4_REVNAT_MAP, config.revnat_max)
-            .map_max_entries(CT4_MAP, config.conntrack_max);
+            .map_max_entries(CT4_MAP, config.conntrack_max)
+            .map_max_entries(SOCK_REVNAT_MAP, config.sock_revnat_max);
         let pins: Vec<(&str, PathBuf)> = match &config.pin_path {
             Some(dir) => {
                 std::fs::create_dir_all(dir).map_err(|source| DataplaneError::PinPath {

@@ -285,9 +285,19 @@ impl ControlPlane {
 
     /// Writes a kubeconfig at `path` that reaches this API server with bearer `token`.
     pub fn write_kubeconfig(&self, path: &Path, token: &str) -> Result<(), ControlPlaneError> {
+        self.write_kubeconfig_via(path, token, &self.url())
+    }
+
+    /// [`Self::write_kubeconfig`] naming `server` as the API server's URL (the `kubernetes`
+    /// Service's, `https://198.18.128.1:443`, as a pod's in-cluster config does).
+    pub fn write_kubeconfig_via(
+        &self,
+        path: &Path,
+        token: &str,
+        server: &str,
+    ) -> Result<(), ControlPlaneError> {
         let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: sandbox\n  cluster:\n    server: {}\n    certificate-authority: {}\nusers:\n- name: user\n  user:\n    token: {token}\ncontexts:\n- name: sandbox\n  context: {{cluster: sandbox, user: user}}\ncurrent-context: sandbox\n",
-            self.url(),
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: sandbox\n  cluster:\n    server: {server}\n    certificate-authority: {}\nusers:\n- name: user\n  user:\n    token: {token}\ncontexts:\n- name: sandbox\n  context: {{cluster: sandbox, user: user}}\ncurrent-context: sandbox\n",
             self.ca_file().display()
         );
         // A bearer token: readable by the owner only.
@@ -328,6 +338,14 @@ impl ControlPlane {
         let duration = format!("--duration={hours}h");
         let token = self.kubectl(&["-n", namespace, "create", "token", name, &duration])?;
         self.write_kubeconfig(path, token.trim())
+    }
+
+    /// The token of the kubeconfig at `path` (one written by [`Self::write_kubeconfig`]).
+    pub fn token_of(path: &Path) -> Option<String> {
+        std::fs::read_to_string(path)
+            .ok()?
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("token: ").map(str::to_owned))
     }
 
     /// Runs kubectl as the admin, inside the control plane's namespace; its stdout.
