@@ -3,11 +3,13 @@
 //! Two nodes (network namespaces), each with one pod of the example app of
 //! `deploy/examples/service-test.yaml` (python3 answering with the pod's name on 8080), a
 //! client pod on node0, and a client outside the cluster. `sluice agent` runs on each node, as
-//! a DaemonSet's pods would, with its maps pinned on a private bpffs. The clients call the
-//! Service's ClusterIP (from the pod) and node0's NodePort (from the pod and from outside), and
-//! the demo prints which pod answered and which client address it saw, live, until Ctrl-C:
-//! from outside, the pod on node0 sees the client itself, the pod on node1 sees node0 (SNAT, so
-//! its replies come back through node0). `--once` runs ten rounds, checks that every call was
+//! a DaemonSet's pods would, with its maps pinned on a private bpffs and its socket programs on
+//! the node's cgroup tree (made for the demo; its pods' cgroups sit below it). The clients
+//! call the Service's ClusterIP (from the pod, translated at its socket, and from node0 itself)
+//! and node0's NodePort (from the pod and from outside, where TC translates it), and the demo
+//! prints which pod answered and which client address it saw, live, until Ctrl-C: from
+//! outside, the pod on node0 sees the client itself, the pod on node1 sees node0 (SNAT, so its
+//! replies come back through node0). `--once` runs ten rounds, checks that every call was
 //! answered, by both pods on every frontend, with those addresses, and that `sluice services`
 //! shows what the cluster asks for, and exits with the result.
 //!
@@ -119,6 +121,8 @@ enum Stage {
 impl Stage {
     /// Manifests mode: the example's manifests and the nodes' Node objects in a directory.
     fn manifests(mut c: Cluster, sluice: &Path, root: &Path, work: &Path) -> anyhow::Result<Self> {
+        // Each node's cgroup tree, for socket LB (its pods' below it, as on a real node).
+        c.add_cgroups().context("making the nodes' cgroups")?;
         // The pods first: the example's EndpointSlice names their addresses (the first of each
         // node's pod range).
         c.add_pod(0, PODS[0])?;
@@ -149,7 +153,25 @@ impl Stage {
             let bpffs = BpfFs::new()?;
             let pins = bpffs.path().join("sluice");
             let name = format!("node{}", n.index);
-            let args = testbed::agent::sandbox_args(&name, &pins, &["--manifests", dir]);
+            let cgroup = n
+                .cgroup
+                .as_ref()
+                .context("the node has no cgroup")?
+                .path()
+                .display()
+                .to_string();
+            let args = testbed::agent::sandbox_args(
+                &name,
+                &pins,
+                &[
+                    "--manifests",
+                    dir,
+                    "--socket-lb",
+                    "all",
+                    "--cgroup-root",
+                    &cgroup,
+                ],
+            );
             println!("agent on {name}: sluice agent {}", args.join(" "));
             let log = work.join(format!("agent-{name}.log"));
             let mut agent = AgentProcess::start(&n.ns, sluice, &args, &log)?;
@@ -170,7 +192,14 @@ impl Stage {
     fn real(mut c: Cluster, sluice: &Path) -> anyhow::Result<Self> {
         add_clients(&mut c)?;
         let t = Instant::now();
-        let rc = RealCluster::start(c, sluice, Default::default())?;
+        let rc = RealCluster::start(
+            c,
+            sluice,
+            testbed::realcluster::Options {
+                socket_lb: true,
+                ..Default::default()
+            },
+        )?;
         println!(
             "control plane: etcd {}, kube-apiserver and kube-controller-manager {} at {}; the \
              sandbox kubelet registered node0 and node1; deploy/rbac.yaml applied; agents \
@@ -317,10 +346,11 @@ fn story(stage: &mut Stage, once: bool, sluice: &Path) -> anyhow::Result<()> {
     let cluster_ip: std::net::Ipv4Addr = CLUSTER_IP.parse()?;
     let client = &c.pod("client").ns;
     let outside = &c.outside[0].ns;
-    let calls: [(&str, &testbed::Netns, std::net::Ipv4Addr, u16); 3] = [
+    let calls: [(&str, &testbed::Netns, std::net::Ipv4Addr, u16); 4] = [
         ("client pod -> ClusterIP", client, cluster_ip, PORT),
         ("client pod -> NodePort ", client, node.addr, NODE_PORT),
         ("outside    -> NodePort ", outside, node.addr, NODE_PORT),
+        ("node0 host -> ClusterIP", &node.ns, cluster_ip, PORT),
     ];
     let rounds = if once { 10 } else { usize::MAX };
     let mut answered: BTreeMap<(usize, String), u32> = BTreeMap::new();
@@ -412,11 +442,11 @@ fn check(
 ) -> anyhow::Result<()> {
     ensure!(
         failures.is_empty(),
-        "{} of 30 calls failed, the first: {}",
+        "{} of 40 calls failed, the first: {}",
         failures.len(),
         failures[0]
     );
-    for i in 0..3 {
+    for i in 0..4 {
         for p in pods {
             ensure!(
                 answered.get(&(i, p.clone())).copied().unwrap_or(0) > 0,

@@ -619,6 +619,44 @@ mod tests {
         assert!(snat_ports("auto", (1024, 40000), (40001, 65535)).is_err());
     }
 
+    /// Every `SLUICE_*` variable the DaemonSet sets names a flag, and the agent's parser takes
+    /// its value (the same as passing the flag).
+    #[test]
+    fn the_daemonsets_environment_is_what_the_agent_parses() {
+        use clap::{Args as _, Command, FromArgMatches as _};
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/daemonset.yaml");
+        let ds: k8s_openapi::api::apps::v1::DaemonSet =
+            serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let c = &ds.spec.unwrap().template.spec.unwrap().containers[0];
+        let cmd = AgentArgs::augment_args(Command::new("agent"));
+        let mut argv = vec!["agent".to_owned()];
+        let mut seen = Vec::new();
+        for e in c
+            .env
+            .iter()
+            .flatten()
+            .filter(|e| e.name.starts_with("SLUICE_"))
+        {
+            let arg = cmd
+                .get_arguments()
+                .find(|a| a.get_env().is_some_and(|v| v == e.name.as_str()))
+                .unwrap_or_else(|| panic!("{} names no flag of the agent", e.name));
+            argv.push(format!("--{}", arg.get_long().unwrap()));
+            argv.push(e.value.clone().unwrap_or_default());
+            seen.push(e.name.clone());
+        }
+        let m = cmd
+            .try_get_matches_from(&argv)
+            .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        let args = AgentArgs::from_arg_matches(&m).unwrap();
+        assert_eq!(args.socket_lb, SocketLb::All);
+        assert_eq!(
+            args.cgroup_root.as_deref(),
+            Some(Path::new("/run/sluice/cgroupv2"))
+        );
+        assert!(seen.len() >= 15, "{seen:?}");
+    }
+
     #[test]
     fn an_explicit_snat_range_that_overlaps_is_refused_with_the_reason() {
         assert_eq!(
