@@ -93,10 +93,14 @@ counters! {
     /// Socket LB, not a packet: a translation whose reverse entry could not be written (the
     /// socket still goes to the backend; recvmsg and getpeername show the backend).
     CTR_SOCK_REVNAT_WRITE = 31, "sock_revnat_write_failed";
+    /// Passed untouched at ingress, with no conntrack lookup: the destination is no
+    /// frontend's address (nor the hairpin or SNAT address), so the packet belongs to no
+    /// translated flow. Plain pod traffic, and connections socket LB translated at connect().
+    CTR_PASS_NOT_FRONTEND = 32, "pass_not_a_frontend_address";
 }
 
 /// Number of counters in use (at most [`CTR_SLOTS`]).
-pub const CTR_MAX: u32 = 32;
+pub const CTR_MAX: u32 = 33;
 const _: () = assert!(CTR_MAX <= CTR_SLOTS);
 
 /// One CPU's share of a counter.

@@ -25,6 +25,15 @@ pub const LB4_REVNAT_MAP: &str = "LB4_REVNAT";
 /// programs. (`LB4_CONFIG`, 8 bytes, had no SNAT fields; an agent removes its old pin.)
 pub const LB4_CONFIG_MAP: &str = "LB4_CONFIG_V2";
 
+/// `LB4_FE_ADDRS`: an address (u32, network order) -> the number of frontends on it (u32);
+/// hash; written by the agent, read by the programs. The ingress programs look a packet's
+/// destination up here first: an address that is no frontend's, and not the hairpin or SNAT
+/// address, can belong to no translated flow, so the packet passes with no conntrack lookup
+/// (plain pod-to-pod traffic, and every connection socket LB translated at `connect()`).
+/// An address whose last frontend went stays, with 0, while conntrack holds flows to it
+/// (they keep their backend, as the maps promise); the agent removes it once none is live.
+pub const LB4_FE_ADDRS_MAP: &str = "LB4_FE_ADDRS";
+
 /// The slot after which the local list (externalTrafficPolicy Local) starts; the list for
 /// every origin ends below it, so each list holds at most `LOCAL_SLOT_BASE - 1` backends.
 pub const LOCAL_SLOT_BASE: u16 = 0x8000;

@@ -17,6 +17,9 @@ pub static PKT_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(CT
 pub static LB4_SERVICES: HashMap<Lb4Key, Lb4Service> =
     HashMap::with_max_entries(LB4_SERVICES_DEFAULT_MAX, 0);
 
+#[map(name = "LB4_FE_ADDRS")]
+pub static LB4_FE_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(LB4_SERVICES_DEFAULT_MAX, 0);
+
 #[map(name = "LB4_BACKENDS")]
 pub static LB4_BACKENDS: HashMap<u32, Lb4Backend> =
     HashMap::with_max_entries(LB4_BACKENDS_DEFAULT_MAX, 0);
@@ -43,6 +46,7 @@ const _: () = {
     assert!(str_eq(proxy_common::PKT_COUNTERS_MAP, "PKT_COUNTERS_V2"));
     assert!(str_eq(proxy_common::LB4_SERVICES_MAP, "LB4_SERVICES"));
     assert!(str_eq(proxy_common::LB4_BACKENDS_MAP, "LB4_BACKENDS"));
+    assert!(str_eq(proxy_common::LB4_FE_ADDRS_MAP, "LB4_FE_ADDRS"));
     assert!(str_eq(proxy_common::LB4_REVNAT_MAP, "LB4_REVNAT"));
     assert!(str_eq(proxy_common::LB4_CONFIG_MAP, "LB4_CONFIG_V2"));
     assert!(str_eq(proxy_common::CT4_MAP, "CT4"));

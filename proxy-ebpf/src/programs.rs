@@ -27,9 +27,9 @@ use proxy_common::{
     BACKEND_FLAG_LOCAL, CT_FLAG_REDIRECT, CT_FLAG_SNAT, CTR_CT_HIT, CTR_DROP_CT_WRITE,
     CTR_DROP_FIB, CTR_DROP_NO_BACKEND_ENTRY, CTR_DROP_NO_LOCAL_BACKEND, CTR_DROP_NO_SNAT_ADDR,
     CTR_DROP_REJECT_FAILED, CTR_DROP_REWRITE, CTR_DROP_SNAT_PORTS, CTR_HAIRPIN, CTR_NEW_FLOW,
-    CTR_NEW_FLOW_SNAT, CTR_PASS_NO_MATCH, CTR_PASS_REPLY_AT_EGRESS, CTR_REDIRECT,
-    CTR_REJECT_FRAG_NEEDED, CTR_REJECT_NO_BACKEND, CTR_REPLY, CTR_SEEN, Ct4Entry, Ct4Key,
-    LOCAL_SLOT_BASE, Lb4Config, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL, ct_lifetime_ns,
+    CTR_NEW_FLOW_SNAT, CTR_PASS_NO_MATCH, CTR_PASS_NOT_FRONTEND, CTR_PASS_REPLY_AT_EGRESS,
+    CTR_REDIRECT, CTR_REJECT_FRAG_NEEDED, CTR_REJECT_NO_BACKEND, CTR_REPLY, CTR_SEEN, Ct4Entry,
+    Ct4Key, LOCAL_SLOT_BASE, Lb4Config, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL, ct_lifetime_ns,
 };
 
 use crate::{
@@ -39,7 +39,7 @@ use crate::{
     },
     fib::{self, Fib, Route},
     icmp, lb,
-    maps::{CT4, LB4_CONFIG},
+    maps::{CT4, LB4_CONFIG, LB4_FE_ADDRS},
     nat::{set_dst, set_src, translate},
     parse::{Flow, Packet, parse},
     reject, snat,
@@ -106,17 +106,40 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
             return PASS;
         }
     };
-    let now = conntrack::now();
     let (verdict, counter) = match packet {
-        Packet::IcmpError(e) => icmp::error(ctx, &e, now, hook.is_egress(), PASS),
-        Packet::Flow(flow) => match reply(ctx, &flow, now, len, hook) {
-            Some(r) => r,
-            None if hook.is_egress() => (PASS, CTR_PASS_NO_MATCH),
-            None => forward(ctx, &flow, now, len, hook),
-        },
+        Packet::IcmpError(e) => icmp::error(ctx, &e, conntrack::now(), hook.is_egress(), PASS),
+        // At ingress, a destination that is no frontend's address (nor the hairpin or SNAT
+        // address, where replies of SNATed flows arrive) belongs to no translated flow: it
+        // passes before any conntrack lookup. (Replies to other addresses are translated at
+        // egress.)
+        Packet::Flow(flow) => {
+            if !hook.is_egress() && !may_be_translated(&flow) {
+                (PASS, CTR_PASS_NOT_FRONTEND)
+            } else {
+                let now = conntrack::now();
+                match reply(ctx, &flow, now, len, hook) {
+                    Some(r) => r,
+                    None if hook.is_egress() => (PASS, CTR_PASS_NO_MATCH),
+                    None => forward(ctx, &flow, now, len, hook),
+                }
+            }
+        }
     };
     count(counter, len);
     verdict
+}
+
+/// Whether a packet arriving with destination `f.daddr_be` can belong to a translated flow:
+/// a frontend's address (or one whose flows still live), the hairpin or the SNAT address.
+#[inline(always)]
+fn may_be_translated(f: &Flow) -> bool {
+    // SAFETY: the value is a plain integer; only its presence matters.
+    if unsafe { LB4_FE_ADDRS.get(&f.daddr_be) }.is_some() {
+        return true;
+    }
+    LB4_CONFIG
+        .get(0)
+        .is_some_and(|c| f.daddr_be == c.hairpin_snat_be || f.daddr_be == c.snat_addr_be)
 }
 
 /// Sends a translated packet along `route`; `counter` is its verdict's counter.

@@ -13,8 +13,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use aya::programs::{TestRun as _, TestRunOptions};
 use etherparse::PacketBuilder;
 use proxy_common::{
-    CT_FLAG_SNAT, CTR_CT_HIT, CTR_NEW_FLOW, CTR_NEW_FLOW_SNAT, CTR_PASS_NO_MATCH, CTR_REDIRECT,
-    CTR_REPLY, Counter,
+    CT_FLAG_SNAT, CTR_CT_HIT, CTR_NEW_FLOW, CTR_NEW_FLOW_SNAT, CTR_PASS_NO_MATCH,
+    CTR_PASS_NOT_FRONTEND, CTR_REDIRECT, CTR_REPLY, Counter,
 };
 use sluice::dataplane::{
     Backend, CtKind, Dataplane, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend, FrontendKind,
@@ -22,9 +22,13 @@ use sluice::dataplane::{
 };
 
 fn syn(sport: u16, dst: Ipv4Addr) -> Vec<u8> {
+    syn_to(sport, dst, 80)
+}
+
+fn syn_to(sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
     let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
         .ipv4([198, 19, 0, 10], dst.octets(), 64)
-        .tcp(sport, 80, 1, 64240)
+        .tcp(sport, dport, 1, 64240)
         .syn();
     let mut v = Vec::with_capacity(b.size(0));
     b.write(&mut v, &[]).unwrap();
@@ -200,44 +204,55 @@ fn main() {
         let pkts: Vec<Vec<u8>> = (0..flows).map(|i| syn(10_000 + i, vip)).collect();
 
         let empty = measure(&dp, PASS, &pkts, rounds);
-        let before = counter(&dp, CTR_NEW_FLOW);
-        let new_flow = measure(&dp, FROM_POD, &pkts, 1);
-        assert_eq!(
-            counter(&dp, CTR_NEW_FLOW) - before,
-            u64::from(flows),
-            "every run was a new flow"
-        );
-        let before = counter(&dp, CTR_CT_HIT);
-        let ct_hit = measure(&dp, FROM_POD, &pkts, rounds);
-        assert_eq!(
-            counter(&dp, CTR_CT_HIT) - before,
-            u64::from(flows) * rounds as u64,
-            "every run was a conntrack hit"
-        );
-        let miss: Vec<Vec<u8>> = (0..flows)
-            .map(|i| syn(10_000 + i, Ipv4Addr::new(198, 18, 191, 1)))
+        // Each path's runs must all have taken it: the counter says so.
+        let on_path = |pkts: &[Vec<u8>], rounds: usize, ctr: u32, what: &str| {
+            let before = counter(&dp, ctr);
+            let stats = measure(&dp, FROM_POD, pkts, rounds);
+            let runs = counter(&dp, ctr) - before;
+            assert_eq!(
+                runs,
+                pkts.len() as u64 * rounds as u64,
+                "every run was {what}"
+            );
+            stats
+        };
+        let new_flow = on_path(&pkts, 1, CTR_NEW_FLOW, "a new flow");
+        let ct_hit = on_path(&pkts, rounds, CTR_CT_HIT, "a conntrack hit");
+        // A frontend's address, a port it does not serve: the conntrack lookups, then the
+        // frontend lookup, all miss.
+        let miss: Vec<Vec<u8>> = (0..flows).map(|i| syn_to(10_000 + i, vip, 81)).collect();
+        let no_match = on_path(&miss, rounds, CTR_PASS_NO_MATCH, "a miss");
+        // Pod to pod (what a connection socket LB translated looks like): no frontend at
+        // that address, so no lookup beyond the address.
+        let pod: Vec<Vec<u8>> = (0..flows)
+            .map(|i| syn_to(10_000 + i, Ipv4Addr::new(198, 19, 0, 20), 8080))
             .collect();
-        let before = counter(&dp, CTR_PASS_NO_MATCH);
-        let no_match = measure(&dp, FROM_POD, &miss, rounds);
-        assert_eq!(
-            counter(&dp, CTR_PASS_NO_MATCH) - before,
-            u64::from(flows) * rounds as u64
-        );
-        rows.push((services, program_time, empty, ct_hit, new_flow, no_match));
+        let pod_to_pod = on_path(&pod, rounds, CTR_PASS_NOT_FRONTEND, "passed on the address");
+        rows.push((
+            services,
+            program_time,
+            empty,
+            ct_hit,
+            new_flow,
+            no_match,
+            pod_to_pod,
+        ));
     }
     let mut md = String::new();
-    md.push_str("| Services | empty program | conntrack hit | new flow | no match | conntrack hit / new flow over empty | time to program all |\n");
-    md.push_str("|---:|---:|---:|---:|---:|---:|---:|\n");
+    md.push_str("| Services | empty program | conntrack hit | new flow | no match (a frontend's address, another port) | pod to pod (no frontend's address) | conntrack hit / new flow / pod to pod over empty | time to program all |\n");
+    md.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     let f = |s: &Stats| format!("{:.0} ns (mean {:.0}, p90 {:.0})", s.median, s.mean, s.p90);
-    for (n, t, e, h, nf, nm) in &rows {
+    for (n, t, e, h, nf, nm, pp) in &rows {
         md.push_str(&format!(
-            "| {n} | {} | {} | {} | {} | +{:.0} / +{:.0} ns | {:.1} ms |\n",
+            "| {n} | {} | {} | {} | {} | {} | +{:.0} / +{:.0} / +{:.0} ns | {:.1} ms |\n",
             f(e),
             f(h),
             f(nf),
             f(nm),
+            f(pp),
             h.median - e.median,
             nf.median - e.median,
+            pp.median - e.median,
             t.as_secs_f64() * 1e3
         ));
     }

@@ -182,9 +182,7 @@ fn tcp_state(flags: u16) -> &'static str {
 fn conntrack(pin_path: &std::path::Path, output: Output) -> anyhow::Result<()> {
     let maps = PinnedMaps::open(pin_path)?;
     let entries = maps.conntrack()?;
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0);
+    let now = sluice::dataplane::monotonic_ns();
     // A flow is its service entry (client -> frontend, pinned backend); the reverse entry
     // carries the state both directions update.
     // Reverse entries by (protocol, translated source port, backend): the translated source is

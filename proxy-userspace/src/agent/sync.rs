@@ -248,6 +248,13 @@ impl Syncer {
                 last_tick = Instant::now();
                 self.devices
                     .reconcile(&mut self.dp, &self.node_addrs, self.node_known);
+                // Addresses whose last frontend went leave the ingress filter once no flow
+                // to them lives.
+                match self.dp.retire_fe_addrs() {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(addresses = n, "retired frontend addresses removed"),
+                    Err(error) => tracing::warn!(%error, "could not tidy the frontend addresses"),
+                }
             }
             if !self.synced_once {
                 if self

@@ -7,6 +7,7 @@
 //!   (6.6+), a `clsact` qdisc and a direct-action netlink filter otherwise.
 //! - `services` ([`Dataplane::upsert_service`], [`Dataplane::remove_service`]) writes Services in
 //!   the safe order; `inspect` reads counters and conntrack.
+mod addrs;
 mod inspect;
 mod services;
 pub mod socket;
@@ -29,11 +30,13 @@ use aya::{
 };
 use proxy_common::{
     CT4_DEFAULT_MAX, CT4_MAP, LB4_BACKENDS_DEFAULT_MAX, LB4_BACKENDS_MAP, LB4_CONFIG_MAP,
-    LB4_REVNAT_DEFAULT_MAX, LB4_REVNAT_MAP, LB4_SERVICES_DEFAULT_MAX, LB4_SERVICES_MAP, Lb4Config,
-    PKT_COUNTERS_MAP, SOCK_CONFIG_MAP, SOCK_REVNAT_DEFAULT_MAX, SOCK_REVNAT_MAP,
+    LB4_FE_ADDRS_MAP, LB4_REVNAT_DEFAULT_MAX, LB4_REVNAT_MAP, LB4_SERVICES_DEFAULT_MAX,
+    LB4_SERVICES_MAP, Lb4Config, PKT_COUNTERS_MAP, SOCK_CONFIG_MAP, SOCK_REVNAT_DEFAULT_MAX,
+    SOCK_REVNAT_MAP,
 };
 
 pub use crate::service::{Backend, Backends, Frontend, FrontendId, FrontendKind, Protocol};
+pub use addrs::monotonic_ns;
 pub use inspect::{Counters, CtEntry, CtKind, PinnedMaps, sock_addr};
 
 /// The eBPF object built by build.rs (aya-build) from `proxy-ebpf`.
@@ -63,6 +66,7 @@ pub const RETIRED_MAPS: &[&str] = &["LB4_CONFIG", "PKT_COUNTERS"];
 /// Every map the agent owns (and pins).
 pub const MAPS: &[&str] = &[
     LB4_SERVICES_MAP,
+    LB4_FE_ADDRS_MAP,
     LB4_BACKENDS_MAP,
     LB4_REVNAT_MAP,
     LB4_CONFIG_MAP,
@@ -264,6 +268,7 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(LB4_SERVICES_MAP, config.services_max)
+            .map_max_entries(LB4_FE_ADDRS_MAP, config.services_max)
             .map_max_entries(LB4_BACKENDS_MAP, config.backends_max)
             .map_max_entries(LB4_REVNAT_MAP, config.revnat_max)
             .map_max_entries(CT4_MAP, config.conntrack_max)
@@ -316,6 +321,7 @@ impl Dataplane {
         }
         dp.write_config()?;
         dp.ids = dp.recover_ids()?;
+        dp.adopt_fe_addrs()?;
         Ok(dp)
     }
 
@@ -389,6 +395,13 @@ impl Dataplane {
             .program(program)
             .and_then(|p| p.try_into().ok())
             .ok_or(DataplaneError::MissingProgram { program })
+    }
+
+    /// `program`'s summed run time and run count (any kind of program), which the kernel keeps
+    /// while run-time statistics are enabled; `None` if it is not loaded.
+    pub fn run_stats(&self, program: &str) -> Option<(std::time::Duration, u64)> {
+        let info = self.ebpf.program(program)?.info().ok()?;
+        Some((info.run_time(), info.run_count()))
     }
 
     /// Attaches `program` at `hook` of `interface`, in the calling thread's network namespace.

@@ -104,7 +104,7 @@ impl Dataplane {
         self.open_mut(map)
     }
 
-    fn insert<K: aya::Pod, V: aya::Pod>(
+    pub(super) fn insert<K: aya::Pod, V: aya::Pod>(
         &mut self,
         map: &'static str,
         max: u32,
@@ -189,6 +189,13 @@ impl Dataplane {
         }
         let fe = frontend.id();
         let old = self.ids.frontends.get(&fe).cloned();
+
+        // 0. The address, before the frontend can be seen: the programs look at nothing of a
+        //    packet to an address they do not know.
+        if old.is_none() {
+            let n = self.ids.frontends_on(fe.addr) + 1;
+            self.write_fe_addr(fe.addr, n)?;
+        }
 
         // 1. Backends (new ones get an id; every one is (re)written, which is idempotent).
         let mut taken = Vec::new();
@@ -419,6 +426,10 @@ impl Dataplane {
         self.remove::<u32, Lb4RevNat>(LB4_REVNAT_MAP, &old.rev_nat_id)?;
         self.ids.frontends.remove(&frontend.id());
         self.ids.used_rev_nat.remove(&old.rev_nat_id);
+        // The address stays (retired at 0 when this was its last frontend) while flows to it
+        // live: `retire_fe_addrs` removes it.
+        let n = self.ids.frontends_on(fe.addr);
+        self.write_fe_addr(fe.addr, n)?;
         let old_ids: Vec<u32> = old.ids().copied().collect();
         self.release(&old_ids)
     }
@@ -465,6 +476,24 @@ impl Dataplane {
 }
 
 impl Ids {
+    /// How many frontends are on `addr`.
+    pub(super) fn frontends_on(&self, addr: std::net::Ipv4Addr) -> u32 {
+        let first = FrontendId {
+            addr,
+            port: 0,
+            proto: Protocol::Tcp,
+        };
+        self.frontends
+            .range(first..)
+            .take_while(|(fe, _)| fe.addr == addr)
+            .count() as u32
+    }
+
+    /// Every address some frontend is on.
+    pub(super) fn frontend_addrs(&self) -> std::collections::BTreeSet<std::net::Ipv4Addr> {
+        self.frontends.keys().map(|fe| fe.addr).collect()
+    }
+
     /// The id tables that the entries of the backends and services maps describe.
     pub(super) fn from_entries(
         backends: Vec<(u32, Lb4Backend)>,

@@ -1,0 +1,108 @@
+//! The frontend addresses (`LB4_FE_ADDRS`): the ingress programs' first question about a
+//! packet is whether its destination is an address some frontend is on. Most packets a node
+//! forwards (pod to pod, and every connection socket LB translated at `connect()`) are not,
+//! and pass with that one lookup and no conntrack work.
+//!
+//! What must hold: every address that a live conntrack flow was translated from (the
+//! frontend of its service entry) is in the map. So an address goes in before its first
+//! frontend can be seen, stays (with 0 frontends: "retired") after its last frontend goes,
+//! and leaves only once no live flow names it ([`Dataplane::retire_fe_addrs`], from the
+//! agent's tick). An agent that adopts pinned maps, of this layout or of one without the map,
+//! writes every frontend's address and every address a live flow names before its programs
+//! replace the old ones.
+use std::{collections::BTreeSet, net::Ipv4Addr};
+
+use aya::maps::{HashMap, MapData};
+use proxy_common::{CT_KIND_SERVICE, CT4_MAP, Ct4Entry, Ct4Key, LB4_FE_ADDRS_MAP};
+
+use super::{Dataplane, DataplaneError, map_error};
+
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`, which conntrack expiry uses.
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+impl Dataplane {
+    /// Sets `addr`'s entry to `frontends` (0: retired, kept for its flows).
+    pub(super) fn write_fe_addr(
+        &mut self,
+        addr: Ipv4Addr,
+        frontends: u32,
+    ) -> Result<(), DataplaneError> {
+        let max = self.config.services_max;
+        self.insert::<u32, u32>(
+            LB4_FE_ADDRS_MAP,
+            max,
+            u32::from(addr).to_be(),
+            frontends,
+            || format!("the address {addr}"),
+        )
+    }
+
+    /// Every address in the map, with its number of frontends.
+    pub fn fe_addrs(&self) -> Result<Vec<(Ipv4Addr, u32)>, DataplaneError> {
+        let m: HashMap<&MapData, u32, u32> = self.open(LB4_FE_ADDRS_MAP)?;
+        let mut v: Vec<(Ipv4Addr, u32)> = m
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(a, n)| (Ipv4Addr::from(u32::from_be(a)), n))
+            .collect();
+        v.sort_unstable();
+        Ok(v)
+    }
+
+    /// The frontend addresses of live conntrack flows (their service entries).
+    fn flow_addrs(&self) -> Result<BTreeSet<Ipv4Addr>, DataplaneError> {
+        let now = monotonic_ns();
+        let ct: HashMap<&MapData, Ct4Key, Ct4Entry> = self.open(CT4_MAP)?;
+        Ok(ct
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| k.kind == CT_KIND_SERVICE && v.expires_ns >= now)
+            .map(|(k, _)| Ipv4Addr::from(u32::from_be(k.daddr_be)))
+            .collect())
+    }
+
+    /// After adopting pinned maps: every frontend's address with its count, and every address
+    /// a live flow names, retired, unless a frontend is on it.
+    pub(super) fn adopt_fe_addrs(&mut self) -> Result<(), DataplaneError> {
+        let live = self.flow_addrs()?;
+        for addr in self.ids.frontend_addrs() {
+            let n = self.ids.frontends_on(addr);
+            self.write_fe_addr(addr, n)?;
+        }
+        for addr in live {
+            if self.ids.frontends_on(addr) == 0 {
+                self.write_fe_addr(addr, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the retired addresses (no frontend on them) that no live flow names any more;
+    /// how many went. Reads conntrack only when some address is retired.
+    pub fn retire_fe_addrs(&mut self) -> Result<usize, DataplaneError> {
+        let retired: Vec<Ipv4Addr> = self
+            .fe_addrs()?
+            .into_iter()
+            .filter(|(a, _)| self.ids.frontends_on(*a) == 0)
+            .map(|(a, _)| a)
+            .collect();
+        if retired.is_empty() {
+            return Ok(0);
+        }
+        let live = self.flow_addrs()?;
+        let mut gone = 0;
+        for addr in retired.into_iter().filter(|a| !live.contains(a)) {
+            let mut m: HashMap<&mut MapData, u32, u32> = self.open_mut(LB4_FE_ADDRS_MAP)?;
+            match m.remove(&u32::from(addr).to_be()) {
+                Ok(()) => gone += 1,
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_error(LB4_FE_ADDRS_MAP, "remove")(e)),
+            }
+        }
+        Ok(gone)
+    }
+}

@@ -1,0 +1,174 @@
+//! The ingress filter on frontend addresses (`LB4_FE_ADDRS`): a packet to an address no
+//! frontend is on passes with no conntrack lookup, and yet no flow that was translated loses
+//! its translation, even after its frontend is gone. The real programs, through
+//! BPF_PROG_TEST_RUN.
+mod common;
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use common::*;
+use proxy_common::*;
+use sluice::dataplane::{
+    Backend, Dataplane, DataplaneConfig, FROM_POD, Frontend, FrontendKind, Protocol, TO_POD,
+};
+use testbed::{BpfFs, require_privileged};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 128, 1);
+const CLIENT: &str = "198.19.0.10:40000";
+const BACKEND: &str = "198.19.0.20:8080";
+
+fn fe(addr: Ipv4Addr, port: u16, kind: FrontendKind) -> Frontend {
+    Frontend {
+        addr,
+        port,
+        proto: Protocol::Tcp,
+        kind,
+    }
+}
+
+fn backend() -> Backend {
+    let a = sa(BACKEND);
+    Backend {
+        addr: *a.ip(),
+        port: a.port(),
+        local: true,
+    }
+}
+
+fn config(pin_path: Option<std::path::PathBuf>) -> DataplaneConfig {
+    DataplaneConfig {
+        pin_path,
+        conntrack_max: 4096,
+        ..Default::default()
+    }
+}
+
+fn to_vip(port: u16, flags: Tcp) -> Vec<u8> {
+    tcp(
+        sa(CLIENT),
+        std::net::SocketAddrV4::new(VIP, port),
+        flags,
+        b"",
+    )
+}
+
+#[test]
+fn an_address_enters_with_its_first_frontend_and_leaves_after_its_last() {
+    require_privileged!("an_address_enters_with_its_first_frontend_and_leaves_after_its_last");
+    let mut dp = Dataplane::load_with(config(None)).unwrap();
+    assert_eq!(dp.fe_addrs().unwrap(), vec![]);
+    let http = fe(VIP, 80, FrontendKind::ClusterIp);
+    let https = fe(VIP, 443, FrontendKind::ClusterIp);
+    dp.upsert_service(http, &[backend()]).unwrap();
+    dp.upsert_service(https, &[backend()]).unwrap();
+    // Rewriting a frontend does not count it twice.
+    dp.upsert_service(http, &[backend()]).unwrap();
+    assert_eq!(dp.fe_addrs().unwrap(), vec![(VIP, 2)]);
+    dp.remove_service(http).unwrap();
+    assert_eq!(dp.fe_addrs().unwrap(), vec![(VIP, 1)]);
+    dp.remove_service(https).unwrap();
+    assert_eq!(
+        dp.fe_addrs().unwrap(),
+        vec![(VIP, 0)],
+        "retired, not removed, with its last frontend"
+    );
+    assert_eq!(dp.retire_fe_addrs().unwrap(), 1, "no flow names it");
+    assert_eq!(dp.fe_addrs().unwrap(), vec![]);
+    let before = dp.counters().unwrap();
+    let (verdict, out) = run(&dp, FROM_POD, &to_vip(80, SYN));
+    assert_eq!((verdict, out), (TC_ACT_OK, to_vip(80, SYN)));
+    let after = dp.counters().unwrap();
+    assert_eq!(delta(&before, &after, CTR_PASS_NOT_FRONTEND), 1);
+}
+
+#[test]
+fn a_flow_outlives_its_frontend_and_its_address_goes_only_when_the_flow_has() {
+    require_privileged!("a_flow_outlives_its_frontend_and_its_address_goes_only_when_the_flow_has");
+    let mut dp = Dataplane::load_with(config(None)).unwrap();
+    let http = fe(VIP, 80, FrontendKind::ClusterIp);
+    dp.upsert_service(http, &[backend()]).unwrap();
+    let (_, out) = run(&dp, FROM_POD, &to_vip(80, SYN));
+    assert_eq!(check(&out).dst, sa(BACKEND));
+    dp.remove_service(http).unwrap();
+    // The established flow keeps its backend, as kube-proxy's conntrack keeps it.
+    let (_, out) = run(&dp, FROM_POD, &to_vip(80, ACK));
+    assert_eq!(check(&out).dst, sa(BACKEND), "the flow is still translated");
+    assert_eq!(dp.retire_fe_addrs().unwrap(), 0, "a live flow names it");
+    assert_eq!(dp.fe_addrs().unwrap(), vec![(VIP, 0)]);
+    // The client resets it: the flow is closing, over in 10 s.
+    let (_, out) = run(&dp, FROM_POD, &to_vip(80, RST));
+    assert_eq!(check(&out).dst, sa(BACKEND));
+    assert_eq!(dp.retire_fe_addrs().unwrap(), 0, "closing, not yet over");
+    std::thread::sleep(
+        Duration::from_nanos(CT_LIFETIME_TCP_CLOSING_NS) + Duration::from_millis(500),
+    );
+    assert_eq!(dp.retire_fe_addrs().unwrap(), 1);
+    assert_eq!(dp.fe_addrs().unwrap(), vec![]);
+    let before = dp.counters().unwrap();
+    let (verdict, out) = run(&dp, FROM_POD, &to_vip(80, SYN));
+    assert_eq!(
+        (verdict, out),
+        (TC_ACT_OK, to_vip(80, SYN)),
+        "nothing translates it now"
+    );
+    assert_eq!(
+        delta(&before, &dp.counters().unwrap(), CTR_PASS_NOT_FRONTEND),
+        1
+    );
+}
+
+#[test]
+fn a_reply_to_a_frontend_address_is_looked_up_and_left_for_egress() {
+    require_privileged!("a_reply_to_a_frontend_address_is_looked_up_and_left_for_egress");
+    let mut dp = Dataplane::load_with(config(None)).unwrap();
+    // The node (198.18.0.10, which has a NodePort) calls a ClusterIP whose backend is a pod.
+    let node = Ipv4Addr::new(198, 18, 0, 10);
+    dp.upsert_service(fe(node, 30080, FrontendKind::NodePort), &[backend()])
+        .unwrap();
+    dp.upsert_service(fe(VIP, 80, FrontendKind::ClusterIp), &[backend()])
+        .unwrap();
+    let client = std::net::SocketAddrV4::new(node, 40000);
+    let vip = std::net::SocketAddrV4::new(VIP, 80);
+    run(&dp, FROM_POD, &tcp(client, vip, SYN, b""));
+    let reply = tcp(sa(BACKEND), client, SYN_ACK, b"");
+    let before = dp.counters().unwrap();
+    let (verdict, out) = run(&dp, FROM_POD, &reply);
+    assert_eq!(
+        (verdict, &out),
+        (TC_ACT_OK, &reply),
+        "untouched before routing"
+    );
+    let after = dp.counters().unwrap();
+    assert_eq!(delta(&before, &after, CTR_PASS_REPLY_AT_EGRESS), 1);
+    let (_, out) = run(&dp, TO_POD, &reply);
+    assert_eq!(check(&out).src, vip, "translated at egress");
+}
+
+#[test]
+fn adopting_maps_without_the_address_map_fills_it_from_frontends_and_live_flows() {
+    require_privileged!(
+        "adopting_maps_without_the_address_map_fills_it_from_frontends_and_live_flows"
+    );
+    let fs = BpfFs::new().unwrap();
+    let pins = fs.path().join("sluice");
+    let other = Ipv4Addr::new(198, 18, 128, 2);
+    let gone = fe(VIP, 80, FrontendKind::ClusterIp);
+    {
+        let mut dp = Dataplane::load_with(config(Some(pins.clone()))).unwrap();
+        dp.upsert_service(gone, &[backend()]).unwrap();
+        dp.upsert_service(fe(other, 80, FrontendKind::ClusterIp), &[backend()])
+            .unwrap();
+        run(&dp, FROM_POD, &to_vip(80, SYN));
+        dp.remove_service(gone).unwrap();
+    }
+    // An agent of the layout before the map: its pins have none.
+    std::fs::remove_file(pins.join(LB4_FE_ADDRS_MAP)).unwrap();
+    let dp = Dataplane::load_with(config(Some(pins))).unwrap();
+    assert_eq!(
+        dp.fe_addrs().unwrap(),
+        vec![(VIP, 0), (other, 1)],
+        "the frontend's address, and the retired one a live flow names"
+    );
+    let (_, out) = run(&dp, FROM_POD, &to_vip(80, ACK));
+    assert_eq!(check(&out).dst, sa(BACKEND), "the adopted flow goes on");
+}
