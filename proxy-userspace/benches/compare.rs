@@ -7,10 +7,17 @@
 //! tests have them) and each round, every mode in turn, in a rotated order:
 //! - **direct**: nothing installed; the client spreads its requests over the pod addresses.
 //! - **sluice**: the datapath loaded and attached to every device of the node, all Services
-//!   written to its maps.
+//!   written to its maps; socket LB off, so the TC path translates.
+//! - **sluice-socket**: the same, with socket LB (`all`) attached to the node's cgroup, under
+//!   which the client pod's process runs: connect() and sendmsg() pick the backend, and the TC
+//!   programs see pod-to-pod packets they pass. (One-node section only: an outside client has
+//!   no socket on the node.)
 //! - **iptables**: kube-proxy's iptables-mode rules (`testbed::kubeproxy::iptables`), loaded
 //!   with `iptables-restore --noflush` as kube-proxy does.
 //! - **nftables**: kube-proxy's nftables-mode rules, loaded with `nft -f`.
+//!
+//! The client is a process of its own started in the client pod's namespace and cgroup (this
+//! binary again, with [`load::CHILD_FLAG`]), in every mode alike.
 //!
 //! Each cell measures new connections (rate, p50, p99), persistent connections (rate, p99),
 //! UDP request/response (rate), the time to program every Service from empty (sluice: the map
@@ -26,6 +33,8 @@
 //! Writes target/bench/compare.json and compare-nodeport.json (every sample),
 //! target/bench/report.md (these tables with the datapath and agent benches' reports, when
 //! they ran first) and target/bench/latency.svg. Run by `cargo xtask bench` (`--quick`: shorter cells).
+//! `--modes direct,sluice-socket` runs only those modes (a developer's loop; the report then
+//! says so).
 #[path = "../tests/common/mod.rs"]
 mod common;
 
@@ -40,9 +49,10 @@ use common::NodeDataplane;
 use sluice::dataplane::{
     Backend, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend, FrontendKind, Protocol, Snat,
     TO_POD, TO_UPLINK,
+    socket::{self, SocketLb, SocketLbConfig},
 };
 use testbed::{
-    Cluster, Netns,
+    BpfFs, Cluster, Netns,
     kubeproxy::{self, ProxyConfig, ServicePort},
     load::{self, BenchServer, LoadResult, LoadSpec},
     plan,
@@ -222,9 +232,11 @@ const NFT: [&str; 3] = ["nft", "-f", "-"];
 /// backend pods. Every mode is removed after its cell; where that cannot leave the node bare
 /// (iptables-legacy), the next cell gets a new sandbox.
 struct Sandbox {
-    // Field order is drop order: the dataplane and the servers go before the namespaces.
+    // Field order is drop order: the dataplane and the servers go before the namespaces (and
+    // the socket links' pins before the cgroups they attach to).
     dp: Option<NodeDataplane>,
     _servers: Vec<BenchServer>,
+    links: BpfFs,
     c: Cluster,
     backends: Vec<Ipv4Addr>,
     layout: Layout,
@@ -235,6 +247,7 @@ impl Sandbox {
         let (mut c, backend_node) = match layout {
             Layout::OneNode => {
                 let mut c = Cluster::new(1).expect("the sandbox node");
+                c.add_cgroups().expect("the node's cgroups");
                 c.add_pod(0, "client").expect("the client pod");
                 load::tune_client(&c.pod("client").ns).expect("client sysctls");
                 (c, 0)
@@ -278,6 +291,7 @@ impl Sandbox {
         Self {
             dp: None,
             _servers: servers,
+            links: BpfFs::new().expect("a bpffs for the socket links"),
             c,
             backends,
             layout,
@@ -307,9 +321,16 @@ impl Sandbox {
         dp.with(|dp| {
             let mut total = (Duration::ZERO, 0);
             for p in [FROM_POD, TO_POD, FROM_UPLINK, TO_UPLINK] {
-                let info = dp.program(p).ok()?.info().ok()?;
-                total.0 += info.run_time();
-                total.1 += info.run_count();
+                let (time, runs) = dp.run_stats(p)?;
+                total.0 += time;
+                total.1 += runs;
+            }
+            // The socket programs too, when attached (loaded but detached, they do not run).
+            for (_, p) in socket::socket_programs(socket::kernel_has_set_retval()) {
+                if let Some((time, runs)) = dp.run_stats(p) {
+                    total.0 += time;
+                    total.1 += runs;
+                }
             }
             Some(total)
         })
@@ -324,7 +345,7 @@ impl Sandbox {
         let cfg = proxy_config(self.c.nodes[0].addr);
         match mode {
             Mode::Direct => Ok(None),
-            Mode::Sluice => {
+            Mode::Sluice | Mode::SluiceSocket => {
                 let dp = NodeDataplane::start(
                     &self.c.nodes[0],
                     DataplaneConfig {
@@ -338,6 +359,28 @@ impl Sandbox {
                         ..Default::default()
                     },
                 );
+                if mode == Mode::SluiceSocket {
+                    let cfg = SocketLbConfig {
+                        mode: SocketLb::All,
+                        cgroup: self.c.nodes[0]
+                            .cgroup
+                            .as_ref()
+                            .ok_or("the node has no cgroup")?
+                            .path()
+                            .to_owned(),
+                        host_netns_cookie: 0,
+                        set_retval: socket::kernel_has_set_retval(),
+                        links_dir: self.links.path().join("cgroup-links"),
+                    };
+                    dp.with(move |dp| {
+                        // The node's own namespace (the dataplane's thread is in it).
+                        let cfg = SocketLbConfig {
+                            host_netns_cookie: socket::current_netns_cookie(),
+                            ..cfg
+                        };
+                        dp.set_socket_lb(&cfg).map_err(|e| e.to_string())
+                    })?;
+                }
                 let all = self.sluice_services(svcs);
                 let took = dp.with(move |dp| {
                     let t0 = Instant::now();
@@ -366,10 +409,24 @@ impl Sandbox {
     /// tables, once used, stay registered (and keep connection tracking on) until their
     /// namespace goes, so after them the sandbox is rebuilt.
     fn uninstall(&mut self, mode: Mode) -> Result<bool, String> {
-        // Dropping the dataplane detaches every program.
+        // The socket links are pinned (as the agent's are): off removes the pins, and with
+        // them the attachments. Dropping the dataplane detaches every TC program.
+        if let (Mode::SluiceSocket, Some(dp)) = (mode, &self.dp) {
+            let links_dir = self.links.path().join("cgroup-links");
+            dp.with(move |dp| {
+                dp.set_socket_lb(&SocketLbConfig {
+                    mode: SocketLb::Off,
+                    cgroup: std::path::PathBuf::new(),
+                    host_netns_cookie: 0,
+                    set_retval: false,
+                    links_dir,
+                })
+                .map_err(|e| e.to_string())
+            })?;
+        }
         self.dp = None;
         match mode {
-            Mode::Direct | Mode::Sluice => Ok(true),
+            Mode::Direct | Mode::Sluice | Mode::SluiceSocket => Ok(true),
             Mode::IptablesLegacy => Ok(false),
             Mode::IptablesNft | Mode::Nftables => {
                 let ns = self.node_ns();
@@ -397,7 +454,7 @@ impl Sandbox {
     ) -> Result<Duration, String> {
         let cfg = proxy_config(self.c.nodes[0].addr);
         match mode {
-            Mode::Sluice => {
+            Mode::Sluice | Mode::SluiceSocket => {
                 let frontends = self.sluice_services(std::slice::from_ref(new));
                 let dp = self.dp.as_ref().ok_or("sluice is not installed")?;
                 dp.with(move |dp| {
@@ -429,6 +486,8 @@ impl Sandbox {
 struct Bench {
     params: Params,
     quick: bool,
+    /// The modes `--modes` chose (all by default).
+    modes: Vec<Mode>,
     report: Report,
     /// The NodePort section's samples.
     nodeport: Report,
@@ -472,6 +531,13 @@ impl Bench {
 
     /// Why cell (`mode`, `n`) does not run this round, if it does not.
     fn skip(&self, mode: Mode, n: u32) -> Option<String> {
+        if mode == Mode::SluiceSocket && self.layout == Layout::RemoteNodePort {
+            return Some(
+                "socket LB translates the node's and its pods' own sockets; a client outside \
+                 the cluster reaches the NodePort through the TC path (the sluice column)"
+                    .into(),
+            );
+        }
         let slow = matches!(mode, Mode::IptablesNft | Mode::Nftables);
         if self.quick && slow && n >= 10_000 {
             return Some(
@@ -572,8 +638,10 @@ impl Bench {
                 mode.name()
             ));
         }
+        let exe = std::env::current_exe().map_err(err)?;
+        let run = |kind| load::run_in_child(client, &exe, kind, &spec);
         let stats_before = sb.program_stats();
-        let new = load::tcp_new_connections(client, &spec).map_err(err)?;
+        let new = run(load::Kind::TcpNew).map_err(err)?;
         if let (Some((t0, c0)), Some((t1, c1))) = (stats_before, sb.program_stats())
             && c1 > c0
         {
@@ -595,8 +663,8 @@ impl Bench {
             );
             self.record(mode, n, round, Metric::ProgramUsPerConn, ns / 1e3 / conns);
         }
-        let persistent = load::tcp_persistent(client, &spec).map_err(err)?;
-        let udp = load::udp_request_response(client, &spec).map_err(err)?;
+        let persistent = run(load::Kind::TcpPersistent).map_err(err)?;
+        let udp = run(load::Kind::Udp).map_err(err)?;
         self.check("new connections", true, mode, n, &new);
         self.check("persistent connections", false, mode, n, &persistent);
         self.check("UDP", false, mode, n, &udp);
@@ -726,7 +794,7 @@ fn run_section(bench: &mut Bench, sizes: &[u32]) {
     for &n in sizes {
         for round in 0..bench.params.rounds {
             // Rotate the order every round, so no mode always runs first or last.
-            let mut order = Mode::ALL.to_vec();
+            let mut order = bench.modes.clone();
             let len = order.len();
             order.rotate_left(round as usize % len);
             for mode in order {
@@ -756,7 +824,33 @@ fn run_section(bench: &mut Bench, sizes: &[u32]) {
     }
 }
 
+/// The modes of `--modes a,b` (every mode without it); exits on a name that is no mode.
+fn modes_arg() -> Vec<Mode> {
+    let args: Vec<String> = std::env::args().collect();
+    let Some(list) = args
+        .iter()
+        .position(|a| a == "--modes")
+        .and_then(|i| args.get(i + 1))
+    else {
+        return Mode::ALL.to_vec();
+    };
+    list.split(',')
+        .map(|name| {
+            Mode::ALL
+                .into_iter()
+                .find(|m| m.name() == name)
+                .unwrap_or_else(|| {
+                    let names: Vec<&str> = Mode::ALL.iter().map(|m| m.name()).collect();
+                    eprintln!("--modes: no mode {name:?} (modes: {})", names.join(", "));
+                    std::process::exit(2)
+                })
+        })
+        .collect()
+}
+
 fn main() {
+    // The load process of every cell: this binary again, in the client's namespace.
+    load::child_main();
     if !nix::unistd::geteuid().is_root() {
         eprintln!("the comparison bench builds network namespaces and loads eBPF: run it as root");
         std::process::exit(1);
@@ -773,6 +867,7 @@ fn main() {
     let mut bench = Bench {
         params: Params::new(quick),
         quick,
+        modes: modes_arg(),
         report: Report::default(),
         nodeport: Report::default(),
         layout: Layout::OneNode,
@@ -828,7 +923,20 @@ fn main() {
          The iptables and nftables modes turn on netfilter connection tracking in the node; direct and sluice do not need it (sluice keeps its own conntrack in a BPF map), and on this bare node nothing else turns it on. On a real node a CNI or host firewall often does.\n\n\
          ## Side by side\n\n",
         machine = machine(),
-        mode = if quick { "quick" } else { "full" },
+        mode = match (quick, bench.modes.len() == Mode::ALL.len()) {
+            (true, true) => "quick".to_owned(),
+            (false, true) => "full".to_owned(),
+            (q, false) => format!(
+                "{}, only {}",
+                if q { "quick" } else { "full" },
+                bench
+                    .modes
+                    .iter()
+                    .map(|m| m.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        },
         rounds = p.rounds,
         dur = p.duration.as_millis(),
         warm = p.warmup.as_millis(),

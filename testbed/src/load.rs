@@ -25,6 +25,7 @@ use std::{
 };
 
 use nix::sched::{CloneFlags, setns};
+use serde::{Deserialize, Serialize};
 
 use crate::netns::Netns;
 
@@ -135,7 +136,7 @@ impl Drop for BenchServer {
 }
 
 /// One load run: closed-loop workers, each with one request outstanding at a time.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LoadSpec {
     /// Where to send requests; worker `w`'s `i`th operation goes to `targets[(w + i) % len]`
     /// (one target for a Service address; several for the direct path, spread like a
@@ -151,7 +152,7 @@ pub struct LoadSpec {
 }
 
 /// What a load run measured.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct LoadResult {
     /// Operations that completed within the measured stretch.
     pub ops: u64,
@@ -211,8 +212,9 @@ struct WorkerResult {
 /// One operation: sends a request and waits for the reply; returns the answering backend.
 type Op<'a> = dyn FnMut(usize) -> std::io::Result<String> + 'a;
 
-/// Runs `make_op(worker)`'s operations on `spec.workers` threads inside `ns`.
-fn drive<F>(ns: &Netns, spec: &LoadSpec, make_op: F) -> std::io::Result<LoadResult>
+/// Runs `make_op(worker)`'s operations on `spec.workers` threads inside `ns` (`None`: the
+/// caller's own namespace).
+fn drive<F>(ns: Option<&Netns>, spec: &LoadSpec, make_op: F) -> std::io::Result<LoadResult>
 where
     F: Fn(usize) -> Box<Op<'static>> + Send + Sync + 'static,
 {
@@ -223,12 +225,14 @@ where
     let end = begin + spec.duration;
     let mut handles = Vec::new();
     for w in 0..spec.workers {
-        let name = ns.name().to_owned();
+        let name = ns.map(|n| n.name().to_owned());
         let make_op = make_op.clone();
         let max = spec.max_ops_per_worker;
         handles.push(std::thread::spawn(
             move || -> std::io::Result<WorkerResult> {
-                enter(&name)?;
+                if let Some(name) = &name {
+                    enter(name)?;
+                }
                 let mut op = make_op(w);
                 let mut r = WorkerResult {
                     latencies_ns: Vec::with_capacity(4096),
@@ -278,6 +282,10 @@ fn request(flag: u8) -> [u8; MSG] {
 /// One request per TCP connection: connect, send, read the reply and the server's close. The
 /// latency is connect to close.
 pub fn tcp_new_connections(ns: &Netns, spec: &LoadSpec) -> std::io::Result<LoadResult> {
+    tcp_new_connections_in(Some(ns), spec)
+}
+
+fn tcp_new_connections_in(ns: Option<&Netns>, spec: &LoadSpec) -> std::io::Result<LoadResult> {
     let targets = spec.targets.clone();
     drive(ns, spec, move |_| {
         let targets = targets.clone();
@@ -303,6 +311,10 @@ pub fn tcp_new_connections(ns: &Netns, spec: &LoadSpec) -> std::io::Result<LoadR
 /// Request/response on long-lived TCP connections, one per worker (worker `w` connects to
 /// `targets[w % len]`). The latency is one request's round trip.
 pub fn tcp_persistent(ns: &Netns, spec: &LoadSpec) -> std::io::Result<LoadResult> {
+    tcp_persistent_in(Some(ns), spec)
+}
+
+fn tcp_persistent_in(ns: Option<&Netns>, spec: &LoadSpec) -> std::io::Result<LoadResult> {
     let targets = spec.targets.clone();
     drive(ns, spec, move |w| {
         let to = SocketAddr::V4(targets[w % targets.len()]);
@@ -331,6 +343,10 @@ pub fn tcp_persistent(ns: &Netns, spec: &LoadSpec) -> std::io::Result<LoadResult
 /// UDP request/response on one connected socket per worker (worker `w` sends to
 /// `targets[w % len]`). A lost datagram counts as an error after the I/O timeout.
 pub fn udp_request_response(ns: &Netns, spec: &LoadSpec) -> std::io::Result<LoadResult> {
+    udp_request_response_in(Some(ns), spec)
+}
+
+fn udp_request_response_in(ns: Option<&Netns>, spec: &LoadSpec) -> std::io::Result<LoadResult> {
     let targets = spec.targets.clone();
     drive(ns, spec, move |w| {
         let to = targets[w % targets.len()];
@@ -352,6 +368,71 @@ pub fn udp_request_response(ns: &Netns, spec: &LoadSpec) -> std::io::Result<Load
             Ok(name_of(&buf))
         })
     })
+}
+
+/// What a load run does: [`tcp_new_connections`], [`tcp_persistent`] or
+/// [`udp_request_response`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    TcpNew,
+    TcpPersistent,
+    Udp,
+}
+
+/// Runs `kind` in a process of its own started inside `ns`, and so in the namespace's cgroup
+/// when it has one ([`crate::cgroup::assign`]): a pod's client process, whose sockets the
+/// cgroup's socket programs see. (Threads cannot join another cgroup without their whole
+/// process.) `exe` is the calling binary, which must call [`child_main`] before anything else.
+pub fn run_in_child(
+    ns: &Netns,
+    exe: &std::path::Path,
+    kind: Kind,
+    spec: &LoadSpec,
+) -> std::io::Result<LoadResult> {
+    let exe = exe.to_string_lossy().into_owned();
+    let input = serde_json::to_vec(&(kind, spec)).map_err(std::io::Error::other)?;
+    // Every operation is bounded by its I/O timeout, so the run ends by then.
+    let timeout = spec.warmup + spec.duration + Duration::from_secs(60);
+    let out =
+        crate::cmd::output_with_input(&ns.exec_argv(&[&exe, CHILD_FLAG]), Some(input), timeout)
+            .map_err(std::io::Error::other)?;
+    if !out.status.success() {
+        return Err(std::io::Error::other(format!(
+            "the load process failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    serde_json::from_slice(&out.stdout).map_err(std::io::Error::other)
+}
+
+/// The argument that makes a binary the load process of [`run_in_child`].
+pub const CHILD_FLAG: &str = "--load-child";
+
+/// When this process was started by [`run_in_child`]: runs the load it was given on stdin in
+/// its own namespace, writes the result to stdout and exits. Otherwise returns.
+pub fn child_main() {
+    if std::env::args().nth(1).as_deref() != Some(CHILD_FLAG) {
+        return;
+    }
+    let result = (|| -> std::io::Result<LoadResult> {
+        let (kind, spec): (Kind, LoadSpec) =
+            serde_json::from_reader(std::io::stdin().lock()).map_err(std::io::Error::other)?;
+        match kind {
+            Kind::TcpNew => tcp_new_connections_in(None, &spec),
+            Kind::TcpPersistent => tcp_persistent_in(None, &spec),
+            Kind::Udp => udp_request_response_in(None, &spec),
+        }
+    })();
+    match result.and_then(|r| {
+        serde_json::to_writer(std::io::stdout().lock(), &r).map_err(std::io::Error::other)
+    }) {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            eprintln!("load process: {e}");
+            std::process::exit(1)
+        }
+    }
 }
 
 /// Prepares a client namespace for many short connections: the whole ephemeral port range,

@@ -12,6 +12,10 @@ pub enum Mode {
     Direct,
     /// The client talks to the Service address through sluice's TC programs.
     Sluice,
+    /// The client's process is in a cgroup with sluice's socket programs: its connect() and
+    /// sendmsg() go to a backend, and the packets are plain pod-to-pod traffic that the TC
+    /// programs pass.
+    SluiceSocket,
     /// kube-proxy's iptables mode (KUBE-SERVICES, KUBE-SVC-*, KUBE-SEP-* rules) on the legacy
     /// x_tables backend (`iptables-legacy-restore`).
     IptablesLegacy,
@@ -23,9 +27,10 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub const ALL: [Mode; 5] = [
+    pub const ALL: [Mode; 6] = [
         Mode::Direct,
         Mode::Sluice,
+        Mode::SluiceSocket,
         Mode::IptablesLegacy,
         Mode::IptablesNft,
         Mode::Nftables,
@@ -35,6 +40,7 @@ impl Mode {
         match self {
             Mode::Direct => "direct",
             Mode::Sluice => "sluice",
+            Mode::SluiceSocket => "sluice-socket",
             Mode::IptablesLegacy => "iptables-legacy",
             Mode::IptablesNft => "iptables-nft",
             Mode::Nftables => "nftables",
@@ -45,6 +51,7 @@ impl Mode {
         match self {
             Mode::Direct => "#777777",
             Mode::Sluice => "#1f77b4",
+            Mode::SluiceSocket => "#9467bd",
             Mode::IptablesLegacy => "#d62728",
             Mode::IptablesNft => "#ff7f0e",
             Mode::Nftables => "#2ca02c",
@@ -141,7 +148,7 @@ impl Metric {
         match self {
             Metric::ProgramAll | Metric::EndpointChange => mode != Mode::Direct,
             Metric::ProgramNsPerRun | Metric::ProgramRunsPerConn | Metric::ProgramUsPerConn => {
-                mode == Mode::Sluice
+                matches!(mode, Mode::Sluice | Mode::SluiceSocket)
             }
             _ => true,
         }
@@ -317,11 +324,14 @@ pub fn render_tables(report: &Report) -> String {
             .into_iter()
             .filter(|m| metric.applies_to(*m))
             .collect();
+        // sluice's TC path against every other way; its socket path against the floor (the
+        // goal it has: the direct path's rate).
         let others: Vec<Mode> = modes
             .iter()
             .copied()
-            .filter(|m| *m != Mode::Sluice)
+            .filter(|m| !matches!(m, Mode::Sluice | Mode::SluiceSocket))
             .collect();
+        let socket_ratio = modes.contains(&Mode::SluiceSocket) && modes.contains(&Mode::Direct);
         let better = if metric.higher_is_better() {
             "higher is better; a ratio above 1 favours sluice"
         } else {
@@ -345,8 +355,11 @@ pub fn render_tables(report: &Report) -> String {
         for m in &others {
             let _ = write!(md, " sluice/{} |", m.name());
         }
+        if socket_ratio {
+            md.push_str(" sluice-socket/direct |");
+        }
         md.push_str("\n|---:|");
-        for _ in 0..modes.len() + others.len() {
+        for _ in 0..modes.len() + others.len() + usize::from(socket_ratio) {
             md.push_str("---:|");
         }
         md.push('\n');
@@ -371,13 +384,16 @@ pub fn render_tables(report: &Report) -> String {
                 };
                 let _ = write!(md, " {cell} |");
             }
-            let ours = report.cell(Mode::Sluice, n, metric);
-            for &m in &others {
-                let ratio = match (ours, report.cell(m, n, metric)) {
+            let ratio =
+                |a: Mode, b: Mode| match (report.cell(a, n, metric), report.cell(b, n, metric)) {
                     (Some(a), Some(b)) if b.median != 0.0 => format!("{:.2}", a.median / b.median),
                     _ => "—".into(),
                 };
-                let _ = write!(md, " {ratio} |");
+            for &m in &others {
+                let _ = write!(md, " {} |", ratio(Mode::Sluice, m));
+            }
+            if socket_ratio {
+                let _ = write!(md, " {} |", ratio(Mode::SluiceSocket, Mode::Direct));
             }
             md.push('\n');
         }
@@ -597,10 +613,10 @@ mod tests {
     #[test]
     fn tables_show_median_range_and_sluice_ratios() {
         let mut r = Report::default();
-        for (round, (d, s, i, n)) in [
-            (100.0, 90.0, 45.0, 60.0),
-            (110.0, 95.0, 50.0, 58.0),
-            (90.0, 80.0, 40.0, 62.0),
+        for (round, (d, s, k, i, n)) in [
+            (100.0, 90.0, 98.0, 45.0, 60.0),
+            (110.0, 95.0, 108.0, 50.0, 58.0),
+            (90.0, 80.0, 88.0, 40.0, 62.0),
         ]
         .into_iter()
         .enumerate()
@@ -610,6 +626,13 @@ mod tests {
                 .push(sample(Mode::Direct, 1000, round, Metric::NewConnRate, d));
             r.samples
                 .push(sample(Mode::Sluice, 1000, round, Metric::NewConnRate, s));
+            r.samples.push(sample(
+                Mode::SluiceSocket,
+                1000,
+                round,
+                Metric::NewConnRate,
+                k,
+            ));
             r.samples.push(sample(
                 Mode::IptablesLegacy,
                 1000,
@@ -625,12 +648,13 @@ mod tests {
             .lines()
             .find(|l| l.starts_with("| 1,000 |"))
             .expect("a row for 1,000 Services");
-        // Medians 100, 90, 45, 60: sluice/direct 0.90, /iptables-legacy 2.00, /nftables 1.50;
-        // iptables-nft has no samples.
+        // Medians 100, 90, 98, 45, 60: sluice/direct 0.90, /iptables-legacy 2.00, /nftables
+        // 1.50; iptables-nft has no samples; the socket path against direct 0.98.
         assert_eq!(
             row,
-            "| 1,000 | 100 (90.0–110) | 90.0 (80.0–95.0) | 45.0 (40.0–50.0) | — | 60.0 (58.0–62.0) | 0.90 | 2.00 | — | 1.50 |"
+            "| 1,000 | 100 (90.0–110) | 90.0 (80.0–95.0) | 98.0 (88.0–108) | 45.0 (40.0–50.0) | — | 60.0 (58.0–62.0) | 0.90 | 2.00 | — | 1.50 | 0.98 |"
         );
+        assert!(md.contains(" sluice/nftables | sluice-socket/direct |"));
         assert!(md.contains("higher is better"));
     }
 
@@ -650,11 +674,11 @@ mod tests {
             .find(|s| s.starts_with("Time to program all"))
             .unwrap();
         assert!(section.contains(
-            "| Services | sluice | iptables-legacy | iptables-nft | nftables | sluice/iptables-legacy | sluice/iptables-nft | sluice/nftables |"
+            "| Services | sluice | sluice-socket | iptables-legacy | iptables-nft | nftables | sluice/iptables-legacy | sluice/iptables-nft | sluice/nftables |"
         ));
         assert!(
             section.contains(
-                "| 1 | 2.00 (2.00–2.00) | 8.00 (8.00–8.00) | — | did not run | 0.25 | — | — |"
+                "| 1 | 2.00 (2.00–2.00) | — | 8.00 (8.00–8.00) | — | did not run | 0.25 | — | — |"
             ),
             "{section}"
         );
@@ -687,7 +711,7 @@ mod tests {
         let md = render_tables(&r);
         assert!(md.contains("- **nftables** at 10,000 Services: quick mode leaves it out"));
         assert!(
-            md.contains("| 10,000 | 100 (100–100) | — | 400,000 (400,000–400,000) [1 of 5 rounds] | skipped |"),
+            md.contains("| 10,000 | 100 (100–100) | — | — | 400,000 (400,000–400,000) [1 of 5 rounds] | skipped |"),
             "{md}"
         );
     }
