@@ -33,8 +33,8 @@
 //! Writes target/bench/compare.json and compare-nodeport.json (every sample),
 //! target/bench/report.md (these tables with the datapath and agent benches' reports, when
 //! they ran first) and target/bench/latency.svg. Run by `cargo xtask bench` (`--quick`: shorter cells).
-//! `--modes direct,sluice-socket` runs only those modes (a developer's loop; the report then
-//! says so).
+//! `--modes direct,sluice-socket` runs only those modes, and `--sections one-node,nodeport`
+//! only those sections (a developer's loop; the report then says which modes ran).
 #[path = "../tests/common/mod.rs"]
 mod common;
 
@@ -83,6 +83,16 @@ struct Params {
     warmup: Duration,
     duration: Duration,
     max_ops_per_worker: u64,
+}
+
+impl Layout {
+    /// Its name for `--sections`.
+    fn name(self) -> &'static str {
+        match self {
+            Layout::OneNode => "one-node",
+            Layout::RemoteNodePort => "nodeport",
+        }
+    }
 }
 
 impl Params {
@@ -824,21 +834,26 @@ fn run_section(bench: &mut Bench, sizes: &[u32]) {
     }
 }
 
+/// The comma-separated values after `flag`, if it was given.
+fn list_arg(flag: &str) -> Option<Vec<String>> {
+    let args: Vec<String> = std::env::args().collect();
+    let list = args
+        .iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1))?;
+    Some(list.split(',').map(str::to_owned).collect())
+}
+
 /// The modes of `--modes a,b` (every mode without it); exits on a name that is no mode.
 fn modes_arg() -> Vec<Mode> {
-    let args: Vec<String> = std::env::args().collect();
-    let Some(list) = args
-        .iter()
-        .position(|a| a == "--modes")
-        .and_then(|i| args.get(i + 1))
-    else {
+    let Some(list) = list_arg("--modes") else {
         return Mode::ALL.to_vec();
     };
-    list.split(',')
+    list.iter()
         .map(|name| {
             Mode::ALL
                 .into_iter()
-                .find(|m| m.name() == name)
+                .find(|m| m.name() == *name)
                 .unwrap_or_else(|| {
                     let names: Vec<&str> = Mode::ALL.iter().map(|m| m.name()).collect();
                     eprintln!("--modes: no mode {name:?} (modes: {})", names.join(", "));
@@ -873,9 +888,18 @@ fn main() {
         layout: Layout::OneNode,
         longest_load: HashMap::new(),
     };
-    let mut sections = vec![(Layout::OneNode, bench.params.sizes.clone())];
-    sections.push((Layout::RemoteNodePort, vec![1, 10_000]));
-    for (layout, sizes) in sections {
+    let all_sections = [
+        (Layout::OneNode, bench.params.sizes.clone()),
+        (Layout::RemoteNodePort, vec![1, 10_000]),
+    ];
+    let chosen = list_arg("--sections");
+    for (layout, sizes) in all_sections {
+        if chosen
+            .as_ref()
+            .is_some_and(|c| !c.iter().any(|n| n == layout.name()))
+        {
+            continue;
+        }
         println!("section: {layout:?}");
         bench.layout = layout;
         run_section(&mut bench, &sizes);
