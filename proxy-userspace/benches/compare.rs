@@ -68,7 +68,7 @@ const TRAFFIC_IP_INDEX: u16 = 16_000;
 const NODE_PORT: u16 = 30080;
 
 /// Where the Service's traffic comes from and where its endpoints are.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Layout {
     /// A client pod and the backends on one node, through a ClusterIP.
     OneNode,
@@ -503,8 +503,9 @@ struct Bench {
     nodeport: Report,
     /// The section being measured.
     layout: Layout,
-    /// The longest program-all time seen per (mode, Service count).
-    longest_load: HashMap<(Mode, u32), Duration>,
+    /// The longest program-all time seen per (section, mode, Service count).
+    /// (Per section: the NodePort section's load is not the one-node section's.)
+    longest_load: HashMap<(Layout, Mode, u32), Duration>,
 }
 
 /// A full load longer than this runs in one round only.
@@ -556,7 +557,7 @@ impl Bench {
                     .into(),
             );
         }
-        let longest = *self.longest_load.get(&(mode, n))?;
+        let longest = *self.longest_load.get(&(self.layout, mode, n))?;
         (longest > ONE_ROUND_IF_LOAD_OVER).then(|| {
             format!(
                 "one round only: loading all Services took {:.0} s, so {} rounds would take {:.0} minutes",
@@ -610,7 +611,7 @@ impl Bench {
         let svcs = services(n, &sb.backends, sb.layout);
         let programmed = sb.install(mode, &svcs)?;
         if let Some(d) = programmed {
-            let longest = self.longest_load.entry((mode, n)).or_default();
+            let longest = self.longest_load.entry((sb.layout, mode, n)).or_default();
             *longest = (*longest).max(d);
         }
         let vip = match sb.layout {
