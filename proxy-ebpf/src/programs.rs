@@ -19,7 +19,7 @@
 //! NodePorts, externalIPs and LoadBalancer IPs, and for externalTrafficPolicy Local only the
 //! node's own endpoints. Traffic from the node's pods may use every frontend and every endpoint.
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC},
     macros::classifier,
     programs::TcContext,
 };
@@ -46,7 +46,11 @@ use crate::{
     stats::count,
 };
 
-pub const PASS: i32 = TC_ACT_OK as i32;
+/// Every packet that goes on into the stack, untouched or translated: TC_ACT_UNSPEC (TCX_NEXT),
+/// so a program after sluice's on the same hook (a CNI's, a monitoring tool's) still runs, and
+/// with none the packet passes as with TC_ACT_OK. Only what sluice consumes (redirected,
+/// rejected, dropped) ends the chain.
+pub const PASS: i32 = TC_ACT_UNSPEC;
 pub const DROP: i32 = TC_ACT_SHOT as i32;
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -76,7 +76,7 @@ fn an_address_enters_with_its_first_frontend_and_leaves_after_its_last() {
     assert_eq!(dp.fe_addrs().unwrap(), vec![]);
     let before = dp.counters().unwrap();
     let (verdict, out) = run(&dp, FROM_POD, &to_vip(80, SYN));
-    assert_eq!((verdict, out), (TC_ACT_OK, to_vip(80, SYN)));
+    assert_eq!((verdict, out), (TC_ACT_UNSPEC, to_vip(80, SYN)));
     let after = dp.counters().unwrap();
     assert_eq!(delta(&before, &after, CTR_PASS_NOT_FRONTEND), 1);
 }
@@ -108,7 +108,7 @@ fn a_flow_outlives_its_frontend_and_its_address_goes_only_when_the_flow_has() {
     let (verdict, out) = run(&dp, FROM_POD, &to_vip(80, SYN));
     assert_eq!(
         (verdict, out),
-        (TC_ACT_OK, to_vip(80, SYN)),
+        (TC_ACT_UNSPEC, to_vip(80, SYN)),
         "nothing translates it now"
     );
     assert_eq!(
@@ -135,7 +135,7 @@ fn a_reply_to_a_frontend_address_is_looked_up_and_left_for_egress() {
     let (verdict, out) = run(&dp, FROM_POD, &reply);
     assert_eq!(
         (verdict, &out),
-        (TC_ACT_OK, &reply),
+        (TC_ACT_UNSPEC, &reply),
         "untouched before routing"
     );
     let after = dp.counters().unwrap();

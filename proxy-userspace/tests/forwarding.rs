@@ -195,7 +195,7 @@ fn an_icmp_error_from_a_backend_shows_the_client_the_service_it_called() {
         let err = icmp_error(*sa(REMOTE).ip(), *sa(pod).ip(), 3, &sent);
         let before = dp.counters().unwrap();
         let (v, out) = run(&dp, TO_POD, &err);
-        assert_eq!(v, TC_ACT_OK);
+        assert_eq!(v, TC_ACT_UNSPEC);
         let icmp = check_icmp(&out);
         assert_eq!(icmp.src, *sa(vip).ip(), "from the Service, as replies are");
         assert_eq!(
@@ -206,7 +206,7 @@ fn an_icmp_error_from_a_backend_shows_the_client_the_service_it_called() {
         assert_eq!(delta(&before, &dp.counters().unwrap(), CTR_ICMP_ERROR), 1);
         // At the node's ingress it waits for egress, as replies do.
         let (v, out) = run(&dp, FROM_UPLINK, &err);
-        assert_eq!((v, out), (TC_ACT_OK, err.clone()));
+        assert_eq!((v, out), (TC_ACT_UNSPEC, err.clone()));
     });
 }
 
@@ -254,7 +254,7 @@ fn outside_traffic_to_a_local_policy_frontend_uses_local_endpoints_or_is_dropped
         for port in 0..20 {
             let c = SocketAddrV4::new(*sa(CLIENT).ip(), 41000 + port);
             let (v, out) = run(&dp, FROM_UPLINK, &tcp(c, sa(NODE_PORT), SYN, b""));
-            assert_eq!(v, TC_ACT_OK);
+            assert_eq!(v, TC_ACT_UNSPEC);
             let seen = check(&out);
             assert_eq!(
                 (seen.src, seen.dst),
@@ -287,7 +287,7 @@ fn outside_traffic_to_a_local_policy_frontend_uses_local_endpoints_or_is_dropped
             FROM_POD,
             &tcp(sa("198.19.0.10:40000"), sa(NODE_PORT), SYN, b""),
         );
-        assert_eq!((v, check(&out).dst), (TC_ACT_OK, sa(REMOTE)));
+        assert_eq!((v, check(&out).dst), (TC_ACT_UNSPEC, sa(REMOTE)));
     });
 }
 
@@ -399,7 +399,7 @@ fn an_icmp_error_about_a_reply_goes_to_the_backend_quoting_what_it_sent() {
         let err = icmp_error(router, *sa(NODE_PORT).ip(), 4, &reply);
         let before = dp.counters().unwrap();
         let (v, out) = run(&dp, FROM_UPLINK, &err);
-        assert_eq!(v, TC_ACT_OK, "routed by the stack, to a pod address");
+        assert_eq!(v, TC_ACT_UNSPEC, "routed by the stack, to a pod address");
         let icmp = check_icmp(&out);
         assert_eq!(
             (icmp.src, icmp.dst),

@@ -64,7 +64,7 @@ fn packets_to_no_service_leave_untouched() {
     ] {
         for prog in [FROM_POD, TO_POD, FROM_UPLINK, TO_UPLINK] {
             let (verdict, out) = run(&dp, prog, &pkt);
-            assert_eq!(verdict, TC_ACT_OK, "{prog} passes it");
+            assert_eq!(verdict, TC_ACT_UNSPEC, "{prog} passes it");
             assert_eq!(out, pkt, "{prog} leaves every byte as it was");
         }
     }
@@ -82,7 +82,7 @@ fn a_new_flow_to_a_cluster_ip_is_dnated_to_the_backend_with_valid_checksums() {
     let mut dp = dataplane();
     cluster_ip(&mut dp, &["198.19.0.20:8080"]);
     let (verdict, out) = run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(VIP), SYN, b""));
-    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(verdict, TC_ACT_UNSPEC);
     let seen = check(&out);
     assert_eq!(seen.src, sa(CLIENT), "the source is left alone");
     assert_eq!(seen.dst, sa("198.19.0.20:8080"), "DNAT to the backend");
@@ -103,12 +103,12 @@ fn a_reply_is_translated_back_to_the_service_address() {
     let (verdict, out) = run(&dp, FROM_POD, &reply);
     assert_eq!(
         (verdict, &out),
-        (TC_ACT_OK, &reply),
+        (TC_ACT_UNSPEC, &reply),
         "untouched before routing"
     );
     // ... and translated as it leaves at the client's pod device.
     let (verdict, out) = run(&dp, TO_POD, &reply);
-    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(verdict, TC_ACT_UNSPEC);
     let seen = check(&out);
     assert_eq!(
         seen.src,
@@ -137,7 +137,7 @@ fn later_packets_of_a_flow_stay_on_their_backend_when_the_backends_change() {
     dp.upsert_service(f, &[be("198.19.0.30:8080")]).unwrap();
     for _ in 0..5 {
         let (verdict, out) = run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(VIP), ACK, b"data"));
-        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(verdict, TC_ACT_UNSPEC);
         assert_eq!(check(&out).dst, first, "the flow stays on its backend");
     }
     // A new flow uses the new backend set.
@@ -229,7 +229,7 @@ fn a_pod_reaching_itself_through_its_service_is_snated_and_gets_its_answer() {
     let mut dp = dataplane();
     cluster_ip(&mut dp, &["198.19.0.10:8080"]); // the client is the only backend
     let (verdict, out) = run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(VIP), SYN, b""));
-    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(verdict, TC_ACT_UNSPEC);
     let fwd = check(&out);
     assert_eq!(fwd.dst, sa("198.19.0.10:8080"));
     assert_eq!(
@@ -243,7 +243,7 @@ fn a_pod_reaching_itself_through_its_service_is_snated_and_gets_its_answer() {
         FROM_POD,
         &tcp(sa("198.19.0.10:8080"), fwd.src, SYN_ACK, b""),
     );
-    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(verdict, TC_ACT_UNSPEC);
     let back = check(&out);
     assert_eq!(back.src, sa(VIP), "the reply shows the Service");
     assert_eq!(
@@ -353,7 +353,7 @@ fn udp_is_translated_both_ways_with_its_own_timeout() {
     )
     .unwrap();
     let (verdict, out) = run(&dp, FROM_POD, &udp(sa(CLIENT), sa(dns), b"query"));
-    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(verdict, TC_ACT_UNSPEC);
     let q = check(&out);
     assert_eq!(q.dst, sa("198.19.0.20:5353"));
     assert_eq!(q.payload, b"query");
@@ -420,7 +420,7 @@ fn ip_options_are_skipped_over_and_translated_with_valid_checksums() {
         "the test packet has a 24-byte IPv4 header"
     );
     let (verdict, out) = run(&dp, FROM_POD, &pkt);
-    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(verdict, TC_ACT_UNSPEC);
     assert_eq!(check(&out).dst, sa("198.19.0.20:8080"));
 }
 
@@ -451,7 +451,7 @@ fn fragments_other_protocols_and_non_ipv4_pass_untouched_and_are_counted() {
         let before = dp.counters().unwrap();
         let (verdict, out) = run(&dp, FROM_POD, &pkt);
         let after = dp.counters().unwrap();
-        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(verdict, TC_ACT_UNSPEC);
         assert_eq!(out, pkt, "left untouched");
         assert_eq!(
             delta(&before, &after, counter),
@@ -491,7 +491,7 @@ fn truncated_and_malformed_packets_pass_untouched_and_are_counted() {
         let (verdict, out) = run(&dp, FROM_POD, &pkt);
         let after = dp.counters().unwrap();
         assert_eq!(
-            verdict, TC_ACT_OK,
+            verdict, TC_ACT_UNSPEC,
             "malformed packets are left to the kernel's checks"
         );
         assert_eq!(out, pkt, "left untouched");
@@ -534,12 +534,12 @@ fn the_uplink_translates_node_ports_and_external_ips_but_not_cluster_ips() {
     let (verdict, out) = run(&dp, FROM_UPLINK, &pkt);
     assert_eq!(
         (verdict, &out),
-        (TC_ACT_OK, &pkt),
+        (TC_ACT_UNSPEC, &pkt),
         "a ClusterIP is not reachable from outside"
     );
     for frontend in [node_port, external, lb] {
         let (verdict, out) = run(&dp, FROM_UPLINK, &tcp(sa(outside), sa(frontend), SYN, b""));
-        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(verdict, TC_ACT_UNSPEC);
         assert_eq!(
             check(&out).dst,
             sa("198.19.0.20:8080"),

@@ -9,7 +9,9 @@ use etherparse::{Icmpv4Header, NetSlice, PacketBuilder, SlicedPacket, TransportS
 use proxy_common::{CTR_MAX, Counter};
 use sluice::dataplane::Dataplane;
 
-pub const TC_ACT_OK: u32 = 0;
+/// What sluice returns for a packet that goes on (untouched or translated): TC_ACT_UNSPEC,
+/// -1 (TCX_NEXT), so later programs on the hook run too.
+pub const TC_ACT_UNSPEC: u32 = u32::MAX;
 pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
 
