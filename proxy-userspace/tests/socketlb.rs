@@ -338,11 +338,11 @@ fn wait_answer(l: &ClientLoop, pod: &str, env: &Env) -> f64 {
     seen.unwrap()
 }
 
-/// Socket LB on, Service `web` with web-1 alone, and a client in the pod `client` that keeps
-/// one connected UDP socket (opening another only after an error, as a DNS forwarder does),
-/// sending every 50 ms, answered by web-1.
-fn udp_client_on_web_1() -> (Env, ClientLoop) {
-    let env = Env::new("all");
+/// Socket LB `mode`, Service `web` with web-1 alone, and a client in the pod `client` that
+/// keeps one connected UDP socket (opening another only after an error, as a DNS forwarder
+/// does), sending every 50 ms, answered by web-1.
+fn udp_client_on_web_1(mode: &str) -> (Env, ClientLoop) {
+    let env = Env::new(mode);
     env.web(&[("web-1", true, false)]);
     env.wait_programmed(&["web-1"]);
     let l = ClientLoop::start(
@@ -363,7 +363,23 @@ fn a_connected_udp_client_is_answered_by_a_live_backend_within_1s_of_its_backend
     require_privileged!(
         "a_connected_udp_client_is_answered_by_a_live_backend_within_1s_of_its_backends_removal"
     );
-    let (env, l) = udp_client_on_web_1();
+    udp_client_moves_within_1s("all", "sluice_sockets_destroyed_total");
+}
+
+/// The same through the TC path (socket LB off): the socket keeps its source port, so
+/// conntrack would keep the flow on web-1; the agent forgets the flow instead.
+#[test]
+fn a_fixed_port_udp_client_through_tc_is_answered_by_a_live_backend_within_1s_of_its_removal() {
+    require_privileged!(
+        "a_fixed_port_udp_client_through_tc_is_answered_by_a_live_backend_within_1s_of_its_removal"
+    );
+    udp_client_moves_within_1s("off", "sluice_udp_flows_forgotten_total");
+}
+
+/// web-1 leaves the Service for web-0 under a connected UDP client: a live backend answers
+/// within 1 s of the change, `metric` counts what the agent did, and web-1 never answers again.
+fn udp_client_moves_within_1s(mode: &str, metric: &str) {
+    let (env, l) = udp_client_on_web_1(mode);
     env.web(&[("web-0", true, false)]);
     env.wait_programmed(&["web-0"]);
     let changed = l.elapsed();
@@ -374,9 +390,7 @@ fn a_connected_udp_client_is_answered_by_a_live_backend_within_1s_of_its_backend
         first - changed
     );
     assert!(
-        env.agent(0)
-            .metric("sluice_sockets_destroyed_total")
-            .is_some_and(|n| n >= 1.0),
+        env.agent(0).metric(metric).is_some_and(|n| n >= 1.0),
         "{}",
         env.agent(0).metrics()
     );
@@ -393,7 +407,18 @@ fn a_connected_udp_client_is_answered_by_a_live_backend_within_1s_of_its_backend
 #[test]
 fn a_terminating_backend_keeps_its_connected_udp_sockets() {
     require_privileged!("a_terminating_backend_keeps_its_connected_udp_sockets");
-    let (env, l) = udp_client_on_web_1();
+    terminating_keeps("all", "sluice_sockets_destroyed_total");
+}
+
+/// The same through the TC path: a terminating backend keeps its UDP flows.
+#[test]
+fn a_terminating_backend_keeps_its_udp_flows_through_tc() {
+    require_privileged!("a_terminating_backend_keeps_its_udp_flows_through_tc");
+    terminating_keeps("off", "sluice_udp_flows_forgotten_total");
+}
+
+fn terminating_keeps(mode: &str, metric: &str) {
+    let (env, l) = udp_client_on_web_1(mode);
     // web-1 terminating (still serving), web-0 ready: new connections go to web-0, the
     // existing one goes on with web-1 until it ends (kube-proxy's rule).
     env.web(&[("web-0", true, false), ("web-1", false, true)]);
@@ -414,10 +439,7 @@ fn a_terminating_backend_keeps_its_connected_udp_sockets() {
             .all(|e| matches!(e, LoopEvent::Answered(_, who) if who == "web-1")),
         "{after:?}"
     );
-    assert_eq!(
-        env.agent(0).metric("sluice_sockets_destroyed_total"),
-        Some(0.0)
-    );
+    assert_eq!(env.agent(0).metric(metric), Some(0.0));
 }
 
 #[test]

@@ -61,6 +61,7 @@ pub struct Metrics {
     pub frontend_conflicts: Counter,
     pub write_errors: Counter,
     pub sockets_destroyed: Counter,
+    pub udp_flows_forgotten: Counter,
     pub socket_destroy_errors: Counter,
     pub map_full: Family<MapLabel, Counter>,
     pub source_errors: Family<SourceLabel, Counter>,
@@ -96,6 +97,7 @@ impl Metrics {
             frontend_conflicts: Counter::default(),
             write_errors: Counter::default(),
             sockets_destroyed: Counter::default(),
+            udp_flows_forgotten: Counter::default(),
             socket_destroy_errors: Counter::default(),
             map_full: Family::default(),
             source_errors: Family::default(),
@@ -161,6 +163,11 @@ impl Metrics {
             "sockets_destroyed",
             "UDP sockets connected (by socket LB) to a backend that went away, destroyed so that they reconnect",
             m.sockets_destroyed.clone(),
+        );
+        r.register(
+            "udp_flows_forgotten",
+            "UDP conntrack flows pinned to a backend that left its Service, removed so that their next packet picks a live one",
+            m.udp_flows_forgotten.clone(),
         );
         r.register(
             "socket_destroy_errors",

@@ -140,7 +140,8 @@ pub struct Syncer {
     synced_once: bool,
     /// The oldest unwritten last-change-trigger-time of each Service.
     triggers: HashMap<ServiceKey, SystemTime>,
-    /// UDP backends gone from their frontends in this pass, whose connected sockets go.
+    /// UDP backends gone from their frontends in this pass, whose flows and connected sockets
+    /// go.
     gone: HashSet<SocketTarget>,
 }
 
@@ -296,6 +297,7 @@ impl Syncer {
         for key in waiting {
             self.sync_service(&key);
         }
+        self.forget_gone_flows();
         self.destroy_gone_sockets();
         let m = &self.metrics;
         m.sync_duration.observe(start.elapsed().as_secs_f64());
@@ -316,6 +318,25 @@ impl Syncer {
             m.last_sync.set(d.as_secs_f64());
         }
         self.health.synced(self.synced_once);
+    }
+
+    /// Forgets the UDP flows conntrack pinned to the backends gone in this pass, so their next
+    /// packets go to a live backend (kube-proxy deletes their conntrack entries likewise).
+    fn forget_gone_flows(&mut self) {
+        if self.gone.is_empty() {
+            return;
+        }
+        match self.dp.forget_udp_flows(&self.gone) {
+            Ok(n) => {
+                self.metrics.udp_flows_forgotten.inc_by(n as u64);
+                if n > 0 {
+                    tracing::debug!(flows = n, "UDP flows to gone backends forgotten");
+                }
+            }
+            Err(error) => {
+                tracing::warn!(error = %super::chain(&error), "could not forget the UDP flows to gone backends");
+            }
+        }
     }
 
     /// Destroys the UDP sockets socket LB connected to the backends gone in this pass, so their
@@ -368,7 +389,7 @@ impl Syncer {
         after: Option<&Backends>,
         slices: &[&k8s_openapi::api::discovery::v1::EndpointSlice],
     ) {
-        if fe.proto != Protocol::Udp || self.config.socket_lb_cgroup.is_none() {
+        if fe.proto != Protocol::Udp {
             return;
         }
         for b in &before.all {

@@ -8,6 +8,7 @@
 //! - `services` ([`Dataplane::upsert_service`], [`Dataplane::remove_service`]) writes Services in
 //!   the safe order; `inspect` reads counters and conntrack.
 mod addrs;
+mod flows;
 mod inspect;
 mod services;
 pub mod socket;
