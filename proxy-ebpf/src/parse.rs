@@ -121,7 +121,14 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, u32> {
         return Err(CTR_PASS_MALFORMED);
     }
     let ihl_bytes = u32::from(ip.version_ihl & 0x0f) * 4;
-    let tot_len = u32::from(u16::from_be(ip.tot_len_be));
+    let ip_len = u32::from(u16::from_be(ip.tot_len_be));
+    // IPv4 BIG TCP (Linux 6.3): a TCP GSO packet over 64 KiB carries tot_len 0, and its length
+    // is the skb's, as the kernel's iph_totlen() reads it. Anything else with 0 is malformed.
+    let tot_len = if ip_len == 0 && ip.proto == IPPROTO_TCP && crate::fib::is_gso(ctx) {
+        ctx.len().saturating_sub(ETH_LEN)
+    } else {
+        ip_len
+    };
     if ihl_bytes < 20 || tot_len < ihl_bytes || ETH_LEN + tot_len > ctx.len() {
         return Err(CTR_PASS_MALFORMED);
     }
@@ -159,7 +166,9 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, u32> {
         proto: ip.proto,
         tcp_flags,
         df: frag & IP_DF != 0,
-        tot_len: tot_len as u16,
+        // A BIG TCP packet's own length does not fit; only GSO packets can have one, and
+        // for them the wire length is a segment's (`fib::wire_len`).
+        tot_len: tot_len.min(u32::from(u16::MAX)) as u16,
     }))
 }
 

@@ -92,6 +92,34 @@ fn a_new_flow_to_a_cluster_ip_is_dnated_to_the_backend_with_valid_checksums() {
     assert_eq!(ct.len(), 2, "a service entry and a reverse entry: {ct:?}");
 }
 
+/// IPv4 BIG TCP (Linux 6.3): a GSO TCP packet over 64 KiB carries tot_len 0. It is
+/// translated like any other, its length taken from the packet, as the kernel's iph_totlen()
+/// takes it; tot_len 0 on a packet that is not GSO stays malformed.
+#[test]
+fn a_big_tcp_packet_with_tot_len_0_is_translated() {
+    require_privileged!("a_big_tcp_packet_with_tot_len_0_is_translated");
+    let mut dp = dataplane();
+    cluster_ip(&mut dp, &["198.19.0.20:8080"]);
+    run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(VIP), SYN, b""));
+    let mut pkt = tcp(sa(CLIENT), sa(VIP), ACK, &[7u8; 1400]);
+    pkt[16..18].copy_from_slice(&[0, 0]); // tot_len
+    let before = dp.counters().unwrap();
+    let (verdict, out) = run(&dp, FROM_POD, &pkt);
+    assert_eq!((verdict, &out), (TC_ACT_UNSPEC, &pkt), "not GSO: untouched");
+    let after = dp.counters().unwrap();
+    assert_eq!(delta(&before, &after, CTR_PASS_MALFORMED), 1);
+    let (verdict, out) = run_gso(&dp, FROM_POD, &pkt, 1000);
+    assert_eq!(verdict, TC_ACT_UNSPEC);
+    assert_eq!(delta(&after, &dp.counters().unwrap(), CTR_CT_HIT), 1);
+    // The destination (IP bytes 16..20, TCP bytes 2..4) is the backend's now, and the rest
+    // of the packet is as it was but for the checksums.
+    assert_eq!(&out[30..34], &[198, 19, 0, 20]);
+    assert_eq!(&out[36..38], &8080u16.to_be_bytes());
+    assert_eq!(out.len(), pkt.len());
+    assert_eq!(&out[16..18], &[0, 0], "tot_len stays 0");
+    assert_eq!(&out[54..], &pkt[54..], "the payload is untouched");
+}
+
 #[test]
 fn a_reply_is_translated_back_to_the_service_address() {
     require_privileged!("a_reply_is_translated_back_to_the_service_address");

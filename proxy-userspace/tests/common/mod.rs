@@ -106,6 +106,28 @@ pub fn run(dp: &Dataplane, program: &'static str, pkt: &[u8]) -> (u32, Vec<u8>) 
     (r.return_value, out)
 }
 
+/// [`run`] on a GSO packet: the test run's `__sk_buff` says `gso_size` (one segment's payload).
+pub fn run_gso(dp: &Dataplane, program: &'static str, pkt: &[u8], gso_size: u32) -> (u32, Vec<u8>) {
+    // `struct __sk_buff` up to and including `gso_size` (offset 176), all else zero, as the
+    // kernel's test run requires of the fields it does not take.
+    let mut ctx = [0u8; 180];
+    ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
+    ctx[164..168].copy_from_slice(&2u32.to_ne_bytes()); // gso_segs
+    let prog = dp.program(program).unwrap();
+    let mut out = vec![0u8; pkt.len() + 256];
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(pkt),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            repeat: 1,
+            ..Default::default()
+        })
+        .unwrap();
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
 /// What a translated TCP/UDP packet says, after checking every checksum independently.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Seen {
