@@ -92,18 +92,7 @@ pub fn udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
 
 /// Runs `program` once on `pkt`; returns the verdict and the packet as it left.
 pub fn run(dp: &Dataplane, program: &'static str, pkt: &[u8]) -> (u32, Vec<u8>) {
-    let prog = dp.program(program).unwrap();
-    let mut out = vec![0u8; pkt.len() + 256];
-    let r = prog
-        .test_run(TestRunOptions {
-            data_in: Some(pkt),
-            data_out: Some(&mut out),
-            repeat: 1,
-            ..Default::default()
-        })
-        .unwrap();
-    out.truncate(r.data_size_out as usize);
-    (r.return_value, out)
+    run_ctx(dp, program, pkt, None)
 }
 
 /// [`run`] on a GSO packet: the test run's `__sk_buff` says `gso_size` (one segment's payload).
@@ -113,13 +102,22 @@ pub fn run_gso(dp: &Dataplane, program: &'static str, pkt: &[u8], gso_size: u32)
     let mut ctx = [0u8; 180];
     ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
     ctx[164..168].copy_from_slice(&2u32.to_ne_bytes()); // gso_segs
+    run_ctx(dp, program, pkt, Some(&ctx))
+}
+
+fn run_ctx(
+    dp: &Dataplane,
+    program: &'static str,
+    pkt: &[u8],
+    ctx: Option<&[u8]>,
+) -> (u32, Vec<u8>) {
     let prog = dp.program(program).unwrap();
     let mut out = vec![0u8; pkt.len() + 256];
     let r = prog
         .test_run(TestRunOptions {
             data_in: Some(pkt),
             data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
+            ctx_in: ctx,
             repeat: 1,
             ..Default::default()
         })
