@@ -109,6 +109,39 @@ fn a_new_flow_from_outside_to_a_remote_backend_is_snated_and_redirected_both_way
     });
 }
 
+/// The node's address changes (a new InternalIP): new flows are SNATed to the new one, and
+/// a flow SNATed to the old one keeps its replies. The old address is no frontend's (only an
+/// externalIP is), so only the ingress filter's care for SNAT addresses of live flows keeps
+/// them from passing untranslated.
+#[test]
+fn a_flow_snated_to_the_old_node_address_keeps_its_replies_after_the_address_changes() {
+    require_privileged!(
+        "a_flow_snated_to_the_old_node_address_keeps_its_replies_after_the_address_changes"
+    );
+    in_node(|_| {
+        let mut dp = dataplane(SNAT_PORTS);
+        let ext = "198.18.192.7:80";
+        dp.upsert_service(
+            frontend(ext, FrontendKind::ExternalIp),
+            &[backend(REMOTE, false)],
+        )
+        .unwrap();
+        let (v, out) = run(&dp, FROM_UPLINK, &tcp(sa(CLIENT), sa(ext), SYN, b""));
+        assert_eq!(v, TC_ACT_REDIRECT);
+        let old = check(&out).src;
+        assert_eq!(old.ip(), &NODE.parse::<Ipv4Addr>().unwrap());
+        dp.set_snat(Some(Snat {
+            addr: OTHER_NODE.parse().unwrap(),
+            ports: SNAT_PORTS,
+        }))
+        .unwrap();
+        let (v, out) = run(&dp, FROM_UPLINK, &tcp(sa(REMOTE), old, SYN_ACK, b""));
+        assert_eq!(v, TC_ACT_REDIRECT, "the reply is translated and forwarded");
+        let seen = check(&out);
+        assert_eq!((seen.src, seen.dst), (sa(ext), sa(CLIENT)));
+    });
+}
+
 #[test]
 fn a_packet_too_big_for_the_route_to_its_backend_gets_fragmentation_needed() {
     require_privileged!("a_packet_too_big_for_the_route_to_its_backend_gets_fragmentation_needed");

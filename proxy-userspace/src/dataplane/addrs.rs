@@ -3,8 +3,9 @@
 //! forwards (pod to pod, and every connection socket LB translated at `connect()`) are not,
 //! and pass with that one lookup and no conntrack work.
 //!
-//! What must hold: every address that a live conntrack flow was translated from (the
-//! frontend of its service entry) is in the map. So an address goes in before its first
+//! What must hold: every address that a live conntrack flow's packets arrive at (the
+//! frontend of its service entry, and the SNAT or hairpin address its replies come back to,
+//! if that is no longer the configured one) is in the map. So an address goes in before its first
 //! frontend can be seen, stays (with 0 frontends: "retired") after its last frontend goes,
 //! and leaves only once no live flow names it ([`Dataplane::retire_fe_addrs`], from the
 //! agent's tick). An agent that adopts pinned maps, of this layout or of one without the map,
@@ -53,16 +54,24 @@ impl Dataplane {
         Ok(v)
     }
 
-    /// The frontend addresses of live conntrack flows (their service entries).
+    /// The addresses live conntrack flows arrive at: each flow's frontend, and the SNAT or
+    /// hairpin address its replies come back to (which may no longer be the configured one).
+    /// An incomplete read is an error, never a shorter list.
     fn flow_addrs(&self) -> Result<BTreeSet<Ipv4Addr>, DataplaneError> {
         let now = monotonic_ns();
         let ct: HashMap<&MapData, Ct4Key, Ct4Entry> = self.open(CT4_MAP)?;
-        Ok(ct
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| k.kind == CT_KIND_SERVICE && v.expires_ns >= now)
-            .map(|(k, _)| Ipv4Addr::from(u32::from_be(k.daddr_be)))
-            .collect())
+        let mut addrs = BTreeSet::new();
+        for entry in ct.iter() {
+            let (k, v) = entry.map_err(map_error(CT4_MAP, "read"))?;
+            if k.kind != CT_KIND_SERVICE || v.expires_ns < now {
+                continue;
+            }
+            addrs.insert(Ipv4Addr::from(u32::from_be(k.daddr_be)));
+            if v.nat_addr_be != 0 {
+                addrs.insert(Ipv4Addr::from(u32::from_be(v.nat_addr_be)));
+            }
+        }
+        Ok(addrs)
     }
 
     /// After adopting pinned maps: every frontend's address with its count, and every address

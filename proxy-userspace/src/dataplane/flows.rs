@@ -64,8 +64,8 @@ impl Dataplane {
         };
         let mut ct: HashMap<&mut MapData, Ct4Key, Ct4Entry> = self.open_mut(CT4_MAP)?;
         for (service, reverse) in &doomed {
-            // The service entry first: a packet in between starts a new flow, whose reverse
-            // entry then replaces the old one.
+            // The service entry first: a packet in between starts a new flow (to a live
+            // backend, so under another reverse key).
             for k in [service, reverse] {
                 match ct.remove(k) {
                     Ok(()) | Err(MapError::KeyNotFound) => {}

@@ -320,9 +320,11 @@ impl Dataplane {
         if dp.config.snat.is_none() {
             dp.config.snat = dp.pinned_snat()?;
         }
-        dp.write_config()?;
+        // The addresses live flows use go in before the config can name other SNAT or hairpin
+        // addresses, so their replies are never filtered out.
         dp.ids = dp.recover_ids()?;
         dp.adopt_fe_addrs()?;
+        dp.write_config()?;
         Ok(dp)
     }
 
@@ -360,6 +362,14 @@ impl Dataplane {
     /// already SNATed keep their address and port.
     pub fn set_snat(&mut self, snat: Option<Snat>) -> Result<(), DataplaneError> {
         if self.config.snat != snat {
+            // Replies of flows SNATed to the old address still arrive there: it stays in the
+            // ingress filter (retired, until no live flow uses it).
+            if let Some(old) = self.config.snat.map(|s| s.addr)
+                && snat.is_none_or(|s| s.addr != old)
+            {
+                let n = self.ids.frontends_on(old);
+                self.write_fe_addr(old, n)?;
+            }
             self.config.snat = snat;
             self.write_config()?;
         }

@@ -426,12 +426,12 @@ impl Dataplane {
         self.remove::<u32, Lb4RevNat>(LB4_REVNAT_MAP, &old.rev_nat_id)?;
         self.ids.frontends.remove(&frontend.id());
         self.ids.used_rev_nat.remove(&old.rev_nat_id);
+        let old_ids: Vec<u32> = old.ids().copied().collect();
+        self.release(&old_ids)?;
         // The address stays (retired at 0 when this was its last frontend) while flows to it
         // live: `retire_fe_addrs` removes it.
         let n = self.ids.frontends_on(fe.addr);
-        self.write_fe_addr(fe.addr, n)?;
-        let old_ids: Vec<u32> = old.ids().copied().collect();
-        self.release(&old_ids)
+        self.write_fe_addr(fe.addr, n)
     }
 
     /// Drops one reference to each backend id; a backend nobody references is removed.
