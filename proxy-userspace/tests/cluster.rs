@@ -10,8 +10,10 @@ use std::{net::Ipv4Addr, path::Path, time::Duration};
 use serde_json::{Value, json};
 use testbed::{
     BpfFs, Cluster, HttpServer, PodNetwork, UdpEcho, UdpOutcome,
-    agent::{AgentProcess, ManifestsDir, eventually, sandbox_args, services_json},
-    curl, http_upload, plan, require_privileged, udp_connected,
+    agent::{AgentProcess, ManifestsDir, eventually, node_objects, sandbox_args, services_json},
+    curl, http_upload, plan,
+    plan::node_name,
+    require_privileged, udp_connected,
 };
 
 const T: Duration = Duration::from_secs(3);
@@ -28,22 +30,6 @@ const HC_NODE_PORT: u16 = 32100;
 /// UDP: an echo on 5353; nothing listens on 5354.
 const UDP_ECHO: u16 = 5353;
 const UDP_CLOSED: u16 = 5354;
-
-fn node_name(k: usize) -> String {
-    format!("node{k}")
-}
-
-/// The Node objects of the sandbox's nodes, as their kubelets register them.
-fn node_objects(c: &Cluster) -> Vec<Value> {
-    c.nodes
-        .iter()
-        .map(|n| {
-            json!({"apiVersion": "v1", "kind": "Node",
-                   "metadata": {"name": node_name(usize::from(n.index))},
-                   "status": {"addresses": [{"type": "InternalIP", "address": n.addr.to_string()}]}})
-        })
-        .collect()
-}
 
 /// One endpoint as the EndpointSlice controller writes it.
 fn endpoint(addr: Ipv4Addr, node: usize, ready: bool, terminating: bool) -> Value {

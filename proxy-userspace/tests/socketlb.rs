@@ -11,8 +11,12 @@ use std::{net::Ipv4Addr, path::Path, time::Duration};
 use serde_json::{Value, json};
 use testbed::{
     BpfFs, ClientLoop, Cluster, Connect, HttpServer, LoopEvent, UdpEcho,
-    agent::{AgentProcess, ManifestsDir, cli_json, eventually, sandbox_args, services_json},
-    curl, require_privileged, tcp_connect, udp_request,
+    agent::{
+        AgentProcess, ManifestsDir, cli_json, eventually, node_objects, sandbox_args, services_json,
+    },
+    curl,
+    plan::node_name,
+    require_privileged, tcp_connect, udp_request,
 };
 
 const T: Duration = Duration::from_secs(3);
@@ -21,10 +25,6 @@ const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 128, 40);
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 192, 40);
 const NODE_PORT: u16 = 30100;
 const UDP_ECHO: u16 = 5353;
-
-fn node_name(k: usize) -> String {
-    format!("node{k}")
-}
 
 struct Env {
     // Field order is drop order: agents first, the cluster (namespaces, cgroups) last.
@@ -54,16 +54,7 @@ impl Env {
             .map(|p| UdpEcho::start(&c.pod(p).ns, p, UDP_ECHO).unwrap())
             .collect();
         let manifests = ManifestsDir::new().unwrap();
-        let nodes: Vec<Value> = c
-            .nodes
-            .iter()
-            .map(|n| {
-                json!({"apiVersion": "v1", "kind": "Node",
-                       "metadata": {"name": node_name(usize::from(n.index))},
-                       "status": {"addresses": [{"type": "InternalIP", "address": n.addr.to_string()}]}})
-            })
-            .collect();
-        manifests.write("nodes.yaml", &nodes).unwrap();
+        manifests.write("nodes.yaml", &node_objects(&c)).unwrap();
         let mut env = Self {
             agents: vec![None, None],
             _http: http,

@@ -71,6 +71,19 @@ pub fn check_socket_lb_scope(args: &[String]) -> Result<(), String> {
 
 /// `sluice services -o json` of the agent pinned at `pins`, run by `binary` inside `ns`; empty
 /// if it fails (no agent has pinned there yet).
+/// The Node objects of `c`'s nodes, as their kubelets register them (name and InternalIP),
+/// for a manifests directory.
+pub fn node_objects(c: &crate::Cluster) -> Vec<serde_json::Value> {
+    c.nodes
+        .iter()
+        .map(|n| {
+            serde_json::json!({"apiVersion": "v1", "kind": "Node",
+                   "metadata": {"name": crate::plan::node_name(usize::from(n.index))},
+                   "status": {"addresses": [{"type": "InternalIP", "address": n.addr.to_string()}]}})
+        })
+        .collect()
+}
+
 pub fn services_json(ns: &Netns, binary: &Path, pins: &Path) -> Vec<serde_json::Value> {
     cli_json(ns, binary, pins, "services")
 }

@@ -283,10 +283,6 @@ impl Drop for Kubelet {
     }
 }
 
-fn node_name(k: usize) -> String {
-    format!("node{k}")
-}
-
 async fn run(
     cluster: Arc<Cluster>,
     kc: kube::config::Kubeconfig,
@@ -356,13 +352,17 @@ async fn run(
                     let Some(node) = bound else {
                         if !deleting {
                             let k = chosen_node(pod, cluster.nodes.len(), &mut round_robin);
-                            if let Err(e) = bind(&client, &ns, &name, &node_name(k)).await {
+                            if let Err(e) =
+                                bind(&client, &ns, &name, &crate::plan::node_name(k)).await
+                            {
                                 note(format!("binding {ns}/{name}: {e}"));
                             }
                         }
                         continue;
                     };
-                    let Some(k) = (0..cluster.nodes.len()).find(|k| node_name(*k) == node) else {
+                    let Some(k) =
+                        (0..cluster.nodes.len()).find(|k| crate::plan::node_name(*k) == node)
+                    else {
                         continue;
                     };
                     let key = (ns.clone(), name.clone());
@@ -504,7 +504,7 @@ async fn register_nodes(
         k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
     for n in &cluster.nodes {
         let k = usize::from(n.index);
-        let name = node_name(k);
+        let name = crate::plan::node_name(k);
         let zone = zones
             .get(k % zones.len().max(1))
             .cloned()

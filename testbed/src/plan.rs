@@ -34,6 +34,11 @@ pub const MAX_NODES: u8 = 64;
 pub const MAX_OUTSIDE: u8 = 64;
 pub const MAX_PODS_PER_NODE: u8 = 200;
 
+/// Node k's name (its Node object's, and the agent's `--node-name`).
+pub fn node_name(k: usize) -> String {
+    format!("node{k}")
+}
+
 pub fn node_addr(k: u8) -> Ipv4Addr {
     assert!(k < MAX_NODES, "node index {k} out of the plan");
     Ipv4Addr::new(198, 18, 0, 10 + k)
