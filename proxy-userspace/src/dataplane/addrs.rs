@@ -103,15 +103,10 @@ impl Dataplane {
             return Ok(0);
         }
         let live = self.flow_addrs()?;
-        let mut gone = 0;
-        for addr in retired.into_iter().filter(|a| !live.contains(a)) {
-            let mut m: HashMap<&mut MapData, u32, u32> = self.open_mut(LB4_FE_ADDRS_MAP)?;
-            match m.remove(&u32::from(addr).to_be()) {
-                Ok(()) => gone += 1,
-                Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_error(LB4_FE_ADDRS_MAP, "remove")(e)),
-            }
+        let gone: Vec<Ipv4Addr> = retired.into_iter().filter(|a| !live.contains(a)).collect();
+        for addr in &gone {
+            self.remove::<u32, u32>(LB4_FE_ADDRS_MAP, &u32::from(*addr).to_be())?;
         }
-        Ok(gone)
+        Ok(gone.len())
     }
 }

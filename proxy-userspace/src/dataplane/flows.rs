@@ -7,10 +7,10 @@
 //! a live backend. TCP flows are left to end (the backend's RST ends them).
 use std::{collections::HashSet, net::Ipv4Addr};
 
-use aya::maps::{HashMap, MapData, MapError};
+use aya::maps::{HashMap, MapData};
 use proxy_common::{CT_KIND_REVERSE, CT_KIND_SERVICE, CT4_MAP, Ct4Entry, Ct4Key, IPPROTO_UDP};
 
-use super::{Dataplane, DataplaneError, FrontendId, Protocol, map_error, socket::SocketTarget};
+use super::{Dataplane, DataplaneError, FrontendId, Protocol, socket::SocketTarget};
 
 impl Dataplane {
     /// Removes the UDP flows (both entries) that a frontend of `targets` sent to its backend
@@ -62,18 +62,11 @@ impl Dataplane {
                 })
                 .collect()
         };
-        let mut ct: HashMap<&mut MapData, Ct4Key, Ct4Entry> = self.open_mut(CT4_MAP)?;
         for (service, reverse) in &doomed {
             // The service entry first: a packet in between starts a new flow (to a live
             // backend, so under another reverse key).
-            for k in [service, reverse] {
-                match ct.remove(k) {
-                    Ok(()) | Err(MapError::KeyNotFound) => {}
-                    Err(MapError::SyscallError(e))
-                        if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-                    Err(e) => return Err(map_error(CT4_MAP, "remove")(e)),
-                }
-            }
+            self.remove::<Ct4Key, Ct4Entry>(CT4_MAP, service)?;
+            self.remove::<Ct4Key, Ct4Entry>(CT4_MAP, reverse)?;
         }
         Ok(doomed.len())
     }

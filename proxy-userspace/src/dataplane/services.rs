@@ -126,7 +126,8 @@ impl Dataplane {
         })
     }
 
-    fn remove<K: aya::Pod, V: aya::Pod>(
+    /// Removes `key` from hash map `map`; a key that is not there is not an error.
+    pub(super) fn remove<K: aya::Pod, V: aya::Pod>(
         &mut self,
         map: &'static str,
         key: &K,

@@ -248,13 +248,8 @@ impl Dataplane {
 
     /// Removes the reverse entries of sockets that are gone.
     pub fn forget_sockets(&mut self, keys: &[SockRevKey]) -> Result<(), DataplaneError> {
-        let map = SOCK_REVNAT_MAP;
-        let mut revnat: HashMap<&mut MapData, SockRevKey, SockRevValue> = self.open_mut(map)?;
         for k in keys {
-            match revnat.remove(k) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_error(map, "remove")(e)),
-            }
+            self.remove::<SockRevKey, SockRevValue>(SOCK_REVNAT_MAP, k)?;
         }
         Ok(())
     }
