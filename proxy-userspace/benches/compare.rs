@@ -845,6 +845,17 @@ fn list_arg(flag: &str) -> Option<Vec<String>> {
     Some(list.split(',').map(str::to_owned).collect())
 }
 
+/// A positive number given to `flag`; exits on anything else.
+fn number_arg(flag: &str, v: &str) -> u32 {
+    match v.parse::<u32>() {
+        Ok(n) if n > 0 => n,
+        _ => {
+            eprintln!("{flag}: {v:?} is not a positive number");
+            std::process::exit(2)
+        }
+    }
+}
+
 /// The modes of `--modes a,b` (every mode without it); exits on a name that is no mode.
 fn modes_arg() -> Vec<Mode> {
     let Some(list) = list_arg("--modes") else {
@@ -874,14 +885,30 @@ fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let started = Instant::now();
     // The kernel keeps per-program run time and run counts while this descriptor is open
-    // (BPF_ENABLE_STATS: scoped to this process, no sysctl changed).
-    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
-        .map_err(|e| {
-            eprintln!("no BPF run-time statistics ({e}): the program-time table stays empty")
-        })
-        .ok();
+    // (BPF_ENABLE_STATS: scoped to this process, no sysctl changed). Timing every run costs
+    // the programs two clock reads each, which the direct path does not pay: `--no-stats`
+    // leaves it off, for close comparisons (the program-time table is then empty).
+    let _stats = if std::env::args().any(|a| a == "--no-stats") {
+        None
+    } else {
+        aya::sys::enable_stats(aya::sys::Stats::RunTime)
+            .map_err(|e| {
+                eprintln!("no BPF run-time statistics ({e}): the program-time table stays empty")
+            })
+            .ok()
+    };
+    let mut params = Params::new(quick);
+    if let Some(r) = list_arg("--rounds") {
+        params.rounds = number_arg("--rounds", &r[0]);
+    }
+    // The NodePort section runs the smallest and the largest count, or those of `--sizes`.
+    let mut nodeport_sizes = vec![1, 10_000];
+    if let Some(sizes) = list_arg("--sizes") {
+        params.sizes = sizes.iter().map(|s| number_arg("--sizes", s)).collect();
+        nodeport_sizes = params.sizes.clone();
+    }
     let mut bench = Bench {
-        params: Params::new(quick),
+        params,
         quick,
         modes: modes_arg(),
         report: Report::default(),
@@ -891,7 +918,7 @@ fn main() {
     };
     let all_sections = [
         (Layout::OneNode, bench.params.sizes.clone()),
-        (Layout::RemoteNodePort, vec![1, 10_000]),
+        (Layout::RemoteNodePort, nodeport_sizes),
     ];
     let chosen = list_arg("--sections");
     for (layout, sizes) in all_sections {
