@@ -97,10 +97,17 @@ counters! {
     /// frontend's address (nor the hairpin or SNAT address), so the packet belongs to no
     /// translated flow. Plain pod traffic, and connections socket LB translated at connect().
     CTR_PASS_NOT_FRONTEND = 32, "pass_not_a_frontend_address";
+    /// Passed untouched at a pod's egress, with no conntrack lookup: the destination has
+    /// never been the client of a flow translated at TC, so the packet is no reply to
+    /// translate. Plain pod traffic, and connections socket LB translated at connect().
+    CTR_PASS_NOT_POD_CLIENT = 33, "pass_not_a_pod_client";
+    /// Not a verdict: a new flow's client address could not be added to `LB4_POD_CLIENTS`
+    /// (full); the egress filter is off from then on (see `DP_STATE_POD_CLIENTS_FULL`).
+    CTR_POD_CLIENTS_FULL = 34, "pod_clients_map_full";
 }
 
 /// Number of counters in use (at most [`CTR_SLOTS`]).
-pub const CTR_MAX: u32 = 33;
+pub const CTR_MAX: u32 = 35;
 const _: () = assert!(CTR_MAX <= CTR_SLOTS);
 
 /// One CPU's share of a counter.

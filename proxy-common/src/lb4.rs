@@ -34,6 +34,24 @@ pub const LB4_CONFIG_MAP: &str = "LB4_CONFIG_V2";
 /// (they keep their backend, as the maps promise); the agent removes it once none is live.
 pub const LB4_FE_ADDRS_MAP: &str = "LB4_FE_ADDRS";
 
+/// `LB4_POD_CLIENTS`: an address (u32, network order) -> 1 (u32); hash, not preallocated;
+/// written by the programs (and by an agent adopting older pins), read by the programs.
+/// Every pod address that has been the client of a flow translated at TC (`sluice_from_pod`,
+/// not SNATed). Only packets to these addresses can be replies that `sluice_to_pod` must
+/// translate, so a packet into a pod whose address is not here passes with no conntrack
+/// lookup: plain pod-to-pod traffic, and every connection socket LB translated at
+/// `connect()`. Addresses are never removed (a node's pod addresses come from its pod CIDR, a
+/// few hundred to a few thousand); if the map fills, [`DP_STATE_POD_CLIENTS_FULL`] turns the
+/// filter off and every packet into a pod gets the lookup again.
+pub const LB4_POD_CLIENTS_MAP: &str = "LB4_POD_CLIENTS";
+pub const LB4_POD_CLIENTS_DEFAULT_MAX: u32 = 65_536;
+
+/// `LB4_DP_STATE`: index 0 -> flags (u32); array of 1; set by the programs (and an adopting
+/// agent), never cleared.
+pub const LB4_DP_STATE_MAP: &str = "LB4_DP_STATE";
+/// [`LB4_POD_CLIENTS_MAP`] could not take an address: `sluice_to_pod` looks every packet up.
+pub const DP_STATE_POD_CLIENTS_FULL: u32 = 1;
+
 /// The slot after which the local list (externalTrafficPolicy Local) starts; the list for
 /// every origin ends below it, so each list holds at most `LOCAL_SLOT_BASE - 1` backends.
 pub const LOCAL_SLOT_BASE: u16 = 0x8000;

@@ -1,13 +1,15 @@
 //! The maps, declared once. Names come from `proxy_common` (checked at compile time below),
 //! so both sides agree on them. Sizes here are defaults; the agent sets its own at load time.
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
     CT4_DEFAULT_MAX, CTR_SLOTS, Counter, Ct4Entry, Ct4Key, LB4_BACKENDS_DEFAULT_MAX,
-    LB4_REVNAT_DEFAULT_MAX, LB4_SERVICES_DEFAULT_MAX, Lb4Backend, Lb4Config, Lb4Key, Lb4RevNat,
-    Lb4Service, SOCK_REVNAT_DEFAULT_MAX, SockConfig, SockRevKey, SockRevValue,
+    LB4_POD_CLIENTS_DEFAULT_MAX, LB4_REVNAT_DEFAULT_MAX, LB4_SERVICES_DEFAULT_MAX, Lb4Backend,
+    Lb4Config, Lb4Key, Lb4RevNat, Lb4Service, SOCK_REVNAT_DEFAULT_MAX, SockConfig, SockRevKey,
+    SockRevValue,
 };
 
 #[map(name = "PKT_COUNTERS_V2")]
@@ -19,6 +21,13 @@ pub static LB4_SERVICES: HashMap<Lb4Key, Lb4Service> =
 
 #[map(name = "LB4_FE_ADDRS")]
 pub static LB4_FE_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(LB4_SERVICES_DEFAULT_MAX, 0);
+
+#[map(name = "LB4_POD_CLIENTS")]
+pub static LB4_POD_CLIENTS: HashMap<u32, u32> =
+    HashMap::with_max_entries(LB4_POD_CLIENTS_DEFAULT_MAX, BPF_F_NO_PREALLOC);
+
+#[map(name = "LB4_DP_STATE")]
+pub static LB4_DP_STATE: Array<u32> = Array::with_max_entries(1, 0);
 
 #[map(name = "LB4_BACKENDS")]
 pub static LB4_BACKENDS: HashMap<u32, Lb4Backend> =
@@ -46,6 +55,8 @@ const _: () = {
     assert!(str_eq(proxy_common::PKT_COUNTERS_MAP, "PKT_COUNTERS_V2"));
     assert!(str_eq(proxy_common::LB4_SERVICES_MAP, "LB4_SERVICES"));
     assert!(str_eq(proxy_common::LB4_BACKENDS_MAP, "LB4_BACKENDS"));
+    assert!(str_eq(proxy_common::LB4_POD_CLIENTS_MAP, "LB4_POD_CLIENTS"));
+    assert!(str_eq(proxy_common::LB4_DP_STATE_MAP, "LB4_DP_STATE"));
     assert!(str_eq(proxy_common::LB4_FE_ADDRS_MAP, "LB4_FE_ADDRS"));
     assert!(str_eq(proxy_common::LB4_REVNAT_MAP, "LB4_REVNAT"));
     assert!(str_eq(proxy_common::LB4_CONFIG_MAP, "LB4_CONFIG_V2"));

@@ -27,9 +27,10 @@ use proxy_common::{
     BACKEND_FLAG_LOCAL, CT_FLAG_REDIRECT, CT_FLAG_SNAT, CTR_CT_HIT, CTR_DROP_CT_WRITE,
     CTR_DROP_FIB, CTR_DROP_NO_BACKEND_ENTRY, CTR_DROP_NO_LOCAL_BACKEND, CTR_DROP_NO_SNAT_ADDR,
     CTR_DROP_REJECT_FAILED, CTR_DROP_REWRITE, CTR_DROP_SNAT_PORTS, CTR_HAIRPIN, CTR_NEW_FLOW,
-    CTR_NEW_FLOW_SNAT, CTR_PASS_NO_MATCH, CTR_PASS_NOT_FRONTEND, CTR_PASS_REPLY_AT_EGRESS,
-    CTR_REDIRECT, CTR_REJECT_FRAG_NEEDED, CTR_REJECT_NO_BACKEND, CTR_REPLY, CTR_SEEN, Ct4Entry,
-    Ct4Key, LOCAL_SLOT_BASE, Lb4Config, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL, ct_lifetime_ns,
+    CTR_NEW_FLOW_SNAT, CTR_PASS_NO_MATCH, CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_POD_CLIENT,
+    CTR_PASS_REPLY_AT_EGRESS, CTR_POD_CLIENTS_FULL, CTR_REDIRECT, CTR_REJECT_FRAG_NEEDED,
+    CTR_REJECT_NO_BACKEND, CTR_REPLY, CTR_SEEN, Ct4Entry, Ct4Key, DP_STATE_POD_CLIENTS_FULL,
+    LOCAL_SLOT_BASE, Lb4Config, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL, ct_lifetime_ns,
 };
 
 use crate::{
@@ -39,7 +40,7 @@ use crate::{
     },
     fib::{self, Fib, Route},
     icmp, lb,
-    maps::{CT4, LB4_CONFIG, LB4_FE_ADDRS},
+    maps::{CT4, LB4_CONFIG, LB4_DP_STATE, LB4_FE_ADDRS, LB4_POD_CLIENTS},
     nat::{set_dst, set_src, translate},
     parse::{Flow, Packet, parse},
     reject, snat,
@@ -116,8 +117,12 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
         // address, where replies of SNATed flows arrive) belongs to no translated flow: it
         // passes before any conntrack lookup. (Replies to other addresses are translated at
         // egress.)
+        // At a pod's egress, a destination that was never the client of a flow translated
+        // at TC can receive no reply to translate: it passes before any conntrack lookup.
         Packet::Flow(flow) => {
-            if !hook.is_egress() && !may_be_translated(&flow) {
+            if hook == Hook::ToPod && !may_be_reply_to_pod(&flow) {
+                (PASS, CTR_PASS_NOT_POD_CLIENT)
+            } else if !hook.is_egress() && !may_be_translated(&flow) {
                 (PASS, CTR_PASS_NOT_FRONTEND)
             } else {
                 let now = conntrack::now();
@@ -144,6 +149,38 @@ fn may_be_translated(f: &Flow) -> bool {
     LB4_CONFIG
         .get(0)
         .is_some_and(|c| f.daddr_be == c.hairpin_snat_be || f.daddr_be == c.snat_addr_be)
+}
+
+/// Whether a packet into a pod, to `f.daddr_be`, can be the reply of a flow translated at TC:
+/// its destination has been such a flow's client, or the client map filled up (then any
+/// packet can be).
+#[inline(always)]
+fn may_be_reply_to_pod(f: &Flow) -> bool {
+    // SAFETY: the value is a plain integer; only its presence matters.
+    if unsafe { LB4_POD_CLIENTS.get(&f.daddr_be) }.is_some() {
+        return true;
+    }
+    LB4_DP_STATE
+        .get(0)
+        .is_some_and(|s| s & DP_STATE_POD_CLIENTS_FULL != 0)
+}
+
+/// Records `addr_be` as the client of a flow translated at TC, before the flow's first packet
+/// goes on, so that `sluice_to_pod` looks its replies up. If the map is full, the filter is
+/// turned off instead: a reply is never left untranslated.
+#[inline(always)]
+fn note_pod_client(addr_be: u32) {
+    // SAFETY: as above.
+    if unsafe { LB4_POD_CLIENTS.get(&addr_be) }.is_some() {
+        return;
+    }
+    if LB4_POD_CLIENTS.insert(&addr_be, &1, 0).is_err() {
+        count(CTR_POD_CLIENTS_FULL, 0);
+        if let Some(s) = LB4_DP_STATE.get_ptr_mut(0) {
+            // SAFETY: a valid pointer into the array's only entry; a plain integer.
+            unsafe { *s |= DP_STATE_POD_CLIENTS_FULL };
+        }
+    }
 }
 
 /// Sends a translated packet along `route`; `counter` is its verdict's counter.
@@ -380,6 +417,11 @@ fn new_flow(
         };
         flags |= CT_FLAG_SNAT | CT_FLAG_REDIRECT;
         counter = CTR_NEW_FLOW_SNAT;
+    }
+    // A pod's flow that is not SNATed has its replies translated at the pod's egress, which
+    // looks up only the addresses noted here.
+    if hook == Hook::FromPod && snat == 0 {
+        note_pod_client(f.saddr_be);
     }
     // The reverse entry first, so that no reply can arrive before it exists.
     let rev = reverse_entry(f, flags, fe.rev_nat_id, now);

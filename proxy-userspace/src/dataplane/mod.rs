@@ -31,9 +31,9 @@ use aya::{
 };
 use proxy_common::{
     CT4_DEFAULT_MAX, CT4_MAP, LB4_BACKENDS_DEFAULT_MAX, LB4_BACKENDS_MAP, LB4_CONFIG_MAP,
-    LB4_FE_ADDRS_MAP, LB4_REVNAT_DEFAULT_MAX, LB4_REVNAT_MAP, LB4_SERVICES_DEFAULT_MAX,
-    LB4_SERVICES_MAP, Lb4Config, PKT_COUNTERS_MAP, SOCK_CONFIG_MAP, SOCK_REVNAT_DEFAULT_MAX,
-    SOCK_REVNAT_MAP,
+    LB4_DP_STATE_MAP, LB4_FE_ADDRS_MAP, LB4_POD_CLIENTS_MAP, LB4_REVNAT_DEFAULT_MAX,
+    LB4_REVNAT_MAP, LB4_SERVICES_DEFAULT_MAX, LB4_SERVICES_MAP, Lb4Config, PKT_COUNTERS_MAP,
+    SOCK_CONFIG_MAP, SOCK_REVNAT_DEFAULT_MAX, SOCK_REVNAT_MAP,
 };
 
 pub use crate::service::{Backend, Backends, Frontend, FrontendId, FrontendKind, Protocol};
@@ -68,6 +68,8 @@ pub const RETIRED_MAPS: &[&str] = &["LB4_CONFIG", "PKT_COUNTERS"];
 pub const MAPS: &[&str] = &[
     LB4_SERVICES_MAP,
     LB4_FE_ADDRS_MAP,
+    LB4_POD_CLIENTS_MAP,
+    LB4_DP_STATE_MAP,
     LB4_BACKENDS_MAP,
     LB4_REVNAT_MAP,
     LB4_CONFIG_MAP,
@@ -323,7 +325,7 @@ impl Dataplane {
         // The addresses live flows use go in before the config can name other SNAT or hairpin
         // addresses, so their replies are never filtered out.
         dp.ids = dp.recover_ids()?;
-        dp.adopt_fe_addrs()?;
+        dp.adopt_flow_addrs()?;
         dp.write_config()?;
         Ok(dp)
     }
