@@ -123,6 +123,25 @@ pub fn lookup(ctx: &TcContext, saddr_be: u32, daddr_be: u32, proto: u8, tot_len:
     }
 }
 
+/// Sends the (already rewritten) packet back out of the device it came in on, to the host it
+/// came from: the MAC addresses swapped, no routing (so no TTL change, and no martian check of
+/// a source that is one of the node's own addresses). `None`: a rewrite failed; the caller
+/// drops and counts.
+#[inline(always)]
+pub fn back_out(ctx: &TcContext) -> Option<i32> {
+    let macs: [u8; 12] = ctx.load(0).ok()?;
+    let mut swapped = [0u8; 12];
+    swapped[..6].copy_from_slice(&macs[6..]);
+    swapped[6..].copy_from_slice(&macs[..6]);
+    ctx.store(0, &swapped, 0).ok()?;
+    // SAFETY: no memory arguments; flags 0: the device's egress.
+    let verdict = unsafe { bpf_redirect(ifindex(ctx), 0) } as i32;
+    if verdict == TC_ACT_SHOT as i32 {
+        return None;
+    }
+    Some(verdict)
+}
+
 /// Sends the (already rewritten) packet along `route`: TTL decremented, MACs set, out of the
 /// route's device. `None`: the TTL ran out or a rewrite failed; the caller drops and counts.
 #[inline(always)]

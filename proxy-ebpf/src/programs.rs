@@ -257,6 +257,18 @@ fn reply(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> Option<(i
     if let Some(r) = route {
         return Some(redirected(ctx, &r, CTR_REPLY));
     }
+    if snat && hook == Hook::FromPod {
+        // A hairpin reply: the pod answered itself, and the reply now shows the frontend. If
+        // that is one of the node's addresses (a NodePort, a local externalIP), the kernel
+        // would drop it as a martian, so it goes straight back into the pod it came from.
+        return Some(match fib::back_out(ctx) {
+            Some(v) => {
+                count(CTR_REDIRECT, 0);
+                (v, CTR_REPLY)
+            }
+            None => (DROP, CTR_DROP_REWRITE),
+        });
+    }
     Some((PASS, CTR_REPLY))
 }
 

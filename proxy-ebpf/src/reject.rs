@@ -7,11 +7,7 @@
 //! The packet is rebuilt in place: trimmed or grown to Ethernet + IPv4 (20) + ICMP (8) + the
 //! original IPv4 header and first 8 bytes of its payload (RFC 792), then redirected out of the
 //! device it came in on.
-use aya_ebpf::{
-    bindings::TC_ACT_SHOT,
-    helpers::{bpf_csum_diff, bpf_redirect},
-    programs::TcContext,
-};
+use aya_ebpf::{helpers::bpf_csum_diff, programs::TcContext};
 
 use crate::parse::{ETH_LEN, Flow};
 
@@ -61,7 +57,6 @@ pub fn unreachable(ctx: &TcContext, flow: &Flow, code: u8, mtu: u16) -> Option<i
         // IP options would have to be quoted too; such packets are dropped and counted.
         return None;
     }
-    let eth: [u8; 14] = ctx.load(0).ok()?;
     let mut r = Reply {
         ip: [0; 20],
         icmp: [0; ICMP_LEN],
@@ -85,20 +80,7 @@ pub fn unreachable(ctx: &TcContext, flow: &Flow, code: u8, mtu: u16) -> Option<i
     r.ip[10] = c[0];
     r.ip[11] = c[1];
 
-    let mut new_eth = [0u8; 14];
-    new_eth[0..6].copy_from_slice(&eth[6..12]);
-    new_eth[6..12].copy_from_slice(&eth[0..6]);
-    new_eth[12] = 0x08;
-    new_eth[13] = 0x00;
-
     ctx.change_tail(ETH_LEN + IP_LEN as u32, 0).ok()?;
-    ctx.store(0, &new_eth, 0).ok()?;
     ctx.store(ETH_LEN as usize, &r, 0).ok()?;
-    let ifindex = crate::fib::ifindex(ctx);
-    // SAFETY: bpf_redirect has no memory preconditions; flags 0 means the device's egress.
-    let verdict = unsafe { bpf_redirect(ifindex, 0) } as i32;
-    if verdict == TC_ACT_SHOT as i32 {
-        return None;
-    }
-    Some(verdict)
+    crate::fib::back_out(ctx)
 }

@@ -482,7 +482,7 @@ fn healthz_fails_once_the_node_is_tainted_for_deletion_and_livez_does_not() {
 fn pods_on_a_bridged_node_reach_services_on_their_node_and_themselves() {
     require_privileged!("pods_on_a_bridged_node_reach_services_on_their_node_and_themselves");
     let env = Env::new(&[]);
-    env.web("ClusterIP", "Cluster", vec![env.web_ep(BRIDGE_NODE)]);
+    env.web("NodePort", "Cluster", vec![env.web_ep(BRIDGE_NODE)]);
     env.wait_programmed(CLUSTER_IP, 80, 1);
     // Client and backend on the same bridge: the reply is bridged back, not routed.
     let r = curl(&env.c.pod("client-2").ns, CLUSTER_IP, 80, T)
@@ -491,6 +491,13 @@ fn pods_on_a_bridged_node_reach_services_on_their_node_and_themselves() {
     assert_eq!(r.client.map(|c| *c.ip()), Some(env.addr("client-2")));
     // Hairpin: the backend calling its own Service, SNATed to the hairpin address.
     let r = curl(&env.c.pod("web-2").ns, CLUSTER_IP, 80, T).unwrap();
+    assert_eq!(r.body, "web-2");
+    assert_eq!(r.client.map(|c| *c.ip()), Some(plan::HAIRPIN_SNAT));
+    // Through its own node's NodePort: the reply shows the node's address, and is sent back
+    // across the bridge rather than routed (the kernel would drop it as a martian).
+    let node = env.node_addr(BRIDGE_NODE);
+    let r = curl(&env.c.pod("web-2").ns, node, NODE_PORT, T)
+        .unwrap_or_else(|e| panic!("{e}\n{}", env.logs()));
     assert_eq!(r.body, "web-2");
     assert_eq!(r.client.map(|c| *c.ip()), Some(plan::HAIRPIN_SNAT));
     // And across nodes, from a routed node to the bridged one.

@@ -268,13 +268,17 @@ fn a_pod_reaching_itself_through_its_service_is_snated_and_gets_its_answer() {
         std::net::SocketAddrV4::new(HAIRPIN, 40000),
         "SNAT to the hairpin address"
     );
-    // The pod answers the hairpin address; the reply comes back in at the same device.
-    let (verdict, out) = run(
-        &dp,
-        FROM_POD,
-        &tcp(sa("198.19.0.10:8080"), fwd.src, SYN_ACK, b""),
+    // The pod answers the hairpin address; the reply comes back in at the same device, and
+    // goes straight back out of it (routed, a reply from a NodePort on the node's own address
+    // would be dropped as a martian), its MAC addresses swapped.
+    let reply = tcp(sa("198.19.0.10:8080"), fwd.src, SYN_ACK, b"");
+    let (verdict, out) = run(&dp, FROM_POD, &reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "back out of the device");
+    assert_eq!(
+        (&out[0..6], &out[6..12]),
+        (&reply[6..12], &reply[0..6]),
+        "to the pod, from the node's side"
     );
-    assert_eq!(verdict, TC_ACT_UNSPEC);
     let back = check(&out);
     assert_eq!(back.src, sa(VIP), "the reply shows the Service");
     assert_eq!(

@@ -5,7 +5,7 @@ mod common;
 use std::{collections::HashMap, net::SocketAddrV4, time::Duration};
 
 use common::NodeDataplane;
-use proxy_common::{CTR_PASS_MALFORMED, CTR_PASS_NO_MATCH};
+use proxy_common::{CTR_PASS_MALFORMED, CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_POD_CLIENT};
 use sluice::dataplane::{Backend, DataplaneConfig, Frontend, FrontendKind, Protocol};
 use testbed::{
     Attempt, Cluster, HttpServer, KeepAlive, Sniffer, UdpEcho, http_many, plan, require_privileged,
@@ -276,6 +276,42 @@ fn a_pod_reaches_itself_through_its_own_service() {
 }
 
 #[test]
+fn a_pod_reaches_itself_through_its_own_nodes_node_port() {
+    require_privileged!("a_pod_reaches_itself_through_its_own_nodes_node_port");
+    let s = sandbox();
+    // The reply shows the node's own address: routed, the kernel would drop it as a martian
+    // (a local source arriving from outside), so it goes straight back out of the pod's device.
+    let node = s.c.nodes[0].addr;
+    s.upsert(
+        frontend(node, 30080, Protocol::Tcp, FrontendKind::NodePort),
+        s.backends(&["backend-a"], 8080),
+    );
+    s.upsert(
+        frontend(node, 30053, Protocol::Udp, FrontendKind::NodePort),
+        s.backends(&["backend-a"], 5353),
+    );
+    let pod = &s.c.pod("backend-a").ns;
+    let attempts = http_many(pod, node, 30080, 5, T).unwrap();
+    for a in attempts {
+        assert_eq!(
+            a,
+            Attempt::Ok {
+                peer: SocketAddrV4::new(node, 30080),
+                body: "backend-a".into()
+            }
+        );
+    }
+    let r = udp_request(pod, node, 30053, "hello", T).unwrap();
+    assert_eq!(r.from, SocketAddrV4::new(node, 30053));
+    // Another pod's calls to the NodePort are routed as before.
+    let attempts = http_many(&s.c.pod("client").ns, node, 30080, 2, T).unwrap();
+    assert!(
+        attempts.iter().all(|a| matches!(a, Attempt::Ok { .. })),
+        "{attempts:?}"
+    );
+}
+
+#[test]
 fn traffic_to_addresses_that_are_not_services_is_unchanged_byte_for_byte() {
     require_privileged!("traffic_to_addresses_that_are_not_services_is_unchanged_byte_for_byte");
     let s = sandbox();
@@ -338,8 +374,12 @@ fn traffic_to_addresses_that_are_not_services_is_unchanged_byte_for_byte() {
     let after = s.dp.with(|dp| dp.counters().unwrap());
     let d = |i: u32| after[i as usize].packets - before[i as usize].packets;
     assert!(
-        d(CTR_PASS_NO_MATCH) >= 2 * u64::from(n),
-        "requests and replies passed untouched"
+        d(CTR_PASS_NOT_FRONTEND) >= 2 * u64::from(n),
+        "requests and replies passed untouched at ingress, on the address"
+    );
+    assert!(
+        d(CTR_PASS_NOT_POD_CLIENT) >= 2 * u64::from(n),
+        "and at egress, on the address"
     );
     assert_eq!(
         d(CTR_PASS_MALFORMED),
