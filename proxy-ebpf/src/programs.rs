@@ -258,18 +258,27 @@ fn reply(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> Option<(i
         return Some(redirected(ctx, &r, CTR_REPLY));
     }
     if snat && hook == Hook::FromPod {
-        // A hairpin reply: the pod answered itself, and the reply now shows the frontend. If
-        // that is one of the node's addresses (a NodePort, a local externalIP), the kernel
-        // would drop it as a martian, so it goes straight back into the pod it came from.
-        return Some(match fib::back_out(ctx) {
-            Some(v) => {
-                count(CTR_REDIRECT, 0);
-                (v, CTR_REPLY)
-            }
-            None => (DROP, CTR_DROP_REWRITE),
-        });
+        // A hairpin reply: the pod answered itself.
+        return Some(hairpin_out(ctx, CTR_REPLY));
     }
     Some((PASS, CTR_REPLY))
+}
+
+/// A packet of a hairpin flow (a pod reaching itself through a Service, SNATed to the hairpin
+/// address), translated: it goes straight back into the pod it came from, out of the same
+/// device, never through routing. Routed, strict reverse-path filtering would drop it (the
+/// route back to the hairpin address, or to the frontend a reply shows, is not via the pod's
+/// device), and a reply showing one of the node's own addresses (a NodePort, a local
+/// externalIP) would be dropped as a martian.
+#[inline(always)]
+fn hairpin_out(ctx: &TcContext, counter: u32) -> (i32, u32) {
+    match fib::back_out(ctx) {
+        Some(v) => {
+            count(CTR_REDIRECT, 0);
+            (v, counter)
+        }
+        None => (DROP, CTR_DROP_REWRITE),
+    }
 }
 
 /// A packet from a client: a known flow keeps its backend; a new one to a frontend gets one.
@@ -340,6 +349,9 @@ fn forward(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> (i32, u
             }
             if let Some(r) = route {
                 return redirected(ctx, &r, CTR_CT_HIT);
+            }
+            if hook == Hook::FromPod && svc.nat_addr_be != 0 && svc.addr_be == f.saddr_be {
+                return hairpin_out(ctx, CTR_CT_HIT);
             }
             return (PASS, CTR_CT_HIT);
         }
@@ -470,6 +482,9 @@ fn new_flow(
     }
     if let Some(r) = route {
         return redirected(ctx, &r, counter);
+    }
+    if hook == Hook::FromPod && snat != 0 && be.addr_be == f.saddr_be {
+        return hairpin_out(ctx, counter);
     }
     (PASS, counter)
 }

@@ -236,6 +236,101 @@ fn a_pod_reaches_a_cluster_ip_backend_on_another_node_over_tcp_and_udp() {
 }
 
 #[test]
+fn every_path_works_with_strict_reverse_path_filtering() {
+    require_privileged!("every_path_works_with_strict_reverse_path_filtering");
+    let env = Env::new(&[]);
+    // RHEL's default, and what Calico sets on its devices: a packet is dropped unless the
+    // route back to its source leaves by the device it came in on (all.rp_filter=1 makes
+    // every device strict, as the kernel uses the larger of `all` and the device's value).
+    for node in &env.c.nodes {
+        node.ns.sysctl("net.ipv4.conf.all.rp_filter", "1").unwrap();
+        node.ns
+            .sysctl("net.ipv4.conf.default.rp_filter", "1")
+            .unwrap();
+    }
+    let ok = |ns: &testbed::Netns, addr: Ipv4Addr, port: u16, want: &str, what: &str| {
+        let r = curl(ns, addr, port, T)
+            .unwrap_or_else(|e| panic!("{what}: {e}\n{}\n{}", env.logs(), env.counters(0)));
+        assert_eq!(r.body, want, "{what}");
+        assert_eq!(
+            *r.peer.ip(),
+            addr,
+            "{what}: the socket shows what it dialled"
+        );
+    };
+    // The endpoint on node1: across nodes from pods (routed and bridged), and a NodePort from
+    // outside both to the remote endpoint (SNAT, forwarded by redirect) and to a local one.
+    env.web("NodePort", "Cluster", vec![env.web_ep(1)]);
+    env.wait_programmed(CLUSTER_IP, 80, 1);
+    for client in ["client-0", "client-2"] {
+        let ns = &env.c.pod(client).ns;
+        ok(ns, CLUSTER_IP, 80, "web-1", client);
+        let u = testbed::udp_request(ns, CLUSTER_IP, 53, "hi", T).unwrap();
+        assert_eq!(
+            (u.data.as_str(), *u.from.ip()),
+            ("web-1 hi", CLUSTER_IP),
+            "{client} over UDP"
+        );
+    }
+    // An ICMP error about a translated flow (nothing listens on the backend's port).
+    assert_eq!(
+        udp_connected(&env.c.pod("client-0").ns, CLUSTER_IP, 54, "x", T).unwrap(),
+        UdpOutcome::Refused,
+        "the port unreachable reaches the client"
+    );
+    ok(
+        env.outside(),
+        env.node_addr(0),
+        NODE_PORT,
+        "web-1",
+        "outside to node0, SNATed",
+    );
+    ok(
+        env.outside(),
+        env.node_addr(1),
+        NODE_PORT,
+        "web-1",
+        "outside to node1, local",
+    );
+    let u = testbed::udp_request(env.outside(), env.node_addr(0), UDP_NODE_PORT, "x", T).unwrap();
+    assert_eq!(u.data, "web-1 x", "outside to node0 over UDP");
+    // The endpoint on node0: a local backend, and the pod reaching itself through the
+    // ClusterIP and through its own node's NodePort (hairpin).
+    env.web("NodePort", "Cluster", vec![env.web_ep(0)]);
+    env.wait_programmed(CLUSTER_IP, 80, 1);
+    eventually(WAIT, || {
+        curl(&env.c.pod("client-0").ns, CLUSTER_IP, 80, T).is_ok_and(|r| r.body == "web-0")
+    });
+    ok(
+        &env.c.pod("client-0").ns,
+        CLUSTER_IP,
+        80,
+        "web-0",
+        "a local backend",
+    );
+    let web0 = &env.c.pod("web-0").ns;
+    ok(
+        web0,
+        CLUSTER_IP,
+        80,
+        "web-0",
+        "hairpin through the ClusterIP",
+    );
+    ok(
+        web0,
+        env.node_addr(0),
+        NODE_PORT,
+        "web-0",
+        "hairpin through the NodePort",
+    );
+    assert!(
+        env.counter(0, "reply") >= 1.0 && env.counter(0, "hairpin") >= 2.0,
+        "{}",
+        env.counters(0)
+    );
+}
+
+#[test]
 fn node_port_from_outside_to_a_remote_backend_is_snated_to_the_ingress_node() {
     require_privileged!("node_port_from_outside_to_a_remote_backend_is_snated_to_the_ingress_node");
     let env = Env::new(&[]);

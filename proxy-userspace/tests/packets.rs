@@ -259,8 +259,12 @@ fn a_pod_reaching_itself_through_its_service_is_snated_and_gets_its_answer() {
     require_privileged!("a_pod_reaching_itself_through_its_service_is_snated_and_gets_its_answer");
     let mut dp = dataplane();
     cluster_ip(&mut dp, &["198.19.0.10:8080"]); // the client is the only backend
-    let (verdict, out) = run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(VIP), SYN, b""));
-    assert_eq!(verdict, TC_ACT_UNSPEC);
+    // Both ways, the packets go straight back out of the pod's device, never routed (strict
+    // reverse-path filtering and the martian check would drop them), MAC addresses swapped.
+    let syn = tcp(sa(CLIENT), sa(VIP), SYN, b"");
+    let (verdict, out) = run(&dp, FROM_POD, &syn);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "back out of the device");
+    assert_eq!((&out[0..6], &out[6..12]), (&syn[6..12], &syn[0..6]));
     let fwd = check(&out);
     assert_eq!(fwd.dst, sa("198.19.0.10:8080"));
     assert_eq!(
@@ -268,9 +272,7 @@ fn a_pod_reaching_itself_through_its_service_is_snated_and_gets_its_answer() {
         std::net::SocketAddrV4::new(HAIRPIN, 40000),
         "SNAT to the hairpin address"
     );
-    // The pod answers the hairpin address; the reply comes back in at the same device, and
-    // goes straight back out of it (routed, a reply from a NodePort on the node's own address
-    // would be dropped as a martian), its MAC addresses swapped.
+    // The pod answers the hairpin address; the reply comes back in at the same device.
     let reply = tcp(sa("198.19.0.10:8080"), fwd.src, SYN_ACK, b"");
     let (verdict, out) = run(&dp, FROM_POD, &reply);
     assert_eq!(verdict, TC_ACT_REDIRECT, "back out of the device");
@@ -287,6 +289,11 @@ fn a_pod_reaching_itself_through_its_service_is_snated_and_gets_its_answer() {
         "and goes to the client's own address and port"
     );
     assert_eq!(dp.counters().unwrap()[CTR_HAIRPIN as usize].packets, 1);
+    // A later packet of the flow (a conntrack hit) too.
+    let (verdict, out) = run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(VIP), ACK, b""));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(check(&out).dst, sa("198.19.0.10:8080"));
+    assert_eq!(dp.counters().unwrap()[CTR_CT_HIT as usize].packets, 1);
 }
 
 fn reverse_entry(dp: &Dataplane) -> Ct4Entry {

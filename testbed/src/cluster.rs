@@ -244,8 +244,8 @@ impl Cluster {
         let addr = plan::node_addr(k);
         self.join_fabric(&ns, &format!("n{k}"), addr)?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
-        // The datapath rewrites addresses before routing; strict reverse-path filtering would
-        // drop such packets (toolchain.md).
+        // Off, as many CNIs leave it; `tests/cluster.rs` turns it strict to show that every
+        // path works either way.
         ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
         ns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
         if pod_network == PodNetwork::Bridge {
