@@ -14,11 +14,11 @@ use aya::programs::{TestRun as _, TestRunOptions};
 use etherparse::PacketBuilder;
 use proxy_common::{
     CT_FLAG_SNAT, CTR_CT_HIT, CTR_NEW_FLOW, CTR_NEW_FLOW_SNAT, CTR_PASS_NO_MATCH,
-    CTR_PASS_NOT_FRONTEND, CTR_REDIRECT, CTR_REPLY, Counter,
+    CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_POD_CLIENT, CTR_REDIRECT, CTR_REPLY, Counter,
 };
 use sluice::dataplane::{
     Backend, CtKind, Dataplane, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend, FrontendKind,
-    PASS, Protocol, Snat,
+    PASS, Protocol, Snat, TO_POD,
 };
 
 fn syn(sport: u16, dst: Ipv4Addr) -> Vec<u8> {
@@ -205,9 +205,9 @@ fn main() {
 
         let empty = measure(&dp, PASS, &pkts, rounds);
         // Each path's runs must all have taken it: the counter says so.
-        let on_path = |pkts: &[Vec<u8>], rounds: usize, ctr: u32, what: &str| {
+        let on_path_of = |program, pkts: &[Vec<u8>], rounds: usize, ctr: u32, what: &str| {
             let before = counter(&dp, ctr);
-            let stats = measure(&dp, FROM_POD, pkts, rounds);
+            let stats = measure(&dp, program, pkts, rounds);
             let runs = counter(&dp, ctr) - before;
             assert_eq!(
                 runs,
@@ -215,6 +215,9 @@ fn main() {
                 "every run was {what}"
             );
             stats
+        };
+        let on_path = |pkts: &[Vec<u8>], rounds: usize, ctr: u32, what: &str| {
+            on_path_of(FROM_POD, pkts, rounds, ctr, what)
         };
         let new_flow = on_path(&pkts, 1, CTR_NEW_FLOW, "a new flow");
         let ct_hit = on_path(&pkts, rounds, CTR_CT_HIT, "a conntrack hit");
@@ -228,6 +231,15 @@ fn main() {
             .map(|i| syn_to(10_000 + i, Ipv4Addr::new(198, 19, 0, 20), 8080))
             .collect();
         let pod_to_pod = on_path(&pod, rounds, CTR_PASS_NOT_FRONTEND, "passed on the address");
+        // The same packets at the destination pod's egress: that pod was never the client of
+        // a flow translated at TC, so no conntrack lookup either.
+        let into_pod = on_path_of(
+            TO_POD,
+            &pod,
+            rounds,
+            CTR_PASS_NOT_POD_CLIENT,
+            "passed on the pod client filter",
+        );
         rows.push((
             services,
             program_time,
@@ -236,20 +248,22 @@ fn main() {
             new_flow,
             no_match,
             pod_to_pod,
+            into_pod,
         ));
     }
     let mut md = String::new();
-    md.push_str("| Services | empty program | conntrack hit | new flow | no match (a frontend's address, another port) | pod to pod (no frontend's address) | conntrack hit / new flow / pod to pod over empty | time to program all |\n");
-    md.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    md.push_str("| Services | empty program | conntrack hit | new flow | no match (a frontend's address, another port) | pod to pod (no frontend's address) | into a pod (`sluice_to_pod`, no TC client there) | conntrack hit / new flow / pod to pod over empty | time to program all |\n");
+    md.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     let f = |s: &Stats| format!("{:.0} ns (mean {:.0}, p90 {:.0})", s.median, s.mean, s.p90);
-    for (n, t, e, h, nf, nm, pp) in &rows {
+    for (n, t, e, h, nf, nm, pp, ip) in &rows {
         md.push_str(&format!(
-            "| {n} | {} | {} | {} | {} | {} | +{:.0} / +{:.0} / +{:.0} ns | {:.1} ms |\n",
+            "| {n} | {} | {} | {} | {} | {} | {} | +{:.0} / +{:.0} / +{:.0} ns | {:.1} ms |\n",
             f(e),
             f(h),
             f(nf),
             f(nm),
             f(pp),
+            f(ip),
             h.median - e.median,
             nf.median - e.median,
             pp.median - e.median,
