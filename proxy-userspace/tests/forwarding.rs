@@ -8,7 +8,7 @@ mod common;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use common::*;
-use etherparse::{Ipv4HeaderSlice, PacketBuilder};
+use etherparse::Ipv4HeaderSlice;
 use proxy_common::*;
 use sluice::dataplane::{
     Backend, Backends, Dataplane, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend, FrontendKind,
@@ -180,18 +180,6 @@ fn a_packet_too_big_for_the_route_to_its_backend_gets_fragmentation_needed() {
         let after = dp.counters().unwrap();
         assert_eq!(delta(&before, &after, CTR_REJECT_FRAG_NEEDED), 1);
     });
-}
-
-/// An ICMP error from `from` about `quoted` (a translated packet), to `to`.
-fn icmp_error(from: Ipv4Addr, to: Ipv4Addr, code: u8, quoted: &[u8]) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ipv4(from.octets(), to.octets(), 64)
-        .icmpv4_raw(3, code, [0; 4]);
-    // The quoted IP header and 8 bytes, as RFC 792 has it.
-    let q = &quoted[14..14 + 28];
-    let mut v = Vec::new();
-    b.write(&mut v, q).unwrap();
-    v
 }
 
 /// Checks the quoted header's IP checksum independently; returns (source, destination) of the

@@ -90,6 +90,18 @@ pub fn udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
     v
 }
 
+/// An ICMP destination unreachable with `code` from `from` to `to`, quoting `quoted` (a frame:
+/// its IP header, without options, and 8 bytes, as RFC 792 has it).
+pub fn icmp_error(from: Ipv4Addr, to: Ipv4Addr, code: u8, quoted: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(from.octets(), to.octets(), 64)
+        .icmpv4_raw(3, code, [0; 4]);
+    let q = &quoted[14..14 + 28];
+    let mut v = Vec::new();
+    b.write(&mut v, q).unwrap();
+    v
+}
+
 /// Runs `program` once on `pkt`; returns the verdict and the packet as it left.
 pub fn run(dp: &Dataplane, program: &'static str, pkt: &[u8]) -> (u32, Vec<u8>) {
     run_ctx(dp, program, pkt, None)
