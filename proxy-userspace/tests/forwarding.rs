@@ -11,8 +11,8 @@ use common::*;
 use etherparse::Ipv4HeaderSlice;
 use proxy_common::*;
 use sluice::dataplane::{
-    Backend, Backends, Dataplane, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend, FrontendKind,
-    Protocol, Snat, TO_POD,
+    AttachMode, Backend, Backends, Dataplane, DataplaneConfig, DataplaneError, FROM_POD,
+    FROM_UPLINK, Frontend, FrontendKind, Protocol, Snat, TO_POD,
 };
 use testbed::require_privileged;
 
@@ -434,5 +434,37 @@ fn an_icmp_error_about_a_reply_goes_to_the_backend_quoting_what_it_sent() {
             "what the backend sent"
         );
         assert_eq!(delta(&before, &dp.counters().unwrap(), CTR_ICMP_ERROR), 1);
+    });
+}
+
+#[test]
+fn a_device_without_ethernet_headers_is_refused_rather_than_misparsed() {
+    require_privileged!("a_device_without_ethernet_headers_is_refused_rather_than_misparsed");
+    in_node(|ns| {
+        // A tun device carries bare IP packets, as WireGuard and IPIP devices do.
+        testbed::run(&[
+            "ip", "-n", ns, "tuntap", "add", "dev", "tun0", "mode", "tun",
+        ])
+        .unwrap();
+        testbed::run(&["ip", "-n", ns, "link", "set", "tun0", "up"]).unwrap();
+        let mut dp = Dataplane::load().unwrap();
+        let mode = AttachMode::for_running_kernel();
+        let links = testbed::BpfFs::new().unwrap();
+        for result in [
+            dp.attach_pod_device("tun0", mode),
+            dp.attach_uplink_persistent("tun0", mode, &links.path().join("links")),
+        ] {
+            match result {
+                Err(DataplaneError::NotEthernet {
+                    interface,
+                    link_type,
+                }) => {
+                    assert_eq!((interface.as_str(), link_type), ("tun0", 65534));
+                }
+                other => panic!("tun0 must be refused as not Ethernet: {other:?}"),
+            }
+        }
+        // An Ethernet device (the node's veth) is taken.
+        dp.attach_uplink("v0", mode).unwrap();
     });
 }

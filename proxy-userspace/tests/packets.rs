@@ -482,12 +482,17 @@ fn fragments_other_protocols_and_non_ipv4_pass_untouched_and_are_counted() {
     arp[12..14].copy_from_slice(&[0x08, 0x06]);
     let mut ipv6 = syn.clone();
     ipv6[12..14].copy_from_slice(&[0x86, 0xdd]);
+    // An 802.1Q tag left in the frame (a real device's driver normally strips it into the
+    // packet's metadata, and then the frame is translated as any other): passed on purpose.
+    let mut tagged = syn.clone();
+    tagged.splice(12..12, [0x81, 0x00, 0x00, 0x2a]);
     let cases = [
         (first_fragment, CTR_PASS_FRAGMENT),
         (later_fragment, CTR_PASS_FRAGMENT),
         (icmp, CTR_PASS_OTHER_PROTO),
         (arp, CTR_PASS_NOT_IPV4),
         (ipv6, CTR_PASS_NOT_IPV4),
+        (tagged, CTR_PASS_NOT_IPV4),
     ];
     for (pkt, counter) in cases {
         let before = dp.counters().unwrap();

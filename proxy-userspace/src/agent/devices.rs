@@ -21,7 +21,7 @@ use super::{
     metrics::{Metrics, RoleLabel},
     source::{Change, ChangeTx},
 };
-use crate::dataplane::{self, AttachMode, Dataplane};
+use crate::dataplane::{self, AttachMode, Dataplane, DataplaneError};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -49,6 +49,9 @@ pub struct Devices {
     /// Attached devices: role and ifindex (a device recreated under the same name has a new
     /// index and must be attached again).
     attached: BTreeMap<String, (Role, u32)>,
+    /// Wanted devices refused for good (not Ethernet), with their ifindex: said once, not
+    /// retried until the device is made anew.
+    refused: BTreeMap<String, u32>,
     metrics: Arc<Metrics>,
 }
 
@@ -81,6 +84,7 @@ impl Devices {
             mode,
             links_dir,
             attached: BTreeMap::new(),
+            refused: BTreeMap::new(),
             metrics,
         }
     }
@@ -114,7 +118,9 @@ impl Devices {
         }
         for (name, role) in &wanted {
             let index = nix::net::if_::if_nametoindex(name.as_str()).unwrap_or(0);
-            if self.attached.get(name) == Some(&(*role, index)) {
+            if self.attached.get(name) == Some(&(*role, index))
+                || self.refused.get(name) == Some(&index)
+            {
                 continue;
             }
             let result = match role {
@@ -126,6 +132,11 @@ impl Devices {
                     tracing::info!(device = %name, ?role, mode = %self.mode, "attached");
                     self.attached.insert(name.clone(), (*role, index));
                 }
+                Err(error @ DataplaneError::NotEthernet { .. }) => {
+                    self.metrics.attach_errors.inc();
+                    tracing::warn!(device = %name, ?role, %error, "not attached");
+                    self.refused.insert(name.clone(), index);
+                }
                 Err(error) => {
                     self.metrics.attach_errors.inc();
                     let error = super::chain(&error);
@@ -133,6 +144,7 @@ impl Devices {
                 }
             }
         }
+        self.refused.retain(|name, _| wanted.contains_key(name));
         // Gone or no longer wanted: drop the pins (for a device still there, that detaches).
         let pinned: BTreeSet<String> = dataplane::pinned_link_devices(&self.links_dir)
             .into_iter()

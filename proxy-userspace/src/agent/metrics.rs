@@ -196,7 +196,7 @@ impl Metrics {
         );
         r.register(
             "attach_errors",
-            "Failed attachments to devices (retried)",
+            "Failed attachments to devices (retried, except to a device that is not Ethernet)",
             m.attach_errors.clone(),
         );
         r.register(

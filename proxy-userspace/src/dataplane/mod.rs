@@ -106,6 +106,18 @@ pub enum DataplaneError {
     #[error("interface name {interface:?} contains a NUL byte")]
     BadInterface { interface: String },
     #[error(
+        "{interface} is not an Ethernet device (link type {link_type}; WireGuard, IPIP and tun \
+         devices carry bare IP packets): sluice's programs parse Ethernet frames, so it is left \
+         unattached"
+    )]
+    NotEthernet { interface: String, link_type: u16 },
+    #[error("reading the link type of {interface} failed (does it exist?): {source}")]
+    LinkType {
+        interface: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
         "adding the clsact qdisc to {interface} failed (does it exist, and do we have \
          CAP_NET_ADMIN?): {source}"
     )]
@@ -427,6 +439,7 @@ impl Dataplane {
         mode: AttachMode,
     ) -> Result<(), DataplaneError> {
         let name = c_name(interface)?;
+        ensure_ethernet(&name, interface)?;
         if mode == AttachMode::Clsact {
             ensure_clsact(&name, interface)?;
         }
@@ -500,6 +513,7 @@ impl Dataplane {
             mode,
             source: Box::new(source),
         };
+        ensure_ethernet(&c_name(interface)?, interface)?;
         match mode {
             AttachMode::Tcx => {
                 std::fs::create_dir_all(links_dir).map_err(|source| DataplaneError::PinPath {
@@ -616,6 +630,49 @@ impl Dataplane {
         )?;
         self.attach_persistent(TO_UPLINK, interface, TcAttachType::Egress, mode, links_dir)
     }
+}
+
+/// Refuses a device whose packets do not start with an Ethernet header (the programs would
+/// read an IP header as one, and mis-parse everything).
+fn ensure_ethernet(name: &CString, interface: &str) -> Result<(), DataplaneError> {
+    match link_type(name) {
+        Ok(t) if t == libc::ARPHRD_ETHER => Ok(()),
+        Ok(link_type) => Err(DataplaneError::NotEthernet {
+            interface: interface.to_owned(),
+            link_type,
+        }),
+        Err(source) => Err(DataplaneError::LinkType {
+            interface: interface.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// The device's link type (`ARPHRD_*`), in the calling thread's network namespace.
+fn link_type(name: &CString) -> std::io::Result<u16> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    // SAFETY: a plain socket call; the descriptor is owned from here on.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: an all-zero ifreq is valid; the name fits (checked below) and stays NUL-ended.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    let bytes = name.as_bytes();
+    if bytes.len() >= ifr.ifr_name.len() {
+        return Err(std::io::Error::from_raw_os_error(libc::ENODEV));
+    }
+    for (d, s) in ifr.ifr_name.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR reads the name and writes the hardware address into `ifr`.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFHWADDR, &mut ifr) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel filled the hwaddr member of the union.
+    Ok(unsafe { ifr.ifr_ifru.ifru_hwaddr.sa_family })
 }
 
 fn c_name(interface: &str) -> Result<CString, DataplaneError> {
