@@ -104,10 +104,13 @@ counters! {
     /// Not a verdict: a new flow's client address could not be added to `LB4_POD_CLIENTS`
     /// (full); the egress filter is off from then on (see `DP_STATE_POD_CLIENTS_FULL`).
     CTR_POD_CLIENTS_FULL = 34, "pod_clients_map_full";
+    /// Dropped: an ICMP destination unreachable (no backends, or fragmentation needed) was
+    /// due, but this CPU had sent its share for now (`REJECT_PER_SEC`, `REJECT_BURST`).
+    CTR_DROP_REJECT_RATE_LIMITED = 35, "drop_reject_rate_limited";
 }
 
 /// Number of counters in use (at most [`CTR_SLOTS`]).
-pub const CTR_MAX: u32 = 35;
+pub const CTR_MAX: u32 = 36;
 const _: () = assert!(CTR_MAX <= CTR_SLOTS);
 
 /// One CPU's share of a counter.

@@ -52,6 +52,23 @@ pub const LB4_DP_STATE_MAP: &str = "LB4_DP_STATE";
 /// [`LB4_POD_CLIENTS_MAP`] could not take an address: `sluice_to_pod` looks every packet up.
 pub const DP_STATE_POD_CLIENTS_FULL: u32 = 1;
 
+/// `LB4_REJECT_BUDGET`: index 0 -> [`RejectBudget`]; per-CPU array of 1; the programs' own
+/// state: how many ICMP errors each CPU may still send, as the kernel rate-limits its own
+/// (`net.ipv4.icmp_msgs_per_sec` 1000, `icmp_msgs_burst` 50, which are global; these are per
+/// CPU).
+pub const LB4_REJECT_BUDGET_MAP: &str = "LB4_REJECT_BUDGET";
+/// ICMP errors a CPU may send per second, and at once.
+pub const REJECT_PER_SEC: u64 = 1_000;
+pub const REJECT_BURST: u64 = 50;
+
+/// A token bucket: `tokens` left, refilled from `last_ns` on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RejectBudget {
+    pub tokens: u64,
+    pub last_ns: u64,
+}
+
 /// The slot after which the local list (externalTrafficPolicy Local) starts; the list for
 /// every origin ends below it, so each list holds at most `LOCAL_SLOT_BASE - 1` backends.
 pub const LOCAL_SLOT_BASE: u16 = 0x8000;
@@ -161,4 +178,11 @@ pub struct Lb4Config {
 }
 const _: () = assert!(core::mem::size_of::<Lb4Config>() == 16);
 
-crate::impl_pod!(Lb4Key, Lb4Service, Lb4Backend, Lb4RevNat, Lb4Config);
+crate::impl_pod!(
+    Lb4Key,
+    Lb4Service,
+    Lb4Backend,
+    Lb4RevNat,
+    Lb4Config,
+    RejectBudget
+);

@@ -8,8 +8,8 @@ use aya_ebpf::{
 use proxy_common::{
     CT4_DEFAULT_MAX, CTR_SLOTS, Counter, Ct4Entry, Ct4Key, LB4_BACKENDS_DEFAULT_MAX,
     LB4_POD_CLIENTS_DEFAULT_MAX, LB4_REVNAT_DEFAULT_MAX, LB4_SERVICES_DEFAULT_MAX, Lb4Backend,
-    Lb4Config, Lb4Key, Lb4RevNat, Lb4Service, SOCK_REVNAT_DEFAULT_MAX, SockConfig, SockRevKey,
-    SockRevValue,
+    Lb4Config, Lb4Key, Lb4RevNat, Lb4Service, RejectBudget, SOCK_REVNAT_DEFAULT_MAX, SockConfig,
+    SockRevKey, SockRevValue,
 };
 
 #[map(name = "PKT_COUNTERS_V2")]
@@ -28,6 +28,9 @@ pub static LB4_POD_CLIENTS: HashMap<u32, u32> =
 
 #[map(name = "LB4_DP_STATE")]
 pub static LB4_DP_STATE: Array<u32> = Array::with_max_entries(1, 0);
+
+#[map(name = "LB4_REJECT_BUDGET")]
+pub static LB4_REJECT_BUDGET: PerCpuArray<RejectBudget> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "LB4_BACKENDS")]
 pub static LB4_BACKENDS: HashMap<u32, Lb4Backend> =
@@ -57,6 +60,10 @@ const _: () = {
     assert!(str_eq(proxy_common::LB4_BACKENDS_MAP, "LB4_BACKENDS"));
     assert!(str_eq(proxy_common::LB4_POD_CLIENTS_MAP, "LB4_POD_CLIENTS"));
     assert!(str_eq(proxy_common::LB4_DP_STATE_MAP, "LB4_DP_STATE"));
+    assert!(str_eq(
+        proxy_common::LB4_REJECT_BUDGET_MAP,
+        "LB4_REJECT_BUDGET"
+    ));
     assert!(str_eq(proxy_common::LB4_FE_ADDRS_MAP, "LB4_FE_ADDRS"));
     assert!(str_eq(proxy_common::LB4_REVNAT_MAP, "LB4_REVNAT"));
     assert!(str_eq(proxy_common::LB4_CONFIG_MAP, "LB4_CONFIG_V2"));

@@ -26,11 +26,12 @@ use aya_ebpf::{
 use proxy_common::{
     BACKEND_FLAG_LOCAL, CT_FLAG_REDIRECT, CT_FLAG_SNAT, CTR_CT_HIT, CTR_DROP_CT_WRITE,
     CTR_DROP_FIB, CTR_DROP_NO_BACKEND_ENTRY, CTR_DROP_NO_LOCAL_BACKEND, CTR_DROP_NO_SNAT_ADDR,
-    CTR_DROP_REJECT_FAILED, CTR_DROP_REWRITE, CTR_DROP_SNAT_PORTS, CTR_HAIRPIN, CTR_NEW_FLOW,
-    CTR_NEW_FLOW_SNAT, CTR_PASS_NO_MATCH, CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_POD_CLIENT,
-    CTR_PASS_REPLY_AT_EGRESS, CTR_POD_CLIENTS_FULL, CTR_REDIRECT, CTR_REJECT_FRAG_NEEDED,
-    CTR_REJECT_NO_BACKEND, CTR_REPLY, CTR_SEEN, Ct4Entry, Ct4Key, DP_STATE_POD_CLIENTS_FULL,
-    LOCAL_SLOT_BASE, Lb4Config, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL, ct_lifetime_ns,
+    CTR_DROP_REJECT_FAILED, CTR_DROP_REJECT_RATE_LIMITED, CTR_DROP_REWRITE, CTR_DROP_SNAT_PORTS,
+    CTR_HAIRPIN, CTR_NEW_FLOW, CTR_NEW_FLOW_SNAT, CTR_PASS_NO_MATCH, CTR_PASS_NOT_FRONTEND,
+    CTR_PASS_NOT_POD_CLIENT, CTR_PASS_REPLY_AT_EGRESS, CTR_POD_CLIENTS_FULL, CTR_REDIRECT,
+    CTR_REJECT_FRAG_NEEDED, CTR_REJECT_NO_BACKEND, CTR_REPLY, CTR_SEEN, Ct4Entry, Ct4Key,
+    DP_STATE_POD_CLIENTS_FULL, LOCAL_SLOT_BASE, Lb4Config, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL,
+    ct_lifetime_ns,
 };
 
 use crate::{
@@ -209,6 +210,9 @@ fn too_big(ctx: &TcContext, f: &Flow, mtu: u16, len: u16) -> (i32, u32) {
     // Linux < 5.12 does not report the route's MTU (the field still holds our length): fall
     // back to a size every IPv4 path of a cluster carries.
     let mtu = if mtu == 0 || mtu >= len { 1280 } else { mtu };
+    if !reject::allowed(conntrack::now()) {
+        return (DROP, CTR_DROP_REJECT_RATE_LIMITED);
+    }
     match reject::unreachable(ctx, f, reject::FRAG_NEEDED, mtu) {
         Some(v) => (v, CTR_REJECT_FRAG_NEEDED),
         None => (DROP, CTR_DROP_REJECT_FAILED),
@@ -396,6 +400,9 @@ fn new_flow(
         return (PASS, CTR_PASS_NO_MATCH);
     }
     if fe.count == 0 {
+        if !reject::allowed(now) {
+            return (DROP, CTR_DROP_REJECT_RATE_LIMITED);
+        }
         return match reject::port_unreachable(ctx, f) {
             Some(verdict) => (verdict, CTR_REJECT_NO_BACKEND),
             None => (DROP, CTR_DROP_REJECT_FAILED),

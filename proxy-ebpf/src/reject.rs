@@ -9,7 +9,12 @@
 //! device it came in on.
 use aya_ebpf::{helpers::bpf_csum_diff, programs::TcContext};
 
-use crate::parse::{ETH_LEN, Flow};
+use proxy_common::{REJECT_BURST, REJECT_PER_SEC};
+
+use crate::{
+    maps::LB4_REJECT_BUDGET,
+    parse::{ETH_LEN, Flow},
+};
 
 const INNER_LEN: usize = 28; // the original IPv4 header (no options) + 8 bytes
 const ICMP_LEN: usize = 8 + INNER_LEN;
@@ -35,6 +40,33 @@ fn csum(buf: *mut u8, len: u32) -> Option<u16> {
     // SAFETY: `buf` points to `len` bytes on our stack; len is a multiple of 4 and <= 512.
     let s = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, buf.cast(), len, 0) };
     if s < 0 { None } else { Some(fold(s as u64)) }
+}
+
+/// Whether this CPU may send an ICMP error now (a token bucket of `REJECT_BURST`, refilled at
+/// `REJECT_PER_SEC`); takes a token if so.
+#[inline(always)]
+pub fn allowed(now: u64) -> bool {
+    const NS_PER_TOKEN: u64 = 1_000_000_000 / REJECT_PER_SEC;
+    let Some(b) = LB4_REJECT_BUDGET.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: a valid pointer into this CPU's own slot; no other CPU writes it, and a program
+    // is not preempted on its CPU.
+    let b = unsafe { &mut *b };
+    let earned = now.saturating_sub(b.last_ns) / NS_PER_TOKEN;
+    if earned > 0 {
+        b.tokens = (b.tokens + earned).min(REJECT_BURST);
+        b.last_ns = if b.tokens == REJECT_BURST {
+            now
+        } else {
+            b.last_ns + earned * NS_PER_TOKEN
+        };
+    }
+    if b.tokens == 0 {
+        return false;
+    }
+    b.tokens -= 1;
+    true
 }
 
 /// ICMP destination-unreachable codes.

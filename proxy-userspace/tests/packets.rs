@@ -203,6 +203,46 @@ fn new_flows_are_spread_across_every_backend() {
 }
 
 #[test]
+fn icmp_rejects_are_rate_limited_and_the_rest_dropped_and_counted() {
+    require_privileged!("icmp_rejects_are_rate_limited_and_the_rest_dropped_and_counted");
+    let mut dp = dataplane();
+    cluster_ip(&mut dp, &[]);
+    // A burst far beyond what a CPU may send (REJECT_BURST at once, REJECT_PER_SEC after).
+    let n = 2_000u64;
+    let before = dp.counters().unwrap();
+    let t0 = std::time::Instant::now();
+    let mut redirected = 0;
+    for i in 0..n {
+        let syn = tcp(
+            sa(CLIENT),
+            sa(VIP),
+            SYN,
+            &i.to_be_bytes(), // each a packet of its own
+        );
+        let (verdict, _) = run(&dp, FROM_POD, &syn);
+        assert!(verdict == TC_ACT_REDIRECT || verdict == TC_ACT_SHOT);
+        redirected += u64::from(verdict == TC_ACT_REDIRECT);
+    }
+    let ms = t0.elapsed().as_millis() as u64;
+    let after = dp.counters().unwrap();
+    let rejected = delta(&before, &after, CTR_REJECT_NO_BACKEND);
+    let limited = delta(&before, &after, CTR_DROP_REJECT_RATE_LIMITED);
+    assert_eq!(rejected, redirected, "each reject is an ICMP sent back");
+    assert_eq!(rejected + limited, n, "every SYN was rejected or dropped, and counted");
+    // The test may move between CPUs, each with its own budget.
+    let cpus = std::thread::available_parallelism().unwrap().get() as u64;
+    let most = cpus * (REJECT_BURST + (ms + 1) * REJECT_PER_SEC / 1000);
+    assert!(
+        rejected >= REJECT_BURST && rejected <= most,
+        "{rejected} rejects in {ms} ms on {cpus} CPUs (at most {most})"
+    );
+    // The budget comes back with time.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let (verdict, _) = run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(VIP), SYN, b""));
+    assert_eq!(verdict, TC_ACT_REDIRECT, "rejected again after a pause");
+}
+
+#[test]
 fn a_service_without_backends_rejects_tcp_with_icmp_port_unreachable() {
     require_privileged!("a_service_without_backends_rejects_tcp_with_icmp_port_unreachable");
     let mut dp = dataplane();
