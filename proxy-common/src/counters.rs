@@ -107,10 +107,13 @@ counters! {
     /// Dropped: an ICMP destination unreachable (no backends, or fragmentation needed) was
     /// due, but this CPU had sent its share for now (`REJECT_PER_SEC`, `REJECT_BURST`).
     CTR_DROP_REJECT_RATE_LIMITED = 35, "drop_reject_rate_limited";
+    /// Rejected: a new flow from a pod to a ClusterIP on a port (and protocol) that no
+    /// Service serves; an ICMP port unreachable went back, as kube-proxy's nftables mode does.
+    CTR_REJECT_NO_SUCH_PORT = 36, "reject_cluster_ip_port_not_served";
 }
 
 /// Number of counters in use (at most [`CTR_SLOTS`]).
-pub const CTR_MAX: u32 = 36;
+pub const CTR_MAX: u32 = 37;
 const _: () = assert!(CTR_MAX <= CTR_SLOTS);
 
 /// One CPU's share of a counter.

@@ -33,6 +33,12 @@ pub const LB4_CONFIG_MAP: &str = "LB4_CONFIG_V2";
 /// An address whose last frontend went stays, with 0, while conntrack holds flows to it
 /// (they keep their backend, as the maps promise); the agent removes it once none is live.
 pub const LB4_FE_ADDRS_MAP: &str = "LB4_FE_ADDRS";
+/// In an `LB4_FE_ADDRS` value: a ClusterIP frontend is on the address (set once its entry is
+/// written). A new flow from a pod to a port of it that no frontend serves is rejected, as
+/// kube-proxy's nftables mode rejects it, rather than routed out of the default route. The
+/// rest of the value ([`FE_ADDR_COUNT`]) is the number of frontends.
+pub const FE_ADDR_CLUSTER_IP: u32 = 1 << 31;
+pub const FE_ADDR_COUNT: u32 = FE_ADDR_CLUSTER_IP - 1;
 
 /// `LB4_POD_CLIENTS`: an address (u32, network order) -> 1 (u32); hash, not preallocated;
 /// written by the programs (and by an agent adopting older pins), read by the programs.

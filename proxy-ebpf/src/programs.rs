@@ -29,9 +29,9 @@ use proxy_common::{
     CTR_DROP_REJECT_FAILED, CTR_DROP_REJECT_RATE_LIMITED, CTR_DROP_REWRITE, CTR_DROP_SNAT_PORTS,
     CTR_HAIRPIN, CTR_NEW_FLOW, CTR_NEW_FLOW_SNAT, CTR_PASS_NO_MATCH, CTR_PASS_NOT_FRONTEND,
     CTR_PASS_NOT_POD_CLIENT, CTR_PASS_REPLY_AT_EGRESS, CTR_POD_CLIENTS_FULL, CTR_REDIRECT,
-    CTR_REJECT_FRAG_NEEDED, CTR_REJECT_NO_BACKEND, CTR_REPLY, CTR_SEEN, Ct4Entry, Ct4Key,
-    DP_STATE_POD_CLIENTS_FULL, LOCAL_SLOT_BASE, Lb4Config, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL,
-    ct_lifetime_ns,
+    CTR_REJECT_FRAG_NEEDED, CTR_REJECT_NO_BACKEND, CTR_REJECT_NO_SUCH_PORT, CTR_REPLY, CTR_SEEN,
+    Ct4Entry, Ct4Key, DP_STATE_POD_CLIENTS_FULL, FE_ADDR_CLUSTER_IP, LOCAL_SLOT_BASE, Lb4Config,
+    SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL, ct_lifetime_ns,
 };
 
 use crate::{
@@ -182,6 +182,13 @@ fn note_pod_client(addr_be: u32) {
             unsafe { *s |= DP_STATE_POD_CLIENTS_FULL };
         }
     }
+}
+
+/// Whether a ClusterIP frontend is on `addr_be`.
+#[inline(always)]
+fn is_cluster_ip(addr_be: u32) -> bool {
+    // SAFETY: the value is a plain integer.
+    unsafe { LB4_FE_ADDRS.get(&addr_be) }.is_some_and(|v| v & FE_ADDR_CLUSTER_IP != 0)
 }
 
 /// Sends a translated packet along `route`; `counter` is its verdict's counter.
@@ -392,6 +399,17 @@ fn new_flow(
     skey: &Ct4Key,
 ) -> (i32, u32) {
     let Some(fe) = lb::frontend(f.daddr_be, f.dport_be, f.proto) else {
+        // A ClusterIP is only its Services' ports: another port from a pod is refused, not
+        // routed out of the default route. (From outside, ClusterIPs are nobody's.)
+        if hook == Hook::FromPod && is_cluster_ip(f.daddr_be) {
+            if !reject::allowed(now) {
+                return (DROP, CTR_DROP_REJECT_RATE_LIMITED);
+            }
+            return match reject::port_unreachable(ctx, f) {
+                Some(verdict) => (verdict, CTR_REJECT_NO_SUCH_PORT),
+                None => (DROP, CTR_DROP_REJECT_FAILED),
+            };
+        }
         return (PASS, CTR_PASS_NO_MATCH);
     };
     let from_outside = hook == Hook::FromUplink;

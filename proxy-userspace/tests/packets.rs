@@ -57,12 +57,25 @@ fn packets_to_no_service_leave_untouched() {
     let mut dp = dataplane();
     cluster_ip(&mut dp, &["198.19.0.20:8080"]);
     let before = dp.counters().unwrap();
-    for pkt in [
-        tcp(sa(CLIENT), sa("198.18.128.1:81"), SYN, b""), // right address, wrong port
-        tcp(sa(CLIENT), sa("198.19.0.20:8080"), SYN, b"x"), // a pod address
-        udp(sa(CLIENT), sa(VIP), b"udp is another frontend"), // right address and port, UDP
+    let every = [FROM_POD, TO_POD, FROM_UPLINK, TO_UPLINK];
+    for (pkt, progs) in [
+        // The ClusterIP on a port or protocol it does not serve: refused from pods (the next
+        // test), passed everywhere else.
+        (
+            tcp(sa(CLIENT), sa("198.18.128.1:81"), SYN, b""),
+            &every[1..],
+        ),
+        (
+            udp(sa(CLIENT), sa(VIP), b"udp is another frontend"),
+            &every[1..],
+        ),
+        // A pod address.
+        (
+            tcp(sa(CLIENT), sa("198.19.0.20:8080"), SYN, b"x"),
+            &every[..],
+        ),
     ] {
-        for prog in [FROM_POD, TO_POD, FROM_UPLINK, TO_UPLINK] {
+        for prog in progs {
             let (verdict, out) = run(&dp, prog, &pkt);
             assert_eq!(verdict, TC_ACT_UNSPEC, "{prog} passes it");
             assert_eq!(out, pkt, "{prog} leaves every byte as it was");
@@ -74,8 +87,54 @@ fn packets_to_no_service_leave_untouched() {
     // The client has no flow translated at TC: the pod's egress passes all three on the
     // destination alone.
     assert_eq!(delta(&before, &after, CTR_PASS_NOT_POD_CLIENT), 3);
-    assert_eq!(delta(&before, &after, CTR_PASS_NO_MATCH), 7);
-    assert_eq!(delta(&before, &after, CTR_SEEN), 12);
+    assert_eq!(delta(&before, &after, CTR_PASS_NO_MATCH), 5);
+    assert_eq!(delta(&before, &after, CTR_SEEN), 10);
+    assert!(dp.conntrack().unwrap().is_empty(), "nothing is tracked");
+}
+
+#[test]
+fn a_cluster_ip_refuses_from_pods_the_ports_no_service_serves() {
+    require_privileged!("a_cluster_ip_refuses_from_pods_the_ports_no_service_serves");
+    let mut dp = dataplane();
+    let http = cluster_ip(&mut dp, &["198.19.0.20:8080"]);
+    // An externalIP and the node's NodePort address: their other ports are someone else's.
+    let external = Frontend {
+        addr: Ipv4Addr::new(198, 18, 192, 1),
+        port: 80,
+        proto: Protocol::Tcp,
+        kind: FrontendKind::ExternalIp,
+    };
+    dp.upsert_service(external, &[be("198.19.0.20:8080")])
+        .unwrap();
+    let refused = [
+        tcp(sa(CLIENT), sa("198.18.128.1:81"), SYN, b""),
+        udp(sa(CLIENT), sa(VIP), b"udp is another frontend"),
+    ];
+    for pkt in &refused {
+        let before = dp.counters().unwrap();
+        let (verdict, out) = run(&dp, FROM_POD, pkt);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "sent back to the pod");
+        let icmp = check_icmp(&out);
+        assert_eq!((icmp.type_, icmp.code), (3, 3), "port unreachable");
+        assert_eq!(icmp.src, *sa(VIP).ip(), "from the ClusterIP");
+        assert_eq!(icmp.quoted, pkt[14..14 + 28]);
+        let after = dp.counters().unwrap();
+        assert_eq!(delta(&before, &after, CTR_REJECT_NO_SUCH_PORT), 1);
+        // From outside a ClusterIP is nobody's: passed, as before.
+        assert_eq!(run(&dp, FROM_UPLINK, pkt), (TC_ACT_UNSPEC, pkt.clone()));
+    }
+    let other = tcp(sa(CLIENT), sa("198.18.192.1:81"), SYN, b"");
+    assert_eq!(
+        run(&dp, FROM_POD, &other),
+        (TC_ACT_UNSPEC, other.clone()),
+        "an externalIP's other port passes"
+    );
+    // Once the ClusterIP is gone, its address (kept for live flows) refuses nothing.
+    dp.remove_service(http).unwrap();
+    assert_eq!(
+        run(&dp, FROM_POD, &refused[0]),
+        (TC_ACT_UNSPEC, refused[0].clone())
+    );
     assert!(dp.conntrack().unwrap().is_empty(), "nothing is tracked");
 }
 
@@ -228,7 +287,11 @@ fn icmp_rejects_are_rate_limited_and_the_rest_dropped_and_counted() {
     let rejected = delta(&before, &after, CTR_REJECT_NO_BACKEND);
     let limited = delta(&before, &after, CTR_DROP_REJECT_RATE_LIMITED);
     assert_eq!(rejected, redirected, "each reject is an ICMP sent back");
-    assert_eq!(rejected + limited, n, "every SYN was rejected or dropped, and counted");
+    assert_eq!(
+        rejected + limited,
+        n,
+        "every SYN was rejected or dropped, and counted"
+    );
     // The test may move between CPUs, each with its own budget.
     let cpus = std::thread::available_parallelism().unwrap().get() as u64;
     let most = cpus * (REJECT_BURST + (ms + 1) * REJECT_PER_SEC / 1000);

@@ -364,8 +364,10 @@ fn story(stage: &mut Stage, once: bool, sluice: &Path) -> anyhow::Result<()> {
         if STOP.load(Ordering::SeqCst) {
             break;
         }
-        let all_answered = (0..calls.len())
-            .all(|i| pods.iter().all(|p| answered.contains_key(&(i, p.to_string()))));
+        let all_answered = (0..calls.len()).all(|i| {
+            pods.iter()
+                .all(|p| answered.contains_key(&(i, p.to_string())))
+        });
         if once && round >= 10 && all_answered {
             break;
         }

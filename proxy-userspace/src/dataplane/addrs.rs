@@ -22,8 +22,9 @@ use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use aya::maps::{Array, HashMap, MapData};
 use proxy_common::{
-    CT_KIND_SERVICE, CT4_MAP, Ct4Entry, Ct4Key, DP_STATE_POD_CLIENTS_FULL, LB4_DP_STATE_MAP,
-    LB4_FE_ADDRS_MAP, LB4_POD_CLIENTS_DEFAULT_MAX, LB4_POD_CLIENTS_MAP,
+    CT_KIND_SERVICE, CT4_MAP, Ct4Entry, Ct4Key, DP_STATE_POD_CLIENTS_FULL, FE_ADDR_CLUSTER_IP,
+    FE_ADDR_COUNT, LB4_DP_STATE_MAP, LB4_FE_ADDRS_MAP, LB4_POD_CLIENTS_DEFAULT_MAX,
+    LB4_POD_CLIENTS_MAP,
 };
 
 use super::{Dataplane, DataplaneError, map_error};
@@ -36,18 +37,24 @@ pub fn monotonic_ns() -> u64 {
 }
 
 impl Dataplane {
-    /// Sets `addr`'s entry to `frontends` (0: retired, kept for its flows).
+    /// Sets `addr`'s entry to `frontends` (0: retired, kept for its flows), marked if a
+    /// ClusterIP frontend of the id tables is on it.
     pub(super) fn write_fe_addr(
         &mut self,
         addr: Ipv4Addr,
         frontends: u32,
     ) -> Result<(), DataplaneError> {
         let max = self.config.services_max;
+        let mark = if self.ids.cluster_ip_on(addr) {
+            FE_ADDR_CLUSTER_IP
+        } else {
+            0
+        };
         self.insert::<u32, u32>(
             LB4_FE_ADDRS_MAP,
             max,
             u32::from(addr).to_be(),
-            frontends,
+            frontends | mark,
             || format!("the address {addr}"),
         )
     }
@@ -58,7 +65,7 @@ impl Dataplane {
         let mut v: Vec<(Ipv4Addr, u32)> = m
             .iter()
             .filter_map(Result::ok)
-            .map(|(a, n)| (Ipv4Addr::from(u32::from_be(a)), n))
+            .map(|(a, n)| (Ipv4Addr::from(u32::from_be(a)), n & FE_ADDR_COUNT))
             .collect();
         v.sort_unstable();
         Ok(v)

@@ -334,6 +334,12 @@ impl Dataplane {
                 external: ext_ids,
             },
         );
+        // 6. A new ClusterIP's address is marked once its frontend can be found, so that its
+        //    other ports are refused (never its own).
+        if frontend.kind == FrontendKind::ClusterIp && old.is_none() {
+            let n = self.ids.frontends_on(fe.addr);
+            self.write_fe_addr(fe.addr, n)?;
+        }
         Ok(())
     }
 
@@ -488,6 +494,19 @@ impl Ids {
             .range(first..)
             .take_while(|(fe, _)| fe.addr == addr)
             .count() as u32
+    }
+
+    /// Whether a ClusterIP frontend is on `addr`.
+    pub(super) fn cluster_ip_on(&self, addr: std::net::Ipv4Addr) -> bool {
+        let first = FrontendId {
+            addr,
+            port: 0,
+            proto: Protocol::Tcp,
+        };
+        self.frontends
+            .range(first..)
+            .take_while(|(fe, _)| fe.addr == addr)
+            .any(|(_, s)| s.kind == FrontendKind::ClusterIp)
     }
 
     /// Every address some frontend is on.
