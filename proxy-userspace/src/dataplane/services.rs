@@ -483,8 +483,8 @@ impl Dataplane {
 }
 
 impl Ids {
-    /// How many frontends are on `addr`.
-    pub(super) fn frontends_on(&self, addr: std::net::Ipv4Addr) -> u32 {
+    /// The frontends on `addr`.
+    fn on(&self, addr: std::net::Ipv4Addr) -> impl Iterator<Item = &FeState> {
         let first = FrontendId {
             addr,
             port: 0,
@@ -492,21 +492,18 @@ impl Ids {
         };
         self.frontends
             .range(first..)
-            .take_while(|(fe, _)| fe.addr == addr)
-            .count() as u32
+            .take_while(move |(fe, _)| fe.addr == addr)
+            .map(|(_, s)| s)
+    }
+
+    /// How many frontends are on `addr`.
+    pub(super) fn frontends_on(&self, addr: std::net::Ipv4Addr) -> u32 {
+        self.on(addr).count() as u32
     }
 
     /// Whether a ClusterIP frontend is on `addr`.
     pub(super) fn cluster_ip_on(&self, addr: std::net::Ipv4Addr) -> bool {
-        let first = FrontendId {
-            addr,
-            port: 0,
-            proto: Protocol::Tcp,
-        };
-        self.frontends
-            .range(first..)
-            .take_while(|(fe, _)| fe.addr == addr)
-            .any(|(_, s)| s.kind == FrontendKind::ClusterIp)
+        self.on(addr).any(|s| s.kind == FrontendKind::ClusterIp)
     }
 
     /// Every address some frontend is on.
