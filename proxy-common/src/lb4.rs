@@ -25,8 +25,8 @@ pub const LB4_REVNAT_MAP: &str = "LB4_REVNAT";
 /// programs. (`LB4_CONFIG`, 8 bytes, had no SNAT fields; an agent removes its old pin.)
 pub const LB4_CONFIG_MAP: &str = "LB4_CONFIG_V2";
 
-/// `LB4_FE_ADDRS`: an address (u32, network order) -> the number of frontends on it (u32);
-/// hash; written by the agent, read by the programs. The ingress programs look a packet's
+/// `LB4_FE_ADDRS`: an address (u32, network order) -> the number of frontends on it (u32,
+/// with [`FE_ADDR_CLUSTER_IP`] in bit 31); hash; written by the agent, read by the programs. The ingress programs look a packet's
 /// destination up here first: an address that is no frontend's, and not the hairpin or SNAT
 /// address, can belong to no translated flow, so the packet passes with no conntrack lookup
 /// (plain pod-to-pod traffic, and every connection socket LB translated at `connect()`).
@@ -41,9 +41,10 @@ pub const FE_ADDR_CLUSTER_IP: u32 = 1 << 31;
 pub const FE_ADDR_COUNT: u32 = FE_ADDR_CLUSTER_IP - 1;
 
 /// `LB4_POD_CLIENTS`: an address (u32, network order) -> 1 (u32); hash, not preallocated;
-/// written by the programs (and by an agent adopting older pins), read by the programs.
-/// Every pod address that has been the client of a flow translated at TC (`sluice_from_pod`,
-/// not SNATed). Only packets to these addresses can be replies that `sluice_to_pod` must
+/// written and read by the programs. Every address that has been the client of a flow
+/// translated at TC and not SNATed whose replies may reach a pod's egress (every such flow of
+/// `sluice_from_pod`; of `sluice_from_uplink`, those whose client is not back out of the
+/// uplink). Only packets to these addresses can be replies that `sluice_to_pod` must
 /// translate, so a packet into a pod whose address is not here passes with no conntrack
 /// lookup: plain pod-to-pod traffic, and every connection socket LB translated at
 /// `connect()`. Addresses are never removed (a node's pod addresses come from its pod CIDR, a
@@ -52,8 +53,8 @@ pub const FE_ADDR_COUNT: u32 = FE_ADDR_CLUSTER_IP - 1;
 pub const LB4_POD_CLIENTS_MAP: &str = "LB4_POD_CLIENTS";
 pub const LB4_POD_CLIENTS_DEFAULT_MAX: u32 = 65_536;
 
-/// `LB4_DP_STATE`: index 0 -> flags (u32); array of 1; set by the programs (and an adopting
-/// agent), never cleared.
+/// `LB4_DP_STATE`: index 0 -> flags (u32); array of 1; set by the programs (and by an agent
+/// that finds pins of a layout without [`LB4_POD_CLIENTS_MAP`]), never cleared.
 pub const LB4_DP_STATE_MAP: &str = "LB4_DP_STATE";
 /// [`LB4_POD_CLIENTS_MAP`] could not take an address: `sluice_to_pod` looks every packet up.
 pub const DP_STATE_POD_CLIENTS_FULL: u32 = 1;

@@ -123,6 +123,16 @@ pub fn lookup(ctx: &TcContext, saddr_be: u32, daddr_be: u32, proto: u8, tot_len:
     }
 }
 
+/// Whether the route from `saddr_be` back to `daddr_be` leaves by the device the packet came
+/// in on (a reply to a client from outside goes back out of the uplink it arrived on).
+#[inline(always)]
+pub fn back_by_ingress(ctx: &TcContext, saddr_be: u32, daddr_be: u32, proto: u8) -> bool {
+    match lookup(ctx, saddr_be, daddr_be, proto, 0) {
+        Fib::Route(r) => r.ifindex == ifindex(ctx),
+        _ => false,
+    }
+}
+
 /// Sends the (already rewritten) packet back out of the device it came in on, to the host it
 /// came from: the MAC addresses swapped, no routing (so no TTL change, and no martian check of
 /// a source that is one of the node's own addresses). `None`: a rewrite failed; the caller

@@ -467,9 +467,16 @@ fn new_flow(
         flags |= CT_FLAG_SNAT | CT_FLAG_REDIRECT;
         counter = CTR_NEW_FLOW_SNAT;
     }
-    // A pod's flow that is not SNATed has its replies translated at the pod's egress, which
-    // looks up only the addresses noted here.
-    if hook == Hook::FromPod && snat == 0 {
+    // A flow that is not SNATed has its replies translated at the egress of the device that
+    // leads to its client; a pod's egress looks up only the clients noted here. So: every
+    // pod's flow, and a flow from outside whose client is not back out of the uplink (a pod of
+    // this node whose traffic came back in, say through an outside load balancer that keeps
+    // the client's address).
+    if snat == 0
+        && (hook == Hook::FromPod
+            || (hook == Hook::FromUplink
+                && !fib::back_by_ingress(ctx, be.addr_be, f.saddr_be, f.proto)))
+    {
         note_pod_client(f.saddr_be);
     }
     // The reverse entry first, so that no reply can arrive before it exists.

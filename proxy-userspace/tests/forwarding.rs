@@ -468,3 +468,47 @@ fn a_device_without_ethernet_headers_is_refused_rather_than_misparsed() {
         dp.attach_uplink("v0", mode).unwrap();
     });
 }
+
+#[test]
+fn a_client_from_outside_that_is_a_pod_of_this_node_is_noted_for_its_replies() {
+    require_privileged!(
+        "a_client_from_outside_that_is_a_pod_of_this_node_is_noted_for_its_replies"
+    );
+    in_node(|ns| {
+        // A pod of this node, reached by `v1`: its call came back in by the uplink `v0` (an
+        // outside load balancer that keeps the client's address).
+        testbed::run(&[
+            "ip",
+            "-n",
+            ns,
+            "route",
+            "add",
+            "198.19.0.77/32",
+            "dev",
+            "v1",
+        ])
+        .unwrap();
+        let mut dp = dataplane(SNAT_PORTS);
+        dp.upsert_service(
+            frontend(NODE_PORT, FrontendKind::NodePort),
+            &[backend("198.19.1.20:8080", true)],
+        )
+        .unwrap();
+        let v0 = nix::net::if_::if_nametoindex("v0").unwrap();
+        let pod = sa("198.19.0.77:5000");
+        for client in [sa(CLIENT), pod] {
+            let (_, out) = run_on(&dp, FROM_UPLINK, &tcp(client, sa(NODE_PORT), SYN, b""), v0);
+            assert_eq!(check(&out).dst, sa("198.19.1.20:8080"));
+        }
+        // The pod's egress must look its replies up; an outside client's replies leave by the
+        // uplink and never meet it.
+        let (clients, full) = dp.pod_clients().unwrap();
+        assert_eq!((clients, full), (vec![*pod.ip()], false));
+        let (_, out) = run(&dp, TO_POD, &tcp(sa("198.19.1.20:8080"), pod, SYN_ACK, b""));
+        assert_eq!(
+            check(&out).src,
+            sa(NODE_PORT),
+            "the reply shows the NodePort"
+        );
+    });
+}

@@ -145,6 +145,10 @@ impl Devices {
             }
         }
         self.refused.retain(|name, _| wanted.contains_key(name));
+        // A refused device is not ours: what an older agent attached there goes too.
+        for name in self.refused.keys() {
+            wanted.remove(name);
+        }
         // Gone or no longer wanted: drop the pins (for a device still there, that detaches).
         let pinned: BTreeSet<String> = dataplane::pinned_link_devices(&self.links_dir)
             .into_iter()

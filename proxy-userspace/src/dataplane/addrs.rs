@@ -14,17 +14,17 @@
 //!
 //! The pod clients (`LB4_POD_CLIENTS`) are the egress programs' first question in the same
 //! way: a packet into a pod can be a reply to translate only if its destination has been the
-//! client of a flow translated at TC. What must hold: every client address of a live flow
-//! that is not SNATed is in the map, or the map is marked full. The programs add an address
-//! before the flow's first packet goes on; an agent adopting pins of a layout without the map
-//! adds the client of every live flow before its programs replace the old ones.
+//! client of a flow translated at TC. What must hold: the client of every live flow whose
+//! replies can reach a pod's egress untranslated is in the map, or the map is marked full.
+//! The programs add the client before the flow's first packet goes on. An agent that finds
+//! older pins without the map marks it full at once: the older programs, which note nothing,
+//! run until its own replace them.
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use aya::maps::{Array, HashMap, MapData};
 use proxy_common::{
     CT_KIND_SERVICE, CT4_MAP, Ct4Entry, Ct4Key, DP_STATE_POD_CLIENTS_FULL, FE_ADDR_CLUSTER_IP,
-    FE_ADDR_COUNT, LB4_DP_STATE_MAP, LB4_FE_ADDRS_MAP, LB4_POD_CLIENTS_DEFAULT_MAX,
-    LB4_POD_CLIENTS_MAP,
+    FE_ADDR_COUNT, LB4_DP_STATE_MAP, LB4_FE_ADDRS_MAP, LB4_POD_CLIENTS_MAP,
 };
 
 use super::{Dataplane, DataplaneError, map_error};
@@ -71,64 +71,37 @@ impl Dataplane {
         Ok(v)
     }
 
-    /// What live conntrack flows name. An incomplete read is an error, never a shorter list.
-    fn flow_addrs(&self) -> Result<FlowAddrs, DataplaneError> {
+    /// The addresses live conntrack flows arrive at: each flow's frontend, and the SNAT or
+    /// hairpin address its replies come back to (which may no longer be the configured one).
+    /// An incomplete read is an error, never a shorter list.
+    fn flow_addrs(&self) -> Result<BTreeSet<Ipv4Addr>, DataplaneError> {
         let now = monotonic_ns();
         let ct: HashMap<&MapData, Ct4Key, Ct4Entry> = self.open(CT4_MAP)?;
-        let mut addrs = FlowAddrs::default();
+        let mut addrs = BTreeSet::new();
         for entry in ct.iter() {
             let (k, v) = entry.map_err(map_error(CT4_MAP, "read"))?;
             if k.kind != CT_KIND_SERVICE || v.expires_ns < now {
                 continue;
             }
-            addrs
-                .arrive_at
-                .insert(Ipv4Addr::from(u32::from_be(k.daddr_be)));
+            addrs.insert(Ipv4Addr::from(u32::from_be(k.daddr_be)));
             if v.nat_addr_be != 0 {
-                addrs
-                    .arrive_at
-                    .insert(Ipv4Addr::from(u32::from_be(v.nat_addr_be)));
-            } else {
-                addrs
-                    .clients
-                    .insert(Ipv4Addr::from(u32::from_be(k.saddr_be)));
+                addrs.insert(Ipv4Addr::from(u32::from_be(v.nat_addr_be)));
             }
         }
         Ok(addrs)
     }
 
     /// After adopting pinned maps: every frontend's address with its count, and every address
-    /// a live flow arrives at, retired, unless a frontend is on it; every client of a live flow
-    /// that is not SNATed, as a pod client (a client from outside only takes a place).
+    /// a live flow arrives at, retired, unless a frontend is on it.
     pub(super) fn adopt_flow_addrs(&mut self) -> Result<(), DataplaneError> {
         let live = self.flow_addrs()?;
         for addr in self.ids.frontend_addrs() {
             let n = self.ids.frontends_on(addr);
             self.write_fe_addr(addr, n)?;
         }
-        for addr in live.arrive_at {
+        for addr in live {
             if self.ids.frontends_on(addr) == 0 {
                 self.write_fe_addr(addr, 0)?;
-            }
-        }
-        for addr in live.clients {
-            match self.insert::<u32, u32>(
-                LB4_POD_CLIENTS_MAP,
-                LB4_POD_CLIENTS_DEFAULT_MAX,
-                u32::from(addr).to_be(),
-                1,
-                || format!("the client {addr}"),
-            ) {
-                Ok(()) => {}
-                Err(DataplaneError::MapFull { .. }) => {
-                    tracing::warn!(
-                        max = LB4_POD_CLIENTS_DEFAULT_MAX,
-                        "the pod-client map is full: every packet into a pod is looked up in conntrack"
-                    );
-                    self.set_pod_clients_full()?;
-                    break;
-                }
-                Err(e) => return Err(e),
             }
         }
         Ok(())
@@ -136,7 +109,7 @@ impl Dataplane {
 
     /// Turns the egress filter off for good (as the programs do when they cannot add a
     /// client).
-    fn set_pod_clients_full(&mut self) -> Result<(), DataplaneError> {
+    pub(super) fn set_pod_clients_full(&mut self) -> Result<(), DataplaneError> {
         let mut state: Array<&mut MapData, u32> = self.open_mut(LB4_DP_STATE_MAP)?;
         let flags = state
             .get(&0, 0)
@@ -175,22 +148,11 @@ impl Dataplane {
         if retired.is_empty() {
             return Ok(0);
         }
-        let live = self.flow_addrs()?.arrive_at;
+        let live = self.flow_addrs()?;
         let gone: Vec<Ipv4Addr> = retired.into_iter().filter(|a| !live.contains(a)).collect();
         for addr in &gone {
             self.remove::<u32, u32>(LB4_FE_ADDRS_MAP, &u32::from(*addr).to_be())?;
         }
         Ok(gone.len())
     }
-}
-
-/// What the live flows in conntrack name.
-#[derive(Default)]
-struct FlowAddrs {
-    /// Addresses their packets arrive at: each flow's frontend, and the SNAT or hairpin
-    /// address its replies come back to (which may no longer be the configured one).
-    arrive_at: BTreeSet<Ipv4Addr>,
-    /// The clients of the flows that are not SNATed: those whose replies a pod's egress may
-    /// translate.
-    clients: BTreeSet<Ipv4Addr>,
 }

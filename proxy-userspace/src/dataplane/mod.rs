@@ -289,6 +289,11 @@ impl Dataplane {
             .map_max_entries(LB4_REVNAT_MAP, config.revnat_max)
             .map_max_entries(CT4_MAP, config.conntrack_max)
             .map_max_entries(SOCK_REVNAT_MAP, config.sock_revnat_max);
+        // Pins of an agent whose programs did not note pod clients: those programs run until
+        // ours replace them, and the flows they make in the meantime are in no client map.
+        let clients_unknown = config.pin_path.as_ref().is_some_and(|dir| {
+            dir.join(CT4_MAP).exists() && !dir.join(LB4_POD_CLIENTS_MAP).exists()
+        });
         let pins: Vec<(&str, PathBuf)> = match &config.pin_path {
             Some(dir) => {
                 std::fs::create_dir_all(dir).map_err(|source| DataplaneError::PinPath {
@@ -339,6 +344,13 @@ impl Dataplane {
         // addresses, so their replies are never filtered out.
         dp.ids = dp.recover_ids()?;
         dp.adopt_flow_addrs()?;
+        if clients_unknown {
+            tracing::warn!(
+                "the pinned maps are from an agent without the pod-client map: the egress \
+                 filter stays off (every packet into a pod is looked up) until the pins go"
+            );
+            dp.set_pod_clients_full()?;
+        }
         dp.write_config()?;
         Ok(dp)
     }

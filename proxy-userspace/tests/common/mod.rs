@@ -117,6 +117,14 @@ pub fn run_gso(dp: &Dataplane, program: &'static str, pkt: &[u8], gso_size: u32)
     run_ctx(dp, program, pkt, Some(&ctx))
 }
 
+/// [`run`] as if the packet arrived on device `ifindex` (the test run's `__sk_buff` says so).
+pub fn run_on(dp: &Dataplane, program: &'static str, pkt: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
+    // `struct __sk_buff` up to and including `ifindex` (offset 40), all else zero.
+    let mut ctx = [0u8; 44];
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    run_ctx(dp, program, pkt, Some(&ctx))
+}
+
 fn run_ctx(
     dp: &Dataplane,
     program: &'static str,
