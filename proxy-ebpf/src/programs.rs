@@ -217,11 +217,25 @@ fn too_big(ctx: &TcContext, f: &Flow, mtu: u16, len: u16) -> (i32, u32) {
     // Linux < 5.12 does not report the route's MTU (the field still holds our length): fall
     // back to a size every IPv4 path of a cluster carries.
     let mtu = if mtu == 0 || mtu >= len { 1280 } else { mtu };
-    if !reject::allowed(conntrack::now()) {
+    rejected(
+        ctx,
+        f,
+        reject::FRAG_NEEDED,
+        mtu,
+        conntrack::now(),
+        CTR_REJECT_FRAG_NEEDED,
+    )
+}
+
+/// Answers `f` with an ICMP destination unreachable `code` (counted as `counter`) if this CPU's
+/// budget allows; otherwise, or if the ICMP cannot be built, drops it and says why.
+#[inline(always)]
+fn rejected(ctx: &TcContext, f: &Flow, code: u8, mtu: u16, now: u64, counter: u32) -> (i32, u32) {
+    if !reject::allowed(now) {
         return (DROP, CTR_DROP_REJECT_RATE_LIMITED);
     }
-    match reject::unreachable(ctx, f, reject::FRAG_NEEDED, mtu) {
-        Some(v) => (v, CTR_REJECT_FRAG_NEEDED),
+    match reject::unreachable(ctx, f, code, mtu) {
+        Some(v) => (v, counter),
         None => (DROP, CTR_DROP_REJECT_FAILED),
     }
 }
@@ -402,13 +416,14 @@ fn new_flow(
         // A ClusterIP is only its Services' ports: another port from a pod is refused, not
         // routed out of the default route. (From outside, ClusterIPs are nobody's.)
         if hook == Hook::FromPod && is_cluster_ip(f.daddr_be) {
-            if !reject::allowed(now) {
-                return (DROP, CTR_DROP_REJECT_RATE_LIMITED);
-            }
-            return match reject::port_unreachable(ctx, f) {
-                Some(verdict) => (verdict, CTR_REJECT_NO_SUCH_PORT),
-                None => (DROP, CTR_DROP_REJECT_FAILED),
-            };
+            return rejected(
+                ctx,
+                f,
+                reject::PORT_UNREACHABLE,
+                0,
+                now,
+                CTR_REJECT_NO_SUCH_PORT,
+            );
         }
         return (PASS, CTR_PASS_NO_MATCH);
     };
@@ -418,13 +433,14 @@ fn new_flow(
         return (PASS, CTR_PASS_NO_MATCH);
     }
     if fe.count == 0 {
-        if !reject::allowed(now) {
-            return (DROP, CTR_DROP_REJECT_RATE_LIMITED);
-        }
-        return match reject::port_unreachable(ctx, f) {
-            Some(verdict) => (verdict, CTR_REJECT_NO_BACKEND),
-            None => (DROP, CTR_DROP_REJECT_FAILED),
-        };
+        return rejected(
+            ctx,
+            f,
+            reject::PORT_UNREACHABLE,
+            0,
+            now,
+            CTR_REJECT_NO_BACKEND,
+        );
     }
     // externalTrafficPolicy Local: traffic from outside uses the node's own endpoints, kept
     // in slots of their own.

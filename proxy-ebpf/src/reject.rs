@@ -73,13 +73,6 @@ pub fn allowed(now: u64) -> bool {
 pub const PORT_UNREACHABLE: u8 = 3;
 pub const FRAG_NEEDED: u8 = 4;
 
-/// Turns `ctx` into the ICMP port unreachable for `flow` and redirects it back out. Returns
-/// the TC verdict, or `None` if the packet could not be rebuilt (the caller drops it).
-#[inline(always)]
-pub fn port_unreachable(ctx: &TcContext, flow: &Flow) -> Option<i32> {
-    unreachable(ctx, flow, PORT_UNREACHABLE, 0)
-}
-
 /// Turns `ctx` into an ICMP destination unreachable with `code` (and, for fragmentation
 /// needed, the next hop's `mtu`) for `flow`, and redirects it back out of the device it came
 /// in on.
