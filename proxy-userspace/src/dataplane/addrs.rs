@@ -92,8 +92,8 @@ impl Dataplane {
     }
 
     /// After adopting pinned maps: every frontend's address with its count, and every address
-    /// a live flow arrives at, retired, unless a frontend is on it.
-    pub(super) fn adopt_flow_addrs(&mut self) -> Result<(), DataplaneError> {
+    /// a live flow names, retired, unless a frontend is on it.
+    pub(super) fn adopt_fe_addrs(&mut self) -> Result<(), DataplaneError> {
         let live = self.flow_addrs()?;
         for addr in self.ids.frontend_addrs() {
             let n = self.ids.frontends_on(addr);

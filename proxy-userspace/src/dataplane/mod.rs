@@ -343,7 +343,7 @@ impl Dataplane {
         // The addresses live flows use go in before the config can name other SNAT or hairpin
         // addresses, so their replies are never filtered out.
         dp.ids = dp.recover_ids()?;
-        dp.adopt_flow_addrs()?;
+        dp.adopt_fe_addrs()?;
         if clients_unknown {
             tracing::warn!(
                 "the pinned maps are from an agent without the pod-client map: the egress \
