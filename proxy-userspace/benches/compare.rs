@@ -47,8 +47,8 @@ use std::{
 
 use common::NodeDataplane;
 use sluice::dataplane::{
-    Backend, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend, FrontendKind, Protocol, Snat,
-    TO_POD, TO_UPLINK,
+    Backend, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend, FrontendKind, Protocol, TO_POD,
+    TO_UPLINK,
     socket::{self, SocketLb, SocketLbConfig},
 };
 use testbed::{
@@ -360,12 +360,7 @@ impl Sandbox {
                     &self.c.nodes[0],
                     DataplaneConfig {
                         conntrack_max: 262_144,
-                        // The agent's default range (clear of the NodePorts and of the node's
-                        // ephemeral ports).
-                        snat: Some(Snat {
-                            addr: self.c.nodes[0].addr,
-                            ports: (1024, 29999),
-                        }),
+                        snat: Some(self.c.nodes[0].addr),
                         ..Default::default()
                     },
                 );

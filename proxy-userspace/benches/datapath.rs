@@ -18,7 +18,7 @@ use proxy_common::{
 };
 use sluice::dataplane::{
     Backend, CtKind, Dataplane, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend, FrontendKind,
-    PASS, Protocol, Snat, TO_POD,
+    PASS, Protocol, TO_POD,
 };
 
 fn syn(sport: u16, dst: Ipv4Addr) -> Vec<u8> {
@@ -114,10 +114,7 @@ fn snat_cell(services: u32, flows: u16, rounds: usize) -> [Stats; 4] {
         let node: Ipv4Addr = common::NODE.parse().unwrap();
         let mut dp = Dataplane::load_with(DataplaneConfig {
             conntrack_max: 262_144,
-            snat: Some(Snat {
-                addr: node,
-                ports: (1024, 29999),
-            }),
+            snat: Some(node),
             ..Default::default()
         })
         .unwrap();

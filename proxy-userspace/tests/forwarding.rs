@@ -12,17 +12,15 @@ use etherparse::Ipv4HeaderSlice;
 use proxy_common::*;
 use sluice::dataplane::{
     AttachMode, Backend, Backends, Dataplane, DataplaneConfig, DataplaneError, FROM_POD,
-    FROM_UPLINK, Frontend, FrontendKind, Protocol, Snat, TO_POD,
+    FROM_UPLINK, Frontend, FrontendKind, Protocol, TO_POD,
 };
 use testbed::require_privileged;
 
 fn dataplane(snat_ports: (u16, u16)) -> Dataplane {
     Dataplane::load_with(DataplaneConfig {
         hairpin_snat: Some(testbed::plan::HAIRPIN_SNAT),
-        snat: Some(Snat {
-            addr: NODE.parse().unwrap(),
-            ports: snat_ports,
-        }),
+        snat: Some(NODE.parse().unwrap()),
+        snat_ports,
         conntrack_max: 4096,
         ..Default::default()
     })
@@ -130,11 +128,7 @@ fn a_flow_snated_to_the_old_node_address_keeps_its_replies_after_the_address_cha
         assert_eq!(v, TC_ACT_REDIRECT);
         let old = check(&out).src;
         assert_eq!(old.ip(), &NODE.parse::<Ipv4Addr>().unwrap());
-        dp.set_snat(Some(Snat {
-            addr: OTHER_NODE.parse().unwrap(),
-            ports: SNAT_PORTS,
-        }))
-        .unwrap();
+        dp.set_snat(Some(OTHER_NODE.parse().unwrap())).unwrap();
         let (v, out) = run(&dp, FROM_UPLINK, &tcp(sa(REMOTE), old, SYN_ACK, b""));
         assert_eq!(v, TC_ACT_REDIRECT, "the reply is translated and forwarded");
         let seen = check(&out);

@@ -14,7 +14,7 @@ use common::*;
 use proxy_common::*;
 use sluice::dataplane::{
     Backend, Counters, Dataplane, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend, FrontendKind,
-    Protocol, Snat, TO_POD, TO_UPLINK,
+    Protocol, TO_POD, TO_UPLINK,
 };
 use testbed::{Attempt, Cluster, HttpServer, http_many, plan, require_privileged};
 
@@ -151,10 +151,8 @@ fn a_hundred_thousand_malformed_frames_crash_nothing_and_each_lands_in_one_count
         let mut dp = Dataplane::load_with(DataplaneConfig {
             conntrack_max: 65_536,
             hairpin_snat: Some(plan::HAIRPIN_SNAT),
-            snat: Some(Snat {
-                addr: sa(NODE_PORT).ip().to_owned(),
-                ports: SNAT_PORTS,
-            }),
+            snat: Some(sa(NODE_PORT).ip().to_owned()),
+            snat_ports: SNAT_PORTS,
             ..Default::default()
         })
         .unwrap();

@@ -479,6 +479,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         hairpin_snat: Some(args.hairpin_snat_address),
         // Set by the sync loop once the Node's address is known.
         snat: None,
+        snat_ports,
     })?;
     let socket_lb = socket_lb_config(&args)?;
     dp.set_socket_lb(&socket_lb)?;
@@ -569,7 +570,6 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             limits: Limits {
                 max_backends_per_frontend: args.max_backends_per_service,
             },
-            snat_ports,
             socket_lb_cgroup: (socket_lb.mode != SocketLb::Off).then(|| socket_lb.cgroup.clone()),
         },
         devices,

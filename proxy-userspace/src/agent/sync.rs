@@ -33,7 +33,7 @@ use super::{
     source::{Change, ObjectView, Resource},
 };
 use crate::{
-    dataplane::{Dataplane, DataplaneError, Snat, socket::SocketTarget},
+    dataplane::{Dataplane, DataplaneError, socket::SocketTarget},
     model::{self, HealthCheck, Limits, NodeContext, Outcome, ServiceKey},
     service::{Backends, Frontend, FrontendId, Protocol},
 };
@@ -93,9 +93,6 @@ pub struct SyncConfig {
     pub node_name: String,
     pub nodeport_addresses: NodePortAddresses,
     pub limits: Limits,
-    /// The source ports for SNAT of traffic from outside to other nodes' backends; the
-    /// address is the node's first (InternalIP), known once the Node has been seen.
-    pub snat_ports: (u16, u16),
     /// Socket LB's cgroup root, when it is on: the UDP sockets it connected to a backend
     /// that went away are destroyed in the namespaces of the processes under it.
     pub socket_lb_cgroup: Option<PathBuf>,
@@ -420,10 +417,7 @@ impl Syncer {
             }
         }
         // Until the Node is known, the SNAT adopted from the pins (if any) stays.
-        let snat = self.node_addrs.first().map(|&addr| Snat {
-            addr,
-            ports: self.config.snat_ports,
-        });
+        let snat = self.node_addrs.first().copied();
         if self.node_known && self.dp.config().snat != snat {
             match self.dp.set_snat(snat) {
                 Ok(()) => tracing::info!(

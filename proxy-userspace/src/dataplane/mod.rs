@@ -233,21 +233,19 @@ pub struct DataplaneConfig {
     /// that pods route to the node but that is not the node's own (see `Lb4Config`).
     /// `None`: hairpin does not work.
     pub hairpin_snat: Option<Ipv4Addr>,
-    /// SNAT of traffic from outside to backends on other nodes; `None`: such flows are
-    /// dropped (counted as `drop_no_snat_address`). The agent sets it once the node's address
-    /// is known ([`Dataplane::set_snat`]).
-    pub snat: Option<Snat>,
+    /// The address (the node's InternalIP) traffic from outside to backends on other nodes
+    /// is SNATed to; `None`: such flows are dropped (counted as `drop_no_snat_address`). The
+    /// agent sets it once the node's address is known ([`Dataplane::set_snat`]).
+    pub snat: Option<Ipv4Addr>,
+    /// Source ports (inclusive) for flows that need one of their own: SNATed to the node, or
+    /// a client's port remapped because its translated tuple was another flow's. Clear of the
+    /// NodePort range and of the node's and pods' ephemeral ports.
+    pub snat_ports: (u16, u16),
 }
 
-/// Where traffic from outside to another node's backend is SNATed to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Snat {
-    /// The node's address (its InternalIP).
-    pub addr: Ipv4Addr,
-    /// Source ports to choose from (inclusive), clear of the NodePort range and of the
-    /// node's ephemeral ports.
-    pub ports: (u16, u16),
-}
+/// [`DataplaneConfig::snat_ports`] by default: the agent's `--snat-port-range auto` with
+/// Kubernetes' default NodePort range and Linux's default ephemeral ports.
+pub const DEFAULT_SNAT_PORTS: (u16, u16) = (1024, 29999);
 
 impl Default for DataplaneConfig {
     fn default() -> Self {
@@ -260,6 +258,7 @@ impl Default for DataplaneConfig {
             sock_revnat_max: SOCK_REVNAT_DEFAULT_MAX,
             hairpin_snat: None,
             snat: None,
+            snat_ports: DEFAULT_SNAT_PORTS,
         }
     }
 }
@@ -363,37 +362,33 @@ impl Dataplane {
         let map = LB4_CONFIG_MAP;
         let hairpin_snat = self.config.hairpin_snat;
         let snat = self.config.snat;
+        let ports = self.config.snat_ports;
         let mut cfg: Array<_, Lb4Config> = self.open_mut(map)?;
         let value = Lb4Config {
             hairpin_snat_be: hairpin_snat.map_or(0, |a| u32::from(a).to_be()),
-            snat_addr_be: snat.map_or(0, |s| u32::from(s.addr).to_be()),
-            snat_port_min: snat.map_or(0, |s| s.ports.0),
-            snat_port_max: snat.map_or(0, |s| s.ports.1),
+            snat_addr_be: snat.map_or(0, |a| u32::from(a).to_be()),
+            snat_port_min: ports.0,
+            snat_port_max: ports.1,
             _pad: 0,
         };
         cfg.set(0, &value, 0).map_err(map_error(map, "write"))
     }
 
     /// The SNAT the config map holds (pinned by an earlier process), if any.
-    fn pinned_snat(&self) -> Result<Option<Snat>, DataplaneError> {
+    fn pinned_snat(&self) -> Result<Option<Ipv4Addr>, DataplaneError> {
         let map = LB4_CONFIG_MAP;
         let cfg: Array<_, Lb4Config> = self.open(map)?;
         let c = cfg.get(&0, 0).map_err(map_error(map, "read"))?;
-        Ok((c.snat_addr_be != 0).then(|| Snat {
-            addr: Ipv4Addr::from(u32::from_be(c.snat_addr_be)),
-            ports: (c.snat_port_min, c.snat_port_max),
-        }))
+        Ok((c.snat_addr_be != 0).then(|| Ipv4Addr::from(u32::from_be(c.snat_addr_be))))
     }
 
     /// Sets (or clears) the SNAT of traffic from outside to other nodes' backends. Flows
     /// already SNATed keep their address and port.
-    pub fn set_snat(&mut self, snat: Option<Snat>) -> Result<(), DataplaneError> {
+    pub fn set_snat(&mut self, snat: Option<Ipv4Addr>) -> Result<(), DataplaneError> {
         if self.config.snat != snat {
             // Replies of flows SNATed to the old address still arrive there: it stays in the
             // ingress filter (retired, until no live flow uses it).
-            if let Some(old) = self.config.snat.map(|s| s.addr)
-                && snat.is_none_or(|s| s.addr != old)
-            {
+            if let Some(old) = self.config.snat {
                 let n = self.ids.frontends_on(old);
                 self.write_fe_addr(old, n)?;
             }
