@@ -6,6 +6,15 @@
 //!   backend), holds what replies must show (the frontend) and where they go (the client),
 //!   and the flow's TCP state.
 //!
+//! One reverse entry, one flow: the backend sees a flow by its translated tuple, so a new
+//! flow never overwrites a live reverse entry of another flow. Linux gives a client one source
+//! port for connections to different destinations, so two frontends of one backend (a
+//! ClusterIP and a NodePort, say) can translate to the same tuple; the second flow's source
+//! port is then remapped to a free one of the SNAT port range (`CT_FLAG_PORT_REMAP`), as
+//! netfilter does. A closed flow's reverse entry outlives it (10 s, or 60 s with a port of its
+//! own); a SYN-ACK that meets it answers a new, direct connection on that tuple (the client now
+//! connects to the backend itself), so the entry goes and the SYN-ACK passes untouched.
+//!
 //! Lifetimes (like Cilium's defaults): TCP established 6 h, TCP opening 60 s, TCP closing
 //! (FIN both ways, or RST) 10 s, UDP 60 s. A closed TCP flow SNATed to the node keeps its
 //! entries 60 s, as long as the backend may keep the connection in TIME_WAIT: its source port
@@ -51,7 +60,7 @@ pub struct Ct4Entry {
     /// backend), 0 if none. Reverse entry: the frontend address replies must come from.
     pub nat_addr_be: u32,
     /// Reverse entry: the frontend port replies must come from. Service entry: the source
-    /// port after SNAT, 0 to keep the client's.
+    /// port after SNAT or a remap (`CT_FLAG_PORT_REMAP`), 0 to keep the client's.
     pub nat_port_be: u16,
     pub _pad: u16,
     /// The frontend's reverse-NAT id (for the CLI and metrics).
@@ -81,12 +90,17 @@ pub const CT_FLAG_ESTABLISHED: u16 = 1 << 6;
 /// to the stack: they carry the node's own address (SNAT to the node, or a reply showing a
 /// NodePort), which the stack would drop as martian at ingress.
 pub const CT_FLAG_REDIRECT: u16 = 1 << 7;
+/// The client's source port was remapped (its tuple after translation was another live
+/// flow's): replies' destination port must be put back, and a closed flow holds the port
+/// like an SNATed one.
+pub const CT_FLAG_PORT_REMAP: u16 = 1 << 8;
 
 pub const CT_LIFETIME_TCP_ESTABLISHED_NS: u64 = 6 * 3600 * 1_000_000_000;
 pub const CT_LIFETIME_TCP_OPENING_NS: u64 = 60 * 1_000_000_000;
 pub const CT_LIFETIME_TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
 pub const CT_LIFETIME_UDP_NS: u64 = 60 * 1_000_000_000;
-/// Closed TCP flows SNATed to the node: Linux's TIME_WAIT (2 MSL).
+/// Closed TCP flows with a source port of their own (SNATed to the node, or remapped): Linux's
+/// TIME_WAIT (2 MSL).
 pub const CT_LIFETIME_TCP_SNAT_CLOSED_NS: u64 = 60 * 1_000_000_000;
 
 /// Whether TCP state `flags` is closed (FIN both ways, or RST).
@@ -100,7 +114,7 @@ pub const fn ct_lifetime_ns(proto: u8, flags: u16) -> u64 {
         return CT_LIFETIME_UDP_NS;
     }
     if ct_closed(flags) {
-        if flags & CT_FLAG_REDIRECT != 0 {
+        if flags & (CT_FLAG_REDIRECT | CT_FLAG_PORT_REMAP) != 0 {
             CT_LIFETIME_TCP_SNAT_CLOSED_NS
         } else {
             CT_LIFETIME_TCP_CLOSING_NS

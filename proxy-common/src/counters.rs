@@ -110,10 +110,18 @@ counters! {
     /// Rejected: a new flow from a pod to a ClusterIP on a port (and protocol) that no
     /// Service serves; an ICMP port unreachable went back, as kube-proxy's nftables mode does.
     CTR_REJECT_NO_SUCH_PORT = 36, "reject_cluster_ip_port_not_served";
+    /// Not a verdict: new flows whose translated tuple was a live flow's (the client used one
+    /// source port for two frontends of one backend); the client's port was remapped, as
+    /// netfilter does, so that the backend sees two connections.
+    CTR_PORT_REMAPPED = 37, "new_flow_port_remapped";
+    /// Not a verdict: a SYN-ACK on the tuple of a closed translated flow, the answer to a
+    /// direct connection (or one socket LB translated) the client made on the same port: the
+    /// closed flow's reverse entry was removed and the SYN-ACK passed untouched.
+    CTR_CT_STALE_REVERSE = 38, "ct_stale_reverse_removed";
 }
 
 /// Number of counters in use (at most [`CTR_SLOTS`]).
-pub const CTR_MAX: u32 = 37;
+pub const CTR_MAX: u32 = 39;
 const _: () = assert!(CTR_MAX <= CTR_SLOTS);
 
 /// One CPU's share of a counter.

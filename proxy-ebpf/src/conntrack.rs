@@ -1,9 +1,10 @@
 //! Conntrack: lookups that treat expired entries as absent, flow creation, state updates.
 //! The layout and lifetimes are documented in `proxy_common::conntrack`.
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use proxy_common::{
     CT_FLAG_ESTABLISHED, CT_FLAG_FIN_FWD, CT_FLAG_FIN_REPLY, CT_FLAG_RST, CT_FLAG_SEEN_REPLY,
-    CT_FLAG_SYN, CT_KIND_REVERSE, CT_KIND_SERVICE, Ct4Entry, Ct4Key, IPPROTO_TCP, ct_lifetime_ns,
+    CT_FLAG_SYN, CT_KIND_REVERSE, CT_KIND_SERVICE, Ct4Entry, Ct4Key, IPPROTO_TCP, ct_closed,
+    ct_lifetime_ns,
 };
 
 use crate::{
@@ -79,6 +80,42 @@ pub fn lookup(key: &Ct4Key, now: u64) -> Option<*mut Ct4Entry> {
         return None;
     }
     Some(e)
+}
+
+/// Inserts a new flow's reverse entry `rev` at `key` (its tuple after translation) unless a
+/// live entry of another flow holds it. Returns `Some(true)` when written, `Some(false)` when
+/// another flow holds the tuple (the new flow must take another source port), `None` when the
+/// map refused the write. The entry at `key` is replaced when it has expired, or when it is
+/// this very flow's (same client, same frontend: its service entry was evicted, or a closed
+/// connection is being reopened).
+#[inline(always)]
+pub fn claim(key: &Ct4Key, rev: &Ct4Entry, now: u64) -> Option<bool> {
+    if CT4.insert(key, rev, u64::from(BPF_NOEXIST)).is_ok() {
+        return Some(true);
+    }
+    if let Some(e) = lookup(key, now) {
+        // SAFETY: a live entry from a successful lookup; fields copied out.
+        let old = unsafe { *e };
+        let same_flow = old.addr_be == rev.addr_be
+            && old.port_be == rev.port_be
+            && old.nat_addr_be == rev.nat_addr_be
+            && old.nat_port_be == rev.nat_port_be;
+        if !same_flow {
+            return Some(false);
+        }
+    }
+    CT4.insert(key, rev, 0).is_ok().then_some(true)
+}
+
+/// Whether `f`, a reply to a flow in TCP state `flags`, is the SYN-ACK of a new connection on
+/// the tuple of a closed one: a direct connection (to the backend's own address, or one socket
+/// LB translated at `connect()`) that the client made on the port it had used for the Service.
+/// The closed flow's reverse entry is stale then, and must not rewrite the new one's replies.
+#[inline(always)]
+pub fn opens_anew(f: &Flow, flags: u16) -> bool {
+    f.proto == IPPROTO_TCP
+        && f.tcp_flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK)
+        && ct_closed(flags)
 }
 
 /// Whether a TCP packet with `tcp_flags` opens a new connection on a tuple whose flow is

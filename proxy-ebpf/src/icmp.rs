@@ -7,7 +7,8 @@
 //! and a UDP client waits for a reply that never comes instead of getting ECONNREFUSED.
 //!
 //! The quoted tuple, as it stands, is the key of the flow's reverse entry. Rewritten:
-//! - the quoted destination -> the frontend; for SNATed flows the quoted source -> the client,
+//! - the quoted destination -> the frontend; for SNATed flows (and flows whose port was
+//!   remapped) the quoted source -> the client,
 //!   and the error's destination (the node) -> the client;
 //! - the error's source, when it is the backend itself, -> the frontend (as for replies).
 //!
@@ -26,9 +27,9 @@
 //! (backend -> client, or -> the node's SNAT address and port) and addressed to the backend,
 //! which the kernel then routes like any packet to a pod.
 use proxy_common::{
-    CT_FLAG_REDIRECT, CT_FLAG_SNAT, CT_KIND_REVERSE, CT_KIND_SERVICE, CTR_DROP_FIB,
-    CTR_DROP_REWRITE, CTR_ICMP_ERROR, CTR_PASS_NO_MATCH, CTR_PASS_REPLY_AT_EGRESS, CTR_REDIRECT,
-    Ct4Entry, Ct4Key,
+    CT_FLAG_PORT_REMAP, CT_FLAG_REDIRECT, CT_FLAG_SNAT, CT_KIND_REVERSE, CT_KIND_SERVICE,
+    CTR_DROP_FIB, CTR_DROP_REWRITE, CTR_ICMP_ERROR, CTR_PASS_NO_MATCH, CTR_PASS_REPLY_AT_EGRESS,
+    CTR_REDIRECT, Ct4Entry, Ct4Key,
 };
 
 use aya_ebpf::programs::TcContext;
@@ -92,12 +93,20 @@ fn outer_addr(ctx: &TcContext, off: u32, old: u32, new: u32) -> Result<(), Rewri
     ctx.store(off as usize, &new, 0).map_err(|_| RewriteFailed)
 }
 
+/// Puts an error about a translated packet back; `own_source` when the flow's source was
+/// translated too (SNAT, or a remapped port), so the quoted source and the error's destination
+/// go back to the client.
 #[inline(always)]
-fn rewrite(ctx: &TcContext, e: &IcmpError, c: &Ct4Entry, snat: bool) -> Result<(), RewriteFailed> {
+fn rewrite(
+    ctx: &TcContext,
+    e: &IcmpError,
+    c: &Ct4Entry,
+    own_source: bool,
+) -> Result<(), RewriteFailed> {
     let q = &e.inner;
     inner_addr(ctx, e, e.inner_l3_off + 16, q.daddr_be, c.nat_addr_be)?;
     inner_port(ctx, e, e.inner_l4_off + 2, q.dport_be, c.nat_port_be)?;
-    if snat {
+    if own_source {
         inner_addr(ctx, e, e.inner_l3_off + 12, q.saddr_be, c.addr_be)?;
         inner_port(ctx, e, e.inner_l4_off, q.sport_be, c.port_be)?;
         outer_addr(ctx, IP_DADDR_OFF, e.daddr_be, c.addr_be)?;
@@ -147,7 +156,9 @@ pub fn error(ctx: &TcContext, e: &IcmpError, now: u64, egress: bool, pass: i32) 
     } else {
         None
     };
-    if rewrite(ctx, e, &c, snat).is_err() {
+    // A remapped port is put back like an SNATed source (the address is the client's already).
+    let own_source = snat || c.flags & CT_FLAG_PORT_REMAP != 0;
+    if rewrite(ctx, e, &c, own_source).is_err() {
         return (crate::programs::DROP, CTR_DROP_REWRITE);
     }
     if let Some(r) = route {
@@ -181,16 +192,17 @@ fn about_a_reply(ctx: &TcContext, e: &IcmpError, now: u64, pass: i32) -> (i32, u
     };
     // SAFETY: a live entry from a successful lookup; copied out.
     let s: Ct4Entry = unsafe { *p };
-    // Where the backend sent its reply: the client, or the address and port it was SNATed to.
-    let (to_be, to_port_be) = if s.nat_addr_be != 0 {
-        let port = if s.nat_port_be != 0 {
-            s.nat_port_be
-        } else {
-            q.dport_be
-        };
-        (s.nat_addr_be, port)
+    // Where the backend sent its reply: the client, or the address and port it was SNATed
+    // (or its port remapped) to.
+    let to_be = if s.nat_addr_be != 0 {
+        s.nat_addr_be
     } else {
-        (q.daddr_be, q.dport_be)
+        q.daddr_be
+    };
+    let to_port_be = if s.nat_port_be != 0 {
+        s.nat_port_be
+    } else {
+        q.dport_be
     };
     let r = (|| {
         inner_addr(ctx, e, e.inner_l3_off + 12, q.saddr_be, s.addr_be)?;

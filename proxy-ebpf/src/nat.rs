@@ -81,8 +81,9 @@ pub fn set_src(
     port(ctx, flow, flow.l4_off, flow.sport_be, port_be)
 }
 
-/// Applies a flow's translation to a packet from its client: the source to `snat_be` (when not
-/// 0) and `snat_port_be` (when not 0; else the port is kept), the destination to the backend.
+/// Applies a flow's translation to a packet from its client: the source address to `snat_be`
+/// (when not 0; else the client's is kept) and its port to `snat_port_be` (when not 0; else the
+/// client's is kept), the destination to the backend.
 #[inline(always)]
 pub fn translate(
     ctx: &TcContext,
@@ -92,13 +93,14 @@ pub fn translate(
     backend_addr_be: u32,
     backend_port_be: u16,
 ) -> Result<(), RewriteFailed> {
-    if snat_be != 0 {
+    if snat_be != 0 || snat_port_be != 0 {
+        let addr = if snat_be != 0 { snat_be } else { flow.saddr_be };
         let port = if snat_port_be != 0 {
             snat_port_be
         } else {
             flow.sport_be
         };
-        set_src(ctx, flow, snat_be, port)?;
+        set_src(ctx, flow, addr, port)?;
     }
     set_dst(ctx, flow, backend_addr_be, backend_port_be)
 }

@@ -24,11 +24,12 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    BACKEND_FLAG_LOCAL, CT_FLAG_REDIRECT, CT_FLAG_SNAT, CTR_CT_HIT, CTR_DROP_CT_WRITE,
-    CTR_DROP_FIB, CTR_DROP_NO_BACKEND_ENTRY, CTR_DROP_NO_LOCAL_BACKEND, CTR_DROP_NO_SNAT_ADDR,
-    CTR_DROP_REJECT_FAILED, CTR_DROP_REJECT_RATE_LIMITED, CTR_DROP_REWRITE, CTR_DROP_SNAT_PORTS,
-    CTR_HAIRPIN, CTR_NEW_FLOW, CTR_NEW_FLOW_SNAT, CTR_PASS_NO_MATCH, CTR_PASS_NOT_FRONTEND,
-    CTR_PASS_NOT_POD_CLIENT, CTR_PASS_REPLY_AT_EGRESS, CTR_POD_CLIENTS_FULL, CTR_REDIRECT,
+    BACKEND_FLAG_LOCAL, CT_FLAG_PORT_REMAP, CT_FLAG_REDIRECT, CT_FLAG_SNAT, CTR_CT_HIT,
+    CTR_CT_STALE_REVERSE, CTR_DROP_CT_WRITE, CTR_DROP_FIB, CTR_DROP_NO_BACKEND_ENTRY,
+    CTR_DROP_NO_LOCAL_BACKEND, CTR_DROP_NO_SNAT_ADDR, CTR_DROP_REJECT_FAILED,
+    CTR_DROP_REJECT_RATE_LIMITED, CTR_DROP_REWRITE, CTR_DROP_SNAT_PORTS, CTR_HAIRPIN, CTR_NEW_FLOW,
+    CTR_NEW_FLOW_SNAT, CTR_PASS_NO_MATCH, CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_POD_CLIENT,
+    CTR_PASS_REPLY_AT_EGRESS, CTR_POD_CLIENTS_FULL, CTR_PORT_REMAPPED, CTR_REDIRECT,
     CTR_REJECT_FRAG_NEEDED, CTR_REJECT_NO_BACKEND, CTR_REJECT_NO_SUCH_PORT, CTR_REPLY, CTR_SEEN,
     Ct4Entry, Ct4Key, DP_STATE_POD_CLIENTS_FULL, FE_ADDR_CLUSTER_IP, LOCAL_SLOT_BASE, Lb4Config,
     SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL, ct_lifetime_ns,
@@ -260,6 +261,11 @@ fn reply(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> Option<(i
     let e = lookup(&reply_key(f), now)?;
     // SAFETY: `e` is a live entry from a successful lookup; copy what we need.
     let c: Ct4Entry = unsafe { *e };
+    if conntrack::opens_anew(f, c.flags) {
+        let _ = CT4.remove(&reply_key(f));
+        count(CTR_CT_STALE_REVERSE, 0);
+        return Some((PASS, CTR_PASS_NO_MATCH));
+    }
     let snat = c.flags & CT_FLAG_SNAT != 0;
     if !hook.is_egress() && !snat {
         return Some((PASS, CTR_PASS_REPLY_AT_EGRESS));
@@ -276,7 +282,10 @@ fn reply(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> Option<(i
     if set_src(ctx, f, c.nat_addr_be, c.nat_port_be).is_err() {
         return Some((DROP, CTR_DROP_REWRITE));
     }
-    if snat && set_dst(ctx, f, c.addr_be, c.port_be).is_err() {
+    // The destination goes back to the client when the flow's source was translated: SNAT, or
+    // (at egress, the address already the client's) a remapped port.
+    let own_source = snat || c.flags & CT_FLAG_PORT_REMAP != 0;
+    if own_source && set_dst(ctx, f, c.addr_be, c.port_be).is_err() {
         return Some((DROP, CTR_DROP_REWRITE));
     }
     if let Some(r) = route {
@@ -495,18 +504,31 @@ fn new_flow(
     {
         note_pod_client(f.saddr_be);
     }
-    // The reverse entry first, so that no reply can arrive before it exists.
-    let rev = reverse_entry(f, flags, fe.rev_nat_id, now);
+    // The reverse entry first, so that no reply can arrive before it exists. A flow SNATed to
+    // the node takes a port of its own; the others keep the client's, unless another live flow
+    // already has the tuple (the client used the port for another frontend of this backend):
+    // then the port is remapped, and the replies get it back.
+    let mut rev = reverse_entry(f, flags, fe.rev_nat_id, now);
+    let own_port = flags & CT_FLAG_REDIRECT != 0
+        || match conntrack::claim(
+            &translated_key(f, snat, 0, be.addr_be, be.port_be),
+            &rev,
+            now,
+        ) {
+            Some(claimed) => !claimed,
+            None => return (DROP, CTR_DROP_CT_WRITE),
+        };
     let mut snat_port = 0;
-    if flags & CT_FLAG_REDIRECT != 0 {
-        match snat::reserve_port(&cfg, snat, be.addr_be, be.port_be, f.proto, &rev, now) {
+    if own_port {
+        if flags & CT_FLAG_REDIRECT == 0 {
+            flags |= CT_FLAG_PORT_REMAP;
+            rev.flags = flags;
+            count(CTR_PORT_REMAPPED, len);
+        }
+        let src = if snat != 0 { snat } else { f.saddr_be };
+        match snat::reserve_port(&cfg, src, be.addr_be, be.port_be, f.proto, &rev, now) {
             Some(p) => snat_port = p,
             None => return (DROP, CTR_DROP_SNAT_PORTS),
-        }
-    } else {
-        let rkey = translated_key(f, snat, 0, be.addr_be, be.port_be);
-        if CT4.insert(&rkey, &rev, 0).is_err() {
-            return (DROP, CTR_DROP_CT_WRITE);
         }
     }
     let svc = Ct4Entry {

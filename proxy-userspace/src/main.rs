@@ -186,8 +186,8 @@ fn conntrack(pin_path: &std::path::Path, output: Output) -> anyhow::Result<()> {
     // A flow is its service entry (client -> frontend, pinned backend); the reverse entry
     // carries the state both directions update.
     // Reverse entries by (protocol, translated source port, backend): the translated source is
-    // the client, or the SNAT address (hairpin, with the client's port; the node, with a port
-    // of its own).
+    // the client (with its port, or one remapped on a clash), or the SNAT address (hairpin,
+    // with the client's port; the node, with a port of its own).
     let reverse: std::collections::HashMap<_, _> = entries
         .iter()
         .filter(|r| r.kind == CtKind::Reverse)
@@ -199,16 +199,19 @@ fn conntrack(pin_path: &std::path::Path, output: Output) -> anyhow::Result<()> {
             continue;
         }
         let backend = sluice::dataplane::sock_addr(e.entry.addr_be, e.entry.port_be);
-        let snat = (e.entry.nat_addr_be != 0).then(|| {
+        // The translated source, when it is not the client's own.
+        let snat = (e.entry.nat_addr_be != 0 || e.entry.nat_port_be != 0).then(|| {
+            let addr = if e.entry.nat_addr_be != 0 {
+                std::net::Ipv4Addr::from(u32::from_be(e.entry.nat_addr_be))
+            } else {
+                *e.src.ip()
+            };
             let port = if e.entry.nat_port_be != 0 {
                 u16::from_be(e.entry.nat_port_be)
             } else {
                 e.src.port()
             };
-            std::net::SocketAddrV4::new(
-                std::net::Ipv4Addr::from(u32::from_be(e.entry.nat_addr_be)),
-                port,
-            )
+            std::net::SocketAddrV4::new(addr, port)
         });
         let translated_port = snat.map_or(e.src.port(), |s| s.port());
         let reverse = reverse

@@ -19,7 +19,7 @@ use sluice::dataplane::{
 use testbed::{Attempt, Cluster, HttpServer, http_many, plan, require_privileged};
 
 /// Counters that are no verdict: each program run counts `seen` once and exactly one other.
-const NOT_VERDICTS: [u32; 12] = [
+const NOT_VERDICTS: [u32; 14] = [
     CTR_SEEN,
     CTR_HAIRPIN,
     CTR_SNAT_PORT_TAKEN,
@@ -32,6 +32,8 @@ const NOT_VERDICTS: [u32; 12] = [
     CTR_SOCK_PASS_TO_TC,
     CTR_SOCK_REVNAT_WRITE,
     CTR_POD_CLIENTS_FULL,
+    CTR_PORT_REMAPPED,
+    CTR_CT_STALE_REVERSE,
 ];
 
 fn verdicts(c: &Counters) -> u64 {

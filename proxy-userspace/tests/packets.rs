@@ -690,22 +690,144 @@ fn the_uplink_translates_node_ports_and_external_ips_but_not_cluster_ips() {
     for frontend in [node_port, external, lb] {
         let (verdict, out) = run(&dp, FROM_UPLINK, &tcp(sa(outside), sa(frontend), SYN, b""));
         assert_eq!(verdict, TC_ACT_UNSPEC);
-        assert_eq!(
-            check(&out).dst,
-            sa("198.19.0.20:8080"),
-            "{frontend} from outside"
-        );
+        let sent = check(&out);
+        assert_eq!(sent.dst, sa("198.19.0.20:8080"), "{frontend} from outside");
         // The local backend's reply, leaving by the uplink, shows the frontend it was sent to.
+        // (The client uses one port for all three: the backend sees it remapped on the second
+        // and third, and the reply gets it back.)
         let (_, out) = run(
             &dp,
             TO_UPLINK,
-            &tcp(sa("198.19.0.20:8080"), sa(outside), SYN_ACK, b""),
+            &tcp(sa("198.19.0.20:8080"), sent.src, SYN_ACK, b""),
         );
-        assert_eq!(check(&out).src, sa(frontend));
+        let back = check(&out);
+        assert_eq!((back.src, back.dst), (sa(frontend), sa(outside)));
         // Pods may use these frontends too.
         let (_, out) = run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(frontend), SYN, b""));
         assert_eq!(check(&out).dst, sa("198.19.0.20:8080"));
     }
+}
+
+/// Linux gives a client one source port for connections to different destinations. Two
+/// frontends of one backend would then translate to one tuple, and the backend would see one
+/// connection where there are two; the second flow's port is remapped, as netfilter does.
+#[test]
+fn one_client_port_to_two_frontends_of_one_backend_is_two_flows_at_the_backend() {
+    require_privileged!(
+        "one_client_port_to_two_frontends_of_one_backend_is_two_flows_at_the_backend"
+    );
+    let mut dp = dataplane();
+    let backend = sa("198.19.0.20:8080");
+    cluster_ip(&mut dp, &["198.19.0.20:8080"]);
+    let node_port = "198.18.0.10:30080";
+    dp.upsert_service(
+        fe(node_port, Protocol::Tcp, FrontendKind::NodePort),
+        &[be("198.19.0.20:8080")],
+    )
+    .unwrap();
+    let (_, out) = run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(VIP), SYN, b""));
+    let first = check(&out);
+    assert_eq!(
+        (first.src, first.dst),
+        (sa(CLIENT), backend),
+        "the first flow keeps the client's port"
+    );
+    let before = dp.counters().unwrap();
+    let (_, out) = run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(node_port), SYN, b""));
+    let second = check(&out);
+    assert_eq!(second.dst, backend);
+    assert_eq!(
+        second.src.ip(),
+        sa(CLIENT).ip(),
+        "the client's address is kept"
+    );
+    assert_ne!(
+        second.src, first.src,
+        "the backend must see two connections, not one tuple twice"
+    );
+    assert!(
+        (1024..=29999).contains(&second.src.port()),
+        "the new port comes from the SNAT range, clear of the pods' ephemeral ports: {}",
+        second.src
+    );
+    assert_eq!(
+        delta(&before, &dp.counters().unwrap(), CTR_PORT_REMAPPED),
+        1
+    );
+    // Each flow's replies show the frontend it called, to the port the client used.
+    for (to, frontend) in [(first.src, VIP), (second.src, node_port)] {
+        let (_, out) = run(&dp, TO_POD, &tcp(backend, to, SYN_ACK, b"hi"));
+        let back = check(&out);
+        assert_eq!(
+            (back.src, back.dst),
+            (sa(frontend), sa(CLIENT)),
+            "the reply to {to}"
+        );
+    }
+    // Later packets of each flow keep their tuple.
+    let (_, out) = run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(node_port), ACK, b"x"));
+    assert_eq!(check(&out).src, second.src);
+    let (_, out) = run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(VIP), ACK, b"x"));
+    assert_eq!(check(&out).src, first.src);
+    // An ICMP error from the backend about the second flow quotes what the client sent.
+    let err = icmp_error(*backend.ip(), *sa(CLIENT).ip(), 3, &out_of(&dp, node_port));
+    let (_, out) = run(&dp, TO_POD, &err);
+    let icmp = check_icmp(&out);
+    assert_eq!(
+        &icmp.quoted[20..22],
+        &40000u16.to_be_bytes(),
+        "the client's own port"
+    );
+    assert_eq!(
+        &icmp.quoted[22..24],
+        &30080u16.to_be_bytes(),
+        "the NodePort"
+    );
+}
+
+/// A packet of the flow from `CLIENT` to `frontend`, as the backend gets it.
+fn out_of(dp: &Dataplane, frontend: &str) -> Vec<u8> {
+    run(dp, FROM_POD, &tcp(sa(CLIENT), sa(frontend), ACK, b"")).1
+}
+
+/// A closed flow's reverse entry outlives it by 10 s (60 s with a port of its own). A direct
+/// connection on the same tuple in that time (to the backend's own address, or one socket LB
+/// translated at connect()) must not have its replies rewritten to show the Service.
+#[test]
+fn a_direct_connection_on_the_tuple_of_a_closed_flow_is_left_alone() {
+    require_privileged!("a_direct_connection_on_the_tuple_of_a_closed_flow_is_left_alone");
+    let mut dp = dataplane();
+    cluster_ip(&mut dp, &["198.19.0.20:8080"]);
+    let backend = sa("198.19.0.20:8080");
+    run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(VIP), SYN, b""));
+    run(&dp, TO_POD, &tcp(backend, sa(CLIENT), SYN_ACK, b""));
+    run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(VIP), FIN_ACK, b""));
+    run(&dp, TO_POD, &tcp(backend, sa(CLIENT), FIN_ACK, b""));
+    let syn = tcp(sa(CLIENT), backend, SYN, b"");
+    let (v, out) = run(&dp, FROM_POD, &syn);
+    assert_eq!(
+        (v, out),
+        (TC_ACT_UNSPEC, syn),
+        "a direct SYN passes untouched"
+    );
+    // The answer, as it leaves the backend's pod and enters the client's.
+    let before = dp.counters().unwrap();
+    for (program, data) in [(FROM_POD, &b""[..]), (TO_POD, b"")] {
+        let reply = tcp(backend, sa(CLIENT), SYN_ACK, data);
+        let (v, out) = run(&dp, program, &reply);
+        assert_eq!(
+            (v, &out),
+            (TC_ACT_UNSPEC, &reply),
+            "the direct connection's SYN-ACK comes from the backend, untouched"
+        );
+    }
+    assert_eq!(
+        delta(&before, &dp.counters().unwrap(), CTR_CT_STALE_REVERSE),
+        1,
+        "the closed flow's reverse entry went at the first sight of the SYN-ACK"
+    );
+    let data = tcp(backend, sa(CLIENT), ACK, b"data");
+    assert_eq!(run(&dp, TO_POD, &data), (TC_ACT_UNSPEC, data.clone()));
 }
 
 #[test]

@@ -311,6 +311,97 @@ fn a_pod_reaches_itself_through_its_own_nodes_node_port() {
     );
 }
 
+/// One source port, two frontends (a ClusterIP and the NodePort) of one backend: two TCP
+/// connections open at once, and UDP requests in turn. Each must work and be answered from
+/// the frontend it went to (the backend would otherwise see one tuple for both).
+const ONE_PORT_TWO_FRONTENDS_PY: &str = r#"
+import socket, sys
+a, b = (sys.argv[1], int(sys.argv[2])), (sys.argv[3], int(sys.argv[4]))
+ua, ub = (sys.argv[5], int(sys.argv[6])), (sys.argv[7], int(sys.argv[8]))
+def bound(kind):
+    s = socket.socket(socket.AF_INET, kind)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", 40123))
+    s.settimeout(3)
+    return s
+try:
+    conns = []
+    for t in (a, b):
+        s = bound(socket.SOCK_STREAM)
+        s.connect(t)
+        conns.append(s)
+    for s in conns:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    for s in conns:
+        data = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        print("TCP", "%s:%d" % s.getpeername(), data.split(b"\r\n\r\n", 1)[1].decode().strip())
+except Exception as e:
+    print("TCP-ERR", type(e).__name__, e)
+u = bound(socket.SOCK_DGRAM)
+for i, t in enumerate((ua, ub, ua, ub)):
+    try:
+        u.sendto(b"q%d" % i, t)
+        data, peer = u.recvfrom(4096)
+        print("UDP", "%s:%d" % t, "%s:%d" % peer)
+    except Exception as e:
+        print("UDP-ERR", type(e).__name__, e)
+"#;
+
+#[test]
+fn one_client_port_to_two_frontends_of_one_backend_works_for_both() {
+    require_privileged!("one_client_port_to_two_frontends_of_one_backend_works_for_both");
+    let s = sandbox();
+    let vip = plan::cluster_ip(5);
+    let node = s.c.nodes[0].addr;
+    for (addr, port, proto, kind, target) in [
+        (vip, 80, Protocol::Tcp, FrontendKind::ClusterIp, 8080),
+        (node, 30080, Protocol::Tcp, FrontendKind::NodePort, 8080),
+        (vip, 53, Protocol::Udp, FrontendKind::ClusterIp, 5353),
+        (node, 30053, Protocol::Udp, FrontendKind::NodePort, 5353),
+    ] {
+        s.upsert(
+            frontend(addr, port, proto, kind),
+            s.backends(&["backend-a"], target),
+        );
+    }
+    let (vip, node) = (vip.to_string(), node.to_string());
+    let out =
+        s.c.pod("client")
+            .ns
+            .exec_timeout(
+                &[
+                    "python3",
+                    "-c",
+                    ONE_PORT_TWO_FRONTENDS_PY,
+                    &vip,
+                    "80",
+                    &node,
+                    "30080",
+                    &vip,
+                    "53",
+                    &node,
+                    "30053",
+                ],
+                Duration::from_secs(30),
+            )
+            .unwrap();
+    let want = format!(
+        "TCP {vip}:80 backend-a\nTCP {node}:30080 backend-a\n\
+         UDP {vip}:53 {vip}:53\nUDP {node}:30053 {node}:30053\n\
+         UDP {vip}:53 {vip}:53\nUDP {node}:30053 {node}:30053\n"
+    );
+    assert_eq!(
+        out, want,
+        "both connections answered by the backend, and every UDP reply from the frontend \
+         it was sent to"
+    );
+}
+
 #[test]
 fn traffic_to_addresses_that_are_not_services_is_unchanged_byte_for_byte() {
     require_privileged!("traffic_to_addresses_that_are_not_services_is_unchanged_byte_for_byte");

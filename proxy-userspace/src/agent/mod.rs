@@ -165,7 +165,9 @@ pub struct AgentArgs {
     /// (externalTrafficPolicy Cluster), as MIN-MAX, or `auto`: the largest range above 1023
     /// that overlaps neither the NodePort range nor the node's ephemeral ports
     /// (net.ipv4.ip_local_port_range), so a SNATed flow never takes the tuple of a connection
-    /// the node makes itself. A range that overlaps either is refused.
+    /// the node makes itself. A range that overlaps either is refused. The same ports serve
+    /// a client whose source port must be remapped: two of its flows, to two frontends of
+    /// one backend, would otherwise reach the backend on one tuple.
     #[arg(long, env = "SLUICE_SNAT_PORT_RANGE", default_value = "auto")]
     pub snat_port_range: String,
 
