@@ -21,6 +21,20 @@
 //! is then not handed to a new flow whose SYN the backend would refuse (a 1 s stall). An
 //! expired entry is treated as absent and replaced; the LRU evicts the least recently used
 //! when the map is full.
+//!
+//! Several CPUs update one entry at once (a flow's packets and its replies are often handled
+//! on different CPUs), and Linux 5.10 has no compare-and-swap or atomic or for BPF, so no
+//! field is read, changed and written back:
+//! - the state a packet adds after the entry was written goes into a byte of its own per
+//!   flag (`fin_fwd`, `fin_reply`, `rst`, `seen_reply`, `established`), which is only ever
+//!   set to 1: two CPUs cannot undo each other's bits;
+//! - the entry stores when it last saw a packet (`seen_ns`), not when it expires: the expiry
+//!   is computed when the entry is read, from the state then ([`Ct4Entry::expires_ns`]), so
+//!   a CPU that had not yet seen a FIN cannot give a closed flow 6 h back;
+//! - `flags` is written once, with the entry: how the flow is translated, and its state then.
+//!
+//! The packet and byte counts are plain increments and may lose one when two CPUs count at
+//! once (they are for the CLI only).
 
 /// `CT4`: [`Ct4Key`] -> [`Ct4Entry`]; LRU hash, size set by the agent
 /// ([`CT4_DEFAULT_MAX`] otherwise); written by the programs, read by the CLI.
@@ -49,12 +63,14 @@ const _: () = assert!(core::mem::size_of::<Ct4Key>() == 16);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Ct4Entry {
-    /// `bpf_ktime_get_ns()` after which the entry is dead.
-    pub expires_ns: u64,
+    /// `bpf_ktime_get_ns()` of the entry's latest packet (of its creation, at first). The
+    /// entry is dead after [`Ct4Entry::expires_ns`].
+    pub seen_ns: u64,
     /// Service entry: the backend. Reverse entry: the original client.
     pub addr_be: u32,
     pub port_be: u16,
-    /// `CT_FLAG_*`.
+    /// `CT_FLAG_*` as the entry was written, never changed after: how the flow is
+    /// translated, and its state then. The whole state is [`Ct4Entry::state`].
     pub flags: u16,
     /// Service entry: the source address after SNAT (hairpin, or the node for a remote
     /// backend), 0 if none. Reverse entry: the frontend address replies must come from.
@@ -62,15 +78,49 @@ pub struct Ct4Entry {
     /// Reverse entry: the frontend port replies must come from. Service entry: the source
     /// port after SNAT or a remap (`CT_FLAG_PORT_REMAP`), 0 to keep the client's.
     pub nat_port_be: u16,
-    pub _pad: u16,
+    /// 1 once a FIN was seen from the client after the entry was written (never reset).
+    pub fin_fwd: u8,
+    /// 1 once a FIN was seen from the backend after the entry was written (never reset).
+    pub fin_reply: u8,
     /// The frontend's reverse-NAT id (for the CLI and metrics).
     pub rev_nat_id: u32,
-    pub _pad2: u32,
+    /// 1 once an RST was seen either way after the entry was written (never reset).
+    pub rst: u8,
+    /// 1 once a reply was seen after the entry was written (never reset).
+    pub seen_reply: u8,
+    /// 1 once the flow became established after the entry was written (never reset).
+    pub established: u8,
+    pub _pad: u8,
     /// Packets and bytes seen by this entry (its direction only).
     pub packets: u64,
     pub bytes: u64,
 }
 const _: () = assert!(core::mem::size_of::<Ct4Entry>() == 48);
+
+impl Ct4Entry {
+    /// The flow's state: `flags` with the bits set since. (Without branches: each byte is 0
+    /// or 1, and the kernel's verifier walks every path a branch would make.)
+    pub const fn state(&self) -> u16 {
+        self.flags
+            | ((self.fin_fwd as u16 & 1) << CT_FLAG_FIN_FWD.trailing_zeros())
+            | ((self.fin_reply as u16 & 1) << CT_FLAG_FIN_REPLY.trailing_zeros())
+            | ((self.rst as u16 & 1) << CT_FLAG_RST.trailing_zeros())
+            | ((self.seen_reply as u16 & 1) << CT_FLAG_SEEN_REPLY.trailing_zeros())
+            | ((self.established as u16 & 1) << CT_FLAG_ESTABLISHED.trailing_zeros())
+    }
+
+    /// When the entry dies: its latest packet plus the lifetime of its state now. `proto` is
+    /// its key's.
+    pub const fn expires_ns(&self, proto: u8) -> u64 {
+        self.seen_ns + ct_lifetime_ns(proto, self.state())
+    }
+}
+
+/// The state bits a packet may add to an entry after it was written, each kept in a byte of
+/// its own ([`Ct4Entry::state`]). `CT_FLAG_SYN` is not among them: it is only ever a flow's
+/// first packet's.
+pub const CT_LATE_FLAGS: u16 =
+    CT_FLAG_FIN_FWD | CT_FLAG_FIN_REPLY | CT_FLAG_RST | CT_FLAG_SEEN_REPLY | CT_FLAG_ESTABLISHED;
 
 /// A TCP SYN was seen from the client.
 pub const CT_FLAG_SYN: u16 = 1 << 0;

@@ -118,10 +118,18 @@ counters! {
     /// direct connection (or one socket LB translated) the client made on the same port: the
     /// closed flow's reverse entry was removed and the SYN-ACK passed untouched.
     CTR_CT_STALE_REVERSE = 38, "ct_stale_reverse_removed";
+    /// Not a verdict: a new flow's first packet that met the flow another CPU had just made
+    /// from another packet of it (two at once); it followed that flow's backend (counted as a
+    /// conntrack hit) and gave back what it had taken.
+    CTR_NEW_FLOW_RACE_LOST = 39, "new_flow_race_lost";
+    /// Dropped: a new flow's first packet that met the flow another CPU had just made from
+    /// another packet of it, with another backend, where one of the two is forwarded by
+    /// sluice (from outside to another node): its route was for the wrong backend.
+    CTR_DROP_RACE_REDIRECT = 40, "drop_new_flow_race_forwarded";
 }
 
 /// Number of counters in use (at most [`CTR_SLOTS`]).
-pub const CTR_MAX: u32 = 39;
+pub const CTR_MAX: u32 = 41;
 const _: () = assert!(CTR_MAX <= CTR_SLOTS);
 
 /// One CPU's share of a counter.

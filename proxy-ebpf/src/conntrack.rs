@@ -3,8 +3,8 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use proxy_common::{
     CT_FLAG_ESTABLISHED, CT_FLAG_FIN_FWD, CT_FLAG_FIN_REPLY, CT_FLAG_RST, CT_FLAG_SEEN_REPLY,
-    CT_FLAG_SYN, CT_KIND_REVERSE, CT_KIND_SERVICE, Ct4Entry, Ct4Key, IPPROTO_TCP, ct_closed,
-    ct_lifetime_ns,
+    CT_FLAG_SYN, CT_KIND_REVERSE, CT_KIND_SERVICE, CT_LATE_FLAGS, Ct4Entry, Ct4Key, IPPROTO_TCP,
+    ct_closed,
 };
 
 use crate::{
@@ -76,7 +76,7 @@ pub fn translated_key(
 pub fn lookup(key: &Ct4Key, now: u64) -> Option<*mut Ct4Entry> {
     let e = CT4.get_ptr_mut(key)?;
     // SAFETY: a successful lookup returns a valid pointer into the map's value.
-    if unsafe { (*e).expires_ns } < now {
+    if unsafe { (*e).expires_ns(key.proto) } < now {
         return None;
     }
     Some(e)
@@ -94,12 +94,14 @@ pub fn claim(key: &Ct4Key, rev: &Ct4Entry, now: u64) -> Option<bool> {
         return Some(true);
     }
     if let Some(e) = lookup(key, now) {
-        // SAFETY: a live entry from a successful lookup; fields copied out.
-        let old = unsafe { *e };
-        let same_flow = old.addr_be == rev.addr_be
-            && old.port_be == rev.port_be
-            && old.nat_addr_be == rev.nat_addr_be
-            && old.nat_port_be == rev.nat_port_be;
+        // SAFETY: a live entry from a successful lookup; fields read one by one (a copy of
+        // the whole entry would cost stack the programs do not have).
+        let same_flow = unsafe {
+            (*e).addr_be == rev.addr_be
+                && (*e).port_be == rev.port_be
+                && (*e).nat_addr_be == rev.nat_addr_be
+                && (*e).nat_port_be == rev.nat_port_be
+        };
         if !same_flow {
             return Some(false);
         }
@@ -164,14 +166,33 @@ pub fn reply_state(f: &Flow, mut flags: u16) -> u16 {
     flags
 }
 
-/// Updates an entry's state, lifetime and counters in place.
+/// Updates an entry in place for a packet that took its state from `old` to `new`: each bit
+/// the packet added is set in its own byte, and no field is read back and rewritten, so
+/// another CPU's update of the same entry is never undone (see `proxy_common::conntrack`).
 #[inline(always)]
-pub fn touch(e: *mut Ct4Entry, proto: u8, flags: u16, now: u64, bytes: u32) {
-    // SAFETY: `e` comes from a successful map lookup. Concurrent updates from other CPUs may
-    // lose a counter increment; state bits only ever get added, so they converge.
+pub fn touch(e: *mut Ct4Entry, old: u16, new: u16, now: u64, bytes: u32) {
+    let add = new & !old & CT_LATE_FLAGS;
+    // SAFETY: `e` comes from a successful map lookup. The state bytes are only ever set to 1
+    // (volatile, so that no store is widened over a neighbour or left out); concurrent
+    // updates from other CPUs may lose a counter increment, or move `seen_ns` by the
+    // nanoseconds between them.
     unsafe {
-        (*e).flags = flags;
-        (*e).expires_ns = now + ct_lifetime_ns(proto, flags);
+        if add & CT_FLAG_FIN_FWD != 0 {
+            core::ptr::write_volatile(&raw mut (*e).fin_fwd, 1);
+        }
+        if add & CT_FLAG_FIN_REPLY != 0 {
+            core::ptr::write_volatile(&raw mut (*e).fin_reply, 1);
+        }
+        if add & CT_FLAG_RST != 0 {
+            core::ptr::write_volatile(&raw mut (*e).rst, 1);
+        }
+        if add & CT_FLAG_SEEN_REPLY != 0 {
+            core::ptr::write_volatile(&raw mut (*e).seen_reply, 1);
+        }
+        if add & CT_FLAG_ESTABLISHED != 0 {
+            core::ptr::write_volatile(&raw mut (*e).established, 1);
+        }
+        (*e).seen_ns = now;
         (*e).packets += 1;
         (*e).bytes += u64::from(bytes);
     }

@@ -26,13 +26,13 @@ use aya_ebpf::{
 use proxy_common::{
     BACKEND_FLAG_LOCAL, CT_FLAG_PORT_REMAP, CT_FLAG_REDIRECT, CT_FLAG_SNAT, CTR_CT_HIT,
     CTR_CT_STALE_REVERSE, CTR_DROP_CT_WRITE, CTR_DROP_FIB, CTR_DROP_NO_BACKEND_ENTRY,
-    CTR_DROP_NO_LOCAL_BACKEND, CTR_DROP_NO_SNAT_ADDR, CTR_DROP_REJECT_FAILED,
-    CTR_DROP_REJECT_RATE_LIMITED, CTR_DROP_REWRITE, CTR_DROP_SNAT_PORTS, CTR_HAIRPIN, CTR_NEW_FLOW,
-    CTR_NEW_FLOW_SNAT, CTR_PASS_NO_MATCH, CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_POD_CLIENT,
-    CTR_PASS_REPLY_AT_EGRESS, CTR_POD_CLIENTS_FULL, CTR_PORT_REMAPPED, CTR_REDIRECT,
-    CTR_REJECT_FRAG_NEEDED, CTR_REJECT_NO_BACKEND, CTR_REJECT_NO_SUCH_PORT, CTR_REPLY, CTR_SEEN,
-    Ct4Entry, Ct4Key, DP_STATE_POD_CLIENTS_FULL, FE_ADDR_CLUSTER_IP, LOCAL_SLOT_BASE, Lb4Config,
-    SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL, ct_lifetime_ns,
+    CTR_DROP_NO_LOCAL_BACKEND, CTR_DROP_NO_SNAT_ADDR, CTR_DROP_RACE_REDIRECT,
+    CTR_DROP_REJECT_FAILED, CTR_DROP_REJECT_RATE_LIMITED, CTR_DROP_REWRITE, CTR_DROP_SNAT_PORTS,
+    CTR_HAIRPIN, CTR_NEW_FLOW, CTR_NEW_FLOW_RACE_LOST, CTR_NEW_FLOW_SNAT, CTR_PASS_NO_MATCH,
+    CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_POD_CLIENT, CTR_PASS_REPLY_AT_EGRESS, CTR_POD_CLIENTS_FULL,
+    CTR_PORT_REMAPPED, CTR_REDIRECT, CTR_REJECT_FRAG_NEEDED, CTR_REJECT_NO_BACKEND,
+    CTR_REJECT_NO_SUCH_PORT, CTR_REPLY, CTR_SEEN, Ct4Entry, Ct4Key, DP_STATE_POD_CLIENTS_FULL,
+    FE_ADDR_CLUSTER_IP, LOCAL_SLOT_BASE, Lb4Config, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL,
 };
 
 use crate::{
@@ -261,7 +261,8 @@ fn reply(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> Option<(i
     let e = lookup(&reply_key(f), now)?;
     // SAFETY: `e` is a live entry from a successful lookup; copy what we need.
     let c: Ct4Entry = unsafe { *e };
-    if conntrack::opens_anew(f, c.flags) {
+    let state = c.state();
+    if conntrack::opens_anew(f, state) {
         let _ = CT4.remove(&reply_key(f));
         count(CTR_CT_STALE_REVERSE, 0);
         return Some((PASS, CTR_PASS_NO_MATCH));
@@ -278,7 +279,7 @@ fn reply(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> Option<(i
     } else {
         None
     };
-    touch(e, f.proto, reply_state(f, c.flags), now, len);
+    touch(e, state, reply_state(f, state), now, len);
     if set_src(ctx, f, c.nat_addr_be, c.nat_port_be).is_err() {
         return Some((DROP, CTR_DROP_REWRITE));
     }
@@ -343,8 +344,8 @@ fn forward(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> (i32, u
         }
         let state = match rev {
             // SAFETY: as above.
-            Some(r) => unsafe { (*r).flags },
-            None => svc.flags,
+            Some(r) => unsafe { (*r).state() },
+            None => svc.state(),
         };
         if !reopens(f, state) {
             let flags = forward_state(f, state);
@@ -357,7 +358,7 @@ fn forward(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> (i32, u
                 None
             };
             match rev {
-                Some(r) => touch(r, f.proto, flags, now, 0),
+                Some(r) => touch(r, state, flags, now, 0),
                 None => {
                     // The reverse entry was evicted: rebuild it from what we know, unless
                     // another flow has just taken its tuple; then this one starts afresh.
@@ -368,7 +369,7 @@ fn forward(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> (i32, u
                     }
                 }
             }
-            touch(s, f.proto, flags, now, len);
+            touch(s, svc.state(), flags, now, len);
             if translate(
                 ctx,
                 f,
@@ -389,7 +390,9 @@ fn forward(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> (i32, u
             }
             return (PASS, CTR_CT_HIT);
         }
-        // A new connection on the tuple of a closed one: choose afresh below.
+        // A new connection on the tuple of a closed one: choose afresh below, the old entry
+        // gone first (a live service entry met by `new_flow` is another CPU's new flow).
+        let _ = CT4.remove(&skey);
     }
     new_flow(ctx, f, now, len, hook, &skey)
 }
@@ -398,15 +401,19 @@ fn forward(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> (i32, u
 #[inline(always)]
 fn reverse_entry(f: &Flow, flags: u16, rev_nat_id: u32, now: u64) -> Ct4Entry {
     Ct4Entry {
-        expires_ns: now + ct_lifetime_ns(f.proto, flags),
+        seen_ns: now,
         addr_be: f.saddr_be,
         port_be: f.sport_be,
         flags,
         nat_addr_be: f.daddr_be,
         nat_port_be: f.dport_be,
-        _pad: 0,
+        fin_fwd: 0,
+        fin_reply: 0,
         rev_nat_id,
-        _pad2: 0,
+        rst: 0,
+        seen_reply: 0,
+        established: 0,
+        _pad: 0,
         packets: 0,
         bytes: 0,
     }
@@ -509,12 +516,10 @@ fn new_flow(
     // already has the tuple (the client used the port for another frontend of this backend):
     // then the port is remapped, and the replies get it back.
     let mut rev = reverse_entry(f, flags, fe.rev_nat_id, now);
+    // The key of the flow's reverse entry, once it is claimed.
+    let mut rkey = translated_key(f, snat, 0, be.addr_be, be.port_be);
     let own_port = flags & CT_FLAG_REDIRECT != 0
-        || match conntrack::claim(
-            &translated_key(f, snat, 0, be.addr_be, be.port_be),
-            &rev,
-            now,
-        ) {
+        || match conntrack::claim(&rkey, &rev, now) {
             Some(claimed) => !claimed,
             None => return (DROP, CTR_DROP_CT_WRITE),
         };
@@ -525,35 +530,67 @@ fn new_flow(
             rev.flags = flags;
             count(CTR_PORT_REMAPPED, len);
         }
-        let src = if snat != 0 { snat } else { f.saddr_be };
-        match snat::reserve_port(&cfg, src, be.addr_be, be.port_be, f.proto, &rev, now) {
+        match snat::reserve_port(&cfg, &mut rkey, &rev, now) {
             Some(p) => snat_port = p,
             None => return (DROP, CTR_DROP_SNAT_PORTS),
         }
     }
-    let svc = Ct4Entry {
-        expires_ns: now + ct_lifetime_ns(f.proto, flags),
-        addr_be: be.addr_be,
-        port_be: be.port_be,
-        flags,
-        nat_addr_be: snat,
-        nat_port_be: snat_port,
-        _pad: 0,
-        rev_nat_id: fe.rev_nat_id,
-        _pad2: 0,
-        packets: 1,
-        bytes: u64::from(len),
-    };
-    if CT4.insert(skey, &svc, 0).is_err() {
-        return (DROP, CTR_DROP_CT_WRITE);
+    // The service entry, written over the reverse one (the stack has room for one).
+    let svc = &mut rev;
+    svc.addr_be = be.addr_be;
+    svc.port_be = be.port_be;
+    svc.flags = flags;
+    svc.nat_addr_be = snat;
+    svc.nat_port_be = snat_port;
+    svc.packets = 1;
+    svc.bytes = u64::from(len);
+    // The translation this packet gets: ours, or that of the flow another CPU made first.
+    let (mut s_addr, mut s_port, mut s_nat, mut s_nat_port) =
+        (be.addr_be, be.port_be, snat, snat_port);
+    if CT4.insert(skey, svc, u64::from(BPF_NOEXIST)).is_err() {
+        match lookup(skey, now) {
+            Some(w) => {
+                // Another CPU made this flow since we looked: two packets of a new flow at
+                // once (a pod's UDP client sending from two threads). Follow its choice, so
+                // the flow has one backend, and give back the tuple we took.
+                // SAFETY: a live entry from a successful lookup; fields copied out.
+                let (a, p, n, np, wf) = unsafe {
+                    (
+                        (*w).addr_be,
+                        (*w).port_be,
+                        (*w).nat_addr_be,
+                        (*w).nat_port_be,
+                        (*w).flags,
+                    )
+                };
+                if (a, p, n, np) != (s_addr, s_port, s_nat, s_nat_port) {
+                    let _ = CT4.remove(&rkey);
+                    // One of the two forwarded by us (from outside to another node): the
+                    // route this packet has is for our choice, not its. Rare (a flow's packets
+                    // from outside come in on one queue, one CPU), so dropped and counted.
+                    if (wf | flags) & CT_FLAG_REDIRECT != 0 {
+                        return (DROP, CTR_DROP_RACE_REDIRECT);
+                    }
+                }
+                (s_addr, s_port, s_nat, s_nat_port) = (a, p, n, np);
+                count(CTR_NEW_FLOW_RACE_LOST, 0);
+                counter = CTR_CT_HIT;
+            }
+            // An expired entry: ours replaces it.
+            None => {
+                if CT4.insert(skey, svc, 0).is_err() {
+                    return (DROP, CTR_DROP_CT_WRITE);
+                }
+            }
+        }
     }
-    if translate(ctx, f, snat, snat_port, be.addr_be, be.port_be).is_err() {
+    if translate(ctx, f, s_nat, s_nat_port, s_addr, s_port).is_err() {
         return (DROP, CTR_DROP_REWRITE);
     }
     if let Some(r) = route {
         return redirected(ctx, &r, counter);
     }
-    if hook == Hook::FromPod && snat != 0 && be.addr_be == f.saddr_be {
+    if hook == Hook::FromPod && s_nat != 0 && s_addr == f.saddr_be {
         return hairpin_out(ctx, counter);
     }
     (PASS, counter)

@@ -1,5 +1,5 @@
-//! SNAT source ports: the allocator for flows SNATed to the node (and, later, for tuple
-//! clashes), after netfilter's and Cilium's: the reverse entry of the translated tuple is
+//! SNAT source ports: the allocator for flows SNATed to the node and for clients' ports
+//! remapped on a tuple clash, after netfilter's and Cilium's: the reverse entry of the translated tuple is
 //! inserted with BPF_NOEXIST, so a port held by a live flow is never overwritten; a clash
 //! moves on to another port. The first try is a random port of the agent's range, the next
 //! ones follow it, at most [`TRIES`] in all.
@@ -15,8 +15,8 @@ use aya_ebpf::{
     helpers::bpf_get_prandom_u32,
 };
 use proxy_common::{
-    CT_KIND_REVERSE, CT_KIND_SERVICE, CTR_SNAT_PORT_REUSED, CTR_SNAT_PORT_TAKEN, Ct4Entry, Ct4Key,
-    Lb4Config, ct_closed,
+    CT_KIND_SERVICE, CTR_SNAT_PORT_REUSED, CTR_SNAT_PORT_TAKEN, Ct4Entry, Ct4Key, Lb4Config,
+    ct_closed,
 };
 
 use crate::{conntrack::lookup, maps::CT4, stats::count};
@@ -26,18 +26,12 @@ use crate::{conntrack::lookup, maps::CT4, stats::count};
 /// failure means the range is nearly full for that backend.
 const TRIES: u32 = 32;
 
-/// Reserves a source port for a flow from `snat_be` to `daddr_be:dport_be` by inserting its
-/// reverse entry `rev`; returns the port (network order), or `None` if every try clashed.
+/// Reserves a source port for the flow whose reverse-entry key is `key` (its source address,
+/// destination and protocol; the source port is what is chosen) by inserting its reverse
+/// entry `rev` there; returns the port (network order, also left in `key`), or `None` if every
+/// try clashed. (The caller's key is reused: the programs have no stack to spare.)
 #[inline(always)]
-pub fn reserve_port(
-    cfg: &Lb4Config,
-    snat_be: u32,
-    daddr_be: u32,
-    dport_be: u16,
-    proto: u8,
-    rev: &Ct4Entry,
-    now: u64,
-) -> Option<u16> {
+pub fn reserve_port(cfg: &Lb4Config, key: &mut Ct4Key, rev: &Ct4Entry, now: u64) -> Option<u16> {
     let min = u32::from(cfg.snat_port_min);
     let max = u32::from(cfg.snat_port_max);
     if min == 0 || max < min {
@@ -47,38 +41,29 @@ pub fn reserve_port(
     let range = core::num::NonZeroU32::new(max - min + 1)?;
     // SAFETY: bpf_get_prandom_u32 has no preconditions.
     let start = unsafe { bpf_get_prandom_u32() } % range;
-    let mut key = Ct4Key {
-        saddr_be: snat_be,
-        daddr_be,
-        sport_be: 0,
-        dport_be,
-        proto,
-        kind: CT_KIND_REVERSE,
-        _pad: [0; 2],
-    };
     // The first port held by a closed flow, and that flow's client (for its service entry).
     let mut closed: Option<(u16, u32, u16, u32, u16)> = None;
     for i in 0..TRIES {
         let port = (min + (start + i) % range) as u16;
         key.sport_be = port.to_be();
-        if CT4.insert(&key, rev, u64::from(BPF_NOEXIST)).is_ok() {
+        if CT4.insert(key, rev, u64::from(BPF_NOEXIST)).is_ok() {
             return Some(key.sport_be);
         }
         // Taken. An expired entry (the LRU keeps dead ones until it needs the room) is no
         // live flow: remove it and take the port, unless another CPU beats us to it. (Two
         // CPUs reclaiming the same expired port in the same instant could both win: the
         // random start makes that unlikely, and nothing but the two new flows is at stake.)
-        match lookup(&key, now) {
+        match lookup(key, now) {
             None => {
-                let _ = CT4.remove(&key);
-                if CT4.insert(&key, rev, u64::from(BPF_NOEXIST)).is_ok() {
+                let _ = CT4.remove(key);
+                if CT4.insert(key, rev, u64::from(BPF_NOEXIST)).is_ok() {
                     return Some(key.sport_be);
                 }
             }
             Some(e) => {
                 // SAFETY: a live entry from a successful lookup; fields copied out.
                 let old = unsafe { *e };
-                if closed.is_none() && ct_closed(old.flags) {
+                if closed.is_none() && ct_closed(old.state()) {
                     closed = Some((
                         key.sport_be,
                         old.addr_be,
@@ -95,12 +80,12 @@ pub fn reserve_port(
     key.sport_be = port_be;
     // Still the closed flow's (another CPU may have taken the port since)? A small window is
     // left between this look and the write; BPF has no compare-and-swap on map values here.
-    let still = lookup(&key, now).is_some_and(|e| {
+    let still = lookup(key, now).is_some_and(|e| {
         // SAFETY: a live entry from a successful lookup; fields copied out.
         let old = unsafe { *e };
-        ct_closed(old.flags) && old.addr_be == client_be && old.port_be == client_port_be
+        ct_closed(old.state()) && old.addr_be == client_be && old.port_be == client_port_be
     });
-    if !still || CT4.insert(&key, rev, u64::from(BPF_EXIST)).is_err() {
+    if !still || CT4.insert(key, rev, u64::from(BPF_EXIST)).is_err() {
         return None;
     }
     // The closed flow's own entry would still map its client onto this port, unless the
@@ -110,14 +95,14 @@ pub fn reserve_port(
         daddr_be: frontend_be,
         sport_be: client_port_be,
         dport_be: frontend_port_be,
-        proto,
+        proto: key.proto,
         kind: CT_KIND_SERVICE,
         _pad: [0; 2],
     };
     if let Some(e) = CT4.get_ptr(&skey) {
         // SAFETY: a pointer from a successful lookup; fields copied out.
         let (a, p) = unsafe { ((*e).nat_addr_be, (*e).nat_port_be) };
-        if a == snat_be && p == port_be {
+        if a == key.saddr_be && p == port_be {
             let _ = CT4.remove(&skey);
         }
     }

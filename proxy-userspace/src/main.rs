@@ -195,7 +195,7 @@ fn conntrack(pin_path: &std::path::Path, output: Output) -> anyhow::Result<()> {
         .collect();
     let mut flows = Vec::new();
     for e in entries.iter().filter(|e| e.kind == CtKind::Service) {
-        if e.entry.expires_ns <= now {
+        if e.expires_ns() <= now {
             continue;
         }
         let backend = sluice::dataplane::sock_addr(e.entry.addr_be, e.entry.port_be);
@@ -217,7 +217,7 @@ fn conntrack(pin_path: &std::path::Path, output: Output) -> anyhow::Result<()> {
         let reverse = reverse
             .get(&(e.proto, translated_port, backend))
             .filter(|r| r.src.ip() == e.src.ip() || snat.is_some());
-        let flags = reverse.map_or(e.entry.flags, |r| r.entry.flags);
+        let flags = reverse.map_or(e.entry.state(), |r| r.entry.state());
         let state = if e.proto == sluice::dataplane::Protocol::Tcp {
             tcp_state(flags)
         } else if flags & CT_FLAG_SEEN_REPLY != 0 {
@@ -229,7 +229,7 @@ fn conntrack(pin_path: &std::path::Path, output: Output) -> anyhow::Result<()> {
             e,
             backend,
             state,
-            (e.entry.expires_ns - now) / 1_000_000_000,
+            (e.expires_ns() - now) / 1_000_000_000,
             snat,
         ));
     }

@@ -361,7 +361,7 @@ fn a_closed_snat_flow_holds_its_port_for_time_wait_and_gives_it_up_only_when_not
             .into_iter()
             .find(|e| e.kind == sluice::dataplane::CtKind::Reverse)
             .unwrap();
-        let left = rev.entry.expires_ns.saturating_sub(now_ns()) as f64 / 1e9;
+        let left = rev.expires_ns().saturating_sub(now_ns()) as f64 / 1e9;
         assert!((55.0..=60.0).contains(&left), "held {left:.1} s");
         // Every other port held: the closed flow's port goes to the new flow, and the closed
         // flow's own entry goes with it.

@@ -19,7 +19,7 @@ use sluice::dataplane::{
 use testbed::{Attempt, Cluster, HttpServer, http_many, plan, require_privileged};
 
 /// Counters that are no verdict: each program run counts `seen` once and exactly one other.
-const NOT_VERDICTS: [u32; 14] = [
+const NOT_VERDICTS: [u32; 15] = [
     CTR_SEEN,
     CTR_HAIRPIN,
     CTR_SNAT_PORT_TAKEN,
@@ -34,6 +34,7 @@ const NOT_VERDICTS: [u32; 14] = [
     CTR_POD_CLIENTS_FULL,
     CTR_PORT_REMAPPED,
     CTR_CT_STALE_REVERSE,
+    CTR_NEW_FLOW_RACE_LOST,
 ];
 
 fn verdicts(c: &Counters) -> u64 {

@@ -16,25 +16,6 @@ const VIP: &str = "198.18.128.1:80";
 const CLIENT: &str = "198.19.0.10:40000";
 const HAIRPIN: Ipv4Addr = testbed::plan::HAIRPIN_SNAT;
 
-fn fe(addr: &str, proto: Protocol, kind: FrontendKind) -> Frontend {
-    let a = sa(addr);
-    Frontend {
-        addr: *a.ip(),
-        port: a.port(),
-        proto,
-        kind,
-    }
-}
-
-fn be(addr: &str) -> Backend {
-    let a = sa(addr);
-    Backend {
-        addr: *a.ip(),
-        port: a.port(),
-        local: true,
-    }
-}
-
 fn dataplane() -> Dataplane {
     Dataplane::load_with(DataplaneConfig {
         hairpin_snat: Some(HAIRPIN),
@@ -399,23 +380,11 @@ fn a_pod_reaching_itself_through_its_service_is_snated_and_gets_its_answer() {
     assert_eq!(dp.counters().unwrap()[CTR_CT_HIT as usize].packets, 1);
 }
 
-fn reverse_entry(dp: &Dataplane) -> Ct4Entry {
+fn reverse_entry(dp: &Dataplane) -> sluice::dataplane::CtEntry {
     let ct = dp.conntrack().unwrap();
-    ct.iter()
+    ct.into_iter()
         .find(|e| e.kind == sluice::dataplane::CtKind::Reverse)
-        .map(|e| e.entry)
         .expect("a reverse entry")
-}
-
-fn lifetime_left_s(e: &Ct4Entry) -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the struct we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    let now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
-    (e.expires_ns as f64 - now as f64) / 1e9
 }
 
 #[test]
@@ -426,7 +395,7 @@ fn tcp_conntrack_moves_from_opening_to_established_to_closing() {
     let backend = sa("198.19.0.20:8080");
     run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(VIP), SYN, b""));
     let e = reverse_entry(&dp);
-    assert_eq!(e.flags & CT_FLAG_ESTABLISHED, 0);
+    assert_eq!(e.entry.state() & CT_FLAG_ESTABLISHED, 0);
     let left = lifetime_left_s(&e);
     assert!(
         (50.0..=60.0).contains(&left),
@@ -437,7 +406,7 @@ fn tcp_conntrack_moves_from_opening_to_established_to_closing() {
     run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(VIP), ACK, b""));
     let e = reverse_entry(&dp);
     assert_ne!(
-        e.flags & CT_FLAG_ESTABLISHED,
+        e.entry.state() & CT_FLAG_ESTABLISHED,
         0,
         "established after SYN, SYN-ACK, ACK"
     );
@@ -483,7 +452,7 @@ fn a_reset_closes_the_flow() {
         &tcp(sa("198.19.0.20:8080"), sa(CLIENT), RST, b""),
     );
     let e = reverse_entry(&dp);
-    assert_ne!(e.flags & CT_FLAG_RST, 0);
+    assert_ne!(e.entry.state() & CT_FLAG_RST, 0);
     assert!(lifetime_left_s(&e) <= 10.0);
 }
 

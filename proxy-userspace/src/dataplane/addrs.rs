@@ -80,7 +80,7 @@ impl Dataplane {
         let mut addrs = BTreeSet::new();
         for entry in ct.iter() {
             let (k, v) = entry.map_err(map_error(CT4_MAP, "read"))?;
-            if k.kind != CT_KIND_SERVICE || v.expires_ns < now {
+            if k.kind != CT_KIND_SERVICE || v.expires_ns(k.proto) < now {
                 continue;
             }
             addrs.insert(Ipv4Addr::from(u32::from_be(k.daddr_be)));

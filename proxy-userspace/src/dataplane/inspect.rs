@@ -35,6 +35,13 @@ pub struct CtEntry {
     pub entry: Ct4Entry,
 }
 
+impl CtEntry {
+    /// When the entry dies (`CLOCK_MONOTONIC` ns), from its latest packet and its state now.
+    pub fn expires_ns(&self) -> u64 {
+        self.entry.expires_ns(self.proto.number())
+    }
+}
+
 /// The decoded form of the packet counters: `proxy_common::CTR_*` index -> total.
 pub type Counters = [Counter; CTR_MAX as usize];
 

@@ -125,6 +125,22 @@ pub fn run_on(dp: &Dataplane, program: &'static str, pkt: &[u8], ifindex: u32) -
     run_ctx(dp, program, pkt, Some(&ctx))
 }
 
+/// [`run`] `n` times back to back inside one test run (no system call between the runs): the
+/// packet each run sees is what the run before left, so only a packet its program leaves as
+/// it was makes sense here. Returns the verdict.
+pub fn run_repeated(dp: &Dataplane, program: &'static str, pkt: &[u8], n: u32) -> u32 {
+    let prog = dp.program(program).unwrap();
+    let mut out = vec![0u8; pkt.len() + 256];
+    prog.test_run(TestRunOptions {
+        data_in: Some(pkt),
+        data_out: Some(&mut out),
+        repeat: n,
+        ..Default::default()
+    })
+    .unwrap()
+    .return_value
+}
+
 fn run_ctx(
     dp: &Dataplane,
     program: &'static str,
@@ -419,4 +435,41 @@ pub fn in_node(f: impl FnOnce(&str) + Send + 'static) {
     let ns = node_ns();
     let name = ns.name().to_owned();
     ns.run_in(move || f(&name)).unwrap();
+}
+
+/// A frontend at `addr` ("a.b.c.d:port").
+pub fn fe(
+    addr: &str,
+    proto: sluice::dataplane::Protocol,
+    kind: sluice::dataplane::FrontendKind,
+) -> sluice::dataplane::Frontend {
+    let a = sa(addr);
+    sluice::dataplane::Frontend {
+        addr: *a.ip(),
+        port: a.port(),
+        proto,
+        kind,
+    }
+}
+
+/// A local backend at `addr`.
+pub fn be(addr: &str) -> sluice::dataplane::Backend {
+    let a = sa(addr);
+    sluice::dataplane::Backend {
+        addr: *a.ip(),
+        port: a.port(),
+        local: true,
+    }
+}
+
+/// Seconds until conntrack entry `e` expires.
+pub fn lifetime_left_s(e: &sluice::dataplane::CtEntry) -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the struct we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    (e.expires_ns() as f64 - now as f64) / 1e9
 }
