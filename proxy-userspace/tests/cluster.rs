@@ -233,6 +233,24 @@ fn a_pod_reaches_a_cluster_ip_backend_on_another_node_over_tcp_and_udp() {
             "the reply comes from the Service address"
         );
     }
+    // The conntrack table's fill is exported: the client's node holds the UDP flow (the
+    // table is walked at most every 10 s, so a fresh count may take that long).
+    let udp = |k: usize| env.agents[k].metric("sluice_conntrack_flows{state=\"udp\"}");
+    assert!(
+        eventually(Duration::from_secs(15), || udp(0).is_some_and(|n| n >= 1.0)),
+        "node0's UDP flows: {:?}\n{}",
+        udp(0),
+        env.agents[0].metrics()
+    );
+    assert_eq!(
+        env.agents[0].metric("sluice_conntrack_capacity_entries"),
+        Some(f64::from(proxy_common::CT4_DEFAULT_MAX))
+    );
+    assert!(
+        env.agents[0]
+            .metric("sluice_conntrack_live_entries{kind=\"reverse\"}")
+            .is_some_and(|n| n >= 1.0)
+    );
 }
 
 #[test]

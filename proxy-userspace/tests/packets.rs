@@ -820,3 +820,50 @@ fn removing_a_service_stops_new_flows_but_not_established_ones() {
     );
     assert!(dp.services().is_empty());
 }
+
+#[test]
+fn the_conntrack_fill_counts_live_entries_by_kind_and_flows_by_state() {
+    require_privileged!("the_conntrack_fill_counts_live_entries_by_kind_and_flows_by_state");
+    let mut dp = dataplane();
+    cluster_ip(&mut dp, &["198.19.0.20:8080"]);
+    dp.upsert_service(
+        fe("198.18.128.1:53", Protocol::Udp, FrontendKind::ClusterIp),
+        &[be("198.19.0.20:5353")],
+    )
+    .unwrap();
+    let backend = sa("198.19.0.20:8080");
+    let client = |port| std::net::SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 10), port);
+    // Half-open: a SYN, and a SYN answered (not yet established: the client has not ACKed).
+    run(&dp, FROM_POD, &tcp(client(1001), sa(VIP), SYN, b""));
+    run(&dp, FROM_POD, &tcp(client(1006), sa(VIP), SYN, b""));
+    run(&dp, TO_POD, &tcp(backend, client(1006), SYN_ACK, b""));
+    // Established.
+    run(&dp, FROM_POD, &tcp(client(1002), sa(VIP), SYN, b""));
+    run(&dp, TO_POD, &tcp(backend, client(1002), SYN_ACK, b""));
+    run(&dp, FROM_POD, &tcp(client(1002), sa(VIP), ACK, b""));
+    // Closing, twice.
+    for port in [1003, 1004] {
+        run(&dp, FROM_POD, &tcp(client(port), sa(VIP), SYN, b""));
+        run(&dp, TO_POD, &tcp(backend, client(port), RST, b""));
+    }
+    // UDP.
+    run(
+        &dp,
+        FROM_POD,
+        &udp(client(1005), sa("198.18.128.1:53"), b"q"),
+    );
+    let f = dp.conntrack_fill().unwrap();
+    assert_eq!(
+        f,
+        sluice::dataplane::CtFill {
+            capacity: 4096,
+            held: 12,
+            live_service: 6,
+            live_reverse: 6,
+            tcp_opening: 2,
+            tcp_established: 1,
+            tcp_closing: 2,
+            udp: 1,
+        }
+    );
+}

@@ -17,7 +17,7 @@ use prometheus_client::{
 };
 use proxy_common::COUNTER_NAMES;
 
-use crate::dataplane::Counters;
+use crate::dataplane::{Counters, CtFill};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabel {
@@ -37,6 +37,16 @@ pub struct SyncLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RoleLabel {
     pub role: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -70,6 +80,10 @@ pub struct Metrics {
     pub attach_errors: Counter,
     pub packets: Family<VerdictLabel, Counter>,
     pub bytes: Family<VerdictLabel, Counter>,
+    pub conntrack_capacity: Gauge,
+    pub conntrack_held: Gauge,
+    pub conntrack_live: Family<KindLabel, Gauge>,
+    pub conntrack_flows: Family<StateLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -106,6 +120,10 @@ impl Metrics {
             attach_errors: Counter::default(),
             packets: Family::default(),
             bytes: Family::default(),
+            conntrack_capacity: Gauge::default(),
+            conntrack_held: Gauge::default(),
+            conntrack_live: Family::default(),
+            conntrack_flows: Family::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -209,7 +227,53 @@ impl Metrics {
             "Bytes seen by the datapath, by verdict",
             m.bytes.clone(),
         );
+        r.register(
+            "conntrack_capacity_entries",
+            "Size of the conntrack table (two entries per flow; the least recently used is evicted when it is full)",
+            m.conntrack_capacity.clone(),
+        );
+        r.register(
+            "conntrack_entries",
+            "Entries the conntrack table holds, live or expired (an expired one stays until its room is needed)",
+            m.conntrack_held.clone(),
+        );
+        r.register(
+            "conntrack_live_entries",
+            "Live conntrack entries, by kind (service: client to frontend; reverse: after translation)",
+            m.conntrack_live.clone(),
+        );
+        r.register(
+            "conntrack_flows",
+            "Live flows by state (tcp_opening: half-open, what a SYN flood makes; tcp_established; tcp_closing; udp)",
+            m.conntrack_flows.clone(),
+        );
         Self { registry: r, ..m }
+    }
+
+    /// Copies the conntrack table's fill into the exported gauges.
+    pub fn set_conntrack_fill(&self, f: &CtFill) {
+        let set = |g: &Gauge, v: u64| {
+            g.set(i64::try_from(v).unwrap_or(i64::MAX));
+        };
+        set(&self.conntrack_capacity, u64::from(f.capacity));
+        set(&self.conntrack_held, f.held);
+        for (kind, v) in [("service", f.live_service), ("reverse", f.live_reverse)] {
+            let label = KindLabel {
+                kind: kind.to_owned(),
+            };
+            set(&self.conntrack_live.get_or_create(&label), v);
+        }
+        for (state, v) in [
+            ("tcp_opening", f.tcp_opening),
+            ("tcp_established", f.tcp_established),
+            ("tcp_closing", f.tcp_closing),
+            ("udp", f.udp),
+        ] {
+            let label = StateLabel {
+                state: state.to_owned(),
+            };
+            set(&self.conntrack_flows.get_or_create(&label), v);
+        }
     }
 
     /// Copies the datapath's counters into the exported ones (called at scrape time).

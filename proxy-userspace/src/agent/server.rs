@@ -179,7 +179,12 @@ where
     }
 }
 
-/// Binds the metrics endpoint; `pins` is where the datapath counters are read at each scrape.
+/// The conntrack table is walked for its fill at most this often (a full map is two system
+/// calls per entry; scrapes in between show the last count).
+const CT_FILL_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Binds the metrics endpoint; `pins` is where the datapath counters are read at each scrape
+/// (and the conntrack table's fill, at most every [`CT_FILL_EVERY`]).
 pub async fn start_metrics(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
@@ -187,12 +192,25 @@ pub async fn start_metrics(
 ) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
+    let last_fill = Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
     tokio::spawn(serve(listener, false, move |req: &Request<Incoming>| {
         if req.uri().path() != "/metrics" {
             return reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into());
         }
-        if let Ok(c) = PinnedMaps::open(&pins).and_then(|m| m.counters()) {
-            metrics.set_datapath_counters(&c);
+        if let Ok(maps) = PinnedMaps::open(&pins) {
+            if let Ok(c) = maps.counters() {
+                metrics.set_datapath_counters(&c);
+            }
+            let mut last = last_fill.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_none_or(|t| t.elapsed() >= CT_FILL_EVERY) {
+                // A walk of a full table takes a few hundred ms (about 2 us an entry): the
+                // worker hands its other tasks on meanwhile.
+                match tokio::task::block_in_place(|| maps.conntrack_fill()) {
+                    Ok(f) => metrics.set_conntrack_fill(&f),
+                    Err(e) => tracing::warn!(error = %e, "reading the conntrack table's fill"),
+                }
+                *last = Some(std::time::Instant::now());
+            }
         }
         reply(
             StatusCode::OK,

@@ -9,8 +9,9 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use proxy_common::{
-    CT_KIND_SERVICE, CT4_MAP, CTR_MAX, Counter, Ct4Entry, Ct4Key, LB4_BACKENDS_MAP,
-    LB4_SERVICES_MAP, Lb4Backend, Lb4Key, Lb4Service, PKT_COUNTERS_MAP,
+    CT_FLAG_ESTABLISHED, CT_FLAG_FIN_FWD, CT_FLAG_FIN_REPLY, CT_FLAG_RST, CT_KIND_SERVICE, CT4_MAP,
+    CTR_MAX, Counter, Ct4Entry, Ct4Key, LB4_BACKENDS_MAP, LB4_SERVICES_MAP, Lb4Backend, Lb4Key,
+    Lb4Service, PKT_COUNTERS_MAP,
 };
 
 use super::{Backends, Dataplane, DataplaneError, Frontend, Protocol, map_error, services::Ids};
@@ -39,6 +40,55 @@ impl CtEntry {
     /// When the entry dies (`CLOCK_MONOTONIC` ns), from its latest packet and its state now.
     pub fn expires_ns(&self) -> u64 {
         self.entry.expires_ns(self.proto.number())
+    }
+}
+
+/// How full the conntrack table is. The LRU map keeps an expired entry until it needs the
+/// room, so `held` is what the map holds and the rest counts live entries only; a flow's
+/// state is in its reverse entry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtFill {
+    /// The map's size (two entries per flow).
+    pub capacity: u32,
+    /// Entries in the map, live or expired.
+    pub held: u64,
+    pub live_service: u64,
+    pub live_reverse: u64,
+    /// Live TCP flows not yet established (half-open: what a SYN flood makes).
+    pub tcp_opening: u64,
+    pub tcp_established: u64,
+    /// Live TCP flows after a FIN or an RST.
+    pub tcp_closing: u64,
+    pub udp: u64,
+}
+
+impl CtFill {
+    /// The fill of a table of `capacity` holding `entries`, at `now` (`CLOCK_MONOTONIC` ns).
+    pub fn of(entries: &[CtEntry], capacity: u32, now: u64) -> Self {
+        let mut f = Self {
+            capacity,
+            held: entries.len() as u64,
+            ..Self::default()
+        };
+        for e in entries.iter().filter(|e| e.expires_ns() >= now) {
+            if e.kind == CtKind::Service {
+                f.live_service += 1;
+                continue;
+            }
+            f.live_reverse += 1;
+            let state = e.entry.state();
+            match e.proto {
+                Protocol::Udp => f.udp += 1,
+                Protocol::Tcp
+                    if state & (CT_FLAG_FIN_FWD | CT_FLAG_FIN_REPLY | CT_FLAG_RST) != 0 =>
+                {
+                    f.tcp_closing += 1
+                }
+                Protocol::Tcp if state & CT_FLAG_ESTABLISHED != 0 => f.tcp_established += 1,
+                Protocol::Tcp => f.tcp_opening += 1,
+            }
+        }
+        f
     }
 }
 
@@ -97,6 +147,15 @@ impl Dataplane {
             &self.open::<HashMap<&MapData, Ct4Key, Ct4Entry>>(CT4_MAP)?,
         ))
     }
+
+    /// How full the conntrack table is (a walk of the whole map).
+    pub fn conntrack_fill(&self) -> Result<CtFill, DataplaneError> {
+        Ok(CtFill::of(
+            &self.conntrack()?,
+            self.config.conntrack_max,
+            super::monotonic_ns(),
+        ))
+    }
 }
 
 /// Read-only access to the maps a running agent pinned under its pin path. Opening them
@@ -150,6 +209,21 @@ impl PinnedMaps {
     /// Every conntrack entry.
     pub fn conntrack(&self) -> Result<Vec<CtEntry>, DataplaneError> {
         Ok(read_conntrack(&self.hash::<Ct4Key, Ct4Entry>(CT4_MAP)?))
+    }
+
+    /// How full the conntrack table is (a walk of the whole map: two system calls an entry).
+    pub fn conntrack_fill(&self) -> Result<CtFill, DataplaneError> {
+        let map = CT4_MAP;
+        let path = self.dir.join(map);
+        let capacity = MapData::from_pin(&path)
+            .and_then(|m| m.info())
+            .map_err(map_error(map, "read the size of"))?
+            .max_entries();
+        Ok(CtFill::of(
+            &self.conntrack()?,
+            capacity,
+            super::monotonic_ns(),
+        ))
     }
 
     /// The packet counters, summed over every CPU.
