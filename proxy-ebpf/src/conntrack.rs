@@ -86,8 +86,9 @@ pub fn lookup(key: &Ct4Key, now: u64) -> Option<*mut Ct4Entry> {
 /// live entry of another flow holds it. Returns `Some(true)` when written, `Some(false)` when
 /// another flow holds the tuple (the new flow must take another source port), `None` when the
 /// map refused the write. The entry at `key` is replaced when it has expired, or when it is
-/// this very flow's (same client, same frontend: its service entry was evicted, or a closed
-/// connection is being reopened).
+/// this very flow's (same client, same frontend) and closing (a connection reopened on the
+/// tuple). This flow's open entry is kept as it is (its service entry was evicted, or another
+/// CPU has just made the flow): its state is the flow's.
 #[inline(always)]
 pub fn claim(key: &Ct4Key, rev: &Ct4Entry, now: u64) -> Option<bool> {
     if CT4.insert(key, rev, u64::from(BPF_NOEXIST)).is_ok() {
@@ -96,14 +97,20 @@ pub fn claim(key: &Ct4Key, rev: &Ct4Entry, now: u64) -> Option<bool> {
     if let Some(e) = lookup(key, now) {
         // SAFETY: a live entry from a successful lookup; fields read one by one (a copy of
         // the whole entry would cost stack the programs do not have).
-        let same_flow = unsafe {
-            (*e).addr_be == rev.addr_be
-                && (*e).port_be == rev.port_be
-                && (*e).nat_addr_be == rev.nat_addr_be
-                && (*e).nat_port_be == rev.nat_port_be
+        let (same_flow, state) = unsafe {
+            (
+                (*e).addr_be == rev.addr_be
+                    && (*e).port_be == rev.port_be
+                    && (*e).nat_addr_be == rev.nat_addr_be
+                    && (*e).nat_port_be == rev.nat_port_be,
+                (*e).state(),
+            )
         };
         if !same_flow {
             return Some(false);
+        }
+        if state & (CT_FLAG_FIN_FWD | CT_FLAG_FIN_REPLY | CT_FLAG_RST) == 0 {
+            return Some(true);
         }
     }
     CT4.insert(key, rev, 0).is_ok().then_some(true)

@@ -332,12 +332,25 @@ fn forward(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> (i32, u
         );
         let rev = lookup(&rkey, now);
         // The reverse entry must be this flow's own: for a flow SNATed with a port of its own
-        // the key does not name the client, and once this flow closed its port may have gone
-        // to another flow. Then this flow is over: its packet starts afresh.
+        // the key does not name the client, once this flow closed its port may have gone to
+        // another flow, and once its reverse entry was gone the tuple may have gone to a flow
+        // of the same client to another frontend. Then this flow is over: its packet starts
+        // afresh.
         if let Some(r) = rev {
             // SAFETY: as above.
-            let (addr, port) = unsafe { ((*r).addr_be, (*r).port_be) };
-            if addr != f.saddr_be || port != f.sport_be {
+            let (addr, port, fe_addr, fe_port) = unsafe {
+                (
+                    (*r).addr_be,
+                    (*r).port_be,
+                    (*r).nat_addr_be,
+                    (*r).nat_port_be,
+                )
+            };
+            if addr != f.saddr_be
+                || port != f.sport_be
+                || fe_addr != f.daddr_be
+                || fe_port != f.dport_be
+            {
                 let _ = CT4.remove(&skey);
                 return new_flow(ctx, f, now, len, hook, &skey);
             }
@@ -547,7 +560,13 @@ fn new_flow(
     // The translation this packet gets: ours, or that of the flow another CPU made first.
     let (mut s_addr, mut s_port, mut s_nat, mut s_nat_port) =
         (be.addr_be, be.port_be, snat, snat_port);
-    if CT4.insert(skey, svc, u64::from(BPF_NOEXIST)).is_err() {
+    // An expired entry there (the LRU keeps them) is removed first, then the insert retried,
+    // so that two CPUs meeting it cannot both write theirs.
+    let inserted = CT4.insert(skey, svc, u64::from(BPF_NOEXIST)).is_ok()
+        || (lookup(skey, now).is_none()
+            && CT4.remove(skey).is_ok()
+            && CT4.insert(skey, svc, u64::from(BPF_NOEXIST)).is_ok());
+    if !inserted {
         match lookup(skey, now) {
             Some(w) => {
                 // Another CPU made this flow since we looked: two packets of a new flow at
@@ -576,11 +595,10 @@ fn new_flow(
                 count(CTR_NEW_FLOW_RACE_LOST, 0);
                 counter = CTR_CT_HIT;
             }
-            // An expired entry: ours replaces it.
+            // Refused, or gone again.
             None => {
-                if CT4.insert(skey, svc, 0).is_err() {
-                    return (DROP, CTR_DROP_CT_WRITE);
-                }
+                let _ = CT4.remove(&rkey);
+                return (DROP, CTR_DROP_CT_WRITE);
             }
         }
     }

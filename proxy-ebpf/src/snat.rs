@@ -102,7 +102,8 @@ pub fn reserve_port(cfg: &Lb4Config, key: &mut Ct4Key, rev: &Ct4Entry, now: u64)
     if let Some(e) = CT4.get_ptr(&skey) {
         // SAFETY: a pointer from a successful lookup; fields copied out.
         let (a, p) = unsafe { ((*e).nat_addr_be, (*e).nat_port_be) };
-        if a == key.saddr_be && p == port_be {
+        // (A remapped flow's service entry keeps the client's address: 0.)
+        if (a == 0 || a == key.saddr_be) && p == port_be {
             let _ = CT4.remove(&skey);
         }
     }

@@ -185,13 +185,13 @@ fn conntrack(pin_path: &std::path::Path, output: Output) -> anyhow::Result<()> {
     let now = sluice::dataplane::monotonic_ns();
     // A flow is its service entry (client -> frontend, pinned backend); the reverse entry
     // carries the state both directions update.
-    // Reverse entries by (protocol, translated source port, backend): the translated source is
-    // the client (with its port, or one remapped on a clash), or the SNAT address (hairpin,
-    // with the client's port; the node, with a port of its own).
+    // Reverse entries by (protocol, translated source, backend): the translated source is the
+    // client (with its port, or one remapped on a clash), or the SNAT address (hairpin, with
+    // the client's port; the node, with a port of its own).
     let reverse: std::collections::HashMap<_, _> = entries
         .iter()
         .filter(|r| r.kind == CtKind::Reverse)
-        .map(|r| ((r.proto, r.src.port(), r.dst), r))
+        .map(|r| ((r.proto, r.src, r.dst), r))
         .collect();
     let mut flows = Vec::new();
     for e in entries.iter().filter(|e| e.kind == CtKind::Service) {
@@ -213,10 +213,10 @@ fn conntrack(pin_path: &std::path::Path, output: Output) -> anyhow::Result<()> {
             };
             std::net::SocketAddrV4::new(addr, port)
         });
-        let translated_port = snat.map_or(e.src.port(), |s| s.port());
         let reverse = reverse
-            .get(&(e.proto, translated_port, backend))
-            .filter(|r| r.src.ip() == e.src.ip() || snat.is_some());
+            .get(&(e.proto, snat.unwrap_or(e.src), backend))
+            // The entry must be this flow's (a closed flow's tuple may have passed on).
+            .filter(|r| sluice::dataplane::sock_addr(r.entry.addr_be, r.entry.port_be) == e.src);
         let flags = reverse.map_or(e.entry.state(), |r| r.entry.state());
         let state = if e.proto == sluice::dataplane::Protocol::Tcp {
             tcp_state(flags)

@@ -867,3 +867,45 @@ fn the_conntrack_fill_counts_live_entries_by_kind_and_flows_by_state() {
         }
     );
 }
+
+#[test]
+fn a_flow_whose_tuple_went_to_another_frontend_does_not_ride_on_it() {
+    require_privileged!("a_flow_whose_tuple_went_to_another_frontend_does_not_ride_on_it");
+    let mut dp = dataplane();
+    let backend = sa("198.19.0.20:8080");
+    cluster_ip(&mut dp, &["198.19.0.20:8080"]);
+    let node_port = "198.18.0.10:30080";
+    dp.upsert_service(
+        fe(node_port, Protocol::Tcp, FrontendKind::NodePort),
+        &[be("198.19.0.20:8080")],
+    )
+    .unwrap();
+    // A connection to the ClusterIP, reset by the backend: its reverse entry closes (10 s);
+    // its service entry, which never saw the RST, stays.
+    run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(VIP), SYN, b""));
+    run(&dp, TO_POD, &tcp(backend, sa(CLIENT), SYN_ACK, b""));
+    run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(VIP), ACK, b""));
+    run(&dp, TO_POD, &tcp(backend, sa(CLIENT), RST, b""));
+    std::thread::sleep(std::time::Duration::from_millis(10_500));
+    // The same client port to the NodePort takes the tuple, the old entry gone.
+    let (_, out) = run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(node_port), SYN, b""));
+    assert_eq!(
+        (check(&out).src, check(&out).dst),
+        (sa(CLIENT), backend),
+        "the tuple is free: no remap"
+    );
+    run(&dp, TO_POD, &tcp(backend, sa(CLIENT), SYN_ACK, b""));
+    run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(node_port), ACK, b""));
+    // The client dials the ClusterIP again from that port: a new flow, not the NodePort's.
+    let (_, out) = run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(VIP), SYN, b""));
+    let again = check(&out);
+    assert_eq!(again.dst, backend);
+    assert_ne!(
+        again.src,
+        sa(CLIENT),
+        "the NodePort flow holds the client's port at the backend: this one is remapped"
+    );
+    // The NodePort flow's replies still show the NodePort.
+    let (_, out) = run(&dp, TO_POD, &tcp(backend, sa(CLIENT), ACK, b"hi"));
+    assert_eq!(check(&out).src, sa(node_port));
+}
