@@ -173,16 +173,12 @@ pub fn reply_state(f: &Flow, mut flags: u16) -> u16 {
     flags
 }
 
-/// Updates an entry in place for a packet that took its state from `old` to `new`: each bit
-/// the packet added is set in its own byte, and no field is read back and rewritten, so
-/// another CPU's update of the same entry is never undone (see `proxy_common::conntrack`).
+/// Sets the state bits `add` (of `CT_LATE_FLAGS`) of an entry, each in its own byte, which is
+/// only ever set to 1: another CPU's bits are never undone (see `proxy_common::conntrack`).
 #[inline(always)]
-pub fn touch(e: *mut Ct4Entry, old: u16, new: u16, now: u64, bytes: u32) {
-    let add = new & !old & CT_LATE_FLAGS;
-    // SAFETY: `e` comes from a successful map lookup. The state bytes are only ever set to 1
-    // (volatile, so that no store is widened over a neighbour or left out); concurrent
-    // updates from other CPUs may lose a counter increment, or move `seen_ns` by the
-    // nanoseconds between them.
+fn mark(e: *mut Ct4Entry, add: u16) {
+    // SAFETY: `e` comes from a successful map lookup. Volatile, so that no store is widened
+    // over a neighbour or left out.
     unsafe {
         if add & CT_FLAG_FIN_FWD != 0 {
             core::ptr::write_volatile(&raw mut (*e).fin_fwd, 1);
@@ -199,8 +195,34 @@ pub fn touch(e: *mut Ct4Entry, old: u16, new: u16, now: u64, bytes: u32) {
         if add & CT_FLAG_ESTABLISHED != 0 {
             core::ptr::write_volatile(&raw mut (*e).established, 1);
         }
+    }
+}
+
+/// Updates an entry in place for a packet that took its state from `old` to `new`: each bit
+/// the packet added is set in its own byte, and no field is read back and rewritten, so
+/// another CPU's update of the same entry is never undone.
+#[inline(always)]
+pub fn touch(e: *mut Ct4Entry, old: u16, new: u16, now: u64, bytes: u32) {
+    mark(e, new & !old & CT_LATE_FLAGS);
+    // SAFETY: `e` comes from a successful map lookup. Concurrent updates from other CPUs may
+    // lose a counter increment, or move `seen_ns` by the nanoseconds between them.
+    unsafe {
         (*e).seen_ns = now;
         (*e).packets += 1;
         (*e).bytes += u64::from(bytes);
     }
+}
+
+/// A reply `f` that ends its flow (a FIN or an RST from the backend) marks the flow's service
+/// entry `s` too, which otherwise only the client's packets touch: a flow the backend ended
+/// must not keep its backend pinned for the established lifetime.
+#[inline(always)]
+pub fn end_from_reply(s: *mut Ct4Entry, f: &Flow, now: u64) {
+    let mut add = CT_FLAG_FIN_REPLY;
+    if f.tcp_flags & TCP_RST != 0 {
+        add = CT_FLAG_RST;
+    }
+    mark(s, add);
+    // SAFETY: as in `mark`.
+    unsafe { (*s).seen_ns = now };
 }

@@ -24,15 +24,16 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    BACKEND_FLAG_LOCAL, CT_FLAG_PORT_REMAP, CT_FLAG_REDIRECT, CT_FLAG_SNAT, CTR_CT_HIT,
-    CTR_CT_STALE_REVERSE, CTR_DROP_CT_WRITE, CTR_DROP_FIB, CTR_DROP_NO_BACKEND_ENTRY,
+    BACKEND_FLAG_LOCAL, CT_FLAG_PORT_REMAP, CT_FLAG_REDIRECT, CT_FLAG_SNAT, CT_KIND_SERVICE,
+    CTR_CT_HIT, CTR_CT_STALE_REVERSE, CTR_DROP_CT_WRITE, CTR_DROP_FIB, CTR_DROP_NO_BACKEND_ENTRY,
     CTR_DROP_NO_LOCAL_BACKEND, CTR_DROP_NO_SNAT_ADDR, CTR_DROP_RACE_REDIRECT,
     CTR_DROP_REJECT_FAILED, CTR_DROP_REJECT_RATE_LIMITED, CTR_DROP_REWRITE, CTR_DROP_SNAT_PORTS,
     CTR_HAIRPIN, CTR_NEW_FLOW, CTR_NEW_FLOW_RACE_LOST, CTR_NEW_FLOW_SNAT, CTR_PASS_NO_MATCH,
     CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_POD_CLIENT, CTR_PASS_REPLY_AT_EGRESS, CTR_POD_CLIENTS_FULL,
     CTR_PORT_REMAPPED, CTR_REDIRECT, CTR_REJECT_FRAG_NEEDED, CTR_REJECT_NO_BACKEND,
     CTR_REJECT_NO_SUCH_PORT, CTR_REPLY, CTR_SEEN, Ct4Entry, Ct4Key, DP_STATE_POD_CLIENTS_FULL,
-    FE_ADDR_CLUSTER_IP, LOCAL_SLOT_BASE, Lb4Config, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL,
+    FE_ADDR_CLUSTER_IP, IPPROTO_TCP, LOCAL_SLOT_BASE, Lb4Config, SVC_FLAG_CLUSTER_IP,
+    SVC_FLAG_EXT_LOCAL,
 };
 
 use crate::{
@@ -44,7 +45,7 @@ use crate::{
     icmp, lb,
     maps::{CT4, LB4_CONFIG, LB4_DP_STATE, LB4_FE_ADDRS, LB4_POD_CLIENTS},
     nat::{set_dst, set_src, translate},
-    parse::{Flow, Packet, parse},
+    parse::{Flow, Packet, TCP_FIN, TCP_RST, parse},
     reject, snat,
     stats::count,
 };
@@ -280,6 +281,25 @@ fn reply(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> Option<(i
         None
     };
     touch(e, state, reply_state(f, state), now, len);
+    if f.proto == IPPROTO_TCP && f.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        // The flow's service entry (client -> frontend), if it is still this flow's.
+        let skey = Ct4Key {
+            saddr_be: c.addr_be,
+            daddr_be: c.nat_addr_be,
+            sport_be: c.port_be,
+            dport_be: c.nat_port_be,
+            proto: f.proto,
+            kind: CT_KIND_SERVICE,
+            _pad: [0; 2],
+        };
+        if let Some(s) = CT4.get_ptr_mut(&skey) {
+            // SAFETY: a pointer from a successful lookup; fields read one by one.
+            let (addr, port) = unsafe { ((*s).addr_be, (*s).port_be) };
+            if addr == f.saddr_be && port == f.sport_be {
+                conntrack::end_from_reply(s, f, now);
+            }
+        }
+    }
     if set_src(ctx, f, c.nat_addr_be, c.nat_port_be).is_err() {
         return Some((DROP, CTR_DROP_REWRITE));
     }

@@ -445,15 +445,19 @@ fn a_reset_closes_the_flow() {
     require_privileged!("a_reset_closes_the_flow");
     let mut dp = dataplane();
     cluster_ip(&mut dp, &["198.19.0.20:8080"]);
+    let backend = sa("198.19.0.20:8080");
     run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(VIP), SYN, b""));
-    run(
-        &dp,
-        TO_POD,
-        &tcp(sa("198.19.0.20:8080"), sa(CLIENT), RST, b""),
-    );
-    let e = reverse_entry(&dp);
-    assert_ne!(e.entry.state() & CT_FLAG_RST, 0);
-    assert!(lifetime_left_s(&e) <= 10.0);
+    run(&dp, TO_POD, &tcp(backend, sa(CLIENT), SYN_ACK, b""));
+    run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(VIP), ACK, b""));
+    // The backend resets the established connection; the client sends nothing more.
+    run(&dp, TO_POD, &tcp(backend, sa(CLIENT), RST, b""));
+    // Both entries close: the service entry too, which only the client's packets touched
+    // before (it kept the backend pinned for 6 h).
+    for e in dp.conntrack().unwrap() {
+        assert_ne!(e.entry.state() & CT_FLAG_RST, 0, "{:?} is reset", e.kind);
+        let left = lifetime_left_s(&e);
+        assert!(left <= 10.0, "{:?} lives {left} s more", e.kind);
+    }
 }
 
 #[test]
@@ -880,8 +884,11 @@ fn a_flow_whose_tuple_went_to_another_frontend_does_not_ride_on_it() {
         &[be("198.19.0.20:8080")],
     )
     .unwrap();
-    // A connection to the ClusterIP, reset by the backend: its reverse entry closes (10 s);
-    // its service entry, which never saw the RST, stays.
+    // A connection to the ClusterIP, reset by the backend: both its entries close (10 s).
+    // (Before the reply path closed the service entry too, the service entry stayed and the
+    // client's next SYN to the ClusterIP rode on the NodePort flow's tuple; now only an
+    // evicted reverse entry leaves a service entry behind, and `forward` then checks the
+    // reverse entry's frontend as well as its client.)
     run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(VIP), SYN, b""));
     run(&dp, TO_POD, &tcp(backend, sa(CLIENT), SYN_ACK, b""));
     run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(VIP), ACK, b""));
