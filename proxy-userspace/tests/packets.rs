@@ -446,9 +446,7 @@ fn a_reset_closes_the_flow() {
     let mut dp = dataplane();
     cluster_ip(&mut dp, &["198.19.0.20:8080"]);
     let backend = sa("198.19.0.20:8080");
-    run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(VIP), SYN, b""));
-    run(&dp, TO_POD, &tcp(backend, sa(CLIENT), SYN_ACK, b""));
-    run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(VIP), ACK, b""));
+    establish(&dp, sa(CLIENT), sa(VIP), backend);
     // The backend resets the established connection; the client sends nothing more.
     run(&dp, TO_POD, &tcp(backend, sa(CLIENT), RST, b""));
     // Both entries close: the service entry too, which only the client's packets touched
@@ -684,20 +682,28 @@ fn the_uplink_translates_node_ports_and_external_ips_but_not_cluster_ips() {
 /// Linux gives a client one source port for connections to different destinations. Two
 /// frontends of one backend would then translate to one tuple, and the backend would see one
 /// connection where there are two; the second flow's port is remapped, as netfilter does.
+const NODE_PORT: &str = "198.18.0.10:30080";
+
+/// A Service with one backend on two frontends: [`VIP`] (ClusterIP) and [`NODE_PORT`].
+fn two_frontends_of_one_backend() -> (Dataplane, std::net::SocketAddrV4) {
+    let mut dp = dataplane();
+    let backend = "198.19.0.20:8080";
+    cluster_ip(&mut dp, &[backend]);
+    dp.upsert_service(
+        fe(NODE_PORT, Protocol::Tcp, FrontendKind::NodePort),
+        &[be(backend)],
+    )
+    .unwrap();
+    (dp, sa(backend))
+}
+
 #[test]
 fn one_client_port_to_two_frontends_of_one_backend_is_two_flows_at_the_backend() {
     require_privileged!(
         "one_client_port_to_two_frontends_of_one_backend_is_two_flows_at_the_backend"
     );
-    let mut dp = dataplane();
-    let backend = sa("198.19.0.20:8080");
-    cluster_ip(&mut dp, &["198.19.0.20:8080"]);
-    let node_port = "198.18.0.10:30080";
-    dp.upsert_service(
-        fe(node_port, Protocol::Tcp, FrontendKind::NodePort),
-        &[be("198.19.0.20:8080")],
-    )
-    .unwrap();
+    let (dp, backend) = two_frontends_of_one_backend();
+    let node_port = NODE_PORT;
     let (_, out) = run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(VIP), SYN, b""));
     let first = check(&out);
     assert_eq!(
@@ -842,9 +848,7 @@ fn the_conntrack_fill_counts_live_entries_by_kind_and_flows_by_state() {
     run(&dp, FROM_POD, &tcp(client(1006), sa(VIP), SYN, b""));
     run(&dp, TO_POD, &tcp(backend, client(1006), SYN_ACK, b""));
     // Established.
-    run(&dp, FROM_POD, &tcp(client(1002), sa(VIP), SYN, b""));
-    run(&dp, TO_POD, &tcp(backend, client(1002), SYN_ACK, b""));
-    run(&dp, FROM_POD, &tcp(client(1002), sa(VIP), ACK, b""));
+    establish(&dp, client(1002), sa(VIP), backend);
     // Closing, twice.
     for port in [1003, 1004] {
         run(&dp, FROM_POD, &tcp(client(port), sa(VIP), SYN, b""));
@@ -875,23 +879,14 @@ fn the_conntrack_fill_counts_live_entries_by_kind_and_flows_by_state() {
 #[test]
 fn a_flow_whose_tuple_went_to_another_frontend_does_not_ride_on_it() {
     require_privileged!("a_flow_whose_tuple_went_to_another_frontend_does_not_ride_on_it");
-    let mut dp = dataplane();
-    let backend = sa("198.19.0.20:8080");
-    cluster_ip(&mut dp, &["198.19.0.20:8080"]);
-    let node_port = "198.18.0.10:30080";
-    dp.upsert_service(
-        fe(node_port, Protocol::Tcp, FrontendKind::NodePort),
-        &[be("198.19.0.20:8080")],
-    )
-    .unwrap();
+    let (dp, backend) = two_frontends_of_one_backend();
+    let node_port = NODE_PORT;
     // A connection to the ClusterIP, reset by the backend: both its entries close (10 s).
     // (Before the reply path closed the service entry too, the service entry stayed and the
     // client's next SYN to the ClusterIP rode on the NodePort flow's tuple; now only an
     // evicted reverse entry leaves a service entry behind, and `forward` then checks the
     // reverse entry's frontend as well as its client.)
-    run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(VIP), SYN, b""));
-    run(&dp, TO_POD, &tcp(backend, sa(CLIENT), SYN_ACK, b""));
-    run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(VIP), ACK, b""));
+    establish(&dp, sa(CLIENT), sa(VIP), backend);
     run(&dp, TO_POD, &tcp(backend, sa(CLIENT), RST, b""));
     std::thread::sleep(std::time::Duration::from_millis(10_500));
     // The same client port to the NodePort takes the tuple, the old entry gone.

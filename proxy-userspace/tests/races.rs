@@ -153,9 +153,7 @@ fn a_fin_on_one_cpu_while_another_forwards_the_flow_is_not_lost() {
     for r in 0..RACE_ROUNDS {
         let c = client(r);
         // An established connection.
-        run(&dp, FROM_POD, &tcp(c, sa(VIP), SYN, b""));
-        run(&dp, TO_POD, &tcp(backend, c, SYN_ACK, b""));
-        run(&dp, FROM_POD, &tcp(c, sa(VIP), ACK, b""));
+        establish(&dp, c, sa(VIP), backend);
         let started = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|s| {
             let burst = s.spawn(|| {

@@ -473,3 +473,28 @@ pub fn lifetime_left_s(e: &sluice::dataplane::CtEntry) -> f64 {
     let now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
     (e.expires_ns() as f64 - now as f64) / 1e9
 }
+
+/// A TCP connection from `client` to `frontend`, opened through a pod's programs: the
+/// client's SYN (`sluice_from_pod`), `backend`'s SYN-ACK (`sluice_to_pod`), the client's ACK.
+pub fn establish(
+    dp: &Dataplane,
+    client: SocketAddrV4,
+    frontend: SocketAddrV4,
+    backend: SocketAddrV4,
+) {
+    run(
+        dp,
+        sluice::dataplane::FROM_POD,
+        &tcp(client, frontend, SYN, b""),
+    );
+    run(
+        dp,
+        sluice::dataplane::TO_POD,
+        &tcp(backend, client, SYN_ACK, b""),
+    );
+    run(
+        dp,
+        sluice::dataplane::FROM_POD,
+        &tcp(client, frontend, ACK, b""),
+    );
+}
