@@ -25,7 +25,9 @@ counters! {
     CTR_PASS_NOT_IPV4 = 1, "pass_not_ipv4";
     /// Passed untouched: IPv4 but neither TCP nor UDP.
     CTR_PASS_OTHER_PROTO = 2, "pass_other_proto";
-    /// Passed untouched: a fragment (the datapath does not reassemble; see ARCHITECTURE.md).
+    /// Passed untouched: a fragment that is not translated: a later fragment whose datagram's
+    /// first fragment this program did not look up (not to a frontend, or out of order), or
+    /// a fragment of anything but TCP and UDP (see ARCHITECTURE.md).
     CTR_PASS_FRAGMENT = 3, "pass_fragment";
     /// Passed untouched: too short or inconsistent to parse; the kernel's own checks decide.
     CTR_PASS_MALFORMED = 4, "pass_malformed";
@@ -126,10 +128,39 @@ counters! {
     /// another packet of it, with another backend, where one of the two is forwarded by
     /// sluice (from outside to another node): its route was for the wrong backend.
     CTR_DROP_RACE_REDIRECT = 40, "drop_new_flow_race_forwarded";
+    /// Not a verdict: later fragments (no ports of their own) that found their datagram's
+    /// first fragment in `LB4_FRAGS` and followed its flow (counted under its verdict).
+    CTR_FRAGMENT_FOLLOWED = 41, "fragment_followed";
+    /// Dropped: a later fragment whose first fragment made no flow here (it was dropped, or
+    /// its flow is gone), to a frontend; or, from a pod, one to a ClusterIP whose first
+    /// fragment was never seen. Passed, it would go to the Service address itself.
+    CTR_DROP_FRAGMENT = 42, "drop_fragment_without_flow";
 }
 
+/// The counters that are no verdict (`seen`, the socket programs', and the "of the translated
+/// packets, ..." kind): every packet a TC program sees counts `seen` once and exactly one
+/// counter not in this list.
+pub const NOT_VERDICTS: [u32; 16] = [
+    CTR_SEEN,
+    CTR_HAIRPIN,
+    CTR_SNAT_PORT_TAKEN,
+    CTR_REDIRECT,
+    CTR_SNAT_PORT_REUSED,
+    CTR_SOCK_CONNECT,
+    CTR_SOCK_SENDMSG,
+    CTR_SOCK_REVERSE,
+    CTR_SOCK_REJECT_NO_BACKEND,
+    CTR_SOCK_PASS_TO_TC,
+    CTR_SOCK_REVNAT_WRITE,
+    CTR_POD_CLIENTS_FULL,
+    CTR_PORT_REMAPPED,
+    CTR_CT_STALE_REVERSE,
+    CTR_NEW_FLOW_RACE_LOST,
+    CTR_FRAGMENT_FOLLOWED,
+];
+
 /// Number of counters in use (at most [`CTR_SLOTS`]).
-pub const CTR_MAX: u32 = 41;
+pub const CTR_MAX: u32 = 43;
 const _: () = assert!(CTR_MAX <= CTR_SLOTS);
 
 /// One CPU's share of a counter.

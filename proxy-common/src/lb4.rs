@@ -76,6 +76,36 @@ pub struct RejectBudget {
     pub last_ns: u64,
 }
 
+/// `LB4_FRAGS`: [`Frag4Key`] -> [`Frag4Ports`]; LRU hash; the programs' own state. Only a
+/// datagram's first fragment carries its ports: each program that looks up a first fragment
+/// notes its ports here under the datagram's addresses and IP id, as that program sees them,
+/// so that the later fragments find the flow and follow its translation (as Cilium's
+/// `cilium_ipv4_frag_datagrams`). Entries age out by LRU; one lives as long as reassembly
+/// could use it.
+pub const LB4_FRAGS_MAP: &str = "LB4_FRAGS";
+pub const LB4_FRAGS_DEFAULT_MAX: u32 = 8_192;
+
+/// Key of [`LB4_FRAGS_MAP`]: a datagram, as its fragments name it (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Frag4Key {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub id_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<Frag4Key>() == 12);
+
+/// Value of [`LB4_FRAGS_MAP`]: the ports the datagram's first fragment carried.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Frag4Ports {
+    pub sport_be: u16,
+    pub dport_be: u16,
+}
+const _: () = assert!(core::mem::size_of::<Frag4Ports>() == 4);
+
 /// The slot after which the local list (externalTrafficPolicy Local) starts; the list for
 /// every origin ends below it, so each list holds at most `LOCAL_SLOT_BASE - 1` backends.
 pub const LOCAL_SLOT_BASE: u16 = 0x8000;
@@ -191,5 +221,7 @@ crate::impl_pod!(
     Lb4Backend,
     Lb4RevNat,
     Lb4Config,
-    RejectBudget
+    RejectBudget,
+    Frag4Key,
+    Frag4Ports
 );

@@ -6,10 +6,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
-    CT4_DEFAULT_MAX, CTR_SLOTS, Counter, Ct4Entry, Ct4Key, LB4_BACKENDS_DEFAULT_MAX,
-    LB4_POD_CLIENTS_DEFAULT_MAX, LB4_REVNAT_DEFAULT_MAX, LB4_SERVICES_DEFAULT_MAX, Lb4Backend,
-    Lb4Config, Lb4Key, Lb4RevNat, Lb4Service, RejectBudget, SOCK_REVNAT_DEFAULT_MAX, SockConfig,
-    SockRevKey, SockRevValue,
+    CT4_DEFAULT_MAX, CTR_SLOTS, Counter, Ct4Entry, Ct4Key, Frag4Key, Frag4Ports,
+    LB4_BACKENDS_DEFAULT_MAX, LB4_FRAGS_DEFAULT_MAX, LB4_POD_CLIENTS_DEFAULT_MAX,
+    LB4_REVNAT_DEFAULT_MAX, LB4_SERVICES_DEFAULT_MAX, Lb4Backend, Lb4Config, Lb4Key, Lb4RevNat,
+    Lb4Service, RejectBudget, SOCK_REVNAT_DEFAULT_MAX, SockConfig, SockRevKey, SockRevValue,
 };
 
 #[map(name = "PKT_COUNTERS_V2")]
@@ -46,6 +46,10 @@ pub static LB4_CONFIG: Array<Lb4Config> = Array::with_max_entries(1, 0);
 #[map(name = "CT4")]
 pub static CT4: LruHashMap<Ct4Key, Ct4Entry> = LruHashMap::with_max_entries(CT4_DEFAULT_MAX, 0);
 
+#[map(name = "LB4_FRAGS")]
+pub static LB4_FRAGS: LruHashMap<Frag4Key, Frag4Ports> =
+    LruHashMap::with_max_entries(LB4_FRAGS_DEFAULT_MAX, 0);
+
 #[map(name = "LB4_SOCK_REVNAT")]
 pub static LB4_SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> =
     LruHashMap::with_max_entries(SOCK_REVNAT_DEFAULT_MAX, 0);
@@ -68,6 +72,7 @@ const _: () = {
     assert!(str_eq(proxy_common::LB4_REVNAT_MAP, "LB4_REVNAT"));
     assert!(str_eq(proxy_common::LB4_CONFIG_MAP, "LB4_CONFIG_V2"));
     assert!(str_eq(proxy_common::CT4_MAP, "CT4"));
+    assert!(str_eq(proxy_common::LB4_FRAGS_MAP, "LB4_FRAGS"));
     assert!(str_eq(proxy_common::SOCK_REVNAT_MAP, "LB4_SOCK_REVNAT"));
     assert!(str_eq(proxy_common::SOCK_CONFIG_MAP, "SOCK_CONFIG"));
 };

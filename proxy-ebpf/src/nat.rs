@@ -1,7 +1,8 @@
 //! Rewrites of addresses and ports, with incremental checksum updates: the IPv4 header
 //! checksum (l3) and the TCP/UDP checksum (l4, whose pseudo-header covers the addresses).
 //! `BPF_F_PSEUDO_HDR` keeps partially checksummed (offloaded) packets right; for UDP,
-//! `BPF_F_MARK_MANGLED_0` leaves a zero ("no checksum") checksum zero.
+//! `BPF_F_MARK_MANGLED_0` leaves a zero ("no checksum") checksum zero. A later fragment has no
+//! L4 header: only its addresses change; its first fragment's checksum update covers them.
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
@@ -36,13 +37,15 @@ fn addr(ctx: &TcContext, flow: &Flow, off: u32, old: u32, new: u32) -> Result<()
     if old == new {
         return Ok(());
     }
-    l4_csum(
-        ctx,
-        flow,
-        u64::from(old),
-        u64::from(new),
-        u64::from(BPF_F_PSEUDO_HDR) | 4,
-    )?;
+    if flow.has_l4() {
+        l4_csum(
+            ctx,
+            flow,
+            u64::from(old),
+            u64::from(new),
+            u64::from(BPF_F_PSEUDO_HDR) | 4,
+        )?;
+    }
     ctx.l3_csum_replace(IP_CSUM_OFF as usize, u64::from(old), u64::from(new), 4)
         .map_err(|_| RewriteFailed)?;
     ctx.store(off as usize, &new, 0).map_err(|_| RewriteFailed)
@@ -50,7 +53,7 @@ fn addr(ctx: &TcContext, flow: &Flow, off: u32, old: u32, new: u32) -> Result<()
 
 #[inline(always)]
 fn port(ctx: &TcContext, flow: &Flow, off: u32, old: u16, new: u16) -> Result<(), RewriteFailed> {
-    if old == new {
+    if old == new || !flow.has_l4() {
         return Ok(());
     }
     l4_csum(ctx, flow, u64::from(old), u64::from(new), 2)?;

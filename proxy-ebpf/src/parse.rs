@@ -1,11 +1,15 @@
 //! Parsing: Ethernet, IPv4 (options allowed), TCP and UDP ports, and ICMP errors with the
 //! TCP or UDP packet they quote. Reads go through `bpf_skb_load_bytes`, which checks bounds at
-//! run time, so a short packet is an error here, never an out-of-bounds read.
+//! run time, so a short packet is an error here, never an out-of-bounds read. A later fragment
+//! of a TCP or UDP datagram carries no ports: it takes those its first fragment left in
+//! `LB4_FRAGS` (`note_first_fragment`), or is not a flow.
 use aya_ebpf::programs::TcContext;
 use proxy_common::{
-    CTR_PASS_FRAGMENT, CTR_PASS_MALFORMED, CTR_PASS_NOT_IPV4, CTR_PASS_OTHER_PROTO, IPPROTO_TCP,
-    IPPROTO_UDP,
+    CTR_FRAGMENT_FOLLOWED, CTR_PASS_FRAGMENT, CTR_PASS_MALFORMED, CTR_PASS_NOT_IPV4,
+    CTR_PASS_OTHER_PROTO, Frag4Key, Frag4Ports, IPPROTO_TCP, IPPROTO_UDP,
 };
+
+use crate::{maps::LB4_FRAGS, stats::count};
 
 pub const IPPROTO_ICMP: u8 = 1;
 /// ICMP destination unreachable (port unreachable, fragmentation needed, ...).
@@ -62,7 +66,20 @@ pub struct Flow {
     pub df: bool,
     /// The IP total length.
     pub tot_len: u16,
+    /// The IP id (network byte order): with the addresses and protocol, it names a datagram.
+    pub id_be: u16,
+    /// [`NOT_FRAGMENT`], [`FIRST_FRAGMENT`] or [`LATER_FRAGMENT`].
+    pub frag: u8,
 }
+
+/// A whole datagram.
+pub const NOT_FRAGMENT: u8 = 0;
+/// The first fragment of a datagram: it carries the ports, and its L4 checksum covers the
+/// whole datagram (incremental updates stay right).
+pub const FIRST_FRAGMENT: u8 = 1;
+/// A later fragment: no L4 header; its ports are its first fragment's. Only its addresses
+/// are rewritten.
+pub const LATER_FRAGMENT: u8 = 2;
 
 /// An ICMP error (destination unreachable, time exceeded) quoting a TCP or UDP packet: where
 /// its parts are, and the quoted packet's addressing (network byte order).
@@ -94,9 +111,20 @@ pub struct Tuple {
 pub enum Packet {
     Flow(Flow),
     IcmpError(IcmpError),
+    /// A later fragment of a TCP or UDP datagram whose first fragment this program has not
+    /// looked up: it went elsewhere, or has not arrived (fragments are not reordered).
+    LoneFragment {
+        daddr_be: u32,
+    },
 }
 
 impl Flow {
+    /// Whether the packet carries the L4 header (ports, checksum): all but later fragments.
+    #[inline(always)]
+    pub fn has_l4(&self) -> bool {
+        self.frag != LATER_FRAGMENT
+    }
+
     /// Offset of the L4 checksum field.
     #[inline(always)]
     pub fn l4_csum_off(&self) -> u32 {
@@ -133,22 +161,35 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, u32> {
         return Err(CTR_PASS_MALFORMED);
     }
     let frag = u16::from_be(ip.frag_off_be);
-    if frag & (IP_MF | IP_OFFSET) != 0 {
-        // Only the first fragment carries ports; translating it alone would split the
-        // datagram. Fragments pass untouched and are counted (ARCHITECTURE.md).
+    let l4_off = ETH_LEN + ihl_bytes;
+    let frag_kind = if frag & IP_OFFSET != 0 {
+        LATER_FRAGMENT
+    } else if frag & IP_MF != 0 {
+        FIRST_FRAGMENT
+    } else {
+        NOT_FRAGMENT
+    };
+    if frag_kind != NOT_FRAGMENT && ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
         return Err(CTR_PASS_FRAGMENT);
+    }
+    if frag_kind == LATER_FRAGMENT {
+        return Ok(later_fragment(&ip, l4_off, ihl_bytes, tot_len).map_or(
+            Packet::LoneFragment {
+                daddr_be: ip.daddr_be,
+            },
+            Packet::Flow,
+        ));
     }
     let l4_len = tot_len - ihl_bytes;
     let min_l4 = match ip.proto {
         IPPROTO_TCP => 20,
         IPPROTO_UDP => 8,
-        IPPROTO_ICMP => return icmp_error(ctx, &ip, ETH_LEN + ihl_bytes).map(Packet::IcmpError),
+        IPPROTO_ICMP => return icmp_error(ctx, &ip, l4_off).map(Packet::IcmpError),
         _ => return Err(CTR_PASS_OTHER_PROTO),
     };
     if l4_len < min_l4 {
         return Err(CTR_PASS_MALFORMED);
     }
-    let l4_off = ETH_LEN + ihl_bytes;
     let ports: [u16; 2] = ctx.load(l4_off as usize).map_err(|_| CTR_PASS_MALFORMED)?;
     let tcp_flags = if ip.proto == IPPROTO_TCP {
         ctx.load::<u8>((l4_off + 13) as usize)
@@ -169,7 +210,60 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, u32> {
         // A BIG TCP packet's own length does not fit; only GSO packets can have one, and
         // for them the wire length is a segment's (`fib::wire_len`).
         tot_len: tot_len.min(u32::from(u16::MAX)) as u16,
+        id_be: ip.id_be,
+        frag: frag_kind,
     }))
+}
+
+/// The key under which a datagram's first fragment leaves its ports.
+#[inline(always)]
+fn frag_key(saddr_be: u32, daddr_be: u32, id_be: u16, proto: u8) -> Frag4Key {
+    Frag4Key {
+        saddr_be,
+        daddr_be,
+        id_be,
+        proto,
+        _pad: 0,
+    }
+}
+
+/// A later fragment of a TCP or UDP datagram, as a flow with its first fragment's ports, if
+/// this program has looked its first fragment up.
+#[inline(always)]
+fn later_fragment(ip: &Ip4Hdr, l4_off: u32, ihl_bytes: u32, tot_len: u32) -> Option<Flow> {
+    let key = frag_key(ip.saddr_be, ip.daddr_be, ip.id_be, ip.proto);
+    // SAFETY: the value is two plain integers, copied out.
+    let ports: Frag4Ports = *unsafe { LB4_FRAGS.get(&key) }?;
+    count(CTR_FRAGMENT_FOLLOWED, 0);
+    Some(Flow {
+        l4_off,
+        ihl_bytes,
+        saddr_be: ip.saddr_be,
+        daddr_be: ip.daddr_be,
+        sport_be: ports.sport_be,
+        dport_be: ports.dport_be,
+        proto: ip.proto,
+        tcp_flags: 0,
+        df: false,
+        tot_len: tot_len.min(u32::from(u16::MAX)) as u16,
+        id_be: ip.id_be,
+        frag: LATER_FRAGMENT,
+    })
+}
+
+/// Leaves a first fragment's ports for the datagram's later fragments (`later_fragment`).
+/// Called by a program that looks the fragment up, before it rewrites anything, so the key
+/// and ports are those the later fragments will arrive with at the same program.
+#[inline(always)]
+pub fn note_first_fragment(f: &Flow) {
+    let key = frag_key(f.saddr_be, f.daddr_be, f.id_be, f.proto);
+    let ports = Frag4Ports {
+        sport_be: f.sport_be,
+        dport_be: f.dport_be,
+    };
+    // An LRU map makes room for it; a refusal leaves the later fragments untranslated,
+    // counted as `pass_fragment`.
+    let _ = LB4_FRAGS.insert(&key, &ports, 0);
 }
 
 /// An ICMP error quoting a TCP or UDP packet (its IPv4 header and at least the 8 bytes with

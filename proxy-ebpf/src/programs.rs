@@ -25,15 +25,15 @@ use aya_ebpf::{
 };
 use proxy_common::{
     BACKEND_FLAG_LOCAL, CT_FLAG_PORT_REMAP, CT_FLAG_REDIRECT, CT_FLAG_SNAT, CT_KIND_SERVICE,
-    CTR_CT_HIT, CTR_CT_STALE_REVERSE, CTR_DROP_CT_WRITE, CTR_DROP_FIB, CTR_DROP_NO_BACKEND_ENTRY,
-    CTR_DROP_NO_LOCAL_BACKEND, CTR_DROP_NO_SNAT_ADDR, CTR_DROP_RACE_REDIRECT,
-    CTR_DROP_REJECT_FAILED, CTR_DROP_REJECT_RATE_LIMITED, CTR_DROP_REWRITE, CTR_DROP_SNAT_PORTS,
-    CTR_HAIRPIN, CTR_NEW_FLOW, CTR_NEW_FLOW_RACE_LOST, CTR_NEW_FLOW_SNAT, CTR_PASS_NO_MATCH,
-    CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_POD_CLIENT, CTR_PASS_REPLY_AT_EGRESS, CTR_POD_CLIENTS_FULL,
-    CTR_PORT_REMAPPED, CTR_REDIRECT, CTR_REJECT_FRAG_NEEDED, CTR_REJECT_NO_BACKEND,
-    CTR_REJECT_NO_SUCH_PORT, CTR_REPLY, CTR_SEEN, Ct4Entry, Ct4Key, DP_STATE_POD_CLIENTS_FULL,
-    FE_ADDR_CLUSTER_IP, IPPROTO_TCP, LOCAL_SLOT_BASE, Lb4Config, SVC_FLAG_CLUSTER_IP,
-    SVC_FLAG_EXT_LOCAL,
+    CTR_CT_HIT, CTR_CT_STALE_REVERSE, CTR_DROP_CT_WRITE, CTR_DROP_FIB, CTR_DROP_FRAGMENT,
+    CTR_DROP_NO_BACKEND_ENTRY, CTR_DROP_NO_LOCAL_BACKEND, CTR_DROP_NO_SNAT_ADDR,
+    CTR_DROP_RACE_REDIRECT, CTR_DROP_REJECT_FAILED, CTR_DROP_REJECT_RATE_LIMITED, CTR_DROP_REWRITE,
+    CTR_DROP_SNAT_PORTS, CTR_HAIRPIN, CTR_NEW_FLOW, CTR_NEW_FLOW_RACE_LOST, CTR_NEW_FLOW_SNAT,
+    CTR_PASS_FRAGMENT, CTR_PASS_NO_MATCH, CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_POD_CLIENT,
+    CTR_PASS_REPLY_AT_EGRESS, CTR_POD_CLIENTS_FULL, CTR_PORT_REMAPPED, CTR_REDIRECT,
+    CTR_REJECT_FRAG_NEEDED, CTR_REJECT_NO_BACKEND, CTR_REJECT_NO_SUCH_PORT, CTR_REPLY, CTR_SEEN,
+    Ct4Entry, Ct4Key, DP_STATE_POD_CLIENTS_FULL, FE_ADDR_CLUSTER_IP, IPPROTO_TCP, LOCAL_SLOT_BASE,
+    Lb4Config, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL,
 };
 
 use crate::{
@@ -45,7 +45,7 @@ use crate::{
     icmp, lb,
     maps::{CT4, LB4_CONFIG, LB4_DP_STATE, LB4_FE_ADDRS, LB4_POD_CLIENTS},
     nat::{set_dst, set_src, translate},
-    parse::{Flow, Packet, TCP_FIN, TCP_RST, parse},
+    parse::{FIRST_FRAGMENT, Flow, Packet, TCP_FIN, TCP_RST, note_first_fragment, parse},
     reject, snat,
     stats::count,
 };
@@ -116,6 +116,12 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
     };
     let (verdict, counter) = match packet {
         Packet::IcmpError(e) => icmp::error(ctx, &e, conntrack::now(), hook.is_egress(), PASS),
+        // From a pod, a ClusterIP is only its Services' flows: a fragment with no flow to
+        // follow would be routed to the address itself.
+        Packet::LoneFragment { daddr_be } if hook == Hook::FromPod && is_cluster_ip(daddr_be) => {
+            (DROP, CTR_DROP_FRAGMENT)
+        }
+        Packet::LoneFragment { .. } => (PASS, CTR_PASS_FRAGMENT),
         // At ingress, a destination that is no frontend's address (nor the hairpin or SNAT
         // address, where replies of SNATed flows arrive) belongs to no translated flow: it
         // passes before any conntrack lookup. (Replies to other addresses are translated at
@@ -128,6 +134,9 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
             } else if !hook.is_egress() && !may_be_translated(&flow) {
                 (PASS, CTR_PASS_NOT_FRONTEND)
             } else {
+                if flow.frag == FIRST_FRAGMENT {
+                    note_first_fragment(&flow);
+                }
                 let now = conntrack::now();
                 match reply(ctx, &flow, now, len, hook) {
                     Some(r) => r,
@@ -465,6 +474,9 @@ fn new_flow(
         // A ClusterIP is only its Services' ports: another port from a pod is refused, not
         // routed out of the default route. (From outside, ClusterIPs are nobody's.)
         if hook == Hook::FromPod && is_cluster_ip(f.daddr_be) {
+            if !f.has_l4() {
+                return (DROP, CTR_DROP_FRAGMENT);
+            }
             return rejected(
                 ctx,
                 f,
@@ -480,6 +492,11 @@ fn new_flow(
     if from_outside && fe.flags & SVC_FLAG_CLUSTER_IP != 0 {
         // ClusterIPs are for pods and the node, not for the outside world.
         return (PASS, CTR_PASS_NO_MATCH);
+    }
+    // A later fragment never starts a flow: its first fragment made none (dropped, or its
+    // flow has gone), so it cannot be delivered, and it must not reach the frontend itself.
+    if !f.has_l4() {
+        return (DROP, CTR_DROP_FRAGMENT);
     }
     if fe.count == 0 {
         return rejected(

@@ -232,6 +232,11 @@ fn a_pod_reaches_a_cluster_ip_backend_on_another_node_over_tcp_and_udp() {
             std::net::SocketAddrV4::new(CLUSTER_IP, 53),
             "the reply comes from the Service address"
         );
+        // A datagram too big for the links crosses in fragments, both ways.
+        let big = "z".repeat(4000);
+        let u = testbed::udp_request(ns, CLUSTER_IP, 53, &big, T)
+            .unwrap_or_else(|e| panic!("{client}, a fragmented datagram: {e}\n{}", env.logs()));
+        assert_eq!(u.data, format!("web-1 {big}"), "{client}");
     }
     // The conntrack table's fill is exported: the client's node holds the UDP flow (the
     // table is walked at most every 10 s, so a fresh count may take that long).
@@ -392,6 +397,13 @@ fn node_port_from_outside_to_a_remote_backend_is_snated_to_the_ingress_node() {
         u.from,
         std::net::SocketAddrV4::new(env.node_addr(0), UDP_NODE_PORT)
     );
+    // A datagram too big for the links: its fragments are SNATed and forwarded with their
+    // first, both ways.
+    let big = "y".repeat(4000);
+    let u = testbed::udp_request(env.outside(), env.node_addr(0), UDP_NODE_PORT, &big, T)
+        .unwrap_or_else(|e| panic!("a fragmented datagram: {e}\n{}", env.logs()));
+    assert_eq!(u.data, format!("web-1 {big}"));
+    assert!(env.counter(0, "fragment_followed") >= 4.0, "{}", env.logs());
 }
 
 // Departure from kube-proxy (ARCHITECTURE.md): kube-proxy masquerades all external traffic

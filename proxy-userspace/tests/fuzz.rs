@@ -18,25 +18,6 @@ use sluice::dataplane::{
 };
 use testbed::{Attempt, Cluster, HttpServer, http_many, plan, require_privileged};
 
-/// Counters that are no verdict: each program run counts `seen` once and exactly one other.
-const NOT_VERDICTS: [u32; 15] = [
-    CTR_SEEN,
-    CTR_HAIRPIN,
-    CTR_SNAT_PORT_TAKEN,
-    CTR_REDIRECT,
-    CTR_SNAT_PORT_REUSED,
-    CTR_SOCK_CONNECT,
-    CTR_SOCK_SENDMSG,
-    CTR_SOCK_REVERSE,
-    CTR_SOCK_REJECT_NO_BACKEND,
-    CTR_SOCK_PASS_TO_TC,
-    CTR_SOCK_REVNAT_WRITE,
-    CTR_POD_CLIENTS_FULL,
-    CTR_PORT_REMAPPED,
-    CTR_CT_STALE_REVERSE,
-    CTR_NEW_FLOW_RACE_LOST,
-];
-
 fn verdicts(c: &Counters) -> u64 {
     (0..CTR_MAX)
         .filter(|i| !NOT_VERDICTS.contains(i))

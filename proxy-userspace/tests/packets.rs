@@ -541,17 +541,18 @@ fn ip_options_are_skipped_over_and_translated_with_valid_checksums() {
 }
 
 #[test]
-fn fragments_other_protocols_and_non_ipv4_pass_untouched_and_are_counted() {
-    require_privileged!("fragments_other_protocols_and_non_ipv4_pass_untouched_and_are_counted");
+fn other_protocols_and_non_ipv4_pass_untouched_and_are_counted() {
+    require_privileged!("other_protocols_and_non_ipv4_pass_untouched_and_are_counted");
     let mut dp = dataplane();
     cluster_ip(&mut dp, &["198.19.0.20:8080"]);
     let syn = tcp(sa(CLIENT), sa(VIP), SYN, b"");
-    let mut first_fragment = syn.clone();
-    first_fragment[14 + 6] |= 0x20; // MF
-    let mut later_fragment = syn.clone();
-    later_fragment[14 + 7] = 0x10; // offset 16 * 8 bytes
     let mut icmp = syn.clone();
     icmp[14 + 9] = 1; // protocol ICMP (checksums no longer matter: it must pass untouched)
+    // Fragments of anything but TCP and UDP.
+    let mut icmp_first_fragment = icmp.clone();
+    icmp_first_fragment[14 + 6] |= 0x20; // MF
+    let mut icmp_later_fragment = icmp.clone();
+    icmp_later_fragment[14 + 7] = 0x10; // offset 16 * 8 bytes
     let mut arp = syn.clone();
     arp[12..14].copy_from_slice(&[0x08, 0x06]);
     let mut ipv6 = syn.clone();
@@ -561,8 +562,8 @@ fn fragments_other_protocols_and_non_ipv4_pass_untouched_and_are_counted() {
     let mut tagged = syn.clone();
     tagged.splice(12..12, [0x81, 0x00, 0x00, 0x2a]);
     let cases = [
-        (first_fragment, CTR_PASS_FRAGMENT),
-        (later_fragment, CTR_PASS_FRAGMENT),
+        (icmp_first_fragment, CTR_PASS_FRAGMENT),
+        (icmp_later_fragment, CTR_PASS_FRAGMENT),
         (icmp, CTR_PASS_OTHER_PROTO),
         (arp, CTR_PASS_NOT_IPV4),
         (ipv6, CTR_PASS_NOT_IPV4),
@@ -581,6 +582,107 @@ fn fragments_other_protocols_and_non_ipv4_pass_untouched_and_are_counted() {
             COUNTER_NAMES[counter as usize]
         );
     }
+    assert!(dp.conntrack().unwrap().is_empty());
+}
+
+#[test]
+fn a_fragmented_datagram_follows_its_flow_both_ways() {
+    require_privileged!("a_fragmented_datagram_follows_its_flow_both_ways");
+    let mut dp = dataplane();
+    let vip = "198.18.128.1:53";
+    let backend = "198.19.0.20:5353";
+    dp.upsert_service(
+        fe(vip, Protocol::Udp, FrontendKind::ClusterIp),
+        &[be(backend)],
+    )
+    .unwrap();
+    // Every fragment goes on, and is seen as it left.
+    let through = |program, frags: &[Vec<u8>]| -> Vec<Vec<u8>> {
+        frags
+            .iter()
+            .map(|f| {
+                let (verdict, out) = run(&dp, program, f);
+                assert_eq!(verdict, TC_ACT_UNSPEC);
+                out
+            })
+            .collect()
+    };
+    let query: Vec<u8> = (0..3000u32).map(|i| (i * 7) as u8).collect();
+    // Three fragments, as a pod's kernel sends a 3 kB datagram over a 1500-byte MTU; then a
+    // second datagram of the same flow.
+    for (n, id) in [0x1234u16, 0x1235].into_iter().enumerate() {
+        let frags = fragment(&udp(sa(CLIENT), sa(vip), &query), 1480, id);
+        assert_eq!(frags.len(), 3);
+        let seen = check(&reassemble(&through(FROM_POD, &frags)));
+        assert_eq!(
+            seen.dst,
+            sa(backend),
+            "datagram {n}: the whole datagram is DNATed"
+        );
+        assert_eq!(seen.src, sa(CLIENT));
+        assert_eq!(seen.payload, query);
+    }
+    let c = dp.counters().unwrap();
+    assert_eq!(c[CTR_NEW_FLOW as usize].packets, 1);
+    assert_eq!(c[CTR_CT_HIT as usize].packets, 5);
+    assert_eq!(c[CTR_FRAGMENT_FOLLOWED as usize].packets, 4);
+    // The backend's answer, fragmented too, shows the Service on its way into the pod.
+    let answer: Vec<u8> = (0..4000u32).map(|i| (i * 13) as u8).collect();
+    let frags = fragment(&udp(sa(backend), sa(CLIENT), &answer), 1480, 0x4321);
+    let seen = check(&reassemble(&through(TO_POD, &frags)));
+    assert_eq!(seen.src, sa(vip), "the whole answer comes from the Service");
+    assert_eq!(seen.dst, sa(CLIENT));
+    assert_eq!(seen.payload, answer);
+    let c = dp.counters().unwrap();
+    assert_eq!(c[CTR_REPLY as usize].packets, 3);
+}
+
+#[test]
+fn a_fragment_with_no_flow_to_follow_never_reaches_the_service_address() {
+    require_privileged!("a_fragment_with_no_flow_to_follow_never_reaches_the_service_address");
+    let mut dp = dataplane();
+    let vip = "198.18.128.1:53";
+    let empty = "198.18.128.2:53";
+    dp.upsert_service(
+        fe(vip, Protocol::Udp, FrontendKind::ClusterIp),
+        &[be("198.19.0.20:5353")],
+    )
+    .unwrap();
+    dp.upsert_service(fe(empty, Protocol::Udp, FrontendKind::ClusterIp), &[])
+        .unwrap();
+    let body = [9u8; 2000];
+    let count = |dp: &Dataplane, program, pkt: &[u8], want: u32, counter: u32| {
+        let before = dp.counters().unwrap();
+        let (verdict, out) = run(dp, program, pkt);
+        let after = dp.counters().unwrap();
+        assert_eq!(
+            (verdict, delta(&before, &after, counter)),
+            (want, 1),
+            "counted as {}",
+            COUNTER_NAMES[counter as usize]
+        );
+        out
+    };
+    // A later fragment whose first never came (or came after it), from a pod to a ClusterIP:
+    // dropped, not routed to the ClusterIP itself.
+    let lone = fragment(&udp(sa(CLIENT), sa(vip), &body), 1480, 7).remove(1);
+    count(&dp, FROM_POD, &lone, TC_ACT_SHOT, CTR_DROP_FRAGMENT);
+    // To an address that is no Service's, untouched.
+    let elsewhere = fragment(&udp(sa(CLIENT), sa("198.19.5.5:53"), &body), 1480, 7).remove(1);
+    let out = count(&dp, FROM_POD, &elsewhere, TC_ACT_UNSPEC, CTR_PASS_FRAGMENT);
+    assert_eq!(out, elsewhere);
+    // A Service without endpoints refuses the first fragment; the rest are dropped, never
+    // passed on to the Service address.
+    let frags = fragment(&udp(sa(CLIENT), sa(empty), &body), 1480, 8);
+    let first = count(
+        &dp,
+        FROM_POD,
+        &frags[0],
+        TC_ACT_REDIRECT,
+        CTR_REJECT_NO_BACKEND,
+    );
+    assert_eq!(check_icmp(&first).code, 3, "port unreachable");
+    count(&dp, FROM_POD, &frags[1], TC_ACT_SHOT, CTR_DROP_FRAGMENT);
     assert!(dp.conntrack().unwrap().is_empty());
 }
 

@@ -5,7 +5,9 @@ mod common;
 use std::{collections::HashMap, net::SocketAddrV4, time::Duration};
 
 use common::NodeDataplane;
-use proxy_common::{CTR_PASS_MALFORMED, CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_POD_CLIENT};
+use proxy_common::{
+    CTR_FRAGMENT_FOLLOWED, CTR_PASS_MALFORMED, CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_POD_CLIENT,
+};
 use sluice::dataplane::{Backend, DataplaneConfig, Frontend, FrontendKind, Protocol};
 use testbed::{
     Attempt, Cluster, HttpServer, KeepAlive, Sniffer, UdpEcho, http_many, plan, require_privileged,
@@ -138,6 +140,40 @@ fn udp_requests_through_a_cluster_ip_are_answered_from_the_service_address() {
         assert!(BACKENDS.contains(&who), "answered by a backend: {}", r.data);
         assert_eq!(payload, format!("q{i}"));
     }
+}
+
+#[test]
+fn udp_datagrams_too_big_for_the_mtu_reach_a_backend_whole_and_come_back_whole() {
+    require_privileged!(
+        "udp_datagrams_too_big_for_the_mtu_reach_a_backend_whole_and_come_back_whole"
+    );
+    let s = sandbox();
+    let vip = plan::cluster_ip(1);
+    s.upsert(
+        frontend(vip, 53, Protocol::Udp, FrontendKind::ClusterIp),
+        s.backends(&BACKENDS, 5353),
+    );
+    // 4,000 bytes over the pods' 1500-byte links: the client's kernel sends three fragments,
+    // and the backend's answer comes back in three.
+    for i in 0..5 {
+        let query = format!("q{i}-{}", "x".repeat(4000));
+        let r = udp_request(&s.c.pod("client").ns, vip, 53, &query, T).unwrap();
+        assert_eq!(
+            r.from,
+            SocketAddrV4::new(vip, 53),
+            "the answer comes from the Service"
+        );
+        let (who, payload) = r.data.split_once(' ').unwrap_or_default();
+        assert!(BACKENDS.contains(&who), "answered by a backend: {who:?}");
+        assert_eq!(payload, query, "the whole datagram went there and back");
+    }
+    // Two later fragments each way, five times.
+    let c = s.dp.with(|dp| dp.counters().unwrap());
+    let followed = c[CTR_FRAGMENT_FOLLOWED as usize].packets;
+    assert!(
+        followed >= 20,
+        "later fragments that followed their flow: {followed}"
+    );
 }
 
 #[test]

@@ -498,3 +498,83 @@ pub fn establish(
         &tcp(client, frontend, ACK, b""),
     );
 }
+
+/// The IPv4 header checksum of `frame`'s header, written in place.
+fn set_ip_checksum(frame: &mut [u8]) {
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let mut sum: u32 = frame[14..14 + ihl]
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    frame[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+}
+
+/// Splits an IPv4 frame into fragments of `chunk` bytes of IP payload each (a multiple of 8),
+/// all with IP id `id`, as a sender's kernel does for a datagram bigger than the MTU.
+pub fn fragment(frame: &[u8], chunk: usize, id: u16) -> Vec<Vec<u8>> {
+    assert_eq!(chunk % 8, 0);
+    let hdr = 14 + usize::from(frame[14] & 0x0f) * 4;
+    let payload = &frame[hdr..];
+    payload
+        .chunks(chunk)
+        .enumerate()
+        .map(|(i, part)| {
+            let mut f = frame[..hdr].to_vec();
+            let more = (i + 1) * chunk < payload.len();
+            let frag_off = (i * chunk / 8) as u16 | if more { 0x2000 } else { 0 };
+            f[16..18].copy_from_slice(&((hdr - 14 + part.len()) as u16).to_be_bytes());
+            f[18..20].copy_from_slice(&id.to_be_bytes());
+            f[20..22].copy_from_slice(&frag_off.to_be_bytes());
+            f.extend_from_slice(part);
+            set_ip_checksum(&mut f);
+            f
+        })
+        .collect()
+}
+
+/// Puts fragments (in order) back into one frame, as the receiver's kernel does. Panics unless
+/// each fragment's IPv4 header checksum is right and all of them name one datagram (addresses,
+/// id, protocol) with offsets that follow on; check the frame with [`check`].
+pub fn reassemble(frags: &[Vec<u8>]) -> Vec<u8> {
+    let first = &frags[0];
+    let hdr = 14 + usize::from(first[14] & 0x0f) * 4;
+    let mut frame = first[..hdr].to_vec();
+    for (i, f) in frags.iter().enumerate() {
+        let mut again = f.clone();
+        set_ip_checksum(&mut again);
+        assert_eq!(
+            again[24..26],
+            f[24..26],
+            "fragment {i}: IPv4 header checksum is wrong"
+        );
+        assert_eq!(
+            f[26..34],
+            first[26..34],
+            "fragment {i}: another pair of addresses"
+        );
+        assert_eq!(f[18..20], first[18..20], "fragment {i}: another IP id");
+        assert_eq!(f[23], first[23], "fragment {i}: another protocol");
+        let frag_off = u16::from_be_bytes([f[20], f[21]]);
+        assert_eq!(
+            usize::from(frag_off & 0x1fff) * 8,
+            frame.len() - hdr,
+            "fragment {i}: offset"
+        );
+        assert_eq!(
+            frag_off & 0x2000 != 0,
+            i + 1 < frags.len(),
+            "fragment {i}: MF"
+        );
+        let len = usize::from(u16::from_be_bytes([f[16], f[17]]));
+        frame.extend_from_slice(&f[hdr..14 + len]);
+    }
+    let tot = (frame.len() - 14) as u16;
+    frame[16..18].copy_from_slice(&tot.to_be_bytes());
+    frame[20..22].copy_from_slice(&[0, 0]);
+    set_ip_checksum(&mut frame);
+    frame
+}
