@@ -1,5 +1,5 @@
 //! Per-packet cost of the datapath through BPF_PROG_TEST_RUN, beside an empty program on the
-//! same hook, with 1, 1,000 and 10,000 Services in the maps. Run by `./x bench`.
+//! same hook, with 1, 1,000, 10,000 and 100,000 Services in the maps. Run by `./x bench`.
 //!
 //! BPF_PROG_TEST_RUN reuses its input buffer across repeats, so after one DNAT every further
 //! repeat would be a miss. Each measurement therefore runs the program once per call (the
@@ -21,8 +21,16 @@ use sluice::dataplane::{
     PASS, Protocol, TO_POD,
 };
 
-fn syn(sport: u16, dst: Ipv4Addr) -> Vec<u8> {
-    syn_to(sport, dst, 80)
+/// ClusterIP Services per port: 198.18.128.1.. holds 32,000 on port 80; beyond that the same
+/// addresses serve ports 81, 82, ..., so that 100,000 Services stay inside 198.18.128.0/17.
+const PER_PORT: u32 = 32_000;
+
+/// The `n`th ClusterIP Service's address and port.
+fn cluster_ip(n: u32) -> SocketAddrV4 {
+    SocketAddrV4::new(
+        Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 1)) + n % PER_PORT),
+        80 + (n / PER_PORT) as u16,
+    )
 }
 
 fn syn_to(sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
@@ -68,14 +76,14 @@ fn measure(dp: &Dataplane, program: &'static str, pkts: &[Vec<u8>], rounds: usiz
     }
 }
 
-/// Writes `services` Services: ClusterIPs 198.18.128.1.. (`kind` ClusterIP), or NodePorts
+/// Writes `services` Services: ClusterIPs ([`cluster_ip`]), or NodePorts
 /// 30000.. on `node_port_addr`, each with 3 backends (local or not).
 fn program(dp: &mut Dataplane, services: u32, node_port_addr: Option<Ipv4Addr>, local: bool) {
     for n in 0..services {
         let fe = match node_port_addr {
             None => Frontend {
-                addr: Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 1)) + n),
-                port: 80,
+                addr: *cluster_ip(n).ip(),
+                port: cluster_ip(n).port(),
                 proto: Protocol::Tcp,
                 kind: FrontendKind::ClusterIp,
             },
@@ -187,9 +195,12 @@ fn main() {
     let flows: u16 = if quick { 2_000 } else { 20_000 };
     let rounds = if quick { 2 } else { 5 };
     let mut rows = Vec::new();
-    for services in [1u32, 1_000, 10_000] {
+    for services in [1u32, 1_000, 10_000, 100_000] {
         let mut dp = Dataplane::load_with(DataplaneConfig {
             conntrack_max: 262_144,
+            // A frontend and 3 backend slots per Service.
+            services_max: 524_288,
+            revnat_max: 131_072,
             ..Default::default()
         })
         .unwrap();
@@ -197,7 +208,7 @@ fn main() {
         program(&mut dp, services, None, true);
         let program_time = start.elapsed();
         // An externalIP, for the no-match cell (a ClusterIP's other ports are refused).
-        let ext = Ipv4Addr::new(198, 18, 192, 1);
+        let ext = Ipv4Addr::new(198, 18, 64, 1);
         dp.upsert_service(
             Frontend {
                 addr: ext,
@@ -213,8 +224,10 @@ fn main() {
         )
         .unwrap();
         // The Service under load is in the middle of the table.
-        let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 1)) + services / 2);
-        let pkts: Vec<Vec<u8>> = (0..flows).map(|i| syn(10_000 + i, vip)).collect();
+        let vip = cluster_ip(services / 2);
+        let pkts: Vec<Vec<u8>> = (0..flows)
+            .map(|i| syn_to(10_000 + i, *vip.ip(), vip.port()))
+            .collect();
 
         let empty = measure(&dp, PASS, &pkts, rounds);
         // Each path's runs must all have taken it: the counter says so.
