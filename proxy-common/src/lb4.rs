@@ -26,7 +26,7 @@ pub const LB4_REVNAT_MAP: &str = "LB4_REVNAT";
 pub const LB4_CONFIG_MAP: &str = "LB4_CONFIG_V2";
 
 /// `LB4_FE_ADDRS`: an address (u32, network order) -> the number of frontends on it (u32,
-/// with [`FE_ADDR_CLUSTER_IP`] in bit 31); hash; written by the agent, read by the programs. The ingress programs look a packet's
+/// with [`FE_ADDR_CLUSTER_IP`] in bit 31 and [`FE_ADDR_NAT`] in bit 30); hash; written by the agent, read by the programs. The ingress programs look a packet's
 /// destination up here first: an address that is no frontend's, and not the hairpin or SNAT
 /// address, can belong to no translated flow, so the packet passes with no conntrack lookup
 /// (plain pod-to-pod traffic, and every connection socket LB translated at `connect()`).
@@ -38,7 +38,12 @@ pub const LB4_FE_ADDRS_MAP: &str = "LB4_FE_ADDRS";
 /// kube-proxy's nftables mode rejects it, rather than routed out of the default route. The
 /// rest of the value ([`FE_ADDR_COUNT`]) is the number of frontends.
 pub const FE_ADDR_CLUSTER_IP: u32 = 1 << 31;
-pub const FE_ADDR_COUNT: u32 = FE_ADDR_CLUSTER_IP - 1;
+/// In an `LB4_FE_ADDRS` value: live flows may be SNATed to the address, which is no longer
+/// the configured SNAT or hairpin address (the node's address changed, or an agent restarted
+/// with another). The ingress programs look replies up only where SNATed flows' replies can
+/// arrive: the configured addresses, and these. The agent clears it once no live flow is.
+pub const FE_ADDR_NAT: u32 = 1 << 30;
+pub const FE_ADDR_COUNT: u32 = FE_ADDR_NAT - 1;
 
 /// `LB4_POD_CLIENTS`: an address (u32, network order) -> 1 (u32); hash, not preallocated;
 /// written and read by the programs. Every address that has been the client of a flow

@@ -32,8 +32,8 @@ use proxy_common::{
     CTR_PASS_FRAGMENT, CTR_PASS_NO_MATCH, CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_POD_CLIENT,
     CTR_PASS_REPLY_AT_EGRESS, CTR_POD_CLIENTS_FULL, CTR_PORT_REMAPPED, CTR_REDIRECT,
     CTR_REJECT_FRAG_NEEDED, CTR_REJECT_NO_BACKEND, CTR_REJECT_NO_SUCH_PORT, CTR_REPLY, CTR_SEEN,
-    Ct4Entry, Ct4Key, DP_STATE_POD_CLIENTS_FULL, FE_ADDR_CLUSTER_IP, IPPROTO_TCP, LOCAL_SLOT_BASE,
-    Lb4Config, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL,
+    Ct4Entry, Ct4Key, DP_STATE_POD_CLIENTS_FULL, FE_ADDR_CLUSTER_IP, FE_ADDR_NAT, IPPROTO_TCP,
+    LOCAL_SLOT_BASE, Lb4Config, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL,
 };
 
 use crate::{
@@ -124,25 +124,37 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
         Packet::LoneFragment { .. } => (PASS, CTR_PASS_FRAGMENT),
         // At ingress, a destination that is no frontend's address (nor the hairpin or SNAT
         // address, where replies of SNATed flows arrive) belongs to no translated flow: it
-        // passes before any conntrack lookup. (Replies to other addresses are translated at
-        // egress.)
+        // passes before any conntrack lookup. Only replies of SNATed flows are looked up at
+        // ingress; the others are translated at egress.
         // At a pod's egress, a destination that was never the client of a flow translated
         // at TC can receive no reply to translate: it passes before any conntrack lookup.
         Packet::Flow(flow) => {
+            // Whether the packet goes on (`Some`), and if so whether it may be a reply to look
+            // up: at egress any can be; at ingress only replies of SNATed flows are translated.
+            let dest = if hook.is_egress() {
+                Some(true)
+            } else {
+                ingress_dest(&flow)
+            };
             if hook == Hook::ToPod && !may_be_reply_to_pod(&flow) {
                 (PASS, CTR_PASS_NOT_POD_CLIENT)
-            } else if !hook.is_egress() && !may_be_translated(&flow) {
-                (PASS, CTR_PASS_NOT_FRONTEND)
-            } else {
+            } else if let Some(maybe_reply) = dest {
                 if flow.frag == FIRST_FRAGMENT {
                     note_first_fragment(&flow);
                 }
                 let now = conntrack::now();
-                match reply(ctx, &flow, now, len, hook) {
+                let replied = if maybe_reply || may_be_snated_reply(&flow) {
+                    reply(ctx, &flow, now, len, hook)
+                } else {
+                    None
+                };
+                match replied {
                     Some(r) => r,
                     None if hook.is_egress() => (PASS, CTR_PASS_NO_MATCH),
                     None => forward(ctx, &flow, now, len, hook),
                 }
+            } else {
+                (PASS, CTR_PASS_NOT_FRONTEND)
             }
         }
     };
@@ -150,17 +162,35 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
     verdict
 }
 
-/// Whether a packet arriving with destination `f.daddr_be` can belong to a translated flow:
-/// a frontend's address (or one whose flows still live), the hairpin or the SNAT address.
+/// At ingress: `None` if a packet to `f.daddr_be` can belong to no translated flow (the
+/// address is no frontend's, nor the hairpin or SNAT address); else whether the address is
+/// marked [`FE_ADDR_NAT`] (flows SNATed to an earlier address: their replies arrive there).
 #[inline(always)]
-fn may_be_translated(f: &Flow) -> bool {
-    // SAFETY: the value is a plain integer; only its presence matters.
-    if unsafe { LB4_FE_ADDRS.get(&f.daddr_be) }.is_some() {
-        return true;
+fn ingress_dest(f: &Flow) -> Option<bool> {
+    // SAFETY: the value is a plain integer.
+    if let Some(v) = unsafe { LB4_FE_ADDRS.get(&f.daddr_be) } {
+        return Some(v & FE_ADDR_NAT != 0);
     }
     LB4_CONFIG
         .get(0)
         .is_some_and(|c| f.daddr_be == c.hairpin_snat_be || f.daddr_be == c.snat_addr_be)
+        .then_some(false)
+}
+
+/// At ingress, where only replies of SNATed flows are translated (before routing), whether a
+/// packet may be one: to the hairpin address, or to the SNAT address on a port of the SNAT
+/// range (or, `ingress_dest` says, to an address marked [`FE_ADDR_NAT`]). To any other address
+/// it can only be a client's, so the reply lookup, a miss on every client packet, is skipped.
+#[inline(always)]
+fn may_be_snated_reply(f: &Flow) -> bool {
+    LB4_CONFIG.get(0).is_some_and(|c| {
+        let port = u16::from_be(f.dport_be);
+        (f.daddr_be == c.hairpin_snat_be && c.hairpin_snat_be != 0)
+            || (f.daddr_be == c.snat_addr_be
+                && c.snat_addr_be != 0
+                && port >= c.snat_port_min
+                && port <= c.snat_port_max)
+    })
 }
 
 /// Whether a packet into a pod, to `f.daddr_be`, can be the reply of a flow translated at TC:

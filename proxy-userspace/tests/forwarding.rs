@@ -136,6 +136,50 @@ fn a_flow_snated_to_the_old_node_address_keeps_its_replies_after_the_address_cha
     });
 }
 
+/// The same, where the old address is still a frontend's (a NodePort stays on it): only
+/// replies to SNAT addresses are looked up at ingress, so the old one is marked for as long as
+/// a live flow is SNATed to it.
+#[test]
+fn an_earlier_snat_address_that_is_still_a_frontend_keeps_its_flows_replies() {
+    require_privileged!("an_earlier_snat_address_that_is_still_a_frontend_keeps_its_flows_replies");
+    in_node(|_| {
+        let mut dp = dataplane(SNAT_PORTS);
+        let node: Ipv4Addr = NODE.parse().unwrap();
+        let other: Ipv4Addr = OTHER_NODE.parse().unwrap();
+        let ext = "198.18.192.7:80";
+        for f in [
+            frontend(ext, FrontendKind::ExternalIp),
+            frontend(NODE_PORT, FrontendKind::NodePort),
+        ] {
+            dp.upsert_service(f, &[backend(REMOTE, false)]).unwrap();
+        }
+        let (v, out) = run(&dp, FROM_UPLINK, &tcp(sa(CLIENT), sa(ext), SYN, b""));
+        assert_eq!(v, TC_ACT_REDIRECT);
+        let old = check(&out).src;
+        assert_eq!(old.ip(), &node);
+        assert!(
+            dp.nat_marked_addrs().unwrap().is_empty(),
+            "the configured one is not"
+        );
+        dp.set_snat(Some(other)).unwrap();
+        assert_eq!(dp.nat_marked_addrs().unwrap(), vec![node]);
+        let (v, out) = run(&dp, FROM_UPLINK, &tcp(sa(REMOTE), old, SYN_ACK, b""));
+        assert_eq!(v, TC_ACT_REDIRECT, "the reply is translated and forwarded");
+        let seen = check(&out);
+        assert_eq!((seen.src, seen.dst), (sa(ext), sa(CLIENT)));
+        // A live flow is SNATed to it: the mark stays.
+        dp.retire_fe_addrs().unwrap();
+        assert_eq!(dp.nat_marked_addrs().unwrap(), vec![node]);
+        // Configured again, it needs no mark; the other address, which no flow was SNATed
+        // to, loses its mark (and its entry) at the next retirement.
+        dp.set_snat(Some(node)).unwrap();
+        assert_eq!(dp.nat_marked_addrs().unwrap(), vec![other]);
+        dp.retire_fe_addrs().unwrap();
+        assert!(dp.nat_marked_addrs().unwrap().is_empty());
+        assert!(!dp.fe_addrs().unwrap().iter().any(|(a, _)| *a == other));
+    });
+}
+
 #[test]
 fn a_packet_too_big_for_the_route_to_its_backend_gets_fragmentation_needed() {
     require_privileged!("a_packet_too_big_for_the_route_to_its_backend_gets_fragmentation_needed");

@@ -247,7 +247,8 @@ impl Syncer {
                 self.devices
                     .reconcile(&mut self.dp, &self.node_addrs, self.node_known);
                 // Addresses whose last frontend went leave the ingress filter once no flow
-                // to them lives.
+                // to them lives; earlier SNAT addresses lose their mark once no flow is
+                // SNATed to them.
                 match self.dp.retire_fe_addrs() {
                     Ok(0) => {}
                     Ok(n) => tracing::debug!(addresses = n, "retired frontend addresses removed"),

@@ -3,14 +3,15 @@
 //! forwards (pod to pod, and every connection socket LB translated at `connect()`) are not,
 //! and pass with that one lookup and no conntrack work.
 //!
-//! What must hold: every address that a live conntrack flow's packets arrive at (the
-//! frontend of its service entry, and the SNAT or hairpin address its replies come back to,
-//! if that is no longer the configured one) is in the map. So an address goes in before its first
-//! frontend can be seen, stays (with 0 frontends: "retired") after its last frontend goes,
-//! and leaves only once no live flow names it ([`Dataplane::retire_fe_addrs`], from the
-//! agent's tick). An agent that adopts pinned maps, of this layout or of one without the map,
-//! writes every frontend's address and every address a live flow names before its programs
-//! replace the old ones.
+//! What must hold: every address that a live conntrack flow's packets arrive at (the frontend of
+//! its service entry, and the SNAT or hairpin address its replies come back to, if that is no
+//! longer the configured one) is in the map. So an address goes in before its first frontend can be
+//! seen, stays (with 0 frontends: "retired") after its last frontend goes, and leaves only once no
+//! live flow names it ([`Dataplane::retire_fe_addrs`], from the agent's tick). An earlier SNAT or
+//! hairpin address is marked `FE_ADDR_NAT` while a live flow is SNATed to it: the ingress programs
+//! look replies up only there and at the configured ones. An agent that adopts pinned maps, of this
+//! layout or of one without the map, writes every frontend's address and every address a live flow
+//! names before its programs replace the old ones.
 //!
 //! The pod clients (`LB4_POD_CLIENTS`) are the egress programs' first question in the same
 //! way: a packet into a pod can be a reply to translate only if its destination has been the
@@ -24,7 +25,7 @@ use std::{collections::BTreeSet, net::Ipv4Addr};
 use aya::maps::{Array, HashMap, MapData};
 use proxy_common::{
     CT_KIND_SERVICE, CT4_MAP, Ct4Entry, Ct4Key, DP_STATE_POD_CLIENTS_FULL, FE_ADDR_CLUSTER_IP,
-    FE_ADDR_COUNT, LB4_DP_STATE_MAP, LB4_FE_ADDRS_MAP, LB4_POD_CLIENTS_MAP,
+    FE_ADDR_COUNT, FE_ADDR_NAT, LB4_DP_STATE_MAP, LB4_FE_ADDRS_MAP, LB4_POD_CLIENTS_MAP,
 };
 
 use super::{Dataplane, DataplaneError, map_error};
@@ -45,11 +46,14 @@ impl Dataplane {
         frontends: u32,
     ) -> Result<(), DataplaneError> {
         let max = self.config.services_max;
-        let mark = if self.ids.cluster_ip_on(addr) {
+        let mut mark = if self.ids.cluster_ip_on(addr) {
             FE_ADDR_CLUSTER_IP
         } else {
             0
         };
+        if self.nat_addrs.contains(&addr) {
+            mark |= FE_ADDR_NAT;
+        }
         self.insert::<u32, u32>(
             LB4_FE_ADDRS_MAP,
             max,
@@ -57,6 +61,33 @@ impl Dataplane {
             frontends | mark,
             || format!("the address {addr}"),
         )
+    }
+
+    /// Rewrites `addr`'s entry, if it has one, with its marks as they are now; an address
+    /// with neither frontends nor marks is left for [`Self::retire_fe_addrs`].
+    pub(super) fn refresh_fe_addr(&mut self, addr: Ipv4Addr) -> Result<(), DataplaneError> {
+        let m: HashMap<&MapData, u32, u32> = self.open(LB4_FE_ADDRS_MAP)?;
+        match m.get(&u32::from(addr).to_be(), 0) {
+            Ok(_) => {}
+            Err(aya::maps::MapError::KeyNotFound) => return Ok(()),
+            Err(e) => return Err(map_error(LB4_FE_ADDRS_MAP, "read")(e)),
+        }
+        let n = self.ids.frontends_on(addr);
+        self.write_fe_addr(addr, n)
+    }
+
+    /// The addresses marked `FE_ADDR_NAT`: earlier SNAT or hairpin addresses that live flows
+    /// may still be SNATed to, whose replies the ingress programs look up.
+    pub fn nat_marked_addrs(&self) -> Result<Vec<Ipv4Addr>, DataplaneError> {
+        let m: HashMap<&MapData, u32, u32> = self.open(LB4_FE_ADDRS_MAP)?;
+        let mut v: Vec<Ipv4Addr> = m
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, n)| n & FE_ADDR_NAT != 0)
+            .map(|(a, _)| Ipv4Addr::from(u32::from_be(a)))
+            .collect();
+        v.sort_unstable();
+        Ok(v)
     }
 
     /// Every address in the map, with its number of frontends.
@@ -72,12 +103,13 @@ impl Dataplane {
     }
 
     /// The addresses live conntrack flows arrive at: each flow's frontend, and the SNAT or
-    /// hairpin address its replies come back to (which may no longer be the configured one).
-    /// An incomplete read is an error, never a shorter list.
-    fn flow_addrs(&self) -> Result<BTreeSet<Ipv4Addr>, DataplaneError> {
+    /// hairpin address its replies come back to (which may no longer be the configured one);
+    /// and, apart, those SNAT or hairpin addresses. An incomplete read is an error, never a
+    /// shorter list.
+    fn flow_addrs(&self) -> Result<(BTreeSet<Ipv4Addr>, BTreeSet<Ipv4Addr>), DataplaneError> {
         let now = monotonic_ns();
         let ct: HashMap<&MapData, Ct4Key, Ct4Entry> = self.open(CT4_MAP)?;
-        let mut addrs = BTreeSet::new();
+        let (mut addrs, mut nat) = (BTreeSet::new(), BTreeSet::new());
         for entry in ct.iter() {
             let (k, v) = entry.map_err(map_error(CT4_MAP, "read"))?;
             if k.kind != CT_KIND_SERVICE || v.expires_ns(k.proto) < now {
@@ -85,16 +117,23 @@ impl Dataplane {
             }
             addrs.insert(Ipv4Addr::from(u32::from_be(k.daddr_be)));
             if v.nat_addr_be != 0 {
-                addrs.insert(Ipv4Addr::from(u32::from_be(v.nat_addr_be)));
+                nat.insert(Ipv4Addr::from(u32::from_be(v.nat_addr_be)));
             }
         }
-        Ok(addrs)
+        addrs.extend(&nat);
+        Ok((addrs, nat))
     }
 
     /// After adopting pinned maps: every frontend's address with its count, and every address
-    /// a live flow names, retired, unless a frontend is on it.
+    /// a live flow names, retired, unless a frontend is on it; the SNAT or hairpin addresses
+    /// of live flows that are not configured now, marked.
     pub(super) fn adopt_fe_addrs(&mut self) -> Result<(), DataplaneError> {
-        let live = self.flow_addrs()?;
+        let (live, nat) = self.flow_addrs()?;
+        let configured = [self.config.snat, self.config.hairpin_snat];
+        self.nat_addrs = nat
+            .into_iter()
+            .filter(|a| !configured.contains(&Some(*a)))
+            .collect();
         for addr in self.ids.frontend_addrs() {
             let n = self.ids.frontends_on(addr);
             self.write_fe_addr(addr, n)?;
@@ -136,8 +175,9 @@ impl Dataplane {
         Ok((v, flags & DP_STATE_POD_CLIENTS_FULL != 0))
     }
 
-    /// Removes the retired addresses (no frontend on them) that no live flow names any more;
-    /// how many went. Reads conntrack only when some address is retired.
+    /// Removes the retired addresses (no frontend on them) that no live flow names any more,
+    /// and the `FE_ADDR_NAT` mark of addresses no live flow is SNATed to any more; how many
+    /// addresses went. Reads conntrack only when some address is retired or marked.
     pub fn retire_fe_addrs(&mut self) -> Result<usize, DataplaneError> {
         let retired: Vec<Ipv4Addr> = self
             .fe_addrs()?
@@ -145,10 +185,16 @@ impl Dataplane {
             .filter(|(a, _)| self.ids.frontends_on(*a) == 0)
             .map(|(a, _)| a)
             .collect();
-        if retired.is_empty() {
+        if retired.is_empty() && self.nat_addrs.is_empty() {
             return Ok(0);
         }
-        let live = self.flow_addrs()?;
+        let (live, nat) = self.flow_addrs()?;
+        // Addresses no live flow is SNATed to lose their mark.
+        let unmarked: Vec<Ipv4Addr> = self.nat_addrs.difference(&nat).copied().collect();
+        for addr in unmarked {
+            self.nat_addrs.remove(&addr);
+            self.refresh_fe_addr(addr)?;
+        }
         let gone: Vec<Ipv4Addr> = retired.into_iter().filter(|a| !live.contains(a)).collect();
         for addr in &gone {
             self.remove::<u32, u32>(LB4_FE_ADDRS_MAP, &u32::from(*addr).to_be())?;

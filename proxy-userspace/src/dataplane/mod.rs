@@ -269,6 +269,9 @@ pub struct Dataplane {
     ebpf: Ebpf,
     config: DataplaneConfig,
     ids: services::Ids,
+    /// Earlier SNAT or hairpin addresses that live flows may still be SNATed to: marked
+    /// `FE_ADDR_NAT` in `LB4_FE_ADDRS` until no live flow is (see `addrs`).
+    nat_addrs: std::collections::BTreeSet<Ipv4Addr>,
 }
 
 impl Dataplane {
@@ -334,6 +337,7 @@ impl Dataplane {
             ebpf,
             config,
             ids: services::Ids::default(),
+            nat_addrs: Default::default(),
         };
         // A restarted agent that does not know the node's address yet (the API server is
         // down) keeps the SNAT its predecessor set, so traffic to remote endpoints goes on.
@@ -390,11 +394,18 @@ impl Dataplane {
             // Replies of flows SNATed to the old address still arrive there: it stays in the
             // ingress filter (retired, until no live flow uses it).
             if let Some(old) = self.config.snat {
+                self.nat_addrs.insert(old);
                 let n = self.ids.frontends_on(old);
                 self.write_fe_addr(old, n)?;
             }
             self.config.snat = snat;
             self.write_config()?;
+            // Configured again: its replies are looked up by the config, not the mark.
+            if let Some(new) = snat
+                && self.nat_addrs.remove(&new)
+            {
+                self.refresh_fe_addr(new)?;
+            }
         }
         Ok(())
     }
