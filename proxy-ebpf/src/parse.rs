@@ -1,6 +1,8 @@
 //! Parsing: Ethernet, IPv4 (options allowed), TCP and UDP ports, and ICMP errors with the
-//! TCP or UDP packet they quote. Reads go through `bpf_skb_load_bytes`, which checks bounds at
-//! run time, so a short packet is an error here, never an out-of-bounds read. A later fragment
+//! TCP or UDP packet they quote. The headers are read in place (direct packet access), after
+//! they are pulled into the packet's linear part if they are not there yet; every read is
+//! bounds-checked against the end of that part, so a short packet is an error here, never an
+//! out-of-bounds read. (ICMP errors' quotes are read with `bpf_skb_load_bytes`.) A later fragment
 //! of a TCP or UDP datagram carries no ports: it takes those its first fragment left in
 //! `LB4_FRAGS` (`note_first_fragment`), or is not a flow.
 use aya_ebpf::programs::TcContext;
@@ -136,15 +138,45 @@ impl Flow {
     }
 }
 
+/// The most header bytes a translated packet has: Ethernet, IPv4 with options, and TCP up to
+/// its flags (or an ICMP header and the start of its quote).
+const HEADERS_MAX: u32 = ETH_LEN + 60 + 20;
+
+/// Where the packet's linear part starts and ends, after pulling its headers (up to
+/// [`HEADERS_MAX`] bytes) into it if they were not all there. Packet pointers do not survive
+/// a helper that may change the packet: read them again after one.
+#[inline(always)]
+pub fn linear(ctx: &TcContext) -> (usize, usize) {
+    let want = ctx.len().min(HEADERS_MAX);
+    if ((ctx.data_end() - ctx.data()) as u32) < want {
+        // On failure the reads below fail their bounds checks: a malformed packet.
+        let _ = ctx.pull_data(want);
+    }
+    (ctx.data(), ctx.data_end())
+}
+
+/// The `T` at `off` in the linear part `[start, end)`, if all of it is there.
+#[inline(always)]
+pub fn read<T: Copy>(start: usize, end: usize, off: u32) -> Option<T> {
+    let p = start + off as usize;
+    if p + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    // SAFETY: in bounds (checked just above, as the verifier requires); packet data has no
+    // alignment, hence the unaligned read.
+    Some(unsafe { core::ptr::read_unaligned(p as *const T) })
+}
+
 /// Parses `ctx` as Ethernet + IPv4 + TCP/UDP, or an ICMP error quoting such a packet. `Err`
 /// carries the pass counter that says why the packet is not one the datapath translates.
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Result<Packet, u32> {
-    let eth_type: u16 = ctx.load(12).map_err(|_| CTR_PASS_MALFORMED)?;
+    let (start, end) = linear(ctx);
+    let eth_type: u16 = read(start, end, 12).ok_or(CTR_PASS_MALFORMED)?;
     if eth_type != ETH_P_IP_BE {
         return Err(CTR_PASS_NOT_IPV4);
     }
-    let ip: Ip4Hdr = ctx.load(ETH_LEN as usize).map_err(|_| CTR_PASS_MALFORMED)?;
+    let ip: Ip4Hdr = read(start, end, ETH_LEN).ok_or(CTR_PASS_MALFORMED)?;
     if ip.version_ihl >> 4 != 4 {
         return Err(CTR_PASS_MALFORMED);
     }
@@ -190,10 +222,9 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, u32> {
     if l4_len < min_l4 {
         return Err(CTR_PASS_MALFORMED);
     }
-    let ports: [u16; 2] = ctx.load(l4_off as usize).map_err(|_| CTR_PASS_MALFORMED)?;
+    let ports: [u16; 2] = read(start, end, l4_off).ok_or(CTR_PASS_MALFORMED)?;
     let tcp_flags = if ip.proto == IPPROTO_TCP {
-        ctx.load::<u8>((l4_off + 13) as usize)
-            .map_err(|_| CTR_PASS_MALFORMED)?
+        read::<u8>(start, end, l4_off + 13).ok_or(CTR_PASS_MALFORMED)?
     } else {
         0
     };
