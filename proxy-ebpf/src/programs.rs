@@ -44,7 +44,7 @@ use crate::{
     fib::{self, Fib, Route},
     icmp, lb,
     maps::{CT4, LB4_CONFIG, LB4_DP_STATE, LB4_FE_ADDRS, LB4_POD_CLIENTS},
-    nat::{set_dst, set_src, translate},
+    nat::{rewrite, translate},
     parse::{FIRST_FRAGMENT, Flow, Packet, TCP_FIN, TCP_RST, note_first_fragment, parse},
     reject, snat,
     stats::count,
@@ -339,13 +339,16 @@ fn reply(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> Option<(i
             }
         }
     }
-    if set_src(ctx, f, c.nat_addr_be, c.nat_port_be).is_err() {
-        return Some((DROP, CTR_DROP_REWRITE));
-    }
-    // The destination goes back to the client when the flow's source was translated: SNAT, or
-    // (at egress, the address already the client's) a remapped port.
+    // The source goes back to the frontend; the destination back to the client when the
+    // flow's source was translated: SNAT, or (at egress, the address already the client's) a
+    // remapped port.
     let own_source = snat || c.flags & CT_FLAG_PORT_REMAP != 0;
-    if own_source && set_dst(ctx, f, c.addr_be, c.port_be).is_err() {
+    let (daddr, dport) = if own_source {
+        (c.addr_be, c.port_be)
+    } else {
+        (f.daddr_be, f.dport_be)
+    };
+    if rewrite(ctx, f, c.nat_addr_be, c.nat_port_be, daddr, dport).is_err() {
         return Some((DROP, CTR_DROP_REWRITE));
     }
     if let Some(r) = route {

@@ -200,7 +200,10 @@ fn a_packet_too_big_for_the_route_to_its_backend_gets_fragmentation_needed() {
         let icmp = check_icmp(&out);
         assert_eq!((icmp.type_, icmp.code), (3, 4), "fragmentation needed");
         assert_eq!(
-            u16::from_be_bytes([out[14 + 20 + 6], out[14 + 20 + 7]]),
+            {
+                let icmp_at = 14 + usize::from(out[14] & 0x0f) * 4;
+                u16::from_be_bytes([out[icmp_at + 6], out[icmp_at + 7]])
+            },
             1300,
             "the route's MTU"
         );

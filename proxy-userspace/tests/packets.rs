@@ -311,6 +311,11 @@ fn a_service_without_backends_rejects_tcp_with_icmp_port_unreachable() {
         "quotes the IPv4 header and 8 bytes"
     );
     assert_eq!((icmp.eth_src, icmp.eth_dst), (MAC_B, MAC_A), "MACs swapped");
+    // Had the SYN been partially checksummed (a pod with TX checksum offload), the device
+    // would still complete its TCP checksum on the ICMP: nothing the client reads changes.
+    let mut completed = out.clone();
+    complete_checksum(&mut completed, 34, 16);
+    assert_eq!(check_icmp(&completed).quoted, icmp.quoted);
     let c = dp.counters().unwrap();
     assert_eq!(c[CTR_REJECT_NO_BACKEND as usize].packets, 1);
     assert!(
@@ -332,10 +337,14 @@ fn a_service_without_backends_rejects_udp_with_icmp_port_unreachable() {
     let pkt = udp(sa(CLIENT), sa("198.18.128.2:53"), &[7u8; 1000]);
     let (verdict, out) = run(&dp, FROM_POD, &pkt);
     assert_eq!(verdict, TC_ACT_REDIRECT);
-    assert_eq!(out.len(), 14 + 20 + 8 + 28);
+    // IPv4 with 20 bytes of padding options (see `reject.rs`), ICMP, the quote.
+    assert_eq!(out.len(), 14 + 40 + 8 + 28);
     let icmp = check_icmp(&out);
     assert_eq!((icmp.type_, icmp.code), (3, 3));
     assert_eq!(icmp.quoted, pkt[14..14 + 28]);
+    let mut completed = out.clone();
+    complete_checksum(&mut completed, 34, 6);
+    assert_eq!(check_icmp(&completed).quoted, icmp.quoted);
 }
 
 #[test]

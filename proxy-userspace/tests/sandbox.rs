@@ -177,6 +177,55 @@ fn udp_datagrams_too_big_for_the_mtu_reach_a_backend_whole_and_come_back_whole()
 }
 
 #[test]
+fn translated_flows_keep_valid_checksums_when_pods_offload_them() {
+    require_privileged!("translated_flows_keep_valid_checksums_when_pods_offload_them");
+    let s = sandbox();
+    // As on a real node: the pods leave their checksums to the device, so the programs see
+    // partially checksummed packets both ways, and the node completes them after translation.
+    for p in ["client"].iter().chain(&BACKENDS) {
+        s.c.pod(p).offload_checksums().unwrap();
+    }
+    let vip = plan::cluster_ip(5);
+    s.upsert(
+        frontend(vip, 80, Protocol::Tcp, FrontendKind::ClusterIp),
+        s.backends(&BACKENDS, 8080),
+    );
+    s.upsert(
+        frontend(vip, 53, Protocol::Udp, FrontendKind::ClusterIp),
+        s.backends(&BACKENDS, 5353),
+    );
+    for a in http_many(&s.c.pod("client").ns, vip, 80, 30, T).unwrap() {
+        assert!(matches!(a, Attempt::Ok { .. }), "{a:?}");
+    }
+    for i in 0..5 {
+        let r = udp_request(&s.c.pod("client").ns, vip, 53, &format!("q{i}"), T).unwrap();
+        assert!(r.data.ends_with(&format!(" q{i}")), "{r:?}");
+    }
+    // Hairpin: both addresses and both ports of each packet change.
+    let one = plan::cluster_ip(6);
+    s.upsert(
+        frontend(one, 80, Protocol::Tcp, FrontendKind::ClusterIp),
+        s.backends(&["backend-a"], 8080),
+    );
+    for a in http_many(&s.c.pod("backend-a").ns, one, 80, 5, T).unwrap() {
+        assert!(matches!(a, Attempt::Ok { .. }), "{a:?}");
+    }
+    // A refusal (the SYN turned into an ICMP port unreachable) is no partially checksummed
+    // packet any more: the ICMP and its quote arrive intact.
+    let none = plan::cluster_ip(7);
+    s.upsert(
+        frontend(none, 80, Protocol::Tcp, FrontendKind::ClusterIp),
+        vec![],
+    );
+    for a in http_many(&s.c.pod("client").ns, none, 80, 3, T).unwrap() {
+        assert!(
+            matches!(&a, Attempt::Err(e) if e.contains("ConnectionRefused")),
+            "refused, not timed out: {a:?}"
+        );
+    }
+}
+
+#[test]
 fn node_port_and_external_ip_work_from_outside_the_cluster() {
     require_privileged!("node_port_and_external_ip_work_from_outside_the_cluster");
     let s = sandbox();

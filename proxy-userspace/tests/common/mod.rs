@@ -578,3 +578,22 @@ pub fn reassemble(frags: &[Vec<u8>]) -> Vec<u8> {
     set_ip_checksum(&mut frame);
     frame
 }
+
+/// What a device without checksum offload does to a partially checksummed packet before it
+/// sends it (the kernel's `skb_checksum_help`): sums the bytes from `start` (the frame offset
+/// of the L4 header the sender set) to the end, and writes the folded sum at `start + offset`,
+/// 0 as 0xffff.
+pub fn complete_checksum(pkt: &mut [u8], start: usize, offset: usize) {
+    let mut sum: u32 = pkt[start..]
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w.get(1).copied().unwrap_or(0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let c = match !(sum as u16) {
+        0 => 0xffff,
+        c => c,
+    };
+    pkt[start + offset..start + offset + 2].copy_from_slice(&c.to_be_bytes());
+}
