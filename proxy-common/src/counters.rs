@@ -23,7 +23,8 @@ counters! {
     CTR_SEEN = 0, "seen";
     /// Passed untouched: not IPv4 (ARP, IPv6 until its datapath lands, ...).
     CTR_PASS_NOT_IPV4 = 1, "pass_not_ipv4";
-    /// Passed untouched: IPv4 but neither TCP nor UDP.
+    /// Passed untouched: IPv4 but neither TCP nor UDP nor an ICMP error about them (from a
+    /// pod to a ClusterIP, such packets are rejected instead).
     CTR_PASS_OTHER_PROTO = 2, "pass_other_proto";
     /// Passed untouched: a fragment that is not translated: a later fragment whose datagram's
     /// first fragment this program did not look up (not to a frontend, or out of order), or
@@ -110,7 +111,8 @@ counters! {
     /// due, but this CPU had sent its share for now (`REJECT_PER_SEC`, `REJECT_BURST`).
     CTR_DROP_REJECT_RATE_LIMITED = 35, "drop_reject_rate_limited";
     /// Rejected: a new flow from a pod to a ClusterIP on a port (and protocol) that no
-    /// Service serves; an ICMP port unreachable went back, as kube-proxy's nftables mode does.
+    /// Service serves, or in another protocol than TCP and UDP (ICMP echo, SCTP); an ICMP port
+    /// unreachable went back, as kube-proxy's nftables mode does.
     CTR_REJECT_NO_SUCH_PORT = 36, "reject_cluster_ip_port_not_served";
     /// Not a verdict: new flows whose translated tuple was a live flow's (the client used one
     /// source port for two frontends of one backend); the client's port was remapped, as

@@ -7,8 +7,8 @@
 //! `LB4_FRAGS` (`note_first_fragment`), or is not a flow.
 use aya_ebpf::programs::TcContext;
 use proxy_common::{
-    CTR_FRAGMENT_FOLLOWED, CTR_PASS_FRAGMENT, CTR_PASS_MALFORMED, CTR_PASS_NOT_IPV4,
-    CTR_PASS_OTHER_PROTO, Frag4Key, Frag4Ports, IPPROTO_TCP, IPPROTO_UDP,
+    CTR_FRAGMENT_FOLLOWED, CTR_PASS_MALFORMED, CTR_PASS_NOT_IPV4, CTR_PASS_OTHER_PROTO, Frag4Key,
+    Frag4Ports, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{maps::LB4_FRAGS, stats::count};
@@ -114,10 +114,14 @@ pub enum Packet {
     Flow(Flow),
     IcmpError(IcmpError),
     /// A later fragment of a TCP or UDP datagram whose first fragment this program has not
-    /// looked up: it went elsewhere, or has not arrived (fragments are not reordered).
+    /// looked up (it went elsewhere, or has not arrived: fragments are not reordered), or a
+    /// fragment of anything else.
     LoneFragment {
         daddr_be: u32,
     },
+    /// IPv4 that is neither TCP nor UDP nor an ICMP error about them (ICMP echo, SCTP, ...):
+    /// its addresses, with ports 0.
+    Other(Flow),
 }
 
 impl Flow {
@@ -202,7 +206,9 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, u32> {
         NOT_FRAGMENT
     };
     if frag_kind != NOT_FRAGMENT && ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
-        return Err(CTR_PASS_FRAGMENT);
+        return Ok(Packet::LoneFragment {
+            daddr_be: ip.daddr_be,
+        });
     }
     if frag_kind == LATER_FRAGMENT {
         return Ok(later_fragment(&ip, l4_off, ihl_bytes, tot_len).map_or(
@@ -213,37 +219,48 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, u32> {
         ));
     }
     let l4_len = tot_len - ihl_bytes;
-    let min_l4 = match ip.proto {
-        IPPROTO_TCP => 20,
-        IPPROTO_UDP => 8,
-        IPPROTO_ICMP => return icmp_error(ctx, &ip, l4_off).map(Packet::IcmpError),
-        _ => return Err(CTR_PASS_OTHER_PROTO),
-    };
-    if l4_len < min_l4 {
-        return Err(CTR_PASS_MALFORMED);
-    }
-    let ports: [u16; 2] = read(start, end, l4_off).ok_or(CTR_PASS_MALFORMED)?;
-    let tcp_flags = if ip.proto == IPPROTO_TCP {
-        read::<u8>(start, end, l4_off + 13).ok_or(CTR_PASS_MALFORMED)?
-    } else {
-        0
-    };
-    Ok(Packet::Flow(Flow {
+    let mut flow = Flow {
         l4_off,
         ihl_bytes,
         saddr_be: ip.saddr_be,
         daddr_be: ip.daddr_be,
-        sport_be: ports[0],
-        dport_be: ports[1],
+        sport_be: 0,
+        dport_be: 0,
         proto: ip.proto,
-        tcp_flags,
+        tcp_flags: 0,
         df: frag & IP_DF != 0,
         // A BIG TCP packet's own length does not fit; only GSO packets can have one, and
         // for them the wire length is a segment's (`fib::wire_len`).
         tot_len: tot_len.min(u32::from(u16::MAX)) as u16,
         id_be: ip.id_be,
         frag: frag_kind,
-    }))
+    };
+    let min_l4 = match ip.proto {
+        IPPROTO_TCP => 20,
+        IPPROTO_UDP => 8,
+        IPPROTO_ICMP => {
+            // Type and code: a one-byte read's bounds check compiles to a form the verifier
+            // does not credit with that byte.
+            let [kind, _]: [u8; 2] = read(start, end, l4_off).ok_or(CTR_PASS_MALFORMED)?;
+            if kind != ICMP_DEST_UNREACH && kind != ICMP_TIME_EXCEEDED {
+                return Ok(Packet::Other(flow));
+            }
+            return icmp_error(ctx, &ip, l4_off).map(Packet::IcmpError);
+        }
+        _ => return Ok(Packet::Other(flow)),
+    };
+    if l4_len < min_l4 {
+        return Err(CTR_PASS_MALFORMED);
+    }
+    let ports: [u16; 2] = read(start, end, l4_off).ok_or(CTR_PASS_MALFORMED)?;
+    if ip.proto == IPPROTO_TCP {
+        // The data offset and the flags (see the ICMP type above).
+        let [_, flags]: [u8; 2] = read(start, end, l4_off + 12).ok_or(CTR_PASS_MALFORMED)?;
+        flow.tcp_flags = flags;
+    }
+    flow.sport_be = ports[0];
+    flow.dport_be = ports[1];
+    Ok(Packet::Flow(flow))
 }
 
 /// The key under which a datagram's first fragment leaves its ports.
@@ -297,16 +314,11 @@ pub fn note_first_fragment(f: &Flow) {
     let _ = LB4_FRAGS.insert(&key, &ports, 0);
 }
 
-/// An ICMP error quoting a TCP or UDP packet (its IPv4 header and at least the 8 bytes with
-/// the ports, as RFC 792 requires). Anything else ICMP (echo, ...) passes untouched.
+/// An ICMP error (destination unreachable or time exceeded) quoting a TCP or UDP packet (its
+/// IPv4 header and at least the 8 bytes with the ports, as RFC 792 requires). An error about
+/// anything else passes untouched.
 #[inline(always)]
 fn icmp_error(ctx: &TcContext, ip: &Ip4Hdr, icmp_off: u32) -> Result<IcmpError, u32> {
-    let kind: u8 = ctx
-        .load(icmp_off as usize)
-        .map_err(|_| CTR_PASS_MALFORMED)?;
-    if kind != ICMP_DEST_UNREACH && kind != ICMP_TIME_EXCEEDED {
-        return Err(CTR_PASS_OTHER_PROTO);
-    }
     let inner_l3_off = icmp_off + 8;
     let inner: Ip4Hdr = ctx
         .load(inner_l3_off as usize)

@@ -30,10 +30,10 @@ use proxy_common::{
     CTR_DROP_RACE_REDIRECT, CTR_DROP_REJECT_FAILED, CTR_DROP_REJECT_RATE_LIMITED, CTR_DROP_REWRITE,
     CTR_DROP_SNAT_PORTS, CTR_HAIRPIN, CTR_NEW_FLOW, CTR_NEW_FLOW_RACE_LOST, CTR_NEW_FLOW_SNAT,
     CTR_PASS_FRAGMENT, CTR_PASS_NO_MATCH, CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_POD_CLIENT,
-    CTR_PASS_REPLY_AT_EGRESS, CTR_POD_CLIENTS_FULL, CTR_PORT_REMAPPED, CTR_REDIRECT,
-    CTR_REJECT_FRAG_NEEDED, CTR_REJECT_NO_BACKEND, CTR_REJECT_NO_SUCH_PORT, CTR_REPLY, CTR_SEEN,
-    Ct4Entry, Ct4Key, DP_STATE_POD_CLIENTS_FULL, FE_ADDR_CLUSTER_IP, FE_ADDR_NAT, IPPROTO_TCP,
-    LOCAL_SLOT_BASE, Lb4Config, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL,
+    CTR_PASS_OTHER_PROTO, CTR_PASS_REPLY_AT_EGRESS, CTR_POD_CLIENTS_FULL, CTR_PORT_REMAPPED,
+    CTR_REDIRECT, CTR_REJECT_FRAG_NEEDED, CTR_REJECT_NO_BACKEND, CTR_REJECT_NO_SUCH_PORT,
+    CTR_REPLY, CTR_SEEN, Ct4Entry, Ct4Key, DP_STATE_POD_CLIENTS_FULL, FE_ADDR_CLUSTER_IP,
+    FE_ADDR_NAT, IPPROTO_TCP, LOCAL_SLOT_BASE, Lb4Config, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL,
 };
 
 use crate::{
@@ -122,6 +122,17 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
             (DROP, CTR_DROP_FRAGMENT)
         }
         Packet::LoneFragment { .. } => (PASS, CTR_PASS_FRAGMENT),
+        // From a pod, a ClusterIP is only its Services' ports, and no Service serves other
+        // protocols: refused, as kube-proxy's nftables mode rejects them.
+        Packet::Other(f) if hook == Hook::FromPod && is_cluster_ip(f.daddr_be) => rejected(
+            ctx,
+            &f,
+            reject::PORT_UNREACHABLE,
+            0,
+            conntrack::now(),
+            CTR_REJECT_NO_SUCH_PORT,
+        ),
+        Packet::Other(_) => (PASS, CTR_PASS_OTHER_PROTO),
         // At ingress, a destination that is no frontend's address (nor the hairpin or SNAT
         // address, where replies of SNATed flows arrive) belongs to no translated flow: it
         // passes before any conntrack lookup. Only replies of SNATed flows are looked up at

@@ -87,9 +87,23 @@ fn a_cluster_ip_refuses_from_pods_the_ports_no_service_serves() {
     };
     dp.upsert_service(external, &[be("198.19.0.20:8080")])
         .unwrap();
+    // Other protocols too: an ICMP echo request, and SCTP.
+    let ping = {
+        let b = etherparse::PacketBuilder::ethernet2(MAC_A, MAC_B)
+            .ipv4(sa(CLIENT).ip().octets(), sa(VIP).ip().octets(), 64)
+            .icmpv4_echo_request(7, 1);
+        let mut v = Vec::new();
+        b.write(&mut v, &[0u8; 56]).unwrap();
+        v
+    };
+    let mut sctp = udp(sa(CLIENT), sa(VIP), &[0u8; 32]);
+    sctp[14 + 9] = 132;
+    set_ip_checksum(&mut sctp);
     let refused = [
         tcp(sa(CLIENT), sa("198.18.128.1:81"), SYN, b""),
         udp(sa(CLIENT), sa(VIP), b"udp is another frontend"),
+        ping,
+        sctp,
     ];
     for pkt in &refused {
         let before = dp.counters().unwrap();
@@ -555,8 +569,10 @@ fn other_protocols_and_non_ipv4_pass_untouched_and_are_counted() {
     let mut dp = dataplane();
     cluster_ip(&mut dp, &["198.19.0.20:8080"]);
     let syn = tcp(sa(CLIENT), sa(VIP), SYN, b"");
-    let mut icmp = syn.clone();
-    icmp[14 + 9] = 1; // protocol ICMP (checksums no longer matter: it must pass untouched)
+    // Protocol ICMP, to a pod's address (checksums no longer matter: it must pass untouched;
+    // to a ClusterIP it would be refused).
+    let mut icmp = tcp(sa(CLIENT), sa("198.19.0.20:8080"), SYN, b"");
+    icmp[14 + 9] = 1;
     // Fragments of anything but TCP and UDP.
     let mut icmp_first_fragment = icmp.clone();
     icmp_first_fragment[14 + 6] |= 0x20; // MF

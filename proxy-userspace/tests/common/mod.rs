@@ -500,7 +500,7 @@ pub fn establish(
 }
 
 /// The IPv4 header checksum of `frame`'s header, written in place.
-fn set_ip_checksum(frame: &mut [u8]) {
+pub fn set_ip_checksum(frame: &mut [u8]) {
     let ihl = usize::from(frame[14] & 0x0f) * 4;
     frame[24..26].copy_from_slice(&[0, 0]);
     let mut sum: u32 = frame[14..14 + ihl]
