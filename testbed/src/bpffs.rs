@@ -38,3 +38,20 @@ impl Drop for BpfFs {
         let _ = std::fs::remove_dir(&self.dir);
     }
 }
+
+/// Unmounts the private bpffs mounts of testbed processes that no longer run (a run killed
+/// with SIGKILL or SIGTERM cannot unmount its own). Returns their paths.
+pub fn sweep_stale() -> Vec<PathBuf> {
+    let stale: Vec<PathBuf> = crate::cgroup::mounts_of("bpf")
+        .into_iter()
+        .filter(|m| {
+            m.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(crate::cgroup::stale_name)
+        })
+        .collect();
+    for m in &stale {
+        crate::cgroup::unmount(m);
+    }
+    stale
+}

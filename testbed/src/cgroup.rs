@@ -26,12 +26,17 @@ static ASSIGNED: Mutex<Option<HashMap<String, PathBuf>>> = Mutex::new(None);
 
 /// The cgroup2 mount points in `/proc/self/mountinfo`, the machine's first.
 fn cgroup2_mounts() -> Vec<PathBuf> {
+    mounts_of("cgroup2")
+}
+
+/// Where file systems of type `fstype` are mounted, from /proc/self/mountinfo.
+pub(crate) fn mounts_of(fstype: &str) -> Vec<PathBuf> {
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
         .lines()
         .filter_map(|l| {
             let (left, right) = l.split_once(" - ")?;
-            (right.split_whitespace().next()? == "cgroup2")
+            (right.split_whitespace().next()? == fstype)
                 .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
                 .flatten()
         })
@@ -89,7 +94,7 @@ impl Drop for Mount {
     }
 }
 
-fn unmount(dir: &Path) {
+pub(crate) fn unmount(dir: &Path) {
     let d = dir.to_string_lossy().into_owned();
     if let Err(e) = crate::cmd::run(&["umount", &d]) {
         eprintln!("testbed: could not unmount {d}: {e}");
@@ -199,7 +204,8 @@ fn remove(path: &Path) {
 }
 
 /// Whether a sandbox name was made by a process that no longer runs.
-fn stale_name(name: &str) -> bool {
+/// Whether `name` is one of ours whose creating process no longer runs.
+pub(crate) fn stale_name(name: &str) -> bool {
     name.strip_prefix(PREFIX)
         .and_then(|rest| rest.split('x').next())
         .and_then(|p| p.parse::<i32>().ok())

@@ -177,10 +177,12 @@ pub fn sweep_stale() -> Vec<String> {
     for name in &removed {
         remove(name);
     }
-    // And their cgroups (after the namespaces, whose processes are gone by then).
+    // And their cgroups (after the namespaces, whose processes are gone by then), and their
+    // bpffs mounts.
     removed.extend(
         crate::cgroup::sweep_stale()
             .iter()
+            .chain(&crate::bpffs::sweep_stale())
             .map(|p| p.display().to_string()),
     );
     removed

@@ -191,13 +191,31 @@ fn sweep_removes_namespaces_of_dead_test_processes_only() {
     let stale = format!("{}{dead}x0-stale", netns::PREFIX);
     testbed::run(&["ip", "netns", "add", &stale]).unwrap();
     let live = netns::Netns::new("live").unwrap();
+    // And a private bpffs such a process left mounted.
+    let stale_fs = std::env::temp_dir().join(format!("{}{dead}x1-bpffs", netns::PREFIX));
+    std::fs::create_dir_all(&stale_fs).unwrap();
+    let fs = stale_fs.to_string_lossy().into_owned();
+    testbed::run(&["mount", "-t", "bpf", "bpf", &fs]).unwrap();
+    let live_fs = testbed::BpfFs::new().unwrap();
     let removed = netns::sweep_stale();
     let left = testbed::run(&["ip", "netns", "list"]).unwrap();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     // Clean up before asserting, so a failure leaves nothing behind either.
     let _ = testbed::run(&["ip", "netns", "delete", &stale]);
+    let _ = testbed::run(&["umount", &fs]);
+    let _ = std::fs::remove_dir(&stale_fs);
     assert!(
         removed.contains(&stale),
         "sweep removed {removed:?}, expected {stale}"
+    );
+    assert!(
+        removed.contains(&fs),
+        "sweep removed {removed:?}, expected {fs}"
+    );
+    assert!(!mounts.contains(&fs), "stale bpffs still mounted");
+    assert!(
+        mounts.contains(live_fs.path().to_str().unwrap()),
+        "sweep must not touch a live process's bpffs"
     );
     assert!(!left.contains(&stale), "stale namespace still listed");
     assert!(
