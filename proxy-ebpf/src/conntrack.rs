@@ -21,14 +21,47 @@ pub fn now() -> u64 {
 /// The service-entry key of a packet from a client: its own tuple.
 #[inline(always)]
 pub fn service_key(f: &Flow) -> Ct4Key {
+    service_key_of(f.saddr_be, f.sport_be, f.daddr_be, f.dport_be, f.proto)
+}
+
+/// The service-entry key of the flow from `client_be:client_port_be` to
+/// `frontend_be:frontend_port_be` (what a reverse entry names as its client and frontend).
+#[inline(always)]
+pub fn service_key_of(
+    client_be: u32,
+    client_port_be: u16,
+    frontend_be: u32,
+    frontend_port_be: u16,
+    proto: u8,
+) -> Ct4Key {
     Ct4Key {
-        saddr_be: f.saddr_be,
-        daddr_be: f.daddr_be,
-        sport_be: f.sport_be,
-        dport_be: f.dport_be,
-        proto: f.proto,
+        saddr_be: client_be,
+        daddr_be: frontend_be,
+        sport_be: client_port_be,
+        dport_be: frontend_port_be,
+        proto,
         kind: CT_KIND_SERVICE,
         _pad: [0; 2],
+    }
+}
+
+/// Whether the reverse entry `e` belongs to the flow from `client_be:client_port_be` to
+/// `frontend_be:frontend_port_be`. Fields are read one by one: a copy of the whole entry
+/// would cost stack the programs do not have.
+#[inline(always)]
+pub fn owned_by(
+    e: *const Ct4Entry,
+    client_be: u32,
+    client_port_be: u16,
+    frontend_be: u32,
+    frontend_port_be: u16,
+) -> bool {
+    // SAFETY: `e` comes from a successful map lookup.
+    unsafe {
+        (*e).addr_be == client_be
+            && (*e).port_be == client_port_be
+            && (*e).nat_addr_be == frontend_be
+            && (*e).nat_port_be == frontend_port_be
     }
 }
 
@@ -95,21 +128,17 @@ pub fn claim(key: &Ct4Key, rev: &Ct4Entry, now: u64) -> Option<bool> {
         return Some(true);
     }
     if let Some(e) = lookup(key, now) {
-        // SAFETY: a live entry from a successful lookup; fields read one by one (a copy of
-        // the whole entry would cost stack the programs do not have).
-        let (same_flow, state) = unsafe {
-            (
-                (*e).addr_be == rev.addr_be
-                    && (*e).port_be == rev.port_be
-                    && (*e).nat_addr_be == rev.nat_addr_be
-                    && (*e).nat_port_be == rev.nat_port_be,
-                (*e).state(),
-            )
-        };
-        if !same_flow {
+        if !owned_by(
+            e,
+            rev.addr_be,
+            rev.port_be,
+            rev.nat_addr_be,
+            rev.nat_port_be,
+        ) {
             return Some(false);
         }
-        if state & (CT_FLAG_FIN_FWD | CT_FLAG_FIN_REPLY | CT_FLAG_RST) == 0 {
+        // SAFETY: a live entry from a successful lookup.
+        if unsafe { (*e).state() } & (CT_FLAG_FIN_FWD | CT_FLAG_FIN_REPLY | CT_FLAG_RST) == 0 {
             return Some(true);
         }
     }

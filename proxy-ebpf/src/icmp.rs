@@ -27,15 +27,15 @@
 //! (backend -> client, or -> the node's SNAT address and port) and addressed to the backend,
 //! which the kernel then routes like any packet to a pod.
 use proxy_common::{
-    CT_FLAG_PORT_REMAP, CT_FLAG_REDIRECT, CT_FLAG_SNAT, CT_KIND_REVERSE, CT_KIND_SERVICE,
-    CTR_DROP_FIB, CTR_DROP_REWRITE, CTR_ICMP_ERROR, CTR_PASS_NO_MATCH, CTR_PASS_REPLY_AT_EGRESS,
-    CTR_REDIRECT, Ct4Entry, Ct4Key,
+    CT_FLAG_PORT_REMAP, CT_FLAG_REDIRECT, CT_FLAG_SNAT, CT_KIND_REVERSE, CTR_DROP_FIB,
+    CTR_DROP_REWRITE, CTR_ICMP_ERROR, CTR_PASS_NO_MATCH, CTR_PASS_REPLY_AT_EGRESS, CTR_REDIRECT,
+    Ct4Entry, Ct4Key,
 };
 
 use aya_ebpf::programs::TcContext;
 
 use crate::{
-    conntrack::lookup,
+    conntrack::{lookup, service_key_of},
     fib::{self, Fib},
     parse::{IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IPPROTO_ICMP, IcmpError},
     stats::count,
@@ -178,15 +178,7 @@ pub fn error(ctx: &TcContext, e: &IcmpError, now: u64, egress: bool, pass: i32) 
 #[inline(always)]
 fn about_a_reply(ctx: &TcContext, e: &IcmpError, now: u64, pass: i32) -> (i32, u32) {
     let q = &e.inner;
-    let key = Ct4Key {
-        saddr_be: q.daddr_be,
-        daddr_be: q.saddr_be,
-        sport_be: q.dport_be,
-        dport_be: q.sport_be,
-        proto: q.proto,
-        kind: CT_KIND_SERVICE,
-        _pad: [0; 2],
-    };
+    let key = service_key_of(q.daddr_be, q.dport_be, q.saddr_be, q.sport_be, q.proto);
     let Some(p) = lookup(&key, now) else {
         return (pass, CTR_PASS_NO_MATCH);
     };

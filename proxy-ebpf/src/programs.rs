@@ -24,8 +24,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    BACKEND_FLAG_LOCAL, CT_FLAG_PORT_REMAP, CT_FLAG_REDIRECT, CT_FLAG_SNAT, CT_KIND_SERVICE,
-    CTR_CT_HIT, CTR_CT_STALE_REVERSE, CTR_DROP_CT_WRITE, CTR_DROP_FIB, CTR_DROP_FRAGMENT,
+    BACKEND_FLAG_LOCAL, CT_FLAG_PORT_REMAP, CT_FLAG_REDIRECT, CT_FLAG_SNAT, CTR_CT_HIT,
+    CTR_CT_STALE_REVERSE, CTR_DROP_CT_WRITE, CTR_DROP_FIB, CTR_DROP_FRAGMENT,
     CTR_DROP_NO_BACKEND_ENTRY, CTR_DROP_NO_LOCAL_BACKEND, CTR_DROP_NO_SNAT_ADDR,
     CTR_DROP_RACE_REDIRECT, CTR_DROP_REJECT_FAILED, CTR_DROP_REJECT_RATE_LIMITED, CTR_DROP_REWRITE,
     CTR_DROP_SNAT_PORTS, CTR_HAIRPIN, CTR_NEW_FLOW, CTR_NEW_FLOW_RACE_LOST, CTR_NEW_FLOW_SNAT,
@@ -38,8 +38,8 @@ use proxy_common::{
 
 use crate::{
     conntrack::{
-        self, forward_state, lookup, reopens, reply_key, reply_state, service_key, touch,
-        translated_key,
+        self, forward_state, lookup, owned_by, reopens, reply_key, reply_state, service_key,
+        service_key_of, touch, translated_key,
     },
     fib::{self, Fib, Route},
     icmp, lb,
@@ -333,15 +333,7 @@ fn reply(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> Option<(i
     touch(e, state, reply_state(f, state), now, len);
     if f.proto == IPPROTO_TCP && f.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         // The flow's service entry (client -> frontend), if it is still this flow's.
-        let skey = Ct4Key {
-            saddr_be: c.addr_be,
-            daddr_be: c.nat_addr_be,
-            sport_be: c.port_be,
-            dport_be: c.nat_port_be,
-            proto: f.proto,
-            kind: CT_KIND_SERVICE,
-            _pad: [0; 2],
-        };
+        let skey = service_key_of(c.addr_be, c.port_be, c.nat_addr_be, c.nat_port_be, f.proto);
         if let Some(s) = CT4.get_ptr_mut(&skey) {
             // SAFETY: a pointer from a successful lookup; fields read one by one.
             let (addr, port) = unsafe { ((*s).addr_be, (*s).port_be) };
@@ -409,24 +401,11 @@ fn forward(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> (i32, u
         // another flow, and once its reverse entry was gone the tuple may have gone to a flow
         // of the same client to another frontend. Then this flow is over: its packet starts
         // afresh.
-        if let Some(r) = rev {
-            // SAFETY: as above.
-            let (addr, port, fe_addr, fe_port) = unsafe {
-                (
-                    (*r).addr_be,
-                    (*r).port_be,
-                    (*r).nat_addr_be,
-                    (*r).nat_port_be,
-                )
-            };
-            if addr != f.saddr_be
-                || port != f.sport_be
-                || fe_addr != f.daddr_be
-                || fe_port != f.dport_be
-            {
-                let _ = CT4.remove(&skey);
-                return new_flow(ctx, f, now, len, hook, &skey);
-            }
+        if let Some(r) = rev
+            && !owned_by(r, f.saddr_be, f.sport_be, f.daddr_be, f.dport_be)
+        {
+            let _ = CT4.remove(&skey);
+            return new_flow(ctx, f, now, len, hook, &skey);
         }
         let state = match rev {
             // SAFETY: as above.

@@ -15,11 +15,14 @@ use aya_ebpf::{
     helpers::bpf_get_prandom_u32,
 };
 use proxy_common::{
-    CT_KIND_SERVICE, CTR_SNAT_PORT_REUSED, CTR_SNAT_PORT_TAKEN, Ct4Entry, Ct4Key, Lb4Config,
-    ct_closed,
+    CTR_SNAT_PORT_REUSED, CTR_SNAT_PORT_TAKEN, Ct4Entry, Ct4Key, Lb4Config, ct_closed,
 };
 
-use crate::{conntrack::lookup, maps::CT4, stats::count};
+use crate::{
+    conntrack::{lookup, service_key_of},
+    maps::CT4,
+    stats::count,
+};
 
 /// Ports tried per new flow. A clash needs a live flow from the same node address to the same
 /// backend address and port on that very port; with 32 tries and a range of thousands, a
@@ -90,15 +93,13 @@ pub fn reserve_port(cfg: &Lb4Config, key: &mut Ct4Key, rev: &Ct4Entry, now: u64)
     }
     // The closed flow's own entry would still map its client onto this port, unless the
     // client has since opened a new flow on that tuple (with a port of its own).
-    let skey = Ct4Key {
-        saddr_be: client_be,
-        daddr_be: frontend_be,
-        sport_be: client_port_be,
-        dport_be: frontend_port_be,
-        proto: key.proto,
-        kind: CT_KIND_SERVICE,
-        _pad: [0; 2],
-    };
+    let skey = service_key_of(
+        client_be,
+        client_port_be,
+        frontend_be,
+        frontend_port_be,
+        key.proto,
+    );
     if let Some(e) = CT4.get_ptr(&skey) {
         // SAFETY: a pointer from a successful lookup; fields copied out.
         let (a, p) = unsafe { ((*e).nat_addr_be, (*e).nat_port_be) };
