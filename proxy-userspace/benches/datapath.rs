@@ -18,7 +18,7 @@ use proxy_common::{
 };
 use sluice::dataplane::{
     Backend, CtKind, Dataplane, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend, FrontendKind,
-    PASS, Protocol, TO_POD,
+    PASS, PROGRAMS, Protocol, TO_POD,
 };
 
 /// ClusterIP Services per port: 198.18.128.1.. holds 32,000 on port 80; beyond that the same
@@ -309,6 +309,21 @@ fn main() {
             nf.median - e.median,
             h.median - e.median,
             r.median - e.median
+        ));
+    }
+    // How much of the verifier's budget (1,000,000 instructions processed per program) each
+    // program takes on this kernel: the room left for new datapath features.
+    md.push_str("\n## Verifier: instructions processed per program (limit 1,000,000)\n\n| program | instructions |\n|---|---:|\n");
+    let dp = Dataplane::load().unwrap();
+    for p in PROGRAMS {
+        let n = dp
+            .program(p)
+            .ok()
+            .and_then(|prog| prog.info().ok())
+            .and_then(|i| i.verified_instruction_count());
+        md.push_str(&format!(
+            "| `{p}` | {} |\n",
+            n.map_or("unknown (Linux < 5.16)".to_owned(), |n| n.to_string())
         ));
     }
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
