@@ -45,6 +45,37 @@ pub fn service_key_of(
     }
 }
 
+/// What the datapath reads of a conntrack entry to translate a packet: its fields without
+/// the counters and times (20 bytes of stack where a copy of the entry takes 48).
+#[derive(Clone, Copy)]
+pub struct Pinned {
+    pub addr_be: u32,
+    pub nat_addr_be: u32,
+    pub rev_nat_id: u32,
+    pub port_be: u16,
+    pub nat_port_be: u16,
+    pub flags: u16,
+    /// The TCP state, merged from the flags and the per-flag bytes (`Ct4Entry::state`).
+    pub state: u16,
+}
+
+/// The translation fields of the entry `e` points to.
+#[inline(always)]
+pub fn pinned(e: *const Ct4Entry) -> Pinned {
+    // SAFETY: `e` comes from a successful map lookup; fields read one by one.
+    unsafe {
+        Pinned {
+            addr_be: (*e).addr_be,
+            nat_addr_be: (*e).nat_addr_be,
+            rev_nat_id: (*e).rev_nat_id,
+            port_be: (*e).port_be,
+            nat_port_be: (*e).nat_port_be,
+            flags: (*e).flags,
+            state: (*e).state(),
+        }
+    }
+}
+
 /// Whether the reverse entry `e` belongs to the flow from `client_be:client_port_be` to
 /// `frontend_be:frontend_port_be`. Fields are read one by one: a copy of the whole entry
 /// would cost stack the programs do not have.

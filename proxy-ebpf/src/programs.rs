@@ -50,6 +50,10 @@ use crate::{
     stats::count,
 };
 
+// Each classifier's body is `#[inline(always)]` into the entry point the macro wraps around it:
+// as a BPF function of its own it would be a second stack frame, which Linux before 6.x rounds
+// up to 32 bytes and adds to the 512-byte limit (with a call to `memset`, a third).
+
 /// Every packet that goes on into the stack, untouched or translated: TC_ACT_UNSPEC (TCX_NEXT),
 /// so a program after sluice's on the same hook (a CNI's, a monitoring tool's) still runs, and
 /// with none the packet passes as with TC_ACT_OK. Only what sluice consumes (redirected,
@@ -74,12 +78,14 @@ impl Hook {
 /// Packets from pods: packets to any frontend are DNATed to a backend; replies of SNATed
 /// (hairpin) flows are translated back.
 #[classifier]
+#[inline(always)]
 pub fn sluice_from_pod(ctx: TcContext) -> i32 {
     handle(&ctx, Hook::FromPod)
 }
 
 /// Packets into pods: replies go back to showing the frontend.
 #[classifier]
+#[inline(always)]
 pub fn sluice_to_pod(ctx: TcContext) -> i32 {
     handle(&ctx, Hook::ToPod)
 }
@@ -87,12 +93,14 @@ pub fn sluice_to_pod(ctx: TcContext) -> i32 {
 /// Packets from outside: NodePort, externalIPs and LoadBalancer frontends (not ClusterIPs),
 /// and replies of SNATed flows.
 #[classifier]
+#[inline(always)]
 pub fn sluice_from_uplink(ctx: TcContext) -> i32 {
     handle(&ctx, Hook::FromUplink)
 }
 
 /// Packets leaving the node: replies to outside clients go back to showing the frontend.
 #[classifier]
+#[inline(always)]
 pub fn sluice_to_uplink(ctx: TcContext) -> i32 {
     handle(&ctx, Hook::ToUplink)
 }
@@ -310,9 +318,8 @@ fn route_for(ctx: &TcContext, f: &Flow, saddr_be: u32, daddr_be: u32) -> Result<
 #[inline(always)]
 fn reply(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> Option<(i32, u32)> {
     let e = lookup(&reply_key(f), now)?;
-    // SAFETY: `e` is a live entry from a successful lookup; copy what we need.
-    let c: Ct4Entry = unsafe { *e };
-    let state = c.state();
+    let c = conntrack::pinned(e);
+    let state = c.state;
     if conntrack::opens_anew(f, state) {
         let _ = CT4.remove(&reply_key(f));
         count(CTR_CT_STALE_REVERSE, 0);
@@ -386,8 +393,7 @@ fn hairpin_out(ctx: &TcContext, counter: u32) -> (i32, u32) {
 fn forward(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> (i32, u32) {
     let skey = service_key(f);
     if let Some(s) = lookup(&skey, now) {
-        // SAFETY: `s` is a live entry from a successful lookup.
-        let svc: Ct4Entry = unsafe { *s };
+        let svc = conntrack::pinned(s);
         let rkey = translated_key(
             f,
             svc.nat_addr_be,
@@ -410,7 +416,7 @@ fn forward(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> (i32, u
         let state = match rev {
             // SAFETY: as above.
             Some(r) => unsafe { (*r).state() },
-            None => svc.state(),
+            None => svc.state,
         };
         if !reopens(f, state) {
             let flags = forward_state(f, state);
@@ -434,7 +440,7 @@ fn forward(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> (i32, u
                     }
                 }
             }
-            touch(s, svc.state(), flags, now, len);
+            touch(s, svc.state, flags, now, len);
             if translate(
                 ctx,
                 f,

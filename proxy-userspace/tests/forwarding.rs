@@ -204,7 +204,15 @@ fn a_packet_too_big_for_the_route_to_its_backend_gets_fragmentation_needed() {
                 let icmp_at = 14 + usize::from(out[14] & 0x0f) * 4;
                 u16::from_be_bytes([out[icmp_at + 6], out[icmp_at + 7]])
             },
-            1300,
+            // Linux reports the route's MTU from the FIB lookup from 5.12 on; before, the
+            // programs say 1280, which every IPv4 path of a cluster carries.
+            if aya::util::KernelVersion::current()
+                .is_ok_and(|v| v >= aya::util::KernelVersion::new(5, 12, 0))
+            {
+                1300
+            } else {
+                1280
+            },
             "the route's MTU"
         );
         assert_eq!(
