@@ -106,7 +106,10 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts `argv` in `ns` and waits (at most 10 s) for it to print `ready`.
+    /// Starts `argv` in `ns` and waits (at most 60 s) for it to print `ready`. python3 starts
+    /// in well under a second here, but takes more than 10 s in a Linux 5.10 guest under
+    /// software emulation (the kernel matrix), where a shorter wait failed a test that had
+    /// nothing wrong with it.
     fn start(ns: &Netns, argv: &[&str], port: u16) -> Result<Self, CmdError> {
         let (mut child, cmd) = spawn_in(ns, argv)?;
         let stdout = child.stdout.take().expect("stdout is piped");
@@ -116,7 +119,7 @@ impl Server {
             let _ = BufReader::new(stdout).read_line(&mut line);
             let _ = tx.send(line);
         });
-        let timeout = Duration::from_secs(10);
+        let timeout = Duration::from_secs(60);
         match rx.recv_timeout(timeout) {
             Ok(line) if line.trim() == "ready" => Ok(Self { child, port }),
             _ => {
