@@ -97,7 +97,7 @@ impl Env {
         let log = bpffs.path().with_extension("log");
         let bin = Path::new(env!("CARGO_BIN_EXE_sluice"));
         let mut agent = AgentProcess::start(&self.c.nodes[k].ns, bin, &args, &log).unwrap();
-        agent.wait_healthy(WAIT);
+        agent.wait_started();
         self.agents.push(agent);
         self.bpffs.push(bpffs);
     }
@@ -721,17 +721,18 @@ fn snat_source_ports_run_out_cleanly_and_are_counted_never_reused_under_a_live_f
     // Two long-lived connections take both ports (40 requests, 100 ms apart: 4 s each).
     let held: Vec<testbed::KeepAlive> = (0..2)
         .map(|_| {
-            testbed::KeepAlive::start(
+            let mut ka = testbed::KeepAlive::start(
                 env.outside(),
                 node,
                 NODE_PORT,
                 40,
                 Duration::from_millis(100),
             )
-            .unwrap()
+            .unwrap();
+            ka.connected().expect("a long-lived connection is made");
+            ka
         })
         .collect();
-    std::thread::sleep(Duration::from_secs(1));
     let third = curl(env.outside(), node, NODE_PORT, Duration::from_secs(2));
     assert!(third.is_err(), "a third flow got a port: {third:?}");
     assert!(

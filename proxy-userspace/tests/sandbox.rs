@@ -273,7 +273,7 @@ fn a_long_lived_connection_keeps_its_backend_while_backends_come_and_go() {
     let vip = plan::cluster_ip(2);
     let fe = frontend(vip, 80, Protocol::Tcp, FrontendKind::ClusterIp);
     s.upsert(fe, s.backends(&BACKENDS[..2], 8080));
-    let ka = KeepAlive::start(
+    let mut ka = KeepAlive::start(
         &s.c.pod("client").ns,
         vip,
         80,
@@ -281,6 +281,8 @@ fn a_long_lived_connection_keeps_its_backend_while_backends_come_and_go() {
         Duration::from_millis(100),
     )
     .unwrap();
+    // The backend is chosen when the connection is made: only then may the set change.
+    ka.connected().expect("the client connected");
     std::thread::sleep(Duration::from_millis(500));
     s.upsert(fe, s.backends(&BACKENDS, 8080)); // add one
     std::thread::sleep(Duration::from_millis(500));

@@ -94,7 +94,7 @@ impl Env {
         let log = self.bpffs[k].path().with_extension("log");
         let bin = Path::new(env!("CARGO_BIN_EXE_sluice"));
         let mut agent = AgentProcess::start(&self.c.nodes[k].ns, bin, &args, &log).unwrap();
-        agent.wait_healthy(WAIT);
+        agent.wait_started();
         self.agents[k] = Some(agent);
     }
 

@@ -8,6 +8,12 @@ use std::{
 
 use crate::{TempDir, cmd::CmdError, daemon::Daemon, netns::Netns};
 
+/// How long a test lets an agent take to become healthy: loading the programs is most of it,
+/// under a second here but up to a minute per agent in a Linux 5.10 guest under software
+/// emulation (the kernel matrix), where a node's three agents verify at once on two CPUs. A
+/// bound on a hang, not a speed goal: the benchmark measures start-up.
+pub const START_LIMIT: Duration = Duration::from_secs(300);
+
 /// The flags every sandbox agent runs with: its node's name, the sandbox's pod devices
 /// (`pv*`), the sandbox's hairpin address and its own pin path, then `extra` (the source:
 /// `--manifests DIR` or `--kubeconfig FILE`, and anything else). Socket LB is off unless
@@ -218,6 +224,11 @@ impl AgentProcess {
             "sluice_datapath_packets_total{{verdict=\"{verdict}\"}}"
         ))
         .unwrap_or(0.0)
+    }
+
+    /// [`AgentProcess::wait_healthy`] with [`START_LIMIT`]: what tests use.
+    pub fn wait_started(&mut self) {
+        self.wait_healthy(START_LIMIT);
     }
 
     /// Waits until /healthz answers 200 (the first full sync is done). Panics with the log if

@@ -84,10 +84,15 @@ print(data.decode())
 /// Starts `argv` inside `ns` with stdout piped (stderr to ours); returns the child and the
 /// command line, for error messages.
 fn spawn_in(ns: &Netns, argv: &[&str]) -> Result<(Child, String), CmdError> {
+    spawn_in_with(ns, argv, Stdio::null())
+}
+
+/// [`spawn_in`] with `stdin` for the process's standard input.
+fn spawn_in_with(ns: &Netns, argv: &[&str], stdin: Stdio) -> Result<(Child, String), CmdError> {
     let full = ns.exec_argv(argv);
     let cmd = full.join(" ");
     let child = crate::cmd::command(&full)?
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -449,6 +454,8 @@ print("DONE", flush=True)
 #[derive(Debug)]
 pub struct KeepAlive {
     child: Child,
+    /// Lines already read by [`KeepAlive::connected`].
+    read: Vec<String>,
 }
 
 impl KeepAlive {
@@ -466,7 +473,27 @@ impl KeepAlive {
             format!("{:.3}", interval.as_secs_f64()),
         );
         let (child, _) = spawn_in(ns, &["python3", "-c", KEEPALIVE_PY, &a, &p, &n, &i])?;
-        Ok(Self { child })
+        Ok(Self {
+            child,
+            read: Vec::new(),
+        })
+    }
+
+    /// Waits until the connection is made, however slowly python starts (a guest under
+    /// software emulation takes seconds), and returns its `PEER ...` line; `None` if the
+    /// client ended first (its connect failed: the client's own 5 s timeout bounds this).
+    pub fn connected(&mut self) -> Option<String> {
+        let mut stdout = self.child.stdout.take()?;
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        // Byte by byte, so that nothing after the line is consumed here.
+        while std::io::Read::read(&mut stdout, &mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
+            line.push(b[0]);
+        }
+        self.child.stdout = Some(stdout);
+        let line = String::from_utf8_lossy(&line).into_owned();
+        self.read.push(line.clone());
+        line.starts_with("PEER ").then_some(line)
     }
 
     /// Waits (at most `timeout`) and returns the output lines: `PEER ...`, then `OK <body>`
@@ -485,7 +512,9 @@ impl KeepAlive {
         if let Some(mut s) = self.child.stdout.take() {
             let _ = std::io::Read::read_to_string(&mut s, &mut out);
         }
-        out.lines().map(str::to_owned).collect()
+        let mut lines = std::mem::take(&mut self.read);
+        lines.extend(out.lines().map(str::to_owned));
+        lines
     }
 }
 
@@ -497,16 +526,24 @@ impl Drop for KeepAlive {
 }
 
 const SNIFF_PY: &str = r#"
-import socket, sys, time, select
-iface, src, dst, n, timeout = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+import os, socket, sys, time, select
+iface, src, dst, n, grace = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
 # ETH_P_ALL: only such sockets see outgoing packets too.
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
 s.bind((iface, 0))
 print("ready", flush=True)
-end = time.time() + timeout
+# Until n are seen; once stdin closes (the traffic was sent), for at most `grace` more. A
+# bound of its own too, in case the test never closes it.
+end = time.time() + 600
 got = 0
+watch = [s, sys.stdin]
 while got < n and time.time() < end:
-    r, _, _ = select.select([s], [], [], max(0.0, end - time.time()))
+    r, _, _ = select.select(watch, [], [], max(0.0, end - time.time()))
+    if sys.stdin in r:
+        if not os.read(sys.stdin.fileno(), 1):
+            watch = [s]
+            end = min(end, time.time() + grace)
+        continue
     if not r:
         break
     frame = s.recv(65535)
@@ -517,7 +554,9 @@ while got < n and time.time() < end:
 "#;
 
 /// Captures (AF_PACKET) the IPv4 packets from `src` to `dst` seen on `iface` in `ns`, both
-/// directions of the device, until `n` are seen or `timeout` passes.
+/// directions of the device, until `n` are seen, or until `grace` after [`Sniffer::finish`]
+/// (the traffic was sent). The capture has no deadline while the test sends, however slowly a
+/// guest under software emulation starts the senders.
 #[derive(Debug)]
 pub struct Sniffer {
     child: Child,
@@ -530,15 +569,19 @@ impl Sniffer {
         src: Ipv4Addr,
         dst: Ipv4Addr,
         n: u32,
-        timeout: Duration,
+        grace: Duration,
     ) -> Result<Self, CmdError> {
         let (s, d, n, t) = (
             src.to_string(),
             dst.to_string(),
             n.to_string(),
-            format!("{:.1}", timeout.as_secs_f64()),
+            format!("{:.1}", grace.as_secs_f64()),
         );
-        let (mut child, cmd) = spawn_in(ns, &["python3", "-c", SNIFF_PY, iface, &s, &d, &n, &t])?;
+        let (mut child, cmd) = spawn_in_with(
+            ns,
+            &["python3", "-c", SNIFF_PY, iface, &s, &d, &n, &t],
+            Stdio::piped(),
+        )?;
         // Wait for "ready" without consuming more than that line.
         let mut stdout = child.stdout.take().expect("piped");
         let mut line = Vec::new();
@@ -558,8 +601,10 @@ impl Sniffer {
         Ok(Self { child })
     }
 
-    /// Waits for the capture to end and returns the IPv4 packets it saw.
+    /// Tells the capture the traffic was sent, waits for it to end (at most its grace), and
+    /// returns the IPv4 packets it saw.
     pub fn finish(mut self) -> Vec<Vec<u8>> {
+        drop(self.child.stdin.take());
         let _ = self.child.wait();
         let mut out = String::new();
         if let Some(mut s) = self.child.stdout.take() {

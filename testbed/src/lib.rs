@@ -56,5 +56,5 @@ pub use bpffs::BpfFs;
 pub use cluster::{Cluster, Node, Outside, Pod, PodNetwork};
 pub use cmd::{CmdError, run};
 pub use netns::Netns;
-pub use privilege::{Privilege, privileged};
+pub use privilege::{Privilege, kernel_has, privileged};
 pub use tempdir::TempDir;

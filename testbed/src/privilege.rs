@@ -44,20 +44,40 @@ pub fn privileged(test: &str) -> bool {
             if std::env::var(REQUIRE_ENV).as_deref() == Ok("1") {
                 panic!("{test}: {REQUIRE_ENV}=1 but this test cannot run: {reason}");
             }
-            eprintln!("SKIPPED {test}: {reason}");
-            if let Ok(path) = std::env::var(SKIP_LOG_ENV) {
-                use std::io::Write as _;
-                if let Ok(mut f) = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                {
-                    let _ = writeln!(f, "{test}\t{reason}");
-                }
-            }
+            log_skip(test, &reason);
             false
         }
     }
+}
+
+/// Prints and records a skip, for `./x test` to count as skipped.
+fn log_skip(test: &str, reason: &str) {
+    eprintln!("SKIPPED {test}: {reason}");
+    if let Ok(path) = std::env::var(SKIP_LOG_ENV) {
+        use std::io::Write as _;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{test}\t{reason}");
+        }
+    }
+}
+
+/// For a test of a kernel facility: `false` (the test is skipped, and counted as skipped by
+/// `./x test`, in CI too) when the running kernel lacks `facility`, as `has` says. Unlike a
+/// missing privilege, this is no fault of the machine: the kernel matrix runs older kernels on
+/// purpose, and a separate test proves what sluice does there instead.
+pub fn kernel_has(test: &str, facility: &str, has: bool) -> bool {
+    if !has {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        log_skip(
+            test,
+            &format!("this kernel ({}) lacks {facility}", release.trim()),
+        );
+    }
+    has
 }
 
 /// At the top of a test that needs root: returns from the test (skipped) when it cannot run.
