@@ -336,7 +336,7 @@ impl Sandbox {
                 total.1 += runs;
             }
             // The socket programs too, when attached (loaded but detached, they do not run).
-            for (_, p) in socket::socket_programs(socket::kernel_has_set_retval()) {
+            for (_, p) in socket::socket_programs(sluice::dataplane::features::has_set_retval()) {
                 if let Some((time, runs)) = dp.run_stats(p) {
                     total.0 += time;
                     total.1 += runs;
@@ -374,7 +374,7 @@ impl Sandbox {
                             .path()
                             .to_owned(),
                         host_netns_cookie: 0,
-                        set_retval: socket::kernel_has_set_retval(),
+                        set_retval: sluice::dataplane::features::has_set_retval(),
                         links_dir: self.links.path().join("cgroup-links"),
                     };
                     dp.with(move |dp| {

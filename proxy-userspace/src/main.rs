@@ -46,6 +46,13 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// The kernel facilities sluice uses beyond Linux 5.10, whether this kernel has each (asked
+    /// of the kernel where it can be), and what sluice does here as a result: check a node
+    /// before rolling out. Needs root (probe programs are loaded).
+    Features {
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Attach the pod-side program to a device and print its counters, once a second.
     ///
     /// A smoke test of a node's eBPF support: it loads the embedded object (the verifier
@@ -90,6 +97,14 @@ fn main() -> anyhow::Result<()> {
         Command::Agent(args) => sluice::agent::run(*args),
         Command::Services { pin_path, output } => services(&pin_path, output),
         Command::Conntrack { pin_path, output } => conntrack(&pin_path, output),
+        Command::Features { output } => {
+            let report = sluice::dataplane::features::probe();
+            match output {
+                Output::Table => print!("{report}"),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            }
+            Ok(())
+        }
         Command::Count {
             interface,
             hook,

@@ -13,6 +13,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use serde_json::json;
+use sluice::dataplane::AttachMode;
 use testbed::{
     Attempt, BpfFs, Cluster, HttpServer, KeepAlive,
     agent::{AgentProcess, eventually},
@@ -145,7 +146,7 @@ impl Env {
         let args = self.args(extra);
         let bin = Path::new(env!("CARGO_BIN_EXE_sluice"));
         let mut agent = AgentProcess::start(&self.c.nodes[0].ns, bin, &args, &log).unwrap();
-        agent.wait_healthy(WAIT);
+        agent.wait_started();
         self.agent = Some(agent);
         self.agent.as_mut().unwrap()
     }
@@ -309,7 +310,7 @@ fn an_expired_resource_version_relists_and_flushes_nothing() {
     env.api.create(&slice("web", &[a])).unwrap();
     env.start_agent(&[]);
     env.wait_for_backends(VIP, 80, &["backend-a"]);
-    let ka = KeepAlive::start(
+    let mut ka = KeepAlive::start(
         &env.c.pod("client").ns,
         VIP,
         80,
@@ -317,6 +318,7 @@ fn an_expired_resource_version_relists_and_flushes_nothing() {
         Duration::from_millis(50),
     )
     .unwrap();
+    ka.connected().expect("the client connected");
 
     // Changes the agent has not seen, then compaction: the watch cannot resume.
     env.api.update(&slice("web", &[a, b])).unwrap();
@@ -343,10 +345,39 @@ fn an_expired_resource_version_relists_and_flushes_nothing() {
 
 #[test]
 fn a_killed_agent_leaves_traffic_flowing_and_its_successor_adopts_and_cleans_up() {
-    require_privileged!(
-        "a_killed_agent_leaves_traffic_flowing_and_its_successor_adopts_and_cleans_up"
-    );
+    let name = "a_killed_agent_leaves_traffic_flowing_and_its_successor_adopts_and_cleans_up";
+    require_privileged!(name);
+    if !testbed::kernel_has(name, "TCX (Linux 6.6)", AttachMode::tcx_supported()) {
+        return;
+    }
     killed_agent(&["--attach-mode", "tcx"]);
+}
+
+/// On a kernel without TCX, `--attach-mode tcx` stops the agent at once with an error that
+/// names TCX and the kernel that has it, instead of retrying the attachment for ever.
+#[test]
+fn an_attach_mode_the_kernel_lacks_stops_the_agent_at_once_saying_why() {
+    let name = "an_attach_mode_the_kernel_lacks_stops_the_agent_at_once_saying_why";
+    require_privileged!(name);
+    if !testbed::kernel_has(
+        name,
+        "a kernel without TCX (before 6.6)",
+        !AttachMode::tcx_supported(),
+    ) {
+        return;
+    }
+    let env = Env::new();
+    let log = env.dir.join("agent-tcx.log");
+    let args = env.args(&["--attach-mode", "tcx"]);
+    let bin = Path::new(env!("CARGO_BIN_EXE_sluice"));
+    let mut agent = AgentProcess::start(&env.c.nodes[0].ns, bin, &args, &log).unwrap();
+    let exited = eventually(Duration::from_secs(60), || !agent.running());
+    let text = agent.log();
+    assert!(exited, "the agent kept running:\n{text}");
+    assert!(
+        text.contains("TCX") && text.contains("Linux 6.6"),
+        "the agent's error names TCX and Linux 6.6:\n{text}"
+    );
 }
 
 /// The same through clsact filters (kernels before 6.6): the filter outlives the process and
@@ -369,7 +400,7 @@ fn killed_agent(mode: &[&str]) {
     assert!(env.frontends().contains(&format!("{gone}:80")));
 
     // 150 requests on one connection over ~6 s, across the kill and the restart.
-    let ka = KeepAlive::start(
+    let mut ka = KeepAlive::start(
         &env.c.pod("client").ns,
         VIP,
         80,
@@ -377,6 +408,8 @@ fn killed_agent(mode: &[&str]) {
         Duration::from_millis(40),
     )
     .unwrap();
+    // Connected before the kill: the connection must outlive the agent.
+    ka.connected().expect("the client connected");
     std::thread::sleep(Duration::from_secs(1));
     env.agent.as_mut().unwrap().kill9();
     // With no agent: new connections still work (pinned maps and links), and a Service is

@@ -16,8 +16,8 @@ use aya::programs::{LinkOrder, SchedClassifier, TcAttach, TcAttachType, tc::NlOp
 use common::NodeDataplane;
 use proxy_common::{CTR_NEW_FLOW, CTR_REPLY};
 use sluice::dataplane::{
-    AttachMode, Backend, DataplaneConfig, EBPF_OBJECT, FROM_POD, Frontend, FrontendKind, PASS,
-    Protocol, TO_POD,
+    AttachMode, Backend, Dataplane, DataplaneConfig, EBPF_OBJECT, FROM_POD, Frontend, FrontendKind,
+    PASS, Protocol, TO_POD,
 };
 use testbed::{Cluster, UdpEcho, plan, require_privileged, udp_request};
 
@@ -171,8 +171,50 @@ fn a_later_program_sees_what_sluice_lets_go_on(mode: AttachMode) {
 
 #[test]
 fn a_program_after_sluice_under_tcx_sees_every_packet_sluice_lets_go_on() {
-    require_privileged!("a_program_after_sluice_under_tcx_sees_every_packet_sluice_lets_go_on");
+    let name = "a_program_after_sluice_under_tcx_sees_every_packet_sluice_lets_go_on";
+    require_privileged!(name);
+    if !testbed::kernel_has(name, "TCX (Linux 6.6)", AttachMode::tcx_supported()) {
+        return;
+    }
     a_later_program_sees_what_sluice_lets_go_on(AttachMode::Tcx);
+}
+
+/// On every kernel: auto picks TCX exactly where the kernel has it, and TCX asked for where
+/// it has none is refused at once, naming TCX and the kernel version that brings it. (Which
+/// branch runs depends on the kernel: the kernel matrix runs both.)
+#[test]
+fn tcx_is_used_where_the_kernel_has_it_and_refused_by_name_where_not() {
+    require_privileged!("tcx_is_used_where_the_kernel_has_it_and_refused_by_name_where_not");
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut parts = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let version = (parts.next().unwrap(), parts.next().unwrap());
+    // Debian's kernels, which the matrix runs, do not backport TCX: the version tells.
+    let has = version >= (6, 6);
+    assert_eq!(AttachMode::tcx_supported(), has, "the probe on {release}");
+    let c = Cluster::new(1).unwrap();
+    let dev = c.nodes[0].uplink.clone();
+    let (auto, attached) = c.nodes[0]
+        .ns
+        .run_in(move || {
+            let mut dp = Dataplane::load_with(DataplaneConfig::default()).unwrap();
+            let tcx = dp.attach(FROM_POD, &dev, TcAttachType::Ingress, AttachMode::Tcx);
+            (AttachMode::best_available(), tcx.map_err(|e| e.to_string()))
+        })
+        .unwrap();
+    if has {
+        assert_eq!(auto, AttachMode::Tcx);
+        attached.expect("TCX attaches where the kernel has it");
+    } else {
+        assert_eq!(auto, AttachMode::Clsact);
+        let err = attached.expect_err("TCX is refused where the kernel has none");
+        assert!(
+            err.contains("TCX") && err.contains("Linux 6.6") && err.contains(release.trim()),
+            "the error names TCX, the version that has it and this kernel: {err}"
+        );
+    }
 }
 
 #[test]

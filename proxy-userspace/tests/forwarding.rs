@@ -497,7 +497,7 @@ fn a_device_without_ethernet_headers_is_refused_rather_than_misparsed() {
         .unwrap();
         testbed::run(&["ip", "-n", ns, "link", "set", "tun0", "up"]).unwrap();
         let mut dp = Dataplane::load().unwrap();
-        let mode = AttachMode::for_running_kernel();
+        let mode = AttachMode::best_available();
         let links = testbed::BpfFs::new().unwrap();
         for result in [
             dp.attach_pod_device("tun0", mode),

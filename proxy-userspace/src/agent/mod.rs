@@ -29,7 +29,7 @@ use clap::ValueEnum;
 
 use crate::{
     dataplane::{
-        AttachMode, Dataplane, DataplaneConfig,
+        AttachMode, Dataplane, DataplaneConfig, features,
         socket::{SocketLb, SocketLbConfig},
     },
     model::Limits,
@@ -44,7 +44,7 @@ use sync::{Cidr4, NodePortAddresses, SyncConfig, Syncer};
 /// How to attach to devices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
-    /// TCX on Linux >= 6.6, clsact before.
+    /// TCX where the kernel has it (probed; Linux >= 6.6), clsact elsewhere.
     Auto,
     Tcx,
     Clsact,
@@ -53,7 +53,7 @@ pub enum Mode {
 impl From<Mode> for AttachMode {
     fn from(m: Mode) -> Self {
         match m {
-            Mode::Auto => AttachMode::for_running_kernel(),
+            Mode::Auto => AttachMode::best_available(),
             Mode::Tcx => AttachMode::Tcx,
             Mode::Clsact => AttachMode::Clsact,
         }
@@ -447,7 +447,7 @@ fn socket_lb_config(args: &AgentArgs) -> anyhow::Result<SocketLbConfig> {
         mode: args.socket_lb,
         cgroup,
         host_netns_cookie: socket::current_netns_cookie(),
-        set_retval: socket::kernel_has_set_retval() && !args.socket_lb_as_before_5_18,
+        set_retval: features::has_set_retval() && !args.socket_lb_as_before_5_18,
         links_dir: args.pin_path.join("cgroup-links"),
     })
 }
@@ -470,7 +470,22 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         "SNAT source ports (clear of the NodePort range and the node's ephemeral ports)"
     );
     ensure_bpffs(&args.pin_path)?;
+    // What this kernel has, and what sluice does about it, for the operator.
+    let report = features::probe();
+    for f in &report.facilities {
+        tracing::info!(
+            kernel = %report.kernel,
+            facility = f.name,
+            since = f.since,
+            present = f.present,
+            "{}",
+            f.sluice
+        );
+    }
     let mode = AttachMode::from(args.attach_mode);
+    // A mode this kernel lacks is an error at once, not an attach retried for ever.
+    mode.ensure_supported()?;
+    tracing::info!(%mode, auto = args.attach_mode == Mode::Auto, "TC attachment mode");
     let mut dp = Dataplane::load_with(DataplaneConfig {
         pin_path: Some(args.pin_path.clone()),
         services_max: args.services_max,

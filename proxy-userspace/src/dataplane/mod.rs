@@ -8,6 +8,7 @@
 //! - `services` ([`Dataplane::upsert_service`], [`Dataplane::remove_service`]) writes Services in
 //!   the safe order; `inspect` reads counters and conntrack.
 mod addrs;
+pub mod features;
 mod flows;
 mod inspect;
 mod services;
@@ -27,7 +28,6 @@ use aya::{
         links::{FdLink, PinnedLink},
         tc::{NlOptions, SchedClassifierLink, TcAttach, TcError, TcHandle, qdisc_add_clsact},
     },
-    util::KernelVersion,
 };
 use proxy_common::{
     CT4_DEFAULT_MAX, CT4_MAP, LB4_BACKENDS_DEFAULT_MAX, LB4_BACKENDS_MAP, LB4_CONFIG_MAP,
@@ -107,6 +107,15 @@ pub enum DataplaneError {
     },
     #[error("interface name {interface:?} contains a NUL byte")]
     BadInterface { interface: String },
+    #[error(
+        "{facility} needs Linux {since} or newer, and this kernel ({kernel}) has none; {instead}"
+    )]
+    Unsupported {
+        facility: &'static str,
+        since: &'static str,
+        kernel: String,
+        instead: &'static str,
+    },
     #[error(
         "{interface} is not an Ethernet device (link type {link_type}; WireGuard, IPIP and tun \
          devices carry bare IP packets): sluice's programs parse Ethernet frames, so it is left \
@@ -202,13 +211,42 @@ pub enum AttachMode {
 }
 
 impl AttachMode {
-    /// The best mode this kernel supports.
-    pub fn for_running_kernel() -> Self {
-        match KernelVersion::current() {
-            Ok(v) if v >= KernelVersion::new(6, 6, 0) => Self::Tcx,
-            _ => Self::Clsact,
+    /// The best mode this kernel supports: TCX where it has it, clsact elsewhere.
+    pub fn best_available() -> Self {
+        if Self::tcx_supported() {
+            Self::Tcx
+        } else {
+            Self::Clsact
         }
     }
+
+    /// Whether this kernel has TCX links. Asked of the kernel rather than read off its
+    /// version, since distributions backport: a query for the TCX programs on `lo` (present
+    /// in every network namespace) is refused with EINVAL by kernels without TCX (before 6.6).
+    pub fn tcx_supported() -> bool {
+        SchedClassifier::query_tcx(c"lo", TcAttachType::Ingress).is_ok()
+    }
+
+    /// Whether this kernel can attach in this mode; if not, an error that names the facility
+    /// and the kernel that has it.
+    pub fn ensure_supported(self) -> Result<(), DataplaneError> {
+        match self {
+            Self::Tcx if !Self::tcx_supported() => Err(DataplaneError::Unsupported {
+                facility: "attaching TC programs as TCX links (--attach-mode tcx)",
+                since: "6.6",
+                kernel: kernel_release(),
+                instead: "use --attach-mode clsact or auto",
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The running kernel's release (`uname -r`), for messages.
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|r| r.trim().to_owned())
+        .unwrap_or_else(|e| format!("unknown: {e}"))
 }
 
 impl std::fmt::Display for AttachMode {
@@ -458,6 +496,7 @@ impl Dataplane {
         hook: TcAttachType,
         mode: AttachMode,
     ) -> Result<(), DataplaneError> {
+        mode.ensure_supported()?;
         let name = c_name(interface)?;
         ensure_ethernet(&name, interface)?;
         if mode == AttachMode::Clsact {
@@ -533,6 +572,7 @@ impl Dataplane {
             mode,
             source: Box::new(source),
         };
+        mode.ensure_supported()?;
         ensure_ethernet(&c_name(interface)?, interface)?;
         match mode {
             AttachMode::Tcx => {

@@ -26,7 +26,6 @@ use aya::{
         cgroup_sock_addr::CgroupSockAddrLink,
         links::{FdLink, PinnedLink},
     },
-    util::KernelVersion,
 };
 use proxy_common::{
     SOCK_CONFIG_MAP, SOCK_LB_ALL, SOCK_LB_HOST_ONLY, SOCK_LB_OFF, SOCK_REVNAT_MAP, SockConfig,
@@ -94,11 +93,6 @@ pub fn socket_programs(set_retval: bool) -> [(&'static str, &'static str); 4] {
         ("recvmsg4", SOCK_RECVMSG4),
         ("getpeername4", SOCK_GETPEERNAME4),
     ]
-}
-
-/// Whether this kernel lets a socket program set the syscall's error (`bpf_set_retval`).
-pub fn kernel_has_set_retval() -> bool {
-    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 18, 0))
 }
 
 /// Where socket LB attaches.

@@ -286,7 +286,7 @@ impl NodeDataplane {
         Self::start_mode(
             node,
             config,
-            sluice::dataplane::AttachMode::for_running_kernel(),
+            sluice::dataplane::AttachMode::best_available(),
         )
     }
 
