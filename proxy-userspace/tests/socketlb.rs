@@ -472,22 +472,33 @@ fn a_service_without_endpoints_is_refused_at_connect() {
     env.wait_programmed(&[]);
     let refused = Connect::Failed("ECONNREFUSED".into());
     // Linux >= 5.18: ECONNREFUSED at connect(), from the node and from a pod, as kube-proxy's
-    // ICMP reject gives.
-    assert_eq!(
-        tcp_connect(env.node(0), CLUSTER_IP, 80, T).unwrap(),
-        refused
-    );
-    assert_eq!(
-        tcp_connect(env.client(), CLUSTER_IP, 80, T).unwrap(),
-        refused
-    );
-    assert!(env.counter(0, "sock_reject_no_backend") >= 2.0);
+    // ICMP reject gives. (The kernel matrix's older kernels run only what follows.)
+    if sluice::dataplane::features::has_set_retval() {
+        assert_eq!(
+            tcp_connect(env.node(0), CLUSTER_IP, 80, T).unwrap(),
+            refused
+        );
+        assert_eq!(
+            tcp_connect(env.client(), CLUSTER_IP, 80, T).unwrap(),
+            refused
+        );
+        assert!(env.counter(0, "sock_reject_no_backend") >= 2.0);
+    }
     // Before 5.18 no program can set the error: a pod's call is left to TC, which rejects it
-    // with ICMP (ECONNREFUSED); the node's own, which no TC program sees, gets EPERM.
+    // with ICMP (ECONNREFUSED); the node's own, which no TC program sees, gets EPERM. Telling
+    // the node from a pod takes the node namespace's cookie, SO_NETNS_COOKIE (5.14); before
+    // it the initial namespace is taken for the node's, which a real node's is and a sandbox
+    // node's is not: there the node's call is taken for a pod's and left to TC, which sees no
+    // node-local traffic, so it goes unanswered (the departure ARCHITECTURE.md describes).
     env.start_agent(0, "all", &["--socket-lb-as-before-5-18"]);
+    let node_gets = if sluice::dataplane::socket::current_netns_cookie() != 0 {
+        Connect::Failed("EPERM".into())
+    } else {
+        Connect::Timeout
+    };
     assert_eq!(
         tcp_connect(env.node(0), CLUSTER_IP, 80, T).unwrap(),
-        Connect::Failed("EPERM".into())
+        node_gets
     );
     assert_eq!(
         tcp_connect(env.client(), CLUSTER_IP, 80, T).unwrap(),

@@ -139,18 +139,13 @@ pub fn is_own_binary(path: &Path) -> bool {
 }
 
 /// Whether `path` is a tool `./x setup` built or fetched into the cache (the control plane,
-/// Go), one that `tools.txt` lists as such.
+/// Go, virtme-ng and its virtualenv's pip), one that `tools.txt` lists by that name.
 pub fn is_built_tool(path: &Path) -> bool {
     let listed = path
         .file_name()
         .and_then(|n| n.to_str())
         .and_then(tools::find)
-        .is_some_and(|t| {
-            matches!(
-                t.provider,
-                tools::Provider::GoBuild(_) | tools::Provider::GoProxy
-            )
-        });
+        .is_some();
     let cache = std::fs::canonicalize(crate::controlplane::versions::cache_dir());
     listed
         && matches!(

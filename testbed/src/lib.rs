@@ -45,6 +45,7 @@ pub mod realcluster;
 pub mod report;
 pub mod tempdir;
 pub mod tools;
+pub mod vm;
 
 pub use apiserver::ApiServer;
 pub use apps::{

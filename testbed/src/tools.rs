@@ -24,6 +24,9 @@ pub enum Provider {
     GoProxy,
     /// Built by `./x setup` from this Go module, into the control plane's cache.
     GoBuild(&'static str),
+    /// Installed by `./x setup` from PyPI (`name==version`) into a virtualenv in the cache,
+    /// [`crate::vm::venv_bin`].
+    Pip(&'static str),
 }
 
 /// Who installs it: `./x` before any Rust code can compile, or `./x setup`.
@@ -84,12 +87,19 @@ pub fn parse(text: &'static str) -> Result<Vec<Tool>, ListError> {
             Some(("apt", pkg)) if !pkg.is_empty() => Provider::Apt(pkg),
             Some(("cargo", krate)) if !krate.is_empty() => Provider::Cargo(krate),
             Some(("go-build", module)) if !module.is_empty() => Provider::GoBuild(module),
+            Some(("pip", spec))
+                if spec
+                    .split_once("==")
+                    .is_some_and(|(n, v)| !n.is_empty() && !v.is_empty()) =>
+            {
+                Provider::Pip(spec)
+            }
             None if provider == "go-proxy" => Provider::GoProxy,
             None if provider == "rustup-init" => Provider::RustupInit,
             None if provider == "rustup" => Provider::Rustup,
             _ => {
                 return Err(err(
-                    "provider must be apt:PKG, cargo:CRATE, go-build:MODULE, rustup, rustup-init or go-proxy",
+                    "provider must be apt:PKG, cargo:CRATE, go-build:MODULE, pip:NAME==VERSION, rustup, rustup-init or go-proxy",
                 ));
             }
         };
@@ -181,11 +191,11 @@ mod tests {
             ),
             (
                 "ip deb:iproute2 setup tests why\n",
-                "provider must be apt:PKG, cargo:CRATE, go-build:MODULE, rustup, rustup-init or go-proxy",
+                "provider must be apt:PKG, cargo:CRATE, go-build:MODULE, pip:NAME==VERSION, rustup, rustup-init or go-proxy",
             ),
             (
                 "ip apt: setup tests why\n",
-                "provider must be apt:PKG, cargo:CRATE, go-build:MODULE, rustup, rustup-init or go-proxy",
+                "provider must be apt:PKG, cargo:CRATE, go-build:MODULE, pip:NAME==VERSION, rustup, rustup-init or go-proxy",
             ),
             (
                 "ip apt:iproute2 later tests why\n",

@@ -7,6 +7,7 @@ mod demo;
 mod setup;
 mod test;
 mod toolchain;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -20,7 +21,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what this machine lacks, from tools.txt: Debian packages, the eBPF nightly with
-    /// rust-src, bpf-linker built against LLVM 22. Idempotent: skips what is there.
+    /// rust-src, bpf-linker built against LLVM 22, the control plane, and the kernel matrix's
+    /// virtme-ng and Debian kernels. Idempotent: skips what is there.
     Setup,
     /// Build the eBPF object (target/bpfel-unknown-none/release/sluice-ebpf) for development.
     BuildEbpf,
@@ -28,6 +30,18 @@ enum Task {
     /// real control plane, and the demo in both modes.
     /// Extra arguments go to `cargo test` (for example a test name filter).
     Test {
+        /// Also run the kernel-sensitive tiers in virtual machines on these Debian kernels:
+        /// 5.10, 6.1, 6.12, a comma-separated list, or `all` (what CI runs). Set-up fetches
+        /// virtme-ng and the kernels into the cache first.
+        #[arg(long, value_parser = parse_kernels)]
+        kernel: Option<&'static [testbed::vm::Kernel]>,
+        /// With --kernel: every kernel-sensitive tier, whole, on each kernel (slow), instead of
+        /// the quick tier everywhere and a chosen end-to-end set on the oldest.
+        #[arg(long, requires = "kernel")]
+        full: bool,
+        /// With --kernel: the matrix only, not the host's tiers.
+        #[arg(long, requires = "kernel")]
+        kernels_only: bool,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         cargo_args: Vec<String>,
     },
@@ -56,14 +70,31 @@ enum Task {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
-        Task::Setup => setup::run(setup::Scope::ALL),
+        Task::Setup => setup::run(setup::Scope {
+            kernels: &testbed::vm::KERNELS,
+            ..setup::Scope::ALL
+        }),
         Task::BuildEbpf => {
             setup::run(setup::Scope::RUST)?;
             build_ebpf::run()
         }
-        Task::Test { cargo_args } => {
-            setup::run(setup::Scope::ALL)?;
-            test::run(&cargo_args)
+        Task::Test {
+            kernel,
+            full,
+            kernels_only,
+            cargo_args,
+        } => {
+            let kernels = kernel.unwrap_or(&[]);
+            setup::run(setup::Scope {
+                kernels,
+                ..setup::Scope::ALL
+            })?;
+            test::run(&test::Plan {
+                cargo_args: &cargo_args,
+                kernels,
+                full,
+                kernels_only,
+            })
         }
         Task::Bench { quick } => {
             setup::run(setup::Scope::ALL)?;
@@ -75,10 +106,33 @@ fn main() -> anyhow::Result<()> {
         } => {
             // Manifests mode needs no control plane, so a fresh machine's first demo does not
             // wait for its Go build.
-            setup::run(setup::Scope { control_plane })?;
+            setup::run(setup::Scope {
+                control_plane,
+                kernels: &[],
+            })?;
             demo::run(once, control_plane)
         }
     }
+}
+
+/// `--kernel`'s value: `all`, or names of the matrix's kernels, comma-separated.
+fn parse_kernels(s: &str) -> Result<&'static [testbed::vm::Kernel], String> {
+    use testbed::vm::{KERNELS, kernel};
+    if s == "all" {
+        return Ok(&KERNELS);
+    }
+    let mut picked = Vec::new();
+    for name in s.split(',') {
+        let k = kernel(name.trim()).ok_or_else(|| {
+            let names: Vec<&str> = KERNELS.iter().map(|k| k.name).collect();
+            format!(
+                "no kernel `{name}` in the matrix: {} or all",
+                names.join(", ")
+            )
+        })?;
+        picked.push(k);
+    }
+    Ok(picked.leak())
 }
 
 fn bench(quick: bool) -> anyhow::Result<()> {

@@ -9,14 +9,19 @@
 //! 4. the control plane (etcd, kube-apiserver, kube-controller-manager, kubectl), built from
 //!    the Go module proxy into a versioned cache outside the repository (`controlplane.rs`),
 //!    unless the task needs none ([`Scope`]: the manifests-mode demo, `build-ebpf`);
-//! 5. a check that every command in the list, or the part of it the task needs, is now there.
+//! 5. for the kernel matrix only (`./x test --kernel`), virtme-ng in a virtualenv and the
+//!    Debian kernels asked for, into the same cache (`vm.rs`);
+//! 6. a check that every command in the list, or the part of it the task needs, is now there.
 use std::{
     collections::BTreeMap,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
-use testbed::tools::{self, Provider, Tool};
+use testbed::{
+    tools::{self, Provider, Tool},
+    vm::Kernel,
+};
 
 use crate::toolchain::{BPF_LINKER_VERSION, LLVM_MAJOR, in_ebpf_dir};
 
@@ -26,29 +31,44 @@ pub struct Scope {
     /// The control plane's Go build (minutes cold), for the tests, the bench and the demo's
     /// `--control-plane`.
     pub control_plane: bool,
+    /// The kernels of the matrix to fetch, with the VM tools (the `vm` rows of tools.txt) when
+    /// there is any.
+    pub kernels: &'static [Kernel],
 }
 
 impl Scope {
     pub const ALL: Self = Self {
         control_plane: true,
+        kernels: &[],
     };
     /// What building and running sluice itself needs.
     pub const RUST: Self = Self {
         control_plane: false,
+        kernels: &[],
     };
 
     fn wants(self, t: &Tool) -> bool {
-        self.control_plane || !matches!(t.provider, Provider::GoBuild(_) | Provider::GoProxy)
+        let control_plane = matches!(t.provider, Provider::GoBuild(_) | Provider::GoProxy);
+        let vm_only = t.used_by.iter().all(|u| *u == "vm");
+        (self.control_plane || !control_plane) && (!self.kernels.is_empty() || !vm_only)
     }
 }
 
 pub fn run(scope: Scope) -> anyhow::Result<()> {
     let start = Instant::now();
-    step("Debian packages", debian_packages)?;
+    step("Debian packages", || debian_packages(scope))?;
     step("eBPF toolchain", ebpf_toolchain)?;
     step("bpf-linker", bpf_linker)?;
     if scope.control_plane {
         step("control plane", crate::controlplane::ensure_built)?;
+    }
+    if !scope.kernels.is_empty() {
+        step("virtme-ng", crate::vm::ensure_virtme)?;
+        for k in scope.kernels {
+            step(&format!("kernel {}", k.name), || {
+                crate::vm::ensure_kernel(*k)
+            })?;
+        }
     }
     step("every command in tools.txt", || check_all(scope))?;
     say(&format!("ready ({})", secs(start.elapsed())));
@@ -106,6 +126,7 @@ fn present(t: &Tool) -> bool {
     use testbed::controlplane::versions::{GO, bin_dir, cache_dir};
     match (t.command, t.provider) {
         (Some(cmd), Provider::GoBuild(_)) => bin_dir().join(cmd).is_file(),
+        (Some(cmd), Provider::Pip(_)) => testbed::vm::venv_bin(cmd).is_some_and(|b| b.is_file()),
         (Some(cmd), Provider::GoProxy) => {
             on_path(cmd) || cache_dir().join(format!("go{GO}/bin/go")).is_file()
         }
@@ -119,11 +140,11 @@ fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-fn debian_packages() -> anyhow::Result<String> {
+fn debian_packages(scope: Scope) -> anyhow::Result<String> {
     // Package -> the rows that need it, in list order.
     let mut missing: BTreeMap<&str, Vec<&Tool>> = BTreeMap::new();
     let mut total = 0;
-    for t in tools::all() {
+    for t in tools::all().iter().filter(|t| scope.wants(t)) {
         if let Provider::Apt(pkg) = t.provider {
             total += 1;
             if !present(t) {
@@ -276,6 +297,7 @@ fn check_all(scope: Scope) -> anyhow::Result<String> {
                 Provider::RustupInit => "rustup (./x installs it)".into(),
                 Provider::GoProxy => "Go, or the Go module proxy".into(),
                 Provider::GoBuild(m) => format!("a build of {m} by setup"),
+                Provider::Pip(p) => format!("{p} from PyPI, into a virtualenv by setup"),
             };
             format!("{} (from {from})", t.command.unwrap_or("-"))
         })

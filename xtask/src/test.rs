@@ -4,6 +4,8 @@
 //! end-to-end tests in network namespaces. They are all `cargo test` tests; the privileged
 //! ones skip loudly without root, and fail instead under `SLUICE_REQUIRE_PRIVILEGED=1` (CI).
 //! Skips are collected through `SLUICE_SKIP_LOG` and reported as skipped, never as passed.
+//! With `--kernel`, the kernel matrix (`vm.rs`) runs last, in virtual machines, and its
+//! results join the same summary, each test named with its kernel.
 use std::{
     io::{BufRead as _, BufReader},
     process::Stdio,
@@ -13,14 +15,14 @@ use anyhow::{Context as _, bail};
 use testbed::privilege::SKIP_LOG_ENV;
 
 #[derive(Default, Debug, PartialEq, Eq)]
-struct Totals {
-    passed: u64,
-    failed: u64,
-    ignored: u64,
+pub struct Totals {
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
 }
 
 /// Adds up one `test result: ok. 3 passed; 0 failed; 1 ignored; ...` line.
-fn add_result_line(t: &mut Totals, line: &str) {
+pub fn add_result_line(t: &mut Totals, line: &str) {
     let Some(rest) = line.trim().strip_prefix("test result: ") else {
         return;
     };
@@ -39,7 +41,20 @@ fn add_result_line(t: &mut Totals, line: &str) {
     }
 }
 
-pub fn run(cargo_args: &[String]) -> anyhow::Result<()> {
+/// What `./x test` runs.
+pub struct Plan<'a> {
+    /// Extra arguments for the host's `cargo test` (a name filter, say).
+    pub cargo_args: &'a [String],
+    /// The matrix's kernels (none: the host only).
+    pub kernels: &'static [testbed::vm::Kernel],
+    /// Every kernel-sensitive tier on every kernel, not the chosen ones.
+    pub full: bool,
+    /// The matrix only, without the host's tiers.
+    pub kernels_only: bool,
+}
+
+pub fn run(plan: &Plan) -> anyhow::Result<()> {
+    let cargo_args = plan.cargo_args;
     let root = crate::workspace_root();
     let privileged = nix::unistd::geteuid().is_root();
     if privileged {
@@ -55,43 +70,52 @@ pub fn run(cargo_args: &[String]) -> anyhow::Result<()> {
     std::fs::create_dir_all(root.join("target")).context("creating target/")?;
     let _ = std::fs::remove_file(&skip_log);
 
-    let mut child = testbed::cmd::command(&["cargo"])?
-        .current_dir(&root)
-        .args(["test", "--workspace", "--no-fail-fast"])
-        .args(cargo_args)
-        .env(SKIP_LOG_ENV, &skip_log)
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting cargo test")?;
     let mut totals = Totals::default();
-    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
-        let line = line.context("reading cargo test's output")?;
-        println!("{line}");
-        add_result_line(&mut totals, &line);
+    // The kernel matrix, each kernel in a virtual machine, starts first, beside the host's
+    // tiers, at the lowest CPU priority (`vm::run_matrix`); its output comes after theirs.
+    let matrix = if plan.kernels.is_empty() {
+        None
+    } else {
+        let bins = crate::vm::test_binaries()?;
+        println!(
+            "the kernel matrix runs beside the host's tiers: Linux {} (live in target/vm/*/console.log)",
+            plan.kernels
+                .iter()
+                .map(|k| k.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        Some(crate::vm::run_matrix(plan.kernels, plan.full, bins))
+    };
+    let mut host_ok = true;
+    if !plan.kernels_only {
+        host_ok = host_tiers(&root, cargo_args, &skip_log, privileged, &mut totals)?;
     }
-    let status = child.wait().context("waiting for cargo test")?;
-
-    // The last tier: the README's main command, checked once, as a user would run it, in
-    // both modes.
-    for (flags, control_plane) in [("--once", false), ("--once --control-plane", true)] {
-        if !privileged {
-            testbed::privileged(&format!("xtask demo {flags}"));
-            continue;
+    let outcomes = match matrix {
+        Some(m) => m
+            .join()
+            .map_err(|_| anyhow::anyhow!("the kernel matrix's thread panicked"))?,
+        None => Vec::new(),
+    };
+    let mut vm_skips = Vec::new();
+    for o in outcomes {
+        for l in &o.console {
+            println!("{l}");
         }
-        println!("running the demo: ./x demo {flags}");
-        match crate::demo::run(true, control_plane) {
-            Ok(()) => totals.passed += 1,
-            Err(e) => {
-                println!("demo {flags} FAILED: {e:#}");
-                totals.failed += 1;
-            }
+        totals.passed += o.totals.passed;
+        totals.failed += o.totals.failed + o.broken.len() as u64;
+        totals.ignored += o.totals.ignored;
+        for b in &o.broken {
+            println!("FAILED: {b}");
         }
+        vm_skips.extend(o.skips);
     }
 
     let skips: Vec<String> = std::fs::read_to_string(&skip_log)
         .unwrap_or_default()
         .lines()
         .map(str::to_owned)
+        .chain(vm_skips)
         .collect();
     // A skipped test returns early and cargo counts it as passed: count it as skipped instead.
     let skipped = skips.len() as u64 + totals.ignored;
@@ -116,8 +140,8 @@ pub fn run(cargo_args: &[String]) -> anyhow::Result<()> {
         "summary: {passed} passed, {} failed, {skipped} skipped",
         totals.failed
     );
-    if !status.success() || totals.failed > 0 {
-        bail!("cargo test failed ({status})");
+    if !host_ok || totals.failed > 0 {
+        bail!("tests failed");
     }
     if !leftovers.is_empty() {
         bail!("the tests left network namespaces behind: cleanup is broken");
@@ -126,6 +150,50 @@ pub fn run(cargo_args: &[String]) -> anyhow::Result<()> {
         bail!("no test ran");
     }
     Ok(())
+}
+
+/// The host's tiers: `cargo test` of the workspace, then the demo in both modes. Whether
+/// `cargo test` itself succeeded (its counts go into `totals`).
+fn host_tiers(
+    root: &std::path::Path,
+    cargo_args: &[String],
+    skip_log: &std::path::Path,
+    privileged: bool,
+    totals: &mut Totals,
+) -> anyhow::Result<bool> {
+    let mut child = testbed::cmd::command(&["cargo"])?
+        .current_dir(root)
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .args(cargo_args)
+        .env(SKIP_LOG_ENV, skip_log)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line.context("reading cargo test's output")?;
+        println!("{line}");
+        add_result_line(totals, &line);
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+
+    // The last tier: the README's main command, checked once, as a user would run it, in
+    // both modes.
+    for (flags, control_plane) in [("--once", false), ("--once --control-plane", true)] {
+        if !privileged {
+            testbed::privileged(&format!("xtask demo {flags}"));
+            continue;
+        }
+        println!("running the demo: ./x demo {flags}");
+        match crate::demo::run(true, control_plane) {
+            Ok(()) => totals.passed += 1,
+            Err(e) => {
+                println!("demo {flags} FAILED: {e:#}");
+                totals.failed += 1;
+            }
+        }
+    }
+
+    Ok(status.success())
 }
 
 #[cfg(test)]
