@@ -471,17 +471,12 @@ fn a_service_without_endpoints_is_refused_at_connect() {
     env.web(&[]);
     env.wait_programmed(&[]);
     let refused = Connect::Failed("ECONNREFUSED".into());
+    let connect = |ns: &testbed::Netns| tcp_connect(ns, CLUSTER_IP, 80, T).unwrap();
     // Linux >= 5.18: ECONNREFUSED at connect(), from the node and from a pod, as kube-proxy's
     // ICMP reject gives. (The kernel matrix's older kernels run only what follows.)
     if sluice::dataplane::features::has_set_retval() {
-        assert_eq!(
-            tcp_connect(env.node(0), CLUSTER_IP, 80, T).unwrap(),
-            refused
-        );
-        assert_eq!(
-            tcp_connect(env.client(), CLUSTER_IP, 80, T).unwrap(),
-            refused
-        );
+        assert_eq!(connect(env.node(0)), refused, "from the node");
+        assert_eq!(connect(env.client()), refused, "from a pod");
         assert!(env.counter(0, "sock_reject_no_backend") >= 2.0);
     }
     // Before 5.18 no program can set the error: a pod's call is left to TC, which rejects it
@@ -497,13 +492,11 @@ fn a_service_without_endpoints_is_refused_at_connect() {
         Connect::Timeout
     };
     assert_eq!(
-        tcp_connect(env.node(0), CLUSTER_IP, 80, T).unwrap(),
-        node_gets
+        connect(env.node(0)),
+        node_gets,
+        "from the node, as before 5.18"
     );
-    assert_eq!(
-        tcp_connect(env.client(), CLUSTER_IP, 80, T).unwrap(),
-        refused
-    );
+    assert_eq!(connect(env.client()), refused, "from a pod, as before 5.18");
     assert!(
         env.counter(0, "reject_no_backend") >= 1.0,
         "the TC path's ICMP reject"
