@@ -4,8 +4,9 @@
 //! end-to-end tests in network namespaces. They are all `cargo test` tests; the privileged
 //! ones skip loudly without root, and fail instead under `SLUICE_REQUIRE_PRIVILEGED=1` (CI).
 //! Skips are collected through `SLUICE_SKIP_LOG` and reported as skipped, never as passed.
-//! With `--kernel`, the kernel matrix (`vm.rs`) runs last, in virtual machines, and its
-//! results join the same summary, each test named with its kernel.
+//! With `--kernel`, the kernel matrix (`vm.rs`) runs in virtual machines beside the host's
+//! tiers, at the lowest CPU priority; its output follows theirs and its results join the same
+//! summary, each test named with its kernel.
 use std::{
     io::{BufRead as _, BufReader},
     process::Stdio,
