@@ -103,6 +103,20 @@ fn spawn_in_with(ns: &Netns, argv: &[&str], stdin: Stdio) -> Result<(Child, Stri
     Ok((child, cmd))
 }
 
+/// Reads one line (without its newline) from `child`'s piped stdout, byte by byte so that
+/// nothing after it is consumed; empty at end of file or without a piped stdout.
+fn first_line(child: &mut Child) -> Vec<u8> {
+    let mut line = Vec::new();
+    let Some(stdout) = child.stdout.as_mut() else {
+        return line;
+    };
+    let mut b = [0u8; 1];
+    while std::io::Read::read(stdout, &mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
+        line.push(b[0]);
+    }
+    line
+}
+
 /// A server process started inside a namespace, killed on drop.
 #[derive(Debug)]
 pub struct Server {
@@ -483,15 +497,8 @@ impl KeepAlive {
     /// software emulation takes seconds), and returns its `PEER ...` line; `None` if the
     /// client ended first (its connect failed: the client's own 5 s timeout bounds this).
     pub fn connected(&mut self) -> Option<String> {
-        let mut stdout = self.child.stdout.take()?;
-        let mut line = Vec::new();
-        let mut b = [0u8; 1];
-        // Byte by byte, so that nothing after the line is consumed here.
-        while std::io::Read::read(&mut stdout, &mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
-            line.push(b[0]);
-        }
-        self.child.stdout = Some(stdout);
-        let line = String::from_utf8_lossy(&line).into_owned();
+        self.child.stdout.as_ref()?;
+        let line = String::from_utf8_lossy(&first_line(&mut self.child)).into_owned();
         self.read.push(line.clone());
         line.starts_with("PEER ").then_some(line)
     }
@@ -583,13 +590,7 @@ impl Sniffer {
             Stdio::piped(),
         )?;
         // Wait for "ready" without consuming more than that line.
-        let mut stdout = child.stdout.take().expect("piped");
-        let mut line = Vec::new();
-        let mut b = [0u8; 1];
-        while std::io::Read::read(&mut stdout, &mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
-            line.push(b[0]);
-        }
-        child.stdout = Some(stdout);
+        let line = first_line(&mut child);
         if line != b"ready" {
             let _ = child.kill();
             let _ = child.wait();
