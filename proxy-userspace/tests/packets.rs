@@ -2,13 +2,17 @@
 //! built and their checksums verified with etherparse (tests/common), never by the datapath.
 mod common;
 
-use std::net::Ipv4Addr;
+use std::{
+    net::Ipv4Addr,
+    ops::{Deref, DerefMut},
+    sync::{Mutex, PoisonError},
+};
 
 use common::*;
 use proxy_common::*;
 use sluice::dataplane::{
     Backend, Dataplane, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend, FrontendKind, Protocol,
-    TO_POD, TO_UPLINK,
+    RawDump, TO_POD, TO_UPLINK,
 };
 use testbed::require_privileged;
 
@@ -16,13 +20,62 @@ const VIP: &str = "198.18.128.1:80";
 const CLIENT: &str = "198.19.0.10:40000";
 const HAIRPIN: Ipv4Addr = testbed::plan::HAIRPIN_SNAT;
 
-fn dataplane() -> Dataplane {
-    Dataplane::load_with(DataplaneConfig {
+fn config() -> DataplaneConfig {
+    DataplaneConfig {
         hairpin_snat: Some(HAIRPIN),
         conntrack_max: 4096,
         ..Default::default()
-    })
-    .expect("the programs load and pass the verifier")
+    }
+}
+
+fn load() -> Dataplane {
+    Dataplane::load_with(config()).expect("the programs load and pass the verifier")
+}
+
+/// Loaded dataplanes between tests. A load runs the verifier on every program, which is most
+/// of a packet test's time on an old kernel under emulation; so a test takes one left by an
+/// earlier test, reset to what a fresh load gives
+/// (`a_reset_dataplane_is_a_freshly_loaded_one` holds [`Dataplane::reset`] to that).
+static LOADED: Mutex<Vec<Dataplane>> = Mutex::new(Vec::new());
+
+/// A test's dataplane; given back when the test ends, unless it failed.
+struct Shared(Option<Dataplane>);
+
+impl Deref for Shared {
+    type Target = Dataplane;
+    fn deref(&self) -> &Dataplane {
+        self.0.as_ref().expect("taken only on drop")
+    }
+}
+
+impl DerefMut for Shared {
+    fn deref_mut(&mut self) -> &mut Dataplane {
+        self.0.as_mut().expect("taken only on drop")
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if let Some(dp) = self.0.take()
+            && !std::thread::panicking()
+        {
+            LOADED
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(dp);
+        }
+    }
+}
+
+fn dataplane() -> Shared {
+    let earlier = LOADED.lock().unwrap_or_else(PoisonError::into_inner).pop();
+    Shared(Some(match earlier {
+        Some(mut dp) => {
+            dp.reset(config()).expect("a loaded dataplane resets");
+            dp
+        }
+        None => load(),
+    }))
 }
 
 fn cluster_ip(dp: &mut Dataplane, backends: &[&str]) -> Frontend {
@@ -812,7 +865,7 @@ fn the_uplink_translates_node_ports_and_external_ips_but_not_cluster_ips() {
 const NODE_PORT: &str = "198.18.0.10:30080";
 
 /// A Service with one backend on two frontends: [`VIP`] (ClusterIP) and [`NODE_PORT`].
-fn two_frontends_of_one_backend() -> (Dataplane, std::net::SocketAddrV4) {
+fn two_frontends_of_one_backend() -> (Shared, std::net::SocketAddrV4) {
     let mut dp = dataplane();
     let backend = "198.19.0.20:8080";
     cluster_ip(&mut dp, &[backend]);
@@ -1037,4 +1090,121 @@ fn a_flow_whose_tuple_went_to_another_frontend_does_not_ride_on_it() {
     // The NodePort flow's replies still show the NodePort.
     let (_, out) = run(&dp, TO_POD, &tcp(backend, sa(CLIENT), ACK, b"hi"));
     assert_eq!(check(&out).src, sa(node_port));
+}
+
+/// The maps that differ between two dumps, each with its entries in both (array indexes that
+/// are all zeros left out), for a failure message that can be read.
+fn differences(a: &RawDump, b: &RawDump) -> Vec<String> {
+    let shown = |entries: &[(Vec<u8>, Vec<u8>)]| -> Vec<String> {
+        entries
+            .iter()
+            .filter(|(_, v)| v.iter().any(|&b| b != 0))
+            .map(|(k, v)| format!("{k:?}={v:?}"))
+            .collect()
+    };
+    let names = |d: &RawDump| d.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    if names(a) != names(b) {
+        return vec![format!("other maps: {:?} and {:?}", names(a), names(b))];
+    }
+    a.iter()
+        .zip(b)
+        .filter(|(x, y)| x != y)
+        .map(|((name, x), (_, y))| format!("{name}: {:?} and {:?}", shown(x), shown(y)))
+        .collect()
+}
+
+/// What the packet tests' sharing of loaded dataplanes rests on: a dataplane that carried
+/// traffic and then was reset holds, in every map of the object, what a fresh load holds, and
+/// goes on from there as a fresh one would.
+#[test]
+fn a_reset_dataplane_is_a_freshly_loaded_one() {
+    require_privileged!("a_reset_dataplane_is_a_freshly_loaded_one");
+    let mut fresh = load();
+    let mut used = load();
+    let clean = fresh.raw_dump().unwrap();
+    let names: Vec<&str> = clean.iter().map(|(name, _)| name.as_str()).collect();
+    for map in sluice::dataplane::MAPS {
+        assert!(names.contains(map), "{map} is among the maps: {names:?}");
+    }
+    assert_eq!(
+        differences(&clean, &load().raw_dump().unwrap()),
+        Vec::<String>::new(),
+        "two loads are alike"
+    );
+
+    // Traffic and configuration that leave something in most maps.
+    cluster_ip(&mut used, &["198.19.0.20:8080", "198.19.0.10:8080"]);
+    let dns = fe("198.18.128.2:53", Protocol::Udp, FrontendKind::ClusterIp);
+    used.upsert_service(dns, &[be("198.19.0.20:5353")]).unwrap();
+    let empty = fe("198.18.128.3:80", Protocol::Tcp, FrontendKind::ClusterIp);
+    used.upsert_service(empty, &[]).unwrap();
+    // The first SNAT address is retired, kept for the flows that might use it.
+    used.set_snat(Some(NODE.parse().unwrap())).unwrap();
+    used.set_snat(Some(OTHER_NODE.parse().unwrap())).unwrap();
+    for port in 40000..40010 {
+        let client = std::net::SocketAddrV4::new(*sa(CLIENT).ip(), port);
+        run(&used, FROM_POD, &tcp(client, sa(VIP), SYN, b""));
+    }
+    run(
+        &used,
+        FROM_POD,
+        &tcp(sa(CLIENT), sa("198.18.128.3:80"), SYN, b""),
+    );
+    let big: Vec<u8> = vec![7; 3000];
+    for frag in fragment(&udp(sa(CLIENT), sa("198.18.128.2:53"), &big), 1480, 9) {
+        run(&used, FROM_POD, &frag);
+    }
+    let dirty = used.raw_dump().unwrap();
+    let changed: Vec<&str> = clean
+        .iter()
+        .zip(&dirty)
+        .filter(|(a, b)| a != b)
+        .map(|((name, _), _)| name.as_str())
+        .collect();
+    for map in [
+        CT4_MAP,
+        PKT_COUNTERS_MAP,
+        LB4_SERVICES_MAP,
+        LB4_BACKENDS_MAP,
+        LB4_REVNAT_MAP,
+        LB4_FE_ADDRS_MAP,
+        LB4_POD_CLIENTS_MAP,
+        LB4_CONFIG_MAP,
+        LB4_REJECT_BUDGET_MAP,
+        LB4_FRAGS_MAP,
+    ] {
+        assert!(
+            changed.contains(&map),
+            "the traffic changed {map}: {changed:?}"
+        );
+    }
+
+    used.reset(config()).unwrap();
+    assert_eq!(
+        differences(&clean, &used.raw_dump().unwrap()),
+        Vec::<String>::new(),
+        "after a reset, every map holds what it holds after a load"
+    );
+
+    // The allocator and the retired addresses start over too: the same steps write the same,
+    // a NodePort on the address retired before the reset included.
+    for dp in [&mut fresh, &mut used] {
+        dp.set_snat(Some(OTHER_NODE.parse().unwrap())).unwrap();
+        cluster_ip(dp, &["198.19.0.30:8080", "198.19.0.31:8080"]);
+        dp.upsert_service(dns, &[be("198.19.0.32:5353")]).unwrap();
+        let node_port = fe(NODE_PORT, Protocol::Tcp, FrontendKind::NodePort);
+        dp.upsert_service(node_port, &[be("198.19.0.30:8080")])
+            .unwrap();
+    }
+    assert_eq!(
+        differences(&fresh.raw_dump().unwrap(), &used.raw_dump().unwrap()),
+        Vec::<String>::new(),
+        "after the same steps, a reset dataplane holds what a fresh one does"
+    );
+    // Map sizes are fixed at load: a reset to others is refused.
+    let bigger = DataplaneConfig {
+        conntrack_max: 8192,
+        ..config()
+    };
+    assert!(used.reset(bigger).is_err());
 }

@@ -11,6 +11,7 @@ mod addrs;
 pub mod features;
 mod flows;
 mod inspect;
+mod raw;
 mod services;
 pub mod socket;
 
@@ -39,6 +40,7 @@ use proxy_common::{
 pub use crate::service::{Backend, Backends, Frontend, FrontendId, FrontendKind, Protocol};
 pub use addrs::monotonic_ns;
 pub use inspect::{Counters, CtEntry, CtFill, CtKind, PinnedMaps, sock_addr};
+pub use raw::RawDump;
 
 /// The eBPF object built by build.rs (aya-build) from `proxy-ebpf`.
 pub static EBPF_OBJECT: &[u8] =
@@ -192,6 +194,13 @@ pub enum DataplaneError {
         program: &'static str,
         #[source]
         source: Box<ProgramError>,
+    },
+    #[error("{op} map {map} failed: {source}")]
+    Raw {
+        map: String,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
     },
     #[error("pin path {path}: {source}")]
     PinPath {

@@ -1,0 +1,264 @@
+//! Every map of the loaded object as bytes, whatever its key and value types: what
+//! [`Dataplane::reset`] clears, and what its test compares with a freshly loaded object. aya's
+//! typed maps need each map's Rust types, so this speaks the BPF syscall's element commands
+//! itself. A map of a kind it does not know is an error, never silently left as it was.
+use std::{
+    io,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+};
+
+use aya::maps::{Map, MapData};
+
+use super::{Dataplane, DataplaneConfig, DataplaneError};
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+/// `map_flags`: programs may only read the map (aya's `.rodata`, frozen after load).
+const BPF_F_RDONLY_PROG: u32 = 1 << 7;
+
+/// The element commands' part of `union bpf_attr`.
+#[repr(C)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+fn elem(cmd: libc::c_long, fd: BorrowedFd<'_>, key: *const u8, value: *mut u8) -> io::Result<()> {
+    let attr = ElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        _pad: 0,
+        key: key as u64,
+        value: value as u64,
+        flags: 0,
+    };
+    // SAFETY: `attr` is a valid `bpf_attr` prefix for the element commands; the kernel reads
+    // and writes at most `key_size` bytes at `key` and the map's value size at `value`, which
+    // the callers' buffers hold.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            &attr as *const ElemAttr,
+            size_of::<ElemAttr>(),
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// How a map holds state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Hash, LRU and LPM maps: entries come and go.
+    Keyed,
+    /// Arrays: every index always exists; empty is all zeros.
+    Indexed,
+    /// Read-only to programs (`.rodata`) or a stream (ring buffer, perf events): nothing a
+    /// packet can leave behind for the next one to read.
+    Stateless,
+}
+
+/// One map of the object.
+struct RawMap<'a> {
+    name: &'a str,
+    data: &'a MapData,
+    kind: Kind,
+    key_size: usize,
+    /// For per-CPU maps, every CPU's value, each rounded up to 8 bytes, as the syscall wants.
+    value_size: usize,
+    max_entries: u32,
+}
+
+/// The maps of `dp`, by name.
+fn maps(dp: &Dataplane) -> Result<Vec<RawMap<'_>>, DataplaneError> {
+    let cpus = aya::util::nr_cpus()
+        .map_err(|(_, source)| DataplaneError::Raw {
+            map: "(possible CPUs)".into(),
+            op: "count",
+            source,
+        })?
+        .get() as usize;
+    let mut maps = Vec::new();
+    for (name, map) in dp.ebpf.maps() {
+        let (data, kind, per_cpu) = match map {
+            Map::HashMap(d) | Map::LruHashMap(d) | Map::LpmTrie(d) => (d, Kind::Keyed, false),
+            Map::PerCpuHashMap(d) | Map::PerCpuLruHashMap(d) => (d, Kind::Keyed, true),
+            Map::Array(d) => (d, Kind::Indexed, false),
+            Map::PerCpuArray(d) => (d, Kind::Indexed, true),
+            Map::RingBuf(d) | Map::PerfEventArray(d) => (d, Kind::Stateless, false),
+            _ => {
+                return Err(DataplaneError::Raw {
+                    map: name.into(),
+                    op: "classify (a map kind a reset does not know how to clear)",
+                    source: io::ErrorKind::Unsupported.into(),
+                });
+            }
+        };
+        let info = data.info().map_err(|e| DataplaneError::Raw {
+            map: name.into(),
+            op: "read the info of",
+            source: io::Error::other(e),
+        })?;
+        let kind = if info.map_flags() & BPF_F_RDONLY_PROG != 0 {
+            Kind::Stateless
+        } else {
+            kind
+        };
+        let value_size = info.value_size() as usize;
+        maps.push(RawMap {
+            name,
+            data,
+            kind,
+            key_size: info.key_size() as usize,
+            value_size: if per_cpu {
+                value_size.next_multiple_of(8) * cpus
+            } else {
+                value_size
+            },
+            max_entries: info.max_entries(),
+        });
+    }
+    maps.sort_by_key(|m| m.name);
+    Ok(maps)
+}
+
+impl RawMap<'_> {
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.data.fd().as_fd()
+    }
+
+    fn error(&self, op: &'static str) -> impl FnOnce(io::Error) -> DataplaneError + '_ {
+        move |source| DataplaneError::Raw {
+            map: self.name.into(),
+            op,
+            source,
+        }
+    }
+
+    /// Every key, in the kernel's order: array indexes, or a hash map's keys.
+    fn keys(&self) -> Result<Vec<Vec<u8>>, DataplaneError> {
+        match self.kind {
+            Kind::Stateless => Ok(Vec::new()),
+            Kind::Indexed => Ok((0..self.max_entries)
+                .map(|i| i.to_ne_bytes()[..self.key_size].to_vec())
+                .collect()),
+            Kind::Keyed => {
+                let mut keys: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    let mut next = vec![0u8; self.key_size];
+                    let prev = keys.last().map_or(std::ptr::null(), |k| k.as_ptr());
+                    match elem(BPF_MAP_GET_NEXT_KEY, self.fd(), prev, next.as_mut_ptr()) {
+                        Ok(()) => keys.push(next),
+                        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(keys),
+                        Err(e) => return Err(self.error("list the keys of")(e)),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every entry, sorted by key; an array's every index.
+    fn entries(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, DataplaneError> {
+        let mut entries = Vec::new();
+        for key in self.keys()? {
+            let mut value = vec![0u8; self.value_size];
+            match elem(
+                BPF_MAP_LOOKUP_ELEM,
+                self.fd(),
+                key.as_ptr(),
+                value.as_mut_ptr(),
+            ) {
+                Ok(()) => entries.push((key, value)),
+                // Gone since it was listed (an LRU evicting, a program deleting).
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(self.error("read")(e)),
+            }
+        }
+        entries.sort();
+        Ok(entries)
+    }
+
+    /// Deletes every entry, or zeroes every index.
+    fn clear(&self) -> Result<(), DataplaneError> {
+        let zero = vec![0u8; self.value_size];
+        for (key, value) in self.entries()? {
+            match self.kind {
+                Kind::Keyed => {
+                    match elem(
+                        BPF_MAP_DELETE_ELEM,
+                        self.fd(),
+                        key.as_ptr(),
+                        std::ptr::null_mut(),
+                    ) {
+                        Ok(()) => {}
+                        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                        Err(e) => return Err(self.error("delete from")(e)),
+                    }
+                }
+                Kind::Indexed if value != zero => elem(
+                    BPF_MAP_UPDATE_ELEM,
+                    self.fd(),
+                    key.as_ptr(),
+                    zero.as_ptr().cast_mut(),
+                )
+                .map_err(self.error("zero"))?,
+                Kind::Indexed | Kind::Stateless => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Every map of an object by name, each with its entries as (key, value) bytes, sorted by key;
+/// an array's every index; nothing for a map programs cannot change (see `Kind::Stateless`).
+pub type RawDump = Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)>;
+
+impl Dataplane {
+    /// Every map of the object, as bytes.
+    pub fn raw_dump(&self) -> Result<RawDump, DataplaneError> {
+        maps(self)?
+            .iter()
+            .map(|m| Ok((m.name.to_owned(), m.entries()?)))
+            .collect()
+    }
+
+    /// Makes this dataplane what [`Dataplane::load_with`]`(config)` would give, unpinned,
+    /// without loading again (the verifier is most of a load's time): every map emptied, the
+    /// allocator and the retired addresses forgotten, `config` written. For tests, which share
+    /// one loaded object between them; the programs stay loaded and attached where they were.
+    /// The map sizes are fixed at load, so `config`'s must be this dataplane's.
+    pub fn reset(&mut self, config: DataplaneConfig) -> Result<(), DataplaneError> {
+        let sizes = |c: &DataplaneConfig| {
+            (
+                c.pin_path.clone(),
+                c.services_max,
+                c.backends_max,
+                c.revnat_max,
+                c.conntrack_max,
+                c.sock_revnat_max,
+            )
+        };
+        if sizes(&config) != sizes(&self.config) || config.pin_path.is_some() {
+            return Err(DataplaneError::Raw {
+                map: "(all)".into(),
+                op: "reset to other map sizes or a pin path",
+                source: io::ErrorKind::InvalidInput.into(),
+            });
+        }
+        for map in maps(self)? {
+            map.clear()?;
+        }
+        self.ids = Default::default();
+        self.nat_addrs = Default::default();
+        self.config = config;
+        self.write_config()
+    }
+}
