@@ -12,7 +12,7 @@ use common::*;
 use proxy_common::*;
 use sluice::dataplane::{
     Backend, Dataplane, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend, FrontendKind, Protocol,
-    RawDump, TO_POD, TO_UPLINK,
+    RawDump, RawEntry, TO_POD, TO_UPLINK,
 };
 use testbed::require_privileged;
 
@@ -1095,7 +1095,7 @@ fn a_flow_whose_tuple_went_to_another_frontend_does_not_ride_on_it() {
 /// The maps that differ between two dumps, each with its entries in both (array indexes that
 /// are all zeros left out), for a failure message that can be read.
 fn differences(a: &RawDump, b: &RawDump) -> Vec<String> {
-    let shown = |entries: &[(Vec<u8>, Vec<u8>)]| -> Vec<String> {
+    let shown = |entries: &[RawEntry]| -> Vec<String> {
         entries
             .iter()
             .filter(|(_, v)| v.iter().any(|&b| b != 0))

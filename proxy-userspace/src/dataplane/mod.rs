@@ -40,7 +40,7 @@ use proxy_common::{
 pub use crate::service::{Backend, Backends, Frontend, FrontendId, FrontendKind, Protocol};
 pub use addrs::monotonic_ns;
 pub use inspect::{Counters, CtEntry, CtFill, CtKind, PinnedMaps, sock_addr};
-pub use raw::RawDump;
+pub use raw::{RawDump, RawEntry};
 
 /// The eBPF object built by build.rs (aya-build) from `proxy-ebpf`.
 pub static EBPF_OBJECT: &[u8] =

@@ -166,7 +166,7 @@ impl RawMap<'_> {
     }
 
     /// Every entry, sorted by key; an array's every index.
-    fn entries(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, DataplaneError> {
+    fn entries(&self) -> Result<Vec<RawEntry>, DataplaneError> {
         let mut entries = Vec::new();
         for key in self.keys()? {
             let mut value = vec![0u8; self.value_size];
@@ -219,7 +219,10 @@ impl RawMap<'_> {
 
 /// Every map of an object by name, each with its entries as (key, value) bytes, sorted by key;
 /// an array's every index; nothing for a map programs cannot change (see `Kind::Stateless`).
-pub type RawDump = Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)>;
+pub type RawDump = Vec<(String, Vec<RawEntry>)>;
+
+/// A map entry's key and value bytes (per-CPU maps: every CPU's value, each 8-byte aligned).
+pub type RawEntry = (Vec<u8>, Vec<u8>);
 
 impl Dataplane {
     /// Every map of the object, as bytes.
