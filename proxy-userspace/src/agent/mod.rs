@@ -433,7 +433,7 @@ fn seed_api_server_service(
 }
 
 /// Where and how socket LB attaches, from the flags and the running kernel.
-fn socket_lb_config(args: &AgentArgs) -> anyhow::Result<SocketLbConfig> {
+fn socket_lb_config(args: &AgentArgs, kernel: &features::Report) -> anyhow::Result<SocketLbConfig> {
     use crate::dataplane::socket;
     let cgroup = match (&args.cgroup_root, args.socket_lb) {
         (Some(dir), _) => dir.clone(),
@@ -447,7 +447,7 @@ fn socket_lb_config(args: &AgentArgs) -> anyhow::Result<SocketLbConfig> {
         mode: args.socket_lb,
         cgroup,
         host_netns_cookie: socket::current_netns_cookie(),
-        set_retval: features::has_set_retval() && !args.socket_lb_as_before_5_18,
+        set_retval: kernel.has(features::SET_RETVAL) && !args.socket_lb_as_before_5_18,
         links_dir: args.pin_path.join("cgroup-links"),
     })
 }
@@ -482,9 +482,17 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             f.sluice
         );
     }
-    let mode = AttachMode::from(args.attach_mode);
-    // A mode this kernel lacks is an error at once, not an attach retried for ever.
-    mode.ensure_supported()?;
+    // Auto follows the probe just made; a mode asked for that this kernel lacks is an error at
+    // once, not an attach retried for ever.
+    let mode = match args.attach_mode {
+        Mode::Auto if report.has(features::TCX) => AttachMode::Tcx,
+        Mode::Auto => AttachMode::Clsact,
+        asked => {
+            let mode = AttachMode::from(asked);
+            mode.ensure_supported()?;
+            mode
+        }
+    };
     tracing::info!(%mode, auto = args.attach_mode == Mode::Auto, "TC attachment mode");
     let mut dp = Dataplane::load_with(DataplaneConfig {
         pin_path: Some(args.pin_path.clone()),
@@ -498,7 +506,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         snat: None,
         snat_ports,
     })?;
-    let socket_lb = socket_lb_config(&args)?;
+    let socket_lb = socket_lb_config(&args, &report)?;
     dp.set_socket_lb(&socket_lb)?;
     match socket_lb.mode {
         SocketLb::Off => tracing::info!("socket LB off"),

@@ -42,10 +42,20 @@ pub struct Report {
     pub facilities: Vec<Facility>,
 }
 
+/// [`Facility::name`] of TCX links (6.6).
+pub const TCX: &str = "tcx";
+/// [`Facility::name`] of `bpf_set_retval` in cgroup programs (5.18).
+pub const SET_RETVAL: &str = "bpf_set_retval";
+
 impl Report {
     /// The facility called `name`.
     pub fn get(&self, name: &str) -> Option<&Facility> {
         self.facilities.iter().find(|f| f.name == name)
+    }
+
+    /// Whether this kernel has the facility called `name` (false for a name not reported).
+    pub fn has(&self, name: &str) -> bool {
+        self.get(name).is_some_and(|f| f.present)
     }
 }
 
@@ -82,7 +92,7 @@ pub fn probe() -> Report {
     let atomics = v >= (5, 12);
     let facilities = vec![
         Facility {
-            name: "tcx",
+            name: TCX,
             since: "6.6",
             present: tcx,
             found: Found::Probe,
@@ -93,7 +103,7 @@ pub fn probe() -> Report {
             },
         },
         Facility {
-            name: "bpf_set_retval",
+            name: SET_RETVAL,
             since: "5.18",
             present: retval,
             found: Found::Probe,
