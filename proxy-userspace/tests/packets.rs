@@ -1127,7 +1127,7 @@ fn a_reset_dataplane_is_a_freshly_loaded_one() {
         assert!(names.contains(map), "{map} is among the maps: {names:?}");
     }
     assert_eq!(
-        differences(&clean, &load().raw_dump().unwrap()),
+        differences(&clean, &used.raw_dump().unwrap()),
         Vec::<String>::new(),
         "two loads are alike"
     );
