@@ -185,7 +185,7 @@ fn main() {
     agent.wait_healthy(Duration::from_secs(120));
     let to_healthy = start.elapsed();
     let full_sync = agent
-        .metric("sluice_sync_duration_seconds_sum")
+        .metric("kubeproxy_sync_proxy_rules_duration_seconds_sum{ip_family=\"IPv4\"}")
         .unwrap_or(f64::NAN);
     let maps = Maps::open(&pins);
     assert!(
@@ -217,7 +217,7 @@ fn main() {
     let hwm = proc_status_kib(agent.pid(), "VmHWM:");
     let maps_bytes = maps_memory(&pins);
     let agent_latency_count = agent
-        .metric("sluice_network_programming_duration_seconds_count")
+        .metric("kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"}")
         .unwrap_or(0.0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let report = format!(

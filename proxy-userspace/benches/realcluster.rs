@@ -278,7 +278,7 @@ fn main() {
     let full_sync = rc.agents[0]
         .as_ref()
         .unwrap()
-        .metric("sluice_sync_duration_seconds_sum")
+        .metric("kubeproxy_sync_proxy_rules_duration_seconds_sum{ip_family=\"IPv4\"}")
         .unwrap_or(f64::NAN);
 
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();

@@ -125,11 +125,14 @@ pub enum Outcome {
     Ignored { reason: &'static str },
     /// Frontends (sorted) each with its backends (sorted, deduplicated); `warnings` lists what
     /// was skipped and why (SCTP port, IPv6 address, ...), for logging. `health_check`: the
-    /// Service's `healthCheckNodePort`, which the node must answer.
+    /// Service's `healthCheckNodePort`, which the node must answer. `no_local_endpoints`: its
+    /// ports with externalTrafficPolicy Local that have endpoints, none on this node (what
+    /// kube-proxy counts in `kubeproxy_sync_proxy_rules_no_local_endpoints_total`).
     Proxied {
         frontends: Vec<(Frontend, Backends)>,
         warnings: Vec<String>,
         health_check: Option<HealthCheck>,
+        no_local_endpoints: usize,
     },
     /// The Service cannot be programmed; nothing of it is programmed. For logs and a counter.
     Invalid { reason: String },
@@ -159,10 +162,11 @@ pub fn service_frontends(
     }
     let mut warnings = Warnings::default();
     match proxied(svc, slices, node, limits, &mut warnings) {
-        Ok(frontends) => Outcome::Proxied {
+        Ok((frontends, no_local_endpoints)) => Outcome::Proxied {
             frontends,
             warnings: warnings.0,
             health_check: health_check(svc, slices, node),
+            no_local_endpoints,
         },
         Err(reason) => Outcome::Invalid { reason },
     }
@@ -280,10 +284,10 @@ fn proxied(
     node: &NodeContext,
     limits: &Limits,
     warnings: &mut Warnings,
-) -> Result<Vec<(Frontend, Backends)>, String> {
+) -> Result<(Vec<(Frontend, Backends)>, usize), String> {
     let key = ServiceKey::of_service(svc);
     let Some(spec) = svc.spec.as_ref() else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), 0));
     };
     let svc_type = match spec.type_.as_deref() {
         None | Some("ClusterIP") => ServiceType::ClusterIp,
@@ -330,6 +334,7 @@ fn proxied(
     let ext_local = externally_accessible(svc, svc_type) && external_policy_local(svc);
     let mut frontends: BTreeMap<(Ipv4Addr, u16, Protocol), (FrontendKind, Backends)> =
         BTreeMap::new();
+    let mut no_local_endpoints = 0;
     for port in &ports {
         let endpoints = endpoints(&key, port, slices, node, warnings);
         if endpoints.len() > limits.max_backends_per_frontend {
@@ -348,6 +353,10 @@ fn proxied(
         } else {
             cluster.clone()
         };
+        // kube-proxy's hasEndpoints && !hasExternalEndpoints: outside traffic is dropped.
+        if !cluster.all.is_empty() && external.external.as_ref().is_some_and(Vec::is_empty) {
+            no_local_endpoints += 1;
+        }
         let mut wanted: Vec<(Ipv4Addr, u16, FrontendKind)> = addresses
             .iter()
             .map(|&(addr, kind)| (addr, port.port, kind))
@@ -380,7 +389,7 @@ fn proxied(
             )?;
         }
     }
-    Ok(frontends
+    let frontends = frontends
         .into_iter()
         .map(|((addr, port, proto), (kind, backends))| {
             (
@@ -393,7 +402,8 @@ fn proxied(
                 backends,
             )
         })
-        .collect())
+        .collect();
+    Ok((frontends, no_local_endpoints))
 }
 
 /// Adds one frontend. The datapath keys frontends by address, port and protocol, so two
@@ -1665,6 +1675,54 @@ mod tests {
         let np = &got.iter().find(|(f, _)| f.kind == NodePort).unwrap().1;
         assert_eq!(np.external, Some(vec![]));
         assert_eq!(np.all, vec![be("10.1.0.2", 8080)]);
+    }
+
+    // iptables/nftables proxier syncProxyRules: a port counts in
+    // sync_proxy_rules_no_local_endpoints_total{traffic_policy="external"} when it has
+    // endpoints (hasEndpoints) and its external policy finds none (!hasExternalEndpoints);
+    // not when it has no endpoints at all (rejected, not dropped), nor under eTP Cluster.
+    #[test]
+    fn ports_with_endpoints_but_none_local_under_a_local_policy_are_counted() {
+        let two_ports = svc(json!({"type": "NodePort", "clusterIP": "10.96.0.10",
+            "externalTrafficPolicy": "Local", "healthCheckNodePort": 32100,
+            "ports": [{"name": "a", "port": 80, "nodePort": 30080},
+                      {"name": "b", "port": 81, "nodePort": 30081}]}));
+        let count = |s: &Service, eps: Value| {
+            let sl = slice(
+                "web-1",
+                json!([{"name": "a", "port": 8080}, {"name": "b", "port": 8081}]),
+                eps,
+            );
+            match outcome(s, &[&sl], &node(&["192.168.1.1"])) {
+                Outcome::Proxied {
+                    no_local_endpoints, ..
+                } => no_local_endpoints,
+                other => panic!("{other:?}"),
+            }
+        };
+        let remote = json!([ep("10.1.0.2", "node-b", true, true, false)]);
+        assert_eq!(
+            count(&two_ports, remote.clone()),
+            2,
+            "both ports, none local"
+        );
+        let local = json!([ep("10.1.0.1", "node-a", true, true, false)]);
+        assert_eq!(count(&two_ports, local), 0, "a local endpoint");
+        assert_eq!(
+            count(&two_ports, json!([])),
+            0,
+            "no endpoints: rejected, not counted"
+        );
+        let mut cluster = two_ports.clone();
+        cluster.spec.as_mut().unwrap().external_traffic_policy = Some("Cluster".into());
+        assert_eq!(count(&cluster, remote.clone()), 0, "eTP Cluster");
+        let mut internal_only = two_ports.clone();
+        internal_only.spec.as_mut().unwrap().type_ = Some("ClusterIP".into());
+        assert_eq!(
+            count(&internal_only, remote),
+            0,
+            "not externally accessible"
+        );
     }
 
     // service_health.go: only Ready local endpoints count (distinct addresses), so a load

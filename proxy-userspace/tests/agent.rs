@@ -25,6 +25,8 @@ const T: Duration = Duration::from_secs(3);
 const WAIT: Duration = Duration::from_secs(20);
 const BACKENDS: [&str; 3] = ["backend-a", "backend-b", "backend-c"];
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 128, 20);
+/// A second Service's ClusterIP.
+const VIP2: Ipv4Addr = Ipv4Addr::new(198, 18, 128, 21);
 const NODE_PORT: u16 = 30080;
 
 fn service(name: &str, ip: Ipv4Addr, protocol: &str) -> Service {
@@ -241,11 +243,79 @@ fn a_service_created_through_the_api_server_is_served_scaled_and_removed() {
 
     env.api.update(&slice("web", &[a, b, c])).unwrap();
     env.wait_for_backends(VIP, 80, &["backend-a", "backend-b", "backend-c"]);
-    let latency = env.metric("sluice_network_programming_duration_seconds_count");
+    // kube-proxy's metrics, under kube-proxy's names and labels.
+    let latency =
+        env.metric("kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"}");
     assert!(
         latency >= 2.0,
         "programming latency observed {latency} times, want >= 2"
     );
+    let endpoint_changes = env.metric("kubeproxy_sync_proxy_rules_endpoint_changes_total");
+    assert!(
+        endpoint_changes >= 2.0,
+        "{endpoint_changes} EndpointSlice changes counted, want >= 2"
+    );
+    let service_changes = env.metric("kubeproxy_sync_proxy_rules_service_changes_total");
+    assert!(
+        service_changes >= 1.0,
+        "{service_changes} Service changes counted, want >= 1"
+    );
+    let synced =
+        env.metric("kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (now - 600.0..=now + 1.0).contains(&synced),
+        "last sync at {synced}, now {now}"
+    );
+    let passes =
+        env.metric("kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"}");
+    let full =
+        env.metric("kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"}");
+    let partial =
+        env.metric("kubeproxy_sync_partial_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"}");
+    assert!(
+        full >= 1.0 && partial >= 1.0,
+        "full {full}, partial {partial}"
+    );
+    assert_eq!(passes, full + partial, "every pass is full or partial");
+    // The test's own start-up checks asked /healthz until it said 200.
+    assert!(env.metric("kubeproxy_proxy_healthz_total{code=\"200\"}") >= 1.0);
+    // externalTrafficPolicy Local with endpoints, none on this node: outside traffic is
+    // dropped, and kube-proxy counts the port.
+    let no_local = |env: &Env| {
+        env.metric(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"external\"}",
+        )
+    };
+    assert_eq!(no_local(&env), 0.0);
+    let mut local = service("local", VIP2, "TCP");
+    local.spec.as_mut().unwrap().external_traffic_policy = Some("Local".into());
+    env.api.create(&local).unwrap();
+    env.api.create(&slice("local", &[a])).unwrap();
+    assert!(
+        eventually(WAIT, || no_local(&env) == 1.0),
+        "no_local_endpoints_total is {}, want 1:\n{}",
+        no_local(&env),
+        env.agent().metrics()
+    );
+    env.api.delete::<Service>(Some("default"), "local").unwrap();
+    assert!(
+        eventually(WAIT, || no_local(&env) == 0.0),
+        "the deleted Service is still counted"
+    );
+    // One name per meaning: sluice's own names for these are gone.
+    let text = env.agent().metrics();
+    for old in [
+        "sluice_sync_duration_seconds",
+        "sluice_network_programming_duration_seconds",
+        "sluice_syncs_total",
+        "sluice_last_sync_timestamp_seconds",
+    ] {
+        assert!(!text.contains(old), "{old} is still exported");
+    }
 
     // No ready endpoints: connections are refused at once (kube-proxy's REJECT).
     env.api.update(&slice("web", &[])).unwrap();
@@ -297,7 +367,8 @@ fn a_dropped_watch_resumes_without_a_relist() {
         before,
         "the watch relisted instead of resuming"
     );
-    let full = env.metric("sluice_syncs_total{kind=\"full\"}");
+    let full =
+        env.metric("kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"}");
     assert_eq!(full, 1.0, "a resumed watch must not cause a full sync");
 }
 
@@ -325,7 +396,8 @@ fn an_expired_resource_version_relists_and_flushes_nothing() {
     env.api.expire();
     env.wait_for_backends(VIP, 80, &["backend-a", "backend-b"]);
     let ok = eventually(WAIT, || {
-        env.metric("sluice_syncs_total{kind=\"full\"}") >= 2.0
+        env.metric("kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"}")
+            >= 2.0
     });
     assert!(ok, "no full sync after the relist:\n{}", env.agent().log());
     let lines = ka.finish(Duration::from_secs(15));

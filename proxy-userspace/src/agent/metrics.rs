@@ -1,8 +1,9 @@
 //! The agent's Prometheus metrics (text format on `--metrics-bind-address`, `/metrics`).
 //!
-//! Names follow kube-proxy's where one exists (`kubeproxy_network_programming_duration_seconds`
-//! becomes `sluice_network_programming_duration_seconds`, with the same meaning: from the
-//! EndpointSlice's `endpoints.kubernetes.io/last-change-trigger-time` to the map write).
+//! One name per meaning. Where kube-proxy has a metric of the same meaning, sluice exports it
+//! under kube-proxy's name, type and labels (pkg/proxy/metrics/metrics.go; `ip_family` is
+//! always `IPv4`), so that dashboards and alerts written for kube-proxy keep working:
+//! [`KUBE_PROXY_NAMES`]. Everything else is sluice's own, named `sluice_*`.
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::{
@@ -30,9 +31,29 @@ pub struct SourceLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SyncLabel {
-    pub kind: String,
+pub struct TrafficPolicyLabel {
+    pub traffic_policy: String,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: String,
+}
+
+/// The kube-proxy metrics sluice exports, as they appear on `/metrics` (counters with their
+/// `_total`), each with the same meaning as kube-proxy's.
+pub const KUBE_PROXY_NAMES: &[&str] = &[
+    "kubeproxy_sync_proxy_rules_duration_seconds",
+    "kubeproxy_sync_full_proxy_rules_duration_seconds",
+    "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+    "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+    "kubeproxy_network_programming_duration_seconds",
+    "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+    "kubeproxy_sync_proxy_rules_service_changes_total",
+    "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+    "kubeproxy_proxy_healthz_total",
+    "kubeproxy_proxy_livez_total",
+];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RoleLabel {
@@ -59,10 +80,24 @@ pub struct Metrics {
     pub registry: Registry,
     /// One pass of the sync loop (a batch of changes, or a full sync).
     pub sync_duration: Histogram,
+    /// The same, of full syncs only.
+    pub sync_full_duration: Histogram,
+    /// The same, of passes over changed Services only.
+    pub sync_partial_duration: Histogram,
     /// Trigger time of an EndpointSlice change to the moment its frontends were written.
     pub programming_latency: Histogram,
-    pub syncs: Family<SyncLabel, Counter>,
     pub last_sync: Gauge<f64, AtomicU64>,
+    /// EndpointSlice events received (added, changed, deleted).
+    pub endpoint_changes: Counter,
+    /// Service events received.
+    pub service_changes: Counter,
+    /// Service ports with a Local traffic policy, endpoints, and none of them on this node,
+    /// by policy (`internal`, `external`).
+    pub no_local_endpoints: Family<TrafficPolicyLabel, Gauge>,
+    /// Answers of `/healthz` (and `/readyz`), by HTTP status.
+    pub healthz: Family<CodeLabel, Counter>,
+    /// Answers of `/livez`, by HTTP status.
+    pub livez: Family<CodeLabel, Counter>,
     pub services: Gauge,
     pub frontends: Gauge,
     pub backends: Gauge,
@@ -94,15 +129,21 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut r = Registry::with_prefix("sluice");
-        // 100 us .. ~105 s: a map write takes microseconds; kube-proxy's buckets start at 250 ms.
-        let sync_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 21));
-        let programming_latency = Histogram::new(exponential_buckets(0.0001, 2.0, 21));
+        let mut root = Registry::default();
+        // 100 us .. ~105 s: a map write takes microseconds, where kube-proxy's buckets start at
+        // 1 ms (syncs) and 250 ms (programming); quantiles over either read the same.
+        let seconds = || Histogram::new(exponential_buckets(0.0001, 2.0, 21));
         let m = Self {
-            sync_duration,
-            programming_latency,
-            syncs: Family::default(),
+            sync_duration: seconds(),
+            sync_full_duration: seconds(),
+            sync_partial_duration: seconds(),
+            programming_latency: seconds(),
             last_sync: Gauge::default(),
+            endpoint_changes: Counter::default(),
+            service_changes: Counter::default(),
+            no_local_endpoints: Family::default(),
+            healthz: Family::default(),
+            livez: Family::default(),
             services: Gauge::default(),
             frontends: Gauge::default(),
             backends: Gauge::default(),
@@ -126,26 +167,59 @@ impl Metrics {
             conntrack_flows: Family::default(),
             registry: Registry::default(),
         };
-        r.register(
-            "sync_duration_seconds",
-            "Time of one pass of the sync loop: a batch of changes or a full sync",
+        let kube = root.sub_registry_with_prefix("kubeproxy");
+        kube.register(
+            "sync_proxy_rules_endpoint_changes",
+            "Cumulative proxy rules Endpoint changes",
+            m.endpoint_changes.clone(),
+        );
+        kube.register(
+            "sync_proxy_rules_service_changes",
+            "Cumulative proxy rules Service changes",
+            m.service_changes.clone(),
+        );
+        kube.register(
+            "proxy_healthz",
+            "Cumulative proxy healthz HTTP status",
+            m.healthz.clone(),
+        );
+        kube.register(
+            "proxy_livez",
+            "Cumulative proxy livez HTTP status",
+            m.livez.clone(),
+        );
+        let ipv4 = kube.sub_registry_with_label(("ip_family".into(), "IPv4".into()));
+        ipv4.register(
+            "sync_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds",
             m.sync_duration.clone(),
         );
-        r.register(
-            "network_programming_duration_seconds",
-            "From an EndpointSlice's last-change-trigger-time to its frontends being written to the maps",
-            m.programming_latency.clone(),
+        ipv4.register(
+            "sync_full_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for full resyncs",
+            m.sync_full_duration.clone(),
         );
-        r.register(
-            "syncs",
-            "Passes of the sync loop, by kind (full or incremental)",
-            m.syncs.clone(),
+        ipv4.register(
+            "sync_partial_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for partial resyncs",
+            m.sync_partial_duration.clone(),
         );
-        r.register(
-            "last_sync_timestamp_seconds",
-            "Unix time of the last completed sync pass",
+        ipv4.register(
+            "sync_proxy_rules_last_timestamp_seconds",
+            "The last time proxy rules were successfully synced",
             m.last_sync.clone(),
         );
+        ipv4.register(
+            "network_programming_duration_seconds",
+            "In Cluster Network Programming Latency in seconds",
+            m.programming_latency.clone(),
+        );
+        ipv4.register(
+            "sync_proxy_rules_no_local_endpoints_total",
+            "Number of services with a Local traffic policy and no endpoints",
+            m.no_local_endpoints.clone(),
+        );
+        let r = root.sub_registry_with_prefix("sluice");
         r.register(
             "services",
             "Services programmed (with at least one frontend)",
@@ -247,7 +321,10 @@ impl Metrics {
             "Live flows by state (tcp_opening: half-open, what a SYN flood makes; tcp_established; tcp_closing; udp)",
             m.conntrack_flows.clone(),
         );
-        Self { registry: r, ..m }
+        Self {
+            registry: root,
+            ..m
+        }
     }
 
     /// Copies the conntrack table's fill into the exported gauges.
@@ -299,5 +376,101 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sample lines of `text` whose name is `name` (a histogram's `_count`, `_sum` and
+    /// `_bucket` lines count as its own).
+    fn samples<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| {
+                let sample = l.split(['{', ' ']).next().unwrap_or_default();
+                sample == name
+                    || ["_count", "_sum", "_bucket"]
+                        .iter()
+                        .any(|suffix| sample.strip_suffix(suffix) == Some(name))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn kube_proxy_metrics_have_kube_proxy_names_types_and_labels() {
+        let m = Metrics::new();
+        m.sync_duration.observe(0.01);
+        m.sync_full_duration.observe(0.01);
+        m.programming_latency.observe(0.5);
+        m.endpoint_changes.inc();
+        m.service_changes.inc();
+        for policy in ["internal", "external"] {
+            m.no_local_endpoints
+                .get_or_create(&TrafficPolicyLabel {
+                    traffic_policy: policy.into(),
+                })
+                .set(0);
+        }
+        let code = CodeLabel { code: "200".into() };
+        m.healthz.get_or_create(&code).inc();
+        m.livez.get_or_create(&code).inc();
+        let text = m.encode();
+        for name in KUBE_PROXY_NAMES {
+            assert!(!samples(&text, name).is_empty(), "{name} missing:\n{text}");
+        }
+        // Types as kube-proxy declares them.
+        for (name, kind) in [
+            ("kubeproxy_sync_proxy_rules_duration_seconds", "histogram"),
+            (
+                "kubeproxy_network_programming_duration_seconds",
+                "histogram",
+            ),
+            ("kubeproxy_sync_proxy_rules_last_timestamp_seconds", "gauge"),
+            (
+                "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+                "gauge",
+            ),
+            ("kubeproxy_sync_proxy_rules_endpoint_changes", "counter"),
+            ("kubeproxy_proxy_healthz", "counter"),
+        ] {
+            let line = format!("# TYPE {name} {kind}");
+            assert!(text.contains(&line), "no `{line}`:\n{text}");
+        }
+        // Labels as kube-proxy's: ip_family where kube-proxy has it, nothing else added.
+        for line in samples(&text, "kubeproxy_sync_proxy_rules_duration_seconds") {
+            assert!(line.contains("ip_family=\"IPv4\""), "{line}");
+        }
+        assert_eq!(
+            samples(&text, "kubeproxy_sync_proxy_rules_endpoint_changes_total"),
+            ["kubeproxy_sync_proxy_rules_endpoint_changes_total 1"]
+        );
+        assert_eq!(
+            samples(&text, "kubeproxy_proxy_healthz_total"),
+            ["kubeproxy_proxy_healthz_total{code=\"200\"} 1"]
+        );
+        let no_local = samples(&text, "kubeproxy_sync_proxy_rules_no_local_endpoints_total");
+        assert_eq!(no_local.len(), 2, "{no_local:?}");
+        assert!(
+            no_local
+                .iter()
+                .all(|l| l.contains("ip_family=\"IPv4\"") && l.contains("traffic_policy="))
+        );
+        // One name per meaning: no sluice_ twin of any of them.
+        for twin in [
+            "sluice_sync_duration_seconds",
+            "sluice_network_programming_duration_seconds",
+            "sluice_syncs",
+            "sluice_last_sync_timestamp_seconds",
+        ] {
+            assert!(
+                samples(&text, twin).is_empty()
+                    && samples(&text, &format!("{twin}_total")).is_empty(),
+                "{twin} exported"
+            );
+        }
+        // sluice's own keep their prefix.
+        assert!(!samples(&text, "sluice_map_write_errors_total").is_empty());
     }
 }

@@ -534,7 +534,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         let m = server::start_metrics(args.metrics_bind_address, metrics.clone(), args.pin_path.clone())
             .await
             .with_context(|| format!("--metrics-bind-address {}", args.metrics_bind_address))?;
-        let h = server::start_health(args.healthz_bind_address, health.clone())
+        let h = server::start_health(args.healthz_bind_address, health.clone(), metrics.clone())
             .await
             .with_context(|| format!("--healthz-bind-address {}", args.healthz_bind_address))?;
         tracing::info!(metrics = %m, healthz = %h, "listening");

@@ -28,7 +28,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use super::{
-    metrics::Metrics,
+    metrics::{CodeLabel, Metrics},
     sync::{HealthCheckState, HealthChecks},
 };
 use crate::dataplane::PinnedMaps;
@@ -222,13 +222,23 @@ pub async fn start_metrics(
 }
 
 /// Binds the health endpoint.
-pub async fn start_health(addr: SocketAddr, health: Arc<Health>) -> std::io::Result<SocketAddr> {
+/// Answers are counted by status in `kubeproxy_proxy_healthz_total` and
+/// `kubeproxy_proxy_livez_total`, as kube-proxy does.
+pub async fn start_health(
+    addr: SocketAddr,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     tokio::spawn(serve(listener, false, move |req: &Request<Incoming>| {
-        let (ok, with_node) = match req.uri().path() {
-            "/healthz" | "/readyz" => (health.healthy() && health.node_eligible(), true),
-            "/livez" => (health.live(), false),
+        let (ok, with_node, counted) = match req.uri().path() {
+            "/healthz" | "/readyz" => (
+                health.healthy() && health.node_eligible(),
+                true,
+                &metrics.healthz,
+            ),
+            "/livez" => (health.live(), false, &metrics.livez),
             _ => return reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
         };
         let status = if ok {
@@ -236,6 +246,11 @@ pub async fn start_health(addr: SocketAddr, health: Arc<Health>) -> std::io::Res
         } else {
             StatusCode::SERVICE_UNAVAILABLE
         };
+        counted
+            .get_or_create(&CodeLabel {
+                code: status.as_u16().to_string(),
+            })
+            .inc();
         let mut r = reply(status, "application/json", health.json(with_node));
         r.headers_mut().insert(
             "x-content-type-options",

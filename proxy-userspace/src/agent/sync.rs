@@ -28,7 +28,7 @@ use std::{
 
 use super::{
     devices::{Devices, local_devices},
-    metrics::{MapLabel, Metrics, SyncLabel},
+    metrics::{MapLabel, Metrics, TrafficPolicyLabel},
     server::Health,
     source::{Change, ObjectView, Resource},
 };
@@ -109,6 +109,14 @@ pub struct HealthCheckState {
 
 pub type HealthChecks = tokio::sync::watch::Sender<HealthCheckState>;
 
+/// A pass of the sync loop: every Service, or the changed ones (kube-proxy's full and partial
+/// syncs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pass {
+    Full,
+    Partial,
+}
+
 pub struct Syncer {
     dp: Dataplane,
     view: Arc<dyn ObjectView>,
@@ -130,6 +138,9 @@ pub struct Syncer {
     /// What the maps held at start, until the first full sync has claimed or removed it.
     adopted: Option<Entries>,
     invalid: BTreeMap<ServiceKey, String>,
+    /// Services with ports whose externalTrafficPolicy Local finds no endpoint on this node
+    /// (while others have some): how many such ports each.
+    no_local_endpoints: HashMap<ServiceKey, usize>,
     /// Services that wanted a frontend another one holds.
     waiting: BTreeSet<ServiceKey>,
     retry: BTreeSet<ServiceKey>,
@@ -183,6 +194,7 @@ impl Syncer {
             owners: HashMap::new(),
             adopted: Some(adopted),
             invalid: BTreeMap::new(),
+            no_local_endpoints: HashMap::new(),
             waiting: BTreeSet::new(),
             retry: BTreeSet::new(),
             listed: BTreeSet::new(),
@@ -216,9 +228,11 @@ impl Syncer {
             for change in batch {
                 match change {
                     Change::Service(k) => {
+                        self.metrics.service_changes.inc();
                         dirty.insert(k);
                     }
                     Change::Slices { service, trigger } => {
+                        self.metrics.endpoint_changes.inc();
                         // kube-proxy's rule: a trigger from before this process started
                         // measures the downtime, not the programming.
                         if let Some(t) = trigger.filter(|t| *t >= self.started) {
@@ -277,19 +291,19 @@ impl Syncer {
             let kind = if full {
                 self.retry.append(&mut dirty);
                 self.full_sync();
-                "full"
+                Pass::Full
             } else {
                 dirty.append(&mut self.retry);
                 for key in &dirty {
                     self.sync_service(key);
                 }
-                "incremental"
+                Pass::Partial
             };
             self.finish_pass(kind, start);
         }
     }
 
-    fn finish_pass(&mut self, kind: &str, start: Instant) {
+    fn finish_pass(&mut self, kind: Pass, start: Instant) {
         // Services that lost a conflict get another chance when frontends were freed.
         let waiting = std::mem::take(&mut self.waiting);
         for key in waiting {
@@ -298,10 +312,23 @@ impl Syncer {
         self.forget_gone_flows();
         self.destroy_gone_sockets();
         let m = &self.metrics;
-        m.sync_duration.observe(start.elapsed().as_secs_f64());
-        m.syncs
-            .get_or_create(&SyncLabel { kind: kind.into() })
-            .inc();
+        let took = start.elapsed().as_secs_f64();
+        m.sync_duration.observe(took);
+        match kind {
+            Pass::Full => m.sync_full_duration.observe(took),
+            Pass::Partial => m.sync_partial_duration.observe(took),
+        }
+        for (policy, n) in [
+            // internalTrafficPolicy is not read yet: every Service is Cluster internally.
+            ("internal", 0),
+            ("external", self.no_local_endpoints.values().sum::<usize>()),
+        ] {
+            m.no_local_endpoints
+                .get_or_create(&TrafficPolicyLabel {
+                    traffic_policy: policy.into(),
+                })
+                .set(n as i64);
+        }
         m.services.set(self.applied.len() as i64);
         m.frontends.set(self.owners.len() as i64);
         m.backends.set(
@@ -511,6 +538,7 @@ impl Syncer {
     fn desired(&mut self, key: &ServiceKey) -> Option<Entries> {
         let Some(svc) = self.view.service(key) else {
             self.invalid.remove(key);
+            self.no_local_endpoints.remove(key);
             self.set_health_check(key, None);
             return Some(Entries::new());
         };
@@ -519,6 +547,7 @@ impl Syncer {
         match model::service_frontends(&svc, &refs, &self.node, &self.config.limits) {
             Outcome::Ignored { reason } => {
                 self.invalid.remove(key);
+                self.no_local_endpoints.remove(key);
                 self.set_health_check(key, None);
                 tracing::debug!(service = %key, reason, "not proxied");
                 Some(Entries::new())
@@ -535,8 +564,15 @@ impl Syncer {
                 frontends,
                 warnings,
                 health_check,
+                no_local_endpoints,
             } => {
                 self.invalid.remove(key);
+                if no_local_endpoints == 0 {
+                    self.no_local_endpoints.remove(key);
+                } else {
+                    self.no_local_endpoints
+                        .insert(key.clone(), no_local_endpoints);
+                }
                 self.set_health_check(key, health_check);
                 for w in warnings {
                     tracing::debug!(service = %key, warning = %w, "skipped part of a Service");
