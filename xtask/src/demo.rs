@@ -50,26 +50,40 @@ fn node_yaml(name: &str, addr: std::net::Ipv4Addr) -> String {
     )
 }
 
-pub fn run(once: bool, control_plane: bool) -> anyhow::Result<()> {
+/// Whether the demo builds sluice first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Build {
+    /// `cargo build` the binary (`./x demo`).
+    Yes,
+    /// Use `target/debug/sluice` as it is: `./x test` built it with the tests, and the kernel
+    /// matrix's guests run it meanwhile. A `cargo build` of the one package resolves other
+    /// features than the workspace's tests and would relink the file under them.
+    AsBuilt,
+}
+
+pub fn run(once: bool, control_plane: bool, build: Build) -> anyhow::Result<()> {
     ensure!(
         nix::unistd::geteuid().is_root(),
         "the demo builds network namespaces and loads eBPF programs: run it as root"
     );
     let root = crate::workspace_root();
-    let st = testbed::cmd::command(&["cargo"])?
-        .current_dir(&root)
-        .args([
-            "build",
-            "--quiet",
-            "--package",
-            "proxy-userspace",
-            "--bin",
-            "sluice",
-        ])
-        .status()
-        .context("building sluice")?;
-    ensure!(st.success(), "building sluice failed");
     let sluice = root.join("target/debug/sluice");
+    if build == Build::Yes {
+        let st = testbed::cmd::command(&["cargo"])?
+            .current_dir(&root)
+            .args([
+                "build",
+                "--quiet",
+                "--package",
+                "proxy-userspace",
+                "--bin",
+                "sluice",
+            ])
+            .status()
+            .context("building sluice")?;
+        ensure!(st.success(), "building sluice failed");
+    }
+    ensure!(sluice.is_file(), "{} is not built", sluice.display());
     testbed::netns::sweep_stale();
 
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.

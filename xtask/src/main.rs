@@ -110,7 +110,7 @@ fn main() -> anyhow::Result<()> {
                 control_plane,
                 kernels: &[],
             })?;
-            demo::run(once, control_plane)
+            demo::run(once, control_plane, demo::Build::Yes)
         }
     }
 }

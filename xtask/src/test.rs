@@ -185,7 +185,7 @@ fn host_tiers(
             continue;
         }
         println!("running the demo: ./x demo {flags}");
-        match crate::demo::run(true, control_plane) {
+        match crate::demo::run(true, control_plane, crate::demo::Build::AsBuilt) {
             Ok(()) => totals.passed += 1,
             Err(e) => {
                 println!("demo {flags} FAILED: {e:#}");
