@@ -92,6 +92,22 @@ pub struct NodeContext {
     /// The addresses NodePorts are served on (kube-proxy's `--nodeport-addresses`), resolved
     /// by the agent.
     pub nodeport_addresses: Vec<Ipv4Addr>,
+    /// The node's `topology.kubernetes.io/zone` label: endpoints hinted for this zone are
+    /// preferred (see [`Topology`]).
+    pub zone: Option<String>,
+}
+
+/// The Node label naming its zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// The node's zone, from its [`ZONE_LABEL`] (none when unset or empty).
+pub fn node_zone(node: &Node) -> Option<String> {
+    node.metadata
+        .labels
+        .as_ref()?
+        .get(ZONE_LABEL)
+        .filter(|z| !z.is_empty())
+        .cloned()
 }
 
 /// Bounds past which a Service is refused rather than programmed.
@@ -344,7 +360,11 @@ fn proxied(
                 limits.max_backends_per_frontend
             ));
         }
-        let cluster = Backends::all(usable(&endpoints, |_| true));
+        // Hints narrow the Cluster policy's endpoints only; a Local policy ignores them. Under
+        // a hint-chosen topology some ready endpoint is admitted, so the terminating fallback
+        // of `usable` (kube-proxy's, which ignores topology) is never reached with one.
+        let topology = Topology::of(&endpoints);
+        let cluster = Backends::all(usable(&endpoints, |e| topology.admits(e)));
         let external = if ext_local {
             Backends {
                 all: cluster.all.clone(),
@@ -593,6 +613,82 @@ struct Endpoint {
     ready: bool,
     serving: bool,
     terminating: bool,
+    /// Its `hints.forNodes`, against this node.
+    node_hint: Hint,
+    /// Its `hints.forZones`, against this node's zone.
+    zone_hint: Hint,
+}
+
+/// An endpoint's topology hints (set by the EndpointSlice controller for
+/// `trafficDistribution` PreferSameNode, PreferSameZone or PreferClose, and for topology-aware
+/// routing), read against this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Hint {
+    /// No hint of this kind.
+    Absent,
+    /// Hinted for this node (or its zone).
+    Here,
+    /// Hinted for others only (a node without a zone label matches no zone hint).
+    Elsewhere,
+}
+
+impl Hint {
+    fn of<'a>(hinted: Option<impl Iterator<Item = &'a str>>, here: Option<&str>) -> Self {
+        let mut names = match hinted {
+            Some(names) => names.peekable(),
+            None => return Self::Absent,
+        };
+        if names.peek().is_none() {
+            return Self::Absent;
+        }
+        if names.any(|n| Some(n) == here) {
+            Self::Here
+        } else {
+            Self::Elsewhere
+        }
+    }
+}
+
+/// Which of a port's endpoints traffic with the Cluster policy may use, from the ready
+/// endpoints' hints (kube-proxy's `topologyModeFromHints`, pkg/proxy/topology.go):
+/// - [`Topology::SameNode`] when every ready endpoint has a node hint and one is for this
+///   node;
+/// - else [`Topology::SameZone`] when every ready endpoint has a zone hint and one is for this
+///   node's zone;
+/// - else [`Topology::Any`]: one endpoint without a hint, or none for here, and the hints are
+///   ignored, so traffic never goes nowhere because of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology {
+    Any,
+    SameNode,
+    SameZone,
+}
+
+impl Topology {
+    fn of(list: &[Endpoint]) -> Self {
+        let ready: Vec<&Endpoint> = list.iter().filter(|e| e.ready).collect();
+        let prefer = |hint: fn(&Endpoint) -> Hint| {
+            !ready.is_empty()
+                && ready.iter().all(|e| hint(e) != Hint::Absent)
+                && ready.iter().any(|e| hint(e) == Hint::Here)
+        };
+        if prefer(|e| e.node_hint) {
+            Self::SameNode
+        } else if prefer(|e| e.zone_hint) {
+            Self::SameZone
+        } else {
+            Self::Any
+        }
+    }
+
+    /// kube-proxy's `availableForTopology`.
+    fn admits(self, e: &Endpoint) -> bool {
+        match self {
+            Self::Any => true,
+            Self::SameNode => e.node_hint == Hint::Here,
+            Self::SameZone => e.zone_hint == Hint::Here,
+        }
+    }
 }
 
 /// Whether any of `slices` still lists `addr` on `port`/`proto`, whatever its conditions: a
@@ -740,6 +836,19 @@ fn endpoints(
             let terminating = c.and_then(|c| c.terminating) == Some(true);
             let local =
                 !node.name.is_empty() && ep.node_name.as_deref() == Some(node.name.as_str());
+            let hints = ep.hints.as_ref();
+            let node_hint = Hint::of(
+                hints
+                    .and_then(|h| h.for_nodes.as_ref())
+                    .map(|v| v.iter().map(|n| n.name.as_str())),
+                Some(node.name.as_str()).filter(|n| !n.is_empty()),
+            );
+            let zone_hint = Hint::of(
+                hints
+                    .and_then(|h| h.for_zones.as_ref())
+                    .map(|v| v.iter().map(|z| z.name.as_str())),
+                node.zone.as_deref(),
+            );
             // kube-proxy uses addresses[0] only; the API calls the addresses of one endpoint
             // fungible, and the EndpointSlice controller writes exactly one, so every one of
             // them is taken here.
@@ -755,6 +864,8 @@ fn endpoints(
                             ready,
                             serving,
                             terminating,
+                            node_hint,
+                            zone_hint,
                         };
                         // The same address in two slices (a move between slices): the more
                         // usable condition wins.
@@ -842,6 +953,7 @@ mod tests {
         NodeContext {
             name: "node-a".into(),
             nodeport_addresses: addrs.iter().map(|a| ip(a)).collect(),
+            zone: Some("zone-a".into()),
         }
     }
 
@@ -1675,6 +1787,265 @@ mod tests {
         let np = &got.iter().find(|(f, _)| f.kind == NodePort).unwrap().1;
         assert_eq!(np.external, Some(vec![]));
         assert_eq!(np.all, vec![be("10.1.0.2", 8080)]);
+    }
+
+    /// An endpoint of node `node` (`node-a` is this node) with topology hints; not ready means
+    /// serving and terminating.
+    fn hinted(addr: &str, node: &str, ready: bool, zones: &[&str], nodes: &[&str]) -> Value {
+        let names = |v: &[&str]| v.iter().map(|n| json!({"name": n})).collect::<Vec<_>>();
+        let mut hints = serde_json::Map::new();
+        if !zones.is_empty() {
+            hints.insert("forZones".into(), json!(names(zones)));
+        }
+        if !nodes.is_empty() {
+            hints.insert("forNodes".into(), json!(names(nodes)));
+        }
+        json!({"addresses": [addr], "nodeName": node, "hints": hints,
+               "conditions": {"ready": ready, "serving": true, "terminating": !ready}})
+    }
+
+    /// Topology hints, row by row as kube-proxy's `TestCategorizeEndpoints`
+    /// (pkg/proxy/topology_test.go; its case names are quoted) and `topologyModeFromHints`
+    /// (pkg/proxy/topology.go) for the node hints of PreferSameNode, which the EndpointSlice
+    /// controller writes for `trafficDistribution` (the proxy reads only the hints). Each row:
+    /// this node's zone, the endpoints, whether the Service has externalTrafficPolicy Local,
+    /// and the endpoints of traffic with the Cluster policy (the ClusterIP's) and with the
+    /// Local one (outside traffic to the NodePort).
+    #[test]
+    fn topology_hints_choose_endpoints_as_kube_proxy_does() {
+        type Row = (
+            &'static str,
+            Option<&'static str>,
+            Vec<Value>,
+            bool,
+            Vec<&'static str>,
+            Option<Vec<&'static str>>,
+        );
+        let h = hinted;
+        let rows: Vec<Row> = vec![
+            (
+                "should use topology since all endpoints have hints, node has a zone label and there are endpoints for the node's zone",
+                Some("zone-a"),
+                vec![
+                    h("10.1.2.3", "n", true, &["zone-a"], &[]),
+                    h("10.1.2.4", "n", true, &["zone-b"], &[]),
+                    h("10.1.2.5", "n", true, &["zone-c"], &[]),
+                    h("10.1.2.6", "n", true, &["zone-a"], &[]),
+                ],
+                false,
+                vec!["10.1.2.3", "10.1.2.6"],
+                None,
+            ),
+            (
+                "externalTrafficPolicy: Local, topology ignored for Local endpoints",
+                Some("zone-a"),
+                vec![
+                    h("10.1.2.3", "node-a", true, &["zone-a"], &[]),
+                    h("10.1.2.4", "node-a", true, &["zone-b"], &[]),
+                    h("10.1.2.5", "n", true, &["zone-c"], &[]),
+                    h("10.1.2.6", "n", true, &["zone-a"], &[]),
+                ],
+                true,
+                vec!["10.1.2.3", "10.1.2.6"],
+                Some(vec!["10.1.2.3", "10.1.2.4"]),
+            ),
+            (
+                "empty node labels",
+                None,
+                vec![h("10.1.2.3", "n", true, &["zone-a"], &[])],
+                false,
+                vec!["10.1.2.3"],
+                None,
+            ),
+            (
+                "node in different zone, no endpoint filtering",
+                Some("zone-b"),
+                vec![h("10.1.2.3", "n", true, &["zone-a"], &[])],
+                false,
+                vec!["10.1.2.3"],
+                None,
+            ),
+            (
+                "unready endpoint",
+                Some("zone-a"),
+                vec![
+                    h("10.1.2.3", "n", true, &["zone-a"], &[]),
+                    h("10.1.2.4", "n", true, &["zone-b"], &[]),
+                    h("10.1.2.5", "n", true, &["zone-c"], &[]),
+                    h("10.1.2.6", "n", false, &["zone-a"], &[]),
+                ],
+                false,
+                vec!["10.1.2.3"],
+                None,
+            ),
+            (
+                "only unready endpoints in same zone (should not filter)",
+                Some("zone-a"),
+                vec![
+                    h("10.1.2.3", "n", false, &["zone-a"], &[]),
+                    h("10.1.2.4", "n", true, &["zone-b"], &[]),
+                    h("10.1.2.5", "n", true, &["zone-c"], &[]),
+                    h("10.1.2.6", "n", false, &["zone-a"], &[]),
+                ],
+                false,
+                vec!["10.1.2.4", "10.1.2.5"],
+                None,
+            ),
+            (
+                "missing hints, no filtering applied",
+                Some("zone-a"),
+                vec![
+                    h("10.1.2.3", "n", true, &["zone-a"], &[]),
+                    h("10.1.2.4", "n", true, &["zone-b"], &[]),
+                    h("10.1.2.5", "n", true, &[], &[]),
+                    h("10.1.2.6", "n", true, &["zone-a"], &[]),
+                ],
+                false,
+                vec!["10.1.2.3", "10.1.2.4", "10.1.2.5", "10.1.2.6"],
+                None,
+            ),
+            (
+                "multiple hints per endpoint, filtering includes any endpoint with zone included",
+                Some("zone-c"),
+                vec![
+                    h("10.1.2.3", "n", true, &["zone-a", "zone-b", "zone-c"], &[]),
+                    h("10.1.2.4", "n", true, &["zone-b", "zone-c"], &[]),
+                    h("10.1.2.5", "n", true, &["zone-b", "zone-d"], &[]),
+                    h("10.1.2.6", "n", true, &["zone-c"], &[]),
+                ],
+                false,
+                vec!["10.1.2.3", "10.1.2.4", "10.1.2.6"],
+                None,
+            ),
+            (
+                "conflicting topology and localness require merging allEndpoints",
+                Some("zone-a"),
+                vec![
+                    h("10.0.0.0", "node-a", true, &["zone-a"], &[]),
+                    h("10.0.0.1", "node-a", true, &["zone-b"], &[]),
+                    h("10.0.0.2", "n", true, &["zone-a"], &[]),
+                    h("10.0.0.3", "n", true, &["zone-b"], &[]),
+                ],
+                true,
+                vec!["10.0.0.0", "10.0.0.2"],
+                Some(vec!["10.0.0.0", "10.0.0.1"]),
+            ),
+            // topologyModeFromHints: every ready endpoint hinted for a node, one for this
+            // node: PreferSameNode, before zones.
+            (
+                "node hints for this node win over zone hints",
+                Some("zone-a"),
+                vec![
+                    h("10.2.0.1", "node-a", true, &["zone-a"], &["node-a"]),
+                    h("10.2.0.2", "n", true, &["zone-a"], &["node-b"]),
+                    h("10.2.0.3", "n", true, &["zone-b"], &["node-c"]),
+                ],
+                false,
+                vec!["10.2.0.1"],
+                None,
+            ),
+            (
+                "node hints need no zone hints",
+                None,
+                vec![
+                    h("10.2.0.1", "node-a", true, &[], &["node-a"]),
+                    h("10.2.0.2", "n", true, &[], &["node-b"]),
+                ],
+                false,
+                vec!["10.2.0.1"],
+                None,
+            ),
+            (
+                "no node hint for this node: zone hints decide",
+                Some("zone-a"),
+                vec![
+                    h("10.2.0.1", "n", true, &["zone-a"], &["node-b"]),
+                    h("10.2.0.2", "n", true, &["zone-b"], &["node-c"]),
+                ],
+                false,
+                vec!["10.2.0.1"],
+                None,
+            ),
+            (
+                "an endpoint without a node hint: zone hints decide",
+                Some("zone-a"),
+                vec![
+                    h("10.2.0.1", "node-a", true, &["zone-b"], &["node-a"]),
+                    h("10.2.0.2", "n", true, &["zone-a"], &[]),
+                ],
+                false,
+                vec!["10.2.0.2"],
+                None,
+            ),
+            (
+                "an unready endpoint's missing node hint does not count",
+                None,
+                vec![
+                    h("10.2.0.1", "node-a", true, &[], &["node-a"]),
+                    h("10.2.0.2", "n", true, &[], &["node-b"]),
+                    h("10.2.0.3", "n", false, &[], &[]),
+                ],
+                false,
+                vec!["10.2.0.1"],
+                None,
+            ),
+            (
+                "no ready endpoint: hints ignored, the terminating ones serve",
+                Some("zone-a"),
+                vec![
+                    h("10.2.0.1", "n", false, &["zone-a"], &["node-a"]),
+                    h("10.2.0.2", "n", false, &["zone-b"], &["node-b"]),
+                ],
+                false,
+                vec!["10.2.0.1", "10.2.0.2"],
+                None,
+            ),
+            (
+                "node hints ignore the Local policy's endpoints",
+                Some("zone-a"),
+                vec![
+                    h("10.2.0.1", "n", true, &[], &["node-a"]),
+                    h("10.2.0.2", "node-a", true, &[], &["node-b"]),
+                ],
+                true,
+                vec!["10.2.0.1"],
+                Some(vec!["10.2.0.2"]),
+            ),
+        ];
+        for (name, zone, endpoints, etp_local, cluster, local) in rows {
+            let s = svc(json!({"type": "NodePort", "clusterIP": "10.96.0.10",
+                "externalTrafficPolicy": if etp_local { "Local" } else { "Cluster" },
+                "ports": [{"port": 80, "nodePort": 30080}]}));
+            let sl = slice("web-1", json!([{"port": 80}]), json!(endpoints));
+            let n = NodeContext {
+                zone: zone.map(String::from),
+                ..node(&["192.168.1.1"])
+            };
+            let (got, _) = proxied_all(&s, &[&sl], &n);
+            let addrs = |v: &[Backend]| v.iter().map(|b| b.addr.to_string()).collect::<Vec<_>>();
+            let of = |kind| &got.iter().find(|(f, _)| f.kind == kind).unwrap().1;
+            assert_eq!(addrs(&of(ClusterIp).all), cluster, "{name}: Cluster policy");
+            assert_eq!(
+                of(NodePort).external.as_deref().map(addrs),
+                local.map(|l| l.iter().map(|a| a.to_string()).collect()),
+                "{name}: Local policy"
+            );
+        }
+    }
+
+    // topology_test.go "empty zone label": a zone label that is empty is no zone.
+    #[test]
+    fn the_node_zone_comes_from_its_label_and_an_empty_one_is_none() {
+        let node = |labels: Value| -> Node {
+            serde_json::from_value(json!({"metadata": {"name": "node-a", "labels": labels}}))
+                .unwrap()
+        };
+        assert_eq!(
+            node_zone(&node(json!({ZONE_LABEL: "zone-a"}))),
+            Some("zone-a".into())
+        );
+        assert_eq!(node_zone(&node(json!({ZONE_LABEL: ""}))), None);
+        assert_eq!(node_zone(&node(json!({}))), None);
     }
 
     // iptables/nftables proxier syncProxyRules: a port counts in

@@ -575,6 +575,109 @@ fn the_health_check_node_port_answers_as_kube_proxy_does() {
     );
 }
 
+/// trafficDistribution PreferSameNode and PreferSameZone: the EndpointSlice controller hints
+/// each endpoint for its node (and zone), and kube-proxy keeps a pod's traffic to a Service on
+/// the endpoints hinted for its node, else its zone (pkg/proxy/topology.go). Nodes 0 and 1 are
+/// in zone-a, node 2 in zone-b; the zones arrive as a Node change under running agents.
+#[test]
+fn topology_hints_keep_pod_traffic_on_its_node_or_in_its_zone() {
+    require_privileged!("topology_hints_keep_pod_traffic_on_its_node_or_in_its_zone");
+    let env = Env::new(&[]);
+    let zone = |k: usize| if k < 2 { "zone-a" } else { "zone-b" };
+    let mut nodes = node_objects(&env.c);
+    for (k, n) in nodes.iter_mut().enumerate() {
+        n["metadata"]["labels"] = json!({"topology.kubernetes.io/zone": zone(k)});
+    }
+    env.manifests.write("nodes.yaml", &nodes).unwrap();
+    let hinted = |k: usize, for_node: bool| {
+        let mut e = env.web_ep(k);
+        e["zone"] = json!(zone(k));
+        e["hints"] = json!({"forZones": [{"name": zone(k)}]});
+        if for_node {
+            e["hints"]["forNodes"] = json!([{"name": node_name(k)}]);
+        }
+        e
+    };
+    // Waits until node k's pods reach the ClusterIP's port 80 through `want[k]` only.
+    let wait_backends = |want: &[Vec<usize>]| {
+        for (k, pods) in want.iter().enumerate() {
+            let mut expected: Vec<String> = pods
+                .iter()
+                .map(|&j| format!("{}:8080", env.addr(&format!("web-{j}"))))
+                .collect();
+            expected.sort();
+            let got = || {
+                env.services(k)
+                    .iter()
+                    .find(|f| f["address"] == CLUSTER_IP.to_string() && f["port"] == 80)
+                    .and_then(|f| f["backends"].as_array().cloned())
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|b| format!("{}:{}", b["address"].as_str().unwrap_or("?"), b["port"]))
+                    .collect::<Vec<_>>()
+            };
+            assert!(
+                eventually(WAIT, || {
+                    let mut g = got();
+                    g.sort();
+                    g == expected
+                }),
+                "node{k}: backends {:?}, want {expected:?}\n{}",
+                got(),
+                env.logs()
+            );
+        }
+    };
+    let answers = |k: usize| -> Vec<String> {
+        let ns = &env.c.pod(&format!("client-{k}")).ns;
+        (0..8)
+            .map(|_| {
+                curl(ns, CLUSTER_IP, 80, T)
+                    .unwrap_or_else(|e| panic!("client-{k}: {e}\n{}", env.logs()))
+                    .body
+            })
+            .collect()
+    };
+
+    // PreferSameNode: every endpoint hinted for its own node.
+    env.web(
+        "ClusterIP",
+        "Cluster",
+        (0..NODES).map(|k| hinted(k, true)).collect(),
+    );
+    wait_backends(&[vec![0], vec![1], vec![2]]);
+    for k in 0..NODES {
+        let own = format!("web-{k}");
+        assert!(
+            answers(k).iter().all(|b| *b == own),
+            "client-{k} left its node"
+        );
+    }
+    // PreferSameZone: zone hints only.
+    env.web(
+        "ClusterIP",
+        "Cluster",
+        (0..NODES).map(|k| hinted(k, false)).collect(),
+    );
+    wait_backends(&[vec![0, 1], vec![0, 1], vec![2]]);
+    for k in 0..2 {
+        let got = answers(k);
+        assert!(
+            got.iter().all(|b| b == "web-0" || b == "web-1"),
+            "client-{k} left zone-a: {got:?}"
+        );
+    }
+    assert!(
+        answers(2).iter().all(|b| b == "web-2"),
+        "client-2 left zone-b"
+    );
+    // One endpoint without a hint: the hints are ignored, every node uses every endpoint.
+    let mut eps: Vec<Value> = (0..NODES).map(|k| hinted(k, false)).collect();
+    eps[2]["hints"] = json!({});
+    env.web("ClusterIP", "Cluster", eps);
+    wait_backends(&[vec![0, 1, 2], vec![0, 1, 2], vec![0, 1, 2]]);
+}
+
 #[test]
 fn healthz_fails_once_the_node_is_tainted_for_deletion_and_livez_does_not() {
     require_privileged!("healthz_fails_once_the_node_is_tainted_for_deletion_and_livez_does_not");

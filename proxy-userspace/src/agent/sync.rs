@@ -182,6 +182,7 @@ impl Syncer {
             node: NodeContext {
                 name: config.node_name.clone(),
                 nodeport_addresses: Vec::new(),
+                zone: None,
             },
             config,
             devices,
@@ -429,13 +430,22 @@ impl Syncer {
         }
     }
 
-    /// Recomputes the node's addresses; true if the NodePort addresses changed.
+    /// Recomputes the node's addresses and zone; true if the NodePort addresses or the zone
+    /// changed (every Service is then synced again).
     fn refresh_node(&mut self) -> bool {
         // A Node that is not (or no longer) there keeps its last known addresses: losing the
         // object must not take NodePorts and uplinks away.
+        let mut changed = false;
         if let Some(node) = self.view.node() {
             self.node_addrs = model::node_addresses(&node);
             self.node_known = true;
+            // Endpoints hinted for this zone are preferred: a new zone changes backends.
+            let zone = model::node_zone(&node);
+            if zone != self.node.zone {
+                tracing::info!(?zone, "node zone ({})", model::ZONE_LABEL);
+                self.node.zone = zone;
+                changed = true;
+            }
             let eligible = model::node_eligible(&node);
             if self.health.set_node_eligible(eligible) {
                 tracing::info!(
@@ -477,9 +487,9 @@ impl Syncer {
                 true
             });
             self.node.nodeport_addresses = nodeport_addresses;
-            return true;
+            changed = true;
         }
-        false
+        changed
     }
 
     /// Every Service, compared with the maps; then adopted entries nobody claimed are removed.
