@@ -1294,6 +1294,55 @@ mod tests {
         );
     }
 
+    // A rolling update between two versions of a Deployment whose container port named
+    // "http" moved from 8080 to 9080: the EndpointSlice controller writes one slice per port
+    // mapping (endpointslice's reconciler groups endpoints by their resolved ports), and each
+    // endpoint keeps the number of its own pod (endpointslicecache.go builds the list per
+    // slice port); old pods terminating meanwhile serve only while no new one is ready.
+    #[test]
+    fn a_named_target_port_renumbered_in_a_rolling_update_keeps_each_pods_own_number() {
+        let s = svc(json!({
+            "clusterIP": "10.96.0.10",
+            "ports": [{"name": "web", "port": 80, "targetPort": "http"}]
+        }));
+        let old = |ready: bool| {
+            slice(
+                "web-old",
+                json!([{"name": "web", "port": 8080, "protocol": "TCP"}]),
+                json!([{"addresses": ["10.1.0.1"],
+                        "conditions": {"ready": ready, "serving": true, "terminating": !ready}}]),
+            )
+        };
+        let new = |ready: bool| {
+            slice(
+                "web-new",
+                json!([{"name": "web", "port": 9080, "protocol": "TCP"}]),
+                json!([{"addresses": ["10.1.0.2"], "conditions": {"ready": ready}}]),
+            )
+        };
+        let backends = |slices: &[&EndpointSlice]| {
+            frontends(&s, slices, &node(&[]))
+                .into_iter()
+                .map(|(_, b)| b)
+                .collect::<Vec<_>>()
+        };
+        // Mid-rollout: both versions ready, each on its own number.
+        assert_eq!(
+            backends(&[&old(true), &new(true)]),
+            vec![vec![be("10.1.0.1", 8080), be("10.1.0.2", 9080)]]
+        );
+        // The new pod not yet ready, the old one terminating: the old one still serves.
+        assert_eq!(
+            backends(&[&old(false), &new(false)]),
+            vec![vec![be("10.1.0.1", 8080)]]
+        );
+        // The old pod terminating, the new one ready: only the new one takes new flows.
+        assert_eq!(
+            backends(&[&old(false), &new(true)]),
+            vec![vec![be("10.1.0.2", 9080)]]
+        );
+    }
+
     #[test]
     fn an_unnamed_service_port_matches_an_unnamed_or_empty_named_slice_port() {
         let s = svc(json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}));

@@ -348,7 +348,7 @@ fn guest_script(runs: &[Run], bins: &Binaries, out: &Path) -> anyhow::Result<Str
             .with_context(|| format!("cargo built no test binary `{}`", r.bin))?;
         let filters: String = r.filters.iter().map(|f| format!(" '{f}'")).collect();
         s += &format!(
-            "echo '{BEGIN}{bin}'\ncd '{pkg}'\ntimeout -s KILL {limit} '{exe}' --test-threads=2{filters} 2>&1\necho \"{END}{bin} $?\"\n",
+            "echo '{BEGIN}{bin}'\n[ -x '{exe}' ] || echo 'sluice-vm: {exe} is not visible in the guest: virtme-ng gives it its own /var/tmp and /run, so keep the workspace elsewhere'\ncd '{pkg}'\ntimeout -s KILL {limit} '{exe}' --test-threads=2{filters} 2>&1\necho \"{END}{bin} $?\"\n",
             bin = r.bin,
             pkg = pkg.display(),
             limit = BINARY_LIMIT.as_secs(),
