@@ -186,12 +186,11 @@ impl RawMap<'_> {
         Ok(entries)
     }
 
-    /// Deletes every entry, or zeroes every index.
+    /// Deletes every entry (its keys are enough), or zeroes every index that is not zero.
     fn clear(&self) -> Result<(), DataplaneError> {
-        let zero = vec![0u8; self.value_size];
-        for (key, value) in self.entries()? {
-            match self.kind {
-                Kind::Keyed => {
+        match self.kind {
+            Kind::Keyed => {
+                for key in self.keys()? {
                     match elem(
                         BPF_MAP_DELETE_ELEM,
                         self.fd(),
@@ -199,19 +198,27 @@ impl RawMap<'_> {
                         std::ptr::null_mut(),
                     ) {
                         Ok(()) => {}
+                        // Gone since it was listed.
                         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
                         Err(e) => return Err(self.error("delete from")(e)),
                     }
                 }
-                Kind::Indexed if value != zero => elem(
-                    BPF_MAP_UPDATE_ELEM,
-                    self.fd(),
-                    key.as_ptr(),
-                    zero.as_ptr().cast_mut(),
-                )
-                .map_err(self.error("zero"))?,
-                Kind::Indexed | Kind::Stateless => {}
             }
+            Kind::Indexed => {
+                let zero = vec![0u8; self.value_size];
+                for (key, value) in self.entries()? {
+                    if value != zero {
+                        elem(
+                            BPF_MAP_UPDATE_ELEM,
+                            self.fd(),
+                            key.as_ptr(),
+                            zero.as_ptr().cast_mut(),
+                        )
+                        .map_err(self.error("zero"))?;
+                    }
+                }
+            }
+            Kind::Stateless => {}
         }
         Ok(())
     }
@@ -241,7 +248,6 @@ impl Dataplane {
     pub fn reset(&mut self, config: DataplaneConfig) -> Result<(), DataplaneError> {
         let sizes = |c: &DataplaneConfig| {
             (
-                c.pin_path.clone(),
                 c.services_max,
                 c.backends_max,
                 c.revnat_max,
@@ -249,7 +255,8 @@ impl Dataplane {
                 c.sock_revnat_max,
             )
         };
-        if sizes(&config) != sizes(&self.config) || config.pin_path.is_some() {
+        let pinned = self.config.pin_path.is_some() || config.pin_path.is_some();
+        if pinned || sizes(&config) != sizes(&self.config) {
             return Err(DataplaneError::Raw {
                 map: "(all)".into(),
                 op: "reset to other map sizes or a pin path",
