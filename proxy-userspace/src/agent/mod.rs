@@ -485,8 +485,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     // Auto follows the probe just made; a mode asked for that this kernel lacks is an error at
     // once, not an attach retried for ever.
     let mode = match args.attach_mode {
-        Mode::Auto if report.has(features::TCX) => AttachMode::Tcx,
-        Mode::Auto => AttachMode::Clsact,
+        Mode::Auto => AttachMode::best_given(report.has(features::TCX)),
         asked => {
             let mode = AttachMode::from(asked);
             mode.ensure_supported()?;

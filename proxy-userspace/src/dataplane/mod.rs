@@ -222,11 +222,12 @@ pub enum AttachMode {
 impl AttachMode {
     /// The best mode this kernel supports: TCX where it has it, clsact elsewhere.
     pub fn best_available() -> Self {
-        if Self::tcx_supported() {
-            Self::Tcx
-        } else {
-            Self::Clsact
-        }
+        Self::best_given(Self::tcx_supported())
+    }
+
+    /// The best mode for a kernel that has TCX or not (as a probe already found).
+    pub fn best_given(tcx: bool) -> Self {
+        if tcx { Self::Tcx } else { Self::Clsact }
     }
 
     /// Whether this kernel has TCX links. Asked of the kernel rather than read off its
