@@ -633,19 +633,16 @@ enum Hint {
 }
 
 impl Hint {
-    fn of<'a>(hinted: Option<impl Iterator<Item = &'a str>>, here: Option<&str>) -> Self {
-        let mut names = match hinted {
-            Some(names) => names.peekable(),
-            None => return Self::Absent,
-        };
-        if names.peek().is_none() {
-            return Self::Absent;
+    /// The hint made of `names` (none: absent), for the node or zone `here`.
+    fn of<'a>(names: impl IntoIterator<Item = &'a str>, here: Option<&str>) -> Self {
+        let mut hint = Self::Absent;
+        for name in names {
+            if Some(name) == here {
+                return Self::Here;
+            }
+            hint = Self::Elsewhere;
         }
-        if names.any(|n| Some(n) == here) {
-            Self::Here
-        } else {
-            Self::Elsewhere
-        }
+        hint
     }
 }
 
@@ -839,14 +836,18 @@ fn endpoints(
             let hints = ep.hints.as_ref();
             let node_hint = Hint::of(
                 hints
-                    .and_then(|h| h.for_nodes.as_ref())
-                    .map(|v| v.iter().map(|n| n.name.as_str())),
+                    .and_then(|h| h.for_nodes.as_deref())
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|n| n.name.as_str()),
                 Some(node.name.as_str()).filter(|n| !n.is_empty()),
             );
             let zone_hint = Hint::of(
                 hints
-                    .and_then(|h| h.for_zones.as_ref())
-                    .map(|v| v.iter().map(|z| z.name.as_str())),
+                    .and_then(|h| h.for_zones.as_deref())
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|z| z.name.as_str()),
                 node.zone.as_deref(),
             );
             // kube-proxy uses addresses[0] only; the API calls the addresses of one endpoint
