@@ -137,12 +137,21 @@ counters! {
     /// its flow is gone), to a frontend; or, from a pod, one to a ClusterIP whose first
     /// fragment was never seen. Passed, it would go to the Service address itself.
     CTR_DROP_FRAGMENT = 42, "drop_fragment_without_flow";
+    /// Dropped: a new flow to a LoadBalancer frontend with loadBalancerSourceRanges from a
+    /// client in none of them (kube-proxy's firewall chain drops it before DNAT).
+    CTR_DROP_SOURCE_RANGE = 43, "drop_source_range";
+    /// Of the socket programs: a connect or send from the node to a LoadBalancer frontend
+    /// whose loadBalancerSourceRanges do not hold the node's address, refused with EPERM.
+    CTR_SOCK_DENY_SOURCE_RANGE = 44, "sock_deny_source_range";
+    /// Of the new flows (TC or socket): sent to the backend the client's last new flow to the
+    /// frontend went to (sessionAffinity ClientIP).
+    CTR_AFFINITY_HIT = 45, "affinity_hit";
 }
 
 /// The counters that are no verdict (`seen`, the socket programs', and the "of the translated
 /// packets, ..." kind): every packet a TC program sees counts `seen` once and exactly one
 /// counter not in this list.
-pub const NOT_VERDICTS: [u32; 16] = [
+pub const NOT_VERDICTS: [u32; 18] = [
     CTR_SEEN,
     CTR_HAIRPIN,
     CTR_SNAT_PORT_TAKEN,
@@ -159,10 +168,12 @@ pub const NOT_VERDICTS: [u32; 16] = [
     CTR_CT_STALE_REVERSE,
     CTR_NEW_FLOW_RACE_LOST,
     CTR_FRAGMENT_FOLLOWED,
+    CTR_SOCK_DENY_SOURCE_RANGE,
+    CTR_AFFINITY_HIT,
 ];
 
 /// Number of counters in use (at most [`CTR_SLOTS`]).
-pub const CTR_MAX: u32 = 43;
+pub const CTR_MAX: u32 = 46;
 const _: () = assert!(CTR_MAX <= CTR_SLOTS);
 
 /// One CPU's share of a counter.

@@ -136,12 +136,14 @@ pub struct Lb4Key {
 }
 const _: () = assert!(core::mem::size_of::<Lb4Key>() == 12);
 
-/// Value of [`LB4_SERVICES_MAP`]. In slot 0: `count`, `rev_nat_id`, `flags`. In slots
-/// 1..=count: `backend_id`.
+/// Value of [`LB4_SERVICES_MAP`]. In slot 0: `count`, `rev_nat_id`, `flags` (and, with
+/// [`SVC_FLAG_AFFINITY`], the affinity timeout in `backend_id`). In slots 1..=count:
+/// `backend_id`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Lb4Service {
-    /// The backend id this slot points at (slots >= 1), 0 in slot 0.
+    /// The backend id this slot points at (slots >= 1). In slot 0: with
+    /// [`SVC_FLAG_AFFINITY`], the sessionAffinity timeout in seconds, else 0.
     pub backend_id: u32,
     /// Number of backend slots (slot 0 only). 0 means: reject new connections.
     pub count: u16,
@@ -170,6 +172,85 @@ pub const SVC_FLAG_LOAD_BALANCER: u16 = 1 << 3;
 /// node's pods still use slots 1..=count (kube-proxy sends in-cluster traffic to every
 /// endpoint).
 pub const SVC_FLAG_EXT_LOCAL: u16 = 1 << 4;
+
+/// loadBalancerSourceRanges: a new flow to this frontend is made only for a client whose
+/// address is in one of the ranges [`LB4_SRC_RANGES_MAP`] holds under the frontend's
+/// `rev_nat_id`; any other is dropped (kube-proxy's firewall chain). Set on LoadBalancer
+/// frontends only, once their ranges are written.
+pub const SVC_FLAG_SRC_RANGES: u16 = 1 << 5;
+/// With [`SVC_FLAG_SRC_RANGES`]: one of the ranges holds the node's address, so the node's
+/// own connections may use the frontend (kube-proxy's `allowFromNode`). Socket LB, which
+/// cannot know a socket's source address at `connect()`, decides by this alone.
+pub const SVC_FLAG_SRC_RANGES_NODE: u16 = 1 << 6;
+
+/// sessionAffinity ClientIP: a new flow from a client goes to the backend its last new flow to
+/// this frontend went to, if that was less than the timeout (slot 0's `backend_id`, seconds)
+/// ago and the backend is still the frontend's ([`LB4_AFFINITY_MATCH_MAP`]); else one is
+/// chosen as usual and remembered in [`LB4_AFFINITY_MAP`].
+pub const SVC_FLAG_AFFINITY: u16 = 1 << 7;
+
+/// `LB4_AFFINITY`: [`Affinity4Key`] -> [`Affinity4Value`]; LRU hash; the programs' own state
+/// (the agent only reads it). Which backend a client's last new flow to a frontend went to,
+/// and when.
+pub const LB4_AFFINITY_MAP: &str = "LB4_AFFINITY";
+pub const LB4_AFFINITY_DEFAULT_MAX: u32 = 65_536;
+
+/// Key of [`LB4_AFFINITY_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Affinity4Key {
+    /// The client's address (network order); 0 for the node's own sockets (socket LB, which
+    /// cannot know a socket's source address at `connect()`).
+    pub client_be: u32,
+    /// The frontend's reverse-NAT id.
+    pub rev_nat_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<Affinity4Key>() == 8);
+
+/// Value of [`LB4_AFFINITY_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Affinity4Value {
+    /// When the client's last new flow was made (`bpf_ktime_get_ns`).
+    pub last_ns: u64,
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<Affinity4Value>() == 16);
+
+/// `LB4_AFFINITY_MATCH`: [`AffinityMatchKey`] -> 1 (u8); hash, the size of
+/// [`LB4_SERVICES_MAP`] (whose slots bound the pairs); written by the agent, read by the
+/// programs. The backends of each frontend with [`SVC_FLAG_AFFINITY`]: a remembered
+/// backend not here has left the frontend, and the client's stickiness ends with it.
+pub const LB4_AFFINITY_MATCH_MAP: &str = "LB4_AFFINITY_MATCH";
+
+/// Key of [`LB4_AFFINITY_MATCH_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityMatchKey {
+    pub backend_id: u32,
+    pub rev_nat_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<AffinityMatchKey>() == 8);
+
+/// `LB4_SRC_RANGES`: [`SrcRange4Key`] -> 1 (u8); LPM trie, not preallocated; written by the
+/// agent, read by the programs. A frontend's loadBalancerSourceRanges: its `rev_nat_id` (all
+/// 32 bits always matched) then the range, so a key's prefix length is 32 + the range's.
+pub const LB4_SRC_RANGES_MAP: &str = "LB4_SRC_RANGES";
+pub const LB4_SRC_RANGES_DEFAULT_MAX: u32 = 16_384;
+
+/// The data of an [`LB4_SRC_RANGES_MAP`] key (the prefix length precedes it in the key).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SrcRange4Key {
+    /// The frontend's reverse-NAT id, in network byte order (the trie matches bytes in order).
+    pub rev_nat_id_be: u32,
+    /// The range's address (a client's, in a lookup), network byte order.
+    pub addr_be: u32,
+}
+const _: () = assert!(core::mem::size_of::<SrcRange4Key>() == 8);
+/// The bits of an [`SrcRange4Key`] that name the frontend.
+pub const SRC_RANGE_ID_BITS: u32 = 32;
 
 /// Value of [`LB4_BACKENDS_MAP`].
 #[repr(C)]
@@ -228,5 +309,9 @@ crate::impl_pod!(
     Lb4Config,
     RejectBudget,
     Frag4Key,
-    Frag4Ports
+    Frag4Ports,
+    SrcRange4Key,
+    Affinity4Key,
+    Affinity4Value,
+    AffinityMatchKey
 );

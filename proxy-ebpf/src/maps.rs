@@ -3,13 +3,15 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
-    CT4_DEFAULT_MAX, CTR_SLOTS, Counter, Ct4Entry, Ct4Key, Frag4Key, Frag4Ports,
-    LB4_BACKENDS_DEFAULT_MAX, LB4_FRAGS_DEFAULT_MAX, LB4_POD_CLIENTS_DEFAULT_MAX,
-    LB4_REVNAT_DEFAULT_MAX, LB4_SERVICES_DEFAULT_MAX, Lb4Backend, Lb4Config, Lb4Key, Lb4RevNat,
+    Affinity4Key, Affinity4Value, AffinityMatchKey, CT4_DEFAULT_MAX, CTR_SLOTS, Counter, Ct4Entry,
+    Ct4Key, Frag4Key, Frag4Ports, LB4_AFFINITY_DEFAULT_MAX, LB4_BACKENDS_DEFAULT_MAX,
+    LB4_FRAGS_DEFAULT_MAX, LB4_POD_CLIENTS_DEFAULT_MAX, LB4_REVNAT_DEFAULT_MAX,
+    LB4_SERVICES_DEFAULT_MAX, LB4_SRC_RANGES_DEFAULT_MAX, Lb4Backend, Lb4Config, Lb4Key, Lb4RevNat,
     Lb4Service, RejectBudget, SOCK_REVNAT_DEFAULT_MAX, SockConfig, SockRevKey, SockRevValue,
+    SrcRange4Key,
 };
 
 #[map(name = "PKT_COUNTERS_V2")]
@@ -39,6 +41,18 @@ pub static LB4_BACKENDS: HashMap<u32, Lb4Backend> =
 #[map(name = "LB4_REVNAT")]
 pub static LB4_REVNAT: HashMap<u32, Lb4RevNat> =
     HashMap::with_max_entries(LB4_REVNAT_DEFAULT_MAX, 0);
+
+#[map(name = "LB4_AFFINITY")]
+pub static LB4_AFFINITY: LruHashMap<Affinity4Key, Affinity4Value> =
+    LruHashMap::with_max_entries(LB4_AFFINITY_DEFAULT_MAX, 0);
+
+#[map(name = "LB4_AFFINITY_MATCH")]
+pub static LB4_AFFINITY_MATCH: HashMap<AffinityMatchKey, u8> =
+    HashMap::with_max_entries(LB4_SERVICES_DEFAULT_MAX, 0);
+
+#[map(name = "LB4_SRC_RANGES")]
+pub static LB4_SRC_RANGES: LpmTrie<SrcRange4Key, u8> =
+    LpmTrie::with_max_entries(LB4_SRC_RANGES_DEFAULT_MAX, 0);
 
 #[map(name = "LB4_CONFIG_V2")]
 pub static LB4_CONFIG: Array<Lb4Config> = Array::with_max_entries(1, 0);
@@ -71,6 +85,12 @@ const _: () = {
     assert!(str_eq(proxy_common::LB4_FE_ADDRS_MAP, "LB4_FE_ADDRS"));
     assert!(str_eq(proxy_common::LB4_REVNAT_MAP, "LB4_REVNAT"));
     assert!(str_eq(proxy_common::LB4_CONFIG_MAP, "LB4_CONFIG_V2"));
+    assert!(str_eq(proxy_common::LB4_SRC_RANGES_MAP, "LB4_SRC_RANGES"));
+    assert!(str_eq(proxy_common::LB4_AFFINITY_MAP, "LB4_AFFINITY"));
+    assert!(str_eq(
+        proxy_common::LB4_AFFINITY_MATCH_MAP,
+        "LB4_AFFINITY_MATCH"
+    ));
     assert!(str_eq(proxy_common::CT4_MAP, "CT4"));
     assert!(str_eq(proxy_common::LB4_FRAGS_MAP, "LB4_FRAGS"));
     assert!(str_eq(proxy_common::SOCK_REVNAT_MAP, "LB4_SOCK_REVNAT"));

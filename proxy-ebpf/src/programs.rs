@@ -20,6 +20,7 @@
 //! node's own endpoints. Traffic from the node's pods may use every frontend and every endpoint.
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::bpf_get_prandom_u32,
     macros::classifier,
     programs::TcContext,
 };
@@ -28,12 +29,13 @@ use proxy_common::{
     CTR_CT_STALE_REVERSE, CTR_DROP_CT_WRITE, CTR_DROP_FIB, CTR_DROP_FRAGMENT,
     CTR_DROP_NO_BACKEND_ENTRY, CTR_DROP_NO_LOCAL_BACKEND, CTR_DROP_NO_SNAT_ADDR,
     CTR_DROP_RACE_REDIRECT, CTR_DROP_REJECT_FAILED, CTR_DROP_REJECT_RATE_LIMITED, CTR_DROP_REWRITE,
-    CTR_DROP_SNAT_PORTS, CTR_HAIRPIN, CTR_NEW_FLOW, CTR_NEW_FLOW_RACE_LOST, CTR_NEW_FLOW_SNAT,
-    CTR_PASS_FRAGMENT, CTR_PASS_NO_MATCH, CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_POD_CLIENT,
-    CTR_PASS_OTHER_PROTO, CTR_PASS_REPLY_AT_EGRESS, CTR_POD_CLIENTS_FULL, CTR_PORT_REMAPPED,
-    CTR_REDIRECT, CTR_REJECT_FRAG_NEEDED, CTR_REJECT_NO_BACKEND, CTR_REJECT_NO_SUCH_PORT,
-    CTR_REPLY, CTR_SEEN, Ct4Entry, Ct4Key, DP_STATE_POD_CLIENTS_FULL, FE_ADDR_CLUSTER_IP,
-    FE_ADDR_NAT, IPPROTO_TCP, LOCAL_SLOT_BASE, Lb4Config, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL,
+    CTR_DROP_SNAT_PORTS, CTR_DROP_SOURCE_RANGE, CTR_HAIRPIN, CTR_NEW_FLOW, CTR_NEW_FLOW_RACE_LOST,
+    CTR_NEW_FLOW_SNAT, CTR_PASS_FRAGMENT, CTR_PASS_NO_MATCH, CTR_PASS_NOT_FRONTEND,
+    CTR_PASS_NOT_POD_CLIENT, CTR_PASS_OTHER_PROTO, CTR_PASS_REPLY_AT_EGRESS, CTR_POD_CLIENTS_FULL,
+    CTR_PORT_REMAPPED, CTR_REDIRECT, CTR_REJECT_FRAG_NEEDED, CTR_REJECT_NO_BACKEND,
+    CTR_REJECT_NO_SUCH_PORT, CTR_REPLY, CTR_SEEN, Ct4Entry, Ct4Key, DP_STATE_POD_CLIENTS_FULL,
+    FE_ADDR_CLUSTER_IP, FE_ADDR_NAT, IPPROTO_TCP, LOCAL_SLOT_BASE, Lb4Config, SVC_FLAG_CLUSTER_IP,
+    SVC_FLAG_EXT_LOCAL,
 };
 
 use crate::{
@@ -522,6 +524,12 @@ fn new_flow(
         // ClusterIPs are for pods and the node, not for the outside world.
         return (PASS, CTR_PASS_NO_MATCH);
     }
+    // loadBalancerSourceRanges, before anything else about the flow: kube-proxy's firewall
+    // drops other clients (pods included) before DNAT, and before the reject of a Service
+    // without endpoints.
+    if !lb::source_allowed(&fe, f.saddr_be) {
+        return (DROP, CTR_DROP_SOURCE_RANGE);
+    }
     // A later fragment never starts a flow: its first fragment made none (dropped, or its
     // flow has gone), so it cannot be delivered, and it must not reach the frontend itself.
     if !f.has_l4() {
@@ -547,7 +555,20 @@ fn new_flow(
     if n == 0 {
         return (DROP, CTR_DROP_NO_LOCAL_BACKEND);
     }
-    let Some(be) = lb::pick_backend(f.daddr_be, f.dport_be, f.proto, first, n) else {
+    // SAFETY: bpf_get_prandom_u32 has no preconditions.
+    let r = unsafe { bpf_get_prandom_u32() };
+    let Some(be) = lb::choose(
+        &fe,
+        f.daddr_be,
+        f.dport_be,
+        f.proto,
+        first,
+        n,
+        f.saddr_be,
+        first != 1,
+        r,
+        now,
+    ) else {
         return (DROP, CTR_DROP_NO_BACKEND_ENTRY);
     };
     // SAFETY: the config is plain integers, copied out.

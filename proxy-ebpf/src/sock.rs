@@ -12,6 +12,10 @@
 //! | `sluice_sock_recvmsg4`         | recvmsg4     | a reply's source: backend -> frontend       |
 //! | `sluice_sock_getpeername4`     | getpeername4 | the peer: backend -> frontend               |
 //!
+//! A LoadBalancer frontend with loadBalancerSourceRanges that hold none of the node's
+//! addresses refuses the node's own calls with EPERM; a pod's go on untranslated, so that the
+//! TC path checks the pod's address.
+//!
 //! A frontend without backends is refused at connect/sendmsg with ECONNREFUSED (as kube-proxy's
 //! ICMP reject makes it) where the kernel lets a program set the error (`bpf_set_retval`,
 //! Linux 5.18). Before that, the `_eperm` variants leave a pod's call untranslated, so the TC
@@ -20,15 +24,16 @@
 //! EPERM.
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use proxy_common::{
-    CTR_SOCK_CONNECT, CTR_SOCK_PASS_TO_TC, CTR_SOCK_REJECT_NO_BACKEND, CTR_SOCK_REVERSE,
-    CTR_SOCK_REVNAT_WRITE, CTR_SOCK_SENDMSG, IPPROTO_TCP, IPPROTO_UDP, SOCK_LB_HOST_ONLY,
-    SOCK_LB_OFF, SockRevKey, SockRevValue,
+    CTR_SOCK_CONNECT, CTR_SOCK_DENY_SOURCE_RANGE, CTR_SOCK_PASS_TO_TC, CTR_SOCK_REJECT_NO_BACKEND,
+    CTR_SOCK_REVERSE, CTR_SOCK_REVNAT_WRITE, CTR_SOCK_SENDMSG, IPPROTO_TCP, IPPROTO_UDP,
+    SOCK_LB_HOST_ONLY, SOCK_LB_OFF, SVC_FLAG_AFFINITY, SVC_FLAG_SRC_RANGES,
+    SVC_FLAG_SRC_RANGES_NODE, SockRevKey, SockRevValue,
 };
 
 use crate::{
@@ -123,6 +128,20 @@ fn forward(ctx: &SockAddrContext, counter: u32, set_retval: bool) -> i32 {
         count(CTR_SOCK_PASS_TO_TC, 0);
         return PROCEED;
     }
+    // loadBalancerSourceRanges: the client's address decides, which a socket may not have
+    // yet. A pod's call goes on untranslated, for the TC path to check its address; the node's
+    // may use the frontend only if a range holds the node's address, and is refused (EPERM)
+    // otherwise, as kube-proxy's firewall drops it.
+    if fe.flags & SVC_FLAG_SRC_RANGES != 0 {
+        if !host {
+            count(CTR_SOCK_PASS_TO_TC, 0);
+            return PROCEED;
+        }
+        if fe.flags & SVC_FLAG_SRC_RANGES_NODE == 0 {
+            count(CTR_SOCK_DENY_SOURCE_RANGE, 0);
+            return REJECT;
+        }
+    }
     if fe.count == 0 {
         if set_retval {
             // SAFETY: a connect4/sendmsg4 program may set the syscall's error (Linux 5.18).
@@ -145,7 +164,25 @@ fn forward(ctx: &SockAddrContext, counter: u32, set_retval: bool) -> i32 {
     } else {
         (cookie ^ (cookie >> 32)) as u32
     };
-    let Some(be) = lb::backend_at(r, addr_be, port_be, proto, 1, fe.count) else {
+    // sessionAffinity: keyed by the client's address, which only the TC path knows of a pod;
+    // the node's own sockets share one entry (kube-proxy sees them all from the node's address).
+    if fe.flags & SVC_FLAG_AFFINITY != 0 && !host {
+        count(CTR_SOCK_PASS_TO_TC, 0);
+        return PROCEED;
+    }
+    let Some(be) = lb::choose(
+        &fe,
+        addr_be,
+        port_be,
+        proto,
+        1,
+        fe.count,
+        0,
+        false,
+        r,
+        // SAFETY: no preconditions.
+        unsafe { bpf_ktime_get_ns() },
+    ) else {
         return PROCEED;
     };
     let key = SockRevKey {

@@ -13,7 +13,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use aya::programs::{TestRun as _, TestRunOptions};
 use etherparse::PacketBuilder;
 use proxy_common::{
-    CT_FLAG_SNAT, CTR_CT_HIT, CTR_NEW_FLOW, CTR_NEW_FLOW_SNAT, CTR_PASS_NO_MATCH,
+    CT_FLAG_SNAT, CTR_AFFINITY_HIT, CTR_CT_HIT, CTR_NEW_FLOW, CTR_NEW_FLOW_SNAT, CTR_PASS_NO_MATCH,
     CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_POD_CLIENT, CTR_REDIRECT, CTR_REPLY, Counter,
 };
 use sluice::dataplane::{
@@ -34,8 +34,12 @@ fn cluster_ip(n: u32) -> SocketAddrV4 {
 }
 
 fn syn_to(sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    syn_from(Ipv4Addr::new(198, 19, 0, 10), sport, dst, dport)
+}
+
+fn syn_from(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
     let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
-        .ipv4([198, 19, 0, 10], dst.octets(), 64)
+        .ipv4(src.octets(), dst.octets(), 64)
         .tcp(sport, dport, 1, 64240)
         .syn();
     let mut v = Vec::with_capacity(b.size(0));
@@ -181,6 +185,77 @@ fn snat_cell(services: u32, flows: u16, rounds: usize) -> [Stats; 4] {
     rx.recv().unwrap()
 }
 
+/// sessionAffinity ClientIP on the middle of `services` ClusterIP Services: new flows from
+/// `flows` clients (already noted as pod clients) seen for the first time by the frontend (the
+/// affinity entry missed, then written),
+/// then a new flow from each of them again (the entry hit: the remembered backend checked and
+/// used), beside the empty program and a new flow without affinity.
+fn affinity_cell(services: u32, flows: u16) -> [Stats; 4] {
+    let mut dp = sized_for_services();
+    program(&mut dp, services.max(2), None, true);
+    let (sticky, plain) = (cluster_ip(services / 2), cluster_ip(services / 2 + 1));
+    let fe = Frontend {
+        addr: *sticky.ip(),
+        port: sticky.port(),
+        proto: Protocol::Tcp,
+        kind: FrontendKind::ClusterIp,
+    };
+    let (_, backends) = dp
+        .services()
+        .into_iter()
+        .find(|(f, _)| f.id() == fe.id())
+        .unwrap();
+    dp.upsert_frontend(
+        fe,
+        &sluice::dataplane::Backends {
+            affinity_timeout_s: Some(10_800),
+            ..backends
+        },
+    )
+    .unwrap();
+    // Client addresses in 198.19.128.0/17, none a backend's.
+    let client = |i: u16| Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 128, 0)) + u32::from(i));
+    let to = |dst: SocketAddrV4, sport: u16| -> Vec<Vec<u8>> {
+        (0..flows)
+            .map(|i| syn_from(client(i), sport, *dst.ip(), dst.port()))
+            .collect()
+    };
+    let empty = measure(&dp, PASS, &to(sticky, 1000), 1);
+    let path = |pkts: &[Vec<u8>], ctr: u32, want: u64, what: &str| {
+        let before = counter(&dp, ctr);
+        let stats = measure(&dp, FROM_POD, pkts, 1);
+        assert_eq!(counter(&dp, ctr) - before, want, "{what}");
+        stats
+    };
+    let n = u64::from(flows);
+    // The clients' first flows, unmeasured: each client is noted once (LB4_POD_CLIENTS), which
+    // no cell below should pay for.
+    path(&to(plain, 999), CTR_NEW_FLOW, n, "every run a new flow");
+    let plain_new = path(&to(plain, 1000), CTR_NEW_FLOW, n, "every run a new flow");
+    let hits = counter(&dp, CTR_AFFINITY_HIT);
+    let miss = path(&to(sticky, 1000), CTR_NEW_FLOW, n, "every run a new flow");
+    assert_eq!(counter(&dp, CTR_AFFINITY_HIT), hits, "and no affinity hit");
+    let hit = path(
+        &to(sticky, 1001),
+        CTR_AFFINITY_HIT,
+        n,
+        "every run an affinity hit",
+    );
+    [empty, plain_new, miss, hit]
+}
+
+/// A dataplane with room for 100,000 Services and their flows.
+fn sized_for_services() -> Dataplane {
+    Dataplane::load_with(DataplaneConfig {
+        conntrack_max: 262_144,
+        // A frontend and 3 backend slots per Service.
+        services_max: 524_288,
+        revnat_max: 131_072,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
 fn counter(dp: &Dataplane, i: u32) -> u64 {
     let c: [Counter; _] = dp.counters().unwrap();
     c[i as usize].packets
@@ -196,14 +271,7 @@ fn main() {
     let rounds = if quick { 2 } else { 5 };
     let mut rows = Vec::new();
     for services in [1u32, 1_000, 10_000, 100_000] {
-        let mut dp = Dataplane::load_with(DataplaneConfig {
-            conntrack_max: 262_144,
-            // A frontend and 3 backend slots per Service.
-            services_max: 524_288,
-            revnat_max: 131_072,
-            ..Default::default()
-        })
-        .unwrap();
+        let mut dp = sized_for_services();
         let start = std::time::Instant::now();
         program(&mut dp, services, None, true);
         let program_time = start.elapsed();
@@ -309,6 +377,20 @@ fn main() {
             nf.median - e.median,
             h.median - e.median,
             r.median - e.median
+        ));
+    }
+    md.push_str("\n## sessionAffinity ClientIP: the new-flow cost\n\nTC ingress of a pod device: new flows to a ClusterIP without affinity, and to one with it from clients it has not seen (the affinity entry missed, then written) and from the same clients again (the entry hit: the remembered backend checked against the frontend's and used). The conntrack hit path is the same with or without affinity.\n\n| Services | empty program | new flow, no affinity | new flow, affinity miss | new flow, affinity hit | over empty: none / miss / hit |\n|---:|---:|---:|---:|---:|---:|\n");
+    for services in [1u32, 10_000] {
+        let [e, plain, miss, hit] = affinity_cell(services, flows);
+        md.push_str(&format!(
+            "| {services} | {} | {} | {} | {} | +{:.0} / +{:.0} / +{:.0} ns |\n",
+            f(&e),
+            f(&plain),
+            f(&miss),
+            f(&hit),
+            plain.median - e.median,
+            miss.median - e.median,
+            hit.median - e.median
         ));
     }
     // How much of the verifier's budget (1,000,000 instructions processed per program) each

@@ -148,6 +148,14 @@ fn services(pin_path: &std::path::Path, output: Output) -> anyhow::Result<()> {
                     o["externalTrafficPolicy"] = json!("Local");
                     o["backendsFromOutside"] = json!(json_list(ext));
                 }
+                if let Some(src) = &bes.sources {
+                    let cidrs: Vec<String> = src.cidrs.iter().map(ToString::to_string).collect();
+                    o["loadBalancerSourceRanges"] = json!(cidrs);
+                    o["allowsNode"] = json!(src.from_node);
+                }
+                if let Some(t) = bes.affinity_timeout_s {
+                    o["sessionAffinityTimeoutSeconds"] = json!(t);
+                }
                 o
             })
             .collect();
@@ -172,6 +180,14 @@ fn services(pin_path: &std::path::Path, output: Output) -> anyhow::Result<()> {
         if let Some(ext) = &bes.external {
             line.push_str("; from outside (externalTrafficPolicy Local): ");
             line.push_str(&text_list(ext, "(none on this node: dropped)"));
+        }
+        if let Some(src) = &bes.sources {
+            let cidrs: Vec<String> = src.cidrs.iter().map(ToString::to_string).collect();
+            let node = if src.from_node { ", and the node" } else { "" };
+            line.push_str(&format!("; only from {}{node}", cidrs.join(", ")));
+        }
+        if let Some(t) = bes.affinity_timeout_s {
+            line.push_str(&format!("; sticky per client for {t} s"));
         }
         println!("{:<24} {:<13} {line}", fe.to_string(), kind_name(fe.kind));
     }

@@ -19,7 +19,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 
-use crate::service::{Backend, Backends, Frontend, FrontendKind, Protocol};
+use crate::service::{Backend, Backends, Cidr4, Frontend, FrontendKind, Protocol, SourceRanges};
 
 /// The label that ties an EndpointSlice to its Service (`discovery.LabelServiceName`).
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -95,6 +95,10 @@ pub struct NodeContext {
     /// The node's `topology.kubernetes.io/zone` label: endpoints hinted for this zone are
     /// preferred (see [`Topology`]).
     pub zone: Option<String>,
+    /// The node's primary address (kube-proxy's `nodeIP`: its first InternalIP, else
+    /// ExternalIP). loadBalancerSourceRanges that hold it let the node's own connections
+    /// through.
+    pub node_ip: Option<Ipv4Addr>,
 }
 
 /// The Node label naming its zone.
@@ -347,6 +351,8 @@ fn proxied(
         addresses.extend(load_balancer_ips(svc, warnings));
     }
 
+    let sources = source_ranges(svc, node, &addresses, warnings);
+    let affinity = session_affinity(svc)?;
     let ext_local = externally_accessible(svc, svc_type) && external_policy_local(svc);
     let mut frontends: BTreeMap<(Ipv4Addr, u16, Protocol), (FrontendKind, Backends)> =
         BTreeMap::new();
@@ -364,11 +370,14 @@ fn proxied(
         // a hint-chosen topology some ready endpoint is admitted, so the terminating fallback
         // of `usable` (kube-proxy's, which ignores topology) is never reached with one.
         let topology = Topology::of(&endpoints);
-        let cluster = Backends::all(usable(&endpoints, |e| topology.admits(e)));
+        let cluster = Backends {
+            affinity_timeout_s: affinity,
+            ..Backends::all(usable(&endpoints, |e| topology.admits(e)))
+        };
         let external = if ext_local {
             Backends {
-                all: cluster.all.clone(),
                 external: Some(usable(&endpoints, |e| e.backend.local)),
+                ..cluster.clone()
             }
         } else {
             cluster.clone()
@@ -394,11 +403,15 @@ fn proxied(
                     .map(|&addr| (addr, node_port, FrontendKind::NodePort)),
             );
         }
+        let firewalled = Backends {
+            sources: sources.clone(),
+            ..external.clone()
+        };
         for (addr, fport, kind) in wanted {
-            let backends = if kind == FrontendKind::ClusterIp {
-                &cluster
-            } else {
-                &external
+            let backends = match kind {
+                FrontendKind::ClusterIp => &cluster,
+                FrontendKind::LoadBalancer => &firewalled,
+                FrontendKind::NodePort | FrontendKind::ExternalIp => &external,
             };
             add_frontend(
                 &mut frontends,
@@ -451,9 +464,15 @@ fn add_frontend(
                      programmed once, as {wider:?}"
                 ));
                 *old_kind = wider;
-                // Reachable from outside now: with the policy of the outside kinds.
+                // Reachable from outside now: with the policy of the outside kinds. A
+                // LoadBalancer address keeps its source ranges whatever else it also is
+                // (kube-proxy's firewall goes by destination address and port alone).
                 if kind != FrontendKind::ClusterIp {
-                    *old_backends = backends.clone();
+                    let sources = old_backends.sources.take().or(backends.sources.clone());
+                    *old_backends = Backends {
+                        sources,
+                        ..backends.clone()
+                    };
                 }
             }
         }
@@ -602,6 +621,126 @@ fn load_balancer_ips(svc: &Service, warnings: &mut Warnings) -> Vec<(Ipv4Addr, F
         }
     }
     out
+}
+
+/// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds` (the API server's
+/// default too), and the most the API server allows.
+pub const AFFINITY_DEFAULT_TIMEOUT_S: u32 = 10_800;
+pub const AFFINITY_MAX_TIMEOUT_S: u32 = 86_400;
+
+/// spec.sessionAffinity: `ClientIP` gives its timeout (newBaseServiceInfo's
+/// `stickyMaxAgeSeconds`), for every frontend of every port; `None` (or unset) gives none. The
+/// API server defaults the timeout and keeps it within 1..=86400; a manifest that does not is
+/// refused, as a type kube-proxy does not know is.
+fn session_affinity(svc: &Service) -> Result<Option<u32>, String> {
+    let spec = svc.spec.as_ref();
+    match spec.and_then(|s| s.session_affinity.as_deref()) {
+        None | Some("None") => Ok(None),
+        Some("ClientIP") => {
+            let timeout = spec
+                .and_then(|s| s.session_affinity_config.as_ref())
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match timeout {
+                None => Ok(Some(AFFINITY_DEFAULT_TIMEOUT_S)),
+                Some(t) if (1..=i64::from(AFFINITY_MAX_TIMEOUT_S)).contains(&i64::from(t)) => {
+                    Ok(Some(t as u32))
+                }
+                Some(t) => Err(format!(
+                    "sessionAffinityConfig.clientIP.timeoutSeconds {t} is outside 1-{AFFINITY_MAX_TIMEOUT_S}"
+                )),
+            }
+        }
+        Some(other) => Err(format!(
+            "unknown sessionAffinity {other:?} (expected None or ClientIP)"
+        )),
+    }
+}
+
+/// spec.loadBalancerSourceRanges, for the Service's LoadBalancer frontends (newBaseServiceInfo
+/// and the proxiers' firewall chains): each entry trimmed of spaces (validation lets them
+/// through), IPv4 ones kept; an entry that is no CIDR is skipped with a warning, as kube-proxy
+/// skips it. `None` when no IPv4 range is left: every client may connect, as with kube-proxy,
+/// whose firewall is per family. When a range holds the node's address, the node may connect,
+/// and so may the load balancer addresses themselves (a node that has a VIP as a local address
+/// reaches it with that source).
+fn source_ranges(
+    svc: &Service,
+    node: &NodeContext,
+    addresses: &[(Ipv4Addr, FrontendKind)],
+    warnings: &mut Warnings,
+) -> Option<SourceRanges> {
+    let ranges = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.load_balancer_source_ranges.as_deref())
+        .unwrap_or_default();
+    let mut cidrs = Vec::new();
+    for raw in ranges {
+        let range = raw.trim();
+        match parse_cidr(range) {
+            Some(IpCidr::V4(c)) => cidrs.push(c.network()),
+            Some(IpCidr::V6) => warnings.push(format!(
+                "loadBalancerSourceRange {range} skipped: IPv6 is not proxied (IPv4 only)"
+            )),
+            None => warnings.push(format!(
+                "loadBalancerSourceRange {raw:?} skipped: not a CIDR"
+            )),
+        }
+    }
+    if cidrs.is_empty() {
+        return None;
+    }
+    let from_node = node
+        .node_ip
+        .is_some_and(|ip| cidrs.iter().any(|c| c.contains(ip)));
+    if from_node {
+        cidrs.extend(
+            addresses
+                .iter()
+                .filter(|(_, kind)| *kind == FrontendKind::LoadBalancer)
+                .map(|(addr, _)| Cidr4::host(*addr)),
+        );
+    }
+    cidrs.sort();
+    cidrs.dedup();
+    Some(SourceRanges { cidrs, from_node })
+}
+
+enum IpCidr {
+    V4(Cidr4),
+    V6,
+}
+
+/// A CIDR as Go's `netutils.ParseCIDRSloppy` reads it: an address, `/`, a decimal prefix length
+/// within the family's bits; an IPv4 address may have leading zeros in its parts (read as
+/// decimal). Bits past the prefix are allowed (they are masked off).
+fn parse_cidr(s: &str) -> Option<IpCidr> {
+    let (addr, len) = s.split_once('/')?;
+    if len.is_empty() || len.len() > 3 || !len.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let len: u8 = len.parse().ok()?;
+    if addr.contains(':') {
+        addr.parse::<std::net::Ipv6Addr>().ok()?;
+        return (len <= 128).then_some(IpCidr::V6);
+    }
+    let mut octets = [0u8; 4];
+    let mut parts = addr.split('.');
+    for o in &mut octets {
+        let part = parts.next()?;
+        if part.is_empty() || part.len() > 3 || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        *o = part.parse().ok()?;
+    }
+    if parts.next().is_some() || len > 32 {
+        return None;
+    }
+    Some(IpCidr::V4(Cidr4 {
+        addr: Ipv4Addr::from(octets),
+        prefix: len,
+    }))
 }
 
 /// One endpoint of one service port, with its conditions as kube-proxy reads them
@@ -955,6 +1094,7 @@ mod tests {
             name: "node-a".into(),
             nodeport_addresses: addrs.iter().map(|a| ip(a)).collect(),
             zone: Some("zone-a".into()),
+            node_ip: addrs.first().map(|a| ip(a)),
         }
     }
 
@@ -1223,6 +1363,256 @@ mod tests {
         }));
         let fes = frontends(&s, &[], &node(&["192.168.1.1"]));
         assert_eq!(fes, vec![(fe("10.96.0.10", 80, TCP, ClusterIp), vec![])]);
+    }
+
+    /// loadBalancerSourceRanges, row by row (newBaseServiceInfo's trimming and family filter,
+    /// the iptables and nftables proxiers' firewall chains and `allowFromNode`). Each row: the
+    /// ranges, the node's primary address, the ranges the LoadBalancer frontend gets (and
+    /// whether the node may connect), or `None` for no firewall; and how many warnings.
+    #[test]
+    fn load_balancer_source_ranges_as_kube_proxy_reads_them() {
+        type Row = (
+            &'static str,
+            Vec<&'static str>,
+            Option<&'static str>,
+            Option<(Vec<&'static str>, bool)>,
+            usize,
+        );
+        let vip = "203.0.113.50/32";
+        let rows: Vec<Row> = vec![
+            (
+                "no ranges: no firewall",
+                vec![],
+                Some("192.168.1.1"),
+                None,
+                0,
+            ),
+            (
+                "one range",
+                vec!["198.51.100.0/24"],
+                Some("192.168.1.1"),
+                Some((vec!["198.51.100.0/24"], false)),
+                0,
+            ),
+            (
+                "padding is trimmed (validation lets it through)",
+                vec![" 198.51.100.0/24 "],
+                Some("192.168.1.1"),
+                Some((vec!["198.51.100.0/24"], false)),
+                0,
+            ),
+            (
+                "bits past the prefix are masked, as net.ParseCIDR does",
+                vec!["10.1.2.3/8"],
+                Some("192.168.1.1"),
+                Some((vec!["10.0.0.0/8"], false)),
+                0,
+            ),
+            (
+                "leading zeros read as decimal (ParseCIDRSloppy)",
+                vec!["010.000.0.0/8"],
+                Some("192.168.1.1"),
+                Some((vec!["10.0.0.0/8"], false)),
+                0,
+            ),
+            (
+                "duplicates once",
+                vec!["198.51.100.0/24", "198.51.100.9/24"],
+                Some("192.168.1.1"),
+                Some((vec!["198.51.100.0/24"], false)),
+                0,
+            ),
+            (
+                "a range holding the node's address lets the node and the VIP through",
+                vec!["192.168.0.0/16"],
+                Some("192.168.1.1"),
+                Some((vec!["192.168.0.0/16", vip], true)),
+                0,
+            ),
+            (
+                "everything",
+                vec!["0.0.0.0/0"],
+                Some("192.168.1.1"),
+                Some((vec!["0.0.0.0/0", vip], true)),
+                0,
+            ),
+            (
+                "the node's address not yet known: the node is not let through",
+                vec!["192.168.0.0/16"],
+                None,
+                Some((vec!["192.168.0.0/16"], false)),
+                0,
+            ),
+            (
+                "only IPv6 ranges: none for IPv4, so no firewall (kube-proxy's is per family)",
+                vec!["2001:db8::/32"],
+                Some("192.168.1.1"),
+                None,
+                1,
+            ),
+            (
+                "IPv6 skipped, IPv4 kept",
+                vec!["2001:db8::/32", "198.51.100.0/24"],
+                Some("192.168.1.1"),
+                Some((vec!["198.51.100.0/24"], false)),
+                1,
+            ),
+            (
+                "an entry that is no CIDR is skipped, the rest kept",
+                vec!["not-a-cidr", "198.51.100.0/24"],
+                Some("192.168.1.1"),
+                Some((vec!["198.51.100.0/24"], false)),
+                1,
+            ),
+            (
+                "an address without a length is no CIDR",
+                vec!["198.51.100.7"],
+                Some("192.168.1.1"),
+                None,
+                1,
+            ),
+            (
+                "a length past 32 is no CIDR",
+                vec!["198.51.100.0/33"],
+                Some("192.168.1.1"),
+                None,
+                1,
+            ),
+        ];
+        let cidr = |c: &str| c.parse::<Cidr4>().unwrap();
+        for (name, ranges, node_ip, want, want_warnings) in rows {
+            let s = svc_with(json!({
+                "metadata": {"name": "web", "namespace": "default"},
+                "spec": {
+                    "type": "LoadBalancer", "clusterIP": "10.96.0.10",
+                    "externalIPs": ["198.51.100.80"],
+                    "loadBalancerSourceRanges": ranges,
+                    "ports": [{"port": 80, "nodePort": 30080}]
+                },
+                "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.50"}]}}
+            }));
+            let mut n = node(&["192.168.1.1"]);
+            n.node_ip = node_ip.map(ip);
+            let (got, warnings) = proxied_all(&s, &[&two_pods()], &n);
+            assert_eq!(warnings.len(), want_warnings, "{name}: {warnings:?}");
+            let want = want.map(|(cidrs, from_node)| SourceRanges {
+                cidrs: cidrs.into_iter().map(cidr).collect(),
+                from_node,
+            });
+            for (f, b) in &got {
+                let expected = if f.kind == LoadBalancer { &want } else { &None };
+                assert_eq!(&b.sources, expected, "{name}: {f} ({:?})", f.kind);
+            }
+            assert!(got.iter().any(|(f, _)| f.kind == LoadBalancer), "{name}");
+        }
+    }
+
+    /// sessionAffinity, row by row (newBaseServiceInfo's `stickyMaxAgeSeconds`; the API
+    /// server's defaulting and validation, which a manifest may skip): the timeout every
+    /// frontend of the Service gets, or why it is refused.
+    #[test]
+    fn session_affinity_as_kube_proxy_reads_it() {
+        type Row = (&'static str, Value, Result<Option<u32>, &'static str>);
+        let rows: Vec<Row> = vec![
+            ("unset", json!({}), Ok(None)),
+            ("None", json!({"sessionAffinity": "None"}), Ok(None)),
+            (
+                "ClientIP, the API server's default timeout",
+                json!({"sessionAffinity": "ClientIP"}),
+                Ok(Some(10_800)),
+            ),
+            (
+                "ClientIP, its own timeout",
+                json!({"sessionAffinity": "ClientIP",
+                       "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}}),
+                Ok(Some(60)),
+            ),
+            (
+                "the longest the API server allows",
+                json!({"sessionAffinity": "ClientIP",
+                       "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 86_400}}}),
+                Ok(Some(86_400)),
+            ),
+            (
+                "longer",
+                json!({"sessionAffinity": "ClientIP",
+                       "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 86_401}}}),
+                Err("timeoutSeconds 86401 is outside 1-86400"),
+            ),
+            (
+                "zero",
+                json!({"sessionAffinity": "ClientIP",
+                       "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 0}}}),
+                Err("timeoutSeconds 0 is outside 1-86400"),
+            ),
+            (
+                "a type the API does not have",
+                json!({"sessionAffinity": "Cookie"}),
+                Err("unknown sessionAffinity \"Cookie\""),
+            ),
+        ];
+        for (name, fields, want) in rows {
+            let mut spec = json!({
+                "type": "LoadBalancer", "clusterIP": "10.96.0.10",
+                "externalIPs": ["198.51.100.80"],
+                "ports": [{"port": 80, "nodePort": 30080}]
+            });
+            for (k, v) in fields.as_object().unwrap() {
+                spec[k] = v.clone();
+            }
+            let s = svc_with(json!({
+                "metadata": {"name": "web", "namespace": "default"},
+                "spec": spec,
+                "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.50"}]}}
+            }));
+            match (outcome(&s, &[&two_pods()], &node(&["192.168.1.1"])), want) {
+                (Outcome::Proxied { frontends, .. }, Ok(timeout)) => {
+                    assert_eq!(frontends.len(), 4, "{name}");
+                    for (f, b) in &frontends {
+                        assert_eq!(b.affinity_timeout_s, timeout, "{name}: {f}");
+                    }
+                }
+                (Outcome::Invalid { reason }, Err(part)) => {
+                    assert!(reason.contains(part), "{name}: {reason}");
+                }
+                (got, want) => panic!("{name}: {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    /// The externalIP comes first and the LoadBalancer address merges into it: the one
+    /// frontend is firewalled, as kube-proxy's firewall goes by destination alone.
+    #[test]
+    fn a_load_balancer_address_that_is_also_another_frontend_keeps_its_source_ranges() {
+        let s = svc_with(json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {
+                "type": "LoadBalancer", "externalIPs": ["203.0.113.50"],
+                "loadBalancerSourceRanges": ["198.51.100.0/24"], "ports": [{"port": 80}]
+            },
+            "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.50"}]}}
+        }));
+        let (fes, _) = proxied_all(&s, &[&two_pods()], &node(&[]));
+        assert_eq!(fes.len(), 1, "{fes:?}");
+        assert_eq!(fes[0].0.kind, LoadBalancer);
+        assert_eq!(
+            fes[0].1.sources.as_ref().map(|s| s.cidrs.clone()),
+            Some(vec!["198.51.100.0/24".parse().unwrap()])
+        );
+        // The node address as load balancer address, its port the nodePort: the NodePort
+        // frontend comes after and merges into the firewalled one, which stays firewalled.
+        let s = svc_with(json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {
+                "type": "LoadBalancer", "loadBalancerSourceRanges": ["198.51.100.0/24"],
+                "ports": [{"port": 30080, "nodePort": 30080}]
+            },
+            "status": {"loadBalancer": {"ingress": [{"ip": "192.168.1.1"}]}}
+        }));
+        let (fes, _) = proxied_all(&s, &[&two_pods()], &node(&["192.168.1.1"]));
+        assert_eq!(fes.len(), 1, "{fes:?}");
+        assert_eq!(fes[0].0.kind, LoadBalancer);
+        assert!(fes[0].1.sources.is_some(), "{fes:?}");
     }
 
     #[test]
@@ -1795,6 +2185,8 @@ mod tests {
         let outside = Backends {
             all: all.clone(),
             external: Some(vec![local_be("10.1.0.1", 8080)]),
+            sources: None,
+            affinity_timeout_s: None,
         };
         assert_eq!(
             got,

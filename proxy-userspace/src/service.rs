@@ -98,6 +98,77 @@ pub struct Backend {
     pub local: bool,
 }
 
+/// An IPv4 prefix (`--nodeport-addresses`, loadBalancerSourceRanges). Displays and orders by
+/// address then length; the address may have bits past the prefix, which never count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Cidr4 {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Cidr4 {
+    fn mask(&self) -> u32 {
+        if self.prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(self.prefix.min(32)))
+        }
+    }
+
+    pub fn contains(&self, a: Ipv4Addr) -> bool {
+        u32::from(a) & self.mask() == u32::from(self.addr) & self.mask()
+    }
+
+    /// The same prefix with the bits past it cleared (`10.1.2.3/8` is `10.0.0.0/8`), as Go's
+    /// `net.ParseCIDR` gives it.
+    pub fn network(self) -> Self {
+        Self {
+            addr: Ipv4Addr::from(u32::from(self.addr) & self.mask()),
+            prefix: self.prefix,
+        }
+    }
+
+    /// A single address.
+    pub fn host(addr: Ipv4Addr) -> Self {
+        Self { addr, prefix: 32 }
+    }
+}
+
+impl fmt::Display for Cidr4 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl std::str::FromStr for Cidr4 {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, p) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not a CIDR (want a.b.c.d/n)"))?;
+        let addr: Ipv4Addr = a
+            .parse()
+            .map_err(|_| format!("{a:?} is not an IPv4 address"))?;
+        let prefix: u8 = p
+            .parse()
+            .ok()
+            .filter(|p| *p <= 32)
+            .ok_or_else(|| format!("{p:?} is not a prefix length 0..=32"))?;
+        Ok(Self { addr, prefix })
+    }
+}
+
+/// loadBalancerSourceRanges of a LoadBalancer frontend: the clients that may open flows to it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SourceRanges {
+    /// The ranges (networks, sorted, without duplicates): a client whose address is in none
+    /// is dropped.
+    pub cidrs: Vec<Cidr4>,
+    /// A range holds the node's address: the node's own connections may use the frontend.
+    /// (Socket LB decides by this, as it cannot know a socket's source address at `connect()`.)
+    pub from_node: bool,
+}
+
 /// A frontend's backends, by where the traffic comes from.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Backends {
@@ -106,6 +177,13 @@ pub struct Backends {
     /// externalTrafficPolicy Local: traffic from outside goes only to these (this node's
     /// endpoints), keeping the client's address; empty, it is dropped. `None`: to `all`.
     pub external: Option<Vec<Backend>>,
+    /// loadBalancerSourceRanges: traffic from a client outside them goes nowhere (it is
+    /// dropped). `None`: every client.
+    pub sources: Option<SourceRanges>,
+    /// sessionAffinity ClientIP: a client's new flow goes to the backend its last new flow
+    /// went to, if that was less than this many seconds ago and the backend is still here.
+    /// `None`: each new flow chooses afresh.
+    pub affinity_timeout_s: Option<u32>,
 }
 
 impl Backends {
@@ -114,6 +192,8 @@ impl Backends {
         Self {
             all,
             external: None,
+            sources: None,
+            affinity_timeout_s: None,
         }
     }
 
@@ -124,6 +204,10 @@ impl Backends {
         if let Some(e) = &mut self.external {
             e.sort();
             e.dedup();
+        }
+        if let Some(s) = &mut self.sources {
+            s.cidrs.sort();
+            s.cidrs.dedup();
         }
         self
     }

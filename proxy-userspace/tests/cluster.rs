@@ -121,7 +121,12 @@ impl Env {
     /// Writes Service `web` (TCP 80 -> 8080 and UDP 53 -> 5353/5354, with nodePorts) of
     /// `kind` and `policy`, with `endpoints` (built by [`endpoint`]).
     fn web(&self, kind: &str, policy: &str, endpoints: Vec<Value>) {
-        let svc = json!({
+        self.web_with(kind, policy, endpoints, json!({}));
+    }
+
+    /// [`Env::web`] with more fields in its spec.
+    fn web_with(&self, kind: &str, policy: &str, endpoints: Vec<Value>, more: Value) {
+        let mut svc = json!({
             "apiVersion": "v1", "kind": "Service",
             "metadata": {"name": "web", "namespace": "default"},
             "spec": {
@@ -139,6 +144,9 @@ impl Env {
                 json!({"loadBalancer": {"ingress": [{"ip": LB_IP.to_string()}]}})
             } else { json!({}) },
         });
+        for (k, v) in more.as_object().expect("spec fields") {
+            svc["spec"][k] = v.clone();
+        }
         let slice = json!({
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"name": "web-abc12", "namespace": "default",
@@ -474,6 +482,50 @@ fn external_traffic_policy_local_serves_outside_traffic_from_local_endpoints_onl
             "{addr}:{port}"
         );
     }
+}
+
+/// loadBalancerSourceRanges on real traffic from outside: a client in no range is dropped at
+/// the LoadBalancer address (and counted), the Service's NodePort stays open to it (the ranges
+/// cover LoadBalancer addresses only, as kube-proxy's firewall), and once a range holds it,
+/// it is served.
+#[test]
+fn load_balancer_source_ranges_drop_outside_clients_in_no_range() {
+    require_privileged!("load_balancer_source_ranges_drop_outside_clients_in_no_range");
+    let env = Env::new(&[]);
+    env.c.route_outside_via(0, (LB_IP, 32), 0).unwrap();
+    let outside = env.c.outside[0].addr;
+    let elsewhere = format!("{}/32", env.addr("client-1"));
+    let ranges = |r: &[&str]| json!({"loadBalancerSourceRanges": r});
+    env.web_with(
+        "LoadBalancer",
+        "Cluster",
+        vec![env.web_ep(0), env.web_ep(1)],
+        ranges(&[&elsewhere]),
+    );
+    env.wait_programmed(LB_IP, 80, 2);
+    let r = curl(env.outside(), LB_IP, 80, Duration::from_secs(2));
+    assert!(r.is_err(), "the outside client is in no range: {r:?}");
+    assert!(
+        env.counter(0, "drop_source_range") >= 1.0,
+        "{}",
+        env.counters(0)
+    );
+    let r = curl(env.outside(), env.node_addr(0), NODE_PORT, T);
+    assert!(r.is_ok(), "the NodePort is not filtered: {r:?}");
+    // The ranges now hold the outside client (bits past the prefix, as a user may write them).
+    let wide = format!("{outside}/24");
+    env.web_with(
+        "LoadBalancer",
+        "Cluster",
+        vec![env.web_ep(0), env.web_ep(1)],
+        ranges(&[&elsewhere, &wide]),
+    );
+    let ok = eventually(WAIT, || {
+        curl(env.outside(), LB_IP, 80, Duration::from_secs(1)).is_ok()
+    });
+    assert!(ok, "the outside client is in a range now\n{}", env.logs());
+    let r = curl(env.outside(), LB_IP, 80, T).unwrap();
+    assert_eq!(*r.peer.ip(), LB_IP);
 }
 
 #[test]

@@ -318,6 +318,8 @@ fn outside_traffic_to_a_local_policy_frontend_uses_local_endpoints_or_is_dropped
             &Backends {
                 all: vec![backend(REMOTE, false), local],
                 external: Some(vec![local]),
+                sources: None,
+                affinity_timeout_s: None,
             },
         )
         .unwrap();
@@ -337,6 +339,8 @@ fn outside_traffic_to_a_local_policy_frontend_uses_local_endpoints_or_is_dropped
             &Backends {
                 all: vec![backend(REMOTE, false)],
                 external: Some(vec![]),
+                sources: None,
+                affinity_timeout_s: None,
             },
         )
         .unwrap();

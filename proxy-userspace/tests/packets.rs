@@ -11,8 +11,8 @@ use std::{
 use common::*;
 use proxy_common::*;
 use sluice::dataplane::{
-    Backend, Dataplane, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend, FrontendKind, Protocol,
-    RawDump, RawEntry, TO_POD, TO_UPLINK,
+    Backend, Backends, Dataplane, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend, FrontendKind,
+    Protocol, RawDump, RawEntry, SourceRanges, TO_POD, TO_UPLINK,
 };
 use testbed::require_privileged;
 
@@ -857,6 +857,254 @@ fn the_uplink_translates_node_ports_and_external_ips_but_not_cluster_ips() {
         let (_, out) = run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(frontend), SYN, b""));
         assert_eq!(check(&out).dst, sa("198.19.0.20:8080"));
     }
+}
+
+/// The entries of map `name` in a raw dump.
+fn raw_entries(dp: &Dataplane, name: &str) -> Vec<RawEntry> {
+    dp.raw_dump()
+        .unwrap()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, e)| e)
+        .unwrap_or_else(|| panic!("{name} is a map of the object"))
+}
+
+/// loadBalancerSourceRanges: a new flow to the LoadBalancer address from a client in none of
+/// the ranges is dropped before DNAT, from outside and from pods alike, even when the Service
+/// has no endpoints (kube-proxy's firewall comes before its reject); flows already made keep
+/// going when the ranges change (kube-proxy filters in the nat table, which sees only a
+/// connection's first packet); and the ranges leave the map with the frontend.
+#[test]
+fn load_balancer_source_ranges_drop_other_clients_before_dnat() {
+    require_privileged!("load_balancer_source_ranges_drop_other_clients_before_dnat");
+    let mut dp = dataplane();
+    let lb = fe("198.18.192.2:80", Protocol::Tcp, FrontendKind::LoadBalancer);
+    let backend = "198.19.0.20:8080";
+    let ranges = |cidrs: &[&str]| Backends {
+        all: vec![be(backend)],
+        external: None,
+        sources: Some(SourceRanges {
+            cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
+            from_node: false,
+        }),
+        affinity_timeout_s: None,
+    };
+    dp.upsert_frontend(lb, &ranges(&["198.18.0.96/28", "198.19.0.0/24"]))
+        .unwrap();
+    let to_lb = |client: &str, flags| tcp(sa(client), sa("198.18.192.2:80"), flags, b"");
+    let allowed = "198.18.0.100:50000";
+    let denied = "198.18.0.200:50000";
+    let pod_denied = "198.19.1.7:40000";
+
+    let before = dp.counters().unwrap();
+    let (verdict, out) = run(&dp, FROM_UPLINK, &to_lb(allowed, SYN));
+    assert_eq!(verdict, TC_ACT_UNSPEC);
+    assert_eq!(
+        check(&out).dst,
+        sa(backend),
+        "a client in a range is translated"
+    );
+    let (verdict, out) = run(&dp, FROM_POD, &to_lb(CLIENT, SYN));
+    assert_eq!(verdict, TC_ACT_UNSPEC);
+    assert_eq!(check(&out).dst, sa(backend), "so is a pod in a range");
+    for (prog, client) in [(FROM_UPLINK, denied), (FROM_POD, pod_denied)] {
+        let (verdict, _) = run(&dp, prog, &to_lb(client, SYN));
+        assert_eq!(
+            verdict, TC_ACT_SHOT,
+            "{client} through {prog} is in no range"
+        );
+    }
+    let after = dp.counters().unwrap();
+    assert_eq!(delta(&before, &after, CTR_NEW_FLOW), 2);
+    assert_eq!(delta(&before, &after, CTR_DROP_SOURCE_RANGE), 2);
+    assert_eq!(
+        dp.conntrack().unwrap().len(),
+        4,
+        "two flows, none for the dropped"
+    );
+
+    // The allowed client's flow goes on after the ranges no longer hold it; its new flows do
+    // not, and the newly allowed client's do.
+    dp.upsert_frontend(lb, &ranges(&["198.18.0.192/28"]))
+        .unwrap();
+    // The same range written with bits past its prefix is the same range: it stays.
+    dp.upsert_frontend(lb, &ranges(&["198.18.0.200/28"]))
+        .unwrap();
+    let (_, out) = run(&dp, FROM_UPLINK, &to_lb(allowed, ACK));
+    assert_eq!(
+        check(&out).dst,
+        sa(backend),
+        "the established flow keeps going"
+    );
+    let (verdict, _) = run(&dp, FROM_UPLINK, &to_lb("198.18.0.100:50001", SYN));
+    assert_eq!(
+        verdict, TC_ACT_SHOT,
+        "a new flow of the client no longer in a range"
+    );
+    let (_, out) = run(&dp, FROM_UPLINK, &to_lb(denied, SYN));
+    assert_eq!(check(&out).dst, sa(backend), "the client now in a range");
+    assert_eq!(
+        raw_entries(&dp, LB4_SRC_RANGES_MAP).len(),
+        1,
+        "the lost range went"
+    );
+
+    // Without endpoints, a client in no range is dropped, not rejected; one in a range is.
+    dp.upsert_frontend(
+        lb,
+        &Backends {
+            all: vec![],
+            ..ranges(&["198.18.0.192/28"])
+        },
+    )
+    .unwrap();
+    let before = dp.counters().unwrap();
+    let (verdict, _) = run(&dp, FROM_UPLINK, &to_lb("198.18.0.100:50002", SYN));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    let (_, out) = run(&dp, FROM_UPLINK, &to_lb("198.18.0.200:50002", SYN));
+    assert_eq!(check_icmp(&out).type_, 3, "rejected with ICMP unreachable");
+    let after = dp.counters().unwrap();
+    assert_eq!(delta(&before, &after, CTR_DROP_SOURCE_RANGE), 1);
+    assert_eq!(delta(&before, &after, CTR_REJECT_NO_BACKEND), 1);
+
+    // Without ranges every client may connect; the ranges left the map.
+    dp.upsert_frontend(lb, &Backends::all(vec![be(backend)]))
+        .unwrap();
+    let (_, out) = run(&dp, FROM_UPLINK, &to_lb("198.18.0.100:50003", SYN));
+    assert_eq!(check(&out).dst, sa(backend));
+    assert!(raw_entries(&dp, LB4_SRC_RANGES_MAP).is_empty());
+    // And a frontend removed takes its ranges along.
+    dp.upsert_frontend(lb, &ranges(&["198.18.0.0/15"])).unwrap();
+    assert_eq!(raw_entries(&dp, LB4_SRC_RANGES_MAP).len(), 1);
+    assert!(dp.services().iter().any(|(_, b)| b.sources.is_some()));
+    dp.remove_service(lb).unwrap();
+    assert!(raw_entries(&dp, LB4_SRC_RANGES_MAP).is_empty());
+}
+
+/// The backend a pod client's SYN from `client` to [`VIP`] is sent to.
+fn sent_to(dp: &Dataplane, client: &str) -> std::net::SocketAddrV4 {
+    let (verdict, out) = run(dp, FROM_POD, &tcp(sa(client), sa(VIP), SYN, b""));
+    assert_eq!(verdict, TC_ACT_UNSPEC, "{client}");
+    check(&out).dst
+}
+
+/// sessionAffinity ClientIP: a client's new flows go to the backend its last new flow went to
+/// while that was less than the timeout ago and the backend is still the frontend's; once the
+/// backend leaves, or the timeout passes, the next new flow chooses afresh, and the client
+/// sticks to that choice.
+#[test]
+fn session_affinity_keeps_a_clients_new_flows_on_one_backend_until_it_leaves_or_times_out() {
+    require_privileged!(
+        "session_affinity_keeps_a_clients_new_flows_on_one_backend_until_it_leaves_or_times_out"
+    );
+    let mut dp = dataplane();
+    let f = fe(VIP, Protocol::Tcp, FrontendKind::ClusterIp);
+    let backends = |addrs: &[&str], timeout| Backends {
+        affinity_timeout_s: Some(timeout),
+        ..Backends::all(addrs.iter().map(|a| be(a)).collect())
+    };
+    let three = ["198.19.0.20:8080", "198.19.0.21:8080", "198.19.0.22:8080"];
+    dp.upsert_frontend(f, &backends(&three, 60)).unwrap();
+    let before = dp.counters().unwrap();
+    let first = sent_to(&dp, "198.19.0.10:40000");
+    for port in 40001..40030 {
+        let to = sent_to(&dp, &format!("198.19.0.10:{port}"));
+        assert_eq!(to, first, "new flow from port {port}");
+    }
+    let after = dp.counters().unwrap();
+    assert_eq!(delta(&before, &after, CTR_AFFINITY_HIT), 29);
+    assert_eq!(delta(&before, &after, CTR_NEW_FLOW), 30);
+    // Other clients are not bound by this one's choice: among 30, some land elsewhere.
+    let others: std::collections::BTreeSet<_> = (11..41)
+        .map(|c| sent_to(&dp, &format!("198.19.2.{c}:40000")))
+        .collect();
+    assert!(others.len() > 1, "30 clients all on {others:?}");
+
+    // The backend leaves (while another frontend keeps it in the maps): the next new flow
+    // goes to one still there, and sticks there.
+    dp.upsert_service(
+        fe("198.18.128.1:81", Protocol::Tcp, FrontendKind::ClusterIp),
+        &three.iter().map(|a| be(a)).collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let rest: Vec<&str> = three.iter().copied().filter(|b| sa(b) != first).collect();
+    dp.upsert_frontend(f, &backends(&rest, 60)).unwrap();
+    let before = dp.counters().unwrap();
+    let next = sent_to(&dp, "198.19.0.10:41000");
+    assert_ne!(next, first, "the backend left");
+    for port in 41001..41010 {
+        assert_eq!(sent_to(&dp, &format!("198.19.0.10:{port}")), next);
+    }
+    assert_eq!(delta(&before, &dp.counters().unwrap(), CTR_AFFINITY_HIT), 9);
+
+    // The timeout (1 s here): a new flow after it chooses afresh (no hit), then sticks.
+    dp.upsert_frontend(f, &backends(&rest, 1)).unwrap();
+    sent_to(&dp, "198.19.0.10:42000");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let before = dp.counters().unwrap();
+    let fresh = sent_to(&dp, "198.19.0.10:42001");
+    assert_eq!(sent_to(&dp, "198.19.0.10:42002"), fresh);
+    assert_eq!(delta(&before, &dp.counters().unwrap(), CTR_AFFINITY_HIT), 1);
+
+    // Without affinity, the client's new flows spread again.
+    dp.upsert_frontend(f, &Backends::all(three.iter().map(|a| be(a)).collect()))
+        .unwrap();
+    let spread: std::collections::BTreeSet<_> = (43000..43030)
+        .map(|p| sent_to(&dp, &format!("198.19.0.10:{p}")))
+        .collect();
+    assert!(spread.len() > 1, "30 new flows all on {spread:?}");
+    assert!(raw_entries(&dp, LB4_AFFINITY_MATCH_MAP).is_empty());
+}
+
+/// With externalTrafficPolicy Local, traffic from outside may use only local backends: a
+/// remembered backend on another node is not used for it.
+#[test]
+fn session_affinity_from_outside_never_leaves_the_local_backends_of_a_local_policy() {
+    require_privileged!(
+        "session_affinity_from_outside_never_leaves_the_local_backends_of_a_local_policy"
+    );
+    let mut dp = dataplane();
+    let np = fe("198.18.0.10:30080", Protocol::Tcp, FrontendKind::NodePort);
+    let remote = Backend {
+        local: false,
+        ..be("198.19.1.20:8080")
+    };
+    let local = be("198.19.0.20:8080");
+    dp.upsert_frontend(
+        np,
+        &Backends {
+            all: vec![remote],
+            external: Some(vec![local]),
+            affinity_timeout_s: Some(60),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let client = "198.19.0.10";
+    // From the node's pod: the one backend for every origin, remembered.
+    let (_, out) = run(
+        &dp,
+        FROM_POD,
+        &tcp(
+            sa(&format!("{client}:40000")),
+            sa("198.18.0.10:30080"),
+            SYN,
+            b"",
+        ),
+    );
+    assert_eq!(check(&out).dst, sa("198.19.1.20:8080"));
+    // The same address from outside: the local backend, never the remembered remote one.
+    let (_, out) = run(
+        &dp,
+        FROM_UPLINK,
+        &tcp(
+            sa(&format!("{client}:40001")),
+            sa("198.18.0.10:30080"),
+            SYN,
+            b"",
+        ),
+    );
+    assert_eq!(check(&out).dst, sa("198.19.0.20:8080"));
 }
 
 /// Linux gives a client one source port for connections to different destinations. Two

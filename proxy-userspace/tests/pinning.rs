@@ -103,6 +103,8 @@ fn a_reloaded_dataplane_adopts_both_lists_of_a_local_policy_frontend() {
     let want = sluice::dataplane::Backends {
         all: vec![be("198.19.0.20", true), be("198.19.1.20", false)],
         external: Some(vec![be("198.19.0.20", true)]),
+        sources: None,
+        affinity_timeout_s: None,
     };
     {
         let mut dp = Dataplane::load_with(config.clone()).unwrap();
@@ -123,6 +125,8 @@ fn a_reloaded_dataplane_adopts_both_lists_of_a_local_policy_frontend() {
             be("198.19.2.20", false),
         ],
         external: want.external.clone(),
+        sources: None,
+        affinity_timeout_s: None,
     };
     dp.upsert_frontend(np, &grown).unwrap();
     assert_eq!(dp.services(), vec![(np, grown.clone())]);
@@ -150,4 +154,139 @@ fn a_reloaded_dataplane_adopts_both_lists_of_a_local_policy_frontend() {
     let mut slots: Vec<u16> = map.keys().map(|k| k.unwrap().slot).collect();
     slots.sort();
     assert_eq!(slots, [0, 1, 2, 3]);
+}
+
+/// A restarted agent adopts a LoadBalancer frontend's source ranges and whether the node may
+/// connect, from the pinned maps (the `sluice services` reader sees them too), and rewrites
+/// them through what it adopted; ranges that no frontend names (an agent stopped half-way
+/// through a removal) are removed at load, so no later frontend inherits them.
+#[test]
+fn a_reloaded_dataplane_adopts_a_load_balancers_source_ranges() {
+    require_privileged!("a_reloaded_dataplane_adopts_a_load_balancers_source_ranges");
+    let fs = BpfFs::new().unwrap();
+    let dir = fs.path().join("sluice");
+    let config = DataplaneConfig {
+        pin_path: Some(dir.clone()),
+        ..Default::default()
+    };
+    let lb = Frontend {
+        addr: "198.18.192.2".parse().unwrap(),
+        port: 80,
+        proto: Protocol::Tcp,
+        kind: FrontendKind::LoadBalancer,
+    };
+    let with = |cidrs: &[&str], from_node| sluice::dataplane::Backends {
+        all: vec![Backend {
+            addr: "198.19.0.20".parse().unwrap(),
+            port: 8080,
+            local: true,
+        }],
+        external: None,
+        sources: Some(sluice::dataplane::SourceRanges {
+            cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
+            from_node,
+        }),
+        affinity_timeout_s: None,
+    };
+    let want = with(&["198.18.0.0/24", "198.19.0.0/16"], true);
+    {
+        let mut dp = Dataplane::load_with(config.clone()).unwrap();
+        dp.upsert_frontend(lb, &want).unwrap();
+    }
+    // A range under a reverse-NAT id no frontend has.
+    let ranges = || {
+        let data =
+            aya::maps::MapData::from_pin(dir.join(proxy_common::LB4_SRC_RANGES_MAP)).unwrap();
+        aya::maps::LpmTrie::<_, proxy_common::SrcRange4Key, u8>::try_from(
+            aya::maps::Map::from_map_data(data).unwrap(),
+        )
+        .unwrap()
+    };
+    let orphan = aya::maps::lpm_trie::Key::new(
+        proxy_common::SRC_RANGE_ID_BITS + 8,
+        proxy_common::SrcRange4Key {
+            rev_nat_id_be: 999u32.to_be(),
+            addr_be: u32::from(std::net::Ipv4Addr::new(198, 0, 0, 0)).to_be(),
+        },
+    );
+    ranges().insert(&orphan, &1, 0).unwrap();
+    assert_eq!(ranges().keys().count(), 3);
+    let mut dp = Dataplane::load_with(config.clone()).unwrap();
+    assert_eq!(dp.services(), vec![(lb, want.clone())], "ranges adopted");
+    let read = sluice::dataplane::PinnedMaps::open(&dir)
+        .unwrap()
+        .services()
+        .unwrap();
+    assert_eq!(read, vec![(lb, want.clone())], "and read from the pins");
+    assert_eq!(ranges().keys().count(), 2, "the orphan went");
+    let changed = with(&["198.19.0.0/16", "198.18.5.0/24", "198.18.6.0/24"], false);
+    dp.upsert_frontend(lb, &changed).unwrap();
+    drop(dp);
+    let dp = Dataplane::load_with(config).unwrap();
+    assert_eq!(dp.services().len(), 1);
+    let mut got = dp.services()[0].1.clone();
+    got.sources.as_mut().unwrap().cidrs.sort();
+    assert_eq!(got, changed.normalized());
+    assert_eq!(ranges().keys().count(), 3, "one kept, one lost, two gained");
+}
+
+/// sessionAffinity survives a restart: the reloaded dataplane adopts the frontend's timeout
+/// and the backends it may stick to, and a client's next new flow goes where its last one
+/// went; affinity backends no frontend names are removed at load.
+#[test]
+fn session_affinity_survives_a_reload() {
+    require_privileged!("session_affinity_survives_a_reload");
+    let fs = BpfFs::new().unwrap();
+    let dir = fs.path().join("sluice");
+    let config = DataplaneConfig {
+        pin_path: Some(dir.clone()),
+        ..Default::default()
+    };
+    let vip = "198.18.128.1:80";
+    let f = fe(vip, Protocol::Tcp, FrontendKind::ClusterIp);
+    let want = sluice::dataplane::Backends {
+        affinity_timeout_s: Some(600),
+        ..sluice::dataplane::Backends::all(
+            (20..28)
+                .map(|i| be(&format!("198.19.0.{i}:8080")))
+                .collect(),
+        )
+    };
+    let syn = |port: u16| tcp(sa(&format!("198.19.2.1:{port}")), sa(vip), SYN, b"");
+    let first = {
+        let mut dp = Dataplane::load_with(config.clone()).unwrap();
+        dp.upsert_frontend(f, &want).unwrap();
+        check(&run(&dp, FROM_POD, &syn(40000)).1).dst
+    };
+    // An affinity backend under a reverse-NAT id no frontend has.
+    {
+        let data =
+            aya::maps::MapData::from_pin(dir.join(proxy_common::LB4_AFFINITY_MATCH_MAP)).unwrap();
+        let mut m = aya::maps::HashMap::<_, proxy_common::AffinityMatchKey, u8>::try_from(
+            aya::maps::Map::from_map_data(data).unwrap(),
+        )
+        .unwrap();
+        let orphan = proxy_common::AffinityMatchKey {
+            backend_id: 1,
+            rev_nat_id: 999,
+        };
+        m.insert(&orphan, &1, 0).unwrap();
+        assert_eq!(m.keys().count(), 9);
+    }
+    let dp = Dataplane::load_with(config).unwrap();
+    assert_eq!(dp.services(), vec![(f, want)], "the timeout adopted");
+    for port in 40001..40011 {
+        assert_eq!(
+            check(&run(&dp, FROM_POD, &syn(port)).1).dst,
+            first,
+            "new flow from port {port} after the reload"
+        );
+    }
+    let data =
+        aya::maps::MapData::from_pin(dir.join(proxy_common::LB4_AFFINITY_MATCH_MAP)).unwrap();
+    let m = aya::maps::HashMap::<_, proxy_common::AffinityMatchKey, u8>::try_from(
+        aya::maps::Map::from_map_data(data).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(m.keys().count(), 8, "the orphan went");
 }

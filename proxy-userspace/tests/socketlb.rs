@@ -502,3 +502,185 @@ fn a_service_without_endpoints_is_refused_at_connect() {
         "the TC path's ICMP reject"
     );
 }
+
+const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 192, 41);
+
+/// Service `name` with `spec` (its ports TCP, to 8080) and `status`, and a slice with both
+/// web pods, ready.
+fn web_pods_service(env: &Env, name: &str, spec: Value, status: Value) {
+    let svc = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": spec,
+        "status": status,
+    });
+    let eps: Vec<Value> = [("web-0", 0), ("web-1", 1)]
+        .iter()
+        .map(|(p, k)| json!({"addresses": [env.addr(p).to_string()], "nodeName": node_name(*k)}))
+        .collect();
+    let slice = json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{name}-abc12"), "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": name}},
+        "addressType": "IPv4",
+        "ports": [{"port": 8080, "protocol": "TCP"}],
+        "endpoints": eps,
+    });
+    env.manifests
+        .write(&format!("{name}.yaml"), &[svc, slice])
+        .unwrap();
+}
+
+/// Service `lb`: type LoadBalancer at [`LB_IP`] TCP 80 -> both web pods' 8080, with
+/// loadBalancerSourceRanges `ranges`.
+fn lb_with_source_ranges(env: &Env, ranges: &[String]) {
+    web_pods_service(
+        env,
+        "lb",
+        json!({
+            "type": "LoadBalancer", "clusterIP": "198.18.128.41",
+            "loadBalancerSourceRanges": ranges,
+            "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP", "nodePort": 30101}],
+        }),
+        json!({"loadBalancer": {"ingress": [{"ip": LB_IP.to_string()}]}}),
+    );
+}
+
+/// loadBalancerSourceRanges at the socket: a pod's connect is left to TC, which lets a pod in
+/// a range through and drops one in none; the node's own is translated at connect() when a
+/// range holds the node's address, and refused with EPERM when none does (kube-proxy's
+/// firewall drops it: the call would hang instead).
+#[test]
+fn load_balancer_source_ranges_let_in_only_their_clients_and_the_node_if_they_hold_it() {
+    require_privileged!(
+        "load_balancer_source_ranges_let_in_only_their_clients_and_the_node_if_they_hold_it"
+    );
+    let env = Env::new("all");
+    let client = format!("{}/32", env.addr("client"));
+    lb_with_source_ranges(&env, std::slice::from_ref(&client));
+    let programmed = |n: usize| {
+        eventually(WAIT, || {
+            env.backends(0, LB_IP, 80, "TCP")
+                .is_some_and(|b| b.len() == n)
+        })
+    };
+    assert!(programmed(2), "lb was not programmed\n{}", env.logs());
+    let pins = env.bpffs[0].path().join("sluice");
+    let shown = services_json(env.node(0), Path::new(env!("CARGO_BIN_EXE_sluice")), &pins);
+    let lb = shown
+        .iter()
+        .find(|f| f["address"] == LB_IP.to_string())
+        .unwrap();
+    assert_eq!(
+        lb["loadBalancerSourceRanges"],
+        json!([client]),
+        "sluice services: {lb}"
+    );
+    assert_eq!(lb["allowsNode"], json!(false));
+    // A pod in the range: through TC, translated.
+    let r = curl(env.client(), LB_IP, 80, T)
+        .unwrap_or_else(|e| panic!("the client pod is in the range: {e}\n{}", env.logs()));
+    assert_eq!(*r.peer.ip(), LB_IP);
+    assert!(env.counter(0, "sock_pass_to_tc") >= 1.0);
+    // A pod in no range (web-0's namespace): dropped at TC, so its connect hangs.
+    let dropped = env.counter(0, "drop_source_range");
+    let web0 = &env.c.pod("web-0").ns;
+    let c = tcp_connect(web0, LB_IP, 80, Duration::from_secs(1)).unwrap();
+    assert_eq!(c, Connect::Timeout, "web-0 is in no range");
+    assert!(env.counter(0, "drop_source_range") > dropped);
+    // The node, whose address is in no range: refused at connect() with EPERM. (Before 5.14
+    // the sandbox's node namespace cannot be told from a pod's: see
+    // a_service_without_endpoints_is_refused_at_connect.)
+    let node_ns_known = sluice::dataplane::socket::current_netns_cookie() != 0;
+    if node_ns_known {
+        let c = tcp_connect(env.node(0), LB_IP, 80, T).unwrap();
+        assert_eq!(
+            c,
+            Connect::Failed("EPERM".into()),
+            "the node is in no range"
+        );
+        assert!(env.counter(0, "sock_deny_source_range") >= 1.0);
+    }
+    // A range holding node0's address: the node connects, translated at its socket.
+    let node_range = format!("{}/24", env.c.nodes[0].addr);
+    lb_with_source_ranges(&env, &[client, node_range]);
+    let ok = eventually(WAIT, || {
+        !node_ns_known || curl(env.node(0), LB_IP, 80, Duration::from_secs(1)).is_ok()
+    });
+    assert!(ok, "node0 is in a range now\n{}", env.logs());
+    if node_ns_known {
+        let r = curl(env.node(0), LB_IP, 80, T).unwrap();
+        assert_eq!(
+            *r.peer.ip(),
+            LB_IP,
+            "getpeername shows the load balancer address"
+        );
+    }
+}
+
+const STICKY_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 128, 42);
+
+/// Service `sticky`: ClusterIP [`STICKY_IP`] TCP 80 -> both web pods' 8080, sessionAffinity
+/// ClientIP with `timeout` seconds.
+fn sticky_service(env: &Env, timeout: u32) {
+    web_pods_service(
+        env,
+        "sticky",
+        json!({
+            "clusterIP": STICKY_IP.to_string(),
+            "sessionAffinity": "ClientIP",
+            "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": timeout}},
+            "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP"}],
+        }),
+        json!({}),
+    );
+}
+
+/// sessionAffinity ClientIP on real connections: 100 from a pod (left to TC by the socket
+/// program, which cannot know a pod's address) and 20 from the node (at its socket) each
+/// stay on one backend; a connection after the timeout (2 s here) chooses afresh.
+#[test]
+fn session_affinity_holds_a_clients_connections_on_one_backend_until_its_timeout() {
+    require_privileged!(
+        "session_affinity_holds_a_clients_connections_on_one_backend_until_its_timeout"
+    );
+    let env = Env::new("all");
+    sticky_service(&env, 2);
+    let ok = eventually(WAIT, || {
+        env.backends(0, STICKY_IP, 80, "TCP")
+            .is_some_and(|b| b.len() == 2)
+    });
+    assert!(ok, "sticky was not programmed\n{}", env.logs());
+    let hits = || env.counter(0, "affinity_hit");
+    for (who, ns, n) in [
+        ("the client pod", env.client(), 100),
+        ("node0", env.node(0), 20),
+    ] {
+        let before = hits();
+        let answered: std::collections::BTreeSet<String> = (0..n)
+            .map(|_| {
+                curl(ns, STICKY_IP, 80, T)
+                    .unwrap_or_else(|e| panic!("{who}: {e}\n{}", env.logs()))
+                    .body
+            })
+            .collect();
+        assert_eq!(
+            answered.len(),
+            1,
+            "{who}'s {n} connections went to {answered:?}"
+        );
+        assert!(
+            hits() >= before + f64::from(n - 1),
+            "{who}: {} affinity hits",
+            hits() - before
+        );
+    }
+    // Past the timeout the next connection makes a fresh choice (no hit), the one after it
+    // sticks to that.
+    std::thread::sleep(Duration::from_millis(2300));
+    let before = hits();
+    curl(env.client(), STICKY_IP, 80, T).unwrap();
+    assert_eq!(hits(), before, "the first connection after the timeout");
+    curl(env.client(), STICKY_IP, 80, T).unwrap();
+    assert_eq!(hits(), before + 1.0);
+}

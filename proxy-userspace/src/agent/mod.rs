@@ -39,7 +39,7 @@ use proxy_common::{
     SOCK_REVNAT_DEFAULT_MAX,
 };
 use source::{Change, ObjectView};
-use sync::{Cidr4, NodePortAddresses, SyncConfig, Syncer};
+use sync::{NodePortAddresses, SyncConfig, Syncer};
 
 /// How to attach to devices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -316,7 +316,7 @@ impl AgentArgs {
         let cidrs = self
             .nodeport_addresses
             .iter()
-            .map(|c| c.parse::<Cidr4>())
+            .map(|c| c.parse::<crate::service::Cidr4>())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| anyhow::anyhow!("--nodeport-addresses: {e}"))?;
         Ok(NodePortAddresses::Cidrs(cidrs))
@@ -425,6 +425,8 @@ fn seed_api_server_service(
             local: false,
         }],
         external: None,
+        sources: None,
+        affinity_timeout_s: None,
     };
     dp.upsert_frontend(frontend, &backends)
         .context("--bootstrap-api-server: programming the API server's Service")?;

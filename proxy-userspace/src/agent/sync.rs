@@ -35,7 +35,7 @@ use super::{
 use crate::{
     dataplane::{Dataplane, DataplaneError, socket::SocketTarget},
     model::{self, HealthCheck, Limits, NodeContext, Outcome, ServiceKey},
-    service::{Backends, Frontend, FrontendId, Protocol},
+    service::{Backends, Cidr4, Frontend, FrontendId, Protocol},
 };
 
 /// How often devices are re-checked and failed writes retried when nothing else happens.
@@ -43,42 +43,6 @@ const TICK: Duration = Duration::from_secs(5);
 const RETRY: Duration = Duration::from_secs(1);
 
 type Entries = BTreeMap<FrontendId, (Frontend, Backends)>;
-
-/// An IPv4 prefix, for `--nodeport-addresses`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr4 {
-    pub addr: Ipv4Addr,
-    pub prefix: u8,
-}
-
-impl Cidr4 {
-    pub fn contains(&self, a: Ipv4Addr) -> bool {
-        let mask = if self.prefix == 0 {
-            0
-        } else {
-            u32::MAX << (32 - u32::from(self.prefix))
-        };
-        u32::from(a) & mask == u32::from(self.addr) & mask
-    }
-}
-
-impl std::str::FromStr for Cidr4 {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (a, p) = s
-            .split_once('/')
-            .ok_or_else(|| format!("{s:?} is not a CIDR (want a.b.c.d/n)"))?;
-        let addr: Ipv4Addr = a
-            .parse()
-            .map_err(|_| format!("{a:?} is not an IPv4 address"))?;
-        let prefix: u8 = p
-            .parse()
-            .ok()
-            .filter(|p| *p <= 32)
-            .ok_or_else(|| format!("{p:?} is not a prefix length 0..=32"))?;
-        Ok(Self { addr, prefix })
-    }
-}
 
 /// Where NodePorts are served.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -183,6 +147,7 @@ impl Syncer {
                 name: config.node_name.clone(),
                 nodeport_addresses: Vec::new(),
                 zone: None,
+                node_ip: None,
             },
             config,
             devices,
@@ -430,8 +395,8 @@ impl Syncer {
         }
     }
 
-    /// Recomputes the node's addresses and zone; true if the NodePort addresses or the zone
-    /// changed (every Service is then synced again).
+    /// Recomputes the node's addresses and zone; true if the NodePort addresses, the primary
+    /// address or the zone changed (every Service is then synced again).
     fn refresh_node(&mut self) -> bool {
         // A Node that is not (or no longer) there keeps its last known addresses: losing the
         // object must not take NodePorts and uplinks away.
@@ -453,6 +418,12 @@ impl Syncer {
                     "node eligibility for externalTrafficPolicy Cluster traffic (KEP-3836): /healthz follows it"
                 );
             }
+        }
+        // loadBalancerSourceRanges let the node through if they hold its primary address.
+        let node_ip = self.node_addrs.first().copied();
+        if node_ip != self.node.node_ip {
+            self.node.node_ip = node_ip;
+            changed = true;
         }
         // Until the Node is known, the SNAT adopted from the pins (if any) stays.
         let snat = self.node_addrs.first().copied();

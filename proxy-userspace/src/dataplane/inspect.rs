@@ -7,14 +7,17 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use proxy_common::{
     CT_FLAG_ESTABLISHED, CT_FLAG_FIN_FWD, CT_FLAG_FIN_REPLY, CT_FLAG_RST, CT_KIND_SERVICE, CT4_MAP,
-    CTR_MAX, Counter, Ct4Entry, Ct4Key, LB4_BACKENDS_MAP, LB4_SERVICES_MAP, Lb4Backend, Lb4Key,
-    Lb4Service, PKT_COUNTERS_MAP,
+    CTR_MAX, Counter, Ct4Entry, Ct4Key, LB4_BACKENDS_MAP, LB4_SERVICES_MAP, LB4_SRC_RANGES_MAP,
+    Lb4Backend, Lb4Key, Lb4Service, PKT_COUNTERS_MAP, SrcRange4Key,
 };
 
-use super::{Backends, Dataplane, DataplaneError, Frontend, Protocol, map_error, services::Ids};
+use super::{
+    Backends, Dataplane, DataplaneError, Frontend, Protocol, map_error,
+    services::{Ids, read_ranges},
+};
 
 /// Which of a flow's two conntrack entries this is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -203,7 +206,16 @@ impl PinnedMaps {
             .iter()
             .filter_map(Result::ok)
             .collect();
-        Ok(Ids::from_entries(backends, &entries).services())
+        // Pins of an agent from before source ranges have no such map, and no ranges.
+        let ranges = match self.map(LB4_SRC_RANGES_MAP) {
+            Ok(m) => read_ranges(
+                &LpmTrie::<MapData, SrcRange4Key, u8>::try_from(m)
+                    .map_err(map_error(LB4_SRC_RANGES_MAP, "open"))?,
+            ),
+            Err(_) if !self.dir.join(LB4_SRC_RANGES_MAP).exists() => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        Ok(Ids::from_entries(backends, &entries, ranges).services())
     }
 
     /// Every conntrack entry.

@@ -31,13 +31,16 @@ use aya::{
     },
 };
 use proxy_common::{
-    CT4_DEFAULT_MAX, CT4_MAP, LB4_BACKENDS_DEFAULT_MAX, LB4_BACKENDS_MAP, LB4_CONFIG_MAP,
-    LB4_DP_STATE_MAP, LB4_FE_ADDRS_MAP, LB4_FRAGS_MAP, LB4_POD_CLIENTS_MAP, LB4_REJECT_BUDGET_MAP,
-    LB4_REVNAT_DEFAULT_MAX, LB4_REVNAT_MAP, LB4_SERVICES_DEFAULT_MAX, LB4_SERVICES_MAP, Lb4Config,
-    PKT_COUNTERS_MAP, SOCK_CONFIG_MAP, SOCK_REVNAT_DEFAULT_MAX, SOCK_REVNAT_MAP,
+    CT4_DEFAULT_MAX, CT4_MAP, LB4_AFFINITY_MAP, LB4_AFFINITY_MATCH_MAP, LB4_BACKENDS_DEFAULT_MAX,
+    LB4_BACKENDS_MAP, LB4_CONFIG_MAP, LB4_DP_STATE_MAP, LB4_FE_ADDRS_MAP, LB4_FRAGS_MAP,
+    LB4_POD_CLIENTS_MAP, LB4_REJECT_BUDGET_MAP, LB4_REVNAT_DEFAULT_MAX, LB4_REVNAT_MAP,
+    LB4_SERVICES_DEFAULT_MAX, LB4_SERVICES_MAP, LB4_SRC_RANGES_MAP, Lb4Config, PKT_COUNTERS_MAP,
+    SOCK_CONFIG_MAP, SOCK_REVNAT_DEFAULT_MAX, SOCK_REVNAT_MAP,
 };
 
-pub use crate::service::{Backend, Backends, Frontend, FrontendId, FrontendKind, Protocol};
+pub use crate::service::{
+    Backend, Backends, Cidr4, Frontend, FrontendId, FrontendKind, Protocol, SourceRanges,
+};
 pub use addrs::monotonic_ns;
 pub use inspect::{Counters, CtEntry, CtFill, CtKind, PinnedMaps, sock_addr};
 pub use raw::{RawDump, RawEntry};
@@ -75,6 +78,9 @@ pub const MAPS: &[&str] = &[
     LB4_REJECT_BUDGET_MAP,
     LB4_BACKENDS_MAP,
     LB4_REVNAT_MAP,
+    LB4_SRC_RANGES_MAP,
+    LB4_AFFINITY_MAP,
+    LB4_AFFINITY_MATCH_MAP,
     LB4_CONFIG_MAP,
     CT4_MAP,
     LB4_FRAGS_MAP,
@@ -335,6 +341,7 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(LB4_SERVICES_MAP, config.services_max)
+            .map_max_entries(LB4_AFFINITY_MATCH_MAP, config.services_max)
             .map_max_entries(LB4_FE_ADDRS_MAP, config.services_max)
             .map_max_entries(LB4_BACKENDS_MAP, config.backends_max)
             .map_max_entries(LB4_REVNAT_MAP, config.revnat_max)

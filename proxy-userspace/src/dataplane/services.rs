@@ -5,15 +5,19 @@
 //! recovered from the (pinned) maps when a new process loads them.
 use std::collections::{BTreeMap, HashMap as StdHashMap};
 
-use aya::maps::{HashMap, MapData, MapError};
+use aya::maps::{HashMap, LpmTrie, MapData, MapError, lpm_trie::Key as LpmKey};
 use proxy_common::{
-    BACKEND_FLAG_LOCAL, LB4_BACKENDS_MAP, LB4_REVNAT_MAP, LB4_SERVICES_MAP, LOCAL_SLOT_BASE,
-    Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL,
-    SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT,
+    AffinityMatchKey, BACKEND_FLAG_LOCAL, LB4_AFFINITY_MATCH_MAP, LB4_BACKENDS_MAP, LB4_REVNAT_MAP,
+    LB4_SERVICES_MAP, LB4_SRC_RANGES_DEFAULT_MAX, LB4_SRC_RANGES_MAP, LOCAL_SLOT_BASE, Lb4Backend,
+    Lb4Key, Lb4RevNat, Lb4Service, SRC_RANGE_ID_BITS, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP,
+    SVC_FLAG_EXT_LOCAL, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT,
+    SVC_FLAG_SRC_RANGES, SVC_FLAG_SRC_RANGES_NODE, SrcRange4Key,
 };
 
 use super::{Dataplane, DataplaneError, map_error};
-use crate::service::{Backend, Backends, Frontend, FrontendId, FrontendKind, Protocol};
+use crate::service::{
+    Backend, Backends, Cidr4, Frontend, FrontendId, FrontendKind, Protocol, SourceRanges,
+};
 
 fn kind_flags(kind: FrontendKind) -> u16 {
     match kind {
@@ -57,12 +61,30 @@ struct FeState {
     /// externalTrafficPolicy Local: the backend ids of slots LOCAL_SLOT_BASE+1..: the list for
     /// traffic from outside.
     external: Option<Vec<u32>>,
+    /// loadBalancerSourceRanges: the ranges in `LB4_SRC_RANGES` under `rev_nat_id`.
+    sources: Option<SourceRanges>,
+    /// sessionAffinity's timeout (slot 0's `backend_id`); its backends are in
+    /// `LB4_AFFINITY_MATCH` under `rev_nat_id`.
+    affinity_timeout_s: Option<u32>,
 }
 
 impl FeState {
     /// Every backend id the frontend references, with repeats (one reference each).
     fn ids(&self) -> impl Iterator<Item = &u32> {
         self.all.iter().chain(self.external.iter().flatten())
+    }
+
+    /// Its `LB4_AFFINITY_MATCH` keys: each of its backends, with sessionAffinity.
+    fn affinity_keys(&self) -> std::collections::BTreeSet<AffinityMatchKey> {
+        if self.affinity_timeout_s.is_none() {
+            return Default::default();
+        }
+        self.ids()
+            .map(|&backend_id| AffinityMatchKey {
+                backend_id,
+                rev_nat_id: self.rev_nat_id,
+            })
+            .collect()
     }
 }
 
@@ -90,6 +112,40 @@ fn alloc(next: &mut u32, max: u32, used: impl Fn(u32) -> bool) -> Option<u32> {
         }
     }
     None
+}
+
+/// The `LB4_SRC_RANGES` key of `range` for the frontend with reverse-NAT id `rev_nat_id`.
+fn range_key(rev_nat_id: u32, range: Cidr4) -> LpmKey<SrcRange4Key> {
+    let net = range.network();
+    LpmKey::new(
+        SRC_RANGE_ID_BITS + u32::from(net.prefix),
+        SrcRange4Key {
+            rev_nat_id_be: rev_nat_id.to_be(),
+            addr_be: u32::from(net.addr).to_be(),
+        },
+    )
+}
+
+/// Every range in an `LB4_SRC_RANGES` map, with the reverse-NAT id it is under.
+pub(super) fn read_ranges<T: std::borrow::Borrow<MapData>>(
+    m: &LpmTrie<T, SrcRange4Key, u8>,
+) -> Vec<(u32, Cidr4)> {
+    m.iter()
+        .filter_map(Result::ok)
+        .map(|(k, _)| {
+            let data = k.data();
+            let range = Cidr4 {
+                addr: std::net::Ipv4Addr::from(u32::from_be(data.addr_be)),
+                prefix: k.prefix_len().saturating_sub(SRC_RANGE_ID_BITS) as u8,
+            };
+            (u32::from_be(data.rev_nat_id_be), range)
+        })
+        .collect()
+}
+
+/// The ranges of `sources`, none when it is `None`.
+fn cidrs(sources: Option<&SourceRanges>) -> &[Cidr4] {
+    sources.map_or(&[], |s| s.cidrs.as_slice())
 }
 
 fn is_full(e: &MapError) -> bool {
@@ -140,6 +196,82 @@ impl Dataplane {
             }
             Err(source) => Err(map_error(map, "remove")(source)),
         }
+    }
+
+    /// Writes `adding` under `rev_nat_id`. On a failure, the ones written are removed again
+    /// and the error returned.
+    fn add_ranges(
+        &mut self,
+        frontend: Frontend,
+        rev_nat_id: u32,
+        adding: &[Cidr4],
+    ) -> Result<(), DataplaneError> {
+        for (i, range) in adding.iter().enumerate() {
+            let result = self
+                .open_mut::<LpmTrie<&mut MapData, SrcRange4Key, u8>>(LB4_SRC_RANGES_MAP)
+                .and_then(|mut m| {
+                    m.insert(&range_key(rev_nat_id, *range), &1, 0)
+                        .map_err(|source| {
+                            if is_full(&source) {
+                                DataplaneError::MapFull {
+                                    map: LB4_SRC_RANGES_MAP,
+                                    max: LB4_SRC_RANGES_DEFAULT_MAX,
+                                    what: format!("source range {range} of {frontend}"),
+                                }
+                            } else {
+                                map_error(LB4_SRC_RANGES_MAP, "insert")(source)
+                            }
+                        })
+                });
+            if let Err(e) = result {
+                self.remove_ranges(rev_nat_id, &adding[..i])?;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `keys` into `LB4_AFFINITY_MATCH`. On a failure, the ones written are removed
+    /// again and the error returned.
+    fn add_matches(
+        &mut self,
+        frontend: Frontend,
+        keys: &[AffinityMatchKey],
+    ) -> Result<(), DataplaneError> {
+        for (i, k) in keys.iter().enumerate() {
+            let max = self.config.services_max;
+            if let Err(e) = self.insert(LB4_AFFINITY_MATCH_MAP, max, *k, 1u8, || {
+                format!("session affinity of {frontend}")
+            }) {
+                self.remove_matches(&keys[..i])?;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_matches(&mut self, keys: &[AffinityMatchKey]) -> Result<(), DataplaneError> {
+        for k in keys {
+            self.remove::<AffinityMatchKey, u8>(LB4_AFFINITY_MATCH_MAP, k)?;
+        }
+        Ok(())
+    }
+
+    /// Removes `ranges` from under `rev_nat_id`; one that is not there is not an error.
+    fn remove_ranges(&mut self, rev_nat_id: u32, ranges: &[Cidr4]) -> Result<(), DataplaneError> {
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        let mut m = self.open_mut::<LpmTrie<&mut MapData, SrcRange4Key, u8>>(LB4_SRC_RANGES_MAP)?;
+        for range in ranges {
+            match m.remove(&range_key(rev_nat_id, *range)) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(MapError::SyscallError(s))
+                    if s.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(map_error(LB4_SRC_RANGES_MAP, "remove")(e)),
+            }
+        }
+        Ok(())
     }
 
     /// Makes `frontend` send new flows to `backends` (duplicates ignored), chosen uniformly at
@@ -251,7 +383,53 @@ impl Dataplane {
         }
         self.ids.used_rev_nat.insert(rev_nat_id);
 
-        // 3. Backend slots, then 4. the frontend entry: only now can new flows use them.
+        // 3. Source ranges the frontend gains (those it loses go once the frontend entry no
+        //    longer names them, in 5.), backend slots, then 4. the frontend entry: only now
+        //    can new flows use them.
+        // As the map keys them: networks, once each.
+        let new_sources = backends.sources.clone().map(|mut s| {
+            s.cidrs = s.cidrs.iter().map(|c| c.network()).collect();
+            s.cidrs.sort();
+            s.cidrs.dedup();
+            s
+        });
+        let old_ranges = cidrs(old.as_ref().and_then(|o| o.sources.as_ref()));
+        let new_ranges = cidrs(new_sources.as_ref());
+        let minus = |a: &[Cidr4], b: &[Cidr4]| -> Vec<Cidr4> {
+            a.iter().filter(|c| !b.contains(c)).copied().collect()
+        };
+        let (gained, lost) = (minus(new_ranges, old_ranges), minus(old_ranges, new_ranges));
+        if let Err(e) = self.add_ranges(frontend, rev_nat_id, &gained) {
+            if old.is_none() {
+                self.remove::<u32, Lb4RevNat>(LB4_REVNAT_MAP, &rev_nat_id)?;
+                self.ids.used_rev_nat.remove(&rev_nat_id);
+            }
+            self.release(&taken)?;
+            return Err(e);
+        }
+        let new_state = FeState {
+            kind: frontend.kind,
+            rev_nat_id,
+            all: all_ids.clone(),
+            external: ext_ids.clone(),
+            sources: new_sources.clone(),
+            affinity_timeout_s: backends.affinity_timeout_s,
+        };
+        let old_matches = old.as_ref().map(FeState::affinity_keys).unwrap_or_default();
+        let new_matches = new_state.affinity_keys();
+        let gained_matches: Vec<AffinityMatchKey> =
+            new_matches.difference(&old_matches).copied().collect();
+        let lost_matches: Vec<AffinityMatchKey> =
+            old_matches.difference(&new_matches).copied().collect();
+        if let Err(e) = self.add_matches(frontend, &gained_matches) {
+            self.remove_ranges(rev_nat_id, &gained)?;
+            if old.is_none() {
+                self.remove::<u32, Lb4RevNat>(LB4_REVNAT_MAP, &rev_nat_id)?;
+                self.ids.used_rev_nat.remove(&rev_nat_id);
+            }
+            self.release(&taken)?;
+            return Err(e);
+        }
         let old_all = old.as_ref().map_or(&[][..], |o| o.all.as_slice());
         let old_ext = old
             .as_ref()
@@ -265,11 +443,21 @@ impl Dataplane {
         }
         if result.is_ok() {
             let entry = Lb4Service {
-                backend_id: 0,
+                backend_id: backends.affinity_timeout_s.unwrap_or(0),
                 count: all_ids.len() as u16,
                 flags: kind_flags(frontend.kind)
                     | if ext_ids.is_some() {
                         SVC_FLAG_EXT_LOCAL
+                    } else {
+                        0
+                    }
+                    | match &backends.sources {
+                        None => 0,
+                        Some(s) if s.from_node => SVC_FLAG_SRC_RANGES | SVC_FLAG_SRC_RANGES_NODE,
+                        Some(_) => SVC_FLAG_SRC_RANGES,
+                    }
+                    | if backends.affinity_timeout_s.is_some() {
+                        SVC_FLAG_AFFINITY
                     } else {
                         0
                     },
@@ -305,6 +493,8 @@ impl Dataplane {
                     self.remove::<Lb4Key, Lb4Service>(LB4_SERVICES_MAP, &k)?;
                 }
             }
+            self.remove_ranges(rev_nat_id, &gained)?;
+            self.remove_matches(&gained_matches)?;
             if old.is_none() {
                 self.remove::<u32, Lb4RevNat>(LB4_REVNAT_MAP, &rev_nat_id)?;
                 self.ids.used_rev_nat.remove(&rev_nat_id);
@@ -313,8 +503,11 @@ impl Dataplane {
             return Err(e);
         }
 
-        // 5. Slots past the new counts are unreachable now: remove them, then release the old
-        //    backends' references (removing backends nobody uses any more).
+        // 5. The ranges the frontend lost and the slots past the new counts are unreachable
+        //    now: remove them, then release the old backends' references (removing backends
+        //    nobody uses any more).
+        self.remove_ranges(rev_nat_id, &lost)?;
+        self.remove_matches(&lost_matches)?;
         if let Some(o) = &old {
             for k in slots(fe, 0, o.all.len()).skip(all_ids.len()) {
                 self.remove::<Lb4Key, Lb4Service>(LB4_SERVICES_MAP, &k)?;
@@ -325,15 +518,7 @@ impl Dataplane {
             let old_ids: Vec<u32> = o.ids().copied().collect();
             self.release(&old_ids)?;
         }
-        self.ids.frontends.insert(
-            fe,
-            FeState {
-                kind: frontend.kind,
-                rev_nat_id,
-                all: all_ids,
-                external: ext_ids,
-            },
-        );
+        self.ids.frontends.insert(fe, new_state);
         // 6. A new ClusterIP's address is marked once its frontend can be found, so that its
         //    other ports are refused (never its own).
         if frontend.kind == FrontendKind::ClusterIp && old.is_none() {
@@ -430,6 +615,8 @@ impl Dataplane {
         for k in slots(fe, 0, old.all.len()).chain(slots(fe, LOCAL_SLOT_BASE, ext_len)) {
             self.remove::<Lb4Key, Lb4Service>(LB4_SERVICES_MAP, &k)?;
         }
+        self.remove_ranges(old.rev_nat_id, cidrs(old.sources.as_ref()))?;
+        self.remove_matches(&old.affinity_keys().into_iter().collect::<Vec<_>>())?;
         self.remove::<u32, Lb4RevNat>(LB4_REVNAT_MAP, &old.rev_nat_id)?;
         self.ids.frontends.remove(&frontend.id());
         self.ids.used_rev_nat.remove(&old.rev_nat_id);
@@ -478,7 +665,41 @@ impl Dataplane {
             let m = self.hash::<Lb4Key, Lb4Service>(LB4_SERVICES_MAP)?;
             m.iter().filter_map(Result::ok).collect()
         };
-        Ok(Ids::from_entries(backends, &entries))
+        let ranges =
+            read_ranges(&self.open::<LpmTrie<&MapData, SrcRange4Key, u8>>(LB4_SRC_RANGES_MAP)?);
+        // Ranges no frontend names (an agent stopped between removing a frontend and its
+        // ranges) go, so that no later frontend given the id inherits them.
+        let ids = Ids::from_entries(backends, &entries, ranges.iter().copied());
+        let mut orphans: BTreeMap<u32, Vec<Cidr4>> = BTreeMap::new();
+        for (id, range) in ranges {
+            let named = ids.frontends.values().any(|st| {
+                st.rev_nat_id == id
+                    && st
+                        .sources
+                        .as_ref()
+                        .is_some_and(|s| s.cidrs.contains(&range))
+            });
+            if !named {
+                orphans.entry(id).or_default().push(range);
+            }
+        }
+        for (id, list) in orphans {
+            self.remove_ranges(id, &list)?;
+        }
+        // Likewise the affinity backends no frontend names.
+        let named: std::collections::BTreeSet<AffinityMatchKey> = ids
+            .frontends
+            .values()
+            .flat_map(FeState::affinity_keys)
+            .collect();
+        let matches: Vec<AffinityMatchKey> = {
+            let m = self.hash::<AffinityMatchKey, u8>(LB4_AFFINITY_MATCH_MAP)?;
+            m.keys().filter_map(Result::ok).collect()
+        };
+        let unnamed: Vec<AffinityMatchKey> =
+            matches.into_iter().filter(|k| !named.contains(k)).collect();
+        self.remove_matches(&unnamed)?;
+        Ok(ids)
     }
 }
 
@@ -515,7 +736,12 @@ impl Ids {
     pub(super) fn from_entries(
         backends: Vec<(u32, Lb4Backend)>,
         entries: &[(Lb4Key, Lb4Service)],
+        ranges: impl IntoIterator<Item = (u32, Cidr4)>,
     ) -> Self {
+        let mut by_id: BTreeMap<u32, Vec<Cidr4>> = BTreeMap::new();
+        for (id, range) in ranges {
+            by_id.entry(id).or_default().push(range);
+        }
         let mut ids = Ids::default();
         for (id, b) in backends {
             let Some(proto) = Protocol::from_number(b.proto) else {
@@ -550,6 +776,16 @@ impl Ids {
                         rev_nat_id: v.rev_nat_id,
                         all: vec![0; usize::from(v.count)],
                         external: ext_local.then(|| vec![0; usize::from(v.local_count)]),
+                        affinity_timeout_s: (v.flags & SVC_FLAG_AFFINITY != 0)
+                            .then_some(v.backend_id),
+                        sources: (v.flags & SVC_FLAG_SRC_RANGES != 0).then(|| {
+                            let mut cidrs = by_id.remove(&v.rev_nat_id).unwrap_or_default();
+                            cidrs.sort();
+                            SourceRanges {
+                                cidrs,
+                                from_node: v.flags & SVC_FLAG_SRC_RANGES_NODE != 0,
+                            }
+                        }),
                     },
                 );
                 ids.used_rev_nat.insert(v.rev_nat_id);
@@ -605,6 +841,8 @@ impl Ids {
                 let bes = Backends {
                     all: list(&st.all),
                     external: st.external.as_deref().map(list),
+                    sources: st.sources.clone(),
+                    affinity_timeout_s: st.affinity_timeout_s,
                 };
                 (fe, bes)
             })
