@@ -61,7 +61,8 @@ counters! {
     /// was taken by a live flow to the same backend); see ARCHITECTURE.md.
     CTR_DROP_SNAT_PORTS = 17, "drop_snat_ports_exhausted";
     /// Dropped: traffic from outside to an externalTrafficPolicy Local frontend on a node
-    /// without a local endpoint, as kube-proxy drops it.
+    /// without a local endpoint, or from a pod to a ClusterIP with internalTrafficPolicy Local
+    /// and none, as kube-proxy drops it.
     CTR_DROP_NO_LOCAL_BACKEND = 18, "drop_no_local_backend";
     /// Dropped: a packet to forward with a redirect had no route (FIB lookup failed), or was
     /// too big for the route without the DF bit, or its TTL ran out.
@@ -146,12 +147,15 @@ counters! {
     /// Of the new flows (TC or socket): sent to the backend the client's last new flow to the
     /// frontend went to (sessionAffinity ClientIP).
     CTR_AFFINITY_HIT = 45, "affinity_hit";
+    /// Of the socket programs: a connect or send from the node to a ClusterIP with
+    /// internalTrafficPolicy Local and no endpoint on this node, refused with EPERM.
+    CTR_SOCK_DENY_NO_LOCAL_BACKEND = 46, "sock_deny_no_local_backend";
 }
 
 /// The counters that are no verdict (`seen`, the socket programs', and the "of the translated
 /// packets, ..." kind): every packet a TC program sees counts `seen` once and exactly one
 /// counter not in this list.
-pub const NOT_VERDICTS: [u32; 18] = [
+pub const NOT_VERDICTS: [u32; 19] = [
     CTR_SEEN,
     CTR_HAIRPIN,
     CTR_SNAT_PORT_TAKEN,
@@ -170,10 +174,11 @@ pub const NOT_VERDICTS: [u32; 18] = [
     CTR_FRAGMENT_FOLLOWED,
     CTR_SOCK_DENY_SOURCE_RANGE,
     CTR_AFFINITY_HIT,
+    CTR_SOCK_DENY_NO_LOCAL_BACKEND,
 ];
 
 /// Number of counters in use (at most [`CTR_SLOTS`]).
-pub const CTR_MAX: u32 = 46;
+pub const CTR_MAX: u32 = 47;
 const _: () = assert!(CTR_MAX <= CTR_SLOTS);
 
 /// One CPU's share of a counter.

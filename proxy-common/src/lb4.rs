@@ -189,6 +189,11 @@ pub const SVC_FLAG_SRC_RANGES_NODE: u16 = 1 << 6;
 /// chosen as usual and remembered in [`LB4_AFFINITY_MAP`].
 pub const SVC_FLAG_AFFINITY: u16 = 1 << 7;
 
+/// internalTrafficPolicy Local with no endpoint on this node (the Service has some elsewhere):
+/// `count` is 0 and a new flow is dropped, as kube-proxy drops it ("has no local endpoints"),
+/// not refused as for a Service without endpoints.
+pub const SVC_FLAG_NO_LOCAL_DROP: u16 = 1 << 8;
+
 /// `LB4_AFFINITY`: [`Affinity4Key`] -> [`Affinity4Value`]; LRU hash; the programs' own state
 /// (the agent only reads it). Which backend a client's last new flow to a frontend went to,
 /// and when.

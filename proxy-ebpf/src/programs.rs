@@ -35,7 +35,7 @@ use proxy_common::{
     CTR_PORT_REMAPPED, CTR_REDIRECT, CTR_REJECT_FRAG_NEEDED, CTR_REJECT_NO_BACKEND,
     CTR_REJECT_NO_SUCH_PORT, CTR_REPLY, CTR_SEEN, Ct4Entry, Ct4Key, DP_STATE_POD_CLIENTS_FULL,
     FE_ADDR_CLUSTER_IP, FE_ADDR_NAT, IPPROTO_TCP, LOCAL_SLOT_BASE, Lb4Config, SVC_FLAG_CLUSTER_IP,
-    SVC_FLAG_EXT_LOCAL,
+    SVC_FLAG_EXT_LOCAL, SVC_FLAG_NO_LOCAL_DROP,
 };
 
 use crate::{
@@ -536,6 +536,9 @@ fn new_flow(
         return (DROP, CTR_DROP_FRAGMENT);
     }
     if fe.count == 0 {
+        if fe.flags & SVC_FLAG_NO_LOCAL_DROP != 0 {
+            return (DROP, CTR_DROP_NO_LOCAL_BACKEND);
+        }
         return rejected(
             ctx,
             f,

@@ -30,10 +30,11 @@ use aya_ebpf::{
 };
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use proxy_common::{
-    CTR_SOCK_CONNECT, CTR_SOCK_DENY_SOURCE_RANGE, CTR_SOCK_PASS_TO_TC, CTR_SOCK_REJECT_NO_BACKEND,
-    CTR_SOCK_REVERSE, CTR_SOCK_REVNAT_WRITE, CTR_SOCK_SENDMSG, IPPROTO_TCP, IPPROTO_UDP,
-    SOCK_LB_HOST_ONLY, SOCK_LB_OFF, SVC_FLAG_AFFINITY, SVC_FLAG_SRC_RANGES,
-    SVC_FLAG_SRC_RANGES_NODE, SockRevKey, SockRevValue,
+    CTR_SOCK_CONNECT, CTR_SOCK_DENY_NO_LOCAL_BACKEND, CTR_SOCK_DENY_SOURCE_RANGE,
+    CTR_SOCK_PASS_TO_TC, CTR_SOCK_REJECT_NO_BACKEND, CTR_SOCK_REVERSE, CTR_SOCK_REVNAT_WRITE,
+    CTR_SOCK_SENDMSG, IPPROTO_TCP, IPPROTO_UDP, SOCK_LB_HOST_ONLY, SOCK_LB_OFF, SVC_FLAG_AFFINITY,
+    SVC_FLAG_NO_LOCAL_DROP, SVC_FLAG_SRC_RANGES, SVC_FLAG_SRC_RANGES_NODE, SockRevKey,
+    SockRevValue,
 };
 
 use crate::{
@@ -141,6 +142,17 @@ fn forward(ctx: &SockAddrContext, counter: u32, set_retval: bool) -> i32 {
             count(CTR_SOCK_DENY_SOURCE_RANGE, 0);
             return REJECT;
         }
+    }
+    // internalTrafficPolicy Local with no endpoint here: kube-proxy drops the traffic. A pod's
+    // call goes on untranslated for the TC path to drop; the node's, which no TC program
+    // sees, is refused with EPERM rather than sent on to the ClusterIP.
+    if fe.count == 0 && fe.flags & SVC_FLAG_NO_LOCAL_DROP != 0 {
+        if !host {
+            count(CTR_SOCK_PASS_TO_TC, 0);
+            return PROCEED;
+        }
+        count(CTR_SOCK_DENY_NO_LOCAL_BACKEND, 0);
+        return REJECT;
     }
     if fe.count == 0 {
         if set_retval {

@@ -156,6 +156,10 @@ fn services(pin_path: &std::path::Path, output: Output) -> anyhow::Result<()> {
                 if let Some(t) = bes.affinity_timeout_s {
                     o["sessionAffinityTimeoutSeconds"] = json!(t);
                 }
+                if bes.no_local_endpoints {
+                    o["internalTrafficPolicy"] = json!("Local");
+                    o["noLocalEndpoints"] = json!(true);
+                }
                 o
             })
             .collect();
@@ -176,7 +180,12 @@ fn services(pin_path: &std::path::Path, output: Output) -> anyhow::Result<()> {
     };
     println!("{:<24} {:<13} BACKENDS", "FRONTEND", "KIND");
     for (fe, bes) in &services {
-        let mut line = text_list(&bes.all, "(none: rejected)");
+        let none = if bes.no_local_endpoints {
+            "(none on this node, internalTrafficPolicy Local: dropped)"
+        } else {
+            "(none: rejected)"
+        };
+        let mut line = text_list(&bes.all, none);
         if let Some(ext) = &bes.external {
             line.push_str("; from outside (externalTrafficPolicy Local): ");
             line.push_str(&text_list(ext, "(none on this node: dropped)"));

@@ -146,16 +146,32 @@ pub enum Outcome {
     /// Frontends (sorted) each with its backends (sorted, deduplicated); `warnings` lists what
     /// was skipped and why (SCTP port, IPv6 address, ...), for logging. `health_check`: the
     /// Service's `healthCheckNodePort`, which the node must answer. `no_local_endpoints`: its
-    /// ports with externalTrafficPolicy Local that have endpoints, none on this node (what
-    /// kube-proxy counts in `kubeproxy_sync_proxy_rules_no_local_endpoints_total`).
+    /// ports with a Local traffic policy that have endpoints, none on this node.
     Proxied {
         frontends: Vec<(Frontend, Backends)>,
         warnings: Vec<String>,
         health_check: Option<HealthCheck>,
-        no_local_endpoints: usize,
+        no_local_endpoints: NoLocalEndpoints,
     },
     /// The Service cannot be programmed; nothing of it is programmed. For logs and a counter.
     Invalid { reason: String },
+}
+
+/// A Service's ports with endpoints, none of them on this node, by the Local policy that then
+/// drops their traffic (what kube-proxy counts in
+/// `kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy}`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NoLocalEndpoints {
+    /// internalTrafficPolicy Local: traffic to the ClusterIP.
+    pub internal: usize,
+    /// externalTrafficPolicy Local: traffic from outside.
+    pub external: usize,
+}
+
+impl NoLocalEndpoints {
+    pub fn is_zero(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// A LoadBalancer Service with externalTrafficPolicy Local: its load balancer asks each node,
@@ -304,10 +320,10 @@ fn proxied(
     node: &NodeContext,
     limits: &Limits,
     warnings: &mut Warnings,
-) -> Result<(Vec<(Frontend, Backends)>, usize), String> {
+) -> Result<(Vec<(Frontend, Backends)>, NoLocalEndpoints), String> {
     let key = ServiceKey::of_service(svc);
     let Some(spec) = svc.spec.as_ref() else {
-        return Ok((Vec::new(), 0));
+        return Ok((Vec::new(), NoLocalEndpoints::default()));
     };
     let svc_type = match spec.type_.as_deref() {
         None | Some("ClusterIP") => ServiceType::ClusterIp,
@@ -356,7 +372,8 @@ fn proxied(
     let ext_local = externally_accessible(svc, svc_type) && external_policy_local(svc);
     let mut frontends: BTreeMap<(Ipv4Addr, u16, Protocol), (FrontendKind, Backends)> =
         BTreeMap::new();
-    let mut no_local_endpoints = 0;
+    let internal_local = internal_policy_local(svc);
+    let mut no_local_endpoints = NoLocalEndpoints::default();
     for port in &ports {
         let endpoints = endpoints(&key, port, slices, node, warnings);
         if endpoints.len() > limits.max_backends_per_frontend {
@@ -374,6 +391,26 @@ fn proxied(
             affinity_timeout_s: affinity,
             ..Backends::all(usable(&endpoints, |e| topology.admits(e)))
         };
+        // kube-proxy's hasEndpoints (CategorizeEndpoints' hasAnyEndpoints): some endpoint, on
+        // any node, may serve. A Local policy with none here then drops rather than rejects.
+        let has_endpoints = endpoints
+            .iter()
+            .any(|e| e.ready || (e.serving && e.terminating));
+        // internalTrafficPolicy Local: the ClusterIP's traffic (the node's pods' and its own)
+        // goes only to this node's endpoints, with the same terminating fallback.
+        let internal = if internal_local {
+            let local = usable(&endpoints, |e| e.backend.local);
+            Backends {
+                no_local_endpoints: local.is_empty() && has_endpoints,
+                all: local,
+                ..cluster.clone()
+            }
+        } else {
+            cluster.clone()
+        };
+        if internal.no_local_endpoints {
+            no_local_endpoints.internal += 1;
+        }
         let external = if ext_local {
             Backends {
                 external: Some(usable(&endpoints, |e| e.backend.local)),
@@ -383,8 +420,8 @@ fn proxied(
             cluster.clone()
         };
         // kube-proxy's hasEndpoints && !hasExternalEndpoints: outside traffic is dropped.
-        if !cluster.all.is_empty() && external.external.as_ref().is_some_and(Vec::is_empty) {
-            no_local_endpoints += 1;
+        if has_endpoints && external.external.as_ref().is_some_and(Vec::is_empty) {
+            no_local_endpoints.external += 1;
         }
         let mut wanted: Vec<(Ipv4Addr, u16, FrontendKind)> = addresses
             .iter()
@@ -409,7 +446,7 @@ fn proxied(
         };
         for (addr, fport, kind) in wanted {
             let backends = match kind {
-                FrontendKind::ClusterIp => &cluster,
+                FrontendKind::ClusterIp => &internal,
                 FrontendKind::LoadBalancer => &firewalled,
                 FrontendKind::NodePort | FrontendKind::ExternalIp => &external,
             };
@@ -870,6 +907,13 @@ fn externally_accessible(svc: &Service, svc_type: ServiceType) -> bool {
             .as_ref()
             .and_then(|s| s.external_ips.as_ref())
             .is_some_and(|ips| !ips.is_empty())
+}
+
+fn internal_policy_local(svc: &Service) -> bool {
+    svc.spec
+        .as_ref()
+        .and_then(|s| s.internal_traffic_policy.as_deref())
+        == Some("Local")
 }
 
 fn external_policy_local(svc: &Service) -> bool {
@@ -1580,6 +1624,110 @@ mod tests {
         }
     }
 
+    /// internalTrafficPolicy Local, row by row (kube-proxy's `CategorizeEndpoints` for a
+    /// Service that `UsesLocalEndpoints`, and the proxiers' "has no local endpoints" DROP):
+    /// the ClusterIP's backends (pods' and the node's traffic), whether it drops rather than
+    /// rejects, and the NodePort's backends for the node's pods, which the Cluster policy
+    /// serves (kube-proxy's short-circuit of pod traffic to external destinations).
+    #[test]
+    fn internal_traffic_policy_local_as_kube_proxy_categorizes_endpoints() {
+        type Row = (
+            &'static str,
+            Value,
+            Vec<&'static str>,
+            bool,
+            Vec<&'static str>,
+        );
+        let rows: Vec<Row> = vec![
+            (
+                "a local and a remote endpoint: the local one",
+                json!([
+                    ep("10.1.0.1", "node-a", true, true, false),
+                    ep("10.1.0.2", "node-b", true, true, false)
+                ]),
+                vec!["10.1.0.1"],
+                false,
+                vec!["10.1.0.1", "10.1.0.2"],
+            ),
+            (
+                "only remote endpoints: none, and dropped",
+                json!([ep("10.1.0.2", "node-b", true, true, false)]),
+                vec![],
+                true,
+                vec!["10.1.0.2"],
+            ),
+            (
+                "no endpoints at all: rejected, as without the policy",
+                json!([]),
+                vec![],
+                false,
+                vec![],
+            ),
+            (
+                "the local one terminating but serving, a remote one ready: the local one",
+                json!([
+                    ep("10.1.0.1", "node-a", false, true, true),
+                    ep("10.1.0.2", "node-b", true, true, false)
+                ]),
+                vec!["10.1.0.1"],
+                false,
+                vec!["10.1.0.2"],
+            ),
+            (
+                "the local one not serving: dropped",
+                json!([
+                    ep("10.1.0.1", "node-a", false, false, true),
+                    ep("10.1.0.2", "node-b", true, true, false)
+                ]),
+                vec![],
+                true,
+                vec!["10.1.0.2"],
+            ),
+            (
+                "only remote endpoints, terminating but serving: some may serve, so dropped",
+                json!([ep("10.1.0.2", "node-b", false, true, true)]),
+                vec![],
+                true,
+                vec!["10.1.0.2"],
+            ),
+            (
+                "hints do not narrow a Local policy",
+                json!([
+                    hinted("10.1.0.1", "node-a", true, &["zone-b"], &[]),
+                    hinted("10.1.0.2", "node-b", true, &["zone-a"], &[])
+                ]),
+                vec!["10.1.0.1"],
+                false,
+                vec!["10.1.0.2"],
+            ),
+        ];
+        for (name, eps, cluster_ip, drops, node_port) in rows {
+            let s = svc(json!({"type": "NodePort", "clusterIP": "10.96.0.10",
+                "internalTrafficPolicy": "Local",
+                "ports": [{"port": 80, "nodePort": 30080}]}));
+            let sl = slice("web-1", json!([{"port": 8080}]), eps);
+            let (got, _) = proxied_all(&s, &[&sl], &node(&["192.168.1.1"]));
+            let addrs = |b: &Backends| -> Vec<String> {
+                b.all.iter().map(|b| b.addr.to_string()).collect()
+            };
+            let of = |kind| &got.iter().find(|(f, _)| f.kind == kind).unwrap().1;
+            assert_eq!(addrs(of(ClusterIp)), cluster_ip, "{name}: ClusterIP");
+            assert_eq!(of(ClusterIp).no_local_endpoints, drops, "{name}: dropped");
+            assert_eq!(addrs(of(NodePort)), node_port, "{name}: NodePort");
+            assert!(!of(NodePort).no_local_endpoints, "{name}");
+        }
+        // The default, Cluster: every endpoint.
+        let s = svc(json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}));
+        let sl = slice(
+            "web-1",
+            json!([{"port": 8080}]),
+            json!([ep("10.1.0.2", "node-b", true, true, false)]),
+        );
+        let (got, _) = proxied_all(&s, &[&sl], &node(&["192.168.1.1"]));
+        assert_eq!(got[0].1.all.len(), 1);
+        assert!(!got[0].1.no_local_endpoints);
+    }
+
     /// The externalIP comes first and the LoadBalancer address merges into it: the one
     /// frontend is firewalled, as kube-proxy's firewall goes by destination alone.
     #[test]
@@ -2187,6 +2335,7 @@ mod tests {
             external: Some(vec![local_be("10.1.0.1", 8080)]),
             sources: None,
             affinity_timeout_s: None,
+            no_local_endpoints: false,
         };
         assert_eq!(
             got,
@@ -2515,26 +2664,45 @@ mod tests {
         };
         let remote = json!([ep("10.1.0.2", "node-b", true, true, false)]);
         assert_eq!(
-            count(&two_ports, remote.clone()),
+            count(&two_ports, remote.clone()).external,
             2,
             "both ports, none local"
         );
         let local = json!([ep("10.1.0.1", "node-a", true, true, false)]);
-        assert_eq!(count(&two_ports, local), 0, "a local endpoint");
+        assert_eq!(count(&two_ports, local).external, 0, "a local endpoint");
         assert_eq!(
-            count(&two_ports, json!([])),
+            count(&two_ports, json!([])).external,
             0,
             "no endpoints: rejected, not counted"
         );
         let mut cluster = two_ports.clone();
         cluster.spec.as_mut().unwrap().external_traffic_policy = Some("Cluster".into());
-        assert_eq!(count(&cluster, remote.clone()), 0, "eTP Cluster");
+        assert_eq!(count(&cluster, remote.clone()).external, 0, "eTP Cluster");
         let mut internal_only = two_ports.clone();
         internal_only.spec.as_mut().unwrap().type_ = Some("ClusterIP".into());
         assert_eq!(
-            count(&internal_only, remote),
+            count(&internal_only, remote.clone()).external,
             0,
             "not externally accessible"
+        );
+        // internalTrafficPolicy Local counts as "internal", each port once, the same way.
+        let mut both = two_ports.clone();
+        both.spec.as_mut().unwrap().internal_traffic_policy = Some("Local".into());
+        assert_eq!(
+            count(&both, remote.clone()),
+            NoLocalEndpoints {
+                internal: 2,
+                external: 2
+            }
+        );
+        assert!(count(&both, json!([])).is_zero(), "no endpoints: rejected");
+        internal_only.spec.as_mut().unwrap().internal_traffic_policy = Some("Local".into());
+        assert_eq!(
+            count(&internal_only, remote),
+            NoLocalEndpoints {
+                internal: 2,
+                external: 0
+            }
         );
     }
 

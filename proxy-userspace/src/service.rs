@@ -184,6 +184,10 @@ pub struct Backends {
     /// went to, if that was less than this many seconds ago and the backend is still here.
     /// `None`: each new flow chooses afresh.
     pub affinity_timeout_s: Option<u32>,
+    /// `all` is empty because internalTrafficPolicy Local leaves none of the Service's
+    /// endpoints, which are on other nodes: new flows are dropped, as kube-proxy drops them
+    /// ("has no local endpoints"), not refused as for a Service without endpoints.
+    pub no_local_endpoints: bool,
 }
 
 impl Backends {
@@ -194,6 +198,7 @@ impl Backends {
             external: None,
             sources: None,
             affinity_timeout_s: None,
+            no_local_endpoints: false,
         }
     }
 

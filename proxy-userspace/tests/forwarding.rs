@@ -320,6 +320,7 @@ fn outside_traffic_to_a_local_policy_frontend_uses_local_endpoints_or_is_dropped
                 external: Some(vec![local]),
                 sources: None,
                 affinity_timeout_s: None,
+                no_local_endpoints: false,
             },
         )
         .unwrap();
@@ -341,6 +342,7 @@ fn outside_traffic_to_a_local_policy_frontend_uses_local_endpoints_or_is_dropped
                 external: Some(vec![]),
                 sources: None,
                 affinity_timeout_s: None,
+                no_local_endpoints: false,
             },
         )
         .unwrap();

@@ -888,6 +888,7 @@ fn load_balancer_source_ranges_drop_other_clients_before_dnat() {
             from_node: false,
         }),
         affinity_timeout_s: None,
+        no_local_endpoints: false,
     };
     dp.upsert_frontend(lb, &ranges(&["198.18.0.96/28", "198.19.0.0/24"]))
         .unwrap();
@@ -979,6 +980,43 @@ fn load_balancer_source_ranges_drop_other_clients_before_dnat() {
     assert!(dp.services().iter().any(|(_, b)| b.sources.is_some()));
     dp.remove_service(lb).unwrap();
     assert!(raw_entries(&dp, LB4_SRC_RANGES_MAP).is_empty());
+}
+
+/// internalTrafficPolicy Local with the Service's endpoints all on other nodes: the frontend
+/// has no backends and drops new flows (counted), where one without endpoints refuses them
+/// with ICMP.
+#[test]
+fn a_cluster_ip_with_no_local_endpoints_drops_rather_than_refuses() {
+    require_privileged!("a_cluster_ip_with_no_local_endpoints_drops_rather_than_refuses");
+    let mut dp = dataplane();
+    let f = fe(VIP, Protocol::Tcp, FrontendKind::ClusterIp);
+    let none_local = Backends {
+        no_local_endpoints: true,
+        ..Backends::default()
+    };
+    dp.upsert_frontend(f, &none_local).unwrap();
+    assert_eq!(dp.services(), vec![(f, none_local)]);
+    let syn = tcp(sa(CLIENT), sa(VIP), SYN, b"");
+    let before = dp.counters().unwrap();
+    let (verdict, out) = run(&dp, FROM_POD, &syn);
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(out, syn, "no ICMP written");
+    let after = dp.counters().unwrap();
+    assert_eq!(delta(&before, &after, CTR_DROP_NO_LOCAL_BACKEND), 1);
+    assert_eq!(delta(&before, &after, CTR_REJECT_NO_BACKEND), 0);
+    // No endpoints anywhere: refused.
+    dp.upsert_frontend(f, &Backends::default()).unwrap();
+    let (_, out) = run(&dp, FROM_POD, &syn);
+    assert_eq!(check_icmp(&out).type_, 3, "ICMP destination unreachable");
+    // A local endpoint back: translated.
+    dp.upsert_frontend(f, &Backends::all(vec![be("198.19.0.20:8080")]))
+        .unwrap();
+    let (_, out) = run(
+        &dp,
+        FROM_POD,
+        &tcp(sa("198.19.0.10:40001"), sa(VIP), SYN, b""),
+    );
+    assert_eq!(check(&out).dst, sa("198.19.0.20:8080"));
 }
 
 /// The backend a pod client's SYN from `client` to [`VIP`] is sent to.

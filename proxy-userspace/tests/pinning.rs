@@ -105,6 +105,7 @@ fn a_reloaded_dataplane_adopts_both_lists_of_a_local_policy_frontend() {
         external: Some(vec![be("198.19.0.20", true)]),
         sources: None,
         affinity_timeout_s: None,
+        no_local_endpoints: false,
     };
     {
         let mut dp = Dataplane::load_with(config.clone()).unwrap();
@@ -127,6 +128,7 @@ fn a_reloaded_dataplane_adopts_both_lists_of_a_local_policy_frontend() {
         external: want.external.clone(),
         sources: None,
         affinity_timeout_s: None,
+        no_local_endpoints: false,
     };
     dp.upsert_frontend(np, &grown).unwrap();
     assert_eq!(dp.services(), vec![(np, grown.clone())]);
@@ -187,6 +189,7 @@ fn a_reloaded_dataplane_adopts_a_load_balancers_source_ranges() {
             from_node,
         }),
         affinity_timeout_s: None,
+        no_local_endpoints: false,
     };
     let want = with(&["198.18.0.0/24", "198.19.0.0/16"], true);
     {

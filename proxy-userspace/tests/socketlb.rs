@@ -508,13 +508,19 @@ const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 192, 41);
 /// Service `name` with `spec` (its ports TCP, to 8080) and `status`, and a slice with both
 /// web pods, ready.
 fn web_pods_service(env: &Env, name: &str, spec: Value, status: Value) {
+    service_of(env, name, spec, status, &[("web-0", 0), ("web-1", 1)]);
+}
+
+/// Service `name` with `spec` (its ports TCP, to 8080) and `status`, and a slice with
+/// `pods` (name, node), ready.
+fn service_of(env: &Env, name: &str, spec: Value, status: Value, pods: &[(&str, usize)]) {
     let svc = json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": name, "namespace": "default"},
         "spec": spec,
         "status": status,
     });
-    let eps: Vec<Value> = [("web-0", 0), ("web-1", 1)]
+    let eps: Vec<Value> = pods
         .iter()
         .map(|(p, k)| json!({"addresses": [env.addr(p).to_string()], "nodeName": node_name(*k)}))
         .collect();
@@ -683,4 +689,69 @@ fn session_affinity_holds_a_clients_connections_on_one_backend_until_its_timeout
     assert_eq!(hits(), before, "the first connection after the timeout");
     curl(env.client(), STICKY_IP, 80, T).unwrap();
     assert_eq!(hits(), before + 1.0);
+}
+
+const LOCAL_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 128, 43);
+
+/// Service `local`: ClusterIP [`LOCAL_IP`] TCP 80 -> 8080 with internalTrafficPolicy Local, its
+/// endpoints `pods` (ready).
+fn internal_local_service(env: &Env, pods: &[(&str, usize)]) {
+    service_of(
+        env,
+        "local",
+        json!({
+            "clusterIP": LOCAL_IP.to_string(), "internalTrafficPolicy": "Local",
+            "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP"}],
+        }),
+        json!({}),
+        pods,
+    );
+}
+
+/// internalTrafficPolicy Local on node0: with endpoints on both nodes, the node's pods and
+/// the node itself reach only node0's; with the only endpoint on node1, a pod's connection is
+/// dropped (it hangs, as under kube-proxy) and the node's refused with EPERM; the metric
+/// counts the port.
+#[test]
+fn internal_traffic_policy_local_keeps_a_nodes_traffic_on_its_own_endpoints() {
+    require_privileged!("internal_traffic_policy_local_keeps_a_nodes_traffic_on_its_own_endpoints");
+    let env = Env::new("all");
+    internal_local_service(&env, &[("web-0", 0), ("web-1", 1)]);
+    let programmed = |n: usize| {
+        eventually(WAIT, || {
+            env.backends(0, LOCAL_IP, 80, "TCP")
+                .is_some_and(|b| b.len() == n)
+        })
+    };
+    assert!(
+        programmed(1),
+        "node0 should hold web-0 alone\n{}",
+        env.logs()
+    );
+    for (who, ns) in [("the client pod", env.client()), ("node0", env.node(0))] {
+        for _ in 0..10 {
+            let r =
+                curl(ns, LOCAL_IP, 80, T).unwrap_or_else(|e| panic!("{who}: {e}\n{}", env.logs()));
+            assert_eq!(r.body, "web-0", "{who} reached another node's endpoint");
+        }
+    }
+    internal_local_service(&env, &[("web-1", 1)]);
+    assert!(programmed(0), "node0 should hold none\n{}", env.logs());
+    let dropped = env.counter(0, "drop_no_local_backend");
+    let c = tcp_connect(env.client(), LOCAL_IP, 80, Duration::from_secs(1)).unwrap();
+    assert_eq!(c, Connect::Timeout, "dropped, not refused");
+    assert!(env.counter(0, "drop_no_local_backend") > dropped);
+    if sluice::dataplane::socket::current_netns_cookie() != 0 {
+        let c = tcp_connect(env.node(0), LOCAL_IP, 80, T).unwrap();
+        assert_eq!(c, Connect::Failed("EPERM".into()), "the node's call");
+        assert!(env.counter(0, "sock_deny_no_local_backend") >= 1.0);
+    }
+    let metric = "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"internal\"}";
+    let ok = eventually(WAIT, || {
+        env.agent(0)
+            .metrics()
+            .lines()
+            .any(|l| l == format!("{metric} 1"))
+    });
+    assert!(ok, "{metric} is not 1:\n{}", env.agent(0).metrics());
 }

@@ -427,6 +427,7 @@ fn seed_api_server_service(
         external: None,
         sources: None,
         affinity_timeout_s: None,
+        no_local_endpoints: false,
     };
     dp.upsert_frontend(frontend, &backends)
         .context("--bootstrap-api-server: programming the API server's Service")?;

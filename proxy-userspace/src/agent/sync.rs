@@ -34,7 +34,7 @@ use super::{
 };
 use crate::{
     dataplane::{Dataplane, DataplaneError, socket::SocketTarget},
-    model::{self, HealthCheck, Limits, NodeContext, Outcome, ServiceKey},
+    model::{self, HealthCheck, Limits, NoLocalEndpoints, NodeContext, Outcome, ServiceKey},
     service::{Backends, Cidr4, Frontend, FrontendId, Protocol},
 };
 
@@ -104,7 +104,7 @@ pub struct Syncer {
     invalid: BTreeMap<ServiceKey, String>,
     /// Services with ports whose externalTrafficPolicy Local finds no endpoint on this node
     /// (while others have some): how many such ports each.
-    no_local_endpoints: HashMap<ServiceKey, usize>,
+    no_local_endpoints: HashMap<ServiceKey, NoLocalEndpoints>,
     /// Services that wanted a frontend another one holds.
     waiting: BTreeSet<ServiceKey>,
     retry: BTreeSet<ServiceKey>,
@@ -284,11 +284,17 @@ impl Syncer {
             Pass::Full => m.sync_full_duration.observe(took),
             Pass::Partial => m.sync_partial_duration.observe(took),
         }
-        for (policy, n) in [
-            // internalTrafficPolicy is not read yet: every Service is Cluster internally.
-            ("internal", 0),
-            ("external", self.no_local_endpoints.values().sum::<usize>()),
-        ] {
+        let internal = self
+            .no_local_endpoints
+            .values()
+            .map(|n| n.internal)
+            .sum::<usize>();
+        let external = self
+            .no_local_endpoints
+            .values()
+            .map(|n| n.external)
+            .sum::<usize>();
+        for (policy, n) in [("internal", internal), ("external", external)] {
             m.no_local_endpoints
                 .get_or_create(&TrafficPolicyLabel {
                     traffic_policy: policy.into(),
@@ -548,7 +554,7 @@ impl Syncer {
                 no_local_endpoints,
             } => {
                 self.invalid.remove(key);
-                if no_local_endpoints == 0 {
+                if no_local_endpoints.is_zero() {
                     self.no_local_endpoints.remove(key);
                 } else {
                     self.no_local_endpoints

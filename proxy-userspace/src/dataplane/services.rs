@@ -10,8 +10,8 @@ use proxy_common::{
     AffinityMatchKey, BACKEND_FLAG_LOCAL, LB4_AFFINITY_MATCH_MAP, LB4_BACKENDS_MAP, LB4_REVNAT_MAP,
     LB4_SERVICES_MAP, LB4_SRC_RANGES_DEFAULT_MAX, LB4_SRC_RANGES_MAP, LOCAL_SLOT_BASE, Lb4Backend,
     Lb4Key, Lb4RevNat, Lb4Service, SRC_RANGE_ID_BITS, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP,
-    SVC_FLAG_EXT_LOCAL, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT,
-    SVC_FLAG_SRC_RANGES, SVC_FLAG_SRC_RANGES_NODE, SrcRange4Key,
+    SVC_FLAG_EXT_LOCAL, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NO_LOCAL_DROP,
+    SVC_FLAG_NODE_PORT, SVC_FLAG_SRC_RANGES, SVC_FLAG_SRC_RANGES_NODE, SrcRange4Key,
 };
 
 use super::{Dataplane, DataplaneError, map_error};
@@ -66,6 +66,8 @@ struct FeState {
     /// sessionAffinity's timeout (slot 0's `backend_id`); its backends are in
     /// `LB4_AFFINITY_MATCH` under `rev_nat_id`.
     affinity_timeout_s: Option<u32>,
+    /// `SVC_FLAG_NO_LOCAL_DROP`: no backends, and new flows dropped rather than refused.
+    no_local_endpoints: bool,
 }
 
 impl FeState {
@@ -414,6 +416,7 @@ impl Dataplane {
             external: ext_ids.clone(),
             sources: new_sources.clone(),
             affinity_timeout_s: backends.affinity_timeout_s,
+            no_local_endpoints: backends.no_local_endpoints && all_ids.is_empty(),
         };
         let old_matches = old.as_ref().map(FeState::affinity_keys).unwrap_or_default();
         let new_matches = new_state.affinity_keys();
@@ -458,6 +461,11 @@ impl Dataplane {
                     }
                     | if backends.affinity_timeout_s.is_some() {
                         SVC_FLAG_AFFINITY
+                    } else {
+                        0
+                    }
+                    | if backends.no_local_endpoints && all_ids.is_empty() {
+                        SVC_FLAG_NO_LOCAL_DROP
                     } else {
                         0
                     },
@@ -778,6 +786,7 @@ impl Ids {
                         external: ext_local.then(|| vec![0; usize::from(v.local_count)]),
                         affinity_timeout_s: (v.flags & SVC_FLAG_AFFINITY != 0)
                             .then_some(v.backend_id),
+                        no_local_endpoints: v.flags & SVC_FLAG_NO_LOCAL_DROP != 0,
                         sources: (v.flags & SVC_FLAG_SRC_RANGES != 0).then(|| {
                             let mut cidrs = by_id.remove(&v.rev_nat_id).unwrap_or_default();
                             cidrs.sort();
@@ -843,6 +852,7 @@ impl Ids {
                     external: st.external.as_deref().map(list),
                     sources: st.sources.clone(),
                     affinity_timeout_s: st.affinity_timeout_s,
+                    no_local_endpoints: st.no_local_endpoints,
                 };
                 (fe, bes)
             })
