@@ -612,10 +612,47 @@ fn an_invalid_service_is_counted_and_skipped_and_others_are_served() {
     env.api.create(&slice("bad", &[a])).unwrap();
     env.api.create(&service("web", VIP, "TCP")).unwrap();
     env.api.create(&slice("web", &[a])).unwrap();
+    // A Service with an SCTP port beside its TCP one: the TCP port is served, the SCTP one
+    // left out, said once and counted.
+    let sig = Ipv4Addr::new(198, 18, 128, 23);
+    let mut with_sctp = service("sig", sig, "TCP");
+    with_sctp
+        .spec
+        .as_mut()
+        .unwrap()
+        .ports
+        .as_mut()
+        .unwrap()
+        .push(
+            serde_json::from_value(json!({"name": "diameter", "port": 3868, "protocol": "SCTP"}))
+                .unwrap(),
+        );
+    env.api.create(&with_sctp).unwrap();
+    env.api.create(&slice("sig", &[a])).unwrap();
     env.start_agent(&[]);
     env.wait_for_backends(VIP, 80, &["backend-a"]);
+    env.wait_for_backends(sig, 80, &["backend-a"]);
     assert_eq!(env.metric("sluice_invalid_services"), 1.0);
+    assert_eq!(
+        env.metric("sluice_invalid_services_by_kind{kind=\"unknown_protocol\"}"),
+        1.0
+    );
     assert!(env.metric("sluice_invalid_service_events_total") >= 1.0);
+    assert_eq!(
+        env.metric("sluice_skipped_service_parts{kind=\"sctp_port\"}"),
+        1.0
+    );
+    // The slice changes (the Service is synced again): the same part is not said again.
+    let b = env.addr("backend-b");
+    env.api.update(&slice("sig", &[a, b])).unwrap();
+    env.wait_for_backends(sig, 80, &["backend-a", "backend-b"]);
+    let said = env
+        .agent()
+        .log()
+        .lines()
+        .filter(|l| l.contains("part of a Service left out") && l.contains("3868/SCTP"))
+        .count();
+    assert_eq!(said, 1, "{}", env.agent().log());
     assert!(
         !env.frontends()
             .iter()

@@ -102,6 +102,11 @@ pub struct Metrics {
     pub frontends: Gauge,
     pub backends: Gauge,
     pub invalid_services: Gauge,
+    /// Services currently invalid, by why (`InvalidService::kind`).
+    pub invalid_services_by_kind: Family<KindLabel, Gauge>,
+    /// Parts of Services left out while the rest is programmed, by what
+    /// (`Skipped::kind`: `sctp_port`, `ipv6`, ...).
+    pub skipped_service_parts: Family<KindLabel, Gauge>,
     pub invalid_service_events: Counter,
     pub frontend_conflicts: Counter,
     pub write_errors: Counter,
@@ -148,6 +153,8 @@ impl Metrics {
             frontends: Gauge::default(),
             backends: Gauge::default(),
             invalid_services: Gauge::default(),
+            invalid_services_by_kind: Family::default(),
+            skipped_service_parts: Family::default(),
             invalid_service_events: Counter::default(),
             frontend_conflicts: Counter::default(),
             write_errors: Counter::default(),
@@ -235,6 +242,16 @@ impl Metrics {
             "invalid_services",
             "Services currently skipped as invalid (bad port, unknown protocol, too many endpoints)",
             m.invalid_services.clone(),
+        );
+        r.register(
+            "invalid_services_by_kind",
+            "Services currently skipped as invalid, by why",
+            m.invalid_services_by_kind.clone(),
+        );
+        r.register(
+            "skipped_service_parts",
+            "Parts of Services left out while the rest is programmed (an SCTP port, an IPv6 address, a bad endpoint), by what",
+            m.skipped_service_parts.clone(),
         );
         r.register(
             "invalid_service_events",

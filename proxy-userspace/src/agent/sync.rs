@@ -28,13 +28,16 @@ use std::{
 
 use super::{
     devices::{Devices, local_devices},
-    metrics::{MapLabel, Metrics, TrafficPolicyLabel},
+    metrics::{KindLabel, MapLabel, Metrics, TrafficPolicyLabel},
     server::Health,
     source::{Change, ObjectView, Resource},
 };
 use crate::{
     dataplane::{Dataplane, DataplaneError, socket::SocketTarget},
-    model::{self, HealthCheck, Limits, NoLocalEndpoints, NodeContext, Outcome, ServiceKey},
+    model::{
+        self, HealthCheck, InvalidService, Limits, NoLocalEndpoints, NodeContext, Outcome,
+        ServiceKey, Skipped,
+    },
     service::{Backends, Cidr4, Frontend, FrontendId, Protocol},
 };
 
@@ -101,7 +104,11 @@ pub struct Syncer {
     owners: HashMap<FrontendId, ServiceKey>,
     /// What the maps held at start, until the first full sync has claimed or removed it.
     adopted: Option<Entries>,
-    invalid: BTreeMap<ServiceKey, String>,
+    invalid: BTreeMap<ServiceKey, InvalidService>,
+    /// What each Service had left out at its last sync: each new one is logged once.
+    skipped: HashMap<ServiceKey, Vec<Skipped>>,
+    /// The kinds the invalid and skipped gauges have shown: they stay, at 0 once none is left.
+    kinds_seen: (BTreeSet<&'static str>, BTreeSet<&'static str>),
     /// Services with ports whose externalTrafficPolicy Local finds no endpoint on this node
     /// (while others have some): how many such ports each.
     no_local_endpoints: HashMap<ServiceKey, NoLocalEndpoints>,
@@ -160,6 +167,8 @@ impl Syncer {
             owners: HashMap::new(),
             adopted: Some(adopted),
             invalid: BTreeMap::new(),
+            skipped: HashMap::new(),
+            kinds_seen: Default::default(),
             no_local_endpoints: HashMap::new(),
             waiting: BTreeSet::new(),
             retry: BTreeSet::new(),
@@ -311,6 +320,10 @@ impl Syncer {
                 .sum(),
         );
         m.invalid_services.set(self.invalid.len() as i64);
+        let invalid = self.invalid.values().map(InvalidService::kind);
+        set_by_kind(&m.invalid_services_by_kind, &mut self.kinds_seen.0, invalid);
+        let skipped = self.skipped.values().flatten().map(Skipped::kind);
+        set_by_kind(&m.skipped_service_parts, &mut self.kinds_seen.1, skipped);
         if let Ok(d) = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
             m.last_sync.set(d.as_secs_f64());
         }
@@ -525,6 +538,7 @@ impl Syncer {
     fn desired(&mut self, key: &ServiceKey) -> Option<Entries> {
         let Some(svc) = self.view.service(key) else {
             self.invalid.remove(key);
+            self.skipped.remove(key);
             self.no_local_endpoints.remove(key);
             self.set_health_check(key, None);
             return Some(Entries::new());
@@ -534,6 +548,7 @@ impl Syncer {
         match model::service_frontends(&svc, &refs, &self.node, &self.config.limits) {
             Outcome::Ignored { reason } => {
                 self.invalid.remove(key);
+                self.skipped.remove(key);
                 self.no_local_endpoints.remove(key);
                 self.set_health_check(key, None);
                 tracing::debug!(service = %key, reason, "not proxied");
@@ -561,8 +576,12 @@ impl Syncer {
                         .insert(key.clone(), no_local_endpoints);
                 }
                 self.set_health_check(key, health_check);
-                for w in warnings {
-                    tracing::debug!(service = %key, warning = %w, "skipped part of a Service");
+                let before = self.skipped.remove(key).unwrap_or_default();
+                for w in warnings.iter().filter(|w| !before.contains(w)) {
+                    tracing::warn!(service = %key, skipped = %w, kind = w.kind(), "part of a Service left out");
+                }
+                if !warnings.is_empty() {
+                    self.skipped.insert(key.clone(), warnings);
                 }
                 Some(
                     frontends
@@ -738,5 +757,27 @@ impl Syncer {
             Some(_) => false,
             None => s.services.remove(key).is_some(),
         });
+    }
+}
+
+/// Sets `family` to how many of `kinds` there are of each kind; kinds in `seen` (those shown
+/// before) and not among them go to 0.
+fn set_by_kind(
+    family: &prometheus_client::metrics::family::Family<
+        KindLabel,
+        prometheus_client::metrics::gauge::Gauge,
+    >,
+    seen: &mut BTreeSet<&'static str>,
+    kinds: impl Iterator<Item = &'static str>,
+) {
+    let mut n: BTreeMap<&'static str, i64> = seen.iter().map(|k| (*k, 0)).collect();
+    for k in kinds {
+        *n.entry(k).or_default() += 1;
+    }
+    for (kind, count) in n {
+        seen.insert(kind);
+        family
+            .get_or_create(&KindLabel { kind: kind.into() })
+            .set(count);
     }
 }
