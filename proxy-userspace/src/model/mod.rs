@@ -23,6 +23,8 @@ use crate::service::{
     Backend, Backends, Cidr4, Frontend, FrontendId, FrontendKind, Protocol, SourceRanges,
 };
 
+#[cfg(test)]
+mod parity;
 mod problems;
 pub use problems::{InvalidService, Skipped};
 
