@@ -126,8 +126,7 @@ fn forward(ctx: &SockAddrContext, counter: u32, set_retval: bool) -> i32 {
     };
     let host = in_host_netns(ctx, cfg.host_netns_cookie);
     if cfg.mode == SOCK_LB_HOST_ONLY && !host {
-        count(CTR_SOCK_PASS_TO_TC, 0);
-        return PROCEED;
+        return to_tc();
     }
     // loadBalancerSourceRanges: the client's address decides, which a socket may not have
     // yet. A pod's call goes on untranslated, for the TC path to check its address; the node's
@@ -135,12 +134,10 @@ fn forward(ctx: &SockAddrContext, counter: u32, set_retval: bool) -> i32 {
     // otherwise, as kube-proxy's firewall drops it.
     if fe.flags & SVC_FLAG_SRC_RANGES != 0 {
         if !host {
-            count(CTR_SOCK_PASS_TO_TC, 0);
-            return PROCEED;
+            return to_tc();
         }
         if fe.flags & SVC_FLAG_SRC_RANGES_NODE == 0 {
-            count(CTR_SOCK_DENY_SOURCE_RANGE, 0);
-            return REJECT;
+            return refused(CTR_SOCK_DENY_SOURCE_RANGE);
         }
     }
     // internalTrafficPolicy Local with no endpoint here: kube-proxy drops the traffic. A pod's
@@ -148,11 +145,9 @@ fn forward(ctx: &SockAddrContext, counter: u32, set_retval: bool) -> i32 {
     // sees, is refused with EPERM rather than sent on to the ClusterIP.
     if fe.count == 0 && fe.flags & SVC_FLAG_NO_LOCAL_DROP != 0 {
         if !host {
-            count(CTR_SOCK_PASS_TO_TC, 0);
-            return PROCEED;
+            return to_tc();
         }
-        count(CTR_SOCK_DENY_NO_LOCAL_BACKEND, 0);
-        return REJECT;
+        return refused(CTR_SOCK_DENY_NO_LOCAL_BACKEND);
     }
     if fe.count == 0 {
         if set_retval {
@@ -160,11 +155,9 @@ fn forward(ctx: &SockAddrContext, counter: u32, set_retval: bool) -> i32 {
             unsafe { aya_ebpf::helpers::bpf_set_retval(-ECONNREFUSED) };
         } else if !host {
             // The TC path rejects it with ICMP port unreachable: ECONNREFUSED.
-            count(CTR_SOCK_PASS_TO_TC, 0);
-            return PROCEED;
+            return to_tc();
         }
-        count(CTR_SOCK_REJECT_NO_BACKEND, 0);
-        return REJECT;
+        return refused(CTR_SOCK_REJECT_NO_BACKEND);
     }
     // SAFETY: the helper takes the program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -179,8 +172,7 @@ fn forward(ctx: &SockAddrContext, counter: u32, set_retval: bool) -> i32 {
     // sessionAffinity: keyed by the client's address, which only the TC path knows of a pod;
     // the node's own sockets share one entry (kube-proxy sees them all from the node's address).
     if fe.flags & SVC_FLAG_AFFINITY != 0 && !host {
-        count(CTR_SOCK_PASS_TO_TC, 0);
-        return PROCEED;
+        return to_tc();
     }
     let Some(be) = lb::choose(
         &fe,
@@ -219,6 +211,20 @@ fn forward(ctx: &SockAddrContext, counter: u32, set_retval: bool) -> i32 {
     }
     count(counter, 0);
     PROCEED
+}
+
+/// Leaves the call untranslated for the TC path, which sees the packets (and a pod's address).
+#[inline(always)]
+fn to_tc() -> i32 {
+    count(CTR_SOCK_PASS_TO_TC, 0);
+    PROCEED
+}
+
+/// Refuses the call (EPERM, or the error `bpf_set_retval` set), counted under `counter`.
+#[inline(always)]
+fn refused(counter: u32) -> i32 {
+    count(counter, 0);
+    REJECT
 }
 
 /// Shows the frontend a socket dialled where it would see the backend.

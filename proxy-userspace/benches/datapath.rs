@@ -256,6 +256,25 @@ fn sized_for_services() -> Dataplane {
     .unwrap()
 }
 
+fn cell(s: &Stats) -> String {
+    format!("{:.0} ns (mean {:.0}, p90 {:.0})", s.median, s.mean, s.p90)
+}
+
+/// A table row: the number of Services, the empty program and each path, then each path's
+/// median over the empty program's.
+fn over_empty(services: u32, [empty, paths @ ..]: &[Stats; 4]) -> String {
+    let cells: Vec<String> = std::iter::once(empty).chain(paths).map(cell).collect();
+    let over: Vec<String> = paths
+        .iter()
+        .map(|p| format!("+{:.0}", p.median - empty.median))
+        .collect();
+    format!(
+        "| {services} | {} | {} ns |\n",
+        cells.join(" | "),
+        over.join(" / ")
+    )
+}
+
 fn counter(dp: &Dataplane, i: u32) -> u64 {
     let c: [Counter; _] = dp.counters().unwrap();
     c[i as usize].packets
@@ -348,7 +367,7 @@ fn main() {
     let mut md = String::new();
     md.push_str("| Services | empty program | conntrack hit | new flow | no match (an externalIP, another port) | pod to pod (no frontend's address) | into a pod (`sluice_to_pod`, no TC client there) | conntrack hit / new flow / pod to pod over empty | time to program all |\n");
     md.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
-    let f = |s: &Stats| format!("{:.0} ns (mean {:.0}, p90 {:.0})", s.median, s.mean, s.p90);
+    let f = cell;
     for (n, t, e, h, nf, nm, pp, ip) in &rows {
         md.push_str(&format!(
             "| {n} | {} | {} | {} | {} | {} | {} | +{:.0} / +{:.0} / +{:.0} ns | {:.1} ms |\n",
@@ -367,31 +386,11 @@ fn main() {
     md.push_str("\n## The SNAT path: from outside to a NodePort whose endpoints are on other nodes\n\nTC ingress of the uplink (`sluice_from_uplink`) on a thread inside a namespace with a route and a resolved neighbour for the remote endpoints: a new flow (DNAT, SNAT port reserved, FIB lookup, TTL and MACs, redirect), the flow's next packet (conntrack hit, FIB lookup, redirect) and the endpoint's reply (reverse translation, FIB lookup, redirect), against the empty program.\n\n");
     md.push_str("| Services | empty program | new flow (SNAT) | conntrack hit (SNAT) | reply (SNAT) | over empty: new / hit / reply |\n|---:|---:|---:|---:|---:|---:|\n");
     for services in [1u32, 10_000] {
-        let [e, nf, h, r] = snat_cell(services, flows, rounds);
-        md.push_str(&format!(
-            "| {services} | {} | {} | {} | {} | +{:.0} / +{:.0} / +{:.0} ns |\n",
-            f(&e),
-            f(&nf),
-            f(&h),
-            f(&r),
-            nf.median - e.median,
-            h.median - e.median,
-            r.median - e.median
-        ));
+        md.push_str(&over_empty(services, &snat_cell(services, flows, rounds)));
     }
     md.push_str("\n## sessionAffinity ClientIP: the new-flow cost\n\nTC ingress of a pod device: new flows to a ClusterIP without affinity, and to one with it from clients it has not seen (the affinity entry missed, then written) and from the same clients again (the entry hit: the remembered backend checked against the frontend's and used). The conntrack hit path is the same with or without affinity.\n\n| Services | empty program | new flow, no affinity | new flow, affinity miss | new flow, affinity hit | over empty: none / miss / hit |\n|---:|---:|---:|---:|---:|---:|\n");
     for services in [1u32, 10_000] {
-        let [e, plain, miss, hit] = affinity_cell(services, flows);
-        md.push_str(&format!(
-            "| {services} | {} | {} | {} | {} | +{:.0} / +{:.0} / +{:.0} ns |\n",
-            f(&e),
-            f(&plain),
-            f(&miss),
-            f(&hit),
-            plain.median - e.median,
-            miss.median - e.median,
-            hit.median - e.median
-        ));
+        md.push_str(&over_empty(services, &affinity_cell(services, flows)));
     }
     // How much of the verifier's budget (1,000,000 instructions processed per program) each
     // program takes on this kernel: the room left for new datapath features.

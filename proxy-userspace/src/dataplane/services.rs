@@ -200,56 +200,62 @@ impl Dataplane {
         }
     }
 
-    /// Writes `adding` under `rev_nat_id`. On a failure, the ones written are removed again
-    /// and the error returned.
-    fn add_ranges(
+    /// Writes each of `items` with `add`; on a failure, removes the ones written with `undo`
+    /// and returns the error: all or none.
+    fn add_all<T>(
         &mut self,
-        frontend: Frontend,
-        rev_nat_id: u32,
-        adding: &[Cidr4],
+        items: &[T],
+        add: impl Fn(&mut Self, &T) -> Result<(), DataplaneError>,
+        undo: impl FnOnce(&mut Self, &[T]) -> Result<(), DataplaneError>,
     ) -> Result<(), DataplaneError> {
-        for (i, range) in adding.iter().enumerate() {
-            let result = self
-                .open_mut::<LpmTrie<&mut MapData, SrcRange4Key, u8>>(LB4_SRC_RANGES_MAP)
-                .and_then(|mut m| {
-                    m.insert(&range_key(rev_nat_id, *range), &1, 0)
-                        .map_err(|source| {
-                            if is_full(&source) {
-                                DataplaneError::MapFull {
-                                    map: LB4_SRC_RANGES_MAP,
-                                    max: LB4_SRC_RANGES_DEFAULT_MAX,
-                                    what: format!("source range {range} of {frontend}"),
-                                }
-                            } else {
-                                map_error(LB4_SRC_RANGES_MAP, "insert")(source)
-                            }
-                        })
-                });
-            if let Err(e) = result {
-                self.remove_ranges(rev_nat_id, &adding[..i])?;
+        for (i, item) in items.iter().enumerate() {
+            if let Err(e) = add(self, item) {
+                undo(self, &items[..i])?;
                 return Err(e);
             }
         }
         Ok(())
     }
 
-    /// Writes `keys` into `LB4_AFFINITY_MATCH`. On a failure, the ones written are removed
-    /// again and the error returned.
+    /// Writes `adding` under `rev_nat_id`, all or none.
+    fn add_ranges(
+        &mut self,
+        frontend: Frontend,
+        rev_nat_id: u32,
+        adding: &[Cidr4],
+    ) -> Result<(), DataplaneError> {
+        let add = |dp: &mut Self, range: &Cidr4| {
+            let mut m =
+                dp.open_mut::<LpmTrie<&mut MapData, SrcRange4Key, u8>>(LB4_SRC_RANGES_MAP)?;
+            m.insert(&range_key(rev_nat_id, *range), &1, 0)
+                .map_err(|source| {
+                    if is_full(&source) {
+                        DataplaneError::MapFull {
+                            map: LB4_SRC_RANGES_MAP,
+                            max: LB4_SRC_RANGES_DEFAULT_MAX,
+                            what: format!("source range {range} of {frontend}"),
+                        }
+                    } else {
+                        map_error(LB4_SRC_RANGES_MAP, "insert")(source)
+                    }
+                })
+        };
+        self.add_all(adding, add, |dp, done| dp.remove_ranges(rev_nat_id, done))
+    }
+
+    /// Writes `keys` into `LB4_AFFINITY_MATCH`, all or none.
     fn add_matches(
         &mut self,
         frontend: Frontend,
         keys: &[AffinityMatchKey],
     ) -> Result<(), DataplaneError> {
-        for (i, k) in keys.iter().enumerate() {
-            let max = self.config.services_max;
-            if let Err(e) = self.insert(LB4_AFFINITY_MATCH_MAP, max, *k, 1u8, || {
+        let add = |dp: &mut Self, k: &AffinityMatchKey| {
+            let max = dp.config.services_max;
+            dp.insert(LB4_AFFINITY_MATCH_MAP, max, *k, 1u8, || {
                 format!("session affinity of {frontend}")
-            }) {
-                self.remove_matches(&keys[..i])?;
-                return Err(e);
-            }
-        }
-        Ok(())
+            })
+        };
+        self.add_all(keys, add, Self::remove_matches)
     }
 
     fn remove_matches(&mut self, keys: &[AffinityMatchKey]) -> Result<(), DataplaneError> {
