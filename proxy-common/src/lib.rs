@@ -12,6 +12,7 @@
 pub mod conntrack;
 pub mod counters;
 pub mod lb4;
+pub mod sctp;
 pub mod sock;
 
 pub use conntrack::*;
@@ -35,3 +36,4 @@ macro_rules! impl_pod {
 /// IP protocol numbers the datapath translates.
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_SCTP: u8 = 132;
