@@ -150,6 +150,10 @@ counters! {
     /// Of the socket programs: a connect or send from the node to a ClusterIP with
     /// internalTrafficPolicy Local and no endpoint on this node, refused with EPERM.
     CTR_SOCK_DENY_NO_LOCAL_BACKEND = 46, "sock_deny_no_local_backend";
+    /// Dropped: a translated SCTP packet whose port change could not be folded into its
+    /// checksum (the checksum program missing from `LB4_TAILS`, or the packet not writable);
+    /// sent on, the receiver would drop it for its checksum.
+    CTR_DROP_SCTP_CHECKSUM = 47, "drop_sctp_checksum";
 }
 
 /// The counters that are no verdict (`seen`, the socket programs', and the "of the translated
@@ -178,7 +182,7 @@ pub const NOT_VERDICTS: [u32; 19] = [
 ];
 
 /// Number of counters in use (at most [`CTR_SLOTS`]).
-pub const CTR_MAX: u32 = 47;
+pub const CTR_MAX: u32 = 48;
 const _: () = assert!(CTR_MAX <= CTR_SLOTS);
 
 /// One CPU's share of a counter.

@@ -88,6 +88,15 @@ pub struct RejectBudget {
 /// `cilium_ipv4_frag_datagrams`). Entries age out by LRU; one lives as long as reassembly
 /// could use it.
 pub const LB4_FRAGS_MAP: &str = "LB4_FRAGS";
+
+/// The programs the TC programs tail-call (a `BPF_MAP_TYPE_PROG_ARRAY`), by the slots below.
+/// Pinned, like the other maps: the kernel empties a program array when its last user
+/// reference goes, so an unpinned one would leave the programs of a killed agent, still
+/// attached until its successor replaces them, without their tail calls.
+pub const LB4_TAILS_MAP: &str = "LB4_TAILS";
+/// Slot of `sluice_sctp_checksum`: folds a translated SCTP packet's port change into its CRC32c.
+pub const TAIL_SCTP_CHECKSUM: u32 = 0;
+pub const LB4_TAILS_MAX: u32 = 1;
 pub const LB4_FRAGS_DEFAULT_MAX: u32 = 8_192;
 
 /// Key of [`LB4_FRAGS_MAP`]: a datagram, as its fragments name it (network byte order).

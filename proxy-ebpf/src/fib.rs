@@ -18,7 +18,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 
-use proxy_common::IPPROTO_TCP;
+use proxy_common::{IPPROTO_SCTP, IPPROTO_TCP};
 
 use crate::parse::{Flow, IP_CSUM_OFF, IP_TTL_OFF};
 
@@ -69,6 +69,11 @@ pub fn wire_len(ctx: &TcContext, f: &Flow) -> u16 {
     let gso_size = gso_size(ctx);
     if gso_size == 0 {
         return f.tot_len;
+    }
+    if f.proto == IPPROTO_SCTP {
+        // SCTP's GSO packets are cut at their chunks (GSO_BY_FRAGS), each already sized by the
+        // sender to the path MTU: there is no one segment size to check.
+        return 0;
     }
     let l4_hdr = if f.proto == IPPROTO_TCP {
         // The data offset, in 32-bit words, is the high nibble of byte 12.

@@ -31,6 +31,8 @@ mod programs;
 #[cfg(target_arch = "bpf")]
 mod reject;
 #[cfg(target_arch = "bpf")]
+mod sctp;
+#[cfg(target_arch = "bpf")]
 mod snat;
 #[cfg(target_arch = "bpf")]
 mod sock;

@@ -7,11 +7,15 @@
 //! `skb->csum` follow the addresses. For UDP, `BPF_F_MARK_MANGLED_0` leaves a zero ("no
 //! checksum") checksum zero. A later fragment has no L4 header: only its addresses change;
 //! its first fragment's checksum update covers them.
+//!
+//! SCTP's checksum is a CRC32c over the SCTP packet alone, with no pseudo-header: an address
+//! change leaves it valid, and a port change is folded in afterwards by `sctp`'s program,
+//! tail-called once the packet's verdict is known.
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use proxy_common::IPPROTO_UDP;
+use proxy_common::{IPPROTO_SCTP, IPPROTO_UDP};
 
 use crate::parse::{Flow, IP_CSUM_OFF, IP_SADDR_OFF};
 
@@ -19,7 +23,7 @@ pub struct RewriteFailed;
 
 /// Ones' complement addition, with the end-around carry.
 #[inline(always)]
-fn csum_add(a: u32, b: u32) -> u32 {
+pub(crate) fn csum_add(a: u32, b: u32) -> u32 {
     let (s, carry) = a.overflowing_add(b);
     s.wrapping_add(u32::from(carry))
 }
@@ -27,7 +31,7 @@ fn csum_add(a: u32, b: u32) -> u32 {
 /// What the ones' complement sum of a packet gains when a 32-bit word (as it lies in memory)
 /// changes from `old` to `new`, as the kernel's `csum_diff` computes it.
 #[inline(always)]
-fn diff(old: u32, new: u32) -> u32 {
+pub(crate) fn diff(old: u32, new: u32) -> u32 {
     csum_add(!old, new)
 }
 
@@ -40,7 +44,7 @@ fn fold(sum: u32) -> u16 {
 
 /// Writes `v` at `off` of the packet, if its linear part holds it.
 #[inline(always)]
-fn put<T>(ctx: &TcContext, off: u32, v: T) -> Result<(), RewriteFailed> {
+pub(crate) fn put<T>(ctx: &TcContext, off: u32, v: T) -> Result<(), RewriteFailed> {
     let p = ctx.data() + off as usize;
     if p + core::mem::size_of::<T>() > ctx.data_end() {
         return Err(RewriteFailed);
@@ -100,6 +104,9 @@ pub fn rewrite(
     // The ports, at most 127 bytes in (bounded for the verifier: the IPv4 header is at most
     // 60 bytes).
     put(ctx, flow.l4_off & 0x7f, [sport_be, dport_be])?;
+    if flow.proto == IPPROTO_SCTP {
+        return Ok(());
+    }
     l4_csum(ctx, flow, addr_diff, true)?;
     l4_csum(ctx, flow, ports_diff, false)
 }

@@ -1,14 +1,16 @@
-//! Parsing: Ethernet, IPv4 (options allowed), TCP and UDP ports, and ICMP errors with the
-//! TCP or UDP packet they quote. The headers are read in place (direct packet access), after
+//! Parsing: Ethernet, IPv4 (options allowed), TCP, UDP and SCTP ports, and ICMP errors with
+//! the packet they quote. The headers are read in place (direct packet access), after
 //! they are pulled into the packet's linear part if they are not there yet; every read is
 //! bounds-checked against the end of that part, so a short packet is an error here, never an
 //! out-of-bounds read. (ICMP errors' quotes are read with `bpf_skb_load_bytes`.) A later fragment
 //! of a TCP or UDP datagram carries no ports: it takes those its first fragment left in
-//! `LB4_FRAGS` (`note_first_fragment`), or is not a flow.
+//! `LB4_FRAGS` (`note_first_fragment`), or is not a flow. SCTP fragments are not followed: a
+//! port rewrite needs the whole SCTP packet's length for its checksum (`nat`), and SCTP sizes
+//! its packets to the path MTU and sets DF, so it does not fragment.
 use aya_ebpf::programs::TcContext;
 use proxy_common::{
     CTR_FRAGMENT_FOLLOWED, CTR_PASS_MALFORMED, CTR_PASS_NOT_IPV4, CTR_PASS_OTHER_PROTO, Frag4Key,
-    Frag4Ports, IPPROTO_TCP, IPPROTO_UDP,
+    Frag4Ports, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{maps::LB4_FRAGS, stats::count};
@@ -50,7 +52,7 @@ pub struct Ip4Hdr {
     pub daddr_be: u32,
 }
 
-/// A TCP or UDP packet's addressing, as read from the packet (network byte order).
+/// A TCP, UDP or SCTP packet's addressing, as read from the packet (network byte order).
 #[derive(Clone, Copy)]
 pub struct Flow {
     /// Offset of the L4 header from the start of the frame.
@@ -83,7 +85,7 @@ pub const FIRST_FRAGMENT: u8 = 1;
 /// are rewritten.
 pub const LATER_FRAGMENT: u8 = 2;
 
-/// An ICMP error (destination unreachable, time exceeded) quoting a TCP or UDP packet: where
+/// An ICMP error (destination unreachable, time exceeded) quoting a TCP, UDP or SCTP packet: where
 /// its parts are, and the quoted packet's addressing (network byte order).
 #[derive(Clone, Copy)]
 pub struct IcmpError {
@@ -119,7 +121,7 @@ pub enum Packet {
     LoneFragment {
         daddr_be: u32,
     },
-    /// IPv4 that is neither TCP nor UDP nor an ICMP error about them (ICMP echo, SCTP, ...):
+    /// IPv4 that is neither TCP, UDP nor SCTP, nor an ICMP error about them (ICMP echo, ...):
     /// its addresses, with ports 0.
     Other(Flow),
 }
@@ -238,6 +240,8 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, u32> {
     let min_l4 = match ip.proto {
         IPPROTO_TCP => 20,
         IPPROTO_UDP => 8,
+        // The common header: ports, verification tag, checksum.
+        IPPROTO_SCTP => 12,
         IPPROTO_ICMP => {
             // Type and code: a one-byte read's bounds check compiles to a form the verifier
             // does not credit with that byte.
@@ -260,6 +264,9 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, u32> {
     }
     flow.sport_be = ports[0];
     flow.dport_be = ports[1];
+    if ip.proto == IPPROTO_SCTP {
+        crate::sctp::note_arrived_ports(ctx, ports[0], ports[1]);
+    }
     Ok(Packet::Flow(flow))
 }
 
@@ -314,7 +321,7 @@ pub fn note_first_fragment(f: &Flow) {
     let _ = LB4_FRAGS.insert(&key, &ports, 0);
 }
 
-/// An ICMP error (destination unreachable or time exceeded) quoting a TCP or UDP packet (its
+/// An ICMP error (destination unreachable or time exceeded) quoting a TCP, UDP or SCTP packet (its
 /// IPv4 header and at least the 8 bytes with the ports, as RFC 792 requires). An error about
 /// anything else passes untouched.
 #[inline(always)]
@@ -327,7 +334,9 @@ fn icmp_error(ctx: &TcContext, ip: &Ip4Hdr, icmp_off: u32) -> Result<IcmpError, 
         return Err(CTR_PASS_MALFORMED);
     }
     let inner_ihl = u32::from(inner.version_ihl & 0x0f) * 4;
-    if inner_ihl < 20 || (inner.proto != IPPROTO_TCP && inner.proto != IPPROTO_UDP) {
+    if inner_ihl < 20
+        || (inner.proto != IPPROTO_TCP && inner.proto != IPPROTO_UDP && inner.proto != IPPROTO_SCTP)
+    {
         return Err(CTR_PASS_OTHER_PROTO);
     }
     let inner_l4_off = inner_l3_off + inner_ihl;

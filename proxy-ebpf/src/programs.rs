@@ -7,6 +7,7 @@
 //! | `sluice_from_uplink` | TC ingress of uplinks            | DNAT NodePort, externalIPs, LoadBalancer; SNATed replies |
 //! | `sluice_to_uplink`   | TC egress of uplinks             | replies back to showing the frontend   |
 //! | `sluice_pass`        | anywhere                         | nothing: the benchmark's floor         |
+//! | `sluice_sctp_checksum` | tail-called by the four above  | an SCTP port change into its CRC32c (`sctp`) |
 //!
 //! Replies are translated after routing, at egress, because the kernel drops a packet whose
 //! source is one of its own addresses before routing it (a NodePort reply shows the node's
@@ -48,7 +49,7 @@ use crate::{
     maps::{CT4, LB4_CONFIG, LB4_DP_STATE, LB4_FE_ADDRS, LB4_POD_CLIENTS},
     nat::{rewrite, translate},
     parse::{FIRST_FRAGMENT, Flow, Packet, TCP_FIN, TCP_RST, note_first_fragment, parse},
-    reject, snat,
+    reject, sctp, snat,
     stats::count,
 };
 
@@ -179,6 +180,12 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
             }
         }
     };
+    // An SCTP packet that goes on may have had a port rewritten: its checksum is brought up
+    // to date (and its counter counted) by the checksum program. Known from the packet, not
+    // carried from parsing: a value live through every path would split the verifier's states.
+    if verdict != DROP && sctp::is_sctp_flow(ctx) {
+        return sctp::hand_off(ctx, verdict, counter, len);
+    }
     count(counter, len);
     verdict
 }

@@ -244,6 +244,67 @@ fn affinity_cell(services: u32, flows: u16) -> [Stats; 4] {
     [empty, plain_new, miss, hit]
 }
 
+/// The SCTP cost: conntrack hits from a pod to a ClusterIP over TCP (port 80 -> 8080), and
+/// over SCTP with a port change (3868 -> 3869: the tail-called checksum update) and without
+/// one (3870 -> 3870: the tail call, nothing to update), each against the empty program.
+fn sctp_cell(services: u32, flows: u16, rounds: usize) -> [Stats; 4] {
+    let mut dp = sized_for_services();
+    program(&mut dp, services.max(1), None, true);
+    let vip = cluster_ip(services / 2);
+    let backends = |port: u16| {
+        [20u8, 21, 22].map(|i| Backend {
+            addr: Ipv4Addr::new(198, 19, 0, i),
+            port,
+            local: true,
+        })
+    };
+    for (port, target) in [(3868, 3869), (3870, 3870)] {
+        let fe = Frontend {
+            addr: *vip.ip(),
+            port,
+            proto: Protocol::Sctp,
+            kind: FrontendKind::ClusterIp,
+        };
+        dp.upsert_service(fe, &backends(target)).unwrap();
+    }
+    let client = Ipv4Addr::new(198, 19, 0, 10);
+    let data = [0u8, 3, 0, 16, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0];
+    let sctp_to = |port: u16| -> Vec<Vec<u8>> {
+        (0..flows)
+            .map(|i| {
+                common::sctp(
+                    SocketAddrV4::new(client, 10_000 + i),
+                    SocketAddrV4::new(*vip.ip(), port),
+                    &data,
+                )
+            })
+            .collect()
+    };
+    let tcp: Vec<Vec<u8>> = (0..flows)
+        .map(|i| syn_to(10_000 + i, *vip.ip(), vip.port()))
+        .collect();
+    let (changed, same) = (sctp_to(3868), sctp_to(3870));
+    let empty = measure(&dp, PASS, &tcp, rounds);
+    let hits = |pkts: &[Vec<u8>], what: &str| {
+        // The flows' first packets, unmeasured.
+        measure(&dp, FROM_POD, pkts, 1);
+        let before = counter(&dp, CTR_CT_HIT);
+        let stats = measure(&dp, FROM_POD, pkts, rounds);
+        assert_eq!(
+            counter(&dp, CTR_CT_HIT) - before,
+            pkts.len() as u64 * rounds as u64,
+            "every run a conntrack hit ({what})"
+        );
+        stats
+    };
+    [
+        empty,
+        hits(&tcp, "TCP"),
+        hits(&changed, "SCTP, port changed"),
+        hits(&same, "SCTP, same port"),
+    ]
+}
+
 /// A dataplane with room for 100,000 Services and their flows.
 fn sized_for_services() -> Dataplane {
     Dataplane::load_with(DataplaneConfig {
@@ -391,6 +452,10 @@ fn main() {
     md.push_str("\n## sessionAffinity ClientIP: the new-flow cost\n\nTC ingress of a pod device: new flows to a ClusterIP without affinity, and to one with it from clients it has not seen (the affinity entry missed, then written) and from the same clients again (the entry hit: the remembered backend checked against the frontend's and used). The conntrack hit path is the same with or without affinity.\n\n| Services | empty program | new flow, no affinity | new flow, affinity miss | new flow, affinity hit | over empty: none / miss / hit |\n|---:|---:|---:|---:|---:|---:|\n");
     for services in [1u32, 10_000] {
         md.push_str(&over_empty(services, &affinity_cell(services, flows)));
+    }
+    md.push_str("\n## SCTP: the conntrack hit, with its checksum update\n\nTC ingress of a pod device: conntrack hits to a ClusterIP over TCP (port 80 to 8080), and over SCTP with a port change (3868 to 3869: the CRC32c update, in `sluice_sctp_checksum`, tail-called) and without one (3870 to 3870: the tail call, nothing to update).\n\n| Services | empty program | TCP hit | SCTP hit, port changed | SCTP hit, same port | over empty: TCP / SCTP changed / same |\n|---:|---:|---:|---:|---:|---:|\n");
+    for services in [1u32, 10_000] {
+        md.push_str(&over_empty(services, &sctp_cell(services, flows, rounds)));
     }
     // How much of the verifier's budget (1,000,000 instructions processed per program) each
     // program takes on this kernel: the room left for new datapath features.

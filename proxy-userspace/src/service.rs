@@ -4,12 +4,13 @@
 //! nothing of the maps' layout.
 use std::{fmt, net::Ipv4Addr};
 
-use proxy_common::{IPPROTO_TCP, IPPROTO_UDP};
+use proxy_common::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {
     Tcp,
     Udp,
+    Sctp,
 }
 
 impl Protocol {
@@ -17,12 +18,14 @@ impl Protocol {
         match self {
             Self::Tcp => IPPROTO_TCP,
             Self::Udp => IPPROTO_UDP,
+            Self::Sctp => IPPROTO_SCTP,
         }
     }
     pub fn from_number(n: u8) -> Option<Self> {
         match n {
             IPPROTO_TCP => Some(Self::Tcp),
             IPPROTO_UDP => Some(Self::Udp),
+            IPPROTO_SCTP => Some(Self::Sctp),
             _ => None,
         }
     }
@@ -33,6 +36,7 @@ impl fmt::Display for Protocol {
         f.write_str(match self {
             Self::Tcp => "TCP",
             Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
         })
     }
 }

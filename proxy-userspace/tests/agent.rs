@@ -612,21 +612,16 @@ fn an_invalid_service_is_counted_and_skipped_and_others_are_served() {
     env.api.create(&slice("bad", &[a])).unwrap();
     env.api.create(&service("web", VIP, "TCP")).unwrap();
     env.api.create(&slice("web", &[a])).unwrap();
-    // A Service with an SCTP port beside its TCP one: the TCP port is served, the SCTP one
-    // left out, said once and counted.
+    // A Service with an SCTP port beside its TCP one, and an IPv6 externalIP: both ports are
+    // served, the IPv6 address left out, said once and counted.
     let sig = Ipv4Addr::new(198, 18, 128, 23);
     let mut with_sctp = service("sig", sig, "TCP");
-    with_sctp
-        .spec
-        .as_mut()
-        .unwrap()
-        .ports
-        .as_mut()
-        .unwrap()
-        .push(
-            serde_json::from_value(json!({"name": "diameter", "port": 3868, "protocol": "SCTP"}))
-                .unwrap(),
-        );
+    let spec = with_sctp.spec.as_mut().unwrap();
+    spec.ports.as_mut().unwrap().push(
+        serde_json::from_value(json!({"name": "diameter", "port": 3868, "protocol": "SCTP"}))
+            .unwrap(),
+    );
+    spec.external_ips = Some(vec!["2001:db8::7".into()]);
     env.api.create(&with_sctp).unwrap();
     env.api.create(&slice("sig", &[a])).unwrap();
     env.start_agent(&[]);
@@ -638,8 +633,17 @@ fn an_invalid_service_is_counted_and_skipped_and_others_are_served() {
         1.0
     );
     assert!(env.metric("sluice_invalid_service_events_total") >= 1.0);
+    assert!(
+        env.services_json()
+            .iter()
+            .any(|f| f["address"] == sig.to_string()
+                && f["port"] == 3868
+                && f["protocol"] == "SCTP"),
+        "the SCTP port is a frontend: {:?}",
+        env.services_json()
+    );
     assert_eq!(
-        env.metric("sluice_skipped_service_parts{kind=\"sctp_port\"}"),
+        env.metric("sluice_skipped_service_parts{kind=\"ipv6\"}"),
         1.0
     );
     // The slice changes (the Service is synced again): the same part is not said again.
@@ -650,7 +654,7 @@ fn an_invalid_service_is_counted_and_skipped_and_others_are_served() {
         .agent()
         .log()
         .lines()
-        .filter(|l| l.contains("part of a Service left out") && l.contains("3868/SCTP"))
+        .filter(|l| l.contains("part of a Service left out") && l.contains("2001:db8::7"))
         .count();
     assert_eq!(said, 1, "{}", env.agent().log());
     assert!(

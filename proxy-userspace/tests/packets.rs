@@ -1338,6 +1338,7 @@ fn the_conntrack_fill_counts_live_entries_by_kind_and_flows_by_state() {
             tcp_established: 1,
             tcp_closing: 2,
             udp: 1,
+            sctp: 0,
         }
     );
 }
@@ -1493,4 +1494,119 @@ fn a_reset_dataplane_is_a_freshly_loaded_one() {
         ..config()
     };
     assert!(used.reset(bigger).is_err());
+}
+
+/// An SCTP INIT chunk (type 1, 20 bytes).
+const SCTP_INIT: [u8; 20] = [
+    1, 0, 0, 20, 0xde, 0xad, 0xbe, 0xef, 0, 1, 0, 0, 0, 10, 0, 10, 0, 0, 0, 1,
+];
+
+#[test]
+fn sctp_is_translated_both_ways_with_its_crc32c_updated() {
+    require_privileged!("sctp_is_translated_both_ways_with_its_crc32c_updated");
+    let mut dp = dataplane();
+    let (vip, node_port, backend) = ("198.18.128.1:3868", "198.18.0.10:30868", "198.19.0.20:3869");
+    dp.upsert_service(
+        fe(vip, Protocol::Sctp, FrontendKind::ClusterIp),
+        &[be(backend)],
+    )
+    .unwrap();
+    dp.upsert_service(
+        fe(node_port, Protocol::Sctp, FrontendKind::NodePort),
+        &[be(backend)],
+    )
+    .unwrap();
+    let before = dp.counters().unwrap();
+    // A pod's INIT to the ClusterIP: DNAT, port 3868 -> 3869, and a CRC32c that is right for
+    // the new header (the packet's chunks unchanged).
+    let (verdict, out) = run(&dp, FROM_POD, &sctp(sa(CLIENT), sa(vip), &SCTP_INIT));
+    assert_eq!(verdict, TC_ACT_UNSPEC);
+    let sent = check_sctp(&out);
+    assert_eq!((sent.src, sent.dst), (sa(CLIENT), sa(backend)));
+    assert_ne!(sent.checksum, 0, "a computed checksum stays computed");
+    assert_eq!(sent.l4[12..], SCTP_INIT);
+    // The backend's INIT ACK, into the pod: from the Service again, checksum right.
+    let (verdict, out) = run(&dp, TO_POD, &sctp(sa(backend), sa(CLIENT), &[2, 0, 0, 4]));
+    assert_eq!(verdict, TC_ACT_UNSPEC);
+    let back = check_sctp(&out);
+    assert_eq!((back.src, back.dst), (sa(vip), sa(CLIENT)));
+    // Later packets of the flow, of sizes up to what a test run takes (a page), and one short enough
+    // that its frame carries Ethernet padding the CRC does not cover.
+    for n in [4usize, 16, 1001, 1400, 3000] {
+        let mut data = vec![0u8; n];
+        data[0] = 0; // DATA
+        data[2..4].copy_from_slice(&(n as u16).to_be_bytes());
+        for (i, b) in data.iter_mut().enumerate().skip(4) {
+            *b = (i * 7) as u8;
+        }
+        let mut pkt = sctp(sa(CLIENT), sa(vip), &data);
+        if pkt.len() < 60 {
+            pkt.resize(60, 0xee);
+        }
+        let (_, out) = run(&dp, FROM_POD, &pkt);
+        let s = check_sctp(&out);
+        assert_eq!(
+            (s.dst, &s.l4[12..]),
+            (sa(backend), &data[..]),
+            "{n} bytes of chunks"
+        );
+    }
+    // A checksum left to the device (CHECKSUM_PARTIAL, the field 0) stays 0, for the device
+    // to compute over the translated packet.
+    let mut offloaded = sctp(sa(CLIENT), sa(vip), &[0, 0, 0, 4]);
+    offloaded[14 + 20 + 8..14 + 20 + 12].fill(0);
+    let (_, out) = run(&dp, FROM_POD, &offloaded);
+    let s = check_sctp(&out);
+    assert_eq!((s.dst, s.checksum), (sa(backend), 0));
+    // From outside, the same client port to the NodePort of the same backend: a tuple the
+    // ClusterIP flow has, so its source port is remapped, and the CRC covers that too.
+    let (verdict, out) = run(
+        &dp,
+        FROM_UPLINK,
+        &sctp(sa(CLIENT), sa(node_port), &SCTP_INIT),
+    );
+    assert_eq!(verdict, TC_ACT_UNSPEC);
+    let sent = check_sctp(&out);
+    assert_eq!(sent.dst, sa(backend));
+    assert_ne!(sent.src.port(), sa(CLIENT).port(), "remapped");
+    let (_, out) = run(&dp, TO_UPLINK, &sctp(sa(backend), sent.src, &[2, 0, 0, 4]));
+    let back = check_sctp(&out);
+    assert_eq!((back.src, back.dst), (sa(node_port), sa(CLIENT)));
+    let after = dp.counters().unwrap();
+    assert_eq!(delta(&before, &after, CTR_NEW_FLOW), 2);
+    assert_eq!(delta(&before, &after, CTR_PORT_REMAPPED), 1);
+    assert_eq!(delta(&before, &after, CTR_CT_HIT), 6);
+    assert_eq!(delta(&before, &after, CTR_REPLY), 2);
+    let flows = dp.conntrack().unwrap();
+    assert!(
+        !flows.is_empty() && flows.iter().all(|e| e.proto == Protocol::Sctp),
+        "{flows:?}"
+    );
+}
+
+#[test]
+fn icmp_errors_about_translated_sctp_are_put_back() {
+    require_privileged!("icmp_errors_about_translated_sctp_are_put_back");
+    let mut dp = dataplane();
+    let (vip, backend) = ("198.18.128.1:3868", "198.19.0.20:3869");
+    dp.upsert_service(
+        fe(vip, Protocol::Sctp, FrontendKind::ClusterIp),
+        &[be(backend)],
+    )
+    .unwrap();
+    let (_, sent) = run(&dp, FROM_POD, &sctp(sa(CLIENT), sa(vip), &SCTP_INIT));
+    // The backend's node says "fragmentation needed" about the translated packet: the client
+    // must see it about what it sent, to the Service.
+    let router = Ipv4Addr::new(198, 19, 0, 1);
+    let err = icmp_error(router, *sa(CLIENT).ip(), 4, &sent);
+    let (verdict, out) = run(&dp, TO_POD, &err);
+    assert_eq!(verdict, TC_ACT_UNSPEC);
+    let icmp = check_icmp(&out);
+    let q = &icmp.quoted;
+    assert_eq!(q[9], 132);
+    assert_eq!(
+        Ipv4Addr::from(<[u8; 4]>::try_from(&q[16..20]).unwrap()),
+        *sa(vip).ip()
+    );
+    assert_eq!(u16::from_be_bytes([q[22], q[23]]), sa(vip).port());
 }

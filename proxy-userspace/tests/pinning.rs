@@ -293,3 +293,58 @@ fn session_affinity_survives_a_reload() {
     .unwrap();
     assert_eq!(m.keys().count(), 8, "the orphan went");
 }
+
+#[test]
+fn the_sctp_checksum_tail_call_is_pinned_refilled_on_reload_and_a_missing_one_drops_loudly() {
+    require_privileged!(
+        "the_sctp_checksum_tail_call_is_pinned_refilled_on_reload_and_a_missing_one_drops_loudly"
+    );
+    let fs = BpfFs::new().unwrap();
+    let dir = fs.path().join("sluice");
+    let config = DataplaneConfig {
+        pin_path: Some(dir.clone()),
+        ..Default::default()
+    };
+    let (vip, backend) = ("198.18.128.1:3868", "198.19.0.20:3869");
+    let init = sctp(sa("198.19.0.10:40000"), sa(vip), &[1, 0, 0, 4]);
+    let translated = |dp: &Dataplane| {
+        let (verdict, out) = run(dp, FROM_POD, &init);
+        assert_eq!(verdict, TC_ACT_UNSPEC);
+        check_sctp(&out).dst
+    };
+    {
+        let mut dp = Dataplane::load_with(config.clone()).unwrap();
+        dp.upsert_service(
+            fe(vip, Protocol::Sctp, FrontendKind::ClusterIp),
+            &[be(backend)],
+        )
+        .unwrap();
+        assert_eq!(translated(&dp), sa(backend));
+    }
+    let clear_slot = || {
+        let data = aya::maps::MapData::from_pin(dir.join(proxy_common::LB4_TAILS_MAP)).unwrap();
+        let mut tails =
+            aya::maps::ProgramArray::try_from(aya::maps::Map::from_map_data(data).unwrap())
+                .unwrap();
+        tails
+            .clear_index(&proxy_common::TAIL_SCTP_CHECKSUM)
+            .unwrap();
+    };
+    clear_slot();
+    // A new process fills the slot again, whatever it holds.
+    let dp = Dataplane::load_with(config).unwrap();
+    assert_eq!(translated(&dp), sa(backend));
+    // Emptied under it: the packet, whose checksum cannot be brought up to date, is dropped
+    // and counted as that, not as the flow hit it also was.
+    clear_slot();
+    let before = dp.counters().unwrap();
+    let (verdict, _) = run(&dp, FROM_POD, &init);
+    assert_eq!(verdict, TC_ACT_SHOT);
+    let after = dp.counters().unwrap();
+    assert_eq!(
+        delta(&before, &after, proxy_common::CTR_DROP_SCTP_CHECKSUM),
+        1
+    );
+    assert_eq!(delta(&before, &after, proxy_common::CTR_CT_HIT), 0);
+    assert_eq!(delta(&before, &after, proxy_common::CTR_SEEN), 1);
+}

@@ -105,7 +105,7 @@ pub struct Metrics {
     /// Services currently invalid, by why (`InvalidService::kind`).
     pub invalid_services_by_kind: Family<KindLabel, Gauge>,
     /// Parts of Services left out while the rest is programmed, by what
-    /// (`Skipped::kind`: `sctp_port`, `ipv6`, ...).
+    /// (`Skipped::kind`: `ipv6`, `merged_frontend`, ...).
     pub skipped_service_parts: Family<KindLabel, Gauge>,
     pub invalid_service_events: Counter,
     pub frontend_conflicts: Counter,
@@ -250,7 +250,7 @@ impl Metrics {
         );
         r.register(
             "skipped_service_parts",
-            "Parts of Services left out while the rest is programmed (an SCTP port, an IPv6 address, a bad endpoint), by what",
+            "Parts of Services left out while the rest is programmed (an IPv6 address, a bad endpoint), by what",
             m.skipped_service_parts.clone(),
         );
         r.register(
@@ -335,7 +335,7 @@ impl Metrics {
         );
         r.register(
             "conntrack_flows",
-            "Live flows by state (tcp_opening: half-open, what a SYN flood makes; tcp_established; tcp_closing; udp)",
+            "Live flows by state (tcp_opening: half-open, what a SYN flood makes; tcp_established; tcp_closing; udp; sctp)",
             m.conntrack_flows.clone(),
         );
         Self {
@@ -362,6 +362,7 @@ impl Metrics {
             ("tcp_established", f.tcp_established),
             ("tcp_closing", f.tcp_closing),
             ("udp", f.udp),
+            ("sctp", f.sctp),
         ] {
             let label = StateLabel {
                 state: state.to_owned(),

@@ -63,6 +63,7 @@ pub struct CtFill {
     /// Live TCP flows after a FIN or an RST.
     pub tcp_closing: u64,
     pub udp: u64,
+    pub sctp: u64,
 }
 
 impl CtFill {
@@ -82,6 +83,7 @@ impl CtFill {
             let state = e.entry.state();
             match e.proto {
                 Protocol::Udp => f.udp += 1,
+                Protocol::Sctp => f.sctp += 1,
                 Protocol::Tcp
                     if state & (CT_FLAG_FIN_FWD | CT_FLAG_FIN_REPLY | CT_FLAG_RST) != 0 =>
                 {

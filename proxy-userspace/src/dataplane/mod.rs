@@ -23,7 +23,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, Map, MapError},
+    maps::{Array, Map, MapError, ProgramArray},
     programs::{
         ProgramError, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -34,8 +34,9 @@ use proxy_common::{
     CT4_DEFAULT_MAX, CT4_MAP, LB4_AFFINITY_MAP, LB4_AFFINITY_MATCH_MAP, LB4_BACKENDS_DEFAULT_MAX,
     LB4_BACKENDS_MAP, LB4_CONFIG_MAP, LB4_DP_STATE_MAP, LB4_FE_ADDRS_MAP, LB4_FRAGS_MAP,
     LB4_POD_CLIENTS_MAP, LB4_REJECT_BUDGET_MAP, LB4_REVNAT_DEFAULT_MAX, LB4_REVNAT_MAP,
-    LB4_SERVICES_DEFAULT_MAX, LB4_SERVICES_MAP, LB4_SRC_RANGES_MAP, Lb4Config, PKT_COUNTERS_MAP,
-    SOCK_CONFIG_MAP, SOCK_REVNAT_DEFAULT_MAX, SOCK_REVNAT_MAP,
+    LB4_SERVICES_DEFAULT_MAX, LB4_SERVICES_MAP, LB4_SRC_RANGES_MAP, LB4_TAILS_MAP, Lb4Config,
+    PKT_COUNTERS_MAP, SOCK_CONFIG_MAP, SOCK_REVNAT_DEFAULT_MAX, SOCK_REVNAT_MAP,
+    TAIL_SCTP_CHECKSUM,
 };
 
 pub use crate::service::{
@@ -60,11 +61,21 @@ pub const FROM_UPLINK: &str = "sluice_from_uplink";
 pub const TO_UPLINK: &str = "sluice_to_uplink";
 /// Does nothing; the benchmark's floor.
 pub const PASS: &str = "sluice_pass";
+/// Tail-called by the four above: folds a translated SCTP packet's port change into its
+/// CRC32c. Never attached.
+pub const SCTP_CHECKSUM: &str = "sluice_sctp_checksum";
 
 /// Every TC program in the object; [`Dataplane::load`] loads them all, so the verifier checks
 /// each one at start-up rather than at first attach. (The socket programs are loaded when
 /// socket LB is set up: which ones depends on the kernel; see [`socket`].)
-pub const PROGRAMS: &[&str] = &[FROM_POD, TO_POD, FROM_UPLINK, TO_UPLINK, PASS];
+pub const PROGRAMS: &[&str] = &[
+    FROM_POD,
+    TO_POD,
+    FROM_UPLINK,
+    TO_UPLINK,
+    PASS,
+    SCTP_CHECKSUM,
+];
 
 /// Maps of earlier layouts, whose pins an agent removes (the programs no longer use them).
 pub const RETIRED_MAPS: &[&str] = &["LB4_CONFIG", "PKT_COUNTERS"];
@@ -84,6 +95,7 @@ pub const MAPS: &[&str] = &[
     LB4_CONFIG_MAP,
     CT4_MAP,
     LB4_FRAGS_MAP,
+    LB4_TAILS_MAP,
     PKT_COUNTERS_MAP,
     SOCK_REVNAT_MAP,
     SOCK_CONFIG_MAP,
@@ -387,6 +399,31 @@ impl Dataplane {
                     program,
                     source: Box::new(source),
                 })?;
+        }
+        // The tail calls' slots, filled before any program is attached (a pinned map's entries,
+        // an earlier agent's programs, are replaced).
+        {
+            let map = LB4_TAILS_MAP;
+            let fd = classifier_mut(&mut ebpf, SCTP_CHECKSUM)?
+                .fd()
+                .map_err(|source| DataplaneError::Verifier {
+                    program: SCTP_CHECKSUM,
+                    source: Box::new(source),
+                })?
+                .try_clone()
+                .map_err(|source| DataplaneError::Raw {
+                    map: map.into(),
+                    op: "duplicate the program's descriptor for",
+                    source,
+                })?;
+            let mut tails: ProgramArray<_> = ebpf
+                .map_mut(map)
+                .ok_or(DataplaneError::MissingMap { map })?
+                .try_into()
+                .map_err(map_error(map, "open"))?;
+            tails
+                .set(TAIL_SCTP_CHECKSUM, &fd, 0)
+                .map_err(map_error(map, "write"))?;
         }
         let mut dp = Self {
             ebpf,

@@ -93,7 +93,10 @@ fn maps(dp: &Dataplane) -> Result<Vec<RawMap<'_>>, DataplaneError> {
             Map::PerCpuHashMap(d) | Map::PerCpuLruHashMap(d) => (d, Kind::Keyed, true),
             Map::Array(d) => (d, Kind::Indexed, false),
             Map::PerCpuArray(d) => (d, Kind::Indexed, true),
-            Map::RingBuf(d) | Map::PerfEventArray(d) => (d, Kind::Stateless, false),
+            // The tail-call map holds programs the load put there, which no packet changes.
+            Map::RingBuf(d) | Map::PerfEventArray(d) | Map::ProgramArray(d) => {
+                (d, Kind::Stateless, false)
+            }
             _ => {
                 return Err(DataplaneError::Raw {
                     map: name.into(),

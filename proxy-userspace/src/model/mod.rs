@@ -151,7 +151,7 @@ pub enum Outcome {
     /// service.kubernetes.io/service-proxy-name.
     Ignored { reason: &'static str },
     /// Frontends (sorted) each with its backends (sorted, deduplicated); `warnings` lists what
-    /// was skipped (SCTP port, IPv6 address, ...), each once, for logging. `health_check`: the
+    /// was skipped (IPv6 address, ...), each once, for logging. `health_check`: the
     /// Service's `healthCheckNodePort`, which the node must answer. `no_local_endpoints`: its
     /// ports with a Local traffic policy that have endpoints, none on this node.
     Proxied {
@@ -344,7 +344,7 @@ fn proxied(
             });
         }
     };
-    let ports = service_ports(spec.ports.as_deref().unwrap_or_default(), warnings)?;
+    let ports = service_ports(spec.ports.as_deref().unwrap_or_default())?;
 
     // Addresses by kind, each list in the Service's own order.
     // newBaseServiceInfo: GetClusterIPByFamily reads spec.clusterIPs, falling back to
@@ -530,11 +530,8 @@ fn add_frontend(
     Ok(())
 }
 
-/// Validates spec.ports as the API server would, skipping what sluice cannot proxy (SCTP).
-fn service_ports<'a>(
-    ports: &'a [ServicePort],
-    warnings: &mut Warnings,
-) -> Result<Vec<Port<'a>>, InvalidService> {
+/// Validates spec.ports as the API server would.
+fn service_ports<'a>(ports: &'a [ServicePort]) -> Result<Vec<Port<'a>>, InvalidService> {
     let mut seen_port: BTreeSet<(i32, &str)> = BTreeSet::new();
     let mut seen_name: BTreeSet<(&str, &str)> = BTreeSet::new();
     let mut seen_node_port: BTreeSet<(i32, &str)> = BTreeSet::new();
@@ -548,9 +545,9 @@ fn service_ports<'a>(
         };
         let proto_name = p.protocol.as_deref().unwrap_or("TCP");
         let proto = match proto_name {
-            "TCP" => Some(Protocol::Tcp),
-            "UDP" => Some(Protocol::Udp),
-            "SCTP" => None,
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            "SCTP" => Protocol::Sctp,
             other => {
                 return Err(InvalidService::UnknownProtocol {
                     port: label,
@@ -597,19 +594,12 @@ fn service_ports<'a>(
                 protocol: proto_name.to_owned(),
             });
         }
-        match proto {
-            Some(proto) => out.push(Port {
-                name,
-                port,
-                proto,
-                node_port,
-            }),
-            // kube-proxy's iptables mode handles SCTP; sluice's datapath does not (yet).
-            None => warnings.push(Skipped::SctpPort {
-                port: label,
-                number: p.port,
-            }),
-        }
+        out.push(Port {
+            name,
+            port,
+            proto,
+            node_port,
+        });
     }
     Ok(out)
 }
@@ -887,10 +877,7 @@ impl Topology {
 /// lists is.
 pub fn slices_list(slices: &[&EndpointSlice], addr: Ipv4Addr, port: u16, proto: Protocol) -> bool {
     let addr = addr.to_string();
-    let proto = match proto {
-        Protocol::Tcp => "TCP",
-        Protocol::Udp => "UDP",
-    };
+    let proto = proto.to_string();
     slices.iter().any(|s| {
         s.address_type == "IPv4"
             && s.ports.iter().flatten().any(|p| {
@@ -959,7 +946,7 @@ fn health_check(
     // Distinct addresses over the endpoints of every service port, as kube-proxy counts its
     // per-port endpoint map.
     let mut ignored = Warnings::default();
-    let ports = service_ports(spec.ports.as_deref().unwrap_or_default(), &mut ignored).ok()?;
+    let ports = service_ports(spec.ports.as_deref().unwrap_or_default()).ok()?;
     let mut local: BTreeSet<Ipv4Addr> = BTreeSet::new();
     for port in &ports {
         for e in endpoints(&key, port, slices, node, &mut ignored) {
@@ -2093,19 +2080,38 @@ mod tests {
     }
 
     #[test]
-    fn sctp_ports_are_skipped_with_a_warning() {
+    fn sctp_ports_get_sctp_frontends_with_their_node_ports_and_the_sctp_slice_port() {
         let s = svc(json!({
+            "type": "NodePort",
             "clusterIP": "10.96.0.10",
-            "ports": [{"name": "web", "port": 80}, {"name": "sig", "port": 3868, "protocol": "SCTP"}]
+            "ports": [{"name": "web", "port": 80},
+                      {"name": "sig", "port": 3868, "protocol": "SCTP", "nodePort": 30868}]
         }));
-        let (fes, warnings) = proxied(&s, &[], &node(&[]));
-        assert_eq!(fes, vec![(fe("10.96.0.10", 80, TCP, ClusterIp), vec![])]);
+        let sl = slice(
+            "web-1",
+            json!([{"name": "web", "port": 8080, "protocol": "TCP"},
+                   {"name": "sig", "port": 3869, "protocol": "SCTP"}]),
+            json!([{"addresses": ["10.1.0.1"]}]),
+        );
+        let (fes, warnings) = proxied(&s, &[&sl], &node(&["192.168.0.1"]));
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let sctp: Vec<_> = fes
+            .iter()
+            .filter(|(f, _)| f.proto == Protocol::Sctp)
+            .cloned()
+            .collect();
         assert_eq!(
-            warnings,
-            vec![Skipped::SctpPort {
-                port: "port \"sig\"".into(),
-                number: 3868
-            }]
+            sctp,
+            vec![
+                (
+                    fe("10.96.0.10", 3868, Protocol::Sctp, ClusterIp),
+                    vec![be("10.1.0.1", 3869)]
+                ),
+                (
+                    fe("192.168.0.1", 30868, Protocol::Sctp, NodePort),
+                    vec![be("10.1.0.1", 3869)]
+                ),
+            ]
         );
     }
 

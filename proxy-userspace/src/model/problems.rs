@@ -124,8 +124,6 @@ impl fmt::Display for InvalidService {
 /// A part of a Service left out while the rest is programmed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Skipped {
-    /// An SCTP port: sluice proxies TCP and UDP only.
-    SctpPort { port: String, number: i32 },
     /// An IPv6 address or range in `field`: sluice proxies IPv4 only, as a kube-proxy of the
     /// IPv4 family filters by family.
     Ipv6 { field: &'static str, value: String },
@@ -157,7 +155,6 @@ impl Skipped {
     /// The variant's name in snake case: a metric label.
     pub fn kind(&self) -> &'static str {
         match self {
-            Self::SctpPort { .. } => "sctp_port",
             Self::Ipv6 { .. } => "ipv6",
             Self::MergedFrontend { .. } => "merged_frontend",
             Self::UnknownIpMode { .. } => "unknown_ip_mode",
@@ -172,10 +169,6 @@ impl Skipped {
 impl fmt::Display for Skipped {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::SctpPort { port, number } => write!(
-                f,
-                "{port} ({number}/SCTP) skipped: sluice proxies TCP and UDP only"
-            ),
             Self::Ipv6 { field, value } => write!(
                 f,
                 "{field} {value} skipped: IPv6 is not proxied (IPv4 only)"

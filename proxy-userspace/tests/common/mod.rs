@@ -597,3 +597,75 @@ pub fn complete_checksum(pkt: &mut [u8], start: usize, offset: usize) {
     };
     pkt[start + offset..start + offset + 2].copy_from_slice(&c.to_be_bytes());
 }
+
+/// CRC32c bit by bit (RFC 9260 appendix A): SCTP's checksum, computed independently of the
+/// datapath's incremental update.
+pub fn crc32c(data: &[u8]) -> u32 {
+    let mut r = !0u32;
+    for &b in data {
+        r ^= u32::from(b);
+        for _ in 0..8 {
+            r = if r & 1 != 0 {
+                (r >> 1) ^ 0x82F6_3B78
+            } else {
+                r >> 1
+            };
+        }
+    }
+    !r
+}
+
+/// An SCTP packet from `src` to `dst` with verification tag 7 and `chunks` (whole chunks), its
+/// checksum computed (stored little-endian, as Linux and RFC 9260 have it).
+pub fn sctp(src: SocketAddrV4, dst: SocketAddrV4, chunks: &[u8]) -> Vec<u8> {
+    let mut l4 = Vec::with_capacity(12 + chunks.len());
+    l4.extend_from_slice(&src.port().to_be_bytes());
+    l4.extend_from_slice(&dst.port().to_be_bytes());
+    l4.extend_from_slice(&7u32.to_be_bytes());
+    l4.extend_from_slice(&[0; 4]);
+    l4.extend_from_slice(chunks);
+    let crc = crc32c(&l4);
+    l4[8..12].copy_from_slice(&crc.to_le_bytes());
+    let b = PacketBuilder::ethernet2(MAC_A, MAC_B).ipv4(src.ip().octets(), dst.ip().octets(), 64);
+    let mut v = Vec::new();
+    b.write(&mut v, etherparse::IpNumber(132), &l4).unwrap();
+    v
+}
+
+/// What a translated SCTP packet says, after checking its IPv4 header checksum and, unless it
+/// is 0 (offloaded, or RFC 9653's zero checksum), its CRC32c.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SctpSeen {
+    pub src: SocketAddrV4,
+    pub dst: SocketAddrV4,
+    pub checksum: u32,
+    /// The SCTP packet (common header and chunks), as the IP length bounds it.
+    pub l4: Vec<u8>,
+}
+
+pub fn check_sctp(pkt: &[u8]) -> SctpSeen {
+    let s = SlicedPacket::from_ethernet(pkt).expect("the packet parses");
+    let Some(NetSlice::Ipv4(ip)) = &s.net else {
+        panic!("not IPv4: {pkt:02x?}")
+    };
+    let h = ip.header();
+    assert_eq!(
+        h.header_checksum(),
+        h.to_header().calc_header_checksum(),
+        "IPv4 header checksum is wrong"
+    );
+    assert_eq!(h.protocol().0, 132, "not SCTP");
+    let l4 = ip.payload().payload.to_vec();
+    let checksum = u32::from_le_bytes(l4[8..12].try_into().unwrap());
+    if checksum != 0 {
+        let mut zeroed = l4.clone();
+        zeroed[8..12].fill(0);
+        assert_eq!(checksum, crc32c(&zeroed), "SCTP checksum is wrong");
+    }
+    SctpSeen {
+        src: SocketAddrV4::new(h.source_addr(), u16::from_be_bytes([l4[0], l4[1]])),
+        dst: SocketAddrV4::new(h.destination_addr(), u16::from_be_bytes([l4[2], l4[3]])),
+        checksum,
+        l4,
+    }
+}
