@@ -10,8 +10,8 @@ use proxy_common::{
 };
 use sluice::dataplane::{Backend, DataplaneConfig, Frontend, FrontendKind, Protocol};
 use testbed::{
-    Attempt, Cluster, HttpServer, KeepAlive, Sniffer, UdpEcho, http_many, plan, require_privileged,
-    send_frame, udp_request,
+    Attempt, Cluster, HttpServer, KeepAlive, SctpEcho, Sniffer, UdpEcho, http_many, plan,
+    require_privileged, sctp_available, sctp_request, send_frame, udp_request,
 };
 
 const T: Duration = Duration::from_secs(5);
@@ -630,4 +630,91 @@ fn the_clsact_attachment_of_older_kernels_translates_too_and_detaches_cleanly() 
         matches!(direct[0], Attempt::Ok { .. }),
         "pod traffic flows after detach: {direct:?}"
     );
+}
+
+#[test]
+fn sctp_reaches_backends_through_a_cluster_ip_and_a_node_port_with_valid_checksums() {
+    let name = "sctp_reaches_backends_through_a_cluster_ip_and_a_node_port_with_valid_checksums";
+    require_privileged!(name);
+    if !testbed::kernel_has(name, "SCTP (the sctp module)", sctp_available()) {
+        return;
+    }
+    let s = sandbox();
+    let _sctp: Vec<SctpEcho> = BACKENDS
+        .iter()
+        .map(|b| SctpEcho::start(&s.c.pod(b).ns, b, 3869).unwrap())
+        .collect();
+    // Every Service port differs from its target port, so every packet has a port rewritten and
+    // its CRC32c updated, both ways.
+    let vip = plan::cluster_ip(8);
+    s.upsert(
+        frontend(vip, 3868, Protocol::Sctp, FrontendKind::ClusterIp),
+        s.backends(&BACKENDS, 3869),
+    );
+    let node = s.c.nodes[0].addr;
+    s.upsert(
+        frontend(node, 30868, Protocol::Sctp, FrontendKind::NodePort),
+        s.backends(&BACKENDS, 3869),
+    );
+    // One backend, whose arriving packets are captured and their checksums checked here.
+    let one = plan::cluster_ip(9);
+    s.upsert(
+        frontend(one, 3868, Protocol::Sctp, FrontendKind::ClusterIp),
+        s.backends(&["backend-a"], 3869),
+    );
+    let client = s.c.pod("client");
+    let a = s.c.pod("backend-a");
+    let mut servers = std::collections::BTreeSet::new();
+    // Checksums computed by the client's kernel (offload off: the datapath updates them), then
+    // left to its device (the field 0: the datapath leaves it for the node to compute).
+    for offload in [false, true] {
+        if offload {
+            client.offload_checksums().unwrap();
+        }
+        for i in 0..6 {
+            let r = sctp_request(&client.ns, vip, 3868, &format!("m{i}"), T).unwrap();
+            assert_eq!(
+                r.peer,
+                SocketAddrV4::new(vip, 3868),
+                "the association is with the Service"
+            );
+            assert!(BACKENDS.contains(&r.server.as_str()), "{r:?}");
+            assert_eq!(
+                *r.client.ip(),
+                client.addr,
+                "the backend sees the pod: {r:?}"
+            );
+            assert_eq!(r.payload, format!("m{i}"));
+            servers.insert(r.server);
+        }
+        let sniff = Sniffer::start(&a.ns, "eth0", client.addr, a.addr, 3, T).unwrap();
+        let r = sctp_request(&client.ns, one, 3868, "sniffed", T).unwrap();
+        assert_eq!(r.server, "backend-a");
+        let packets = sniff.finish();
+        assert!(
+            packets.len() >= 3,
+            "INIT, COOKIE ECHO, DATA at least: {packets:02x?}"
+        );
+        for p in &packets {
+            let ihl = usize::from(p[0] & 0x0f) * 4;
+            let l4 = &p[ihl..usize::from(u16::from_be_bytes([p[2], p[3]]))];
+            assert_eq!((p[9], u16::from_be_bytes([l4[2], l4[3]])), (132, 3869));
+            let mut zeroed = l4.to_vec();
+            zeroed[8..12].fill(0);
+            assert_eq!(
+                u32::from_le_bytes(l4[8..12].try_into().unwrap()),
+                common::crc32c(&zeroed),
+                "the backend receives a valid CRC32c (offload {offload})"
+            );
+        }
+    }
+    assert!(servers.len() > 1, "spread over the backends: {servers:?}");
+    // From outside, to the NodePort.
+    let outside = &s.c.outside[0];
+    for i in 0..4 {
+        let r = sctp_request(&outside.ns, node, 30868, &format!("o{i}"), T).unwrap();
+        assert_eq!(r.peer, SocketAddrV4::new(node, 30868));
+        assert_eq!(*r.client.ip(), outside.addr, "{r:?}");
+        assert_eq!(r.payload, format!("o{i}"));
+    }
 }

@@ -81,6 +81,38 @@ print("%s:%d" % peer)
 print(data.decode())
 "#;
 
+const SCTP_ECHO_PY: &str = r#"
+import socket, sys
+name, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_SCTP)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", port))
+s.listen(64)
+print("ready", flush=True)
+while True:
+    c, peer = s.accept()
+    try:
+        c.settimeout(10)
+        data = c.recv(65536)
+        c.sendall(("%s %s:%d %s" % (name, peer[0], peer[1], data.decode())).encode())
+    except Exception:
+        pass
+    c.close()
+"#;
+
+const SCTP_CLIENT_PY: &str = r#"
+import socket, sys
+addr, port, payload, timeout = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_SCTP)
+s.settimeout(timeout)
+s.connect((addr, port))
+s.sendall(payload.encode())
+data = s.recv(65536)
+print("%s:%d" % s.getpeername())
+print(data.decode())
+s.close()
+"#;
+
 /// Starts `argv` inside `ns` with stdout piped (stderr to ours); returns the child and the
 /// command line, for error messages.
 fn spawn_in(ns: &Netns, argv: &[&str]) -> Result<(Child, String), CmdError> {
@@ -183,6 +215,66 @@ impl UdpEcho {
         let port_s = port.to_string();
         Server::start(ns, &["python3", "-c", UDP_ECHO_PY, name, &port_s], port).map(Self)
     }
+}
+
+/// An SCTP server (one-to-one style) on `0.0.0.0:port` answering each association's first
+/// message with `<name> <client address:port as it saw it> <payload>`. Needs the kernel's SCTP
+/// (the `sctp` module, which the kernel matrix's guests load).
+#[derive(Debug)]
+pub struct SctpEcho(pub Server);
+
+impl SctpEcho {
+    pub fn start(ns: &Netns, name: &str, port: u16) -> Result<Self, CmdError> {
+        let port_s = port.to_string();
+        Server::start(ns, &["python3", "-c", SCTP_ECHO_PY, name, &port_s], port).map(Self)
+    }
+}
+
+/// Whether this kernel has SCTP loaded (it is not loaded here on demand: a test must not load
+/// kernel modules into the machine it runs on).
+pub fn sctp_available() -> bool {
+    std::path::Path::new("/sys/module/sctp").exists()
+}
+
+/// What one SCTP request returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SctpReply {
+    /// The association's peer as the client's socket saw it (`getpeername`).
+    pub peer: SocketAddrV4,
+    /// The answering pod's name.
+    pub server: String,
+    /// The client's address and port as the server saw them.
+    pub client: SocketAddrV4,
+    pub payload: String,
+}
+
+/// Opens an SCTP association to `addr:port` from inside `ns`, sends `payload`, and reads the
+/// answer of [`SctpEcho`], all within `timeout`.
+pub fn sctp_request(
+    ns: &Netns,
+    addr: Ipv4Addr,
+    port: u16,
+    payload: &str,
+    timeout: Duration,
+) -> Result<SctpReply, CmdError> {
+    let out = udp_client(ns, SCTP_CLIENT_PY, addr, port, payload, timeout)?;
+    let mut lines = out.lines();
+    let unparsed = || SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0);
+    let peer = lines
+        .next()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or_else(unparsed);
+    let answer = lines.next().unwrap_or_default();
+    let mut words = answer.splitn(3, ' ');
+    Ok(SctpReply {
+        peer,
+        server: words.next().unwrap_or_default().to_owned(),
+        client: words
+            .next()
+            .and_then(|w| w.parse().ok())
+            .unwrap_or_else(unparsed),
+        payload: words.next().unwrap_or_default().to_owned(),
+    })
 }
 
 /// What one HTTP request returned.
@@ -331,7 +423,7 @@ pub struct UdpReply {
     pub data: String,
 }
 
-/// Runs the python UDP client `script` (argv: address, port, payload, timeout) inside `ns`.
+/// Runs the python client `script` (argv: address, port, payload, timeout) inside `ns`.
 fn udp_client(
     ns: &Netns,
     script: &str,

@@ -50,8 +50,8 @@ pub mod vm;
 pub use apiserver::ApiServer;
 pub use apps::{
     Attempt, ClientLoop, Connect, HttpServer, KeepAlive, LoopEvent, LoopResult, RequestLoop,
-    Sniffer, UdpEcho, UdpOutcome, curl, http_get, http_many, http_upload, send_frame, tcp_connect,
-    udp_connected, udp_request,
+    SctpEcho, SctpReply, Sniffer, UdpEcho, UdpOutcome, curl, http_get, http_many, http_upload,
+    sctp_available, sctp_request, send_frame, tcp_connect, udp_connected, udp_request,
 };
 pub use bpffs::BpfFs;
 pub use cluster::{Cluster, Node, Outside, Pod, PodNetwork};

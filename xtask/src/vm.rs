@@ -187,8 +187,8 @@ impl Run {
 
 /// On every kernel: the kernel facilities report, the programs through BPF_PROG_TEST_RUN,
 /// pinning and adoption, attaching in both modes beside another program, and a Service end to
-/// end in the sandbox (TCP spread over backends, and the clsact attachment translating and
-/// detaching).
+/// end in the sandbox (TCP spread over backends, the clsact attachment translating and
+/// detaching, and SCTP, which this machine's kernel lacks, with its checksums).
 const QUICK: &[Run] = &[
     Run::all("features"),
     Run::all("packets"),
@@ -199,6 +199,7 @@ const QUICK: &[Run] = &[
         &[
             "three_hundred_connections_to_a_cluster_ip",
             "the_clsact_attachment_of_older_kernels",
+            "sctp_reaches_backends",
         ],
     ),
 ];
