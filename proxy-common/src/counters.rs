@@ -150,9 +150,9 @@ counters! {
     /// Of the socket programs: a connect or send from the node to a ClusterIP with
     /// internalTrafficPolicy Local and no endpoint on this node, refused with EPERM.
     CTR_SOCK_DENY_NO_LOCAL_BACKEND = 46, "sock_deny_no_local_backend";
-    /// Dropped: a translated SCTP packet whose port change could not be folded into its
-    /// checksum (the checksum program missing from `LB4_TAILS`, or the packet not writable);
-    /// sent on, the receiver would drop it for its checksum.
+    /// Dropped: an SCTP packet whose ports were rewritten and whose checksum could not be
+    /// brought up to date (the checksum program missing from `LB4_TAILS`, or the packet not
+    /// writable); sent on, its receiver would drop it for its checksum.
     CTR_DROP_SCTP_CHECKSUM = 47, "drop_sctp_checksum";
 }
 

@@ -96,7 +96,21 @@ pub const LB4_FRAGS_MAP: &str = "LB4_FRAGS";
 pub const LB4_TAILS_MAP: &str = "LB4_TAILS";
 /// Slot of `sluice_sctp_checksum`: folds a translated SCTP packet's port change into its CRC32c.
 pub const TAIL_SCTP_CHECKSUM: u32 = 0;
+/// Slots of the program array. Growing it needs a new name: a pinned map of the old size would
+/// be reused, and the new slot's write refused.
 pub const LB4_TAILS_MAX: u32 = 1;
+
+/// The hand-off to `sluice_sctp_checksum`, in `__sk_buff.cb`: an ABI like the maps', since the
+/// programs of one agent may tail-call the checksum program of the next (the slot is refilled
+/// at load, before the new programs replace the old ones). Index of the ports the packet
+/// arrived with (its first 4 bytes of SCTP header, as a native word), noted by parsing.
+pub const SCTP_CB_ARRIVED_PORTS: usize = 0;
+/// Index of the verdict the checksum program returns.
+pub const SCTP_CB_VERDICT: usize = 1;
+/// Index of the verdict's counter, which the checksum program counts.
+pub const SCTP_CB_COUNTER: usize = 2;
+/// Index of the packet's length as the calling program counted it in `seen`.
+pub const SCTP_CB_LEN: usize = 3;
 pub const LB4_FRAGS_DEFAULT_MAX: u32 = 8_192;
 
 /// Key of [`LB4_FRAGS_MAP`]: a datagram, as its fragments name it (network byte order).

@@ -5,8 +5,9 @@
 //! out-of-bounds read. (ICMP errors' quotes are read with `bpf_skb_load_bytes`.) A later fragment
 //! of a TCP or UDP datagram carries no ports: it takes those its first fragment left in
 //! `LB4_FRAGS` (`note_first_fragment`), or is not a flow. SCTP fragments are not followed: a
-//! port rewrite needs the whole SCTP packet's length for its checksum (`nat`), and SCTP sizes
-//! its packets to the path MTU and sets DF, so it does not fragment.
+//! port rewrite needs the whole SCTP packet's length for its checksum (`sctp`), which a first
+//! fragment does not carry. (SCTP sizes its packets to the path MTU; Linux fragments only a
+//! chunk built before the path MTU dropped.)
 use aya_ebpf::programs::TcContext;
 use proxy_common::{
     CTR_FRAGMENT_FOLLOWED, CTR_PASS_MALFORMED, CTR_PASS_NOT_IPV4, CTR_PASS_OTHER_PROTO, Frag4Key,

@@ -180,10 +180,11 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
             }
         }
     };
-    // An SCTP packet that goes on may have had a port rewritten: its checksum is brought up
-    // to date (and its counter counted) by the checksum program. Known from the packet, not
-    // carried from parsing: a value live through every path would split the verifier's states.
-    if verdict != DROP && sctp::is_sctp_flow(ctx) {
+    // An SCTP packet that goes on with a port rewritten: its checksum is brought up to date
+    // (and its counter counted) by the checksum program. Known from the packet and `skb->cb`,
+    // not carried from parsing: a value live through every path would split the verifier's
+    // states.
+    if verdict != DROP && sctp::ports_changed(ctx) {
         return sctp::hand_off(ctx, verdict, counter, len);
     }
     count(counter, len);

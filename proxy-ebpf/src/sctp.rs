@@ -5,10 +5,14 @@
 //! (`proxy_common::sctp::shift`, a few hundred instructions) lives in `sluice_sctp_checksum`,
 //! which the TC programs tail-call once a translated SCTP packet's verdict is known: inlined
 //! at each of their rewrites, it multiplied the paths the verifier walks past its limit of a
-//! million instructions. The hand-off goes through `skb->cb`: the ports the packet arrived
-//! with (noted by parsing), the verdict, and the verdict's counter, which the checksum program
-//! counts (so every packet still counts exactly one verdict). A redirect set up before the tail call holds: it
-//! lives in the CPU's redirect state until the verdict is acted on.
+//! million instructions. Only a packet whose ports changed is handed off (most SCTP packets that
+//! pass sluice, pod to pod, keep theirs). The hand-off goes through `skb->cb` (the slots are
+//! `proxy_common::SCTP_CB_*`): the ports the packet arrived with (noted by parsing), the
+//! verdict, its counter and the packet's length, which the checksum program counts (so every
+//! packet still counts exactly one verdict). A redirect set up before the tail call holds: it
+//! lives in the CPU's redirect state until the verdict is acted on. If the tail call fails (an
+//! empty slot), the packet is dropped and counted `drop_sctp_checksum`; a `redirect` counted
+//! before it stays counted.
 //!
 //! A checksum field of 0 stays 0: the packet is partially checksummed (the device, or the
 //! stack before a device without the offload, computes the CRC after us, over the field as 0),
@@ -19,7 +23,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    CTR_DROP_SCTP_CHECKSUM, IPPROTO_SCTP, TAIL_SCTP_CHECKSUM,
+    CTR_DROP_SCTP_CHECKSUM, IPPROTO_SCTP, SCTP_CB_ARRIVED_PORTS, SCTP_CB_COUNTER, SCTP_CB_LEN,
+    SCTP_CB_VERDICT, TAIL_SCTP_CHECKSUM,
     sctp::{ShiftTables, shift, shift_tables},
 };
 
@@ -41,16 +46,28 @@ static SCTP_SHIFT: ShiftTables = shift_tables();
 pub fn note_arrived_ports(ctx: &TcContext, sport_be: u16, dport_be: u16) {
     let skb = ctx.as_ptr() as *mut __sk_buff;
     // SAFETY: the program's own context; `cb` is scratch space TC programs may write.
-    unsafe { (*skb).cb[0] = u32::from(sport_be) | (u32::from(dport_be) << 16) };
+    unsafe {
+        (*skb).cb[SCTP_CB_ARRIVED_PORTS] = u32::from(sport_be) | (u32::from(dport_be) << 16);
+    };
 }
 
-/// Whether the packet, as it is now, is a whole SCTP packet (not a fragment): one whose
-/// arrival parsing noted, unless it was turned into something else (an ICMP reject).
+/// Whether the packet, as it is now, is a whole SCTP packet (not a fragment: one whose arrival
+/// parsing noted, unless it was turned into something else, an ICMP reject) whose ports are no
+/// longer those it arrived with: one whose checksum needs the update.
 #[inline(always)]
-pub fn is_sctp_flow(ctx: &TcContext) -> bool {
+pub fn ports_changed(ctx: &TcContext) -> bool {
     let (start, end) = (ctx.data(), ctx.data_end());
-    read::<Ip4Hdr>(start, end, ETH_LEN)
-        .is_some_and(|ip| ip.proto == IPPROTO_SCTP && u16::from_be(ip.frag_off_be) & 0x3fff == 0)
+    let Some(ip) = read::<Ip4Hdr>(start, end, ETH_LEN) else {
+        return false;
+    };
+    if ip.proto != IPPROTO_SCTP || u16::from_be(ip.frag_off_be) & 0x3fff != 0 {
+        return false;
+    }
+    let l4_off = (ETH_LEN + u32::from(ip.version_ihl & 0x0f) * 4) & 0x7f;
+    let skb = ctx.as_ptr() as *const __sk_buff;
+    // SAFETY: the program's own context, read.
+    let arrived = unsafe { (*skb).cb[SCTP_CB_ARRIVED_PORTS] };
+    read::<u32>(start, end, l4_off).is_some_and(|ports| ports != arrived)
 }
 
 /// Hands a translated SCTP packet to `sluice_sctp_checksum`, which counts `counter` and returns
@@ -60,8 +77,9 @@ pub fn hand_off(ctx: &TcContext, verdict: i32, counter: u32, len: u32) -> i32 {
     let skb = ctx.as_ptr() as *mut __sk_buff;
     // SAFETY: the program's own context; `cb` is scratch space TC programs may write.
     unsafe {
-        (*skb).cb[1] = verdict as u32;
-        (*skb).cb[2] = counter;
+        (*skb).cb[SCTP_CB_VERDICT] = verdict as u32;
+        (*skb).cb[SCTP_CB_COUNTER] = counter;
+        (*skb).cb[SCTP_CB_LEN] = len;
         // SAFETY: a tail call either does not return, or fails and returns here.
         let _ = LB4_TAILS.tail_call(ctx, TAIL_SCTP_CHECKSUM);
     }

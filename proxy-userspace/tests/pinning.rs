@@ -306,6 +306,7 @@ fn the_sctp_checksum_tail_call_is_pinned_refilled_on_reload_and_a_missing_one_dr
         ..Default::default()
     };
     let (vip, backend) = ("198.18.128.1:3868", "198.19.0.20:3869");
+    let (same_port, same_backend) = ("198.18.128.1:3870", "198.19.0.20:3870");
     let init = sctp(sa("198.19.0.10:40000"), sa(vip), &[1, 0, 0, 4]);
     let translated = |dp: &Dataplane| {
         let (verdict, out) = run(dp, FROM_POD, &init);
@@ -317,6 +318,11 @@ fn the_sctp_checksum_tail_call_is_pinned_refilled_on_reload_and_a_missing_one_dr
         dp.upsert_service(
             fe(vip, Protocol::Sctp, FrontendKind::ClusterIp),
             &[be(backend)],
+        )
+        .unwrap();
+        dp.upsert_service(
+            fe(same_port, Protocol::Sctp, FrontendKind::ClusterIp),
+            &[be(same_backend)],
         )
         .unwrap();
         assert_eq!(translated(&dp), sa(backend));
@@ -347,4 +353,25 @@ fn the_sctp_checksum_tail_call_is_pinned_refilled_on_reload_and_a_missing_one_dr
     );
     assert_eq!(delta(&before, &after, proxy_common::CTR_CT_HIT), 0);
     assert_eq!(delta(&before, &after, proxy_common::CTR_SEEN), 1);
+    // Only a packet whose ports changed needs the checksum program: pod-to-pod SCTP, and a
+    // Service whose port is its target port, go on without it.
+    let direct = sctp(sa("198.19.0.10:40001"), sa(backend), &[1, 0, 0, 4]);
+    assert_eq!(run(&dp, FROM_POD, &direct), (TC_ACT_UNSPEC, direct.clone()));
+    let (verdict, out) = run(
+        &dp,
+        FROM_POD,
+        &sctp(sa("198.19.0.10:40002"), sa(same_port), &[1, 0, 0, 4]),
+    );
+    assert_eq!(verdict, TC_ACT_UNSPEC);
+    assert_eq!(check_sctp(&out).dst, sa(same_backend));
+    let later = dp.counters().unwrap();
+    assert_eq!(
+        delta(&after, &later, proxy_common::CTR_DROP_SCTP_CHECKSUM),
+        0
+    );
+    assert_eq!(
+        delta(&after, &later, proxy_common::CTR_PASS_NOT_FRONTEND),
+        1
+    );
+    assert_eq!(delta(&after, &later, proxy_common::CTR_NEW_FLOW), 1);
 }
