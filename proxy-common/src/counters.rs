@@ -154,6 +154,10 @@ counters! {
     /// brought up to date (the checksum program missing from `LB4_TAILS`, or the packet not
     /// writable); sent on, its receiver would drop it for its checksum.
     CTR_DROP_SCTP_CHECKSUM = 47, "drop_sctp_checksum";
+    /// Dropped: the node's own SCTP to an SCTP frontend, leaving by an uplink untranslated
+    /// (socket LB translates TCP and UDP only), which would otherwise go to the default route
+    /// with a Service address as its destination.
+    CTR_DROP_NODE_SCTP_TO_SERVICE = 48, "drop_node_sctp_to_service";
 }
 
 /// The counters that are no verdict (`seen`, the socket programs', and the "of the translated
@@ -182,7 +186,7 @@ pub const NOT_VERDICTS: [u32; 19] = [
 ];
 
 /// Number of counters in use (at most [`CTR_SLOTS`]).
-pub const CTR_MAX: u32 = 48;
+pub const CTR_MAX: u32 = 49;
 const _: () = assert!(CTR_MAX <= CTR_SLOTS);
 
 /// One CPU's share of a counter.

@@ -657,6 +657,14 @@ fn an_invalid_service_is_counted_and_skipped_and_others_are_served() {
         .filter(|l| l.contains("part of a Service left out") && l.contains("2001:db8::7"))
         .count();
     assert_eq!(said, 1, "{}", env.agent().log());
+    // The limit of SCTP frontends (the node's own processes cannot use them) is said once.
+    let limit = env
+        .agent()
+        .log()
+        .lines()
+        .filter(|l| l.contains("SCTP frontends serve pods and outside clients"))
+        .count();
+    assert_eq!(limit, 1, "{}", env.agent().log());
     assert!(
         !env.frontends()
             .iter()

@@ -1585,6 +1585,38 @@ fn sctp_is_translated_both_ways_with_its_crc32c_updated() {
 }
 
 #[test]
+fn the_nodes_own_sctp_to_a_service_is_refused_at_the_uplink_and_counted() {
+    require_privileged!("the_nodes_own_sctp_to_a_service_is_refused_at_the_uplink_and_counted");
+    let mut dp = dataplane();
+    let (vip, backend) = ("198.18.128.1:3868", "198.19.0.20:3869");
+    dp.upsert_service(
+        fe(vip, Protocol::Sctp, FrontendKind::ClusterIp),
+        &[be(backend)],
+    )
+    .unwrap();
+    cluster_ip(&mut dp, &["198.19.0.20:8080"]);
+    let node = "198.18.0.10:40000";
+    let before = dp.counters().unwrap();
+    // Socket LB translates no SCTP: a node process's INIT to the Service leaves by the uplink
+    // untranslated, bound for the default route. Dropped there, counted.
+    let init = sctp(sa(node), sa(vip), &SCTP_INIT);
+    assert_eq!(run(&dp, TO_UPLINK, &init).0, TC_ACT_SHOT);
+    let after = dp.counters().unwrap();
+    assert_eq!(delta(&before, &after, CTR_DROP_NODE_SCTP_TO_SERVICE), 1);
+    // Only SCTP to an SCTP frontend: the same address on another port or protocol, and SCTP
+    // replies of translated flows, go on as before.
+    for pkt in [
+        sctp(sa(node), sa("198.18.128.1:3999"), &SCTP_INIT),
+        tcp(sa(node), sa(VIP), SYN, b""),
+        sctp(sa(backend), sa("198.18.0.100:50000"), &[2, 0, 0, 4]),
+    ] {
+        assert_eq!(run(&dp, TO_UPLINK, &pkt), (TC_ACT_UNSPEC, pkt.clone()));
+    }
+    let later = dp.counters().unwrap();
+    assert_eq!(delta(&after, &later, CTR_DROP_NODE_SCTP_TO_SERVICE), 0);
+}
+
+#[test]
 fn icmp_errors_about_translated_sctp_are_put_back() {
     require_privileged!("icmp_errors_about_translated_sctp_are_put_back");
     let mut dp = dataplane();

@@ -100,6 +100,8 @@ pub struct Syncer {
     started: SystemTime,
     /// (Service, frontend) conflicts already logged.
     conflicts_logged: BTreeSet<(ServiceKey, FrontendId)>,
+    /// Whether the limit of SCTP frontends (the node's own processes cannot use them) was said.
+    sctp_limit_said: bool,
     applied: HashMap<ServiceKey, Entries>,
     owners: HashMap<FrontendId, ServiceKey>,
     /// What the maps held at start, until the first full sync has claimed or removed it.
@@ -163,6 +165,7 @@ impl Syncer {
             node_known: false,
             started: SystemTime::now(),
             conflicts_logged: BTreeSet::new(),
+            sctp_limit_said: false,
             applied: HashMap::new(),
             owners: HashMap::new(),
             adopted: Some(adopted),
@@ -623,6 +626,16 @@ impl Syncer {
             if let Some((_, before)) = old.get(&fe_id).or(adopted.as_ref()) {
                 let before = before.clone();
                 self.note_gone(&entry.0, &before, Some(&entry.1), &slices);
+            }
+            if entry.0.proto == Protocol::Sctp && !self.sctp_limit_said {
+                self.sctp_limit_said = true;
+                tracing::warn!(
+                    service = %key,
+                    frontend = %entry.0,
+                    "SCTP frontends serve pods and outside clients; the node's own processes \
+                     cannot use them (socket LB translates TCP and UDP only): their packets are \
+                     dropped at the uplink, counted as drop_node_sctp_to_service"
+                );
             }
             if old.get(&fe_id) != Some(&entry) && !adopted_same {
                 if let Err(error) = self.dp.upsert_frontend(entry.0, &entry.1) {
