@@ -1584,9 +1584,9 @@ fn sctp_is_translated_both_ways_with_its_crc32c_updated() {
     );
 }
 
-#[test]
-fn the_nodes_own_sctp_to_a_service_is_refused_at_the_uplink_and_counted() {
-    require_privileged!("the_nodes_own_sctp_to_a_service_is_refused_at_the_uplink_and_counted");
+/// A dataplane with an SCTP ClusterIP whose one backend listens on another port: the
+/// dataplane, the frontend and the backend.
+fn sctp_cluster_ip() -> (Shared, &'static str, &'static str) {
     let mut dp = dataplane();
     let (vip, backend) = ("198.18.128.1:3868", "198.19.0.20:3869");
     dp.upsert_service(
@@ -1594,6 +1594,13 @@ fn the_nodes_own_sctp_to_a_service_is_refused_at_the_uplink_and_counted() {
         &[be(backend)],
     )
     .unwrap();
+    (dp, vip, backend)
+}
+
+#[test]
+fn the_nodes_own_sctp_to_a_service_is_refused_at_the_uplink_and_counted() {
+    require_privileged!("the_nodes_own_sctp_to_a_service_is_refused_at_the_uplink_and_counted");
+    let (mut dp, vip, backend) = sctp_cluster_ip();
     cluster_ip(&mut dp, &["198.19.0.20:8080"]);
     let node = "198.18.0.10:40000";
     let before = dp.counters().unwrap();
@@ -1619,13 +1626,7 @@ fn the_nodes_own_sctp_to_a_service_is_refused_at_the_uplink_and_counted() {
 #[test]
 fn icmp_errors_about_translated_sctp_are_put_back() {
     require_privileged!("icmp_errors_about_translated_sctp_are_put_back");
-    let mut dp = dataplane();
-    let (vip, backend) = ("198.18.128.1:3868", "198.19.0.20:3869");
-    dp.upsert_service(
-        fe(vip, Protocol::Sctp, FrontendKind::ClusterIp),
-        &[be(backend)],
-    )
-    .unwrap();
+    let (dp, vip, _) = sctp_cluster_ip();
     let (_, sent) = run(&dp, FROM_POD, &sctp(sa(CLIENT), sa(vip), &SCTP_INIT));
     // The backend's node says "fragmentation needed" about the translated packet: the client
     // must see it about what it sent, to the Service.
