@@ -57,17 +57,24 @@ pub fn note_arrived_ports(ctx: &TcContext, sport_be: u16, dport_be: u16) {
 #[inline(always)]
 pub fn ports_changed(ctx: &TcContext) -> bool {
     let (start, end) = (ctx.data(), ctx.data_end());
-    let Some(ip) = read::<Ip4Hdr>(start, end, ETH_LEN) else {
+    let Some((_, l4_off)) = whole_sctp(start, end) else {
         return false;
     };
-    if ip.proto != IPPROTO_SCTP || u16::from_be(ip.frag_off_be) & 0x3fff != 0 {
-        return false;
-    }
-    let l4_off = (ETH_LEN + u32::from(ip.version_ihl & 0x0f) * 4) & 0x7f;
     let skb = ctx.as_ptr() as *const __sk_buff;
     // SAFETY: the program's own context, read.
     let arrived = unsafe { (*skb).cb[SCTP_CB_ARRIVED_PORTS] };
     read::<u32>(start, end, l4_off).is_some_and(|ports| ports != arrived)
+}
+
+/// The IPv4 header of a whole SCTP packet (not a fragment) in the linear part `[start, end)`,
+/// and the offset of its SCTP header (bounded for the verifier), if the packet is one.
+#[inline(always)]
+fn whole_sctp(start: usize, end: usize) -> Option<(Ip4Hdr, u32)> {
+    let ip: Ip4Hdr = read(start, end, ETH_LEN)?;
+    if ip.proto != IPPROTO_SCTP || u16::from_be(ip.frag_off_be) & 0x3fff != 0 {
+        return None;
+    }
+    Some((ip, (ETH_LEN + u32::from(ip.version_ihl & 0x0f) * 4) & 0x7f))
 }
 
 /// Hands a translated SCTP packet to `sluice_sctp_checksum`, which counts `counter` and returns
@@ -93,8 +100,14 @@ pub fn hand_off(ctx: &TcContext, verdict: i32, counter: u32, len: u32) -> i32 {
 pub fn sluice_sctp_checksum(ctx: TcContext) -> i32 {
     let skb = ctx.as_ptr() as *const __sk_buff;
     // SAFETY: the program's own context, read.
-    let (arrived, verdict, counter) = unsafe { ((*skb).cb[0], (*skb).cb[1] as i32, (*skb).cb[2]) };
-    let len = ctx.len();
+    let (arrived, verdict, counter, len) = unsafe {
+        (
+            (*skb).cb[SCTP_CB_ARRIVED_PORTS],
+            (*skb).cb[SCTP_CB_VERDICT] as i32,
+            (*skb).cb[SCTP_CB_COUNTER],
+            (*skb).cb[SCTP_CB_LEN],
+        )
+    };
     if update(&ctx, arrived).is_none() {
         count(CTR_DROP_SCTP_CHECKSUM, len);
         return DROP;
@@ -108,13 +121,11 @@ pub fn sluice_sctp_checksum(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn update(ctx: &TcContext, arrived: u32) -> Option<()> {
     let (start, end) = (ctx.data(), ctx.data_end());
-    let ip: Ip4Hdr = read(start, end, ETH_LEN)?;
-    if ip.proto != IPPROTO_SCTP {
-        // Turned into something else (an ICMP reject): nothing of SCTP to update.
+    // `hand_off` came only for a whole SCTP packet; anything else has nothing to update.
+    let Some((ip, l4_off)) = whole_sctp(start, end) else {
         return Some(());
-    }
+    };
     let ihl = u32::from(ip.version_ihl & 0x0f) * 4;
-    let l4_off = (ETH_LEN + ihl) & 0x7f;
     let ports: u32 = read(start, end, l4_off)?;
     let delta = ports ^ arrived;
     if delta == 0 {
