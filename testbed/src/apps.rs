@@ -181,6 +181,12 @@ impl Server {
         }
     }
 
+    /// The python3 server `script` (argv: the pod's name, the port) on `port` in `ns`.
+    fn python(ns: &Netns, script: &str, name: &str, port: u16) -> Result<Self, CmdError> {
+        let port_s = port.to_string();
+        Self::start(ns, &["python3", "-c", script, name, &port_s], port)
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -201,8 +207,7 @@ pub struct HttpServer(pub Server);
 
 impl HttpServer {
     pub fn start(ns: &Netns, name: &str, port: u16) -> Result<Self, CmdError> {
-        let port_s = port.to_string();
-        Server::start(ns, &["python3", "-c", HTTP_SERVER_PY, name, &port_s], port).map(Self)
+        Server::python(ns, HTTP_SERVER_PY, name, port).map(Self)
     }
 }
 
@@ -212,8 +217,7 @@ pub struct UdpEcho(pub Server);
 
 impl UdpEcho {
     pub fn start(ns: &Netns, name: &str, port: u16) -> Result<Self, CmdError> {
-        let port_s = port.to_string();
-        Server::start(ns, &["python3", "-c", UDP_ECHO_PY, name, &port_s], port).map(Self)
+        Server::python(ns, UDP_ECHO_PY, name, port).map(Self)
     }
 }
 
@@ -225,8 +229,7 @@ pub struct SctpEcho(pub Server);
 
 impl SctpEcho {
     pub fn start(ns: &Netns, name: &str, port: u16) -> Result<Self, CmdError> {
-        let port_s = port.to_string();
-        Server::start(ns, &["python3", "-c", SCTP_ECHO_PY, name, &port_s], port).map(Self)
+        Server::python(ns, SCTP_ECHO_PY, name, port).map(Self)
     }
 }
 
@@ -257,7 +260,7 @@ pub fn sctp_request(
     payload: &str,
     timeout: Duration,
 ) -> Result<SctpReply, CmdError> {
-    let out = udp_client(ns, SCTP_CLIENT_PY, addr, port, payload, timeout)?;
+    let out = python_client(ns, SCTP_CLIENT_PY, addr, port, payload, timeout)?;
     let mut lines = out.lines();
     let unparsed = || SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0);
     let peer = lines
@@ -396,7 +399,7 @@ pub fn udp_connected(
     payload: &str,
     timeout: Duration,
 ) -> Result<UdpOutcome, CmdError> {
-    let out = udp_client(ns, UDP_CONNECTED_PY, addr, port, payload, timeout)?;
+    let out = python_client(ns, UDP_CONNECTED_PY, addr, port, payload, timeout)?;
     let line = out.trim();
     Ok(match line {
         "REFUSED" => UdpOutcome::Refused,
@@ -424,7 +427,7 @@ pub struct UdpReply {
 }
 
 /// Runs the python client `script` (argv: address, port, payload, timeout) inside `ns`.
-fn udp_client(
+fn python_client(
     ns: &Netns,
     script: &str,
     addr: Ipv4Addr,
@@ -454,7 +457,7 @@ pub fn udp_request(
     payload: &str,
     timeout: Duration,
 ) -> Result<UdpReply, CmdError> {
-    let out = udp_client(ns, UDP_CLIENT_PY, addr, port, payload, timeout)?;
+    let out = python_client(ns, UDP_CLIENT_PY, addr, port, payload, timeout)?;
     let mut lines = out.lines();
     let from = lines
         .next()

@@ -172,18 +172,23 @@ pub struct Seen {
 }
 
 /// Parses `pkt` and panics unless its IPv4 header checksum and TCP/UDP checksum are right.
-pub fn check(pkt: &[u8]) -> Seen {
-    let s = SlicedPacket::from_ethernet(pkt).expect("the packet parses");
+/// The packet parsed, and its IPv4 part, after checking its header checksum independently.
+fn checked_ipv4<'a>(s: &'a SlicedPacket<'a>, pkt: &[u8]) -> &'a etherparse::Ipv4Slice<'a> {
     let Some(NetSlice::Ipv4(ip)) = &s.net else {
         panic!("not IPv4: {pkt:02x?}")
     };
     let h = ip.header();
-    let hdr = h.to_header();
     assert_eq!(
         h.header_checksum(),
-        hdr.calc_header_checksum(),
+        h.to_header().calc_header_checksum(),
         "IPv4 header checksum is wrong"
     );
+    ip
+}
+
+pub fn check(pkt: &[u8]) -> Seen {
+    let s = SlicedPacket::from_ethernet(pkt).expect("the packet parses");
+    let h = checked_ipv4(&s, pkt).header();
     let (sport, dport, payload, udp_checksum) = match &s.transport {
         Some(TransportSlice::Tcp(t)) => {
             let want = t.calc_checksum_ipv4(h.source(), h.destination()).unwrap();
@@ -235,15 +240,7 @@ pub struct Icmp {
 
 pub fn check_icmp(pkt: &[u8]) -> Icmp {
     let s = SlicedPacket::from_ethernet(pkt).expect("the ICMP packet parses");
-    let Some(NetSlice::Ipv4(ip)) = &s.net else {
-        panic!("not IPv4")
-    };
-    let h = ip.header();
-    assert_eq!(
-        h.header_checksum(),
-        h.to_header().calc_header_checksum(),
-        "IPv4 checksum"
-    );
+    let h = checked_ipv4(&s, pkt).header();
     let Some(TransportSlice::Icmpv4(i)) = &s.transport else {
         panic!("not ICMP: {:?}", s.transport)
     };
@@ -645,15 +642,8 @@ pub struct SctpSeen {
 
 pub fn check_sctp(pkt: &[u8]) -> SctpSeen {
     let s = SlicedPacket::from_ethernet(pkt).expect("the packet parses");
-    let Some(NetSlice::Ipv4(ip)) = &s.net else {
-        panic!("not IPv4: {pkt:02x?}")
-    };
+    let ip = checked_ipv4(&s, pkt);
     let h = ip.header();
-    assert_eq!(
-        h.header_checksum(),
-        h.to_header().calc_header_checksum(),
-        "IPv4 header checksum is wrong"
-    );
     assert_eq!(h.protocol().0, 132, "not SCTP");
     let l4 = ip.payload().payload.to_vec();
     let checksum = u32::from_le_bytes(l4[8..12].try_into().unwrap());
