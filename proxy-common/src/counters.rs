@@ -158,6 +158,9 @@ counters! {
     /// (socket LB translates TCP and UDP only), which would otherwise go to the default route
     /// with a Service address as its destination.
     CTR_DROP_NODE_SCTP_TO_SERVICE = 48, "drop_node_sctp_to_service";
+    /// Dropped: a packet that starts a flow (or is refused for its frontend), whose new-flow
+    /// program is missing from `LB4_FLOW_TAILS`. Packets of known flows are served without it.
+    CTR_DROP_NEW_FLOW_PROGRAM = 49, "drop_new_flow_program";
 }
 
 /// The counters that are no verdict (`seen`, the socket programs', and the "of the translated
@@ -186,7 +189,7 @@ pub const NOT_VERDICTS: [u32; 19] = [
 ];
 
 /// Number of counters in use (at most [`CTR_SLOTS`]).
-pub const CTR_MAX: u32 = 49;
+pub const CTR_MAX: u32 = 50;
 const _: () = assert!(CTR_MAX <= CTR_SLOTS);
 
 /// One CPU's share of a counter.

@@ -100,6 +100,22 @@ pub const TAIL_SCTP_CHECKSUM: u32 = 0;
 /// be reused, and the new slot's write refused.
 pub const LB4_TAILS_MAX: u32 = 1;
 
+/// The new-flow programs the TC programs tail-call (a `BPF_MAP_TYPE_PROG_ARRAY`, pinned as
+/// [`LB4_TAILS_MAP`] is, for the same reason), by the slots below. A map of its own because a
+/// pinned program array cannot grow ([`LB4_TAILS_MAX`]). A packet that starts no flow is
+/// served without them: the programs that parse it look up its reply and service entries, and
+/// hand off only a packet that must choose a backend (or be refused for having none). Split
+/// so, each program is verified on its own paths, not on the product of both.
+pub const LB4_FLOW_TAILS_MAP: &str = "LB4_FLOW_TAILS";
+/// Slot of `sluice_new_flow_from_pod`: a new flow of a pod (any frontend, hairpin).
+pub const TAIL_NEW_FLOW_FROM_POD: u32 = 0;
+/// Slot of `sluice_new_flow_from_uplink`: a new flow from outside (NodePort, externalIPs,
+/// LoadBalancer; SNAT and redirect to another node's endpoint).
+pub const TAIL_NEW_FLOW_FROM_UPLINK: u32 = 1;
+/// Slots of [`LB4_FLOW_TAILS_MAP`]: two in use, the rest room for programs to come (the same
+/// reason as [`LB4_TAILS_MAX`]).
+pub const LB4_FLOW_TAILS_MAX: u32 = 8;
+
 /// The hand-off to `sluice_sctp_checksum`, in `__sk_buff.cb`: an ABI like the maps', since the
 /// programs of one agent may tail-call the checksum program of the next (the slot is refilled
 /// at load, before the new programs replace the old ones). Index of the ports the packet
@@ -111,6 +127,20 @@ pub const SCTP_CB_VERDICT: usize = 1;
 pub const SCTP_CB_COUNTER: usize = 2;
 /// Index of the packet's length as the calling program counted it in `seen`.
 pub const SCTP_CB_LEN: usize = 3;
+
+/// The hand-off to the new-flow programs, in `__sk_buff.cb` (an ABI like the SCTP one): the
+/// clock as the handing program read it, low and high words, so that a new flow costs one
+/// read of the clock, not two. The new-flow program reads them first; they are the SCTP
+/// hand-off's verdict and counter, which it writes only later, if at all.
+pub const FLOW_CB_NOW_LO: usize = 1;
+/// The clock's high word (see [`FLOW_CB_NOW_LO`]).
+pub const FLOW_CB_NOW_HI: usize = 2;
+const _: () = assert!(
+    FLOW_CB_NOW_LO != SCTP_CB_ARRIVED_PORTS
+        && FLOW_CB_NOW_HI != SCTP_CB_ARRIVED_PORTS
+        && FLOW_CB_NOW_LO != FLOW_CB_NOW_HI
+        && FLOW_CB_NOW_HI < 5
+);
 pub const LB4_FRAGS_DEFAULT_MAX: u32 = 8_192;
 
 /// Key of [`LB4_FRAGS_MAP`]: a datagram, as its fragments name it (network byte order).

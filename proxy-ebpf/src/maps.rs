@@ -8,7 +8,7 @@ use aya_ebpf::{
 use proxy_common::{
     Affinity4Key, Affinity4Value, AffinityMatchKey, CT4_DEFAULT_MAX, CTR_SLOTS, Counter, Ct4Entry,
     Ct4Key, Frag4Key, Frag4Ports, LB4_AFFINITY_DEFAULT_MAX, LB4_BACKENDS_DEFAULT_MAX,
-    LB4_FRAGS_DEFAULT_MAX, LB4_POD_CLIENTS_DEFAULT_MAX, LB4_REVNAT_DEFAULT_MAX,
+    LB4_FLOW_TAILS_MAX, LB4_FRAGS_DEFAULT_MAX, LB4_POD_CLIENTS_DEFAULT_MAX, LB4_REVNAT_DEFAULT_MAX,
     LB4_SERVICES_DEFAULT_MAX, LB4_SRC_RANGES_DEFAULT_MAX, LB4_TAILS_MAX, Lb4Backend, Lb4Config,
     Lb4Key, Lb4RevNat, Lb4Service, RejectBudget, SOCK_REVNAT_DEFAULT_MAX, SockConfig, SockRevKey,
     SockRevValue, SrcRange4Key,
@@ -67,6 +67,9 @@ pub static LB4_FRAGS: LruHashMap<Frag4Key, Frag4Ports> =
 #[map(name = "LB4_TAILS")]
 pub static LB4_TAILS: ProgramArray = ProgramArray::with_max_entries(LB4_TAILS_MAX, 0);
 
+#[map(name = "LB4_FLOW_TAILS")]
+pub static LB4_FLOW_TAILS: ProgramArray = ProgramArray::with_max_entries(LB4_FLOW_TAILS_MAX, 0);
+
 #[map(name = "LB4_SOCK_REVNAT")]
 pub static LB4_SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> =
     LruHashMap::with_max_entries(SOCK_REVNAT_DEFAULT_MAX, 0);
@@ -97,6 +100,7 @@ const _: () = {
     assert!(str_eq(proxy_common::CT4_MAP, "CT4"));
     assert!(str_eq(proxy_common::LB4_FRAGS_MAP, "LB4_FRAGS"));
     assert!(str_eq(proxy_common::LB4_TAILS_MAP, "LB4_TAILS"));
+    assert!(str_eq(proxy_common::LB4_FLOW_TAILS_MAP, "LB4_FLOW_TAILS"));
     assert!(str_eq(proxy_common::SOCK_REVNAT_MAP, "LB4_SOCK_REVNAT"));
     assert!(str_eq(proxy_common::SOCK_CONFIG_MAP, "SOCK_CONFIG"));
 };

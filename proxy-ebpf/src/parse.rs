@@ -178,6 +178,18 @@ pub fn read<T: Copy>(start: usize, end: usize, off: u32) -> Option<T> {
 /// carries the pass counter that says why the packet is not one the datapath translates.
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Result<Packet, u32> {
+    parse_as(ctx, true)
+}
+
+/// [`parse`] again, in a program the packet was handed to after its first parse: the same
+/// result, with nothing counted twice.
+#[inline(always)]
+pub fn reparse(ctx: &TcContext) -> Result<Packet, u32> {
+    parse_as(ctx, false)
+}
+
+#[inline(always)]
+fn parse_as(ctx: &TcContext, first: bool) -> Result<Packet, u32> {
     let (start, end) = linear(ctx);
     let eth_type: u16 = read(start, end, 12).ok_or(CTR_PASS_MALFORMED)?;
     if eth_type != ETH_P_IP_BE {
@@ -214,12 +226,14 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, u32> {
         });
     }
     if frag_kind == LATER_FRAGMENT {
-        return Ok(later_fragment(&ip, l4_off, ihl_bytes, tot_len).map_or(
-            Packet::LoneFragment {
-                daddr_be: ip.daddr_be,
-            },
-            Packet::Flow,
-        ));
+        return Ok(
+            later_fragment(&ip, l4_off, ihl_bytes, tot_len, first).map_or(
+                Packet::LoneFragment {
+                    daddr_be: ip.daddr_be,
+                },
+                Packet::Flow,
+            ),
+        );
     }
     let l4_len = tot_len - ihl_bytes;
     let mut flow = Flow {
@@ -284,13 +298,21 @@ fn frag_key(saddr_be: u32, daddr_be: u32, id_be: u16, proto: u8) -> Frag4Key {
 }
 
 /// A later fragment of a TCP or UDP datagram, as a flow with its first fragment's ports, if
-/// this program has looked its first fragment up.
+/// this program has looked its first fragment up; counted as followed on its `first` parse.
 #[inline(always)]
-fn later_fragment(ip: &Ip4Hdr, l4_off: u32, ihl_bytes: u32, tot_len: u32) -> Option<Flow> {
+fn later_fragment(
+    ip: &Ip4Hdr,
+    l4_off: u32,
+    ihl_bytes: u32,
+    tot_len: u32,
+    first: bool,
+) -> Option<Flow> {
     let key = frag_key(ip.saddr_be, ip.daddr_be, ip.id_be, ip.proto);
     // SAFETY: the value is two plain integers, copied out.
     let ports: Frag4Ports = *unsafe { LB4_FRAGS.get(&key) }?;
-    count(CTR_FRAGMENT_FOLLOWED, 0);
+    if first {
+        count(CTR_FRAGMENT_FOLLOWED, 0);
+    }
     Some(Flow {
         l4_off,
         ihl_bytes,

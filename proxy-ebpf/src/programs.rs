@@ -7,7 +7,16 @@
 //! | `sluice_from_uplink` | TC ingress of uplinks            | DNAT NodePort, externalIPs, LoadBalancer; SNATed replies |
 //! | `sluice_to_uplink`   | TC egress of uplinks             | replies back to showing the frontend   |
 //! | `sluice_pass`        | anywhere                         | nothing: the benchmark's floor         |
-//! | `sluice_sctp_checksum` | tail-called by the four above  | an SCTP port change into its CRC32c (`sctp`) |
+//! | `sluice_new_flow_from_pod` | tail-called by `sluice_from_pod` | a pod's new flow: backend, hairpin, refusals |
+//! | `sluice_new_flow_from_uplink` | tail-called by `sluice_from_uplink` | a new flow from outside: backend, SNAT and redirect, refusals |
+//! | `sluice_sctp_checksum` | tail-called by the six above   | an SCTP port change into its CRC32c (`sctp`) |
+//!
+//! The ingress programs serve the packets of known flows themselves and hand a packet that
+//! starts a flow (no service entry, or a closed flow's tuple reopened) to their new-flow
+//! program through `LB4_FLOW_TAILS`, which parses it again and chooses. Apart, each is
+//! verified on its own paths instead of on the product of both: a known flow's hit and the
+//! new-flow code are the two biggest parts, and together they took `sluice_from_uplink` to
+//! 60% of the verifier's million instructions.
 //!
 //! Replies are translated after routing, at egress, because the kernel drops a packet whose
 //! source is one of its own addresses before routing it (a NodePort reply shows the node's
@@ -20,7 +29,8 @@
 //! NodePorts, externalIPs and LoadBalancer IPs, and for externalTrafficPolicy Local only the
 //! node's own endpoints. Traffic from the node's pods may use every frontend and every endpoint.
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    EbpfContext as _,
+    bindings::{__sk_buff, BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_get_prandom_u32,
     macros::classifier,
     programs::TcContext,
@@ -28,16 +38,17 @@ use aya_ebpf::{
 use proxy_common::{
     BACKEND_FLAG_LOCAL, CT_FLAG_PORT_REMAP, CT_FLAG_REDIRECT, CT_FLAG_SNAT, CTR_CT_HIT,
     CTR_CT_STALE_REVERSE, CTR_DROP_CT_WRITE, CTR_DROP_FIB, CTR_DROP_FRAGMENT,
-    CTR_DROP_NO_BACKEND_ENTRY, CTR_DROP_NO_LOCAL_BACKEND, CTR_DROP_NO_SNAT_ADDR,
-    CTR_DROP_NODE_SCTP_TO_SERVICE, CTR_DROP_RACE_REDIRECT, CTR_DROP_REJECT_FAILED,
-    CTR_DROP_REJECT_RATE_LIMITED, CTR_DROP_REWRITE, CTR_DROP_SNAT_PORTS, CTR_DROP_SOURCE_RANGE,
-    CTR_HAIRPIN, CTR_NEW_FLOW, CTR_NEW_FLOW_RACE_LOST, CTR_NEW_FLOW_SNAT, CTR_PASS_FRAGMENT,
-    CTR_PASS_NO_MATCH, CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_POD_CLIENT, CTR_PASS_OTHER_PROTO,
-    CTR_PASS_REPLY_AT_EGRESS, CTR_POD_CLIENTS_FULL, CTR_PORT_REMAPPED, CTR_REDIRECT,
-    CTR_REJECT_FRAG_NEEDED, CTR_REJECT_NO_BACKEND, CTR_REJECT_NO_SUCH_PORT, CTR_REPLY, CTR_SEEN,
-    Ct4Entry, Ct4Key, DP_STATE_POD_CLIENTS_FULL, FE_ADDR_CLUSTER_IP, FE_ADDR_NAT, IPPROTO_SCTP,
-    IPPROTO_TCP, LOCAL_SLOT_BASE, Lb4Config, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL,
-    SVC_FLAG_NO_LOCAL_DROP,
+    CTR_DROP_NEW_FLOW_PROGRAM, CTR_DROP_NO_BACKEND_ENTRY, CTR_DROP_NO_LOCAL_BACKEND,
+    CTR_DROP_NO_SNAT_ADDR, CTR_DROP_NODE_SCTP_TO_SERVICE, CTR_DROP_RACE_REDIRECT,
+    CTR_DROP_REJECT_FAILED, CTR_DROP_REJECT_RATE_LIMITED, CTR_DROP_REWRITE, CTR_DROP_SNAT_PORTS,
+    CTR_DROP_SOURCE_RANGE, CTR_HAIRPIN, CTR_NEW_FLOW, CTR_NEW_FLOW_RACE_LOST, CTR_NEW_FLOW_SNAT,
+    CTR_PASS_FRAGMENT, CTR_PASS_NO_MATCH, CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_POD_CLIENT,
+    CTR_PASS_OTHER_PROTO, CTR_PASS_REPLY_AT_EGRESS, CTR_POD_CLIENTS_FULL, CTR_PORT_REMAPPED,
+    CTR_REDIRECT, CTR_REJECT_FRAG_NEEDED, CTR_REJECT_NO_BACKEND, CTR_REJECT_NO_SUCH_PORT,
+    CTR_REPLY, CTR_SEEN, Ct4Entry, Ct4Key, DP_STATE_POD_CLIENTS_FULL, FE_ADDR_CLUSTER_IP,
+    FE_ADDR_NAT, FLOW_CB_NOW_HI, FLOW_CB_NOW_LO, IPPROTO_SCTP, IPPROTO_TCP, LOCAL_SLOT_BASE,
+    Lb4Config, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL, SVC_FLAG_NO_LOCAL_DROP,
+    TAIL_NEW_FLOW_FROM_POD, TAIL_NEW_FLOW_FROM_UPLINK,
 };
 
 use crate::{
@@ -47,9 +58,9 @@ use crate::{
     },
     fib::{self, Fib, Route},
     icmp, lb,
-    maps::{CT4, LB4_CONFIG, LB4_DP_STATE, LB4_FE_ADDRS, LB4_POD_CLIENTS},
+    maps::{CT4, LB4_CONFIG, LB4_DP_STATE, LB4_FE_ADDRS, LB4_FLOW_TAILS, LB4_POD_CLIENTS},
     nat::{rewrite, translate},
-    parse::{FIRST_FRAGMENT, Flow, Packet, TCP_FIN, TCP_RST, note_first_fragment, parse},
+    parse::{FIRST_FRAGMENT, Flow, Packet, TCP_FIN, TCP_RST, note_first_fragment, parse, reparse},
     reject, sctp, snat,
     stats::count,
 };
@@ -109,6 +120,20 @@ pub fn sluice_to_uplink(ctx: TcContext) -> i32 {
     handle(&ctx, Hook::ToUplink)
 }
 
+/// A pod's packet that starts a flow, handed over by `sluice_from_pod`.
+#[classifier]
+#[inline(always)]
+pub fn sluice_new_flow_from_pod(ctx: TcContext) -> i32 {
+    handle_new_flow(&ctx, Hook::FromPod)
+}
+
+/// A packet from outside that starts a flow, handed over by `sluice_from_uplink`.
+#[classifier]
+#[inline(always)]
+pub fn sluice_new_flow_from_uplink(ctx: TcContext) -> i32 {
+    handle_new_flow(&ctx, Hook::FromUplink)
+}
+
 /// Does nothing: the floor the benchmark compares the others with.
 #[classifier]
 pub fn sluice_pass(_ctx: TcContext) -> i32 {
@@ -128,12 +153,7 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
     };
     let (verdict, counter) = match packet {
         Packet::IcmpError(e) => icmp::error(ctx, &e, conntrack::now(), hook.is_egress(), PASS),
-        // From a pod, a ClusterIP is only its Services' flows: a fragment with no flow to
-        // follow would be routed to the address itself.
-        Packet::LoneFragment { daddr_be } if hook == Hook::FromPod && is_cluster_ip(daddr_be) => {
-            (DROP, CTR_DROP_FRAGMENT)
-        }
-        Packet::LoneFragment { .. } => (PASS, CTR_PASS_FRAGMENT),
+        Packet::LoneFragment { daddr_be } => lone_fragment(daddr_be, hook),
         // From a pod, a ClusterIP is only its Services' ports, and no Service serves other
         // protocols: refused, as kube-proxy's nftables mode rejects them.
         Packet::Other(f) if hook == Hook::FromPod && is_cluster_ip(f.daddr_be) => rejected(
@@ -188,6 +208,12 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
             }
         }
     };
+    finish(ctx, verdict, counter, len)
+}
+
+/// The packet's verdict, counted (as `counter`, with its `len`).
+#[inline(always)]
+fn finish(ctx: &TcContext, verdict: i32, counter: u32, len: u32) -> i32 {
     // An SCTP packet that goes on with a port rewritten: its checksum is brought up to date
     // (and its counter counted) by the checksum program. Known from the packet and `skb->cb`,
     // not carried from parsing: a value live through every path would split the verifier's
@@ -197,6 +223,91 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
     }
     count(counter, len);
     verdict
+}
+
+/// A fragment that follows no flow. From a pod, a ClusterIP is only its Services' flows: such
+/// a fragment would be routed to the address itself.
+#[inline(always)]
+fn lone_fragment(daddr_be: u32, hook: Hook) -> (i32, u32) {
+    if hook == Hook::FromPod && is_cluster_ip(daddr_be) {
+        (DROP, CTR_DROP_FRAGMENT)
+    } else {
+        (PASS, CTR_PASS_FRAGMENT)
+    }
+}
+
+/// A packet of no known flow: to a frontend, handed to its hook's new-flow program
+/// (`handle_new_flow`); to no frontend (the node's own ports on a NodePort address, a
+/// ClusterIP's other ports), answered here, where it costs no tail call and no second parse.
+#[inline(always)]
+fn start_flow(ctx: &TcContext, f: &Flow, now: u64, hook: Hook) -> (i32, u32) {
+    if lb::frontend(f.daddr_be, f.dport_be, f.proto).is_none() {
+        return no_frontend(ctx, f, now, hook);
+    }
+    to_new_flow(ctx, hook, now)
+}
+
+/// A packet to no frontend. A ClusterIP is only its Services' ports: another port from a pod
+/// is refused, not routed out of the default route. (From outside, ClusterIPs are nobody's.)
+#[inline(always)]
+fn no_frontend(ctx: &TcContext, f: &Flow, now: u64, hook: Hook) -> (i32, u32) {
+    if hook == Hook::FromPod && is_cluster_ip(f.daddr_be) {
+        if !f.has_l4() {
+            return (DROP, CTR_DROP_FRAGMENT);
+        }
+        return rejected(
+            ctx,
+            f,
+            reject::PORT_UNREACHABLE,
+            0,
+            now,
+            CTR_REJECT_NO_SUCH_PORT,
+        );
+    }
+    (PASS, CTR_PASS_NO_MATCH)
+}
+
+/// Hands a packet that starts a flow to its hook's new-flow program (`handle_new_flow`).
+/// Returns only if the tail call failed (an empty slot): then the packet is dropped, counted.
+/// Nothing in the packet has changed yet, so the new-flow program parses what arrived; the
+/// clock reading `now` goes with it, in `skb->cb`.
+#[inline(always)]
+fn to_new_flow(ctx: &TcContext, hook: Hook, now: u64) -> (i32, u32) {
+    let slot = if hook == Hook::FromPod {
+        TAIL_NEW_FLOW_FROM_POD
+    } else {
+        TAIL_NEW_FLOW_FROM_UPLINK
+    };
+    let skb = ctx.as_ptr() as *mut __sk_buff;
+    // SAFETY: the program's own context; `cb` is scratch space TC programs may write. A tail
+    // call either does not return, or fails and returns here.
+    unsafe {
+        (*skb).cb[FLOW_CB_NOW_LO] = now as u32;
+        (*skb).cb[FLOW_CB_NOW_HI] = (now >> 32) as u32;
+        let _ = LB4_FLOW_TAILS.tail_call(ctx, slot);
+    }
+    (DROP, CTR_DROP_NEW_FLOW_PROGRAM)
+}
+
+/// The new-flow programs: the packet that `forward` handed over, parsed again (it is as it
+/// arrived; `seen`, and a followed fragment, were counted by the program that handed it over).
+#[inline(always)]
+fn handle_new_flow(ctx: &TcContext, hook: Hook) -> i32 {
+    let len = ctx.len();
+    let skb = ctx.as_ptr() as *const __sk_buff;
+    // SAFETY: the program's own context, read.
+    let now = unsafe {
+        u64::from((*skb).cb[FLOW_CB_NOW_LO]) | (u64::from((*skb).cb[FLOW_CB_NOW_HI]) << 32)
+    };
+    let (verdict, counter) = match reparse(ctx) {
+        Ok(Packet::Flow(f)) => new_flow(ctx, &f, now, len, hook, &service_key(&f)),
+        // A later fragment whose datagram was evicted from `LB4_FRAGS` since the first parse.
+        Ok(Packet::LoneFragment { daddr_be }) => lone_fragment(daddr_be, hook),
+        // Not reached: the same bytes parse the same.
+        Ok(_) => (PASS, CTR_PASS_NO_MATCH),
+        Err(counter) => (PASS, counter),
+    };
+    finish(ctx, verdict, counter, len)
 }
 
 /// At ingress: `None` if a packet to `f.daddr_be` can belong to no translated flow (the
@@ -429,7 +540,7 @@ fn forward(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> (i32, u
             && !owned_by(r, f.saddr_be, f.sport_be, f.daddr_be, f.dport_be)
         {
             let _ = CT4.remove(&skey);
-            return new_flow(ctx, f, now, len, hook, &skey);
+            return start_flow(ctx, f, now, hook);
         }
         let state = match rev {
             // SAFETY: as above.
@@ -454,7 +565,7 @@ fn forward(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> (i32, u
                     let rev = reverse_entry(f, flags, svc.rev_nat_id, now);
                     if CT4.insert(&rkey, &rev, u64::from(BPF_NOEXIST)).is_err() {
                         let _ = CT4.remove(&skey);
-                        return new_flow(ctx, f, now, len, hook, &skey);
+                        return start_flow(ctx, f, now, hook);
                     }
                 }
             }
@@ -483,7 +594,7 @@ fn forward(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> (i32, u
         // gone first (a live service entry met by `new_flow` is another CPU's new flow).
         let _ = CT4.remove(&skey);
     }
-    new_flow(ctx, f, now, len, hook, &skey)
+    start_flow(ctx, f, now, hook)
 }
 
 /// The reverse entry of a flow from `f`'s client to its frontend, in state `flags`.
@@ -517,23 +628,9 @@ fn new_flow(
     hook: Hook,
     skey: &Ct4Key,
 ) -> (i32, u32) {
+    // Looked up again: `start_flow` found it, but the agent may have removed it since.
     let Some(fe) = lb::frontend(f.daddr_be, f.dport_be, f.proto) else {
-        // A ClusterIP is only its Services' ports: another port from a pod is refused, not
-        // routed out of the default route. (From outside, ClusterIPs are nobody's.)
-        if hook == Hook::FromPod && is_cluster_ip(f.daddr_be) {
-            if !f.has_l4() {
-                return (DROP, CTR_DROP_FRAGMENT);
-            }
-            return rejected(
-                ctx,
-                f,
-                reject::PORT_UNREACHABLE,
-                0,
-                now,
-                CTR_REJECT_NO_SUCH_PORT,
-            );
-        }
-        return (PASS, CTR_PASS_NO_MATCH);
+        return no_frontend(ctx, f, now, hook);
     };
     let from_outside = hook == Hook::FromUplink;
     if from_outside && fe.flags & SVC_FLAG_CLUSTER_IP != 0 {

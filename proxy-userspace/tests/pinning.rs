@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use proxy_common::CT4_MAP;
 use sluice::dataplane::{
-    Backend, Dataplane, DataplaneConfig, FROM_POD, Frontend, FrontendKind, Protocol,
+    Backend, Dataplane, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend, FrontendKind, Protocol,
 };
 use testbed::{BpfFs, require_privileged};
 
@@ -328,13 +328,11 @@ fn the_sctp_checksum_tail_call_is_pinned_refilled_on_reload_and_a_missing_one_dr
         assert_eq!(translated(&dp), sa(backend));
     }
     let clear_slot = || {
-        let data = aya::maps::MapData::from_pin(dir.join(proxy_common::LB4_TAILS_MAP)).unwrap();
-        let mut tails =
-            aya::maps::ProgramArray::try_from(aya::maps::Map::from_map_data(data).unwrap())
-                .unwrap();
-        tails
-            .clear_index(&proxy_common::TAIL_SCTP_CHECKSUM)
-            .unwrap();
+        clear_tail_slots(
+            &dir,
+            proxy_common::LB4_TAILS_MAP,
+            &[proxy_common::TAIL_SCTP_CHECKSUM],
+        )
     };
     clear_slot();
     // A new process fills the slot again, whatever it holds.
@@ -374,4 +372,105 @@ fn the_sctp_checksum_tail_call_is_pinned_refilled_on_reload_and_a_missing_one_dr
         1
     );
     assert_eq!(delta(&after, &later, proxy_common::CTR_NEW_FLOW), 1);
+}
+
+#[test]
+fn the_new_flow_tail_calls_are_pinned_refilled_on_reload_and_a_missing_one_drops_loudly() {
+    require_privileged!(
+        "the_new_flow_tail_calls_are_pinned_refilled_on_reload_and_a_missing_one_drops_loudly"
+    );
+    let fs = BpfFs::new().unwrap();
+    let dir = fs.path().join("sluice");
+    let config = DataplaneConfig {
+        pin_path: Some(dir.clone()),
+        ..Default::default()
+    };
+    let (vip, external, backend) = ("198.18.128.1:80", "198.18.0.9:80", "198.19.0.20:8080");
+    let pod = |port: u16| sa(&format!("198.19.0.10:{port}"));
+    let outside = |port: u16| sa(&format!("198.18.1.1:{port}"));
+    let new_flow = |dp: &Dataplane, program, client| {
+        let dst = if program == FROM_POD { vip } else { external };
+        run(dp, program, &tcp(client, sa(dst), SYN, b""))
+    };
+    {
+        let mut dp = Dataplane::load_with(config.clone()).unwrap();
+        dp.upsert_service(
+            fe(vip, Protocol::Tcp, FrontendKind::ClusterIp),
+            &[be(backend)],
+        )
+        .unwrap();
+        dp.upsert_service(
+            fe(external, Protocol::Tcp, FrontendKind::ExternalIp),
+            &[be(backend)],
+        )
+        .unwrap();
+        for (program, client) in [(FROM_POD, pod(40000)), (FROM_UPLINK, outside(40000))] {
+            let (verdict, out) = new_flow(&dp, program, client);
+            assert_eq!(verdict, TC_ACT_UNSPEC, "{program}");
+            assert_eq!(check(&out).dst, sa(backend), "{program}");
+        }
+    }
+    let clear_slots = || {
+        clear_tail_slots(
+            &dir,
+            proxy_common::LB4_FLOW_TAILS_MAP,
+            &[
+                proxy_common::TAIL_NEW_FLOW_FROM_POD,
+                proxy_common::TAIL_NEW_FLOW_FROM_UPLINK,
+            ],
+        )
+    };
+    clear_slots();
+    // A new process fills the slots again, whatever they hold.
+    let dp = Dataplane::load_with(config).unwrap();
+    for (program, client) in [(FROM_POD, pod(40001)), (FROM_UPLINK, outside(40001))] {
+        let (verdict, out) = new_flow(&dp, program, client);
+        assert_eq!(verdict, TC_ACT_UNSPEC, "{program} after the reload");
+        assert_eq!(check(&out).dst, sa(backend), "{program} after the reload");
+    }
+    // Emptied under it: a packet that starts a flow is dropped and counted as that; the
+    // packets of known flows, and those to no frontend, are served without the new-flow
+    // programs.
+    clear_slots();
+    for (program, client) in [(FROM_POD, pod(40002)), (FROM_UPLINK, outside(40002))] {
+        let before = dp.counters().unwrap();
+        let (verdict, _) = new_flow(&dp, program, client);
+        assert_eq!(verdict, TC_ACT_SHOT, "{program}");
+        let after = dp.counters().unwrap();
+        assert_eq!(
+            delta(&before, &after, proxy_common::CTR_DROP_NEW_FLOW_PROGRAM),
+            1,
+            "{program}"
+        );
+        assert_eq!(delta(&before, &after, proxy_common::CTR_NEW_FLOW), 0);
+        assert_eq!(delta(&before, &after, proxy_common::CTR_SEEN), 1);
+    }
+    let before = dp.counters().unwrap();
+    let (verdict, out) = run(&dp, FROM_POD, &tcp(pod(40001), sa(vip), ACK, b""));
+    assert_eq!(verdict, TC_ACT_UNSPEC);
+    assert_eq!(check(&out).dst, sa(backend), "a known flow goes on");
+    let other_port = tcp(outside(40003), sa("198.18.0.9:22"), SYN, b"");
+    assert_eq!(
+        run(&dp, FROM_UPLINK, &other_port),
+        (TC_ACT_UNSPEC, other_port.clone()),
+        "another port of a frontend's address passes untouched"
+    );
+    let after = dp.counters().unwrap();
+    assert_eq!(delta(&before, &after, proxy_common::CTR_CT_HIT), 1);
+    assert_eq!(delta(&before, &after, proxy_common::CTR_PASS_NO_MATCH), 1);
+    assert_eq!(
+        delta(&before, &after, proxy_common::CTR_DROP_NEW_FLOW_PROGRAM),
+        0
+    );
+}
+
+/// Empties `slots` of the program array pinned as `map` under `dir`, as a crashed or older
+/// agent could leave them.
+fn clear_tail_slots(dir: &std::path::Path, map: &str, slots: &[u32]) {
+    let data = aya::maps::MapData::from_pin(dir.join(map)).unwrap();
+    let mut tails =
+        aya::maps::ProgramArray::try_from(aya::maps::Map::from_map_data(data).unwrap()).unwrap();
+    for slot in slots {
+        tails.clear_index(slot).unwrap();
+    }
 }

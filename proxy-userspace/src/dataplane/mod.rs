@@ -32,11 +32,11 @@ use aya::{
 };
 use proxy_common::{
     CT4_DEFAULT_MAX, CT4_MAP, LB4_AFFINITY_MAP, LB4_AFFINITY_MATCH_MAP, LB4_BACKENDS_DEFAULT_MAX,
-    LB4_BACKENDS_MAP, LB4_CONFIG_MAP, LB4_DP_STATE_MAP, LB4_FE_ADDRS_MAP, LB4_FRAGS_MAP,
-    LB4_POD_CLIENTS_MAP, LB4_REJECT_BUDGET_MAP, LB4_REVNAT_DEFAULT_MAX, LB4_REVNAT_MAP,
-    LB4_SERVICES_DEFAULT_MAX, LB4_SERVICES_MAP, LB4_SRC_RANGES_MAP, LB4_TAILS_MAP, Lb4Config,
-    PKT_COUNTERS_MAP, SOCK_CONFIG_MAP, SOCK_REVNAT_DEFAULT_MAX, SOCK_REVNAT_MAP,
-    TAIL_SCTP_CHECKSUM,
+    LB4_BACKENDS_MAP, LB4_CONFIG_MAP, LB4_DP_STATE_MAP, LB4_FE_ADDRS_MAP, LB4_FLOW_TAILS_MAP,
+    LB4_FRAGS_MAP, LB4_POD_CLIENTS_MAP, LB4_REJECT_BUDGET_MAP, LB4_REVNAT_DEFAULT_MAX,
+    LB4_REVNAT_MAP, LB4_SERVICES_DEFAULT_MAX, LB4_SERVICES_MAP, LB4_SRC_RANGES_MAP, LB4_TAILS_MAP,
+    Lb4Config, PKT_COUNTERS_MAP, SOCK_CONFIG_MAP, SOCK_REVNAT_DEFAULT_MAX, SOCK_REVNAT_MAP,
+    TAIL_NEW_FLOW_FROM_POD, TAIL_NEW_FLOW_FROM_UPLINK, TAIL_SCTP_CHECKSUM,
 };
 
 pub use crate::service::{
@@ -61,9 +61,28 @@ pub const FROM_UPLINK: &str = "sluice_from_uplink";
 pub const TO_UPLINK: &str = "sluice_to_uplink";
 /// Does nothing; the benchmark's floor.
 pub const PASS: &str = "sluice_pass";
-/// Tail-called by the four above: folds a translated SCTP packet's port change into its
-/// CRC32c. Never attached.
+/// Tail-called by `sluice_from_pod` for a packet that starts a flow. Never attached.
+pub const NEW_FLOW_FROM_POD: &str = "sluice_new_flow_from_pod";
+/// Tail-called by `sluice_from_uplink` for a packet that starts a flow. Never attached.
+pub const NEW_FLOW_FROM_UPLINK: &str = "sluice_new_flow_from_uplink";
+/// Tail-called by the four attached programs and the two above: folds a translated SCTP
+/// packet's port change into its CRC32c. Never attached.
 pub const SCTP_CHECKSUM: &str = "sluice_sctp_checksum";
+
+/// The tail calls' slots: program array, slot, program.
+const TAILS: [(&str, u32, &str); 3] = [
+    (LB4_TAILS_MAP, TAIL_SCTP_CHECKSUM, SCTP_CHECKSUM),
+    (
+        LB4_FLOW_TAILS_MAP,
+        TAIL_NEW_FLOW_FROM_POD,
+        NEW_FLOW_FROM_POD,
+    ),
+    (
+        LB4_FLOW_TAILS_MAP,
+        TAIL_NEW_FLOW_FROM_UPLINK,
+        NEW_FLOW_FROM_UPLINK,
+    ),
+];
 
 /// Every TC program in the object; [`Dataplane::load`] loads them all, so the verifier checks
 /// each one at start-up rather than at first attach. (The socket programs are loaded when
@@ -74,6 +93,8 @@ pub const PROGRAMS: &[&str] = &[
     FROM_UPLINK,
     TO_UPLINK,
     PASS,
+    NEW_FLOW_FROM_POD,
+    NEW_FLOW_FROM_UPLINK,
     SCTP_CHECKSUM,
 ];
 
@@ -96,6 +117,7 @@ pub const MAPS: &[&str] = &[
     CT4_MAP,
     LB4_FRAGS_MAP,
     LB4_TAILS_MAP,
+    LB4_FLOW_TAILS_MAP,
     PKT_COUNTERS_MAP,
     SOCK_REVNAT_MAP,
     SOCK_CONFIG_MAP,
@@ -402,12 +424,11 @@ impl Dataplane {
         }
         // The tail calls' slots, filled before any program is attached (a pinned map's entries,
         // an earlier agent's programs, are replaced).
-        {
-            let map = LB4_TAILS_MAP;
-            let fd = classifier_mut(&mut ebpf, SCTP_CHECKSUM)?
+        for (map, slot, program) in TAILS {
+            let fd = classifier_mut(&mut ebpf, program)?
                 .fd()
                 .map_err(|source| DataplaneError::Verifier {
-                    program: SCTP_CHECKSUM,
+                    program,
                     source: Box::new(source),
                 })?
                 .try_clone()
@@ -421,9 +442,7 @@ impl Dataplane {
                 .ok_or(DataplaneError::MissingMap { map })?
                 .try_into()
                 .map_err(map_error(map, "open"))?;
-            tails
-                .set(TAIL_SCTP_CHECKSUM, &fd, 0)
-                .map_err(map_error(map, "write"))?;
+            tails.set(slot, &fd, 0).map_err(map_error(map, "write"))?;
         }
         let mut dp = Self {
             ebpf,
