@@ -161,6 +161,10 @@ counters! {
     /// Dropped: a packet that starts a flow (or is refused for its frontend), whose new-flow
     /// program is missing from `LB4_FLOW_TAILS`. Packets of known flows are served without it.
     CTR_DROP_NEW_FLOW_PROGRAM = 49, "drop_new_flow_program";
+    /// Dropped: from a pod (or, at an uplink's egress, from the node) to an address inside the
+    /// Service CIDRs that no frontend holds, as kube-proxy's nftables mode drops traffic to
+    /// unallocated ClusterIPs; sent on, it would leave by the default route.
+    CTR_DROP_UNALLOCATED_CLUSTER_IP = 50, "drop_unallocated_cluster_ip";
 }
 
 /// The counters that are no verdict (`seen`, the socket programs', and the "of the translated
@@ -189,7 +193,7 @@ pub const NOT_VERDICTS: [u32; 19] = [
 ];
 
 /// Number of counters in use (at most [`CTR_SLOTS`]).
-pub const CTR_MAX: u32 = 50;
+pub const CTR_MAX: u32 = 51;
 const _: () = assert!(CTR_MAX <= CTR_SLOTS);
 
 /// One CPU's share of a counter.

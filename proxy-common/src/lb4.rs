@@ -24,6 +24,16 @@ pub const LB4_REVNAT_MAP: &str = "LB4_REVNAT";
 /// `LB4_CONFIG_V2`: index 0 -> [`Lb4Config`]; array of 1; written by the agent, read by the
 /// programs. (`LB4_CONFIG`, 8 bytes, had no SNAT fields; an agent removes its old pin.)
 pub const LB4_CONFIG_MAP: &str = "LB4_CONFIG_V2";
+/// `LB4_SVC_CIDRS`: index 0 -> [`SvcCidrs4`]; array of 1; written by the agent, read by
+/// `sluice_from_pod` and `sluice_to_uplink`. The Service CIDRs (the cluster's ServiceCIDR
+/// objects, or `--service-cidr`): a new packet from a pod or the node to an address inside
+/// them that no frontend holds is dropped (`drop_unallocated_cluster_ip`), as kube-proxy's
+/// nftables mode drops traffic to unallocated ClusterIPs, instead of leaving by the default
+/// route.
+pub const LB4_SVC_CIDRS_MAP: &str = "LB4_SVC_CIDRS";
+/// How many Service CIDRs [`SvcCidrs4`] holds (Kubernetes allocates ClusterIPs from one per
+/// family, and ServiceCIDR objects add more as a cluster grows).
+pub const SVC_CIDRS_MAX: usize = 8;
 
 /// `LB4_FE_ADDRS`: an address (u32, network order) -> the number of frontends on it (u32,
 /// with [`FE_ADDR_CLUSTER_IP`] in bit 31 and [`FE_ADDR_NAT`] in bit 30); hash; written by the agent, read by the programs. The ingress programs look a packet's
@@ -359,12 +369,39 @@ pub struct Lb4Config {
 }
 const _: () = assert!(core::mem::size_of::<Lb4Config>() == 16);
 
+/// Value of [`LB4_SVC_CIDRS_MAP`] index 0: the first `count` of the prefixes, as network and
+/// mask (network order; the network has no bits past the mask).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SvcCidrs4 {
+    pub count: u32,
+    pub net_be: [u32; SVC_CIDRS_MAX],
+    pub mask_be: [u32; SVC_CIDRS_MAX],
+}
+const _: () = assert!(core::mem::size_of::<SvcCidrs4>() == 4 + 8 * SVC_CIDRS_MAX);
+
+impl SvcCidrs4 {
+    /// Whether `addr_be` is inside one of the prefixes.
+    #[inline(always)]
+    pub fn contains(&self, addr_be: u32) -> bool {
+        let mut i = 0;
+        while i < SVC_CIDRS_MAX {
+            if (i as u32) < self.count && addr_be & self.mask_be[i] == self.net_be[i] {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
+
 crate::impl_pod!(
     Lb4Key,
     Lb4Service,
     Lb4Backend,
     Lb4RevNat,
     Lb4Config,
+    SvcCidrs4,
     RejectBudget,
     Frag4Key,
     Frag4Ports,

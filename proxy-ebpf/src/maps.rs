@@ -11,7 +11,7 @@ use proxy_common::{
     LB4_FLOW_TAILS_MAX, LB4_FRAGS_DEFAULT_MAX, LB4_POD_CLIENTS_DEFAULT_MAX, LB4_REVNAT_DEFAULT_MAX,
     LB4_SERVICES_DEFAULT_MAX, LB4_SRC_RANGES_DEFAULT_MAX, LB4_TAILS_MAX, Lb4Backend, Lb4Config,
     Lb4Key, Lb4RevNat, Lb4Service, RejectBudget, SOCK_REVNAT_DEFAULT_MAX, SockConfig, SockRevKey,
-    SockRevValue, SrcRange4Key,
+    SockRevValue, SrcRange4Key, SvcCidrs4,
 };
 
 #[map(name = "PKT_COUNTERS_V2")]
@@ -67,6 +67,9 @@ pub static LB4_FRAGS: LruHashMap<Frag4Key, Frag4Ports> =
 #[map(name = "LB4_TAILS")]
 pub static LB4_TAILS: ProgramArray = ProgramArray::with_max_entries(LB4_TAILS_MAX, 0);
 
+#[map(name = "LB4_SVC_CIDRS")]
+pub static LB4_SVC_CIDRS: Array<SvcCidrs4> = Array::with_max_entries(1, 0);
+
 #[map(name = "LB4_FLOW_TAILS")]
 pub static LB4_FLOW_TAILS: ProgramArray = ProgramArray::with_max_entries(LB4_FLOW_TAILS_MAX, 0);
 
@@ -101,6 +104,7 @@ const _: () = {
     assert!(str_eq(proxy_common::LB4_FRAGS_MAP, "LB4_FRAGS"));
     assert!(str_eq(proxy_common::LB4_TAILS_MAP, "LB4_TAILS"));
     assert!(str_eq(proxy_common::LB4_FLOW_TAILS_MAP, "LB4_FLOW_TAILS"));
+    assert!(str_eq(proxy_common::LB4_SVC_CIDRS_MAP, "LB4_SVC_CIDRS"));
     assert!(str_eq(proxy_common::SOCK_REVNAT_MAP, "LB4_SOCK_REVNAT"));
     assert!(str_eq(proxy_common::SOCK_CONFIG_MAP, "SOCK_CONFIG"));
 };

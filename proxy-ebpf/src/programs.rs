@@ -41,14 +41,14 @@ use proxy_common::{
     CTR_DROP_NEW_FLOW_PROGRAM, CTR_DROP_NO_BACKEND_ENTRY, CTR_DROP_NO_LOCAL_BACKEND,
     CTR_DROP_NO_SNAT_ADDR, CTR_DROP_NODE_SCTP_TO_SERVICE, CTR_DROP_RACE_REDIRECT,
     CTR_DROP_REJECT_FAILED, CTR_DROP_REJECT_RATE_LIMITED, CTR_DROP_REWRITE, CTR_DROP_SNAT_PORTS,
-    CTR_DROP_SOURCE_RANGE, CTR_HAIRPIN, CTR_NEW_FLOW, CTR_NEW_FLOW_RACE_LOST, CTR_NEW_FLOW_SNAT,
-    CTR_PASS_FRAGMENT, CTR_PASS_NO_MATCH, CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_POD_CLIENT,
-    CTR_PASS_OTHER_PROTO, CTR_PASS_REPLY_AT_EGRESS, CTR_POD_CLIENTS_FULL, CTR_PORT_REMAPPED,
-    CTR_REDIRECT, CTR_REJECT_FRAG_NEEDED, CTR_REJECT_NO_BACKEND, CTR_REJECT_NO_SUCH_PORT,
-    CTR_REPLY, CTR_SEEN, Ct4Entry, Ct4Key, DP_STATE_POD_CLIENTS_FULL, FE_ADDR_CLUSTER_IP,
-    FE_ADDR_NAT, FLOW_CB_NOW_HI, FLOW_CB_NOW_LO, IPPROTO_SCTP, IPPROTO_TCP, LOCAL_SLOT_BASE,
-    Lb4Config, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL, SVC_FLAG_NO_LOCAL_DROP,
-    TAIL_NEW_FLOW_FROM_POD, TAIL_NEW_FLOW_FROM_UPLINK,
+    CTR_DROP_SOURCE_RANGE, CTR_DROP_UNALLOCATED_CLUSTER_IP, CTR_HAIRPIN, CTR_NEW_FLOW,
+    CTR_NEW_FLOW_RACE_LOST, CTR_NEW_FLOW_SNAT, CTR_PASS_FRAGMENT, CTR_PASS_NO_MATCH,
+    CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_POD_CLIENT, CTR_PASS_OTHER_PROTO, CTR_PASS_REPLY_AT_EGRESS,
+    CTR_POD_CLIENTS_FULL, CTR_PORT_REMAPPED, CTR_REDIRECT, CTR_REJECT_FRAG_NEEDED,
+    CTR_REJECT_NO_BACKEND, CTR_REJECT_NO_SUCH_PORT, CTR_REPLY, CTR_SEEN, Ct4Entry, Ct4Key,
+    DP_STATE_POD_CLIENTS_FULL, FE_ADDR_CLUSTER_IP, FE_ADDR_NAT, FLOW_CB_NOW_HI, FLOW_CB_NOW_LO,
+    IPPROTO_SCTP, IPPROTO_TCP, LOCAL_SLOT_BASE, Lb4Config, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL,
+    SVC_FLAG_NO_LOCAL_DROP, TAIL_NEW_FLOW_FROM_POD, TAIL_NEW_FLOW_FROM_UPLINK,
 };
 
 use crate::{
@@ -58,7 +58,9 @@ use crate::{
     },
     fib::{self, Fib, Route},
     icmp, lb,
-    maps::{CT4, LB4_CONFIG, LB4_DP_STATE, LB4_FE_ADDRS, LB4_FLOW_TAILS, LB4_POD_CLIENTS},
+    maps::{
+        CT4, LB4_CONFIG, LB4_DP_STATE, LB4_FE_ADDRS, LB4_FLOW_TAILS, LB4_POD_CLIENTS, LB4_SVC_CIDRS,
+    },
     nat::{rewrite, translate},
     parse::{FIRST_FRAGMENT, Flow, Packet, TCP_FIN, TCP_RST, note_first_fragment, parse, reparse},
     reject, sctp, snat,
@@ -164,6 +166,9 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
             conntrack::now(),
             CTR_REJECT_NO_SUCH_PORT,
         ),
+        Packet::Other(f) if unallocated(hook, f.daddr_be) => {
+            (DROP, CTR_DROP_UNALLOCATED_CLUSTER_IP)
+        }
         Packet::Other(_) => (PASS, CTR_PASS_OTHER_PROTO),
         // At ingress, a destination that is no frontend's address (nor the hairpin or SNAT
         // address, where replies of SNATed flows arrive) belongs to no translated flow: it
@@ -188,6 +193,8 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
                 // The node's own SCTP to a Service: nothing translated it (socket LB covers TCP
                 // and UDP), and sent on it would leave for the default route. Refused, counted.
                 (DROP, CTR_DROP_NODE_SCTP_TO_SERVICE)
+            } else if hook == Hook::ToUplink && unallocated(hook, flow.daddr_be) {
+                (DROP, CTR_DROP_UNALLOCATED_CLUSTER_IP)
             } else if let Some(maybe_reply) = dest {
                 if flow.frag == FIRST_FRAGMENT {
                     note_first_fragment(&flow);
@@ -203,6 +210,8 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
                     None if hook.is_egress() => (PASS, CTR_PASS_NO_MATCH),
                     None => forward(ctx, &flow, now, len, hook),
                 }
+            } else if unallocated(hook, flow.daddr_be) {
+                (DROP, CTR_DROP_UNALLOCATED_CLUSTER_IP)
             } else {
                 (PASS, CTR_PASS_NOT_FRONTEND)
             }
@@ -231,9 +240,24 @@ fn finish(ctx: &TcContext, verdict: i32, counter: u32, len: u32) -> i32 {
 fn lone_fragment(daddr_be: u32, hook: Hook) -> (i32, u32) {
     if hook == Hook::FromPod && is_cluster_ip(daddr_be) {
         (DROP, CTR_DROP_FRAGMENT)
+    } else if unallocated(hook, daddr_be) {
+        (DROP, CTR_DROP_UNALLOCATED_CLUSTER_IP)
     } else {
         (PASS, CTR_PASS_FRAGMENT)
     }
+}
+
+/// Whether a packet from a pod, or from the node out of an uplink, goes to an unallocated
+/// ClusterIP: an address inside the Service CIDRs that is no frontend's (nor one that live
+/// flows still name). kube-proxy's nftables mode drops such traffic (forward and output
+/// hooks); sent on, it would leave by the default route. Traffic from outside is not
+/// checked: kube-proxy does not either, and the node is not its router for those addresses.
+#[inline(always)]
+fn unallocated(hook: Hook, daddr_be: u32) -> bool {
+    (hook == Hook::FromPod || hook == Hook::ToUplink)
+        && LB4_SVC_CIDRS.get(0).is_some_and(|c| c.contains(daddr_be))
+        // SAFETY: the value is a plain integer; only its presence matters.
+        && unsafe { LB4_FE_ADDRS.get(&daddr_be) }.is_none()
 }
 
 /// A packet of no known flow: to a frontend, handed to its hook's new-flow program

@@ -111,7 +111,8 @@ pub struct Cidr4 {
 }
 
 impl Cidr4 {
-    fn mask(&self) -> u32 {
+    /// The prefix as a mask (host order).
+    pub fn mask(&self) -> u32 {
         if self.prefix == 0 {
             0
         } else {

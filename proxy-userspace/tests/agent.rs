@@ -741,6 +741,34 @@ impl Env {
     }
 }
 
+/// `--service-cidr`, for API servers without ServiceCIDR objects (this stand-in has none):
+/// a pod's new connection to an address of the Service CIDR that no Service holds is dropped
+/// and counted, as kube-proxy's nftables mode drops it; the allocated ClusterIP serves.
+#[test]
+fn the_service_cidr_flag_drops_a_pods_traffic_to_unallocated_cluster_ips() {
+    require_privileged!("the_service_cidr_flag_drops_a_pods_traffic_to_unallocated_cluster_ips");
+    let mut env = Env::new();
+    let ip = Ipv4Addr::new(198, 18, 128, 30);
+    env.api.create(&service("one", ip, "TCP")).unwrap();
+    env.api
+        .create(&slice("one", &[env.addr("backend-b")]))
+        .unwrap();
+    env.start_agent(&["--service-cidr", "198.18.128.0/24"]);
+    env.wait_for_backends(ip, 80, &["backend-b"]);
+    let dropped =
+        || env.metric("sluice_datapath_packets_total{verdict=\"drop_unallocated_cluster_ip\"}");
+    assert_eq!(dropped(), 0.0);
+    let client = &env.c.pod("client").ns;
+    let got = testbed::tcp_connect(client, Ipv4Addr::new(198, 18, 128, 99), 80, T).unwrap();
+    assert!(matches!(got, testbed::Connect::Timeout), "{got:?}");
+    assert!(
+        dropped() >= 1.0,
+        "the SYN to an unallocated ClusterIP was not dropped:\n{}",
+        env.agent().log()
+    );
+    assert!(env.agent().log().contains("198.18.128.0/24"));
+}
+
 #[test]
 fn a_pod_device_that_appears_later_is_attached() {
     require_privileged!("a_pod_device_that_appears_later_is_attached");

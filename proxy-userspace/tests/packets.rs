@@ -11,8 +11,8 @@ use std::{
 use common::*;
 use proxy_common::*;
 use sluice::dataplane::{
-    Backend, Backends, Dataplane, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend, FrontendKind,
-    Protocol, RawDump, RawEntry, SourceRanges, TO_POD, TO_UPLINK,
+    Backend, Backends, Cidr4, Dataplane, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend,
+    FrontendKind, Protocol, RawDump, RawEntry, SourceRanges, TO_POD, TO_UPLINK,
 };
 use testbed::require_privileged;
 
@@ -184,6 +184,98 @@ fn a_cluster_ip_refuses_from_pods_the_ports_no_service_serves() {
         (TC_ACT_UNSPEC, refused[0].clone())
     );
     assert!(dp.conntrack().unwrap().is_empty(), "nothing is tracked");
+}
+
+/// kube-proxy's nftables mode drops new traffic from pods and from the node to addresses of the
+/// Service CIDRs that no Service holds ("Drop traffic to unallocated ClusterIPs"); sent on, it
+/// would leave by the default route.
+#[test]
+fn unallocated_addresses_of_the_service_cidrs_are_dropped_from_pods_and_the_node() {
+    require_privileged!(
+        "unallocated_addresses_of_the_service_cidrs_are_dropped_from_pods_and_the_node"
+    );
+    let mut dp = dataplane();
+    cluster_ip(&mut dp, &["198.19.0.20:8080"]);
+    let cidrs = [
+        "198.18.128.0/24".parse().unwrap(),
+        "198.18.130.0/23".parse().unwrap(),
+    ];
+    dp.set_service_cidrs(&cidrs).unwrap();
+    let ping = |dst: &str| {
+        let b = etherparse::PacketBuilder::ethernet2(MAC_A, MAC_B)
+            .ipv4(sa(CLIENT).ip().octets(), sa(dst).ip().octets(), 64)
+            .icmpv4_echo_request(7, 1);
+        let mut v = Vec::new();
+        b.write(&mut v, &[0u8; 56]).unwrap();
+        v
+    };
+    let unallocated = [
+        tcp(sa(CLIENT), sa("198.18.128.7:80"), SYN, b""),
+        udp(sa(CLIENT), sa("198.18.131.250:53"), b"query"),
+        ping("198.18.130.1:0"),
+        fragment(
+            &udp(sa(CLIENT), sa("198.18.128.7:53"), &[7u8; 3000]),
+            1480,
+            9,
+        )[1]
+        .clone(),
+    ];
+    for pkt in &unallocated {
+        for program in [FROM_POD, TO_UPLINK] {
+            let before = dp.counters().unwrap();
+            assert_eq!(run(&dp, program, pkt).0, TC_ACT_SHOT, "{program}");
+            let after = dp.counters().unwrap();
+            assert_eq!(
+                delta(&before, &after, CTR_DROP_UNALLOCATED_CLUSTER_IP),
+                1,
+                "{program}"
+            );
+        }
+        // From outside, and into pods, such addresses are not the node's to police.
+        for program in [FROM_UPLINK, TO_POD] {
+            assert_eq!(
+                run(&dp, program, pkt),
+                (TC_ACT_UNSPEC, pkt.clone()),
+                "{program}"
+            );
+        }
+    }
+    // The allocated ClusterIP still serves, and still refuses the ports it does not serve.
+    let (verdict, out) = run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(VIP), SYN, b""));
+    assert_eq!(verdict, TC_ACT_UNSPEC);
+    assert_eq!(check(&out).dst, sa("198.19.0.20:8080"));
+    let other_port = tcp(sa(CLIENT), sa("198.18.128.1:81"), SYN, b"");
+    assert_eq!(
+        run(&dp, FROM_POD, &other_port).0,
+        TC_ACT_REDIRECT,
+        "rejected"
+    );
+    // Outside the CIDRs: pod to pod, and the rest of the sandbox range, pass.
+    for dst in ["198.19.0.20:8080", "198.18.129.7:80", "198.18.132.1:80"] {
+        let pkt = tcp(sa(CLIENT), sa(dst), SYN, b"");
+        for program in [FROM_POD, TO_UPLINK] {
+            assert_eq!(
+                run(&dp, program, &pkt),
+                (TC_ACT_UNSPEC, pkt.clone()),
+                "{dst}"
+            );
+        }
+    }
+    // More CIDRs than the datapath holds: an error, and the last good ones stay.
+    let many: Vec<Cidr4> = (0..=SVC_CIDRS_MAX as u8)
+        .map(|i| Cidr4 {
+            addr: Ipv4Addr::new(198, 19, i, 0),
+            prefix: 24,
+        })
+        .collect();
+    assert!(dp.set_service_cidrs(&many).is_err());
+    assert_eq!(run(&dp, FROM_POD, &unallocated[0]).0, TC_ACT_SHOT);
+    // None: nothing is dropped for it.
+    dp.set_service_cidrs(&[]).unwrap();
+    assert_eq!(
+        run(&dp, FROM_POD, &unallocated[0]),
+        (TC_ACT_UNSPEC, unallocated[0].clone())
+    );
 }
 
 #[test]

@@ -342,6 +342,9 @@ fn an_agent_killed_and_restarted_under_load_loses_no_request() {
     env.assert_nothing_lost("across the agent's restart", &r);
 }
 
+/// The service account's rights, and the one optional resource it reads: the API server's
+/// ServiceCIDRs, which make the agents drop a pod's traffic to an unallocated ClusterIP (as
+/// kube-proxy's nftables mode does) with no flag saying where the Service CIDR is.
 #[test]
 fn the_agents_service_account_may_read_what_it_needs_and_nothing_else() {
     require_privileged!("the_agents_service_account_may_read_what_it_needs_and_nothing_else");
@@ -351,6 +354,7 @@ fn the_agents_service_account_may_read_what_it_needs_and_nothing_else() {
         &["get", "services", "-A"][..],
         &["get", "endpointslices", "-A"],
         &["get", "nodes"],
+        &["get", "servicecidrs"],
     ] {
         let out = as_agent(allowed);
         assert!(
@@ -378,6 +382,19 @@ fn the_agents_service_account_may_read_what_it_needs_and_nothing_else() {
     for a in env.agents.iter().flatten() {
         assert_eq!(a.healthz(), Some(200));
     }
+    // An address of the Service CIDR (198.18.128.0/18) that no Service holds: dropped at the
+    // client pod's node, not sent out of its default route.
+    let node0 = env.agents[0].as_ref().expect("node0's agent");
+    let unallocated = Ipv4Addr::new(198, 18, 190, 7);
+    let dropped = eventually(WAIT, || {
+        let got = testbed::tcp_connect(env.client(), unallocated, 80, Duration::from_secs(1));
+        assert!(
+            matches!(got, Ok(testbed::Connect::Timeout)),
+            "nothing can answer {unallocated}: {got:?}"
+        );
+        node0.packets("drop_unallocated_cluster_ip") > 0.0
+    });
+    assert!(dropped, "{}", env.diagnose());
 }
 
 #[test]

@@ -212,6 +212,15 @@ pub struct AgentArgs {
     #[arg(long, env = "SLUICE_SOCK_REVNAT_MAX", default_value_t = SOCK_REVNAT_DEFAULT_MAX)]
     pub sock_revnat_max: u32,
 
+    /// The cluster's Service CIDRs (the API server's --service-cluster-ip-range), as
+    /// comma-separated IPv4 prefixes, besides the ServiceCIDR objects the agent watches
+    /// (Kubernetes 1.33+). New traffic from pods and the node to an address inside them that no
+    /// Service holds is dropped, as kube-proxy's nftables mode drops traffic to unallocated
+    /// ClusterIPs, instead of leaving by the default route. Default: none (only the watched
+    /// objects; with --manifests, nothing is dropped).
+    #[arg(long, env = "SLUICE_SERVICE_CIDRS", value_delimiter = ',')]
+    pub service_cidr: Vec<crate::service::Cidr4>,
+
     /// A Service port with more endpoints than this is invalid and skipped.
     #[arg(long, env = "SLUICE_MAX_BACKENDS_PER_SERVICE", default_value_t = Limits::default().max_backends_per_frontend)]
     pub max_backends_per_service: usize,
@@ -598,6 +607,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
                 max_backends_per_frontend: args.max_backends_per_service,
             },
             socket_lb_cgroup: (socket_lb.mode != SocketLb::Off).then(|| socket_lb.cgroup.clone()),
+            service_cidrs: args.service_cidr.clone(),
         },
         devices,
         health_checks,

@@ -10,7 +10,7 @@ use std::{sync::Arc, time::SystemTime};
 
 use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
 
-use crate::model::ServiceKey;
+use crate::{model::ServiceKey, service::Cidr4};
 
 pub mod kube;
 pub mod manifests;
@@ -25,6 +25,7 @@ pub enum Resource {
     Services,
     EndpointSlices,
     Node,
+    ServiceCidrs,
 }
 
 /// What the sync loop is told.
@@ -45,6 +46,8 @@ pub enum Change {
     Listed(Resource),
     /// Devices or addresses changed (netlink), or a periodic re-check is due.
     Devices,
+    /// The cluster's ServiceCIDR objects changed.
+    ServiceCidrs,
     /// Stop: the process is exiting.
     Shutdown,
 }
@@ -57,6 +60,12 @@ pub trait ObjectView: Send + Sync {
     fn service_keys(&self) -> Vec<ServiceKey>;
     /// The resources this source must have listed before the first full sync.
     fn resources(&self) -> &'static [Resource];
+    /// The IPv4 prefixes of the cluster's ServiceCIDR objects (networking.k8s.io/v1,
+    /// Kubernetes 1.33+), where the source has them. Not a resource the first sync waits for:
+    /// an API server without them, or a source that lists none, leaves `--service-cidr`.
+    fn service_cidrs(&self) -> Vec<Cidr4> {
+        Vec::new()
+    }
 }
 
 /// The trigger time of a slice, if it has a parseable one.

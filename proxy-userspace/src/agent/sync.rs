@@ -63,6 +63,8 @@ pub struct SyncConfig {
     /// Socket LB's cgroup root, when it is on: the UDP sockets it connected to a backend
     /// that went away are destroyed in the namespaces of the processes under it.
     pub socket_lb_cgroup: Option<PathBuf>,
+    /// `--service-cidr`: Service CIDRs besides the ServiceCIDR objects the source lists.
+    pub service_cidrs: Vec<Cidr4>,
 }
 
 /// What the health check node ports must answer: where they listen (the NodePort addresses)
@@ -124,6 +126,8 @@ pub struct Syncer {
     /// UDP backends gone from their frontends in this pass, whose flows and connected sockets
     /// go.
     gone: HashSet<SocketTarget>,
+    /// The Service CIDRs last written to the datapath.
+    service_cidrs: Option<Vec<Cidr4>>,
 }
 
 impl Syncer {
@@ -179,11 +183,13 @@ impl Syncer {
             synced_once: false,
             triggers: HashMap::new(),
             gone: HashSet::new(),
+            service_cidrs: None,
         }
     }
 
     /// Runs until [`Change::Shutdown`] or until every sender is gone.
     pub fn run(mut self, rx: Receiver<Change>) {
+        self.write_service_cidrs();
         self.refresh_node();
         self.devices
             .reconcile(&mut self.dp, &self.node_addrs, self.node_known);
@@ -226,6 +232,7 @@ impl Syncer {
                         full |= self.synced_once;
                     }
                     Change::Devices => devices = true,
+                    Change::ServiceCidrs => self.write_service_cidrs(),
                     Change::Shutdown => return,
                 }
             }
@@ -278,6 +285,45 @@ impl Syncer {
                 Pass::Partial
             };
             self.finish_pass(kind, start);
+        }
+    }
+
+    /// Writes the Service CIDRs (`--service-cidr` and the source's ServiceCIDR objects) when
+    /// they changed. Too many for the datapath is logged and counted, and the last good ones
+    /// stay in force.
+    fn write_service_cidrs(&mut self) {
+        let mut cidrs: Vec<Cidr4> = self
+            .config
+            .service_cidrs
+            .iter()
+            .copied()
+            .chain(self.view.service_cidrs())
+            .map(Cidr4::network)
+            .collect();
+        cidrs.sort();
+        cidrs.dedup();
+        if self.service_cidrs.as_ref() == Some(&cidrs) {
+            return;
+        }
+        match self.dp.set_service_cidrs(&cidrs) {
+            Ok(()) => {
+                let shown: Vec<String> = cidrs.iter().map(Cidr4::to_string).collect();
+                tracing::info!(
+                    cidrs = %shown.join(","),
+                    "Service CIDRs: new traffic from pods and the node to their unallocated \
+                     addresses is dropped"
+                );
+                self.service_cidrs = Some(cidrs);
+            }
+            Err(error) => {
+                if let DataplaneError::TooManyServiceCidrs { .. } = error {
+                    let map = proxy_common::LB4_SVC_CIDRS_MAP.to_owned();
+                    self.metrics.map_full.get_or_create(&MapLabel { map }).inc();
+                } else {
+                    self.metrics.write_errors.inc();
+                }
+                tracing::error!(%error, "could not write the Service CIDRs");
+            }
         }
     }
 

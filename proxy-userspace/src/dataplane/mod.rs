@@ -34,9 +34,10 @@ use proxy_common::{
     CT4_DEFAULT_MAX, CT4_MAP, LB4_AFFINITY_MAP, LB4_AFFINITY_MATCH_MAP, LB4_BACKENDS_DEFAULT_MAX,
     LB4_BACKENDS_MAP, LB4_CONFIG_MAP, LB4_DP_STATE_MAP, LB4_FE_ADDRS_MAP, LB4_FLOW_TAILS_MAP,
     LB4_FRAGS_MAP, LB4_POD_CLIENTS_MAP, LB4_REJECT_BUDGET_MAP, LB4_REVNAT_DEFAULT_MAX,
-    LB4_REVNAT_MAP, LB4_SERVICES_DEFAULT_MAX, LB4_SERVICES_MAP, LB4_SRC_RANGES_MAP, LB4_TAILS_MAP,
-    Lb4Config, PKT_COUNTERS_MAP, SOCK_CONFIG_MAP, SOCK_REVNAT_DEFAULT_MAX, SOCK_REVNAT_MAP,
-    TAIL_NEW_FLOW_FROM_POD, TAIL_NEW_FLOW_FROM_UPLINK, TAIL_SCTP_CHECKSUM,
+    LB4_REVNAT_MAP, LB4_SERVICES_DEFAULT_MAX, LB4_SERVICES_MAP, LB4_SRC_RANGES_MAP,
+    LB4_SVC_CIDRS_MAP, LB4_TAILS_MAP, Lb4Config, PKT_COUNTERS_MAP, SOCK_CONFIG_MAP,
+    SOCK_REVNAT_DEFAULT_MAX, SOCK_REVNAT_MAP, SVC_CIDRS_MAX, SvcCidrs4, TAIL_NEW_FLOW_FROM_POD,
+    TAIL_NEW_FLOW_FROM_UPLINK, TAIL_SCTP_CHECKSUM,
 };
 
 pub use crate::service::{
@@ -118,6 +119,7 @@ pub const MAPS: &[&str] = &[
     LB4_FRAGS_MAP,
     LB4_TAILS_MAP,
     LB4_FLOW_TAILS_MAP,
+    LB4_SVC_CIDRS_MAP,
     PKT_COUNTERS_MAP,
     SOCK_REVNAT_MAP,
     SOCK_CONFIG_MAP,
@@ -149,6 +151,11 @@ pub enum DataplaneError {
     },
     #[error("interface name {interface:?} contains a NUL byte")]
     BadInterface { interface: String },
+    #[error(
+        "{count} Service CIDRs, and the datapath holds at most {max}: the CIDRs written before \
+         stay in force"
+    )]
+    TooManyServiceCidrs { count: usize, max: usize },
     #[error(
         "{facility} needs Linux {since} or newer, and this kernel ({kernel}) has none; {instead}"
     )]
@@ -496,6 +503,28 @@ impl Dataplane {
         let cfg: Array<_, Lb4Config> = self.open(map)?;
         let c = cfg.get(&0, 0).map_err(map_error(map, "read"))?;
         Ok((c.snat_addr_be != 0).then(|| Ipv4Addr::from(u32::from_be(c.snat_addr_be))))
+    }
+
+    /// Sets the Service CIDRs (`LB4_SVC_CIDRS`): traffic from pods and the node to an address
+    /// inside them that no frontend holds is dropped. Empty: nothing is dropped for it. More
+    /// than the datapath holds is an error, and the CIDRs written before stay.
+    pub fn set_service_cidrs(&mut self, cidrs: &[Cidr4]) -> Result<(), DataplaneError> {
+        let mut value = SvcCidrs4::default();
+        if cidrs.len() > SVC_CIDRS_MAX {
+            return Err(DataplaneError::TooManyServiceCidrs {
+                count: cidrs.len(),
+                max: SVC_CIDRS_MAX,
+            });
+        }
+        for (i, c) in cidrs.iter().enumerate() {
+            let c = c.network();
+            value.net_be[i] = u32::from(c.addr).to_be();
+            value.mask_be[i] = c.mask().to_be();
+        }
+        value.count = cidrs.len() as u32;
+        let map = LB4_SVC_CIDRS_MAP;
+        let mut m: Array<_, SvcCidrs4> = self.open_mut(map)?;
+        m.set(0, &value, 0).map_err(map_error(map, "write"))
     }
 
     /// Sets (or clears) the SNAT of traffic from outside to other nodes' backends. Flows

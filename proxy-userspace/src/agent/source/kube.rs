@@ -1,6 +1,11 @@
 //! The API server source: one kube-rs watcher per resource, each feeding a reflector store
 //! (`watcher(..).default_backoff().modify(drop managedFields).reflect(writer)`).
 //!
+//! Services, EndpointSlices and the own Node are required: the first full sync waits for
+//! their lists. ServiceCIDRs (networking.k8s.io/v1, Kubernetes 1.33+) are watched only where
+//! the API server's discovery lists them, and nothing waits for them: they only add drops of
+//! traffic to unallocated ClusterIPs.
+//!
 //! - The initial list is awaited (one [`Change::Listed`] per resource) before the first full
 //!   sync; until then the dataplane keeps serving what it adopted from the pinned maps.
 //! - Watch errors are retried with kube-rs's default backoff (exponential, jittered, 800 ms to
@@ -15,7 +20,9 @@ use std::{
 };
 
 use futures::StreamExt as _;
-use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice, networking::v1::ServiceCIDR,
+};
 use kube::{
     Api, Client,
     runtime::{
@@ -26,7 +33,9 @@ use kube::{
 };
 
 use super::{Change, ChangeTx, ObjectView, Resource, trigger_time};
-use crate::{agent::metrics::Metrics, agent::metrics::SourceLabel, model::ServiceKey};
+use crate::{
+    agent::metrics::Metrics, agent::metrics::SourceLabel, model::ServiceKey, service::Cidr4,
+};
 
 type SliceRef = ObjectRef<EndpointSlice>;
 
@@ -74,6 +83,7 @@ pub struct KubeView {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     nodes: Store<Node>,
+    service_cidrs: Store<ServiceCIDR>,
     index: Mutex<SliceIndex>,
     node_name: String,
 }
@@ -106,6 +116,16 @@ impl ObjectView for KubeView {
     fn resources(&self) -> &'static [Resource] {
         &[Resource::Services, Resource::EndpointSlices, Resource::Node]
     }
+    fn service_cidrs(&self) -> Vec<Cidr4> {
+        self.service_cidrs
+            .state()
+            .iter()
+            .filter_map(|o| o.spec.as_ref()?.cidrs.clone())
+            .flatten()
+            // IPv6 prefixes are for the IPv6 datapath to come.
+            .filter_map(|c| c.parse::<Cidr4>().ok())
+            .collect()
+    }
 }
 
 /// Starts the three watchers on the current tokio runtime.
@@ -119,10 +139,12 @@ pub fn start(
     let (services, services_w) = reflector::store();
     let (slices, slices_w) = reflector::store();
     let (nodes, nodes_w) = reflector::store();
+    let (service_cidrs, service_cidrs_w) = reflector::store();
     let view = Arc::new(KubeView {
         services,
         slices,
         nodes,
+        service_cidrs,
         index: Mutex::new(SliceIndex::default()),
         node_name: node_name.to_owned(),
     });
@@ -198,6 +220,39 @@ pub fn start(
         ));
     }
 
+    // ServiceCIDRs, where the API server serves them.
+    {
+        let tx = tx.clone();
+        let metrics = metrics.clone();
+        let client = client.clone();
+        tokio::spawn(async move {
+            if !serves_service_cidrs(&client).await {
+                tracing::info!(
+                    "the API server has no ServiceCIDRs (Kubernetes < 1.33): only \
+                     --service-cidr names the Service CIDRs"
+                );
+                return;
+            }
+            let stream = watcher(
+                Api::<ServiceCIDR>::all(client),
+                watcher::Config::default().timeout(watch_timeout),
+            )
+            .reflect(service_cidrs_w);
+            drive(
+                stream,
+                Resource::ServiceCidrs,
+                metrics,
+                move |ev| match ev {
+                    Event::Apply(_) | Event::Delete(_) | Event::InitDone => {
+                        let _ = tx.send(Change::ServiceCidrs);
+                    }
+                    Event::Init | Event::InitApply(_) => {}
+                },
+            )
+            .await;
+        });
+    }
+
     // The own Node only.
     {
         let config = watcher::Config::default()
@@ -216,6 +271,24 @@ pub fn start(
         }));
     }
     view
+}
+
+/// Whether the API server's discovery lists `servicecidrs` in networking.k8s.io/v1. Asked
+/// until it answers: a 404 (an older server, or one without discovery documents) is no.
+async fn serves_service_cidrs(client: &Client) -> bool {
+    loop {
+        match client
+            .list_api_group_resources("networking.k8s.io/v1")
+            .await
+        {
+            Ok(list) => return list.resources.iter().any(|r| r.name == "servicecidrs"),
+            Err(kube::Error::Api(e)) if e.code == 404 => return false,
+            Err(error) => {
+                tracing::debug!(%error, "discovery of ServiceCIDRs failed; asking again");
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            }
+        }
+    }
 }
 
 /// The watcher of one resource, with managedFields dropped (the agent never reads them and they
