@@ -11,8 +11,8 @@ use std::{
 use common::*;
 use proxy_common::*;
 use sluice::dataplane::{
-    Backend, Backends, Cidr4, Dataplane, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend,
-    FrontendKind, Protocol, RawDump, RawEntry, SourceRanges, TO_POD, TO_UPLINK,
+    Backend, Backends, Cidr4, Dataplane, DataplaneConfig, DataplaneError, FROM_POD, FROM_UPLINK,
+    Frontend, FrontendKind, Protocol, RawDump, RawEntry, SourceRanges, TO_POD, TO_UPLINK,
 };
 use testbed::require_privileged;
 
@@ -268,7 +268,12 @@ fn unallocated_addresses_of_the_service_cidrs_are_dropped_from_pods_and_the_node
             prefix: 24,
         })
         .collect();
-    assert!(dp.set_service_cidrs(&many).is_err());
+    let err = dp.set_service_cidrs(&many).unwrap_err();
+    assert!(
+        matches!(err, DataplaneError::MapFull { map: LB4_SVC_CIDRS_MAP, max, .. } if max as usize == SVC_CIDRS_MAX),
+        "{err}"
+    );
+    assert!(err.to_string().contains("size is fixed"), "{err}");
     assert_eq!(run(&dp, FROM_POD, &unallocated[0]).0, TC_ACT_SHOT);
     // None: nothing is dropped for it.
     dp.set_service_cidrs(&[]).unwrap();

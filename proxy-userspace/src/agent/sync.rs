@@ -316,12 +316,8 @@ impl Syncer {
                 self.service_cidrs = Some(cidrs);
             }
             Err(error) => {
-                if let DataplaneError::TooManyServiceCidrs { .. } = error {
-                    let map = proxy_common::LB4_SVC_CIDRS_MAP.to_owned();
-                    self.metrics.map_full.get_or_create(&MapLabel { map }).inc();
-                } else {
-                    self.metrics.write_errors.inc();
-                }
+                self.count_write_error(&error);
+                let error = super::chain(&error);
                 tracing::error!(%error, "could not write the Service CIDRs");
             }
         }
@@ -569,9 +565,10 @@ impl Syncer {
         self.synced_once = true;
     }
 
-    fn write_error(&mut self, fe: &Frontend, error: DataplaneError) {
+    /// Counts a failed map write, and a full map by name.
+    fn count_write_error(&self, error: &DataplaneError) {
         self.metrics.write_errors.inc();
-        if let DataplaneError::MapFull { map, .. } = &error {
+        if let DataplaneError::MapFull { map, .. } = error {
             self.metrics
                 .map_full
                 .get_or_create(&MapLabel {
@@ -579,6 +576,10 @@ impl Syncer {
                 })
                 .inc();
         }
+    }
+
+    fn write_error(&mut self, fe: &Frontend, error: DataplaneError) {
+        self.count_write_error(&error);
         let error = super::chain(&error);
         tracing::error!(frontend = %fe, %error, "map write failed");
     }

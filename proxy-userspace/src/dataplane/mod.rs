@@ -152,11 +152,6 @@ pub enum DataplaneError {
     #[error("interface name {interface:?} contains a NUL byte")]
     BadInterface { interface: String },
     #[error(
-        "{count} Service CIDRs, and the datapath holds at most {max}: the CIDRs written before \
-         stay in force"
-    )]
-    TooManyServiceCidrs { count: usize, max: usize },
-    #[error(
         "{facility} needs Linux {since} or newer, and this kernel ({kernel}) has none; {instead}"
     )]
     Unsupported {
@@ -203,8 +198,8 @@ pub enum DataplaneError {
         source: Box<MapError>,
     },
     #[error(
-        "map {map} is full ({max} entries): {what} was not written. Raise the map's size \
-         (agent flags) or reduce what it must hold"
+        "map {map} is full ({max} entries): {what} was not written. {}",
+        full_map_remedy(map)
     )]
     MapFull {
         map: &'static str,
@@ -511,9 +506,13 @@ impl Dataplane {
     pub fn set_service_cidrs(&mut self, cidrs: &[Cidr4]) -> Result<(), DataplaneError> {
         let mut value = SvcCidrs4::default();
         if cidrs.len() > SVC_CIDRS_MAX {
-            return Err(DataplaneError::TooManyServiceCidrs {
-                count: cidrs.len(),
-                max: SVC_CIDRS_MAX,
+            return Err(DataplaneError::MapFull {
+                map: LB4_SVC_CIDRS_MAP,
+                max: SVC_CIDRS_MAX as u32,
+                what: format!(
+                    "a set of {} Service CIDRs (the CIDRs written before stay in force)",
+                    cidrs.len()
+                ),
             });
         }
         for (i, c) in cidrs.iter().enumerate() {
@@ -945,6 +944,16 @@ fn remove_pin(path: &Path) -> Result<(), DataplaneError> {
 }
 
 /// The error for a failed `op` on map `map`.
+/// What an operator can do about a full map: most maps take their size from an agent flag;
+/// the Service CIDR map has a fixed size.
+fn full_map_remedy(map: &str) -> &'static str {
+    if map == LB4_SVC_CIDRS_MAP {
+        "Its size is fixed: list fewer Service CIDRs"
+    } else {
+        "Raise the map's size (agent flags) or reduce what it must hold"
+    }
+}
+
 fn map_error(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| DataplaneError::Map {
         map,

@@ -171,7 +171,6 @@ pub struct Seen {
     pub udp_checksum: Option<u16>,
 }
 
-/// Parses `pkt` and panics unless its IPv4 header checksum and TCP/UDP checksum are right.
 /// The packet parsed, and its IPv4 part, after checking its header checksum independently.
 fn checked_ipv4<'a>(s: &'a SlicedPacket<'a>, pkt: &[u8]) -> &'a etherparse::Ipv4Slice<'a> {
     let Some(NetSlice::Ipv4(ip)) = &s.net else {
@@ -186,6 +185,7 @@ fn checked_ipv4<'a>(s: &'a SlicedPacket<'a>, pkt: &[u8]) -> &'a etherparse::Ipv4
     ip
 }
 
+/// Parses `pkt` and panics unless its IPv4 header checksum and TCP/UDP checksum are right.
 pub fn check(pkt: &[u8]) -> Seen {
     let s = SlicedPacket::from_ethernet(pkt).expect("the packet parses");
     let h = checked_ipv4(&s, pkt).header();

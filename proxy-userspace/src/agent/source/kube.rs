@@ -128,7 +128,8 @@ impl ObjectView for KubeView {
     }
 }
 
-/// Starts the three watchers on the current tokio runtime.
+/// Starts the watchers on the current tokio runtime: Services, EndpointSlices and this Node,
+/// and ServiceCIDRs where the API server serves them.
 pub fn start(
     client: Client,
     node_name: &str,
