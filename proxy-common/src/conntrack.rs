@@ -1,4 +1,15 @@
-//! IPv4 conntrack: one LRU map, two kinds of entry per translated flow.
+//! IPv4 conntrack: two LRU maps, two kinds of entry per translated flow.
+//!
+//! - [`CT4_NEW_MAP`] holds flows that are not yet established: a new flow's two entries are
+//!   written there. A SYN flood, or a spray of one-way UDP, fills only this table.
+//! - [`CT4_MAP`] holds established flows (a reply, then the client again). The client's
+//!   packet that establishes a flow moves both of its entries here (`CT4` written first, then
+//!   `CT4_NEW` emptied, so a lookup always finds one of them). Established flows are therefore
+//!   evicted only by other established flows, never by a flood of new ones.
+//!
+//! An entry lives in one table at a time; lookups read `CT4` first (where nearly every packet's
+//! flow is), then `CT4_NEW`. A tuple's claim (`BPF_NOEXIST` into `CT4_NEW`) is checked against
+//! `CT4` after the insert, so a flow moved at the same moment is never missed.
 //!
 //! - A *service* entry, keyed by the tuple the client sent (client -> frontend), pins the flow
 //!   to its backend for its whole life, even when the Service's backends change.
@@ -40,6 +51,12 @@
 /// ([`CT4_DEFAULT_MAX`] otherwise); written by the programs, read by the CLI.
 pub const CT4_MAP: &str = "CT4";
 pub const CT4_DEFAULT_MAX: u32 = 131_072;
+
+/// `CT4_NEW`: like [`CT4_MAP`], for flows not yet established (half-open TCP, UDP that has had
+/// no reply and then a packet from the client); size set by the agent ([`CT4_NEW_DEFAULT_MAX`]
+/// otherwise).
+pub const CT4_NEW_MAP: &str = "CT4_NEW";
+pub const CT4_NEW_DEFAULT_MAX: u32 = 65_536;
 
 /// [`Ct4Key::kind`] of a service entry (client -> frontend).
 pub const CT_KIND_SERVICE: u8 = 1;

@@ -1,6 +1,6 @@
 //! Conntrack: lookups that treat expired entries as absent, flow creation, state updates.
 //! The layout and lifetimes are documented in `proxy_common::conntrack`.
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::LruHashMap};
 use proxy_common::{
     CT_FLAG_ESTABLISHED, CT_FLAG_FIN_FWD, CT_FLAG_FIN_REPLY, CT_FLAG_RST, CT_FLAG_SEEN_REPLY,
     CT_FLAG_SYN, CT_KIND_REVERSE, CT_KIND_SERVICE, CT_LATE_FLAGS, Ct4Entry, Ct4Key, IPPROTO_TCP,
@@ -8,7 +8,7 @@ use proxy_common::{
 };
 
 use crate::{
-    maps::CT4,
+    maps::{CT4, CT4_NEW},
     parse::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -135,10 +135,10 @@ pub fn translated_key(
     }
 }
 
-/// The live entry for `key`, or `None` if absent or expired.
+/// The live entry for `key` in `map`, or `None` if absent or expired.
 #[inline(always)]
-pub fn lookup(key: &Ct4Key, now: u64) -> Option<*mut Ct4Entry> {
-    let e = CT4.get_ptr_mut(key)?;
+fn live(map: &LruHashMap<Ct4Key, Ct4Entry>, key: &Ct4Key, now: u64) -> Option<*mut Ct4Entry> {
+    let e = map.get_ptr_mut(key)?;
     // SAFETY: a successful lookup returns a valid pointer into the map's value.
     if unsafe { (*e).expires_ns(key.proto) } < now {
         return None;
@@ -146,34 +146,134 @@ pub fn lookup(key: &Ct4Key, now: u64) -> Option<*mut Ct4Entry> {
     Some(e)
 }
 
+/// The live entry for `key` in `CT4` (established flows), or `None`.
+#[inline(always)]
+pub fn established(key: &Ct4Key, now: u64) -> Option<*mut Ct4Entry> {
+    live(&CT4, key, now)
+}
+
+/// The live entry for `key` in `CT4_NEW` (flows not yet established), or `None`.
+#[inline(always)]
+pub fn not_established(key: &Ct4Key, now: u64) -> Option<*mut Ct4Entry> {
+    live(&CT4_NEW, key, now)
+}
+
+/// The live entry for `key`: in `CT4` (established flows, where nearly every packet's flow
+/// is), else in `CT4_NEW`; `None` if absent or expired.
+#[inline(always)]
+pub fn lookup(key: &Ct4Key, now: u64) -> Option<*mut Ct4Entry> {
+    established(key, now).or_else(|| not_established(key, now))
+}
+
+/// Removes the entry at `key` from both tables.
+#[inline(always)]
+pub fn forget(key: &Ct4Key) {
+    let _ = CT4.remove(key);
+    let _ = CT4_NEW.remove(key);
+}
+
+/// Writes a new flow's entry `e` at `key` into `CT4_NEW` unless an entry is there, then checks
+/// `CT4` (after the write, so that an entry moved there at this moment is seen: `promote`
+/// writes `CT4` before it empties `CT4_NEW`; an expired entry there is no flow).
+/// `Err(Some(..))`: a live entry holds the key, with whether it is in `CT4_NEW` (ours was taken
+/// back); `Err(None)`: an expired entry is in the way in `CT4_NEW`, or the map refused the
+/// write. (`CT4` is not read when the write fails: a key is in both tables only while
+/// `promote` moves it.) Few branches: it runs in the SNAT port allocator's loop, where the
+/// verifier walks each of them 32 times.
+#[inline(always)]
+pub fn take(key: &Ct4Key, e: &Ct4Entry, now: u64) -> Result<(), Option<(*mut Ct4Entry, bool)>> {
+    if CT4_NEW.insert(key, e, u64::from(BPF_NOEXIST)).is_ok() {
+        let Some(held) = live(&CT4, key, now) else {
+            return Ok(());
+        };
+        let _ = CT4_NEW.remove(key);
+        return Err(Some((held, false)));
+    }
+    Err(live(&CT4_NEW, key, now).map(|e| (e, true)))
+}
+
+/// [`take`] after removing what is at `key` (an expired entry, or this flow's closing one):
+/// `Some(true)` when written, `Some(false)` when another CPU's flow has just taken the key,
+/// `None` when the map refused the write.
+#[inline(always)]
+fn retake(key: &Ct4Key, rev: &Ct4Entry, now: u64) -> Option<bool> {
+    forget(key);
+    match take(key, rev, now) {
+        Ok(()) => Some(true),
+        Err(Some(_)) => Some(false),
+        Err(None) => None,
+    }
+}
+
 /// Inserts a new flow's reverse entry `rev` at `key` (its tuple after translation) unless a
-/// live entry of another flow holds it. Returns `Some(true)` when written, `Some(false)` when
-/// another flow holds the tuple (the new flow must take another source port), `None` when the
-/// map refused the write. The entry at `key` is replaced when it has expired, or when it is
-/// this very flow's (same client, same frontend) and closing (a connection reopened on the
-/// tuple). This flow's open entry is kept as it is (its service entry was evicted, or another
-/// CPU has just made the flow): its state is the flow's.
+/// live entry of another flow holds it, in either table. Returns `Some(true)` when written,
+/// `Some(false)` when another flow holds the tuple (the new flow must take another source
+/// port), `None` when the map refused the write. The entry at `key` is replaced when it has
+/// expired, or when it is this very flow's (same client, same frontend) and closing (a
+/// connection reopened on the tuple). This flow's open entry is kept as it is (its service
+/// entry was evicted, or another CPU has just made the flow): its state is the flow's.
 #[inline(always)]
 pub fn claim(key: &Ct4Key, rev: &Ct4Entry, now: u64) -> Option<bool> {
-    if CT4.insert(key, rev, u64::from(BPF_NOEXIST)).is_ok() {
+    let e = match take(key, rev, now) {
+        Ok(()) => return Some(true),
+        Err(Some((e, _))) => e,
+        Err(None) => return retake(key, rev, now),
+    };
+    if !owned_by(
+        e,
+        rev.addr_be,
+        rev.port_be,
+        rev.nat_addr_be,
+        rev.nat_port_be,
+    ) {
+        return Some(false);
+    }
+    // SAFETY: a live entry from a successful lookup.
+    if unsafe { (*e).state() } & (CT_FLAG_FIN_FWD | CT_FLAG_FIN_REPLY | CT_FLAG_RST) == 0 {
         return Some(true);
     }
-    if let Some(e) = lookup(key, now) {
-        if !owned_by(
-            e,
-            rev.addr_be,
-            rev.port_be,
-            rev.nat_addr_be,
-            rev.nat_port_be,
-        ) {
-            return Some(false);
-        }
-        // SAFETY: a live entry from a successful lookup.
-        if unsafe { (*e).state() } & (CT_FLAG_FIN_FWD | CT_FLAG_FIN_REPLY | CT_FLAG_RST) == 0 {
-            return Some(true);
-        }
+    retake(key, rev, now)
+}
+
+/// Puts back the reverse entry `rev` of a flow whose reverse entry was evicted, at `key`,
+/// into the table its service entry is in (`CT4_NEW` when `new`), unless an entry is there
+/// (another flow may have just taken the tuple): whether it was written.
+#[inline(always)]
+pub fn rebuild(key: &Ct4Key, rev: &Ct4Entry, new: bool, now: u64) -> bool {
+    if new {
+        return take(key, rev, now).is_ok();
     }
-    CT4.insert(key, rev, 0).is_ok().then_some(true)
+    if CT4.insert(key, rev, u64::from(BPF_NOEXIST)).is_err() {
+        return false;
+    }
+    if live(&CT4_NEW, key, now).is_some() {
+        // Another flow's new entry: the tuple is its.
+        let _ = CT4.remove(key);
+        return false;
+    }
+    true
+}
+
+/// Moves a flow that has just become established from `CT4_NEW` to `CT4`: its service entry
+/// `s` (at `skey`, in `CT4_NEW`) and its reverse entry at `rkey`, if that is in `CT4_NEW` too.
+/// Each entry is written to `CT4` first and removed from `CT4_NEW` after, so a lookup on
+/// another CPU finds one of the two copies. A mark another CPU makes on the old copy between
+/// the two steps is lost; none is expected then: the packet moving the flow is the client's
+/// first after the backend's first reply (the handshake's ACK), and the backend sends nothing
+/// more until that packet reaches it. If `CT4` refuses a write the flow stays in `CT4_NEW`.
+#[inline(always)]
+pub fn promote(skey: &Ct4Key, s: *mut Ct4Entry, rkey: &Ct4Key) {
+    if let Some(r) = CT4_NEW.get_ptr_mut(rkey) {
+        // SAFETY: `r` points at a map value; the kernel copies it into the other map.
+        if CT4.insert(rkey, unsafe { &*r }, 0).is_err() {
+            return;
+        }
+        let _ = CT4_NEW.remove(rkey);
+    }
+    // SAFETY: as above; `s` comes from a successful lookup in `CT4_NEW`.
+    if CT4.insert(skey, unsafe { &*s }, 0).is_ok() {
+        let _ = CT4_NEW.remove(skey);
+    }
 }
 
 /// Whether `f`, a reply to a flow in TCP state `flags`, is the SYN-ACK of a new connection on

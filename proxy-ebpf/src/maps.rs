@@ -6,12 +6,13 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use proxy_common::{
-    Affinity4Key, Affinity4Value, AffinityMatchKey, CT4_DEFAULT_MAX, CTR_SLOTS, Counter, Ct4Entry,
-    Ct4Key, Frag4Key, Frag4Ports, LB4_AFFINITY_DEFAULT_MAX, LB4_BACKENDS_DEFAULT_MAX,
-    LB4_FLOW_TAILS_MAX, LB4_FRAGS_DEFAULT_MAX, LB4_POD_CLIENTS_DEFAULT_MAX, LB4_REVNAT_DEFAULT_MAX,
-    LB4_SERVICES_DEFAULT_MAX, LB4_SRC_RANGES_DEFAULT_MAX, LB4_TAILS_MAX, Lb4Backend, Lb4Config,
-    Lb4Key, Lb4RevNat, Lb4Service, RejectBudget, SOCK_REVNAT_DEFAULT_MAX, SockConfig, SockRevKey,
-    SockRevValue, SrcRange4Key, SvcCidrs4,
+    Affinity4Key, Affinity4Value, AffinityMatchKey, CT4_DEFAULT_MAX, CT4_NEW_DEFAULT_MAX,
+    CTR_SLOTS, Counter, Ct4Entry, Ct4Key, Frag4Key, Frag4Ports, LB4_AFFINITY_DEFAULT_MAX,
+    LB4_BACKENDS_DEFAULT_MAX, LB4_FLOW_TAILS_MAX, LB4_FRAGS_DEFAULT_MAX,
+    LB4_POD_CLIENTS_DEFAULT_MAX, LB4_REVNAT_DEFAULT_MAX, LB4_SERVICES_DEFAULT_MAX,
+    LB4_SRC_RANGES_DEFAULT_MAX, LB4_TAILS_MAX, Lb4Backend, Lb4Config, Lb4Key, Lb4RevNat,
+    Lb4Service, RejectBudget, SOCK_REVNAT_DEFAULT_MAX, SockConfig, SockRevKey, SockRevValue,
+    SrcRange4Key, SvcCidrs4,
 };
 
 #[map(name = "PKT_COUNTERS_V2")]
@@ -60,6 +61,10 @@ pub static LB4_CONFIG: Array<Lb4Config> = Array::with_max_entries(1, 0);
 #[map(name = "CT4")]
 pub static CT4: LruHashMap<Ct4Key, Ct4Entry> = LruHashMap::with_max_entries(CT4_DEFAULT_MAX, 0);
 
+#[map(name = "CT4_NEW")]
+pub static CT4_NEW: LruHashMap<Ct4Key, Ct4Entry> =
+    LruHashMap::with_max_entries(CT4_NEW_DEFAULT_MAX, 0);
+
 #[map(name = "LB4_FRAGS")]
 pub static LB4_FRAGS: LruHashMap<Frag4Key, Frag4Ports> =
     LruHashMap::with_max_entries(LB4_FRAGS_DEFAULT_MAX, 0);
@@ -101,6 +106,7 @@ const _: () = {
         "LB4_AFFINITY_MATCH"
     ));
     assert!(str_eq(proxy_common::CT4_MAP, "CT4"));
+    assert!(str_eq(proxy_common::CT4_NEW_MAP, "CT4_NEW"));
     assert!(str_eq(proxy_common::LB4_FRAGS_MAP, "LB4_FRAGS"));
     assert!(str_eq(proxy_common::LB4_TAILS_MAP, "LB4_TAILS"));
     assert!(str_eq(proxy_common::LB4_FLOW_TAILS_MAP, "LB4_FLOW_TAILS"));

@@ -30,14 +30,14 @@
 //! node's own endpoints. Traffic from the node's pods may use every frontend and every endpoint.
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{__sk_buff, BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{__sk_buff, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_get_prandom_u32,
     macros::classifier,
     programs::TcContext,
 };
 use proxy_common::{
-    BACKEND_FLAG_LOCAL, CT_FLAG_PORT_REMAP, CT_FLAG_REDIRECT, CT_FLAG_SNAT, CTR_CT_HIT,
-    CTR_CT_STALE_REVERSE, CTR_DROP_CT_WRITE, CTR_DROP_FIB, CTR_DROP_FRAGMENT,
+    BACKEND_FLAG_LOCAL, CT_FLAG_ESTABLISHED, CT_FLAG_PORT_REMAP, CT_FLAG_REDIRECT, CT_FLAG_SNAT,
+    CTR_CT_HIT, CTR_CT_STALE_REVERSE, CTR_DROP_CT_WRITE, CTR_DROP_FIB, CTR_DROP_FRAGMENT,
     CTR_DROP_NEW_FLOW_PROGRAM, CTR_DROP_NO_BACKEND_ENTRY, CTR_DROP_NO_LOCAL_BACKEND,
     CTR_DROP_NO_SNAT_ADDR, CTR_DROP_NODE_SCTP_TO_SERVICE, CTR_DROP_RACE_REDIRECT,
     CTR_DROP_REJECT_FAILED, CTR_DROP_REJECT_RATE_LIMITED, CTR_DROP_REWRITE, CTR_DROP_SNAT_PORTS,
@@ -53,13 +53,14 @@ use proxy_common::{
 
 use crate::{
     conntrack::{
-        self, forward_state, lookup, owned_by, reopens, reply_key, reply_state, service_key,
-        service_key_of, touch, translated_key,
+        self, forget, forward_state, lookup, owned_by, reopens, reply_key, reply_state,
+        service_key, service_key_of, touch, translated_key,
     },
     fib::{self, Fib, Route},
     icmp, lb,
     maps::{
-        CT4, LB4_CONFIG, LB4_DP_STATE, LB4_FE_ADDRS, LB4_FLOW_TAILS, LB4_POD_CLIENTS, LB4_SVC_CIDRS,
+        CT4_NEW, LB4_CONFIG, LB4_DP_STATE, LB4_FE_ADDRS, LB4_FLOW_TAILS, LB4_POD_CLIENTS,
+        LB4_SVC_CIDRS,
     },
     nat::{rewrite, translate},
     parse::{FIRST_FRAGMENT, Flow, Packet, TCP_FIN, TCP_RST, note_first_fragment, parse, reparse},
@@ -474,7 +475,7 @@ fn reply(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> Option<(i
     let c = conntrack::pinned(e);
     let state = c.state;
     if conntrack::opens_anew(f, state) {
-        let _ = CT4.remove(&reply_key(f));
+        forget(&reply_key(f));
         count(CTR_CT_STALE_REVERSE, 0);
         return Some((PASS, CTR_PASS_NO_MATCH));
     }
@@ -494,7 +495,7 @@ fn reply(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> Option<(i
     if f.proto == IPPROTO_TCP && f.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         // The flow's service entry (client -> frontend), if it is still this flow's.
         let skey = service_key_of(c.addr_be, c.port_be, c.nat_addr_be, c.nat_port_be, f.proto);
-        if let Some(s) = CT4.get_ptr_mut(&skey) {
+        if let Some(s) = lookup(&skey, now) {
             // SAFETY: a pointer from a successful lookup; fields read one by one.
             let (addr, port) = unsafe { ((*s).addr_be, (*s).port_be) };
             if addr == f.saddr_be && port == f.sport_be {
@@ -545,79 +546,96 @@ fn hairpin_out(ctx: &TcContext, counter: u32) -> (i32, u32) {
 #[inline(always)]
 fn forward(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> (i32, u32) {
     let skey = service_key(f);
-    if let Some(s) = lookup(&skey, now) {
-        let svc = conntrack::pinned(s);
-        let rkey = translated_key(
+    let found = match conntrack::established(&skey, now) {
+        Some(s) => Some((s, false)),
+        None => {
+            // Only a frontend's flows are in `CT4_NEW`: a packet to no frontend (the node's own
+            // ports on a NodePort address) is answered without a second table's lookup.
+            if lb::frontend(f.daddr_be, f.dport_be, f.proto).is_none() {
+                return no_frontend(ctx, f, now, hook);
+            }
+            conntrack::not_established(&skey, now).map(|s| (s, true))
+        }
+    };
+    let Some((s, s_new)) = found else {
+        // A new flow to a frontend (just looked up).
+        return to_new_flow(ctx, hook, now);
+    };
+    let svc = conntrack::pinned(s);
+    let rkey = translated_key(
+        f,
+        svc.nat_addr_be,
+        svc.nat_port_be,
+        svc.addr_be,
+        svc.port_be,
+    );
+    let rev = lookup(&rkey, now);
+    // The reverse entry must be this flow's own: for a flow SNATed with a port of its own
+    // the key does not name the client, once this flow closed its port may have gone to
+    // another flow, and once its reverse entry was gone the tuple may have gone to a flow
+    // of the same client to another frontend. Then this flow is over: its packet starts
+    // afresh.
+    if let Some(r) = rev
+        && !owned_by(r, f.saddr_be, f.sport_be, f.daddr_be, f.dport_be)
+    {
+        forget(&skey);
+        return start_flow(ctx, f, now, hook);
+    }
+    let state = match rev {
+        // SAFETY: as above.
+        Some(r) => unsafe { (*r).state() },
+        None => svc.state,
+    };
+    if !reopens(f, state) {
+        let flags = forward_state(f, state);
+        let route = if flags & CT_FLAG_REDIRECT != 0 {
+            match route_for(ctx, f, svc.nat_addr_be, svc.addr_be) {
+                Ok(r) => Some(r),
+                Err(verdict) => return verdict,
+            }
+        } else {
+            None
+        };
+        match rev {
+            Some(r) => touch(r, state, flags, now, 0),
+            None => {
+                // The reverse entry was evicted: rebuild it from what we know, unless
+                // another flow has just taken its tuple; then this one starts afresh.
+                let rev = reverse_entry(f, flags, svc.rev_nat_id, now);
+                if !conntrack::rebuild(&rkey, &rev, s_new, now) {
+                    forget(&skey);
+                    return start_flow(ctx, f, now, hook);
+                }
+            }
+        }
+        touch(s, svc.state, flags, now, len);
+        if s_new && flags & CT_FLAG_ESTABLISHED != 0 {
+            // Established now: out of the table a flood of new flows fills.
+            conntrack::promote(&skey, s, &rkey);
+        }
+        if translate(
+            ctx,
             f,
             svc.nat_addr_be,
             svc.nat_port_be,
             svc.addr_be,
             svc.port_be,
-        );
-        let rev = lookup(&rkey, now);
-        // The reverse entry must be this flow's own: for a flow SNATed with a port of its own
-        // the key does not name the client, once this flow closed its port may have gone to
-        // another flow, and once its reverse entry was gone the tuple may have gone to a flow
-        // of the same client to another frontend. Then this flow is over: its packet starts
-        // afresh.
-        if let Some(r) = rev
-            && !owned_by(r, f.saddr_be, f.sport_be, f.daddr_be, f.dport_be)
+        )
+        .is_err()
         {
-            let _ = CT4.remove(&skey);
-            return start_flow(ctx, f, now, hook);
+            return (DROP, CTR_DROP_REWRITE);
         }
-        let state = match rev {
-            // SAFETY: as above.
-            Some(r) => unsafe { (*r).state() },
-            None => svc.state,
-        };
-        if !reopens(f, state) {
-            let flags = forward_state(f, state);
-            let route = if flags & CT_FLAG_REDIRECT != 0 {
-                match route_for(ctx, f, svc.nat_addr_be, svc.addr_be) {
-                    Ok(r) => Some(r),
-                    Err(verdict) => return verdict,
-                }
-            } else {
-                None
-            };
-            match rev {
-                Some(r) => touch(r, state, flags, now, 0),
-                None => {
-                    // The reverse entry was evicted: rebuild it from what we know, unless
-                    // another flow has just taken its tuple; then this one starts afresh.
-                    let rev = reverse_entry(f, flags, svc.rev_nat_id, now);
-                    if CT4.insert(&rkey, &rev, u64::from(BPF_NOEXIST)).is_err() {
-                        let _ = CT4.remove(&skey);
-                        return start_flow(ctx, f, now, hook);
-                    }
-                }
-            }
-            touch(s, svc.state, flags, now, len);
-            if translate(
-                ctx,
-                f,
-                svc.nat_addr_be,
-                svc.nat_port_be,
-                svc.addr_be,
-                svc.port_be,
-            )
-            .is_err()
-            {
-                return (DROP, CTR_DROP_REWRITE);
-            }
-            if let Some(r) = route {
-                return redirected(ctx, &r, CTR_CT_HIT);
-            }
-            if hook == Hook::FromPod && svc.nat_addr_be != 0 && svc.addr_be == f.saddr_be {
-                return hairpin_out(ctx, CTR_CT_HIT);
-            }
-            return (PASS, CTR_CT_HIT);
+        if let Some(r) = route {
+            return redirected(ctx, &r, CTR_CT_HIT);
         }
-        // A new connection on the tuple of a closed one: choose afresh below, the old entry
-        // gone first (a live service entry met by `new_flow` is another CPU's new flow).
-        let _ = CT4.remove(&skey);
+        if hook == Hook::FromPod && svc.nat_addr_be != 0 && svc.addr_be == f.saddr_be {
+            return hairpin_out(ctx, CTR_CT_HIT);
+        }
+        return (PASS, CTR_CT_HIT);
     }
+    // A new connection on the tuple of a closed one: choose afresh below, the old entry
+    // gone first (a live service entry met by `new_flow` is another CPU's new flow).
+    forget(&skey);
     start_flow(ctx, f, now, hook)
 }
 
@@ -789,10 +807,10 @@ fn new_flow(
         (be.addr_be, be.port_be, snat, snat_port);
     // An expired entry there (the LRU keeps them) is removed first, then the insert retried,
     // so that two CPUs meeting it cannot both write theirs.
-    let inserted = CT4.insert(skey, svc, u64::from(BPF_NOEXIST)).is_ok()
+    let inserted = conntrack::take(skey, svc, now).is_ok()
         || (lookup(skey, now).is_none()
-            && CT4.remove(skey).is_ok()
-            && CT4.insert(skey, svc, u64::from(BPF_NOEXIST)).is_ok());
+            && CT4_NEW.remove(skey).is_ok()
+            && conntrack::take(skey, svc, now).is_ok());
     if !inserted {
         match lookup(skey, now) {
             Some(w) => {
@@ -810,7 +828,7 @@ fn new_flow(
                     )
                 };
                 if (a, p, n, np) != (s_addr, s_port, s_nat, s_nat_port) {
-                    let _ = CT4.remove(&rkey);
+                    forget(&rkey);
                     // One of the two forwarded by us (from outside to another node): the
                     // route this packet has is for our choice, not its. Rare (a flow's packets
                     // from outside come in on one queue, one CPU), so dropped and counted.
@@ -824,7 +842,7 @@ fn new_flow(
             }
             // Refused, or gone again.
             None => {
-                let _ = CT4.remove(&rkey);
+                forget(&rkey);
                 return (DROP, CTR_DROP_CT_WRITE);
             }
         }

@@ -1,6 +1,7 @@
 //! SNAT source ports: the allocator for flows SNATed to the node and for clients' ports
 //! remapped on a tuple clash, after netfilter's and Cilium's: the reverse entry of the translated tuple is
-//! inserted with BPF_NOEXIST, so a port held by a live flow is never overwritten; a clash
+//! taken (`conntrack::take`: inserted into `CT4_NEW` with BPF_NOEXIST, then checked against
+//! `CT4`), so a port held by a live flow, new or established, is never overwritten; a clash
 //! moves on to another port. The first try is a random port of the agent's range, the next
 //! ones follow it, at most [`TRIES`] in all.
 //!
@@ -10,17 +11,14 @@
 //! new flow (`snat_port_reused`) and its service entry is removed, so that its stray packets
 //! cannot ride on the new flow. With no closed flow either, the new flow is dropped and
 //! counted (`drop_snat_ports_exhausted`), never given a port a live flow holds.
-use aya_ebpf::{
-    bindings::{BPF_EXIST, BPF_NOEXIST},
-    helpers::bpf_get_prandom_u32,
-};
+use aya_ebpf::helpers::bpf_get_prandom_u32;
 use proxy_common::{
     CTR_SNAT_PORT_REUSED, CTR_SNAT_PORT_TAKEN, Ct4Entry, Ct4Key, Lb4Config, ct_closed,
 };
 
 use crate::{
-    conntrack::{lookup, service_key_of},
-    maps::CT4,
+    conntrack::{forget, lookup, service_key_of, take},
+    maps::CT4_NEW,
     stats::count,
 };
 
@@ -49,21 +47,16 @@ pub fn reserve_port(cfg: &Lb4Config, key: &mut Ct4Key, rev: &Ct4Entry, now: u64)
     for i in 0..TRIES {
         let port = (min + (start + i) % range) as u16;
         key.sport_be = port.to_be();
-        if CT4.insert(key, rev, u64::from(BPF_NOEXIST)).is_ok() {
-            return Some(key.sport_be);
-        }
-        // Taken. An expired entry (the LRU keeps dead ones until it needs the room) is no
-        // live flow: remove it and take the port, unless another CPU beats us to it. (Two
-        // CPUs reclaiming the same expired port in the same instant could both win: the
-        // random start makes that unlikely, and nothing but the two new flows is at stake.)
-        match lookup(key, now) {
-            None => {
-                let _ = CT4.remove(key);
-                if CT4.insert(key, rev, u64::from(BPF_NOEXIST)).is_ok() {
-                    return Some(key.sport_be);
-                }
+        match take(key, rev, now) {
+            Ok(()) => return Some(key.sport_be),
+            // An expired entry in the way (the LRU keeps dead ones until it needs the room):
+            // no live flow; removed, so that the port is free for the next flow, and this one
+            // tries the next port. (Taking it here would walk `take` twice per try, and the
+            // verifier walks all 32 tries.)
+            Err(None) => {
+                let _ = CT4_NEW.remove(key);
             }
-            Some(e) => {
+            Err(Some((e, _))) => {
                 // SAFETY: a live entry from a successful lookup; fields copied out.
                 let old = unsafe { *e };
                 if closed.is_none() && ct_closed(old.state()) {
@@ -88,7 +81,11 @@ pub fn reserve_port(cfg: &Lb4Config, key: &mut Ct4Key, rev: &Ct4Entry, now: u64)
         let old = unsafe { *e };
         ct_closed(old.state()) && old.addr_be == client_be && old.port_be == client_port_be
     });
-    if !still || CT4.insert(key, rev, u64::from(BPF_EXIST)).is_err() {
+    if !still {
+        return None;
+    }
+    forget(key);
+    if take(key, rev, now).is_err() {
         return None;
     }
     // The closed flow's own entry would still map its client onto this port, unless the
@@ -100,12 +97,12 @@ pub fn reserve_port(cfg: &Lb4Config, key: &mut Ct4Key, rev: &Ct4Entry, now: u64)
         frontend_port_be,
         key.proto,
     );
-    if let Some(e) = CT4.get_ptr(&skey) {
+    if let Some(e) = lookup(&skey, now) {
         // SAFETY: a pointer from a successful lookup; fields copied out.
         let (a, p) = unsafe { ((*e).nat_addr_be, (*e).nat_port_be) };
         // (A remapped flow's service entry keeps the client's address: 0.)
         if (a == 0 || a == key.saddr_be) && p == port_be {
-            let _ = CT4.remove(&skey);
+            forget(&skey);
         }
     }
     count(CTR_SNAT_PORT_REUSED, 0);

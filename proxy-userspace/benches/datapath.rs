@@ -4,7 +4,9 @@
 //! BPF_PROG_TEST_RUN reuses its input buffer across repeats, so after one DNAT every further
 //! repeat would be a miss. Each measurement therefore runs the program once per call (the
 //! kernel times that one run) on a fresh copy of the input, over many calls, and the
-//! counters must show that every call took the path it is reported under.
+//! counters must show that every call took the path it is reported under. A conntrack hit is
+//! measured on established flows (answered, then the client's next packet), as nearly every
+//! hit on a node is; a new flow, on SYNs.
 #[path = "../tests/common/mod.rs"]
 mod common;
 
@@ -17,8 +19,8 @@ use proxy_common::{
     CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_POD_CLIENT, CTR_REDIRECT, CTR_REPLY, Counter,
 };
 use sluice::dataplane::{
-    Backend, CtKind, Dataplane, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend, FrontendKind,
-    PASS, PROGRAMS, Protocol, TO_POD,
+    Backend, CtEntry, CtKind, Dataplane, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend,
+    FrontendKind, PASS, PROGRAMS, Protocol, TO_POD,
 };
 
 /// ClusterIP Services per port: 198.18.128.1.. holds 32,000 on port 80; beyond that the same
@@ -45,6 +47,22 @@ fn syn_from(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
     let mut v = Vec::with_capacity(b.size(0));
     b.write(&mut v, &[]).unwrap();
     v
+}
+
+/// The answers of the backends of the flows `dp` tracks that `pick` selects (from their reverse
+/// entries): `make(backend side, client side)` builds each. Sent, and followed by a packet from
+/// each client, they make the flows established, as nearly every flow a conntrack hit finds is.
+fn answers(
+    dp: &Dataplane,
+    pick: impl Fn(&CtEntry) -> bool,
+    make: impl Fn(SocketAddrV4, SocketAddrV4) -> Vec<u8>,
+) -> Vec<Vec<u8>> {
+    dp.conntrack()
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == CtKind::Reverse && pick(e))
+        .map(|e| make(e.dst, e.src))
+        .collect()
 }
 
 struct Stats {
@@ -155,8 +173,20 @@ fn snat_cell(services: u32, flows: u16, rounds: usize) -> [Stats; 4] {
                 .map(|(n, c)| (n, c.packets))
                 .collect::<Vec<_>>()
         );
+        // Established, unmeasured: each endpoint answers, each client ACKs.
+        let syn_acks = answers(
+            &dp,
+            |e| e.entry.flags & CT_FLAG_SNAT != 0,
+            |b, c| common::tcp(b, c, common::SYN_ACK, b""),
+        );
+        assert_eq!(syn_acks.len(), usize::from(flows));
+        measure(&dp, FROM_UPLINK, &syn_acks, 1);
+        let acks: Vec<Vec<u8>> = (0..flows)
+            .map(|i| common::tcp(client(i), SocketAddrV4::new(node, np), common::ACK, b""))
+            .collect();
+        measure(&dp, FROM_UPLINK, &acks, 1);
         let before = (counter(&dp, CTR_CT_HIT), counter(&dp, CTR_REDIRECT));
-        let ct_hit = measure(&dp, FROM_UPLINK, &pkts, rounds);
+        let ct_hit = measure(&dp, FROM_UPLINK, &acks, rounds);
         let runs = u64::from(flows) * rounds as u64;
         assert_eq!(
             counter(&dp, CTR_CT_HIT) - before.0,
@@ -169,13 +199,11 @@ fn snat_cell(services: u32, flows: u16, rounds: usize) -> [Stats; 4] {
             "and redirected"
         );
         // The replies, to the SNAT address and port each flow got.
-        let replies: Vec<Vec<u8>> = dp
-            .conntrack()
-            .unwrap()
-            .into_iter()
-            .filter(|e| e.kind == CtKind::Reverse && e.entry.flags & CT_FLAG_SNAT != 0)
-            .map(|e| common::tcp(e.dst, e.src, common::SYN_ACK, b""))
-            .collect();
+        let replies = answers(
+            &dp,
+            |e| e.entry.flags & CT_FLAG_SNAT != 0,
+            |b, c| common::tcp(b, c, common::ACK, b""),
+        );
         assert_eq!(replies.len(), usize::from(flows));
         let before = counter(&dp, CTR_REPLY);
         let reply = measure(&dp, FROM_UPLINK, &replies, rounds);
@@ -289,8 +317,20 @@ fn sctp_cell(services: u32, flows: u16, rounds: usize) -> [Stats; 4] {
         .collect();
     let (changed, same) = (sctp_to(3868), sctp_to(3870));
     let empty = measure(&dp, PASS, &tcp, rounds);
-    let hits = |pkts: &[Vec<u8>], what: &str| {
-        // The flows' first packets, unmeasured.
+    let hits = |pkts: &[Vec<u8>], proto: Protocol, backend_port: u16, what: &str| {
+        // The flows' first packets, each backend's answer and each client's next packet,
+        // unmeasured: established flows.
+        measure(&dp, FROM_POD, pkts, 1);
+        let answers = answers(
+            &dp,
+            |e| e.proto == proto && e.dst.port() == backend_port,
+            |b, c| match proto {
+                Protocol::Sctp => common::sctp(b, c, &data),
+                _ => common::tcp(b, c, common::SYN_ACK, b""),
+            },
+        );
+        assert_eq!(answers.len(), pkts.len());
+        measure(&dp, TO_POD, &answers, 1);
         measure(&dp, FROM_POD, pkts, 1);
         let before = counter(&dp, CTR_CT_HIT);
         let stats = measure(&dp, FROM_POD, pkts, rounds);
@@ -303,9 +343,9 @@ fn sctp_cell(services: u32, flows: u16, rounds: usize) -> [Stats; 4] {
     };
     [
         empty,
-        hits(&tcp, "TCP"),
-        hits(&changed, "SCTP, port changed"),
-        hits(&same, "SCTP, same port"),
+        hits(&tcp, Protocol::Tcp, 8080, "TCP"),
+        hits(&changed, Protocol::Sctp, 3869, "SCTP, port changed"),
+        hits(&same, Protocol::Sctp, 3870, "SCTP, same port"),
     ]
 }
 
@@ -398,7 +438,22 @@ fn main() {
             on_path_of(FROM_POD, pkts, rounds, ctr, what)
         };
         let new_flow = on_path(&pkts, 1, CTR_NEW_FLOW, "a new flow");
-        let ct_hit = on_path(&pkts, rounds, CTR_CT_HIT, "a conntrack hit");
+        // Established, unmeasured: each backend answers, each client ACKs.
+        let syn_acks = answers(
+            &dp,
+            |_| true,
+            |b, c| common::tcp(b, c, common::SYN_ACK, b""),
+        );
+        assert_eq!(syn_acks.len(), usize::from(flows));
+        measure(&dp, TO_POD, &syn_acks, 1);
+        let acks: Vec<Vec<u8>> = (0..flows)
+            .map(|i| {
+                let client = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 10), 10_000 + i);
+                common::tcp(client, vip, common::ACK, b"")
+            })
+            .collect();
+        measure(&dp, FROM_POD, &acks, 1);
+        let ct_hit = on_path(&acks, rounds, CTR_CT_HIT, "a conntrack hit");
         // A frontend's address, a port it does not serve: the conntrack lookups, then the
         // frontend lookup, all miss.
         let miss: Vec<Vec<u8>> = (0..flows).map(|i| syn_to(10_000 + i, ext, 81)).collect();

@@ -228,9 +228,11 @@ fn conntrack(pin_path: &std::path::Path, output: Output) -> anyhow::Result<()> {
     // Reverse entries by (protocol, translated source, backend): the translated source is the
     // client (with its port, or one remapped on a clash), or the SNAT address (hairpin, with
     // the client's port; the node, with a port of its own).
+    // Live ones only: an expired entry may stay in one table while the tuple's live one is in
+    // the other.
     let reverse: std::collections::HashMap<_, _> = entries
         .iter()
-        .filter(|r| r.kind == CtKind::Reverse)
+        .filter(|r| r.kind == CtKind::Reverse && r.expires_ns() > now)
         .map(|r| ((r.proto, r.src, r.dst), r))
         .collect();
     let mut flows = Vec::new();

@@ -692,7 +692,20 @@ fn a_full_map_is_reported_and_nothing_is_half_written() {
         env.api.create(&service(name, ip, "TCP")).unwrap();
         env.api.create(&slice(name, &[b, c])).unwrap();
     }
-    env.start_agent(&["--services-max", "6"]);
+    env.start_agent(&[
+        "--services-max",
+        "6",
+        "--conntrack-max",
+        "8192",
+        "--conntrack-new-max",
+        "2048",
+    ]);
+    // Both conntrack tables take their sizes from the flags (the fill is read every 10 s).
+    let sized = eventually(WAIT, || {
+        env.metric("sluice_conntrack_capacity_entries") == 8192.0
+            && env.metric("sluice_conntrack_new_capacity_entries") == 2048.0
+    });
+    assert!(sized, "conntrack sizes:\n{}", env.metrics_text());
     let full = || env.metric("sluice_map_full_errors_total{map=\"LB4_SERVICES\"}");
     let before = full();
     assert!(

@@ -259,6 +259,18 @@ fn a_pod_reaches_a_cluster_ip_backend_on_another_node_over_tcp_and_udp() {
         env.agents[0].metric("sluice_conntrack_capacity_entries"),
         Some(f64::from(proxy_common::CT4_DEFAULT_MAX))
     );
+    // The table of flows not yet established, apart (a flood fills that one only).
+    assert_eq!(
+        env.agents[0].metric("sluice_conntrack_new_capacity_entries"),
+        Some(f64::from(proxy_common::CT4_NEW_DEFAULT_MAX))
+    );
+    assert!(
+        env.agents[0]
+            .metric("sluice_conntrack_new_entries")
+            .is_some(),
+        "{}",
+        env.agents[0].metrics()
+    );
     assert!(
         env.agents[0]
             .metric("sluice_conntrack_live_entries{kind=\"reverse\"}")

@@ -89,6 +89,12 @@ fn a_flow_outlives_its_frontend_and_its_address_goes_only_when_the_flow_has() {
     dp.upsert_service(http, &[backend()]).unwrap();
     let (_, out) = run(&dp, FROM_POD, &to_vip(80, SYN));
     assert_eq!(check(&out).dst, sa(BACKEND));
+    establish(
+        &dp,
+        sa(CLIENT),
+        std::net::SocketAddrV4::new(VIP, 80),
+        sa(BACKEND),
+    );
     dp.remove_service(http).unwrap();
     // The established flow keeps its backend, as kube-proxy's conntrack keeps it.
     let (_, out) = run(&dp, FROM_POD, &to_vip(80, ACK));
@@ -160,7 +166,12 @@ fn adopting_maps_without_the_address_map_fills_it_from_frontends_and_live_flows(
         dp.upsert_service(gone, &[backend()]).unwrap();
         dp.upsert_service(fe(other, 80, FrontendKind::ClusterIp), &[backend()])
             .unwrap();
-        run(&dp, FROM_POD, &to_vip(80, SYN));
+        establish(
+            &dp,
+            sa(CLIENT),
+            std::net::SocketAddrV4::new(VIP, 80),
+            sa(BACKEND),
+        );
         dp.remove_service(gone).unwrap();
     }
     // An agent of the layout before the map: its pins have none.

@@ -19,11 +19,15 @@ use testbed::require_privileged;
 const VIP: &str = "198.18.128.1:80";
 const CLIENT: &str = "198.19.0.10:40000";
 const HAIRPIN: Ipv4Addr = testbed::plan::HAIRPIN_SNAT;
+/// The size of the table of new flows (`CT4_NEW`) in these tests: small, so that a flood
+/// fills it quickly.
+const NEW_MAX: u32 = 1024;
 
 fn config() -> DataplaneConfig {
     DataplaneConfig {
         hairpin_snat: Some(HAIRPIN),
         conntrack_max: 4096,
+        conntrack_new_max: NEW_MAX,
         ..Default::default()
     }
 }
@@ -83,6 +87,19 @@ fn cluster_ip(dp: &mut Dataplane, backends: &[&str]) -> Frontend {
     let b: Vec<Backend> = backends.iter().map(|s| be(s)).collect();
     dp.upsert_service(f, &b).unwrap();
     f
+}
+
+/// The UDP ClusterIP the DNS tests use, and its one backend.
+const DNS: &str = "198.18.128.2:53";
+const DNS_BACKEND: &str = "198.19.0.20:5353";
+
+/// Writes the [`DNS`] Service, with its backend [`DNS_BACKEND`].
+fn dns_service(dp: &mut Dataplane) {
+    dp.upsert_service(
+        fe(DNS, Protocol::Udp, FrontendKind::ClusterIp),
+        &[be(DNS_BACKEND)],
+    )
+    .unwrap();
 }
 
 #[test]
@@ -635,12 +652,8 @@ fn a_reset_closes_the_flow() {
 fn udp_is_translated_both_ways_with_its_own_timeout() {
     require_privileged!("udp_is_translated_both_ways_with_its_own_timeout");
     let mut dp = dataplane();
-    let dns = "198.18.128.2:53";
-    dp.upsert_service(
-        fe(dns, Protocol::Udp, FrontendKind::ClusterIp),
-        &[be("198.19.0.20:5353")],
-    )
-    .unwrap();
+    let dns = DNS;
+    dns_service(&mut dp);
     let (verdict, out) = run(&dp, FROM_POD, &udp(sa(CLIENT), sa(dns), b"query"));
     assert_eq!(verdict, TC_ACT_UNSPEC);
     let q = check(&out);
@@ -665,12 +678,8 @@ fn udp_is_translated_both_ways_with_its_own_timeout() {
 fn a_udp_datagram_without_checksum_keeps_none() {
     require_privileged!("a_udp_datagram_without_checksum_keeps_none");
     let mut dp = dataplane();
-    let dns = "198.18.128.2:53";
-    dp.upsert_service(
-        fe(dns, Protocol::Udp, FrontendKind::ClusterIp),
-        &[be("198.19.0.20:5353")],
-    )
-    .unwrap();
+    let dns = DNS;
+    dns_service(&mut dp);
     let mut pkt = udp(sa(CLIENT), sa(dns), b"query");
     pkt[14 + 20 + 6] = 0; // UDP checksum 0: "none" (RFC 768)
     pkt[14 + 20 + 7] = 0;
@@ -1377,13 +1386,25 @@ fn removing_a_service_stops_new_flows_but_not_established_ones() {
     require_privileged!("removing_a_service_stops_new_flows_but_not_established_ones");
     let mut dp = dataplane();
     let f = cluster_ip(&mut dp, &["198.19.0.20:8080"]);
-    run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(VIP), SYN, b""));
+    establish(&dp, sa(CLIENT), sa(VIP), sa("198.19.0.20:8080"));
+    // A flow not yet established ends with its Service (its next packet meets no frontend),
+    // as a UDP flow does under kube-proxy, which flushes a removed Service's UDP conntrack.
+    let half_open = sa("198.19.0.10:40002");
+    run(&dp, FROM_POD, &tcp(half_open, sa(VIP), SYN, b""));
     dp.remove_service(f).unwrap();
     let (_, out) = run(&dp, FROM_POD, &tcp(sa(CLIENT), sa(VIP), ACK, b""));
     assert_eq!(
         check(&out).dst,
         sa("198.19.0.20:8080"),
         "the established flow goes on"
+    );
+    let before = dp.counters().unwrap();
+    run(&dp, FROM_POD, &tcp(half_open, sa(VIP), ACK, b""));
+    let after = dp.counters().unwrap();
+    assert_eq!(
+        delta(&before, &after, CTR_CT_HIT),
+        0,
+        "the half-open flow is over"
     );
     let pkt = tcp(sa("198.19.0.10:40001"), sa(VIP), SYN, b"");
     let (_, out) = run(&dp, FROM_POD, &pkt);
@@ -1428,7 +1449,10 @@ fn the_conntrack_fill_counts_live_entries_by_kind_and_flows_by_state() {
         f,
         sluice::dataplane::CtFill {
             capacity: 4096,
-            held: 12,
+            // The established flow's two entries; the others are not established.
+            held: 2,
+            new_capacity: NEW_MAX,
+            new_held: 10,
             live_service: 6,
             live_reverse: 6,
             tcp_opening: 2,
@@ -1538,6 +1562,24 @@ fn a_reset_dataplane_is_a_freshly_loaded_one() {
     for frag in fragment(&udp(sa(CLIENT), sa("198.18.128.2:53"), &big), 1480, 9) {
         run(&used, FROM_POD, &frag);
     }
+    // A UDP flow answered and used again: established, in CT4 (the flows above are in
+    // CT4_NEW).
+    let dns_client = sa("198.19.0.10:41000");
+    run(
+        &used,
+        FROM_POD,
+        &udp(dns_client, sa("198.18.128.2:53"), b"q"),
+    );
+    run(
+        &used,
+        TO_POD,
+        &udp(sa("198.19.0.20:5353"), dns_client, b"a"),
+    );
+    run(
+        &used,
+        FROM_POD,
+        &udp(dns_client, sa("198.18.128.2:53"), b"q"),
+    );
     let dirty = used.raw_dump().unwrap();
     let changed: Vec<&str> = clean
         .iter()
@@ -1547,6 +1589,7 @@ fn a_reset_dataplane_is_a_freshly_loaded_one() {
         .collect();
     for map in [
         CT4_MAP,
+        CT4_NEW_MAP,
         PKT_COUNTERS_MAP,
         LB4_SERVICES_MAP,
         LB4_BACKENDS_MAP,
@@ -1739,4 +1782,171 @@ fn icmp_errors_about_translated_sctp_are_put_back() {
         *sa(vip).ip()
     );
     assert_eq!(u16::from_be_bytes([q[22], q[23]]), sa(vip).port());
+}
+
+/// Whether each conntrack entry is in `CT4_NEW` (flows not yet established), in map order.
+fn in_new_table(dp: &Dataplane) -> Vec<bool> {
+    dp.conntrack().unwrap().iter().map(|e| e.new).collect()
+}
+
+#[test]
+fn a_syn_flood_fills_the_table_of_new_flows_and_never_evicts_an_established_one() {
+    require_privileged!(
+        "a_syn_flood_fills_the_table_of_new_flows_and_never_evicts_an_established_one"
+    );
+    let mut dp = dataplane();
+    // Two backends: a flow that lost its entries would be counted as a new one, and could go
+    // to the other backend.
+    dp.upsert_service(
+        fe(NODE_PORT, Protocol::Tcp, FrontendKind::NodePort),
+        &[be("198.19.0.20:8080"), be("198.19.0.21:8080")],
+    )
+    .unwrap();
+    // Outside clients: established flows from 198.18.32.0/20, the flood from 198.18.64.0/18.
+    let source = |base: u8, i: u32| {
+        std::net::SocketAddrV4::new(
+            Ipv4Addr::new(198, 18, base + (i / 250) as u8, 1 + (i % 250) as u8),
+            40000,
+        )
+    };
+    let client = |i| source(32, i);
+    let (_, out) = run(&dp, FROM_UPLINK, &tcp(client(0), sa(NODE_PORT), SYN, b""));
+    let first = check(&out).dst;
+    assert_eq!(
+        in_new_table(&dp),
+        [true, true],
+        "a new flow's two entries start in CT4_NEW"
+    );
+    run(&dp, TO_UPLINK, &tcp(first, client(0), SYN_ACK, b""));
+    assert_eq!(
+        in_new_table(&dp),
+        [true, true],
+        "the backend's SYN-ACK does not establish the flow"
+    );
+    run(&dp, FROM_UPLINK, &tcp(client(0), sa(NODE_PORT), ACK, b""));
+    assert_eq!(
+        in_new_table(&dp),
+        [false, false],
+        "the client's ACK establishes the flow and moves both entries to CT4"
+    );
+    // More established flows, idle through the flood: together they take more room than
+    // CT4_NEW's half, as established flows take most of a busy node's table. (In one LRU table
+    // the kernel moves idle entries to its inactive list once that list is the shorter one, and
+    // evicts from there: a flood then evicts idle established flows.)
+    let established = NEW_MAX * 3 / 8;
+    let mut backends = vec![first];
+    for i in 1..established {
+        let (_, out) = run(&dp, FROM_UPLINK, &tcp(client(i), sa(NODE_PORT), SYN, b""));
+        let backend = check(&out).dst;
+        run(&dp, TO_UPLINK, &tcp(backend, client(i), SYN_ACK, b""));
+        run(&dp, FROM_UPLINK, &tcp(client(i), sa(NODE_PORT), ACK, b""));
+        backends.push(backend);
+    }
+
+    // The flood: SYNs from four times as many sources as CT4_NEW has room for flows (two
+    // entries each), none ever answered.
+    let flood = 2 * NEW_MAX;
+    for i in 0..flood {
+        run(
+            &dp,
+            FROM_UPLINK,
+            &tcp(source(64, i), sa(NODE_PORT), SYN, b""),
+        );
+    }
+    let fill = dp.conntrack_fill().unwrap();
+    assert_eq!(
+        fill.held,
+        2 * u64::from(established),
+        "the flood wrote nothing into CT4: {fill:?}"
+    );
+    assert!(
+        fill.new_held <= u64::from(NEW_MAX),
+        "CT4_NEW never holds more than its size: {fill:?}"
+    );
+    let ct = dp.conntrack().unwrap();
+    assert!(
+        !ct.iter().any(|e| e.src == source(64, 0)),
+        "the flood's first flows were evicted (the table was full)"
+    );
+
+    // Every established flow keeps its backend and its replies' translation.
+    let before = dp.counters().unwrap();
+    for (i, backend) in (0..established).zip(&backends) {
+        let (_, out) = run(
+            &dp,
+            FROM_UPLINK,
+            &tcp(client(i), sa(NODE_PORT), ACK, b"more"),
+        );
+        assert_eq!(check(&out).dst, *backend, "flow {i}");
+        let (_, out) = run(&dp, TO_UPLINK, &tcp(*backend, client(i), ACK, b"reply"));
+        let back = check(&out);
+        assert_eq!((back.src, back.dst), (sa(NODE_PORT), client(i)), "flow {i}");
+    }
+    let after = dp.counters().unwrap();
+    assert_eq!(
+        delta(&before, &after, CTR_CT_HIT),
+        u64::from(established),
+        "each a hit, not a new flow"
+    );
+}
+
+#[test]
+fn a_udp_flow_is_established_by_an_answer_and_then_a_packet_from_its_client() {
+    require_privileged!("a_udp_flow_is_established_by_an_answer_and_then_a_packet_from_its_client");
+    let mut dp = dataplane();
+    let dns = DNS;
+    dns_service(&mut dp);
+    let client = sa("198.19.0.10:41000");
+    // One-way (statsd): it stays with the new flows.
+    for _ in 0..3 {
+        run(&dp, FROM_POD, &udp(client, sa(dns), b"q"));
+    }
+    assert_eq!(in_new_table(&dp), [true, true]);
+    run(&dp, TO_POD, &udp(sa("198.19.0.20:5353"), client, b"a"));
+    assert_eq!(in_new_table(&dp), [true, true], "an answer alone");
+    let (_, out) = run(&dp, FROM_POD, &udp(client, sa(dns), b"q"));
+    assert_eq!(check(&out).dst, sa("198.19.0.20:5353"));
+    assert_eq!(
+        in_new_table(&dp),
+        [false, false],
+        "answered, then used again"
+    );
+    // It goes on from CT4.
+    let (_, out) = run(&dp, TO_POD, &udp(sa("198.19.0.20:5353"), client, b"a"));
+    assert_eq!(check(&out).src, sa(dns));
+}
+
+#[test]
+fn udp_flows_to_a_gone_backend_are_forgotten_from_both_tables() {
+    require_privileged!("udp_flows_to_a_gone_backend_are_forgotten_from_both_tables");
+    let mut dp = dataplane();
+    let dns = "198.18.128.2:53";
+    let backend = sa("198.19.0.20:5353");
+    dp.upsert_service(
+        fe(dns, Protocol::Udp, FrontendKind::ClusterIp),
+        &[be("198.19.0.20:5353")],
+    )
+    .unwrap();
+    // One flow one-way (in CT4_NEW), one answered and used again (in CT4).
+    let (one_way, answered) = (sa("198.19.0.10:41000"), sa("198.19.0.10:41001"));
+    run(&dp, FROM_POD, &udp(one_way, sa(dns), b"q"));
+    run(&dp, FROM_POD, &udp(answered, sa(dns), b"q"));
+    run(&dp, TO_POD, &udp(backend, answered, b"a"));
+    run(&dp, FROM_POD, &udp(answered, sa(dns), b"q"));
+    let mut tables = in_new_table(&dp);
+    tables.sort();
+    assert_eq!(tables, [false, false, true, true]);
+    let target = sluice::dataplane::socket::SocketTarget {
+        frontend: sluice::dataplane::FrontendId {
+            addr: *sa(dns).ip(),
+            port: 53,
+            proto: Protocol::Udp,
+        },
+        backend: (*backend.ip(), backend.port()),
+    };
+    let forgotten = dp
+        .forget_udp_flows(&[target].into_iter().collect())
+        .unwrap();
+    assert_eq!(forgotten, 2);
+    assert!(dp.conntrack().unwrap().is_empty());
 }

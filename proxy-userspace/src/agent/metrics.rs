@@ -122,6 +122,8 @@ pub struct Metrics {
     pub bytes: Family<VerdictLabel, Counter>,
     pub conntrack_capacity: Gauge,
     pub conntrack_held: Gauge,
+    pub conntrack_new_capacity: Gauge,
+    pub conntrack_new_held: Gauge,
     pub conntrack_live: Family<KindLabel, Gauge>,
     pub conntrack_flows: Family<StateLabel, Gauge>,
 }
@@ -170,6 +172,8 @@ impl Metrics {
             bytes: Family::default(),
             conntrack_capacity: Gauge::default(),
             conntrack_held: Gauge::default(),
+            conntrack_new_capacity: Gauge::default(),
+            conntrack_new_held: Gauge::default(),
             conntrack_live: Family::default(),
             conntrack_flows: Family::default(),
             registry: Registry::default(),
@@ -320,13 +324,23 @@ impl Metrics {
         );
         r.register(
             "conntrack_capacity_entries",
-            "Size of the conntrack table (two entries per flow; the least recently used is evicted when it is full)",
+            "Size of the conntrack table of established flows (two entries per flow; the least recently used is evicted when it is full)",
             m.conntrack_capacity.clone(),
         );
         r.register(
             "conntrack_entries",
-            "Entries the conntrack table holds, live or expired (an expired one stays until its room is needed)",
+            "Entries the conntrack table of established flows holds, live or expired (an expired one stays until its room is needed)",
             m.conntrack_held.clone(),
+        );
+        r.register(
+            "conntrack_new_capacity_entries",
+            "Size of the conntrack table of flows not yet established (half-open TCP, unanswered UDP); a flood of new flows fills this one only",
+            m.conntrack_new_capacity.clone(),
+        );
+        r.register(
+            "conntrack_new_entries",
+            "Entries the conntrack table of flows not yet established holds, live or expired",
+            m.conntrack_new_held.clone(),
         );
         r.register(
             "conntrack_live_entries",
@@ -351,6 +365,8 @@ impl Metrics {
         };
         set(&self.conntrack_capacity, u64::from(f.capacity));
         set(&self.conntrack_held, f.held);
+        set(&self.conntrack_new_capacity, u64::from(f.new_capacity));
+        set(&self.conntrack_new_held, f.new_held);
         for (kind, v) in [("service", f.live_service), ("reverse", f.live_reverse)] {
             let label = KindLabel {
                 kind: kind.to_owned(),

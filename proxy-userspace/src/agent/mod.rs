@@ -35,8 +35,8 @@ use crate::{
     model::Limits,
 };
 use proxy_common::{
-    CT4_DEFAULT_MAX, LB4_BACKENDS_DEFAULT_MAX, LB4_REVNAT_DEFAULT_MAX, LB4_SERVICES_DEFAULT_MAX,
-    SOCK_REVNAT_DEFAULT_MAX,
+    CT4_DEFAULT_MAX, CT4_NEW_DEFAULT_MAX, LB4_BACKENDS_DEFAULT_MAX, LB4_REVNAT_DEFAULT_MAX,
+    LB4_SERVICES_DEFAULT_MAX, SOCK_REVNAT_DEFAULT_MAX,
 };
 use source::{Change, ObjectView};
 use sync::{NodePortAddresses, SyncConfig, Syncer};
@@ -183,9 +183,15 @@ pub struct AgentArgs {
     #[arg(long, env = "SLUICE_REVNAT_MAX", default_value_t = LB4_REVNAT_DEFAULT_MAX)]
     pub revnat_max: u32,
 
-    /// Size of the conntrack table (two entries per flow; least recently used evicted).
+    /// Size of the conntrack table of established flows (two entries per flow; least
+    /// recently used evicted).
     #[arg(long, env = "SLUICE_CONNTRACK_MAX", default_value_t = CT4_DEFAULT_MAX)]
     pub conntrack_max: u32,
+
+    /// Size of the conntrack table of flows not yet established (half-open TCP, unanswered
+    /// UDP): a flood of new flows evicts only these, never an established flow.
+    #[arg(long, env = "SLUICE_CONNTRACK_NEW_MAX", default_value_t = CT4_NEW_DEFAULT_MAX)]
+    pub conntrack_new_max: u32,
 
     /// Socket-level load balancing: translate Service addresses when a socket connects or
     /// sends (cgroup programs), so its packets go straight to the backend. `all`: every
@@ -511,6 +517,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         backends_max: args.backends_max,
         revnat_max: args.revnat_max,
         conntrack_max: args.conntrack_max,
+        conntrack_new_max: args.conntrack_new_max,
         sock_revnat_max: args.sock_revnat_max,
         hairpin_snat: Some(args.hairpin_snat_address),
         // Set by the sync loop once the Node's address is known.

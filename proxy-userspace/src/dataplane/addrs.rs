@@ -24,11 +24,11 @@ use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use aya::maps::{Array, HashMap, MapData};
 use proxy_common::{
-    CT_KIND_SERVICE, CT4_MAP, Ct4Entry, Ct4Key, DP_STATE_POD_CLIENTS_FULL, FE_ADDR_CLUSTER_IP,
+    CT_KIND_SERVICE, Ct4Entry, Ct4Key, DP_STATE_POD_CLIENTS_FULL, FE_ADDR_CLUSTER_IP,
     FE_ADDR_COUNT, FE_ADDR_NAT, LB4_DP_STATE_MAP, LB4_FE_ADDRS_MAP, LB4_POD_CLIENTS_MAP,
 };
 
-use super::{Dataplane, DataplaneError, map_error};
+use super::{CT_TABLES, Dataplane, DataplaneError, map_error};
 
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`, which conntrack expiry uses.
 pub fn monotonic_ns() -> u64 {
@@ -108,16 +108,18 @@ impl Dataplane {
     /// shorter list.
     fn flow_addrs(&self) -> Result<(BTreeSet<Ipv4Addr>, BTreeSet<Ipv4Addr>), DataplaneError> {
         let now = monotonic_ns();
-        let ct: HashMap<&MapData, Ct4Key, Ct4Entry> = self.open(CT4_MAP)?;
         let (mut addrs, mut nat) = (BTreeSet::new(), BTreeSet::new());
-        for entry in ct.iter() {
-            let (k, v) = entry.map_err(map_error(CT4_MAP, "read"))?;
-            if k.kind != CT_KIND_SERVICE || v.expires_ns(k.proto) < now {
-                continue;
-            }
-            addrs.insert(Ipv4Addr::from(u32::from_be(k.daddr_be)));
-            if v.nat_addr_be != 0 {
-                nat.insert(Ipv4Addr::from(u32::from_be(v.nat_addr_be)));
+        for table in CT_TABLES {
+            let ct: HashMap<&MapData, Ct4Key, Ct4Entry> = self.open(table)?;
+            for entry in ct.iter() {
+                let (k, v) = entry.map_err(map_error(table, "read"))?;
+                if k.kind != CT_KIND_SERVICE || v.expires_ns(k.proto) < now {
+                    continue;
+                }
+                addrs.insert(Ipv4Addr::from(u32::from_be(k.daddr_be)));
+                if v.nat_addr_be != 0 {
+                    nat.insert(Ipv4Addr::from(u32::from_be(v.nat_addr_be)));
+                }
             }
         }
         addrs.extend(&nat);

@@ -8,9 +8,9 @@
 use std::{collections::HashSet, net::Ipv4Addr};
 
 use aya::maps::{HashMap, MapData};
-use proxy_common::{CT_KIND_REVERSE, CT_KIND_SERVICE, CT4_MAP, Ct4Entry, Ct4Key, IPPROTO_UDP};
+use proxy_common::{CT_KIND_REVERSE, CT_KIND_SERVICE, Ct4Entry, Ct4Key, IPPROTO_UDP};
 
-use super::{Dataplane, DataplaneError, FrontendId, Protocol, socket::SocketTarget};
+use super::{CT_TABLES, Dataplane, DataplaneError, FrontendId, Protocol, socket::SocketTarget};
 
 impl Dataplane {
     /// Removes the UDP flows (both entries) that a frontend of `targets` sent to its backend
@@ -19,9 +19,13 @@ impl Dataplane {
         &mut self,
         targets: &HashSet<SocketTarget>,
     ) -> Result<usize, DataplaneError> {
-        let doomed: Vec<(Ct4Key, Ct4Key)> = {
-            let ct: HashMap<&MapData, Ct4Key, Ct4Entry> = self.open(CT4_MAP)?;
-            ct.iter()
+        let mut doomed: Vec<(Ct4Key, Ct4Key)> = Vec::new();
+        // Both tables: a UDP flow that has had no reply and then a packet from its client is
+        // still in `CT4_NEW` (a one-way flow, like statsd's, stays there).
+        for table in CT_TABLES {
+            let ct: HashMap<&MapData, Ct4Key, Ct4Entry> = self.open(table)?;
+            let found = ct
+                .iter()
                 .filter_map(Result::ok)
                 .filter(|(k, v)| {
                     k.kind == CT_KIND_SERVICE
@@ -59,14 +63,21 @@ impl Dataplane {
                         _pad: [0; 2],
                     };
                     (k, rev)
-                })
-                .collect()
-        };
+                });
+            doomed.extend(found);
+        }
+        let mut seen = HashSet::new();
+        doomed.retain(|d| seen.insert(*d));
         for (service, reverse) in &doomed {
             // The service entry first: a packet in between starts a new flow (to a live
-            // backend, so under another reverse key).
-            self.remove::<Ct4Key, Ct4Entry>(CT4_MAP, service)?;
-            self.remove::<Ct4Key, Ct4Entry>(CT4_MAP, reverse)?;
+            // backend, so under another reverse key). From both tables: an entry is in one,
+            // but the flow may have moved between the read and now.
+            for table in CT_TABLES {
+                self.remove::<Ct4Key, Ct4Entry>(table, service)?;
+            }
+            for table in CT_TABLES {
+                self.remove::<Ct4Key, Ct4Entry>(table, reverse)?;
+            }
         }
         Ok(doomed.len())
     }

@@ -10,8 +10,8 @@ use std::{
 use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use proxy_common::{
     CT_FLAG_ESTABLISHED, CT_FLAG_FIN_FWD, CT_FLAG_FIN_REPLY, CT_FLAG_RST, CT_KIND_SERVICE, CT4_MAP,
-    CTR_MAX, Counter, Ct4Entry, Ct4Key, LB4_BACKENDS_MAP, LB4_SERVICES_MAP, LB4_SRC_RANGES_MAP,
-    Lb4Backend, Lb4Key, Lb4Service, PKT_COUNTERS_MAP, SrcRange4Key,
+    CT4_NEW_MAP, CTR_MAX, Counter, Ct4Entry, Ct4Key, LB4_BACKENDS_MAP, LB4_SERVICES_MAP,
+    LB4_SRC_RANGES_MAP, Lb4Backend, Lb4Key, Lb4Service, PKT_COUNTERS_MAP, SrcRange4Key,
 };
 
 use super::{
@@ -37,6 +37,9 @@ pub struct CtEntry {
     pub src: SocketAddrV4,
     pub dst: SocketAddrV4,
     pub entry: Ct4Entry,
+    /// In `CT4_NEW`: the flow is not yet established (no reply yet, or none followed by a
+    /// packet from the client). Otherwise in `CT4`.
+    pub new: bool,
 }
 
 impl CtEntry {
@@ -46,15 +49,19 @@ impl CtEntry {
     }
 }
 
-/// How full the conntrack table is. The LRU map keeps an expired entry until it needs the
-/// room, so `held` is what the map holds and the rest counts live entries only; a flow's
-/// state is in its reverse entry.
+/// How full the conntrack tables are. An LRU map keeps an expired entry until it needs the
+/// room, so `held` and `new_held` are what the maps hold and the rest counts live entries of
+/// both only; a flow's state is in its reverse entry.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtFill {
-    /// The map's size (two entries per flow).
+    /// The size of `CT4`, established flows (two entries per flow).
     pub capacity: u32,
-    /// Entries in the map, live or expired.
+    /// Entries in `CT4`, live or expired.
     pub held: u64,
+    /// The size of `CT4_NEW`, flows not yet established.
+    pub new_capacity: u32,
+    /// Entries in `CT4_NEW`, live or expired.
+    pub new_held: u64,
     pub live_service: u64,
     pub live_reverse: u64,
     /// Live TCP flows not yet established (half-open: what a SYN flood makes).
@@ -67,11 +74,15 @@ pub struct CtFill {
 }
 
 impl CtFill {
-    /// The fill of a table of `capacity` holding `entries`, at `now` (`CLOCK_MONOTONIC` ns).
-    pub fn of(entries: &[CtEntry], capacity: u32, now: u64) -> Self {
+    /// The fill of tables of `capacity` (`CT4`) and `new_capacity` (`CT4_NEW`) holding
+    /// `entries`, at `now` (`CLOCK_MONOTONIC` ns).
+    pub fn of(entries: &[CtEntry], capacity: u32, new_capacity: u32, now: u64) -> Self {
+        let new_held = entries.iter().filter(|e| e.new).count() as u64;
         let mut f = Self {
             capacity,
-            held: entries.len() as u64,
+            held: entries.len() as u64 - new_held,
+            new_capacity,
+            new_held,
             ..Self::default()
         };
         for e in entries.iter().filter(|e| e.expires_ns() >= now) {
@@ -121,23 +132,27 @@ fn read_counters<T: Borrow<MapData>>(
     Ok(out)
 }
 
-fn read_conntrack<T: Borrow<MapData>>(ct: &HashMap<T, Ct4Key, Ct4Entry>) -> Vec<CtEntry> {
-    ct.iter()
-        .filter_map(Result::ok)
-        .filter_map(|(k, v)| {
-            Some(CtEntry {
-                kind: if k.kind == CT_KIND_SERVICE {
-                    CtKind::Service
-                } else {
-                    CtKind::Reverse
-                },
-                proto: Protocol::from_number(k.proto)?,
-                src: sock_addr(k.saddr_be, k.sport_be),
-                dst: sock_addr(k.daddr_be, k.dport_be),
-                entry: v,
-            })
+/// The entries of one conntrack table (`new`: `CT4_NEW`), appended to `out`.
+fn read_conntrack<T: Borrow<MapData>>(
+    ct: &HashMap<T, Ct4Key, Ct4Entry>,
+    new: bool,
+    out: &mut Vec<CtEntry>,
+) {
+    let entries = ct.iter().filter_map(Result::ok).filter_map(|(k, v)| {
+        Some(CtEntry {
+            kind: if k.kind == CT_KIND_SERVICE {
+                CtKind::Service
+            } else {
+                CtKind::Reverse
+            },
+            proto: Protocol::from_number(k.proto)?,
+            src: sock_addr(k.saddr_be, k.sport_be),
+            dst: sock_addr(k.daddr_be, k.dport_be),
+            entry: v,
+            new,
         })
-        .collect()
+    });
+    out.extend(entries);
 }
 
 impl Dataplane {
@@ -146,18 +161,25 @@ impl Dataplane {
         read_counters(&self.open::<PerCpuArray<_, Counter>>(PKT_COUNTERS_MAP)?)
     }
 
-    /// Every conntrack entry (live or expired but not yet evicted).
+    /// Every conntrack entry of both tables (live or expired but not yet evicted).
     pub fn conntrack(&self) -> Result<Vec<CtEntry>, DataplaneError> {
-        Ok(read_conntrack(
-            &self.open::<HashMap<&MapData, Ct4Key, Ct4Entry>>(CT4_MAP)?,
-        ))
+        let mut out = Vec::new();
+        for (table, new) in super::CT_TABLES.into_iter().zip([false, true]) {
+            read_conntrack(
+                &self.open::<HashMap<&MapData, Ct4Key, Ct4Entry>>(table)?,
+                new,
+                &mut out,
+            );
+        }
+        Ok(out)
     }
 
-    /// How full the conntrack table is (a walk of the whole map).
+    /// How full the conntrack tables are (a walk of both maps).
     pub fn conntrack_fill(&self) -> Result<CtFill, DataplaneError> {
         Ok(CtFill::of(
             &self.conntrack()?,
             self.config.conntrack_max,
+            self.config.conntrack_new_max,
             super::monotonic_ns(),
         ))
     }
@@ -220,22 +242,40 @@ impl PinnedMaps {
         Ok(Ids::from_entries(backends, &entries, ranges).services())
     }
 
-    /// Every conntrack entry.
-    pub fn conntrack(&self) -> Result<Vec<CtEntry>, DataplaneError> {
-        Ok(read_conntrack(&self.hash::<Ct4Key, Ct4Entry>(CT4_MAP)?))
+    /// Whether the pins have `CT4_NEW` (an agent from before it had one table only).
+    fn has_new_table(&self) -> bool {
+        self.dir.join(CT4_NEW_MAP).exists()
     }
 
-    /// How full the conntrack table is (a walk of the whole map: two system calls an entry).
-    pub fn conntrack_fill(&self) -> Result<CtFill, DataplaneError> {
-        let map = CT4_MAP;
-        let path = self.dir.join(map);
-        let capacity = MapData::from_pin(&path)
+    /// Every conntrack entry of both tables.
+    pub fn conntrack(&self) -> Result<Vec<CtEntry>, DataplaneError> {
+        let mut out = Vec::new();
+        read_conntrack(&self.hash::<Ct4Key, Ct4Entry>(CT4_MAP)?, false, &mut out);
+        if self.has_new_table() {
+            read_conntrack(&self.hash::<Ct4Key, Ct4Entry>(CT4_NEW_MAP)?, true, &mut out);
+        }
+        Ok(out)
+    }
+
+    /// The size of a pinned map.
+    fn capacity(&self, map: &'static str) -> Result<u32, DataplaneError> {
+        Ok(MapData::from_pin(self.dir.join(map))
             .and_then(|m| m.info())
             .map_err(map_error(map, "read the size of"))?
-            .max_entries();
+            .max_entries())
+    }
+
+    /// How full the conntrack tables are (a walk of both maps: two system calls an entry).
+    pub fn conntrack_fill(&self) -> Result<CtFill, DataplaneError> {
+        let new_capacity = if self.has_new_table() {
+            self.capacity(CT4_NEW_MAP)?
+        } else {
+            0
+        };
         Ok(CtFill::of(
             &self.conntrack()?,
-            capacity,
+            self.capacity(CT4_MAP)?,
+            new_capacity,
             super::monotonic_ns(),
         ))
     }

@@ -31,13 +31,13 @@ use aya::{
     },
 };
 use proxy_common::{
-    CT4_DEFAULT_MAX, CT4_MAP, LB4_AFFINITY_MAP, LB4_AFFINITY_MATCH_MAP, LB4_BACKENDS_DEFAULT_MAX,
-    LB4_BACKENDS_MAP, LB4_CONFIG_MAP, LB4_DP_STATE_MAP, LB4_FE_ADDRS_MAP, LB4_FLOW_TAILS_MAP,
-    LB4_FRAGS_MAP, LB4_POD_CLIENTS_MAP, LB4_REJECT_BUDGET_MAP, LB4_REVNAT_DEFAULT_MAX,
-    LB4_REVNAT_MAP, LB4_SERVICES_DEFAULT_MAX, LB4_SERVICES_MAP, LB4_SRC_RANGES_MAP,
-    LB4_SVC_CIDRS_MAP, LB4_TAILS_MAP, Lb4Config, PKT_COUNTERS_MAP, SOCK_CONFIG_MAP,
-    SOCK_REVNAT_DEFAULT_MAX, SOCK_REVNAT_MAP, SVC_CIDRS_MAX, SvcCidrs4, TAIL_NEW_FLOW_FROM_POD,
-    TAIL_NEW_FLOW_FROM_UPLINK, TAIL_SCTP_CHECKSUM,
+    CT4_DEFAULT_MAX, CT4_MAP, CT4_NEW_DEFAULT_MAX, CT4_NEW_MAP, LB4_AFFINITY_MAP,
+    LB4_AFFINITY_MATCH_MAP, LB4_BACKENDS_DEFAULT_MAX, LB4_BACKENDS_MAP, LB4_CONFIG_MAP,
+    LB4_DP_STATE_MAP, LB4_FE_ADDRS_MAP, LB4_FLOW_TAILS_MAP, LB4_FRAGS_MAP, LB4_POD_CLIENTS_MAP,
+    LB4_REJECT_BUDGET_MAP, LB4_REVNAT_DEFAULT_MAX, LB4_REVNAT_MAP, LB4_SERVICES_DEFAULT_MAX,
+    LB4_SERVICES_MAP, LB4_SRC_RANGES_MAP, LB4_SVC_CIDRS_MAP, LB4_TAILS_MAP, Lb4Config,
+    PKT_COUNTERS_MAP, SOCK_CONFIG_MAP, SOCK_REVNAT_DEFAULT_MAX, SOCK_REVNAT_MAP, SVC_CIDRS_MAX,
+    SvcCidrs4, TAIL_NEW_FLOW_FROM_POD, TAIL_NEW_FLOW_FROM_UPLINK, TAIL_SCTP_CHECKSUM,
 };
 
 pub use crate::service::{
@@ -102,6 +102,10 @@ pub const PROGRAMS: &[&str] = &[
 /// Maps of earlier layouts, whose pins an agent removes (the programs no longer use them).
 pub const RETIRED_MAPS: &[&str] = &["LB4_CONFIG", "PKT_COUNTERS"];
 
+/// The two conntrack tables: established flows, then flows not yet established (see
+/// `proxy_common::conntrack`). A flow's entries are in one of them.
+pub const CT_TABLES: [&str; 2] = [CT4_MAP, CT4_NEW_MAP];
+
 /// Every map the agent owns (and pins).
 pub const MAPS: &[&str] = &[
     LB4_SERVICES_MAP,
@@ -116,6 +120,7 @@ pub const MAPS: &[&str] = &[
     LB4_AFFINITY_MATCH_MAP,
     LB4_CONFIG_MAP,
     CT4_MAP,
+    CT4_NEW_MAP,
     LB4_FRAGS_MAP,
     LB4_TAILS_MAP,
     LB4_FLOW_TAILS_MAP,
@@ -319,6 +324,8 @@ pub struct DataplaneConfig {
     pub backends_max: u32,
     pub revnat_max: u32,
     pub conntrack_max: u32,
+    /// Size of the table of flows not yet established (`CT4_NEW`): what a SYN flood fills.
+    pub conntrack_new_max: u32,
     pub sock_revnat_max: u32,
     /// Source address for hairpin flows (a pod reaching itself through a Service): an address
     /// that pods route to the node but that is not the node's own (see `Lb4Config`).
@@ -346,6 +353,7 @@ impl Default for DataplaneConfig {
             backends_max: LB4_BACKENDS_DEFAULT_MAX,
             revnat_max: LB4_REVNAT_DEFAULT_MAX,
             conntrack_max: CT4_DEFAULT_MAX,
+            conntrack_new_max: CT4_NEW_DEFAULT_MAX,
             sock_revnat_max: SOCK_REVNAT_DEFAULT_MAX,
             hairpin_snat: None,
             snat: None,
@@ -382,6 +390,7 @@ impl Dataplane {
             .map_max_entries(LB4_BACKENDS_MAP, config.backends_max)
             .map_max_entries(LB4_REVNAT_MAP, config.revnat_max)
             .map_max_entries(CT4_MAP, config.conntrack_max)
+            .map_max_entries(CT4_NEW_MAP, config.conntrack_new_max)
             .map_max_entries(SOCK_REVNAT_MAP, config.sock_revnat_max);
         // Pins of an agent whose programs did not note pod clients: those programs run until
         // ours replace them, and the flows they make in the meantime are in no client map.

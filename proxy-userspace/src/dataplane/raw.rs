@@ -255,6 +255,7 @@ impl Dataplane {
                 c.backends_max,
                 c.revnat_max,
                 c.conntrack_max,
+                c.conntrack_new_max,
                 c.sock_revnat_max,
             )
         };
