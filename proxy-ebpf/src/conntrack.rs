@@ -177,8 +177,8 @@ pub fn forget(key: &Ct4Key) {
 /// writes `CT4` before it empties `CT4_NEW`; an expired entry there is no flow).
 /// `Err(Some(..))`: a live entry holds the key, with whether it is in `CT4_NEW` (ours was taken
 /// back); `Err(None)`: an expired entry is in the way in `CT4_NEW`, or the map refused the
-/// write. (`CT4` is not read when the write fails: a key is in both tables only while
-/// `promote` moves it.) Few branches: it runs in the SNAT port allocator's loop, where the
+/// write. (`CT4` is not read when the write fails: a live entry in `CT4_NEW` is the key's
+/// claim, and `CT4` is checked by whoever made it.) Few branches: it runs in the SNAT port allocator's loop, where the
 /// verifier walks each of them 32 times.
 #[inline(always)]
 pub fn take(key: &Ct4Key, e: &Ct4Entry, now: u64) -> Result<(), Option<(*mut Ct4Entry, bool)>> {
@@ -192,12 +192,17 @@ pub fn take(key: &Ct4Key, e: &Ct4Entry, now: u64) -> Result<(), Option<(*mut Ct4
     Err(live(&CT4_NEW, key, now).map(|e| (e, true)))
 }
 
-/// [`take`] after removing what is at `key` (an expired entry, or this flow's closing one):
-/// `Some(true)` when written, `Some(false)` when another CPU's flow has just taken the key,
-/// `None` when the map refused the write.
+/// [`take`] after removing what is at `key` in one table (`CT4_NEW` when `new`): an expired
+/// entry, or this flow's closing one. Only the table that entry was read in: the other may
+/// hold a live flow's. `Some(true)` when written, `Some(false)` when another flow holds the
+/// key, `None` when the map refused the write.
 #[inline(always)]
-fn retake(key: &Ct4Key, rev: &Ct4Entry, now: u64) -> Option<bool> {
-    forget(key);
+fn retake(key: &Ct4Key, rev: &Ct4Entry, now: u64, new: bool) -> Option<bool> {
+    if new {
+        let _ = CT4_NEW.remove(key);
+    } else {
+        let _ = CT4.remove(key);
+    }
     match take(key, rev, now) {
         Ok(()) => Some(true),
         Err(Some(_)) => Some(false),
@@ -214,10 +219,10 @@ fn retake(key: &Ct4Key, rev: &Ct4Entry, now: u64) -> Option<bool> {
 /// entry was evicted, or another CPU has just made the flow): its state is the flow's.
 #[inline(always)]
 pub fn claim(key: &Ct4Key, rev: &Ct4Entry, now: u64) -> Option<bool> {
-    let e = match take(key, rev, now) {
+    let (e, new) = match take(key, rev, now) {
         Ok(()) => return Some(true),
-        Err(Some((e, _))) => e,
-        Err(None) => return retake(key, rev, now),
+        Err(Some(held)) => held,
+        Err(None) => return retake(key, rev, now, true),
     };
     if !owned_by(
         e,
@@ -232,7 +237,7 @@ pub fn claim(key: &Ct4Key, rev: &Ct4Entry, now: u64) -> Option<bool> {
     if unsafe { (*e).state() } & (CT_FLAG_FIN_FWD | CT_FLAG_FIN_REPLY | CT_FLAG_RST) == 0 {
         return Some(true);
     }
-    retake(key, rev, now)
+    retake(key, rev, now, new)
 }
 
 /// Puts back the reverse entry `rev` of a flow whose reverse entry was evicted, at `key`,
@@ -255,15 +260,16 @@ pub fn rebuild(key: &Ct4Key, rev: &Ct4Entry, new: bool, now: u64) -> bool {
 }
 
 /// Moves a flow that has just become established from `CT4_NEW` to `CT4`: its service entry
-/// `s` (at `skey`, in `CT4_NEW`) and its reverse entry at `rkey`, if that is in `CT4_NEW` too.
+/// `s` (at `skey`, in `CT4_NEW`) and its reverse entry `r` at `rkey`, when that is in `CT4_NEW`
+/// too (the entry the caller found and checked is this flow's, not whatever is at `rkey` now).
 /// Each entry is written to `CT4` first and removed from `CT4_NEW` after, so a lookup on
 /// another CPU finds one of the two copies. A mark another CPU makes on the old copy between
 /// the two steps is lost; none is expected then: the packet moving the flow is the client's
 /// first after the backend's first reply (the handshake's ACK), and the backend sends nothing
 /// more until that packet reaches it. If `CT4` refuses a write the flow stays in `CT4_NEW`.
 #[inline(always)]
-pub fn promote(skey: &Ct4Key, s: *mut Ct4Entry, rkey: &Ct4Key) {
-    if let Some(r) = CT4_NEW.get_ptr_mut(rkey) {
+pub fn promote(skey: &Ct4Key, s: *mut Ct4Entry, rkey: &Ct4Key, r: Option<*mut Ct4Entry>) {
+    if let Some(r) = r {
         // SAFETY: `r` points at a map value; the kernel copies it into the other map.
         if CT4.insert(rkey, unsafe { &*r }, 0).is_err() {
             return;

@@ -63,7 +63,10 @@ use crate::{
         LB4_SVC_CIDRS,
     },
     nat::{rewrite, translate},
-    parse::{FIRST_FRAGMENT, Flow, Packet, TCP_FIN, TCP_RST, note_first_fragment, parse, reparse},
+    parse::{
+        FIRST_FRAGMENT, Flow, Packet, TCP_FIN, TCP_RST, TCP_SYN, note_first_fragment, parse,
+        reparse,
+    },
     reject, sctp, snat,
     stats::count,
 };
@@ -569,7 +572,11 @@ fn forward(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> (i32, u
         svc.addr_be,
         svc.port_be,
     );
-    let rev = lookup(&rkey, now);
+    // With whether it is in `CT4_NEW`.
+    let (rev, rev_new) = match conntrack::established(&rkey, now) {
+        Some(r) => (Some(r), false),
+        None => (conntrack::not_established(&rkey, now), true),
+    };
     // The reverse entry must be this flow's own: for a flow SNATed with a port of its own
     // the key does not name the client, once this flow closed its port may have gone to
     // another flow, and once its reverse entry was gone the tuple may have gone to a flow
@@ -609,9 +616,15 @@ fn forward(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> (i32, u
             }
         }
         touch(s, svc.state, flags, now, len);
-        if s_new && flags & CT_FLAG_ESTABLISHED != 0 {
+        if s_new && promotes(f, flags) {
             // Established now: out of the table a flood of new flows fills.
-            conntrack::promote(&skey, s, &rkey);
+            // The reverse entry found (this flow's, checked above), or the one just rebuilt.
+            let r = if rev_new {
+                rev.or_else(|| conntrack::not_established(&rkey, now))
+            } else {
+                None
+            };
+            conntrack::promote(&skey, s, &rkey, r);
         }
         if translate(
             ctx,
@@ -637,6 +650,16 @@ fn forward(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> (i32, u
     // gone first (a live service entry met by `new_flow` is another CPU's new flow).
     forget(&skey);
     start_flow(ctx, f, now, hook)
+}
+
+/// Whether the client's packet `f`, which takes its flow to state `flags`, moves the flow to
+/// `CT4`: it establishes it (a reply came, and now the client again), and for TCP it neither
+/// resets nor ends it (a spoofed source's real host answers the SYN-ACK with an RST, which
+/// must not take a table of established flows' room).
+#[inline(always)]
+fn promotes(f: &Flow, flags: u16) -> bool {
+    flags & CT_FLAG_ESTABLISHED != 0
+        && (f.proto != IPPROTO_TCP || f.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0)
 }
 
 /// The reverse entry of a flow from `f`'s client to its frontend, in state `flags`.

@@ -1399,13 +1399,15 @@ fn removing_a_service_stops_new_flows_but_not_established_ones() {
         "the established flow goes on"
     );
     let before = dp.counters().unwrap();
-    run(&dp, FROM_POD, &tcp(half_open, sa(VIP), ACK, b""));
-    let after = dp.counters().unwrap();
+    let ack = tcp(half_open, sa(VIP), ACK, b"");
     assert_eq!(
-        delta(&before, &after, CTR_CT_HIT),
-        0,
-        "the half-open flow is over"
+        run(&dp, FROM_POD, &ack),
+        (TC_ACT_UNSPEC, ack),
+        "the half-open flow is over: its packet goes on untranslated"
     );
+    let after = dp.counters().unwrap();
+    assert_eq!(delta(&before, &after, CTR_CT_HIT), 0);
+    assert_eq!(delta(&before, &after, CTR_PASS_NO_MATCH), 1);
     let pkt = tcp(sa("198.19.0.10:40001"), sa(VIP), SYN, b"");
     let (_, out) = run(&dp, FROM_POD, &pkt);
     assert_eq!(
@@ -1897,10 +1899,15 @@ fn a_udp_flow_is_established_by_an_answer_and_then_a_packet_from_its_client() {
     let dns = DNS;
     dns_service(&mut dp);
     let client = sa("198.19.0.10:41000");
-    // One-way (statsd): it stays with the new flows.
-    for _ in 0..3 {
-        run(&dp, FROM_POD, &udp(client, sa(dns), b"q"));
+    // One-way (statsd): it stays with the new flows, and is served from there.
+    run(&dp, FROM_POD, &udp(client, sa(dns), b"q"));
+    let before = dp.counters().unwrap();
+    for _ in 0..2 {
+        let (_, out) = run(&dp, FROM_POD, &udp(client, sa(dns), b"q"));
+        assert_eq!(check(&out).dst, sa(DNS_BACKEND));
     }
+    let after = dp.counters().unwrap();
+    assert_eq!(delta(&before, &after, CTR_CT_HIT), 2, "hits in CT4_NEW");
     assert_eq!(in_new_table(&dp), [true, true]);
     run(&dp, TO_POD, &udp(sa("198.19.0.20:5353"), client, b"a"));
     assert_eq!(in_new_table(&dp), [true, true], "an answer alone");
@@ -1949,4 +1956,28 @@ fn udp_flows_to_a_gone_backend_are_forgotten_from_both_tables() {
         .unwrap();
     assert_eq!(forgotten, 2);
     assert!(dp.conntrack().unwrap().is_empty());
+}
+
+#[test]
+fn a_reset_or_a_fin_from_the_client_does_not_move_a_flow_to_the_established_table() {
+    require_privileged!(
+        "a_reset_or_a_fin_from_the_client_does_not_move_a_flow_to_the_established_table"
+    );
+    let mut dp = dataplane();
+    cluster_ip(&mut dp, &["198.19.0.20:8080"]);
+    let backend = sa("198.19.0.20:8080");
+    // A spoofed SYN's real source answers the SYN-ACK with an RST; a FIN right after the
+    // handshake is no flow worth keeping either. Neither takes CT4's room.
+    for (port, flags) in [(41000, RST), (41001, FIN_ACK)] {
+        let client = std::net::SocketAddrV4::new(*sa(CLIENT).ip(), port);
+        run(&dp, FROM_POD, &tcp(client, sa(VIP), SYN, b""));
+        run(&dp, TO_POD, &tcp(backend, client, SYN_ACK, b""));
+        let (_, out) = run(&dp, FROM_POD, &tcp(client, sa(VIP), flags, b""));
+        assert_eq!(check(&out).dst, backend, "still translated");
+    }
+    assert!(
+        in_new_table(&dp).iter().all(|new| *new),
+        "{:?}",
+        dp.conntrack().unwrap()
+    );
 }

@@ -164,10 +164,10 @@ impl Dataplane {
     /// Every conntrack entry of both tables (live or expired but not yet evicted).
     pub fn conntrack(&self) -> Result<Vec<CtEntry>, DataplaneError> {
         let mut out = Vec::new();
-        for (table, new) in super::CT_TABLES.into_iter().zip([false, true]) {
+        for table in super::CT_TABLES {
             read_conntrack(
                 &self.open::<HashMap<&MapData, Ct4Key, Ct4Entry>>(table)?,
-                new,
+                table == CT4_NEW_MAP,
                 &mut out,
             );
         }
@@ -249,11 +249,12 @@ impl PinnedMaps {
 
     /// Every conntrack entry of both tables.
     pub fn conntrack(&self) -> Result<Vec<CtEntry>, DataplaneError> {
+        // `CT4_NEW` first: a flow moving to `CT4` meanwhile is then seen at least once.
         let mut out = Vec::new();
-        read_conntrack(&self.hash::<Ct4Key, Ct4Entry>(CT4_MAP)?, false, &mut out);
         if self.has_new_table() {
             read_conntrack(&self.hash::<Ct4Key, Ct4Entry>(CT4_NEW_MAP)?, true, &mut out);
         }
+        read_conntrack(&self.hash::<Ct4Key, Ct4Entry>(CT4_MAP)?, false, &mut out);
         Ok(out)
     }
 

@@ -102,9 +102,11 @@ pub const PROGRAMS: &[&str] = &[
 /// Maps of earlier layouts, whose pins an agent removes (the programs no longer use them).
 pub const RETIRED_MAPS: &[&str] = &["LB4_CONFIG", "PKT_COUNTERS"];
 
-/// The two conntrack tables: established flows, then flows not yet established (see
-/// `proxy_common::conntrack`). A flow's entries are in one of them.
-pub const CT_TABLES: [&str; 2] = [CT4_MAP, CT4_NEW_MAP];
+/// The two conntrack tables (see `proxy_common::conntrack`): flows not yet established, then
+/// established ones. A flow's entries are in one of them, and move only from the first to the
+/// second (written there before they leave the first), so a scan in this order sees a flow
+/// that moves meanwhile at least once, and removals in this order leave it in neither.
+pub const CT_TABLES: [&str; 2] = [CT4_NEW_MAP, CT4_MAP];
 
 /// Every map the agent owns (and pins).
 pub const MAPS: &[&str] = &[
