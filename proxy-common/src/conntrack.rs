@@ -5,7 +5,8 @@
 //! - [`CT4_MAP`] holds established flows (a reply, then the client again). The client's
 //!   packet that establishes a flow moves both of its entries here (`CT4` written first, then
 //!   `CT4_NEW` emptied, so a lookup always finds one of them). Established flows are therefore
-//!   evicted only by other established flows, never by a flood of new ones.
+//!   evicted only by other flows that got this far, never by a SYN flood (limits: a spoofer's
+//!   blind ACK, repeated spoofed UDP; see ARCHITECTURE).
 //!
 //! An entry lives in one table at a time; lookups read `CT4` first (where nearly every packet's
 //! flow is), then `CT4_NEW`. A tuple's claim (`BPF_NOEXIST` into `CT4_NEW`) is checked against

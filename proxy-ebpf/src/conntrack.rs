@@ -178,8 +178,8 @@ pub fn forget(key: &Ct4Key) {
 /// `Err(Some(..))`: a live entry holds the key, with whether it is in `CT4_NEW` (ours was taken
 /// back); `Err(None)`: an expired entry is in the way in `CT4_NEW`, or the map refused the
 /// write. (`CT4` is not read when the write fails: a live entry in `CT4_NEW` is the key's
-/// claim, and `CT4` is checked by whoever made it.) Few branches: it runs in the SNAT port allocator's loop, where the
-/// verifier walks each of them 32 times.
+/// claim, and `CT4` is checked by whoever made it.) Few branches: it runs in the SNAT port
+/// allocator's loop, where the verifier walks each of them 32 times.
 #[inline(always)]
 pub fn take(key: &Ct4Key, e: &Ct4Entry, now: u64) -> Result<(), Option<(*mut Ct4Entry, bool)>> {
     if CT4_NEW.insert(key, e, u64::from(BPF_NOEXIST)).is_ok() {
