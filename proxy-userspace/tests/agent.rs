@@ -142,15 +142,35 @@ impl Env {
 
     /// Starts the agent and waits for its first full sync.
     fn start_agent(&mut self, extra: &[&str]) -> &mut AgentProcess {
+        // One log per start: a successor started with no API change in between must not
+        // write over its predecessor's log, which that one's drop may remove.
+        static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = self
             .dir
-            .join(format!("agent-{}.log", self.api.resource_version()));
+            .join(format!("agent-{}-{n}.log", self.api.resource_version()));
         let args = self.args(extra);
         let bin = Path::new(env!("CARGO_BIN_EXE_sluice"));
         let mut agent = AgentProcess::start(&self.c.nodes[0].ns, bin, &args, &log).unwrap();
         agent.wait_started();
         self.agent = Some(agent);
         self.agent.as_mut().unwrap()
+    }
+
+    /// A client's connection to the Service at VIP:80, sending 150 requests over ~6 s:
+    /// connected, and a second in, when this returns.
+    fn keep_alive(&self) -> KeepAlive {
+        let mut ka = KeepAlive::start(
+            &self.c.pod("client").ns,
+            VIP,
+            80,
+            150,
+            Duration::from_millis(40),
+        )
+        .unwrap();
+        ka.connected().expect("the client connected");
+        std::thread::sleep(Duration::from_secs(1));
+        ka
     }
 
     fn agent(&self) -> &AgentProcess {
@@ -215,6 +235,21 @@ impl Env {
             .map(|f| format!("{}:{}", f["address"].as_str().unwrap(), f["port"]))
             .collect()
     }
+}
+
+/// Every request of `ka` (from [`Env::keep_alive`]) was answered, all by one backend, across
+/// `what`.
+fn kept(ka: KeepAlive, what: &str) {
+    let lines = ka.finish(Duration::from_secs(20));
+    let oks = lines.iter().filter(|l| l.starts_with("OK ")).count();
+    assert_eq!(oks, 150, "requests lost across {what}: {lines:?}");
+    assert_eq!(lines.last().map(String::as_str), Some("DONE"));
+    let backends: BTreeSet<&str> = lines.iter().filter_map(|l| l.strip_prefix("OK ")).collect();
+    assert_eq!(
+        backends.len(),
+        1,
+        "the connection changed backend across {what}: {backends:?}"
+    );
 }
 
 fn refused(a: &Attempt) -> bool {
@@ -471,18 +506,8 @@ fn killed_agent(mode: &[&str]) {
     env.wait_for_backends(VIP, 80, &["backend-a", "backend-b"]);
     assert!(env.frontends().contains(&format!("{gone}:80")));
 
-    // 150 requests on one connection over ~6 s, across the kill and the restart.
-    let mut ka = KeepAlive::start(
-        &env.c.pod("client").ns,
-        VIP,
-        80,
-        150,
-        Duration::from_millis(40),
-    )
-    .unwrap();
     // Connected before the kill: the connection must outlive the agent.
-    ka.connected().expect("the client connected");
-    std::thread::sleep(Duration::from_secs(1));
+    let ka = env.keep_alive();
     env.agent.as_mut().unwrap().kill9();
     // With no agent: new connections still work (pinned maps and links), and a Service is
     // deleted that the next agent must clean up.
@@ -496,19 +521,7 @@ fn killed_agent(mode: &[&str]) {
         "the new agent did not adopt the pins:\n{}",
         env.agent().log()
     );
-    let lines = ka.finish(Duration::from_secs(20));
-    let oks = lines.iter().filter(|l| l.starts_with("OK ")).count();
-    assert_eq!(
-        oks, 150,
-        "requests lost across kill -9 and restart: {lines:?}"
-    );
-    assert_eq!(lines.last().map(String::as_str), Some("DONE"));
-    let backends: BTreeSet<&str> = lines.iter().filter_map(|l| l.strip_prefix("OK ")).collect();
-    assert_eq!(
-        backends.len(),
-        1,
-        "the connection changed backend: {backends:?}"
-    );
+    kept(ka, "kill -9 and restart");
     let ok = eventually(WAIT, || !env.frontends().contains(&format!("{gone}:80")));
     assert!(
         ok,
@@ -532,6 +545,60 @@ fn killed_agent(mode: &[&str]) {
             "want one sluice filter after a restart, found:\n{filters}"
         );
     }
+}
+
+/// An operator changes the map sizes and the agent restarts. The kernel cannot resize a map,
+/// so the new agent makes new ones and fills them from the old: a connection open across the
+/// restart keeps its backend and loses nothing, and the old maps' pins go once the new
+/// programs are on every device.
+#[test]
+fn an_agent_restarted_with_other_map_sizes_keeps_its_connections() {
+    require_privileged!("an_agent_restarted_with_other_map_sizes_keeps_its_connections");
+    let mut env = Env::new();
+    let (a, b) = (env.addr("backend-a"), env.addr("backend-b"));
+    env.api.create(&service("web", VIP, "TCP")).unwrap();
+    env.api.create(&slice("web", &[a, b])).unwrap();
+    env.start_agent(&[
+        "--conntrack-max",
+        "8192",
+        "--conntrack-new-max",
+        "4096",
+        "--services-max",
+        "1024",
+    ]);
+    env.wait_for_backends(VIP, 80, &["backend-a", "backend-b"]);
+
+    let ka = env.keep_alive();
+    env.agent.as_mut().unwrap().kill9();
+    let sizes = [("CT4", 16384), ("CT4_NEW", 2048), ("LB4_SERVICES", 2048)];
+    env.start_agent(&[
+        "--conntrack-max",
+        "16384",
+        "--conntrack-new-max",
+        "2048",
+        "--services-max",
+        "2048",
+    ]);
+    let finished = eventually(WAIT, || env.agent().log().contains("resized maps"));
+    assert!(
+        finished,
+        "the resize was not finished:\n{}",
+        env.agent().log()
+    );
+    kept(ka, "the resizing restart");
+    for (map, max) in sizes {
+        let got = aya::maps::MapData::from_pin(env.pins().join(map))
+            .and_then(|m| m.info())
+            .map(|i| i.max_entries());
+        assert_eq!(got.ok(), Some(max), "{map} is pinned at its new size");
+    }
+    let left: Vec<String> = std::fs::read_dir(env.pins())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.contains("_resizing"))
+        .collect();
+    assert!(left.is_empty(), "the old maps' pins are gone: {left:?}");
+    env.wait_for_backends(VIP, 80, &["backend-a", "backend-b"]);
 }
 
 #[test]

@@ -3,9 +3,12 @@
 mod common;
 
 use common::*;
+use std::net::SocketAddrV4;
+
 use proxy_common::CT4_MAP;
 use sluice::dataplane::{
     Backend, Dataplane, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend, FrontendKind, Protocol,
+    TO_POD,
 };
 use testbed::{BpfFs, require_privileged};
 
@@ -473,4 +476,363 @@ fn clear_tail_slots(dir: &std::path::Path, map: &str, slots: &[u32]) {
     for slot in slots {
         tails.clear_index(slot).unwrap();
     }
+}
+
+/// A ClusterIP frontend, 198.18.128.1:80/TCP.
+fn web() -> Frontend {
+    Frontend {
+        addr: "198.18.128.1".parse().unwrap(),
+        port: 80,
+        proto: Protocol::Tcp,
+        kind: FrontendKind::ClusterIp,
+    }
+}
+
+/// `n` local backends, 198.19.0.20:8080 and up.
+fn pods(n: u8) -> Vec<Backend> {
+    (0..n)
+        .map(|i| Backend {
+            addr: std::net::Ipv4Addr::new(198, 19, 0, 20 + i),
+            port: 8080,
+            local: true,
+        })
+        .collect()
+}
+
+/// Opens a TCP flow from each client to `frontend` through a pod's programs (SYN, the
+/// backend's SYN-ACK, ACK: established); returns each flow's backend.
+fn open_flows(
+    dp: &Dataplane,
+    clients: &[SocketAddrV4],
+    frontend: SocketAddrV4,
+) -> Vec<SocketAddrV4> {
+    clients
+        .iter()
+        .map(|&c| {
+            let (_, out) = run(dp, FROM_POD, &tcp(c, frontend, SYN, b""));
+            let backend = check(&out).dst;
+            run(dp, TO_POD, &tcp(backend, c, SYN_ACK, b""));
+            run(dp, FROM_POD, &tcp(c, frontend, ACK, b""));
+            backend
+        })
+        .collect()
+}
+
+/// Each flow's next packet goes to the backend it had, and its reply comes from `frontend`.
+fn flows_go_on(
+    dp: &Dataplane,
+    clients: &[SocketAddrV4],
+    frontend: SocketAddrV4,
+    backends: &[SocketAddrV4],
+) {
+    for (&c, &backend) in clients.iter().zip(backends) {
+        let (_, out) = run(dp, FROM_POD, &tcp(c, frontend, ACK, b"more"));
+        assert_eq!(check(&out).dst, backend, "flow from {c} kept its backend");
+        let (_, out) = run(dp, TO_POD, &tcp(backend, c, ACK, b"reply"));
+        assert_eq!(
+            check(&out).src,
+            frontend,
+            "and its replies from {backend} come from the Service"
+        );
+    }
+}
+
+/// The size of the map pinned at `dir/map`.
+fn pinned_size(dir: &std::path::Path, map: &str) -> u32 {
+    aya::maps::MapData::from_pin(dir.join(map))
+        .unwrap_or_else(|e| panic!("{map} is pinned: {e}"))
+        .info()
+        .unwrap()
+        .max_entries()
+}
+
+/// Pins a resize set aside and has not removed yet.
+fn set_aside_pins(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.contains("_resizing"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// An operator raises `--conntrack-max` (and the other sizes) and restarts the agent: the
+/// kernel cannot resize a map and the loader refuses a pin of another size, so the new
+/// maps are made at the new size and filled from the old ones. Services, ids and flows go on.
+#[test]
+fn changing_map_sizes_keeps_the_pinned_services_and_flows() {
+    require_privileged!("changing_map_sizes_keeps_the_pinned_services_and_flows");
+    let fs = BpfFs::new().unwrap();
+    let dir = fs.path().join("sluice");
+    let small = DataplaneConfig {
+        pin_path: Some(dir.clone()),
+        services_max: 64,
+        backends_max: 64,
+        revnat_max: 64,
+        conntrack_max: 1024,
+        conntrack_new_max: 512,
+        sock_revnat_max: 256,
+        ..Default::default()
+    };
+    let vip = web();
+    let backends = pods(4);
+    let frontend = sa("198.18.128.1:80");
+    let clients: Vec<_> = (0..16u16)
+        .map(|i| sa(&format!("198.19.0.10:{}", 40000 + i)))
+        .collect();
+    // Each flow's backend, and one flow left half-open (in CT4_NEW).
+    let (chosen, half_open) = {
+        let mut dp = Dataplane::load_with(small.clone()).unwrap();
+        dp.upsert_service(vip, &backends).unwrap();
+        let chosen = open_flows(&dp, &clients, frontend);
+        let c = sa("198.19.0.11:40000");
+        let (_, out) = run(&dp, FROM_POD, &tcp(c, frontend, SYN, b""));
+        let ct = dp.conntrack().unwrap();
+        assert_eq!(
+            ct.iter().filter(|e| !e.new).count(),
+            2 * clients.len(),
+            "established: {ct:?}"
+        );
+        assert_eq!(ct.iter().filter(|e| e.new).count(), 2, "half-open: {ct:?}");
+        (chosen, (c, check(&out).dst))
+    };
+
+    let big = DataplaneConfig {
+        services_max: 128,
+        backends_max: 256,
+        revnat_max: 128,
+        conntrack_max: 4096,
+        conntrack_new_max: 2048,
+        sock_revnat_max: 512,
+        ..small.clone()
+    };
+    let mut dp = Dataplane::load_with(big.clone())
+        .unwrap_or_else(|e| panic!("a restart with bigger maps loads: {e}"));
+    for (map, max) in big.map_sizes() {
+        assert_eq!(
+            pinned_size(&dir, map),
+            max,
+            "{map} is pinned at its new size"
+        );
+    }
+    let services = dp.services();
+    assert_eq!(
+        services.len(),
+        1,
+        "the Service was carried over: {services:?}"
+    );
+    assert_eq!(services[0].1.all, backends, "with its backends");
+    let ct = dp.conntrack().unwrap();
+    assert_eq!(
+        ct.len(),
+        2 * clients.len() + 2,
+        "every conntrack entry was carried over: {ct:?}"
+    );
+    flows_go_on(&dp, &clients, frontend, &chosen);
+    let (c, backend) = half_open;
+    let (_, out) = run(&dp, TO_POD, &tcp(backend, c, SYN_ACK, b""));
+    assert_eq!(
+        check(&out).src,
+        frontend,
+        "the half-open flow's SYN-ACK is translated"
+    );
+    // New writes use the adopted ids: a second Service gets its own.
+    let vip2 = Frontend {
+        addr: "198.18.128.2".parse().unwrap(),
+        ..vip
+    };
+    dp.upsert_service(vip2, &backends[..1]).unwrap();
+    let (_, out) = run(
+        &dp,
+        FROM_POD,
+        &tcp(clients[0], sa("198.18.128.2:80"), SYN, b""),
+    );
+    assert_eq!(check(&out).dst, sa("198.19.0.20:8080"));
+    assert_eq!(dp.services().len(), 2);
+
+    assert!(
+        !set_aside_pins(&dir).is_empty(),
+        "the old maps wait for finish_resize"
+    );
+    let copied = dp.finish_resize().unwrap();
+    assert_eq!(copied.lost, 0, "{copied:?}");
+    assert_eq!(
+        set_aside_pins(&dir),
+        Vec::<String>::new(),
+        "finish_resize removed the old pins"
+    );
+    assert!(!dp.resizing());
+    drop(dp);
+    // And the next start with the same sizes finds nothing to resize.
+    let dp = Dataplane::load_with(big).unwrap();
+    assert!(!dp.resizing(), "same sizes: nothing to resize");
+    assert_eq!(dp.services().len(), 2);
+}
+
+/// Between the new agent's load and its programs replacing the old ones on every device, the
+/// old programs go on opening flows in the old maps; `finish_resize` brings those over too.
+#[test]
+fn flows_the_old_programs_open_during_a_resize_are_carried_over() {
+    require_privileged!("flows_the_old_programs_open_during_a_resize_are_carried_over");
+    let fs = BpfFs::new().unwrap();
+    let dir = fs.path().join("sluice");
+    let old_config = DataplaneConfig {
+        pin_path: Some(dir.clone()),
+        conntrack_max: 1024,
+        conntrack_new_max: 1024,
+        ..Default::default()
+    };
+    let vip = web();
+    let backends = pods(4);
+    let frontend = sa("198.18.128.1:80");
+    let mut old = Dataplane::load_with(old_config.clone()).unwrap();
+    old.upsert_service(vip, &backends).unwrap();
+    let mut new = Dataplane::load_with(DataplaneConfig {
+        conntrack_max: 2048,
+        conntrack_new_max: 2048,
+        ..old_config
+    })
+    .unwrap();
+    // The old programs, still attached, open flows in the old tables.
+    let clients: Vec<_> = (0..8u16)
+        .map(|i| sa(&format!("198.19.0.10:{}", 41000 + i)))
+        .collect();
+    let chosen = open_flows(&old, &clients, frontend);
+    let ct = new.conntrack().unwrap();
+    assert!(ct.is_empty(), "not in the new tables yet: {ct:?}");
+    let copied = new.finish_resize().unwrap();
+    assert_eq!(copied.written, 2 * clients.len(), "{copied:?}");
+    drop(old);
+    flows_go_on(&new, &clients, frontend, &chosen);
+}
+
+/// Shrinking a map below what it holds would drop Services or ids: the load refuses, says
+/// what to do, and changes nothing, so the maps pinned before go on serving.
+#[test]
+fn shrinking_a_map_below_what_it_holds_is_refused_and_changes_nothing() {
+    require_privileged!("shrinking_a_map_below_what_it_holds_is_refused_and_changes_nothing");
+    let fs = BpfFs::new().unwrap();
+    let dir = fs.path().join("sluice");
+    let config = DataplaneConfig {
+        pin_path: Some(dir.clone()),
+        services_max: 64,
+        conntrack_max: 1024,
+        ..Default::default()
+    };
+    {
+        let mut dp = Dataplane::load_with(config.clone()).unwrap();
+        for i in 1..=3 {
+            let vip = Frontend {
+                addr: std::net::Ipv4Addr::new(198, 18, 128, i),
+                port: 80,
+                proto: Protocol::Tcp,
+                kind: FrontendKind::ClusterIp,
+            };
+            dp.upsert_service(
+                vip,
+                &[Backend {
+                    addr: "198.19.0.20".parse().unwrap(),
+                    port: 8080,
+                    local: true,
+                }],
+            )
+            .unwrap();
+        }
+    }
+    let err = Dataplane::load_with(DataplaneConfig {
+        services_max: 2,
+        // A change that alone would be carried over: it must not be begun either.
+        conntrack_max: 2048,
+        ..config.clone()
+    })
+    .err()
+    .expect("a Service map too small for its Services is refused");
+    let msg = err.to_string();
+    assert!(
+        // Each Service is two entries: its frontend and its one backend's slot.
+        matches!(
+            err,
+            sluice::dataplane::DataplaneError::ResizeTooSmall {
+                held: 6,
+                max: 2,
+                was: 64,
+                ..
+            }
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("nothing was changed") && msg.contains("at least 6"),
+        "{msg}"
+    );
+    assert_eq!(
+        pinned_size(&dir, "LB4_SERVICES"),
+        64,
+        "the pinned map is untouched"
+    );
+    assert_eq!(pinned_size(&dir, CT4_MAP), 1024, "and so is every other");
+    assert_eq!(
+        set_aside_pins(&dir),
+        Vec::<String>::new(),
+        "nothing was set aside"
+    );
+    let dp = Dataplane::load_with(config).unwrap();
+    assert_eq!(dp.services().len(), 3, "the Services are all there");
+}
+
+/// An LRU table (conntrack) shrunk below what it holds keeps what fits, as under load, and
+/// reports how many entries it lost: an operator can shrink it without stopping the agent.
+#[test]
+fn shrinking_conntrack_below_its_flows_keeps_what_fits_and_counts_the_rest() {
+    require_privileged!("shrinking_conntrack_below_its_flows_keeps_what_fits_and_counts_the_rest");
+    let fs = BpfFs::new().unwrap();
+    let dir = fs.path().join("sluice");
+    let config = DataplaneConfig {
+        pin_path: Some(dir.clone()),
+        conntrack_new_max: 4096,
+        ..Default::default()
+    };
+    let vip = web();
+    let backend = Backend {
+        addr: "198.19.0.20".parse().unwrap(),
+        port: 8080,
+        local: true,
+    };
+    let flows = 1024u16;
+    {
+        let mut dp = Dataplane::load_with(config.clone()).unwrap();
+        dp.upsert_service(vip, &[backend]).unwrap();
+        for i in 0..flows {
+            run(
+                &dp,
+                FROM_POD,
+                &tcp(
+                    sa(&format!("198.19.0.10:{}", 30000 + i)),
+                    sa("198.18.128.1:80"),
+                    SYN,
+                    b"",
+                ),
+            );
+        }
+        assert_eq!(dp.conntrack().unwrap().len(), 2 * usize::from(flows));
+    }
+    let mut dp = Dataplane::load_with(DataplaneConfig {
+        conntrack_new_max: 1024,
+        ..config
+    })
+    .unwrap_or_else(|e| panic!("shrinking conntrack is not refused: {e}"));
+    let copied = dp.finish_resize().unwrap();
+    let held = dp.conntrack().unwrap().len();
+    assert!(
+        held <= 1024 && held > 0,
+        "the shrunk table holds what fits: {held} of {} entries",
+        2 * flows
+    );
+    assert_eq!(
+        copied.lost + held,
+        2 * usize::from(flows),
+        "what did not fit is counted: {copied:?}"
+    );
+    assert_eq!(pinned_size(&dir, "CT4_NEW"), 1024);
 }

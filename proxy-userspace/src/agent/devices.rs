@@ -105,6 +105,15 @@ impl Devices {
         None
     }
 
+    /// Whether every device with a pinned link (an earlier agent's attachment, possibly) now
+    /// runs this dataplane's programs. With clsact there are no pins, and a reconcile replaced
+    /// the filters of every device it attached to.
+    pub fn replaced_all(&self) -> bool {
+        dataplane::pinned_link_devices(&self.links_dir)
+            .iter()
+            .all(|name| self.attached.contains_key(name))
+    }
+
     /// Attaches to every wanted device not yet attached, forgets the ones that are gone.
     /// `node_known`: the node's addresses are known (its Node has been listed); until then a
     /// present device is never detached, since it may be an uplink found by address.

@@ -184,7 +184,8 @@ pub struct AgentArgs {
     pub revnat_max: u32,
 
     /// Size of the conntrack table of established flows (two entries per flow; least
-    /// recently used evicted).
+    /// recently used evicted). A new size (this or any other map's) takes effect at the next
+    /// start, which copies what the pinned maps hold into maps of the new size.
     #[arg(long, env = "SLUICE_CONNTRACK_MAX", default_value_t = CT4_DEFAULT_MAX)]
     pub conntrack_max: u32,
 

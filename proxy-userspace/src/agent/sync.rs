@@ -187,12 +187,32 @@ impl Syncer {
         }
     }
 
+    /// Once this agent's programs run on every device an earlier agent's did, copies what
+    /// those wrote meanwhile into maps the load resized, and drops the old maps' pins.
+    fn finish_resize(&mut self) {
+        if !self.dp.resizing() || !self.devices.replaced_all() {
+            return;
+        }
+        match self.dp.finish_resize() {
+            Ok(copied) => tracing::info!(
+                written = copied.written,
+                lost = copied.lost,
+                "resized maps: the old maps' last entries copied, their pins removed"
+            ),
+            Err(error) => tracing::warn!(
+                %error,
+                "could not finish resizing maps: the old pins stay, and the next start copies them"
+            ),
+        }
+    }
+
     /// Runs until [`Change::Shutdown`] or until every sender is gone.
     pub fn run(mut self, rx: Receiver<Change>) {
         self.write_service_cidrs();
         self.refresh_node();
         self.devices
             .reconcile(&mut self.dp, &self.node_addrs, self.node_known);
+        self.finish_resize();
         let mut last_tick = Instant::now();
         loop {
             let wait = if self.retry.is_empty() { TICK } else { RETRY };
@@ -245,6 +265,7 @@ impl Syncer {
                 last_tick = Instant::now();
                 self.devices
                     .reconcile(&mut self.dp, &self.node_addrs, self.node_known);
+                self.finish_resize();
                 // Addresses whose last frontend went leave the ingress filter once no flow
                 // to them lives; earlier SNAT addresses lose their mark once no flow is
                 // SNATed to them.

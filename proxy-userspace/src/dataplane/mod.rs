@@ -12,6 +12,7 @@ pub mod features;
 mod flows;
 mod inspect;
 mod raw;
+mod resize;
 mod services;
 pub mod socket;
 
@@ -46,6 +47,7 @@ pub use crate::service::{
 pub use addrs::monotonic_ns;
 pub use inspect::{Counters, CtEntry, CtFill, CtKind, PinnedMaps, sock_addr};
 pub use raw::{RawDump, RawEntry};
+pub use resize::Copied;
 
 /// The eBPF object built by build.rs (aya-build) from `proxy-ebpf`.
 pub static EBPF_OBJECT: &[u8] =
@@ -251,6 +253,17 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "map {map} holds {held} entries, more than the {max} it is now sized for (it was {was}): \
+         nothing was changed, and the maps pinned before still serve. Size it for at least \
+         {held} (agent flags), or remove what it holds first"
+    )]
+    ResizeTooSmall {
+        map: &'static str,
+        held: usize,
+        max: u32,
+        was: u32,
+    },
     #[error("pin path {path}: {source}")]
     PinPath {
         path: PathBuf,
@@ -347,6 +360,22 @@ pub struct DataplaneConfig {
 /// Kubernetes' default NodePort range and Linux's default ephemeral ports.
 pub const DEFAULT_SNAT_PORTS: (u16, u16) = (1024, 29999);
 
+impl DataplaneConfig {
+    /// Every map whose size the config sets, with that size.
+    pub fn map_sizes(&self) -> [(&'static str, u32); 8] {
+        [
+            (LB4_SERVICES_MAP, self.services_max),
+            (LB4_AFFINITY_MATCH_MAP, self.services_max),
+            (LB4_FE_ADDRS_MAP, self.services_max),
+            (LB4_BACKENDS_MAP, self.backends_max),
+            (LB4_REVNAT_MAP, self.revnat_max),
+            (CT4_MAP, self.conntrack_max),
+            (CT4_NEW_MAP, self.conntrack_new_max),
+            (SOCK_REVNAT_MAP, self.sock_revnat_max),
+        ]
+    }
+}
+
 impl Default for DataplaneConfig {
     fn default() -> Self {
         Self {
@@ -372,6 +401,8 @@ pub struct Dataplane {
     /// Earlier SNAT or hairpin addresses that live flows may still be SNATed to: marked
     /// `FE_ADDR_NAT` in `LB4_FE_ADDRS` until no live flow is (see `addrs`).
     nat_addrs: std::collections::BTreeSet<Ipv4Addr>,
+    /// Pinned maps of another size the load replaced, until [`Dataplane::finish_resize`].
+    resize: resize::Resize,
 }
 
 impl Dataplane {
@@ -385,15 +416,9 @@ impl Dataplane {
     pub fn load_with(config: DataplaneConfig) -> Result<Self, DataplaneError> {
         raise_memlock_rlimit();
         let mut loader = EbpfLoader::new();
-        loader
-            .map_max_entries(LB4_SERVICES_MAP, config.services_max)
-            .map_max_entries(LB4_AFFINITY_MATCH_MAP, config.services_max)
-            .map_max_entries(LB4_FE_ADDRS_MAP, config.services_max)
-            .map_max_entries(LB4_BACKENDS_MAP, config.backends_max)
-            .map_max_entries(LB4_REVNAT_MAP, config.revnat_max)
-            .map_max_entries(CT4_MAP, config.conntrack_max)
-            .map_max_entries(CT4_NEW_MAP, config.conntrack_new_max)
-            .map_max_entries(SOCK_REVNAT_MAP, config.sock_revnat_max);
+        for (map, max) in config.map_sizes() {
+            loader.map_max_entries(map, max);
+        }
         // Pins of an agent whose programs did not note pod clients: those programs run until
         // ours replace them, and the flows they make in the meantime are in no client map.
         let clients_unknown = config.pin_path.as_ref().is_some_and(|dir| {
@@ -418,6 +443,11 @@ impl Dataplane {
                 MAPS.iter().map(|m| (*m, dir.join(m))).collect()
             }
             None => Vec::new(),
+        };
+        // Pinned maps of another size: set aside now, copied into the new ones after the load.
+        let resize = match &config.pin_path {
+            Some(dir) => resize::set_aside(dir, &config.map_sizes())?,
+            None => Default::default(),
         };
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
@@ -462,7 +492,11 @@ impl Dataplane {
             config,
             ids: services::Ids::default(),
             nat_addrs: Default::default(),
+            resize: Default::default(),
         };
+        // Before anything reads the new maps: the ids adopted below are in the old ones.
+        resize.copy(&dp)?;
+        dp.resize = resize;
         // A restarted agent that does not know the node's address yet (the API server is
         // down) keeps the SNAT its predecessor set, so traffic to remote endpoints goes on.
         if dp.config.snat.is_none() {
@@ -485,6 +519,27 @@ impl Dataplane {
 
     pub fn config(&self) -> &DataplaneConfig {
         &self.config
+    }
+
+    /// Whether the load began resizes that [`Dataplane::finish_resize`] has not ended.
+    pub fn resizing(&self) -> bool {
+        !self.resize.is_empty()
+    }
+
+    /// Ends the resizes the load began (pinned maps whose size the config changed; see
+    /// `resize`): copies what the earlier agent's programs wrote to the old maps since the load,
+    /// never overwriting, and removes their pins. Call it once this dataplane's programs have
+    /// replaced the earlier ones on every device. Returns what the copy did; nothing to do
+    /// returns all zeros.
+    pub fn finish_resize(&mut self) -> Result<Copied, DataplaneError> {
+        // (Taken out first: a failed copy leaves the old pins for the next start to copy.)
+        let resize = std::mem::take(&mut self.resize);
+        if resize.is_empty() {
+            return Ok(Default::default());
+        }
+        let copied = resize.copy(self)?;
+        resize.remove()?;
+        Ok(copied)
     }
 
     fn write_config(&mut self) -> Result<(), DataplaneError> {

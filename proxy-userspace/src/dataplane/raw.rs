@@ -12,9 +12,11 @@ use aya::maps::{Map, MapData};
 use super::{Dataplane, DataplaneConfig, DataplaneError};
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+pub(super) const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+/// `BPF_MAP_UPDATE_ELEM`'s flag: create only, never overwrite.
+pub(super) const BPF_NOEXIST: u64 = 1;
 /// `map_flags`: programs may only read the map (aya's `.rodata`, frozen after load).
 const BPF_F_RDONLY_PROG: u32 = 1 << 7;
 
@@ -29,12 +31,23 @@ struct ElemAttr {
 }
 
 fn elem(cmd: libc::c_long, fd: BorrowedFd<'_>, key: *const u8, value: *mut u8) -> io::Result<()> {
+    elem_with(cmd, fd, key, value, 0)
+}
+
+/// `elem` with the command's flags (`BPF_NOEXIST` for an update that must not overwrite).
+pub(super) fn elem_with(
+    cmd: libc::c_long,
+    fd: BorrowedFd<'_>,
+    key: *const u8,
+    value: *mut u8,
+    flags: u64,
+) -> io::Result<()> {
     let attr = ElemAttr {
         map_fd: fd.as_raw_fd() as u32,
         _pad: 0,
         key: key as u64,
         value: value as u64,
-        flags: 0,
+        flags,
     };
     // SAFETY: `attr` is a valid `bpf_attr` prefix for the element commands; the kernel reads
     // and writes at most `key_size` bytes at `key` and the map's value size at `value`, which
@@ -67,14 +80,14 @@ enum Kind {
 }
 
 /// One map of the object.
-struct RawMap<'a> {
+pub(super) struct RawMap<'a> {
     name: &'a str,
     data: &'a MapData,
     kind: Kind,
     key_size: usize,
     /// For per-CPU maps, every CPU's value, each rounded up to 8 bytes, as the syscall wants.
     value_size: usize,
-    max_entries: u32,
+    pub(super) max_entries: u32,
 }
 
 /// The maps of `dp`, by name.
@@ -133,9 +146,38 @@ fn maps(dp: &Dataplane) -> Result<Vec<RawMap<'_>>, DataplaneError> {
     Ok(maps)
 }
 
-impl RawMap<'_> {
-    fn fd(&self) -> BorrowedFd<'_> {
+impl<'a> RawMap<'a> {
+    /// A hash or LRU map (not per-CPU) by its info, wherever it came from (a pin, say).
+    pub(super) fn keyed(name: &'a str, data: &'a MapData) -> Result<Self, DataplaneError> {
+        let info = data.info().map_err(|e| DataplaneError::Raw {
+            map: name.into(),
+            op: "read the info of",
+            source: io::Error::other(e),
+        })?;
+        Ok(Self {
+            name,
+            data,
+            kind: Kind::Keyed,
+            key_size: info.key_size() as usize,
+            value_size: info.value_size() as usize,
+            max_entries: info.max_entries(),
+        })
+    }
+
+    pub(super) fn fd(&self) -> BorrowedFd<'_> {
         self.data.fd().as_fd()
+    }
+
+    /// Whether `key` is in the map.
+    pub(super) fn contains(&self, key: &[u8]) -> bool {
+        let mut value = vec![0u8; self.value_size];
+        elem(
+            BPF_MAP_LOOKUP_ELEM,
+            self.fd(),
+            key.as_ptr(),
+            value.as_mut_ptr(),
+        )
+        .is_ok()
     }
 
     fn error(&self, op: &'static str) -> impl FnOnce(io::Error) -> DataplaneError + '_ {
@@ -147,7 +189,7 @@ impl RawMap<'_> {
     }
 
     /// Every key, in the kernel's order: array indexes, or a hash map's keys.
-    fn keys(&self) -> Result<Vec<Vec<u8>>, DataplaneError> {
+    pub(super) fn keys(&self) -> Result<Vec<Vec<u8>>, DataplaneError> {
         match self.kind {
             Kind::Stateless => Ok(Vec::new()),
             Kind::Indexed => Ok((0..self.max_entries)
@@ -169,7 +211,7 @@ impl RawMap<'_> {
     }
 
     /// Every entry, sorted by key; an array's every index.
-    fn entries(&self) -> Result<Vec<RawEntry>, DataplaneError> {
+    pub(super) fn entries(&self) -> Result<Vec<RawEntry>, DataplaneError> {
         let mut entries = Vec::new();
         for key in self.keys()? {
             let mut value = vec![0u8; self.value_size];
@@ -235,6 +277,18 @@ pub type RawDump = Vec<(String, Vec<RawEntry>)>;
 pub type RawEntry = (Vec<u8>, Vec<u8>);
 
 impl Dataplane {
+    /// The map `name` of the object.
+    pub(super) fn raw_map(&self, name: &str) -> Result<RawMap<'_>, DataplaneError> {
+        maps(self)?
+            .into_iter()
+            .find(|m| m.name == name)
+            .ok_or_else(|| DataplaneError::Raw {
+                map: name.into(),
+                op: "find (not in the object)",
+                source: io::ErrorKind::NotFound.into(),
+            })
+    }
+
     /// Every map of the object, as bytes.
     pub fn raw_dump(&self) -> Result<RawDump, DataplaneError> {
         maps(self)?
@@ -249,18 +303,8 @@ impl Dataplane {
     /// one loaded object between them; the programs stay loaded and attached where they were.
     /// The map sizes are fixed at load, so `config`'s must be this dataplane's.
     pub fn reset(&mut self, config: DataplaneConfig) -> Result<(), DataplaneError> {
-        let sizes = |c: &DataplaneConfig| {
-            (
-                c.services_max,
-                c.backends_max,
-                c.revnat_max,
-                c.conntrack_max,
-                c.conntrack_new_max,
-                c.sock_revnat_max,
-            )
-        };
         let pinned = self.config.pin_path.is_some() || config.pin_path.is_some();
-        if pinned || sizes(&config) != sizes(&self.config) {
+        if pinned || config.map_sizes() != self.config.map_sizes() {
             return Err(DataplaneError::Raw {
                 map: "(all)".into(),
                 op: "reset to other map sizes or a pin path",
