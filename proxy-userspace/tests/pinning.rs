@@ -671,10 +671,14 @@ fn changing_map_sizes_keeps_the_pinned_services_and_flows() {
 }
 
 /// Between the new agent's load and its programs replacing the old ones on every device, the
-/// old programs go on opening flows in the old maps; `finish_resize` brings those over too.
+/// old programs go on changing the old maps: opening flows, moving flows to the established
+/// table. `finish_resize` applies those changes too, but never undoes the new agent's own: a
+/// flow it forgot stays forgotten.
 #[test]
-fn flows_the_old_programs_open_during_a_resize_are_carried_over() {
-    require_privileged!("flows_the_old_programs_open_during_a_resize_are_carried_over");
+fn what_the_old_programs_change_during_a_resize_is_carried_over_and_nothing_comes_back() {
+    require_privileged!(
+        "what_the_old_programs_change_during_a_resize_is_carried_over_and_nothing_comes_back"
+    );
     let fs = BpfFs::new().unwrap();
     let dir = fs.path().join("sluice");
     let old_config = DataplaneConfig {
@@ -686,25 +690,175 @@ fn flows_the_old_programs_open_during_a_resize_are_carried_over() {
     let vip = web();
     let backends = pods(4);
     let frontend = sa("198.18.128.1:80");
+    let dns = Frontend {
+        addr: "198.18.128.2".parse().unwrap(),
+        port: 53,
+        proto: Protocol::Udp,
+        kind: FrontendKind::ClusterIp,
+    };
+    let dns_backend = sa("198.19.0.30:5353");
     let mut old = Dataplane::load_with(old_config.clone()).unwrap();
     old.upsert_service(vip, &backends).unwrap();
+    old.upsert_service(
+        dns,
+        &[Backend {
+            addr: *dns_backend.ip(),
+            port: 5353,
+            local: true,
+        }],
+    )
+    .unwrap();
+    // Before the new load: a half-open TCP flow, and a UDP flow.
+    let half = sa("198.19.0.11:42000");
+    let (_, out) = run(&old, FROM_POD, &tcp(half, frontend, SYN, b""));
+    let half_backend = check(&out).dst;
+    let udp_client = sa("198.19.0.11:42001");
+    run(
+        &old,
+        FROM_POD,
+        &udp(udp_client, sa("198.18.128.2:53"), b"q"),
+    );
+
     let mut new = Dataplane::load_with(DataplaneConfig {
         conntrack_max: 2048,
         conntrack_new_max: 2048,
         ..old_config
     })
     .unwrap();
-    // The old programs, still attached, open flows in the old tables.
+    assert_eq!(
+        new.conntrack().unwrap().len(),
+        4,
+        "the load copied both flows"
+    );
+    // The new agent forgets the UDP flow (its backend went).
+    let target = sluice::dataplane::socket::SocketTarget {
+        frontend: sluice::dataplane::FrontendId {
+            addr: dns.addr,
+            port: 53,
+            proto: Protocol::Udp,
+        },
+        backend: (*dns_backend.ip(), dns_backend.port()),
+    };
+    assert_eq!(
+        new.forget_udp_flows(&[target].into_iter().collect())
+            .unwrap(),
+        1,
+        "one flow forgotten"
+    );
+    // The old programs, still attached, open flows in the old tables and establish the
+    // half-open one (moving it from the old CT4_NEW to the old CT4).
     let clients: Vec<_> = (0..8u16)
         .map(|i| sa(&format!("198.19.0.10:{}", 41000 + i)))
         .collect();
     let chosen = open_flows(&old, &clients, frontend);
-    let ct = new.conntrack().unwrap();
-    assert!(ct.is_empty(), "not in the new tables yet: {ct:?}");
+    run(&old, TO_POD, &tcp(half_backend, half, SYN_ACK, b""));
+    run(&old, FROM_POD, &tcp(half, frontend, ACK, b""));
+    assert_eq!(
+        new.conntrack().unwrap().len(),
+        2,
+        "not in the new tables yet"
+    );
+
     let copied = new.finish_resize().unwrap();
-    assert_eq!(copied.written, 2 * clients.len(), "{copied:?}");
+    // Load: the 4 entries of the two flows. Since: 16 entries of the new flows and the
+    // half-open flow's 2 moved to CT4 (written), and deleted from CT4_NEW; the UDP flow's 2
+    // entries the old maps still hold are left forgotten.
+    assert_eq!(
+        (copied.written, copied.deleted, copied.lost),
+        (4 + 2 * clients.len() + 2, 2, 0),
+        "{copied:?}"
+    );
     drop(old);
+    let ct = new.conntrack().unwrap();
+    assert!(
+        !ct.iter()
+            .any(|e| e.src == udp_client || e.dst == udp_client),
+        "the flow the new agent forgot stays forgotten: {ct:?}"
+    );
+    let half_entries: Vec<bool> = ct.iter().filter(|e| e.src == half).map(|e| e.new).collect();
+    assert_eq!(
+        half_entries,
+        [false, false],
+        "the flow the old programs established is in CT4 only: {ct:?}"
+    );
     flows_go_on(&new, &clients, frontend, &chosen);
+    flows_go_on(&new, &[half], frontend, &[half_backend]);
+}
+
+/// An agent that dies between its load and `finish_resize` leaves the old maps' pins. The next
+/// start (here with yet another size) takes them as well as its predecessor's maps, newest
+/// first: where both have an entry, the newer one wins, and every old pin goes at the end.
+#[test]
+fn a_resize_left_unfinished_is_finished_by_the_next_start_newest_first() {
+    require_privileged!("a_resize_left_unfinished_is_finished_by_the_next_start_newest_first");
+    let fs = BpfFs::new().unwrap();
+    let dir = fs.path().join("sluice");
+    let sized = |ct: u32| DataplaneConfig {
+        pin_path: Some(dir.clone()),
+        conntrack_max: ct,
+        conntrack_new_max: ct,
+        ..Default::default()
+    };
+    let dns = Frontend {
+        addr: "198.18.128.2".parse().unwrap(),
+        port: 53,
+        proto: Protocol::Udp,
+        kind: FrontendKind::ClusterIp,
+    };
+    let (x, y) = (sa("198.19.0.30:5353"), sa("198.19.0.31:5353"));
+    let pod = |a: SocketAddrV4| Backend {
+        addr: *a.ip(),
+        port: a.port(),
+        local: true,
+    };
+    let client = sa("198.19.0.11:42001");
+    let query = udp(client, sa("198.18.128.2:53"), b"q");
+    {
+        let mut gen0 = Dataplane::load_with(sized(1024)).unwrap();
+        gen0.upsert_service(dns, &[pod(x)]).unwrap();
+        let (_, out) = run(&gen0, FROM_POD, &query);
+        assert_eq!(check(&out).dst, x);
+    }
+    {
+        // Resizes, then moves the Service to y: the client's flow is forgotten and opened
+        // again, to y. Then it dies before finish_resize.
+        let mut gen1 = Dataplane::load_with(sized(2048)).unwrap();
+        assert!(gen1.resizing());
+        gen1.upsert_service(dns, &[pod(y)]).unwrap();
+        let target = sluice::dataplane::socket::SocketTarget {
+            frontend: sluice::dataplane::FrontendId {
+                addr: dns.addr,
+                port: 53,
+                proto: Protocol::Udp,
+            },
+            backend: (*x.ip(), x.port()),
+        };
+        gen1.forget_udp_flows(&[target].into_iter().collect())
+            .unwrap();
+        let (_, out) = run(&gen1, FROM_POD, &query);
+        assert_eq!(check(&out).dst, y);
+    }
+    assert!(
+        set_aside_pins(&dir).len() >= 2,
+        "gen0's maps are still set aside: {:?}",
+        set_aside_pins(&dir)
+    );
+    let mut gen2 = Dataplane::load_with(sized(4096)).unwrap();
+    let (_, out) = run(&gen2, FROM_POD, &query);
+    assert_eq!(
+        check(&out).dst,
+        y,
+        "the newer entry (gen1's) won over the older one (gen0's)"
+    );
+    gen2.finish_resize().unwrap();
+    assert_eq!(
+        set_aside_pins(&dir),
+        Vec::<String>::new(),
+        "every old pin is gone"
+    );
+    assert_eq!(pinned_size(&dir, CT4_MAP), 4096);
+    let (_, out) = run(&gen2, FROM_POD, &query);
+    assert_eq!(check(&out).dst, y);
 }
 
 /// Shrinking a map below what it holds would drop Services or ids: the load refuses, says

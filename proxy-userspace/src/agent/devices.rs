@@ -52,6 +52,8 @@ pub struct Devices {
     /// Wanted devices refused for good (not Ethernet), with their ifindex: said once, not
     /// retried until the device is made anew.
     refused: BTreeMap<String, u32>,
+    /// Wanted devices whose attach failed at the last reconcile (to be retried).
+    failed: BTreeSet<String>,
     metrics: Arc<Metrics>,
 }
 
@@ -85,6 +87,7 @@ impl Devices {
             links_dir,
             attached: BTreeMap::new(),
             refused: BTreeMap::new(),
+            failed: BTreeSet::new(),
             metrics,
         }
     }
@@ -105,13 +108,17 @@ impl Devices {
         None
     }
 
-    /// Whether every device with a pinned link (an earlier agent's attachment, possibly) now
-    /// runs this dataplane's programs. With clsact there are no pins, and a reconcile replaced
-    /// the filters of every device it attached to.
-    pub fn replaced_all(&self) -> bool {
-        dataplane::pinned_link_devices(&self.links_dir)
-            .iter()
-            .all(|name| self.attached.contains_key(name))
+    /// Whether this dataplane's programs have replaced an earlier agent's on every device:
+    /// the devices are all known (uplinks named, or the node's addresses known), the last
+    /// reconcile attached to every device it wanted, and every device with a pinned link (TCX)
+    /// is attached. With clsact there are no pins: each attach replaced the filter in place, and
+    /// a device no longer wanted had its filter removed.
+    pub fn replaced_all(&self, node_known: bool) -> bool {
+        (node_known || !self.uplinks.is_empty())
+            && self.failed.is_empty()
+            && dataplane::pinned_link_devices(&self.links_dir)
+                .iter()
+                .all(|name| self.attached.contains_key(name))
     }
 
     /// Attaches to every wanted device not yet attached, forgets the ones that are gone.
@@ -125,6 +132,7 @@ impl Devices {
                 wanted.insert(name.clone(), role);
             }
         }
+        let mut failed = BTreeSet::new();
         for (name, role) in &wanted {
             let index = nix::net::if_::if_nametoindex(name.as_str()).unwrap_or(0);
             if self.attached.get(name) == Some(&(*role, index))
@@ -148,11 +156,13 @@ impl Devices {
                 }
                 Err(error) => {
                     self.metrics.attach_errors.inc();
+                    failed.insert(name.clone());
                     let error = super::chain(&error);
                     tracing::warn!(device = %name, ?role, %error, "attach failed; will retry");
                 }
             }
         }
+        self.failed = failed;
         self.refused.retain(|name, _| wanted.contains_key(name));
         // A refused device is not ours: what an older agent attached there goes too.
         for name in self.refused.keys() {

@@ -190,18 +190,20 @@ impl Syncer {
     /// Once this agent's programs run on every device an earlier agent's did, copies what
     /// those wrote meanwhile into maps the load resized, and drops the old maps' pins.
     fn finish_resize(&mut self) {
-        if !self.dp.resizing() || !self.devices.replaced_all() {
+        if !self.dp.resizing() || !self.devices.replaced_all(self.node_known) {
             return;
         }
         match self.dp.finish_resize() {
             Ok(copied) => tracing::info!(
                 written = copied.written,
+                deleted = copied.deleted,
+                kept = copied.kept,
                 lost = copied.lost,
-                "resized maps: the old maps' last entries copied, their pins removed"
+                "resized maps: the old programs' last changes applied, the old maps' pins removed"
             ),
             Err(error) => tracing::warn!(
                 %error,
-                "could not finish resizing maps: the old pins stay, and the next start copies them"
+                "could not finish resizing maps: tried again at the next device check"
             ),
         }
     }

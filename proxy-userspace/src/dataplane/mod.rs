@@ -422,7 +422,7 @@ impl Dataplane {
         // Pins of an agent whose programs did not note pod clients: those programs run until
         // ours replace them, and the flows they make in the meantime are in no client map.
         let clients_unknown = config.pin_path.as_ref().is_some_and(|dir| {
-            dir.join(CT4_MAP).exists() && !dir.join(LB4_POD_CLIENTS_MAP).exists()
+            resize::pinned(dir, CT4_MAP) && !dir.join(LB4_POD_CLIENTS_MAP).exists()
         });
         let pins: Vec<(&str, PathBuf)> = match &config.pin_path {
             Some(dir) => {
@@ -495,6 +495,7 @@ impl Dataplane {
             resize: Default::default(),
         };
         // Before anything reads the new maps: the ids adopted below are in the old ones.
+        let mut resize = resize;
         resize.copy(&dp)?;
         dp.resize = resize;
         // A restarted agent that does not know the node's address yet (the API server is
@@ -527,19 +528,28 @@ impl Dataplane {
     }
 
     /// Ends the resizes the load began (pinned maps whose size the config changed; see
-    /// `resize`): copies what the earlier agent's programs wrote to the old maps since the load,
-    /// never overwriting, and removes their pins. Call it once this dataplane's programs have
-    /// replaced the earlier ones on every device. Returns what the copy did; nothing to do
-    /// returns all zeros.
+    /// `resize`): applies what the earlier agent's programs changed in the old maps since the
+    /// load (added, changed, deleted entries) wherever this agent has not changed the entry
+    /// itself, and removes their pins. Call it once this dataplane's programs have
+    /// replaced the earlier ones on every device. Returns what the resize did in all (the
+    /// load's copy included); nothing to do returns all zeros. On an error the resize stays
+    /// under way, to be finished by a later call.
     pub fn finish_resize(&mut self) -> Result<Copied, DataplaneError> {
-        // (Taken out first: a failed copy leaves the old pins for the next start to copy.)
         let resize = std::mem::take(&mut self.resize);
         if resize.is_empty() {
             return Ok(Default::default());
         }
-        let copied = resize.copy(self)?;
-        resize.remove()?;
-        Ok(copied)
+        match resize.apply_changes(self) {
+            Ok(copied) => {
+                resize.remove()?;
+                Ok(copied)
+            }
+            Err(e) => {
+                // Kept, to try again.
+                self.resize = resize;
+                Err(e)
+            }
+        }
     }
 
     fn write_config(&mut self) -> Result<(), DataplaneError> {

@@ -13,10 +13,12 @@ use super::{Dataplane, DataplaneConfig, DataplaneError};
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 pub(super) const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+pub(super) const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 /// `BPF_MAP_UPDATE_ELEM`'s flag: create only, never overwrite.
 pub(super) const BPF_NOEXIST: u64 = 1;
+/// `BPF_MAP_UPDATE_ELEM`'s flag: overwrite only, never create.
+pub(super) const BPF_EXIST: u64 = 2;
 /// `map_flags`: programs may only read the map (aya's `.rodata`, frozen after load).
 const BPF_F_RDONLY_PROG: u32 = 1 << 7;
 
@@ -168,8 +170,8 @@ impl<'a> RawMap<'a> {
         self.data.fd().as_fd()
     }
 
-    /// Whether `key` is in the map.
-    pub(super) fn contains(&self, key: &[u8]) -> bool {
+    /// The value at `key`, if the map has it.
+    pub(super) fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
         let mut value = vec![0u8; self.value_size];
         elem(
             BPF_MAP_LOOKUP_ELEM,
@@ -177,7 +179,13 @@ impl<'a> RawMap<'a> {
             key.as_ptr(),
             value.as_mut_ptr(),
         )
-        .is_ok()
+        .ok()
+        .map(|()| value)
+    }
+
+    /// The key and value sizes, in bytes.
+    pub(super) fn layout(&self) -> (usize, usize) {
+        (self.key_size, self.value_size)
     }
 
     fn error(&self, op: &'static str) -> impl FnOnce(io::Error) -> DataplaneError + '_ {
