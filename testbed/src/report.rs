@@ -219,6 +219,41 @@ impl Report {
         summarize(&v)
     }
 
+    /// `a` over `b` for `metric` at `services`, round by round: the median and range of the
+    /// ratios of the rounds both ran in. Each round runs every mode back to back, so a pair
+    /// shares the machine's state of the moment, and a drift across rounds (another tenant's
+    /// load, a warming cache) cancels instead of widening the ratio as medians of the modes
+    /// taken apart would.
+    pub fn paired_ratio(&self, a: Mode, b: Mode, services: u32, metric: Metric) -> Option<Summary> {
+        let value = |mode: Mode, round: u32| {
+            self.samples
+                .iter()
+                .find(|s| {
+                    s.mode == mode
+                        && s.services == services
+                        && s.metric == metric
+                        && s.round == round
+                })
+                .map(|s| s.value)
+        };
+        let mut rounds: Vec<u32> = self
+            .samples
+            .iter()
+            .filter(|s| s.mode == a && s.services == services && s.metric == metric)
+            .map(|s| s.round)
+            .collect();
+        rounds.sort_unstable();
+        rounds.dedup();
+        let ratios: Vec<f64> = rounds
+            .into_iter()
+            .filter_map(|r| match (value(a, r), value(b, r)) {
+                (Some(x), Some(y)) if y != 0.0 => Some(x / y),
+                _ => None,
+            })
+            .collect();
+        summarize(&ratios)
+    }
+
     /// Every Service count measured, ascending.
     pub fn sizes(&self) -> Vec<u32> {
         let mut v: Vec<u32> = self.samples.iter().map(|s| s.services).collect();
@@ -300,7 +335,8 @@ fn fmt_cell(s: &Summary) -> String {
 }
 
 /// The Markdown tables: one per metric, rows by Service count, columns by mode (median and
-/// min–max of the rounds), then the ratios of sluice's median to each other mode's.
+/// min–max of the rounds), then sluice's ratio to each other mode, paired round by round
+/// ([`Report::paired_ratio`]).
 pub fn render_tables(report: &Report) -> String {
     let mut md = String::new();
     let sizes = report.sizes();
@@ -339,7 +375,7 @@ pub fn render_tables(report: &Report) -> String {
         };
         let _ = writeln!(
             md,
-            "### {} ({})\n\n{}Median of the rounds (min–max).\n",
+            "### {} ({})\n\n{}Median of the rounds (min–max). Ratios: the median of the per-round ratios (each round runs every mode back to back), with their range when there are several.\n",
             metric.title(),
             metric.unit(),
             if others.is_empty() {
@@ -384,11 +420,11 @@ pub fn render_tables(report: &Report) -> String {
                 };
                 let _ = write!(md, " {cell} |");
             }
-            let ratio =
-                |a: Mode, b: Mode| match (report.cell(a, n, metric), report.cell(b, n, metric)) {
-                    (Some(a), Some(b)) if b.median != 0.0 => format!("{:.2}", a.median / b.median),
-                    _ => "—".into(),
-                };
+            let ratio = |a: Mode, b: Mode| match report.paired_ratio(a, b, n, metric) {
+                Some(r) if r.rounds > 1 => format!("{:.2} ({:.2}–{:.2})", r.median, r.min, r.max),
+                Some(r) => format!("{:.2}", r.median),
+                None => "—".into(),
+            };
             for &m in &others {
                 let _ = write!(md, " {} |", ratio(Mode::Sluice, m));
             }
@@ -648,14 +684,48 @@ mod tests {
             .lines()
             .find(|l| l.starts_with("| 1,000 |"))
             .expect("a row for 1,000 Services");
-        // Medians 100, 90, 98, 45, 60: sluice/direct 0.90, /iptables-legacy 2.00, /nftables
-        // 1.50; iptables-nft has no samples; the socket path against direct 0.98.
+        // Per round, sluice/direct is 0.90, 0.86, 0.89; /iptables-legacy 2.00, 1.90, 2.00;
+        // /nftables 1.50, 1.64, 1.29; iptables-nft has no samples; the socket path against
+        // direct 0.98, 0.98, 0.98. (The medians' ratio for sluice/direct would be 0.90.)
         assert_eq!(
             row,
-            "| 1,000 | 100 (90.0–110) | 90.0 (80.0–95.0) | 98.0 (88.0–108) | 45.0 (40.0–50.0) | — | 60.0 (58.0–62.0) | 0.90 | 2.00 | — | 1.50 | 0.98 |"
+            "| 1,000 | 100 (90.0–110) | 90.0 (80.0–95.0) | 98.0 (88.0–108) | 45.0 (40.0–50.0) | — | 60.0 (58.0–62.0) | 0.89 (0.86–0.90) | 2.00 (1.90–2.00) | — | 1.50 (1.29–1.64) | 0.98 (0.98–0.98) |"
         );
         assert!(md.contains(" sluice/nftables | sluice-socket/direct |"));
         assert!(md.contains("higher is better"));
+    }
+
+    #[test]
+    fn ratios_pair_the_rounds_both_modes_ran_in() {
+        let mut r = Report::default();
+        // The machine slows down across rounds; the socket path stays 3% behind within each.
+        for (round, direct) in [(0, 200.0), (1, 150.0), (2, 100.0)] {
+            r.samples
+                .push(sample(Mode::Direct, 1, round, Metric::NewConnRate, direct));
+            r.samples.push(sample(
+                Mode::SluiceSocket,
+                1,
+                round,
+                Metric::NewConnRate,
+                direct * 0.97,
+            ));
+        }
+        // A round direct did not run in has nothing to pair with and is left out.
+        r.samples
+            .push(sample(Mode::SluiceSocket, 1, 3, Metric::NewConnRate, 1.0));
+        let p = r
+            .paired_ratio(Mode::SluiceSocket, Mode::Direct, 1, Metric::NewConnRate)
+            .unwrap();
+        assert_eq!(p.rounds, 3, "{p:?}");
+        assert!(
+            (p.median - 0.97).abs() < 1e-9 && (p.max - p.min) < 1e-9,
+            "{p:?}"
+        );
+        assert!(
+            r.paired_ratio(Mode::Sluice, Mode::Direct, 1, Metric::NewConnRate)
+                .is_none(),
+            "no sluice samples: no ratio"
+        );
     }
 
     #[test]
