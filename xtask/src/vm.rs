@@ -538,8 +538,10 @@ fn run_kernel(k: Kernel, full: bool, bins: &Binaries) -> anyhow::Result<Outcome>
     });
     let start = Instant::now();
     let mut log = GuestLog::new(&tag);
+    let mut printed = 0usize;
     for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
         let line = line.unwrap_or_default();
+        printed += 1;
         let _ = writeln!(console, "{line}");
         lines.push(format!("{tag} {line}"));
         if let Some(said) = log.line(&line) {
@@ -548,10 +550,21 @@ fn run_kernel(k: Kernel, full: bool, bins: &Binaries) -> anyhow::Result<Outcome>
     }
     let status = child.wait().context("waiting for vng")?;
     let _ = watchdog.join();
+    let took = start.elapsed();
+    let stderr_path = out.join("vng.stderr");
     let mut o = log.finish(
         &runs,
-        &format!("vng {status}; see {}", out.join("vng.stderr").display()),
+        &format!("vng {status}; see {}", stderr_path.display()),
     );
+    if let Some(why) = silent_guest(
+        printed,
+        &status.to_string(),
+        took,
+        limit,
+        &std::fs::read_to_string(&stderr_path).unwrap_or_default(),
+    ) {
+        o.broken.push(format!("{tag} {why}"));
+    }
     o.skips = std::fs::read_to_string(out.join("skips.log"))
         .unwrap_or_default()
         .lines()
@@ -565,6 +578,43 @@ fn run_kernel(k: Kernel, full: bool, bins: &Binaries) -> anyhow::Result<Outcome>
     ));
     o.console = lines;
     Ok(o)
+}
+
+/// Why a guest said nothing, when it did not: a guest that printed no line at all never
+/// reached its script, and the binaries' "never finished" alone does not say so. The message
+/// carries the end of vng's stderr (where virtme-ng and QEMU say what failed) and whether the
+/// watchdog killed it.
+fn silent_guest(
+    printed: usize,
+    status: &str,
+    took: Duration,
+    limit: Duration,
+    stderr: &str,
+) -> Option<String> {
+    if printed > 0 {
+        return None;
+    }
+    let tail: Vec<&str> = stderr.lines().rev().take(15).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    let killed = if took >= limit {
+        format!(
+            ", killed by the watchdog at its {} s bound",
+            limit.as_secs()
+        )
+    } else {
+        String::new()
+    };
+    Some(format!(
+        "the guest printed nothing: vng {status} after {:.0} s{killed}. It never reached its \
+         script (a boot failure, or QEMU refused to start; under software emulation a machine \
+         busy with other work can also stall the boot). vng's stderr ends:\n{}",
+        took.as_secs_f64(),
+        if tail.is_empty() {
+            "(empty)".to_owned()
+        } else {
+            tail.join("\n")
+        }
+    ))
 }
 
 #[cfg(test)]
@@ -666,6 +716,42 @@ mod tests {
         assert!(
             guest_script(RUNS, &bins, Path::new("/o")).is_err(),
             "a missing binary is an error"
+        );
+    }
+
+    #[test]
+    fn a_guest_that_printed_nothing_says_so_with_the_end_of_vngs_stderr() {
+        assert!(silent_guest(3, "exit status: 0", Duration::ZERO, Duration::MAX, "").is_none());
+        let stderr: String = (0..20).map(|i| format!("line {i}\n")).collect();
+        let why = silent_guest(
+            0,
+            "exit status: 255",
+            Duration::from_secs(82),
+            Duration::from_secs(3000),
+            &stderr,
+        )
+        .unwrap();
+        assert!(
+            why.contains("printed nothing: vng exit status: 255 after 82 s."),
+            "{why}"
+        );
+        assert!(
+            why.contains("line 5\n") && why.ends_with("line 19"),
+            "the last 15 lines: {why}"
+        );
+        assert!(!why.contains("line 4\n"), "{why}");
+        let killed = silent_guest(
+            0,
+            "signal: 9",
+            Duration::from_secs(3000),
+            Duration::from_secs(3000),
+            "",
+        )
+        .unwrap();
+        assert!(
+            killed.contains("killed by the watchdog at its 3000 s bound")
+                && killed.ends_with("(empty)"),
+            "{killed}"
         );
     }
 
