@@ -20,7 +20,7 @@ use proxy_common::{
 };
 use sluice::dataplane::{
     Backend, CtEntry, CtKind, Dataplane, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend,
-    FrontendKind, PASS, PROGRAMS, Protocol, TO_POD,
+    FrontendKind, PASS, PROGRAMS, Protocol, TO_POD, TO_UPLINK,
 };
 
 /// ClusterIP Services per port: 198.18.128.1.. holds 32,000 on port 80; beyond that the same
@@ -276,6 +276,79 @@ fn affinity_cell(services: u32, flows: u16) -> [Stats; 4] {
     [empty, plain_new, miss, hit]
 }
 
+/// The egress miss: a packet that is no reply of a translated flow, where the filters cannot
+/// tell without looking: into a pod that is a TC client (`sluice_to_pod`), and out of an uplink
+/// (`sluice_to_uplink`), both conntrack tables missed (`CT4`, then `CT4_NEW`); against a packet
+/// into a pod that is no TC client, which the pod-client filter passes before any lookup. The
+/// tables hold `flows` flows from as many clients, half of them established.
+fn egress_cell(services: u32, flows: u16, rounds: usize) -> [Stats; 4] {
+    let mut dp = sized_for_services();
+    program(&mut dp, services, None, true);
+    let vip = cluster_ip(services / 2);
+    // Client addresses in 198.19.128.0/17, none a backend's.
+    let client = |i: u16| Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 128, 0)) + u32::from(i));
+    let opened: Vec<Vec<u8>> = (0..flows)
+        .map(|i| syn_from(client(i), 40_000, *vip.ip(), vip.port()))
+        .collect();
+    measure(&dp, FROM_POD, &opened, 1);
+    let syn_acks = answers(
+        &dp,
+        |_| true,
+        |b, c| common::tcp(b, c, common::SYN_ACK, b""),
+    );
+    let half: Vec<Vec<u8>> = syn_acks.into_iter().step_by(2).collect();
+    measure(&dp, TO_POD, &half, 1);
+    let empty = measure(&dp, PASS, &opened, rounds);
+    let path = |program, pkts: &[Vec<u8>], ctr: u32, what: &str| {
+        let before = dp.counters().unwrap();
+        let stats = measure(&dp, program, pkts, rounds);
+        let after = dp.counters().unwrap();
+        let moved: Vec<(&str, u64)> = proxy_common::COUNTER_NAMES
+            .iter()
+            .zip(before.iter().zip(&after))
+            .filter(|(_, (b, a))| a.packets != b.packets)
+            .map(|(n, (b, a))| (*n, a.packets - b.packets))
+            .collect();
+        assert_eq!(
+            after[ctr as usize].packets - before[ctr as usize].packets,
+            pkts.len() as u64 * rounds as u64,
+            "every run of {program} was {what}; the counters moved: {moved:?}"
+        );
+        stats
+    };
+    let other_pod = Ipv4Addr::new(198, 19, 0, 21);
+    let into_client: Vec<Vec<u8>> = (0..flows)
+        .map(|i| syn_from(other_pod, 9090, client(i), 40_001))
+        .collect();
+    let into_client = path(
+        TO_POD,
+        &into_client,
+        CTR_PASS_NO_MATCH,
+        "a miss in both tables",
+    );
+    let into_other: Vec<Vec<u8>> = (0..flows)
+        .map(|i| syn_from(client(i), 40_001, other_pod, 9090))
+        .collect();
+    let into_other = path(
+        TO_POD,
+        &into_other,
+        CTR_PASS_NOT_POD_CLIENT,
+        "passed on the filter",
+    );
+    let out: Vec<Vec<u8>> = (0..flows)
+        .map(|i| {
+            syn_from(
+                Ipv4Addr::new(198, 18, 0, 1),
+                20_000 + i,
+                Ipv4Addr::new(198, 18, 60, 1),
+                443,
+            )
+        })
+        .collect();
+    let out_uplink = path(TO_UPLINK, &out, CTR_PASS_NO_MATCH, "a miss in both tables");
+    [empty, into_client, into_other, out_uplink]
+}
+
 /// The SCTP cost: conntrack hits from a pod to a ClusterIP over TCP (port 80 -> 8080), and
 /// over SCTP with a port change (3868 -> 3869: the tail-called checksum update) and without
 /// one (3870 -> 3870: the tail call, nothing to update), each against the empty program.
@@ -353,6 +426,10 @@ fn sctp_cell(services: u32, flows: u16, rounds: usize) -> [Stats; 4] {
 fn sized_for_services() -> Dataplane {
     Dataplane::load_with(DataplaneConfig {
         conntrack_max: 262_144,
+        // Room for every cell's half-open flows: the kernel's LRU evicts before it is full
+        // (its free lists are per CPU), and at the default 65,536 the SCTP cell's 40,000
+        // entries lost flows before their answers.
+        conntrack_new_max: 262_144,
         // A frontend and 3 backend slots per Service.
         services_max: 524_288,
         revnat_max: 131_072,
@@ -511,6 +588,10 @@ fn main() {
     md.push_str("\n## sessionAffinity ClientIP: the new-flow cost\n\nTC ingress of a pod device: new flows to a ClusterIP without affinity, and to one with it from clients it has not seen (the affinity entry missed, then written) and from the same clients again (the entry hit: the remembered backend checked against the frontend's and used). The conntrack hit path is the same with or without affinity.\n\n| Services | empty program | new flow, no affinity | new flow, affinity miss | new flow, affinity hit | over empty: none / miss / hit |\n|---:|---:|---:|---:|---:|---:|\n");
     for services in [1u32, 10_000] {
         md.push_str(&over_empty(services, &affinity_cell(services, flows)));
+    }
+    md.push_str("\n## Egress: packets that are no reply, where the filters must look\n\nTC egress: a packet into a pod that was a TC client (`sluice_to_pod`) and one out of an uplink (`sluice_to_uplink`), neither a reply of any flow: both conntrack tables are looked up (`CT4`, then `CT4_NEW`) and missed; beside a packet into a pod that was never a TC client, which the pod-client filter passes with no conntrack lookup. The tables hold as many flows as the main table's cells, half established.\n\n| Services | empty program | into a TC client, no flow | into a pod no TC client | out of an uplink, no flow | over empty: client / not / uplink |\n|---:|---:|---:|---:|---:|---:|\n");
+    for services in [1u32, 10_000] {
+        md.push_str(&over_empty(services, &egress_cell(services, flows, rounds)));
     }
     md.push_str("\n## SCTP: the conntrack hit, with its checksum update\n\nTC ingress of a pod device: conntrack hits to a ClusterIP over TCP (port 80 to 8080), and over SCTP with a port change (3868 to 3869: the CRC32c update, in `sluice_sctp_checksum`, tail-called) and without one (3870 to 3870: the tail call, nothing to update).\n\n| Services | empty program | TCP hit | SCTP hit, port changed | SCTP hit, same port | over empty: TCP / SCTP changed / same |\n|---:|---:|---:|---:|---:|---:|\n");
     for services in [1u32, 10_000] {
