@@ -165,6 +165,26 @@ pub fn lookup(key: &Ct4Key, now: u64) -> Option<*mut Ct4Entry> {
     established(key, now).or_else(|| not_established(key, now))
 }
 
+/// The entry at `key` in `CT4`, else in `CT4_NEW`, live or not: what [`live_from`] then checks
+/// against the clock. Apart, so that a miss in both tables (what most packets leaving a node,
+/// or entering a pod that was a TC client, meet) reads no clock.
+#[inline(always)]
+pub fn find(key: &Ct4Key) -> Option<*mut Ct4Entry> {
+    CT4.get_ptr_mut(key).or_else(|| CT4_NEW.get_ptr_mut(key))
+}
+
+/// The live entry for `key`, given `e` from [`find`]: `e` if it is live at `now`, else the
+/// live entry in `CT4_NEW` (an expired `CT4` entry hides no `CT4_NEW` one; an expired
+/// `CT4_NEW` entry is found expired again), as [`lookup`] would have found.
+#[inline(always)]
+pub fn live_from(e: *mut Ct4Entry, key: &Ct4Key, now: u64) -> Option<*mut Ct4Entry> {
+    // SAFETY: a successful lookup returns a valid pointer into the map's value.
+    if unsafe { (*e).expires_ns(key.proto) } >= now {
+        return Some(e);
+    }
+    not_established(key, now)
+}
+
 /// Removes the entry at `key` from both tables.
 #[inline(always)]
 pub fn forget(key: &Ct4Key) {

@@ -203,16 +203,15 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
                 if flow.frag == FIRST_FRAGMENT {
                     note_first_fragment(&flow);
                 }
-                let now = conntrack::now();
                 let replied = if maybe_reply || may_be_snated_reply(&flow) {
-                    reply(ctx, &flow, now, len, hook)
+                    reply(ctx, &flow, len, hook)
                 } else {
                     None
                 };
                 match replied {
                     Some(r) => r,
                     None if hook.is_egress() => (PASS, CTR_PASS_NO_MATCH),
-                    None => forward(ctx, &flow, now, len, hook),
+                    None => forward(ctx, &flow, conntrack::now(), len, hook),
                 }
             } else if unallocated(hook, flow.daddr_be) {
                 (DROP, CTR_DROP_UNALLOCATED_CLUSTER_IP)
@@ -473,8 +472,13 @@ fn route_for(ctx: &TcContext, f: &Flow, saddr_be: u32, daddr_be: u32) -> Result<
 /// destination back to the client). At ingress only SNATed flows are translated; the others
 /// pass, to be translated at egress after routing.
 #[inline(always)]
-fn reply(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> Option<(i32, u32)> {
-    let e = lookup(&reply_key(f), now)?;
+fn reply(ctx: &TcContext, f: &Flow, len: u32, hook: Hook) -> Option<(i32, u32)> {
+    // The clock is read only if the flow is found: a miss (every egress packet that is no
+    // reply) costs two lookups and nothing else.
+    let key = reply_key(f);
+    let found = conntrack::find(&key)?;
+    let now = conntrack::now();
+    let e = conntrack::live_from(found, &key, now)?;
     let c = conntrack::pinned(e);
     let state = c.state;
     if conntrack::opens_anew(f, state) {
