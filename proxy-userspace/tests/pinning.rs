@@ -708,7 +708,23 @@ fn what_the_old_programs_change_during_a_resize_is_carried_over_and_nothing_come
         }],
     )
     .unwrap();
-    // Before the new load: a half-open TCP flow, and a UDP flow.
+    let stats = Frontend {
+        addr: "198.18.128.3".parse().unwrap(),
+        ..dns
+    };
+    old.upsert_service(
+        stats,
+        &[Backend {
+            addr: "198.19.0.31".parse().unwrap(),
+            port: 5353,
+            local: true,
+        }],
+    )
+    .unwrap();
+    // Before the new load: a half-open TCP flow, a UDP flow, and a one-way UDP flow.
+    let sender = sa("198.19.0.11:42002");
+    let metric = udp(sender, sa("198.18.128.3:53"), b"m");
+    run(&old, FROM_POD, &metric);
     let half = sa("198.19.0.11:42000");
     let (_, out) = run(&old, FROM_POD, &tcp(half, frontend, SYN, b""));
     let half_backend = check(&out).dst;
@@ -727,8 +743,8 @@ fn what_the_old_programs_change_during_a_resize_is_carried_over_and_nothing_come
     .unwrap();
     assert_eq!(
         new.conntrack().unwrap().len(),
-        4,
-        "the load copied both flows"
+        6,
+        "the load copied the three flows"
     );
     // The new agent forgets the UDP flow (its backend went).
     let target = sluice::dataplane::socket::SocketTarget {
@@ -753,19 +769,22 @@ fn what_the_old_programs_change_during_a_resize_is_carried_over_and_nothing_come
     let chosen = open_flows(&old, &clients, frontend);
     run(&old, TO_POD, &tcp(half_backend, half, SYN_ACK, b""));
     run(&old, FROM_POD, &tcp(half, frontend, ACK, b""));
+    // The one-way flow's next datagram: its entry changes (packets, bytes, time).
+    run(&old, FROM_POD, &metric);
     assert_eq!(
         new.conntrack().unwrap().len(),
-        2,
+        4,
         "not in the new tables yet"
     );
 
     let copied = new.finish_resize().unwrap();
-    // Load: the 4 entries of the two flows. Since: 16 entries of the new flows and the
-    // half-open flow's 2 moved to CT4 (written), and deleted from CT4_NEW; the UDP flow's 2
-    // entries the old maps still hold are left forgotten.
+    // Load: the 6 entries of the three flows. Since: 16 entries of the new flows, the
+    // half-open flow's 2 moved to CT4 (written) and deleted from CT4_NEW, and the one-way
+    // flow's 2 changed entries (its datagram counted, its reverse entry kept alive: written);
+    // the UDP flow's 2 entries the old maps still hold are left forgotten.
     assert_eq!(
         (copied.written, copied.deleted, copied.lost),
-        (4 + 2 * clients.len() + 2, 2, 0),
+        (6 + 2 * clients.len() + 2 + 2, 2, 0),
         "{copied:?}"
     );
     drop(old);
@@ -781,8 +800,71 @@ fn what_the_old_programs_change_during_a_resize_is_carried_over_and_nothing_come
         [false, false],
         "the flow the old programs established is in CT4 only: {ct:?}"
     );
+    let one_way = ct
+        .iter()
+        .find(|e| e.src == sender && e.dst == sa("198.18.128.3:53"))
+        .expect("the one-way flow's service entry");
+    assert_eq!(
+        one_way.entry.packets, 2,
+        "the change the old programs made is in the new table: {one_way:?}"
+    );
     flows_go_on(&new, &clients, frontend, &chosen);
     flows_go_on(&new, &[half], frontend, &[half_backend]);
+}
+
+/// The reason to raise `--conntrack-max`: the old table is full, and evicts its least recently
+/// used flows to make room for new ones, also while the new agent is taking over. A flow the
+/// old table evicted after the load's copy is not gone: it stays in the new, bigger table.
+#[test]
+fn flows_the_old_table_evicts_during_a_resize_stay_in_the_new_one() {
+    require_privileged!("flows_the_old_table_evicts_during_a_resize_stay_in_the_new_one");
+    let fs = BpfFs::new().unwrap();
+    let dir = fs.path().join("sluice");
+    let old_config = DataplaneConfig {
+        pin_path: Some(dir.clone()),
+        conntrack_new_max: 512,
+        ..Default::default()
+    };
+    let frontend = sa("198.18.128.1:80");
+    let backend = sa("198.19.0.20:8080");
+    let client = |port: u16| sa(&format!("198.19.0.10:{port}"));
+    let syn = |port: u16| tcp(client(port), frontend, SYN, b"");
+    let syn_ack = |port: u16| tcp(backend, client(port), SYN_ACK, b"");
+    let mut old = Dataplane::load_with(old_config.clone()).unwrap();
+    old.upsert_service(web(), &pods(1)).unwrap();
+    // 100 half-open flows (200 entries) in a table of 512.
+    for port in 30_000..30_100 {
+        run(&old, FROM_POD, &syn(port));
+    }
+    let mut new = Dataplane::load_with(DataplaneConfig {
+        conntrack_new_max: 8192,
+        ..old_config
+    })
+    .unwrap();
+    // The old programs go on: 1,000 more half-open flows evict the first ones from the old
+    // table.
+    for port in 31_000..32_000 {
+        run(&old, FROM_POD, &syn(port));
+    }
+    let ct = old.conntrack().unwrap();
+    let still_old = (30_000..30_100u16)
+        .filter(|&p| ct.iter().any(|e| e.src == client(p)))
+        .count();
+    assert!(
+        still_old < 100,
+        "the old table evicted some of the first flows: {still_old} of 100 left"
+    );
+    let copied = new.finish_resize().unwrap();
+    drop(old);
+    for port in 30_000..30_100u16 {
+        let (_, out) = run(&new, TO_POD, &syn_ack(port));
+        assert_eq!(
+            check(&out).src,
+            frontend,
+            "flow {}, evicted from the old table, is still in the new one ({copied:?})",
+            client(port)
+        );
+    }
 }
 
 /// An agent that dies between its load and `finish_resize` leaves the old maps' pins. The next

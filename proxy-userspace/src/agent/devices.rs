@@ -111,14 +111,17 @@ impl Devices {
     /// Whether this dataplane's programs have replaced an earlier agent's on every device:
     /// the devices are all known (uplinks named, or the node's addresses known), the last
     /// reconcile attached to every device it wanted, and every device with a pinned link (TCX)
-    /// is attached. With clsact there are no pins: each attach replaced the filter in place, and
-    /// a device no longer wanted had its filter removed.
+    /// is attached. With clsact there are no pins: each attach replaced the filter in place. A
+    /// device an earlier agent attached to and this one does not want (the device flags
+    /// changed) keeps that agent's filter, which nothing tracks; there, once the old pins go,
+    /// the old programs' new flows find their tail-call slots empty and are dropped, counted.
     pub fn replaced_all(&self, node_known: bool) -> bool {
-        (node_known || !self.uplinks.is_empty())
-            && self.failed.is_empty()
-            && dataplane::pinned_link_devices(&self.links_dir)
-                .iter()
-                .all(|name| self.attached.contains_key(name))
+        replaced(
+            node_known || !self.uplinks.is_empty(),
+            &self.failed,
+            &dataplane::pinned_link_devices(&self.links_dir),
+            |name| self.attached.contains_key(name),
+        )
     }
 
     /// Attaches to every wanted device not yet attached, forgets the ones that are gone.
@@ -264,4 +267,45 @@ pub fn watch_links(tx: ChangeTx) -> std::io::Result<()> {
             }
         })?;
     Ok(())
+}
+
+/// [`Devices::replaced_all`]'s rule: the devices are known, no attach failed, and every device
+/// with a pinned link is attached.
+fn replaced(
+    devices_known: bool,
+    failed: &BTreeSet<String>,
+    pinned: &[String],
+    attached: impl Fn(&str) -> bool,
+) -> bool {
+    devices_known && failed.is_empty() && pinned.iter().all(|name| attached(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn old_programs_are_replaced_only_once_every_device_is_known_and_attached() {
+        let none = BTreeSet::new();
+        let pinned = ["eth0".to_owned(), "pv1".to_owned()];
+        let both = |n: &str| n == "eth0" || n == "pv1";
+        assert!(replaced(true, &none, &pinned, both));
+        assert!(
+            replaced(true, &none, &[], |_| false),
+            "clsact: no pins to wait for"
+        );
+        assert!(
+            !replaced(false, &none, &pinned, both),
+            "an uplink found by address may not be known yet"
+        );
+        let failed: BTreeSet<String> = ["pv2".to_owned()].into();
+        assert!(
+            !replaced(true, &failed, &[], |_| true),
+            "a failed attach leaves the old filter there (clsact)"
+        );
+        assert!(
+            !replaced(true, &none, &pinned, |n| n == "eth0"),
+            "a pinned link still the old agent's"
+        );
+    }
 }

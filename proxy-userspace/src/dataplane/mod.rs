@@ -529,27 +529,22 @@ impl Dataplane {
 
     /// Ends the resizes the load began (pinned maps whose size the config changed; see
     /// `resize`): applies what the earlier agent's programs changed in the old maps since the
-    /// load (added, changed, deleted entries) wherever this agent has not changed the entry
-    /// itself, and removes their pins. Call it once this dataplane's programs have
+    /// load (added and changed entries, flows moved to `CT4`) wherever this agent has not
+    /// changed the entry itself, and removes their pins. Call it once this dataplane's programs have
     /// replaced the earlier ones on every device. Returns what the resize did in all (the
     /// load's copy included); nothing to do returns all zeros. On an error the resize stays
     /// under way, to be finished by a later call.
     pub fn finish_resize(&mut self) -> Result<Copied, DataplaneError> {
-        let resize = std::mem::take(&mut self.resize);
+        let mut resize = std::mem::take(&mut self.resize);
         if resize.is_empty() {
             return Ok(Default::default());
         }
-        match resize.apply_changes(self) {
-            Ok(copied) => {
-                resize.remove()?;
-                Ok(copied)
-            }
-            Err(e) => {
-                // Kept, to try again.
-                self.resize = resize;
-                Err(e)
-            }
+        let result = resize.finish(self);
+        if result.is_err() {
+            // Kept, to try again: the merge is not repeated once done.
+            self.resize = resize;
         }
+        result
     }
 
     fn write_config(&mut self) -> Result<(), DataplaneError> {

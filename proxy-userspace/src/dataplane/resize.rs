@@ -10,27 +10,36 @@
 //!    `<map>_resizing<n>`, keeping the old maps open. The previous agent's programs, still
 //!    attached, keep using them.
 //! 2. The load makes those maps anew (the new size; new tail-call maps) and pins them.
-//! 3. [`Resize::copy`] copies every entry of the old maps into the new ones before anything
-//!    reads them (the ids the agent adopts are in there), and keeps what it copied.
+//! 3. [`Resize::copy`] copies the old maps' entries into the new ones before anything reads
+//!    them (the ids the agent adopts are in there), and keeps what it read.
 //! 4. Once this agent's programs have replaced the old ones on every device,
 //!    `Dataplane::finish_resize` applies to the new maps what the old programs changed since
-//!    step 3 (added, changed or deleted entries), unless this agent changed that entry too,
-//!    and removes the old pins.
+//!    step 3 (entries added or changed, flows moved from `CT4_NEW` to `CT4`), unless this agent
+//!    changed that entry too, and removes the old pins.
 //!
 //! Rules:
-//! - Step 3 never overwrites (`BPF_NOEXIST`); step 4 changes an entry only if it still holds
-//!   what step 3 copied. So whatever the new agent or its programs wrote or deleted stands:
-//!   a flow the agent forgot, a Service it removed, does not come back.
+//! - Step 3 never overwrites (`BPF_NOEXIST`, after a lookup: a refused LRU insert can still
+//!   evict); step 4 changes an entry only if it still holds what step 3 copied, and removes
+//!   only what moved to `CT4`. So whatever the new agent or its programs wrote or deleted
+//!   stands (a flow it forgot does not come back), and an entry the old LRU evicted to make
+//!   room stays in the new map. A removal by the old programs themselves (a stale entry
+//!   forgotten) is not applied: the new programs find such an entry stale or let it expire.
+//! - A hash map (Services, backends, reverse NAT, frontend addresses, affinity matches) is
+//!   written by the agent alone, so its newest old map is its whole state: only that one is
+//!   copied. Conntrack and socket reverse NAT take the union of their old maps, the newer
+//!   map's entry first.
 //! - The tail-call maps are set aside uncopied: each generation of programs must tail-call its
 //!   own new-flow programs, or the old programs' packets would open flows in the new tables,
 //!   where the old programs never look for the replies.
-//! - An LRU map (conntrack, socket reverse NAT) shrunk below what it holds keeps what fits, as
-//!   under load: conntrack entries are copied least recently seen first, so the LRU keeps the
-//!   most recent, and the entries lost are counted and logged.
-//! - Pins an interrupted resize left behind (`<map>_resizing*`) are copied from at the next
-//!   start, newest first (the newest value of an entry wins), and then removed. A resize
-//!   interrupted after its copy has been merged once already: entries the interrupted agent
-//!   deleted since may come back from them, for their timeout.
+//! - An LRU map shrunk below what it holds keeps what fits, as under load: conntrack entries
+//!   are copied least recently seen first, so the LRU keeps the most recent, and the entries
+//!   lost are counted and logged.
+//! - Pins an interrupted resize left behind (`<map>_resizing*`) are merged at the next start,
+//!   newest first, and then removed. A resize interrupted after its copy has been merged once
+//!   already: conntrack entries the interrupted agent deleted since may come back from them,
+//!   for their timeout.
+//! - Step 4 reads an entry and then writes it while the new programs run: one they touch in
+//!   between (microseconds) can be written back to what the old programs last had.
 use std::{
     collections::HashMap,
     io,
@@ -64,7 +73,13 @@ struct Source {
     path: PathBuf,
     data: MapData,
     max_entries: u32,
-    /// What step 3 copied from it: the old map's entries then.
+    /// An LRU map (conntrack, socket reverse NAT): written by programs, and evicting.
+    lru: bool,
+    /// Whether its entries go into the new map: not for a tail-call map, nor for a hash map
+    /// that a newer old map of the same name supersedes (only the agent writes those, and its
+    /// last state is whole).
+    merged: bool,
+    /// What step 3 read from it: the old map's entries then.
     copied: HashMap<Vec<u8>, Vec<u8>>,
 }
 
@@ -76,17 +91,16 @@ impl Source {
             source: Box::new(source),
         })?;
         let max_entries = RawMap::keyed(map, &data)?.max_entries;
+        let lru = matches!(data.info().map(|i| i.map_type()), Ok(Ok(MapType::LruHash)));
         Ok(Self {
             map,
             path,
             data,
             max_entries,
+            lru,
+            merged: !TAIL_MAPS.contains(&map),
             copied: HashMap::new(),
         })
-    }
-
-    fn is_copied(&self) -> bool {
-        !TAIL_MAPS.contains(&self.map)
     }
 
     fn raw(&self) -> Result<RawMap<'_>, DataplaneError> {
@@ -99,7 +113,10 @@ impl Source {
 #[derive(Default)]
 pub(super) struct Resize {
     sources: Vec<Source>,
-    loaded: Copied,
+    /// What step 3 did; after step 4, what both did.
+    done: Copied,
+    /// Step 4 is done: only the old pins are left to remove.
+    merged: bool,
 }
 
 fn pin_error(path: &Path) -> impl FnOnce(io::Error) -> DataplaneError + '_ {
@@ -174,22 +191,17 @@ pub(super) fn set_aside(
         for (_, p) in left_of(map) {
             olds.push(Source::open(map, p.clone())?);
         }
-        let Some(first) = olds.first() else { continue };
-        let lru = matches!(
-            first.data.info().map(|i| i.map_type()),
-            Ok(Ok(MapType::LruHash))
-        );
-        if !lru && (changed || olds.len() > 1) {
-            let mut keys = std::collections::HashSet::new();
-            for old in &olds {
-                keys.extend(old.raw()?.keys()?);
-            }
-            if keys.len() > max as usize {
+        // A hash map is filled from the newest old map alone (see `Source::merged`): that one
+        // must fit.
+        let Some(newest) = olds.first() else { continue };
+        if !newest.lru && newest.max_entries != max {
+            let held = newest.raw()?.keys()?.len();
+            if held > max as usize {
                 return Err(DataplaneError::ResizeTooSmall {
                     map,
-                    held: keys.len(),
+                    held,
                     max,
-                    was: first.max_entries,
+                    was: newest.max_entries,
                 });
             }
         }
@@ -222,6 +234,17 @@ pub(super) fn set_aside(
         for (_, path) in list {
             resize.sources.push(Source::open(map, path)?);
         }
+    }
+    // A hash map that is no resize of this start's (its pin was reused) is its own newest
+    // state: what interrupted resizes left of it is only removed.
+    for source in resize.sources.iter_mut() {
+        if !source.lru && dir.join(source.map).exists() {
+            source.merged = false;
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    for source in resize.sources.iter_mut().filter(|s| !s.lru && s.merged) {
+        source.merged = seen.insert(source.map);
     }
     Ok(resize)
 }
@@ -312,36 +335,65 @@ impl Resize {
         self.sources.is_empty()
     }
 
-    /// Step 3: copies every old map's entries into `dp`'s map of the same name, never
-    /// overwriting, and keeps what it copied.
+    /// Step 3: copies the old maps' entries into `dp`'s maps of the same names, never
+    /// overwriting: for each map, the entries of its old maps, newest map first (an entry in
+    /// two goes in as the newer has it), conntrack least recently seen first, so that an LRU
+    /// shrunk below them keeps the most recent. Keeps what it read of each old map.
     pub(super) fn copy(&mut self, dp: &Dataplane) -> Result<(), DataplaneError> {
-        for source in self.sources.iter_mut().filter(|s| s.is_copied()) {
+        let mut maps: Vec<&'static str> = Vec::new();
+        for source in self.sources.iter().filter(|s| s.merged) {
+            if !maps.contains(&source.map) {
+                maps.push(source.map);
+            }
+        }
+        for map in maps {
+            let mut union: Vec<RawEntry> = Vec::new();
+            let mut keys = std::collections::HashSet::new();
+            let mut first = None;
+            for (i, source) in self.sources.iter_mut().enumerate() {
+                if source.map != map || !source.merged {
+                    continue;
+                }
+                first.get_or_insert(i);
+                let entries = source.raw()?.entries()?;
+                for (k, v) in &entries {
+                    if keys.insert(k.clone()) {
+                        union.push((k.clone(), v.clone()));
+                    }
+                }
+                source.copied = entries.into_iter().collect();
+            }
+            let Some(first) = first else { continue };
+            let source = &self.sources[first];
             let to = target(dp, source)?;
-            let mut entries = source.raw()?.entries()?;
-            lru_order(source.map, &mut entries);
+            lru_order(map, &mut union);
             let mut copied = Copied::default();
-            for (key, value) in &entries {
-                if write(source, &to, key, value, BPF_NOEXIST)? {
+            for (key, value) in &union {
+                // Looked up first: a refused LRU insert can still evict another entry.
+                if to.get(key).is_none() && write(source, &to, key, value, BPF_NOEXIST)? {
                     copied.written += 1;
                 } else {
                     copied.kept += 1;
                 }
             }
             // An LRU insert evicts instead of failing: what is not there now did not fit.
-            copied.lost = entries.iter().filter(|(k, _)| to.get(k).is_none()).count();
-            log(source, &to, copied, "copied the old map's entries");
-            source.copied = entries.into_iter().collect();
-            self.loaded += copied;
+            copied.lost = union.iter().filter(|(k, _)| to.get(k).is_none()).count();
+            log(source, &to, copied, "copied the old maps' entries");
+            self.done += copied;
         }
         Ok(())
     }
 
     /// Step 4: applies to `dp`'s maps what the old programs changed in the old maps since
-    /// step 3, where the new map still holds what step 3 copied; returns what the resize did
-    /// in all (both steps).
-    pub(super) fn apply_changes(&self, dp: &Dataplane) -> Result<Copied, DataplaneError> {
-        let mut total = self.loaded;
-        for source in self.sources.iter().filter(|s| s.is_copied()) {
+    /// step 3: an entry they added goes in if the new map has none; one they changed is
+    /// changed if the new map still holds what step 3 copied; one they moved from `CT4_NEW` to
+    /// `CT4` leaves the new `CT4_NEW` (if unchanged there). No other removal is applied: an
+    /// entry an LRU map evicted to make room is gone from the old map too, and is no flow's
+    /// end. Returns what the resize did in all (both steps).
+    fn apply_changes(&self, dp: &Dataplane) -> Result<Copied, DataplaneError> {
+        let mut total = self.done;
+        let ct = dp.raw_map(CT4_MAP)?;
+        for source in self.sources.iter().filter(|s| s.merged) {
             let to = target(dp, source)?;
             let mut now = source.raw()?.entries()?;
             lru_order(source.map, &mut now);
@@ -360,7 +412,7 @@ impl Resize {
                         }
                     }
                     None => {
-                        if write(source, &to, key, value, BPF_NOEXIST)? {
+                        if to.get(key).is_none() && write(source, &to, key, value, BPF_NOEXIST)? {
                             changes.written += 1;
                             added.push(key);
                         } else {
@@ -369,12 +421,15 @@ impl Resize {
                     }
                 }
             }
-            let now: HashMap<&Vec<u8>, &Vec<u8>> = now.iter().map(|(k, v)| (k, v)).collect();
-            for (key, then) in &source.copied {
-                if now.contains_key(key) {
-                    continue;
-                }
-                if to.get(key).as_ref() == Some(then) {
+            if source.map == CT4_NEW_MAP {
+                let now: std::collections::HashSet<&Vec<u8>> = now.iter().map(|(k, _)| k).collect();
+                for (key, then) in &source.copied {
+                    if now.contains(key)
+                        || ct.get(key).is_none()
+                        || to.get(key).as_ref() != Some(then)
+                    {
+                        continue;
+                    }
                     match elem_with(
                         BPF_MAP_DELETE_ELEM,
                         to.fd(),
@@ -387,13 +442,11 @@ impl Resize {
                         Err(e) => {
                             return Err(DataplaneError::Raw {
                                 map: source.map.into(),
-                                op: "delete an entry the old programs deleted from",
+                                op: "delete a flow the old programs moved to CT4 from",
                                 source: e,
                             });
                         }
                     }
-                } else {
-                    changes.kept += 1;
                 }
             }
             changes.lost = added.iter().filter(|k| to.get(k).is_none()).count();
@@ -408,12 +461,23 @@ impl Resize {
         Ok(total)
     }
 
-    /// Removes the old pins: the maps go once the last program using them does.
-    pub(super) fn remove(self) -> Result<(), DataplaneError> {
-        for source in self.sources {
-            std::fs::remove_file(&source.path).map_err(pin_error(&source.path))?;
+    /// Ends the resize (step 4 once, then the old pins' removal, until it succeeds): returns
+    /// what it did in all.
+    pub(super) fn finish(&mut self, dp: &Dataplane) -> Result<Copied, DataplaneError> {
+        if !self.merged {
+            self.done = self.apply_changes(dp)?;
+            self.merged = true;
         }
-        Ok(())
+        // The maps go once the last program using them does.
+        while let Some(source) = self.sources.first() {
+            match std::fs::remove_file(&source.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(pin_error(&source.path)(e)),
+            }
+            self.sources.remove(0);
+        }
+        Ok(self.done)
     }
 }
 
