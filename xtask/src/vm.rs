@@ -205,12 +205,13 @@ impl Run {
 }
 
 /// The pinning tests of a map size changed across a restart (`dataplane/resize.rs`): run on the
-/// oldest kernel only. What they use (bpffs renames, `BPF_NOEXIST`/`BPF_EXIST` updates, LRU
-/// maps) is older than 5.10 and unchanged since; the host runs them on the newest.
+/// host only. What they use (bpffs renames, `BPF_NOEXIST`/`BPF_EXIST` updates, LRU maps) is
+/// older than 5.10 and unchanged since, and in the guests they cost minutes of the matrix, the
+/// longest part of CI.
 const RESIZE_TESTS: &[&str] = &["map_size", "resize", "shrinking"];
 
 /// On every kernel: the kernel facilities report, the programs through BPF_PROG_TEST_RUN,
-/// pinning and adoption (map resizes on the oldest kernel only), attaching in both modes beside another program, and a Service end to
+/// pinning and adoption (map resizes on the host only), attaching in both modes beside another program, and a Service end to
 /// end in the sandbox (TCP spread over backends, the clsact attachment translating and
 /// detaching, and SCTP, which this machine's kernel lacks, with its checksums).
 const QUICK: &[Run] = &[
@@ -235,8 +236,7 @@ const QUICK: &[Run] = &[
 /// a local backend and, SNATed and redirected, to a remote one); socket-level
 /// load balancing for node processes, its refusal without endpoints (EPERM before 5.18), and
 /// connected UDP moved off a removed backend (netlink SOCK_DESTROY); the agent killed under
-/// load and succeeded (clsact), and TCX asked for and refused; and `pinning` whole, its map
-/// resize tests ([`RESIZE_TESTS`]) included.
+/// load and succeeded (clsact), and TCX asked for and refused.
 const OLDEST: &[Run] = &[
     Run::only(
         "cluster",
@@ -279,15 +279,8 @@ fn runs_for(k: Kernel, full: bool) -> Vec<Run> {
     if full {
         return FULL.iter().map(|b| Run::all(b)).collect();
     }
-    let oldest = k.name == testbed::vm::KERNELS[0].name;
     let mut runs = QUICK.to_vec();
-    // One run of a binary per guest: the log's markers are told apart by binary.
-    for r in &mut runs {
-        if oldest && r.bin == "pinning" {
-            *r = Run::all("pinning");
-        }
-    }
-    if oldest {
+    if k.name == testbed::vm::KERNELS[0].name {
         runs.extend_from_slice(OLDEST);
     }
     runs
@@ -763,16 +756,14 @@ mod tests {
         assert!(!names(middle, false).contains(&"cluster"));
         assert!(names(middle, false).contains(&"packets"));
         assert_eq!(names(middle, true).len(), FULL.len());
-        let pinning = |k| {
+        for k in [oldest, middle] {
             let runs = runs_for(k, false);
             let p: Vec<Run> = runs.into_iter().filter(|r| r.bin == "pinning").collect();
             assert_eq!(p.len(), 1, "one run of a binary per guest");
-            p[0].skips
-        };
-        assert!(
-            pinning(oldest).is_empty(),
-            "the oldest kernel runs every pinning test"
-        );
-        assert_eq!(pinning(middle), RESIZE_TESTS);
+            assert_eq!(
+                p[0].skips, RESIZE_TESTS,
+                "the resize tests run on the host only"
+            );
+        }
     }
 }
