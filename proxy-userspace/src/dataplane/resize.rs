@@ -254,7 +254,8 @@ pub(super) fn set_aside(
 pub struct Copied {
     /// Entries written to the new maps (added, or changed by the old programs since the load).
     pub written: usize,
-    /// Entries deleted from the new maps because the old programs deleted them since the load.
+    /// Entries deleted from the new `CT4_NEW` because the old programs moved their flow to
+    /// `CT4` since the load (the only removal a resize applies).
     pub deleted: usize,
     /// Entries left as they were because the new agent or its programs had written or
     /// deleted them (or a newer old map had them).
@@ -290,8 +291,8 @@ fn write(
     ) {
         Ok(()) => Ok(true),
         Err(e) if matches!(e.raw_os_error(), Some(libc::EEXIST | libc::ENOENT)) => Ok(false),
-        // A hash map's new size was checked against what the old ones held: these are entries
-        // the old programs added since. Nothing is dropped: the agent says so.
+        // A hash map's new size was checked against its newest old map, the only one copied,
+        // so this is not expected; if it happens nothing is dropped: the agent says so.
         Err(e) if e.raw_os_error() == Some(libc::E2BIG) => Err(DataplaneError::MapFull {
             map: source.map,
             max: to.max_entries,
