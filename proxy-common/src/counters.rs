@@ -165,12 +165,30 @@ counters! {
     /// Service CIDRs that no frontend holds, as kube-proxy's nftables mode drops traffic to
     /// unallocated ClusterIPs; sent on, it would leave by the default route.
     CTR_DROP_UNALLOCATED_CLUSTER_IP = 50, "drop_unallocated_cluster_ip";
+    /// Of the XDP program on uplinks (`sluice_xdp_from_uplink`), which keeps its own account
+    /// (its packets go on to TC, which counts them again): every packet it saw. Each also
+    /// counts exactly one of the four `xdp_*` below.
+    CTR_XDP_SEEN = 51, "xdp_seen";
+    /// XDP: a packet of an established flow to a backend, DNATed at XDP and passed to the
+    /// stack; TC ingress then lets it by as addressed to no frontend.
+    CTR_XDP_CT_HIT = 52, "xdp_ct_hit";
+    /// XDP: passed untouched to TC as no Service's: not IPv4 TCP or UDP to a frontend's
+    /// address, a fragment, or malformed.
+    CTR_XDP_TO_TC_NOT_SERVICE = 53, "xdp_to_tc_not_service";
+    /// XDP: passed untouched to TC, which owns what XDP does not do: a flow's first packets, a
+    /// packet that changes its flow's state (SYN, FIN, RST), a reply, a flow SNATed or
+    /// forwarded by the node, a flow not established yet.
+    CTR_XDP_TO_TC_FLOW = 54, "xdp_to_tc_flow";
+    /// XDP: passed untouched to TC because its TCP/UDP checksum may be partial (the field holds
+    /// the pseudo-header's sum, as a veth peer with checksum offload sends): XDP cannot see
+    /// `ip_summed`, so only TC can update such a checksum right.
+    CTR_XDP_TO_TC_PARTIAL_CSUM = 55, "xdp_to_tc_partial_csum";
 }
 
-/// The counters that are no verdict (`seen`, the socket programs', and the "of the translated
-/// packets, ..." kind): every packet a TC program sees counts `seen` once and exactly one
-/// counter not in this list.
-pub const NOT_VERDICTS: [u32; 19] = [
+/// The counters that are no TC verdict (`seen`, the socket programs', the XDP program's, and
+/// the "of the translated packets, ..." kind): every packet a TC program sees counts `seen`
+/// once and exactly one counter not in this list.
+pub const NOT_VERDICTS: [u32; 24] = [
     CTR_SEEN,
     CTR_HAIRPIN,
     CTR_SNAT_PORT_TAKEN,
@@ -190,10 +208,15 @@ pub const NOT_VERDICTS: [u32; 19] = [
     CTR_SOCK_DENY_SOURCE_RANGE,
     CTR_AFFINITY_HIT,
     CTR_SOCK_DENY_NO_LOCAL_BACKEND,
+    CTR_XDP_SEEN,
+    CTR_XDP_CT_HIT,
+    CTR_XDP_TO_TC_NOT_SERVICE,
+    CTR_XDP_TO_TC_FLOW,
+    CTR_XDP_TO_TC_PARTIAL_CSUM,
 ];
 
 /// Number of counters in use (at most [`CTR_SLOTS`]).
-pub const CTR_MAX: u32 = 51;
+pub const CTR_MAX: u32 = 56;
 const _: () = assert!(CTR_MAX <= CTR_SLOTS);
 
 /// One CPU's share of a counter.

@@ -6,7 +6,8 @@
 //! (rewrites and checksums), `snat` (source ports for flows SNATed to the node), `fib`
 //! (forwarding by FIB lookup and redirect), `icmp` (ICMP errors of translated flows), `reject`
 //! (ICMP port unreachable, fragmentation needed), `stats` (per-CPU counters), `maps`; and
-//! `sock`, the cgroup socket programs (socket-level load balancing).
+//! `sock`, the cgroup socket programs (socket-level load balancing); `xdp`, the XDP fast path
+//! on uplinks for established flows.
 //!
 //! On the host this crate is a stub with an empty `main`, so that `cargo build --workspace`
 //! and `cargo clippy --workspace` work without the BPF target.
@@ -38,6 +39,8 @@ mod snat;
 mod sock;
 #[cfg(target_arch = "bpf")]
 mod stats;
+#[cfg(target_arch = "bpf")]
+mod xdp;
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}

@@ -37,7 +37,7 @@ pub(crate) fn diff(old: u32, new: u32) -> u32 {
 
 /// Folds a 32-bit ones' complement sum to 16 bits.
 #[inline(always)]
-fn fold(sum: u32) -> u16 {
+pub(crate) fn fold(sum: u32) -> u16 {
     let s = (sum & 0xffff) + (sum >> 16);
     ((s & 0xffff) + (s >> 16)) as u16
 }

@@ -27,10 +27,10 @@ pub const IP_CSUM_OFF: u32 = ETH_LEN + 10;
 pub const IP_SADDR_OFF: u32 = ETH_LEN + 12;
 pub const IP_DADDR_OFF: u32 = ETH_LEN + 16;
 pub const IP_TTL_OFF: u32 = ETH_LEN + 8;
-const ETH_P_IP_BE: u16 = 0x0800_u16.to_be();
+pub const ETH_P_IP_BE: u16 = 0x0800_u16.to_be();
 const IP_DF: u16 = 0x4000;
-const IP_MF: u16 = 0x2000;
-const IP_OFFSET: u16 = 0x1fff;
+pub const IP_MF: u16 = 0x2000;
+pub const IP_OFFSET: u16 = 0x1fff;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;

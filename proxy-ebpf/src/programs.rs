@@ -341,7 +341,7 @@ fn handle_new_flow(ctx: &TcContext, hook: Hook) -> i32 {
 /// address is no frontend's, nor the hairpin or SNAT address); else whether the address is
 /// marked [`FE_ADDR_NAT`] (flows SNATed to an earlier address: their replies arrive there).
 #[inline(always)]
-fn ingress_dest(f: &Flow) -> Option<bool> {
+pub(crate) fn ingress_dest(f: &Flow) -> Option<bool> {
     // SAFETY: the value is a plain integer.
     if let Some(v) = unsafe { LB4_FE_ADDRS.get(&f.daddr_be) } {
         return Some(v & FE_ADDR_NAT != 0);
@@ -357,7 +357,7 @@ fn ingress_dest(f: &Flow) -> Option<bool> {
 /// range (or, `ingress_dest` says, to an address marked [`FE_ADDR_NAT`]). To any other address
 /// it can only be a client's, so the reply lookup, a miss on every client packet, is skipped.
 #[inline(always)]
-fn may_be_snated_reply(f: &Flow) -> bool {
+pub(crate) fn may_be_snated_reply(f: &Flow) -> bool {
     LB4_CONFIG.get(0).is_some_and(|c| {
         let port = u16::from_be(f.dport_be);
         (f.daddr_be == c.hairpin_snat_be && c.hairpin_snat_be != 0)

@@ -9,7 +9,7 @@ use std::{net::Ipv4Addr, path::Path, time::Duration};
 
 use serde_json::{Value, json};
 use testbed::{
-    BpfFs, Cluster, HttpServer, PodNetwork, UdpEcho, UdpOutcome,
+    BpfFs, Cluster, HttpServer, KeepAlive, PodNetwork, Sniffer, UdpEcho, UdpOutcome,
     agent::{AgentProcess, ManifestsDir, eventually, node_objects, sandbox_args, services_json},
     curl, http_upload, plan,
     plan::node_name,
@@ -89,17 +89,31 @@ impl Env {
 
     fn start_agent(&mut self, k: usize, extra: &[&str]) {
         let bpffs = BpfFs::new().unwrap();
+        let agent = self.spawn_agent(k, &bpffs, extra, "log");
+        self.agents.push(agent);
+        self.bpffs.push(bpffs);
+    }
+
+    /// Starts node `k`'s agent on the pins of `bpffs`, logging to `<bpffs>.<log>`, healthy.
+    fn spawn_agent(&self, k: usize, bpffs: &BpfFs, extra: &[&str], log: &str) -> AgentProcess {
         let pins = bpffs.path().join("sluice");
         let dir = self.manifests.path().display().to_string();
         let mut flags = vec!["--manifests", dir.as_str()];
         flags.extend_from_slice(extra);
         let args = sandbox_args(&node_name(k), &pins, &flags);
-        let log = bpffs.path().with_extension("log");
+        let log = bpffs.path().with_extension(log);
         let bin = Path::new(env!("CARGO_BIN_EXE_sluice"));
         let mut agent = AgentProcess::start(&self.c.nodes[k].ns, bin, &args, &log).unwrap();
         agent.wait_started();
-        self.agents.push(agent);
-        self.bpffs.push(bpffs);
+        agent
+    }
+
+    /// Kills node `k`'s agent (SIGKILL) and starts another on its pins with `extra` flags
+    /// (start number `n`, for its log's name).
+    fn restart_agent(&mut self, k: usize, extra: &[&str], n: u32) {
+        self.agents[k].kill9();
+        let agent = self.spawn_agent(k, &self.bpffs[k], extra, &format!("{n}.log"));
+        self.agents[k] = agent;
     }
 
     fn logs(&self) -> String {
@@ -912,4 +926,157 @@ fn snat_source_ports_run_out_cleanly_and_are_counted_never_reused_under_a_live_f
         let ok = lines.iter().filter(|l| l.starts_with("OK web-1")).count();
         assert_eq!(ok, 40, "a live flow was disturbed: {lines:?}");
     }
+}
+
+/// Panics unless the IPv4 packet `ip` (as the sniffer captured it, from its IP header) carries
+/// a right header checksum and a right TCP checksum, computed here by etherparse.
+fn assert_checksums(ip: &[u8]) {
+    let s = etherparse::SlicedPacket::from_ip(ip).expect("an IPv4 packet");
+    let Some(etherparse::NetSlice::Ipv4(v4)) = &s.net else {
+        panic!("not IPv4: {ip:02x?}")
+    };
+    let h = v4.header();
+    assert_eq!(
+        h.header_checksum(),
+        h.to_header().calc_header_checksum(),
+        "IPv4 header checksum"
+    );
+    let Some(etherparse::TransportSlice::Tcp(t)) = &s.transport else {
+        panic!("not TCP: {ip:02x?}")
+    };
+    assert_eq!(
+        t.checksum(),
+        t.calc_checksum_ipv4(h.source(), h.destination()).unwrap(),
+        "TCP checksum of {ip:02x?}"
+    );
+}
+
+/// XDP on the uplinks (`--xdp-mode`): NodePort from outside to a local backend, its
+/// established packets DNATed at XDP and arriving with right checksums (verified here, not
+/// by the kernel: a veth marks what it forwards as checked); to a remote backend, handed to
+/// TC, which SNATs and forwards it; and a connection that goes on, on its backend, while the
+/// agent restarts with XDP off and then on again.
+fn xdp_on_the_uplinks(mode: &str) {
+    let mut env = Env::new(&["--xdp-mode", mode]);
+    let xdp_mode = |env: &Env, k: usize, m: &str| {
+        env.agents[k].metric(&format!(
+            "sluice_xdp_uplinks{{device=\"eth0\",mode=\"{m}\"}}"
+        ))
+    };
+    for k in 0..NODES {
+        assert_eq!(
+            xdp_mode(&env, k, mode),
+            Some(1.0),
+            "node{k}\n{}",
+            env.logs()
+        );
+    }
+    env.web("NodePort", "Cluster", vec![env.web_ep(0)]);
+    env.wait_programmed(CLUSTER_IP, 80, 1);
+    let (outside, web0) = (env.c.outside[0].addr, env.addr("web-0"));
+
+    // To the local backend: an upload's data packets are DNATed at XDP.
+    let n = 40;
+    let sniff = Sniffer::start(&env.c.pod("web-0").ns, "eth0", outside, web0, n, T).unwrap();
+    let hits = env.counter(0, "xdp_ct_hit");
+    let up = http_upload(env.outside(), env.node_addr(0), NODE_PORT, 100_000, T)
+        .unwrap_or_else(|e| panic!("upload through XDP: {e}\n{}", env.logs()));
+    assert_eq!(up, "web-0 100000");
+    let seen = sniff.finish();
+    assert_eq!(seen.len(), n as usize, "packets the backend received");
+    for p in &seen {
+        assert_checksums(p);
+    }
+    let xdp_hits = env.counter(0, "xdp_ct_hit") - hits;
+    assert!(
+        xdp_hits >= 30.0,
+        "an upload of 100 kB made {xdp_hits} XDP hits\n{}",
+        env.counters(0)
+    );
+
+    // To a remote backend: TC's (new flow, SNAT, redirect), handed over by XDP.
+    let to_tc = env.counter(1, "xdp_to_tc_flow");
+    let r = curl(env.outside(), env.node_addr(1), NODE_PORT, T)
+        .unwrap_or_else(|e| panic!("NodePort of node1: {e}\n{}", env.logs()));
+    assert_eq!(
+        (r.body.as_str(), r.client.map(|c| *c.ip())),
+        ("web-0", Some(env.node_addr(1)))
+    );
+    assert!(
+        env.counter(1, "xdp_to_tc_flow") > to_tc,
+        "{}",
+        env.counters(1)
+    );
+    assert!(
+        env.counter(1, "new_flow_snat") >= 1.0,
+        "{}",
+        env.counters(1)
+    );
+
+    // XDP off and on again under a live connection.
+    let requests = 300;
+    let mut ka = KeepAlive::start(
+        env.outside(),
+        env.node_addr(0),
+        NODE_PORT,
+        requests,
+        Duration::from_millis(40),
+    )
+    .unwrap();
+    ka.connected().expect("the client connected");
+    let hits = env.counter(0, "xdp_ct_hit");
+    assert!(
+        eventually(WAIT, || env.counter(0, "xdp_ct_hit") > hits),
+        "the connection's requests are XDP hits\n{}",
+        env.counters(0)
+    );
+    env.restart_agent(0, &["--xdp-mode", "off"], 2);
+    assert_eq!(xdp_mode(&env, 0, "off"), Some(1.0), "{}", env.logs());
+    let seen = env.counter(0, "xdp_seen");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        env.counter(0, "xdp_seen"),
+        seen,
+        "with XDP off, the XDP program sees nothing"
+    );
+    let tc_hits = env.counter(0, "ct_hit");
+    assert!(
+        eventually(WAIT, || env.counter(0, "ct_hit") > tc_hits),
+        "TC serves the connection meanwhile\n{}",
+        env.counters(0)
+    );
+    env.restart_agent(0, &["--xdp-mode", mode], 3);
+    assert_eq!(xdp_mode(&env, 0, mode), Some(1.0), "{}", env.logs());
+    let hits = env.counter(0, "xdp_ct_hit");
+    assert!(
+        eventually(WAIT, || env.counter(0, "xdp_ct_hit") > hits),
+        "XDP is back on the connection\n{}",
+        env.counters(0)
+    );
+    let lines = ka.finish(Duration::from_secs(30));
+    let oks: Vec<&str> = lines.iter().filter_map(|l| l.strip_prefix("OK ")).collect();
+    assert_eq!(
+        oks.len(),
+        requests as usize,
+        "requests lost while XDP went off and on: {lines:?}\n{}",
+        env.logs()
+    );
+    assert!(oks.iter().all(|b| *b == "web-0"), "{oks:?}");
+    assert_eq!(lines.last().map(String::as_str), Some("DONE"));
+}
+
+#[test]
+fn xdp_native_on_the_uplinks_translates_established_flows_and_can_go_off_and_on_under_traffic() {
+    require_privileged!(
+        "xdp_native_on_the_uplinks_translates_established_flows_and_can_go_off_and_on_under_traffic"
+    );
+    xdp_on_the_uplinks("native");
+}
+
+#[test]
+fn xdp_generic_on_the_uplinks_translates_established_flows_and_can_go_off_and_on_under_traffic() {
+    require_privileged!(
+        "xdp_generic_on_the_uplinks_translates_established_flows_and_can_go_off_and_on_under_traffic"
+    );
+    xdp_on_the_uplinks("generic");
 }

@@ -11,8 +11,9 @@ use std::{
 use common::*;
 use proxy_common::*;
 use sluice::dataplane::{
-    Backend, Backends, Cidr4, Dataplane, DataplaneConfig, DataplaneError, FROM_POD, FROM_UPLINK,
-    Frontend, FrontendKind, Protocol, RawDump, RawEntry, SourceRanges, TO_POD, TO_UPLINK,
+    Backend, Backends, Cidr4, Counters, CtKind, Dataplane, DataplaneConfig, DataplaneError,
+    FROM_POD, FROM_UPLINK, Frontend, FrontendKind, Protocol, RawDump, RawEntry, SourceRanges,
+    TO_POD, TO_UPLINK, XDP_FROM_UPLINK,
 };
 use testbed::require_privileged;
 
@@ -1979,5 +1980,245 @@ fn a_reset_or_a_fin_from_the_client_does_not_move_a_flow_to_the_established_tabl
         in_new_table(&dp).iter().all(|new| *new),
         "{:?}",
         dp.conntrack().unwrap()
+    );
+}
+
+// ---- XDP on uplinks (`sluice_xdp_from_uplink`): a fast path for established flows ----
+
+/// A client outside the cluster, and the NodePort [`NODE_PORT`]'s local backend.
+const OUTSIDE: &str = "198.18.0.100:50000";
+const LOCAL_BACKEND: &str = "198.19.0.20:8080";
+
+/// The XDP counters' changes between two readings: seen, hit, and the three ways to TC.
+fn xdp_delta(before: &Counters, after: &Counters) -> [u64; 5] {
+    [
+        CTR_XDP_SEEN,
+        CTR_XDP_CT_HIT,
+        CTR_XDP_TO_TC_NOT_SERVICE,
+        CTR_XDP_TO_TC_FLOW,
+        CTR_XDP_TO_TC_PARTIAL_CSUM,
+    ]
+    .map(|i| delta(before, after, i))
+}
+
+/// Runs `pkt` through XDP and asserts it went to TC untouched, counted as `reason`.
+fn xdp_hands_to_tc(dp: &Dataplane, pkt: &[u8], reason: u32, what: &str) {
+    let before = dp.counters().unwrap();
+    let (verdict, out) = run_xdp(dp, XDP_FROM_UPLINK, pkt);
+    let after = dp.counters().unwrap();
+    assert_eq!(verdict, XDP_PASS, "{what}");
+    assert_eq!(out, pkt, "{what}: XDP changed a packet it leaves to TC");
+    let mut want = [1, 0, 0, 0, 0];
+    want[(reason - CTR_XDP_SEEN) as usize] = 1;
+    assert_eq!(xdp_delta(&before, &after), want, "{what}: counted as");
+}
+
+/// Runs `pkt` through XDP and asserts it was DNATed exactly as TC would have: the same bytes
+/// TC ingress makes of it (on a copy), with checksums verified independently.
+fn xdp_translates_as_tc(dp: &Dataplane, pkt: &[u8], what: &str) -> Seen {
+    let before = dp.counters().unwrap();
+    let (verdict, out) = run_xdp(dp, XDP_FROM_UPLINK, pkt);
+    let after = dp.counters().unwrap();
+    assert_eq!(verdict, XDP_PASS, "{what}");
+    assert_eq!(xdp_delta(&before, &after), [1, 1, 0, 0, 0], "{what}: a hit");
+    let (_, by_tc) = run(dp, FROM_UPLINK, pkt);
+    assert_eq!(out, by_tc, "{what}: XDP and TC translate alike");
+    // What XDP passed on goes through TC ingress next: it lets it by untouched.
+    let (verdict, again) = run(dp, FROM_UPLINK, &out);
+    assert_eq!(
+        (verdict, &again),
+        (TC_ACT_UNSPEC, &out),
+        "{what}: TC after XDP"
+    );
+    check(&out)
+}
+
+/// A NodePort and a UDP NodePort with one local backend each, and a TCP flow from
+/// [`OUTSIDE`] established through TC (SYN, the backend's SYN-ACK, the client's ACK).
+fn node_port_flow() -> Shared {
+    let mut dp = dataplane();
+    dp.upsert_service(
+        fe(NODE_PORT, Protocol::Tcp, FrontendKind::NodePort),
+        &[be(LOCAL_BACKEND)],
+    )
+    .unwrap();
+    dp.upsert_service(
+        fe("198.18.0.10:30053", Protocol::Udp, FrontendKind::NodePort),
+        &[be(DNS_BACKEND)],
+    )
+    .unwrap();
+    let (client, node_port, backend) = (sa(OUTSIDE), sa(NODE_PORT), sa(LOCAL_BACKEND));
+    // Every packet of the handshake goes to TC: the SYN starts the flow, and the ACK moves it
+    // to the table of established flows.
+    let syn = tcp(client, node_port, SYN, b"");
+    xdp_hands_to_tc(&dp, &syn, CTR_XDP_TO_TC_FLOW, "a SYN");
+    assert_eq!(check(&run(&dp, FROM_UPLINK, &syn).1).dst, backend);
+    run(&dp, TO_UPLINK, &tcp(backend, client, SYN_ACK, b""));
+    let ack = tcp(client, node_port, ACK, b"");
+    xdp_hands_to_tc(
+        &dp,
+        &ack,
+        CTR_XDP_TO_TC_FLOW,
+        "the ACK of a flow not yet established",
+    );
+    run(&dp, FROM_UPLINK, &ack);
+    dp
+}
+
+#[test]
+fn xdp_dnats_an_established_flows_packets_exactly_as_tc_does() {
+    require_privileged!("xdp_dnats_an_established_flows_packets_exactly_as_tc_does");
+    let dp = node_port_flow();
+    let (client, node_port) = (sa(OUTSIDE), sa(NODE_PORT));
+    let service_packets = || {
+        let flows = dp.conntrack().unwrap();
+        let e = flows
+            .iter()
+            .find(|e| e.kind == CtKind::Service && e.dst == node_port)
+            .expect("the service entry");
+        assert!(!e.new, "the flow is established");
+        e.entry.packets
+    };
+    let before = service_packets();
+    let data = tcp(client, node_port, ACK, b"GET / HTTP/1.1\r\n\r\n");
+    let seen = xdp_translates_as_tc(&dp, &data, "a data packet");
+    assert_eq!((seen.src, seen.dst), (client, sa(LOCAL_BACKEND)));
+    assert_eq!(seen.payload, b"GET / HTTP/1.1\r\n\r\n");
+    // The entries were brought up to date, as TC's own hit does: the packet counted on the
+    // service entry once by XDP and once by TC's run on its copy.
+    assert_eq!(service_packets(), before + 2);
+    // A FIN changes the flow's state: TC's.
+    xdp_hands_to_tc(
+        &dp,
+        &tcp(client, node_port, FIN_ACK, b""),
+        CTR_XDP_TO_TC_FLOW,
+        "a FIN",
+    );
+    xdp_hands_to_tc(
+        &dp,
+        &tcp(client, node_port, RST, b""),
+        CTR_XDP_TO_TC_FLOW,
+        "an RST",
+    );
+}
+
+#[test]
+fn xdp_translates_udp_ip_options_and_a_missing_udp_checksum_right() {
+    require_privileged!("xdp_translates_udp_ip_options_and_a_missing_udp_checksum_right");
+    let dp = node_port_flow();
+    let (client, udp_port) = (sa(OUTSIDE), sa("198.18.0.10:30053"));
+    let q = udp(client, udp_port, b"query");
+    xdp_hands_to_tc(&dp, &q, CTR_XDP_TO_TC_FLOW, "a UDP flow's first datagram");
+    run(&dp, FROM_UPLINK, &q);
+    run(&dp, TO_UPLINK, &udp(sa(DNS_BACKEND), client, b"answer"));
+    // The client's next datagram establishes the flow: TC moves it to `CT4`.
+    let again = udp(client, udp_port, b"again");
+    xdp_hands_to_tc(
+        &dp,
+        &again,
+        CTR_XDP_TO_TC_FLOW,
+        "the datagram that establishes",
+    );
+    run(&dp, FROM_UPLINK, &again);
+    let seen = xdp_translates_as_tc(&dp, &udp(client, udp_port, b"more"), "a UDP datagram");
+    assert_eq!(seen.dst, sa(DNS_BACKEND));
+    let mut none = udp(client, udp_port, b"no checksum");
+    none[14 + 20 + 6] = 0;
+    none[14 + 20 + 7] = 0;
+    let seen = xdp_translates_as_tc(&dp, &none, "a UDP datagram without checksum");
+    assert_eq!(seen.udp_checksum, Some(0), "a zero UDP checksum stays zero");
+    // IPv4 options are skipped over.
+    let mut h = etherparse::Ipv4Header::new(
+        0,
+        64,
+        etherparse::IpNumber::TCP,
+        client.ip().octets(),
+        sa(NODE_PORT).ip().octets(),
+    )
+    .unwrap();
+    h.options = [1u8, 1, 1, 0][..].try_into().unwrap();
+    let mut pkt = Vec::new();
+    etherparse::PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ip(etherparse::IpHeaders::Ipv4(h, Default::default()))
+        .tcp(client.port(), sa(NODE_PORT).port(), 1000, 64240)
+        .ack(1)
+        .write(&mut pkt, b"with options")
+        .unwrap();
+    assert_eq!(pkt[14] & 0x0f, 6, "a 24-byte IPv4 header");
+    let seen = xdp_translates_as_tc(&dp, &pkt, "a packet with IPv4 options");
+    assert_eq!(seen.dst, sa(LOCAL_BACKEND));
+}
+
+#[test]
+fn xdp_leaves_to_tc_what_it_cannot_translate_alike_untouched_and_counted() {
+    require_privileged!("xdp_leaves_to_tc_what_it_cannot_translate_alike_untouched_and_counted");
+    let dp = node_port_flow();
+    let (client, node_port) = (sa(OUTSIDE), sa(NODE_PORT));
+    // A checksum that may be partial (the pseudo-header's sum, as a veth peer with offload
+    // leaves it): only TC knows how to update it.
+    let mut partial = tcp(client, node_port, ACK, b"offloaded");
+    let l4_len = (partial.len() - 34) as u32;
+    let ip = &partial[26..34];
+    let mut sum: u32 = ip
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum::<u32>()
+        + 6
+        + l4_len;
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    partial[34 + 16..34 + 18].copy_from_slice(&(sum as u16).to_be_bytes());
+    xdp_hands_to_tc(
+        &dp,
+        &partial,
+        CTR_XDP_TO_TC_PARTIAL_CSUM,
+        "a partial checksum",
+    );
+    // Not a Service's: another address, other protocols, not IPv4, fragments, malformed.
+    let not_service = [
+        (
+            "to an address no frontend has",
+            tcp(client, sa("198.18.0.99:80"), ACK, b"x"),
+        ),
+        ("a ClusterIP from outside", tcp(client, sa(VIP), ACK, b"x")),
+        ("ICMP", {
+            let mut v = Vec::new();
+            etherparse::PacketBuilder::ethernet2(MAC_A, MAC_B)
+                .ipv4(client.ip().octets(), node_port.ip().octets(), 64)
+                .icmpv4_echo_request(1, 1)
+                .write(&mut v, b"ping")
+                .unwrap();
+            v
+        }),
+        ("an ARP frame", {
+            let mut v = tcp(client, node_port, ACK, b"x");
+            v[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+            v
+        }),
+        ("a first fragment", {
+            let mut v = tcp(client, node_port, ACK, b"x");
+            v[20] |= 0x20; // more fragments
+            set_ip_checksum(&mut v);
+            v
+        }),
+        ("a TCP header cut short", {
+            let mut v = tcp(client, node_port, ACK, b"");
+            v.truncate(14 + 20 + 12);
+            v[16..18].copy_from_slice(&32u16.to_be_bytes());
+            set_ip_checksum(&mut v);
+            v
+        }),
+    ];
+    for (what, pkt) in not_service {
+        xdp_hands_to_tc(&dp, &pkt, CTR_XDP_TO_TC_NOT_SERVICE, what);
+    }
+    // A flow XDP does not know as established: never seen, or to a frontend from another
+    // client port.
+    xdp_hands_to_tc(
+        &dp,
+        &tcp(sa("198.18.0.100:50001"), node_port, ACK, b"x"),
+        CTR_XDP_TO_TC_FLOW,
+        "a packet of no flow",
     );
 }

@@ -701,11 +701,13 @@ impl Sniffer {
     /// returns the IPv4 packets it saw.
     pub fn finish(mut self) -> Vec<Vec<u8>> {
         drop(self.child.stdin.take());
-        let _ = self.child.wait();
+        // Read to the end before waiting: a capture bigger than the pipe's buffer (64 KiB of
+        // hex, some 20 full-size packets) blocks the sniffer until it is read.
         let mut out = String::new();
         if let Some(mut s) = self.child.stdout.take() {
             let _ = std::io::Read::read_to_string(&mut s, &mut out);
         }
+        let _ = self.child.wait();
         out.lines()
             .filter_map(|l| {
                 (0..l.len())

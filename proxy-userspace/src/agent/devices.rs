@@ -18,10 +18,11 @@ use std::{
 };
 
 use super::{
-    metrics::{Metrics, RoleLabel},
+    XdpSetting,
+    metrics::{Metrics, RoleLabel, XdpLabel},
     source::{Change, ChangeTx},
 };
-use crate::dataplane::{self, AttachMode, Dataplane, DataplaneError};
+use crate::dataplane::{self, AttachMode, Dataplane, DataplaneError, XdpMode};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -45,7 +46,10 @@ pub struct Devices {
     pod_globs: Vec<glob::Pattern>,
     uplinks: Vec<String>,
     mode: AttachMode,
+    xdp: XdpSetting,
     links_dir: PathBuf,
+    /// The XDP mode of each attached uplink (`off`: TC alone).
+    xdp_modes: BTreeMap<String, &'static str>,
     /// Attached devices: role and ifindex (a device recreated under the same name has a new
     /// index and must be attached again).
     attached: BTreeMap<String, (Role, u32)>,
@@ -77,6 +81,7 @@ impl Devices {
         pod_globs: Vec<glob::Pattern>,
         uplinks: Vec<String>,
         mode: AttachMode,
+        xdp: XdpSetting,
         links_dir: PathBuf,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -84,7 +89,9 @@ impl Devices {
             pod_globs,
             uplinks,
             mode,
+            xdp,
             links_dir,
+            xdp_modes: BTreeMap::new(),
             attached: BTreeMap::new(),
             refused: BTreeMap::new(),
             failed: BTreeSet::new(),
@@ -151,6 +158,9 @@ impl Devices {
                 Ok(()) => {
                     tracing::info!(device = %name, ?role, mode = %self.mode, "attached");
                     self.attached.insert(name.clone(), (*role, index));
+                    if *role == Role::Uplink {
+                        self.attach_xdp(dp, name);
+                    }
                 }
                 Err(error @ DataplaneError::NotEthernet { .. }) => {
                     self.metrics.attach_errors.inc();
@@ -191,6 +201,9 @@ impl Devices {
                 tracing::warn!(device = %name, %error, "could not detach");
                 continue;
             }
+            if let Some(mode) = self.xdp_modes.remove(&name) {
+                self.metrics.xdp_uplinks.remove(&XdpLabel::new(&name, mode));
+            }
             if self.attached.remove(&name).is_some() {
                 let why = if present.contains_key(&name) {
                     "no longer wanted"
@@ -207,6 +220,47 @@ impl Devices {
                 .get_or_create(&role.label())
                 .set(n as i64);
         }
+    }
+}
+
+impl Devices {
+    /// Puts the XDP program on uplink `name` (just attached at TC) in the first mode of
+    /// `--xdp-mode` that works, or takes an earlier agent's off it (`off`). A mode that fails
+    /// is logged and the uplink left to TC, which serves everything XDP would: it is not
+    /// retried until the device is made anew (a driver does not gain XDP at run time).
+    fn attach_xdp(&mut self, dp: &mut Dataplane, name: &str) {
+        let mut chosen = "off";
+        for &mode in self.xdp.modes() {
+            match dp.attach_xdp_persistent(name, mode, &self.links_dir) {
+                Ok(()) => {
+                    chosen = mode.name();
+                    break;
+                }
+                Err(error) => {
+                    let level_warn = self.xdp != XdpSetting::Auto || mode == XdpMode::Generic;
+                    let error = super::chain(&error);
+                    if level_warn {
+                        self.metrics.attach_errors.inc();
+                        tracing::warn!(device = %name, %mode, %error, "XDP not attached; the uplink is left to TC");
+                    } else {
+                        tracing::info!(device = %name, %mode, %error, "XDP mode not available; trying the next");
+                    }
+                }
+            }
+        }
+        if chosen == "off"
+            && let Err(error) = dataplane::detach_xdp(&self.links_dir, name)
+        {
+            tracing::warn!(device = %name, %error, "could not detach an earlier XDP program");
+        }
+        tracing::info!(device = %name, xdp = chosen, setting = ?self.xdp, "XDP mode of uplink");
+        if let Some(old) = self.xdp_modes.insert(name.to_owned(), chosen) {
+            self.metrics.xdp_uplinks.remove(&XdpLabel::new(name, old));
+        }
+        self.metrics
+            .xdp_uplinks
+            .get_or_create(&XdpLabel::new(name, chosen))
+            .set(1);
     }
 }
 

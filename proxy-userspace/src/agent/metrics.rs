@@ -55,6 +55,22 @@ pub const KUBE_PROXY_NAMES: &[&str] = &[
     "kubeproxy_proxy_livez_total",
 ];
 
+/// An uplink and the XDP mode it has (`native`, `generic`, or `off`: TC alone).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct XdpLabel {
+    pub device: String,
+    pub mode: String,
+}
+
+impl XdpLabel {
+    pub fn new(device: &str, mode: &str) -> Self {
+        Self {
+            device: device.to_owned(),
+            mode: mode.to_owned(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RoleLabel {
     pub role: String,
@@ -118,6 +134,7 @@ pub struct Metrics {
     pub manifest_errors: Counter,
     pub attached_devices: Family<RoleLabel, Gauge>,
     pub attach_errors: Counter,
+    pub xdp_uplinks: Family<XdpLabel, Gauge>,
     pub packets: Family<VerdictLabel, Counter>,
     pub bytes: Family<VerdictLabel, Counter>,
     pub conntrack_capacity: Gauge,
@@ -168,6 +185,7 @@ impl Metrics {
             manifest_errors: Counter::default(),
             attached_devices: Family::default(),
             attach_errors: Counter::default(),
+            xdp_uplinks: Family::default(),
             packets: Family::default(),
             bytes: Family::default(),
             conntrack_capacity: Gauge::default(),
@@ -311,6 +329,11 @@ impl Metrics {
             "attach_errors",
             "Failed attachments to devices (retried, except to a device that is not Ethernet)",
             m.attach_errors.clone(),
+        );
+        r.register(
+            "xdp_uplinks",
+            "Attached uplinks by device and XDP mode (native, generic, or off: TC alone); 1 per uplink",
+            m.xdp_uplinks.clone(),
         );
         r.register(
             "datapath_packets",

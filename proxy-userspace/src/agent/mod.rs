@@ -29,7 +29,7 @@ use clap::ValueEnum;
 
 use crate::{
     dataplane::{
-        AttachMode, Dataplane, DataplaneConfig, features,
+        AttachMode, Dataplane, DataplaneConfig, XdpMode, features,
         socket::{SocketLb, SocketLbConfig},
     },
     model::Limits,
@@ -56,6 +56,31 @@ impl From<Mode> for AttachMode {
             Mode::Auto => AttachMode::best_available(),
             Mode::Tcx => AttachMode::Tcx,
             Mode::Clsact => AttachMode::Clsact,
+        }
+    }
+}
+
+/// Whether, and how, the XDP program goes on uplinks (`--xdp-mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum XdpSetting {
+    /// Native where the driver has it, else generic, else none (TC alone).
+    Auto,
+    /// Native only: an uplink whose driver lacks it is left to TC, with a warning.
+    Native,
+    /// Generic only (any device; little gain over TC).
+    Generic,
+    /// No XDP: TC alone (an earlier agent's XDP program is detached).
+    Off,
+}
+
+impl XdpSetting {
+    /// The modes to try, in order.
+    pub fn modes(self) -> &'static [XdpMode] {
+        match self {
+            Self::Auto => &[XdpMode::Native, XdpMode::Generic],
+            Self::Native => &[XdpMode::Native],
+            Self::Generic => &[XdpMode::Generic],
+            Self::Off => &[],
         }
     }
 }
@@ -146,6 +171,12 @@ pub struct AgentArgs {
     /// How programs are attached: tcx (Linux >= 6.6), clsact (any), or auto.
     #[arg(long, env = "SLUICE_ATTACH_MODE", value_enum, default_value_t = Mode::Auto)]
     pub attach_mode: Mode,
+
+    /// XDP on uplinks, in front of TC: the packets of established flows from outside are
+    /// DNATed before the kernel builds an skb (everything else goes on to TC). auto tries
+    /// native, then generic, then leaves the uplink to TC.
+    #[arg(long, env = "SLUICE_XDP_MODE", value_enum, default_value_t = XdpSetting::Off)]
+    pub xdp_mode: XdpSetting,
 
     /// Source address for hairpin flows (a pod reaching itself through a Service): routed to
     /// the node by pods, held by no device. Cilium uses the same default.
@@ -600,6 +631,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         pod_globs,
         args.uplinks.clone(),
         mode,
+        args.xdp_mode,
         args.pin_path.join("links"),
         metrics.clone(),
     );

@@ -15,6 +15,7 @@ mod raw;
 mod resize;
 mod services;
 pub mod socket;
+mod xdp;
 
 use std::{
     ffi::CString,
@@ -26,7 +27,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, Map, MapError, ProgramArray},
     programs::{
-        ProgramError, SchedClassifier, TcAttachType,
+        ProgramError, SchedClassifier, TcAttachType, Xdp,
         links::{FdLink, PinnedLink},
         tc::{NlOptions, SchedClassifierLink, TcAttach, TcError, TcHandle, qdisc_add_clsact},
     },
@@ -48,6 +49,7 @@ pub use addrs::monotonic_ns;
 pub use inspect::{Counters, CtEntry, CtFill, CtKind, PinnedMaps, sock_addr};
 pub use raw::{RawDump, RawEntry};
 pub use resize::Copied;
+pub use xdp::{XdpMode, detach_xdp};
 
 /// The eBPF object built by build.rs (aya-build) from `proxy-ebpf`.
 pub static EBPF_OBJECT: &[u8] =
@@ -71,6 +73,14 @@ pub const NEW_FLOW_FROM_UPLINK: &str = "sluice_new_flow_from_uplink";
 /// Tail-called by the four attached programs and the two above: folds a translated SCTP
 /// packet's port change into its CRC32c. Never attached.
 pub const SCTP_CHECKSUM: &str = "sluice_sctp_checksum";
+
+/// XDP of uplinks: an established flow's packet from outside, DNATed before the kernel builds
+/// an skb; everything else passes untouched to [`FROM_UPLINK`] (`proxy-ebpf/src/xdp.rs`).
+pub const XDP_FROM_UPLINK: &str = "sluice_xdp_from_uplink";
+/// XDP_TX and nothing else: the benchmark's XDP floor. Never attached.
+pub const XDP_TX: &str = "sluice_xdp_tx";
+/// Every XDP program in the object, loaded (and verified) with the TC ones.
+pub const XDP_PROGRAMS: &[&str] = &[XDP_FROM_UPLINK, XDP_TX];
 
 /// The tail calls' slots: program array, slot, program.
 const TAILS: [(&str, u32, &str); 3] = [
@@ -196,6 +206,13 @@ pub enum DataplaneError {
         interface: String,
         hook: TcAttachType,
         mode: AttachMode,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("attaching {XDP_FROM_UPLINK} to {interface} in {mode} mode failed: {source}")]
+    AttachXdp {
+        interface: String,
+        mode: XdpMode,
         #[source]
         source: Box<ProgramError>,
     },
@@ -465,6 +482,14 @@ impl Dataplane {
                     source: Box::new(source),
                 })?;
         }
+        for &program in XDP_PROGRAMS {
+            xdp_mut(&mut ebpf, program)?
+                .load()
+                .map_err(|source| DataplaneError::Verifier {
+                    program,
+                    source: Box::new(source),
+                })?;
+        }
         // The tail calls' slots, filled before any program is attached (a pinned map's entries,
         // an earlier agent's programs, are replaced).
         for (map, slot, program) in TAILS {
@@ -652,6 +677,14 @@ impl Dataplane {
             .ok_or(DataplaneError::MissingProgram { program })
     }
 
+    /// The loaded XDP program `name`, for running it through BPF_PROG_TEST_RUN.
+    pub fn xdp_program(&self, program: &'static str) -> Result<&Xdp, DataplaneError> {
+        self.ebpf
+            .program(program)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(DataplaneError::MissingProgram { program })
+    }
+
     /// `program`'s summed run time and run count (any kind of program), which the kernel keeps
     /// while run-time statistics are enabled; `None` if it is not loaded.
     pub fn run_stats(&self, program: &str) -> Option<(std::time::Duration, u64)> {
@@ -754,31 +787,15 @@ impl Dataplane {
                 })?;
                 let path = link_pin(links_dir, interface, hook);
                 let prog = classifier_mut(&mut self.ebpf, program)?;
-                if let Ok(old) = PinnedLink::from_pin(&path) {
-                    match SchedClassifierLink::try_from(FdLink::from(old)) {
-                        Ok(link) => match prog.attach_to_link(link) {
-                            Ok(id) => {
-                                // The pin holds the link; our fd to it can go.
-                                drop(prog.take_link(id).map_err(attach_error)?);
-                                return Ok(());
-                            }
-                            // The device the link was made for is gone (its name is reused):
-                            // the link is defunct. Attach afresh below.
-                            Err(ProgramError::SyscallError(e))
-                                if e.io_error.raw_os_error() == Some(libc::ENOLINK) =>
-                            {
-                                tracing::debug!(%interface, "pinned link is defunct; reattaching");
-                                remove_pin(&path)?;
-                            }
-                            // Anything else: keep the working link, report.
-                            Err(e) => return Err(attach_error(e)),
-                        },
-                        // Not a TC link: something else sits at our pin's path.
-                        Err(error) => {
-                            tracing::warn!(%interface, %error, path = %path.display(), "replacing a pin that is not a TC link");
-                            remove_pin(&path)?;
-                        }
-                    }
+                let replaced = replace_pinned(&path, interface, attach_error, |fd| {
+                    let link = SchedClassifierLink::try_from(fd).ok()?;
+                    Some(
+                        prog.attach_to_link(link)
+                            .and_then(|id| prog.take_link(id).map(drop)),
+                    )
+                })?;
+                if replaced {
+                    return Ok(());
                 }
                 let name = c_name(interface)?;
                 let id = prog
@@ -864,6 +881,39 @@ impl Dataplane {
     }
 }
 
+/// Replaces the program in the link pinned at `path`, if there is one, through `update`: it
+/// converts the link to its program's link type (`None` if it is not one) and updates it in
+/// place (`BPF_LINK_UPDATE`), dropping our descriptor (the pin holds the link). `Ok(true)`:
+/// replaced. `Ok(false)`: nothing usable is pinned there (no pin; a defunct link, whose device
+/// is gone and whose name is reused; or a pin of another kind: removed), so attach afresh.
+/// Any other failure keeps the working link and is reported through `error`.
+fn replace_pinned(
+    path: &Path,
+    interface: &str,
+    error: impl FnOnce(ProgramError) -> DataplaneError,
+    update: impl FnOnce(FdLink) -> Option<Result<(), ProgramError>>,
+) -> Result<bool, DataplaneError> {
+    let Ok(old) = PinnedLink::from_pin(path) else {
+        return Ok(false);
+    };
+    match update(FdLink::from(old)) {
+        Some(Ok(())) => Ok(true),
+        Some(Err(ProgramError::SyscallError(e)))
+            if e.io_error.raw_os_error() == Some(libc::ENOLINK) =>
+        {
+            tracing::debug!(%interface, path = %path.display(), "pinned link is defunct; reattaching");
+            remove_pin(path)?;
+            Ok(false)
+        }
+        Some(Err(e)) => Err(error(e)),
+        None => {
+            tracing::warn!(%interface, path = %path.display(), "replacing a pin that is not a link of this program's kind");
+            remove_pin(path)?;
+            Ok(false)
+        }
+    }
+}
+
 /// Refuses a device whose packets do not start with an Ethernet header (the programs would
 /// read an IP header as one, and mis-parse everything).
 fn ensure_ethernet(name: &CString, interface: &str) -> Result<(), DataplaneError> {
@@ -932,7 +982,7 @@ pub fn forget_device_links(links_dir: &Path, interface: &str) -> Result<(), Data
     for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
         remove_pin(&link_pin(links_dir, interface, hook))?;
     }
-    Ok(())
+    detach_xdp(links_dir, interface)
 }
 
 /// Removes sluice's persistent clsact filters (fixed priority and handle) from a device.
@@ -1031,6 +1081,13 @@ fn map_error(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> Da
         op,
         source: Box::new(source),
     }
+}
+
+/// The XDP program `program` of the object, to load or attach.
+fn xdp_mut<'a>(ebpf: &'a mut Ebpf, program: &'static str) -> Result<&'a mut Xdp, DataplaneError> {
+    ebpf.program_mut(program)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(DataplaneError::MissingProgram { program })
 }
 
 /// The TC program `program` of the object, to load or attach.

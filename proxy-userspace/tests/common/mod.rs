@@ -125,6 +125,26 @@ pub fn run_on(dp: &Dataplane, program: &'static str, pkt: &[u8], ifindex: u32) -
     run_ctx(dp, program, pkt, Some(&ctx))
 }
 
+/// What an XDP program returns for a packet it passes to the stack (and so to TC).
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+
+/// Runs the XDP program `program` once on `pkt`; returns the verdict and the packet as it left.
+pub fn run_xdp(dp: &Dataplane, program: &'static str, pkt: &[u8]) -> (u32, Vec<u8>) {
+    let prog = dp.xdp_program(program).unwrap();
+    let mut out = vec![0u8; pkt.len() + 256];
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(pkt),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        })
+        .unwrap();
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
 /// [`run`] `n` times back to back inside one test run (no system call between the runs): the
 /// packet each run sees is what the run before left, so only a packet its program leaves as
 /// it was makes sense here. Returns the verdict.

@@ -1,0 +1,132 @@
+//! The XDP program on uplinks ([`XDP_FROM_UPLINK`]): attached in front of the TC pair, native
+//! or generic, as a pinned link that outlives the agent like the TC links do.
+//!
+//! Its link pin is `links/xdp-<mode>_<device>`: the mode is in the name because a link cannot
+//! change mode, so a restart that asks for the other mode removes the old pin (which detaches
+//! that program) and attaches anew. Between the two, TC serves every packet: XDP only takes
+//! over what TC would do the same way, so a gap loses nothing.
+use std::path::{Path, PathBuf};
+
+use aya::programs::{ProgramError, links::FdLink, xdp::XdpLink};
+
+use super::{
+    Dataplane, DataplaneError, XDP_FROM_UPLINK, c_name, encode_pin_name, ensure_ethernet,
+    remove_pin, replace_pinned, xdp_mut,
+};
+
+/// How the XDP program is attached to an uplink.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpMode {
+    /// In the driver, before an skb exists (`XDP_FLAGS_DRV_MODE`): where the gain is. Needs a
+    /// driver with XDP support (veth has it).
+    Native,
+    /// In the stack, on the skb (`XDP_FLAGS_SKB_MODE`): any device, little gain over TC; for
+    /// devices whose driver has no XDP.
+    Generic,
+}
+
+impl XdpMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Native => "native",
+            Self::Generic => "generic",
+        }
+    }
+
+    fn aya(self) -> aya::programs::XdpMode {
+        match self {
+            Self::Native => aya::programs::XdpMode::Driver,
+            Self::Generic => aya::programs::XdpMode::Skb,
+        }
+    }
+}
+
+impl std::fmt::Display for XdpMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl XdpMode {
+    const ALL: [Self; 2] = [Self::Native, Self::Generic];
+}
+
+/// `links_dir/xdp-<mode>_<interface>`.
+fn xdp_pin(links_dir: &Path, interface: &str, mode: XdpMode) -> PathBuf {
+    links_dir.join(format!("xdp-{mode}_{}", encode_pin_name(interface)))
+}
+
+/// Removes the XDP link pins of a device, in either mode: the program is detached from a
+/// device still there (the pin held the last reference to its link).
+pub fn detach_xdp(links_dir: &Path, interface: &str) -> Result<(), DataplaneError> {
+    for mode in XdpMode::ALL {
+        remove_pin(&xdp_pin(links_dir, interface, mode))?;
+    }
+    Ok(())
+}
+
+impl Dataplane {
+    /// Attaches [`XDP_FROM_UPLINK`] to `interface` in `mode`, in the calling thread's network
+    /// namespace, for as long as this `Dataplane` lives.
+    pub fn attach_xdp(&mut self, interface: &str, mode: XdpMode) -> Result<(), DataplaneError> {
+        let name = c_name(interface)?;
+        ensure_ethernet(&name, interface)?;
+        xdp_mut(&mut self.ebpf, XDP_FROM_UPLINK)?
+            .attach(name.as_c_str(), mode.aya())
+            .map_err(xdp_error(interface, mode))?;
+        Ok(())
+    }
+
+    /// Attaches [`XDP_FROM_UPLINK`] to `interface` in `mode` so that it stays attached after
+    /// this process exits, replacing atomically (`BPF_LINK_UPDATE`) the program an earlier
+    /// agent attached in the same mode; one attached in the other mode is detached first.
+    pub fn attach_xdp_persistent(
+        &mut self,
+        interface: &str,
+        mode: XdpMode,
+        links_dir: &Path,
+    ) -> Result<(), DataplaneError> {
+        let error = xdp_error(interface, mode);
+        let name = c_name(interface)?;
+        ensure_ethernet(&name, interface)?;
+        std::fs::create_dir_all(links_dir).map_err(|source| DataplaneError::PinPath {
+            path: links_dir.to_owned(),
+            source,
+        })?;
+        for other in XdpMode::ALL.into_iter().filter(|m| *m != mode) {
+            remove_pin(&xdp_pin(links_dir, interface, other))?;
+        }
+        let path = xdp_pin(links_dir, interface, mode);
+        let prog = xdp_mut(&mut self.ebpf, XDP_FROM_UPLINK)?;
+        let replaced = replace_pinned(&path, interface, &error, |fd| {
+            let link = XdpLink::try_from(fd).ok()?;
+            Some(
+                prog.attach_to_link(link)
+                    .and_then(|id| prog.take_link(id).map(drop)),
+            )
+        })?;
+        if replaced {
+            return Ok(());
+        }
+        let id = prog.attach(name.as_c_str(), mode.aya()).map_err(&error)?;
+        // A link made by netlink (kernels before 5.9, which sluice does not support) has no fd
+        // to pin: refused, and detached as it drops.
+        let link =
+            FdLink::try_from(prog.take_link(id).map_err(&error)?).map_err(|e| error(e.into()))?;
+        link.pin(&path)
+            .map_err(|source| DataplaneError::PinnedLink {
+                path: path.clone(),
+                source: Box::new(source),
+            })?;
+        Ok(())
+    }
+}
+
+fn xdp_error(interface: &str, mode: XdpMode) -> impl Fn(ProgramError) -> DataplaneError {
+    let interface = interface.to_owned();
+    move |source| DataplaneError::AttachXdp {
+        interface: interface.clone(),
+        mode,
+        source: Box::new(source),
+    }
+}
