@@ -16,11 +16,13 @@ use aya::programs::{TestRun as _, TestRunOptions};
 use etherparse::PacketBuilder;
 use proxy_common::{
     CT_FLAG_SNAT, CTR_AFFINITY_HIT, CTR_CT_HIT, CTR_NEW_FLOW, CTR_NEW_FLOW_SNAT, CTR_PASS_NO_MATCH,
-    CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_POD_CLIENT, CTR_REDIRECT, CTR_REPLY, Counter,
+    CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_POD_CLIENT, CTR_REDIRECT, CTR_REPLY, CTR_XDP_CT_HIT,
+    CTR_XDP_TO_TC_FLOW, CTR_XDP_TO_TC_NOT_SERVICE, Counter,
 };
 use sluice::dataplane::{
     Backend, CtEntry, CtKind, Dataplane, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend,
-    FrontendKind, PASS, PROGRAMS, Protocol, TO_POD, TO_UPLINK,
+    FrontendKind, PASS, PROGRAMS, Protocol, TO_POD, TO_UPLINK, XDP_FROM_UPLINK, XDP_PROGRAMS,
+    XDP_TX,
 };
 
 /// ClusterIP Services per port: 198.18.128.1.. holds 32,000 on port 80; beyond that the same
@@ -74,19 +76,23 @@ struct Stats {
 /// Runs `program` once per packet of `pkts`, `rounds` times over; the kernel's own timing of
 /// each run, in ns.
 fn measure(dp: &Dataplane, program: &'static str, pkts: &[Vec<u8>], rounds: usize) -> Stats {
-    let prog = dp.program(program).unwrap();
     let mut out = vec![0u8; 256];
     let mut ns = Vec::with_capacity(pkts.len() * rounds);
+    let xdp = XDP_PROGRAMS.contains(&program);
     for _ in 0..rounds {
         for p in pkts {
-            let r = prog
-                .test_run(TestRunOptions {
-                    data_in: Some(p),
-                    data_out: Some(&mut out),
-                    repeat: 1,
-                    ..Default::default()
-                })
-                .unwrap();
+            let opts = TestRunOptions {
+                data_in: Some(p),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..Default::default()
+            };
+            let r = if xdp {
+                dp.xdp_program(program).unwrap().test_run(opts)
+            } else {
+                dp.program(program).unwrap().test_run(opts)
+            }
+            .unwrap();
             ns.push(r.duration.as_nanos() as f64);
         }
     }
@@ -349,6 +355,74 @@ fn egress_cell(services: u32, flows: u16, rounds: usize) -> [Stats; 4] {
     [empty, into_client, into_other, out_uplink]
 }
 
+/// The XDP fast path: established NodePort flows from outside to local backends, their next
+/// packets through `sluice_xdp_from_uplink` (the hit: DNAT, XDP_PASS) beside `sluice_xdp_tx`
+/// (the XDP floor), and through TC's `sluice_from_uplink` beside `sluice_pass` (TC's floor);
+/// new flows' SYNs and packets to an address no frontend has, which XDP hands to TC.
+/// Returns [XDP floor, XDP hit, XDP hand-over of a SYN, XDP not a Service's, TC floor, TC hit].
+fn xdp_cell(services: u32, flows: u16, rounds: usize) -> [Stats; 6] {
+    let mut dp = sized_for_services();
+    let node = Ipv4Addr::new(198, 18, 0, 10);
+    program(&mut dp, services, Some(node), true);
+    let np = 30000 + (services / 2 % 30000) as u16;
+    let client = |i: u16| {
+        SocketAddrV4::new(
+            Ipv4Addr::new(198, 18, 100, (i % 250) as u8 + 1),
+            10_000 + i / 250,
+        )
+    };
+    let syns: Vec<Vec<u8>> = (0..flows)
+        .map(|i| syn_from(*client(i).ip(), client(i).port(), node, np))
+        .collect();
+    measure(&dp, FROM_UPLINK, &syns, 1);
+    let syn_acks = answers(
+        &dp,
+        |_| true,
+        |b, c| common::tcp(b, c, common::SYN_ACK, b""),
+    );
+    assert_eq!(syn_acks.len(), usize::from(flows));
+    measure(&dp, TO_UPLINK, &syn_acks, 1);
+    let acks: Vec<Vec<u8>> = (0..flows)
+        .map(|i| common::tcp(client(i), SocketAddrV4::new(node, np), common::ACK, b""))
+        .collect();
+    measure(&dp, FROM_UPLINK, &acks, 1);
+    let path = |program, pkts: &[Vec<u8>], ctr: u32, what: &str| {
+        let before = counter(&dp, ctr);
+        let stats = measure(&dp, program, pkts, rounds);
+        assert_eq!(
+            counter(&dp, ctr) - before,
+            pkts.len() as u64 * rounds as u64,
+            "every run of {program} was {what}"
+        );
+        stats
+    };
+    let xdp_floor = measure(&dp, XDP_TX, &acks, rounds);
+    let xdp_hit = path(XDP_FROM_UPLINK, &acks, CTR_XDP_CT_HIT, "an XDP hit");
+    let new: Vec<Vec<u8>> = (0..flows)
+        .map(|i| syn_from(*client(i).ip(), client(i).port() + 1000, node, np))
+        .collect();
+    let xdp_new = path(XDP_FROM_UPLINK, &new, CTR_XDP_TO_TC_FLOW, "handed to TC");
+    let other: Vec<Vec<u8>> = (0..flows)
+        .map(|i| {
+            syn_from(
+                *client(i).ip(),
+                client(i).port(),
+                Ipv4Addr::new(198, 18, 0, 11),
+                22,
+            )
+        })
+        .collect();
+    let xdp_other = path(
+        XDP_FROM_UPLINK,
+        &other,
+        CTR_XDP_TO_TC_NOT_SERVICE,
+        "not a Service's",
+    );
+    let tc_floor = measure(&dp, PASS, &acks, rounds);
+    let tc_hit = path(FROM_UPLINK, &acks, CTR_CT_HIT, "a TC hit");
+    [xdp_floor, xdp_hit, xdp_new, xdp_other, tc_floor, tc_hit]
+}
+
 /// The SCTP cost: conntrack hits from a pod to a ClusterIP over TCP (port 80 -> 8080), and
 /// over SCTP with a port change (3868 -> 3869: the tail-called checksum update) and without
 /// one (3870 -> 3870: the tail call, nothing to update), each against the empty program.
@@ -593,6 +667,21 @@ fn main() {
     for services in [1u32, 10_000] {
         md.push_str(&over_empty(services, &egress_cell(services, flows, rounds)));
     }
+    md.push_str("\n## XDP on uplinks: the established flow's hit before the skb\n\nNodePort flows from outside to local backends, established through TC (SYN, SYN-ACK, ACK), then their next packets: through `sluice_xdp_from_uplink` (the XDP hit: conntrack, DNAT, XDP_PASS) beside `sluice_xdp_tx` (an XDP program that only returns XDP_TX, the floor), and through TC's `sluice_from_uplink` beside `sluice_pass`. Also what XDP hands to TC untouched: a new flow's SYN (a conntrack miss) and a packet to an address no frontend has. BPF_PROG_TEST_RUN times the program alone: the skb XDP saves building is not in these figures.\n\n| Services | XDP floor (XDP_TX) | XDP hit | XDP hit / floor | XDP: SYN handed to TC | XDP: not a Service's | TC floor | TC hit | TC hit / floor |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for services in [1u32, 10_000] {
+        let [xf, xh, xn, xo, tf, th] = xdp_cell(services, flows, rounds);
+        md.push_str(&format!(
+            "| {services} | {} | {} | {:.2}x | {} | {} | {} | {} | {:.2}x |\n",
+            cell(&xf),
+            cell(&xh),
+            xh.median / xf.median,
+            cell(&xn),
+            cell(&xo),
+            cell(&tf),
+            cell(&th),
+            th.median / tf.median
+        ));
+    }
     md.push_str("\n## SCTP: the conntrack hit, with its checksum update\n\nTC ingress of a pod device: conntrack hits to a ClusterIP over TCP (port 80 to 8080), and over SCTP with a port change (3868 to 3869: the CRC32c update, in `sluice_sctp_checksum`, tail-called) and without one (3870 to 3870: the tail call, nothing to update).\n\n| Services | empty program | TCP hit | SCTP hit, port changed | SCTP hit, same port | over empty: TCP / SCTP changed / same |\n|---:|---:|---:|---:|---:|---:|\n");
     for services in [1u32, 10_000] {
         md.push_str(&over_empty(services, &sctp_cell(services, flows, rounds)));
@@ -601,12 +690,13 @@ fn main() {
     // program takes on this kernel: the room left for new datapath features.
     md.push_str("\n## Verifier: instructions processed per program (limit 1,000,000)\n\n| program | instructions |\n|---|---:|\n");
     let dp = Dataplane::load().unwrap();
-    for p in PROGRAMS {
-        let n = dp
-            .program(p)
-            .ok()
-            .and_then(|prog| prog.info().ok())
-            .and_then(|i| i.verified_instruction_count());
+    for p in PROGRAMS.iter().chain(XDP_PROGRAMS) {
+        let info = if XDP_PROGRAMS.contains(p) {
+            dp.xdp_program(p).ok().and_then(|prog| prog.info().ok())
+        } else {
+            dp.program(p).ok().and_then(|prog| prog.info().ok())
+        };
+        let n = info.and_then(|i| i.verified_instruction_count());
         md.push_str(&format!(
             "| `{p}` | {} |\n",
             n.map_or("unknown (Linux < 5.16)".to_owned(), |n| n.to_string())

@@ -541,8 +541,10 @@ pub fn http_many(
 }
 
 const KEEPALIVE_PY: &str = r#"
-import http.client, sys, time
+import http.client, os, sys, time
 addr, port, n, interval = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+# Optional: a path whose creation ends the requests early (KeepAlive::stop).
+stop = sys.argv[5] if len(sys.argv) > 5 else None
 c = http.client.HTTPConnection(addr, port, timeout=5)
 c.connect()
 print("PEER %s:%d LOCAL %s:%d" % (c.sock.getpeername() + c.sock.getsockname()), flush=True)
@@ -553,6 +555,8 @@ for i in range(n):
         print("OK", r.read().decode().strip(), flush=True)
     except Exception as e:
         print("ERR", type(e).__name__, e, flush=True)
+        break
+    if stop and os.path.exists(stop):
         break
     time.sleep(interval)
 print("DONE", flush=True)
@@ -565,6 +569,8 @@ pub struct KeepAlive {
     child: Child,
     /// Lines already read by [`KeepAlive::connected`].
     read: Vec<String>,
+    /// For [`KeepAlive::until_stopped`]: the path whose creation ends the requests.
+    stop: Option<std::path::PathBuf>,
 }
 
 impl KeepAlive {
@@ -585,7 +591,47 @@ impl KeepAlive {
         Ok(Self {
             child,
             read: Vec::new(),
+            stop: None,
         })
+    }
+
+    /// [`KeepAlive::start`] that goes on until [`KeepAlive::stop`] (at most `max` requests):
+    /// for a test whose steps take as long as the machine makes them.
+    pub fn until_stopped(
+        ns: &Netns,
+        addr: Ipv4Addr,
+        port: u16,
+        max: u32,
+        interval: Duration,
+    ) -> Result<Self, CmdError> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let stop = std::env::temp_dir().join(format!(
+            "sluice-keepalive-{}-{}.stop",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let (a, p, n, i, f) = (
+            addr.to_string(),
+            port.to_string(),
+            max.to_string(),
+            format!("{:.3}", interval.as_secs_f64()),
+            stop.display().to_string(),
+        );
+        let (child, _) = spawn_in(ns, &["python3", "-c", KEEPALIVE_PY, &a, &p, &n, &i, &f])?;
+        Ok(Self {
+            child,
+            read: Vec::new(),
+            stop: Some(stop),
+        })
+    }
+
+    /// Ends the requests of [`KeepAlive::until_stopped`] after the one under way, and returns
+    /// the output lines as [`KeepAlive::finish`] does.
+    pub fn stop(self, timeout: Duration) -> Vec<String> {
+        if let Some(path) = &self.stop {
+            let _ = std::fs::write(path, b"");
+        }
+        self.finish(timeout)
     }
 
     /// Waits until the connection is made, however slowly python starts (a guest under
@@ -624,6 +670,9 @@ impl Drop for KeepAlive {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(path) = &self.stop {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
