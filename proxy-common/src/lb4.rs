@@ -260,6 +260,62 @@ pub const SVC_FLAG_NO_LOCAL_DROP: u16 = 1 << 8;
 /// `LB4_AFFINITY`: [`Affinity4Key`] -> [`Affinity4Value`]; LRU hash; the programs' own state
 /// (the agent only reads it). Which backend a client's last new flow to a frontend went to,
 /// and when.
+/// Maglev: new flows to this frontend from its `count` slots (not the local list of
+/// [`SVC_FLAG_EXT_LOCAL`]) take the backend that [`LB4_MAGLEV_MAP`]'s table for its
+/// `rev_nat_id` gives their tuple's hash, so every node picks the same backend for a flow.
+/// Without a table there, the choice is random, as without the flag.
+pub const SVC_FLAG_MAGLEV: u16 = 1 << 9;
+
+/// `LB4_MAGLEV`: the frontend's `rev_nat_id` (u32) -> [`MaglevTable`]. A hash map without
+/// preallocation: only Maglev frontends take room (64 KiB each). Written whole, so a
+/// program reads an old or a new table, never a mix.
+pub const LB4_MAGLEV_MAP: &str = "LB4_MAGLEV";
+pub const LB4_MAGLEV_MAX: u32 = 65_536;
+/// The Maglev table's size: a prime, Cilium's default.
+pub const MAGLEV_M: usize = 16_381;
+
+/// A Maglev lookup table: position -> backend id (ids are this node's own; the backend at
+/// each position is the same on every node, since the table is computed from the backends'
+/// addresses and ports and a seed the cluster shares).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct MaglevTable {
+    /// Mixed into each flow's hash (the agent's `--maglev-seed`, the same on every node).
+    pub seed: u32,
+    pub ids: [u32; MAGLEV_M],
+}
+const _: () = assert!(core::mem::size_of::<MaglevTable>() == 4 + 4 * MAGLEV_M);
+crate::impl_pod!(MaglevTable);
+
+/// A flow's hash for Maglev: its tuple as the packet carries it (network order), the same on
+/// every node. Shared by the programs and the agent's tests.
+pub fn maglev_hash(saddr_be: u32, daddr_be: u32, sport_be: u16, dport_be: u16, proto: u8) -> u32 {
+    let mut h = 0x9e37_79b9;
+    for w in [
+        saddr_be,
+        daddr_be,
+        u32::from(sport_be) | (u32::from(dport_be) << 16),
+        u32::from(proto),
+    ] {
+        h = mix32(h ^ w);
+    }
+    h
+}
+
+/// The position in a Maglev table of a flow of hash `hash` ([`maglev_hash`]) under `seed`.
+pub fn maglev_position(hash: u32, seed: u32) -> usize {
+    (mix32(hash ^ seed) % MAGLEV_M as u32) as usize
+}
+
+/// The murmur3 finalizer: every input bit moves about half the output bits.
+pub fn mix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
 pub const LB4_AFFINITY_MAP: &str = "LB4_AFFINITY";
 pub const LB4_AFFINITY_DEFAULT_MAX: u32 = 65_536;
 

@@ -2,11 +2,13 @@
 use aya_ebpf::maps::lpm_trie::Key;
 use proxy_common::{
     Affinity4Key, Affinity4Value, AffinityMatchKey, BACKEND_FLAG_LOCAL, CTR_AFFINITY_HIT,
-    Lb4Backend, Lb4Key, Lb4Service, SRC_RANGE_ID_BITS, SVC_FLAG_AFFINITY, SVC_FLAG_SRC_RANGES,
-    SrcRange4Key,
+    Lb4Backend, Lb4Key, Lb4Service, MAGLEV_M, SRC_RANGE_ID_BITS, SVC_FLAG_AFFINITY,
+    SVC_FLAG_MAGLEV, SVC_FLAG_SRC_RANGES, SrcRange4Key, maglev_position,
 };
 
-use crate::maps::{LB4_AFFINITY, LB4_AFFINITY_MATCH, LB4_BACKENDS, LB4_SERVICES, LB4_SRC_RANGES};
+use crate::maps::{
+    LB4_AFFINITY, LB4_AFFINITY_MATCH, LB4_BACKENDS, LB4_MAGLEV, LB4_SERVICES, LB4_SRC_RANGES,
+};
 
 /// The frontend entry (slot 0) for `addr:port/proto`, if there is one.
 #[inline(always)]
@@ -44,7 +46,7 @@ pub fn choose(
     now: u64,
 ) -> Option<Lb4Backend> {
     if fe.flags & SVC_FLAG_AFFINITY == 0 {
-        return backend_at(r, addr_be, port_be, proto, first, count).map(|(_, b)| b);
+        return pick(fe, r, addr_be, port_be, proto, first, count).map(|(_, b)| b);
     }
     let key = Affinity4Key {
         client_be,
@@ -58,7 +60,7 @@ pub fn choose(
         count_affinity_hit();
         return Some(be);
     }
-    let (backend_id, be) = backend_at(r, addr_be, port_be, proto, first, count)?;
+    let (backend_id, be) = pick(fe, r, addr_be, port_be, proto, first, count)?;
     let value = Affinity4Value {
         last_ns: now,
         backend_id,
@@ -103,9 +105,13 @@ fn count_affinity_hit() {
     crate::stats::count(CTR_AFFINITY_HIT, 0);
 }
 
-/// The backend in slot `first + r % count`, with its id.
+/// The backend for a new flow, with its id: with [`SVC_FLAG_MAGLEV`], from the `count` slots
+/// (not the local list) and a table in `LB4_MAGLEV`, the table's at the flow's position
+/// (`r` is then the flow's [`maglev_hash`]); else the
+/// slot `first + r % count`.
 #[inline(always)]
-pub fn backend_at(
+fn pick(
+    fe: &Lb4Service,
     r: u32,
     addr_be: u32,
     port_be: u16,
@@ -113,19 +119,87 @@ pub fn backend_at(
     first: u16,
     count: u16,
 ) -> Option<(u32, Lb4Backend)> {
-    // Non-zero by type: the verifier rejects the panic path a plain `%` would keep.
-    let count = core::num::NonZeroU32::new(u32::from(count))?;
-    let slot = (r % count) as u16 + first;
-    let key = Lb4Key {
+    let args = PickArgs {
         addr_be,
+        rev_nat_id: fe.rev_nat_id,
+        r,
         port_be,
-        slot,
+        first,
+        count,
+        flags: fe.flags,
         proto,
         _pad: [0; 3],
     };
-    // SAFETY: values are copied out at once; the maps hold plain integers.
-    let id = unsafe { LB4_SERVICES.get(&key) }?.backend_id;
+    let id = pick_id(&args);
+    if id == 0 {
+        return None;
+    }
+    // SAFETY: the value is copied out at once; the map holds plain integers.
     unsafe { LB4_BACKENDS.get(&id).copied() }.map(|b| (id, b))
+}
+
+/// What [`pick_id`] needs, passed on the caller's stack (a BPF function takes at most five
+/// arguments).
+#[repr(C)]
+struct PickArgs {
+    addr_be: u32,
+    rev_nat_id: u32,
+    r: u32,
+    port_be: u16,
+    first: u16,
+    count: u16,
+    flags: u16,
+    proto: u8,
+    _pad: [u8; 3],
+}
+
+/// The backend id for a new flow (0: none), by Maglev or by slot. A BPF function of its own,
+/// not inlined: the two ways to an id leave different things on the stack, and inlined, the
+/// verifier walked everything after once per way (`sluice_new_flow_from_uplink` went past its
+/// million instructions). In its own frame, what it leaves goes with the frame.
+#[inline(never)]
+fn pick_id(a: &PickArgs) -> u32 {
+    if let Some(id) = maglev_id(a.flags, a.rev_nat_id, a.r, a.first) {
+        return id;
+    }
+    slot_id(a.r, a.addr_be, a.port_be, a.proto, a.first, a.count).unwrap_or(0)
+}
+
+/// With [`SVC_FLAG_MAGLEV`] and a table for the frontend, the id at the flow's position (`r` is
+/// then the flow's [`maglev_hash`]), for the `count` slots' list only (`first` 1).
+#[inline(always)]
+fn maglev_id(flags: u16, rev_nat_id: u32, r: u32, first: u16) -> Option<u32> {
+    if flags & SVC_FLAG_MAGLEV == 0 || first != 1 {
+        return None;
+    }
+    let t = LB4_MAGLEV.get_ptr(&rev_nat_id)?;
+    // SAFETY: a pointer into the map's value from a successful lookup.
+    let pos = maglev_position(r, unsafe { (*t).seed });
+    // The verifier does not follow a modulo: the check below bounds the index for it, and
+    // the volatile read keeps the compiler from dropping it as always true.
+    // SAFETY: a read of a local.
+    let pos = unsafe { core::ptr::read_volatile(&pos) };
+    if pos >= MAGLEV_M {
+        return None;
+    }
+    // SAFETY: as above; the index is within the table.
+    Some(unsafe { (*t).ids[pos] })
+}
+
+/// The backend id in slot `first + r % count`.
+#[inline(always)]
+fn slot_id(r: u32, addr_be: u32, port_be: u16, proto: u8, first: u16, count: u16) -> Option<u32> {
+    // Non-zero by type: the verifier rejects the panic path a plain `%` would keep.
+    let count = core::num::NonZeroU32::new(u32::from(count))?;
+    let key = Lb4Key {
+        addr_be,
+        port_be,
+        slot: (r % count) as u16 + first,
+        proto,
+        _pad: [0; 3],
+    };
+    // SAFETY: the value is copied out at once; the map holds plain integers.
+    unsafe { LB4_SERVICES.get(&key) }.map(|v| v.backend_id)
 }
 
 /// Whether a client at `saddr_be` may open a flow to `fe`: always, unless the frontend has

@@ -48,7 +48,8 @@ use proxy_common::{
     CTR_REJECT_NO_BACKEND, CTR_REJECT_NO_SUCH_PORT, CTR_REPLY, CTR_SEEN, Ct4Entry, Ct4Key,
     DP_STATE_POD_CLIENTS_FULL, FE_ADDR_CLUSTER_IP, FE_ADDR_NAT, FLOW_CB_NOW_HI, FLOW_CB_NOW_LO,
     IPPROTO_SCTP, IPPROTO_TCP, LOCAL_SLOT_BASE, Lb4Config, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL,
-    SVC_FLAG_NO_LOCAL_DROP, TAIL_NEW_FLOW_FROM_POD, TAIL_NEW_FLOW_FROM_UPLINK,
+    SVC_FLAG_MAGLEV, SVC_FLAG_NO_LOCAL_DROP, TAIL_NEW_FLOW_FROM_POD, TAIL_NEW_FLOW_FROM_UPLINK,
+    maglev_hash,
 };
 
 use crate::{
@@ -740,8 +741,13 @@ fn new_flow(
     if n == 0 {
         return (DROP, CTR_DROP_NO_LOCAL_BACKEND);
     }
-    // SAFETY: bpf_get_prandom_u32 has no preconditions.
-    let r = unsafe { bpf_get_prandom_u32() };
+    // Maglev hashes the flow (every node then picks alike); else uniformly at random.
+    let r = if fe.flags & SVC_FLAG_MAGLEV != 0 {
+        maglev_hash(f.saddr_be, f.daddr_be, f.sport_be, f.dport_be, f.proto)
+    } else {
+        // SAFETY: bpf_get_prandom_u32 has no preconditions.
+        unsafe { bpf_get_prandom_u32() }
+    };
     let Some(be) = lb::choose(
         &fe,
         f.daddr_be,

@@ -193,6 +193,11 @@ pub struct Backends {
     /// endpoints, which are on other nodes: new flows are dropped, as kube-proxy drops them
     /// ("has no local endpoints"), not refused as for a Service without endpoints.
     pub no_local_endpoints: bool,
+    /// `--lb-algorithm maglev` (or the Service's `sluice.io/lb-algorithm: maglev`): a new
+    /// flow takes the backend of `all` that Maglev's table gives its tuple, the same on every
+    /// node (`dataplane/maglev.rs`); else one at random. Only for frontends reachable from
+    /// outside (an ECMP router in front of the nodes is what needs it).
+    pub maglev: bool,
 }
 
 impl Backends {
@@ -204,6 +209,7 @@ impl Backends {
             sources: None,
             affinity_timeout_s: None,
             no_local_endpoints: false,
+            maglev: false,
         }
     }
 

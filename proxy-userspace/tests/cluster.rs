@@ -1084,3 +1084,64 @@ fn xdp_generic_on_the_uplinks_translates_established_flows_and_can_go_off_and_on
     );
     xdp_on_the_uplinks("generic");
 }
+
+/// Asks the UDP echo at `addr:53` from source port `port` of the outside client; its answer
+/// names the backend (`web-K x`).
+fn udp_from_port(env: &Env, addr: Ipv4Addr, port: u16) -> String {
+    const PY: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[2])))
+s.settimeout(3)
+s.sendto(b"x", (sys.argv[1], 53))
+print(s.recv(2048).decode())
+"#;
+    env.outside()
+        .exec(&["python3", "-c", PY, &addr.to_string(), &port.to_string()])
+        .unwrap_or_else(|e| panic!("UDP from port {port}: {e}\n{}", env.logs()))
+        .trim()
+        .to_owned()
+}
+
+/// `--lb-algorithm maglev`: a router in front of the nodes (ECMP) may send a flow's packets to
+/// any of them; each node then picks the same backend for it. The outside client's route to
+/// the LoadBalancer IP goes through node0, then node1: every flow (source port) is answered by
+/// the same pod through both, and the flows spread over the three.
+#[test]
+fn maglev_sends_a_flow_from_outside_to_the_same_backend_through_any_node() {
+    require_privileged!("maglev_sends_a_flow_from_outside_to_the_same_backend_through_any_node");
+    let env = Env::new(&["--lb-algorithm", "maglev"]);
+    env.web(
+        "LoadBalancer",
+        "Cluster",
+        vec![env.web_ep(0), env.web_ep(1), env.web_ep(2)],
+    );
+    env.wait_programmed(CLUSTER_IP, 80, 3);
+    let ports: Vec<u16> = (0..12).map(|i| 41_000 + i).collect();
+    env.c.route_outside_via(0, (LB_IP, 32), 0).unwrap();
+    let via0: Vec<String> = ports
+        .iter()
+        .map(|&p| udp_from_port(&env, LB_IP, p))
+        .collect();
+    env.outside()
+        .ip(&[
+            "route",
+            "replace",
+            &format!("{LB_IP}/32"),
+            "via",
+            &env.node_addr(1).to_string(),
+        ])
+        .unwrap();
+    let via1: Vec<String> = ports
+        .iter()
+        .map(|&p| udp_from_port(&env, LB_IP, p))
+        .collect();
+    assert_eq!(via0, via1, "each flow's backend through node0, then node1");
+    let backends: std::collections::BTreeSet<&String> = via0.iter().collect();
+    assert!(backends.len() >= 2, "the flows spread: {via0:?}");
+    assert!(
+        env.counter(1, "new_flow_snat") + env.counter(1, "new_flow") >= 12.0,
+        "node1 chose for itself\n{}",
+        env.counters(1)
+    );
+}

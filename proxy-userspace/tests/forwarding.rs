@@ -321,6 +321,7 @@ fn outside_traffic_to_a_local_policy_frontend_uses_local_endpoints_or_is_dropped
                 sources: None,
                 affinity_timeout_s: None,
                 no_local_endpoints: false,
+                maglev: false,
             },
         )
         .unwrap();
@@ -343,6 +344,7 @@ fn outside_traffic_to_a_local_policy_frontend_uses_local_endpoints_or_is_dropped
                 sources: None,
                 affinity_timeout_s: None,
                 no_local_endpoints: false,
+                maglev: false,
             },
         )
         .unwrap();

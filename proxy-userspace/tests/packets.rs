@@ -996,6 +996,7 @@ fn load_balancer_source_ranges_drop_other_clients_before_dnat() {
         }),
         affinity_timeout_s: None,
         no_local_endpoints: false,
+        maglev: false,
     };
     dp.upsert_frontend(lb, &ranges(&["198.18.0.96/28", "198.19.0.0/24"]))
         .unwrap();
@@ -2220,5 +2221,138 @@ fn xdp_leaves_to_tc_what_it_cannot_translate_alike_untouched_and_counted() {
         &tcp(sa("198.18.0.100:50001"), node_port, ACK, b"x"),
         CTR_XDP_TO_TC_FLOW,
         "a packet of no flow",
+    );
+}
+
+// ---- Maglev (`--lb-algorithm maglev`, `sluice.io/lb-algorithm`) ----
+
+const LB: &str = "198.18.192.2:80";
+
+/// `n` local backends 198.19.0.(30+i):8080.
+fn lb_backends(n: u8) -> Vec<Backend> {
+    (0..n)
+        .map(|i| be(&format!("198.19.0.{}:8080", 30 + i)))
+        .collect()
+}
+
+/// Writes the LoadBalancer frontend [`LB`] with `backends`, choosing by Maglev or not.
+fn lb_service(dp: &mut Dataplane, backends: Vec<Backend>, maglev: bool) {
+    dp.upsert_frontend(
+        fe(LB, Protocol::Tcp, FrontendKind::LoadBalancer),
+        &Backends {
+            maglev,
+            ..Backends::all(backends)
+        },
+    )
+    .unwrap();
+}
+
+/// The backend each of `n` new flows from outside to [`LB`] was sent to (client ports from
+/// `first_port`).
+fn chosen(dp: &Dataplane, n: u16, first_port: u16) -> Vec<std::net::SocketAddrV4> {
+    (0..n)
+        .map(|i| {
+            let client = std::net::SocketAddrV4::new(
+                Ipv4Addr::new(198, 18, 100, (i % 200) as u8 + 1),
+                first_port + i / 200,
+            );
+            let (verdict, out) = run(dp, FROM_UPLINK, &tcp(client, sa(LB), SYN, b""));
+            assert_eq!(verdict, TC_ACT_UNSPEC);
+            check(&out).dst
+        })
+        .collect()
+}
+
+#[test]
+fn maglev_sends_a_flow_to_the_same_backend_on_every_node() {
+    require_privileged!("maglev_sends_a_flow_to_the_same_backend_on_every_node");
+    let backends = lb_backends(5);
+    // Node A writes the backends in one order; node B in the other, after another Service
+    // took the first backend ids: ids and slots differ, the backends at each position do not.
+    let mut a = dataplane();
+    lb_service(&mut a, backends.clone(), true);
+    let mut b = dataplane();
+    cluster_ip(&mut b, &["198.19.0.90:8080", "198.19.0.91:8080"]);
+    let mut reversed = backends.clone();
+    reversed.reverse();
+    lb_service(&mut b, reversed, true);
+    let (on_a, on_b) = (chosen(&a, 400, 20_000), chosen(&b, 400, 20_000));
+    let differ: Vec<usize> = (0..on_a.len()).filter(|&i| on_a[i] != on_b[i]).collect();
+    assert!(
+        differ.is_empty(),
+        "{} of 400 flows went to different backends on the two nodes, as flow {:?}: {} and {}",
+        differ.len(),
+        differ.first(),
+        on_a[differ[0]],
+        on_b[differ[0]]
+    );
+    let spread: std::collections::BTreeSet<_> = on_a.iter().collect();
+    assert_eq!(spread.len(), 5, "the flows use every backend");
+    // Each is the backend the agent's table puts at the flow's position, which the programs
+    // compute with the shared hash.
+    let addrs: Vec<(Ipv4Addr, u16)> = backends.iter().map(|b| (b.addr, b.port)).collect();
+    let seed = sluice::dataplane::DEFAULT_MAGLEV_SEED;
+    let table = sluice::dataplane::maglev::table(&addrs, seed, MAGLEV_M);
+    for (i, got) in on_a.iter().enumerate().take(50) {
+        let client = std::net::SocketAddrV4::new(
+            Ipv4Addr::new(198, 18, 100, (i % 200) as u8 + 1),
+            20_000 + (i / 200) as u16,
+        );
+        let h = maglev_hash(
+            u32::from(*client.ip()).to_be(),
+            u32::from(*sa(LB).ip()).to_be(),
+            client.port().to_be(),
+            sa(LB).port().to_be(),
+            IPPROTO_TCP,
+        );
+        let (addr, port) = addrs[table[maglev_position(h, seed)]];
+        assert_eq!(*got, std::net::SocketAddrV4::new(addr, port), "flow {i}");
+    }
+    // Without Maglev, the same flows spread at random: the nodes disagree.
+    let (mut a, mut b) = (a, b);
+    lb_service(&mut a, backends.clone(), false);
+    lb_service(&mut b, backends, false);
+    let (on_a, on_b) = (chosen(&a, 400, 30_000), chosen(&b, 400, 30_000));
+    assert!(
+        (0..on_a.len()).any(|i| on_a[i] != on_b[i]),
+        "chosen at random, 400 flows cannot all agree"
+    );
+    assert!(
+        a.services().iter().all(|(_, bes)| !bes.maglev),
+        "Maglev is off again"
+    );
+}
+
+#[test]
+fn removing_one_of_ten_maglev_backends_moves_its_flows_and_few_others() {
+    require_privileged!("removing_one_of_ten_maglev_backends_moves_its_flows_and_few_others");
+    let all = lb_backends(10);
+    let gone = all[4];
+    let rest: Vec<Backend> = all.iter().copied().filter(|b| *b != gone).collect();
+    let mut before = dataplane();
+    lb_service(&mut before, all, true);
+    let mut after = dataplane();
+    lb_service(&mut after, rest, true);
+    let n = 2_000;
+    let (was, now) = (chosen(&before, n, 40_000), chosen(&after, n, 40_000));
+    let gone = std::net::SocketAddrV4::new(gone.addr, gone.port);
+    let others: Vec<usize> = (0..usize::from(n)).filter(|&i| was[i] != gone).collect();
+    let moved = others.iter().filter(|&&i| was[i] != now[i]).count();
+    let fraction = moved as f64 / others.len() as f64;
+    println!(
+        "Maglev, 10 backends, one removed: {} of {n} flows were on it (all moved); {moved} of \
+         the other {} moved ({:.2}%)",
+        usize::from(n) - others.len(),
+        others.len(),
+        fraction * 100.0
+    );
+    assert!(
+        now.iter().all(|b| *b != gone),
+        "no flow goes to the removed backend"
+    );
+    assert!(
+        fraction < 0.05,
+        "{:.2}% of the flows of other backends moved",
+        fraction * 100.0
     );
 }

@@ -109,6 +109,7 @@ fn a_reloaded_dataplane_adopts_both_lists_of_a_local_policy_frontend() {
         sources: None,
         affinity_timeout_s: None,
         no_local_endpoints: false,
+        maglev: true,
     };
     {
         let mut dp = Dataplane::load_with(config.clone()).unwrap();
@@ -132,6 +133,7 @@ fn a_reloaded_dataplane_adopts_both_lists_of_a_local_policy_frontend() {
         sources: None,
         affinity_timeout_s: None,
         no_local_endpoints: false,
+        maglev: false,
     };
     dp.upsert_frontend(np, &grown).unwrap();
     assert_eq!(dp.services(), vec![(np, grown.clone())]);
@@ -193,6 +195,7 @@ fn a_reloaded_dataplane_adopts_a_load_balancers_source_ranges() {
         }),
         affinity_timeout_s: None,
         no_local_endpoints: false,
+        maglev: false,
     };
     let want = with(&["198.18.0.0/24", "198.19.0.0/16"], true);
     {

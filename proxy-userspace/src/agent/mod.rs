@@ -85,6 +85,16 @@ impl XdpSetting {
     }
 }
 
+/// How new flows choose their backend (`--lb-algorithm`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LbAlgorithm {
+    /// Uniformly at random (kube-proxy's choice).
+    Random,
+    /// Maglev consistent hashing, for frontends reachable from outside: every node picks the
+    /// same backend for a flow.
+    Maglev,
+}
+
 /// `sluice agent`'s flags. Every one can also be set through the environment variable shown,
 /// which is how the DaemonSet sets them.
 #[derive(clap::Args, Clone, Debug)]
@@ -177,6 +187,17 @@ pub struct AgentArgs {
     /// native, then generic, then leaves the uplink to TC.
     #[arg(long, env = "SLUICE_XDP_MODE", value_enum, default_value_t = XdpSetting::Off)]
     pub xdp_mode: XdpSetting,
+
+    /// How new flows to NodePorts, externalIPs and LoadBalancer IPs choose their backend:
+    /// random, or maglev (the same backend for a flow on every node, for an ECMP router in
+    /// front of them). A Service's `sluice.io/lb-algorithm` annotation overrides it.
+    /// ClusterIPs always choose at random.
+    #[arg(long, env = "SLUICE_LB_ALGORITHM", value_enum, default_value_t = LbAlgorithm::Random)]
+    pub lb_algorithm: LbAlgorithm,
+
+    /// The seed of Maglev's tables and flow hashes: the same on every node of the cluster.
+    #[arg(long, env = "SLUICE_MAGLEV_SEED", default_value_t = crate::dataplane::DEFAULT_MAGLEV_SEED)]
+    pub maglev_seed: u32,
 
     /// Source address for hairpin flows (a pod reaching itself through a Service): routed to
     /// the node by pods, held by no device. Cilium uses the same default.
@@ -475,6 +496,7 @@ fn seed_api_server_service(
         sources: None,
         affinity_timeout_s: None,
         no_local_endpoints: false,
+        maglev: false,
     };
     dp.upsert_frontend(frontend, &backends)
         .context("--bootstrap-api-server: programming the API server's Service")?;
@@ -555,6 +577,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         // Set by the sync loop once the Node's address is known.
         snat: None,
         snat_ports,
+        maglev_seed: args.maglev_seed,
     })?;
     let socket_lb = socket_lb_config(&args, &report)?;
     dp.set_socket_lb(&socket_lb)?;
@@ -648,6 +671,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             },
             socket_lb_cgroup: (socket_lb.mode != SocketLb::Off).then(|| socket_lb.cgroup.clone()),
             service_cidrs: args.service_cidr.clone(),
+            maglev_by_default: args.lb_algorithm == LbAlgorithm::Maglev,
         },
         devices,
         health_checks,

@@ -65,6 +65,8 @@ pub struct SyncConfig {
     pub socket_lb_cgroup: Option<PathBuf>,
     /// `--service-cidr`: Service CIDRs besides the ServiceCIDR objects the source lists.
     pub service_cidrs: Vec<Cidr4>,
+    /// `--lb-algorithm maglev`.
+    pub maglev_by_default: bool,
 }
 
 /// What the health check node ports must answer: where they listen (the NodePort addresses)
@@ -161,6 +163,7 @@ impl Syncer {
                 nodeport_addresses: Vec::new(),
                 zone: None,
                 node_ip: None,
+                maglev_by_default: config.maglev_by_default,
             },
             config,
             devices,

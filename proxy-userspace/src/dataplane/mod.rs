@@ -11,6 +11,7 @@ mod addrs;
 pub mod features;
 mod flows;
 mod inspect;
+pub mod maglev;
 mod raw;
 mod resize;
 mod services;
@@ -35,11 +36,12 @@ use aya::{
 use proxy_common::{
     CT4_DEFAULT_MAX, CT4_MAP, CT4_NEW_DEFAULT_MAX, CT4_NEW_MAP, LB4_AFFINITY_MAP,
     LB4_AFFINITY_MATCH_MAP, LB4_BACKENDS_DEFAULT_MAX, LB4_BACKENDS_MAP, LB4_CONFIG_MAP,
-    LB4_DP_STATE_MAP, LB4_FE_ADDRS_MAP, LB4_FLOW_TAILS_MAP, LB4_FRAGS_MAP, LB4_POD_CLIENTS_MAP,
-    LB4_REJECT_BUDGET_MAP, LB4_REVNAT_DEFAULT_MAX, LB4_REVNAT_MAP, LB4_SERVICES_DEFAULT_MAX,
-    LB4_SERVICES_MAP, LB4_SRC_RANGES_MAP, LB4_SVC_CIDRS_MAP, LB4_TAILS_MAP, Lb4Config,
-    PKT_COUNTERS_MAP, SOCK_CONFIG_MAP, SOCK_REVNAT_DEFAULT_MAX, SOCK_REVNAT_MAP, SVC_CIDRS_MAX,
-    SvcCidrs4, TAIL_NEW_FLOW_FROM_POD, TAIL_NEW_FLOW_FROM_UPLINK, TAIL_SCTP_CHECKSUM,
+    LB4_DP_STATE_MAP, LB4_FE_ADDRS_MAP, LB4_FLOW_TAILS_MAP, LB4_FRAGS_MAP, LB4_MAGLEV_MAP,
+    LB4_POD_CLIENTS_MAP, LB4_REJECT_BUDGET_MAP, LB4_REVNAT_DEFAULT_MAX, LB4_REVNAT_MAP,
+    LB4_SERVICES_DEFAULT_MAX, LB4_SERVICES_MAP, LB4_SRC_RANGES_MAP, LB4_SVC_CIDRS_MAP,
+    LB4_TAILS_MAP, Lb4Config, PKT_COUNTERS_MAP, SOCK_CONFIG_MAP, SOCK_REVNAT_DEFAULT_MAX,
+    SOCK_REVNAT_MAP, SVC_CIDRS_MAX, SvcCidrs4, TAIL_NEW_FLOW_FROM_POD, TAIL_NEW_FLOW_FROM_UPLINK,
+    TAIL_SCTP_CHECKSUM,
 };
 
 pub use crate::service::{
@@ -142,6 +144,7 @@ pub const MAPS: &[&str] = &[
     PKT_COUNTERS_MAP,
     SOCK_REVNAT_MAP,
     SOCK_CONFIG_MAP,
+    LB4_MAGLEV_MAP,
 ];
 
 /// What can go wrong in the dataplane; each message says what the operator can do.
@@ -371,7 +374,13 @@ pub struct DataplaneConfig {
     /// a client's port remapped because its translated tuple was another flow's. Clear of the
     /// NodePort range and of the node's and pods' ephemeral ports.
     pub snat_ports: (u16, u16),
+    /// The seed of Maglev's tables and flow hashes: the same on every node of a cluster, or
+    /// nodes pick different backends for a flow (`--maglev-seed`).
+    pub maglev_seed: u32,
 }
+
+/// [`DataplaneConfig::maglev_seed`] by default, so that nodes agree with no configuration.
+pub const DEFAULT_MAGLEV_SEED: u32 = 0x51ce_5eed;
 
 /// [`DataplaneConfig::snat_ports`] by default: the agent's `--snat-port-range auto` with
 /// Kubernetes' default NodePort range and Linux's default ephemeral ports.
@@ -406,6 +415,7 @@ impl Default for DataplaneConfig {
             hairpin_snat: None,
             snat: None,
             snat_ports: DEFAULT_SNAT_PORTS,
+            maglev_seed: DEFAULT_MAGLEV_SEED,
         }
     }
 }

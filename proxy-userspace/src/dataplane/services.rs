@@ -7,10 +7,11 @@ use std::collections::{BTreeMap, HashMap as StdHashMap};
 
 use aya::maps::{HashMap, LpmTrie, MapData, MapError, lpm_trie::Key as LpmKey};
 use proxy_common::{
-    AffinityMatchKey, BACKEND_FLAG_LOCAL, LB4_AFFINITY_MATCH_MAP, LB4_BACKENDS_MAP, LB4_REVNAT_MAP,
-    LB4_SERVICES_MAP, LB4_SRC_RANGES_DEFAULT_MAX, LB4_SRC_RANGES_MAP, LOCAL_SLOT_BASE, Lb4Backend,
-    Lb4Key, Lb4RevNat, Lb4Service, SRC_RANGE_ID_BITS, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP,
-    SVC_FLAG_EXT_LOCAL, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NO_LOCAL_DROP,
+    AffinityMatchKey, BACKEND_FLAG_LOCAL, LB4_AFFINITY_MATCH_MAP, LB4_BACKENDS_MAP, LB4_MAGLEV_MAP,
+    LB4_MAGLEV_MAX, LB4_REVNAT_MAP, LB4_SERVICES_MAP, LB4_SRC_RANGES_DEFAULT_MAX,
+    LB4_SRC_RANGES_MAP, LOCAL_SLOT_BASE, Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service, MAGLEV_M,
+    MaglevTable, SRC_RANGE_ID_BITS, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL,
+    SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_MAGLEV, SVC_FLAG_NO_LOCAL_DROP,
     SVC_FLAG_NODE_PORT, SVC_FLAG_SRC_RANGES, SVC_FLAG_SRC_RANGES_NODE, SrcRange4Key,
 };
 
@@ -68,6 +69,9 @@ struct FeState {
     affinity_timeout_s: Option<u32>,
     /// `SVC_FLAG_NO_LOCAL_DROP`: no backends, and new flows dropped rather than refused.
     no_local_endpoints: bool,
+    /// `SVC_FLAG_MAGLEV`: its table (of `all`, when not empty) is in `LB4_MAGLEV` under
+    /// `rev_nat_id`.
+    maglev: bool,
 }
 
 impl FeState {
@@ -423,6 +427,7 @@ impl Dataplane {
             sources: new_sources.clone(),
             affinity_timeout_s: backends.affinity_timeout_s,
             no_local_endpoints: backends.no_local_endpoints && all_ids.is_empty(),
+            maglev: backends.maglev,
         };
         let old_matches = old.as_ref().map(FeState::affinity_keys).unwrap_or_default();
         let new_matches = new_state.affinity_keys();
@@ -450,6 +455,11 @@ impl Dataplane {
         if result.is_ok() {
             result = self.write_slots(frontend, LOCAL_SLOT_BASE, new_ext, old_ext.len());
         }
+        // The Maglev table, before the frontend entry that names it: written whole, so new
+        // flows see the old table or the new one.
+        if result.is_ok() && backends.maglev && !all_ids.is_empty() {
+            result = self.write_maglev(frontend, rev_nat_id, &all, &all_ids);
+        }
         if result.is_ok() {
             let entry = Lb4Service {
                 backend_id: backends.affinity_timeout_s.unwrap_or(0),
@@ -474,7 +484,8 @@ impl Dataplane {
                         SVC_FLAG_NO_LOCAL_DROP
                     } else {
                         0
-                    },
+                    }
+                    | if backends.maglev { SVC_FLAG_MAGLEV } else { 0 },
                 rev_nat_id,
                 local_count: new_ext.len() as u16,
                 _pad: 0,
@@ -522,6 +533,9 @@ impl Dataplane {
         //    nobody uses any more).
         self.remove_ranges(rev_nat_id, &lost)?;
         self.remove_matches(&lost_matches)?;
+        if !(backends.maglev && !all_ids.is_empty()) && old.as_ref().is_some_and(|o| o.maglev) {
+            self.remove::<u32, MaglevTable>(LB4_MAGLEV_MAP, &rev_nat_id)?;
+        }
         if let Some(o) = &old {
             for k in slots(fe, 0, o.all.len()).skip(all_ids.len()) {
                 self.remove::<Lb4Key, Lb4Service>(LB4_SERVICES_MAP, &k)?;
@@ -615,6 +629,33 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Writes the Maglev table of `frontend`'s backends `list` (with their ids `ids`, in the
+    /// same order) under `rev_nat_id`.
+    fn write_maglev(
+        &mut self,
+        frontend: Frontend,
+        rev_nat_id: u32,
+        list: &[Backend],
+        ids: &[u32],
+    ) -> Result<(), DataplaneError> {
+        let seed = self.config.maglev_seed;
+        let addrs: Vec<(std::net::Ipv4Addr, u16)> = list.iter().map(|b| (b.addr, b.port)).collect();
+        let mut t = Box::new(MaglevTable {
+            seed,
+            ids: [0; MAGLEV_M],
+        });
+        for (slot, i) in t
+            .ids
+            .iter_mut()
+            .zip(super::maglev::table(&addrs, seed, MAGLEV_M))
+        {
+            *slot = ids[i];
+        }
+        self.insert(LB4_MAGLEV_MAP, LB4_MAGLEV_MAX, rev_nat_id, *t, || {
+            format!("Maglev table of {frontend}")
+        })
+    }
+
     /// Removes `frontend`: new connections to it are no longer translated. Established flows
     /// keep working until their conntrack entries expire.
     pub fn remove_service(&mut self, frontend: Frontend) -> Result<(), DataplaneError> {
@@ -631,6 +672,9 @@ impl Dataplane {
         }
         self.remove_ranges(old.rev_nat_id, cidrs(old.sources.as_ref()))?;
         self.remove_matches(&old.affinity_keys().into_iter().collect::<Vec<_>>())?;
+        if old.maglev {
+            self.remove::<u32, MaglevTable>(LB4_MAGLEV_MAP, &old.rev_nat_id)?;
+        }
         self.remove::<u32, Lb4RevNat>(LB4_REVNAT_MAP, &old.rev_nat_id)?;
         self.ids.frontends.remove(&frontend.id());
         self.ids.used_rev_nat.remove(&old.rev_nat_id);
@@ -793,6 +837,7 @@ impl Ids {
                         affinity_timeout_s: (v.flags & SVC_FLAG_AFFINITY != 0)
                             .then_some(v.backend_id),
                         no_local_endpoints: v.flags & SVC_FLAG_NO_LOCAL_DROP != 0,
+                        maglev: v.flags & SVC_FLAG_MAGLEV != 0,
                         sources: (v.flags & SVC_FLAG_SRC_RANGES != 0).then(|| {
                             let mut cidrs = by_id.remove(&v.rev_nat_id).unwrap_or_default();
                             cidrs.sort();
@@ -859,6 +904,7 @@ impl Ids {
                     sources: st.sources.clone(),
                     affinity_timeout_s: st.affinity_timeout_s,
                     no_local_endpoints: st.no_local_endpoints,
+                    maglev: st.maglev,
                 };
                 (fe, bes)
             })

@@ -106,6 +106,34 @@ pub struct NodeContext {
     /// ExternalIP). loadBalancerSourceRanges that hold it let the node's own connections
     /// through.
     pub node_ip: Option<Ipv4Addr>,
+    /// The agent's `--lb-algorithm` is maglev: frontends reachable from outside choose by
+    /// Maglev unless their Service's [`LB_ALGORITHM_ANNOTATION`] says `random`.
+    pub maglev_by_default: bool,
+}
+
+/// The Service annotation that picks the backend choice of its frontends reachable from
+/// outside: `random` or `maglev` (Cilium's `service.cilium.io/lb-algorithm` does the same).
+pub const LB_ALGORITHM_ANNOTATION: &str = "sluice.io/lb-algorithm";
+
+/// Whether the Service's frontends reachable from outside use Maglev: its annotation, else the
+/// agent's default; an unknown value is a warning, and the default applies.
+fn maglev(svc: &Service, node: &NodeContext, warnings: &mut Warnings) -> bool {
+    let value = svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(LB_ALGORITHM_ANNOTATION));
+    match value.map(String::as_str) {
+        None => node.maglev_by_default,
+        Some("maglev") => true,
+        Some("random") => false,
+        Some(other) => {
+            warnings.push(Skipped::UnknownLbAlgorithm {
+                value: other.to_owned(),
+            });
+            node.maglev_by_default
+        }
+    }
 }
 
 /// The Node label naming its zone.
@@ -376,6 +404,7 @@ fn proxied(
 
     let sources = source_ranges(svc, node, &addresses, warnings);
     let affinity = session_affinity(svc)?;
+    let maglev = maglev(svc, node, warnings);
     let ext_local = externally_accessible(svc, svc_type) && external_policy_local(svc);
     let mut frontends: BTreeMap<FrontendId, (FrontendKind, Backends)> = BTreeMap::new();
     let internal_local = internal_policy_local(svc);
@@ -474,7 +503,11 @@ fn proxied(
                     proto: id.proto,
                     kind,
                 },
-                backends,
+                // Maglev where an ECMP router may spread a flow over nodes: not ClusterIPs.
+                Backends {
+                    maglev: maglev && kind != FrontendKind::ClusterIp,
+                    ..backends
+                },
             )
         })
         .collect();
@@ -1146,6 +1179,7 @@ mod tests {
             nodeport_addresses: addrs.iter().map(|a| ip(a)).collect(),
             zone: Some("zone-a".into()),
             node_ip: addrs.first().map(|a| ip(a)),
+            maglev_by_default: false,
         }
     }
 
@@ -1561,6 +1595,64 @@ mod tests {
     /// sessionAffinity, row by row (newBaseServiceInfo's `stickyMaxAgeSeconds`; the API
     /// server's defaulting and validation, which a manifest may skip): the timeout every
     /// frontend of the Service gets, or why it is refused.
+    /// `sluice.io/lb-algorithm` and `--lb-algorithm`: Maglev for the frontends reachable from
+    /// outside (NodePort, externalIP, LoadBalancer), never a ClusterIP; the annotation beats
+    /// the default; an unknown value is a warning and the default applies.
+    #[test]
+    fn the_lb_algorithm_annotation_and_default_give_maglev_to_outside_frontends_only() {
+        let with = |annotation: Option<&str>| {
+            let mut meta = json!({"name": "web", "namespace": "default"});
+            if let Some(a) = annotation {
+                meta["annotations"] = json!({LB_ALGORITHM_ANNOTATION: a});
+            }
+            svc_with(json!({
+                "metadata": meta,
+                "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10",
+                         "externalIPs": ["198.51.100.80"],
+                         "ports": [{"port": 80, "nodePort": 30080}]},
+                "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.50"}]}}
+            }))
+        };
+        let random = node(&["192.168.1.1"]);
+        let maglev = NodeContext {
+            maglev_by_default: true,
+            ..random.clone()
+        };
+        let (random, maglev) = (&random, &maglev);
+        let rows: Vec<(&str, Option<&str>, &NodeContext, bool, bool)> = vec![
+            ("default random", None, random, false, false),
+            ("default maglev", None, maglev, true, false),
+            ("annotated maglev", Some("maglev"), random, true, false),
+            ("annotated random", Some("random"), maglev, false, false),
+            (
+                "unknown value, default random",
+                Some("ring-hash"),
+                random,
+                false,
+                true,
+            ),
+            (
+                "unknown value, default maglev",
+                Some("ring-hash"),
+                maglev,
+                true,
+                true,
+            ),
+        ];
+        for (name, annotation, node, want, warned) in rows {
+            let (frontends, warnings) = proxied_all(&with(annotation), &[&two_pods()], node);
+            assert_eq!(frontends.len(), 4, "{name}");
+            for (f, b) in &frontends {
+                let expected = want && f.kind != FrontendKind::ClusterIp;
+                assert_eq!(b.maglev, expected, "{name}: {f}");
+            }
+            let unknown = Skipped::UnknownLbAlgorithm {
+                value: "ring-hash".into(),
+            };
+            assert_eq!(warnings.contains(&unknown), warned, "{name}: {warnings:?}");
+        }
+    }
+
     #[test]
     fn session_affinity_as_kube_proxy_reads_it() {
         type Row = (&'static str, Value, Result<Option<u32>, InvalidService>);
@@ -2420,6 +2512,7 @@ mod tests {
             sources: None,
             affinity_timeout_s: None,
             no_local_endpoints: false,
+            maglev: false,
         };
         assert_eq!(
             got,

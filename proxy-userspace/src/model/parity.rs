@@ -104,6 +104,7 @@ fn outcome_of(row: &Row) -> Want {
         nodeport_addresses: vec![NODE_IP.parse().unwrap()],
         zone: None,
         node_ip: Some(NODE_IP.parse().unwrap()),
+        maglev_by_default: false,
     };
     let frontends = match service_frontends(&svc, &[&slice], &node, &Limits::default()) {
         Outcome::Proxied { frontends, .. } => frontends,

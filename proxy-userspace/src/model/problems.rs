@@ -149,6 +149,9 @@ pub enum Skipped {
     },
     /// An endpoint address that is no IPv4 address.
     EndpointNotIpv4 { slice: String, value: String },
+    /// A `sluice.io/lb-algorithm` annotation that is neither `random` nor `maglev`: the
+    /// agent's `--lb-algorithm` applies instead.
+    UnknownLbAlgorithm { value: String },
 }
 
 impl Skipped {
@@ -162,6 +165,7 @@ impl Skipped {
             Self::SourceRangeNotACidr { .. } => "source_range_not_a_cidr",
             Self::EndpointPortOutOfRange { .. } => "endpoint_port_out_of_range",
             Self::EndpointNotIpv4 { .. } => "endpoint_not_ipv4",
+            Self::UnknownLbAlgorithm { .. } => "unknown_lb_algorithm",
         }
     }
 }
@@ -205,6 +209,12 @@ impl fmt::Display for Skipped {
             Self::EndpointNotIpv4 { slice, value } => write!(
                 f,
                 "EndpointSlice {slice}: endpoint address {value:?} skipped: not an IPv4 address"
+            ),
+            Self::UnknownLbAlgorithm { value } => write!(
+                f,
+                "annotation {} {value:?} ignored (expected random or \
+                 maglev): the agent's --lb-algorithm applies",
+                super::LB_ALGORITHM_ANNOTATION
             ),
         }
     }
