@@ -270,7 +270,10 @@ pub const SVC_FLAG_MAGLEV: u16 = 1 << 9;
 /// preallocation: only Maglev frontends take room (64 KiB each). Written whole, so a
 /// program reads an old or a new table, never a mix.
 pub const LB4_MAGLEV_MAP: &str = "LB4_MAGLEV";
-pub const LB4_MAGLEV_MAX: u32 = 65_536;
+/// At most this many Maglev frontends. Linux before 5.11 charges a map's whole possible size
+/// to the memory lock limit at creation, preallocated or not, and refuses one over 4 GiB
+/// (E2BIG): 65,536 tables of 64 KiB did not load on 5.10; 4,096 charge 256 MiB.
+pub const LB4_MAGLEV_MAX: u32 = 4_096;
 /// The Maglev table's size: a prime, Cilium's default.
 pub const MAGLEV_M: usize = 16_381;
 

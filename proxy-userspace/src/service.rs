@@ -195,8 +195,9 @@ pub struct Backends {
     pub no_local_endpoints: bool,
     /// `--lb-algorithm maglev` (or the Service's `sluice.io/lb-algorithm: maglev`): a new
     /// flow takes the backend of `all` that Maglev's table gives its tuple, the same on every
-    /// node (`dataplane/maglev.rs`); else one at random. Only for frontends reachable from
-    /// outside (an ECMP router in front of the nodes is what needs it).
+    /// node (`dataplane/maglev.rs`); else one at random. Only for externalIP and LoadBalancer
+    /// frontends, the addresses every node serves (an ECMP router in front of the nodes is
+    /// what needs it).
     pub maglev: bool,
 }
 

@@ -90,7 +90,7 @@ impl XdpSetting {
 pub enum LbAlgorithm {
     /// Uniformly at random (kube-proxy's choice).
     Random,
-    /// Maglev consistent hashing, for frontends reachable from outside: every node picks the
+    /// Maglev consistent hashing, for externalIPs and LoadBalancer IPs: every node picks the
     /// same backend for a flow.
     Maglev,
 }
@@ -188,10 +188,10 @@ pub struct AgentArgs {
     #[arg(long, env = "SLUICE_XDP_MODE", value_enum, default_value_t = XdpSetting::Off)]
     pub xdp_mode: XdpSetting,
 
-    /// How new flows to NodePorts, externalIPs and LoadBalancer IPs choose their backend:
-    /// random, or maglev (the same backend for a flow on every node, for an ECMP router in
-    /// front of them). A Service's `sluice.io/lb-algorithm` annotation overrides it.
-    /// ClusterIPs always choose at random.
+    /// How new flows to externalIPs and LoadBalancer IPs choose their backend: random, or
+    /// maglev (the same backend for a flow on every node, for an ECMP router in front of
+    /// them; at most 4,096 such frontends). A Service's `sluice.io/lb-algorithm` annotation
+    /// overrides it. ClusterIPs and NodePorts always choose at random.
     #[arg(long, env = "SLUICE_LB_ALGORITHM", value_enum, default_value_t = LbAlgorithm::Random)]
     pub lb_algorithm: LbAlgorithm,
 

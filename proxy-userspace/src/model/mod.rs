@@ -106,16 +106,16 @@ pub struct NodeContext {
     /// ExternalIP). loadBalancerSourceRanges that hold it let the node's own connections
     /// through.
     pub node_ip: Option<Ipv4Addr>,
-    /// The agent's `--lb-algorithm` is maglev: frontends reachable from outside choose by
+    /// The agent's `--lb-algorithm` is maglev: externalIP and LoadBalancer frontends choose by
     /// Maglev unless their Service's [`LB_ALGORITHM_ANNOTATION`] says `random`.
     pub maglev_by_default: bool,
 }
 
-/// The Service annotation that picks the backend choice of its frontends reachable from
-/// outside: `random` or `maglev` (Cilium's `service.cilium.io/lb-algorithm` does the same).
+/// The Service annotation that picks the backend choice of its externalIP and LoadBalancer
+/// frontends: `random` or `maglev` (Cilium's `service.cilium.io/lb-algorithm` does the same).
 pub const LB_ALGORITHM_ANNOTATION: &str = "sluice.io/lb-algorithm";
 
-/// Whether the Service's frontends reachable from outside use Maglev: its annotation, else the
+/// Whether the Service's externalIP and LoadBalancer frontends use Maglev: its annotation, else the
 /// agent's default; an unknown value is a warning, and the default applies.
 fn maglev(svc: &Service, node: &NodeContext, warnings: &mut Warnings) -> bool {
     let value = svc
@@ -503,9 +503,12 @@ fn proxied(
                     proto: id.proto,
                     kind,
                 },
-                // Maglev where an ECMP router may spread a flow over nodes: not ClusterIPs.
+                // Maglev where a router may spread a flow over nodes: an address every node
+                // serves (externalIPs, LoadBalancer IPs). A ClusterIP's clients are in the
+                // cluster, and a NodePort is on one node's own address.
                 Backends {
-                    maglev: maglev && kind != FrontendKind::ClusterIp,
+                    maglev: maglev
+                        && matches!(kind, FrontendKind::ExternalIp | FrontendKind::LoadBalancer),
                     ..backends
                 },
             )
@@ -1595,8 +1598,8 @@ mod tests {
     /// sessionAffinity, row by row (newBaseServiceInfo's `stickyMaxAgeSeconds`; the API
     /// server's defaulting and validation, which a manifest may skip): the timeout every
     /// frontend of the Service gets, or why it is refused.
-    /// `sluice.io/lb-algorithm` and `--lb-algorithm`: Maglev for the frontends reachable from
-    /// outside (NodePort, externalIP, LoadBalancer), never a ClusterIP; the annotation beats
+    /// `sluice.io/lb-algorithm` and `--lb-algorithm`: Maglev for externalIPs and LoadBalancer
+    /// IPs (addresses every node serves), never a ClusterIP or a NodePort; the annotation beats
     /// the default; an unknown value is a warning and the default applies.
     #[test]
     fn the_lb_algorithm_annotation_and_default_give_maglev_to_outside_frontends_only() {
@@ -1643,8 +1646,11 @@ mod tests {
             let (frontends, warnings) = proxied_all(&with(annotation), &[&two_pods()], node);
             assert_eq!(frontends.len(), 4, "{name}");
             for (f, b) in &frontends {
-                let expected = want && f.kind != FrontendKind::ClusterIp;
-                assert_eq!(b.maglev, expected, "{name}: {f}");
+                let outside_vip = matches!(
+                    f.kind,
+                    FrontendKind::ExternalIp | FrontendKind::LoadBalancer
+                );
+                assert_eq!(b.maglev, want && outside_vip, "{name}: {f}");
             }
             let unknown = Skipped::UnknownLbAlgorithm {
                 value: "ring-hash".into(),
