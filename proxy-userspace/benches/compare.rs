@@ -48,7 +48,7 @@ use std::{
 use common::NodeDataplane;
 use sluice::dataplane::{
     Backend, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend, FrontendKind, Protocol, TO_POD,
-    TO_UPLINK,
+    TO_UPLINK, XDP_FROM_UPLINK, XdpMode,
     socket::{self, SocketLb, SocketLbConfig},
 };
 use testbed::{
@@ -74,6 +74,9 @@ enum Layout {
     OneNode,
     /// A client outside the cluster, node0's NodePort, the backends on node1.
     RemoteNodePort,
+    /// A client outside the cluster, node0's NodePort, the backends on node0: the path
+    /// sluice's XDP program serves (established flows to local endpoints).
+    LocalNodePort,
 }
 
 struct Params {
@@ -91,6 +94,7 @@ impl Layout {
         match self {
             Layout::OneNode => "one-node",
             Layout::RemoteNodePort => "nodeport",
+            Layout::LocalNodePort => "nodeport-local",
         }
     }
 }
@@ -148,7 +152,7 @@ fn traffic(backends: &[Ipv4Addr], layout: Layout) -> [ServicePort; 2] {
         protocol,
         cluster_ip: plan::cluster_ip(TRAFFIC_IP_INDEX),
         port: SERVICE_PORT,
-        node_port: (layout == Layout::RemoteNodePort).then_some(NODE_PORT),
+        node_port: (layout != Layout::OneNode).then_some(NODE_PORT),
         endpoints: backends
             .iter()
             .map(|a| SocketAddrV4::new(*a, TARGET_PORT))
@@ -263,11 +267,13 @@ impl Sandbox {
                 (c, 0)
             }
             Layout::RemoteNodePort => (Cluster::new(2).expect("the sandbox nodes"), 1),
+            Layout::LocalNodePort => (Cluster::new(1).expect("the sandbox node"), 0),
         };
         for b in BACKENDS {
             c.add_pod(backend_node, b).expect("a backend pod");
-            if layout == Layout::RemoteNodePort {
-                // The backends see the node's SNAT ports (sluice's, or MASQUERADE's), and each
+            if layout != Layout::OneNode {
+                // The backends see the node's SNAT ports (sluice's, or MASQUERADE's: kube-proxy
+                // masquerades NodePort traffic even to a local endpoint), and each
                 // cell starts with fresh NAT state: a port reused across cells would meet the
                 // previous cell's connection in the backend's TIME_WAIT and stall its SYN 1 s.
                 // Without TIME_WAIT sockets on the backends no cell inherits another's.
@@ -277,7 +283,7 @@ impl Sandbox {
                     .expect("backend sysctl");
             }
         }
-        if layout == Layout::RemoteNodePort {
+        if layout != Layout::OneNode {
             c.add_outside().expect("the outside client");
             let client = &c.outside[0].ns;
             load::tune_client(client).expect("client sysctls");
@@ -311,14 +317,14 @@ impl Sandbox {
     fn client(&self) -> &Netns {
         match self.layout {
             Layout::OneNode => &self.c.pod("client").ns,
-            Layout::RemoteNodePort => &self.c.outside[0].ns,
+            Layout::RemoteNodePort | Layout::LocalNodePort => &self.c.outside[0].ns,
         }
     }
 
     /// What sluice writes for `svcs` on node0.
     fn sluice_services(&self, svcs: &[ServicePort]) -> Vec<(Frontend, Vec<Backend>)> {
         let node = self.c.nodes[0].addr;
-        let local = self.layout == Layout::OneNode;
+        let local = self.layout != Layout::RemoteNodePort;
         svcs.iter()
             .flat_map(|sp| sluice_service(sp, node, local))
             .collect()
@@ -330,7 +336,7 @@ impl Sandbox {
         let dp = self.dp.as_ref()?;
         dp.with(|dp| {
             let mut total = (Duration::ZERO, 0);
-            for p in [FROM_POD, TO_POD, FROM_UPLINK, TO_UPLINK] {
+            for p in [FROM_POD, TO_POD, FROM_UPLINK, TO_UPLINK, XDP_FROM_UPLINK] {
                 let (time, runs) = dp.run_stats(p)?;
                 total.0 += time;
                 total.1 += runs;
@@ -355,7 +361,7 @@ impl Sandbox {
         let cfg = proxy_config(self.c.nodes[0].addr);
         match mode {
             Mode::Direct => Ok(None),
-            Mode::Sluice | Mode::SluiceSocket => {
+            Mode::Sluice | Mode::SluiceSocket | Mode::SluiceXdp => {
                 let dp = NodeDataplane::start(
                     &self.c.nodes[0],
                     DataplaneConfig {
@@ -384,6 +390,13 @@ impl Sandbox {
                             ..cfg
                         };
                         dp.set_socket_lb(&cfg).map_err(|e| e.to_string())
+                    })?;
+                }
+                if mode == Mode::SluiceXdp {
+                    let uplink = self.c.nodes[0].uplink.clone();
+                    dp.with(move |dp| {
+                        dp.attach_xdp(&uplink, XdpMode::Native)
+                            .map_err(|e| e.to_string())
                     })?;
                 }
                 let all = self.sluice_services(svcs);
@@ -431,7 +444,7 @@ impl Sandbox {
         }
         self.dp = None;
         match mode {
-            Mode::Direct | Mode::Sluice | Mode::SluiceSocket => Ok(true),
+            Mode::Direct | Mode::Sluice | Mode::SluiceSocket | Mode::SluiceXdp => Ok(true),
             Mode::IptablesLegacy => Ok(false),
             Mode::IptablesNft | Mode::Nftables => {
                 let ns = self.node_ns();
@@ -459,7 +472,7 @@ impl Sandbox {
     ) -> Result<Duration, String> {
         let cfg = proxy_config(self.c.nodes[0].addr);
         match mode {
-            Mode::Sluice | Mode::SluiceSocket => {
+            Mode::Sluice | Mode::SluiceSocket | Mode::SluiceXdp => {
                 let frontends = self.sluice_services(std::slice::from_ref(new));
                 let dp = self.dp.as_ref().ok_or("sluice is not installed")?;
                 dp.with(move |dp| {
@@ -496,6 +509,8 @@ struct Bench {
     report: Report,
     /// The NodePort section's samples.
     nodeport: Report,
+    /// The local NodePort section's samples.
+    nodeport_local: Report,
     /// The section being measured.
     layout: Layout,
     /// The longest program-all time seen per (section, mode, Service count).
@@ -522,6 +537,7 @@ impl Bench {
         match self.layout {
             Layout::OneNode => &mut self.report,
             Layout::RemoteNodePort => &mut self.nodeport,
+            Layout::LocalNodePort => &mut self.nodeport_local,
         }
     }
 
@@ -537,7 +553,7 @@ impl Bench {
 
     /// Why cell (`mode`, `n`) does not run this round, if it does not.
     fn skip(&self, mode: Mode, n: u32) -> Option<String> {
-        if mode == Mode::SluiceSocket && self.layout == Layout::RemoteNodePort {
+        if mode == Mode::SluiceSocket && self.layout != Layout::OneNode {
             return Some(
                 "socket LB translates the node's and its pods' own sockets; a client outside \
                  the cluster reaches the NodePort through the TC path (the sluice column)"
@@ -611,7 +627,9 @@ impl Bench {
         }
         let vip = match sb.layout {
             Layout::OneNode => SocketAddrV4::new(plan::cluster_ip(TRAFFIC_IP_INDEX), SERVICE_PORT),
-            Layout::RemoteNodePort => SocketAddrV4::new(sb.c.nodes[0].addr, NODE_PORT),
+            Layout::RemoteNodePort | Layout::LocalNodePort => {
+                SocketAddrV4::new(sb.c.nodes[0].addr, NODE_PORT)
+            }
         };
         let targets = match mode {
             Mode::Direct => sb
@@ -793,6 +811,19 @@ fn section(dir: &Path, file: &str, title: &str) -> String {
     }
 }
 
+/// A NodePort section's tables, then its notes.
+fn section_tables(report: &Report) -> String {
+    let mut md = testbed::report::render_tables(report);
+    if !report.notes.is_empty() {
+        md.push_str("### Notes from this section\n\n");
+        for n in &report.notes {
+            md.push_str(&format!("- {n}\n"));
+        }
+        md.push('\n');
+    }
+    md
+}
+
 /// Runs every cell of the current section: each Service count, every round, every mode in an
 /// order rotated each round.
 fn run_section(bench: &mut Bench, sizes: &[u32]) {
@@ -805,6 +836,11 @@ fn run_section(bench: &mut Bench, sizes: &[u32]) {
             order.rotate_left(round as usize % len);
             for mode in order {
                 if bench.current().unavailable.iter().any(|(m, _)| *m == mode) {
+                    continue;
+                }
+                // XDP is on uplinks: the one-node section's traffic never crosses one, so it
+                // has no sluice-xdp column (the report says so).
+                if mode == Mode::SluiceXdp && bench.layout == Layout::OneNode {
                     continue;
                 }
                 if let Some(why) = bench.skip(mode, n) {
@@ -908,12 +944,14 @@ fn main() {
         modes: modes_arg(),
         report: Report::default(),
         nodeport: Report::default(),
+        nodeport_local: Report::default(),
         layout: Layout::OneNode,
         longest_load: HashMap::new(),
     };
     let all_sections = [
         (Layout::OneNode, bench.params.sizes.clone()),
-        (Layout::RemoteNodePort, nodeport_sizes),
+        (Layout::RemoteNodePort, nodeport_sizes.clone()),
+        (Layout::LocalNodePort, nodeport_sizes),
     ];
     let chosen = list_arg("--sections");
     for (layout, sizes) in all_sections {
@@ -941,6 +979,11 @@ fn main() {
         serde_json::to_string_pretty(&bench.nodeport).unwrap(),
     )
     .unwrap();
+    std::fs::write(
+        out.join("compare-nodeport-local.json"),
+        serde_json::to_string_pretty(&bench.nodeport_local).unwrap(),
+    )
+    .unwrap();
     let subtitle = format!(
         "{}; median of {} rounds, bars min–max",
         machine(),
@@ -963,6 +1006,7 @@ fn main() {
          One Service (a TCP and a UDP port, three endpoints: the backend pods) carries the traffic and sits in the middle of the filler Services (three endpoints each, addresses no pod holds).\n\n\
          - **direct**: the client connects to the pod addresses in turn; nothing is installed (the floor).\n\
          - **sluice**: sluice's TC programs on every device of the node, Services in its BPF maps. Program-all is the map writes of every Service; the endpoint change is one Service's map write.\n\
+         - **sluice-xdp** (the NodePort sections only: XDP is on uplinks): sluice with its XDP program on node0's uplink in native mode as well.\n\
          - **iptables-legacy** and **iptables-nft**: kube-proxy's iptables-mode rule set (KUBE-SERVICES, KUBE-SVC-*, KUBE-SEP-* with statistic probabilities, masquerade marks), piped to `iptables-legacy-restore` / `iptables-nft-restore --noflush --counters` as kube-proxy does (its image picks the backend the host uses); the change is kube-proxy's partial sync (KUBE-SERVICES rewritten whole, the changed chains, stale chains deleted). The `iptables-save` kube-proxy runs before each sync is not counted.\n\
          - **nftables**: kube-proxy's nftables-mode rule set (table `ip kube-proxy`, the service-ips verdict map, per-service and per-endpoint chains) piped to `nft -f -`; the change is the transaction kube-proxy issues for it.\n\n\
          Control-plane times are wall times of the map writes (in process) and of the iptables-restore / nft processes (exec included, as kube-proxy pays it; rule generation excluded on every side). \
@@ -1009,14 +1053,15 @@ fn main() {
          **direct** is the client reaching the pods through node1, no load balancer. The other Services are ClusterIP fillers, as above; kube-proxy's iptables mode walks all of them before its NodePort rule, the last in KUBE-SERVICES. \
          The backends keep no TIME_WAIT sockets (`tcp_max_tw_buckets` 0): every cell starts with fresh NAT state, and a SNAT port reused from an earlier cell would otherwise meet that cell's connection in TIME_WAIT and stall 1 s, whichever mode it came from.\n\n",
     );
-    md.push_str(&testbed::report::render_tables(&bench.nodeport));
-    if !bench.nodeport.notes.is_empty() {
-        md.push_str("### Notes from this section\n\n");
-        for n in &bench.nodeport.notes {
-            md.push_str(&format!("- {n}\n"));
-        }
-        md.push('\n');
-    }
+    md.push_str(&section_tables(&bench.nodeport));
+    md.push_str(
+        "## NodePort from outside to endpoints on the same node, with and without XDP\n\n\
+         A client outside the cluster calls node0's NodePort (TCP and UDP), whose three endpoints are pods on node0: the client's address is kept (no SNAT). \
+         **sluice-xdp** is **sluice** with its XDP program on node0's uplink in native mode: a packet of an established flow is DNATed there, before the kernel builds an skb for it (the handshake, the FIN and new UDP flows go on to TC). \
+         On a veth the sender has already built the skb that native XDP runs on (veth converts it), so the saving real NICs show (no skb for what XDP translates) is capped here; this section measures what it is under that cap. \
+         **iptables** and **nftables** are kube-proxy's NodePort rules (externalTrafficPolicy Cluster: masqueraded, as kube-proxy does even to a local endpoint); **direct** is the client reaching the pods through node0.\n\n",
+    );
+    md.push_str(&section_tables(&bench.nodeport_local));
     md.push_str(&section(&out, "datapath.md", "Per packet"));
     md.push_str("\n\n");
     md.push_str(&section(&out, "agent.md", "Agent control plane and memory"));

@@ -16,6 +16,9 @@ pub enum Mode {
     /// sendmsg() go to a backend, and the packets are plain pod-to-pod traffic that the TC
     /// programs pass.
     SluiceSocket,
+    /// sluice's TC programs, and its XDP program on the node's uplink in native mode: a
+    /// packet of an established flow from outside is DNATed before the skb is built.
+    SluiceXdp,
     /// kube-proxy's iptables mode (KUBE-SERVICES, KUBE-SVC-*, KUBE-SEP-* rules) on the legacy
     /// x_tables backend (`iptables-legacy-restore`).
     IptablesLegacy,
@@ -27,10 +30,11 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub const ALL: [Mode; 6] = [
+    pub const ALL: [Mode; 7] = [
         Mode::Direct,
         Mode::Sluice,
         Mode::SluiceSocket,
+        Mode::SluiceXdp,
         Mode::IptablesLegacy,
         Mode::IptablesNft,
         Mode::Nftables,
@@ -41,6 +45,7 @@ impl Mode {
             Mode::Direct => "direct",
             Mode::Sluice => "sluice",
             Mode::SluiceSocket => "sluice-socket",
+            Mode::SluiceXdp => "sluice-xdp",
             Mode::IptablesLegacy => "iptables-legacy",
             Mode::IptablesNft => "iptables-nft",
             Mode::Nftables => "nftables",
@@ -52,6 +57,7 @@ impl Mode {
             Mode::Direct => "#777777",
             Mode::Sluice => "#1f77b4",
             Mode::SluiceSocket => "#9467bd",
+            Mode::SluiceXdp => "#17becf",
             Mode::IptablesLegacy => "#d62728",
             Mode::IptablesNft => "#ff7f0e",
             Mode::Nftables => "#2ca02c",
@@ -148,7 +154,7 @@ impl Metric {
         match self {
             Metric::ProgramAll | Metric::EndpointChange => mode != Mode::Direct,
             Metric::ProgramNsPerRun | Metric::ProgramRunsPerConn | Metric::ProgramUsPerConn => {
-                matches!(mode, Mode::Sluice | Mode::SluiceSocket)
+                matches!(mode, Mode::Sluice | Mode::SluiceSocket | Mode::SluiceXdp)
             }
             _ => true,
         }
@@ -175,6 +181,16 @@ pub struct Report {
     pub skipped: Vec<(Mode, u32, String)>,
     /// Things the reader must know about this run (errors seen, for example).
     pub notes: Vec<String>,
+}
+
+impl Report {
+    /// Whether the report has anything of `mode`: a sample, a skipped cell, or why it could not
+    /// run.
+    pub fn mentions(&self, mode: Mode) -> bool {
+        self.samples.iter().any(|s| s.mode == mode)
+            || self.skipped.iter().any(|(m, _, _)| *m == mode)
+            || self.unavailable.iter().any(|(m, _)| *m == mode)
+    }
 }
 
 /// Median and range of a cell's rounds.
@@ -356,18 +372,27 @@ pub fn render_tables(report: &Report) -> String {
     }
     let max_rounds = report.max_rounds();
     for metric in Metric::ALL {
+        // sluice-xdp has a column only in a section that ran it (or said why not): XDP is on
+        // uplinks, and most sections' traffic never crosses one.
         let modes: Vec<Mode> = Mode::ALL
             .into_iter()
             .filter(|m| metric.applies_to(*m))
+            .filter(|m| *m != Mode::SluiceXdp || report.mentions(*m))
             .collect();
         // sluice's TC path against every other way; its socket path against the floor (the
         // goal it has: the direct path's rate).
         let others: Vec<Mode> = modes
             .iter()
             .copied()
-            .filter(|m| !matches!(m, Mode::Sluice | Mode::SluiceSocket))
+            .filter(|m| !matches!(m, Mode::Sluice | Mode::SluiceSocket | Mode::SluiceXdp))
             .collect();
         let socket_ratio = modes.contains(&Mode::SluiceSocket) && modes.contains(&Mode::Direct);
+        // XDP in front of the same TC programs: against them.
+        let xdp_ratio = modes.contains(&Mode::SluiceXdp)
+            && modes.contains(&Mode::Sluice)
+            && sizes
+                .iter()
+                .any(|&n| report.cell(Mode::SluiceXdp, n, metric).is_some());
         let better = if metric.higher_is_better() {
             "higher is better; a ratio above 1 favours sluice"
         } else {
@@ -394,8 +419,12 @@ pub fn render_tables(report: &Report) -> String {
         if socket_ratio {
             md.push_str(" sluice-socket/direct |");
         }
+        if xdp_ratio {
+            md.push_str(" sluice-xdp/sluice |");
+        }
         md.push_str("\n|---:|");
-        for _ in 0..modes.len() + others.len() + usize::from(socket_ratio) {
+        for _ in 0..modes.len() + others.len() + usize::from(socket_ratio) + usize::from(xdp_ratio)
+        {
             md.push_str("---:|");
         }
         md.push('\n');
@@ -430,6 +459,9 @@ pub fn render_tables(report: &Report) -> String {
             }
             if socket_ratio {
                 let _ = write!(md, " {} |", ratio(Mode::SluiceSocket, Mode::Direct));
+            }
+            if xdp_ratio {
+                let _ = write!(md, " {} |", ratio(Mode::SluiceXdp, Mode::Sluice));
             }
             md.push('\n');
         }
@@ -693,6 +725,33 @@ mod tests {
         );
         assert!(md.contains(" sluice/nftables | sluice-socket/direct |"));
         assert!(md.contains("higher is better"));
+    }
+
+    #[test]
+    fn sluice_xdp_has_a_column_and_a_ratio_to_sluice_only_where_it_ran() {
+        let mut r = Report::default();
+        for (round, (s, x)) in [(100.0, 110.0), (90.0, 108.0)].into_iter().enumerate() {
+            let round = round as u32;
+            r.samples
+                .push(sample(Mode::Sluice, 1, round, Metric::UdpRate, s));
+            r.samples
+                .push(sample(Mode::SluiceXdp, 1, round, Metric::UdpRate, x));
+        }
+        let md = render_tables(&r);
+        assert!(md.contains(" sluice-xdp | iptables-legacy |"), "{md}");
+        assert!(md.contains(" sluice-xdp/sluice |"), "{md}");
+        // Per round 1.10 and 1.20.
+        assert!(md.contains(" 1.15 (1.10–1.20) |"), "{md}");
+        let without = Report {
+            samples: r
+                .samples
+                .iter()
+                .filter(|x| x.mode != Mode::SluiceXdp)
+                .cloned()
+                .collect(),
+            ..Default::default()
+        };
+        assert!(!render_tables(&without).contains("sluice-xdp"));
     }
 
     #[test]
