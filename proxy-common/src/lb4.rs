@@ -257,13 +257,11 @@ pub const SVC_FLAG_AFFINITY: u16 = 1 << 7;
 /// not refused as for a Service without endpoints.
 pub const SVC_FLAG_NO_LOCAL_DROP: u16 = 1 << 8;
 
-/// `LB4_AFFINITY`: [`Affinity4Key`] -> [`Affinity4Value`]; LRU hash; the programs' own state
-/// (the agent only reads it). Which backend a client's last new flow to a frontend went to,
-/// and when.
 /// Maglev: new flows to this frontend from its `count` slots (not the local list of
 /// [`SVC_FLAG_EXT_LOCAL`]) take the backend that [`LB4_MAGLEV_MAP`]'s table for its
 /// `rev_nat_id` gives their tuple's hash, so every node picks the same backend for a flow.
-/// Without a table there, the choice is random, as without the flag.
+/// Without a table there (none is written for an empty list), the hash picks a slot: the same
+/// backend for a flow on this node, not across nodes.
 pub const SVC_FLAG_MAGLEV: u16 = 1 << 9;
 
 /// `LB4_MAGLEV`: the frontend's `rev_nat_id` (u32) -> [`MaglevTable`]. A hash map without
@@ -319,6 +317,9 @@ pub fn mix32(mut h: u32) -> u32 {
     h ^ (h >> 16)
 }
 
+/// `LB4_AFFINITY`: [`Affinity4Key`] -> [`Affinity4Value`]; LRU hash; the programs' own state
+/// (the agent only reads it). Which backend a client's last new flow to a frontend went to,
+/// and when.
 pub const LB4_AFFINITY_MAP: &str = "LB4_AFFINITY";
 pub const LB4_AFFINITY_DEFAULT_MAX: u32 = 65_536;
 

@@ -2176,13 +2176,22 @@ fn xdp_leaves_to_tc_what_it_cannot_translate_alike_untouched_and_counted() {
         CTR_XDP_TO_TC_PARTIAL_CSUM,
         "a partial checksum",
     );
+    // A ClusterIP from outside: an address the filter knows, a flow no table has; TC then
+    // lets it by (ClusterIPs are not reachable from outside).
+    let mut dp = dp;
+    cluster_ip(&mut dp, &["198.19.0.20:8080"]);
+    xdp_hands_to_tc(
+        &dp,
+        &tcp(client, sa(VIP), ACK, b"x"),
+        CTR_XDP_TO_TC_FLOW,
+        "a ClusterIP from outside",
+    );
     // Not a Service's: another address, other protocols, not IPv4, fragments, malformed.
     let not_service = [
         (
             "to an address no frontend has",
             tcp(client, sa("198.18.0.99:80"), ACK, b"x"),
         ),
-        ("a ClusterIP from outside", tcp(client, sa(VIP), ACK, b"x")),
         ("ICMP", {
             let mut v = Vec::new();
             etherparse::PacketBuilder::ethernet2(MAC_A, MAC_B)

@@ -115,12 +115,23 @@ fn a_reloaded_dataplane_adopts_both_lists_of_a_local_policy_frontend() {
         let mut dp = Dataplane::load_with(config.clone()).unwrap();
         dp.upsert_frontend(np, &want).unwrap();
     }
+    // The Maglev tables in the pinned map, by reverse-NAT id.
+    let tables = || -> Vec<u32> {
+        let pinned = aya::maps::MapData::from_pin(
+            fs.path().join("sluice").join(proxy_common::LB4_MAGLEV_MAP),
+        )
+        .unwrap();
+        let map: aya::maps::HashMap<_, u32, proxy_common::MaglevTable> =
+            aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(pinned).unwrap()).unwrap();
+        map.keys().map(Result::unwrap).collect()
+    };
     let mut dp = Dataplane::load_with(config).unwrap();
     assert_eq!(
         dp.services(),
         vec![(np, want.clone())],
-        "both lists adopted"
+        "both lists adopted, and Maglev"
     );
+    assert_eq!(tables().len(), 1, "the Maglev table is kept");
     // Rewriting through the adopted ids: the list for every origin grows, the local one
     // stays; then the policy goes back to Cluster and the local list goes.
     let grown = sluice::dataplane::Backends {
@@ -137,6 +148,7 @@ fn a_reloaded_dataplane_adopts_both_lists_of_a_local_policy_frontend() {
     };
     dp.upsert_frontend(np, &grown).unwrap();
     assert_eq!(dp.services(), vec![(np, grown.clone())]);
+    assert!(tables().is_empty(), "Maglev off: its table goes");
     dp.upsert_frontend(np, &sluice::dataplane::Backends::all(grown.all.clone()))
         .unwrap();
     drop(dp);

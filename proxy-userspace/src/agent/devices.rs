@@ -22,7 +22,7 @@ use super::{
     metrics::{Metrics, RoleLabel, XdpLabel},
     source::{Change, ChangeTx},
 };
-use crate::dataplane::{self, AttachMode, Dataplane, DataplaneError, XdpMode};
+use crate::dataplane::{self, AttachMode, Dataplane, DataplaneError};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -160,6 +160,10 @@ impl Devices {
                     self.attached.insert(name.clone(), (*role, index));
                     if *role == Role::Uplink {
                         self.attach_xdp(dp, name);
+                    } else if let Err(error) = dataplane::detach_xdp(&self.links_dir, name) {
+                        // An uplink of an earlier agent (the flags changed): no XDP on a pod
+                        // device.
+                        tracing::warn!(device = %name, %error, "could not detach an earlier XDP program");
                     }
                 }
                 Err(error @ DataplaneError::NotEthernet { .. }) => {
@@ -237,13 +241,13 @@ impl Devices {
                     break;
                 }
                 Err(error) => {
-                    let level_warn = self.xdp != XdpSetting::Auto || mode == XdpMode::Generic;
+                    let level_warn = self.xdp != XdpSetting::Auto;
                     let error = super::chain(&error);
                     if level_warn {
                         self.metrics.attach_errors.inc();
                         tracing::warn!(device = %name, %mode, %error, "XDP not attached; the uplink is left to TC");
                     } else {
-                        tracing::info!(device = %name, %mode, %error, "XDP mode not available; trying the next");
+                        tracing::info!(device = %name, %mode, %error, "XDP mode not available; the uplink is left to TC");
                     }
                 }
             }

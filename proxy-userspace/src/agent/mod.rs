@@ -63,7 +63,8 @@ impl From<Mode> for AttachMode {
 /// Whether, and how, the XDP program goes on uplinks (`--xdp-mode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum XdpSetting {
-    /// Native where the driver has it, else generic, else none (TC alone).
+    /// Native where the driver has it, else none (TC alone). Never generic on its own: see
+    /// [`XdpSetting::modes`].
     Auto,
     /// Native only: an uplink whose driver lacks it is left to TC, with a warning.
     Native,
@@ -74,10 +75,15 @@ pub enum XdpSetting {
 }
 
 impl XdpSetting {
-    /// The modes to try, in order.
+    /// The modes to try, in order. `auto` does not fall back to generic (a departure from
+    /// "native, then generic"): generic XDP runs on an skb the NIC may have marked
+    /// CHECKSUM_COMPLETE, whose `skb->csum` no XDP program can update, so every translated
+    /// packet would fail the stack's checksum check, be checked again in software and log
+    /// "hw csum failure"; and on the skb it saves next to nothing over TC. Asked for by name,
+    /// it is used (veths and drivers that report no CHECKSUM_COMPLETE are fine).
     pub fn modes(self) -> &'static [XdpMode] {
         match self {
-            Self::Auto => &[XdpMode::Native, XdpMode::Generic],
+            Self::Auto => &[XdpMode::Native],
             Self::Native => &[XdpMode::Native],
             Self::Generic => &[XdpMode::Generic],
             Self::Off => &[],
@@ -184,7 +190,7 @@ pub struct AgentArgs {
 
     /// XDP on uplinks, in front of TC: the packets of established flows from outside are
     /// DNATed before the kernel builds an skb (everything else goes on to TC). auto tries
-    /// native, then generic, then leaves the uplink to TC.
+    /// native and otherwise leaves the uplink to TC; generic only when asked for by name.
     #[arg(long, env = "SLUICE_XDP_MODE", value_enum, default_value_t = XdpSetting::Off)]
     pub xdp_mode: XdpSetting,
 
@@ -718,6 +724,14 @@ mod tests {
             Ok((32768, 65535))
         );
         assert!(snat_ports("auto", (1024, 40000), (40001, 65535)).is_err());
+    }
+
+    /// `--xdp-mode auto` departs from "native, then generic" (see [`XdpSetting::modes`]).
+    #[test]
+    fn xdp_auto_tries_native_only_and_off_tries_nothing() {
+        assert_eq!(XdpSetting::Auto.modes(), &[XdpMode::Native]);
+        assert_eq!(XdpSetting::Generic.modes(), &[XdpMode::Generic]);
+        assert!(XdpSetting::Off.modes().is_empty());
     }
 
     /// Every `SLUICE_*` variable the DaemonSet sets names a flag, and the agent's parser takes

@@ -989,10 +989,12 @@ fn ensure_clsact(name: &CString, interface: &str) -> Result<(), DataplaneError> 
 /// Removes the link pins of a device: for a device that is gone, its links went with it; for
 /// one that is still there, the last reference goes and the programs are detached.
 pub fn forget_device_links(links_dir: &Path, interface: &str) -> Result<(), DataplaneError> {
+    // XDP first: it translates flows whose replies TC's egress program translates back.
+    detach_xdp(links_dir, interface)?;
     for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
         remove_pin(&link_pin(links_dir, interface, hook))?;
     }
-    detach_xdp(links_dir, interface)
+    Ok(())
 }
 
 /// Removes sluice's persistent clsact filters (fixed priority and handle) from a device.

@@ -457,8 +457,11 @@ impl Dataplane {
         }
         // The Maglev table, before the frontend entry that names it: written whole, so new
         // flows see the old table or the new one.
-        if result.is_ok() && backends.maglev && !all_ids.is_empty() {
-            result = self.write_maglev(frontend, rev_nat_id, &all, &all_ids);
+        let new_table = backends.maglev && !all_ids.is_empty();
+        if result.is_ok() && new_table {
+            let addrs: Vec<(std::net::Ipv4Addr, u16)> =
+                all.iter().map(|b| (b.addr, b.port)).collect();
+            result = self.write_maglev(frontend, rev_nat_id, &addrs, &all_ids);
         }
         if result.is_ok() {
             let entry = Lb4Service {
@@ -520,6 +523,26 @@ impl Dataplane {
             }
             self.remove_ranges(rev_nat_id, &gained)?;
             self.remove_matches(&gained_matches)?;
+            // The table written for the new list, if it was: the old entry's table back (its
+            // backends are still referenced), or none.
+            if new_table {
+                let old_table = old.as_ref().filter(|o| o.maglev && !o.all.is_empty());
+                match old_table {
+                    Some(o) => {
+                        let addrs: Vec<(std::net::Ipv4Addr, u16)> = o
+                            .all
+                            .iter()
+                            .filter_map(|id| self.ids.backend_by_id.get(id))
+                            .map(|((a, p, _), _)| (*a, *p))
+                            .collect();
+                        let ids = o.all.clone();
+                        if addrs.len() == ids.len() {
+                            let _ = self.write_maglev(frontend, rev_nat_id, &addrs, &ids);
+                        }
+                    }
+                    None => self.remove::<u32, MaglevTable>(LB4_MAGLEV_MAP, &rev_nat_id)?,
+                }
+            }
             if old.is_none() {
                 self.remove::<u32, Lb4RevNat>(LB4_REVNAT_MAP, &rev_nat_id)?;
                 self.ids.used_rev_nat.remove(&rev_nat_id);
@@ -533,7 +556,7 @@ impl Dataplane {
         //    nobody uses any more).
         self.remove_ranges(rev_nat_id, &lost)?;
         self.remove_matches(&lost_matches)?;
-        if !(backends.maglev && !all_ids.is_empty()) && old.as_ref().is_some_and(|o| o.maglev) {
+        if !new_table && old.as_ref().is_some_and(|o| o.maglev) {
             self.remove::<u32, MaglevTable>(LB4_MAGLEV_MAP, &rev_nat_id)?;
         }
         if let Some(o) = &old {
@@ -629,17 +652,16 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Writes the Maglev table of `frontend`'s backends `list` (with their ids `ids`, in the
+    /// Writes the Maglev table of `frontend`'s backends `addrs` (with their ids `ids`, in the
     /// same order) under `rev_nat_id`.
     fn write_maglev(
         &mut self,
         frontend: Frontend,
         rev_nat_id: u32,
-        list: &[Backend],
+        addrs: &[(std::net::Ipv4Addr, u16)],
         ids: &[u32],
     ) -> Result<(), DataplaneError> {
         let seed = self.config.maglev_seed;
-        let addrs: Vec<(std::net::Ipv4Addr, u16)> = list.iter().map(|b| (b.addr, b.port)).collect();
         let mut t = Box::new(MaglevTable {
             seed,
             ids: [0; MAGLEV_M],
@@ -647,7 +669,7 @@ impl Dataplane {
         for (slot, i) in t
             .ids
             .iter_mut()
-            .zip(super::maglev::table(&addrs, seed, MAGLEV_M))
+            .zip(super::maglev::table(addrs, seed, MAGLEV_M))
         {
             *slot = ids[i];
         }
@@ -757,6 +779,20 @@ impl Dataplane {
         let unnamed: Vec<AffinityMatchKey> =
             matches.into_iter().filter(|k| !named.contains(k)).collect();
         self.remove_matches(&unnamed)?;
+        // And the Maglev tables no Maglev frontend names (64 KiB each).
+        let tables: Vec<u32> = {
+            let m = self.hash::<u32, MaglevTable>(LB4_MAGLEV_MAP)?;
+            m.keys().filter_map(Result::ok).collect()
+        };
+        for id in tables {
+            if !ids
+                .frontends
+                .values()
+                .any(|st| st.maglev && st.rev_nat_id == id)
+            {
+                self.remove::<u32, MaglevTable>(LB4_MAGLEV_MAP, &id)?;
+            }
+        }
         Ok(ids)
     }
 }

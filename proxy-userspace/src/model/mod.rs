@@ -1595,9 +1595,6 @@ mod tests {
         }
     }
 
-    /// sessionAffinity, row by row (newBaseServiceInfo's `stickyMaxAgeSeconds`; the API
-    /// server's defaulting and validation, which a manifest may skip): the timeout every
-    /// frontend of the Service gets, or why it is refused.
     /// `sluice.io/lb-algorithm` and `--lb-algorithm`: Maglev for externalIPs and LoadBalancer
     /// IPs (addresses every node serves), never a ClusterIP or a NodePort; the annotation beats
     /// the default; an unknown value is a warning and the default applies.
@@ -1659,6 +1656,9 @@ mod tests {
         }
     }
 
+    /// sessionAffinity, row by row (newBaseServiceInfo's `stickyMaxAgeSeconds`; the API
+    /// server's defaulting and validation, which a manifest may skip): the timeout every
+    /// frontend of the Service gets, or why it is refused.
     #[test]
     fn session_affinity_as_kube_proxy_reads_it() {
         type Row = (&'static str, Value, Result<Option<u32>, InvalidService>);
