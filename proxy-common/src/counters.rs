@@ -167,7 +167,7 @@ counters! {
     CTR_DROP_UNALLOCATED_CLUSTER_IP = 50, "drop_unallocated_cluster_ip";
     /// Of the XDP program on uplinks (`sluice_xdp_from_uplink`), which keeps its own account
     /// (its packets go on to TC, which counts them again): every packet it saw. Each also
-    /// counts exactly one of the four `xdp_*` below.
+    /// counts exactly one of the six `xdp_*` below.
     CTR_XDP_SEEN = 51, "xdp_seen";
     /// XDP: a packet of an established flow to a backend, DNATed at XDP and passed to the
     /// stack; TC ingress then lets it by as addressed to no frontend.
@@ -176,19 +176,28 @@ counters! {
     /// address, a fragment, or malformed.
     CTR_XDP_TO_TC_NOT_SERVICE = 53, "xdp_to_tc_not_service";
     /// XDP: passed untouched to TC, which owns what XDP does not do: a flow's first packets, a
-    /// packet that changes its flow's state (SYN, FIN, RST), a reply, a flow SNATed or
-    /// forwarded by the node, a flow not established yet.
+    /// packet that changes its flow's state (SYN, FIN, RST), a flow not established yet, a
+    /// flow whose client port was remapped, the reply of a flow not SNATed to the node.
     CTR_XDP_TO_TC_FLOW = 54, "xdp_to_tc_flow";
     /// XDP: passed untouched to TC because its TCP/UDP checksum may be partial (the field holds
     /// the pseudo-header's sum, as a veth peer with checksum offload sends): XDP cannot see
     /// `ip_summed`, so only TC can update such a checksum right.
     CTR_XDP_TO_TC_PARTIAL_CSUM = 55, "xdp_to_tc_partial_csum";
+    /// XDP: a packet of an established flow SNATed to the node (from outside to a backend on
+    /// another node), or its backend's reply, translated and sent out by XDP itself (XDP_TX
+    /// back out of the uplink, or XDP_REDIRECT to another uplink): it never reaches TC.
+    CTR_XDP_TX = 56, "xdp_tx";
+    /// XDP: a packet it would have translated and sent out, passed untouched to TC because of
+    /// its route: the uplink may not send from XDP (`--xdp-tx`), the neighbour is not resolved
+    /// yet, the route leaves by a device XDP may not send to, the packet is too big for it,
+    /// there is none, or the TTL runs out. TC forwards it (or answers) as always.
+    CTR_XDP_TO_TC_ROUTE = 57, "xdp_to_tc_route";
 }
 
 /// The counters that are no TC verdict (`seen`, the socket programs', the XDP program's, and
 /// the "of the translated packets, ..." kind): every packet a TC program sees counts `seen`
 /// once and exactly one counter not in this list.
-pub const NOT_VERDICTS: [u32; 24] = [
+pub const NOT_VERDICTS: [u32; 26] = [
     CTR_SEEN,
     CTR_HAIRPIN,
     CTR_SNAT_PORT_TAKEN,
@@ -213,10 +222,12 @@ pub const NOT_VERDICTS: [u32; 24] = [
     CTR_XDP_TO_TC_NOT_SERVICE,
     CTR_XDP_TO_TC_FLOW,
     CTR_XDP_TO_TC_PARTIAL_CSUM,
+    CTR_XDP_TX,
+    CTR_XDP_TO_TC_ROUTE,
 ];
 
 /// Number of counters in use (at most [`CTR_SLOTS`]).
-pub const CTR_MAX: u32 = 56;
+pub const CTR_MAX: u32 = 58;
 const _: () = assert!(CTR_MAX <= CTR_SLOTS);
 
 /// One CPU's share of a counter.

@@ -272,6 +272,20 @@ pub const LB4_MAGLEV_MAP: &str = "LB4_MAGLEV";
 /// to the memory lock limit at creation, preallocated or not, and refuses one over 4 GiB
 /// (E2BIG): 65,536 tables of 64 KiB did not load on 5.10; 4,096 charge 256 MiB.
 pub const LB4_MAGLEV_MAX: u32 = 4_096;
+/// `LB4_XDP_TX`: an uplink's ifindex (u32) -> how the XDP program is attached there
+/// ([`XDP_TX_NATIVE`] or [`XDP_TX_GENERIC`]), for the uplinks whose XDP program may send a
+/// translated packet out itself: back out of the same uplink (XDP_TX), or to another uplink of
+/// this map in the same mode (XDP_REDIRECT). Written by the agent (`--xdp-tx`): a veth in
+/// native mode drops what it is sent from XDP unless its peer takes XDP frames, which only
+/// the operator knows. An uplink not in the map leaves such packets to TC.
+pub const LB4_XDP_TX_MAP: &str = "LB4_XDP_TX";
+/// At most this many uplinks in [`LB4_XDP_TX_MAP`].
+pub const LB4_XDP_TX_MAX: u32 = 64;
+/// [`LB4_XDP_TX_MAP`]: the uplink's XDP program runs in the driver.
+pub const XDP_TX_NATIVE: u32 = 1;
+/// [`LB4_XDP_TX_MAP`]: the uplink's XDP program runs on the skb (generic XDP).
+pub const XDP_TX_GENERIC: u32 = 2;
+
 /// The Maglev table's size: a prime, Cilium's default.
 pub const MAGLEV_M: usize = 16_381;
 

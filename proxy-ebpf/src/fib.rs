@@ -26,11 +26,11 @@ const AF_INET: u8 = 2;
 
 /// Where a packet goes.
 pub struct Route {
-    ifindex: u32,
-    smac: [u8; 6],
-    dmac: [u8; 6],
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
     /// The neighbour (next hop's MAC) is known; otherwise the kernel resolves it.
-    resolved: bool,
+    pub resolved: bool,
 }
 
 pub enum Fib {
@@ -89,23 +89,38 @@ pub fn wire_len(ctx: &TcContext, f: &Flow) -> u16 {
 /// [`wire_len`]) would take, checking it against the route's MTU (0: no check).
 #[inline(always)]
 pub fn lookup(ctx: &TcContext, saddr_be: u32, daddr_be: u32, proto: u8, tot_len: u16) -> Fib {
+    lookup_from(
+        ctx.as_ptr(),
+        ifindex(ctx),
+        saddr_be,
+        daddr_be,
+        proto,
+        tot_len,
+    )
+}
+
+/// [`lookup`] for any program's context `ctx` (TC's or XDP's), as if the packet came in on
+/// device `ifindex`.
+#[inline(always)]
+pub fn lookup_from(
+    ctx: *mut core::ffi::c_void,
+    ifindex: u32,
+    saddr_be: u32,
+    daddr_be: u32,
+    proto: u8,
+    tot_len: u16,
+) -> Fib {
     // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) query.
     let mut p: FibParams = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
     p.l4_protocol = proto;
     p.__bindgen_anon_1.tot_len = tot_len;
-    p.ifindex = ifindex(ctx);
+    p.ifindex = ifindex;
     p.__bindgen_anon_3.ipv4_src = saddr_be;
     p.__bindgen_anon_4.ipv4_dst = daddr_be;
-    // SAFETY: `p` is a valid, writable bpf_fib_lookup of the size we pass.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr(),
-            &mut p,
-            core::mem::size_of::<FibParams>() as i32,
-            0,
-        )
-    };
+    // SAFETY: `p` is a valid, writable bpf_fib_lookup of the size we pass; `ctx` is the
+    // program's own context.
+    let rc = unsafe { bpf_fib_lookup(ctx, &mut p, core::mem::size_of::<FibParams>() as i32, 0) };
     if rc < 0 {
         return Fib::NoRoute;
     }

@@ -1,22 +1,30 @@
-//! The XDP program on uplinks: the packets of established flows from outside, DNATed before
-//! the kernel builds an skb.
+//! The XDP program on uplinks: the packets of established flows from outside, translated
+//! before the kernel builds an skb.
 //!
 //! | program                  | attach at           | does                                        |
 //! |--------------------------|---------------------|---------------------------------------------|
-//! | `sluice_xdp_from_uplink` | XDP of uplinks      | an established flow's packet: DNAT, XDP_PASS |
+//! | `sluice_xdp_from_uplink` | XDP of uplinks      | an established flow's packet: DNAT and XDP_PASS; SNAT and XDP_TX |
 //! | `sluice_xdp_tx`          | nowhere             | XDP_TX: the benchmark's floor               |
 //!
 //! It is a fast path in front of `sluice_from_uplink` (TC ingress), not a second datapath: it
 //! reads the same conntrack, and translates only what TC would translate the same way
-//! without choosing anything: a TCP or UDP packet from a client, to a frontend's address,
-//! whose flow is in `CT4` (established) with a reverse entry of its own, DNAT only (no SNAT,
-//! no port remap, not forwarded by the node), and which changes no state (no SYN, FIN or RST).
-//! It updates both entries as TC's `forward` does (`conntrack::touch` with
-//! `conntrack::forward_state`), rewrites the destination with its checksums, and passes the
-//! packet on: the stack routes it to the pod, and TC ingress lets it by (its destination is a
-//! backend's, no frontend's). Everything else passes untouched to TC, which chooses backends,
-//! SNATs, redirects, answers refusals and follows state, so a flow never changes backend
-//! between the two paths and nothing is lost when XDP is off.
+//! without choosing anything: a TCP or UDP packet whose flow is in `CT4` (established), that
+//! changes no state (no SYN, FIN or RST), and is one of
+//! - a client's packet to a frontend's address, DNAT only (a local backend): rewritten and
+//!   passed on; the stack routes it to the pod, and TC ingress lets it by (its destination is
+//!   a backend's, no frontend's);
+//! - a client's packet of a flow SNATed to the node (a backend on another node), or that
+//!   backend's reply to the node's SNAT address and port: both addresses and ports rewritten,
+//!   the TTL decremented, the MAC addresses of the route's next hop (`bpf_fib_lookup`) set, and
+//!   sent out by XDP itself, back out of the uplink (XDP_TX) or to another uplink
+//!   (XDP_REDIRECT), as TC's `fib::redirect` would; only on an uplink the agent lets send
+//!   (`LB4_XDP_TX`), and only when the route's neighbour is resolved and the packet fits it.
+//!
+//! Each updates the flow's entries as TC's `forward` and `reply` do (`conntrack::touch` with
+//! `conntrack::forward_state` or `reply_state`). Everything else passes untouched to TC, which
+//! chooses backends, allocates SNAT ports, resolves neighbours, answers refusals and follows
+//! state, so a flow never changes backend between the two paths and nothing is lost when XDP
+//! is off.
 //!
 //! Its own checksum updates are plain RFC 1624 arithmetic, right for a packet that carries its
 //! full checksum, as every frame from a real NIC does. A packet from a veth peer with checksum
@@ -25,38 +33,46 @@
 //! to TC, whose checksum helper knows. (A full checksum equal to its pseudo-header's sum, one
 //! packet in 65,536, goes to TC too: slower, never wrong.)
 //!
-//! Its counters (`xdp_*`) are its own account: its packets then go through TC, which counts
-//! them again.
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+//! Its counters (`xdp_*`) are its own account: a packet it passes on then goes through TC,
+//! which counts it again; a packet it sends out (`xdp_tx`) never reaches TC.
+use aya_ebpf::{
+    EbpfContext as _, bindings::xdp_action, helpers::bpf_redirect, macros::xdp,
+    programs::XdpContext,
+};
 use proxy_common::{
     CT_FLAG_PORT_REMAP, CT_FLAG_REDIRECT, CT_FLAG_SNAT, CTR_XDP_CT_HIT, CTR_XDP_SEEN,
-    CTR_XDP_TO_TC_FLOW, CTR_XDP_TO_TC_NOT_SERVICE, CTR_XDP_TO_TC_PARTIAL_CSUM, IPPROTO_TCP,
-    IPPROTO_UDP,
+    CTR_XDP_TO_TC_FLOW, CTR_XDP_TO_TC_NOT_SERVICE, CTR_XDP_TO_TC_PARTIAL_CSUM, CTR_XDP_TO_TC_ROUTE,
+    CTR_XDP_TX, Ct4Key, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
-    conntrack::{self, forward_state, owned_by, reply_key, service_key, touch, translated_key},
+    conntrack::{
+        self, forward_state, owned_by, reply_key, reply_state, service_key, touch, translated_key,
+    },
+    fib::{self, Fib},
+    maps::LB4_XDP_TX,
     nat::{csum_add, diff, fold},
     parse::{
-        ETH_LEN, ETH_P_IP_BE, Flow, IP_CSUM_OFF, IP_DADDR_OFF, IP_MF, IP_OFFSET, Ip4Hdr,
-        NOT_FRAGMENT, TCP_FIN, TCP_RST, TCP_SYN, read,
+        ETH_LEN, ETH_P_IP_BE, Flow, IP_CSUM_OFF, IP_DADDR_OFF, IP_MF, IP_OFFSET, IP_SADDR_OFF,
+        IP_TTL_OFF, Ip4Hdr, NOT_FRAGMENT, TCP_FIN, TCP_RST, TCP_SYN, read,
     },
     programs::{ingress_dest, may_be_snated_reply},
     stats::count,
 };
 
-/// Packets from outside: an established flow's packet is DNATed here; all else goes to TC.
+/// Packets from outside: an established flow's packet is translated here; all else goes to TC.
 #[xdp]
 pub fn sluice_xdp_from_uplink(ctx: XdpContext) -> u32 {
     let (start, end) = (ctx.data(), ctx.data_end());
     let len = (end - start) as u32;
     count(CTR_XDP_SEEN, len);
-    let counter = match fast_path(start, end, len) {
-        Ok(()) => CTR_XDP_CT_HIT,
-        Err(counter) => counter,
+    let (action, counter) = match fast_path(&ctx, start, end, len) {
+        Ok(None) => (xdp_action::XDP_PASS, CTR_XDP_CT_HIT),
+        Ok(Some(out)) => (out, CTR_XDP_TX),
+        Err(counter) => (xdp_action::XDP_PASS, counter),
     };
     count(counter, len);
-    xdp_action::XDP_PASS
+    action
 }
 
 /// Sends every packet back out of the device it came in by: the floor the benchmark compares
@@ -71,50 +87,183 @@ struct Parsed {
     flow: Flow,
     /// The L4 checksum as it lies in the packet.
     l4_csum: u16,
+    ttl: u8,
 }
 
-/// DNATs the packet at `[start, end)` if it is an established flow's; else why not (the
-/// counter of the reason it goes to TC).
+/// Where a packet goes after its translation.
+struct To {
+    saddr_be: u32,
+    sport_be: u16,
+    daddr_be: u32,
+    dport_be: u16,
+}
+
+/// The next hop of a packet XDP sends out itself.
+struct Hop {
+    /// Destination then source MAC address, as they lie in the Ethernet header.
+    macs: [u8; 12],
+    /// The device to redirect to; `None`: back out of the uplink it came in by (XDP_TX).
+    redirect_to: Option<u32>,
+}
+
+/// Translates the packet at `[start, end)` if it is an established flow's: `Ok(None)`, DNATed
+/// and to be passed to the stack; `Ok(Some(action))`, translated and sent out (XDP_TX or
+/// XDP_REDIRECT). Else why not: the counter of the reason it goes to TC.
 #[inline(always)]
-fn fast_path(start: usize, end: usize, len: u32) -> Result<(), u32> {
-    let Parsed { flow: f, l4_csum } = parse(start, end, len)?;
+fn fast_path(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Option<u32>, u32> {
+    let p = parse(start, end, len)?;
+    let f = &p.flow;
     // Only a frontend's address, or the node's SNAT and hairpin addresses, can be a flow's
     // destination (as at TC ingress).
-    let maybe_reply = ingress_dest(&f).ok_or(CTR_XDP_TO_TC_NOT_SERVICE)?;
+    let maybe_reply = ingress_dest(f).ok_or(CTR_XDP_TO_TC_NOT_SERVICE)?;
     if f.proto == IPPROTO_TCP && f.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
         return Err(CTR_XDP_TO_TC_FLOW);
     }
-    // A reply of a flow SNATed to the node arrives at its address: TC translates it (it looks
-    // replies up first, and so must anything in front of it).
-    if (maybe_reply || may_be_snated_reply(&f)) && conntrack::find(&reply_key(&f)).is_some() {
-        return Err(CTR_XDP_TO_TC_FLOW);
+    // A reply of a flow SNATed to the node arrives at its address: it is looked up first, as
+    // TC does (and so must anything in front of it).
+    if maybe_reply || may_be_snated_reply(f) {
+        let key = reply_key(f);
+        if conntrack::find(&key).is_some() {
+            if looks_partial(f, p.l4_csum) {
+                return Err(CTR_XDP_TO_TC_PARTIAL_CSUM);
+            }
+            return snated_reply(ctx, start, end, &p, &key, len).map(Some);
+        }
     }
-    if looks_partial(&f, l4_csum) {
+    if looks_partial(f, p.l4_csum) {
         return Err(CTR_XDP_TO_TC_PARTIAL_CSUM);
     }
     let now = conntrack::now();
-    let skey = service_key(&f);
+    let skey = service_key(f);
     let s = conntrack::established(&skey, now).ok_or(CTR_XDP_TO_TC_FLOW)?;
     let svc = conntrack::pinned(s);
-    if svc.nat_addr_be != 0 || svc.nat_port_be != 0 {
-        return Err(CTR_XDP_TO_TC_FLOW);
-    }
-    let rkey = translated_key(&f, 0, 0, svc.addr_be, svc.port_be);
+    let rkey = translated_key(
+        f,
+        svc.nat_addr_be,
+        svc.nat_port_be,
+        svc.addr_be,
+        svc.port_be,
+    );
     let r = conntrack::established(&rkey, now).ok_or(CTR_XDP_TO_TC_FLOW)?;
     if !owned_by(r, f.saddr_be, f.sport_be, f.daddr_be, f.dport_be) {
         return Err(CTR_XDP_TO_TC_FLOW);
     }
     // SAFETY: a pointer from a successful lookup.
     let state = unsafe { (*r).state() };
-    let flags = forward_state(&f, state);
-    if (svc.flags | flags) & (CT_FLAG_SNAT | CT_FLAG_REDIRECT | CT_FLAG_PORT_REMAP) != 0 {
+    let flags = forward_state(f, state);
+    // DNAT only (a local backend), or SNAT to the node and forwarded (a remote backend, with
+    // a port of the node's own): nothing else.
+    let snat = svc.nat_addr_be != 0;
+    let want = if snat {
+        CT_FLAG_SNAT | CT_FLAG_REDIRECT
+    } else {
+        0
+    };
+    if (svc.flags | flags) & (CT_FLAG_SNAT | CT_FLAG_REDIRECT | CT_FLAG_PORT_REMAP) != want
+        || (snat && svc.nat_port_be == 0)
+        || (!snat && svc.nat_port_be != 0)
+    {
         return Err(CTR_XDP_TO_TC_FLOW);
     }
+    let to = if snat {
+        To {
+            saddr_be: svc.nat_addr_be,
+            sport_be: svc.nat_port_be,
+            daddr_be: svc.addr_be,
+            dport_be: svc.port_be,
+        }
+    } else {
+        To {
+            saddr_be: f.saddr_be,
+            sport_be: f.sport_be,
+            daddr_be: svc.addr_be,
+            dport_be: svc.port_be,
+        }
+    };
+    let hop = if snat {
+        Some(next_hop(ctx, &p, to.saddr_be, to.daddr_be)?)
+    } else {
+        None
+    };
     // Every bound the rewrite needs was checked by `parse`: from here nothing fails.
     touch(r, state, flags, now, 0);
     touch(s, svc.state, flags, now, len);
-    dnat(start, end, &f, l4_csum, svc.addr_be, svc.port_be);
-    Ok(())
+    Ok(send(start, end, &p, &to, hop.as_ref()))
+}
+
+/// A reply (backend -> node's SNAT address and port) of an established flow SNATed to the
+/// node: back to showing the frontend, to the client, sent out by XDP. Anything else of a
+/// reply goes to TC.
+#[inline(always)]
+fn snated_reply(
+    ctx: &XdpContext,
+    start: usize,
+    end: usize,
+    p: &Parsed,
+    key: &Ct4Key,
+    len: u32,
+) -> Result<u32, u32> {
+    let now = conntrack::now();
+    let e = conntrack::established(key, now).ok_or(CTR_XDP_TO_TC_FLOW)?;
+    let c = conntrack::pinned(e);
+    if c.flags & (CT_FLAG_SNAT | CT_FLAG_REDIRECT | CT_FLAG_PORT_REMAP)
+        != CT_FLAG_SNAT | CT_FLAG_REDIRECT
+    {
+        return Err(CTR_XDP_TO_TC_FLOW);
+    }
+    let to = To {
+        saddr_be: c.nat_addr_be,
+        sport_be: c.nat_port_be,
+        daddr_be: c.addr_be,
+        dport_be: c.port_be,
+    };
+    let hop = next_hop(ctx, p, to.saddr_be, to.daddr_be)?;
+    touch(e, c.state, reply_state(&p.flow, c.state), now, len);
+    // `send` returns an action whenever it is given a hop.
+    send(start, end, p, &to, Some(&hop)).ok_or(CTR_XDP_TO_TC_ROUTE)
+}
+
+/// The next hop of a packet from `saddr_be` to `daddr_be` that XDP may send out itself: the
+/// route's neighbour resolved, out of this uplink or another that XDP may send to in the same
+/// mode, the packet within the route's MTU, its TTL not running out. Else the packet goes to
+/// TC (which resolves neighbours, answers "fragmentation needed", and drops what has no
+/// route), counted as [`CTR_XDP_TO_TC_ROUTE`].
+#[inline(always)]
+fn next_hop(ctx: &XdpContext, p: &Parsed, saddr_be: u32, daddr_be: u32) -> Result<Hop, u32> {
+    const NO: u32 = CTR_XDP_TO_TC_ROUTE;
+    let ingress = ctx.ingress_ifindex() as u32;
+    // SAFETY: the value is a plain integer.
+    let mode = *unsafe { LB4_XDP_TX.get(&ingress) }.ok_or(NO)?;
+    if p.ttl <= 1 {
+        return Err(NO);
+    }
+    let f = &p.flow;
+    let Fib::Route(r) = fib::lookup_from(
+        ctx.as_ptr(),
+        ingress,
+        saddr_be,
+        daddr_be,
+        f.proto,
+        f.tot_len,
+    ) else {
+        return Err(NO);
+    };
+    if !r.resolved {
+        return Err(NO);
+    }
+    let redirect_to = if r.ifindex == ingress {
+        None
+    } else {
+        // SAFETY: as above.
+        match unsafe { LB4_XDP_TX.get(&r.ifindex) } {
+            Some(m) if *m == mode => Some(r.ifindex),
+            _ => return Err(NO),
+        }
+    };
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&r.dmac);
+    macs[6..].copy_from_slice(&r.smac);
+    Ok(Hop { macs, redirect_to })
 }
 
 /// Ethernet, IPv4 (options allowed, no fragment), TCP or UDP with its header whole.
@@ -171,6 +320,7 @@ fn parse(start: usize, end: usize, len: u32) -> Result<Parsed, u32> {
             frag: NOT_FRAGMENT,
         },
         l4_csum,
+        ttl: ip.ttl,
     })
 }
 
@@ -196,41 +346,62 @@ fn put<T>(start: usize, end: usize, off: u32, v: T) {
     }
 }
 
-/// The destination to `addr_be:port_be`, with the IPv4 and TCP/UDP checksums brought up to
-/// date (RFC 1624: ~(~HC + ~m + m')). A UDP checksum of 0 (none) stays 0, and one that
-/// comes to 0 is sent as 0xffff.
+/// Rewrites the packet to `to`, with the IPv4 and TCP/UDP checksums brought up to date (RFC
+/// 1624: ~(~HC + ~m + m')), and with a `hop`, as a router sends it on: TTL decremented, MAC
+/// addresses the route's. Returns the action that sends it there (`None` without a hop: the
+/// packet goes to the stack). A UDP checksum of 0 (none) stays 0, and one that comes to 0 is
+/// sent as 0xffff: the same bytes TC's `translate` and `fib::redirect` make.
 #[inline(always)]
-fn dnat(start: usize, end: usize, f: &Flow, l4_csum: u16, addr_be: u32, port_be: u16) {
-    let addr_diff = diff(f.daddr_be, addr_be);
-    let Some(ip_csum) = read::<u16>(start, end, IP_CSUM_OFF) else {
-        return;
-    };
-    put(start, end, IP_DADDR_OFF, addr_be);
+fn send(start: usize, end: usize, p: &Parsed, to: &To, hop: Option<&Hop>) -> Option<u32> {
+    let f = &p.flow;
+    let l4_csum = p.l4_csum;
+    let ip_csum = read::<u16>(start, end, IP_CSUM_OFF)?;
+    let addr_diff = csum_add(diff(f.saddr_be, to.saddr_be), diff(f.daddr_be, to.daddr_be));
+    let mut ip_diff = addr_diff;
+    if hop.is_some() {
+        // The TTL and the protocol share a 16-bit word of the header.
+        let old = u16::from_ne_bytes([p.ttl, f.proto]);
+        let new = u16::from_ne_bytes([p.ttl.wrapping_sub(1), f.proto]);
+        ip_diff = csum_add(ip_diff, diff(u32::from(old), u32::from(new)));
+        put(start, end, IP_TTL_OFF, p.ttl.wrapping_sub(1));
+    }
+    put(start, end, IP_SADDR_OFF, to.saddr_be);
+    put(start, end, IP_DADDR_OFF, to.daddr_be);
     put(
         start,
         end,
         IP_CSUM_OFF,
-        !fold(csum_add(u32::from(!ip_csum), addr_diff)),
+        !fold(csum_add(u32::from(!ip_csum), ip_diff)),
     );
     // The ports, at most 127 bytes in (bounded for the verifier: the IPv4 header is at most
     // 60 bytes).
     let l4 = f.l4_off & 0x7f;
-    put(start, end, l4 + 2, port_be);
-    if f.proto == IPPROTO_UDP && l4_csum == 0 {
-        return;
+    put(start, end, l4, [to.sport_be, to.dport_be]);
+    if !(f.proto == IPPROTO_UDP && l4_csum == 0) {
+        let port_diff = csum_add(
+            diff(u32::from(f.sport_be), u32::from(to.sport_be)),
+            diff(u32::from(f.dport_be), u32::from(to.dport_be)),
+        );
+        let mut csum = !fold(csum_add(
+            csum_add(u32::from(!l4_csum), addr_diff),
+            port_diff,
+        ));
+        let csum_off = if f.proto == IPPROTO_TCP {
+            l4 + 16
+        } else {
+            l4 + 6
+        };
+        if f.proto == IPPROTO_UDP && csum == 0 {
+            csum = 0xffff;
+        }
+        put(start, end, csum_off, csum);
     }
-    let port_diff = diff(u32::from(f.dport_be), u32::from(port_be));
-    let mut csum = !fold(csum_add(
-        csum_add(u32::from(!l4_csum), addr_diff),
-        port_diff,
-    ));
-    let csum_off = if f.proto == IPPROTO_TCP {
-        l4 + 16
-    } else {
-        l4 + 6
-    };
-    if f.proto == IPPROTO_UDP && csum == 0 {
-        csum = 0xffff;
-    }
-    put(start, end, csum_off, csum);
+    let hop = hop?;
+    put(start, end, 0, hop.macs);
+    Some(match hop.redirect_to {
+        None => xdp_action::XDP_TX,
+        // SAFETY: no memory arguments; flags 0. Returns XDP_REDIRECT (or XDP_ABORTED for
+        // flags it does not know: none here).
+        Some(ifindex) => (unsafe { bpf_redirect(ifindex, 0) }) as u32,
+    })
 }

@@ -17,12 +17,12 @@ use etherparse::PacketBuilder;
 use proxy_common::{
     CT_FLAG_SNAT, CTR_AFFINITY_HIT, CTR_CT_HIT, CTR_NEW_FLOW, CTR_NEW_FLOW_SNAT, CTR_PASS_NO_MATCH,
     CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_POD_CLIENT, CTR_REDIRECT, CTR_REPLY, CTR_XDP_CT_HIT,
-    CTR_XDP_TO_TC_FLOW, CTR_XDP_TO_TC_NOT_SERVICE, Counter,
+    CTR_XDP_TO_TC_FLOW, CTR_XDP_TO_TC_NOT_SERVICE, CTR_XDP_TX, Counter,
 };
 use sluice::dataplane::{
     Backend, CtEntry, CtKind, Dataplane, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend,
     FrontendKind, PASS, PROGRAMS, Protocol, TO_POD, TO_UPLINK, XDP_FROM_UPLINK, XDP_PROGRAMS,
-    XDP_TX,
+    XDP_TX, XdpMode,
 };
 
 /// ClusterIP Services per port: 198.18.128.1.. holds 32,000 on port 80; beyond that the same
@@ -148,7 +148,10 @@ fn program(dp: &mut Dataplane, services: u32, node_port_addr: Option<Ipv4Addr>, 
 /// backends: new flows from outside to a NodePort with remote endpoints (DNAT, SNAT port
 /// reserved, FIB lookup, redirect), their next packets (conntrack hit, redirect), and the
 /// backends' replies (reverse translation, redirect), beside the empty program.
-fn snat_cell(services: u32, flows: u16, rounds: usize) -> [Stats; 4] {
+/// Then the same flows' packets and replies through the XDP program, let send from the test
+/// run's device and the route's (`LB4_XDP_TX`): SNATed and redirected at XDP, beside the XDP
+/// floor. Returns [empty, new flow, hit, reply] and [XDP floor, XDP hit, XDP reply].
+fn snat_cell(services: u32, flows: u16, rounds: usize) -> ([Stats; 4], [Stats; 3]) {
     let (tx, rx) = std::sync::mpsc::channel();
     common::in_node(move |_| {
         let node: Ipv4Addr = common::NODE.parse().unwrap();
@@ -218,7 +221,29 @@ fn snat_cell(services: u32, flows: u16, rounds: usize) -> [Stats; 4] {
             runs,
             "every run was a reply"
         );
-        tx.send([empty, new_flow, ct_hit, reply]).unwrap();
+        // XDP: the test run's packets come in on the loopback device and leave by `v0`.
+        for dev in ["lo", "v0"] {
+            let index = nix::net::if_::if_nametoindex(dev).unwrap();
+            dp.set_xdp_tx(index, Some(XdpMode::Native)).unwrap();
+        }
+        let xdp_floor = measure(&dp, XDP_TX, &acks, rounds);
+        let xdp_path = |pkts: &[Vec<u8>], what: &str| {
+            let before = counter(&dp, CTR_XDP_TX);
+            let stats = measure(&dp, XDP_FROM_UPLINK, pkts, rounds);
+            assert_eq!(
+                counter(&dp, CTR_XDP_TX) - before,
+                runs,
+                "every {what} was sent by XDP"
+            );
+            stats
+        };
+        let xdp_hit = xdp_path(&acks, "client's packet");
+        let xdp_reply = xdp_path(&replies, "reply");
+        tx.send((
+            [empty, new_flow, ct_hit, reply],
+            [xdp_floor, xdp_hit, xdp_reply],
+        ))
+        .unwrap();
     });
     rx.recv().unwrap()
 }
@@ -656,8 +681,11 @@ fn main() {
     }
     md.push_str("\n## The SNAT path: from outside to a NodePort whose endpoints are on other nodes\n\nTC ingress of the uplink (`sluice_from_uplink`) on a thread inside a namespace with a route and a resolved neighbour for the remote endpoints: a new flow (DNAT, SNAT port reserved, FIB lookup, TTL and MACs, redirect), the flow's next packet (conntrack hit, FIB lookup, redirect) and the endpoint's reply (reverse translation, FIB lookup, redirect), against the empty program.\n\n");
     md.push_str("| Services | empty program | new flow (SNAT) | conntrack hit (SNAT) | reply (SNAT) | over empty: new / hit / reply |\n|---:|---:|---:|---:|---:|---:|\n");
+    let mut snat_xdp = Vec::new();
     for services in [1u32, 10_000] {
-        md.push_str(&over_empty(services, &snat_cell(services, flows, rounds)));
+        let (tc, xdp) = snat_cell(services, flows, rounds);
+        md.push_str(&over_empty(services, &tc));
+        snat_xdp.push((services, tc, xdp));
     }
     md.push_str("\n## sessionAffinity ClientIP: the new-flow cost\n\nTC ingress of a pod device: new flows to a ClusterIP without affinity, and to one with it from clients it has not seen (the affinity entry missed, then written) and from the same clients again (the entry hit: the remembered backend checked against the frontend's and used). The conntrack hit path is the same with or without affinity.\n\n| Services | empty program | new flow, no affinity | new flow, affinity miss | new flow, affinity hit | over empty: none / miss / hit |\n|---:|---:|---:|---:|---:|---:|\n");
     for services in [1u32, 10_000] {
@@ -680,6 +708,21 @@ fn main() {
             cell(&tf),
             cell(&th),
             th.median / tf.median
+        ));
+    }
+    md.push_str("\n### XDP: flows SNATed to the node (remote endpoints), both ways\n\nThe SNAT section's established flows (same run, same namespace): the client's next packet and the endpoint's reply through `sluice_xdp_from_uplink`, each translated (both addresses and ports), given the route's TTL and MACs (`bpf_fib_lookup`) and sent out by XDP (here XDP_REDIRECT, as the test run's packets come in on the loopback device; on an uplink, XDP_TX), beside the XDP floor and TC's own hit and reply above.\n\n| Services | XDP floor (XDP_TX) | XDP hit (SNAT) | hit / floor | XDP reply (SNAT) | reply / floor | TC hit (SNAT) | TC reply (SNAT) | XDP / TC: hit, reply |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for (services, [_, _, tc_hit, tc_reply], [floor, hit, reply]) in &snat_xdp {
+        md.push_str(&format!(
+            "| {services} | {} | {} | {:.2}x | {} | {:.2}x | {} | {} | {:.2} / {:.2} |\n",
+            cell(floor),
+            cell(hit),
+            hit.median / floor.median,
+            cell(reply),
+            reply.median / floor.median,
+            cell(tc_hit),
+            cell(tc_reply),
+            hit.median / tc_hit.median,
+            reply.median / tc_reply.median
         ));
     }
     md.push_str("\n## SCTP: the conntrack hit, with its checksum update\n\nTC ingress of a pod device: conntrack hits to a ClusterIP over TCP (port 80 to 8080), and over SCTP with a port change (3868 to 3869: the CRC32c update, in `sluice_sctp_checksum`, tail-called) and without one (3870 to 3870: the tail call, nothing to update).\n\n| Services | empty program | TCP hit | SCTP hit, port changed | SCTP hit, same port | over empty: TCP / SCTP changed / same |\n|---:|---:|---:|---:|---:|---:|\n");

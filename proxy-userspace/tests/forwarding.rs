@@ -1,8 +1,8 @@
 //! Packet tests of what the datapath forwards itself: flows from outside SNATed to the node and
 //! sent on by FIB lookup and redirect, ICMP errors of translated flows, externalTrafficPolicy
-//! Local. The real programs run through BPF_PROG_TEST_RUN on a thread inside a network
-//! namespace the test builds, whose routes and neighbours the FIB lookups see; checksums are
-//! verified with etherparse (tests/common).
+//! Local; and the XDP program's share of the SNATed flows. The real programs run through
+//! BPF_PROG_TEST_RUN on a thread inside a network namespace the test builds, whose routes and
+//! neighbours the FIB lookups see; checksums are verified with etherparse (tests/common).
 mod common;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -12,7 +12,7 @@ use etherparse::Ipv4HeaderSlice;
 use proxy_common::*;
 use sluice::dataplane::{
     AttachMode, Backend, Backends, Dataplane, DataplaneConfig, DataplaneError, FROM_POD,
-    FROM_UPLINK, Frontend, FrontendKind, Protocol, TO_POD,
+    FROM_UPLINK, Frontend, FrontendKind, Protocol, TO_POD, XDP_FROM_UPLINK, XdpMode,
 };
 use testbed::require_privileged;
 
@@ -46,6 +46,18 @@ fn backend(addr: &str, local: bool) -> Backend {
     }
 }
 
+/// A dataplane with SNAT ports `snat_ports` and the NodePort [`NODE_PORT`] whose one endpoint
+/// is [`REMOTE`], on another node.
+fn remote_node_port(snat_ports: (u16, u16)) -> Dataplane {
+    let mut dp = dataplane(snat_ports);
+    dp.upsert_service(
+        frontend(NODE_PORT, FrontendKind::NodePort),
+        &[backend(REMOTE, false)],
+    )
+    .unwrap();
+    dp
+}
+
 fn ttl(pkt: &[u8]) -> u8 {
     pkt[14 + 8]
 }
@@ -56,12 +68,7 @@ fn a_new_flow_from_outside_to_a_remote_backend_is_snated_and_redirected_both_way
         "a_new_flow_from_outside_to_a_remote_backend_is_snated_and_redirected_both_ways"
     );
     in_node(|ns| {
-        let mut dp = dataplane(SNAT_PORTS);
-        dp.upsert_service(
-            frontend(NODE_PORT, FrontendKind::NodePort),
-            &[backend(REMOTE, false)],
-        )
-        .unwrap();
+        let dp = remote_node_port(SNAT_PORTS);
         let before = dp.counters().unwrap();
         let (verdict, out) = run(&dp, FROM_UPLINK, &tcp(sa(CLIENT), sa(NODE_PORT), SYN, b""));
         assert_eq!(
@@ -104,6 +111,125 @@ fn a_new_flow_from_outside_to_a_remote_backend_is_snated_and_redirected_both_way
         let seen = check(&out);
         assert_eq!((seen.src, seen.dst), (sa(NODE_PORT), sa(CLIENT)));
         assert_eq!(out[0..6], CLIENT_MAC);
+    });
+}
+
+/// The XDP counters that matter here: sent out by XDP, left to TC for the route, for the flow.
+fn xdp_counts(dp: &Dataplane, f: impl FnOnce()) -> [u64; 3] {
+    let before = dp.counters().unwrap();
+    f();
+    let after = dp.counters().unwrap();
+    [CTR_XDP_TX, CTR_XDP_TO_TC_ROUTE, CTR_XDP_TO_TC_FLOW].map(|c| delta(&before, &after, c))
+}
+
+/// Runs `pkt` through XDP, expecting it left to TC untouched for its route.
+fn xdp_leaves_for_route(dp: &Dataplane, pkt: &[u8], what: &str) {
+    let mut got = (0, Vec::new());
+    let counts = xdp_counts(dp, || got = run_xdp(dp, XDP_FROM_UPLINK, pkt));
+    assert_eq!((got.0, counts), (XDP_PASS, [0, 1, 0]), "{what}");
+    assert_eq!(got.1, pkt, "{what}: untouched");
+}
+
+/// XDP sends `pkt` out itself, as `want` (XDP_TX or XDP_REDIRECT), with exactly the bytes TC's
+/// redirect gives it (TC runs on a copy); returns them.
+fn xdp_sends_as_tc(dp: &Dataplane, pkt: &[u8], on: Option<u32>, want: u32, what: &str) -> Vec<u8> {
+    let mut got = (0, Vec::new());
+    let counts = xdp_counts(dp, || {
+        got = match on {
+            None => run_xdp(dp, XDP_FROM_UPLINK, pkt),
+            Some(i) => run_xdp_on(dp, XDP_FROM_UPLINK, pkt, i).unwrap(),
+        }
+    });
+    assert_eq!((got.0, counts), (want, [1, 0, 0]), "{what}: sent by XDP");
+    let (verdict, by_tc) = run(dp, FROM_UPLINK, pkt);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "{what}: by TC");
+    assert_eq!(got.1, by_tc, "{what}: XDP and TC make the same packet");
+    got.1
+}
+
+#[test]
+fn xdp_forwards_an_established_flow_snated_to_the_node_both_ways_exactly_as_tc_does() {
+    require_privileged!(
+        "xdp_forwards_an_established_flow_snated_to_the_node_both_ways_exactly_as_tc_does"
+    );
+    in_node(|ns| {
+        let mut dp = remote_node_port(SNAT_PORTS);
+        let (client, node_port, remote) = (sa(CLIENT), sa(NODE_PORT), sa(REMOTE));
+        // The handshake is TC's: the SYN chooses and SNATs, the ACK establishes.
+        let syn = tcp(client, node_port, SYN, b"");
+        let counts = xdp_counts(&dp, || {
+            run_xdp(&dp, XDP_FROM_UPLINK, &syn);
+        });
+        assert_eq!(counts, [0, 0, 1], "a SYN is TC's");
+        let port = check(&run(&dp, FROM_UPLINK, &syn).1).src.port();
+        let snat = SocketAddrV4::new(NODE.parse().unwrap(), port);
+        run(&dp, FROM_UPLINK, &tcp(remote, snat, SYN_ACK, b""));
+        run(&dp, FROM_UPLINK, &tcp(client, node_port, ACK, b""));
+        let data = tcp(client, node_port, ACK, b"GET / HTTP/1.1\r\n\r\n");
+        let reply = tcp(remote, snat, ACK, b"HTTP/1.1 200 OK\r\n\r\n");
+
+        // An uplink the agent has not let send: TC forwards, as before XDP.
+        xdp_leaves_for_route(&dp, &data, "an uplink not let send");
+        xdp_leaves_for_route(&dp, &reply, "a reply on an uplink not let send");
+
+        // The test run's packets come in on the loopback device and leave by `v0`: both let
+        // send (in the same mode), XDP redirects.
+        let lo = nix::net::if_::if_nametoindex("lo").unwrap();
+        let v0 = nix::net::if_::if_nametoindex("v0").unwrap();
+        dp.set_xdp_tx(lo, Some(XdpMode::Native)).unwrap();
+        dp.set_xdp_tx(v0, Some(XdpMode::Generic)).unwrap();
+        xdp_leaves_for_route(&dp, &data, "to an uplink in another mode");
+        dp.set_xdp_tx(v0, Some(XdpMode::Native)).unwrap();
+        let out = xdp_sends_as_tc(&dp, &data, None, XDP_REDIRECT, "the client's packet");
+        let seen = check(&out);
+        assert_eq!(
+            (seen.src, seen.dst),
+            (snat, remote),
+            "SNATed, to the backend"
+        );
+        assert_eq!(seen.payload, b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(ttl(&out), 63, "a router hop");
+        assert_eq!(out[0..6], OTHER_MAC, "to the gateway the FIB names");
+        assert_eq!(out[6..12], v0_mac(ns), "from the route's device");
+        let out = xdp_sends_as_tc(&dp, &reply, None, XDP_REDIRECT, "the backend's reply");
+        let seen = check(&out);
+        assert_eq!(
+            (seen.src, seen.dst),
+            (node_port, client),
+            "showing the NodePort"
+        );
+        assert_eq!(out[0..6], CLIENT_MAC);
+
+        // Coming in on `v0`, the way back out is the same device: XDP_TX (a test run on a
+        // device needs Linux 5.14; before, the redirect above is what runs).
+        match run_xdp_on(&dp, XDP_FROM_UPLINK, &data, v0) {
+            Some(_) => {
+                let out = xdp_sends_as_tc(&dp, &data, Some(v0), XDP_TX, "in and out of v0");
+                assert_eq!(check(&out).dst, remote);
+            }
+            None => {
+                let (major, minor) = kernel_version();
+                assert!(
+                    (major, minor) < (5, 14),
+                    "Linux {major}.{minor} refused an XDP context"
+                );
+            }
+        }
+
+        // What the route does not allow goes to TC: a TTL about to run out (TC drops it), a
+        // neighbour not yet resolved (TC's redirect resolves it).
+        let mut last_hop = data.clone();
+        last_hop[14 + 8] = 1;
+        set_ip_checksum(&mut last_hop);
+        xdp_leaves_for_route(&dp, &last_hop, "a TTL of 1");
+        testbed::run(&["ip", "-n", ns, "neigh", "del", OTHER_NODE, "dev", "v0"]).unwrap();
+        xdp_leaves_for_route(&dp, &data, "an unresolved neighbour");
+        // The flow's end is TC's too: a FIN changes its state.
+        dp.set_xdp_tx(lo, None).unwrap();
+        let counts = xdp_counts(&dp, || {
+            run_xdp(&dp, XDP_FROM_UPLINK, &tcp(remote, snat, FIN_ACK, b""));
+        });
+        assert_eq!(counts, [0, 0, 1], "a FIN is TC's");
     });
 }
 
@@ -375,12 +501,7 @@ fn with_every_snat_port_held_a_new_flow_is_dropped_and_the_live_one_keeps_its_po
         "with_every_snat_port_held_a_new_flow_is_dropped_and_the_live_one_keeps_its_port"
     );
     in_node(|_| {
-        let mut dp = dataplane((20000, 20000));
-        dp.upsert_service(
-            frontend(NODE_PORT, FrontendKind::NodePort),
-            &[backend(REMOTE, false)],
-        )
-        .unwrap();
+        let dp = remote_node_port((20000, 20000));
         let (_, out) = run(&dp, FROM_UPLINK, &tcp(sa(CLIENT), sa(NODE_PORT), SYN, b""));
         assert_eq!(check(&out).src.port(), 20000);
         let before = dp.counters().unwrap();
@@ -402,12 +523,7 @@ fn a_closed_snat_flow_holds_its_port_for_time_wait_and_gives_it_up_only_when_not
         "a_closed_snat_flow_holds_its_port_for_time_wait_and_gives_it_up_only_when_nothing_else_is_free"
     );
     in_node(|_| {
-        let mut dp = dataplane((20000, 20000));
-        dp.upsert_service(
-            frontend(NODE_PORT, FrontendKind::NodePort),
-            &[backend(REMOTE, false)],
-        )
-        .unwrap();
+        let dp = remote_node_port((20000, 20000));
         let snat = SocketAddrV4::new(NODE.parse().unwrap(), 20000);
         run(&dp, FROM_UPLINK, &tcp(sa(CLIENT), sa(NODE_PORT), SYN, b""));
         run(&dp, FROM_UPLINK, &tcp(sa(REMOTE), snat, SYN_ACK, b""));
@@ -462,12 +578,7 @@ fn now_ns() -> u64 {
 fn an_icmp_error_about_a_reply_goes_to_the_backend_quoting_what_it_sent() {
     require_privileged!("an_icmp_error_about_a_reply_goes_to_the_backend_quoting_what_it_sent");
     in_node(|_| {
-        let mut dp = dataplane(SNAT_PORTS);
-        dp.upsert_service(
-            frontend(NODE_PORT, FrontendKind::NodePort),
-            &[backend(REMOTE, false)],
-        )
-        .unwrap();
+        let dp = remote_node_port(SNAT_PORTS);
         let (_, sent) = run(&dp, FROM_UPLINK, &tcp(sa(CLIENT), sa(NODE_PORT), SYN, b""));
         let snat = check(&sent).src;
         // The reply as the client got it (NodePort -> client), too big for a router on the

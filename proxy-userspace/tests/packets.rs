@@ -1990,14 +1990,17 @@ fn a_reset_or_a_fin_from_the_client_does_not_move_a_flow_to_the_established_tabl
 const OUTSIDE: &str = "198.18.0.100:50000";
 const LOCAL_BACKEND: &str = "198.19.0.20:8080";
 
-/// The XDP counters' changes between two readings: seen, hit, and the three ways to TC.
-fn xdp_delta(before: &Counters, after: &Counters) -> [u64; 5] {
+/// The XDP counters' changes between two readings: seen, hit, three ways to TC, sent out by
+/// XDP, and to TC for the route.
+fn xdp_delta(before: &Counters, after: &Counters) -> [u64; 7] {
     [
         CTR_XDP_SEEN,
         CTR_XDP_CT_HIT,
         CTR_XDP_TO_TC_NOT_SERVICE,
         CTR_XDP_TO_TC_FLOW,
         CTR_XDP_TO_TC_PARTIAL_CSUM,
+        CTR_XDP_TX,
+        CTR_XDP_TO_TC_ROUTE,
     ]
     .map(|i| delta(before, after, i))
 }
@@ -2009,7 +2012,7 @@ fn xdp_hands_to_tc(dp: &Dataplane, pkt: &[u8], reason: u32, what: &str) {
     let after = dp.counters().unwrap();
     assert_eq!(verdict, XDP_PASS, "{what}");
     assert_eq!(out, pkt, "{what}: XDP changed a packet it leaves to TC");
-    let mut want = [1, 0, 0, 0, 0];
+    let mut want = [1, 0, 0, 0, 0, 0, 0];
     want[(reason - CTR_XDP_SEEN) as usize] = 1;
     assert_eq!(xdp_delta(&before, &after), want, "{what}: counted as");
 }
@@ -2021,7 +2024,11 @@ fn xdp_translates_as_tc(dp: &Dataplane, pkt: &[u8], what: &str) -> Seen {
     let (verdict, out) = run_xdp(dp, XDP_FROM_UPLINK, pkt);
     let after = dp.counters().unwrap();
     assert_eq!(verdict, XDP_PASS, "{what}");
-    assert_eq!(xdp_delta(&before, &after), [1, 1, 0, 0, 0], "{what}: a hit");
+    assert_eq!(
+        xdp_delta(&before, &after),
+        [1, 1, 0, 0, 0, 0, 0],
+        "{what}: a hit"
+    );
     let (_, by_tc) = run(dp, FROM_UPLINK, pkt);
     assert_eq!(out, by_tc, "{what}: XDP and TC translate alike");
     // What XDP passed on goes through TC ingress next: it lets it by untouched.

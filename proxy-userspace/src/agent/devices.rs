@@ -18,11 +18,11 @@ use std::{
 };
 
 use super::{
-    XdpSetting,
+    XdpSetting, XdpTx,
     metrics::{Metrics, RoleLabel, XdpLabel},
     source::{Change, ChangeTx},
 };
-use crate::dataplane::{self, AttachMode, Dataplane, DataplaneError};
+use crate::dataplane::{self, AttachMode, Dataplane, DataplaneError, XdpMode};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -47,9 +47,10 @@ pub struct Devices {
     uplinks: Vec<String>,
     mode: AttachMode,
     xdp: XdpSetting,
+    xdp_tx: XdpTx,
     links_dir: PathBuf,
-    /// The XDP mode of each attached uplink (`off`: TC alone).
-    xdp_modes: BTreeMap<String, &'static str>,
+    /// The XDP mode of each attached uplink (`off`: TC alone), and whether XDP sends there.
+    xdp_modes: BTreeMap<String, (&'static str, bool)>,
     /// Attached devices: role and ifindex (a device recreated under the same name has a new
     /// index and must be attached again).
     attached: BTreeMap<String, (Role, u32)>,
@@ -82,6 +83,7 @@ impl Devices {
         uplinks: Vec<String>,
         mode: AttachMode,
         xdp: XdpSetting,
+        xdp_tx: XdpTx,
         links_dir: PathBuf,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -90,6 +92,7 @@ impl Devices {
             uplinks,
             mode,
             xdp,
+            xdp_tx,
             links_dir,
             xdp_modes: BTreeMap::new(),
             attached: BTreeMap::new(),
@@ -159,7 +162,7 @@ impl Devices {
                     tracing::info!(device = %name, ?role, mode = %self.mode, "attached");
                     self.attached.insert(name.clone(), (*role, index));
                     if *role == Role::Uplink {
-                        self.attach_xdp(dp, name);
+                        self.attach_xdp(dp, name, index);
                     } else if let Err(error) = dataplane::detach_xdp(&self.links_dir, name) {
                         // An uplink of an earlier agent (the flags changed): no XDP on a pod
                         // device.
@@ -205,8 +208,15 @@ impl Devices {
                 tracing::warn!(device = %name, %error, "could not detach");
                 continue;
             }
-            if let Some(mode) = self.xdp_modes.remove(&name) {
-                self.metrics.xdp_uplinks.remove(&XdpLabel::new(&name, mode));
+            if let Some((mode, tx)) = self.xdp_modes.remove(&name) {
+                self.metrics
+                    .xdp_uplinks
+                    .remove(&XdpLabel::new(&name, mode, tx));
+            }
+            if let Some((_, index)) = self.attached.get(&name)
+                && let Err(error) = dp.set_xdp_tx(*index, None)
+            {
+                tracing::warn!(device = %name, %error, "could not stop XDP sending there");
             }
             if self.attached.remove(&name).is_some() {
                 let why = if present.contains_key(&name) {
@@ -232,12 +242,12 @@ impl Devices {
     /// `--xdp-mode` that works, or takes an earlier agent's off it (`off`). A mode that fails
     /// is logged and the uplink left to TC, which serves everything XDP would: it is not
     /// retried until the device is made anew (a driver does not gain XDP at run time).
-    fn attach_xdp(&mut self, dp: &mut Dataplane, name: &str) {
-        let mut chosen = "off";
+    fn attach_xdp(&mut self, dp: &mut Dataplane, name: &str, index: u32) {
+        let mut chosen = None;
         for &mode in self.xdp.modes() {
             match dp.attach_xdp_persistent(name, mode, &self.links_dir) {
                 Ok(()) => {
-                    chosen = mode.name();
+                    chosen = Some(mode);
                     break;
                 }
                 Err(error) => {
@@ -252,18 +262,36 @@ impl Devices {
                 }
             }
         }
-        if chosen == "off"
+        if chosen.is_none()
             && let Err(error) = dataplane::detach_xdp(&self.links_dir, name)
         {
             tracing::warn!(device = %name, %error, "could not detach an earlier XDP program");
         }
-        tracing::info!(device = %name, xdp = chosen, setting = ?self.xdp, "XDP mode of uplink");
-        if let Some(old) = self.xdp_modes.insert(name.to_owned(), chosen) {
-            self.metrics.xdp_uplinks.remove(&XdpLabel::new(name, old));
+        // Whether XDP sends the packets of flows SNATed to the node out itself here.
+        let driver = dataplane::device_driver(name).ok();
+        let tx_mode = chosen.filter(|&m| self.xdp_tx.allows(m, driver.as_deref()));
+        let tx = match dp.set_xdp_tx(index, tx_mode) {
+            Ok(()) => tx_mode.is_some(),
+            Err(error) => {
+                self.metrics.attach_errors.inc();
+                tracing::warn!(device = %name, %error, "XDP left not sending; TC forwards");
+                let _ = dp.set_xdp_tx(index, None);
+                false
+            }
+        };
+        let chosen = chosen.map_or("off", XdpMode::name);
+        tracing::info!(
+            device = %name, xdp = chosen, xdp_tx = tx, driver = driver.as_deref().unwrap_or("?"),
+            setting = ?self.xdp, "XDP mode of uplink"
+        );
+        if let Some((old, old_tx)) = self.xdp_modes.insert(name.to_owned(), (chosen, tx)) {
+            self.metrics
+                .xdp_uplinks
+                .remove(&XdpLabel::new(name, old, old_tx));
         }
         self.metrics
             .xdp_uplinks
-            .get_or_create(&XdpLabel::new(name, chosen))
+            .get_or_create(&XdpLabel::new(name, chosen, tx))
             .set(1);
     }
 }

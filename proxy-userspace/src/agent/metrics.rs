@@ -55,18 +55,21 @@ pub const KUBE_PROXY_NAMES: &[&str] = &[
     "kubeproxy_proxy_livez_total",
 ];
 
-/// An uplink and the XDP mode it has (`native`, `generic`, or `off`: TC alone).
+/// An uplink, the XDP mode it has (`native`, `generic`, or `off`: TC alone), and whether XDP
+/// sends the packets of flows SNATed to the node out itself there (`tx`: `on` or `off`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct XdpLabel {
     pub device: String,
     pub mode: String,
+    pub tx: String,
 }
 
 impl XdpLabel {
-    pub fn new(device: &str, mode: &str) -> Self {
+    pub fn new(device: &str, mode: &str, tx: bool) -> Self {
         Self {
             device: device.to_owned(),
             mode: mode.to_owned(),
+            tx: if tx { "on" } else { "off" }.to_owned(),
         }
     }
 }
@@ -332,7 +335,7 @@ impl Metrics {
         );
         r.register(
             "xdp_uplinks",
-            "Attached uplinks by device and XDP mode (native, generic, or off: TC alone); 1 per uplink",
+            "Attached uplinks by device, XDP mode (native, generic, or off: TC alone) and whether XDP forwards flows SNATed to the node (tx); 1 per uplink",
             m.xdp_uplinks.clone(),
         );
         r.register(

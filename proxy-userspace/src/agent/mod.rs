@@ -91,6 +91,33 @@ impl XdpSetting {
     }
 }
 
+/// Whether the XDP program on an uplink may send the packets of flows SNATed to the node out
+/// itself (`--xdp-tx`): a client's packet to a backend on another node, and that backend's
+/// reply back to the client. Otherwise TC forwards them, as it does with XDP off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum XdpTx {
+    /// In generic mode, and in native mode on any driver but veth: a veth in native mode drops
+    /// what XDP sends it unless its peer takes XDP frames (an XDP program on the peer, or GRO
+    /// on it from Linux 5.13), which the agent cannot see from the node.
+    Auto,
+    /// On every uplink with XDP: the operator says a veth uplink's peer takes XDP frames.
+    On,
+    /// Never: XDP only DNATs to local backends.
+    Off,
+}
+
+impl XdpTx {
+    /// Whether an uplink with XDP in `mode`, whose driver is `driver` (`None`: unknown), may
+    /// send from XDP.
+    pub fn allows(self, mode: XdpMode, driver: Option<&str>) -> bool {
+        match self {
+            Self::Off => false,
+            Self::On => true,
+            Self::Auto => mode == XdpMode::Generic || driver.is_some_and(|d| d != "veth"),
+        }
+    }
+}
+
 /// How new flows choose their backend (`--lb-algorithm`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LbAlgorithm {
@@ -193,6 +220,14 @@ pub struct AgentArgs {
     /// native and otherwise leaves the uplink to TC; generic only when asked for by name.
     #[arg(long, env = "SLUICE_XDP_MODE", value_enum, default_value_t = XdpSetting::Off)]
     pub xdp_mode: XdpSetting,
+
+    /// With XDP on an uplink: whether XDP also forwards flows SNATed to the node (to backends
+    /// on other nodes, and their replies), sending them out itself (XDP_TX or XDP_REDIRECT to
+    /// another uplink) instead of leaving them to TC. auto: in generic mode, and in native mode
+    /// on drivers other than veth (a veth drops what XDP sends it unless its peer has an XDP
+    /// program or GRO on); on: every uplink with XDP; off: never.
+    #[arg(long, env = "SLUICE_XDP_TX", value_enum, default_value_t = XdpTx::Auto)]
+    pub xdp_tx: XdpTx,
 
     /// How new flows to externalIPs and LoadBalancer IPs choose their backend: random, or
     /// maglev (the same backend for a flow on every node, for an ECMP router in front of
@@ -661,6 +696,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         args.uplinks.clone(),
         mode,
         args.xdp_mode,
+        args.xdp_tx,
         args.pin_path.join("links"),
         metrics.clone(),
     );
@@ -727,6 +763,20 @@ mod tests {
     }
 
     /// `--xdp-mode auto` departs from "native, then generic" (see [`XdpSetting::modes`]).
+    #[test]
+    fn xdp_tx_auto_sends_from_generic_xdp_and_from_native_xdp_on_any_driver_but_veth() {
+        use XdpMode::{Generic, Native};
+        assert!(XdpTx::Auto.allows(Generic, Some("veth")));
+        assert!(XdpTx::Auto.allows(Native, Some("mlx5_core")));
+        assert!(!XdpTx::Auto.allows(Native, Some("veth")));
+        assert!(
+            !XdpTx::Auto.allows(Native, None),
+            "an unknown driver may be a veth"
+        );
+        assert!(XdpTx::On.allows(Native, Some("veth")));
+        assert!(!XdpTx::Off.allows(Generic, Some("mlx5_core")));
+    }
+
     #[test]
     fn xdp_auto_tries_native_only_and_off_tries_nothing() {
         assert_eq!(XdpSetting::Auto.modes(), &[XdpMode::Native]);

@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use aya::programs::{ProgramError, links::FdLink, xdp::XdpLink};
+use proxy_common::{LB4_XDP_TX_MAP, LB4_XDP_TX_MAX, XDP_TX_GENERIC, XDP_TX_NATIVE};
 
 use super::{
     Dataplane, DataplaneError, XDP_FROM_UPLINK, c_name, encode_pin_name, ensure_ethernet,
@@ -48,6 +49,14 @@ impl std::fmt::Display for XdpMode {
 }
 
 impl XdpMode {
+    /// Its value in `LB4_XDP_TX`.
+    fn tx_value(self) -> u32 {
+        match self {
+            Self::Native => XDP_TX_NATIVE,
+            Self::Generic => XDP_TX_GENERIC,
+        }
+    }
+
     const ALL: [Self; 2] = [Self::Native, Self::Generic];
 }
 
@@ -120,6 +129,84 @@ impl Dataplane {
             })?;
         Ok(())
     }
+}
+
+impl Dataplane {
+    /// Lets the XDP program on the uplink with index `ifindex`, attached in `mode`, send the
+    /// packets of flows SNATed to the node out itself (XDP_TX, or XDP_REDIRECT to another
+    /// uplink let in the same mode); `None` leaves them to TC there. A veth in native mode
+    /// drops what XDP sends it unless its peer takes XDP frames (an XDP program or GRO on the
+    /// peer): only the operator can say so (`--xdp-tx`).
+    pub fn set_xdp_tx(
+        &mut self,
+        ifindex: u32,
+        mode: Option<XdpMode>,
+    ) -> Result<(), DataplaneError> {
+        match mode {
+            Some(mode) => self.insert(
+                LB4_XDP_TX_MAP,
+                LB4_XDP_TX_MAX,
+                ifindex,
+                mode.tx_value(),
+                || format!("the uplink with index {ifindex}"),
+            ),
+            None => self.remove::<u32, u32>(LB4_XDP_TX_MAP, &ifindex),
+        }
+    }
+}
+
+/// The name of `interface`'s driver, as `ethtool -i` reports it (`veth`, `mlx5_core`, ...), in
+/// the calling thread's network namespace.
+pub fn device_driver(interface: &str) -> std::io::Result<String> {
+    // `struct ethtool_drvinfo` (linux/ethtool.h).
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        version: [u8; 32],
+        fw_version: [u8; 32],
+        bus_info: [u8; 32],
+        erom_version: [u8; 32],
+        reserved2: [u8; 12],
+        counts: [u32; 5],
+    }
+    const ETHTOOL_GDRVINFO: u32 = 3;
+    let mut info = DrvInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        version: [0; 32],
+        fw_version: [0; 32],
+        bus_info: [0; 32],
+        erom_version: [0; 32],
+        reserved2: [0; 12],
+        counts: [0; 5],
+    };
+    // SAFETY: an all-zero ifreq is valid; the name (NUL-terminated, checked below) and the data
+    // pointer are set before use.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    let name = interface.as_bytes();
+    if name.len() >= ifr.ifr_name.len() {
+        return Err(std::io::ErrorKind::InvalidInput.into());
+    }
+    for (d, s) in ifr.ifr_name.iter_mut().zip(name) {
+        *d = *s as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_data = (&raw mut info).cast();
+    // SAFETY: a plain socket call.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is ours; SIOCETHTOOL reads `ifr` and writes `info` (which outlives the call).
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCETHTOOL, &mut ifr) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closing the fd we opened.
+    unsafe { libc::close(fd) };
+    if rc < 0 {
+        return Err(err);
+    }
+    let end = info.driver.iter().position(|b| *b == 0).unwrap_or(32);
+    Ok(String::from_utf8_lossy(&info.driver[..end]).into_owned())
 }
 
 fn xdp_error(interface: &str, mode: XdpMode) -> impl Fn(ProgramError) -> DataplaneError {

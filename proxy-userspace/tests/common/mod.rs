@@ -128,21 +128,56 @@ pub fn run_on(dp: &Dataplane, program: &'static str, pkt: &[u8], ifindex: u32) -
 /// What an XDP program returns for a packet it passes to the stack (and so to TC).
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
 
 /// Runs the XDP program `program` once on `pkt`; returns the verdict and the packet as it left.
+/// The test run's packet comes in on the loopback device.
 pub fn run_xdp(dp: &Dataplane, program: &'static str, pkt: &[u8]) -> (u32, Vec<u8>) {
+    run_xdp_ctx(dp, program, pkt, None).unwrap()
+}
+
+/// [`run_xdp`] as if the packet came in on device `ifindex` (the test run's `xdp_md` says
+/// so). `None` if the kernel takes no context for an XDP test run (before Linux 5.14).
+pub fn run_xdp_on(
+    dp: &Dataplane,
+    program: &'static str,
+    pkt: &[u8],
+    ifindex: u32,
+) -> Option<(u32, Vec<u8>)> {
+    // `struct xdp_md`: data, data_end (the packet's length), data_meta, ingress_ifindex,
+    // rx_queue_index, egress_ifindex.
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(pkt.len() as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    match run_xdp_ctx(dp, program, pkt, Some(&ctx)) {
+        Ok(r) => Some(r),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => None,
+        Err(e) => panic!("XDP test run on ifindex {ifindex}: {e}"),
+    }
+}
+
+fn run_xdp_ctx(
+    dp: &Dataplane,
+    program: &'static str,
+    pkt: &[u8],
+    ctx: Option<&[u8]>,
+) -> std::io::Result<(u32, Vec<u8>)> {
     let prog = dp.xdp_program(program).unwrap();
     let mut out = vec![0u8; pkt.len() + 256];
     let r = prog
         .test_run(TestRunOptions {
             data_in: Some(pkt),
             data_out: Some(&mut out),
+            ctx_in: ctx,
             repeat: 1,
             ..Default::default()
         })
-        .unwrap();
+        .map_err(|e| match e {
+            aya::programs::ProgramError::SyscallError(s) => s.io_error,
+            other => std::io::Error::other(other.to_string()),
+        })?;
     out.truncate(r.data_size_out as usize);
-    (r.return_value, out)
+    Ok((r.return_value, out))
 }
 
 /// [`run`] `n` times back to back inside one test run (no system call between the runs): the
@@ -678,4 +713,38 @@ pub fn check_sctp(pkt: &[u8]) -> SctpSeen {
         checksum,
         l4,
     }
+}
+
+/// The running kernel's (major, minor) version.
+pub fn kernel_version() -> (u32, u32) {
+    let uts = nix::sys::utsname::uname().unwrap();
+    let release = uts.release().to_string_lossy().into_owned();
+    let mut parts = release
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+/// Makes the veths `devs` of `ns` take XDP frames (what native XDP_TX or XDP_REDIRECT onto a
+/// veth needs of the receiving end): `sluice_xdp_from_uplink` of a fresh object, whose maps
+/// are empty so that it passes every packet, attached in native mode for as long as the
+/// returned object lives.
+pub fn take_xdp_frames(ns: &testbed::Netns, devs: &[String]) -> aya::Ebpf {
+    let devs = devs.to_vec();
+    ns.run_in(move || {
+        let mut ebpf = aya::Ebpf::load(sluice::dataplane::EBPF_OBJECT).unwrap();
+        let prog: &mut aya::programs::Xdp = ebpf
+            .program_mut(sluice::dataplane::XDP_FROM_UPLINK)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        prog.load().unwrap();
+        for dev in &devs {
+            let name = std::ffi::CString::new(dev.as_str()).unwrap();
+            prog.attach(name.as_c_str(), aya::programs::XdpMode::Driver)
+                .unwrap_or_else(|e| panic!("native XDP on {dev}: {e}"));
+        }
+        ebpf
+    })
+    .unwrap()
 }
