@@ -55,7 +55,7 @@ use testbed::{
     BpfFs, Cluster, Netns,
     kubeproxy::{self, ProxyConfig, ServicePort},
     load::{self, BenchServer, LoadResult, LoadSpec},
-    plan,
+    pktgen, plan,
     report::{Metric, Mode, Report, Sample},
 };
 
@@ -249,6 +249,9 @@ struct Sandbox {
     // Field order is drop order: the dataplane and the servers go before the namespaces (and
     // the socket links' pins before the cgroups they attach to).
     dp: Option<NodeDataplane>,
+    /// With sluice-xdp in the NodePort section: the fabric's end of node0's uplink takes XDP
+    /// frames (an XDP program there), which native XDP_TX on a veth needs.
+    peer_xdp: Option<aya::Ebpf>,
     _servers: Vec<BenchServer>,
     links: BpfFs,
     c: Cluster,
@@ -306,6 +309,7 @@ impl Sandbox {
         let backends = BACKENDS.iter().map(|b| c.pod(b).addr).collect();
         Self {
             dp: None,
+            peer_xdp: None,
             _servers: servers,
             links: BpfFs::new().expect("a bpffs for the socket links"),
             c,
@@ -319,6 +323,55 @@ impl Sandbox {
             Layout::OneNode => &self.c.pod("client").ns,
             Layout::RemoteNodePort | Layout::LocalNodePort => &self.c.outside[0].ns,
         }
+    }
+
+    /// The packet rate through `mode` to `target` (UDP, from the outside client; the NodePort
+    /// sections only): [`PKT_FLOWS`] flows sent as fast as an `AF_PACKET` socket goes for
+    /// [`PKT_WARMUP`] (the flows established: each backend echoes), then measured for
+    /// [`PKT_WINDOW`], counted where they arrive (the backends' devices), with the CPU time
+    /// the whole machine spent meanwhile.
+    fn packet_rate(&self, mode: Mode, target: SocketAddrV4) -> Result<PacketRate, String> {
+        let err = |e: std::io::Error| e.to_string();
+        let client = &self.c.outside[0];
+        // The next hop: node0 for its NodePort; for the direct path, the backends' node.
+        let hop = match (mode, self.layout) {
+            (Mode::Direct, Layout::RemoteNodePort) => &self.c.nodes[1],
+            _ => &self.c.nodes[0],
+        };
+        let smac = pktgen::mac(&client.ns, "eth0").map_err(err)?;
+        let dmac = pktgen::mac(&hop.ns, &hop.uplink).map_err(err)?;
+        let blast = |duration: Duration| pktgen::Blast {
+            dev: "eth0".into(),
+            smac,
+            dmac,
+            src: SocketAddrV4::new(client.addr, PKT_SPORT),
+            dst: target,
+            flows: PKT_FLOWS,
+            payload: load::MSG,
+            duration,
+            max_packets: PKT_MAX,
+        };
+        let arrived = || -> Result<u64, String> {
+            let mut n = 0;
+            for b in BACKENDS {
+                n += pktgen::rx_packets(&self.c.pod(b).ns, "eth0").map_err(err)?;
+            }
+            Ok(n)
+        };
+        pktgen::blast(&client.ns, &blast(PKT_WARMUP)).map_err(err)?;
+        std::thread::sleep(Duration::from_millis(200));
+        let (rx0, cpu0) = (arrived()?, cpu_seconds());
+        let sent = pktgen::blast(&client.ns, &blast(PKT_WINDOW)).map_err(err)?;
+        // What is still queued arrives within a few milliseconds.
+        std::thread::sleep(Duration::from_millis(50));
+        let (rx1, cpu1) = (arrived()?, cpu_seconds());
+        let delivered = rx1.saturating_sub(rx0);
+        Ok(PacketRate {
+            sent: sent.packets,
+            delivered,
+            delivered_per_s: delivered as f64 / sent.elapsed.as_secs_f64(),
+            cpu_ms_per_mpkt: (cpu1 - cpu0) * 1e3 / (delivered.max(1) as f64 / 1e6),
+        })
     }
 
     /// What sluice writes for `svcs` on node0.
@@ -394,9 +447,23 @@ impl Sandbox {
                 }
                 if mode == Mode::SluiceXdp {
                     let uplink = self.c.nodes[0].uplink.clone();
+                    // To remote endpoints XDP SNATs and sends back out of the uplink itself
+                    // (`--xdp-tx on`), which the veth's fabric end must take.
+                    let tx = self.layout == Layout::RemoteNodePort;
+                    if tx {
+                        self.peer_xdp =
+                            Some(common::take_xdp_frames(&self.c.fabric, &["n0".to_owned()]));
+                    }
                     dp.with(move |dp| {
                         dp.attach_xdp(&uplink, XdpMode::Native)
-                            .map_err(|e| e.to_string())
+                            .map_err(|e| e.to_string())?;
+                        if tx {
+                            let index = nix::net::if_::if_nametoindex(uplink.as_str())
+                                .map_err(|e| e.to_string())?;
+                            dp.set_xdp_tx(index, Some(XdpMode::Native))
+                                .map_err(|e| e.to_string())?;
+                        }
+                        Ok::<_, String>(())
                     })?;
                 }
                 let all = self.sluice_services(svcs);
@@ -443,6 +510,7 @@ impl Sandbox {
             })?;
         }
         self.dp = None;
+        self.peer_xdp = None;
         match mode {
             Mode::Direct | Mode::Sluice | Mode::SluiceSocket | Mode::SluiceXdp => Ok(true),
             Mode::IptablesLegacy => Ok(false),
@@ -689,6 +757,26 @@ impl Bench {
         }
         let persistent = run(load::Kind::TcpPersistent).map_err(err)?;
         let udp = run(load::Kind::Udp).map_err(err)?;
+        let pps = if sb.layout == Layout::OneNode {
+            None
+        } else {
+            let target = match mode {
+                Mode::Direct => SocketAddrV4::new(sb.backends[0], TARGET_PORT),
+                _ => vip,
+            };
+            let r = sb.packet_rate(mode, target)?;
+            self.record(mode, n, round, Metric::PacketRate, r.delivered_per_s);
+            self.record(mode, n, round, Metric::CpuPerMpkt, r.cpu_ms_per_mpkt);
+            if r.delivered * 10 < r.sent * 9 {
+                self.current().notes.push(format!(
+                    "{} at {n} Services, round {round}, packet rate: {} of {} packets sent arrived",
+                    mode.name(),
+                    r.delivered,
+                    r.sent
+                ));
+            }
+            Some(r.delivered_per_s)
+        };
         self.check("new connections", true, mode, n, &new);
         self.check("persistent connections", false, mode, n, &persistent);
         self.check("UDP", false, mode, n, &udp);
@@ -717,13 +805,14 @@ impl Bench {
             d.map_or("-".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3))
         };
         println!(
-            "  {:>15} {n:>6} Services round {round}: new {:>6.0}/s p50 {:>5.0} µs p99 {:>6.0} µs | persistent {:>6.0}/s | udp {:>6.0}/s | program {} | change {} | errors {}",
+            "  {:>15} {n:>6} Services round {round}: new {:>6.0}/s p50 {:>5.0} µs p99 {:>6.0} µs | persistent {:>6.0}/s | udp {:>6.0}/s | packets {} | program {} | change {} | errors {}",
             mode.name(),
             new.rate(),
             us(&new, 50.0),
             us(&new, 99.0),
             persistent.rate(),
             udp.rate(),
+            pps.map_or("-".into(), |p| format!("{p:.0}/s")),
             ms(programmed),
             ms(change),
             new.errors + persistent.errors + udp.errors,
@@ -732,18 +821,55 @@ impl Bench {
     }
 }
 
+/// Source port of the packet rate's first flow (the client's port range is elsewhere).
+const PKT_SPORT: u16 = 61_000;
+/// Flows of the packet rate: several, so that a Service spreads them over its backends.
+const PKT_FLOWS: u16 = 16;
+const PKT_WARMUP: Duration = Duration::from_millis(300);
+const PKT_WINDOW: Duration = Duration::from_secs(2);
+/// At most this many packets per blast, whatever the rate.
+const PKT_MAX: u64 = 20_000_000;
+
+/// A packet-rate measurement.
+struct PacketRate {
+    sent: u64,
+    delivered: u64,
+    delivered_per_s: f64,
+    /// CPU time of the whole machine (sender included) per million packets delivered, in ms.
+    cpu_ms_per_mpkt: f64,
+}
+
+/// The all-CPU line of /proc/stat: user, nice, system, idle, iowait, irq, softirq, steal, guest,
+/// guest_nice, in clock ticks.
+fn cpu_ticks() -> Vec<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    stat.lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect()
+}
+
+/// Busy CPU time of all CPUs so far (everything but idle and iowait), in seconds.
+fn cpu_seconds() -> f64 {
+    let busy: u64 = cpu_ticks()
+        .iter()
+        .enumerate()
+        // user, nice, system, irq, softirq, steal (guest time is inside user's already).
+        .filter(|(i, _)| *i != 3 && *i != 4 && *i < 8)
+        .map(|(_, x)| x)
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    busy as f64 / hz as f64
+}
+
 /// Busy share of all CPUs over the next `window`, from /proc/stat.
 fn busy_share(window: Duration) -> f64 {
     let sample = || -> (u64, u64) {
-        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-        let v: Vec<u64> = stat
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|x| x.parse().ok())
-            .collect();
+        let v = cpu_ticks();
         let total: u64 = v.iter().sum();
         // idle and iowait
         let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
@@ -1051,7 +1177,9 @@ fn main() {
          **sluice** DNATs and SNATs to node0 with a reserved source port and forwards by FIB lookup and redirect, and translates the replies back the same way (`Backend.local` false); \
          **iptables** and **nftables** are kube-proxy's NodePort rules for externalTrafficPolicy Cluster (KUBE-NODEPORTS / `service-nodeports` to the external chain, marked for masquerade, then DNAT; MASQUERADE in POSTROUTING; netfilter conntrack un-NATs the replies); \
          **direct** is the client reaching the pods through node1, no load balancer. The other Services are ClusterIP fillers, as above; kube-proxy's iptables mode walks all of them before its NodePort rule, the last in KUBE-SERVICES. \
-         The backends keep no TIME_WAIT sockets (`tcp_max_tw_buckets` 0): every cell starts with fresh NAT state, and a SNAT port reused from an earlier cell would otherwise meet that cell's connection in TIME_WAIT and stall 1 s, whichever mode it came from.\n\n",
+         The backends keep no TIME_WAIT sockets (`tcp_max_tw_buckets` 0): every cell starts with fresh NAT state, and a SNAT port reused from an earlier cell would otherwise meet that cell's connection in TIME_WAIT and stall 1 s, whichever mode it came from. \
+         **sluice-xdp** here also SNATs the established flows' packets at XDP and sends them back out of node0's uplink with XDP_TX, and reverse-translates the endpoints' replies the same way (`--xdp-tx on`); a veth's XDP_TX needs its peer to take XDP frames, so in this cell the fabric's end of node0's uplink has an XDP program (passing everything) too.\n\n\
+         **The packet rate** (both NodePort sections): after the request loads, the outside client writes UDP frames to the NodePort (16 flows, 64-byte payloads, real checksums) through an `AF_PACKET` socket as fast as it goes, for 2 s after a 0.3 s warm-up in which the flows are established (each backend echoes every datagram; the echoes are part of the load). Delivered packets are counted at the backends' devices; the CPU time is the whole machine's from /proc/stat over the window. On veths a frame sent is received on the sending CPU in the softirq that follows the send, so the rate is the whole chain's on one CPU, the sender's own cost included: the same for every mode, so the modes compare, but it caps what any of them can show. This kernel has no pktgen module; AF_XDP would send faster but meets the same cap.\n\n",
     );
     md.push_str(&section_tables(&bench.nodeport));
     md.push_str(

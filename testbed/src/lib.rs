@@ -17,6 +17,8 @@
 //!   runs its Pods, and both with an agent per node running as the RBAC of `deploy/rbac.yaml`.
 //! - [`load`]: the benchmark's servers and closed-loop load generator (new connections,
 //!   persistent connections, UDP), in Rust so the path is measured and not an interpreter.
+//! - [`pktgen`]: the benchmark's packet generator (UDP frames through an `AF_PACKET` socket,
+//!   bounded in time and count) and a device's received-packet counter.
 //! - [`kubeproxy`]: kube-proxy's own rules (iptables, nftables) for the same Services, the
 //!   benchmark's other side.
 //! - [`report`]: the side-by-side benchmark's Markdown tables and SVG chart, from raw samples.
@@ -39,6 +41,7 @@ pub mod kubelet;
 pub mod kubeproxy;
 pub mod load;
 pub mod netns;
+pub mod pktgen;
 pub mod plan;
 pub mod privilege;
 pub mod realcluster;

@@ -88,10 +88,16 @@ pub enum Metric {
     ProgramRunsPerConn,
     /// sluice's programs during the new-connection load: µs of program time per connection.
     ProgramUsPerConn,
+    /// UDP packets per second delivered to the backends from a sender that never waits (an
+    /// `AF_PACKET` socket), the NodePort sections only.
+    PacketRate,
+    /// CPU time of the whole machine (sender included) per million packets delivered, during
+    /// the packet rate, in ms.
+    CpuPerMpkt,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 11] = [
+    pub const ALL: [Metric; 13] = [
         Metric::NewConnRate,
         Metric::NewConnP50,
         Metric::NewConnP99,
@@ -103,6 +109,8 @@ impl Metric {
         Metric::ProgramNsPerRun,
         Metric::ProgramRunsPerConn,
         Metric::ProgramUsPerConn,
+        Metric::PacketRate,
+        Metric::CpuPerMpkt,
     ];
 
     pub fn title(self) -> &'static str {
@@ -124,19 +132,25 @@ impl Metric {
             Metric::ProgramUsPerConn => {
                 "sluice's programs under the new-connection load: time per connection"
             }
+            Metric::PacketRate => "UDP packets per second delivered, from an AF_PACKET sender",
+            Metric::CpuPerMpkt => {
+                "CPU time per million packets delivered (the whole machine, sender included)"
+            }
         }
     }
 
     pub fn unit(self) -> &'static str {
         match self {
-            Metric::NewConnRate | Metric::PersistentRate | Metric::UdpRate => "/s",
+            Metric::NewConnRate | Metric::PersistentRate | Metric::UdpRate | Metric::PacketRate => {
+                "/s"
+            }
             Metric::NewConnP50
             | Metric::NewConnP99
             | Metric::PersistentP99
             | Metric::ProgramUsPerConn => "µs",
             Metric::ProgramNsPerRun => "ns",
             Metric::ProgramRunsPerConn => "runs",
-            Metric::ProgramAll | Metric::EndpointChange => "ms",
+            Metric::ProgramAll | Metric::EndpointChange | Metric::CpuPerMpkt => "ms",
         }
     }
 
@@ -144,7 +158,7 @@ impl Metric {
     pub fn higher_is_better(self) -> bool {
         matches!(
             self,
-            Metric::NewConnRate | Metric::PersistentRate | Metric::UdpRate
+            Metric::NewConnRate | Metric::PersistentRate | Metric::UdpRate | Metric::PacketRate
         )
     }
 
@@ -372,6 +386,12 @@ pub fn render_tables(report: &Report) -> String {
     }
     let max_rounds = report.max_rounds();
     for metric in Metric::ALL {
+        // The packet rate is measured in the NodePort sections only: no table elsewhere.
+        if matches!(metric, Metric::PacketRate | Metric::CpuPerMpkt)
+            && !report.samples.iter().any(|s| s.metric == metric)
+        {
+            continue;
+        }
         // sluice-xdp has a column only in a section that ran it (or said why not): XDP is on
         // uplinks, and most sections' traffic never crosses one.
         let modes: Vec<Mode> = Mode::ALL

@@ -1,14 +1,14 @@
 //! The benchmark's servers and load generator, on a sandbox node without any load balancer:
 //! every request is answered, by the backend it was sent to, within the run's bounds.
 use std::{
-    net::SocketAddrV4,
+    net::{SocketAddr, SocketAddrV4},
     time::{Duration, Instant},
 };
 
 use testbed::{
     Cluster,
     load::{self, BenchServer, LoadSpec},
-    require_privileged,
+    pktgen, require_privileged,
 };
 
 fn sandbox() -> (Vec<BenchServer>, Cluster) {
@@ -100,4 +100,94 @@ fn a_load_run_stops_at_its_operation_bound_and_counts_a_dead_target_as_errors() 
     assert_eq!(r.ops, 0, "nothing answers on port 9: {r:?}");
     assert!(r.errors > 0, "refused connections are counted as errors");
     drop(servers);
+}
+
+/// The packet generator: exactly the frames asked for leave (the count bounds the loop), each
+/// arrives at the backend's device through the node, and the backend's socket receives them
+/// as the UDP datagrams they say they are.
+#[test]
+fn the_packet_generator_sends_its_count_of_real_udp_datagrams_and_the_counter_sees_them() {
+    require_privileged!(
+        "the_packet_generator_sends_its_count_of_real_udp_datagrams_and_the_counter_sees_them"
+    );
+    let mut c = Cluster::new(1).unwrap();
+    c.add_pod(0, "client").unwrap();
+    c.add_pod(0, "backend").unwrap();
+    let (client, backend) = (c.pod("client"), c.pod("backend"));
+    let to = SocketAddrV4::new(backend.addr, 9999);
+    let sock = backend
+        .ns
+        .run_in(move || {
+            let s = std::net::UdpSocket::bind(to).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s
+        })
+        .unwrap();
+    let blast = pktgen::Blast {
+        dev: "eth0".into(),
+        smac: pktgen::mac(&client.ns, "eth0").unwrap(),
+        // The pod's gateway: the node's end of its veth.
+        dmac: pktgen::mac(&c.nodes[0].ns, &client.host_veth).unwrap(),
+        src: SocketAddrV4::new(client.addr, 40_000),
+        dst: to,
+        flows: 4,
+        payload: 32,
+        duration: Duration::from_secs(10),
+        max_packets: 2_000,
+    };
+    let before = pktgen::rx_packets(&backend.ns, "eth0").unwrap();
+    let sent = pktgen::blast(&client.ns, &blast).unwrap();
+    assert_eq!(sent.packets + sent.refused, 2_000, "bounded by the count");
+    assert!(sent.packets > 0);
+    std::thread::sleep(Duration::from_millis(100));
+    let arrived = pktgen::rx_packets(&backend.ns, "eth0").unwrap() - before;
+    assert!(
+        arrived >= sent.packets * 9 / 10 && arrived <= sent.packets + 20,
+        "{arrived} arrived of {} sent",
+        sent.packets
+    );
+    let mut buf = [0u8; 64];
+    let (n, from) = sock.recv_from(&mut buf).expect("a datagram at the socket");
+    assert_eq!(&buf[..n], b"abcdefghijklmnopqrstuvwxyzabcdef");
+    let SocketAddr::V4(from) = from else {
+        panic!("{from}")
+    };
+    assert_eq!(*from.ip(), client.addr);
+    assert!((40_000..40_004).contains(&from.port()), "{from}");
+}
+
+/// The frames' checksums, verified by a sum of their own: the IPv4 header's and the UDP
+/// checksum over the pseudo-header each fold to 0xffff.
+#[test]
+fn the_packet_generators_frames_carry_right_checksums() {
+    let b = pktgen::Blast {
+        dev: "eth0".into(),
+        smac: [2, 0, 0, 0, 0, 1],
+        dmac: [2, 0, 0, 0, 0, 2],
+        src: "198.18.0.100:61000".parse().unwrap(),
+        dst: "198.18.0.10:30090".parse().unwrap(),
+        flows: 1,
+        payload: 33,
+        duration: Duration::ZERO,
+        max_packets: 0,
+    };
+    let f = pktgen::udp_frame(&b, 61_003);
+    let sum = |words: &[u8], start: u64| -> u16 {
+        let mut s = start;
+        for (i, byte) in words.iter().enumerate() {
+            s += u64::from(*byte) << if i % 2 == 0 { 8 } else { 0 };
+        }
+        while s > 0xffff {
+            s = (s & 0xffff) + (s >> 16);
+        }
+        s as u16
+    };
+    assert_eq!(f.len(), 14 + 20 + 8 + 33);
+    assert_eq!(&f[12..14], &[0x08, 0x00]);
+    assert_eq!(sum(&f[14..34], 0), 0xffff, "IPv4 header checksum");
+    let udp = &f[34..];
+    let pseudo = sum(&f[26..34], 17 + udp.len() as u64);
+    assert_eq!(sum(udp, u64::from(pseudo)), 0xffff, "UDP checksum");
+    assert_eq!(u16::from_be_bytes([udp[0], udp[1]]), 61_003);
+    assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), 30_090);
 }
