@@ -5,6 +5,7 @@
 //! |--------------------------|---------------------|---------------------------------------------|
 //! | `sluice_xdp_from_uplink` | XDP of uplinks      | an established flow's packet: DNAT and XDP_PASS; SNAT and XDP_TX |
 //! | `sluice_xdp_tx`          | nowhere             | XDP_TX: the benchmark's floor               |
+//! | `sluice_xdp_pass`        | sandbox veth peers  | XDP_PASS: makes a veth take XDP frames      |
 //!
 //! It is a fast path in front of `sluice_from_uplink` (TC ingress), not a second datapath: it
 //! reads the same conntrack, and translates only what TC would translate the same way
@@ -76,10 +77,18 @@ pub fn sluice_xdp_from_uplink(ctx: XdpContext) -> u32 {
 }
 
 /// Sends every packet back out of the device it came in by: the floor the benchmark compares
-/// the XDP program with. Never attached.
+/// the XDP program with. Never attached by the agent.
 #[xdp]
 pub fn sluice_xdp_tx(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
+}
+
+/// Passes every packet on: on a veth, what makes it take XDP frames (native XDP_TX onto a
+/// veth needs a program on the receiving end). For the sandbox's veth peers in tests and the
+/// benchmark; never attached by the agent.
+#[xdp]
+pub fn sluice_xdp_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
 }
 
 /// A TCP or UDP packet's addressing and where its L4 checksum is, as XDP reads it.

@@ -351,12 +351,12 @@ impl Sandbox {
             duration,
             max_packets: PKT_MAX,
         };
-        let arrived = || -> Result<u64, String> {
-            let mut n = 0;
-            for b in BACKENDS {
-                n += pktgen::rx_packets(&self.c.pod(b).ns, "eth0").map_err(err)?;
-            }
-            Ok(n)
+        // Each device's counter (a u32 since the device was made), read before and after.
+        let arrived = || -> Result<Vec<u64>, String> {
+            BACKENDS
+                .iter()
+                .map(|b| pktgen::rx_packets(&self.c.pod(b).ns, "eth0").map_err(err))
+                .collect()
         };
         pktgen::blast(&client.ns, &blast(PKT_WARMUP)).map_err(err)?;
         std::thread::sleep(Duration::from_millis(200));
@@ -365,7 +365,11 @@ impl Sandbox {
         // What is still queued arrives within a few milliseconds.
         std::thread::sleep(Duration::from_millis(50));
         let (rx1, cpu1) = (arrived()?, cpu_seconds());
-        let delivered = rx1.saturating_sub(rx0);
+        let delivered: u64 = rx0
+            .iter()
+            .zip(&rx1)
+            .map(|(a, b)| u64::from((*b as u32).wrapping_sub(*a as u32)))
+            .sum();
         Ok(PacketRate {
             sent: sent.packets,
             delivered,
@@ -852,13 +856,14 @@ fn cpu_ticks() -> Vec<u64> {
         .collect()
 }
 
-/// Busy CPU time of all CPUs so far (everything but idle and iowait), in seconds.
+/// Busy CPU time of all CPUs so far (everything but idle, iowait and steal), in seconds.
 fn cpu_seconds() -> f64 {
     let busy: u64 = cpu_ticks()
         .iter()
         .enumerate()
-        // user, nice, system, irq, softirq, steal (guest time is inside user's already).
-        .filter(|(i, _)| *i != 3 && *i != 4 && *i < 8)
+        // user, nice, system, irq, softirq (not idle, iowait, or steal: time the hypervisor
+        // took; guest time is inside user's already).
+        .filter(|(i, _)| *i != 3 && *i != 4 && *i < 7)
         .map(|(_, x)| x)
         .sum();
     // SAFETY: sysconf has no preconditions.
@@ -1178,7 +1183,7 @@ fn main() {
          **iptables** and **nftables** are kube-proxy's NodePort rules for externalTrafficPolicy Cluster (KUBE-NODEPORTS / `service-nodeports` to the external chain, marked for masquerade, then DNAT; MASQUERADE in POSTROUTING; netfilter conntrack un-NATs the replies); \
          **direct** is the client reaching the pods through node1, no load balancer. The other Services are ClusterIP fillers, as above; kube-proxy's iptables mode walks all of them before its NodePort rule, the last in KUBE-SERVICES. \
          The backends keep no TIME_WAIT sockets (`tcp_max_tw_buckets` 0): every cell starts with fresh NAT state, and a SNAT port reused from an earlier cell would otherwise meet that cell's connection in TIME_WAIT and stall 1 s, whichever mode it came from. \
-         **sluice-xdp** here also SNATs the established flows' packets at XDP and sends them back out of node0's uplink with XDP_TX, and reverse-translates the endpoints' replies the same way (`--xdp-tx on`); a veth's XDP_TX needs its peer to take XDP frames, so in this cell the fabric's end of node0's uplink has an XDP program (passing everything) too.\n\n\
+         **sluice-xdp** here also SNATs the established flows' packets at XDP and sends them back out of node0's uplink with XDP_TX, and reverse-translates the endpoints' replies the same way (`--xdp-tx on`); a veth's XDP_TX needs its peer to take XDP frames, so in this cell the fabric's end of node0's uplink has `sluice_xdp_pass` (an XDP program that passes everything; it also moves that veth to its NAPI receive path, a cost this cell alone pays).\n\n\
          **The packet rate** (both NodePort sections): after the request loads, the outside client writes UDP frames to the NodePort (16 flows, 64-byte payloads, real checksums) through an `AF_PACKET` socket as fast as it goes, for 2 s after a 0.3 s warm-up in which the flows are established (each backend echoes every datagram; the echoes are part of the load). Delivered packets are counted at the backends' devices; the CPU time is the whole machine's from /proc/stat over the window. On veths a frame sent is received on the sending CPU in the softirq that follows the send, so the rate is the whole chain's on one CPU, the sender's own cost included: the same for every mode, so the modes compare, but it caps what any of them can show. This kernel has no pktgen module; AF_XDP would send faster but meets the same cap.\n\n",
     );
     md.push_str(&section_tables(&bench.nodeport));

@@ -1087,8 +1087,32 @@ fn xdp_on_the_uplinks(mode: &str) {
         "the connection's requests are XDP hits\n{}",
         env.counters(0)
     );
+    let xdp_tx = |env: &Env| {
+        let pin = env.bpffs[0]
+            .path()
+            .join("sluice")
+            .join(proxy_common::LB4_XDP_TX_MAP);
+        let data = aya::maps::MapData::from_pin(pin).unwrap();
+        aya::maps::HashMap::<_, u32, u32>::try_from(aya::maps::Map::from_map_data(data).unwrap())
+            .unwrap()
+    };
+    let eth0 = env.c.nodes[0]
+        .ns
+        .run_in(|| nix::net::if_::if_nametoindex("eth0").unwrap())
+        .unwrap();
+    let sends = |env: &Env| {
+        let mut keys: Vec<u32> = xdp_tx(env).keys().map(Result::unwrap).collect();
+        keys.sort_unstable();
+        keys
+    };
+    assert_eq!(sends(&env), vec![eth0], "node0's uplink sends from XDP");
     env.restart_agent(0, &["--xdp-mode", "off"], 2);
     assert_eq!(xdp_mode(&env, 0, "off", "off"), Some(1.0), "{}", env.logs());
+    assert_eq!(
+        sends(&env),
+        Vec::<u32>::new(),
+        "no XDP, nothing sent from it"
+    );
     let seen = env.counter(0, "xdp_seen");
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
@@ -1104,10 +1128,19 @@ fn xdp_on_the_uplinks(mode: &str) {
     );
     // Back with `--xdp-tx` left to `auto`: a veth uplink in native mode does not send from
     // XDP (its peer may not take XDP frames); in generic mode it does. Either way the
-    // connection's packets are DNATed at XDP.
+    // connection's packets are DNATed at XDP. What XDP may send to (`LB4_XDP_TX`, pinned) is
+    // pruned to that: a device an earlier agent let send, now gone, is dropped.
+    const GONE: u32 = 4242;
+    xdp_tx(&env).insert(&GONE, &1, 0).unwrap();
     env.restart_agent(0, &["--xdp-mode", mode], 3);
     let tx = if native { "off" } else { "on" };
     assert_eq!(xdp_mode(&env, 0, mode, tx), Some(1.0), "{}", env.logs());
+    let want = if native { vec![] } else { vec![eth0] };
+    assert_eq!(
+        sends(&env),
+        want,
+        "a device gone, and a veth not let send, are pruned"
+    );
     let hits = env.counter(0, "xdp_ct_hit");
     assert!(
         eventually(WAIT, || env.counter(0, "xdp_ct_hit") > hits),

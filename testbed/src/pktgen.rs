@@ -165,7 +165,8 @@ fn send_all(b: &Blast) -> std::io::Result<Sent> {
     })
 }
 
-/// The packets `dev` in `ns` has received so far (`ip -s link`'s RX packets).
+/// The packets `dev` in `ns` has received since it was made (`ip -s link`'s RX packets), from
+/// a 32-bit counter: compare two readings with a wrapping subtraction of their low 32 bits.
 pub fn rx_packets(ns: &Netns, dev: &str) -> std::io::Result<u64> {
     link(ns, dev).map(|(rx, _)| rx)
 }
@@ -206,7 +207,7 @@ fn link_of(ifindex: u32) -> std::io::Result<(u64, [u8; 6])> {
             let ll = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_ll) };
             if ll.sll_ifindex as u32 == ifindex {
                 // SAFETY: for AF_PACKET entries, ifa_data is a `struct rtnl_link_stats`, whose
-                // first field is rx_packets (u32; wraps at 2^32, far beyond a run's count).
+                // first field is rx_packets (a u32 since the device was made: it wraps).
                 let rx = u64::from(unsafe { *(ifa.ifa_data as *const u32) });
                 let mut mac = [0u8; 6];
                 mac.copy_from_slice(&ll.sll_addr[..6]);

@@ -153,6 +153,11 @@ impl Devices {
             {
                 continue;
             }
+            // Not a target of XDP's sending while its programs change (TC serves meanwhile);
+            // `attach_xdp` lets it again.
+            if let Err(error) = dp.set_xdp_tx(index, None) {
+                tracing::warn!(device = %name, %error, "could not stop XDP sending there");
+            }
             let result = match role {
                 Role::Pod => dp.attach_pod_device_persistent(name, self.mode, &self.links_dir),
                 Role::Uplink => dp.attach_uplink_persistent(name, self.mode, &self.links_dir),
@@ -163,10 +168,17 @@ impl Devices {
                     self.attached.insert(name.clone(), (*role, index));
                     if *role == Role::Uplink {
                         self.attach_xdp(dp, name, index);
-                    } else if let Err(error) = dataplane::detach_xdp(&self.links_dir, name) {
-                        // An uplink of an earlier agent (the flags changed): no XDP on a pod
-                        // device.
-                        tracing::warn!(device = %name, %error, "could not detach an earlier XDP program");
+                    } else {
+                        if let Some((mode, tx)) = self.xdp_modes.remove(name) {
+                            self.metrics
+                                .xdp_uplinks
+                                .remove(&XdpLabel::new(name, mode, tx));
+                        }
+                        if let Err(error) = dataplane::detach_xdp(&self.links_dir, name) {
+                            // An uplink of an earlier agent (the flags changed): no XDP on a
+                            // pod device.
+                            tracing::warn!(device = %name, %error, "could not detach an earlier XDP program");
+                        }
                     }
                 }
                 Err(error @ DataplaneError::NotEthernet { .. }) => {
@@ -197,6 +209,16 @@ impl Devices {
             if wanted.contains_key(&name) || (!node_known && present.contains_key(&name)) {
                 continue;
             }
+            // No longer a target of XDP's sending, before its programs go.
+            let indexes = [
+                self.attached.get(&name).map(|(_, i)| *i),
+                nix::net::if_::if_nametoindex(name.as_str()).ok(),
+            ];
+            for index in indexes.into_iter().flatten() {
+                if let Err(error) = dp.set_xdp_tx(index, None) {
+                    tracing::warn!(device = %name, %error, "could not stop XDP sending there");
+                }
+            }
             let result = dataplane::forget_device_links(&self.links_dir, &name).and_then(|()| {
                 if self.mode == AttachMode::Clsact && present.contains_key(&name) {
                     dataplane::detach_clsact(&name)
@@ -213,11 +235,6 @@ impl Devices {
                     .xdp_uplinks
                     .remove(&XdpLabel::new(&name, mode, tx));
             }
-            if let Some((_, index)) = self.attached.get(&name)
-                && let Err(error) = dp.set_xdp_tx(*index, None)
-            {
-                tracing::warn!(device = %name, %error, "could not stop XDP sending there");
-            }
             if self.attached.remove(&name).is_some() {
                 let why = if present.contains_key(&name) {
                     "no longer wanted"
@@ -226,6 +243,24 @@ impl Devices {
                 };
                 tracing::info!(device = %name, why, "detached");
             }
+        }
+        // Only the uplinks attached here and let send stay in `LB4_XDP_TX`: entries of devices
+        // gone, made anew, or left by an earlier agent with other flags go (XDP would redirect
+        // to them).
+        let keep: BTreeSet<u32> = self
+            .attached
+            .iter()
+            .filter(|(name, (role, _))| {
+                *role == Role::Uplink && self.xdp_modes.get(*name).is_some_and(|(_, tx)| *tx)
+            })
+            .map(|(_, (_, index))| *index)
+            .collect();
+        match dp.retain_xdp_tx(&keep) {
+            Ok(stale) if !stale.is_empty() => {
+                tracing::info!(?stale, "devices no longer sent to from XDP");
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "could not prune the uplinks XDP sends to"),
         }
         for role in [Role::Pod, Role::Uplink] {
             let n = self.attached.values().filter(|(r, _)| *r == role).count();

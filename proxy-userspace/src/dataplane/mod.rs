@@ -77,12 +77,17 @@ pub const NEW_FLOW_FROM_UPLINK: &str = "sluice_new_flow_from_uplink";
 pub const SCTP_CHECKSUM: &str = "sluice_sctp_checksum";
 
 /// XDP of uplinks: an established flow's packet from outside, DNATed before the kernel builds
-/// an skb; everything else passes untouched to [`FROM_UPLINK`] (`proxy-ebpf/src/xdp.rs`).
+/// an skb (or SNATed and sent back out); everything else passes untouched to [`FROM_UPLINK`]
+/// (`proxy-ebpf/src/xdp.rs`).
 pub const XDP_FROM_UPLINK: &str = "sluice_xdp_from_uplink";
-/// XDP_TX and nothing else: the benchmark's XDP floor. Never attached.
+/// XDP_TX and nothing else: the benchmark's XDP floor. Never attached by the agent.
 pub const XDP_TX: &str = "sluice_xdp_tx";
+/// XDP_PASS and nothing else: what makes a veth take XDP frames (native XDP_TX onto a veth
+/// needs a program on the receiving end), for the sandbox's veth peers in tests and the bench.
+/// Never attached by the agent.
+pub const XDP_PASS: &str = "sluice_xdp_pass";
 /// Every XDP program in the object, loaded (and verified) with the TC ones.
-pub const XDP_PROGRAMS: &[&str] = &[XDP_FROM_UPLINK, XDP_TX];
+pub const XDP_PROGRAMS: &[&str] = &[XDP_FROM_UPLINK, XDP_TX, XDP_PASS];
 
 /// The tail calls' slots: program array, slot, program.
 const TAILS: [(&str, u32, &str); 3] = [

@@ -153,6 +153,27 @@ impl Dataplane {
             None => self.remove::<u32, u32>(LB4_XDP_TX_MAP, &ifindex),
         }
     }
+
+    /// Removes from `LB4_XDP_TX` every uplink not in `keep` (devices gone, made anew under
+    /// another index, no longer uplinks, or let send by an earlier agent): XDP reads the map
+    /// for where it may redirect to, and a device without its program there drops what it is
+    /// sent. Returns the indexes removed.
+    pub fn retain_xdp_tx(
+        &mut self,
+        keep: &std::collections::BTreeSet<u32>,
+    ) -> Result<Vec<u32>, DataplaneError> {
+        let map: aya::maps::HashMap<&mut aya::maps::MapData, u32, u32> =
+            self.open_mut(LB4_XDP_TX_MAP)?;
+        let stale: Vec<u32> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|i| !keep.contains(i))
+            .collect();
+        for i in &stale {
+            self.remove::<u32, u32>(LB4_XDP_TX_MAP, i)?;
+        }
+        Ok(stale)
+    }
 }
 
 /// The name of `interface`'s driver, as `ethtool -i` reports it (`veth`, `mlx5_core`, ...), in

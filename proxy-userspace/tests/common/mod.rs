@@ -726,15 +726,14 @@ pub fn kernel_version() -> (u32, u32) {
 }
 
 /// Makes the veths `devs` of `ns` take XDP frames (what native XDP_TX or XDP_REDIRECT onto a
-/// veth needs of the receiving end): `sluice_xdp_from_uplink` of a fresh object, whose maps
-/// are empty so that it passes every packet, attached in native mode for as long as the
-/// returned object lives.
+/// veth needs of the receiving end): `sluice_xdp_pass` attached in native mode, for as long as
+/// the returned object lives.
 pub fn take_xdp_frames(ns: &testbed::Netns, devs: &[String]) -> aya::Ebpf {
     let devs = devs.to_vec();
     ns.run_in(move || {
         let mut ebpf = aya::Ebpf::load(sluice::dataplane::EBPF_OBJECT).unwrap();
         let prog: &mut aya::programs::Xdp = ebpf
-            .program_mut(sluice::dataplane::XDP_FROM_UPLINK)
+            .program_mut(sluice::dataplane::XDP_PASS)
             .unwrap()
             .try_into()
             .unwrap();
