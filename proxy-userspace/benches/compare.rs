@@ -360,19 +360,28 @@ impl Sandbox {
         };
         pktgen::blast(&client.ns, &blast(PKT_WARMUP)).map_err(err)?;
         std::thread::sleep(Duration::from_millis(200));
-        let (rx0, cpu0) = (arrived()?, cpu_seconds());
+        let (rx0, cpu0, stats0) = (arrived()?, cpu_seconds(), self.program_stats());
         let sent = pktgen::blast(&client.ns, &blast(PKT_WINDOW)).map_err(err)?;
         // What is still queued arrives within a few milliseconds.
         std::thread::sleep(Duration::from_millis(50));
-        let (rx1, cpu1) = (arrived()?, cpu_seconds());
+        let (rx1, cpu1, stats1) = (arrived()?, cpu_seconds(), self.program_stats());
         let delivered: u64 = rx0
             .iter()
             .zip(&rx1)
             .map(|(a, b)| u64::from((*b as u32).wrapping_sub(*a as u32)))
             .sum();
+        // sluice's programs' own share (with run-time statistics on): every run on the path
+        // of a packet and of its echo.
+        let program_ns_per_pkt = match (stats0, stats1) {
+            (Some((t0, c0)), Some((t1, c1))) if c1 > c0 && delivered > 0 => {
+                Some((t1 - t0).as_nanos() as f64 / delivered as f64)
+            }
+            _ => None,
+        };
         Ok(PacketRate {
             sent: sent.packets,
             delivered,
+            program_ns_per_pkt,
             delivered_per_s: delivered as f64 / sent.elapsed.as_secs_f64(),
             cpu_ms_per_mpkt: (cpu1 - cpu0) * 1e3 / (delivered.max(1) as f64 / 1e6),
         })
@@ -771,6 +780,9 @@ impl Bench {
             let r = sb.packet_rate(mode, target)?;
             self.record(mode, n, round, Metric::PacketRate, r.delivered_per_s);
             self.record(mode, n, round, Metric::CpuPerMpkt, r.cpu_ms_per_mpkt);
+            if let Some(ns) = r.program_ns_per_pkt {
+                self.record(mode, n, round, Metric::ProgramNsPerPkt, ns);
+            }
             if r.delivered * 10 < r.sent * 9 {
                 self.current().notes.push(format!(
                     "{} at {n} Services, round {round}, packet rate: {} of {} packets sent arrived",
@@ -841,6 +853,8 @@ struct PacketRate {
     delivered_per_s: f64,
     /// CPU time of the whole machine (sender included) per million packets delivered, in ms.
     cpu_ms_per_mpkt: f64,
+    /// Time sluice's programs ran per packet delivered (its echo's runs included), in ns.
+    program_ns_per_pkt: Option<f64>,
 }
 
 /// The all-CPU line of /proc/stat: user, nice, system, idle, iowait, irq, softirq, steal, guest,
@@ -1184,7 +1198,7 @@ fn main() {
          **direct** is the client reaching the pods through node1, no load balancer. The other Services are ClusterIP fillers, as above; kube-proxy's iptables mode walks all of them before its NodePort rule, the last in KUBE-SERVICES. \
          The backends keep no TIME_WAIT sockets (`tcp_max_tw_buckets` 0): every cell starts with fresh NAT state, and a SNAT port reused from an earlier cell would otherwise meet that cell's connection in TIME_WAIT and stall 1 s, whichever mode it came from. \
          **sluice-xdp** here also SNATs the established flows' packets at XDP and sends them back out of node0's uplink with XDP_TX, and reverse-translates the endpoints' replies the same way (`--xdp-tx on`); a veth's XDP_TX needs its peer to take XDP frames, so in this cell the fabric's end of node0's uplink has `sluice_xdp_pass` (an XDP program that passes everything; it also moves that veth to its NAPI receive path, a cost this cell alone pays).\n\n\
-         **The packet rate** (both NodePort sections): after the request loads, the outside client writes UDP frames to the NodePort (16 flows, 64-byte payloads, real checksums) through an `AF_PACKET` socket as fast as it goes, for 2 s after a 0.3 s warm-up in which the flows are established (each backend echoes every datagram; the echoes are part of the load). Delivered packets are counted at the backends' devices; the CPU time is the whole machine's from /proc/stat over the window. On veths a frame sent is received on the sending CPU in the softirq that follows the send, so the rate is the whole chain's on one CPU, the sender's own cost included: the same for every mode, so the modes compare, but it caps what any of them can show. This kernel has no pktgen module; AF_XDP would send faster but meets the same cap.\n\n",
+         **The packet rate** (both NodePort sections): after the request loads, the outside client writes UDP frames to the NodePort (16 flows, 64-byte payloads, real checksums) through an `AF_PACKET` socket as fast as it goes, for 2 s after a 0.3 s warm-up in which the flows are established (each backend echoes every datagram; the echoes are part of the load). Delivered packets are counted at the backends' devices; the CPU time is the whole machine's from /proc/stat over the window; with run-time statistics on, sluice's programs' own time per delivered packet (the runs for its echo included) says how much of that is theirs. On veths a frame sent is received on the sending CPU in the softirq that follows the send, so the rate is the whole chain's on one CPU, the sender's own cost included: the same for every mode, so the modes compare, but it caps what any of them can show. This kernel has no pktgen module; AF_XDP would send faster but meets the same cap.\n\n",
     );
     md.push_str(&section_tables(&bench.nodeport));
     md.push_str(

@@ -94,10 +94,13 @@ pub enum Metric {
     /// CPU time of the whole machine (sender included) per million packets delivered, during
     /// the packet rate, in ms.
     CpuPerMpkt,
+    /// sluice's programs during the packet rate: ns of program time per packet delivered (the
+    /// runs for its echo included), beside the whole machine's CPU per packet.
+    ProgramNsPerPkt,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 13] = [
+    pub const ALL: [Metric; 14] = [
         Metric::NewConnRate,
         Metric::NewConnP50,
         Metric::NewConnP99,
@@ -111,6 +114,7 @@ impl Metric {
         Metric::ProgramUsPerConn,
         Metric::PacketRate,
         Metric::CpuPerMpkt,
+        Metric::ProgramNsPerPkt,
     ];
 
     pub fn title(self) -> &'static str {
@@ -136,6 +140,9 @@ impl Metric {
             Metric::CpuPerMpkt => {
                 "CPU time per million packets delivered (the whole machine, sender included)"
             }
+            Metric::ProgramNsPerPkt => {
+                "sluice's programs under the packet rate: time per packet delivered (its echo's runs included)"
+            }
         }
     }
 
@@ -148,7 +155,7 @@ impl Metric {
             | Metric::NewConnP99
             | Metric::PersistentP99
             | Metric::ProgramUsPerConn => "µs",
-            Metric::ProgramNsPerRun => "ns",
+            Metric::ProgramNsPerRun | Metric::ProgramNsPerPkt => "ns",
             Metric::ProgramRunsPerConn => "runs",
             Metric::ProgramAll | Metric::EndpointChange | Metric::CpuPerMpkt => "ms",
         }
@@ -167,7 +174,10 @@ impl Metric {
     fn applies_to(self, mode: Mode) -> bool {
         match self {
             Metric::ProgramAll | Metric::EndpointChange => mode != Mode::Direct,
-            Metric::ProgramNsPerRun | Metric::ProgramRunsPerConn | Metric::ProgramUsPerConn => {
+            Metric::ProgramNsPerRun
+            | Metric::ProgramRunsPerConn
+            | Metric::ProgramUsPerConn
+            | Metric::ProgramNsPerPkt => {
                 matches!(mode, Mode::Sluice | Mode::SluiceSocket | Mode::SluiceXdp)
             }
             _ => true,
@@ -387,8 +397,10 @@ pub fn render_tables(report: &Report) -> String {
     let max_rounds = report.max_rounds();
     for metric in Metric::ALL {
         // The packet rate is measured in the NodePort sections only: no table elsewhere.
-        if matches!(metric, Metric::PacketRate | Metric::CpuPerMpkt)
-            && !report.samples.iter().any(|s| s.metric == metric)
+        if matches!(
+            metric,
+            Metric::PacketRate | Metric::CpuPerMpkt | Metric::ProgramNsPerPkt
+        ) && !report.samples.iter().any(|s| s.metric == metric)
         {
             continue;
         }
