@@ -173,6 +173,19 @@ pub fn find(key: &Ct4Key) -> Option<*mut Ct4Entry> {
     CT4.get_ptr_mut(key).or_else(|| CT4_NEW.get_ptr_mut(key))
 }
 
+/// [`find`] for a caller that takes only live `CT4` entries (the XDP program): `Some(Some(e))`,
+/// `e` live in `CT4`; `Some(None)`, an entry there but expired, or one in `CT4_NEW`; `None`, in
+/// neither. Each table is read at most once.
+#[inline(always)]
+pub fn find_established(key: &Ct4Key, now: u64) -> Option<Option<*mut Ct4Entry>> {
+    if let Some(e) = CT4.get_ptr_mut(key) {
+        // SAFETY: a successful lookup returns a valid pointer into the map's value.
+        let live = unsafe { (*e).expires_ns(key.proto) } >= now;
+        return Some(live.then_some(e));
+    }
+    CT4_NEW.get_ptr_mut(key).map(|_| None)
+}
+
 /// The live entry for `key`, given `e` from [`find`]: `e` if it is live at `now`, else the
 /// live entry in `CT4_NEW` (an expired `CT4` entry hides no `CT4_NEW` one; an expired
 /// `CT4_NEW` entry is found expired again), as [`lookup`] would have found.

@@ -27,10 +27,21 @@ const AF_INET: u8 = 2;
 /// Where a packet goes.
 pub struct Route {
     pub ifindex: u32,
-    pub smac: [u8; 6],
-    pub dmac: [u8; 6],
+    smac: [u8; 6],
+    dmac: [u8; 6],
     /// The neighbour (next hop's MAC) is known; otherwise the kernel resolves it.
     pub resolved: bool,
+}
+
+impl Route {
+    /// The Ethernet header's destination then source MAC address, for the route's next hop.
+    #[inline(always)]
+    pub fn macs(&self) -> [u8; 12] {
+        let mut macs = [0u8; 12];
+        macs[..6].copy_from_slice(&self.dmac);
+        macs[6..].copy_from_slice(&self.smac);
+        macs
+    }
 }
 
 pub enum Fib {
@@ -188,10 +199,7 @@ pub fn redirect(ctx: &TcContext, route: &Route) -> Option<i32> {
         .ok()?;
     ctx.store(IP_TTL_OFF as usize, &(ttl - 1), 0).ok()?;
     let verdict = if route.resolved {
-        let mut macs = [0u8; 12];
-        macs[..6].copy_from_slice(&route.dmac);
-        macs[6..].copy_from_slice(&route.smac);
-        ctx.store(0, &macs, 0).ok()?;
+        ctx.store(0, &route.macs(), 0).ok()?;
         // SAFETY: no memory arguments; flags 0: the device's egress.
         unsafe { bpf_redirect(route.ifindex, 0) }
     } else {

@@ -43,7 +43,7 @@ use aya_ebpf::{
 use proxy_common::{
     CT_FLAG_PORT_REMAP, CT_FLAG_REDIRECT, CT_FLAG_SNAT, CTR_XDP_CT_HIT, CTR_XDP_SEEN,
     CTR_XDP_TO_TC_FLOW, CTR_XDP_TO_TC_NOT_SERVICE, CTR_XDP_TO_TC_PARTIAL_CSUM, CTR_XDP_TO_TC_ROUTE,
-    CTR_XDP_TX, Ct4Key, IPPROTO_TCP, IPPROTO_UDP,
+    CTR_XDP_TX, Ct4Entry, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
@@ -128,21 +128,22 @@ fn fast_path(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Opt
     if f.proto == IPPROTO_TCP && f.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
         return Err(CTR_XDP_TO_TC_FLOW);
     }
+    let now = conntrack::now();
     // A reply of a flow SNATed to the node arrives at its address: it is looked up first, as
-    // TC does (and so must anything in front of it).
+    // TC does (and so must anything in front of it). Its live entry in `CT4` is XDP's to
+    // take; one anywhere else (expired, or in `CT4_NEW`) makes the packet TC's.
     if maybe_reply || may_be_snated_reply(f) {
-        let key = reply_key(f);
-        if conntrack::find(&key).is_some() {
+        if let Some(live) = conntrack::find_established(&reply_key(f), now) {
             if looks_partial(f, p.l4_csum) {
                 return Err(CTR_XDP_TO_TC_PARTIAL_CSUM);
             }
-            return snated_reply(ctx, start, end, &p, &key, len).map(Some);
+            let e = live.ok_or(CTR_XDP_TO_TC_FLOW)?;
+            return snated_reply(ctx, start, end, &p, e, now, len).map(Some);
         }
     }
     if looks_partial(f, p.l4_csum) {
         return Err(CTR_XDP_TO_TC_PARTIAL_CSUM);
     }
-    let now = conntrack::now();
     let skey = service_key(f);
     let s = conntrack::established(&skey, now).ok_or(CTR_XDP_TO_TC_FLOW)?;
     let svc = conntrack::pinned(s);
@@ -169,8 +170,7 @@ fn fast_path(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Opt
         0
     };
     if (svc.flags | flags) & (CT_FLAG_SNAT | CT_FLAG_REDIRECT | CT_FLAG_PORT_REMAP) != want
-        || (snat && svc.nat_port_be == 0)
-        || (!snat && svc.nat_port_be != 0)
+        || (svc.nat_port_be != 0) != snat
     {
         return Err(CTR_XDP_TO_TC_FLOW);
     }
@@ -201,19 +201,18 @@ fn fast_path(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Opt
 }
 
 /// A reply (backend -> node's SNAT address and port) of an established flow SNATed to the
-/// node: back to showing the frontend, to the client, sent out by XDP. Anything else of a
-/// reply goes to TC.
+/// node, whose live `CT4` entry is `e`: back to showing the frontend, to the client, sent out
+/// by XDP. Anything else of a reply goes to TC.
 #[inline(always)]
 fn snated_reply(
     ctx: &XdpContext,
     start: usize,
     end: usize,
     p: &Parsed,
-    key: &Ct4Key,
+    e: *mut Ct4Entry,
+    now: u64,
     len: u32,
 ) -> Result<u32, u32> {
-    let now = conntrack::now();
-    let e = conntrack::established(key, now).ok_or(CTR_XDP_TO_TC_FLOW)?;
     let c = conntrack::pinned(e);
     if c.flags & (CT_FLAG_SNAT | CT_FLAG_REDIRECT | CT_FLAG_PORT_REMAP)
         != CT_FLAG_SNAT | CT_FLAG_REDIRECT
@@ -269,10 +268,10 @@ fn next_hop(ctx: &XdpContext, p: &Parsed, saddr_be: u32, daddr_be: u32) -> Resul
             _ => return Err(NO),
         }
     };
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&r.dmac);
-    macs[6..].copy_from_slice(&r.smac);
-    Ok(Hop { macs, redirect_to })
+    Ok(Hop {
+        macs: r.macs(),
+        redirect_to,
+    })
 }
 
 /// Ethernet, IPv4 (options allowed, no fragment), TCP or UDP with its header whole.

@@ -163,10 +163,18 @@ fn xdp_forwards_an_established_flow_snated_to_the_node_both_ways_exactly_as_tc_d
         assert_eq!(counts, [0, 0, 1], "a SYN is TC's");
         let port = check(&run(&dp, FROM_UPLINK, &syn).1).src.port();
         let snat = SocketAddrV4::new(NODE.parse().unwrap(), port);
+        let reply = tcp(remote, snat, ACK, b"HTTP/1.1 200 OK\r\n\r\n");
+        let counts = xdp_counts(&dp, || {
+            run_xdp(&dp, XDP_FROM_UPLINK, &reply);
+        });
+        assert_eq!(
+            counts,
+            [0, 0, 1],
+            "a reply of a flow not yet established is TC's"
+        );
         run(&dp, FROM_UPLINK, &tcp(remote, snat, SYN_ACK, b""));
         run(&dp, FROM_UPLINK, &tcp(client, node_port, ACK, b""));
         let data = tcp(client, node_port, ACK, b"GET / HTTP/1.1\r\n\r\n");
-        let reply = tcp(remote, snat, ACK, b"HTTP/1.1 200 OK\r\n\r\n");
 
         // An uplink the agent has not let send: TC forwards, as before XDP.
         xdp_leaves_for_route(&dp, &data, "an uplink not let send");
