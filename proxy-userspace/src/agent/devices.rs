@@ -155,9 +155,7 @@ impl Devices {
             }
             // Not a target of XDP's sending while its programs change (TC serves meanwhile);
             // `attach_xdp` lets it again.
-            if let Err(error) = dp.set_xdp_tx(index, None) {
-                tracing::warn!(device = %name, %error, "could not stop XDP sending there");
-            }
+            stop_xdp_tx(dp, name, index);
             let result = match role {
                 Role::Pod => dp.attach_pod_device_persistent(name, self.mode, &self.links_dir),
                 Role::Uplink => dp.attach_uplink_persistent(name, self.mode, &self.links_dir),
@@ -169,11 +167,7 @@ impl Devices {
                     if *role == Role::Uplink {
                         self.attach_xdp(dp, name, index);
                     } else {
-                        if let Some((mode, tx)) = self.xdp_modes.remove(name) {
-                            self.metrics
-                                .xdp_uplinks
-                                .remove(&XdpLabel::new(name, mode, tx));
-                        }
+                        self.forget_xdp_mode(name);
                         if let Err(error) = dataplane::detach_xdp(&self.links_dir, name) {
                             // An uplink of an earlier agent (the flags changed): no XDP on a
                             // pod device.
@@ -215,9 +209,7 @@ impl Devices {
                 nix::net::if_::if_nametoindex(name.as_str()).ok(),
             ];
             for index in indexes.into_iter().flatten() {
-                if let Err(error) = dp.set_xdp_tx(index, None) {
-                    tracing::warn!(device = %name, %error, "could not stop XDP sending there");
-                }
+                stop_xdp_tx(dp, &name, index);
             }
             let result = dataplane::forget_device_links(&self.links_dir, &name).and_then(|()| {
                 if self.mode == AttachMode::Clsact && present.contains_key(&name) {
@@ -230,11 +222,7 @@ impl Devices {
                 tracing::warn!(device = %name, %error, "could not detach");
                 continue;
             }
-            if let Some((mode, tx)) = self.xdp_modes.remove(&name) {
-                self.metrics
-                    .xdp_uplinks
-                    .remove(&XdpLabel::new(&name, mode, tx));
-            }
+            self.forget_xdp_mode(&name);
             if self.attached.remove(&name).is_some() {
                 let why = if present.contains_key(&name) {
                     "no longer wanted"
@@ -277,6 +265,15 @@ impl Devices {
     /// `--xdp-mode` that works, or takes an earlier agent's off it (`off`). A mode that fails
     /// is logged and the uplink left to TC, which serves everything XDP would: it is not
     /// retried until the device is made anew (a driver does not gain XDP at run time).
+    /// Forgets uplink `name`'s XDP mode, and its metric series.
+    fn forget_xdp_mode(&mut self, name: &str) {
+        if let Some((mode, tx)) = self.xdp_modes.remove(name) {
+            self.metrics
+                .xdp_uplinks
+                .remove(&XdpLabel::new(name, mode, tx));
+        }
+    }
+
     fn attach_xdp(&mut self, dp: &mut Dataplane, name: &str, index: u32) {
         let mut chosen = None;
         for &mode in self.xdp.modes() {
@@ -319,11 +316,8 @@ impl Devices {
             device = %name, xdp = chosen, xdp_tx = tx, driver = driver.as_deref().unwrap_or("?"),
             setting = ?self.xdp, "XDP mode of uplink"
         );
-        if let Some((old, old_tx)) = self.xdp_modes.insert(name.to_owned(), (chosen, tx)) {
-            self.metrics
-                .xdp_uplinks
-                .remove(&XdpLabel::new(name, old, old_tx));
-        }
+        self.forget_xdp_mode(name);
+        self.xdp_modes.insert(name.to_owned(), (chosen, tx));
         self.metrics
             .xdp_uplinks
             .get_or_create(&XdpLabel::new(name, chosen, tx))
@@ -399,6 +393,13 @@ fn replaced(
     attached: impl Fn(&str) -> bool,
 ) -> bool {
     devices_known && failed.is_empty() && pinned.iter().all(|name| attached(name))
+}
+
+/// Takes device `name` (index `index`) out of what XDP may send to, saying so if that fails.
+fn stop_xdp_tx(dp: &mut Dataplane, name: &str, index: u32) {
+    if let Err(error) = dp.set_xdp_tx(index, None) {
+        tracing::warn!(device = %name, %error, "could not stop XDP sending there");
+    }
 }
 
 #[cfg(test)]
