@@ -325,12 +325,13 @@ impl Sandbox {
         }
     }
 
-    /// The packet rate through `mode` to `target` (UDP, from the outside client; the NodePort
-    /// sections only): [`PKT_FLOWS`] flows sent as fast as an `AF_PACKET` socket goes for
+    /// The packet rate through `mode` to `targets` (the Service; for the direct path its
+    /// backends, the flows spread round them), UDP from the outside client, in the NodePort
+    /// sections only: [`PKT_FLOWS`] flows sent as fast as an `AF_PACKET` socket goes for
     /// [`PKT_WARMUP`] (the flows established: each backend echoes), then measured for
     /// [`PKT_WINDOW`], counted where they arrive (the backends' devices), with the CPU time
     /// the whole machine spent meanwhile.
-    fn packet_rate(&self, mode: Mode, target: SocketAddrV4) -> Result<PacketRate, String> {
+    fn packet_rate(&self, mode: Mode, targets: &[SocketAddrV4]) -> Result<PacketRate, String> {
         let err = |e: std::io::Error| e.to_string();
         let client = &self.c.outside[0];
         // The next hop: node0 for its NodePort; for the direct path, the backends' node.
@@ -345,7 +346,7 @@ impl Sandbox {
             smac,
             dmac,
             src: SocketAddrV4::new(client.addr, PKT_SPORT),
-            dst: target,
+            dsts: targets.to_vec(),
             flows: PKT_FLOWS,
             payload: load::MSG,
             duration,
@@ -360,8 +361,10 @@ impl Sandbox {
         };
         pktgen::blast(&client.ns, &blast(PKT_WARMUP)).map_err(err)?;
         std::thread::sleep(Duration::from_millis(200));
+        let profile = Profile::start(&format!("{}-{}", mode.name(), self.layout.name()))?;
         let (rx0, cpu0, stats0) = (arrived()?, cpu_seconds(), self.program_stats());
         let sent = pktgen::blast(&client.ns, &blast(PKT_WINDOW)).map_err(err)?;
+        drop(profile);
         // What is still queued arrives within a few milliseconds.
         std::thread::sleep(Duration::from_millis(50));
         let (rx1, cpu1, stats1) = (arrived()?, cpu_seconds(), self.program_stats());
@@ -773,11 +776,11 @@ impl Bench {
         let pps = if sb.layout == Layout::OneNode {
             None
         } else {
-            let target = match mode {
-                Mode::Direct => SocketAddrV4::new(sb.backends[0], TARGET_PORT),
-                _ => vip,
-            };
-            let r = sb.packet_rate(mode, target)?;
+            // The direct path's flows go round the backends (a Service's are spread by its
+            // load balancer), so that every mode keeps as many echo servers busy: with one
+            // server taking every flow, it never slept, while each of three woke up for
+            // about every datagram, a cost a fair comparison gives every mode.
+            let r = sb.packet_rate(mode, &spec.targets)?;
             self.record(mode, n, round, Metric::PacketRate, r.delivered_per_s);
             self.record(mode, n, round, Metric::CpuPerMpkt, r.cpu_ms_per_mpkt);
             if let Some(ns) = r.program_ns_per_pkt {
@@ -834,6 +837,41 @@ impl Bench {
             new.errors + persistent.errors + udp.errors,
         );
         Ok(())
+    }
+}
+
+/// A whole-machine `perf record -a -g` over the packet rate's measured window, when
+/// `SLUICE_BENCH_PERF` names a folder: `<folder>/<mode>-<section>.data`, for `perf report`
+/// to say where the CPU time per packet goes, inside sluice's programs and outside them. It
+/// stops (SIGINT, so perf writes its file) when dropped.
+struct Profile(Option<std::process::Child>);
+
+impl Profile {
+    fn start(name: &str) -> Result<Self, String> {
+        let Some(dir) = std::env::var_os("SLUICE_BENCH_PERF") else {
+            return Ok(Self(None));
+        };
+        let out = std::path::Path::new(&dir).join(format!("{name}.data"));
+        let child = std::process::Command::new("perf")
+            .args(["record", "-a", "-g", "-F", "2999", "-q", "-o"])
+            .arg(&out)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("SLUICE_BENCH_PERF: cannot start perf: {e}"))?;
+        // perf needs a moment to open its events on every CPU before the window starts.
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(Self(Some(child)))
+    }
+}
+
+impl Drop for Profile {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+            let _ = child.wait();
+        }
     }
 }
 
@@ -1198,7 +1236,7 @@ fn main() {
          **direct** is the client reaching the pods through node1, no load balancer. The other Services are ClusterIP fillers, as above; kube-proxy's iptables mode walks all of them before its NodePort rule, the last in KUBE-SERVICES. \
          The backends keep no TIME_WAIT sockets (`tcp_max_tw_buckets` 0): every cell starts with fresh NAT state, and a SNAT port reused from an earlier cell would otherwise meet that cell's connection in TIME_WAIT and stall 1 s, whichever mode it came from. \
          **sluice-xdp** here also SNATs the established flows' packets at XDP and sends them back out of node0's uplink with XDP_TX, and reverse-translates the endpoints' replies the same way (`--xdp-tx on`); a veth's XDP_TX needs its peer to take XDP frames, so in this cell the fabric's end of node0's uplink has `sluice_xdp_pass` (an XDP program that passes everything; it also moves that veth to its NAPI receive path, a cost this cell alone pays).\n\n\
-         **The packet rate** (both NodePort sections): after the request loads, the outside client writes UDP frames to the NodePort (16 flows, 64-byte payloads, real checksums) through an `AF_PACKET` socket as fast as it goes, for 2 s after a 0.3 s warm-up in which the flows are established (each backend echoes every datagram; the echoes are part of the load). Delivered packets are counted at the backends' devices; the CPU time is the whole machine's from /proc/stat over the window; with run-time statistics on, sluice's programs' own time per delivered packet (the runs for its echo included) says how much of that is theirs. On veths a frame sent is received on the sending CPU in the softirq that follows the send, so the rate is the whole chain's on one CPU, the sender's own cost included: the same for every mode, so the modes compare, but it caps what any of them can show. This kernel has no pktgen module; AF_XDP would send faster but meets the same cap.\n\n",
+         **The packet rate** (both NodePort sections): after the request loads, the outside client writes UDP frames to the NodePort (16 flows, 64-byte payloads, real checksums) through an `AF_PACKET` socket as fast as it goes, for 2 s after a 0.3 s warm-up in which the flows are established (each backend echoes every datagram; the echoes are part of the load). **direct** sends the same flows round the three backends themselves, so that every mode keeps as many echo servers busy (one server taking every flow never sleeps, while three are woken up for about every datagram, which costs the machine a third more CPU per packet). Delivered packets are counted at the backends' devices; the CPU time is the whole machine's from /proc/stat over the window; with run-time statistics on, sluice's programs' own time per delivered packet (the runs for its echo included) says how much of that is theirs. On veths a frame sent is received on the sending CPU in the softirq that follows the send, so the rate is the whole chain's on one CPU, the sender's own cost included: the same for every mode, so the modes compare, but it caps what any of them can show. This kernel has no pktgen module; AF_XDP would send faster but meets the same cap.\n\n",
     );
     md.push_str(&section_tables(&bench.nodeport));
     md.push_str(

@@ -14,15 +14,18 @@ use std::{
 
 use crate::netns::Netns;
 
-/// What to send: `flows` UDP flows from `src` (source ports `src.port()`, `+1`, ...) to `dst`,
-/// with `payload` bytes each, as frames from `smac` to `dmac` out of `dev`.
+/// What to send: `flows` UDP flows from `src` (source ports `src.port()`, `+1`, ...), flow `i`
+/// to `dsts[i % dsts.len()]`, with `payload` bytes each, as frames from `smac` to `dmac` out
+/// of `dev`. Several destinations spread the flows as a Service spreads them over its
+/// backends, so that a path without a load balancer is measured with the same number of busy
+/// receivers.
 #[derive(Clone, Debug)]
 pub struct Blast {
     pub dev: String,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
     pub src: SocketAddrV4,
-    pub dst: SocketAddrV4,
+    pub dsts: Vec<SocketAddrV4>,
     pub flows: u16,
     pub payload: usize,
     /// Stop after this long...
@@ -57,8 +60,11 @@ fn fold(mut sum: u32) -> u16 {
     sum as u16
 }
 
-/// One Ethernet + IPv4 + UDP frame of `b`'s flow with source port `sport`, checksums right.
-pub fn udp_frame(b: &Blast, sport: u16) -> Vec<u8> {
+/// One Ethernet + IPv4 + UDP frame of `b`'s flow `i` (source port `b.src.port() + i`, to
+/// `b.dsts[i % len]`), checksums right.
+pub fn udp_frame(b: &Blast, i: u16) -> Vec<u8> {
+    let sport = b.src.port().wrapping_add(i);
+    let dst = b.dsts[usize::from(i) % b.dsts.len()];
     let udp_len = 8 + b.payload;
     let ip_len = 20 + udp_len;
     let mut f = Vec::with_capacity(14 + ip_len);
@@ -70,17 +76,17 @@ pub fn udp_frame(b: &Blast, sport: u16) -> Vec<u8> {
     f.extend_from_slice(&(ip_len as u16).to_be_bytes());
     f.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0]); // id 0, DF, TTL 64, UDP, checksum
     f.extend_from_slice(&b.src.ip().octets());
-    f.extend_from_slice(&b.dst.ip().octets());
+    f.extend_from_slice(&dst.ip().octets());
     let ip_csum = !fold(sum16(&f[ip_start..ip_start + 20], 0));
     f[ip_start + 10..ip_start + 12].copy_from_slice(&ip_csum.to_be_bytes());
     let udp_start = f.len();
     f.extend_from_slice(&sport.to_be_bytes());
-    f.extend_from_slice(&b.dst.port().to_be_bytes());
+    f.extend_from_slice(&dst.port().to_be_bytes());
     f.extend_from_slice(&(udp_len as u16).to_be_bytes());
     f.extend_from_slice(&[0, 0]);
     f.extend((0..b.payload).map(|i| b'a' + (i % 26) as u8));
     let pseudo = sum16(&b.src.ip().octets(), 0);
-    let pseudo = sum16(&b.dst.ip().octets(), pseudo) + 17 + udp_len as u32;
+    let pseudo = sum16(&dst.ip().octets(), pseudo) + 17 + udp_len as u32;
     let mut csum = !fold(sum16(&f[udp_start..], pseudo));
     if csum == 0 {
         csum = 0xffff;
@@ -97,9 +103,10 @@ pub fn blast(ns: &Netns, b: &Blast) -> std::io::Result<Sent> {
 
 fn send_all(b: &Blast) -> std::io::Result<Sent> {
     let ifindex = nix::net::if_::if_nametoindex(b.dev.as_str()).map_err(std::io::Error::from)?;
-    let frames: Vec<Vec<u8>> = (0..b.flows.max(1))
-        .map(|i| udp_frame(b, b.src.port().wrapping_add(i)))
-        .collect();
+    if b.dsts.is_empty() {
+        return Err(std::io::Error::other("a blast needs a destination"));
+    }
+    let frames: Vec<Vec<u8>> = (0..b.flows.max(1)).map(|i| udp_frame(b, i)).collect();
     // Protocol 0: this socket receives nothing.
     // SAFETY: a plain socket call.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };

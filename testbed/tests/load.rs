@@ -136,7 +136,7 @@ fn the_packet_generator_sends_its_count_of_real_udp_datagrams_and_the_counter_se
         // The pod's gateway: the node's end of its veth.
         dmac: pktgen::mac(&c.nodes[0].ns, &client.host_veth).unwrap(),
         src: SocketAddrV4::new(client.addr, 40_000),
-        dst: to,
+        dsts: vec![to],
         flows: 4,
         payload: 32,
         duration: Duration::from_secs(10),
@@ -172,13 +172,17 @@ fn the_packet_generators_frames_carry_right_checksums() {
         smac: [2, 0, 0, 0, 0, 1],
         dmac: [2, 0, 0, 0, 0, 2],
         src: "198.18.0.100:61000".parse().unwrap(),
-        dst: "198.18.0.10:30090".parse().unwrap(),
-        flows: 1,
+        // Flow i goes to dsts[i % 2]: flow 3 to the second.
+        dsts: vec![
+            "198.18.0.9:30089".parse().unwrap(),
+            "198.18.0.10:30090".parse().unwrap(),
+        ],
+        flows: 4,
         payload: 33,
         duration: Duration::ZERO,
         max_packets: 0,
     };
-    let f = pktgen::udp_frame(&b, 61_003);
+    let f = pktgen::udp_frame(&b, 3);
     let sum = |words: &[u8], start: u64| -> u16 {
         let mut s = start;
         for (i, byte) in words.iter().enumerate() {
@@ -197,4 +201,9 @@ fn the_packet_generators_frames_carry_right_checksums() {
     assert_eq!(sum(udp, u64::from(pseudo)), 0xffff, "UDP checksum");
     assert_eq!(u16::from_be_bytes([udp[0], udp[1]]), 61_003);
     assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), 30_090);
+    assert_eq!(
+        &f[30..34],
+        &[198, 18, 0, 10],
+        "flow 3's destination address"
+    );
 }
