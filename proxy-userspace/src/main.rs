@@ -49,7 +49,12 @@ enum Command {
     /// The kernel facilities sluice uses beyond Linux 5.10, whether this kernel has each (asked
     /// of the kernel where it can be), and what sluice does here as a result: check a node
     /// before rolling out. Needs root (probe programs are loaded).
+    ///
+    /// It also shows the XDP choice per uplink (mode, whether XDP sends SNATed flows, the
+    /// driver) of the agent that pinned under `--pin-path`.
     Features {
+        #[arg(long, env = "SLUICE_PIN_PATH", default_value = "/sys/fs/bpf/sluice")]
+        pin_path: PathBuf,
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
@@ -97,8 +102,8 @@ fn main() -> anyhow::Result<()> {
         Command::Agent(args) => sluice::agent::run(*args),
         Command::Services { pin_path, output } => services(&pin_path, output),
         Command::Conntrack { pin_path, output } => conntrack(&pin_path, output),
-        Command::Features { output } => {
-            let report = sluice::dataplane::features::probe();
+        Command::Features { pin_path, output } => {
+            let report = sluice::dataplane::features::probe_node(&pin_path);
             match output {
                 Output::Table => print!("{report}"),
                 Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),

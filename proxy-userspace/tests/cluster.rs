@@ -1106,8 +1106,35 @@ fn xdp_on_the_uplinks(mode: &str) {
         keys
     };
     assert_eq!(sends(&env), vec![eth0], "node0's uplink sends from XDP");
+    // `sluice features` on the node shows the choice per uplink, read from the agent's pins.
+    let uplinks = |env: &Env| -> serde_json::Value {
+        let pins = env.bpffs[0].path().join("sluice");
+        let out = env.c.nodes[0]
+            .ns
+            .exec(&[
+                env!("CARGO_BIN_EXE_sluice"),
+                "features",
+                "--pin-path",
+                pins.to_str().unwrap(),
+                "-o",
+                "json",
+            ])
+            .unwrap();
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["xdp_uplinks"].clone()
+    };
+    let row = |tx: Option<&str>| serde_json::json!([{"device": "eth0", "mode": mode, "tx": tx, "driver": "veth"}]);
+    assert_eq!(
+        uplinks(&env),
+        row(Some(mode)),
+        "the features report, XDP on"
+    );
     env.restart_agent(0, &["--xdp-mode", "off"], 2);
     assert_eq!(xdp_mode(&env, 0, "off", "off"), Some(1.0), "{}", env.logs());
+    assert_eq!(
+        uplinks(&env),
+        serde_json::json!([]),
+        "the features report, XDP off"
+    );
     assert_eq!(
         sends(&env),
         Vec::<u32>::new(),
@@ -1140,6 +1167,11 @@ fn xdp_on_the_uplinks(mode: &str) {
         sends(&env),
         want,
         "a device gone, and a veth not let send, are pruned"
+    );
+    assert_eq!(
+        uplinks(&env),
+        row((!native).then_some(mode)),
+        "the features report, XDP back with tx auto"
     );
     let hits = env.counter(0, "xdp_ct_hit");
     assert!(

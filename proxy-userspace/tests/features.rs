@@ -29,7 +29,12 @@ fn features(args: &[&str]) -> String {
 #[test]
 fn the_features_report_agrees_with_the_kernel_and_says_what_sluice_does() {
     require_privileged!("the_features_report_agrees_with_the_kernel_and_says_what_sluice_does");
-    let report: serde_json::Value = serde_json::from_str(&features(&["-o", "json"])).unwrap();
+    // A pin path no agent used (never made): the report says so, and reads no other pins.
+    let pins = format!("/tmp/sluice-features-test-{}/none", std::process::id());
+    let report: serde_json::Value =
+        serde_json::from_str(&features(&["--pin-path", &pins, "-o", "json"])).unwrap();
+    assert!(report["xdp_uplinks"].is_null(), "{report:#}");
+    assert_eq!(report["pin_path"], pins.as_str());
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
     assert_eq!(report["kernel"], release.trim());
     let v = version();
@@ -58,7 +63,13 @@ fn the_features_report_agrees_with_the_kernel_and_says_what_sluice_does() {
         );
     }
     // The table says the same.
-    let table = features(&[]);
+    let table = features(&["--pin-path", &pins]);
+    assert!(
+        table.ends_with(&format!(
+            "\nXDP on the uplinks: no agent's pins under {pins}\n"
+        )),
+        "{table}"
+    );
     assert!(
         table.starts_with(&format!("kernel {}", release.trim())),
         "{table}"

@@ -40,6 +40,13 @@ pub struct Report {
     /// `uname -r`.
     pub kernel: String,
     pub facilities: Vec<Facility>,
+    /// The XDP choice per uplink of the agent whose pins `sluice features` read: `None` when
+    /// no agent has pinned anything there (or the report did not look), empty when every
+    /// uplink is left to TC.
+    pub xdp_uplinks: Option<Vec<super::PinnedUplink>>,
+    /// Where those pins were looked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pin_path: Option<std::path::PathBuf>,
 }
 
 /// [`Facility::name`] of TCX links (6.6).
@@ -153,6 +160,18 @@ pub fn probe() -> Report {
     Report {
         kernel: kernel_release(),
         facilities,
+        xdp_uplinks: None,
+        pin_path: None,
+    }
+}
+
+/// [`probe`], with the XDP choice per uplink of the agent that pinned under `pin_path` (its
+/// `--pin-path`), as seen from the calling thread's network namespace.
+pub fn probe_node(pin_path: &std::path::Path) -> Report {
+    Report {
+        xdp_uplinks: super::pinned_uplinks(pin_path),
+        pin_path: Some(pin_path.to_owned()),
+        ..probe()
     }
 }
 
@@ -179,6 +198,81 @@ impl std::fmt::Display for Report {
                 x.sluice
             )?;
         }
-        Ok(())
+        let Some(pins) = &self.pin_path else {
+            return Ok(());
+        };
+        let pins = pins.display();
+        match &self.xdp_uplinks {
+            None => writeln!(f, "\nXDP on the uplinks: no agent's pins under {pins}"),
+            Some(u) if u.is_empty() => writeln!(
+                f,
+                "\nXDP on the uplinks (pins under {pins}): none, every uplink is left to TC"
+            ),
+            Some(uplinks) => {
+                writeln!(f, "\nXDP on the uplinks (pins under {pins}):")?;
+                writeln!(f, "{:<16} {:<8} {:<8} DRIVER", "DEVICE", "MODE", "XDP_TX")?;
+                for u in uplinks {
+                    writeln!(
+                        f,
+                        "{:<16} {:<8} {:<8} {}",
+                        u.device,
+                        u.mode,
+                        u.tx.unwrap_or("off"),
+                        u.driver.as_deref().unwrap_or("(not in this namespace)")
+                    )?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::PinnedUplink;
+
+    fn report(uplinks: Option<Vec<PinnedUplink>>) -> String {
+        Report {
+            kernel: "6.1.0".into(),
+            facilities: Vec::new(),
+            xdp_uplinks: uplinks,
+            pin_path: Some("/sys/fs/bpf/sluice".into()),
+        }
+        .to_string()
+    }
+
+    #[test]
+    fn the_table_shows_each_uplinks_xdp_choice_or_says_why_there_is_none() {
+        let uplink = |device: &str, mode, tx, driver: Option<&str>| PinnedUplink {
+            device: device.into(),
+            mode,
+            tx,
+            driver: driver.map(Into::into),
+        };
+        let t = report(Some(vec![
+            uplink("eth0", "native", Some("native"), Some("mlx5_core")),
+            uplink("eth1", "generic", None, None),
+        ]));
+        let rows: Vec<&str> = t.lines().skip_while(|l| !l.starts_with("DEVICE")).collect();
+        assert_eq!(
+            rows,
+            [
+                "DEVICE           MODE     XDP_TX   DRIVER",
+                "eth0             native   native   mlx5_core",
+                "eth1             generic  off      (not in this namespace)",
+            ],
+            "{t}"
+        );
+        assert!(t.contains("\nXDP on the uplinks (pins under /sys/fs/bpf/sluice):\n"));
+        assert!(
+            report(Some(Vec::new())).ends_with(
+                "\nXDP on the uplinks (pins under /sys/fs/bpf/sluice): none, every uplink is left to TC\n"
+            )
+        );
+        assert!(
+            report(None)
+                .ends_with("\nXDP on the uplinks: no agent's pins under /sys/fs/bpf/sluice\n")
+        );
     }
 }

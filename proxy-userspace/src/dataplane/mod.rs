@@ -51,7 +51,7 @@ pub use addrs::monotonic_ns;
 pub use inspect::{Counters, CtEntry, CtFill, CtKind, PinnedMaps, sock_addr};
 pub use raw::{RawDump, RawEntry};
 pub use resize::Copied;
-pub use xdp::{XdpMode, detach_xdp, device_driver};
+pub use xdp::{PinnedUplink, XdpMode, detach_xdp, device_driver, pinned_uplinks};
 
 /// The eBPF object built by build.rs (aya-build) from `proxy-ebpf`.
 pub static EBPF_OBJECT: &[u8] =
@@ -1058,7 +1058,7 @@ fn encode_pin_name(interface: &str) -> String {
     interface.replace('%', "%25").replace('.', "%2E")
 }
 
-fn decode_pin_name(name: &str) -> String {
+pub(crate) fn decode_pin_name(name: &str) -> String {
     name.replace("%2E", ".").replace("%25", "%")
 }
 

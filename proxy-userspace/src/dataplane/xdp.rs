@@ -74,6 +74,60 @@ pub fn detach_xdp(links_dir: &Path, interface: &str) -> Result<(), DataplaneErro
     Ok(())
 }
 
+/// An uplink's XDP attachment as the node's agent left it, read from its pins.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PinnedUplink {
+    pub device: String,
+    /// `native` or `generic`: the link pin's mode.
+    pub mode: &'static str,
+    /// How XDP sends the device's SNATed flows out (`LB4_XDP_TX`): `native`, `generic`, or
+    /// `None` where it leaves them to TC.
+    pub tx: Option<&'static str>,
+    /// Its driver (`ethtool -i`), or `None` for a device not in this namespace.
+    pub driver: Option<String>,
+}
+
+/// The uplinks with a pinned XDP link under `pin_path` (an agent's `--pin-path`), as seen from
+/// the calling thread's network namespace; `None` if no agent has pinned anything there.
+/// Reads pins and one map; changes nothing.
+pub fn pinned_uplinks(pin_path: &Path) -> Option<Vec<PinnedUplink>> {
+    let links = std::fs::read_dir(pin_path.join("links")).ok()?;
+    // The map may be absent (pins of an agent from before XDP sent): then nothing sends.
+    let tx: std::collections::BTreeMap<u32, u32> =
+        aya::maps::MapData::from_pin(pin_path.join(LB4_XDP_TX_MAP))
+            .ok()
+            .and_then(|d| aya::maps::Map::from_map_data(d).ok())
+            .and_then(|m| aya::maps::HashMap::<_, u32, u32>::try_from(m).ok())
+            .map(|m| m.iter().filter_map(Result::ok).collect())
+            .unwrap_or_default();
+    let mut out: Vec<PinnedUplink> = links
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let (kind, device) = name.split_once('_')?;
+            let mode = XdpMode::ALL
+                .into_iter()
+                .find(|m| kind == format!("xdp-{m}"))?;
+            let device = super::decode_pin_name(device);
+            let index = nix::net::if_::if_nametoindex(device.as_str()).ok();
+            let tx = index.and_then(|i| tx.get(&i)).and_then(|v| {
+                XdpMode::ALL
+                    .into_iter()
+                    .find(|m| m.tx_value() == *v)
+                    .map(XdpMode::name)
+            });
+            Some(PinnedUplink {
+                driver: device_driver(&device).ok(),
+                device,
+                mode: mode.name(),
+                tx,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.device.cmp(&b.device));
+    Some(out)
+}
+
 impl Dataplane {
     /// Attaches [`XDP_FROM_UPLINK`] to `interface` in `mode`, in the calling thread's network
     /// namespace, for as long as this `Dataplane` lives.
