@@ -195,9 +195,28 @@ pub struct Lb4Key {
     pub slot: u16,
     /// [`crate::IPPROTO_TCP`] or [`crate::IPPROTO_UDP`].
     pub proto: u8,
-    pub _pad: [u8; 3],
+    /// Padding, zero. Two fields, not `[u8; 3]`: LLVM zeroes three bytes in a row with a call
+    /// to `memset`, which in BPF is a byte loop in a function of its own, on every lookup.
+    pub _pad0: u8,
+    pub _pad1: u16,
+}
+
+impl Lb4Key {
+    /// The key of `addr_be:port_be/proto`'s `slot` (0: the frontend entry).
+    #[inline(always)]
+    pub const fn new(addr_be: u32, port_be: u16, slot: u16, proto: u8) -> Self {
+        Self {
+            addr_be,
+            port_be,
+            slot,
+            proto,
+            _pad0: 0,
+            _pad1: 0,
+        }
+    }
 }
 const _: () = assert!(core::mem::size_of::<Lb4Key>() == 12);
+const _: () = assert!(core::mem::offset_of!(Lb4Key, _pad1) == 10);
 
 /// Value of [`LB4_SERVICES_MAP`]. In slot 0: `count`, `rev_nat_id`, `flags` (and, with
 /// [`SVC_FLAG_AFFINITY`], the affinity timeout in `backend_id`). In slots 1..=count:

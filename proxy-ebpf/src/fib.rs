@@ -112,6 +112,29 @@ pub fn lookup(ctx: &TcContext, saddr_be: u32, daddr_be: u32, proto: u8, tot_len:
 
 /// [`lookup`] for any program's context `ctx` (TC's or XDP's), as if the packet came in on
 /// device `ifindex`.
+/// Zeroes the `bpf_fib_lookup` at `p` with eight 8-byte stores. `mem::zeroed` compiles to a
+/// call to `memset`, which in BPF is a byte loop in a function of its own: 64 rounds of five
+/// instructions on every FIB lookup (each redirected packet, at TC and at XDP).
+///
+/// # Safety
+/// `p` must point at a writable `bpf_fib_lookup` on the caller's stack.
+#[inline(always)]
+unsafe fn zero_params(p: *mut FibParams) {
+    const _: () = assert!(core::mem::size_of::<FibParams>() == 64);
+    const _: () = assert!(core::mem::align_of::<FibParams>() >= 4);
+    let w = p.cast::<u32>();
+    // Volatile, so that LLVM does not fold the stores back into a `memset`. Pairs of u32s:
+    // the struct is 4-byte aligned.
+    // SAFETY: the caller's promise; 16 u32s are the struct's 64 bytes.
+    unsafe {
+        let mut i = 0;
+        while i < 16 {
+            core::ptr::write_volatile(w.add(i), 0);
+            i += 1;
+        }
+    }
+}
+
 #[inline(always)]
 pub fn lookup_from(
     ctx: *mut core::ffi::c_void,
@@ -121,8 +144,12 @@ pub fn lookup_from(
     proto: u8,
     tot_len: u16,
 ) -> Fib {
-    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) query.
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    let mut slot = core::mem::MaybeUninit::<FibParams>::uninit();
+    // SAFETY: our own stack; every byte is zeroed, and all-zero is a valid (empty) query.
+    let p = unsafe {
+        zero_params(slot.as_mut_ptr());
+        &mut *slot.as_mut_ptr()
+    };
     p.family = AF_INET;
     p.l4_protocol = proto;
     p.__bindgen_anon_1.tot_len = tot_len;
@@ -131,7 +158,7 @@ pub fn lookup_from(
     p.__bindgen_anon_4.ipv4_dst = daddr_be;
     // SAFETY: `p` is a valid, writable bpf_fib_lookup of the size we pass; `ctx` is the
     // program's own context.
-    let rc = unsafe { bpf_fib_lookup(ctx, &mut p, core::mem::size_of::<FibParams>() as i32, 0) };
+    let rc = unsafe { bpf_fib_lookup(ctx, p, core::mem::size_of::<FibParams>() as i32, 0) };
     if rc < 0 {
         return Fib::NoRoute;
     }

@@ -13,13 +13,7 @@ use crate::maps::{
 /// The frontend entry (slot 0) for `addr:port/proto`, if there is one.
 #[inline(always)]
 pub fn frontend(addr_be: u32, port_be: u16, proto: u8) -> Option<Lb4Service> {
-    let key = Lb4Key {
-        addr_be,
-        port_be,
-        slot: 0,
-        proto,
-        _pad: [0; 3],
-    };
+    let key = Lb4Key::new(addr_be, port_be, 0, proto);
     // SAFETY: the value is copied out at once; the map holds plain integers.
     unsafe { LB4_SERVICES.get(&key).copied() }
 }
@@ -128,7 +122,8 @@ fn pick(
         count,
         flags: fe.flags,
         proto,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     };
     let id = pick_id(&args);
     if id == 0 {
@@ -150,7 +145,9 @@ struct PickArgs {
     count: u16,
     flags: u16,
     proto: u8,
-    _pad: [u8; 3],
+    // Two fields, not `[u8; 3]`, which LLVM zeroes with a call to a byte-loop `memset`.
+    _pad0: u8,
+    _pad1: u16,
 }
 
 /// The backend id for a new flow (0: none), by Maglev or by slot. A BPF function of its own,
@@ -191,13 +188,7 @@ fn maglev_id(flags: u16, rev_nat_id: u32, r: u32, first: u16) -> Option<u32> {
 fn slot_id(r: u32, addr_be: u32, port_be: u16, proto: u8, first: u16, count: u16) -> Option<u32> {
     // Non-zero by type: the verifier rejects the panic path a plain `%` would keep.
     let count = core::num::NonZeroU32::new(u32::from(count))?;
-    let key = Lb4Key {
-        addr_be,
-        port_be,
-        slot: (r % count) as u16 + first,
-        proto,
-        _pad: [0; 3],
-    };
+    let key = Lb4Key::new(addr_be, port_be, (r % count) as u16 + first, proto);
     // SAFETY: the value is copied out at once; the map holds plain integers.
     unsafe { LB4_SERVICES.get(&key) }.map(|v| v.backend_id)
 }

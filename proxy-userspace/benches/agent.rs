@@ -73,13 +73,7 @@ impl Maps {
         }
     }
     fn key(addr: Ipv4Addr, slot: u16) -> Lb4Key {
-        Lb4Key {
-            addr_be: u32::from(addr).to_be(),
-            port_be: 80u16.to_be(),
-            slot,
-            proto: IPPROTO_TCP,
-            _pad: [0; 3],
-        }
+        Lb4Key::new(u32::from(addr).to_be(), 80u16.to_be(), slot, IPPROTO_TCP)
     }
     /// Whether frontend `addr`:80 exists.
     fn has_frontend(&self, addr: Ipv4Addr) -> bool {

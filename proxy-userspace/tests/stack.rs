@@ -17,6 +17,8 @@ struct Function {
     depth: u32,
     /// The BPF functions it calls.
     calls: Vec<String>,
+    /// The length of each `memset` it calls, where a constant set just before (`r3 = n`).
+    memsets: Vec<Option<i32>>,
 }
 
 /// Every function of the object, with its stack depth and callees, and the sections they
@@ -69,6 +71,9 @@ fn functions() -> (HashMap<String, Function>, HashMap<String, String>) {
             .collect();
         let mut depth = 0u32;
         let mut calls = Vec::new();
+        let mut memsets = Vec::new();
+        // r3's constant, while it has one: a `memset`'s length.
+        let mut r3: Option<i32> = None;
         let mut from_fp: [bool; 11] = [false; 11];
         for (i, insn) in code.as_chunks::<8>().0.iter().enumerate() {
             let (opcode, dst, src) = (insn[0], insn[1] & 0x0f, insn[1] >> 4);
@@ -96,16 +101,34 @@ fn functions() -> (HashMap<String, Function>, HashMap<String, String>) {
                         Some(&(sec, addr, true)) => (sec, relative(addr)),
                         None => (index.0, relative(here)),
                     };
-                    calls.push(at.get(&target).cloned().unwrap_or_default());
+                    let callee = at.get(&target).cloned().unwrap_or_default();
+                    if callee == "memset" {
+                        memsets.push(r3);
+                    }
+                    calls.push(callee);
                 }
                 _ => {}
+            }
+            // ALU and load instructions write `dst`; a call clobbers r1 to r5.
+            let class = opcode & 0x07;
+            if (opcode == 0xb7 || opcode == 0xb4) && dst == 3 {
+                r3 = Some(imm);
+            } else if opcode == 0x85 || (matches!(class, 0x00 | 0x01 | 0x04 | 0x07) && dst == 3) {
+                r3 = None;
             }
         }
         section_of.insert(
             name.to_owned(),
             section.name().unwrap_or_default().to_owned(),
         );
-        out.insert(name.to_owned(), Function { depth, calls });
+        out.insert(
+            name.to_owned(),
+            Function {
+                depth,
+                calls,
+                memsets,
+            },
+        );
     }
     (out, section_of)
 }
@@ -151,4 +174,29 @@ fn every_program_fits_the_stack_as_linux_5_10_counts_it() {
         );
     }
     println!("{}", report.join("\n"));
+}
+
+/// The compiler's `memset` is, in BPF, a byte loop in a function of its own: five
+/// instructions a byte, and a call. It must not run per packet for what a few stores do: the
+/// three padding bytes of a map key (`Lb4Key`, on every frontend lookup) or a FIB query's 64
+/// bytes (every redirected packet, at TC and XDP). What remains zeroes packet bytes when a
+/// reject is built (16 and 20 bytes), off the hot path.
+#[test]
+fn no_program_calls_memset_for_a_map_key_or_a_fib_query() {
+    let (fns, _) = functions();
+    let mut bad = Vec::new();
+    for (name, f) in &fns {
+        for len in &f.memsets {
+            if matches!(len, Some(3) | Some(64) | None) {
+                bad.push(format!("{name}: memset of {len:?} bytes"));
+            }
+        }
+    }
+    bad.sort();
+    assert!(bad.is_empty(), "{bad:#?}");
+    assert!(
+        fns["sluice_xdp_from_uplink"].memsets.is_empty(),
+        "XDP's program calls memset: {:?}",
+        fns["sluice_xdp_from_uplink"].memsets
+    );
 }

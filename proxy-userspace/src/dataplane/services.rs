@@ -42,13 +42,12 @@ fn kind_from_flags(f: u16) -> FrontendKind {
 }
 
 fn key(fe: FrontendId, slot: u16) -> Lb4Key {
-    Lb4Key {
-        addr_be: u32::from(fe.addr).to_be(),
-        port_be: fe.port.to_be(),
+    Lb4Key::new(
+        u32::from(fe.addr).to_be(),
+        fe.port.to_be(),
         slot,
-        proto: fe.proto.number(),
-        _pad: [0; 3],
-    }
+        fe.proto.number(),
+    )
 }
 
 type BeId = (std::net::Ipv4Addr, u16, Protocol);
