@@ -749,7 +749,9 @@ impl Bench {
         let exe = std::env::current_exe().map_err(err)?;
         let run = |kind| load::run_in_child(client, &exe, kind, &spec);
         let stats_before = sb.program_stats();
+        let profile = Profile::start(&format!("{}-{}-new", mode.name(), sb.layout.name()))?;
         let new = run(load::Kind::TcpNew).map_err(err)?;
+        drop(profile);
         if let (Some((t0, c0)), Some((t1, c1))) = (stats_before, sb.program_stats())
             && c1 > c0
         {
@@ -840,8 +842,9 @@ impl Bench {
     }
 }
 
-/// A whole-machine `perf record -a -g` over the packet rate's measured window, when
-/// `SLUICE_BENCH_PERF` names a folder: `<folder>/<mode>-<section>.data`, for `perf report`
+/// A whole-machine `perf record -a -g` over the new-connection load and over the packet
+/// rate's measured window, when `SLUICE_BENCH_PERF` names a folder:
+/// `<folder>/<mode>-<section>-new.data` and `<folder>/<mode>-<section>.data`, for `perf report`
 /// to say where the CPU time per packet goes, inside sluice's programs and outside them. It
 /// stops (SIGINT, so perf writes its file) when dropped.
 struct Profile(Option<std::process::Child>);
