@@ -112,7 +112,7 @@ pub fn lookup(ctx: &TcContext, saddr_be: u32, daddr_be: u32, proto: u8, tot_len:
 
 /// [`lookup`] for any program's context `ctx` (TC's or XDP's), as if the packet came in on
 /// device `ifindex`.
-/// Zeroes the `bpf_fib_lookup` at `p` with eight 8-byte stores. `mem::zeroed` compiles to a
+/// Zeroes the `bpf_fib_lookup` at `p` with sixteen 4-byte stores. `mem::zeroed` compiles to a
 /// call to `memset`, which in BPF is a byte loop in a function of its own: 64 rounds of five
 /// instructions on every FIB lookup (each redirected packet, at TC and at XDP).
 ///
@@ -123,7 +123,7 @@ unsafe fn zero_params(p: *mut FibParams) {
     const _: () = assert!(core::mem::size_of::<FibParams>() == 64);
     const _: () = assert!(core::mem::align_of::<FibParams>() >= 4);
     let w = p.cast::<u32>();
-    // Volatile, so that LLVM does not fold the stores back into a `memset`. Pairs of u32s:
+    // Volatile, so that LLVM does not fold the stores back into a `memset`. u32s, not u64s:
     // the struct is 4-byte aligned.
     // SAFETY: the caller's promise; 16 u32s are the struct's 64 bytes.
     unsafe {
