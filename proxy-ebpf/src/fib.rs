@@ -110,8 +110,6 @@ pub fn lookup(ctx: &TcContext, saddr_be: u32, daddr_be: u32, proto: u8, tot_len:
     )
 }
 
-/// [`lookup`] for any program's context `ctx` (TC's or XDP's), as if the packet came in on
-/// device `ifindex`.
 /// Zeroes the `bpf_fib_lookup` at `p` with sixteen 4-byte stores. `mem::zeroed` compiles to a
 /// call to `memset`, which in BPF is a byte loop in a function of its own: 64 rounds of five
 /// instructions on every FIB lookup (each redirected packet, at TC and at XDP).
@@ -135,6 +133,8 @@ unsafe fn zero_params(p: *mut FibParams) {
     }
 }
 
+/// [`lookup`] for any program's context `ctx` (TC's or XDP's), as if the packet came in on
+/// device `ifindex`.
 #[inline(always)]
 pub fn lookup_from(
     ctx: *mut core::ffi::c_void,
