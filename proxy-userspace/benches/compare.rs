@@ -855,13 +855,14 @@ impl Profile {
             return Ok(Self(None));
         };
         let out = std::path::Path::new(&dir).join(format!("{name}.data"));
-        let child = std::process::Command::new("perf")
-            .args(["record", "-a", "-g", "-F", "2999", "-q", "-o"])
-            .arg(&out)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .map_err(|e| format!("SLUICE_BENCH_PERF: cannot start perf: {e}"))?;
+        let out = out.to_string_lossy();
+        let child =
+            testbed::cmd::command(&["perf", "record", "-a", "-g", "-F", "2999", "-q", "-o", &out])
+                .map_err(|e| format!("SLUICE_BENCH_PERF: {e}"))?
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .map_err(|e| format!("SLUICE_BENCH_PERF: cannot start perf: {e}"))?;
         // perf needs a moment to open its events on every CPU before the window starts.
         std::thread::sleep(Duration::from_millis(500));
         Ok(Self(Some(child)))
