@@ -261,10 +261,6 @@ impl Devices {
 }
 
 impl Devices {
-    /// Puts the XDP program on uplink `name` (just attached at TC) in the first mode of
-    /// `--xdp-mode` that works, or takes an earlier agent's off it (`off`). A mode that fails
-    /// is logged and the uplink left to TC, which serves everything XDP would: it is not
-    /// retried until the device is made anew (a driver does not gain XDP at run time).
     /// Forgets uplink `name`'s XDP mode, and its metric series.
     fn forget_xdp_mode(&mut self, name: &str) {
         if let Some((mode, tx)) = self.xdp_modes.remove(name) {
@@ -274,6 +270,10 @@ impl Devices {
         }
     }
 
+    /// Puts the XDP program on uplink `name` (just attached at TC) in the first mode of
+    /// `--xdp-mode` that works, or takes an earlier agent's off it (`off`). A mode that fails
+    /// is logged and the uplink left to TC, which serves everything XDP would: it is not
+    /// retried until the device is made anew (a driver does not gain XDP at run time).
     fn attach_xdp(&mut self, dp: &mut Dataplane, name: &str, index: u32) {
         let mut chosen = None;
         for &mode in self.xdp.modes() {

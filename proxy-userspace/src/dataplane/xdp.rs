@@ -62,7 +62,16 @@ impl XdpMode {
 
 /// `links_dir/xdp-<mode>_<interface>`.
 fn xdp_pin(links_dir: &Path, interface: &str, mode: XdpMode) -> PathBuf {
-    links_dir.join(format!("xdp-{mode}_{}", encode_pin_name(interface)))
+    links_dir.join(format!(
+        "{}_{}",
+        xdp_pin_kind(mode),
+        encode_pin_name(interface)
+    ))
+}
+
+/// The part of an XDP link pin's name before `_<interface>`: `xdp-<mode>`.
+fn xdp_pin_kind(mode: XdpMode) -> String {
+    format!("xdp-{mode}")
 }
 
 /// Removes the XDP link pins of a device, in either mode: the program is detached from a
@@ -107,7 +116,7 @@ pub fn pinned_uplinks(pin_path: &Path) -> Option<Vec<PinnedUplink>> {
             let (kind, device) = name.split_once('_')?;
             let mode = XdpMode::ALL
                 .into_iter()
-                .find(|m| kind == format!("xdp-{m}"))?;
+                .find(|m| kind == xdp_pin_kind(*m))?;
             let device = super::decode_pin_name(device);
             let index = nix::net::if_::if_nametoindex(device.as_str()).ok();
             let tx = index.and_then(|i| tx.get(&i)).and_then(|v| {
