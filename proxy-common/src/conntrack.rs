@@ -171,6 +171,49 @@ pub const CT_LIFETIME_UDP_NS: u64 = 60 * 1_000_000_000;
 /// TIME_WAIT (2 MSL).
 pub const CT_LIFETIME_TCP_SNAT_CLOSED_NS: u64 = 60 * 1_000_000_000;
 
+/// A steady packet (see [`ct_steady`]) is served from its flow's service entry alone, with
+/// one lookup; every this-many-th packet of the flow (by the service entry's count) takes the
+/// full way, which reads the reverse entry, checks it is still the flow's, rebuilds it if it
+/// was evicted and renews its time.
+pub const CT_STEADY_CHECK_EVERY: u64 = 32;
+/// A packet is steady only if its flow's previous one came less than this long before.
+pub const CT_STEADY_GAP_NS: u64 = 1_000_000_000;
+// So a steady flow's reverse entry is renewed (or rebuilt) at least every
+// `CT_STEADY_CHECK_EVERY * CT_STEADY_GAP_NS` (32 s), well within the shortest lifetime a steady
+// flow can have (UDP, 60 s): client packets alone keep it alive, as they did when each renewed it.
+const _: () = assert!(CT_STEADY_CHECK_EVERY * CT_STEADY_GAP_NS * 3 / 2 <= CT_LIFETIME_UDP_NS);
+
+/// Whether a client's packet of protocol `proto` with TCP flags `tcp_flags` (0 for UDP), on a
+/// flow whose service entry, in `CT4`, has state `state`, last saw a packet at `seen_ns` and
+/// has counted `packets`, may be translated from that entry alone at `now`: the flow is
+/// established and open (TCP or UDP), the packet changes no state (no SYN, FIN or RST), the
+/// flow's previous packet is less than [`CT_STEADY_GAP_NS`] old and this is not a
+/// [`CT_STEADY_CHECK_EVERY`]-th packet. Such a packet would change nothing in the reverse entry
+/// but its time: a reply's FIN or RST marks the service entry too, so `state` shows it.
+pub const fn ct_steady(
+    proto: u8,
+    tcp_flags: u8,
+    state: u16,
+    seen_ns: u64,
+    packets: u64,
+    now: u64,
+) -> bool {
+    const SYN_FIN_RST: u8 = 0x02 | 0x01 | 0x04;
+    let open_established = state
+        & (CT_FLAG_ESTABLISHED | CT_FLAG_FIN_FWD | CT_FLAG_FIN_REPLY | CT_FLAG_RST)
+        == CT_FLAG_ESTABLISHED;
+    let quiet = match proto {
+        crate::IPPROTO_TCP => tcp_flags & SYN_FIN_RST == 0,
+        crate::IPPROTO_UDP => true,
+        _ => false,
+    };
+    // A `seen_ns` after `now` (another CPU's, a moment later) wraps to a long gap: full way.
+    open_established
+        && quiet
+        && !packets.is_multiple_of(CT_STEADY_CHECK_EVERY)
+        && now.wrapping_sub(seen_ns) < CT_STEADY_GAP_NS
+}
+
 /// Whether TCP state `flags` is closed (FIN both ways, or RST).
 pub const fn ct_closed(flags: u16) -> bool {
     flags & CT_FLAG_RST != 0 || (flags & CT_FLAG_FIN_FWD != 0 && flags & CT_FLAG_FIN_REPLY != 0)
@@ -195,3 +238,67 @@ pub const fn ct_lifetime_ns(proto: u8, flags: u16) -> u64 {
 }
 
 crate::impl_pod!(Ct4Key, Ct4Entry);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OPEN: u16 = CT_FLAG_SEEN_REPLY | CT_FLAG_ESTABLISHED;
+    const ACK: u8 = 0x10;
+
+    #[test]
+    fn only_a_recent_quiet_packet_of_an_open_established_flow_is_steady() {
+        let now = 100 * CT_STEADY_GAP_NS;
+        let seen = now - 1_000;
+        assert!(ct_steady(crate::IPPROTO_TCP, ACK, OPEN, seen, 5, now));
+        assert!(ct_steady(crate::IPPROTO_UDP, 0, OPEN, seen, 5, now));
+        // Not established, or closing.
+        assert!(!ct_steady(
+            crate::IPPROTO_TCP,
+            ACK,
+            CT_FLAG_SEEN_REPLY,
+            seen,
+            5,
+            now
+        ));
+        for closing in [CT_FLAG_FIN_FWD, CT_FLAG_FIN_REPLY, CT_FLAG_RST] {
+            assert!(!ct_steady(
+                crate::IPPROTO_TCP,
+                ACK,
+                OPEN | closing,
+                seen,
+                5,
+                now
+            ));
+        }
+        // A packet that changes the state.
+        for flags in [0x01, 0x02, 0x04, 0x11, 0x12, 0x14] {
+            assert!(
+                !ct_steady(crate::IPPROTO_TCP, flags, OPEN, seen, 5, now),
+                "{flags:#x}"
+            );
+        }
+        // SCTP keeps the full way.
+        assert!(!ct_steady(crate::IPPROTO_SCTP, 0, OPEN, seen, 5, now));
+        // The check's turn.
+        assert!(!ct_steady(crate::IPPROTO_TCP, ACK, OPEN, seen, 0, now));
+        assert!(!ct_steady(
+            crate::IPPROTO_TCP,
+            ACK,
+            OPEN,
+            seen,
+            2 * CT_STEADY_CHECK_EVERY,
+            now
+        ));
+        // After a pause, and when another CPU's packet was seen after `now` was read.
+        assert!(!ct_steady(
+            crate::IPPROTO_TCP,
+            ACK,
+            OPEN,
+            now - CT_STEADY_GAP_NS,
+            5,
+            now
+        ));
+        assert!(!ct_steady(crate::IPPROTO_TCP, ACK, OPEN, now + 1, 5, now));
+    }
+}

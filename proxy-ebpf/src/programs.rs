@@ -577,26 +577,34 @@ fn forward(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> (i32, u
         svc.addr_be,
         svc.port_be,
     );
-    // With whether it is in `CT4_NEW`.
-    let (rev, rev_new) = match conntrack::established(&rkey, now) {
-        Some(r) => (Some(r), false),
-        None => (conntrack::not_established(&rkey, now), true),
-    };
-    // The reverse entry must be this flow's own: for a flow SNATed with a port of its own
-    // the key does not name the client, once this flow closed its port may have gone to
-    // another flow, and once its reverse entry was gone the tuple may have gone to a flow
-    // of the same client to another frontend. Then this flow is over: its packet starts
-    // afresh.
-    if let Some(r) = rev
-        && !owned_by(r, f.saddr_be, f.sport_be, f.daddr_be, f.dport_be)
-    {
-        forget(&skey);
-        return start_flow(ctx, f, now, hook);
-    }
-    let state = match rev {
-        // SAFETY: as above.
-        Some(r) => unsafe { (*r).state() },
-        None => svc.state,
+    // A steady packet of an established flow (no state to change, the flow's previous packet
+    // recent, not a check's turn) is translated from the service entry alone: one lookup.
+    let steady = !s_new && conntrack::steady(f, s, svc.state, now);
+    // The reverse entry, with whether it is in `CT4_NEW`, and the flow's state.
+    let (rev, rev_new, state) = if steady {
+        (None, false, svc.state)
+    } else {
+        let (rev, rev_new) = match conntrack::established(&rkey, now) {
+            Some(r) => (Some(r), false),
+            None => (conntrack::not_established(&rkey, now), true),
+        };
+        // The reverse entry must be this flow's own: for a flow SNATed with a port of its own
+        // the key does not name the client, once this flow closed its port may have gone to
+        // another flow, and once its reverse entry was gone the tuple may have gone to a flow
+        // of the same client to another frontend. Then this flow is over: its packet starts
+        // afresh.
+        if let Some(r) = rev
+            && !owned_by(r, f.saddr_be, f.sport_be, f.daddr_be, f.dport_be)
+        {
+            forget(&skey);
+            return start_flow(ctx, f, now, hook);
+        }
+        let state = match rev {
+            // SAFETY: as above.
+            Some(r) => unsafe { (*r).state() },
+            None => svc.state,
+        };
+        (rev, rev_new, state)
     };
     if !reopens(f, state) {
         let flags = forward_state(f, state);
@@ -609,7 +617,8 @@ fn forward(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> (i32, u
             None
         };
         match rev {
-            Some(r) => touch(r, state, flags, now, 0),
+            Some(r) => conntrack::refresh(r, state, flags, now),
+            None if steady => {}
             None => {
                 // The reverse entry was evicted: rebuild it from what we know, unless
                 // another flow has just taken its tuple; then this one starts afresh.

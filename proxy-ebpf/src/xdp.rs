@@ -22,7 +22,8 @@
 //!   (`LB4_XDP_TX`), and only when the route's neighbour is resolved and the packet fits it.
 //!
 //! Each updates the flow's entries as TC's `forward` and `reply` do (`conntrack::touch` with
-//! `conntrack::forward_state` or `reply_state`). Everything else passes untouched to TC, which
+//! `conntrack::forward_state` or `reply_state`; a steady packet, `conntrack::steady`, from
+//! its service entry alone). Everything else passes untouched to TC, which
 //! chooses backends, allocates SNAT ports, resolves neighbours, answers refusals and follows
 //! state, so a flow never changes backend between the two paths and nothing is lost when XDP
 //! is off.
@@ -154,12 +155,18 @@ fn fast_path(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Opt
         svc.addr_be,
         svc.port_be,
     );
-    let r = conntrack::established(&rkey, now).ok_or(CTR_XDP_TO_TC_FLOW)?;
-    if !owned_by(r, f.saddr_be, f.sport_be, f.daddr_be, f.dport_be) {
-        return Err(CTR_XDP_TO_TC_FLOW);
-    }
-    // SAFETY: a pointer from a successful lookup.
-    let state = unsafe { (*r).state() };
+    // A steady packet is translated from the service entry alone, as at TC (one lookup); the
+    // others read the reverse entry too, which must be live in `CT4` and the flow's own.
+    let (r, state) = if conntrack::steady(f, s, svc.state, now) {
+        (None, svc.state)
+    } else {
+        let r = conntrack::established(&rkey, now).ok_or(CTR_XDP_TO_TC_FLOW)?;
+        if !owned_by(r, f.saddr_be, f.sport_be, f.daddr_be, f.dport_be) {
+            return Err(CTR_XDP_TO_TC_FLOW);
+        }
+        // SAFETY: a pointer from a successful lookup.
+        (Some(r), unsafe { (*r).state() })
+    };
     let flags = forward_state(f, state);
     // DNAT only (a local backend), or SNAT to the node and forwarded (a remote backend, with
     // a port of the node's own): nothing else.
@@ -195,7 +202,9 @@ fn fast_path(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Opt
         None
     };
     // Every bound the rewrite needs was checked by `parse`: from here nothing fails.
-    touch(r, state, flags, now, 0);
+    if let Some(r) = r {
+        conntrack::refresh(r, state, flags, now);
+    }
     touch(s, svc.state, flags, now, len);
     Ok(send(start, end, &p, &to, hop.as_ref()))
 }

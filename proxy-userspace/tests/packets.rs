@@ -2372,3 +2372,204 @@ fn removing_one_of_ten_maglev_backends_moves_its_flows_and_few_others() {
         fraction * 100.0
     );
 }
+
+/// A flow's two conntrack entries, by its client, frontend and backend (no SNAT): the service
+/// entry, and the reverse entry unless it is gone.
+fn flow_entries(
+    dp: &Dataplane,
+    client: std::net::SocketAddrV4,
+    frontend: std::net::SocketAddrV4,
+    backend: std::net::SocketAddrV4,
+) -> (
+    sluice::dataplane::CtEntry,
+    Option<sluice::dataplane::CtEntry>,
+) {
+    let ct = dp.conntrack().unwrap();
+    let s = ct
+        .iter()
+        .find(|e| e.kind == CtKind::Service && e.src == client && e.dst == frontend)
+        .cloned()
+        .expect("the service entry");
+    let r = ct
+        .into_iter()
+        .find(|e| e.kind == CtKind::Reverse && e.src == client && e.dst == backend);
+    (s, r)
+}
+
+/// What `one_lookup_per_steady_packet` sends a packet through: TC alone, or XDP and then TC
+/// when XDP hands the packet on untouched. The packet as it leaves.
+type Send = dyn Fn(&Dataplane, &[u8]) -> Vec<u8>;
+
+/// The steady path of an established, open TCP flow from `client` to `frontend` on `backend`
+/// (`conntrack::steady`): its packets are translated from the service entry alone, the reverse
+/// entry neither read nor renewed, except every `CT_STEADY_CHECK_EVERY`-th packet, a packet
+/// after a pause of `CT_STEADY_GAP_NS` and a packet that changes the state (a FIN), which
+/// renew it, or rebuild it after an eviction. `reply` sends the backend's packet back.
+fn one_lookup_per_steady_packet(
+    dp: &mut Dataplane,
+    (client, frontend, backend): (
+        std::net::SocketAddrV4,
+        std::net::SocketAddrV4,
+        std::net::SocketAddrV4,
+    ),
+    send: &Send,
+    reply: &Send,
+) {
+    let data = tcp(client, frontend, ACK, b"data");
+    let every = CT_STEADY_CHECK_EVERY;
+    let sent = |dp: &Dataplane| {
+        let out = send(dp, &data);
+        assert_eq!(
+            (check(&out).src, check(&out).dst),
+            (client, backend),
+            "translated"
+        );
+    };
+    // Renewed (or rebuilt) exactly on the packets that find the service entry's count at a
+    // multiple of `every`; never counted.
+    let mut renewed = Vec::new();
+    for _ in 0..2 * every {
+        let (s, r) = flow_entries(dp, client, frontend, backend);
+        let r = r.expect("the reverse entry");
+        sent(dp);
+        let (_, after) = flow_entries(dp, client, frontend, backend);
+        let after = after.expect("the reverse entry");
+        assert_eq!(
+            after.entry.packets, r.entry.packets,
+            "a reverse entry counts replies only"
+        );
+        if after.entry.seen_ns != r.entry.seen_ns {
+            renewed.push(s.entry.packets);
+        }
+    }
+    assert_eq!(
+        renewed.len(),
+        2,
+        "renewed on two packets of {}: {renewed:?}",
+        2 * every
+    );
+    assert!(renewed.iter().all(|n| n % every == 0), "{renewed:?}");
+
+    // Evicted: the steady packets go on without it; the check's packet rebuilds it.
+    let evict = |dp: &mut Dataplane| {
+        let (s, r) = flow_entries(dp, client, frontend, backend);
+        dp.evict_conntrack_entry(&r.expect("the reverse entry"))
+            .unwrap();
+        let (_, r) = flow_entries(dp, client, frontend, backend);
+        assert!(r.is_none(), "evicted");
+        s.entry.packets
+    };
+    let count = loop {
+        let (s, _) = flow_entries(dp, client, frontend, backend);
+        if s.entry.packets % every != 0 {
+            break evict(dp);
+        }
+        sent(dp);
+    };
+    let due = every - count % every + 1;
+    for i in 1..=due {
+        sent(dp);
+        let rebuilt = flow_entries(dp, client, frontend, backend).1.is_some();
+        assert_eq!(
+            rebuilt,
+            i == due,
+            "packet {i} after the eviction (count {count}): the check is packet {due}"
+        );
+    }
+    let out = reply(dp, &tcp(backend, client, ACK, b"ok"));
+    assert_eq!(
+        check(&out).src,
+        frontend,
+        "the rebuilt entry translates replies"
+    );
+
+    // After a pause, the flow's next packet takes the full way.
+    let steady_next = |dp: &Dataplane| {
+        let (s, _) = flow_entries(dp, client, frontend, backend);
+        s.entry.packets % every != 0
+    };
+    while !steady_next(dp) {
+        sent(dp);
+    }
+    evict(dp);
+    std::thread::sleep(std::time::Duration::from_nanos(
+        CT_STEADY_GAP_NS + 100_000_000,
+    ));
+    sent(dp);
+    assert!(
+        flow_entries(dp, client, frontend, backend).1.is_some(),
+        "rebuilt by the first packet after a pause"
+    );
+
+    // A FIN takes the full way, and its state is the reverse entry's.
+    while !steady_next(dp) {
+        sent(dp);
+    }
+    evict(dp);
+    let out = send(dp, &tcp(client, frontend, FIN_ACK, b""));
+    assert_eq!(check(&out).dst, backend);
+    let (_, r) = flow_entries(dp, client, frontend, backend);
+    let r = r.expect("rebuilt by the FIN");
+    assert_ne!(r.entry.state() & CT_FLAG_FIN_FWD, 0, "{r:?}");
+}
+
+#[test]
+fn an_established_flows_steady_packets_are_translated_with_one_lookup() {
+    require_privileged!("an_established_flows_steady_packets_are_translated_with_one_lookup");
+    let mut dp = dataplane();
+    cluster_ip(&mut dp, &["198.19.0.20:8080"]);
+    let flow = (sa(CLIENT), sa(VIP), sa("198.19.0.20:8080"));
+    establish(&dp, flow.0, flow.1, flow.2);
+    one_lookup_per_steady_packet(
+        &mut dp,
+        flow,
+        &|dp, pkt| run(dp, FROM_POD, pkt).1,
+        &|dp, pkt| run(dp, TO_POD, pkt).1,
+    );
+
+    // UDP too, once answered and established: a datagram after the eviction is translated
+    // and leaves the reverse entry to the check.
+    dns_service(&mut dp);
+    let (client, dns, backend) = (sa("198.19.0.10:41000"), sa(DNS), sa(DNS_BACKEND));
+    run(&dp, FROM_POD, &udp(client, dns, b"q"));
+    run(&dp, TO_POD, &udp(backend, client, b"a"));
+    run(&dp, FROM_POD, &udp(client, dns, b"q"));
+    let (s, r) = flow_entries(&dp, client, dns, backend);
+    assert!(
+        !s.new && s.entry.packets % CT_STEADY_CHECK_EVERY != 0,
+        "{s:?}"
+    );
+    dp.evict_conntrack_entry(&r.expect("the reverse entry"))
+        .unwrap();
+    let (_, out) = run(&dp, FROM_POD, &udp(client, dns, b"q"));
+    assert_eq!(check(&out).dst, backend);
+    assert!(flow_entries(&dp, client, dns, backend).1.is_none());
+}
+
+#[test]
+fn xdp_serves_an_established_flows_steady_packets_with_one_lookup() {
+    require_privileged!("xdp_serves_an_established_flows_steady_packets_with_one_lookup");
+    let mut dp = node_port_flow();
+    // XDP, and TC after it for what XDP hands on (a check whose reverse entry is gone, a FIN),
+    // as on an uplink.
+    let send = |dp: &Dataplane, pkt: &[u8]| {
+        let (verdict, out) = run_xdp(dp, XDP_FROM_UPLINK, pkt);
+        assert_eq!(verdict, XDP_PASS);
+        if out == pkt {
+            return run(dp, FROM_UPLINK, pkt).1;
+        }
+        out
+    };
+    let before = dp.counters().unwrap();
+    one_lookup_per_steady_packet(
+        &mut dp,
+        (sa(OUTSIDE), sa(NODE_PORT), sa(LOCAL_BACKEND)),
+        &send,
+        &|dp, pkt| run(dp, TO_UPLINK, pkt).1,
+    );
+    let after = dp.counters().unwrap();
+    assert!(
+        delta(&before, &after, CTR_XDP_CT_HIT) > 2 * CT_STEADY_CHECK_EVERY,
+        "XDP translated the steady packets"
+    );
+}

@@ -9,9 +9,10 @@ use std::{
 
 use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use proxy_common::{
-    CT_FLAG_ESTABLISHED, CT_FLAG_FIN_FWD, CT_FLAG_FIN_REPLY, CT_FLAG_RST, CT_KIND_SERVICE, CT4_MAP,
-    CT4_NEW_MAP, CTR_MAX, Counter, Ct4Entry, Ct4Key, LB4_BACKENDS_MAP, LB4_SERVICES_MAP,
-    LB4_SRC_RANGES_MAP, Lb4Backend, Lb4Key, Lb4Service, PKT_COUNTERS_MAP, SrcRange4Key,
+    CT_FLAG_ESTABLISHED, CT_FLAG_FIN_FWD, CT_FLAG_FIN_REPLY, CT_FLAG_RST, CT_KIND_REVERSE,
+    CT_KIND_SERVICE, CT4_MAP, CT4_NEW_MAP, CTR_MAX, Counter, Ct4Entry, Ct4Key, LB4_BACKENDS_MAP,
+    LB4_SERVICES_MAP, LB4_SRC_RANGES_MAP, Lb4Backend, Lb4Key, Lb4Service, PKT_COUNTERS_MAP,
+    SrcRange4Key,
 };
 
 use super::{
@@ -43,6 +44,22 @@ pub struct CtEntry {
 }
 
 impl CtEntry {
+    /// The entry's key in its table.
+    pub fn key(&self) -> Ct4Key {
+        Ct4Key {
+            saddr_be: u32::from(*self.src.ip()).to_be(),
+            daddr_be: u32::from(*self.dst.ip()).to_be(),
+            sport_be: self.src.port().to_be(),
+            dport_be: self.dst.port().to_be(),
+            proto: self.proto.number(),
+            kind: match self.kind {
+                CtKind::Service => CT_KIND_SERVICE,
+                CtKind::Reverse => CT_KIND_REVERSE,
+            },
+            _pad: [0; 2],
+        }
+    }
+
     /// When the entry dies (`CLOCK_MONOTONIC` ns), from its latest packet and its state now.
     pub fn expires_ns(&self) -> u64 {
         self.entry.expires_ns(self.proto.number())
@@ -172,6 +189,13 @@ impl Dataplane {
             );
         }
         Ok(out)
+    }
+
+    /// Removes the conntrack entry `e` from its table, as the LRU does when it evicts it (the
+    /// datapath rebuilds a flow's reverse entry from its service entry).
+    pub fn evict_conntrack_entry(&mut self, e: &CtEntry) -> Result<(), DataplaneError> {
+        let table = if e.new { CT4_NEW_MAP } else { CT4_MAP };
+        self.remove::<Ct4Key, Ct4Entry>(table, &e.key())
     }
 
     /// How full the conntrack tables are (a walk of both maps).
