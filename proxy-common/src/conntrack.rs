@@ -48,6 +48,11 @@
 //! The packet and byte counts are plain increments and may lose one when two CPUs count at
 //! once (they are for the CLI only).
 
+/// The programs' global (a `u8` in `.rodata`) that the agent sets to 1 at load where the
+/// kernel has `bpf_ktime_get_coarse_ns` (5.11+): every time the programs keep (`seen_ns`,
+/// affinity) is then the coarse clock's, up to a tick behind the precise one.
+pub const COARSE_CLOCK_GLOBAL: &str = "SLUICE_COARSE_CLOCK";
+
 /// `CT4`: [`Ct4Key`] -> [`Ct4Entry`]; LRU hash, size set by the agent
 /// ([`CT4_DEFAULT_MAX`] otherwise); written by the programs, read by the CLI.
 pub const CT4_MAP: &str = "CT4";

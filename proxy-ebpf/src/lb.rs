@@ -77,7 +77,9 @@ fn remembered(
     // SAFETY: a valid pointer into the map's value; plain integers, copied out.
     let (last_ns, backend_id) = unsafe { ((*v).last_ns, (*v).backend_id) };
     let timeout_ns = u64::from(fe.backend_id) * 1_000_000_000;
-    if now.wrapping_sub(last_ns) >= timeout_ns {
+    // Saturating: a time another CPU wrote after `now` was read is no time ago, not a
+    // wrapped-around eternity.
+    if now.saturating_sub(last_ns) >= timeout_ns {
         return None;
     }
     let member = AffinityMatchKey {

@@ -24,7 +24,7 @@
 //! EPERM.
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
@@ -184,8 +184,7 @@ fn forward(ctx: &SockAddrContext, counter: u32, set_retval: bool) -> i32 {
         0,
         false,
         r,
-        // SAFETY: no preconditions.
-        unsafe { bpf_ktime_get_ns() },
+        crate::conntrack::now(),
     ) else {
         return PROCEED;
     };

@@ -2426,11 +2426,13 @@ fn one_lookup_per_steady_packet(
         );
     };
     // Renewed (or rebuilt) exactly on the packets that find the service entry's count at a
-    // multiple of `every`; never counted.
+    // multiple of `every`; never counted. (A pause between packets, well within the steady
+    // gap, so that the programs' clock, a tick coarse where the kernel has that, moves.)
     let mut renewed = Vec::new();
     for _ in 0..2 * every {
         let (s, r) = flow_entries(dp, client, frontend, backend);
         let r = r.expect("the reverse entry");
+        std::thread::sleep(std::time::Duration::from_millis(15));
         sent(dp);
         let (_, after) = flow_entries(dp, client, frontend, backend);
         let after = after.expect("the reverse entry");
@@ -2572,4 +2574,43 @@ fn xdp_serves_an_established_flows_steady_packets_with_one_lookup() {
         delta(&before, &after, CTR_XDP_CT_HIT) > 2 * CT_STEADY_CHECK_EVERY,
         "XDP translated the steady packets"
     );
+}
+
+/// The programs read the coarse clock where the kernel has it (5.11+), and the precise one
+/// on 5.10, where the coarse helper does not exist and its branch must be dead code to the
+/// verifier (the load itself shows that). Told apart by where a packet's time falls: the
+/// coarse clock is the last tick's, so never after the coarse clock read just after the
+/// packet; the precise one is never before the precise clock read just before it (and is
+/// after that coarse reading unless a tick fell between the packet and the reading: five
+/// packets in a row make that chance about 1% to the fifth).
+#[test]
+fn the_programs_clock_is_the_coarse_one_where_the_kernel_has_it() {
+    require_privileged!("the_programs_clock_is_the_coarse_one_where_the_kernel_has_it");
+    let mut dp = dataplane();
+    cluster_ip(&mut dp, &["198.19.0.20:8080"]);
+    let coarse = sluice::dataplane::features::coarse_clock();
+    let mut times = Vec::new();
+    for port in 0..5u16 {
+        let client = std::net::SocketAddrV4::new(*sa(CLIENT).ip(), 41_000 + port);
+        let before = clock_ns(libc::CLOCK_MONOTONIC);
+        run(&dp, FROM_POD, &tcp(client, sa(VIP), SYN, b""));
+        let after_coarse = clock_ns(libc::CLOCK_MONOTONIC_COARSE);
+        let (s, _) = flow_entries(&dp, client, sa(VIP), sa("198.19.0.20:8080"));
+        times.push((before, s.entry.seen_ns, after_coarse));
+    }
+    if coarse {
+        assert!(
+            times.iter().all(|&(_, seen, after)| seen <= after),
+            "coarse: (before, seen, coarse after) {times:?}"
+        );
+    } else {
+        assert!(
+            times.iter().all(|&(before, seen, _)| seen >= before),
+            "precise: (before, seen, coarse after) {times:?}"
+        );
+        assert!(
+            times.iter().any(|&(_, seen, after)| seen > after),
+            "precise: (before, seen, coarse after) {times:?}"
+        );
+    }
 }

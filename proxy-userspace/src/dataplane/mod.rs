@@ -449,6 +449,9 @@ impl Dataplane {
     pub fn load_with(config: DataplaneConfig) -> Result<Self, DataplaneError> {
         raise_memlock_rlimit();
         let mut loader = EbpfLoader::new();
+        // The programs' clock: the coarse one where the kernel has it.
+        let coarse_clock = u8::from(features::coarse_clock());
+        loader.override_global(proxy_common::COARSE_CLOCK_GLOBAL, &coarse_clock, true);
         for (map, max) in config.map_sizes() {
             loader.map_max_entries(map, max);
         }

@@ -514,15 +514,20 @@ pub fn be(addr: &str) -> sluice::dataplane::Backend {
     }
 }
 
-/// Seconds until conntrack entry `e` expires.
-pub fn lifetime_left_s(e: &sluice::dataplane::CtEntry) -> f64 {
+/// `clock`'s time now, in ns.
+pub fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime writes the struct we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    let now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Seconds until conntrack entry `e` expires.
+pub fn lifetime_left_s(e: &sluice::dataplane::CtEntry) -> f64 {
+    let now = clock_ns(libc::CLOCK_MONOTONIC);
     (e.expires_ns() as f64 - now as f64) / 1e9
 }
 
