@@ -826,13 +826,14 @@ impl Bench {
             d.map_or("-".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3))
         };
         println!(
-            "  {:>15} {n:>6} Services round {round}: new {:>6.0}/s p50 {:>5.0} µs p99 {:>6.0} µs | persistent {:>6.0}/s | udp {:>6.0}/s | packets {} | program {} | change {} | errors {}",
+            "  {:>15} {n:>6} Services round {round}: new {:>6.0}/s p50 {:>5.0} µs p99 {:>6.0} µs | persistent {:>6.0}/s | udp {:>6.0}/s {:?} | packets {} | program {} | change {} | errors {}",
             mode.name(),
             new.rate(),
             us(&new, 50.0),
             us(&new, 99.0),
             persistent.rate(),
             udp.rate(),
+            udp.per_backend.values().collect::<Vec<_>>(),
             pps.map_or("-".into(), |p| format!("{p:.0}/s")),
             ms(programmed),
             ms(change),
@@ -1197,7 +1198,7 @@ fn main() {
          - **iptables-legacy** and **iptables-nft**: kube-proxy's iptables-mode rule set (KUBE-SERVICES, KUBE-SVC-*, KUBE-SEP-* with statistic probabilities, masquerade marks), piped to `iptables-legacy-restore` / `iptables-nft-restore --noflush --counters` as kube-proxy does (its image picks the backend the host uses); the change is kube-proxy's partial sync (KUBE-SERVICES rewritten whole, the changed chains, stale chains deleted). The `iptables-save` kube-proxy runs before each sync is not counted.\n\
          - **nftables**: kube-proxy's nftables-mode rule set (table `ip kube-proxy`, the service-ips verdict map, per-service and per-endpoint chains) piped to `nft -f -`; the change is the transaction kube-proxy issues for it.\n\n\
          Control-plane times are wall times of the map writes (in process) and of the iptables-restore / nft processes (exec included, as kube-proxy pays it; rule generation excluded on every side). \
-         Before each cell's traffic the bench waits for the machine to be quiet (under 15% busy over 100 ms, at most 5 s), so the kernel's background teardown of an earlier sandbox does not land in a measurement. sluice's own program time comes from the kernel's run-time statistics (BPF_ENABLE_STATS, held for the run). New connection: connect, 64-byte request, reply, server closes; the latency runs from connect to close. Persistent: 64-byte request/response on {workers} long-lived connections. UDP: the same on {workers} connected sockets.\n\
+         Before each cell's traffic the bench waits for the machine to be quiet (under 15% busy over 100 ms, at most 5 s), so the kernel's background teardown of an earlier sandbox does not land in a measurement. sluice's own program time comes from the kernel's run-time statistics (BPF_ENABLE_STATS, held for the run). New connection: connect, 64-byte request, reply, server closes; the latency runs from connect to close. Persistent: 64-byte request/response on {workers} long-lived connections. UDP: the same on {workers} connected sockets; a balancer may put both workers' flows on one backend (a third of the runs, at random), which then serves both, and UDP falls to about a third; and any mode, direct included, now and then runs its UDP at about a tenth with its flows on two backends (a scheduling state of a 2-CPU machine, not a path's cost). The log's line for each cell shows the requests each backend answered, so both can be told apart.\n\
          The iptables and nftables modes turn on netfilter connection tracking in the node; direct and sluice do not need it (sluice keeps its own conntrack in a BPF map), and on this bare node nothing else turns it on. On a real node a CNI or host firewall often does.\n\n\
          ## Side by side\n\n",
         machine = machine(),
