@@ -1867,10 +1867,18 @@ fn a_syn_flood_fills_the_table_of_new_flows_and_never_evicts_an_established_one(
         fill.new_held <= u64::from(NEW_MAX),
         "CT4_NEW never holds more than its size: {fill:?}"
     );
+    // The flood overflowed CT4_NEW: of its flows (two entries each), at most the table's
+    // half is left. (Not "its first flow is gone": the LRU takes a new entry from a per-CPU
+    // list, and entries still on the list of a CPU the test's thread has left are not
+    // evicted until that CPU allocates again; a 6.12 guest kept the first flow so.)
     let ct = dp.conntrack().unwrap();
+    let flood_left = ct
+        .iter()
+        .filter(|e| e.kind == CtKind::Service && e.src.ip().octets()[2] >= 64)
+        .count() as u32;
     assert!(
-        !ct.iter().any(|e| e.src == source(64, 0)),
-        "the flood's first flows were evicted (the table was full)"
+        flood_left <= NEW_MAX / 2,
+        "the flood's flows were evicted (the table was full): {flood_left} of {flood} left"
     );
 
     // Every established flow keeps its backend and its replies' translation.
