@@ -203,7 +203,7 @@ pub const fn ct_steady(
     packets: u64,
     now: u64,
 ) -> bool {
-    const SYN_FIN_RST: u8 = 0x02 | 0x01 | 0x04;
+    const SYN_FIN_RST: u8 = crate::TCP_SYN | crate::TCP_FIN | crate::TCP_RST;
     let open_established = state
         & (CT_FLAG_ESTABLISHED | CT_FLAG_FIN_FWD | CT_FLAG_FIN_REPLY | CT_FLAG_RST)
         == CT_FLAG_ESTABLISHED;
@@ -249,7 +249,7 @@ mod tests {
     use super::*;
 
     const OPEN: u16 = CT_FLAG_SEEN_REPLY | CT_FLAG_ESTABLISHED;
-    const ACK: u8 = 0x10;
+    use crate::{TCP_ACK as ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
     #[test]
     fn only_a_recent_quiet_packet_of_an_open_established_flow_is_steady() {
@@ -277,7 +277,14 @@ mod tests {
             ));
         }
         // A packet that changes the state.
-        for flags in [0x01, 0x02, 0x04, 0x11, 0x12, 0x14] {
+        for flags in [
+            TCP_FIN,
+            TCP_SYN,
+            TCP_RST,
+            TCP_FIN | ACK,
+            TCP_SYN | ACK,
+            TCP_RST | ACK,
+        ] {
             assert!(
                 !ct_steady(crate::IPPROTO_TCP, flags, OPEN, seen, 5, now),
                 "{flags:#x}"

@@ -32,10 +32,7 @@ const IP_DF: u16 = 0x4000;
 pub const IP_MF: u16 = 0x2000;
 pub const IP_OFFSET: u16 = 0x1fff;
 
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
+pub use proxy_common::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 /// The IPv4 header without options.
 #[repr(C)]
