@@ -173,7 +173,8 @@ counters! {
     /// stack; TC ingress then lets it by as addressed to no frontend.
     CTR_XDP_CT_HIT = 52, "xdp_ct_hit";
     /// XDP: passed untouched to TC as no Service's: not IPv4 TCP or UDP to a frontend's
-    /// address, a fragment, or malformed.
+    /// address (or to a port of it that no frontend and no live flow has), a fragment, or
+    /// malformed.
     CTR_XDP_TO_TC_NOT_SERVICE = 53, "xdp_to_tc_not_service";
     /// XDP: passed untouched to TC, which owns what XDP does not do: a flow's first packets, a
     /// packet that changes its flow's state (SYN, FIN, RST), a flow not established yet, a
@@ -192,6 +193,12 @@ counters! {
     /// yet, the route leaves by a device XDP may not send to, the packet is too big for it,
     /// there is none, or the TTL runs out. TC forwards it (or answers) as always.
     CTR_XDP_TO_TC_ROUTE = 57, "xdp_to_tc_route";
+    /// Answered at ingress with no conntrack lookup, as a packet to no frontend: its
+    /// destination is a frontend's address, but no frontend on it and no live flow to it has
+    /// the port (`FeAddr4`'s filter), and it is no reply of a SNATed flow. Passed untouched
+    /// (the node's own ports on a NodePort address), or, from a pod to a ClusterIP, refused
+    /// and counted as `reject_no_such_port` instead.
+    CTR_PASS_NOT_FRONTEND_PORT = 58, "pass_not_a_frontend_port";
 }
 
 /// The counters that are no TC verdict (`seen`, the socket programs', the XDP program's, and
@@ -227,7 +234,7 @@ pub const NOT_VERDICTS: [u32; 26] = [
 ];
 
 /// Number of counters in use (at most [`CTR_SLOTS`]).
-pub const CTR_MAX: u32 = 58;
+pub const CTR_MAX: u32 = 59;
 const _: () = assert!(CTR_MAX <= CTR_SLOTS);
 
 /// One CPU's share of a counter.

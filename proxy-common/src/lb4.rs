@@ -35,14 +35,21 @@ pub const LB4_SVC_CIDRS_MAP: &str = "LB4_SVC_CIDRS";
 /// family, and ServiceCIDR objects add more as a cluster grows).
 pub const SVC_CIDRS_MAX: usize = 8;
 
-/// `LB4_FE_ADDRS`: an address (u32, network order) -> the number of frontends on it (u32,
-/// with [`FE_ADDR_CLUSTER_IP`] in bit 31 and [`FE_ADDR_NAT`] in bit 30); hash; written by the agent, read by the programs. The ingress programs look a packet's
-/// destination up here first: an address that is no frontend's, and not the hairpin or SNAT
-/// address, can belong to no translated flow, so the packet passes with no conntrack lookup
-/// (plain pod-to-pod traffic, and every connection socket LB translated at `connect()`).
+/// `LB4_FE_ADDRS2`: an address (u32, network order) -> [`FeAddr4`]: the number of frontends
+/// on it, with [`FE_ADDR_CLUSTER_IP`] in bit 31 and [`FE_ADDR_NAT`] in bit 30, and a filter of
+/// the ports flows to it can have; hash; written by the agent, read by the programs. The
+/// ingress programs look a packet's destination up here first: an address that is no
+/// frontend's, and not the hairpin or SNAT address, can belong to no translated flow, so the
+/// packet passes with no conntrack lookup (plain pod-to-pod traffic, and every connection
+/// socket LB translated at `connect()`). A packet to a frontend's address on a port whose bit
+/// is clear in the filter, and no reply of a SNATed flow, is no flow's either: it is answered
+/// as a packet to no frontend, again with no conntrack lookup (the node's own ports on a
+/// NodePort address, a ClusterIP's other ports).
 /// An address whose last frontend went stays, with 0, while conntrack holds flows to it
 /// (they keep their backend, as the maps promise); the agent removes it once none is live.
-pub const LB4_FE_ADDRS_MAP: &str = "LB4_FE_ADDRS";
+/// Likewise a port's bit stays set while a live flow names it, after its frontend went.
+/// (The first layout, `LB4_FE_ADDRS`, had the count alone: an agent removes its pin.)
+pub const LB4_FE_ADDRS_MAP: &str = "LB4_FE_ADDRS2";
 /// In an `LB4_FE_ADDRS` value: a ClusterIP frontend is on the address (set once its entry is
 /// written). A new flow from a pod to a port of it that no frontend serves is rejected, as
 /// kube-proxy's nftables mode rejects it, rather than routed out of the default route. The
@@ -54,6 +61,51 @@ pub const FE_ADDR_CLUSTER_IP: u32 = 1 << 31;
 /// arrive: the configured addresses, and these. The agent clears it once no live flow is.
 pub const FE_ADDR_NAT: u32 = 1 << 30;
 pub const FE_ADDR_COUNT: u32 = FE_ADDR_NAT - 1;
+/// How many bits [`FeAddr4`]'s port filter has: a port sets the bit [`fe_port_bit`] names.
+/// 256 bits: a ClusterIP's few ports hardly ever share one, and on a node address with a
+/// hundred NodePorts about two ports in three still find theirs clear. A shared bit costs
+/// only time: the packet takes the full way (conntrack, then the frontend).
+pub const FE_PORT_BITS: u32 = 256;
+pub const FE_PORT_WORDS: usize = (FE_PORT_BITS / 64) as usize;
+
+/// The word and the bit of `port` (host order) in [`FeAddr4::ports`]: its two bytes folded
+/// together, so that ports a multiple of 256 apart (NodePorts are drawn from 30000 to 32767)
+/// mostly differ.
+#[inline(always)]
+pub fn fe_port_bit(port: u16) -> (usize, u64) {
+    let h = u32::from((port ^ (port >> 8)) & 0xff);
+    ((h >> 6) as usize & (FE_PORT_WORDS - 1), 1 << (h & 63))
+}
+
+/// Value of [`LB4_FE_ADDRS_MAP`]: what is on an address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FeAddr4 {
+    /// The number of frontends on the address ([`FE_ADDR_COUNT`]), with its marks
+    /// ([`FE_ADDR_CLUSTER_IP`], [`FE_ADDR_NAT`]).
+    pub flags: u32,
+    pub _pad: u32,
+    /// The port filter: the bit of every port a frontend on the address has, and of every
+    /// port a live flow to it names ([`fe_port_bit`]). A clear bit means no flow and no
+    /// frontend; a set one means "maybe".
+    pub ports: [u64; FE_PORT_WORDS],
+}
+const _: () = assert!(core::mem::size_of::<FeAddr4>() == 8 + 8 * FE_PORT_WORDS);
+
+impl FeAddr4 {
+    /// Whether a flow or a frontend may have `port` (host order) on the address.
+    #[inline(always)]
+    pub fn may_have_port(&self, port: u16) -> bool {
+        let (word, bit) = fe_port_bit(port);
+        self.ports[word] & bit != 0
+    }
+
+    /// Sets `port`'s bit (host order).
+    pub fn add_port(&mut self, port: u16) {
+        let (word, bit) = fe_port_bit(port);
+        self.ports[word] |= bit;
+    }
+}
 
 /// `LB4_POD_CLIENTS`: an address (u32, network order) -> 1 (u32); hash, not preallocated;
 /// written and read by the programs. Every address that has been the client of a flow
@@ -495,6 +547,7 @@ crate::impl_pod!(
     Lb4RevNat,
     Lb4Config,
     SvcCidrs4,
+    FeAddr4,
     RejectBudget,
     Frag4Key,
     Frag4Ports,
@@ -503,3 +556,30 @@ crate::impl_pod!(
     Affinity4Value,
     AffinityMatchKey
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_filter_finds_the_ports_it_was_given_and_tells_near_nodeports_apart() {
+        let mut a = FeAddr4::default();
+        for p in [80, 443, 30000] {
+            a.add_port(p);
+        }
+        for p in [80, 443, 30000] {
+            assert!(a.may_have_port(p), "port {p}");
+        }
+        // NodePorts 256 apart (the plain low byte would give them one bit), and the node's
+        // own ports (SSH, the kubelet).
+        for p in [30256, 30512, 22, 10250, 8080] {
+            assert!(!a.may_have_port(p), "port {p}");
+        }
+        // Every bit is reachable: the whole NodePort range covers the filter.
+        let mut all = FeAddr4::default();
+        for p in 30000..=32767 {
+            all.add_port(p);
+        }
+        assert_eq!(all.ports, [u64::MAX; FE_PORT_WORDS]);
+    }
+}

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     Affinity4Key, Affinity4Value, AffinityMatchKey, CT4_DEFAULT_MAX, CT4_NEW_DEFAULT_MAX,
-    CTR_SLOTS, Counter, Ct4Entry, Ct4Key, Frag4Key, Frag4Ports, LB4_AFFINITY_DEFAULT_MAX,
+    CTR_SLOTS, Counter, Ct4Entry, Ct4Key, FeAddr4, Frag4Key, Frag4Ports, LB4_AFFINITY_DEFAULT_MAX,
     LB4_BACKENDS_DEFAULT_MAX, LB4_FLOW_TAILS_MAX, LB4_FRAGS_DEFAULT_MAX, LB4_MAGLEV_MAX,
     LB4_POD_CLIENTS_DEFAULT_MAX, LB4_REVNAT_DEFAULT_MAX, LB4_SERVICES_DEFAULT_MAX,
     LB4_SRC_RANGES_DEFAULT_MAX, LB4_TAILS_MAX, LB4_XDP_TX_MAX, Lb4Backend, Lb4Config, Lb4Key,
@@ -22,8 +22,9 @@ pub static PKT_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(CT
 pub static LB4_SERVICES: HashMap<Lb4Key, Lb4Service> =
     HashMap::with_max_entries(LB4_SERVICES_DEFAULT_MAX, 0);
 
-#[map(name = "LB4_FE_ADDRS")]
-pub static LB4_FE_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(LB4_SERVICES_DEFAULT_MAX, 0);
+#[map(name = "LB4_FE_ADDRS2")]
+pub static LB4_FE_ADDRS: HashMap<u32, FeAddr4> =
+    HashMap::with_max_entries(LB4_SERVICES_DEFAULT_MAX, 0);
 
 #[map(name = "LB4_POD_CLIENTS")]
 pub static LB4_POD_CLIENTS: HashMap<u32, u32> =
@@ -103,7 +104,7 @@ const _: () = {
         proxy_common::LB4_REJECT_BUDGET_MAP,
         "LB4_REJECT_BUDGET"
     ));
-    assert!(str_eq(proxy_common::LB4_FE_ADDRS_MAP, "LB4_FE_ADDRS"));
+    assert!(str_eq(proxy_common::LB4_FE_ADDRS_MAP, "LB4_FE_ADDRS2"));
     assert!(str_eq(proxy_common::LB4_REVNAT_MAP, "LB4_REVNAT"));
     assert!(str_eq(proxy_common::LB4_CONFIG_MAP, "LB4_CONFIG_V2"));
     assert!(str_eq(proxy_common::LB4_SRC_RANGES_MAP, "LB4_SRC_RANGES"));

@@ -43,13 +43,13 @@ use proxy_common::{
     CTR_DROP_REJECT_FAILED, CTR_DROP_REJECT_RATE_LIMITED, CTR_DROP_REWRITE, CTR_DROP_SNAT_PORTS,
     CTR_DROP_SOURCE_RANGE, CTR_DROP_UNALLOCATED_CLUSTER_IP, CTR_HAIRPIN, CTR_NEW_FLOW,
     CTR_NEW_FLOW_RACE_LOST, CTR_NEW_FLOW_SNAT, CTR_PASS_FRAGMENT, CTR_PASS_NO_MATCH,
-    CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_POD_CLIENT, CTR_PASS_OTHER_PROTO, CTR_PASS_REPLY_AT_EGRESS,
-    CTR_POD_CLIENTS_FULL, CTR_PORT_REMAPPED, CTR_REDIRECT, CTR_REJECT_FRAG_NEEDED,
-    CTR_REJECT_NO_BACKEND, CTR_REJECT_NO_SUCH_PORT, CTR_REPLY, CTR_SEEN, Ct4Entry, Ct4Key,
-    DP_STATE_POD_CLIENTS_FULL, FE_ADDR_CLUSTER_IP, FE_ADDR_NAT, FLOW_CB_NOW_HI, FLOW_CB_NOW_LO,
-    IPPROTO_SCTP, IPPROTO_TCP, LOCAL_SLOT_BASE, Lb4Config, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL,
-    SVC_FLAG_MAGLEV, SVC_FLAG_NO_LOCAL_DROP, TAIL_NEW_FLOW_FROM_POD, TAIL_NEW_FLOW_FROM_UPLINK,
-    maglev_hash,
+    CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_FRONTEND_PORT, CTR_PASS_NOT_POD_CLIENT,
+    CTR_PASS_OTHER_PROTO, CTR_PASS_REPLY_AT_EGRESS, CTR_POD_CLIENTS_FULL, CTR_PORT_REMAPPED,
+    CTR_REDIRECT, CTR_REJECT_FRAG_NEEDED, CTR_REJECT_NO_BACKEND, CTR_REJECT_NO_SUCH_PORT,
+    CTR_REPLY, CTR_SEEN, Ct4Entry, Ct4Key, DP_STATE_POD_CLIENTS_FULL, FE_ADDR_CLUSTER_IP,
+    FE_ADDR_NAT, FLOW_CB_NOW_HI, FLOW_CB_NOW_LO, IPPROTO_SCTP, IPPROTO_TCP, LOCAL_SLOT_BASE,
+    Lb4Config, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL, SVC_FLAG_MAGLEV, SVC_FLAG_NO_LOCAL_DROP,
+    TAIL_NEW_FLOW_FROM_POD, TAIL_NEW_FLOW_FROM_UPLINK, maglev_hash,
 };
 
 use crate::{
@@ -185,7 +185,10 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
             // Whether the packet goes on (`Some`), and if so whether it may be a reply to look
             // up: at egress any can be; at ingress only replies of SNATed flows are translated.
             let dest = if hook.is_egress() {
-                Some(true)
+                Some(Dest {
+                    maybe_reply: true,
+                    maybe_flow: true,
+                })
             } else {
                 ingress_dest(&flow)
             };
@@ -200,11 +203,11 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
                 (DROP, CTR_DROP_NODE_SCTP_TO_SERVICE)
             } else if hook == Hook::ToUplink && unallocated(hook, flow.daddr_be) {
                 (DROP, CTR_DROP_UNALLOCATED_CLUSTER_IP)
-            } else if let Some(maybe_reply) = dest {
+            } else if let Some(dest) = dest {
                 if flow.frag == FIRST_FRAGMENT {
                     note_first_fragment(&flow);
                 }
-                let replied = if maybe_reply || may_be_snated_reply(&flow) {
+                let replied = if dest.maybe_reply || may_be_snated_reply(&flow) {
                     reply(ctx, &flow, len, hook)
                 } else {
                     None
@@ -212,6 +215,11 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
                 match replied {
                     Some(r) => r,
                     None if hook.is_egress() => (PASS, CTR_PASS_NO_MATCH),
+                    // No frontend on the address has the port, nor does any live flow to it.
+                    None if !dest.maybe_flow => match no_frontend(ctx, &flow, hook) {
+                        (PASS, _) => (PASS, CTR_PASS_NOT_FRONTEND_PORT),
+                        refused => refused,
+                    },
                     None => forward(ctx, &flow, conntrack::now(), len, hook),
                 }
             } else if unallocated(hook, flow.daddr_be) {
@@ -270,7 +278,7 @@ fn unallocated(hook: Hook, daddr_be: u32) -> bool {
 #[inline(always)]
 fn start_flow(ctx: &TcContext, f: &Flow, now: u64, hook: Hook) -> (i32, u32) {
     if lb::frontend(f.daddr_be, f.dport_be, f.proto).is_none() {
-        return no_frontend(ctx, f, now, hook);
+        return no_frontend(ctx, f, hook);
     }
     to_new_flow(ctx, hook, now)
 }
@@ -278,7 +286,7 @@ fn start_flow(ctx: &TcContext, f: &Flow, now: u64, hook: Hook) -> (i32, u32) {
 /// A packet to no frontend. A ClusterIP is only its Services' ports: another port from a pod
 /// is refused, not routed out of the default route. (From outside, ClusterIPs are nobody's.)
 #[inline(always)]
-fn no_frontend(ctx: &TcContext, f: &Flow, now: u64, hook: Hook) -> (i32, u32) {
+fn no_frontend(ctx: &TcContext, f: &Flow, hook: Hook) -> (i32, u32) {
     if hook == Hook::FromPod && is_cluster_ip(f.daddr_be) {
         if !f.has_l4() {
             return (DROP, CTR_DROP_FRAGMENT);
@@ -288,7 +296,7 @@ fn no_frontend(ctx: &TcContext, f: &Flow, now: u64, hook: Hook) -> (i32, u32) {
             f,
             reject::PORT_UNREACHABLE,
             0,
-            now,
+            conntrack::now(),
             CTR_REJECT_NO_SUCH_PORT,
         );
     }
@@ -338,19 +346,37 @@ fn handle_new_flow(ctx: &TcContext, hook: Hook) -> i32 {
     finish(ctx, verdict, counter, len)
 }
 
+/// What a packet's destination at ingress can be, from `LB4_FE_ADDRS2`.
+#[derive(Clone, Copy)]
+pub(crate) struct Dest {
+    /// The address is marked [`FE_ADDR_NAT`]: flows SNATed to an earlier address have their
+    /// replies arrive there (at egress: any packet may be a reply).
+    pub maybe_reply: bool,
+    /// A frontend on the address, or a live flow to it, may have the packet's port (the
+    /// address's port filter). If not, the packet is no service flow's.
+    pub maybe_flow: bool,
+}
+
 /// At ingress: `None` if a packet to `f.daddr_be` can belong to no translated flow (the
-/// address is no frontend's, nor the hairpin or SNAT address); else whether the address is
-/// marked [`FE_ADDR_NAT`] (flows SNATed to an earlier address: their replies arrive there).
+/// address is no frontend's, nor the hairpin or SNAT address); else what it may be. The
+/// hairpin and SNAT addresses, when no frontend is on them, can only receive replies (every
+/// address a live flow's frontend names is in the map).
 #[inline(always)]
-pub(crate) fn ingress_dest(f: &Flow) -> Option<bool> {
-    // SAFETY: the value is a plain integer.
+pub(crate) fn ingress_dest(f: &Flow) -> Option<Dest> {
+    // SAFETY: a plain value; read once, in place.
     if let Some(v) = unsafe { LB4_FE_ADDRS.get(&f.daddr_be) } {
-        return Some(v & FE_ADDR_NAT != 0);
+        return Some(Dest {
+            maybe_reply: v.flags & FE_ADDR_NAT != 0,
+            maybe_flow: v.may_have_port(u16::from_be(f.dport_be)),
+        });
     }
     LB4_CONFIG
         .get(0)
         .is_some_and(|c| f.daddr_be == c.hairpin_snat_be || f.daddr_be == c.snat_addr_be)
-        .then_some(false)
+        .then_some(Dest {
+            maybe_reply: false,
+            maybe_flow: false,
+        })
 }
 
 /// At ingress, where only replies of SNATed flows are translated (before routing), whether a
@@ -405,7 +431,7 @@ fn note_pod_client(addr_be: u32) {
 #[inline(always)]
 fn is_cluster_ip(addr_be: u32) -> bool {
     // SAFETY: the value is a plain integer.
-    unsafe { LB4_FE_ADDRS.get(&addr_be) }.is_some_and(|v| v & FE_ADDR_CLUSTER_IP != 0)
+    unsafe { LB4_FE_ADDRS.get(&addr_be) }.is_some_and(|v| v.flags & FE_ADDR_CLUSTER_IP != 0)
 }
 
 /// Sends a translated packet along `route`; `counter` is its verdict's counter.
@@ -560,7 +586,7 @@ fn forward(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> (i32, u
             // Only a frontend's flows are in `CT4_NEW`: a packet to no frontend (the node's own
             // ports on a NodePort address) is answered without a second table's lookup.
             if lb::frontend(f.daddr_be, f.dport_be, f.proto).is_none() {
-                return no_frontend(ctx, f, now, hook);
+                return no_frontend(ctx, f, hook);
             }
             conntrack::not_established(&skey, now).map(|s| (s, true))
         }
@@ -709,7 +735,7 @@ fn new_flow(
 ) -> (i32, u32) {
     // Looked up again: `start_flow` found it, but the agent may have removed it since.
     let Some(fe) = lb::frontend(f.daddr_be, f.dport_be, f.proto) else {
-        return no_frontend(ctx, f, now, hook);
+        return no_frontend(ctx, f, hook);
     };
     let from_outside = hook == Hook::FromUplink;
     if from_outside && fe.flags & SVC_FLAG_CLUSTER_IP != 0 {

@@ -125,7 +125,7 @@ fn fast_path(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Opt
     let f = &p.flow;
     // Only a frontend's address, or the node's SNAT and hairpin addresses, can be a flow's
     // destination (as at TC ingress).
-    let maybe_reply = ingress_dest(f).ok_or(CTR_XDP_TO_TC_NOT_SERVICE)?;
+    let dest = ingress_dest(f).ok_or(CTR_XDP_TO_TC_NOT_SERVICE)?;
     if f.proto == IPPROTO_TCP && f.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
         return Err(CTR_XDP_TO_TC_FLOW);
     }
@@ -133,7 +133,7 @@ fn fast_path(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Opt
     // A reply of a flow SNATed to the node arrives at its address: it is looked up first, as
     // TC does (and so must anything in front of it). Its live entry in `CT4` is XDP's to
     // take; one anywhere else (expired, or in `CT4_NEW`) makes the packet TC's.
-    if maybe_reply || may_be_snated_reply(f) {
+    if dest.maybe_reply || may_be_snated_reply(f) {
         if let Some(live) = conntrack::find_established(&reply_key(f), now) {
             if looks_partial(f, p.l4_csum) {
                 return Err(CTR_XDP_TO_TC_PARTIAL_CSUM);
@@ -141,6 +141,11 @@ fn fast_path(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Opt
             let e = live.ok_or(CTR_XDP_TO_TC_FLOW)?;
             return snated_reply(ctx, start, end, &p, e, now, len).map(Some);
         }
+    }
+    // No frontend on the address has the port, nor does any live flow to it (TC answers it,
+    // again with no conntrack lookup).
+    if !dest.maybe_flow {
+        return Err(CTR_XDP_TO_TC_NOT_SERVICE);
     }
     if looks_partial(f, p.l4_csum) {
         return Err(CTR_XDP_TO_TC_PARTIAL_CSUM);

@@ -16,8 +16,9 @@ use aya::programs::{TestRun as _, TestRunOptions};
 use etherparse::PacketBuilder;
 use proxy_common::{
     CT_FLAG_SNAT, CTR_AFFINITY_HIT, CTR_CT_HIT, CTR_NEW_FLOW, CTR_NEW_FLOW_SNAT, CTR_PASS_NO_MATCH,
-    CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_POD_CLIENT, CTR_REDIRECT, CTR_REPLY, CTR_XDP_CT_HIT,
-    CTR_XDP_TO_TC_FLOW, CTR_XDP_TO_TC_NOT_SERVICE, CTR_XDP_TX, Counter,
+    CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_FRONTEND_PORT, CTR_PASS_NOT_POD_CLIENT, CTR_REDIRECT,
+    CTR_REPLY, CTR_XDP_CT_HIT, CTR_XDP_TO_TC_FLOW, CTR_XDP_TO_TC_NOT_SERVICE, CTR_XDP_TX, Counter,
+    fe_port_bit,
 };
 use sluice::dataplane::{
     Backend, CtEntry, CtKind, Dataplane, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend,
@@ -630,10 +631,24 @@ fn main() {
             .collect();
         measure(&dp, FROM_POD, &acks, 1);
         let ct_hit = on_path(&acks, rounds, CTR_CT_HIT, "a conntrack hit");
-        // A frontend's address, a port it does not serve: the conntrack lookups, then the
-        // frontend lookup, all miss.
+        // A frontend's address, a port it does not serve: the address's port filter passes
+        // it, with no conntrack lookup.
         let miss: Vec<Vec<u8>> = (0..flows).map(|i| syn_to(10_000 + i, ext, 81)).collect();
-        let no_match = on_path(&miss, rounds, CTR_PASS_NO_MATCH, "a miss");
+        let no_match = on_path(
+            &miss,
+            rounds,
+            CTR_PASS_NOT_FRONTEND_PORT,
+            "passed on the port filter",
+        );
+        // A port that shares port 80's filter bit: the full way, the conntrack lookup, then
+        // the frontend lookup, both miss.
+        let shared = (1..=u16::MAX)
+            .find(|&p| p != 80 && fe_port_bit(p) == fe_port_bit(80))
+            .unwrap();
+        let miss_shared: Vec<Vec<u8>> = (0..flows)
+            .map(|i| syn_to(10_000 + i, ext, shared))
+            .collect();
+        let no_match_shared = on_path(&miss_shared, rounds, CTR_PASS_NO_MATCH, "a full miss");
         // Pod to pod (what a connection socket LB translated looks like): no frontend at
         // that address, so no lookup beyond the address.
         let pod: Vec<Vec<u8>> = (0..flows)
@@ -656,26 +671,29 @@ fn main() {
             ct_hit,
             new_flow,
             no_match,
+            no_match_shared,
             pod_to_pod,
             into_pod,
         ));
     }
     let mut md = String::new();
-    md.push_str("| Services | empty program | conntrack hit | new flow | no match (an externalIP, another port) | pod to pod (no frontend's address) | into a pod (`sluice_to_pod`, no TC client there) | conntrack hit / new flow / pod to pod over empty | time to program all |\n");
-    md.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    md.push_str("| Services | empty program | conntrack hit | new flow | no match (an externalIP, another port: the port filter) | no match, a port sharing the frontend's filter bit (the full way) | pod to pod (no frontend's address) | into a pod (`sluice_to_pod`, no TC client there) | conntrack hit / new flow / no match / pod to pod over empty | time to program all |\n");
+    md.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     let f = cell;
-    for (n, t, e, h, nf, nm, pp, ip) in &rows {
+    for (n, t, e, h, nf, nm, nms, pp, ip) in &rows {
         md.push_str(&format!(
-            "| {n} | {} | {} | {} | {} | {} | {} | +{:.0} / +{:.0} / +{:.0} ns | {:.1} ms |\n",
+            "| {n} | {} | {} | {} | {} | {} | {} | {} | {:.2}x / {:.2}x / {:.2}x / {:.2}x | {:.1} ms |\n",
             f(e),
             f(h),
             f(nf),
             f(nm),
+            f(nms),
             f(pp),
             f(ip),
-            h.median - e.median,
-            nf.median - e.median,
-            pp.median - e.median,
+            h.median / e.median,
+            nf.median / e.median,
+            nm.median / e.median,
+            pp.median / e.median,
             t.as_secs_f64() * 1e3
         ));
     }

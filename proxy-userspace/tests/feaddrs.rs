@@ -1,6 +1,7 @@
-//! The ingress filter on frontend addresses (`LB4_FE_ADDRS`): a packet to an address no
-//! frontend is on passes with no conntrack lookup, and yet no flow that was translated loses
-//! its translation, even after its frontend is gone. The real programs, through
+//! The ingress filter on frontend addresses (`LB4_FE_ADDRS2`): a packet to an address no
+//! frontend is on, or to a port of it that no frontend and no live flow has, passes with no
+//! conntrack lookup, and yet no flow that was translated loses its translation, even after
+//! its frontend is gone. The real programs, through
 //! BPF_PROG_TEST_RUN.
 mod common;
 
@@ -41,6 +42,16 @@ fn config(pin_path: Option<std::path::PathBuf>) -> DataplaneConfig {
         conntrack_max: 4096,
         ..Default::default()
     }
+}
+
+/// Establishes a flow from [`CLIENT`] to [`VIP`]:`port`, to [`BACKEND`].
+fn establish_to_vip(dp: &Dataplane, port: u16) {
+    establish(
+        dp,
+        sa(CLIENT),
+        std::net::SocketAddrV4::new(VIP, port),
+        sa(BACKEND),
+    );
 }
 
 fn to_vip(port: u16, flags: Tcp) -> Vec<u8> {
@@ -89,12 +100,7 @@ fn a_flow_outlives_its_frontend_and_its_address_goes_only_when_the_flow_has() {
     dp.upsert_service(http, &[backend()]).unwrap();
     let (_, out) = run(&dp, FROM_POD, &to_vip(80, SYN));
     assert_eq!(check(&out).dst, sa(BACKEND));
-    establish(
-        &dp,
-        sa(CLIENT),
-        std::net::SocketAddrV4::new(VIP, 80),
-        sa(BACKEND),
-    );
+    establish_to_vip(&dp, 80);
     dp.remove_service(http).unwrap();
     // The established flow keeps its backend, as kube-proxy's conntrack keeps it.
     let (_, out) = run(&dp, FROM_POD, &to_vip(80, ACK));
@@ -123,16 +129,23 @@ fn a_flow_outlives_its_frontend_and_its_address_goes_only_when_the_flow_has() {
     );
 }
 
-#[test]
-fn a_reply_to_a_frontend_address_is_left_for_egress() {
-    require_privileged!("a_reply_to_a_frontend_address_is_left_for_egress");
+/// A dataplane with a NodePort (30080) on a node address (returned) and a ClusterIP
+/// ([`VIP`]:80), each with [`BACKEND`].
+fn node_and_cluster_ip() -> (Dataplane, Ipv4Addr) {
     let mut dp = Dataplane::load_with(config(None)).unwrap();
-    // The node (198.18.0.10, which has a NodePort) calls a ClusterIP whose backend is a pod.
     let node = Ipv4Addr::new(198, 18, 0, 10);
     dp.upsert_service(fe(node, 30080, FrontendKind::NodePort), &[backend()])
         .unwrap();
     dp.upsert_service(fe(VIP, 80, FrontendKind::ClusterIp), &[backend()])
         .unwrap();
+    (dp, node)
+}
+
+#[test]
+fn a_reply_to_a_frontend_address_is_left_for_egress() {
+    require_privileged!("a_reply_to_a_frontend_address_is_left_for_egress");
+    // The node (198.18.0.10, which has a NodePort) calls a ClusterIP whose backend is a pod.
+    let (dp, node) = node_and_cluster_ip();
     let client = std::net::SocketAddrV4::new(node, 40000);
     let vip = std::net::SocketAddrV4::new(VIP, 80);
     run(&dp, FROM_POD, &tcp(client, vip, SYN, b""));
@@ -145,9 +158,10 @@ fn a_reply_to_a_frontend_address_is_left_for_egress() {
         "untouched before routing"
     );
     // Only replies of SNATed flows are looked up at ingress (to the hairpin address, or to
-    // the SNAT address on a SNAT port): this one is no flow's packet there.
+    // the SNAT address on a SNAT port): this one is no flow's packet there, and its port
+    // (the node's client port) no frontend's, so the port filter passes it.
     let after = dp.counters().unwrap();
-    assert_eq!(delta(&before, &after, CTR_PASS_NO_MATCH), 1);
+    assert_eq!(delta(&before, &after, CTR_PASS_NOT_FRONTEND_PORT), 1);
     let (_, out) = run(&dp, TO_POD, &reply);
     assert_eq!(check(&out).src, vip, "translated at egress");
 }
@@ -166,12 +180,7 @@ fn adopting_maps_without_the_address_map_fills_it_from_frontends_and_live_flows(
         dp.upsert_service(gone, &[backend()]).unwrap();
         dp.upsert_service(fe(other, 80, FrontendKind::ClusterIp), &[backend()])
             .unwrap();
-        establish(
-            &dp,
-            sa(CLIENT),
-            std::net::SocketAddrV4::new(VIP, 80),
-            sa(BACKEND),
-        );
+        establish_to_vip(&dp, 80);
         dp.remove_service(gone).unwrap();
     }
     // An agent of the layout before the map: its pins have none.
@@ -184,4 +193,92 @@ fn adopting_maps_without_the_address_map_fills_it_from_frontends_and_live_flows(
     );
     let (_, out) = run(&dp, FROM_POD, &to_vip(80, ACK));
     assert_eq!(check(&out).dst, sa(BACKEND), "the adopted flow goes on");
+}
+
+/// The port filter of `addr`'s entry: whether a flow or a frontend may have `port` there.
+fn filter_has(dp: &Dataplane, addr: Ipv4Addr, port: u16) -> bool {
+    dp.fe_addr_entries()
+        .unwrap()
+        .into_iter()
+        .find(|(a, _)| *a == addr)
+        .is_some_and(|(_, v)| v.may_have_port(port))
+}
+
+#[test]
+fn a_packet_to_a_frontends_address_on_another_port_is_answered_with_no_conntrack_lookup() {
+    require_privileged!(
+        "a_packet_to_a_frontends_address_on_another_port_is_answered_with_no_conntrack_lookup"
+    );
+    // A node address with a NodePort, and a ClusterIP.
+    let (dp, node) = node_and_cluster_ip();
+    assert!(filter_has(&dp, node, 30080) && filter_has(&dp, VIP, 80));
+    assert!(!filter_has(&dp, node, 22) && !filter_has(&dp, VIP, 81));
+    // The node's own port (SSH) on its NodePort address: passed untouched, by the filter.
+    let ssh = tcp(sa(CLIENT), std::net::SocketAddrV4::new(node, 22), SYN, b"");
+    let before = dp.counters().unwrap();
+    assert_eq!(run(&dp, FROM_POD, &ssh), (TC_ACT_UNSPEC, ssh.clone()));
+    let after = dp.counters().unwrap();
+    assert_eq!(delta(&before, &after, CTR_PASS_NOT_FRONTEND_PORT), 1);
+    assert_eq!(delta(&before, &after, CTR_PASS_NO_MATCH), 0);
+    // A ClusterIP's other port, from a pod: still refused (ICMP port unreachable), by the
+    // filter's way too.
+    let (verdict, _) = run(&dp, FROM_POD, &to_vip(81, SYN));
+    assert_ne!(verdict, TC_ACT_UNSPEC, "refused");
+    let later = dp.counters().unwrap();
+    assert_eq!(delta(&after, &later, CTR_REJECT_NO_SUCH_PORT), 1);
+    // The frontends' own ports are translated.
+    let (_, out) = run(&dp, FROM_POD, &to_vip(80, SYN));
+    assert_eq!(check(&out).dst, sa(BACKEND));
+    let (_, out) = run(
+        &dp,
+        FROM_POD,
+        &tcp(
+            sa("198.19.0.11:40000"),
+            std::net::SocketAddrV4::new(node, 30080),
+            SYN,
+            b"",
+        ),
+    );
+    assert_eq!(check(&out).dst, sa(BACKEND));
+}
+
+#[test]
+fn a_gone_frontends_port_stays_in_the_filter_while_its_flows_live() {
+    require_privileged!("a_gone_frontends_port_stays_in_the_filter_while_its_flows_live");
+    let mut dp = Dataplane::load_with(config(None)).unwrap();
+    // An externalIP (its other ports pass untouched, from pods too) with two ports.
+    let http = fe(VIP, 80, FrontendKind::ExternalIp);
+    let https = fe(VIP, 443, FrontendKind::ExternalIp);
+    dp.upsert_service(http, &[backend()]).unwrap();
+    dp.upsert_service(https, &[backend()]).unwrap();
+    establish_to_vip(&dp, 80);
+    dp.remove_service(http).unwrap();
+    assert_eq!(dp.fe_addrs().unwrap(), vec![(VIP, 1)]);
+    assert!(filter_has(&dp, VIP, 80), "kept for the live flow");
+    let (_, out) = run(&dp, FROM_POD, &to_vip(80, ACK));
+    assert_eq!(check(&out).dst, sa(BACKEND), "the flow is still translated");
+    assert_eq!(dp.retire_fe_addrs().unwrap(), 0);
+    assert!(filter_has(&dp, VIP, 80), "a live flow names the port");
+    // The flow ends (its entries go, as the LRU or expiry takes them).
+    for e in dp.conntrack().unwrap() {
+        dp.evict_conntrack_entry(&e).unwrap();
+    }
+    assert_eq!(
+        dp.retire_fe_addrs().unwrap(),
+        0,
+        "the address has a frontend"
+    );
+    assert!(!filter_has(&dp, VIP, 80), "no flow names the port now");
+    assert!(filter_has(&dp, VIP, 443), "the frontend's own port stays");
+    let before = dp.counters().unwrap();
+    let syn = to_vip(80, SYN);
+    assert_eq!(run(&dp, FROM_POD, &syn), (TC_ACT_UNSPEC, syn.clone()));
+    assert_eq!(
+        delta(&before, &dp.counters().unwrap(), CTR_PASS_NOT_FRONTEND_PORT),
+        1
+    );
+    // A frontend on the port again: its bit is back before its first packet.
+    dp.upsert_service(http, &[backend()]).unwrap();
+    let (_, out) = run(&dp, FROM_POD, &to_vip(80, SYN));
+    assert_eq!(check(&out).dst, sa(BACKEND));
 }

@@ -20,12 +20,16 @@
 //! The programs add the client before the flow's first packet goes on. An agent that finds
 //! older pins without the map marks it full at once: the older programs, which note nothing,
 //! run until its own replace them.
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use aya::maps::{Array, HashMap, MapData};
 use proxy_common::{
     CT_KIND_SERVICE, Ct4Entry, Ct4Key, DP_STATE_POD_CLIENTS_FULL, FE_ADDR_CLUSTER_IP,
-    FE_ADDR_COUNT, FE_ADDR_NAT, LB4_DP_STATE_MAP, LB4_FE_ADDRS_MAP, LB4_POD_CLIENTS_MAP,
+    FE_ADDR_COUNT, FE_ADDR_NAT, FE_PORT_WORDS, FeAddr4, LB4_DP_STATE_MAP, LB4_FE_ADDRS_MAP,
+    LB4_POD_CLIENTS_MAP,
 };
 
 use super::{CT_TABLES, Dataplane, DataplaneError, map_error};
@@ -39,51 +43,104 @@ pub fn monotonic_ns() -> u64 {
 
 impl Dataplane {
     /// Sets `addr`'s entry to `frontends` (0: retired, kept for its flows), marked if a
-    /// ClusterIP frontend of the id tables is on it.
+    /// ClusterIP frontend of the id tables is on it, with the port filter of every frontend
+    /// on it in the id tables, of `port` (a frontend about to be), and of the ports live flows
+    /// may still name there (`flow_ports`).
     pub(super) fn write_fe_addr(
         &mut self,
         addr: Ipv4Addr,
         frontends: u32,
+        port: Option<u16>,
     ) -> Result<(), DataplaneError> {
         let max = self.config.services_max;
-        let mut mark = if self.ids.cluster_ip_on(addr) {
-            FE_ADDR_CLUSTER_IP
-        } else {
-            0
+        let mut value = FeAddr4 {
+            flags: frontends,
+            ..Default::default()
         };
-        if self.nat_addrs.contains(&addr) {
-            mark |= FE_ADDR_NAT;
+        if self.ids.cluster_ip_on(addr) {
+            value.flags |= FE_ADDR_CLUSTER_IP;
         }
-        self.insert::<u32, u32>(
+        if self.nat_addrs.contains(&addr) {
+            value.flags |= FE_ADDR_NAT;
+        }
+        value.ports = self.frontend_ports(addr);
+        if let Some(p) = port {
+            value.add_port(p);
+        }
+        if let Some(bits) = self.flow_ports.get(&addr) {
+            for (w, b) in value.ports.iter_mut().zip(bits) {
+                *w |= b;
+            }
+        }
+        self.insert::<u32, FeAddr4>(
             LB4_FE_ADDRS_MAP,
             max,
             u32::from(addr).to_be(),
-            frontends | mark,
+            value,
             || format!("the address {addr}"),
         )
+    }
+
+    /// The port filter bits of the frontends on `addr` in the id tables.
+    fn frontend_ports(&self, addr: Ipv4Addr) -> [u64; FE_PORT_WORDS] {
+        let mut v = FeAddr4::default();
+        for p in self.ids.ports_on(addr) {
+            v.add_port(p);
+        }
+        v.ports
+    }
+
+    /// Remembers, of `live` (the port filter bits of live flows to `addr`), those no frontend
+    /// on `addr` has: the filter keeps them beyond the frontends' own until
+    /// [`Self::retire_fe_addrs`] finds their flows gone. Whether the remembered bits changed.
+    fn keep_flow_ports(&mut self, addr: Ipv4Addr, live: [u64; FE_PORT_WORDS]) -> bool {
+        let own = self.frontend_ports(addr);
+        let mut extra = live;
+        for (w, o) in extra.iter_mut().zip(own) {
+            *w &= !o;
+        }
+        let before = self.flow_ports.get(&addr).copied();
+        if extra == [0; FE_PORT_WORDS] {
+            self.flow_ports.remove(&addr);
+        } else {
+            self.flow_ports.insert(addr, extra);
+        }
+        before != self.flow_ports.get(&addr).copied()
+    }
+
+    /// A frontend on `addr` with `port` went (it is out of the id tables): flows to it may
+    /// live on, so its port stays in the address's filter (unless another frontend there has
+    /// it) until [`Self::retire_fe_addrs`] finds none.
+    pub(super) fn keep_flow_port(&mut self, addr: Ipv4Addr, port: u16) {
+        let mut live = FeAddr4 {
+            ports: self.flow_ports.get(&addr).copied().unwrap_or_default(),
+            ..Default::default()
+        };
+        live.add_port(port);
+        self.keep_flow_ports(addr, live.ports);
     }
 
     /// Rewrites `addr`'s entry, if it has one, with its marks as they are now; an address
     /// with neither frontends nor marks is left for [`Self::retire_fe_addrs`].
     pub(super) fn refresh_fe_addr(&mut self, addr: Ipv4Addr) -> Result<(), DataplaneError> {
-        let m: HashMap<&MapData, u32, u32> = self.open(LB4_FE_ADDRS_MAP)?;
+        let m: HashMap<&MapData, u32, FeAddr4> = self.open(LB4_FE_ADDRS_MAP)?;
         match m.get(&u32::from(addr).to_be(), 0) {
             Ok(_) => {}
             Err(aya::maps::MapError::KeyNotFound) => return Ok(()),
             Err(e) => return Err(map_error(LB4_FE_ADDRS_MAP, "read")(e)),
         }
         let n = self.ids.frontends_on(addr);
-        self.write_fe_addr(addr, n)
+        self.write_fe_addr(addr, n, None)
     }
 
     /// The addresses marked `FE_ADDR_NAT`: earlier SNAT or hairpin addresses that live flows
     /// may still be SNATed to, whose replies the ingress programs look up.
     pub fn nat_marked_addrs(&self) -> Result<Vec<Ipv4Addr>, DataplaneError> {
-        let m: HashMap<&MapData, u32, u32> = self.open(LB4_FE_ADDRS_MAP)?;
+        let m: HashMap<&MapData, u32, FeAddr4> = self.open(LB4_FE_ADDRS_MAP)?;
         let mut v: Vec<Ipv4Addr> = m
             .iter()
             .filter_map(Result::ok)
-            .filter(|(_, n)| n & FE_ADDR_NAT != 0)
+            .filter(|(_, v)| v.flags & FE_ADDR_NAT != 0)
             .map(|(a, _)| Ipv4Addr::from(u32::from_be(a)))
             .collect();
         v.sort_unstable();
@@ -92,23 +149,32 @@ impl Dataplane {
 
     /// Every address in the map, with its number of frontends.
     pub fn fe_addrs(&self) -> Result<Vec<(Ipv4Addr, u32)>, DataplaneError> {
-        let m: HashMap<&MapData, u32, u32> = self.open(LB4_FE_ADDRS_MAP)?;
-        let mut v: Vec<(Ipv4Addr, u32)> = m
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(a, n)| (Ipv4Addr::from(u32::from_be(a)), n & FE_ADDR_COUNT))
-            .collect();
-        v.sort_unstable();
+        Ok(self
+            .fe_addr_entries()?
+            .into_iter()
+            .map(|(a, v)| (a, v.flags & FE_ADDR_COUNT))
+            .collect())
+    }
+
+    /// Every address in the map, with its entry (count, marks and port filter).
+    pub fn fe_addr_entries(&self) -> Result<Vec<(Ipv4Addr, FeAddr4)>, DataplaneError> {
+        let m: HashMap<&MapData, u32, FeAddr4> = self.open(LB4_FE_ADDRS_MAP)?;
+        let mut v = Vec::new();
+        for entry in m.iter() {
+            let (a, value) = entry.map_err(map_error(LB4_FE_ADDRS_MAP, "read"))?;
+            v.push((Ipv4Addr::from(u32::from_be(a)), value));
+        }
+        v.sort_unstable_by_key(|(a, _)| *a);
         Ok(v)
     }
 
     /// The addresses live conntrack flows arrive at: each flow's frontend, and the SNAT or
     /// hairpin address its replies come back to (which may no longer be the configured one);
-    /// and, apart, those SNAT or hairpin addresses. An incomplete read is an error, never a
-    /// shorter list.
-    fn flow_addrs(&self) -> Result<(BTreeSet<Ipv4Addr>, BTreeSet<Ipv4Addr>), DataplaneError> {
+    /// apart, those SNAT or hairpin addresses; and the port filter of each frontend address's
+    /// live flows. An incomplete read is an error, never a shorter list.
+    fn flow_addrs(&self) -> Result<LiveFlows, DataplaneError> {
         let now = monotonic_ns();
-        let (mut addrs, mut nat) = (BTreeSet::new(), BTreeSet::new());
+        let mut live = LiveFlows::default();
         for table in CT_TABLES {
             let ct: HashMap<&MapData, Ct4Key, Ct4Entry> = self.open(table)?;
             for entry in ct.iter() {
@@ -116,33 +182,43 @@ impl Dataplane {
                 if k.kind != CT_KIND_SERVICE || v.expires_ns(k.proto) < now {
                     continue;
                 }
-                addrs.insert(Ipv4Addr::from(u32::from_be(k.daddr_be)));
+                let addr = Ipv4Addr::from(u32::from_be(k.daddr_be));
+                live.addrs.insert(addr);
+                live.ports
+                    .entry(addr)
+                    .or_default()
+                    .add_port(u16::from_be(k.dport_be));
                 if v.nat_addr_be != 0 {
-                    nat.insert(Ipv4Addr::from(u32::from_be(v.nat_addr_be)));
+                    live.nat.insert(Ipv4Addr::from(u32::from_be(v.nat_addr_be)));
                 }
             }
         }
-        addrs.extend(&nat);
-        Ok((addrs, nat))
+        live.addrs.extend(&live.nat);
+        Ok(live)
     }
 
     /// After adopting pinned maps: every frontend's address with its count, and every address
-    /// a live flow names, retired, unless a frontend is on it; the SNAT or hairpin addresses
-    /// of live flows that are not configured now, marked.
+    /// a live flow names, retired, unless a frontend is on it; the ports of live flows in the
+    /// filters (trimmed by the next [`Self::retire_fe_addrs`] as the flows end); the SNAT or
+    /// hairpin addresses of live flows that are not configured now, marked.
     pub(super) fn adopt_fe_addrs(&mut self) -> Result<(), DataplaneError> {
-        let (live, nat) = self.flow_addrs()?;
+        let live = self.flow_addrs()?;
         let configured = [self.config.snat, self.config.hairpin_snat];
-        self.nat_addrs = nat
+        self.nat_addrs = live
+            .nat
             .into_iter()
             .filter(|a| !configured.contains(&Some(*a)))
             .collect();
+        for (addr, v) in &live.ports {
+            self.keep_flow_ports(*addr, v.ports);
+        }
         for addr in self.ids.frontend_addrs() {
             let n = self.ids.frontends_on(addr);
-            self.write_fe_addr(addr, n)?;
+            self.write_fe_addr(addr, n, None)?;
         }
-        for addr in live {
+        for addr in live.addrs {
             if self.ids.frontends_on(addr) == 0 {
-                self.write_fe_addr(addr, 0)?;
+                self.write_fe_addr(addr, 0, None)?;
             }
         }
         Ok(())
@@ -178,8 +254,10 @@ impl Dataplane {
     }
 
     /// Removes the retired addresses (no frontend on them) that no live flow names any more,
-    /// and the `FE_ADDR_NAT` mark of addresses no live flow is SNATed to any more; how many
-    /// addresses went. Reads conntrack only when some address is retired or marked.
+    /// the `FE_ADDR_NAT` mark of addresses no live flow is SNATed to any more, and from the
+    /// port filters the ports of gone frontends that no live flow names any more; how many
+    /// addresses went. Reads conntrack only when some address is retired, marked or has
+    /// such ports.
     pub fn retire_fe_addrs(&mut self) -> Result<usize, DataplaneError> {
         let retired: Vec<Ipv4Addr> = self
             .fe_addrs()?
@@ -187,20 +265,43 @@ impl Dataplane {
             .filter(|(a, _)| self.ids.frontends_on(*a) == 0)
             .map(|(a, _)| a)
             .collect();
-        if retired.is_empty() && self.nat_addrs.is_empty() {
+        if retired.is_empty() && self.nat_addrs.is_empty() && self.flow_ports.is_empty() {
             return Ok(0);
         }
-        let (live, nat) = self.flow_addrs()?;
+        let live = self.flow_addrs()?;
         // Addresses no live flow is SNATed to lose their mark.
-        let unmarked: Vec<Ipv4Addr> = self.nat_addrs.difference(&nat).copied().collect();
+        let unmarked: Vec<Ipv4Addr> = self.nat_addrs.difference(&live.nat).copied().collect();
         for addr in unmarked {
             self.nat_addrs.remove(&addr);
             self.refresh_fe_addr(addr)?;
         }
-        let gone: Vec<Ipv4Addr> = retired.into_iter().filter(|a| !live.contains(a)).collect();
+        let gone: Vec<Ipv4Addr> = retired
+            .into_iter()
+            .filter(|a| !live.addrs.contains(a))
+            .collect();
         for addr in &gone {
-            self.remove::<u32, u32>(LB4_FE_ADDRS_MAP, &u32::from(*addr).to_be())?;
+            self.flow_ports.remove(addr);
+            self.remove::<u32, FeAddr4>(LB4_FE_ADDRS_MAP, &u32::from(*addr).to_be())?;
+        }
+        // The filters keep the ports of live flows only (and their frontends' own).
+        let kept: Vec<Ipv4Addr> = self.flow_ports.keys().copied().collect();
+        for addr in kept {
+            let ports = live.ports.get(&addr).map(|v| v.ports).unwrap_or_default();
+            if self.keep_flow_ports(addr, ports) {
+                self.refresh_fe_addr(addr)?;
+            }
         }
         Ok(gone.len())
     }
+}
+
+/// What the live conntrack flows name (see [`Dataplane::flow_addrs`]).
+#[derive(Default)]
+struct LiveFlows {
+    /// Every address a live flow arrives at: frontends, and SNAT or hairpin addresses.
+    addrs: BTreeSet<Ipv4Addr>,
+    /// The SNAT or hairpin addresses live flows are SNATed to.
+    nat: BTreeSet<Ipv4Addr>,
+    /// Per frontend address, the port filter of its live flows.
+    ports: BTreeMap<Ipv4Addr, FeAddr4>,
 }

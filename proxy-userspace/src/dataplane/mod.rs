@@ -119,7 +119,7 @@ pub const PROGRAMS: &[&str] = &[
 ];
 
 /// Maps of earlier layouts, whose pins an agent removes (the programs no longer use them).
-pub const RETIRED_MAPS: &[&str] = &["LB4_CONFIG", "PKT_COUNTERS"];
+pub const RETIRED_MAPS: &[&str] = &["LB4_CONFIG", "PKT_COUNTERS", "LB4_FE_ADDRS"];
 
 /// The two conntrack tables (see `proxy_common::conntrack`): flows not yet established, then
 /// established ones. A flow's entries are in one of them, and move only from the first to the
@@ -432,8 +432,12 @@ pub struct Dataplane {
     config: DataplaneConfig,
     ids: services::Ids,
     /// Earlier SNAT or hairpin addresses that live flows may still be SNATed to: marked
-    /// `FE_ADDR_NAT` in `LB4_FE_ADDRS` until no live flow is (see `addrs`).
+    /// `FE_ADDR_NAT` in `LB4_FE_ADDRS2` until no live flow is (see `addrs`).
     nat_addrs: std::collections::BTreeSet<Ipv4Addr>,
+    /// Port filter bits that addresses in `LB4_FE_ADDRS2` keep for live flows beyond their
+    /// frontends' own (a frontend went, its flows did not): trimmed as the flows end (see
+    /// `addrs`).
+    flow_ports: std::collections::BTreeMap<Ipv4Addr, [u64; proxy_common::FE_PORT_WORDS]>,
     /// Pinned maps of another size the load replaced, until [`Dataplane::finish_resize`].
     resize: resize::Resize,
 }
@@ -536,6 +540,7 @@ impl Dataplane {
             config,
             ids: services::Ids::default(),
             nat_addrs: Default::default(),
+            flow_ports: Default::default(),
             resize: Default::default(),
         };
         // Before anything reads the new maps: the ids adopted below are in the old ones.
@@ -650,7 +655,7 @@ impl Dataplane {
             if let Some(old) = self.config.snat {
                 self.nat_addrs.insert(old);
                 let n = self.ids.frontends_on(old);
-                self.write_fe_addr(old, n)?;
+                self.write_fe_addr(old, n, None)?;
             }
             self.config.snat = snat;
             self.write_config()?;

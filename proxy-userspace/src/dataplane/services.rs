@@ -338,7 +338,7 @@ impl Dataplane {
         //    packet to an address they do not know.
         if old.is_none() {
             let n = self.ids.frontends_on(fe.addr) + 1;
-            self.write_fe_addr(fe.addr, n)?;
+            self.write_fe_addr(fe.addr, n, Some(fe.port))?;
         }
 
         // 1. Backends (new ones get an id; every one is (re)written, which is idempotent).
@@ -573,7 +573,7 @@ impl Dataplane {
         //    other ports are refused (never its own).
         if frontend.kind == FrontendKind::ClusterIp && old.is_none() {
             let n = self.ids.frontends_on(fe.addr);
-            self.write_fe_addr(fe.addr, n)?;
+            self.write_fe_addr(fe.addr, n, None)?;
         }
         Ok(())
     }
@@ -701,10 +701,11 @@ impl Dataplane {
         self.ids.used_rev_nat.remove(&old.rev_nat_id);
         let old_ids: Vec<u32> = old.ids().copied().collect();
         self.release(&old_ids)?;
-        // The address stays (retired at 0 when this was its last frontend) while flows to it
-        // live: `retire_fe_addrs` removes it.
+        // The address stays (retired at 0 when this was its last frontend), and the port in
+        // its filter, while flows to it live: `retire_fe_addrs` removes them.
+        self.keep_flow_port(fe.addr, fe.port);
         let n = self.ids.frontends_on(fe.addr);
-        self.write_fe_addr(fe.addr, n)
+        self.write_fe_addr(fe.addr, n, None)
     }
 
     /// Drops one reference to each backend id; a backend nobody references is removed.
@@ -797,8 +798,8 @@ impl Dataplane {
 }
 
 impl Ids {
-    /// The frontends on `addr`.
-    fn on(&self, addr: std::net::Ipv4Addr) -> impl Iterator<Item = &FeState> {
+    /// The frontends on `addr`, with their ids.
+    fn on_ids(&self, addr: std::net::Ipv4Addr) -> impl Iterator<Item = (&FrontendId, &FeState)> {
         let first = FrontendId {
             addr,
             port: 0,
@@ -807,7 +808,16 @@ impl Ids {
         self.frontends
             .range(first..)
             .take_while(move |(fe, _)| fe.addr == addr)
-            .map(|(_, s)| s)
+    }
+
+    /// The frontends on `addr`.
+    fn on(&self, addr: std::net::Ipv4Addr) -> impl Iterator<Item = &FeState> {
+        self.on_ids(addr).map(|(_, s)| s)
+    }
+
+    /// The ports of the frontends on `addr` (host order).
+    pub(super) fn ports_on(&self, addr: std::net::Ipv4Addr) -> impl Iterator<Item = u16> + '_ {
+        self.on_ids(addr).map(|(fe, _)| fe.port)
     }
 
     /// How many frontends are on `addr`.
