@@ -183,9 +183,12 @@ fn adopting_maps_without_the_address_map_fills_it_from_frontends_and_live_flows(
         establish_to_vip(&dp, 80);
         dp.remove_service(gone).unwrap();
     }
-    // An agent of the layout before the map: its pins have none.
-    std::fs::remove_file(pins.join(LB4_FE_ADDRS_MAP)).unwrap();
+    // An agent of a layout before the map: its pins have none, or the first layout's
+    // `LB4_FE_ADDRS` (counts without port filters; a pin renamed stands in for it).
+    let first_layout = pins.join("LB4_FE_ADDRS");
+    std::fs::rename(pins.join(LB4_FE_ADDRS_MAP), &first_layout).unwrap();
     let dp = Dataplane::load_with(config(Some(pins))).unwrap();
+    assert!(!first_layout.exists(), "the first layout's pin is removed");
     assert_eq!(
         dp.fe_addrs().unwrap(),
         vec![(VIP, 0), (other, 1)],
