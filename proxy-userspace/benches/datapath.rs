@@ -562,12 +562,136 @@ fn counter(dp: &Dataplane, i: u32) -> u64 {
     c[i as usize].packets
 }
 
+/// Establishes `n` flows from distinct client ports to `vip` (SYN, the backend's SYN-ACK,
+/// one ACK): the ACKs, each flow's next packet, a conntrack hit.
+fn established(dp: &Dataplane, n: u16, vip: SocketAddrV4) -> Vec<Vec<u8>> {
+    let syns: Vec<Vec<u8>> = (0..n)
+        .map(|i| syn_to(10_000 + i, *vip.ip(), vip.port()))
+        .collect();
+    measure(dp, FROM_POD, &syns, 1);
+    let syn_acks = answers(dp, |_| true, |b, c| common::tcp(b, c, common::SYN_ACK, b""));
+    assert_eq!(syn_acks.len(), usize::from(n));
+    measure(dp, TO_POD, &syn_acks, 1);
+    let acks: Vec<Vec<u8>> = (0..n)
+        .map(|i| {
+            let client = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 10), 10_000 + i);
+            common::tcp(client, vip, common::ACK, b"")
+        })
+        .collect();
+    measure(dp, FROM_POD, &acks, 1);
+    acks
+}
+
+/// SYNs of `n` flows never seen before, to `vip`, from client address number `batch`.
+fn fresh_syns(batch: u32, n: u16, vip: SocketAddrV4) -> Vec<Vec<u8>> {
+    let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 2, 0)) + batch);
+    (0..n)
+        .map(|i| syn_from(src, 10_000 + i, *vip.ip(), vip.port()))
+        .collect()
+}
+
+/// The conntrack section's row: the empty program, hits on 200, 2,000 and 20,000 flows, and
+/// new flows with room and with the tables full.
+fn conntrack_section(rounds: usize) -> String {
+    let vip = cluster_ip(0);
+    let mut hits = Vec::new();
+    let mut empty = None;
+    for n in [200u16, 2_000, 20_000] {
+        let mut dp = sized_for_services();
+        program(&mut dp, 1, None, true);
+        let acks = established(&dp, n, vip);
+        let before = counter(&dp, CTR_CT_HIT);
+        // As many runs for every size: more rounds over fewer flows.
+        hits.push(measure(
+            &dp,
+            FROM_POD,
+            &acks,
+            rounds * 20_000 / usize::from(n),
+        ));
+        assert_eq!(
+            counter(&dp, CTR_CT_HIT) - before,
+            (rounds * 20_000 / usize::from(n) * usize::from(n)) as u64,
+            "every run was a hit"
+        );
+        empty.get_or_insert_with(|| measure(&dp, PASS, &acks, rounds));
+    }
+    // The main table's sizes (262,144 new-flow entries); filled by 250,000 more new flows
+    // (2 entries each), unmeasured.
+    let mut dp = sized_for_services();
+    program(&mut dp, 1, None, true);
+    let room = measure(&dp, FROM_POD, &fresh_syns(0, 20_000, vip), 1);
+    for batch in 1..=25 {
+        measure(&dp, FROM_POD, &fresh_syns(batch, 10_000, vip), 1);
+    }
+    let before = counter(&dp, CTR_NEW_FLOW);
+    let full = measure(&dp, FROM_POD, &fresh_syns(26, 20_000, vip), 1);
+    assert_eq!(
+        counter(&dp, CTR_NEW_FLOW) - before,
+        20_000,
+        "every run was a new flow"
+    );
+    let e = empty.unwrap();
+    format!(
+        "| {} | {} | {} | {} | {:.2}x / {:.2}x / {:.2}x | {} | {} | {:.1}x / {:.1}x |\n",
+        cell(&e),
+        cell(&hits[0]),
+        cell(&hits[1]),
+        cell(&hits[2]),
+        hits[0].median / e.median,
+        hits[1].median / e.median,
+        hits[2].median / e.median,
+        cell(&room),
+        cell(&full),
+        room.median / e.median,
+        full.median / e.median,
+    )
+}
+
+/// Runs one cell's packets through `sluice_from_pod` for 10 s (`--profile`): `hit`, the
+/// established flows' next packets (`acks`); `new`, SYNs of flows never seen before, to `vip`,
+/// from client addresses in turn (the conntrack tables evict the oldest, as on a busy node).
+fn profile_cell(dp: &Dataplane, cell: &str, acks: &[Vec<u8>], vip: SocketAddrV4) {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut runs = 0usize;
+    let mut batch = 0u32;
+    let mut medians = Vec::new();
+    while std::time::Instant::now() < end {
+        match cell {
+            "hit" => {
+                medians.push(measure(dp, FROM_POD, acks, 1).median);
+                runs += acks.len();
+            }
+            "new" => {
+                batch += 1;
+                let syns = fresh_syns(batch, 10_000, vip);
+                medians.push(measure(dp, FROM_POD, &syns, 1).median);
+                runs += syns.len();
+            }
+            other => panic!("--profile takes hit or new, not {other:?}"),
+        }
+    }
+    // The medians of the first and the last rounds: for new flows, before and after the
+    // conntrack tables filled.
+    eprintln!(
+        "profiled {cell}: {runs} runs; median ns of the first and last rounds: {:?} .. {:?}",
+        &medians[..medians.len().min(3)],
+        medians.iter().step_by(25).collect::<Vec<_>>()
+    );
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     if !nix_is_root() {
         eprintln!("the datapath benchmark loads eBPF programs: run it as root");
         std::process::exit(1);
     }
+    // `--profile hit|new`: only that cell, over and over for 10 s, for `perf record` to
+    // see where its time goes (no report).
+    let args: Vec<String> = std::env::args().collect();
+    let profile = args
+        .iter()
+        .position(|a| a == "--profile")
+        .map(|i| args.get(i + 1).cloned().unwrap_or_default());
     let flows: u16 = if quick { 2_000 } else { 20_000 };
     let rounds = if quick { 2 } else { 5 };
     let mut rows = Vec::new();
@@ -630,6 +754,10 @@ fn main() {
             })
             .collect();
         measure(&dp, FROM_POD, &acks, 1);
+        if let Some(cell) = &profile {
+            profile_cell(&dp, cell, &acks, vip);
+            return;
+        }
         let ct_hit = on_path(&acks, rounds, CTR_CT_HIT, "a conntrack hit");
         // A frontend's address, a port it does not serve: the address's port filter passes
         // it, with no conntrack lookup.
@@ -697,6 +825,8 @@ fn main() {
             t.as_secs_f64() * 1e3
         ));
     }
+    md.push_str("\n## Conntrack: where a hit's time goes, and new flows once the tables are full\n\nTC ingress of a pod device, 1 Service. A conntrack hit on 200, 2,000 and 20,000 established flows, visited in turn: with few flows their entries stay in the CPU's caches; with many, each hit waits on memory for its bucket and entry (`perf record` of `--profile hit` puts about half of a hit's time in the kernel's hash bucket walk, `lookup_nulls_elem_raw`). Then new flows with room in the tables (as in the main table's cell), and new flows once `CT4_NEW` (262,144 entries here) is full, after 250,000 more new flows, as on a busy node: each insert then evicts (`--profile new` puts about half of a new flow's time in `bpf_lru_pop_free`, and a third in `htab_lru_map_update_elem`), and each lookup that misses walks a fuller bucket.\n\n| empty program | hit, 200 flows | hit, 2,000 flows | hit, 20,000 flows | over empty: 200 / 2,000 / 20,000 | new flow, room in the tables | new flow, tables full | over empty: room / full |\n|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    md.push_str(&conntrack_section(rounds));
     md.push_str("\n## The SNAT path: from outside to a NodePort whose endpoints are on other nodes\n\nTC ingress of the uplink (`sluice_from_uplink`) on a thread inside a namespace with a route and a resolved neighbour for the remote endpoints: a new flow (DNAT, SNAT port reserved, FIB lookup, TTL and MACs, redirect), the flow's next packet (conntrack hit, FIB lookup, redirect) and the endpoint's reply (reverse translation, FIB lookup, redirect), against the empty program.\n\n");
     md.push_str("| Services | empty program | new flow (SNAT) | conntrack hit (SNAT) | reply (SNAT) | over empty: new / hit / reply |\n|---:|---:|---:|---:|---:|---:|\n");
     let mut snat_xdp = Vec::new();
