@@ -272,7 +272,8 @@ impl Syncer {
                     .reconcile(&mut self.dp, &self.node_addrs, self.node_known);
                 self.finish_resize();
                 // Addresses whose last frontend went leave the ingress filter once no flow
-                // to them lives; earlier SNAT addresses lose their mark once no flow is
+                // to them lives, and ports whose frontend went leave their address's port
+                // filter likewise; earlier SNAT addresses lose their mark once no flow is
                 // SNATed to them.
                 match self.dp.retire_fe_addrs() {
                     Ok(0) => {}
