@@ -195,7 +195,8 @@ counters! {
     CTR_XDP_TO_TC_ROUTE = 57, "xdp_to_tc_route";
     /// Answered at ingress with no conntrack lookup, as a packet to no frontend: its
     /// destination is a frontend's address, but no frontend on it and no live flow to it has
-    /// the port (`FeAddr4`'s filter), and it is no reply of a SNATed flow. Passed untouched
+    /// the port (`FeAddr4`'s filter), or it is the configured SNAT or hairpin address with no
+    /// frontend on it; and it is no reply of a SNATed flow. Passed untouched
     /// (the node's own ports on a NodePort address), or, from a pod to a ClusterIP, refused
     /// and counted as `reject_no_such_port` instead.
     CTR_PASS_NOT_FRONTEND_PORT = 58, "pass_not_a_frontend_port";

@@ -44,18 +44,19 @@ pub const SVC_CIDRS_MAX: usize = 8;
 /// socket LB translated at `connect()`). A packet to a frontend's address on a port whose bit
 /// is clear in the filter, and no reply of a SNATed flow, is no flow's either: it is answered
 /// as a packet to no frontend, again with no conntrack lookup (the node's own ports on a
-/// NodePort address, a ClusterIP's other ports).
+/// NodePort address, a ClusterIP's other ports). So is a packet to the configured SNAT or
+/// hairpin address, when no frontend is on it, that is no reply of a SNATed flow.
 /// An address whose last frontend went stays, with 0, while conntrack holds flows to it
 /// (they keep their backend, as the maps promise); the agent removes it once none is live.
 /// Likewise a port's bit stays set while a live flow names it, after its frontend went.
 /// (The first layout, `LB4_FE_ADDRS`, had the count alone: an agent removes its pin.)
 pub const LB4_FE_ADDRS_MAP: &str = "LB4_FE_ADDRS2";
-/// In an `LB4_FE_ADDRS` value: a ClusterIP frontend is on the address (set once its entry is
+/// In an `LB4_FE_ADDRS2` value's flags: a ClusterIP frontend is on the address (set once its entry is
 /// written). A new flow from a pod to a port of it that no frontend serves is rejected, as
 /// kube-proxy's nftables mode rejects it, rather than routed out of the default route. The
 /// rest of the value ([`FE_ADDR_COUNT`]) is the number of frontends.
 pub const FE_ADDR_CLUSTER_IP: u32 = 1 << 31;
-/// In an `LB4_FE_ADDRS` value: live flows may be SNATed to the address, which is no longer
+/// In an `LB4_FE_ADDRS2` value's flags: live flows may be SNATed to the address, which is no longer
 /// the configured SNAT or hairpin address (the node's address changed, or an agent restarted
 /// with another). The ingress programs look replies up only where SNATed flows' replies can
 /// arrive: the configured addresses, and these. The agent clears it once no live flow is.

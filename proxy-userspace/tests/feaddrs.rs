@@ -112,7 +112,7 @@ fn a_flow_outlives_its_frontend_and_its_address_goes_only_when_the_flow_has() {
     assert_eq!(check(&out).dst, sa(BACKEND));
     assert_eq!(dp.retire_fe_addrs().unwrap(), 0, "closing, not yet over");
     std::thread::sleep(
-        Duration::from_nanos(CT_LIFETIME_TCP_CLOSING_NS) + Duration::from_millis(500),
+        Duration::from_nanos(CT_LIFETIME_TCP_CLOSING_NS) + Duration::from_millis(1_500),
     );
     assert_eq!(dp.retire_fe_addrs().unwrap(), 1);
     assert_eq!(dp.fe_addrs().unwrap(), vec![]);

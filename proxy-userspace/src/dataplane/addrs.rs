@@ -1,4 +1,4 @@
-//! The frontend addresses (`LB4_FE_ADDRS`): the ingress programs' first question about a
+//! The frontend addresses (`LB4_FE_ADDRS2`): the ingress programs' first question about a
 //! packet is whether its destination is an address some frontend is on. Most packets a node
 //! forwards (pod to pod, and every connection socket LB translated at `connect()`) are not,
 //! and pass with that one lookup and no conntrack work.
@@ -12,6 +12,13 @@
 //! look replies up only there and at the configured ones. An agent that adopts pinned maps, of this
 //! layout or of one without the map, writes every frontend's address and every address a live flow
 //! names before its programs replace the old ones.
+//!
+//! Each address's entry also filters ports (`FeAddr4::ports`): a packet to the address on a port
+//! whose bit is clear is no flow's. What must hold: the bit of every frontend's port is set before
+//! the frontend can be seen, and the bit of a port whose frontend went stays while a live flow's
+//! service entry names the address and port. The agent remembers such ports (`flow_ports`) and
+//! [`Dataplane::retire_fe_addrs`] drops each once no live flow names it; an agent that adopts
+//! pinned maps sets the port of every live flow.
 //!
 //! The pod clients (`LB4_POD_CLIENTS`) are the egress programs' first question in the same
 //! way: a packet into a pod can be a reply to translate only if its destination has been the
@@ -33,6 +40,11 @@ use proxy_common::{
 };
 
 use super::{CT_TABLES, Dataplane, DataplaneError, map_error};
+
+/// How long past its expiry (by this process's clock) an entry still counts as live here.
+/// The programs may read the coarse clock, which runs up to a jiffy behind CLOCK_MONOTONIC:
+/// an entry that looks just expired here may still be live to them, and renewed.
+const LIVE_GRACE_NS: u64 = 1_000_000_000;
 
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`, which conntrack expiry uses.
 pub fn monotonic_ns() -> u64 {
@@ -179,7 +191,7 @@ impl Dataplane {
             let ct: HashMap<&MapData, Ct4Key, Ct4Entry> = self.open(table)?;
             for entry in ct.iter() {
                 let (k, v) = entry.map_err(map_error(table, "read"))?;
-                if k.kind != CT_KIND_SERVICE || v.expires_ns(k.proto) < now {
+                if k.kind != CT_KIND_SERVICE || v.expires_ns(k.proto) + LIVE_GRACE_NS < now {
                     continue;
                 }
                 let addr = Ipv4Addr::from(u32::from_be(k.daddr_be));

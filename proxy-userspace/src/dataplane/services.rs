@@ -698,12 +698,15 @@ impl Dataplane {
         }
         self.remove::<u32, Lb4RevNat>(LB4_REVNAT_MAP, &old.rev_nat_id)?;
         self.ids.frontends.remove(&frontend.id());
+        // The port stays in its address's filter while flows to it live (`retire_fe_addrs`
+        // trims it): remembered at once, as the id tables forget the frontend, so that no
+        // failure below (which the retry does not see again) can lose it.
+        self.keep_flow_port(fe.addr, fe.port);
         self.ids.used_rev_nat.remove(&old.rev_nat_id);
         let old_ids: Vec<u32> = old.ids().copied().collect();
         self.release(&old_ids)?;
-        // The address stays (retired at 0 when this was its last frontend), and the port in
-        // its filter, while flows to it live: `retire_fe_addrs` removes them.
-        self.keep_flow_port(fe.addr, fe.port);
+        // The address stays (retired at 0 when this was its last frontend) while flows to it
+        // live: `retire_fe_addrs` removes it.
         let n = self.ids.frontends_on(fe.addr);
         self.write_fe_addr(fe.addr, n, None)
     }
