@@ -188,9 +188,10 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
                 Some(Dest {
                     maybe_reply: true,
                     maybe_flow: true,
+                    cluster_ip: false,
                 })
             } else {
-                ingress_dest(&flow)
+                ingress_dest(&flow, hook == Hook::FromPod)
             };
             if hook == Hook::ToPod && !may_be_reply_to_pod(&flow) {
                 (PASS, CTR_PASS_NOT_POD_CLIENT)
@@ -216,7 +217,7 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
                     Some(r) => r,
                     None if hook.is_egress() => (PASS, CTR_PASS_NO_MATCH),
                     // No frontend on the address has the port, nor does any live flow to it.
-                    None if !dest.maybe_flow => match no_frontend(ctx, &flow, hook) {
+                    None if !dest.maybe_flow => match no_frontend_on(ctx, &flow, dest.cluster_ip) {
                         (PASS, _) => (PASS, CTR_PASS_NOT_FRONTEND_PORT),
                         refused => refused,
                     },
@@ -287,7 +288,13 @@ fn start_flow(ctx: &TcContext, f: &Flow, now: u64, hook: Hook) -> (i32, u32) {
 /// is refused, not routed out of the default route. (From outside, ClusterIPs are nobody's.)
 #[inline(always)]
 fn no_frontend(ctx: &TcContext, f: &Flow, hook: Hook) -> (i32, u32) {
-    if hook == Hook::FromPod && is_cluster_ip(f.daddr_be) {
+    no_frontend_on(ctx, f, hook == Hook::FromPod && is_cluster_ip(f.daddr_be))
+}
+
+/// [`no_frontend`], told whether the packet is from a pod to a ClusterIP.
+#[inline(always)]
+fn no_frontend_on(ctx: &TcContext, f: &Flow, pod_to_cluster_ip: bool) -> (i32, u32) {
+    if pod_to_cluster_ip {
         if !f.has_l4() {
             return (DROP, CTR_DROP_FRAGMENT);
         }
@@ -355,6 +362,8 @@ pub(crate) struct Dest {
     /// A frontend on the address, or a live flow to it, may have the packet's port (the
     /// address's port filter). If not, the packet is no service flow's.
     pub maybe_flow: bool,
+    /// From a pod, to an address a ClusterIP frontend is on ([`FE_ADDR_CLUSTER_IP`]).
+    pub cluster_ip: bool,
 }
 
 /// At ingress: `None` if a packet to `f.daddr_be` can belong to no translated flow (the
@@ -362,12 +371,13 @@ pub(crate) struct Dest {
 /// hairpin and SNAT addresses, when no frontend is on them, can only receive replies (every
 /// address a live flow's frontend names is in the map).
 #[inline(always)]
-pub(crate) fn ingress_dest(f: &Flow) -> Option<Dest> {
+pub(crate) fn ingress_dest(f: &Flow, from_pod: bool) -> Option<Dest> {
     // SAFETY: a plain value; read once, in place.
     if let Some(v) = unsafe { LB4_FE_ADDRS.get(&f.daddr_be) } {
         return Some(Dest {
             maybe_reply: v.flags & FE_ADDR_NAT != 0,
             maybe_flow: v.may_have_port(u16::from_be(f.dport_be)),
+            cluster_ip: from_pod && v.flags & FE_ADDR_CLUSTER_IP != 0,
         });
     }
     LB4_CONFIG
@@ -376,6 +386,7 @@ pub(crate) fn ingress_dest(f: &Flow) -> Option<Dest> {
         .then_some(Dest {
             maybe_reply: false,
             maybe_flow: false,
+            cluster_ip: false,
         })
 }
 

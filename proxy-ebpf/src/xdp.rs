@@ -125,7 +125,7 @@ fn fast_path(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Opt
     let f = &p.flow;
     // Only a frontend's address, or the node's SNAT and hairpin addresses, can be a flow's
     // destination (as at TC ingress).
-    let dest = ingress_dest(f).ok_or(CTR_XDP_TO_TC_NOT_SERVICE)?;
+    let dest = ingress_dest(f, false).ok_or(CTR_XDP_TO_TC_NOT_SERVICE)?;
     if f.proto == IPPROTO_TCP && f.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
         return Err(CTR_XDP_TO_TC_FLOW);
     }
