@@ -569,6 +569,12 @@ fn established(dp: &Dataplane, n: u16, vip: SocketAddrV4) -> Vec<Vec<u8>> {
         .map(|i| syn_to(10_000 + i, *vip.ip(), vip.port()))
         .collect();
     measure(dp, FROM_POD, &syns, 1);
+    answer_and_ack(dp, n, vip)
+}
+
+/// Establishes the `n` flows whose SYNs (`syn_to`, ports 10,000 on, to `vip`) went through,
+/// unmeasured: each backend answers, each client ACKs. The ACKs, each flow's next packet.
+fn answer_and_ack(dp: &Dataplane, n: u16, vip: SocketAddrV4) -> Vec<Vec<u8>> {
     let syn_acks = answers(dp, |_| true, |b, c| common::tcp(b, c, common::SYN_ACK, b""));
     assert_eq!(syn_acks.len(), usize::from(n));
     measure(dp, TO_POD, &syn_acks, 1);
@@ -670,10 +676,10 @@ fn profile_cell(dp: &Dataplane, cell: &str, acks: &[Vec<u8>], vip: SocketAddrV4)
             other => panic!("--profile takes hit or new, not {other:?}"),
         }
     }
-    // The medians of the first and the last rounds: for new flows, before and after the
-    // conntrack tables filled.
+    // The medians of the first rounds, then of every 25th: for new flows, before and as the
+    // conntrack tables fill.
     eprintln!(
-        "profiled {cell}: {runs} runs; median ns of the first and last rounds: {:?} .. {:?}",
+        "profiled {cell}: {runs} runs; median ns of the first rounds {:?}, then of every 25th {:?}",
         &medians[..medians.len().min(3)],
         medians.iter().step_by(25).collect::<Vec<_>>()
     );
@@ -739,21 +745,7 @@ fn main() {
             on_path_of(FROM_POD, pkts, rounds, ctr, what)
         };
         let new_flow = on_path(&pkts, 1, CTR_NEW_FLOW, "a new flow");
-        // Established, unmeasured: each backend answers, each client ACKs.
-        let syn_acks = answers(
-            &dp,
-            |_| true,
-            |b, c| common::tcp(b, c, common::SYN_ACK, b""),
-        );
-        assert_eq!(syn_acks.len(), usize::from(flows));
-        measure(&dp, TO_POD, &syn_acks, 1);
-        let acks: Vec<Vec<u8>> = (0..flows)
-            .map(|i| {
-                let client = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 10), 10_000 + i);
-                common::tcp(client, vip, common::ACK, b"")
-            })
-            .collect();
-        measure(&dp, FROM_POD, &acks, 1);
+        let acks = answer_and_ack(&dp, flows, vip);
         if let Some(cell) = &profile {
             profile_cell(&dp, cell, &acks, vip);
             return;

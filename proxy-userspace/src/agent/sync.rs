@@ -275,13 +275,7 @@ impl Syncer {
                 // to them lives, and ports whose frontend went leave their address's port
                 // filter likewise; earlier SNAT addresses lose their mark once no flow is
                 // SNATed to them.
-                // Not while a resize is unfinished: the programs not yet replaced still renew
-                // their flows in the old conntrack maps, which the sweep does not read.
-                match if self.dp.resizing() {
-                    Ok(0)
-                } else {
-                    self.dp.retire_fe_addrs()
-                } {
+                match self.dp.retire_fe_addrs() {
                     Ok(0) => {}
                     Ok(n) => tracing::debug!(addresses = n, "retired frontend addresses removed"),
                     Err(error) => tracing::warn!(%error, "could not tidy the frontend addresses"),

@@ -269,8 +269,12 @@ impl Dataplane {
     /// the `FE_ADDR_NAT` mark of addresses no live flow is SNATed to any more, and from the
     /// port filters the ports of gone frontends that no live flow names any more; how many
     /// addresses went. Reads conntrack only when some address is retired, marked or has
-    /// such ports.
+    /// such ports. Does nothing while a resize is unfinished: the programs not yet replaced
+    /// still renew their flows in the old conntrack maps, which this does not read.
     pub fn retire_fe_addrs(&mut self) -> Result<usize, DataplaneError> {
+        if self.resizing() {
+            return Ok(0);
+        }
         let retired: Vec<Ipv4Addr> = self
             .fe_addrs()?
             .into_iter()
