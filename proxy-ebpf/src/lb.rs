@@ -1,13 +1,18 @@
 //! Frontends and backend choice: O(1) whatever the number of Services.
+use aya_ebpf::helpers::bpf_get_prandom_u32;
 use aya_ebpf::maps::lpm_trie::Key;
 use proxy_common::{
     Affinity4Key, Affinity4Value, AffinityMatchKey, BACKEND_FLAG_LOCAL, CTR_AFFINITY_HIT,
-    Lb4Backend, Lb4Key, Lb4Service, MAGLEV_M, SRC_RANGE_ID_BITS, SVC_FLAG_AFFINITY,
-    SVC_FLAG_MAGLEV, SVC_FLAG_SRC_RANGES, SrcRange4Key, maglev_position,
+    CTR_DROP_NO_BACKEND_ENTRY, CTR_DROP_NO_LOCAL_BACKEND, LOCAL_SLOT_BASE, Lb4Backend, Lb4Key,
+    Lb4Service, MAGLEV_M, SRC_RANGE_ID_BITS, SVC_FLAG_AFFINITY, SVC_FLAG_EXT_LOCAL,
+    SVC_FLAG_MAGLEV, SVC_FLAG_SRC_RANGES, SrcRange4Key, maglev_hash, maglev_position,
 };
 
-use crate::maps::{
-    LB4_AFFINITY, LB4_AFFINITY_MATCH, LB4_BACKENDS, LB4_MAGLEV, LB4_SERVICES, LB4_SRC_RANGES,
+use crate::{
+    maps::{
+        LB4_AFFINITY, LB4_AFFINITY_MATCH, LB4_BACKENDS, LB4_MAGLEV, LB4_SERVICES, LB4_SRC_RANGES,
+    },
+    parse::Flow,
 };
 
 /// The frontend entry (slot 0) for `addr:port/proto`, if there is one.
@@ -16,6 +21,50 @@ pub fn frontend(addr_be: u32, port_be: u16, proto: u8) -> Option<Lb4Service> {
     let key = Lb4Key::new(addr_be, port_be, 0, proto);
     // SAFETY: the value is copied out at once; the map holds plain integers.
     unsafe { LB4_SERVICES.get(&key).copied() }
+}
+
+/// The backend for `f`'s new flow to frontend `fe` (whose entry was just looked up), from
+/// outside (`from_outside`: externalTrafficPolicy Local narrows it to the node's own
+/// endpoints) or from a pod: by Maglev's table where the frontend has one (every node picks
+/// alike), else at random; affinity as [`choose`]. The frontend has endpoints (`fe.count` >
+/// 0). Else the drop counter of why there is none: no local endpoint, or a missing entry.
+#[inline(always)]
+pub fn backend_for(
+    f: &Flow,
+    fe: &Lb4Service,
+    from_outside: bool,
+    now: u64,
+) -> Result<Lb4Backend, u32> {
+    // externalTrafficPolicy Local: traffic from outside uses the node's own endpoints, kept
+    // in slots of their own.
+    let (first, n) = if from_outside && fe.flags & SVC_FLAG_EXT_LOCAL != 0 {
+        (LOCAL_SLOT_BASE + 1, fe.local_count)
+    } else {
+        (1, fe.count)
+    };
+    if n == 0 {
+        return Err(CTR_DROP_NO_LOCAL_BACKEND);
+    }
+    // Maglev hashes the flow (every node then picks alike); else uniformly at random.
+    let r = if fe.flags & SVC_FLAG_MAGLEV != 0 {
+        maglev_hash(f.saddr_be, f.daddr_be, f.sport_be, f.dport_be, f.proto)
+    } else {
+        // SAFETY: bpf_get_prandom_u32 has no preconditions.
+        unsafe { bpf_get_prandom_u32() }
+    };
+    choose(
+        fe,
+        f.daddr_be,
+        f.dport_be,
+        f.proto,
+        first,
+        n,
+        f.saddr_be,
+        first != 1,
+        r,
+        now,
+    )
+    .ok_or(CTR_DROP_NO_BACKEND_ENTRY)
 }
 
 /// The backend for a new flow from `client_be` to frontend `fe` (at `addr_be:port_be/proto`),

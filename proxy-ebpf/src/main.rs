@@ -30,6 +30,8 @@ mod parse;
 #[cfg(target_arch = "bpf")]
 mod programs;
 #[cfg(target_arch = "bpf")]
+mod record;
+#[cfg(target_arch = "bpf")]
 mod reject;
 #[cfg(target_arch = "bpf")]
 mod sctp;

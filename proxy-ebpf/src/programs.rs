@@ -31,25 +31,21 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{__sk_buff, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::bpf_get_prandom_u32,
     macros::classifier,
     programs::TcContext,
 };
 use proxy_common::{
     BACKEND_FLAG_LOCAL, CT_FLAG_ESTABLISHED, CT_FLAG_PORT_REMAP, CT_FLAG_REDIRECT, CT_FLAG_SNAT,
-    CTR_CT_HIT, CTR_CT_STALE_REVERSE, CTR_DROP_CT_WRITE, CTR_DROP_FIB, CTR_DROP_FRAGMENT,
-    CTR_DROP_NEW_FLOW_PROGRAM, CTR_DROP_NO_BACKEND_ENTRY, CTR_DROP_NO_LOCAL_BACKEND,
-    CTR_DROP_NO_SNAT_ADDR, CTR_DROP_NODE_SCTP_TO_SERVICE, CTR_DROP_RACE_REDIRECT,
-    CTR_DROP_REJECT_FAILED, CTR_DROP_REJECT_RATE_LIMITED, CTR_DROP_REWRITE, CTR_DROP_SNAT_PORTS,
-    CTR_DROP_SOURCE_RANGE, CTR_DROP_UNALLOCATED_CLUSTER_IP, CTR_HAIRPIN, CTR_NEW_FLOW,
-    CTR_NEW_FLOW_RACE_LOST, CTR_NEW_FLOW_SNAT, CTR_PASS_FRAGMENT, CTR_PASS_NO_MATCH,
-    CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_FRONTEND_PORT, CTR_PASS_NOT_POD_CLIENT,
-    CTR_PASS_OTHER_PROTO, CTR_PASS_REPLY_AT_EGRESS, CTR_POD_CLIENTS_FULL, CTR_PORT_REMAPPED,
+    CTR_CT_HIT, CTR_CT_STALE_REVERSE, CTR_DROP_FIB, CTR_DROP_FRAGMENT, CTR_DROP_NEW_FLOW_PROGRAM,
+    CTR_DROP_NO_LOCAL_BACKEND, CTR_DROP_NO_SNAT_ADDR, CTR_DROP_NODE_SCTP_TO_SERVICE,
+    CTR_DROP_REJECT_FAILED, CTR_DROP_REJECT_RATE_LIMITED, CTR_DROP_REWRITE, CTR_DROP_SOURCE_RANGE,
+    CTR_DROP_UNALLOCATED_CLUSTER_IP, CTR_HAIRPIN, CTR_NEW_FLOW, CTR_NEW_FLOW_SNAT,
+    CTR_PASS_FRAGMENT, CTR_PASS_NO_MATCH, CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_FRONTEND_PORT,
+    CTR_PASS_NOT_POD_CLIENT, CTR_PASS_OTHER_PROTO, CTR_PASS_REPLY_AT_EGRESS, CTR_POD_CLIENTS_FULL,
     CTR_REDIRECT, CTR_REJECT_FRAG_NEEDED, CTR_REJECT_NO_BACKEND, CTR_REJECT_NO_SUCH_PORT,
-    CTR_REPLY, CTR_SEEN, Ct4Entry, Ct4Key, DP_STATE_POD_CLIENTS_FULL, FE_ADDR_CLUSTER_IP,
-    FE_ADDR_NAT, FLOW_CB_NOW_HI, FLOW_CB_NOW_LO, IPPROTO_SCTP, IPPROTO_TCP, LOCAL_SLOT_BASE,
-    Lb4Config, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXT_LOCAL, SVC_FLAG_MAGLEV, SVC_FLAG_NO_LOCAL_DROP,
-    TAIL_NEW_FLOW_FROM_POD, TAIL_NEW_FLOW_FROM_UPLINK, maglev_hash,
+    CTR_REPLY, CTR_SEEN, Ct4Key, DP_STATE_POD_CLIENTS_FULL, FE_ADDR_CLUSTER_IP, FE_ADDR_NAT,
+    FLOW_CB_NOW_HI, FLOW_CB_NOW_LO, IPPROTO_SCTP, IPPROTO_TCP, Lb4Config, SVC_FLAG_CLUSTER_IP,
+    SVC_FLAG_NO_LOCAL_DROP, TAIL_NEW_FLOW_FROM_POD, TAIL_NEW_FLOW_FROM_UPLINK,
 };
 
 use crate::{
@@ -60,15 +56,14 @@ use crate::{
     fib::{self, Fib, Route},
     icmp, lb,
     maps::{
-        CT4_NEW, LB4_CONFIG, LB4_DP_STATE, LB4_FE_ADDRS, LB4_FLOW_TAILS, LB4_POD_CLIENTS,
-        LB4_SVC_CIDRS,
+        LB4_CONFIG, LB4_DP_STATE, LB4_FE_ADDRS, LB4_FLOW_TAILS, LB4_POD_CLIENTS, LB4_SVC_CIDRS,
     },
     nat::{rewrite, translate},
     parse::{
         FIRST_FRAGMENT, Flow, Packet, TCP_FIN, TCP_RST, TCP_SYN, note_first_fragment, parse,
         reparse,
     },
-    reject, sctp, snat,
+    record, reject, sctp,
     stats::count,
 };
 
@@ -424,7 +419,7 @@ fn may_be_reply_to_pod(f: &Flow) -> bool {
 /// goes on, so that `sluice_to_pod` looks its replies up. If the map is full, the filter is
 /// turned off instead: a reply is never left untranslated.
 #[inline(always)]
-fn note_pod_client(addr_be: u32) {
+pub(crate) fn note_pod_client(addr_be: u32) {
     // SAFETY: as above.
     if unsafe { LB4_POD_CLIENTS.get(&addr_be) }.is_some() {
         return;
@@ -659,7 +654,7 @@ fn forward(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> (i32, u
             None => {
                 // The reverse entry was evicted: rebuild it from what we know, unless
                 // another flow has just taken its tuple; then this one starts afresh.
-                let rev = reverse_entry(f, flags, svc.rev_nat_id, now);
+                let rev = record::reverse_entry(f, flags, svc.rev_nat_id, now);
                 if !conntrack::rebuild(&rkey, &rev, s_new, now) {
                     forget(&skey);
                     return start_flow(ctx, f, now, hook);
@@ -713,28 +708,6 @@ fn promotes(f: &Flow, flags: u16) -> bool {
         && (f.proto != IPPROTO_TCP || f.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0)
 }
 
-/// The reverse entry of a flow from `f`'s client to its frontend, in state `flags`.
-#[inline(always)]
-fn reverse_entry(f: &Flow, flags: u16, rev_nat_id: u32, now: u64) -> Ct4Entry {
-    Ct4Entry {
-        seen_ns: now,
-        addr_be: f.saddr_be,
-        port_be: f.sport_be,
-        flags,
-        nat_addr_be: f.daddr_be,
-        nat_port_be: f.dport_be,
-        fin_fwd: 0,
-        fin_reply: 0,
-        rev_nat_id,
-        rst: 0,
-        seen_reply: 0,
-        established: 0,
-        _pad: 0,
-        packets: 0,
-        bytes: 0,
-    }
-}
-
 #[inline(always)]
 fn new_flow(
     ctx: &TcContext,
@@ -777,36 +750,9 @@ fn new_flow(
             CTR_REJECT_NO_BACKEND,
         );
     }
-    // externalTrafficPolicy Local: traffic from outside uses the node's own endpoints, kept
-    // in slots of their own.
-    let (first, n) = if from_outside && fe.flags & SVC_FLAG_EXT_LOCAL != 0 {
-        (LOCAL_SLOT_BASE + 1, fe.local_count)
-    } else {
-        (1, fe.count)
-    };
-    if n == 0 {
-        return (DROP, CTR_DROP_NO_LOCAL_BACKEND);
-    }
-    // Maglev hashes the flow (every node then picks alike); else uniformly at random.
-    let r = if fe.flags & SVC_FLAG_MAGLEV != 0 {
-        maglev_hash(f.saddr_be, f.daddr_be, f.sport_be, f.dport_be, f.proto)
-    } else {
-        // SAFETY: bpf_get_prandom_u32 has no preconditions.
-        unsafe { bpf_get_prandom_u32() }
-    };
-    let Some(be) = lb::choose(
-        &fe,
-        f.daddr_be,
-        f.dport_be,
-        f.proto,
-        first,
-        n,
-        f.saddr_be,
-        first != 1,
-        r,
-        now,
-    ) else {
-        return (DROP, CTR_DROP_NO_BACKEND_ENTRY);
+    let be = match lb::backend_for(f, &fe, from_outside, now) {
+        Ok(be) => be,
+        Err(drop) => return (DROP, drop),
     };
     // SAFETY: the config is plain integers, copied out.
     let cfg: Lb4Config = LB4_CONFIG.get(0).copied().unwrap_or_default();
@@ -848,85 +794,14 @@ fn new_flow(
     {
         note_pod_client(f.saddr_be);
     }
-    // The reverse entry first, so that no reply can arrive before it exists. A flow SNATed to
-    // the node takes a port of its own; the others keep the client's, unless another live flow
-    // already has the tuple (the client used the port for another frontend of this backend):
-    // then the port is remapped, and the replies get it back.
-    let mut rev = reverse_entry(f, flags, fe.rev_nat_id, now);
-    // The key of the flow's reverse entry, once it is claimed.
-    let mut rkey = translated_key(f, snat, 0, be.addr_be, be.port_be);
-    let own_port = flags & CT_FLAG_REDIRECT != 0
-        || match conntrack::claim(&rkey, &rev, now) {
-            Some(claimed) => !claimed,
-            None => return (DROP, CTR_DROP_CT_WRITE),
-        };
-    let mut snat_port = 0;
-    if own_port {
-        if flags & CT_FLAG_REDIRECT == 0 {
-            flags |= CT_FLAG_PORT_REMAP;
-            rev.flags = flags;
-            count(CTR_PORT_REMAPPED, len);
-        }
-        match snat::reserve_port(&cfg, &mut rkey, &rev, now) {
-            Some(p) => snat_port = p,
-            None => return (DROP, CTR_DROP_SNAT_PORTS),
-        }
-    }
-    // The service entry, written over the reverse one (the stack has room for one).
-    let svc = &mut rev;
-    svc.addr_be = be.addr_be;
-    svc.port_be = be.port_be;
-    svc.flags = flags;
-    svc.nat_addr_be = snat;
-    svc.nat_port_be = snat_port;
-    svc.packets = 1;
-    svc.bytes = u64::from(len);
-    // The translation this packet gets: ours, or that of the flow another CPU made first.
-    let (mut s_addr, mut s_port, mut s_nat, mut s_nat_port) =
-        (be.addr_be, be.port_be, snat, snat_port);
-    // An expired entry there (the LRU keeps them) is removed first, then the insert retried,
-    // so that two CPUs meeting it cannot both write theirs.
-    let inserted = conntrack::take(skey, svc, now).is_ok()
-        || (lookup(skey, now).is_none()
-            && CT4_NEW.remove(skey).is_ok()
-            && conntrack::take(skey, svc, now).is_ok());
-    if !inserted {
-        match lookup(skey, now) {
-            Some(w) => {
-                // Another CPU made this flow since we looked: two packets of a new flow at
-                // once (a pod's UDP client sending from two threads). Follow its choice, so
-                // the flow has one backend, and give back the tuple we took.
-                // SAFETY: a live entry from a successful lookup; fields copied out.
-                let (a, p, n, np, wf) = unsafe {
-                    (
-                        (*w).addr_be,
-                        (*w).port_be,
-                        (*w).nat_addr_be,
-                        (*w).nat_port_be,
-                        (*w).flags,
-                    )
-                };
-                if (a, p, n, np) != (s_addr, s_port, s_nat, s_nat_port) {
-                    forget(&rkey);
-                    // One of the two forwarded by us (from outside to another node): the
-                    // route this packet has is for our choice, not its. Rare (a flow's packets
-                    // from outside come in on one queue, one CPU), so dropped and counted.
-                    if (wf | flags) & CT_FLAG_REDIRECT != 0 {
-                        return (DROP, CTR_DROP_RACE_REDIRECT);
-                    }
-                }
-                (s_addr, s_port, s_nat, s_nat_port) = (a, p, n, np);
-                count(CTR_NEW_FLOW_RACE_LOST, 0);
-                counter = CTR_CT_HIT;
-            }
-            // Refused, or gone again.
-            None => {
-                forget(&rkey);
-                return (DROP, CTR_DROP_CT_WRITE);
-            }
-        }
-    }
-    if translate(ctx, f, s_nat, s_nat_port, s_addr, s_port).is_err() {
+    // The reverse entry first, so that no reply can arrive before it exists (`record`).
+    let rec = match record::record(f, skey, &fe, &be, snat, flags, &cfg, now, len) {
+        Ok(r) => r,
+        Err(drop) => return (DROP, drop),
+    };
+    let counter = record::verdict_counter(&rec, counter);
+    let (s_addr, s_nat) = (rec.addr_be, rec.nat_addr_be);
+    if translate(ctx, f, s_nat, rec.nat_port_be, s_addr, rec.port_be).is_err() {
         return (DROP, CTR_DROP_REWRITE);
     }
     if let Some(r) = route {
