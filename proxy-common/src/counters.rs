@@ -167,7 +167,7 @@ counters! {
     CTR_DROP_UNALLOCATED_CLUSTER_IP = 50, "drop_unallocated_cluster_ip";
     /// Of the XDP program on uplinks (`sluice_xdp_from_uplink`), which keeps its own account
     /// (its packets go on to TC, which counts them again): every packet it saw. Each also
-    /// counts exactly one of the six `xdp_*` below.
+    /// counts exactly one of the nine `xdp_*` below.
     CTR_XDP_SEEN = 51, "xdp_seen";
     /// XDP: a packet of an established flow to a backend, DNATed at XDP and passed to the
     /// stack; TC ingress then lets it by as addressed to no frontend.
@@ -176,9 +176,11 @@ counters! {
     /// address (or to a port of it that no frontend and no live flow has), a fragment, or
     /// malformed.
     CTR_XDP_TO_TC_NOT_SERVICE = 53, "xdp_to_tc_not_service";
-    /// XDP: passed untouched to TC, which owns what XDP does not do: a flow's first packets, a
-    /// packet that changes its flow's state (SYN, FIN, RST), a flow not established yet, a
-    /// flow whose client port was remapped, the reply of a flow not SNATed to the node.
+    /// XDP: passed untouched to TC, which owns what XDP does not do: a packet that changes an
+    /// existing flow's state (SYN, FIN, RST), a flow not established yet, a flow whose client
+    /// port was remapped, the reply of a flow not SNATed to the node; and the new flows XDP
+    /// leaves to TC (refusals, hairpin, a ClusterIP from outside, no backend entry, the
+    /// XDP new-flow program missing).
     CTR_XDP_TO_TC_FLOW = 54, "xdp_to_tc_flow";
     /// XDP: passed untouched to TC because its TCP/UDP checksum may be partial (the field holds
     /// the pseudo-header's sum, as a veth peer with checksum offload sends): XDP cannot see
@@ -200,12 +202,24 @@ counters! {
     /// (the node's own ports on a NodePort address), or, from a pod to a ClusterIP, refused
     /// and counted as `reject_no_such_port` instead.
     CTR_PASS_NOT_FRONTEND_PORT = 58, "pass_not_a_frontend_port";
+    /// XDP: a new flow's first packet from outside to a local backend: backend chosen and the
+    /// flow recorded at XDP (`sluice_xdp_new_flow`), DNATed and passed to the stack.
+    CTR_XDP_NEW_FLOW = 59, "xdp_new_flow";
+    /// XDP: a new flow's first packet from outside to a backend on another node: backend
+    /// chosen, SNAT port reserved and the flow recorded at XDP, translated and sent out by XDP
+    /// itself; it never reaches TC.
+    CTR_XDP_NEW_FLOW_TX = 60, "xdp_new_flow_tx";
+    /// XDP: dropped there, as TC would drop it: a new flow from a source outside the
+    /// frontend's `loadBalancerSourceRanges`, or one that could not be recorded (conntrack
+    /// refused the write, the SNAT ports are exhausted, another CPU's copy of the flow took
+    /// another route).
+    CTR_XDP_DROP = 61, "xdp_drop";
 }
 
 /// The counters that are no TC verdict (`seen`, the socket programs', the XDP program's, and
 /// the "of the translated packets, ..." kind): every packet a TC program sees counts `seen`
 /// once and exactly one counter not in this list.
-pub const NOT_VERDICTS: [u32; 26] = [
+pub const NOT_VERDICTS: [u32; 29] = [
     CTR_SEEN,
     CTR_HAIRPIN,
     CTR_SNAT_PORT_TAKEN,
@@ -232,10 +246,13 @@ pub const NOT_VERDICTS: [u32; 26] = [
     CTR_XDP_TO_TC_PARTIAL_CSUM,
     CTR_XDP_TX,
     CTR_XDP_TO_TC_ROUTE,
+    CTR_XDP_NEW_FLOW,
+    CTR_XDP_NEW_FLOW_TX,
+    CTR_XDP_DROP,
 ];
 
 /// Number of counters in use (at most [`CTR_SLOTS`]).
-pub const CTR_MAX: u32 = 59;
+pub const CTR_MAX: u32 = 62;
 const _: () = assert!(CTR_MAX <= CTR_SLOTS);
 
 /// One CPU's share of a counter.

@@ -179,6 +179,15 @@ pub const TAIL_NEW_FLOW_FROM_UPLINK: u32 = 1;
 /// reason as [`LB4_TAILS_MAX`]).
 pub const LB4_FLOW_TAILS_MAX: u32 = 8;
 
+/// The new-flow program the XDP program tail-calls (a program array holds programs of one
+/// type, so XDP's is a map of its own), by the slots below; pinned as [`LB4_FLOW_TAILS_MAP`]
+/// is. An empty slot leaves new flows to TC, untouched.
+pub const LB4_XDP_TAILS_MAP: &str = "LB4_XDP_TAILS";
+/// Slot of `sluice_xdp_new_flow`: a new flow from outside, at XDP.
+pub const TAIL_XDP_NEW_FLOW: u32 = 0;
+/// Slots of [`LB4_XDP_TAILS_MAP`]: one in use, the rest room for programs to come.
+pub const LB4_XDP_TAILS_MAX: u32 = 4;
+
 /// The hand-off to `sluice_sctp_checksum`, in `__sk_buff.cb`: an ABI like the maps', since the
 /// programs of one agent may tail-call the checksum program of the next (the slot is refilled
 /// at load, before the new programs replace the old ones). Index of the ports the packet

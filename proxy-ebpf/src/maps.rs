@@ -10,9 +10,9 @@ use proxy_common::{
     CTR_SLOTS, Counter, Ct4Entry, Ct4Key, FeAddr4, Frag4Key, Frag4Ports, LB4_AFFINITY_DEFAULT_MAX,
     LB4_BACKENDS_DEFAULT_MAX, LB4_FLOW_TAILS_MAX, LB4_FRAGS_DEFAULT_MAX, LB4_MAGLEV_MAX,
     LB4_POD_CLIENTS_DEFAULT_MAX, LB4_REVNAT_DEFAULT_MAX, LB4_SERVICES_DEFAULT_MAX,
-    LB4_SRC_RANGES_DEFAULT_MAX, LB4_TAILS_MAX, LB4_XDP_TX_MAX, Lb4Backend, Lb4Config, Lb4Key,
-    Lb4RevNat, Lb4Service, MaglevTable, RejectBudget, SOCK_REVNAT_DEFAULT_MAX, SockConfig,
-    SockRevKey, SockRevValue, SrcRange4Key, SvcCidrs4,
+    LB4_SRC_RANGES_DEFAULT_MAX, LB4_TAILS_MAX, LB4_XDP_TAILS_MAX, LB4_XDP_TX_MAX, Lb4Backend,
+    Lb4Config, Lb4Key, Lb4RevNat, Lb4Service, MaglevTable, RejectBudget, SOCK_REVNAT_DEFAULT_MAX,
+    SockConfig, SockRevKey, SockRevValue, SrcRange4Key, SvcCidrs4,
 };
 
 #[map(name = "PKT_COUNTERS_V2")]
@@ -79,6 +79,9 @@ pub static LB4_SVC_CIDRS: Array<SvcCidrs4> = Array::with_max_entries(1, 0);
 #[map(name = "LB4_FLOW_TAILS")]
 pub static LB4_FLOW_TAILS: ProgramArray = ProgramArray::with_max_entries(LB4_FLOW_TAILS_MAX, 0);
 
+#[map(name = "LB4_XDP_TAILS")]
+pub static LB4_XDP_TAILS: ProgramArray = ProgramArray::with_max_entries(LB4_XDP_TAILS_MAX, 0);
+
 #[map(name = "LB4_MAGLEV")]
 pub static LB4_MAGLEV: HashMap<u32, MaglevTable> =
     HashMap::with_max_entries(LB4_MAGLEV_MAX, BPF_F_NO_PREALLOC);
@@ -123,6 +126,7 @@ const _: () = {
     assert!(str_eq(proxy_common::SOCK_CONFIG_MAP, "SOCK_CONFIG"));
     assert!(str_eq(proxy_common::LB4_MAGLEV_MAP, "LB4_MAGLEV"));
     assert!(str_eq(proxy_common::LB4_XDP_TX_MAP, "LB4_XDP_TX"));
+    assert!(str_eq(proxy_common::LB4_XDP_TAILS_MAP, "LB4_XDP_TAILS"));
 };
 
 const fn str_eq(a: &str, b: &str) -> bool {

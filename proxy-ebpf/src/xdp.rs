@@ -42,9 +42,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use proxy_common::{
-    CT_FLAG_PORT_REMAP, CT_FLAG_REDIRECT, CT_FLAG_SNAT, CTR_XDP_CT_HIT, CTR_XDP_SEEN,
-    CTR_XDP_TO_TC_FLOW, CTR_XDP_TO_TC_NOT_SERVICE, CTR_XDP_TO_TC_PARTIAL_CSUM, CTR_XDP_TO_TC_ROUTE,
-    CTR_XDP_TX, Ct4Entry, IPPROTO_TCP, IPPROTO_UDP,
+    BACKEND_FLAG_LOCAL, CT_FLAG_PORT_REMAP, CT_FLAG_REDIRECT, CT_FLAG_SNAT, CTR_XDP_CT_HIT,
+    CTR_XDP_DROP, CTR_XDP_NEW_FLOW, CTR_XDP_NEW_FLOW_TX, CTR_XDP_SEEN, CTR_XDP_TO_TC_FLOW,
+    CTR_XDP_TO_TC_NOT_SERVICE, CTR_XDP_TO_TC_PARTIAL_CSUM, CTR_XDP_TO_TC_ROUTE, CTR_XDP_TX,
+    Ct4Entry, IPPROTO_TCP, IPPROTO_UDP, Lb4Config, SVC_FLAG_CLUSTER_IP, TAIL_XDP_NEW_FLOW,
 };
 
 use crate::{
@@ -52,13 +53,15 @@ use crate::{
         self, forward_state, owned_by, reply_key, reply_state, service_key, touch, translated_key,
     },
     fib::{self, Fib},
-    maps::LB4_XDP_TX,
+    lb,
+    maps::{LB4_CONFIG, LB4_XDP_TAILS, LB4_XDP_TX},
     nat::{csum_add, diff, fold},
     parse::{
         ETH_LEN, ETH_P_IP_BE, Flow, IP_CSUM_OFF, IP_DADDR_OFF, IP_MF, IP_OFFSET, IP_SADDR_OFF,
-        IP_TTL_OFF, Ip4Hdr, NOT_FRAGMENT, TCP_FIN, TCP_RST, TCP_SYN, read,
+        IP_TTL_OFF, Ip4Hdr, NOT_FRAGMENT, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, read,
     },
-    programs::{ingress_dest, may_be_snated_reply},
+    programs::{ingress_dest, may_be_snated_reply, note_pod_client},
+    record,
     stats::count,
 };
 
@@ -71,6 +74,25 @@ pub fn sluice_xdp_from_uplink(ctx: XdpContext) -> u32 {
     let (action, counter) = match fast_path(&ctx, start, end, len) {
         Ok(None) => (xdp_action::XDP_PASS, CTR_XDP_CT_HIT),
         Ok(Some(out)) => (out, CTR_XDP_TX),
+        Err(counter) => (xdp_action::XDP_PASS, counter),
+    };
+    count(counter, len);
+    action
+}
+
+/// A new flow's first packet from outside, tail-called by `sluice_xdp_from_uplink` when no
+/// entry of its flow exists: the backend chosen and the flow recorded as TC's new-flow
+/// program does (`lb::backend_for`, `record::record`), then DNATed and passed on (a local
+/// backend), or SNATed to the node and sent out (a remote one). What it leaves to TC goes
+/// untouched, with nothing recorded.
+#[xdp]
+pub fn sluice_xdp_new_flow(ctx: XdpContext) -> u32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let len = (end - start) as u32;
+    let (action, counter) = match new_flow(&ctx, start, end, len) {
+        Ok(None) => (xdp_action::XDP_PASS, CTR_XDP_NEW_FLOW),
+        Ok(Some(out)) => (out, CTR_XDP_NEW_FLOW_TX),
+        Err(CTR_XDP_DROP) => (xdp_action::XDP_DROP, CTR_XDP_DROP),
         Err(counter) => (xdp_action::XDP_PASS, counter),
     };
     count(counter, len);
@@ -108,6 +130,29 @@ struct To {
     dport_be: u16,
 }
 
+impl To {
+    /// Where a client's packet `f` goes under a flow's translation: to the backend
+    /// `addr_be:port_be`, from `nat_addr_be` (0: the client's address kept) and `nat_port_be`
+    /// (0: the client's port kept), as TC's `nat::translate`.
+    #[inline(always)]
+    fn translated(f: &Flow, nat_addr_be: u32, nat_port_be: u16, addr_be: u32, port_be: u16) -> To {
+        To {
+            saddr_be: if nat_addr_be != 0 {
+                nat_addr_be
+            } else {
+                f.saddr_be
+            },
+            sport_be: if nat_port_be != 0 {
+                nat_port_be
+            } else {
+                f.sport_be
+            },
+            daddr_be: addr_be,
+            dport_be: port_be,
+        }
+    }
+}
+
 /// The next hop of a packet XDP sends out itself.
 struct Hop {
     /// Destination then source MAC address, as they lie in the Ethernet header.
@@ -126,7 +171,13 @@ fn fast_path(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Opt
     // Only a frontend's address, or the node's SNAT and hairpin addresses, can be a flow's
     // destination (as at TC ingress).
     let dest = ingress_dest(f, false).ok_or(CTR_XDP_TO_TC_NOT_SERVICE)?;
-    if f.proto == IPPROTO_TCP && f.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
+    // A packet that changes its flow's TCP state is TC's, but for one that may start a flow:
+    // a bare SYN (or any UDP datagram), which XDP's new-flow program takes when no entry of
+    // the flow exists.
+    let changes_state = f.proto == IPPROTO_TCP && f.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0;
+    let may_open =
+        f.proto == IPPROTO_UDP || f.tcp_flags & (TCP_SYN | TCP_ACK | TCP_FIN | TCP_RST) == TCP_SYN;
+    if changes_state && !may_open {
         return Err(CTR_XDP_TO_TC_FLOW);
     }
     let now = conntrack::now();
@@ -135,6 +186,9 @@ fn fast_path(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Opt
     // take; one anywhere else (expired, or in `CT4_NEW`) makes the packet TC's.
     if dest.maybe_reply || may_be_snated_reply(f) {
         if let Some(live) = conntrack::find_established(&reply_key(f), now) {
+            if changes_state {
+                return Err(CTR_XDP_TO_TC_FLOW);
+            }
             if looks_partial(f, p.l4_csum) {
                 return Err(CTR_XDP_TO_TC_PARTIAL_CSUM);
             }
@@ -151,7 +205,19 @@ fn fast_path(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Opt
         return Err(CTR_XDP_TO_TC_PARTIAL_CSUM);
     }
     let skey = service_key(f);
-    let s = conntrack::established(&skey, now).ok_or(CTR_XDP_TO_TC_FLOW)?;
+    let Some(s) = conntrack::established(&skey, now) else {
+        // No entry of the flow in either table: a new flow, for XDP's new-flow program.
+        if may_open && conntrack::not_established(&skey, now).is_none() {
+            // SAFETY: the program's own context. A tail call does not return; if it fails
+            // (an empty slot), the packet goes to TC as it is.
+            let _ = unsafe { LB4_XDP_TAILS.tail_call(ctx, TAIL_XDP_NEW_FLOW) };
+        }
+        return Err(CTR_XDP_TO_TC_FLOW);
+    };
+    if changes_state {
+        // A SYN on an established flow's tuple: TC's (a retransmission, or a reopening).
+        return Err(CTR_XDP_TO_TC_FLOW);
+    }
     let svc = conntrack::pinned(s);
     let rkey = translated_key(
         f,
@@ -186,21 +252,13 @@ fn fast_path(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Opt
     {
         return Err(CTR_XDP_TO_TC_FLOW);
     }
-    let to = if snat {
-        To {
-            saddr_be: svc.nat_addr_be,
-            sport_be: svc.nat_port_be,
-            daddr_be: svc.addr_be,
-            dport_be: svc.port_be,
-        }
-    } else {
-        To {
-            saddr_be: f.saddr_be,
-            sport_be: f.sport_be,
-            daddr_be: svc.addr_be,
-            dport_be: svc.port_be,
-        }
-    };
+    let to = To::translated(
+        f,
+        svc.nat_addr_be,
+        svc.nat_port_be,
+        svc.addr_be,
+        svc.port_be,
+    );
     let hop = if snat {
         Some(next_hop(ctx, &p, to.saddr_be, to.daddr_be)?)
     } else {
@@ -212,6 +270,80 @@ fn fast_path(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Opt
     }
     touch(s, svc.state, flags, now, len);
     Ok(send(start, end, &p, &to, hop.as_ref()))
+}
+
+/// The new flow of the packet at `[start, end)`, which `fast_path` found no entry for: as
+/// `fast_path`'s result, or [`CTR_XDP_DROP`] for a packet to drop. Before anything is
+/// recorded, what XDP does not do goes to TC untouched: a frontend without endpoints (TC
+/// refuses it), externalTrafficPolicy Local without a local endpoint, a ClusterIP from outside,
+/// a client that is its own backend, no SNAT address, a route XDP cannot send by. From there
+/// it is TC's `new_flow`, step for step, and the bytes are the ones TC would write.
+#[inline(always)]
+fn new_flow(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Option<u32>, u32> {
+    const TC: u32 = CTR_XDP_TO_TC_FLOW;
+    // The bytes `fast_path` parsed, unchanged.
+    let p = parse(start, end, len)?;
+    let f = &p.flow;
+    let now = conntrack::now();
+    // Looked up here: the agent may have removed it since the address's filter was read.
+    let fe = lb::frontend(f.daddr_be, f.dport_be, f.proto).ok_or(TC)?;
+    if fe.flags & SVC_FLAG_CLUSTER_IP != 0 {
+        return Err(TC);
+    }
+    // loadBalancerSourceRanges: dropped, as TC drops it, before anything else about the flow.
+    if !lb::source_allowed(&fe, f.saddr_be) {
+        return Err(CTR_XDP_DROP);
+    }
+    if fe.count == 0 {
+        return Err(TC);
+    }
+    let be = lb::backend_for(f, &fe, true, now).map_err(|_| TC)?;
+    if be.addr_be == f.saddr_be {
+        return Err(TC);
+    }
+    // SAFETY: the config is plain integers, copied out.
+    let cfg: Lb4Config = LB4_CONFIG.get(0).copied().unwrap_or_default();
+    let mut flags = forward_state(f, 0);
+    let (snat, hop) = if be.flags & BACKEND_FLAG_LOCAL == 0 {
+        // To another node's backend: SNAT to this node and sent out by XDP, on a route it may
+        // send by (else TC's, which resolves neighbours and answers "fragmentation needed").
+        if cfg.snat_addr_be == 0 {
+            return Err(TC);
+        }
+        let hop = next_hop(ctx, &p, cfg.snat_addr_be, be.addr_be)?;
+        flags |= CT_FLAG_SNAT | CT_FLAG_REDIRECT;
+        (cfg.snat_addr_be, Some(hop))
+    } else {
+        // Not SNATed: its replies are translated at the egress towards its client, which
+        // for a pod's egress must be noted (a pod of this node whose traffic came back in).
+        if !back_by_ingress(ctx, be.addr_be, f.saddr_be, f.proto) {
+            note_pod_client(f.saddr_be);
+        }
+        (0, None)
+    };
+    let rec = record::record(f, &service_key(f), &fe, &be, snat, flags, &cfg, now, len)
+        .map_err(|_| CTR_XDP_DROP)?;
+    let to = To::translated(
+        f,
+        rec.nat_addr_be,
+        rec.nat_port_be,
+        rec.addr_be,
+        rec.port_be,
+    );
+    // A flow another CPU recorded first with another route was dropped by `record`: `hop`
+    // is this flow's.
+    Ok(send(start, end, &p, &to, hop.as_ref()))
+}
+
+/// Whether the route from `saddr_be` back to `daddr_be` leaves by the uplink the packet came
+/// in on (`fib::back_by_ingress`, for XDP's context).
+#[inline(always)]
+fn back_by_ingress(ctx: &XdpContext, saddr_be: u32, daddr_be: u32, proto: u8) -> bool {
+    let ingress = ctx.ingress_ifindex() as u32;
+    match fib::lookup_from(ctx.as_ptr(), ingress, saddr_be, daddr_be, proto, 0) {
+        Fib::Route(r) => r.ifindex == ingress,
+        _ => false,
+    }
 }
 
 /// A reply (backend -> node's SNAT address and port) of an established flow SNATed to the

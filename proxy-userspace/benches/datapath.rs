@@ -17,8 +17,8 @@ use etherparse::PacketBuilder;
 use proxy_common::{
     CT_FLAG_SNAT, CTR_AFFINITY_HIT, CTR_CT_HIT, CTR_NEW_FLOW, CTR_NEW_FLOW_SNAT, CTR_PASS_NO_MATCH,
     CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_FRONTEND_PORT, CTR_PASS_NOT_POD_CLIENT, CTR_REDIRECT,
-    CTR_REPLY, CTR_XDP_CT_HIT, CTR_XDP_TO_TC_FLOW, CTR_XDP_TO_TC_NOT_SERVICE, CTR_XDP_TX, Counter,
-    fe_port_bit,
+    CTR_REPLY, CTR_XDP_CT_HIT, CTR_XDP_NEW_FLOW, CTR_XDP_NEW_FLOW_TX, CTR_XDP_TO_TC_NOT_SERVICE,
+    CTR_XDP_TX, Counter, fe_port_bit,
 };
 use sluice::dataplane::{
     Backend, CtEntry, CtKind, Dataplane, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend,
@@ -151,8 +151,10 @@ fn program(dp: &mut Dataplane, services: u32, node_port_addr: Option<Ipv4Addr>, 
 /// backends' replies (reverse translation, redirect), beside the empty program.
 /// Then the same flows' packets and replies through the XDP program, let send from the test
 /// run's device and the route's (`LB4_XDP_TX`): SNATed and redirected at XDP, beside the XDP
-/// floor. Returns [empty, new flow, hit, reply] and [XDP floor, XDP hit, XDP reply].
-fn snat_cell(services: u32, flows: u16, rounds: usize) -> ([Stats; 4], [Stats; 3]) {
+/// floor, and new flows from another client started at XDP (`sluice_xdp_new_flow`: backend,
+/// SNAT port, FIB lookup, sent out). Returns [empty, new flow, hit, reply] and [XDP floor, XDP
+/// hit, XDP reply, XDP new flow].
+fn snat_cell(services: u32, flows: u16, rounds: usize) -> ([Stats; 4], [Stats; 4]) {
     let (tx, rx) = std::sync::mpsc::channel();
     common::in_node(move |_| {
         let node: Ipv4Addr = common::NODE.parse().unwrap();
@@ -240,9 +242,23 @@ fn snat_cell(services: u32, flows: u16, rounds: usize) -> ([Stats; 4], [Stats; 3
         };
         let xdp_hit = xdp_path(&acks, "client's packet");
         let xdp_reply = xdp_path(&replies, "reply");
+        // New flows started at XDP: DNAT, SNAT port, FIB lookup, sent out; each SYN once.
+        let news: Vec<Vec<u8>> = (0..flows)
+            .map(|i| {
+                let c = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 101), 10_000 + i);
+                common::tcp(c, SocketAddrV4::new(node, np), common::SYN, b"")
+            })
+            .collect();
+        let before = counter(&dp, CTR_XDP_NEW_FLOW_TX);
+        let xdp_new = measure(&dp, XDP_FROM_UPLINK, &news, 1);
+        assert_eq!(
+            counter(&dp, CTR_XDP_NEW_FLOW_TX) - before,
+            u64::from(flows),
+            "every run was a new flow sent out by XDP"
+        );
         tx.send((
             [empty, new_flow, ct_hit, reply],
-            [xdp_floor, xdp_hit, xdp_reply],
+            [xdp_floor, xdp_hit, xdp_reply, xdp_new],
         ))
         .unwrap();
     });
@@ -384,9 +400,11 @@ fn egress_cell(services: u32, flows: u16, rounds: usize) -> [Stats; 4] {
 /// The XDP fast path: established NodePort flows from outside to local backends, their next
 /// packets through `sluice_xdp_from_uplink` (the hit: DNAT, XDP_PASS) beside `sluice_xdp_tx`
 /// (the XDP floor), and through TC's `sluice_from_uplink` beside `sluice_pass` (TC's floor);
-/// new flows' SYNs and packets to an address no frontend has, which XDP hands to TC.
-/// Returns [XDP floor, XDP hit, XDP hand-over of a SYN, XDP not a Service's, TC floor, TC hit].
-fn xdp_cell(services: u32, flows: u16, rounds: usize) -> [Stats; 6] {
+/// new flows' SYNs, started at XDP (`sluice_xdp_new_flow`: backend, entries, DNAT) and at TC;
+/// packets to an address no frontend has, which XDP hands to TC.
+/// Returns [XDP floor, XDP hit, XDP new flow, XDP not a Service's, TC floor, TC hit, TC new
+/// flow].
+fn xdp_cell(services: u32, flows: u16, rounds: usize) -> [Stats; 7] {
     let mut dp = sized_for_services();
     let node = Ipv4Addr::new(198, 18, 0, 10);
     program(&mut dp, services, Some(node), true);
@@ -412,7 +430,7 @@ fn xdp_cell(services: u32, flows: u16, rounds: usize) -> [Stats; 6] {
         .map(|i| common::tcp(client(i), SocketAddrV4::new(node, np), common::ACK, b""))
         .collect();
     measure(&dp, FROM_UPLINK, &acks, 1);
-    let path = |program, pkts: &[Vec<u8>], ctr: u32, what: &str| {
+    let path_of = |program, pkts: &[Vec<u8>], rounds: usize, ctr: u32, what: &str| {
         let before = counter(&dp, ctr);
         let stats = measure(&dp, program, pkts, rounds);
         assert_eq!(
@@ -422,12 +440,30 @@ fn xdp_cell(services: u32, flows: u16, rounds: usize) -> [Stats; 6] {
         );
         stats
     };
+    let path =
+        |program, pkts: &[Vec<u8>], ctr: u32, what: &str| path_of(program, pkts, rounds, ctr, what);
     let xdp_floor = measure(&dp, XDP_TX, &acks, rounds);
     let xdp_hit = path(XDP_FROM_UPLINK, &acks, CTR_XDP_CT_HIT, "an XDP hit");
-    let new: Vec<Vec<u8>> = (0..flows)
-        .map(|i| syn_from(*client(i).ip(), client(i).port() + 1000, node, np))
-        .collect();
-    let xdp_new = path(XDP_FROM_UPLINK, &new, CTR_XDP_TO_TC_FLOW, "handed to TC");
+    // New flows, each SYN once (a second run would find its flow): at XDP, and at TC.
+    let new_from = |port_offset: u16| -> Vec<Vec<u8>> {
+        (0..flows)
+            .map(|i| syn_from(*client(i).ip(), client(i).port() + port_offset, node, np))
+            .collect()
+    };
+    let xdp_new = path_of(
+        XDP_FROM_UPLINK,
+        &new_from(1000),
+        1,
+        CTR_XDP_NEW_FLOW,
+        "a new flow at XDP",
+    );
+    let tc_new = path_of(
+        FROM_UPLINK,
+        &new_from(2000),
+        1,
+        CTR_NEW_FLOW,
+        "a new flow at TC",
+    );
     let other: Vec<Vec<u8>> = (0..flows)
         .map(|i| {
             syn_from(
@@ -446,7 +482,9 @@ fn xdp_cell(services: u32, flows: u16, rounds: usize) -> [Stats; 6] {
     );
     let tc_floor = measure(&dp, PASS, &acks, rounds);
     let tc_hit = path(FROM_UPLINK, &acks, CTR_CT_HIT, "a TC hit");
-    [xdp_floor, xdp_hit, xdp_new, xdp_other, tc_floor, tc_hit]
+    [
+        xdp_floor, xdp_hit, xdp_new, xdp_other, tc_floor, tc_hit, tc_new,
+    ]
 }
 
 /// The SCTP cost: conntrack hits from a pod to a ClusterIP over TCP (port 80 -> 8080), and
@@ -835,34 +873,39 @@ fn main() {
     for services in [1u32, 10_000] {
         md.push_str(&over_empty(services, &egress_cell(services, flows, rounds)));
     }
-    md.push_str("\n## XDP on uplinks: the established flow's hit before the skb\n\nNodePort flows from outside to local backends, established through TC (SYN, SYN-ACK, ACK), then their next packets: through `sluice_xdp_from_uplink` (the XDP hit: conntrack, DNAT, XDP_PASS) beside `sluice_xdp_tx` (an XDP program that only returns XDP_TX, the floor), and through TC's `sluice_from_uplink` beside `sluice_pass`. Also what XDP hands to TC untouched: a new flow's SYN (a conntrack miss) and a packet to an address no frontend has. BPF_PROG_TEST_RUN times the program alone: the skb XDP saves building is not in these figures.\n\n| Services | XDP floor (XDP_TX) | XDP hit | XDP hit / floor | XDP: SYN handed to TC | XDP: not a Service's | TC floor | TC hit | TC hit / floor |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    md.push_str("\n## XDP on uplinks: new flows and the established flow's hit before the skb\n\nNodePort flows from outside to local backends, established through TC (SYN, SYN-ACK, ACK), then their next packets: through `sluice_xdp_from_uplink` (the XDP hit: conntrack, DNAT, XDP_PASS) beside `sluice_xdp_tx` (an XDP program that only returns XDP_TX, the floor), and through TC's `sluice_from_uplink` beside `sluice_pass`. New flows' SYNs, each once: started at XDP (the lookups that miss, the tail call to `sluice_xdp_new_flow`, backend choice, both entries recorded, DNAT, XDP_PASS) and at TC (the same through `sluice_from_uplink` and its new-flow program). Also what XDP hands to TC untouched: a packet to an address no frontend has. BPF_PROG_TEST_RUN times the program alone: the skb XDP saves building is not in these figures.\n\n| Services | XDP floor (XDP_TX) | XDP hit | XDP hit / floor | XDP new flow | TC new flow | XDP / TC: new flow | XDP: not a Service's | TC floor | TC hit | TC hit / floor |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for services in [1u32, 10_000] {
-        let [xf, xh, xn, xo, tf, th] = xdp_cell(services, flows, rounds);
+        let [xf, xh, xn, xo, tf, th, tn] = xdp_cell(services, flows, rounds);
         md.push_str(&format!(
-            "| {services} | {} | {} | {:.2}x | {} | {} | {} | {} | {:.2}x |\n",
+            "| {services} | {} | {} | {:.2}x | {} | {} | {:.2} | {} | {} | {} | {:.2}x |\n",
             cell(&xf),
             cell(&xh),
             xh.median / xf.median,
             cell(&xn),
+            cell(&tn),
+            xn.median / tn.median,
             cell(&xo),
             cell(&tf),
             cell(&th),
             th.median / tf.median
         ));
     }
-    md.push_str("\n### XDP: flows SNATed to the node (remote endpoints), both ways\n\nThe SNAT section's established flows (same run, same namespace): the client's next packet and the endpoint's reply through `sluice_xdp_from_uplink`, each translated (both addresses and ports), given the route's TTL and MACs (`bpf_fib_lookup`) and sent out by XDP (here XDP_REDIRECT, as the test run's packets come in on the loopback device; on an uplink, XDP_TX), beside the XDP floor and TC's own hit and reply above.\n\n| Services | XDP floor (XDP_TX) | XDP hit (SNAT) | hit / floor | XDP reply (SNAT) | reply / floor | TC hit (SNAT) | TC reply (SNAT) | XDP / TC: hit, reply |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
-    for (services, [_, _, tc_hit, tc_reply], [floor, hit, reply]) in &snat_xdp {
+    md.push_str("\n### XDP: flows SNATed to the node (remote endpoints), both ways\n\nThe SNAT section's established flows (same run, same namespace): the client's next packet and the endpoint's reply through `sluice_xdp_from_uplink`, each translated (both addresses and ports), given the route's TTL and MACs (`bpf_fib_lookup`) and sent out by XDP (here XDP_REDIRECT, as the test run's packets come in on the loopback device; on an uplink, XDP_TX), beside the XDP floor and TC's own hit and reply above. Then new flows from another client, each SYN once, started at XDP (backend, SNAT port reserved, both entries, FIB lookup, sent out), beside TC's new flow above.\n\n| Services | XDP floor (XDP_TX) | XDP hit (SNAT) | hit / floor | XDP reply (SNAT) | reply / floor | XDP new flow (SNAT) | TC hit (SNAT) | TC reply (SNAT) | TC new flow (SNAT) | XDP / TC: hit, reply, new flow |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for (services, [_, tc_new, tc_hit, tc_reply], [floor, hit, reply, new]) in &snat_xdp {
         md.push_str(&format!(
-            "| {services} | {} | {} | {:.2}x | {} | {:.2}x | {} | {} | {:.2} / {:.2} |\n",
+            "| {services} | {} | {} | {:.2}x | {} | {:.2}x | {} | {} | {} | {} | {:.2} / {:.2} / {:.2} |\n",
             cell(floor),
             cell(hit),
             hit.median / floor.median,
             cell(reply),
             reply.median / floor.median,
+            cell(new),
             cell(tc_hit),
             cell(tc_reply),
+            cell(tc_new),
             hit.median / tc_hit.median,
-            reply.median / tc_reply.median
+            reply.median / tc_reply.median,
+            new.median / tc_new.median
         ));
     }
     md.push_str("\n## SCTP: the conntrack hit, with its checksum update\n\nTC ingress of a pod device: conntrack hits to a ClusterIP over TCP (port 80 to 8080), and over SCTP with a port change (3868 to 3869: the CRC32c update, in `sluice_sctp_checksum`, tail-called) and without one (3870 to 3870: the tail call, nothing to update).\n\n| Services | empty program | TCP hit | SCTP hit, port changed | SCTP hit, same port | over empty: TCP / SCTP changed / same |\n|---:|---:|---:|---:|---:|---:|\n");

@@ -953,11 +953,11 @@ fn assert_checksums(ip: &[u8]) {
     );
 }
 
-/// XDP on the uplinks (`--xdp-mode`): NodePort from outside to a local backend, its
-/// established packets DNATed at XDP and arriving with right checksums (verified here, not
-/// by the kernel: a veth marks what it forwards as checked); to a remote backend, SNATed at XDP
-/// and sent out by XDP_TX both ways once TC has set the flow up, checksums verified at both
-/// ends; and a connection that goes on, on its backend, while the agent restarts with XDP off
+/// XDP on the uplinks (`--xdp-mode`): NodePort from outside to a local backend, the
+/// connection started at XDP and its established packets DNATed at XDP, arriving with right
+/// checksums (verified here, not by the kernel: a veth marks what it forwards as checked); to
+/// a remote backend, SNATed at XDP and sent out by XDP_TX both ways, and a connection started
+/// at XDP once the route's neighbour is known, checksums verified at both ends; and a connection that goes on, on its backend, while the agent restarts with XDP off
 /// and then on again. In native mode the fabric's ends of the uplinks take XDP frames (an XDP
 /// program there), which a veth uplink's peer must for XDP_TX, and the agents are told so
 /// (`--xdp-tx on`); in generic mode `auto` sends.
@@ -986,10 +986,12 @@ fn xdp_on_the_uplinks(mode: &str) {
     env.wait_programmed(CLUSTER_IP, 80, 1);
     let (outside, web0) = (env.c.outside[0].addr, env.addr("web-0"));
 
-    // To the local backend: an upload's data packets are DNATed at XDP.
-    let n = 40;
+    // To the local backend: the upload's connection starts at XDP (its SYN: backend chosen
+    // and the flow recorded there), and its data packets are DNATed at XDP. The sniffer
+    // counts the first 20 of the upload's 70-odd packets: AF_PACKET may miss one under load.
+    let n = 20;
     let sniff = Sniffer::start(&env.c.pod("web-0").ns, "eth0", outside, web0, n, T).unwrap();
-    let hits = env.counter(0, "xdp_ct_hit");
+    let (hits, new_flows) = (env.counter(0, "xdp_ct_hit"), env.counter(0, "xdp_new_flow"));
     let up = http_upload(env.outside(), env.node_addr(0), NODE_PORT, 100_000, T)
         .unwrap_or_else(|e| panic!("upload through XDP: {e}\n{}", env.logs()));
     assert_eq!(up, "web-0 100000");
@@ -1002,6 +1004,12 @@ fn xdp_on_the_uplinks(mode: &str) {
     assert!(
         xdp_hits >= 30.0,
         "an upload of 100 kB made {xdp_hits} XDP hits\n{}",
+        env.counters(0)
+    );
+    assert_eq!(
+        env.counter(0, "xdp_new_flow") - new_flows,
+        1.0,
+        "the upload's connection started at XDP\n{}",
         env.counters(0)
     );
 
@@ -1029,12 +1037,28 @@ fn xdp_on_the_uplinks(mode: &str) {
         "TC still served the established flow's packets\n{}",
         env.counters(1)
     );
+    // The route's neighbour resolved by now (where XDP cannot send yet, TC resolves it for
+    // the flow's first packet), the next connection through node1 starts at XDP: backend,
+    // SNAT port, entries, sent out.
+    let (new_tx, tc_new) = (
+        env.counter(1, "xdp_new_flow_tx"),
+        env.counter(1, "new_flow_snat"),
+    );
     let r = curl(env.outside(), node1, NODE_PORT, T)
         .unwrap_or_else(|e| panic!("NodePort of node1: {e}\n{}", env.logs()));
     assert_eq!(
         (r.body.as_str(), r.client.map(|c| *c.ip())),
         ("web-0", Some(node1)),
         "SNATed to node1"
+    );
+    assert_eq!(
+        (
+            env.counter(1, "xdp_new_flow_tx") - new_tx,
+            env.counter(1, "new_flow_snat") - tc_new
+        ),
+        (1.0, 0.0),
+        "the connection through node1 started at XDP, not TC\n{}",
+        env.counters(1)
     );
 
     // Partial checksums (offload on at the outside client's device and at the fabric's port to
@@ -1203,17 +1227,17 @@ fn peers_take_xdp_frames(env: &Env) -> aya::Ebpf {
 }
 
 #[test]
-fn xdp_native_on_the_uplinks_translates_established_flows_and_can_go_off_and_on_under_traffic() {
+fn xdp_native_on_the_uplinks_starts_and_translates_flows_and_can_go_off_and_on_under_traffic() {
     require_privileged!(
-        "xdp_native_on_the_uplinks_translates_established_flows_and_can_go_off_and_on_under_traffic"
+        "xdp_native_on_the_uplinks_starts_and_translates_flows_and_can_go_off_and_on_under_traffic"
     );
     xdp_on_the_uplinks("native");
 }
 
 #[test]
-fn xdp_generic_on_the_uplinks_translates_established_flows_and_can_go_off_and_on_under_traffic() {
+fn xdp_generic_on_the_uplinks_starts_and_translates_flows_and_can_go_off_and_on_under_traffic() {
     require_privileged!(
-        "xdp_generic_on_the_uplinks_translates_established_flows_and_can_go_off_and_on_under_traffic"
+        "xdp_generic_on_the_uplinks_starts_and_translates_flows_and_can_go_off_and_on_under_traffic"
     );
     xdp_on_the_uplinks("generic");
 }

@@ -114,19 +114,27 @@ fn a_new_flow_from_outside_to_a_remote_backend_is_snated_and_redirected_both_way
     });
 }
 
-/// The XDP counters that matter here: sent out by XDP, left to TC for the route, for the flow.
-fn xdp_counts(dp: &Dataplane, f: impl FnOnce()) -> [u64; 3] {
+/// The XDP counters that matter here: sent out by XDP, left to TC for the route, for the flow,
+/// a new flow sent out by XDP, dropped at XDP.
+fn xdp_counts(dp: &Dataplane, f: impl FnOnce()) -> [u64; 5] {
     let before = dp.counters().unwrap();
     f();
     let after = dp.counters().unwrap();
-    [CTR_XDP_TX, CTR_XDP_TO_TC_ROUTE, CTR_XDP_TO_TC_FLOW].map(|c| delta(&before, &after, c))
+    [
+        CTR_XDP_TX,
+        CTR_XDP_TO_TC_ROUTE,
+        CTR_XDP_TO_TC_FLOW,
+        CTR_XDP_NEW_FLOW_TX,
+        CTR_XDP_DROP,
+    ]
+    .map(|c| delta(&before, &after, c))
 }
 
 /// Runs `pkt` through XDP, expecting it left to TC untouched for its route.
 fn xdp_leaves_for_route(dp: &Dataplane, pkt: &[u8], what: &str) {
     let mut got = (0, Vec::new());
     let counts = xdp_counts(dp, || got = run_xdp(dp, XDP_FROM_UPLINK, pkt));
-    assert_eq!((got.0, counts), (XDP_PASS, [0, 1, 0]), "{what}");
+    assert_eq!((got.0, counts), (XDP_PASS, [0, 1, 0, 0, 0]), "{what}");
     assert_eq!(got.1, pkt, "{what}: untouched");
 }
 
@@ -140,7 +148,11 @@ fn xdp_sends_as_tc(dp: &Dataplane, pkt: &[u8], on: Option<u32>, want: u32, what:
             Some(i) => run_xdp_on(dp, XDP_FROM_UPLINK, pkt, i).unwrap(),
         }
     });
-    assert_eq!((got.0, counts), (want, [1, 0, 0]), "{what}: sent by XDP");
+    assert_eq!(
+        (got.0, counts),
+        (want, [1, 0, 0, 0, 0]),
+        "{what}: sent by XDP"
+    );
     let (verdict, by_tc) = run(dp, FROM_UPLINK, pkt);
     assert_eq!(verdict, TC_ACT_REDIRECT, "{what}: by TC");
     assert_eq!(got.1, by_tc, "{what}: XDP and TC make the same packet");
@@ -155,12 +167,11 @@ fn xdp_forwards_an_established_flow_snated_to_the_node_both_ways_exactly_as_tc_d
     in_node(|ns| {
         let mut dp = remote_node_port(SNAT_PORTS);
         let (client, node_port, remote) = (sa(CLIENT), sa(NODE_PORT), sa(REMOTE));
-        // The handshake is TC's: the SYN chooses and SNATs, the ACK establishes.
+        // The handshake is TC's here: the SYN chooses and SNATs (XDP may not send from this
+        // uplink yet: left to TC for its route), the ACK establishes.
         let syn = tcp(client, node_port, SYN, b"");
-        let counts = xdp_counts(&dp, || {
-            run_xdp(&dp, XDP_FROM_UPLINK, &syn);
-        });
-        assert_eq!(counts, [0, 0, 1], "a SYN is TC's");
+        xdp_leaves_for_route(&dp, &syn, "a SYN on an uplink not let send");
+        assert_eq!(dp.conntrack().unwrap(), vec![], "nothing recorded by XDP");
         let port = check(&run(&dp, FROM_UPLINK, &syn).1).src.port();
         let snat = SocketAddrV4::new(NODE.parse().unwrap(), port);
         let reply = tcp(remote, snat, ACK, b"HTTP/1.1 200 OK\r\n\r\n");
@@ -169,7 +180,7 @@ fn xdp_forwards_an_established_flow_snated_to_the_node_both_ways_exactly_as_tc_d
         });
         assert_eq!(
             counts,
-            [0, 0, 1],
+            [0, 0, 1, 0, 0],
             "a reply of a flow not yet established is TC's"
         );
         run(&dp, FROM_UPLINK, &tcp(remote, snat, SYN_ACK, b""));
@@ -237,7 +248,86 @@ fn xdp_forwards_an_established_flow_snated_to_the_node_both_ways_exactly_as_tc_d
         let counts = xdp_counts(&dp, || {
             run_xdp(&dp, XDP_FROM_UPLINK, &tcp(remote, snat, FIN_ACK, b""));
         });
-        assert_eq!(counts, [0, 0, 1], "a FIN is TC's");
+        assert_eq!(counts, [0, 0, 1, 0, 0], "a FIN is TC's");
+    });
+}
+
+/// A new flow from outside to a remote backend, started at XDP: backend chosen, the node's
+/// SNAT port reserved and both entries recorded exactly as TC's new-flow program does (TC,
+/// started from the same state, records the same and makes the same bytes), and the packet
+/// sent out by XDP. The backend's SYN-ACK (a flow not yet established) is TC's. Where the
+/// route's neighbour is not resolved, XDP leaves the SYN to TC with nothing recorded; where
+/// the SNAT ports are all held, it drops, as TC does.
+#[test]
+fn xdp_starts_a_flow_to_a_remote_backend_snated_and_sent_out_exactly_as_tc_does() {
+    require_privileged!(
+        "xdp_starts_a_flow_to_a_remote_backend_snated_and_sent_out_exactly_as_tc_does"
+    );
+    in_node(|ns| {
+        // One SNAT port: the port XDP and TC reserve is then the same.
+        let mut dp = remote_node_port((20000, 20000));
+        let (client, node_port, remote) = (sa(CLIENT), sa(NODE_PORT), sa(REMOTE));
+        let lo = nix::net::if_::if_nametoindex("lo").unwrap();
+        let v0 = nix::net::if_::if_nametoindex("v0").unwrap();
+        dp.set_xdp_tx(lo, Some(XdpMode::Native)).unwrap();
+        dp.set_xdp_tx(v0, Some(XdpMode::Native)).unwrap();
+        let syn = tcp(client, node_port, SYN, b"");
+        let mut got = (0, Vec::new());
+        let counts = xdp_counts(&dp, || got = run_xdp(&dp, XDP_FROM_UPLINK, &syn));
+        assert_eq!(
+            (got.0, counts),
+            (XDP_REDIRECT, [0, 0, 0, 1, 0]),
+            "a new flow sent out by XDP"
+        );
+        let by_xdp = recorded(&dp);
+        assert_eq!(by_xdp.len(), 2, "the flow's two entries");
+        for e in dp.conntrack().unwrap() {
+            dp.evict_conntrack_entry(&e).unwrap();
+        }
+        let before = dp.counters().unwrap();
+        let (verdict, by_tc) = run(&dp, FROM_UPLINK, &syn);
+        let after = dp.counters().unwrap();
+        assert_eq!(
+            (verdict, delta(&before, &after, CTR_NEW_FLOW_SNAT)),
+            (TC_ACT_REDIRECT, 1),
+            "TC's new flow"
+        );
+        assert_eq!(got.1, by_tc, "XDP and TC make the same packet");
+        assert_eq!(recorded(&dp), by_xdp, "XDP and TC record the flow alike");
+        let seen = check(&got.1);
+        let snat = SocketAddrV4::new(NODE.parse().unwrap(), 20000);
+        assert_eq!(
+            (seen.src, seen.dst),
+            (snat, remote),
+            "SNATed, to the backend"
+        );
+        assert_eq!(ttl(&got.1), 63, "a router hop");
+        assert_eq!(got.1[0..6], OTHER_MAC, "to the gateway the FIB names");
+        assert_eq!(got.1[6..12], v0_mac(ns), "from the route's device");
+        let counts = xdp_counts(&dp, || {
+            run_xdp(&dp, XDP_FROM_UPLINK, &tcp(remote, snat, SYN_ACK, b""));
+        });
+        assert_eq!(
+            counts,
+            [0, 0, 1, 0, 0],
+            "the reply of a flow not established"
+        );
+
+        // Every SNAT port held (by the flow above): another client's new flow is dropped at
+        // XDP, as at TC, and nothing of it is recorded.
+        let other = tcp(sa("198.18.0.100:40001"), node_port, SYN, b"");
+        let counts = xdp_counts(&dp, || got = run_xdp(&dp, XDP_FROM_UPLINK, &other));
+        assert_eq!((got.0, counts), (XDP_DROP, [0, 0, 0, 0, 1]), "no SNAT port");
+        assert_eq!(recorded(&dp), by_xdp, "nothing more recorded");
+
+        // A neighbour not yet resolved: the SYN goes to TC (which resolves it), untouched
+        // and with nothing recorded.
+        for e in dp.conntrack().unwrap() {
+            dp.evict_conntrack_entry(&e).unwrap();
+        }
+        testbed::run(&["ip", "-n", ns, "neigh", "del", OTHER_NODE, "dev", "v0"]).unwrap();
+        xdp_leaves_for_route(&dp, &syn, "an unresolved neighbour");
+        assert_eq!(dp.conntrack().unwrap(), vec![], "nothing recorded");
     });
 }
 

@@ -2002,55 +2002,107 @@ fn a_reset_or_a_fin_from_the_client_does_not_move_a_flow_to_the_established_tabl
 const OUTSIDE: &str = "198.18.0.100:50000";
 const LOCAL_BACKEND: &str = "198.19.0.20:8080";
 
-/// The XDP counters' changes between two readings: seen, hit, three ways to TC, sent out by
-/// XDP, and to TC for the route.
-fn xdp_delta(before: &Counters, after: &Counters) -> [u64; 7] {
-    [
-        CTR_XDP_SEEN,
-        CTR_XDP_CT_HIT,
-        CTR_XDP_TO_TC_NOT_SERVICE,
-        CTR_XDP_TO_TC_FLOW,
-        CTR_XDP_TO_TC_PARTIAL_CSUM,
-        CTR_XDP_TX,
-        CTR_XDP_TO_TC_ROUTE,
-    ]
-    .map(|i| delta(before, after, i))
+/// The XDP counters, in the order [`xdp_delta`] gives their changes: seen, hit, three ways to
+/// TC, sent out by XDP, to TC for the route, a new flow passed on, a new flow sent out,
+/// dropped.
+const XDP_COUNTERS: [u32; 10] = [
+    CTR_XDP_SEEN,
+    CTR_XDP_CT_HIT,
+    CTR_XDP_TO_TC_NOT_SERVICE,
+    CTR_XDP_TO_TC_FLOW,
+    CTR_XDP_TO_TC_PARTIAL_CSUM,
+    CTR_XDP_TX,
+    CTR_XDP_TO_TC_ROUTE,
+    CTR_XDP_NEW_FLOW,
+    CTR_XDP_NEW_FLOW_TX,
+    CTR_XDP_DROP,
+];
+
+/// The XDP counters' changes between two readings ([`XDP_COUNTERS`]).
+fn xdp_delta(before: &Counters, after: &Counters) -> [u64; 10] {
+    XDP_COUNTERS.map(|i| delta(before, after, i))
 }
 
-/// Runs `pkt` through XDP and asserts it went to TC untouched, counted as `reason`.
-fn xdp_hands_to_tc(dp: &Dataplane, pkt: &[u8], reason: u32, what: &str) {
-    let before = dp.counters().unwrap();
-    let (verdict, out) = run_xdp(dp, XDP_FROM_UPLINK, pkt);
-    let after = dp.counters().unwrap();
-    assert_eq!(verdict, XDP_PASS, "{what}");
-    assert_eq!(out, pkt, "{what}: XDP changed a packet it leaves to TC");
-    let mut want = [1, 0, 0, 0, 0, 0, 0];
-    want[(reason - CTR_XDP_SEEN) as usize] = 1;
-    assert_eq!(xdp_delta(&before, &after), want, "{what}: counted as");
+/// What [`xdp_delta`] is for one packet counted as `reason`.
+fn xdp_one(reason: u32) -> [u64; 10] {
+    let mut want = [0; 10];
+    want[0] = 1;
+    want[XDP_COUNTERS.iter().position(|&c| c == reason).unwrap()] = 1;
+    want
 }
 
-/// Runs `pkt` through XDP and asserts it was DNATed exactly as TC would have: the same bytes
-/// TC ingress makes of it (on a copy), with checksums verified independently.
-fn xdp_translates_as_tc(dp: &Dataplane, pkt: &[u8], what: &str) -> Seen {
+/// Runs `pkt` through XDP and asserts it was passed on, counted (of XDP's counters) only as
+/// `reason`; returns the packet as XDP left it.
+fn xdp_passes(dp: &Dataplane, pkt: &[u8], reason: u32, what: &str) -> Vec<u8> {
     let before = dp.counters().unwrap();
     let (verdict, out) = run_xdp(dp, XDP_FROM_UPLINK, pkt);
     let after = dp.counters().unwrap();
     assert_eq!(verdict, XDP_PASS, "{what}");
     assert_eq!(
         xdp_delta(&before, &after),
-        [1, 1, 0, 0, 0, 0, 0],
-        "{what}: a hit"
+        xdp_one(reason),
+        "{what}: counted as"
     );
-    let (_, by_tc) = run(dp, FROM_UPLINK, pkt);
-    assert_eq!(out, by_tc, "{what}: XDP and TC translate alike");
-    // What XDP passed on goes through TC ingress next: it lets it by untouched.
-    let (verdict, again) = run(dp, FROM_UPLINK, &out);
+    out
+}
+
+/// Runs `pkt` through XDP and asserts it went to TC untouched, counted as `reason`.
+fn xdp_hands_to_tc(dp: &Dataplane, pkt: &[u8], reason: u32, what: &str) {
+    let out = xdp_passes(dp, pkt, reason, what);
+    assert_eq!(out, pkt, "{what}: XDP changed a packet it leaves to TC");
+}
+
+/// What XDP DNATed and passed on goes through TC ingress next, which must let it by untouched;
+/// returns it as seen, checksums verified.
+fn tc_lets_by(dp: &Dataplane, out: &[u8], what: &str) -> Seen {
+    let (verdict, again) = run(dp, FROM_UPLINK, out);
     assert_eq!(
-        (verdict, &again),
-        (TC_ACT_UNSPEC, &out),
+        (verdict, again.as_slice()),
+        (TC_ACT_UNSPEC, out),
         "{what}: TC after XDP"
     );
-    check(&out)
+    check(out)
+}
+
+/// Runs `pkt`, a new flow's first packet to a local backend, through XDP and asserts that XDP
+/// started the flow exactly as TC would have: then forgets what XDP recorded and lets TC start
+/// it from the same state, which must record the same entries (times aside) and make the
+/// same bytes. Checksums verified independently. The flow is left as TC made it.
+fn xdp_starts_as_tc(dp: &mut Dataplane, pkt: &[u8], what: &str) -> Seen {
+    let ct_before = dp.conntrack().unwrap();
+    let out = xdp_passes(dp, pkt, CTR_XDP_NEW_FLOW, what);
+    assert_ne!(out, pkt, "{what}: translated");
+    let by_xdp = recorded(dp);
+    assert_eq!(
+        by_xdp.len(),
+        ct_before.len() + 2,
+        "{what}: XDP recorded the flow's two entries"
+    );
+    for e in dp.conntrack().unwrap() {
+        if !ct_before.contains(&e) {
+            dp.evict_conntrack_entry(&e).unwrap();
+        }
+    }
+    let tc_before = dp.counters().unwrap();
+    let (verdict, by_tc) = run(dp, FROM_UPLINK, pkt);
+    let tc_after = dp.counters().unwrap();
+    assert_eq!(
+        (verdict, delta(&tc_before, &tc_after, CTR_NEW_FLOW)),
+        (TC_ACT_UNSPEC, 1),
+        "{what}: a new flow at TC"
+    );
+    assert_eq!(out, by_tc, "{what}: XDP and TC translate alike");
+    assert_eq!(recorded(dp), by_xdp, "{what}: XDP and TC record alike");
+    tc_lets_by(dp, &out, what)
+}
+
+/// Runs `pkt` through XDP and asserts it was DNATed exactly as TC would have: the same bytes
+/// TC ingress makes of it (on a copy), with checksums verified independently.
+fn xdp_translates_as_tc(dp: &Dataplane, pkt: &[u8], what: &str) -> Seen {
+    let out = xdp_passes(dp, pkt, CTR_XDP_CT_HIT, what);
+    let (_, by_tc) = run(dp, FROM_UPLINK, pkt);
+    assert_eq!(out, by_tc, "{what}: XDP and TC translate alike");
+    tc_lets_by(dp, &out, what)
 }
 
 /// A NodePort and a UDP NodePort with one local backend each, and a TCP flow from
@@ -2068,11 +2120,11 @@ fn node_port_flow() -> Shared {
     )
     .unwrap();
     let (client, node_port, backend) = (sa(OUTSIDE), sa(NODE_PORT), sa(LOCAL_BACKEND));
-    // Every packet of the handshake goes to TC: the SYN starts the flow, and the ACK moves it
-    // to the table of established flows.
+    // The SYN starts the flow at XDP, as TC would; its retransmission, and the ACK that moves
+    // the flow to the table of established flows, are TC's.
     let syn = tcp(client, node_port, SYN, b"");
-    xdp_hands_to_tc(&dp, &syn, CTR_XDP_TO_TC_FLOW, "a SYN");
-    assert_eq!(check(&run(&dp, FROM_UPLINK, &syn).1).dst, backend);
+    assert_eq!(xdp_starts_as_tc(&mut dp, &syn, "a SYN").dst, backend);
+    xdp_hands_to_tc(&dp, &syn, CTR_XDP_TO_TC_FLOW, "a SYN again");
     run(&dp, TO_UPLINK, &tcp(backend, client, SYN_ACK, b""));
     let ack = tcp(client, node_port, ACK, b"");
     xdp_hands_to_tc(
@@ -2128,8 +2180,9 @@ fn xdp_translates_udp_ip_options_and_a_missing_udp_checksum_right() {
     let dp = node_port_flow();
     let (client, udp_port) = (sa(OUTSIDE), sa("198.18.0.10:30053"));
     let q = udp(client, udp_port, b"query");
-    xdp_hands_to_tc(&dp, &q, CTR_XDP_TO_TC_FLOW, "a UDP flow's first datagram");
-    run(&dp, FROM_UPLINK, &q);
+    let mut dp = dp;
+    let seen = xdp_starts_as_tc(&mut dp, &q, "a UDP flow's first datagram");
+    assert_eq!(seen.dst, sa(DNS_BACKEND));
     run(&dp, TO_UPLINK, &udp(sa(DNS_BACKEND), client, b"answer"));
     // The client's next datagram establishes the flow: TC moves it to `CT4`.
     let again = udp(client, udp_port, b"again");
@@ -2259,6 +2312,85 @@ fn xdp_leaves_to_tc_what_it_cannot_translate_alike_untouched_and_counted() {
         CTR_XDP_TO_TC_FLOW,
         "a packet of no flow",
     );
+}
+
+/// New flows XDP does not finish go to TC untouched with nothing recorded: a frontend without
+/// endpoints (TC refuses it with an ICMP), externalTrafficPolicy Local without a local
+/// endpoint, a ClusterIP from outside, a client that is its own backend. A client outside
+/// the frontend's loadBalancerSourceRanges is dropped at XDP, as TC drops it.
+#[test]
+fn xdp_leaves_new_flows_it_does_not_finish_to_tc_and_drops_what_tc_drops() {
+    require_privileged!("xdp_leaves_new_flows_it_does_not_finish_to_tc_and_drops_what_tc_drops");
+    let mut dp = dataplane();
+    let no_endpoints = fe("198.18.0.10:30081", Protocol::Tcp, FrontendKind::NodePort);
+    dp.upsert_service(no_endpoints, &[]).unwrap();
+    let local_policy = fe("198.18.0.10:30082", Protocol::Tcp, FrontendKind::NodePort);
+    dp.upsert_frontend(
+        local_policy,
+        &Backends {
+            all: vec![be("198.19.5.5:8080")],
+            external: Some(vec![]),
+            sources: None,
+            affinity_timeout_s: None,
+            no_local_endpoints: true,
+            maglev: false,
+        },
+    )
+    .unwrap();
+    let itself = fe("198.18.0.10:30083", Protocol::Tcp, FrontendKind::NodePort);
+    dp.upsert_service(itself, &[be("198.18.0.100:8080")])
+        .unwrap();
+    cluster_ip(&mut dp, &["198.19.0.20:8080"]);
+    let lb = fe("198.18.192.2:80", Protocol::Tcp, FrontendKind::LoadBalancer);
+    dp.upsert_frontend(
+        lb,
+        &Backends {
+            all: vec![be("198.19.0.20:8080")],
+            external: None,
+            sources: Some(SourceRanges {
+                cidrs: vec!["198.18.0.96/28".parse().unwrap()],
+                from_node: false,
+            }),
+            affinity_timeout_s: None,
+            no_local_endpoints: false,
+            maglev: false,
+        },
+    )
+    .unwrap();
+    let client = sa(OUTSIDE);
+    for (what, to) in [
+        ("no endpoints", "198.18.0.10:30081"),
+        ("no local endpoint", "198.18.0.10:30082"),
+        ("the client is the backend", "198.18.0.10:30083"),
+        ("a ClusterIP from outside", VIP),
+    ] {
+        xdp_hands_to_tc(
+            &dp,
+            &tcp(client, sa(to), SYN, b""),
+            CTR_XDP_TO_TC_FLOW,
+            what,
+        );
+        assert_eq!(dp.conntrack().unwrap(), vec![], "{what}: nothing recorded");
+    }
+    // TC then answers the one without endpoints as always: refused with an ICMP.
+    let (verdict, out) = run(
+        &dp,
+        FROM_UPLINK,
+        &tcp(client, sa("198.18.0.10:30081"), SYN, b""),
+    );
+    assert_eq!(verdict, TC_ACT_REDIRECT, "refused by TC");
+    assert_eq!(out[14 + 9], 1, "an ICMP");
+
+    let denied = tcp(sa("198.18.0.200:50000"), sa("198.18.192.2:80"), SYN, b"");
+    let before = dp.counters().unwrap();
+    let (verdict, _) = run_xdp(&dp, XDP_FROM_UPLINK, &denied);
+    let after = dp.counters().unwrap();
+    assert_eq!(verdict, XDP_DROP, "a source in no range");
+    assert_eq!(xdp_delta(&before, &after), xdp_one(CTR_XDP_DROP));
+    assert_eq!(dp.conntrack().unwrap(), vec![], "nothing recorded");
+    let allowed = tcp(sa("198.18.0.100:50000"), sa("198.18.192.2:80"), SYN, b"");
+    let seen = xdp_starts_as_tc(&mut dp, &allowed, "a source in a range");
+    assert_eq!(seen.dst, sa("198.19.0.20:8080"));
 }
 
 // ---- Maglev (`--lb-algorithm maglev`, `sluice.io/lb-algorithm`) ----

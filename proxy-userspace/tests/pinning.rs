@@ -8,7 +8,7 @@ use std::net::SocketAddrV4;
 use proxy_common::CT4_MAP;
 use sluice::dataplane::{
     Backend, Dataplane, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend, FrontendKind, Protocol,
-    TO_POD,
+    TO_POD, XDP_FROM_UPLINK,
 };
 use testbed::{BpfFs, require_privileged};
 
@@ -428,6 +428,13 @@ fn the_new_flow_tail_calls_are_pinned_refilled_on_reload_and_a_missing_one_drops
             assert_eq!(check(&out).dst, sa(backend), "{program}");
         }
     }
+    let clear_xdp_slot = || {
+        clear_tail_slots(
+            &dir,
+            proxy_common::LB4_XDP_TAILS_MAP,
+            &[proxy_common::TAIL_XDP_NEW_FLOW],
+        )
+    };
     let clear_slots = || {
         clear_tail_slots(
             &dir,
@@ -439,6 +446,7 @@ fn the_new_flow_tail_calls_are_pinned_refilled_on_reload_and_a_missing_one_drops
         )
     };
     clear_slots();
+    clear_xdp_slot();
     // A new process fills the slots again, whatever they hold.
     let dp = Dataplane::load_with(config).unwrap();
     for (program, client) in [(FROM_POD, pod(40001)), (FROM_UPLINK, outside(40001))] {
@@ -446,6 +454,39 @@ fn the_new_flow_tail_calls_are_pinned_refilled_on_reload_and_a_missing_one_drops
         assert_eq!(verdict, TC_ACT_UNSPEC, "{program} after the reload");
         assert_eq!(check(&out).dst, sa(backend), "{program} after the reload");
     }
+    // XDP's too: a new flow from outside starts at XDP; with its slot emptied, it goes to TC
+    // untouched, which starts it.
+    let xdp_new_flow = |client| {
+        let before = dp.counters().unwrap();
+        let pkt = tcp(client, sa(external), SYN, b"");
+        let (verdict, out) = run_xdp(&dp, XDP_FROM_UPLINK, &pkt);
+        let after = dp.counters().unwrap();
+        let counted = [
+            proxy_common::CTR_XDP_NEW_FLOW,
+            proxy_common::CTR_XDP_TO_TC_FLOW,
+        ]
+        .map(|c| delta(&before, &after, c));
+        (verdict, out == pkt, counted)
+    };
+    let (verdict, untouched, counted) = xdp_new_flow(outside(40010));
+    assert_eq!(
+        (verdict, untouched, counted),
+        (XDP_PASS, false, [1, 0]),
+        "at XDP"
+    );
+    clear_xdp_slot();
+    let (verdict, untouched, counted) = xdp_new_flow(outside(40011));
+    assert_eq!(
+        (verdict, untouched, counted),
+        (XDP_PASS, true, [0, 1]),
+        "XDP's slot empty: to TC"
+    );
+    let (verdict, out) = new_flow(&dp, FROM_UPLINK, outside(40011));
+    assert_eq!(
+        (verdict, check(&out).dst),
+        (TC_ACT_UNSPEC, sa(backend)),
+        "TC starts it"
+    );
     // Emptied under it: a packet that starts a flow is dropped and counted as that; the
     // packets of known flows, and those to no frontend, are served without the new-flow
     // programs.

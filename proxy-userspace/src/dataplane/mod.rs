@@ -39,9 +39,9 @@ use proxy_common::{
     LB4_DP_STATE_MAP, LB4_FE_ADDRS_MAP, LB4_FLOW_TAILS_MAP, LB4_FRAGS_MAP, LB4_MAGLEV_MAP,
     LB4_POD_CLIENTS_MAP, LB4_REJECT_BUDGET_MAP, LB4_REVNAT_DEFAULT_MAX, LB4_REVNAT_MAP,
     LB4_SERVICES_DEFAULT_MAX, LB4_SERVICES_MAP, LB4_SRC_RANGES_MAP, LB4_SVC_CIDRS_MAP,
-    LB4_TAILS_MAP, LB4_XDP_TX_MAP, Lb4Config, PKT_COUNTERS_MAP, SOCK_CONFIG_MAP,
+    LB4_TAILS_MAP, LB4_XDP_TAILS_MAP, LB4_XDP_TX_MAP, Lb4Config, PKT_COUNTERS_MAP, SOCK_CONFIG_MAP,
     SOCK_REVNAT_DEFAULT_MAX, SOCK_REVNAT_MAP, SVC_CIDRS_MAX, SvcCidrs4, TAIL_NEW_FLOW_FROM_POD,
-    TAIL_NEW_FLOW_FROM_UPLINK, TAIL_SCTP_CHECKSUM,
+    TAIL_NEW_FLOW_FROM_UPLINK, TAIL_SCTP_CHECKSUM, TAIL_XDP_NEW_FLOW,
 };
 
 pub use crate::service::{
@@ -80,6 +80,10 @@ pub const SCTP_CHECKSUM: &str = "sluice_sctp_checksum";
 /// an skb (or SNATed and sent back out); everything else passes untouched to [`FROM_UPLINK`]
 /// (`proxy-ebpf/src/xdp.rs`).
 pub const XDP_FROM_UPLINK: &str = "sluice_xdp_from_uplink";
+/// Tail-called by [`XDP_FROM_UPLINK`] for a new flow's first packet from outside: backend,
+/// SNAT port and the flow's entries, as TC's new-flow program; what it does not do goes to TC
+/// untouched. Never attached.
+pub const XDP_NEW_FLOW: &str = "sluice_xdp_new_flow";
 /// XDP_TX and nothing else: the benchmark's XDP floor. Never attached by the agent.
 pub const XDP_TX: &str = "sluice_xdp_tx";
 /// XDP_PASS and nothing else: what makes a veth take XDP frames (native XDP_TX onto a veth
@@ -87,7 +91,10 @@ pub const XDP_TX: &str = "sluice_xdp_tx";
 /// Never attached by the agent.
 pub const XDP_PASS: &str = "sluice_xdp_pass";
 /// Every XDP program in the object, loaded (and verified) with the TC ones.
-pub const XDP_PROGRAMS: &[&str] = &[XDP_FROM_UPLINK, XDP_TX, XDP_PASS];
+pub const XDP_PROGRAMS: &[&str] = &[XDP_FROM_UPLINK, XDP_NEW_FLOW, XDP_TX, XDP_PASS];
+
+/// The XDP tail calls' slots, as [`TAILS`].
+const XDP_TAILS: [(&str, u32, &str); 1] = [(LB4_XDP_TAILS_MAP, TAIL_XDP_NEW_FLOW, XDP_NEW_FLOW)];
 
 /// The tail calls' slots: program array, slot, program.
 const TAILS: [(&str, u32, &str); 3] = [
@@ -151,6 +158,7 @@ pub const MAPS: &[&str] = &[
     SOCK_CONFIG_MAP,
     LB4_MAGLEV_MAP,
     LB4_XDP_TX_MAP,
+    LB4_XDP_TAILS_MAP,
 ];
 
 /// What can go wrong in the dataplane; each message says what the operator can do.
@@ -515,9 +523,19 @@ impl Dataplane {
         }
         // The tail calls' slots, filled before any program is attached (a pinned map's entries,
         // an earlier agent's programs, are replaced).
-        for (map, slot, program) in TAILS {
-            let fd = classifier_mut(&mut ebpf, program)?
-                .fd()
+        let tc_tails = TAILS
+            .iter()
+            .map(|&(map, slot, program)| (map, slot, program, false));
+        let xdp_tails = XDP_TAILS
+            .iter()
+            .map(|&(map, slot, program)| (map, slot, program, true));
+        for (map, slot, program, xdp) in tc_tails.chain(xdp_tails) {
+            let fd = if xdp {
+                xdp_mut(&mut ebpf, program)?.fd()
+            } else {
+                classifier_mut(&mut ebpf, program)?.fd()
+            };
+            let fd = fd
                 .map_err(|source| DataplaneError::Verifier {
                     program,
                     source: Box::new(source),

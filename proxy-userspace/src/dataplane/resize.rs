@@ -48,7 +48,9 @@ use std::{
 
 use aya::maps::{MapData, MapType};
 
-use proxy_common::{CT4_MAP, CT4_NEW_MAP, Ct4Entry, LB4_FLOW_TAILS_MAP, LB4_TAILS_MAP};
+use proxy_common::{
+    CT4_MAP, CT4_NEW_MAP, Ct4Entry, LB4_FLOW_TAILS_MAP, LB4_TAILS_MAP, LB4_XDP_TAILS_MAP,
+};
 
 use super::{
     Dataplane, DataplaneError,
@@ -62,7 +64,7 @@ use super::{
 const RESIZING: &str = "_resizing";
 
 /// The tail-call maps, set aside (not copied) whenever a map is resized.
-const TAIL_MAPS: [&str; 2] = [LB4_TAILS_MAP, LB4_FLOW_TAILS_MAP];
+const TAIL_MAPS: [&str; 3] = [LB4_TAILS_MAP, LB4_FLOW_TAILS_MAP, LB4_XDP_TAILS_MAP];
 
 // Conntrack entries are ordered by `seen_ns`, read from the first 8 bytes of a value.
 const _: () = assert!(core::mem::offset_of!(Ct4Entry, seen_ns) == 0);

@@ -125,6 +125,8 @@ pub fn run_on(dp: &Dataplane, program: &'static str, pkt: &[u8], ifindex: u32) -
     run_ctx(dp, program, pkt, Some(&ctx))
 }
 
+/// What an XDP program returns for a packet it drops.
+pub const XDP_DROP: u32 = 1;
 /// What an XDP program returns for a packet it passes to the stack (and so to TC).
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
@@ -751,4 +753,20 @@ pub fn take_xdp_frames(ns: &testbed::Netns, devs: &[String]) -> aya::Ebpf {
         ebpf
     })
     .unwrap()
+}
+
+/// A dataplane's conntrack with the times left out, in order: what two paths that record a
+/// flow alike leave.
+pub fn recorded(dp: &Dataplane) -> Vec<String> {
+    let mut v: Vec<String> = dp
+        .conntrack()
+        .unwrap()
+        .into_iter()
+        .map(|mut e| {
+            e.entry.seen_ns = 0;
+            format!("{e:?}")
+        })
+        .collect();
+    v.sort();
+    v
 }
