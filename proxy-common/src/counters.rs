@@ -179,8 +179,8 @@ counters! {
     /// XDP: passed untouched to TC, which owns what XDP does not do: a packet that changes an
     /// existing flow's state (SYN, FIN, RST), a flow not established yet, a flow whose client
     /// port was remapped, the reply of a flow not SNATed to the node; and the new flows XDP
-    /// leaves to TC (refusals, hairpin, a ClusterIP from outside, no backend entry, the
-    /// XDP new-flow program missing).
+    /// leaves to TC (refusals, hairpin, a ClusterIP from outside, no SNAT address, the XDP
+    /// new-flow program missing).
     CTR_XDP_TO_TC_FLOW = 54, "xdp_to_tc_flow";
     /// XDP: passed untouched to TC because its TCP/UDP checksum may be partial (the field holds
     /// the pseudo-header's sum, as a veth peer with checksum offload sends): XDP cannot see
@@ -210,7 +210,8 @@ counters! {
     /// itself; it never reaches TC.
     CTR_XDP_NEW_FLOW_TX = 60, "xdp_new_flow_tx";
     /// XDP: dropped there, as TC would drop it: a new flow from a source outside the
-    /// frontend's `loadBalancerSourceRanges`, or one that could not be recorded (conntrack
+    /// frontend's `loadBalancerSourceRanges`, from outside to an externalTrafficPolicy Local
+    /// frontend without a local endpoint, or one that could not be recorded (conntrack
     /// refused the write, the SNAT ports are exhausted, another CPU's copy of the flow took
     /// another route).
     CTR_XDP_DROP = 61, "xdp_drop";

@@ -45,7 +45,8 @@ use proxy_common::{
     BACKEND_FLAG_LOCAL, CT_FLAG_PORT_REMAP, CT_FLAG_REDIRECT, CT_FLAG_SNAT, CTR_XDP_CT_HIT,
     CTR_XDP_DROP, CTR_XDP_NEW_FLOW, CTR_XDP_NEW_FLOW_TX, CTR_XDP_SEEN, CTR_XDP_TO_TC_FLOW,
     CTR_XDP_TO_TC_NOT_SERVICE, CTR_XDP_TO_TC_PARTIAL_CSUM, CTR_XDP_TO_TC_ROUTE, CTR_XDP_TX,
-    Ct4Entry, IPPROTO_TCP, IPPROTO_UDP, Lb4Config, SVC_FLAG_CLUSTER_IP, TAIL_XDP_NEW_FLOW,
+    Ct4Entry, IPPROTO_TCP, IPPROTO_UDP, Lb4Config, SVC_FLAG_CLUSTER_IP, SVC_FLAG_NO_LOCAL_DROP,
+    TAIL_XDP_NEW_FLOW,
 };
 
 use crate::{
@@ -273,10 +274,11 @@ fn fast_path(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Opt
 }
 
 /// The new flow of the packet at `[start, end)`, which `fast_path` found no entry for: as
-/// `fast_path`'s result, or [`CTR_XDP_DROP`] for a packet to drop. Before anything is
-/// recorded, what XDP does not do goes to TC untouched: a frontend without endpoints (TC
-/// refuses it), externalTrafficPolicy Local without a local endpoint, a ClusterIP from outside,
-/// a client that is its own backend, no SNAT address, a route XDP cannot send by. From there
+/// `fast_path`'s result, or [`CTR_XDP_DROP`] for a packet to drop (what TC drops: a source
+/// outside the frontend's ranges, externalTrafficPolicy Local without a local endpoint, a
+/// flow that cannot be recorded). Before anything is recorded, what XDP does not do goes to
+/// TC untouched: a frontend without endpoints (TC refuses it), a ClusterIP from outside, a
+/// client that is its own backend, no SNAT address, a route XDP cannot send by. From there
 /// it is TC's `new_flow`, step for step, and the bytes are the ones TC would write.
 #[inline(always)]
 fn new_flow(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Option<u32>, u32> {
@@ -295,9 +297,15 @@ fn new_flow(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Opti
         return Err(CTR_XDP_DROP);
     }
     if fe.count == 0 {
+        // Refused with an ICMP by TC, which XDP does not build; dropped where the Service
+        // has endpoints elsewhere and none here (externalTrafficPolicy Local), as TC drops it.
+        if fe.flags & SVC_FLAG_NO_LOCAL_DROP != 0 {
+            return Err(CTR_XDP_DROP);
+        }
         return Err(TC);
     }
-    let be = lb::backend_for(f, &fe, true, now).map_err(|_| TC)?;
+    // No local endpoint for externalTrafficPolicy Local, or a missing entry: TC drops it too.
+    let be = lb::backend_for(f, &fe, true, now).map_err(|_| CTR_XDP_DROP)?;
     if be.addr_be == f.saddr_be {
         return Err(TC);
     }

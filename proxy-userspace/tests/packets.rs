@@ -2315,9 +2315,9 @@ fn xdp_leaves_to_tc_what_it_cannot_translate_alike_untouched_and_counted() {
 }
 
 /// New flows XDP does not finish go to TC untouched with nothing recorded: a frontend without
-/// endpoints (TC refuses it with an ICMP), externalTrafficPolicy Local without a local
-/// endpoint, a ClusterIP from outside, a client that is its own backend. A client outside
-/// the frontend's loadBalancerSourceRanges is dropped at XDP, as TC drops it.
+/// endpoints (TC refuses it with an ICMP), a ClusterIP from outside, a client that is its own
+/// backend. What TC drops XDP drops, recording nothing: a client outside the frontend's
+/// loadBalancerSourceRanges, externalTrafficPolicy Local without a local endpoint.
 #[test]
 fn xdp_leaves_new_flows_it_does_not_finish_to_tc_and_drops_what_tc_drops() {
     require_privileged!("xdp_leaves_new_flows_it_does_not_finish_to_tc_and_drops_what_tc_drops");
@@ -2360,7 +2360,6 @@ fn xdp_leaves_new_flows_it_does_not_finish_to_tc_and_drops_what_tc_drops() {
     let client = sa(OUTSIDE);
     for (what, to) in [
         ("no endpoints", "198.18.0.10:30081"),
-        ("no local endpoint", "198.18.0.10:30082"),
         ("the client is the backend", "198.18.0.10:30083"),
         ("a ClusterIP from outside", VIP),
     ] {
@@ -2381,13 +2380,28 @@ fn xdp_leaves_new_flows_it_does_not_finish_to_tc_and_drops_what_tc_drops() {
     assert_eq!(verdict, TC_ACT_REDIRECT, "refused by TC");
     assert_eq!(out[14 + 9], 1, "an ICMP");
 
-    let denied = tcp(sa("198.18.0.200:50000"), sa("198.18.192.2:80"), SYN, b"");
-    let before = dp.counters().unwrap();
-    let (verdict, _) = run_xdp(&dp, XDP_FROM_UPLINK, &denied);
-    let after = dp.counters().unwrap();
-    assert_eq!(verdict, XDP_DROP, "a source in no range");
-    assert_eq!(xdp_delta(&before, &after), xdp_one(CTR_XDP_DROP));
-    assert_eq!(dp.conntrack().unwrap(), vec![], "nothing recorded");
+    for (what, pkt) in [
+        (
+            "a source in no range",
+            tcp(sa("198.18.0.200:50000"), sa("198.18.192.2:80"), SYN, b""),
+        ),
+        (
+            "no local endpoint",
+            tcp(client, sa("198.18.0.10:30082"), SYN, b""),
+        ),
+    ] {
+        let before = dp.counters().unwrap();
+        let (verdict, _) = run_xdp(&dp, XDP_FROM_UPLINK, &pkt);
+        let after = dp.counters().unwrap();
+        assert_eq!(verdict, XDP_DROP, "{what}");
+        assert_eq!(xdp_delta(&before, &after), xdp_one(CTR_XDP_DROP), "{what}");
+        assert_eq!(dp.conntrack().unwrap(), vec![], "{what}: nothing recorded");
+        assert_eq!(
+            run(&dp, FROM_UPLINK, &pkt).0,
+            TC_ACT_SHOT,
+            "{what}: TC drops it too"
+        );
+    }
     let allowed = tcp(sa("198.18.0.100:50000"), sa("198.18.192.2:80"), SYN, b"");
     let seen = xdp_starts_as_tc(&mut dp, &allowed, "a source in a range");
     assert_eq!(seen.dst, sa("198.19.0.20:8080"));
