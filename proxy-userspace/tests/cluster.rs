@@ -213,6 +213,12 @@ impl Env {
         self.agents[k].packets(name)
     }
 
+    /// Node `k`'s count of new flows from outside that it dropped, by TC's counter `tc` or
+    /// (with XDP on its uplink) at XDP, where what TC drops of new flows is dropped first.
+    fn dropped(&self, k: usize, tc: &str) -> f64 {
+        self.counter(k, tc) + self.counter(k, "xdp_drop")
+    }
+
     /// Every datapath counter of node `k`'s agent that is not zero, for failure messages.
     fn counters(&self, k: usize) -> String {
         self.agents[k]
@@ -389,10 +395,28 @@ fn every_path_works_with_strict_reverse_path_filtering() {
     );
 }
 
+/// The agents' flags for a test of traffic from outside run twice, on TC alone and with XDP on
+/// the uplinks (generic mode, which lets XDP send): what holds on TC holds on XDP's path too.
+fn with_xdp(xdp: bool) -> &'static [&'static str] {
+    if xdp { &["--xdp-mode", "generic"] } else { &[] }
+}
+
 #[test]
 fn node_port_from_outside_to_a_remote_backend_is_snated_to_the_ingress_node() {
     require_privileged!("node_port_from_outside_to_a_remote_backend_is_snated_to_the_ingress_node");
-    let env = Env::new(&[]);
+    node_port_from_outside_to_a_remote_backend(false);
+}
+
+#[test]
+fn node_port_from_outside_to_a_remote_backend_is_snated_to_the_ingress_node_with_xdp() {
+    require_privileged!(
+        "node_port_from_outside_to_a_remote_backend_is_snated_to_the_ingress_node_with_xdp"
+    );
+    node_port_from_outside_to_a_remote_backend(true);
+}
+
+fn node_port_from_outside_to_a_remote_backend(xdp: bool) {
+    let env = Env::new(with_xdp(xdp));
     env.web("NodePort", "Cluster", vec![env.web_ep(1)]);
     env.wait_programmed(CLUSTER_IP, 80, 1);
     for ingress in [0, BRIDGE_NODE] {
@@ -413,12 +437,15 @@ fn node_port_from_outside_to_a_remote_backend_is_snated_to_the_ingress_node() {
                 "the remote backend sees the ingress node's address (SNAT)"
             );
         }
-        assert!(
-            env.counter(ingress, "new_flow_snat") >= 5.0,
-            "{}",
-            env.logs()
+        // New flows SNATed at TC, or at XDP once the route's neighbour is known; with XDP,
+        // at least the later ones are XDP's.
+        let (tc, at_xdp) = (
+            env.counter(ingress, "new_flow_snat"),
+            env.counter(ingress, "xdp_new_flow_tx"),
         );
-        assert!(env.counter(ingress, "redirect") > 0.0);
+        assert!(tc + at_xdp >= 5.0, "{}", env.counters(ingress));
+        assert!(!xdp || at_xdp >= 1.0, "{}", env.counters(ingress));
+        assert!(env.counter(ingress, "redirect") + env.counter(ingress, "xdp_tx") > 0.0);
     }
     // The same for externalIPs, and UDP.
     env.c.route_outside_via(0, (EXTERNAL_IP, 32), 0).unwrap();
@@ -461,7 +488,19 @@ fn external_traffic_policy_local_serves_outside_traffic_from_local_endpoints_onl
     require_privileged!(
         "external_traffic_policy_local_serves_outside_traffic_from_local_endpoints_only"
     );
-    let env = Env::new(&[]);
+    external_traffic_policy_local(false);
+}
+
+#[test]
+fn external_traffic_policy_local_serves_outside_traffic_from_local_endpoints_only_with_xdp() {
+    require_privileged!(
+        "external_traffic_policy_local_serves_outside_traffic_from_local_endpoints_only_with_xdp"
+    );
+    external_traffic_policy_local(true);
+}
+
+fn external_traffic_policy_local(xdp: bool) {
+    let env = Env::new(with_xdp(xdp));
     env.web("LoadBalancer", "Local", vec![env.web_ep(0), env.web_ep(1)]);
     env.wait_programmed(CLUSTER_IP, 80, 2);
     // Outside to node0's NodePort: web-0 only, and it sees the client's own address.
@@ -483,9 +522,15 @@ fn external_traffic_policy_local_serves_outside_traffic_from_local_endpoints_onl
     );
     assert!(dropped.is_err(), "node2 answered {dropped:?}");
     assert!(
-        env.counter(2, "drop_no_local_backend") >= 1.0,
+        env.dropped(2, "drop_no_local_backend") >= 1.0,
         "{}",
         env.logs()
+    );
+    assert!(
+        !xdp || (env.counter(2, "xdp_drop") >= 1.0 && env.counter(0, "xdp_new_flow") >= 1.0),
+        "with XDP, node0's flows start at XDP and node2 drops there\n{}\n{}",
+        env.counters(0),
+        env.counters(2)
     );
     // In-cluster clients are never black-holed: a pod on node2 reaches node2's own NodePort,
     // the LoadBalancer IP and the externalIP, through every endpoint (kube-proxy's
@@ -519,7 +564,17 @@ fn external_traffic_policy_local_serves_outside_traffic_from_local_endpoints_onl
 #[test]
 fn load_balancer_source_ranges_drop_outside_clients_in_no_range() {
     require_privileged!("load_balancer_source_ranges_drop_outside_clients_in_no_range");
-    let env = Env::new(&[]);
+    load_balancer_source_ranges(false);
+}
+
+#[test]
+fn load_balancer_source_ranges_drop_outside_clients_in_no_range_with_xdp() {
+    require_privileged!("load_balancer_source_ranges_drop_outside_clients_in_no_range_with_xdp");
+    load_balancer_source_ranges(true);
+}
+
+fn load_balancer_source_ranges(xdp: bool) {
+    let env = Env::new(with_xdp(xdp));
     env.c.route_outside_via(0, (LB_IP, 32), 0).unwrap();
     let outside = env.c.outside[0].addr;
     let elsewhere = format!("{}/32", env.addr("client-1"));
@@ -534,7 +589,7 @@ fn load_balancer_source_ranges_drop_outside_clients_in_no_range() {
     let r = curl(env.outside(), LB_IP, 80, Duration::from_secs(2));
     assert!(r.is_err(), "the outside client is in no range: {r:?}");
     assert!(
-        env.counter(0, "drop_source_range") >= 1.0,
+        env.dropped(0, "drop_source_range") >= 1.0 && (!xdp || env.counter(0, "xdp_drop") >= 1.0),
         "{}",
         env.counters(0)
     );
@@ -561,7 +616,19 @@ fn a_terminating_local_endpoint_serves_outside_traffic_while_no_local_one_is_rea
     require_privileged!(
         "a_terminating_local_endpoint_serves_outside_traffic_while_no_local_one_is_ready"
     );
-    let env = Env::new(&[]);
+    a_terminating_local_endpoint_serves_outside_traffic(false);
+}
+
+#[test]
+fn a_terminating_local_endpoint_serves_outside_traffic_while_no_local_one_is_ready_with_xdp() {
+    require_privileged!(
+        "a_terminating_local_endpoint_serves_outside_traffic_while_no_local_one_is_ready_with_xdp"
+    );
+    a_terminating_local_endpoint_serves_outside_traffic(true);
+}
+
+fn a_terminating_local_endpoint_serves_outside_traffic(xdp: bool) {
+    let env = Env::new(with_xdp(xdp));
     let web0 = env.addr("web-0");
     env.web(
         "NodePort",
