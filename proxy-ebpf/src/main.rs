@@ -2,12 +2,13 @@
 //! (aya-build, pinned nightly) and embedded in the `sluice` binary.
 //!
 //! Thin programs (`programs`) over small modules: `parse` (headers, fragments, options, ICMP
-//! errors), `lb` (frontends, backend choice), `conntrack` (flows and their state), `nat`
-//! (rewrites and checksums), `snat` (source ports for flows SNATed to the node), `fib`
-//! (forwarding by FIB lookup and redirect), `icmp` (ICMP errors of translated flows), `reject`
-//! (ICMP port unreachable, fragmentation needed), `stats` (per-CPU counters), `maps`; and
-//! `sock`, the cgroup socket programs (socket-level load balancing); `xdp`, the XDP fast path
-//! on uplinks for established flows.
+//! errors), `lb` (frontends, backend choice), `conntrack` (flows and their state), `record` (a
+//! new flow's entries, shared by TC's and XDP's new-flow programs), `nat` (rewrites and
+//! checksums), `snat` (source ports for flows SNATed to the node), `fib` (forwarding by FIB
+//! lookup and redirect), `icmp` (ICMP errors of translated flows), `reject` (ICMP port
+//! unreachable, fragmentation needed), `stats` (per-CPU counters), `maps`; and `sock`, the
+//! cgroup socket programs (socket-level load balancing); `xdp`, the XDP programs on uplinks
+//! (established flows and new flows from outside).
 //!
 //! On the host this crate is a stub with an empty `main`, so that `cargo build --workspace`
 //! and `cargo clippy --workspace` work without the BPF target.

@@ -1,16 +1,18 @@
-//! The XDP program on uplinks: the packets of established flows from outside, translated
-//! before the kernel builds an skb.
+//! The XDP programs on uplinks: the packets of flows from outside, translated before the
+//! kernel builds an skb.
 //!
 //! | program                  | attach at           | does                                        |
 //! |--------------------------|---------------------|---------------------------------------------|
 //! | `sluice_xdp_from_uplink` | XDP of uplinks      | an established flow's packet: DNAT and XDP_PASS; SNAT and XDP_TX |
+//! | `sluice_xdp_new_flow`    | tail-called (`LB4_XDP_TAILS`) | a new flow: backend, entries; DNAT and XDP_PASS, or SNAT and sent out |
 //! | `sluice_xdp_tx`          | nowhere             | XDP_TX: the benchmark's floor               |
 //! | `sluice_xdp_pass`        | sandbox veth peers  | XDP_PASS: makes a veth take XDP frames      |
 //!
 //! It is a fast path in front of `sluice_from_uplink` (TC ingress), not a second datapath: it
-//! reads the same conntrack, and translates only what TC would translate the same way
-//! without choosing anything: a TCP or UDP packet whose flow is in `CT4` (established), that
-//! changes no state (no SYN, FIN or RST), and is one of
+//! reads and writes the same conntrack, and translates a packet only as TC would.
+//!
+//! An established flow's packet (its flow in `CT4`, a TCP or UDP packet that changes no state:
+//! no SYN, FIN or RST) is translated without choosing anything:
 //! - a client's packet to a frontend's address, DNAT only (a local backend): rewritten and
 //!   passed on; the stack routes it to the pod, and TC ingress lets it by (its destination is
 //!   a backend's, no frontend's);
@@ -20,13 +22,17 @@
 //!   sent out by XDP itself, back out of the uplink (XDP_TX) or to another uplink
 //!   (XDP_REDIRECT), as TC's `fib::redirect` would; only on an uplink the agent lets send
 //!   (`LB4_XDP_TX`), and only when the route's neighbour is resolved and the packet fits it.
-//!
 //! Each updates the flow's entries as TC's `forward` and `reply` do (`conntrack::touch` with
 //! `conntrack::forward_state` or `reply_state`; a steady packet, `conntrack::steady`, from
-//! its service entry alone). Everything else passes untouched to TC, which
-//! chooses backends, allocates SNAT ports, resolves neighbours, answers refusals and follows
-//! state, so a flow never changes backend between the two paths and nothing is lost when XDP
-//! is off.
+//! its service entry alone).
+//!
+//! A new flow's first packet (a bare SYN, or a UDP datagram, with no entry in either table) is
+//! tail-called into `sluice_xdp_new_flow`, which chooses and records the flow with the code
+//! TC's new-flow program runs (`lb::backend_for`, `record::record`), and drops what TC drops.
+//! What it does not do (an ICMP refusal, hairpin, a route it may not send by) goes to TC
+//! untouched, before anything is recorded. The flow's later packets until it is established
+//! (its state, and the move to `CT4`) are TC's; so are fragments, ICMP and other protocols.
+//! So a flow never changes backend between the two paths, and nothing is lost when XDP is off.
 //!
 //! Its own checksum updates are plain RFC 1624 arithmetic, right for a packet that carries its
 //! full checksum, as every frame from a real NIC does. A packet from a veth peer with checksum
@@ -36,7 +42,8 @@
 //! packet in 65,536, goes to TC too: slower, never wrong.)
 //!
 //! Its counters (`xdp_*`) are its own account: a packet it passes on then goes through TC,
-//! which counts it again; a packet it sends out (`xdp_tx`) never reaches TC.
+//! which counts it again; a packet it sends out (`xdp_tx`, `xdp_new_flow_tx`) or drops
+//! (`xdp_drop`) never reaches TC.
 use aya_ebpf::{
     EbpfContext as _, bindings::xdp_action, helpers::bpf_redirect, macros::xdp,
     programs::XdpContext,

