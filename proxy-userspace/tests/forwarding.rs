@@ -331,6 +331,63 @@ fn xdp_starts_a_flow_to_a_remote_backend_snated_and_sent_out_exactly_as_tc_does(
     });
 }
 
+/// A client port that clashes at XDP: the same client address and port to two frontends of
+/// one local backend (a NodePort, then an externalIP). The second flow's reverse entry would
+/// take the first's tuple, so its port is remapped (a port of the node's range), at XDP as at
+/// TC: the same entries and the same bytes as TC makes starting it from the same state.
+#[test]
+fn a_client_port_clash_is_remapped_at_xdp_exactly_as_at_tc() {
+    require_privileged!("a_client_port_clash_is_remapped_at_xdp_exactly_as_at_tc");
+    in_node(|_| {
+        // One port in the range: XDP and TC then remap to the same one.
+        let mut dp = dataplane((20000, 20000));
+        let local = backend("198.19.0.20:8080", true);
+        dp.upsert_service(frontend(NODE_PORT, FrontendKind::NodePort), &[local])
+            .unwrap();
+        let external = "198.18.0.50:80";
+        dp.upsert_service(frontend(external, FrontendKind::ExternalIp), &[local])
+            .unwrap();
+        let client = sa(CLIENT);
+        let (v, out) = run_xdp(&dp, XDP_FROM_UPLINK, &tcp(client, sa(NODE_PORT), SYN, b""));
+        assert_eq!(
+            (v, check(&out).src),
+            (XDP_PASS, client),
+            "the first keeps its port"
+        );
+        let (first, first_entries) = (recorded(&dp), dp.conntrack().unwrap());
+        let syn = tcp(client, sa(external), SYN, b"");
+        let before = dp.counters().unwrap();
+        let (v, out) = run_xdp(&dp, XDP_FROM_UPLINK, &syn);
+        let after = dp.counters().unwrap();
+        assert_eq!(v, XDP_PASS);
+        assert_eq!(
+            [CTR_XDP_NEW_FLOW, CTR_PORT_REMAPPED].map(|c| delta(&before, &after, c)),
+            [1, 1],
+            "a new flow at XDP, remapped"
+        );
+        let seen = check(&out);
+        assert_eq!(
+            (seen.src, seen.dst),
+            (
+                SocketAddrV4::new(*client.ip(), 20000),
+                sa("198.19.0.20:8080")
+            ),
+            "the client's port remapped"
+        );
+        let by_xdp = recorded(&dp);
+        for e in dp.conntrack().unwrap() {
+            if !first_entries.contains(&e) {
+                dp.evict_conntrack_entry(&e).unwrap();
+            }
+        }
+        assert_eq!(recorded(&dp), first, "the second flow forgotten");
+        let (v, by_tc) = run(&dp, FROM_UPLINK, &syn);
+        assert_eq!(v, TC_ACT_UNSPEC);
+        assert_eq!(out, by_tc, "XDP and TC make the same packet");
+        assert_eq!(recorded(&dp), by_xdp, "XDP and TC record the flow alike");
+    });
+}
+
 /// The node's address changes (a new InternalIP): new flows are SNATed to the new one, and
 /// a flow SNATed to the old one keeps its replies. The old address is no frontend's (only an
 /// externalIP is), so only the ingress filter's care for SNAT addresses of live flows keeps
