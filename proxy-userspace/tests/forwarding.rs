@@ -16,15 +16,18 @@ use sluice::dataplane::{
 };
 use testbed::require_privileged;
 
-fn dataplane(snat_ports: (u16, u16)) -> Dataplane {
-    Dataplane::load_with(DataplaneConfig {
+fn config(snat_ports: (u16, u16)) -> DataplaneConfig {
+    DataplaneConfig {
         hairpin_snat: Some(testbed::plan::HAIRPIN_SNAT),
         snat: Some(NODE.parse().unwrap()),
         snat_ports,
         conntrack_max: 4096,
         ..Default::default()
-    })
-    .expect("the programs load and pass the verifier")
+    }
+}
+
+fn dataplane(snat_ports: (u16, u16)) -> Dataplane {
+    Dataplane::load_with(config(snat_ports)).expect("the programs load and pass the verifier")
 }
 
 fn frontend(addr: &str, kind: FrontendKind) -> Frontend {
@@ -833,5 +836,32 @@ fn a_client_from_outside_that_is_a_pod_of_this_node_is_noted_for_its_replies() {
             sa(NODE_PORT),
             "the reply shows the NodePort"
         );
+
+        // The same flows started at XDP, on `v0` (a test run on a device needs Linux 5.14):
+        // XDP notes the pod as TC does.
+        dp.reset(config(SNAT_PORTS)).unwrap();
+        dp.upsert_service(
+            frontend(NODE_PORT, FrontendKind::NodePort),
+            &[backend("198.19.1.20:8080", true)],
+        )
+        .unwrap();
+        for client in [sa(CLIENT), pod] {
+            let syn = tcp(client, sa(NODE_PORT), SYN, b"");
+            let Some((verdict, out)) = run_xdp_on(&dp, XDP_FROM_UPLINK, &syn, v0) else {
+                let (major, minor) = kernel_version();
+                assert!(
+                    (major, minor) < (5, 14),
+                    "Linux {major}.{minor} refused an XDP context"
+                );
+                return;
+            };
+            assert_eq!(
+                (verdict, check(&out).dst),
+                (XDP_PASS, sa("198.19.1.20:8080")),
+                "started at XDP"
+            );
+        }
+        let (clients, full) = dp.pod_clients().unwrap();
+        assert_eq!((clients, full), (vec![*pod.ip()], false), "noted at XDP");
     });
 }
