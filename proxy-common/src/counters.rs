@@ -220,27 +220,46 @@ counters! {
 /// The counters that are no TC verdict (`seen`, the socket programs', the XDP program's, and
 /// the "of the translated packets, ..." kind): every packet a TC program sees counts `seen`
 /// once and exactly one counter not in this list.
-pub const NOT_VERDICTS: [u32; 29] = [
-    CTR_SEEN,
-    CTR_HAIRPIN,
-    CTR_SNAT_PORT_TAKEN,
-    CTR_REDIRECT,
-    CTR_SNAT_PORT_REUSED,
-    CTR_SOCK_CONNECT,
-    CTR_SOCK_SENDMSG,
-    CTR_SOCK_REVERSE,
-    CTR_SOCK_REJECT_NO_BACKEND,
-    CTR_SOCK_PASS_TO_TC,
-    CTR_SOCK_REVNAT_WRITE,
-    CTR_POD_CLIENTS_FULL,
-    CTR_PORT_REMAPPED,
-    CTR_CT_STALE_REVERSE,
-    CTR_NEW_FLOW_RACE_LOST,
-    CTR_FRAGMENT_FOLLOWED,
-    CTR_SOCK_DENY_SOURCE_RANGE,
-    CTR_AFFINITY_HIT,
-    CTR_SOCK_DENY_NO_LOCAL_BACKEND,
-    CTR_XDP_SEEN,
+pub const NOT_VERDICTS: [u32; 29] = {
+    const OTHERS: [u32; 19] = [
+        CTR_SEEN,
+        CTR_HAIRPIN,
+        CTR_SNAT_PORT_TAKEN,
+        CTR_REDIRECT,
+        CTR_SNAT_PORT_REUSED,
+        CTR_SOCK_CONNECT,
+        CTR_SOCK_SENDMSG,
+        CTR_SOCK_REVERSE,
+        CTR_SOCK_REJECT_NO_BACKEND,
+        CTR_SOCK_PASS_TO_TC,
+        CTR_SOCK_REVNAT_WRITE,
+        CTR_POD_CLIENTS_FULL,
+        CTR_PORT_REMAPPED,
+        CTR_CT_STALE_REVERSE,
+        CTR_NEW_FLOW_RACE_LOST,
+        CTR_FRAGMENT_FOLLOWED,
+        CTR_SOCK_DENY_SOURCE_RANGE,
+        CTR_AFFINITY_HIT,
+        CTR_SOCK_DENY_NO_LOCAL_BACKEND,
+    ];
+    let mut all = [CTR_XDP_SEEN; 29];
+    let mut i = 0;
+    while i < OTHERS.len() {
+        all[i] = OTHERS[i];
+        i += 1;
+    }
+    // `all[19]` is `xdp_seen`; XDP's outcomes follow.
+    let mut j = 0;
+    while j < XDP_OUTCOMES.len() {
+        all[20 + j] = XDP_OUTCOMES[j];
+        j += 1;
+    }
+    all
+};
+
+/// The XDP program's own account: every packet it sees counts [`CTR_XDP_SEEN`] and exactly
+/// one of these.
+pub const XDP_OUTCOMES: [u32; 9] = [
     CTR_XDP_CT_HIT,
     CTR_XDP_TO_TC_NOT_SERVICE,
     CTR_XDP_TO_TC_FLOW,

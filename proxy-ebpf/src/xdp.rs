@@ -73,7 +73,8 @@ use crate::{
     stats::count,
 };
 
-/// Packets from outside: an established flow's packet is translated here; all else goes to TC.
+/// Packets from outside: an established flow's packet is translated here, a new flow's first
+/// packet goes to `sluice_xdp_new_flow`; all else goes to TC.
 #[xdp]
 pub fn sluice_xdp_from_uplink(ctx: XdpContext) -> u32 {
     let (start, end) = (ctx.data(), ctx.data_end());
@@ -92,7 +93,7 @@ pub fn sluice_xdp_from_uplink(ctx: XdpContext) -> u32 {
 /// entry of its flow exists: the backend chosen and the flow recorded as TC's new-flow
 /// program does (`lb::backend_for`, `record::record`), then DNATed and passed on (a local
 /// backend), or SNATed to the node and sent out (a remote one). What it leaves to TC goes
-/// untouched, with nothing recorded.
+/// untouched, with no conntrack entry written.
 #[xdp]
 pub fn sluice_xdp_new_flow(ctx: XdpContext) -> u32 {
     let (start, end) = (ctx.data(), ctx.data_end());
@@ -171,7 +172,8 @@ struct Hop {
 
 /// Translates the packet at `[start, end)` if it is an established flow's: `Ok(None)`, DNATed
 /// and to be passed to the stack; `Ok(Some(action))`, translated and sent out (XDP_TX or
-/// XDP_REDIRECT). Else why not: the counter of the reason it goes to TC.
+/// XDP_REDIRECT). A new flow's first packet is tail-called into `sluice_xdp_new_flow` (which
+/// does not return here). Else why not: the counter of the reason it goes to TC.
 #[inline(always)]
 fn fast_path(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Option<u32>, u32> {
     let p = parse(start, end, len)?;
@@ -283,9 +285,12 @@ fn fast_path(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Opt
 /// The new flow of the packet at `[start, end)`, which `fast_path` found no entry for: as
 /// `fast_path`'s result, or [`CTR_XDP_DROP`] for a packet to drop (what TC drops: a source
 /// outside the frontend's ranges, externalTrafficPolicy Local without a local endpoint, a
-/// flow that cannot be recorded). Before anything is recorded, what XDP does not do goes to
-/// TC untouched: a frontend without endpoints (TC refuses it), a ClusterIP from outside, a
-/// client that is its own backend, no SNAT address, a route XDP cannot send by. From there
+/// flow that cannot be recorded). Before any conntrack entry is written, what XDP does not do
+/// goes to TC untouched: a frontend without endpoints (TC refuses it), a ClusterIP from
+/// outside, a client that is its own backend, no SNAT address, a route XDP cannot send by.
+/// (The last three come after the backend choice, which for a sessionAffinity frontend has
+/// written or refreshed the client's affinity entry: TC then chooses the same backend by it,
+/// as it would have written it itself, and counts `affinity_hit` once more.) From there
 /// it is TC's `new_flow`, step for step, and the bytes are the ones TC would write.
 #[inline(always)]
 fn new_flow(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Option<u32>, u32> {

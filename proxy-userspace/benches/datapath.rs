@@ -632,12 +632,12 @@ fn fresh_syns(batch: u32, n: u16, vip: SocketAddrV4) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// The conntrack section's row: the empty program, hits on 200, 2,000 and 20,000 flows, and
-/// new flows with room and with the tables full.
 /// The agent's tidy scan over the conntrack section's full tables: entries read, and the
 /// median of five scans in ms.
 static TIDY_SCAN: std::sync::Mutex<Option<(usize, f64)>> = std::sync::Mutex::new(None);
 
+/// The conntrack section's row: the empty program, hits on 200, 2,000 and 20,000 flows, and
+/// new flows with room and with the tables full.
 fn conntrack_section(rounds: usize) -> String {
     let vip = cluster_ip(0);
     let mut hits = Vec::new();

@@ -288,7 +288,7 @@ fn a_gone_frontends_port_stays_in_the_filter_while_its_flows_live() {
 
 /// The agent reads conntrack in batches (`BPF_MAP_LOOKUP_BATCH`, several thousand entries a
 /// call): for the filter's tidy scan, whose flows keep a gone frontend's address, and for
-/// `conntrack()`. Over tables of three batches and more, every entry is read, once: the same
+/// `conntrack()`. Over a table of more than three batches, every entry is read, once: the same
 /// entries as reading key by key.
 #[test]
 fn conntrack_larger_than_a_batch_is_read_whole() {
@@ -325,7 +325,7 @@ fn conntrack_larger_than_a_batch_is_read_whole() {
         .map(|(_, entries)| entries.len())
         .sum();
     assert_eq!(by_key, 14_000, "read key by key, the same count");
-    // A second frontend, on its own address, with one flow among the 7,000: gone, its flow
+    // A second frontend, on its own address, with one flow beside the 7,000: gone, its flow
     // live, the tidy scan (also in batches) finds that flow and keeps the address; once the
     // flow's entries are gone, the address goes.
     let other = fe(Ipv4Addr::new(198, 18, 128, 2), 80, FrontendKind::ClusterIp);

@@ -1,8 +1,9 @@
 //! Malformed packets: random mutations of valid frames (truncated, bad lengths, IP options,
 //! fragments, bad checksums, odd TCP flags, other protocols and ethertypes) through every TC
-//! program. Nothing crashes, every frame lands in exactly one verdict counter, and real
-//! traffic interleaved with them loses nothing: first through BPF_PROG_TEST_RUN, then on the
-//! sandbox's real devices while real connections run.
+//! program and the XDP program. Nothing crashes, every frame lands in exactly one verdict
+//! counter (XDP's: in `xdp_seen` and one other `xdp_*`), and real traffic interleaved with
+//! them loses nothing: first through BPF_PROG_TEST_RUN, then on the sandbox's real devices
+//! while real connections run.
 //!
 //! The generator is seeded, so a failure names the frame that caused it and repeats. Every
 //! frame's outer addresses are forced into 198.18.0.0/15, the sandbox's range.
@@ -14,7 +15,7 @@ use common::*;
 use proxy_common::*;
 use sluice::dataplane::{
     Backend, Counters, Dataplane, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend, FrontendKind,
-    Protocol, TO_POD, TO_UPLINK,
+    Protocol, TO_POD, TO_UPLINK, XDP_FROM_UPLINK,
 };
 use testbed::{Attempt, Cluster, HttpServer, http_many, plan, require_privileged};
 
@@ -27,6 +28,14 @@ fn verdicts(c: &Counters) -> u64 {
 
 fn seen(c: &Counters) -> u64 {
     c[CTR_SEEN as usize].packets
+}
+
+/// XDP's own account: what it saw, and the sum of its outcomes (one per packet).
+fn xdp_account(c: &Counters) -> (u64, u64) {
+    (
+        c[CTR_XDP_SEEN as usize].packets,
+        XDP_OUTCOMES.iter().map(|&i| c[i as usize].packets).sum(),
+    )
 }
 
 /// xorshift64*: small, seeded, good enough to pick mutations.
@@ -125,6 +134,10 @@ fn mutate(rng: &mut Rng, frame: &[u8]) -> Vec<u8> {
 
 const PROGRAMS: [&str; 4] = [FROM_POD, TO_POD, FROM_UPLINK, TO_UPLINK];
 const VALID: [u32; 3] = [TC_ACT_UNSPEC, TC_ACT_SHOT, TC_ACT_REDIRECT];
+/// The XDP program sends nothing out here: the test run's device is not let send.
+const XDP_VALID: [u32; 2] = [XDP_PASS, XDP_DROP];
+/// A NodePort on the node address whose endpoint is local: new flows to it start at XDP.
+const LOCAL_NODE_PORT: &str = "198.18.0.10:30081";
 
 #[test]
 fn a_hundred_thousand_malformed_frames_crash_nothing_and_each_lands_in_one_counter() {
@@ -163,6 +176,14 @@ fn a_hundred_thousand_malformed_frames_crash_nothing_and_each_lands_in_one_count
             kind: FrontendKind::NodePort,
         };
         dp.upsert_service(fe, &[backend(REMOTE, false)]).unwrap();
+        let local = sa(LOCAL_NODE_PORT);
+        let fe = Frontend {
+            addr: *local.ip(),
+            port: local.port(),
+            proto: Protocol::Tcp,
+            kind: FrontendKind::NodePort,
+        };
+        dp.upsert_service(fe, &[backend(BACKEND, true)]).unwrap();
 
         // A real flow before the storm, whose next packets must still find their backend.
         let live = sa("198.19.0.11:41000");
@@ -173,23 +194,40 @@ fn a_hundred_thousand_malformed_frames_crash_nothing_and_each_lands_in_one_count
         let mut rng = Rng(0x5eed_0ff0_0d00);
         let before = dp.counters().unwrap();
         let mut runs = 0u64;
+        let mut xdp_runs = 0u64;
         let mut i = 0u32;
         while i < 100_000 {
             let seed = &seeds[rng.below(seeds.len())];
             let frame = mutate(&mut rng, seed);
-            let program = PROGRAMS[rng.below(PROGRAMS.len())];
-            if frame.len() < 34 && frame[12..14] == [0x08, 0x00] {
-                // BPF_PROG_TEST_RUN refuses an IPv4 frame without a whole IP header (a real
-                // device delivers it: the test below sends such frames).
-                continue;
+            // One frame in five through XDP, the others through the four TC programs.
+            let pick = rng.below(PROGRAMS.len() + 1);
+            if pick == PROGRAMS.len() {
+                if frame.len() < 14 {
+                    // BPF_PROG_TEST_RUN refuses an XDP frame without an Ethernet header.
+                    continue;
+                }
+                let (verdict, _) = run_xdp(&dp, XDP_FROM_UPLINK, &frame);
+                xdp_runs += 1;
+                i += 1;
+                assert!(
+                    XDP_VALID.contains(&verdict),
+                    "frame {i} through XDP: verdict {verdict}\n{frame:02x?}"
+                );
+            } else {
+                let program = PROGRAMS[pick];
+                if frame.len() < 34 && frame[12..14] == [0x08, 0x00] {
+                    // BPF_PROG_TEST_RUN refuses an IPv4 frame without a whole IP header (a
+                    // real device delivers it: the test below sends such frames).
+                    continue;
+                }
+                let (verdict, _) = run(&dp, program, &frame);
+                runs += 1;
+                i += 1;
+                assert!(
+                    VALID.contains(&verdict),
+                    "frame {i} through {program}: verdict {verdict}\n{frame:02x?}"
+                );
             }
-            let (verdict, _) = run(&dp, program, &frame);
-            runs += 1;
-            i += 1;
-            assert!(
-                VALID.contains(&verdict),
-                "frame {i} through {program}: verdict {verdict}\n{frame:02x?}"
-            );
             if i.is_multiple_of(10_000) {
                 // Real traffic in between: the live flow keeps its backend, its reply is
                 // translated, and a new flow is made.
@@ -205,6 +243,15 @@ fn a_hundred_thousand_malformed_frames_crash_nothing_and_each_lands_in_one_count
                 let (_, out) = run(&dp, FROM_POD, &tcp(fresh, vip, SYN, b""));
                 assert_eq!(check(&out).dst, sa(BACKEND), "after {i}");
                 runs += 3;
+                // And a new flow from outside starts at XDP.
+                let outside = SocketAddrV4::new(*sa(CLIENT).ip(), 43000 + (i / 10_000) as u16);
+                let (v, out) = run_xdp(&dp, XDP_FROM_UPLINK, &tcp(outside, local, SYN, b""));
+                assert_eq!(
+                    (v, check(&out).dst),
+                    (XDP_PASS, sa(BACKEND)),
+                    "XDP after {i}"
+                );
+                xdp_runs += 1;
             }
         }
         let after = dp.counters().unwrap();
@@ -218,6 +265,18 @@ fn a_hundred_thousand_malformed_frames_crash_nothing_and_each_lands_in_one_count
             delta(&before, &after, CTR_PASS_MALFORMED) > 1_000
                 && delta(&before, &after, CTR_PASS_FRAGMENT) > 1_000,
             "the storm was malformed enough to matter"
+        );
+        let (xdp_before, xdp_after) = (xdp_account(&before), xdp_account(&after));
+        assert_eq!(
+            (xdp_after.0 - xdp_before.0, xdp_after.1 - xdp_before.1),
+            (xdp_runs, xdp_runs),
+            "every XDP run seen, and counted once more as one of XDP's outcomes"
+        );
+        let reached =
+            [CTR_XDP_TO_TC_NOT_SERVICE, CTR_XDP_NEW_FLOW].map(|c| delta(&before, &after, c));
+        assert!(
+            reached[0] > 1_000 && reached[1] >= 10,
+            "the storm reached XDP's parse and its new flows: {reached:?}"
         );
     });
 }

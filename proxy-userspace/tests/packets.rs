@@ -2002,21 +2002,18 @@ fn a_reset_or_a_fin_from_the_client_does_not_move_a_flow_to_the_established_tabl
 const OUTSIDE: &str = "198.18.0.100:50000";
 const LOCAL_BACKEND: &str = "198.19.0.20:8080";
 
-/// The XDP counters, in the order [`xdp_delta`] gives their changes: seen, hit, three ways to
-/// TC, sent out by XDP, to TC for the route, a new flow passed on, a new flow sent out,
-/// dropped.
-const XDP_COUNTERS: [u32; 10] = [
-    CTR_XDP_SEEN,
-    CTR_XDP_CT_HIT,
-    CTR_XDP_TO_TC_NOT_SERVICE,
-    CTR_XDP_TO_TC_FLOW,
-    CTR_XDP_TO_TC_PARTIAL_CSUM,
-    CTR_XDP_TX,
-    CTR_XDP_TO_TC_ROUTE,
-    CTR_XDP_NEW_FLOW,
-    CTR_XDP_NEW_FLOW_TX,
-    CTR_XDP_DROP,
-];
+/// The XDP counters, in the order [`xdp_delta`] gives their changes: seen, then its outcomes
+/// (`proxy_common::XDP_OUTCOMES`: hit, three ways to TC, sent out by XDP, to TC for the route,
+/// a new flow passed on, a new flow sent out, dropped).
+const XDP_COUNTERS: [u32; 10] = {
+    let mut all = [CTR_XDP_SEEN; 10];
+    let mut i = 0;
+    while i < XDP_OUTCOMES.len() {
+        all[i + 1] = XDP_OUTCOMES[i];
+        i += 1;
+    }
+    all
+};
 
 /// The XDP counters' changes between two readings ([`XDP_COUNTERS`]).
 fn xdp_delta(before: &Counters, after: &Counters) -> [u64; 10] {
@@ -2407,6 +2404,44 @@ fn xdp_leaves_new_flows_it_does_not_finish_to_tc_and_drops_what_tc_drops() {
     assert_eq!(seen.dst, sa("198.19.0.20:8080"));
 }
 
+/// sessionAffinity ClientIP from outside, with new flows started at XDP: a client's new flows
+/// all go to the backend its first went to, as at TC (the choice is the shared code's).
+#[test]
+fn session_affinity_holds_for_new_flows_started_at_xdp() {
+    require_privileged!("session_affinity_holds_for_new_flows_started_at_xdp");
+    let mut dp = dataplane();
+    let three = ["198.19.0.20:8080", "198.19.0.21:8080", "198.19.0.22:8080"];
+    dp.upsert_frontend(
+        fe(NODE_PORT, Protocol::Tcp, FrontendKind::NodePort),
+        &Backends {
+            affinity_timeout_s: Some(60),
+            ..Backends::all(three.iter().map(|a| be(a)).collect())
+        },
+    )
+    .unwrap();
+    let before = dp.counters().unwrap();
+    let to: Vec<_> = (0..10u16)
+        .map(|i| {
+            let client = std::net::SocketAddrV4::new(*sa(OUTSIDE).ip(), 51_000 + i);
+            let (verdict, out) =
+                run_xdp(&dp, XDP_FROM_UPLINK, &tcp(client, sa(NODE_PORT), SYN, b""));
+            assert_eq!(verdict, XDP_PASS);
+            check(&out).dst
+        })
+        .collect();
+    let after = dp.counters().unwrap();
+    assert_eq!(
+        delta(&before, &after, CTR_XDP_NEW_FLOW),
+        10,
+        "every one started at XDP"
+    );
+    assert!(
+        to.iter().all(|d| *d == to[0]),
+        "one backend for the client: {to:?}"
+    );
+    assert_eq!(delta(&before, &after, CTR_AFFINITY_HIT), 9);
+}
+
 // ---- Maglev (`--lb-algorithm maglev`, `sluice.io/lb-algorithm`) ----
 
 const LB: &str = "198.18.192.2:80";
@@ -2431,16 +2466,27 @@ fn lb_service(dp: &mut Dataplane, backends: Vec<Backend>, maglev: bool) {
 }
 
 /// The backend each of `n` new flows from outside to [`LB`] was sent to (client ports from
-/// `first_port`).
+/// `first_port`), started at TC.
 fn chosen(dp: &Dataplane, n: u16, first_port: u16) -> Vec<std::net::SocketAddrV4> {
+    chosen_by(dp, n, first_port, false)
+}
+
+/// [`chosen`], the flows started at TC or (`xdp`) at XDP.
+fn chosen_by(dp: &Dataplane, n: u16, first_port: u16, xdp: bool) -> Vec<std::net::SocketAddrV4> {
     (0..n)
         .map(|i| {
             let client = std::net::SocketAddrV4::new(
                 Ipv4Addr::new(198, 18, 100, (i % 200) as u8 + 1),
                 first_port + i / 200,
             );
-            let (verdict, out) = run(dp, FROM_UPLINK, &tcp(client, sa(LB), SYN, b""));
-            assert_eq!(verdict, TC_ACT_UNSPEC);
+            let syn = tcp(client, sa(LB), SYN, b"");
+            let (verdict, out) = if xdp {
+                run_xdp(dp, XDP_FROM_UPLINK, &syn)
+            } else {
+                run(dp, FROM_UPLINK, &syn)
+            };
+            let passed = if xdp { XDP_PASS } else { TC_ACT_UNSPEC };
+            assert_eq!(verdict, passed);
             check(&out).dst
         })
         .collect()
@@ -2471,6 +2517,9 @@ fn maglev_sends_a_flow_to_the_same_backend_on_every_node() {
     );
     let spread: std::collections::BTreeSet<_> = on_a.iter().collect();
     assert_eq!(spread.len(), 5, "the flows use every backend");
+    // Started at XDP on one node and at TC on the other: the same backends still.
+    let (tc_a, xdp_b) = (chosen(&a, 400, 25_000), chosen_by(&b, 400, 25_000, true));
+    assert_eq!(tc_a, xdp_b, "XDP's Maglev choice is TC's");
     // Each is the backend the agent's table puts at the flow's position, which the programs
     // compute with the shared hash.
     let addrs: Vec<(Ipv4Addr, u16)> = backends.iter().map(|b| (b.addr, b.port)).collect();

@@ -108,8 +108,16 @@ pub(super) fn scan<K: aya::Pod, V: aya::Pod>(
             )
         };
         let err = (r < 0).then(io::Error::last_os_error);
-        // Entries come back with the last batch too (its error is ENOENT: the walk's end).
-        let n = (attr.count as usize).min(BATCH);
+        // Entries come back with the last batch too (its error is ENOENT: the walk's end);
+        // with any other error the kernel may not have written `count` at all.
+        let n = match &err {
+            Some(e) if e.raw_os_error() != Some(libc::ENOENT) => {
+                return Err(error("read in batches")(io::Error::from_raw_os_error(
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                )));
+            }
+            _ => (attr.count as usize).min(BATCH),
+        };
         for i in 0..n {
             // SAFETY: each slot holds a key and a value the kernel wrote, of `K`'s and `V`'s
             // sizes (checked above); both are plain data, read unaligned.
@@ -121,14 +129,11 @@ pub(super) fn scan<K: aya::Pod, V: aya::Pod>(
             };
             f(k, v);
         }
-        match err {
-            None => {
-                at = next;
-                first = false;
-            }
-            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
-            Some(e) => return Err(error("read in batches")(e)),
+        if err.is_some() {
+            return Ok(());
         }
+        at = next;
+        first = false;
     }
 }
 
