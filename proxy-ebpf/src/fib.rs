@@ -185,8 +185,21 @@ pub fn lookup_from(
 /// in on (a reply to a client from outside goes back out of the uplink it arrived on).
 #[inline(always)]
 pub fn back_by_ingress(ctx: &TcContext, saddr_be: u32, daddr_be: u32, proto: u8) -> bool {
-    match lookup(ctx, saddr_be, daddr_be, proto, 0) {
-        Fib::Route(r) => r.ifindex == ifindex(ctx),
+    back_by(ctx.as_ptr(), ifindex(ctx), saddr_be, daddr_be, proto)
+}
+
+/// [`back_by_ingress`] for any program's context `ctx` (TC's or XDP's), the packet having come
+/// in on device `ingress`.
+#[inline(always)]
+pub fn back_by(
+    ctx: *mut core::ffi::c_void,
+    ingress: u32,
+    saddr_be: u32,
+    daddr_be: u32,
+    proto: u8,
+) -> bool {
+    match lookup_from(ctx, ingress, saddr_be, daddr_be, proto, 0) {
+        Fib::Route(r) => r.ifindex == ingress,
         _ => false,
     }
 }

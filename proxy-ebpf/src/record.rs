@@ -51,8 +51,8 @@ pub fn reverse_entry(f: &Flow, flags: u16, rev_nat_id: u32, now: u64) -> Ct4Entr
 }
 
 /// Records `f`'s new flow (service key `skey`) to the backend `be` of the frontend `fe`, in
-/// state `flags`, SNATed to `snat` (0: not),
-/// under the datapath's config `cfg` (the SNAT port range).
+/// state `flags`, SNATed to `snat` (0: not), under the datapath's config `cfg` (the SNAT port
+/// range).
 /// A flow with [`CT_FLAG_REDIRECT`] (SNATed to the node, forwarded by us) takes a port of the
 /// node's own; the others keep the client's, unless another live flow has the tuple: then the
 /// port is remapped ([`CT_FLAG_PORT_REMAP`]). Else the drop counter of why it could not be.

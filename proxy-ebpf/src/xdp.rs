@@ -336,7 +336,8 @@ fn new_flow(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Opti
     } else {
         // Not SNATed: its replies are translated at the egress towards its client, which
         // for a pod's egress must be noted (a pod of this node whose traffic came back in).
-        if !back_by_ingress(ctx, be.addr_be, f.saddr_be, f.proto) {
+        let ingress = ctx.ingress_ifindex() as u32;
+        if !fib::back_by(ctx.as_ptr(), ingress, be.addr_be, f.saddr_be, f.proto) {
             note_pod_client(f.saddr_be);
         }
         (0, None)
@@ -353,17 +354,6 @@ fn new_flow(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Opti
     // A flow another CPU recorded first with another route was dropped by `record`: `hop`
     // is this flow's.
     Ok(send(start, end, &p, &to, hop.as_ref()))
-}
-
-/// Whether the route from `saddr_be` back to `daddr_be` leaves by the uplink the packet came
-/// in on (`fib::back_by_ingress`, for XDP's context).
-#[inline(always)]
-fn back_by_ingress(ctx: &XdpContext, saddr_be: u32, daddr_be: u32, proto: u8) -> bool {
-    let ingress = ctx.ingress_ifindex() as u32;
-    match fib::lookup_from(ctx.as_ptr(), ingress, saddr_be, daddr_be, proto, 0) {
-        Fib::Route(r) => r.ifindex == ingress,
-        _ => false,
-    }
 }
 
 /// A reply (backend -> node's SNAT address and port) of an established flow SNATed to the

@@ -39,7 +39,7 @@ use proxy_common::{
     LB4_POD_CLIENTS_MAP,
 };
 
-use super::{CT_TABLES, Dataplane, DataplaneError, map_error, raw};
+use super::{CT_TABLES, Dataplane, DataplaneError, map_error};
 
 /// How long past its expiry (by this process's clock) an entry still counts as live here.
 /// The programs may read the coarse clock, which runs up to a jiffy behind CLOCK_MONOTONIC:
@@ -188,13 +188,9 @@ impl Dataplane {
         let now = monotonic_ns();
         let mut live = LiveFlows::default();
         for table in CT_TABLES {
-            let map = self
-                .ebpf
-                .map(table)
-                .ok_or(DataplaneError::MissingMap { map: table })?;
             // Read in batches: this runs from the agent's tick over tables of up to hundreds
             // of thousands of entries.
-            raw::scan::<Ct4Key, Ct4Entry>(table, raw::hash_data(map, table)?, |k, v| {
+            self.scan::<Ct4Key, Ct4Entry>(table, |k, v| {
                 if k.kind != CT_KIND_SERVICE || v.expires_ns(k.proto) + LIVE_GRACE_NS < now {
                     return;
                 }

@@ -150,29 +150,19 @@ fn read_counters<T: Borrow<MapData>>(
     Ok(out)
 }
 
-/// The entries of one conntrack table (`new`: `CT4_NEW`), appended to `out`.
-fn read_conntrack(
-    table: &str,
-    data: &MapData,
-    new: bool,
-    out: &mut Vec<CtEntry>,
-) -> Result<(), DataplaneError> {
-    scan::<Ct4Key, Ct4Entry>(table, data, |k, v| {
-        let Some(proto) = Protocol::from_number(k.proto) else {
-            return;
-        };
-        out.push(CtEntry {
-            kind: if k.kind == CT_KIND_SERVICE {
-                CtKind::Service
-            } else {
-                CtKind::Reverse
-            },
-            proto,
-            src: sock_addr(k.saddr_be, k.sport_be),
-            dst: sock_addr(k.daddr_be, k.dport_be),
-            entry: v,
-            new,
-        });
+/// A conntrack entry, decoded (`new`: from `CT4_NEW`); `None` for a protocol no frontend has.
+fn ct_entry(k: Ct4Key, v: Ct4Entry, new: bool) -> Option<CtEntry> {
+    Some(CtEntry {
+        kind: if k.kind == CT_KIND_SERVICE {
+            CtKind::Service
+        } else {
+            CtKind::Reverse
+        },
+        proto: Protocol::from_number(k.proto)?,
+        src: sock_addr(k.saddr_be, k.sport_be),
+        dst: sock_addr(k.daddr_be, k.dport_be),
+        entry: v,
+        new,
     })
 }
 
@@ -186,16 +176,8 @@ impl Dataplane {
     pub fn conntrack(&self) -> Result<Vec<CtEntry>, DataplaneError> {
         let mut out = Vec::new();
         for table in super::CT_TABLES {
-            let map = self
-                .ebpf
-                .map(table)
-                .ok_or(DataplaneError::MissingMap { map: table })?;
-            read_conntrack(
-                table,
-                hash_data(map, table)?,
-                table == CT4_NEW_MAP,
-                &mut out,
-            )?;
+            let new = table == CT4_NEW_MAP;
+            self.scan(table, |k, v| out.extend(ct_entry(k, v, new)))?;
         }
         Ok(out)
     }
@@ -284,12 +266,15 @@ impl PinnedMaps {
     pub fn conntrack(&self) -> Result<Vec<CtEntry>, DataplaneError> {
         // `CT4_NEW` first: a flow moving to `CT4` meanwhile is then seen at least once.
         let mut out = Vec::new();
-        if self.has_new_table() {
-            let map = self.map(CT4_NEW_MAP)?;
-            read_conntrack(CT4_NEW_MAP, hash_data(&map, CT4_NEW_MAP)?, true, &mut out)?;
+        for (table, new) in [(CT4_NEW_MAP, true), (CT4_MAP, false)] {
+            if new && !self.has_new_table() {
+                continue;
+            }
+            let map = self.map(table)?;
+            scan(table, hash_data(&map, table)?, |k, v| {
+                out.extend(ct_entry(k, v, new))
+            })?;
         }
-        let map = self.map(CT4_MAP)?;
-        read_conntrack(CT4_MAP, hash_data(&map, CT4_MAP)?, false, &mut out)?;
         Ok(out)
     }
 

@@ -107,18 +107,16 @@ pub(super) fn scan<K: aya::Pod, V: aya::Pod>(
                 size_of::<BatchAttr>(),
             )
         };
-        let err = (r < 0).then(io::Error::last_os_error);
         // Entries come back with the last batch too (its error is ENOENT: the walk's end);
         // with any other error the kernel may not have written `count` at all.
-        let n = match &err {
-            Some(e) if e.raw_os_error() != Some(libc::ENOENT) => {
-                return Err(error("read in batches")(io::Error::from_raw_os_error(
-                    e.raw_os_error().unwrap_or(libc::EIO),
-                )));
+        let last = r < 0;
+        if last {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                return Err(error("read in batches")(e));
             }
-            _ => (attr.count as usize).min(BATCH),
-        };
-        for i in 0..n {
+        }
+        for i in 0..(attr.count as usize).min(BATCH) {
             // SAFETY: each slot holds a key and a value the kernel wrote, of `K`'s and `V`'s
             // sizes (checked above); both are plain data, read unaligned.
             let (k, v) = unsafe {
@@ -129,7 +127,7 @@ pub(super) fn scan<K: aya::Pod, V: aya::Pod>(
             };
             f(k, v);
         }
-        if err.is_some() {
+        if last {
             return Ok(());
         }
         at = next;
@@ -405,6 +403,19 @@ pub type RawDump = Vec<(String, Vec<RawEntry>)>;
 pub type RawEntry = (Vec<u8>, Vec<u8>);
 
 impl Dataplane {
+    /// [`scan`] of the object's hash or LRU map `name`.
+    pub(super) fn scan<K: aya::Pod, V: aya::Pod>(
+        &self,
+        name: &'static str,
+        f: impl FnMut(K, V),
+    ) -> Result<(), DataplaneError> {
+        let map = self
+            .ebpf
+            .map(name)
+            .ok_or(DataplaneError::MissingMap { map: name })?;
+        scan(name, hash_data(map, name)?, f)
+    }
+
     /// The map `name` of the object.
     pub(super) fn raw_map(&self, name: &str) -> Result<RawMap<'_>, DataplaneError> {
         maps(self)?
