@@ -674,6 +674,39 @@ fn with_every_snat_port_held_a_new_flow_is_dropped_and_the_live_one_keeps_its_po
     });
 }
 
+/// Held ports in one run do not defeat the allocator: with 600 of 1,000 ports held in a block,
+/// 60 new flows all get ports. Tries that follow a random first port (linear probing) fail
+/// whenever the first lands within 31 ports of the block's end, more than half the time;
+/// independent random tries fail with probability 0.6^32 per flow.
+#[test]
+fn a_run_of_held_snat_ports_does_not_drop_new_flows_while_ports_are_free() {
+    require_privileged!("a_run_of_held_snat_ports_does_not_drop_new_flows_while_ports_are_free");
+    in_node(|_| {
+        const HELD: u16 = 600;
+        let mut dp = remote_node_port((20000, 20000));
+        // One port at a time: flow k holds port 20000 + k.
+        for k in 0..HELD {
+            let port = 20000 + k;
+            dp.set_snat_ports((port, port)).unwrap();
+            let client = SocketAddrV4::new(*sa(CLIENT).ip(), 30000 + k);
+            let (_, out) = run(&dp, FROM_UPLINK, &tcp(client, sa(NODE_PORT), SYN, b""));
+            assert_eq!(check(&out).src.port(), port);
+        }
+        dp.set_snat_ports((20000, 20999)).unwrap();
+        let before = dp.counters().unwrap();
+        for k in 0..60 {
+            let client = SocketAddrV4::new(*sa(CLIENT).ip(), 40000 + k);
+            let (v, out) = run(&dp, FROM_UPLINK, &tcp(client, sa(NODE_PORT), SYN, b""));
+            assert_eq!(v, TC_ACT_REDIRECT, "new flow {k} dropped");
+            let port = check(&out).src.port();
+            assert!((20000 + HELD..=20999).contains(&port), "port {port}");
+        }
+        let after = dp.counters().unwrap();
+        assert_eq!(delta(&before, &after, CTR_DROP_SNAT_PORTS), 0);
+        assert_eq!(delta(&before, &after, CTR_NEW_FLOW_SNAT), 60);
+    });
+}
+
 #[test]
 fn a_closed_snat_flow_holds_its_port_for_time_wait_and_gives_it_up_only_when_nothing_else_is_free()
 {

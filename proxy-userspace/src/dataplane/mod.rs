@@ -687,6 +687,14 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Sets the source ports (inclusive) new flows draw from ([`DataplaneConfig::snat_ports`]).
+    /// Flows that hold a port keep it, in the new range or not. The agent sets the range once,
+    /// at load; tests narrow it to choose which ports flows hold.
+    pub fn set_snat_ports(&mut self, ports: (u16, u16)) -> Result<(), DataplaneError> {
+        self.config.snat_ports = ports;
+        self.write_config()
+    }
+
     /// Opens map `map` as a `T` (HashMap, Array, ...) for reading.
     fn open<'a, T>(&'a self, map: &'static str) -> Result<T, DataplaneError>
     where
