@@ -167,6 +167,13 @@ pub const CT_FLAG_REDIRECT: u16 = 1 << 7;
 /// flow's): replies' destination port must be put back, and a closed flow holds the port
 /// like an SNATed one.
 pub const CT_FLAG_PORT_REMAP: u16 = 1 << 8;
+/// Direct server return. On the ingress node (with [`CT_FLAG_REDIRECT`]): the flow is DNATed
+/// only and forwarded to the backend's node, its SYNs carrying the frontend in an IPv4 option;
+/// its replies never come back here, so the client's first packet after its SYN (the
+/// handshake's ACK) establishes it. On the backend's node (a reverse entry written from the
+/// option): the backend's replies get the frontend as their source at the uplink's egress and
+/// leave for the client directly; the backend's first packet after its SYN-ACK establishes it.
+pub const CT_FLAG_DSR: u16 = 1 << 9;
 
 pub const CT_LIFETIME_TCP_ESTABLISHED_NS: u64 = 6 * 3600 * 1_000_000_000;
 pub const CT_LIFETIME_TCP_OPENING_NS: u64 = 60 * 1_000_000_000;
@@ -221,7 +228,10 @@ pub const fn ct_steady(
 
 /// Whether TCP state `flags` is closed (FIN both ways, or RST).
 pub const fn ct_closed(flags: u16) -> bool {
-    flags & CT_FLAG_RST != 0 || (flags & CT_FLAG_FIN_FWD != 0 && flags & CT_FLAG_FIN_REPLY != 0)
+    flags & CT_FLAG_RST != 0
+        || (flags & CT_FLAG_FIN_FWD != 0 && flags & CT_FLAG_FIN_REPLY != 0)
+        // A direct-server-return entry sees one direction only: its FIN closes it.
+        || (flags & CT_FLAG_DSR != 0 && flags & (CT_FLAG_FIN_FWD | CT_FLAG_FIN_REPLY) != 0)
 }
 
 /// The lifetime a flow gets from its state, the same on both sides of the kernel line.

@@ -1,14 +1,15 @@
 //! Per-CPU packet counters: one slot per verdict or drop reason, so that every packet the
 //! programs see is accounted for in exactly one "verdict" slot.
 
-/// `PKT_COUNTERS_V2`: index (u32, a `CTR_*` constant) -> [`Counter`]; `PerCpuArray` of
+/// `PKT_COUNTERS_V3`: index (u32, a `CTR_*` constant) -> [`Counter`]; `PerCpuArray` of
 /// [`CTR_SLOTS`] entries, of which the first [`CTR_MAX`] are used; written by every program,
 /// read (summed over CPUs) by userspace. The spare slots let counters be added without
-/// changing the map (the first version, `PKT_COUNTERS`, had exactly 16).
-pub const PKT_COUNTERS_MAP: &str = "PKT_COUNTERS_V2";
+/// changing the map (the first version, `PKT_COUNTERS`, had exactly 16; the second,
+/// `PKT_COUNTERS_V2`, 64, all used).
+pub const PKT_COUNTERS_MAP: &str = "PKT_COUNTERS_V3";
 
 /// The counter map's size: room for counters yet to come.
-pub const CTR_SLOTS: u32 = 64;
+pub const CTR_SLOTS: u32 = 128;
 
 macro_rules! counters {
     ($($(#[doc = $doc:literal])* $name:ident = $idx:literal, $label:literal;)+) => {
@@ -215,6 +216,20 @@ counters! {
     /// refused the write, the SNAT ports are exhausted, another CPU's copy of the flow took
     /// another route).
     CTR_XDP_DROP = 61, "xdp_drop";
+    /// A new TCP flow from outside to a backend on another node, by direct server return
+    /// (`--lb-mode dsr`): DNATed only, the frontend written into an IPv4 option of the SYN,
+    /// forwarded by FIB lookup and redirect. Its replies go from the backend's node to the
+    /// client directly.
+    CTR_NEW_FLOW_DSR = 62, "new_flow_dsr";
+    /// Passed at an uplink's ingress after noting a direct-server-return SYN (an IPv4 option
+    /// naming a frontend this node has) to a local pod: the reverse entry written, so that
+    /// the pod's replies leave showing the frontend. A SYN whose option names no frontend of
+    /// this node passes as `pass_not_a_frontend`, noted nowhere.
+    CTR_DSR_NOTED = 63, "dsr_noted";
+    /// Dropped: a new direct-server-return flow whose tuple after DNAT (client address and
+    /// port to the backend) is another live flow's. Its port cannot be remapped, as the
+    /// backend answers the client's own port, and the tuple cannot be shared.
+    CTR_DROP_DSR_TUPLE_TAKEN = 64, "drop_dsr_tuple_taken";
 }
 
 /// The counters that are no TC verdict (`seen`, the socket programs', the XDP program's, and
@@ -272,7 +287,7 @@ pub const XDP_OUTCOMES: [u32; 9] = [
 ];
 
 /// Number of counters in use (at most [`CTR_SLOTS`]).
-pub const CTR_MAX: u32 = 62;
+pub const CTR_MAX: u32 = 65;
 const _: () = assert!(CTR_MAX <= CTR_SLOTS);
 
 /// One CPU's share of a counter.

@@ -520,8 +520,15 @@ pub struct Lb4Config {
     /// never takes the tuple of a connection the node makes itself.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
-    pub _pad: u32,
+    /// `LB4_CONFIG_FLAG_*`.
+    pub flags: u32,
 }
+
+/// [`Lb4Config::flags`]: new TCP flows from outside to a backend on another node go by direct
+/// server return (`--lb-mode dsr`): DNAT only, the frontend carried to the backend's node in an
+/// IPv4 option of the SYN, and the replies sent from that node straight to the client. UDP
+/// flows are SNATed as without it.
+pub const LB4_CONFIG_FLAG_DSR: u32 = 1 << 0;
 const _: () = assert!(core::mem::size_of::<Lb4Config>() == 16);
 
 /// Value of [`LB4_SVC_CIDRS_MAP`] index 0: the first `count` of the prefixes, as network and

@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::LruHashMap,
 };
 use proxy_common::{
-    CT_FLAG_ESTABLISHED, CT_FLAG_FIN_FWD, CT_FLAG_FIN_REPLY, CT_FLAG_RST, CT_FLAG_SEEN_REPLY,
-    CT_FLAG_SYN, CT_KIND_REVERSE, CT_KIND_SERVICE, CT_LATE_FLAGS, Ct4Entry, Ct4Key, IPPROTO_TCP,
-    ct_closed, ct_steady,
+    CT_FLAG_DSR, CT_FLAG_ESTABLISHED, CT_FLAG_FIN_FWD, CT_FLAG_FIN_REPLY, CT_FLAG_RST,
+    CT_FLAG_SEEN_REPLY, CT_FLAG_SYN, CT_KIND_REVERSE, CT_KIND_SERVICE, CT_LATE_FLAGS, Ct4Entry,
+    Ct4Key, IPPROTO_TCP, ct_closed, ct_steady,
 };
 
 use crate::{
@@ -336,6 +336,16 @@ pub fn promote(skey: &Ct4Key, s: *mut Ct4Entry, rkey: &Ct4Key, r: Option<*mut Ct
     }
 }
 
+/// Moves the one entry `e` at `key`, just established, from `CT4_NEW` to `CT4` (written there
+/// first, as [`promote`] does); an entry already in `CT4` is written over with itself.
+#[inline(always)]
+pub fn promote_one(key: &Ct4Key, e: *mut Ct4Entry) {
+    // SAFETY: `e` points at a map value; the kernel copies it into the other map.
+    if CT4.insert(key, unsafe { &*e }, 0).is_ok() {
+        let _ = CT4_NEW.remove(key);
+    }
+}
+
 /// Whether `f`, a reply to a flow in TCP state `flags`, is the SYN-ACK of a new connection on
 /// the tuple of a closed one: a direct connection (to the backend's own address, or one socket
 /// LB translated at `connect()`) that the client made on the port it had used for the Service.
@@ -356,6 +366,12 @@ pub fn reopens(f: &Flow, state: u16) -> bool {
         && state & (CT_FLAG_RST | CT_FLAG_FIN_FWD | CT_FLAG_FIN_REPLY) != 0
 }
 
+// The shifts that move the DSR bit, and the TCP SYN bit, onto state bits.
+const DSR_TO_SEEN_REPLY: u32 = CT_FLAG_DSR.trailing_zeros() - CT_FLAG_SEEN_REPLY.trailing_zeros();
+const DSR_TO_ESTABLISHED: u32 = CT_FLAG_DSR.trailing_zeros() - CT_FLAG_ESTABLISHED.trailing_zeros();
+const DSR_SYN_TO_ESTABLISHED: u32 = CT_FLAG_ESTABLISHED.trailing_zeros() - TCP_SYN.trailing_zeros();
+const _: () = assert!(TCP_SYN as u16 == CT_FLAG_SEEN_REPLY);
+
 /// Folds a packet from the client into the flow state; returns the new flags.
 #[inline(always)]
 pub fn forward_state(f: &Flow, mut flags: u16) -> u16 {
@@ -369,6 +385,11 @@ pub fn forward_state(f: &Flow, mut flags: u16) -> u16 {
         if f.tcp_flags & TCP_RST != 0 {
             flags |= CT_FLAG_RST;
         }
+        // Direct server return: no reply passes here; the client's packet after its SYN
+        // shows the backend's SYN-ACK reached it. Without a branch (the verifier walks every
+        // path one makes, through every later test of the state): the DSR bit moved onto
+        // SEEN_REPLY's, kept only if the packet has no SYN.
+        flags |= (flags >> DSR_TO_SEEN_REPLY) & u16::from((f.tcp_flags & TCP_SYN) ^ TCP_SYN);
     }
     if flags & CT_FLAG_SEEN_REPLY != 0 {
         flags |= CT_FLAG_ESTABLISHED;
@@ -387,6 +408,11 @@ pub fn reply_state(f: &Flow, mut flags: u16) -> u16 {
         if f.tcp_flags & TCP_RST != 0 {
             flags |= CT_FLAG_RST;
         }
+        // Direct server return, on the backend's node: the client's packets do not pass here;
+        // the backend's packet after its SYN-ACK shows the client's ACK reached it (without a
+        // branch, as in `forward_state`).
+        flags |= (flags >> DSR_TO_ESTABLISHED)
+            & (u16::from((f.tcp_flags & TCP_SYN) ^ TCP_SYN) << DSR_SYN_TO_ESTABLISHED);
     } else {
         flags |= CT_FLAG_ESTABLISHED;
     }

@@ -34,6 +34,12 @@ pub struct Route {
 }
 
 impl Route {
+    /// Whether `other` leaves by the same device to the same next hop.
+    #[inline(always)]
+    pub fn same_hop(&self, other: &Route) -> bool {
+        self.ifindex == other.ifindex && self.dmac == other.dmac
+    }
+
     /// The Ethernet header's destination then source MAC address, for the route's next hop.
     #[inline(always)]
     pub fn macs(&self) -> [u8; 12] {

@@ -17,6 +17,8 @@
 #[cfg(target_arch = "bpf")]
 mod conntrack;
 #[cfg(target_arch = "bpf")]
+mod dsr;
+#[cfg(target_arch = "bpf")]
 mod fib;
 #[cfg(target_arch = "bpf")]
 mod icmp;

@@ -15,7 +15,7 @@ use proxy_common::{
     SockConfig, SockRevKey, SockRevValue, SrcRange4Key, SvcCidrs4,
 };
 
-#[map(name = "PKT_COUNTERS_V2")]
+#[map(name = "PKT_COUNTERS_V3")]
 pub static PKT_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(CTR_SLOTS, 0);
 
 #[map(name = "LB4_SERVICES")]
@@ -98,7 +98,7 @@ pub static SOCK_CONFIG: Array<SockConfig> = Array::with_max_entries(1, 0);
 
 // The map macro takes a literal name; these keep each equal to the shared constant.
 const _: () = {
-    assert!(str_eq(proxy_common::PKT_COUNTERS_MAP, "PKT_COUNTERS_V2"));
+    assert!(str_eq(proxy_common::PKT_COUNTERS_MAP, "PKT_COUNTERS_V3"));
     assert!(str_eq(proxy_common::LB4_SERVICES_MAP, "LB4_SERVICES"));
     assert!(str_eq(proxy_common::LB4_BACKENDS_MAP, "LB4_BACKENDS"));
     assert!(str_eq(proxy_common::LB4_POD_CLIENTS_MAP, "LB4_POD_CLIENTS"));

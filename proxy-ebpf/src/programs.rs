@@ -35,16 +35,17 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    BACKEND_FLAG_LOCAL, CT_FLAG_ESTABLISHED, CT_FLAG_PORT_REMAP, CT_FLAG_REDIRECT, CT_FLAG_SNAT,
-    CTR_CT_HIT, CTR_CT_STALE_REVERSE, CTR_DROP_FIB, CTR_DROP_FRAGMENT, CTR_DROP_NEW_FLOW_PROGRAM,
-    CTR_DROP_NO_LOCAL_BACKEND, CTR_DROP_NO_SNAT_ADDR, CTR_DROP_NODE_SCTP_TO_SERVICE,
-    CTR_DROP_REJECT_FAILED, CTR_DROP_REJECT_RATE_LIMITED, CTR_DROP_REWRITE, CTR_DROP_SOURCE_RANGE,
-    CTR_DROP_UNALLOCATED_CLUSTER_IP, CTR_HAIRPIN, CTR_NEW_FLOW, CTR_NEW_FLOW_SNAT,
-    CTR_PASS_FRAGMENT, CTR_PASS_NO_MATCH, CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_FRONTEND_PORT,
-    CTR_PASS_NOT_POD_CLIENT, CTR_PASS_OTHER_PROTO, CTR_PASS_REPLY_AT_EGRESS, CTR_POD_CLIENTS_FULL,
-    CTR_REDIRECT, CTR_REJECT_FRAG_NEEDED, CTR_REJECT_NO_BACKEND, CTR_REJECT_NO_SUCH_PORT,
-    CTR_REPLY, CTR_SEEN, Ct4Key, DP_STATE_POD_CLIENTS_FULL, FE_ADDR_CLUSTER_IP, FE_ADDR_NAT,
-    FLOW_CB_NOW_HI, FLOW_CB_NOW_LO, IPPROTO_SCTP, IPPROTO_TCP, Lb4Config, SVC_FLAG_CLUSTER_IP,
+    BACKEND_FLAG_LOCAL, CT_FLAG_DSR, CT_FLAG_ESTABLISHED, CT_FLAG_PORT_REMAP, CT_FLAG_REDIRECT,
+    CT_FLAG_SNAT, CTR_CT_HIT, CTR_CT_STALE_REVERSE, CTR_DROP_FIB, CTR_DROP_FRAGMENT,
+    CTR_DROP_NEW_FLOW_PROGRAM, CTR_DROP_NO_LOCAL_BACKEND, CTR_DROP_NO_SNAT_ADDR,
+    CTR_DROP_NODE_SCTP_TO_SERVICE, CTR_DROP_REJECT_FAILED, CTR_DROP_REJECT_RATE_LIMITED,
+    CTR_DROP_REWRITE, CTR_DROP_SOURCE_RANGE, CTR_DROP_UNALLOCATED_CLUSTER_IP, CTR_DSR_NOTED,
+    CTR_HAIRPIN, CTR_NEW_FLOW, CTR_NEW_FLOW_DSR, CTR_NEW_FLOW_SNAT, CTR_PASS_FRAGMENT,
+    CTR_PASS_NO_MATCH, CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_FRONTEND_PORT, CTR_PASS_NOT_POD_CLIENT,
+    CTR_PASS_OTHER_PROTO, CTR_PASS_REPLY_AT_EGRESS, CTR_POD_CLIENTS_FULL, CTR_REDIRECT,
+    CTR_REJECT_FRAG_NEEDED, CTR_REJECT_NO_BACKEND, CTR_REJECT_NO_SUCH_PORT, CTR_REPLY, CTR_SEEN,
+    Ct4Key, DP_STATE_POD_CLIENTS_FULL, FE_ADDR_CLUSTER_IP, FE_ADDR_NAT, FLOW_CB_NOW_HI,
+    FLOW_CB_NOW_LO, IPPROTO_SCTP, IPPROTO_TCP, Lb4Config, SVC_FLAG_CLUSTER_IP,
     SVC_FLAG_NO_LOCAL_DROP, TAIL_NEW_FLOW_FROM_POD, TAIL_NEW_FLOW_FROM_UPLINK,
 };
 
@@ -53,6 +54,7 @@ use crate::{
         self, forget, forward_state, lookup, owned_by, reopens, reply_key, reply_state,
         service_key, service_key_of, touch, translated_key,
     },
+    dsr,
     fib::{self, Fib, Route},
     icmp, lb,
     maps::{
@@ -220,6 +222,9 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
                 }
             } else if unallocated(hook, flow.daddr_be) {
                 (DROP, CTR_DROP_UNALLOCATED_CLUSTER_IP)
+            } else if hook == Hook::FromUplink && flow.ihl_bytes != 20 && dsr::note(ctx, &flow) {
+                // Another node's direct-server-return SYN to a pod of this node.
+                (PASS, CTR_DSR_NOTED)
             } else {
                 (PASS, CTR_PASS_NOT_FRONTEND)
             }
@@ -531,7 +536,14 @@ fn reply(ctx: &TcContext, f: &Flow, len: u32, hook: Hook) -> Option<(i32, u32)> 
     } else {
         None
     };
-    touch(e, state, reply_state(f, state), now, len);
+    let new_state = reply_state(f, state);
+    touch(e, state, new_state, now, len);
+    if c.flags & CT_FLAG_DSR != 0 && new_state & !state & CT_FLAG_ESTABLISHED != 0 {
+        // A direct-server-return flow's entry on the backend's node, established by this
+        // reply: out of the table a flood of new flows fills. (Other flows move on their
+        // client's packet, both entries at once: `forward`.)
+        conntrack::promote_one(&key, e);
+    }
     if f.proto == IPPROTO_TCP && f.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         // The flow's service entry (client -> frontend), if it is still this flow's.
         let skey = service_key_of(c.addr_be, c.port_be, c.nat_addr_be, c.nat_port_be, f.proto);
@@ -641,7 +653,13 @@ fn forward(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> (i32, u
     if !reopens(f, state) {
         let flags = forward_state(f, state);
         let route = if flags & CT_FLAG_REDIRECT != 0 {
-            match route_for(ctx, f, svc.nat_addr_be, svc.addr_be) {
+            // SNATed to the node, or (direct server return) the client's own address.
+            let from = if svc.nat_addr_be != 0 {
+                svc.nat_addr_be
+            } else {
+                f.saddr_be
+            };
+            match route_for(ctx, f, from, svc.addr_be) {
                 Ok(r) => Some(r),
                 Err(verdict) => return verdict,
             }
@@ -681,6 +699,13 @@ fn forward(ctx: &TcContext, f: &Flow, now: u64, len: u32, hook: Hook) -> (i32, u
             svc.port_be,
         )
         .is_err()
+        {
+            return (DROP, CTR_DROP_REWRITE);
+        }
+        // A SYN again (a retransmission): the backend's node may not have the first.
+        if flags & CT_FLAG_DSR != 0
+            && dsr::carries_option(f)
+            && dsr::add_option(ctx, f, f.daddr_be, f.dport_be).is_err()
         {
             return (DROP, CTR_DROP_REWRITE);
         }
@@ -760,6 +785,17 @@ fn new_flow(
     let mut flags = forward_state(f, 0);
     let mut counter = CTR_NEW_FLOW;
     let mut route = None;
+    // Direct server return, when it is on and the client is apart from the backend's node:
+    // the route to that node.
+    let dsr_route = if from_outside && be.flags & BACKEND_FLAG_LOCAL == 0 && dsr::wanted(&cfg, f) {
+        match route_for(ctx, f, f.saddr_be, be.addr_be) {
+            Ok(r) if dsr::client_apart(ctx, f, &r) => Some(r),
+            Ok(_) => None,
+            Err(verdict) => return verdict,
+        }
+    } else {
+        None
+    };
     if be.addr_be == f.saddr_be {
         // A pod reaching itself through a Service: the kernel would drop a packet whose source
         // is its own address, so the flow is SNATed to the hairpin address.
@@ -768,6 +804,12 @@ fn new_flow(
             flags |= CT_FLAG_SNAT;
             count(CTR_HAIRPIN, len);
         }
+    } else if let Some(r) = dsr_route {
+        // From outside to another node's backend by direct server return: DNAT only, the
+        // frontend in an option of the SYN; the backend's node sends the replies.
+        route = Some(r);
+        flags |= CT_FLAG_REDIRECT | CT_FLAG_DSR;
+        counter = CTR_NEW_FLOW_DSR;
     } else if from_outside && be.flags & BACKEND_FLAG_LOCAL == 0 {
         // From outside to another node's backend: SNAT to this node, so that the replies come
         // back here to be translated, and forward it ourselves (it now carries our address).
@@ -788,6 +830,7 @@ fn new_flow(
     // this node whose traffic came back in, say through an outside load balancer that keeps
     // the client's address).
     if snat == 0
+        && flags & CT_FLAG_DSR == 0
         && (hook == Hook::FromPod
             || (hook == Hook::FromUplink
                 && !fib::back_by_ingress(ctx, be.addr_be, f.saddr_be, f.proto)))
@@ -802,6 +845,12 @@ fn new_flow(
     let counter = record::verdict_counter(&rec, counter);
     let (s_addr, s_nat) = (rec.addr_be, rec.nat_addr_be);
     if translate(ctx, f, s_nat, rec.nat_port_be, s_addr, rec.port_be).is_err() {
+        return (DROP, CTR_DROP_REWRITE);
+    }
+    if flags & CT_FLAG_DSR != 0
+        && dsr::carries_option(f)
+        && dsr::add_option(ctx, f, f.daddr_be, f.dport_be).is_err()
+    {
         return (DROP, CTR_DROP_REWRITE);
     }
     if let Some(r) = route {

@@ -4,9 +4,9 @@
 //! Shared by TC's new-flow programs (`programs::new_flow`) and XDP's (`xdp::new_flow`), so
 //! that a flow is recorded alike whichever path its first packet took.
 use proxy_common::{
-    CT_FLAG_PORT_REMAP, CT_FLAG_REDIRECT, CTR_CT_HIT, CTR_DROP_CT_WRITE, CTR_DROP_RACE_REDIRECT,
-    CTR_DROP_SNAT_PORTS, CTR_NEW_FLOW_RACE_LOST, CTR_PORT_REMAPPED, Ct4Entry, Ct4Key, Lb4Backend,
-    Lb4Config, Lb4Service,
+    CT_FLAG_DSR, CT_FLAG_PORT_REMAP, CT_FLAG_REDIRECT, CTR_CT_HIT, CTR_DROP_CT_WRITE,
+    CTR_DROP_DSR_TUPLE_TAKEN, CTR_DROP_RACE_REDIRECT, CTR_DROP_SNAT_PORTS, CTR_NEW_FLOW_RACE_LOST,
+    CTR_PORT_REMAPPED, Ct4Entry, Ct4Key, Lb4Backend, Lb4Config, Lb4Service,
 };
 
 use crate::{
@@ -74,12 +74,19 @@ pub fn record(
     let mut rev = reverse_entry(f, flags, fe.rev_nat_id, now);
     // The key of the flow's reverse entry, once it is claimed.
     let mut rkey = translated_key(f, snat, 0, be_addr_be, be_port_be);
-    let own_port = flags & CT_FLAG_REDIRECT != 0
+    // SNATed to the node: a port of its own. Else the client's, unless another flow has
+    // the tuple; a direct-server-return flow cannot move off it (the backend answers the
+    // client's port directly).
+    let dsr = flags & CT_FLAG_DSR != 0;
+    let own_port = (flags & CT_FLAG_REDIRECT != 0 && !dsr)
         || match conntrack::claim(&rkey, &rev, now) {
             Some(claimed) => !claimed,
             None => return Err(CTR_DROP_CT_WRITE),
         };
     let mut snat_port = 0;
+    if own_port && dsr {
+        return Err(CTR_DROP_DSR_TUPLE_TAKEN);
+    }
     if own_port {
         if flags & CT_FLAG_REDIRECT == 0 {
             flags |= CT_FLAG_PORT_REMAP;

@@ -60,6 +60,7 @@ use crate::{
     conntrack::{
         self, forward_state, owned_by, reply_key, reply_state, service_key, touch, translated_key,
     },
+    dsr,
     fib::{self, Fib},
     lb,
     maps::{LB4_CONFIG, LB4_XDP_TAILS, LB4_XDP_TX},
@@ -327,7 +328,8 @@ fn new_flow(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Opti
     let (snat, hop) = if be.flags & BACKEND_FLAG_LOCAL == 0 {
         // To another node's backend: SNAT to this node and sent out by XDP, on a route it may
         // send by (else TC's, which resolves neighbours and answers "fragmentation needed").
-        if cfg.snat_addr_be == 0 {
+        // Direct server return (its option) is TC's.
+        if cfg.snat_addr_be == 0 || dsr::wanted(&cfg, f) {
             return Err(TC);
         }
         let hop = next_hop(ctx, &p, cfg.snat_addr_be, be.addr_be)?;

@@ -15,10 +15,10 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use aya::programs::{TestRun as _, TestRunOptions};
 use etherparse::PacketBuilder;
 use proxy_common::{
-    CT_FLAG_SNAT, CTR_AFFINITY_HIT, CTR_CT_HIT, CTR_NEW_FLOW, CTR_NEW_FLOW_SNAT, CTR_PASS_NO_MATCH,
-    CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_FRONTEND_PORT, CTR_PASS_NOT_POD_CLIENT, CTR_REDIRECT,
-    CTR_REPLY, CTR_XDP_CT_HIT, CTR_XDP_NEW_FLOW, CTR_XDP_NEW_FLOW_TX, CTR_XDP_TO_TC_NOT_SERVICE,
-    CTR_XDP_TX, Counter, fe_port_bit,
+    CT_FLAG_SNAT, CTR_AFFINITY_HIT, CTR_CT_HIT, CTR_DSR_NOTED, CTR_NEW_FLOW, CTR_NEW_FLOW_DSR,
+    CTR_NEW_FLOW_SNAT, CTR_PASS_NO_MATCH, CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_FRONTEND_PORT,
+    CTR_PASS_NOT_POD_CLIENT, CTR_REDIRECT, CTR_REPLY, CTR_XDP_CT_HIT, CTR_XDP_NEW_FLOW,
+    CTR_XDP_NEW_FLOW_TX, CTR_XDP_TO_TC_NOT_SERVICE, CTR_XDP_TX, Counter, fe_port_bit,
 };
 use sluice::dataplane::{
     Backend, CtEntry, CtKind, Dataplane, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend,
@@ -152,9 +152,13 @@ fn program(dp: &mut Dataplane, services: u32, node_port_addr: Option<Ipv4Addr>, 
 /// Then the same flows' packets and replies through the XDP program, let send from the test
 /// run's device and the route's (`LB4_XDP_TX`): SNATed and redirected at XDP, beside the XDP
 /// floor; then, the tables emptied, the new flows' SYNs again, started at XDP
-/// (`sluice_xdp_new_flow`: backend, SNAT port, FIB lookup, sent out). Returns [empty, new flow, hit, reply] and [XDP floor, XDP
-/// hit, XDP reply, XDP new flow].
-fn snat_cell(services: u32, flows: u16, rounds: usize) -> ([Stats; 4], [Stats; 4]) {
+/// (`sluice_xdp_new_flow`: backend, SNAT port, FIB lookup, sent out). Then, the tables
+/// emptied and the dataplane reset to `--lb-mode dsr`, the same SYNs through TC by direct
+/// server return (DNAT, the option written, FIB lookup, redirect), and what they became
+/// arriving at the endpoint's node, the tables emptied again (`dsr::note`: the frontend looked
+/// up, the reverse entry written). Returns [empty, new flow, hit, reply, new flow (DSR), DSR
+/// SYN noted] and [XDP floor, XDP hit, XDP reply, XDP new flow].
+fn snat_cell(services: u32, flows: u16, rounds: usize) -> ([Stats; 6], [Stats; 4]) {
     let (tx, rx) = std::sync::mpsc::channel();
     common::in_node(move |_| {
         let node: Ipv4Addr = common::NODE.parse().unwrap();
@@ -254,8 +258,45 @@ fn snat_cell(services: u32, flows: u16, rounds: usize) -> ([Stats; 4], [Stats; 4
             u64::from(flows),
             "every run was a new flow sent out by XDP"
         );
+        // Direct server return: the same SYNs, from empty tables.
+        dp.reset(DataplaneConfig {
+            conntrack_max: 262_144,
+            snat: Some(node),
+            dsr: true,
+            ..Default::default()
+        })
+        .unwrap();
+        program(&mut dp, services.min(30_000), Some(node), false);
+        let before = counter(&dp, CTR_NEW_FLOW_DSR);
+        let dsr_new = measure(&dp, FROM_UPLINK, &pkts, 1);
+        assert_eq!(
+            counter(&dp, CTR_NEW_FLOW_DSR) - before,
+            u64::from(flows),
+            "every run was a new flow by direct server return"
+        );
+        // The SYNs as the endpoints' node gets them (each sent again: it carries the option
+        // again), noted there into empty tables; addressed to the test run's device's MAC (the
+        // loopback device's, all zero), as a frame for that node.
+        let noted: Vec<Vec<u8>> = pkts
+            .iter()
+            .map(|p| {
+                let mut f = common::run(&dp, FROM_UPLINK, p).1;
+                f[..6].copy_from_slice(&[0; 6]);
+                f
+            })
+            .collect();
+        for e in dp.conntrack().unwrap() {
+            dp.evict_conntrack_entry(&e).unwrap();
+        }
+        let before = counter(&dp, CTR_DSR_NOTED);
+        let dsr_noted = measure(&dp, FROM_UPLINK, &noted, 1);
+        assert_eq!(
+            counter(&dp, CTR_DSR_NOTED) - before,
+            u64::from(flows),
+            "every run was a SYN noted"
+        );
         tx.send((
-            [empty, new_flow, ct_hit, reply],
+            [empty, new_flow, ct_hit, reply, dsr_new, dsr_noted],
             [xdp_floor, xdp_hit, xdp_reply, xdp_new],
         ))
         .unwrap();
@@ -580,7 +621,10 @@ fn cell(s: &Stats) -> String {
 
 /// A table row: the number of Services, the empty program and each path, then each path's
 /// median over the empty program's.
-fn over_empty(services: u32, [empty, paths @ ..]: &[Stats; 4]) -> String {
+fn over_empty<const N: usize>(services: u32, stats: &[Stats; N]) -> String {
+    let [empty, paths @ ..] = stats.as_slice() else {
+        unreachable!("a cell has its empty program")
+    };
     let cells: Vec<String> = std::iter::once(empty).chain(paths).map(cell).collect();
     let over: Vec<String> = paths
         .iter()
@@ -881,8 +925,8 @@ fn main() {
     if let Some((entries, ms)) = *TIDY_SCAN.lock().unwrap() {
         md.push_str(&format!("\nThe agent's tidy scan (`Dataplane::retire_fe_addrs`, run from its tick while a gone frontend's flows live) over those full tables: {entries} conntrack entries read in {ms:.0} ms (median of 5).\n"));
     }
-    md.push_str("\n## The SNAT path: from outside to a NodePort whose endpoints are on other nodes\n\nTC ingress of the uplink (`sluice_from_uplink`) on a thread inside a namespace with a route and a resolved neighbour for the remote endpoints: a new flow (DNAT, SNAT port reserved, FIB lookup, TTL and MACs, redirect), the flow's next packet (conntrack hit, FIB lookup, redirect) and the endpoint's reply (reverse translation, FIB lookup, redirect), against the empty program.\n\n");
-    md.push_str("| Services | empty program | new flow (SNAT) | conntrack hit (SNAT) | reply (SNAT) | over empty: new / hit / reply |\n|---:|---:|---:|---:|---:|---:|\n");
+    md.push_str("\n## The SNAT path: from outside to a NodePort whose endpoints are on other nodes\n\nTC ingress of the uplink (`sluice_from_uplink`) on a thread inside a namespace with a route and a resolved neighbour for the remote endpoints: a new flow (DNAT, SNAT port reserved, FIB lookup, TTL and MACs, redirect), the flow's next packet (conntrack hit, FIB lookup, redirect) and the endpoint's reply (reverse translation, FIB lookup, redirect), against the empty program. Then with `--lb-mode dsr`, from empty tables: the same SYNs by direct server return (DNAT, the option written, FIB lookup, redirect), and those SYNs as they reach the endpoints' node, noted there (`dsr::note`: the option read, the frontend looked up, the reverse entry written).\n\n");
+    md.push_str("| Services | empty program | new flow (SNAT) | conntrack hit (SNAT) | reply (SNAT) | new flow (DSR) | DSR SYN noted | over empty: new / hit / reply / DSR new / noted |\n|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     let mut snat_xdp = Vec::new();
     for services in [1u32, 10_000] {
         let (tc, xdp) = snat_cell(services, flows, rounds);
@@ -915,7 +959,7 @@ fn main() {
         ));
     }
     md.push_str("\n### XDP: flows SNATed to the node (remote endpoints), both ways\n\nThe SNAT section's established flows (same run, same namespace): the client's next packet and the endpoint's reply through `sluice_xdp_from_uplink`, each translated (both addresses and ports), given the route's TTL and MACs (`bpf_fib_lookup`) and sent out by XDP (here XDP_REDIRECT, as the test run's packets come in on the loopback device; on an uplink, XDP_TX), beside the XDP floor and TC's own hit and reply above. Then, the tables emptied, the new flows' SYNs again, each once, started at XDP (backend, SNAT port reserved, both entries, FIB lookup, sent out), beside TC's new flow above on the same SYNs from the same empty tables.\n\n| Services | XDP floor (XDP_TX) | XDP hit (SNAT) | hit / floor | XDP reply (SNAT) | reply / floor | XDP new flow (SNAT) | TC hit (SNAT) | TC reply (SNAT) | TC new flow (SNAT) | XDP / TC: hit, reply, new flow |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
-    for (services, [_, tc_new, tc_hit, tc_reply], [floor, hit, reply, new]) in &snat_xdp {
+    for (services, [_, tc_new, tc_hit, tc_reply, ..], [floor, hit, reply, new]) in &snat_xdp {
         md.push_str(&format!(
             "| {services} | {} | {} | {:.2}x | {} | {:.2}x | {} | {} | {} | {} | {:.2} / {:.2} / {:.2} |\n",
             cell(floor),

@@ -8,7 +8,8 @@ use anyhow::Context as _;
 use aya::programs::TcAttachType;
 use clap::{Parser, Subcommand, ValueEnum};
 use proxy_common::{
-    CT_FLAG_ESTABLISHED, CT_FLAG_FIN_FWD, CT_FLAG_FIN_REPLY, CT_FLAG_RST, CT_FLAG_SEEN_REPLY,
+    CT_FLAG_DSR, CT_FLAG_ESTABLISHED, CT_FLAG_FIN_FWD, CT_FLAG_FIN_REPLY, CT_FLAG_REDIRECT,
+    CT_FLAG_RST, CT_FLAG_SEEN_REPLY,
 };
 use serde_json::json;
 use sluice::{
@@ -272,28 +273,56 @@ fn conntrack(pin_path: &std::path::Path, output: Output) -> anyhow::Result<()> {
         } else {
             "unreplied"
         };
-        flows.push((
-            e,
+        let dsr = (e.entry.flags & CT_FLAG_DSR != 0).then_some("ingress");
+        flows.push(Flow {
+            proto: e.proto,
+            client: e.src,
+            frontend: e.dst,
             backend,
             state,
-            (e.expires_ns() - now) / 1_000_000_000,
+            expires: (e.expires_ns() - now) / 1_000_000_000,
             snat,
-        ));
+            dsr,
+            packets: e.entry.packets,
+            bytes: e.entry.bytes,
+        });
+    }
+    // Direct server return, on the backend's node: a reverse entry written from the option,
+    // with no service entry (the client's packets arrive DNATed); its packets are the replies.
+    for r in entries.iter().filter(|r| {
+        r.kind == CtKind::Reverse
+            && r.expires_ns() > now
+            && r.entry.flags & (CT_FLAG_DSR | CT_FLAG_REDIRECT) == CT_FLAG_DSR
+    }) {
+        let flags = r.entry.state();
+        flows.push(Flow {
+            proto: r.proto,
+            client: r.src,
+            frontend: sluice::dataplane::sock_addr(r.entry.nat_addr_be, r.entry.nat_port_be),
+            backend: r.dst,
+            state: tcp_state(flags),
+            expires: (r.expires_ns() - now) / 1_000_000_000,
+            snat: None,
+            dsr: Some("backend"),
+            packets: r.entry.packets,
+            bytes: r.entry.bytes,
+        });
     }
     if output == Output::Json {
         let v: Vec<_> = flows
             .iter()
-            .map(|(e, backend, state, expires, snat)| {
+            .map(|f| {
                 json!({
-                    "protocol": e.proto.to_string(),
-                    "client": e.src.to_string(),
-                    "frontend": e.dst.to_string(),
-                    "backend": backend.to_string(),
-                    "state": state,
-                    "expires_in_seconds": expires,
-                    "snat": snat.map(|s| s.to_string()),
-                    "packets": e.entry.packets,
-                    "bytes": e.entry.bytes,
+                    "protocol": f.proto.to_string(),
+                    "client": f.client.to_string(),
+                    "frontend": f.frontend.to_string(),
+                    "backend": f.backend.to_string(),
+                    "state": f.state,
+                    "expires_in_seconds": f.expires,
+                    "snat": f.snat.map(|s| s.to_string()),
+                    "direct_server_return": f.dsr,
+                    "packets": f.packets,
+                    "bytes": f.bytes,
                 })
             })
             .collect();
@@ -304,20 +333,44 @@ fn conntrack(pin_path: &std::path::Path, output: Output) -> anyhow::Result<()> {
         "{:<5} {:<22} {:<22} {:<22} {:<22} {:<12} {:>8} {:>9}",
         "PROTO", "CLIENT", "FRONTEND", "SNAT", "BACKEND", "STATE", "EXPIRES", "PACKETS"
     );
-    for (e, backend, state, expires, snat) in &flows {
+    for f in &flows {
+        // The SNAT column says "dsr" for direct server return (no SNAT; on the backend's node,
+        // "dsr-reply": the packets counted are the replies).
+        let snat = match (f.snat, f.dsr) {
+            (Some(s), _) => s.to_string(),
+            (None, Some("backend")) => "dsr-reply".into(),
+            (None, Some(_)) => "dsr".into(),
+            (None, None) => "-".into(),
+        };
         println!(
             "{:<5} {:<22} {:<22} {:<22} {:<22} {:<12} {:>7}s {:>9}",
-            e.proto.to_string(),
-            e.src.to_string(),
-            e.dst.to_string(),
-            snat.map_or("-".into(), |s| s.to_string()),
-            backend.to_string(),
-            state,
-            expires,
-            e.entry.packets
+            f.proto.to_string(),
+            f.client.to_string(),
+            f.frontend.to_string(),
+            snat,
+            f.backend.to_string(),
+            f.state,
+            f.expires,
+            f.packets
         );
     }
     Ok(())
+}
+
+/// One flow of `sluice conntrack`.
+struct Flow {
+    proto: sluice::dataplane::Protocol,
+    client: std::net::SocketAddrV4,
+    frontend: std::net::SocketAddrV4,
+    backend: std::net::SocketAddrV4,
+    state: &'static str,
+    expires: u64,
+    snat: Option<std::net::SocketAddrV4>,
+    /// Direct server return: "ingress" (this node DNATs the client's packets) or "backend"
+    /// (this node's pod replies, showing the frontend).
+    dsr: Option<&'static str>,
+    packets: u64,
+    bytes: u64,
 }
 
 fn count(interface: &str, hook: Hook, mode: Mode, seconds: Option<u64>) -> anyhow::Result<()> {

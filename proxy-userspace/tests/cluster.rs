@@ -12,7 +12,9 @@ use std::{net::Ipv4Addr, path::Path, time::Duration};
 use serde_json::{Value, json};
 use testbed::{
     BpfFs, Cluster, HttpServer, KeepAlive, PodNetwork, Sniffer, UdpEcho, UdpOutcome,
-    agent::{AgentProcess, ManifestsDir, eventually, node_objects, sandbox_args, services_json},
+    agent::{
+        AgentProcess, ManifestsDir, cli_json, eventually, node_objects, sandbox_args, services_json,
+    },
     curl, http_upload, plan,
     plan::node_name,
     require_privileged, udp_connected,
@@ -415,6 +417,21 @@ fn node_port_from_outside_to_a_remote_backend_is_snated_to_the_ingress_node_with
     node_port_from_outside_to_a_remote_backend(true);
 }
 
+/// The outside client's call to node `ingress`'s NodePort, answered by web-1 to the address
+/// it dialled: who web-1 says called.
+fn web_1_through(env: &Env, ingress: usize) -> std::net::SocketAddrV4 {
+    let node = env.node_addr(ingress);
+    let r = curl(env.outside(), node, NODE_PORT, T)
+        .unwrap_or_else(|e| panic!("NodePort of node{ingress}: {e}\n{}", env.logs()));
+    assert_eq!(r.body, "web-1");
+    assert_eq!(
+        r.peer.ip(),
+        &node,
+        "the client talks to the node it dialled"
+    );
+    r.client.expect("the backend says who called")
+}
+
 fn node_port_from_outside_to_a_remote_backend(xdp: bool) {
     let env = Env::new(with_xdp(xdp));
     env.web("NodePort", "Cluster", vec![env.web_ep(1)]);
@@ -422,15 +439,7 @@ fn node_port_from_outside_to_a_remote_backend(xdp: bool) {
     for ingress in [0, BRIDGE_NODE] {
         let node = env.node_addr(ingress);
         for _ in 0..5 {
-            let r = curl(env.outside(), node, NODE_PORT, T)
-                .unwrap_or_else(|e| panic!("NodePort of node{ingress}: {e}\n{}", env.logs()));
-            assert_eq!(r.body, "web-1");
-            assert_eq!(
-                r.peer.ip(),
-                &node,
-                "the client talks to the node it dialled"
-            );
-            let seen = r.client.expect("the backend says who called");
+            let seen = web_1_through(&env, ingress);
             assert_eq!(
                 seen.ip(),
                 &node,
@@ -467,6 +476,114 @@ fn node_port_from_outside_to_a_remote_backend(xdp: bool) {
         .unwrap_or_else(|e| panic!("a fragmented datagram: {e}\n{}", env.logs()));
     assert_eq!(u.data, format!("web-1 {big}"));
     assert!(env.counter(0, "fragment_followed") >= 4.0, "{}", env.logs());
+}
+
+#[test]
+fn direct_server_return_shows_the_client_to_a_remote_backend_whose_node_answers_directly() {
+    require_privileged!(
+        "direct_server_return_shows_the_client_to_a_remote_backend_whose_node_answers_directly"
+    );
+    direct_server_return(false);
+}
+
+#[test]
+fn direct_server_return_shows_the_client_to_a_remote_backend_whose_node_answers_directly_with_xdp()
+{
+    require_privileged!(
+        "direct_server_return_shows_the_client_to_a_remote_backend_whose_node_answers_directly_with_xdp"
+    );
+    direct_server_return(true);
+}
+
+/// `--lb-mode dsr`: TCP from outside to a NodePort or externalIP whose endpoint is on another
+/// node reaches it with the client's address, and the replies go from the endpoint's node to
+/// the client, showing the frontend, never back through the ingress node. UDP is SNATed.
+/// Without XDP, every node filters reverse paths strictly (RHEL's default).
+fn direct_server_return(xdp: bool) {
+    let mut flags = vec!["--lb-mode", "dsr"];
+    flags.extend_from_slice(with_xdp(xdp));
+    let env = Env::new(&flags);
+    if !xdp {
+        for node in &env.c.nodes {
+            node.ns.sysctl("net.ipv4.conf.all.rp_filter", "1").unwrap();
+        }
+    }
+    env.web("NodePort", "Cluster", vec![env.web_ep(1)]);
+    env.wait_programmed(CLUSTER_IP, 80, 1);
+    let client = env.c.outside[0].addr;
+    // `sluice conntrack` shows the flows on both nodes: the ingress node's DNAT, and the
+    // backend node's entry for the replies (looked at while the flows' entries live: closed,
+    // they go within 10 s on the backend's node). No other node notes them.
+    let flows = |k: usize| {
+        let pins = env.bpffs[k].path().join("sluice");
+        let bin = Path::new(env!("CARGO_BIN_EXE_sluice"));
+        cli_json(&env.c.nodes[k].ns, bin, &pins, "conntrack")
+    };
+    let web_1 = format!("{}:8080", env.addr("web-1"));
+    let seen_as = |k: usize, role: &str, shown: &str| {
+        flows(k).iter().any(|f| {
+            f["direct_server_return"] == role
+                && f["frontend"] == shown
+                && f["backend"] == web_1
+                && f["client"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(&format!("{client}:"))
+                && f["snat"].is_null()
+        })
+    };
+    for ingress in [0, BRIDGE_NODE] {
+        let node = env.node_addr(ingress);
+        let replies = env.counter(ingress, "reply") + env.counter(ingress, "xdp_tx");
+        let noted = env.counter(1, "dsr_noted");
+        for _ in 0..5 {
+            let seen = web_1_through(&env, ingress);
+            assert_eq!(seen.ip(), &client, "the backend sees the client");
+        }
+        assert!(
+            env.counter(ingress, "new_flow_dsr") >= 5.0,
+            "{}",
+            env.counters(ingress)
+        );
+        assert!(
+            env.counter(1, "dsr_noted") - noted >= 5.0,
+            "{}",
+            env.counters(1)
+        );
+        assert_eq!(
+            env.counter(ingress, "reply") + env.counter(ingress, "xdp_tx"),
+            replies,
+            "no reply came back through node{ingress}"
+        );
+        let shown = format!("{node}:{NODE_PORT}");
+        assert!(seen_as(ingress, "ingress", &shown), "{:#?}", flows(ingress));
+        assert!(seen_as(1, "backend", &shown), "{:#?}", flows(1));
+        let other = 2 - ingress;
+        assert!(!seen_as(other, "backend", &shown), "{:#?}", flows(other));
+    }
+    // Pods calling node0's NodePort arrive at its uplink as outside clients do. One on the
+    // third node goes by DSR; one on the endpoint's own node is SNATed (by DSR its packets
+    // would reach its node from the uplink with its own address as their source, which the
+    // strict reverse-path filtering here drops).
+    for (pod, seen) in [
+        ("client-2", env.addr("client-2")),
+        ("client-1", env.node_addr(0)),
+    ] {
+        let r = curl(&env.c.pod(pod).ns, env.node_addr(0), NODE_PORT, T)
+            .unwrap_or_else(|e| panic!("{pod}: {e}\n{}", env.logs()));
+        assert_eq!(r.body, "web-1", "{pod}");
+        assert_eq!(r.client.map(|c| *c.ip()), Some(seen), "{pod}");
+    }
+    // An externalIP too; UDP is SNATed to the ingress node.
+    env.c.route_outside_via(0, (EXTERNAL_IP, 32), 0).unwrap();
+    let r = curl(env.outside(), EXTERNAL_IP, 80, T).unwrap();
+    assert_eq!(
+        (r.body.as_str(), r.client.map(|c| *c.ip())),
+        ("web-1", Some(client))
+    );
+    let u = testbed::udp_request(env.outside(), env.node_addr(0), UDP_NODE_PORT, "x", T).unwrap();
+    assert_eq!(u.data, "web-1 x");
+    assert!(env.counter(0, "new_flow_snat") + env.counter(0, "xdp_new_flow_tx") >= 1.0);
 }
 
 // Departure from kube-proxy (ARCHITECTURE.md): kube-proxy masquerades all external traffic

@@ -12,7 +12,7 @@ use etherparse::Ipv4HeaderSlice;
 use proxy_common::*;
 use sluice::dataplane::{
     AttachMode, Backend, Backends, Dataplane, DataplaneConfig, DataplaneError, FROM_POD,
-    FROM_UPLINK, Frontend, FrontendKind, Protocol, TO_POD, XDP_FROM_UPLINK, XdpMode,
+    FROM_UPLINK, Frontend, FrontendKind, Protocol, TO_POD, TO_UPLINK, XDP_FROM_UPLINK, XdpMode,
 };
 use testbed::require_privileged;
 
@@ -828,25 +828,30 @@ fn a_device_without_ethernet_headers_is_refused_rather_than_misparsed() {
     });
 }
 
+/// Routes 198.19.0.77, a pod of this node, by `v1` in namespace `ns`.
+fn route_pod_by_v1(ns: &str) {
+    testbed::run(&[
+        "ip",
+        "-n",
+        ns,
+        "route",
+        "add",
+        "198.19.0.77/32",
+        "dev",
+        "v1",
+    ])
+    .unwrap();
+}
+
 #[test]
 fn a_client_from_outside_that_is_a_pod_of_this_node_is_noted_for_its_replies() {
     require_privileged!(
         "a_client_from_outside_that_is_a_pod_of_this_node_is_noted_for_its_replies"
     );
     in_node(|ns| {
-        // A pod of this node, reached by `v1`: its call came back in by the uplink `v0` (an
-        // outside load balancer that keeps the client's address).
-        testbed::run(&[
-            "ip",
-            "-n",
-            ns,
-            "route",
-            "add",
-            "198.19.0.77/32",
-            "dev",
-            "v1",
-        ])
-        .unwrap();
+        // Its call came back in by the uplink `v0` (an outside load balancer that keeps the
+        // client's address).
+        route_pod_by_v1(ns);
         let mut dp = dataplane(SNAT_PORTS);
         dp.upsert_service(
             frontend(NODE_PORT, FrontendKind::NodePort),
@@ -896,5 +901,371 @@ fn a_client_from_outside_that_is_a_pod_of_this_node_is_noted_for_its_replies() {
         }
         let (clients, full) = dp.pod_clients().unwrap();
         assert_eq!((clients, full), (vec![*pod.ip()], false), "noted at XDP");
+    });
+}
+
+// Direct server return (`--lb-mode dsr`).
+
+/// `frame` (Ethernet, IPv4 without options) with the direct-server-return option naming
+/// `frontend` after its IPv4 header, as the ingress node writes it: type 0x9a, length 8, the
+/// port, the address; header length, total length and checksum to match. Its destination MAC
+/// is the test run's device's (the loopback device's, all zero): a frame for this host.
+fn with_dsr_option(frame: &[u8], frontend: SocketAddrV4) -> Vec<u8> {
+    let mut v = frame[..34].to_vec();
+    v[..6].copy_from_slice(&[0; 6]);
+    v.extend_from_slice(&[0x9a, 8]);
+    v.extend_from_slice(&frontend.port().to_be_bytes());
+    v.extend_from_slice(&frontend.ip().octets());
+    v.extend_from_slice(&frame[34..]);
+    v[14] = 0x47;
+    let tot = u16::from_be_bytes([v[16], v[17]]) + 8;
+    v[16..18].copy_from_slice(&tot.to_be_bytes());
+    set_ip_checksum(&mut v);
+    v
+}
+
+/// The ingress node's half: a new TCP flow from outside to a backend on another node is DNATed
+/// only (the backend sees the client), its SYNs carry the frontend in the option, it is
+/// forwarded by FIB redirect, and the client's ACK establishes it (no reply passes here). UDP
+/// is SNATed as without DSR. XDP leaves such a flow to TC.
+#[test]
+fn a_new_tcp_flow_by_direct_server_return_is_dnated_only_and_its_syns_name_the_frontend() {
+    require_privileged!(
+        "a_new_tcp_flow_by_direct_server_return_is_dnated_only_and_its_syns_name_the_frontend"
+    );
+    in_node(|ns| {
+        let mut dp = Dataplane::load_with(DataplaneConfig {
+            dsr: true,
+            ..config(SNAT_PORTS)
+        })
+        .unwrap();
+        dp.upsert_service(
+            frontend(NODE_PORT, FrontendKind::NodePort),
+            &[backend(REMOTE, false)],
+        )
+        .unwrap();
+        let udp_fe = Frontend {
+            proto: Protocol::Udp,
+            ..frontend(NODE_PORT, FrontendKind::NodePort)
+        };
+        dp.upsert_service(udp_fe, &[backend(REMOTE, false)])
+            .unwrap();
+        let before = dp.counters().unwrap();
+        let syn = tcp(sa(CLIENT), sa(NODE_PORT), SYN, b"");
+        for attempt in ["the SYN", "its retransmission"] {
+            let (v, out) = run(&dp, FROM_UPLINK, &syn);
+            assert_eq!(v, TC_ACT_REDIRECT, "{attempt}");
+            let seen = check(&out);
+            assert_eq!((seen.src, seen.dst), (sa(CLIENT), sa(REMOTE)), "{attempt}");
+            assert_eq!(out.len(), syn.len() + 8, "{attempt}");
+            assert_eq!(out[14], 0x47, "{attempt}: IPv4 header of 28 bytes");
+            assert_eq!(
+                out[34..42],
+                with_dsr_option(&syn, sa(NODE_PORT))[34..42],
+                "{attempt}: the option names the frontend"
+            );
+            assert_eq!(ttl(&out), 63, "{attempt}");
+            assert_eq!(
+                out[0..6],
+                OTHER_MAC,
+                "{attempt}: to the gateway the FIB names"
+            );
+            assert_eq!(out[6..12], v0_mac(ns), "{attempt}");
+        }
+        let after = dp.counters().unwrap();
+        assert_eq!(delta(&before, &after, CTR_NEW_FLOW_DSR), 1);
+        assert_eq!(delta(&before, &after, CTR_CT_HIT), 1);
+        assert_eq!(delta(&before, &after, CTR_NEW_FLOW_SNAT), 0);
+        // The handshake's ACK: no option, the same translation; the flow is established (in
+        // `CT4`, for hours) though no reply ever passed.
+        let (v, out) = run(
+            &dp,
+            FROM_UPLINK,
+            &tcp(sa(CLIENT), sa(NODE_PORT), ACK, b"GET"),
+        );
+        assert_eq!(v, TC_ACT_REDIRECT);
+        assert_eq!(out[14], 0x45, "only SYNs carry the option");
+        let seen = check(&out);
+        assert_eq!((seen.src, seen.dst), (sa(CLIENT), sa(REMOTE)));
+        let service = dp
+            .conntrack()
+            .unwrap()
+            .into_iter()
+            .find(|e| e.kind == sluice::dataplane::CtKind::Service)
+            .unwrap();
+        assert!(!service.new, "moved to the established table");
+        assert!(lifetime_left_s(&service) > 3600.0);
+        // The client's FIN closes it here (the backend's never passes).
+        run(
+            &dp,
+            FROM_UPLINK,
+            &tcp(sa(CLIENT), sa(NODE_PORT), FIN_ACK, b""),
+        );
+        let service = dp
+            .conntrack()
+            .unwrap()
+            .into_iter()
+            .find(|e| e.kind == sluice::dataplane::CtKind::Service)
+            .unwrap();
+        assert!(lifetime_left_s(&service) <= 60.0);
+
+        // A client port that already reaches the backend through another frontend cannot be
+        // remapped (the backend answers the client's own port): the new flow is dropped.
+        let external = frontend("198.18.192.30:80", FrontendKind::ExternalIp);
+        dp.upsert_service(external, &[backend(REMOTE, false)])
+            .unwrap();
+        let client = sa("198.18.0.100:40007");
+        let (v, _) = run(&dp, FROM_UPLINK, &tcp(client, sa(NODE_PORT), SYN, b""));
+        assert_eq!(v, TC_ACT_REDIRECT);
+        let before = dp.counters().unwrap();
+        let (v, _) = run(
+            &dp,
+            FROM_UPLINK,
+            &tcp(client, sa("198.18.192.30:80"), SYN, b""),
+        );
+        assert_eq!(v, TC_ACT_SHOT, "the same tuple at the backend");
+        let after = dp.counters().unwrap();
+        assert_eq!(delta(&before, &after, CTR_DROP_DSR_TUPLE_TAKEN), 1);
+        assert_eq!(delta(&before, &after, CTR_PORT_REMAPPED), 0);
+
+        // A client behind the backend's node (a pod there: the same next hop) is SNATed: its
+        // packets would reach that node from its uplink with a source of its own pods, which
+        // strict reverse-path filtering drops.
+        let before = dp.counters().unwrap();
+        let behind = sa("198.19.1.77:40000");
+        let (v, out) = run(&dp, FROM_UPLINK, &tcp(behind, sa(NODE_PORT), SYN, b""));
+        assert_eq!(v, TC_ACT_REDIRECT);
+        assert_eq!(out[14], 0x45, "no option");
+        assert_eq!(check(&out).src.ip(), &NODE.parse::<Ipv4Addr>().unwrap());
+        let after = dp.counters().unwrap();
+        assert_eq!(delta(&before, &after, CTR_NEW_FLOW_SNAT), 1);
+        assert_eq!(delta(&before, &after, CTR_NEW_FLOW_DSR), 0);
+
+        // UDP: SNATed to the node.
+        let (v, out) = run(&dp, FROM_UPLINK, &udp(sa(CLIENT), sa(NODE_PORT), b"q"));
+        assert_eq!(v, TC_ACT_REDIRECT);
+        assert_eq!(check(&out).src.ip(), &NODE.parse::<Ipv4Addr>().unwrap());
+        assert_eq!(delta(&after, &dp.counters().unwrap(), CTR_NEW_FLOW_SNAT), 1);
+
+        // XDP, though let send from both devices, leaves a DSR flow's SYN to TC untouched,
+        // recording nothing.
+        for dev in ["lo", "v0"] {
+            let i = nix::net::if_::if_nametoindex(dev).unwrap();
+            dp.set_xdp_tx(i, Some(XdpMode::Native)).unwrap();
+        }
+        let syn = tcp(sa("198.18.0.100:40001"), sa(NODE_PORT), SYN, b"");
+        let entries = dp.conntrack().unwrap().len();
+        let mut got = (0, Vec::new());
+        let counts = xdp_counts(&dp, || got = run_xdp(&dp, XDP_FROM_UPLINK, &syn));
+        assert_eq!(
+            (got.0, counts),
+            (XDP_PASS, [0, 0, 1, 0, 0]),
+            "to TC for the flow"
+        );
+        assert_eq!(got.1, syn, "untouched");
+        assert_eq!(
+            dp.conntrack().unwrap().len(),
+            entries,
+            "nothing recorded at XDP"
+        );
+    });
+}
+
+/// A backend's node: the NodePort [`NODE_PORT`] with one endpoint, a pod of this node; with
+/// that endpoint, and the NodePort on the ingress node's address, as that node names it in the
+/// option.
+fn backend_node() -> (Dataplane, SocketAddrV4, SocketAddrV4) {
+    let mut dp = dataplane(SNAT_PORTS);
+    let pod = sa("198.19.0.20:8080");
+    dp.upsert_service(
+        frontend(NODE_PORT, FrontendKind::NodePort),
+        &[backend("198.19.0.20:8080", true)],
+    )
+    .unwrap();
+    let shown = SocketAddrV4::new(OTHER_NODE.parse().unwrap(), sa(NODE_PORT).port());
+    (dp, pod, shown)
+}
+
+/// The backend node's half: a SYN carrying the option, to a pod of this node, is passed on
+/// unchanged and noted; the pod's replies leave the uplink showing the frontend the option
+/// named, and its packet after the SYN-ACK establishes the entry. An option naming no frontend
+/// of this node's Services is not noted.
+#[test]
+fn the_backend_node_notes_a_direct_server_return_syn_and_its_pods_replies_show_the_frontend() {
+    require_privileged!(
+        "the_backend_node_notes_a_direct_server_return_syn_and_its_pods_replies_show_the_frontend"
+    );
+    in_node(|_| {
+        let (mut dp, pod, shown) = backend_node();
+        let syn = with_dsr_option(&tcp(sa(CLIENT), pod, SYN, b""), shown);
+        let before = dp.counters().unwrap();
+        let (v, out) = run(&dp, FROM_UPLINK, &syn);
+        assert_eq!((v, &out), (TC_ACT_UNSPEC, &syn), "passed on unchanged");
+        assert_eq!(delta(&before, &dp.counters().unwrap(), CTR_DSR_NOTED), 1);
+        let (v, out) = run(&dp, TO_UPLINK, &tcp(pod, sa(CLIENT), SYN_ACK, b""));
+        assert_eq!(v, TC_ACT_UNSPEC);
+        let seen = check(&out);
+        assert_eq!((seen.src, seen.dst), (shown, sa(CLIENT)), "the SYN-ACK");
+        let rev = |dp: &Dataplane| {
+            dp.conntrack()
+                .unwrap()
+                .into_iter()
+                .find(|e| e.kind == sluice::dataplane::CtKind::Reverse)
+                .unwrap()
+        };
+        assert!(rev(&dp).new && lifetime_left_s(&rev(&dp)) <= 60.0);
+        let (_, out) = run(&dp, TO_UPLINK, &tcp(pod, sa(CLIENT), ACK, b"200 OK"));
+        assert_eq!(check(&out).src, shown);
+        let e = rev(&dp);
+        assert!(!e.new && lifetime_left_s(&e) > 3600.0, "established");
+        // The pod's FIN closes it.
+        run(&dp, TO_UPLINK, &tcp(pod, sa(CLIENT), FIN_ACK, b""));
+        assert!(lifetime_left_s(&rev(&dp)) <= 10.0);
+
+        // Not noted: an option naming a port no frontend has, or a ClusterIP (not served from
+        // outside), another option, none at all; their replies leave as the pod sent them.
+        let cluster_ip = sa("198.19.128.30:80");
+        dp.upsert_service(
+            frontend("198.19.128.30:80", FrontendKind::ClusterIp),
+            &[backend("198.19.0.20:8080", true)],
+        )
+        .unwrap();
+        let nowhere = SocketAddrV4::new(OTHER_NODE.parse().unwrap(), 30081);
+        let mut other_kind = with_dsr_option(&tcp(sa("198.18.0.100:40002"), pod, SYN, b""), shown);
+        other_kind[34] = 0x9b;
+        set_ip_checksum(&mut other_kind);
+        // A frame for another host's MAC address (a bridge flooding it) is not noted either.
+        let mut flooded = with_dsr_option(&tcp(sa("198.18.0.100:40005"), pod, SYN, b""), shown);
+        flooded[..6].copy_from_slice(&MAC_B);
+        let cases = [
+            (
+                40001,
+                with_dsr_option(&tcp(sa("198.18.0.100:40001"), pod, SYN, b""), nowhere),
+            ),
+            (40002, other_kind),
+            (40003, tcp(sa("198.18.0.100:40003"), pod, SYN, b"")),
+            (
+                40004,
+                with_dsr_option(&tcp(sa("198.18.0.100:40004"), pod, SYN, b""), cluster_ip),
+            ),
+            (40005, flooded),
+        ];
+        for (port, syn) in cases {
+            let before = dp.counters().unwrap();
+            let (v, out) = run(&dp, FROM_UPLINK, &syn);
+            assert_eq!((v, &out), (TC_ACT_UNSPEC, &syn));
+            let after = dp.counters().unwrap();
+            assert_eq!(
+                delta(&before, &after, CTR_DSR_NOTED),
+                0,
+                "client port {port}"
+            );
+            assert_eq!(delta(&before, &after, CTR_PASS_NOT_FRONTEND), 1);
+            let client = SocketAddrV4::new(*sa(CLIENT).ip(), port);
+            let (_, out) = run(&dp, TO_UPLINK, &tcp(pod, client, SYN_ACK, b""));
+            assert_eq!(check(&out).src, pod, "client port {port}");
+        }
+    });
+}
+
+/// Why direct server return: with Maglev, a flow that an ECMP router moves to another node
+/// mid-connection meets the same backend there, still with the client's address, so the
+/// backend's node (which noted the flow from its SYN) goes on answering it. Node B, which never
+/// saw the SYN, DNATs the flow's next packets to the backend node A chose, without the option,
+/// and the client's second packet there establishes it.
+#[test]
+fn a_direct_server_return_flow_moved_to_another_node_keeps_its_backend_and_client_address() {
+    require_privileged!(
+        "a_direct_server_return_flow_moved_to_another_node_keeps_its_backend_and_client_address"
+    );
+    in_node(|_| {
+        let lb = "198.18.192.2:80";
+        let node = || {
+            let mut dp = Dataplane::load_with(DataplaneConfig {
+                dsr: true,
+                ..config(SNAT_PORTS)
+            })
+            .unwrap();
+            let backends = (10..15)
+                .map(|i| backend(&format!("198.19.1.{i}:8080"), false))
+                .collect();
+            dp.upsert_frontend(
+                frontend(lb, FrontendKind::LoadBalancer),
+                &Backends {
+                    maglev: true,
+                    ..Backends::all(backends)
+                },
+            )
+            .unwrap();
+            dp
+        };
+        let (a, b) = (node(), node());
+        let before = b.counters().unwrap();
+        let mut chosen = std::collections::BTreeSet::new();
+        for i in 0..20 {
+            let client = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 1 + i), 40000);
+            let (v, out) = run(&a, FROM_UPLINK, &tcp(client, sa(lb), SYN, b""));
+            assert_eq!((v, out[14]), (TC_ACT_REDIRECT, 0x47), "node A: the SYN");
+            let there = check(&out).dst;
+            chosen.insert(there);
+            for n in ["first", "second"] {
+                let (v, out) = run(&b, FROM_UPLINK, &tcp(client, sa(lb), ACK, b"x"));
+                assert_eq!(
+                    (v, out[14]),
+                    (TC_ACT_REDIRECT, 0x45),
+                    "node B: the {n} packet"
+                );
+                let seen = check(&out);
+                assert_eq!(
+                    (seen.src, seen.dst),
+                    (client, there),
+                    "node B: the {n} packet"
+                );
+            }
+        }
+        assert!(
+            chosen.len() > 1,
+            "the flows spread over the backends: {chosen:?}"
+        );
+        let moved = b
+            .conntrack()
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == sluice::dataplane::CtKind::Service && !e.new)
+            .count();
+        assert_eq!(moved, 20, "established on node B");
+        let after = b.counters().unwrap();
+        assert_eq!(delta(&before, &after, CTR_NEW_FLOW_DSR), 20);
+        assert_eq!(delta(&before, &after, CTR_NEW_FLOW_SNAT), 0);
+    });
+}
+
+/// A pod of the backend's node that called another node's NodePort: its SYN comes back with
+/// the option, and its replies pass the pod's egress, not the uplink's, so the pod is noted as
+/// a client there (as for TC's own new flows), and the reply shows the frontend.
+#[test]
+fn a_direct_server_return_syn_from_a_pod_of_the_backends_node_notes_it_for_its_replies() {
+    require_privileged!(
+        "a_direct_server_return_syn_from_a_pod_of_the_backends_node_notes_it_for_its_replies"
+    );
+    in_node(|ns| {
+        route_pod_by_v1(ns);
+        let (dp, backend_pod, shown) = backend_node();
+        let v0 = nix::net::if_::if_nametoindex("v0").unwrap();
+        let pod = sa("198.19.0.77:5000");
+        let before = dp.counters().unwrap();
+        for client in [sa(CLIENT), pod] {
+            // As it arrives on `v0`, for `v0`'s MAC address.
+            let mut syn = with_dsr_option(&tcp(client, backend_pod, SYN, b""), shown);
+            syn[..6].copy_from_slice(&v0_mac(ns));
+            let (v, _) = run_on(&dp, FROM_UPLINK, &syn, v0);
+            assert_eq!(v, TC_ACT_UNSPEC);
+        }
+        assert_eq!(delta(&before, &dp.counters().unwrap(), CTR_DSR_NOTED), 2);
+        // The outside client's replies leave by the uplink and never meet a pod's egress.
+        let (clients, full) = dp.pod_clients().unwrap();
+        assert_eq!((clients, full), (vec![*pod.ip()], false));
+        let (_, out) = run(&dp, TO_POD, &tcp(backend_pod, pod, SYN_ACK, b""));
+        assert_eq!(check(&out).src, shown, "the reply shows the frontend");
     });
 }

@@ -71,6 +71,16 @@ fn seeds() -> Vec<Vec<u8>> {
     with_options.splice(34..34, [1, 1, 1, 0]);
     with_options[14] = 0x46;
     with_options[17] += 4;
+    // Another node's direct-server-return SYN to a pod here: the option names the NodePort.
+    let mut dsr = tcp(client, be, SYN, b"");
+    let mut opt = vec![0x9a, 8];
+    opt.extend_from_slice(&np.port().to_be_bytes());
+    opt.extend_from_slice(&np.ip().octets());
+    dsr.splice(34..34, opt);
+    dsr[14] = 0x47;
+    dsr[17] += 8;
+    // To the test run's device's MAC address (the loopback device's): a frame for this host.
+    dsr[..6].copy_from_slice(&[0; 6]);
     vec![
         tcp(pod, vip, SYN, b""),
         tcp(pod, vip, ACK, b"GET / HTTP/1.0\r\n\r\n"),
@@ -86,6 +96,7 @@ fn seeds() -> Vec<Vec<u8>> {
         icmp_error(*be.ip(), *pod.ip(), 3, &tcp(pod, be, SYN, b"")),
         icmp_error(*be.ip(), *pod.ip(), 3, &udp(pod, be, b"q")),
         with_options,
+        dsr,
     ]
 }
 
@@ -265,6 +276,10 @@ fn a_hundred_thousand_malformed_frames_crash_nothing_and_each_lands_in_one_count
             delta(&before, &after, CTR_PASS_MALFORMED) > 1_000
                 && delta(&before, &after, CTR_PASS_FRAGMENT) > 1_000,
             "the storm was malformed enough to matter"
+        );
+        assert!(
+            delta(&before, &after, CTR_DSR_NOTED) > 100,
+            "the storm reached the direct-server-return note"
         );
         let (xdp_before, xdp_after) = (xdp_account(&before), xdp_account(&after));
         assert_eq!(

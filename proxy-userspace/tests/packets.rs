@@ -1797,6 +1797,37 @@ fn in_new_table(dp: &Dataplane) -> Vec<bool> {
     dp.conntrack().unwrap().iter().map(|e| e.new).collect()
 }
 
+/// A UDP flow's two entries move to `CT4` together, on the client's packet after the first
+/// reply, never one of them on the reply alone (only a direct-server-return entry on the
+/// backend's node, which has no other, moves on a reply).
+#[test]
+fn a_udp_flows_entries_move_to_ct4_together_on_the_clients_packet_after_a_reply() {
+    require_privileged!(
+        "a_udp_flows_entries_move_to_ct4_together_on_the_clients_packet_after_a_reply"
+    );
+    let mut dp = dataplane();
+    dp.upsert_service(
+        fe(NODE_PORT, Protocol::Udp, FrontendKind::NodePort),
+        &[be("198.19.0.20:8080")],
+    )
+    .unwrap();
+    let client = sa("198.18.32.1:40000");
+    run(&dp, FROM_UPLINK, &udp(client, sa(NODE_PORT), b"q"));
+    assert_eq!(in_new_table(&dp), [true, true]);
+    run(&dp, TO_UPLINK, &udp(sa("198.19.0.20:8080"), client, b"a"));
+    assert_eq!(
+        in_new_table(&dp),
+        [true, true],
+        "a reply alone moves nothing"
+    );
+    run(&dp, FROM_UPLINK, &udp(client, sa(NODE_PORT), b"q"));
+    assert_eq!(
+        in_new_table(&dp),
+        [false, false],
+        "both move on the client's packet"
+    );
+}
+
 #[test]
 fn a_syn_flood_fills_the_table_of_new_flows_and_never_evicts_an_established_one() {
     require_privileged!(

@@ -128,6 +128,17 @@ pub enum LbAlgorithm {
     Maglev,
 }
 
+/// How traffic from outside reaches a backend on another node (`--lb-mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LbMode {
+    /// SNAT to the ingress node, whose address the backend sees; replies come back through it
+    /// (kube-proxy's masquerade).
+    Snat,
+    /// Direct server return for TCP: the backend sees the client's address and replies to it
+    /// directly from its own node. UDP is SNATed.
+    Dsr,
+}
+
 /// `sluice agent`'s flags. Every one can also be set through the environment variable shown,
 /// which is how the DaemonSet sets them.
 #[derive(clap::Args, Clone, Debug)]
@@ -235,6 +246,15 @@ pub struct AgentArgs {
     /// overrides it. ClusterIPs and NodePorts always choose at random.
     #[arg(long, env = "SLUICE_LB_ALGORITHM", value_enum, default_value_t = LbAlgorithm::Random)]
     pub lb_algorithm: LbAlgorithm,
+
+    /// How TCP from outside to a NodePort, externalIP or LoadBalancer IP reaches a backend on
+    /// another node (externalTrafficPolicy Cluster): snat (to this node, as kube-proxy does),
+    /// or dsr (direct server return: the backend sees the client's address and its node sends
+    /// the replies straight to the client, showing the frontend; that node must be able to
+    /// send with the frontend's address as source, and must run a sluice that notes the
+    /// option, as every node of this release does in either mode). UDP is SNATed in both.
+    #[arg(long, env = "SLUICE_LB_MODE", value_enum, default_value_t = LbMode::Snat)]
+    pub lb_mode: LbMode,
 
     /// The seed of Maglev's tables and flow hashes: the same on every node of the cluster.
     #[arg(long, env = "SLUICE_MAGLEV_SEED", default_value_t = crate::dataplane::DEFAULT_MAGLEV_SEED)]
@@ -619,7 +639,9 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         snat: None,
         snat_ports,
         maglev_seed: args.maglev_seed,
+        dsr: args.lb_mode == LbMode::Dsr,
     })?;
+    tracing::info!(lb_mode = ?args.lb_mode, "outside traffic to other nodes' backends");
     let socket_lb = socket_lb_config(&args, &report)?;
     dp.set_socket_lb(&socket_lb)?;
     match socket_lb.mode {

@@ -35,13 +35,14 @@ use aya::{
 };
 use proxy_common::{
     CT4_DEFAULT_MAX, CT4_MAP, CT4_NEW_DEFAULT_MAX, CT4_NEW_MAP, LB4_AFFINITY_MAP,
-    LB4_AFFINITY_MATCH_MAP, LB4_BACKENDS_DEFAULT_MAX, LB4_BACKENDS_MAP, LB4_CONFIG_MAP,
-    LB4_DP_STATE_MAP, LB4_FE_ADDRS_MAP, LB4_FLOW_TAILS_MAP, LB4_FRAGS_MAP, LB4_MAGLEV_MAP,
-    LB4_POD_CLIENTS_MAP, LB4_REJECT_BUDGET_MAP, LB4_REVNAT_DEFAULT_MAX, LB4_REVNAT_MAP,
-    LB4_SERVICES_DEFAULT_MAX, LB4_SERVICES_MAP, LB4_SRC_RANGES_MAP, LB4_SVC_CIDRS_MAP,
-    LB4_TAILS_MAP, LB4_XDP_TAILS_MAP, LB4_XDP_TX_MAP, Lb4Config, PKT_COUNTERS_MAP, SOCK_CONFIG_MAP,
-    SOCK_REVNAT_DEFAULT_MAX, SOCK_REVNAT_MAP, SVC_CIDRS_MAX, SvcCidrs4, TAIL_NEW_FLOW_FROM_POD,
-    TAIL_NEW_FLOW_FROM_UPLINK, TAIL_SCTP_CHECKSUM, TAIL_XDP_NEW_FLOW,
+    LB4_AFFINITY_MATCH_MAP, LB4_BACKENDS_DEFAULT_MAX, LB4_BACKENDS_MAP, LB4_CONFIG_FLAG_DSR,
+    LB4_CONFIG_MAP, LB4_DP_STATE_MAP, LB4_FE_ADDRS_MAP, LB4_FLOW_TAILS_MAP, LB4_FRAGS_MAP,
+    LB4_MAGLEV_MAP, LB4_POD_CLIENTS_MAP, LB4_REJECT_BUDGET_MAP, LB4_REVNAT_DEFAULT_MAX,
+    LB4_REVNAT_MAP, LB4_SERVICES_DEFAULT_MAX, LB4_SERVICES_MAP, LB4_SRC_RANGES_MAP,
+    LB4_SVC_CIDRS_MAP, LB4_TAILS_MAP, LB4_XDP_TAILS_MAP, LB4_XDP_TX_MAP, Lb4Config,
+    PKT_COUNTERS_MAP, SOCK_CONFIG_MAP, SOCK_REVNAT_DEFAULT_MAX, SOCK_REVNAT_MAP, SVC_CIDRS_MAX,
+    SvcCidrs4, TAIL_NEW_FLOW_FROM_POD, TAIL_NEW_FLOW_FROM_UPLINK, TAIL_SCTP_CHECKSUM,
+    TAIL_XDP_NEW_FLOW,
 };
 
 pub use crate::service::{
@@ -126,7 +127,12 @@ pub const PROGRAMS: &[&str] = &[
 ];
 
 /// Maps of earlier layouts, whose pins an agent removes (the programs no longer use them).
-pub const RETIRED_MAPS: &[&str] = &["LB4_CONFIG", "PKT_COUNTERS", "LB4_FE_ADDRS"];
+pub const RETIRED_MAPS: &[&str] = &[
+    "LB4_CONFIG",
+    "PKT_COUNTERS",
+    "LB4_FE_ADDRS",
+    "PKT_COUNTERS_V2",
+];
 
 /// The two conntrack tables (see `proxy_common::conntrack`): flows not yet established, then
 /// established ones. A flow's entries are in one of them, and move only from the first to the
@@ -391,6 +397,9 @@ pub struct DataplaneConfig {
     /// The seed of Maglev's tables and flow hashes: the same on every node of a cluster, or
     /// nodes pick different backends for a flow (`--maglev-seed`).
     pub maglev_seed: u32,
+    /// New TCP flows from outside to backends on other nodes by direct server return
+    /// (`--lb-mode dsr`, see `proxy_common::LB4_CONFIG_FLAG_DSR`) rather than SNAT.
+    pub dsr: bool,
 }
 
 /// [`DataplaneConfig::maglev_seed`] by default, so that nodes agree with no configuration.
@@ -430,6 +439,7 @@ impl Default for DataplaneConfig {
             snat: None,
             snat_ports: DEFAULT_SNAT_PORTS,
             maglev_seed: DEFAULT_MAGLEV_SEED,
+            dsr: false,
         }
     }
 }
@@ -619,13 +629,18 @@ impl Dataplane {
         let hairpin_snat = self.config.hairpin_snat;
         let snat = self.config.snat;
         let ports = self.config.snat_ports;
+        let flags = if self.config.dsr {
+            LB4_CONFIG_FLAG_DSR
+        } else {
+            0
+        };
         let mut cfg: Array<_, Lb4Config> = self.open_mut(map)?;
         let value = Lb4Config {
             hairpin_snat_be: hairpin_snat.map_or(0, |a| u32::from(a).to_be()),
             snat_addr_be: snat.map_or(0, |a| u32::from(a).to_be()),
             snat_port_min: ports.0,
             snat_port_max: ports.1,
-            _pad: 0,
+            flags,
         };
         cfg.set(0, &value, 0).map_err(map_error(map, "write"))
     }

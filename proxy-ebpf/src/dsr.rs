@@ -1,0 +1,171 @@
+//! Direct server return (`--lb-mode dsr`), in Cilium's IPv4-option form, for TCP flows from
+//! outside to a backend on another node.
+//!
+//! - The ingress node DNATs the flow's packets only (the client's address stays) and forwards
+//!   them to the backend's node by FIB lookup and redirect. Each of the client's SYNs carries
+//!   the frontend in an IPv4 option ([`add_option`]): type [`OPT_TYPE`] (Cilium's: copied on
+//!   fragmentation, number 26), length 8, the frontend's port, then its address, in network
+//!   order. Only SYNs: the backend's node keeps what the option said for the rest of the flow.
+//! - The backend's node notes the option at its uplink's ingress ([`note`]) in a reverse entry
+//!   (backend -> client, showing the frontend), then passes the packet to the pod with the
+//!   option in it (Linux ignores an option it does not know on a packet it receives). The
+//!   pod's replies are routed by the stack as any of its traffic, and get the frontend as
+//!   their source at the uplink's egress (`programs::reply`), to leave for the client
+//!   directly.
+//!
+//! UDP keeps SNAT: every datagram would need the option (no handshake to carry it once), and a
+//! datagram near the MTU has no room for it.
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{__sk_buff, bpf_adj_room_mode::BPF_ADJ_ROOM_NET},
+    programs::TcContext,
+};
+use proxy_common::{
+    CT_FLAG_DSR, CT_FLAG_SYN, Ct4Entry, IPPROTO_TCP, LB4_CONFIG_FLAG_DSR, Lb4Config,
+    SVC_FLAG_CLUSTER_IP,
+};
+
+use crate::{
+    conntrack::{self, translated_key},
+    fib::{self, Fib, Route},
+    lb,
+    maps::LB4_CONFIG,
+    nat::{RewriteFailed, csum_add, diff, fold, put},
+    parse::{ETH_LEN, Flow, IP_CSUM_OFF, TCP_ACK, TCP_SYN, read},
+    programs::note_pod_client,
+};
+
+/// The option's type: copied into fragments (0x80), class 0, number 26 (Cilium's).
+pub const OPT_TYPE: u8 = 0x9a;
+/// The option's length in bytes (type, length, port, address).
+pub const OPT_LEN: u32 = 8;
+
+/// Whether the node sends `f`'s new flow to a backend on another node by direct server return:
+/// the mode is on, and it is a TCP flow whose SYN has room for the option (no IP options of
+/// its own, which a SYN from outside practically never has; such a flow is SNATed).
+#[inline(always)]
+pub fn wanted(cfg: &Lb4Config, f: &Flow) -> bool {
+    cfg.flags & LB4_CONFIG_FLAG_DSR != 0 && f.proto == IPPROTO_TCP && f.ihl_bytes == 20
+}
+
+/// Whether the client of `f`'s new flow is reached by another next hop than the backend's
+/// node (`to_backend`, the route the flow's packets take): else the client is a pod of that
+/// node, or behind it, and the flow's packets would reach that node from its uplink with the
+/// client's own address as their source, which strict reverse-path filtering there drops.
+/// Such a flow is SNATed. No route to the client: the backend's node decides.
+#[inline(always)]
+pub fn client_apart(ctx: &TcContext, f: &Flow, to_backend: &Route) -> bool {
+    match fib::lookup(ctx, f.daddr_be, f.saddr_be, f.proto, 0) {
+        Fib::Route(back) => !back.same_hop(to_backend),
+        _ => true,
+    }
+}
+
+/// Whether `f`, a packet of a direct-server-return flow, is one that carries the option: a
+/// client's SYN, with room for it.
+#[inline(always)]
+pub fn carries_option(f: &Flow) -> bool {
+    f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && f.ihl_bytes == 20
+}
+
+/// Inserts the option naming the frontend `fe_addr_be:fe_port_be` after the IPv4 header of
+/// `f`'s packet (no options of its own: [`carries_option`]), with the header's length, total
+/// length and checksum brought up to date. The TCP checksum does not cover IP options. The
+/// packet grows by [`OPT_LEN`]; its pointers must be read again after this.
+#[inline(always)]
+pub fn add_option(
+    ctx: &TcContext,
+    f: &Flow,
+    fe_addr_be: u32,
+    fe_port_be: u16,
+) -> Result<(), RewriteFailed> {
+    let old_csum: u16 = read(ctx.data(), ctx.data_end(), IP_CSUM_OFF).ok_or(RewriteFailed)?;
+    // The header's first word as it lies in memory: version and length, TOS, total length.
+    let old_word: u32 = read(ctx.data(), ctx.data_end(), ETH_LEN).ok_or(RewriteFailed)?;
+    ctx.adjust_room(OPT_LEN as i32, BPF_ADJ_ROOM_NET, 0)
+        .map_err(|_| RewriteFailed)?;
+    let word = old_word.to_ne_bytes();
+    let tot_len = f.tot_len.wrapping_add(OPT_LEN as u16).to_be_bytes();
+    let new_word = u32::from_ne_bytes([0x47, word[1], tot_len[0], tot_len[1]]);
+    let port = fe_port_be.to_ne_bytes();
+    let opt_head = u32::from_ne_bytes([OPT_TYPE, OPT_LEN as u8, port[0], port[1]]);
+    let sum = csum_add(csum_add(diff(old_word, new_word), opt_head), fe_addr_be);
+    let csum = !fold(csum_add(u32::from(!old_csum), sum));
+    put(ctx, ETH_LEN, new_word)?;
+    put(ctx, IP_CSUM_OFF, csum)?;
+    put(ctx, ETH_LEN + 20, [opt_head, fe_addr_be])
+}
+
+/// At an uplink's ingress: if `f` is a client's SYN with the option, to an address that is no
+/// frontend's (the backend's, here), notes the flow's reverse entry (backend -> client, showing
+/// the frontend the option names) so that the backend's replies are translated at the egress.
+/// The option must name a frontend this node serves from outside too: an externalIP or load
+/// balancer address with that port, or a NodePort (on the other node's address, so looked up
+/// on this node's own, `Lb4Config::snat_addr_be`). Whether it was noted.
+#[inline(always)]
+pub fn note(ctx: &TcContext, f: &Flow) -> bool {
+    if f.proto != IPPROTO_TCP || !carries_option_in(f) || !for_this_host(ctx) {
+        return false;
+    }
+    let Some(opt) = read::<[u32; 2]>(ctx.data(), ctx.data_end(), ETH_LEN + 20) else {
+        return false;
+    };
+    let head = opt[0].to_ne_bytes();
+    if head[0] != OPT_TYPE || u32::from(head[1]) != OPT_LEN {
+        return false;
+    }
+    let fe_port_be = u16::from_ne_bytes([head[2], head[3]]);
+    let fe_addr_be = opt[1];
+    // SAFETY: the config is plain integers, copied out.
+    let cfg: Lb4Config = LB4_CONFIG.get(0).copied().unwrap_or_default();
+    let fe = lb::frontend(fe_addr_be, fe_port_be, f.proto)
+        .or_else(|| lb::frontend(cfg.snat_addr_be, fe_port_be, f.proto));
+    let Some(fe) = fe else {
+        return false;
+    };
+    if fe.flags & SVC_FLAG_CLUSTER_IP != 0 {
+        return false;
+    }
+    let now = conntrack::now();
+    let rev = Ct4Entry {
+        seen_ns: now,
+        addr_be: f.saddr_be,
+        port_be: f.sport_be,
+        flags: CT_FLAG_DSR | CT_FLAG_SYN,
+        nat_addr_be: fe_addr_be,
+        nat_port_be: fe_port_be,
+        rev_nat_id: fe.rev_nat_id,
+        ..Default::default()
+    };
+    let key = translated_key(f, 0, 0, f.daddr_be, f.dport_be);
+    // Not over another live flow's entry; this flow's own (a retransmitted SYN) is kept.
+    if conntrack::claim(&key, &rev, now) != Some(true) {
+        return false;
+    }
+    // A client whose route does not leave by this uplink (a pod of this node that called
+    // another node's NodePort) gets the replies through its pod's egress, which looks up only
+    // the clients noted, as for TC's own new flows.
+    if !fib::back_by_ingress(ctx, f.daddr_be, f.saddr_be, f.proto) {
+        note_pod_client(f.saddr_be);
+    }
+    true
+}
+
+/// Whether the frame was sent to this host's MAC address. TC ingress also sees frames for
+/// other hosts (a bridge floods a frame while it has not learnt where the destination MAC is,
+/// and TC runs before IP drops such a frame): another node's DSR SYN must not be noted here.
+#[inline(always)]
+fn for_this_host(ctx: &TcContext) -> bool {
+    // SAFETY: reading a field of the context the kernel passed us.
+    let pkt_type = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).pkt_type };
+    pkt_type == PACKET_HOST
+}
+
+/// `skb->pkt_type` of a frame to this host's own MAC address.
+const PACKET_HOST: u32 = 0;
+
+/// A client's SYN with exactly one 8-byte option's room of IP header.
+#[inline(always)]
+fn carries_option_in(f: &Flow) -> bool {
+    f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && f.ihl_bytes == 20 + OPT_LEN
+}
