@@ -21,8 +21,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    CT_FLAG_DSR, CT_FLAG_SYN, Ct4Entry, IPPROTO_TCP, LB4_CONFIG_FLAG_DSR, Lb4Config,
-    SVC_FLAG_CLUSTER_IP,
+    CT_FLAG_DSR, CT_FLAG_SYN, CTR_DSR_NOTED, CTR_PASS_NOT_FRONTEND, Ct4Entry, IPPROTO_TCP,
+    LB4_CONFIG_FLAG_DSR, Lb4Config, SVC_FLAG_CLUSTER_IP, SVC_FLAG_NODE_PORT,
 };
 
 use crate::{
@@ -48,16 +48,25 @@ pub fn wanted(cfg: &Lb4Config, f: &Flow) -> bool {
     cfg.flags & LB4_CONFIG_FLAG_DSR != 0 && f.proto == IPPROTO_TCP && f.ihl_bytes == 20
 }
 
-/// Whether the client of `f`'s new flow is reached by another next hop than the backend's
-/// node (`to_backend`, the route the flow's packets take): else the client is a pod of that
-/// node, or behind it, and the flow's packets would reach that node from its uplink with the
-/// client's own address as their source, which strict reverse-path filtering there drops.
-/// Such a flow is SNATed. No route to the client: the backend's node decides.
+/// The route for `f`'s new flow by direct server return to the backend `backend_be` on
+/// another node, or `None` for a flow to SNAT instead:
+/// - its SYN with the option does not fit the route (a TCP Fast Open SYN with a full segment
+///   of data), or there is no route (the SNAT path refuses it);
+/// - its client is reached by the same next hop as the backend (by address): a pod of the
+///   backend's node, or a network behind it, whose packets would reach that node from its
+///   uplink with its own pod's address as their source, which strict reverse-path filtering
+///   there drops. (Where clients and nodes share a router, every flow is SNATed: telling
+///   outside clients from pods there needs the nodes' pod CIDRs, not the FIB.) No route back
+///   to the client: the backend's node decides.
 #[inline(always)]
-pub fn client_apart(ctx: &TcContext, f: &Flow, to_backend: &Route) -> bool {
+pub fn route(ctx: &TcContext, f: &Flow, backend_be: u32) -> Option<Route> {
+    let len = fib::wire_len(ctx, f).saturating_add(OPT_LEN as u16);
+    let Fib::Route(to_backend) = fib::lookup(ctx, f.saddr_be, backend_be, f.proto, len) else {
+        return None;
+    };
     match fib::lookup(ctx, f.daddr_be, f.saddr_be, f.proto, 0) {
-        Fib::Route(back) => !back.same_hop(to_backend),
-        _ => true,
+        Fib::Route(back) if back.same_hop(&to_backend) => None,
+        _ => Some(to_backend),
     }
 }
 
@@ -96,32 +105,53 @@ pub fn add_option(
     put(ctx, ETH_LEN + 20, [opt_head, fe_addr_be])
 }
 
-/// At an uplink's ingress: if `f` is a client's SYN with the option, to an address that is no
-/// frontend's (the backend's, here), notes the flow's reverse entry (backend -> client, showing
-/// the frontend the option names) so that the backend's replies are translated at the egress.
-/// The option must name a frontend this node serves from outside too: an externalIP or load
-/// balancer address with that port, or a NodePort (on the other node's address, so looked up
-/// on this node's own, `Lb4Config::snat_addr_be`). Whether it was noted.
+/// At an uplink's ingress, for a packet with IP options: `None` unless `f` is a client's SYN
+/// for this host carrying the option; else its counter, the packet to be passed on as it is:
+/// `dsr_noted` when the flow's reverse entry (endpoint -> client, showing the frontend the
+/// option names) was written, so that the endpoint's replies are translated at the egress;
+/// `pass_not_a_frontend` when the option names no frontend this node serves from outside (an
+/// externalIP or load balancer address with that port, or a NodePort: on the other node's
+/// address, so looked up on this node's own, `Lb4Config::snat_addr_be`), or another live flow
+/// holds the tuple.
 #[inline(always)]
-pub fn note(ctx: &TcContext, f: &Flow) -> bool {
+pub fn note(ctx: &TcContext, f: &Flow) -> Option<u32> {
+    // Whether this is a DSR SYN at all, before any map is read: most packets with IP options
+    // leave here, the verifier's state as it came.
     if f.proto != IPPROTO_TCP || !carries_option_in(f) || !for_this_host(ctx) {
-        return false;
+        return None;
     }
-    let Some(opt) = read::<[u32; 2]>(ctx.data(), ctx.data_end(), ETH_LEN + 20) else {
-        return false;
-    };
+    let opt = read::<[u32; 2]>(ctx.data(), ctx.data_end(), ETH_LEN + 20)?;
     let head = opt[0].to_ne_bytes();
     if head[0] != OPT_TYPE || u32::from(head[1]) != OPT_LEN {
-        return false;
+        return None;
     }
-    let fe_port_be = u16::from_ne_bytes([head[2], head[3]]);
-    let fe_addr_be = opt[1];
+    // A DSR SYN: from here it is passed on whatever happens (its destination is an endpoint,
+    // not a frontend), so no path of the lookups below rejoins the caller's.
+    Some(
+        if noted(ctx, f, opt[1], u16::from_ne_bytes([head[2], head[3]])) {
+            CTR_DSR_NOTED
+        } else {
+            CTR_PASS_NOT_FRONTEND
+        },
+    )
+}
+
+/// [`note`]'s reverse entry for the DSR SYN `f` whose option names `fe_addr_be:fe_port_be`,
+/// if that is a frontend this node serves from outside: whether it was written (or is this
+/// flow's already).
+#[inline(always)]
+fn noted(ctx: &TcContext, f: &Flow, fe_addr_be: u32, fe_port_be: u16) -> bool {
     // SAFETY: the config is plain integers, copied out.
     let cfg: Lb4Config = LB4_CONFIG.get(0).copied().unwrap_or_default();
-    let fe = lb::frontend(fe_addr_be, fe_port_be, f.proto)
-        .or_else(|| lb::frontend(cfg.snat_addr_be, fe_port_be, f.proto));
-    let Some(fe) = fe else {
-        return false;
+    // The frontend itself (an externalIP or load balancer address, or a NodePort on this
+    // node's address), else a NodePort of that port on this node's own address (the option
+    // names the other node's). Never a ClusterIP, not served from outside.
+    let fe = match lb::frontend(fe_addr_be, fe_port_be, f.proto) {
+        Some(fe) => fe,
+        None => match lb::frontend(cfg.snat_addr_be, fe_port_be, f.proto) {
+            Some(fe) if fe.flags & SVC_FLAG_NODE_PORT != 0 => fe,
+            _ => return false,
+        },
     };
     if fe.flags & SVC_FLAG_CLUSTER_IP != 0 {
         return false;

@@ -27,6 +27,8 @@ const AF_INET: u8 = 2;
 /// Where a packet goes.
 pub struct Route {
     pub ifindex: u32,
+    /// The next hop's address: the gateway, or the destination itself on a link.
+    next_hop_be: u32,
     smac: [u8; 6],
     dmac: [u8; 6],
     /// The neighbour (next hop's MAC) is known; otherwise the kernel resolves it.
@@ -34,10 +36,12 @@ pub struct Route {
 }
 
 impl Route {
-    /// Whether `other` leaves by the same device to the same next hop.
+    /// Whether `other` leaves by the same device to the same next hop (by its address: a
+    /// network that answers every ARP request with one MAC address, or an unresolved
+    /// neighbour, would make MAC addresses look alike).
     #[inline(always)]
     pub fn same_hop(&self, other: &Route) -> bool {
-        self.ifindex == other.ifindex && self.dmac == other.dmac
+        self.ifindex == other.ifindex && self.next_hop_be == other.next_hop_be
     }
 
     /// The Ethernet header's destination then source MAC address, for the route's next hop.
@@ -174,6 +178,9 @@ pub fn lookup_from(
             let macs = unsafe { p.__bindgen_anon_6.__bindgen_anon_2 };
             Fib::Route(Route {
                 ifindex: p.ifindex,
+                // SAFETY: after a successful lookup the kernel leaves the gateway here, if
+                // the route has one.
+                next_hop_be: unsafe { p.__bindgen_anon_4.ipv4_dst },
                 smac: macs.smac,
                 dmac: macs.dmac,
                 resolved: rc as u32 == BPF_FIB_LKUP_RET_SUCCESS,

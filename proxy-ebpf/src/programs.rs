@@ -39,9 +39,9 @@ use proxy_common::{
     CT_FLAG_SNAT, CTR_CT_HIT, CTR_CT_STALE_REVERSE, CTR_DROP_FIB, CTR_DROP_FRAGMENT,
     CTR_DROP_NEW_FLOW_PROGRAM, CTR_DROP_NO_LOCAL_BACKEND, CTR_DROP_NO_SNAT_ADDR,
     CTR_DROP_NODE_SCTP_TO_SERVICE, CTR_DROP_REJECT_FAILED, CTR_DROP_REJECT_RATE_LIMITED,
-    CTR_DROP_REWRITE, CTR_DROP_SOURCE_RANGE, CTR_DROP_UNALLOCATED_CLUSTER_IP, CTR_DSR_NOTED,
-    CTR_HAIRPIN, CTR_NEW_FLOW, CTR_NEW_FLOW_DSR, CTR_NEW_FLOW_SNAT, CTR_PASS_FRAGMENT,
-    CTR_PASS_NO_MATCH, CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_FRONTEND_PORT, CTR_PASS_NOT_POD_CLIENT,
+    CTR_DROP_REWRITE, CTR_DROP_SOURCE_RANGE, CTR_DROP_UNALLOCATED_CLUSTER_IP, CTR_HAIRPIN,
+    CTR_NEW_FLOW, CTR_NEW_FLOW_DSR, CTR_NEW_FLOW_SNAT, CTR_PASS_FRAGMENT, CTR_PASS_NO_MATCH,
+    CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_FRONTEND_PORT, CTR_PASS_NOT_POD_CLIENT,
     CTR_PASS_OTHER_PROTO, CTR_PASS_REPLY_AT_EGRESS, CTR_POD_CLIENTS_FULL, CTR_REDIRECT,
     CTR_REJECT_FRAG_NEEDED, CTR_REJECT_NO_BACKEND, CTR_REJECT_NO_SUCH_PORT, CTR_REPLY, CTR_SEEN,
     Ct4Key, DP_STATE_POD_CLIENTS_FULL, FE_ADDR_CLUSTER_IP, FE_ADDR_NAT, FLOW_CB_NOW_HI,
@@ -190,7 +190,16 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
             } else {
                 ingress_dest(&flow, hook == Hook::FromPod)
             };
-            if hook == Hook::ToPod && !may_be_reply_to_pod(&flow) {
+            // Another node's direct-server-return SYN to an endpoint here: a pod, or a
+            // hostNetwork one on an address of this node (a frontend address too).
+            let dsr = if hook == Hook::FromUplink && flow.ihl_bytes != 20 {
+                dsr::note(ctx, &flow)
+            } else {
+                None
+            };
+            if let Some(counter) = dsr {
+                (PASS, counter)
+            } else if hook == Hook::ToPod && !may_be_reply_to_pod(&flow) {
                 (PASS, CTR_PASS_NOT_POD_CLIENT)
             } else if hook == Hook::ToUplink
                 && flow.proto == IPPROTO_SCTP
@@ -222,9 +231,6 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
                 }
             } else if unallocated(hook, flow.daddr_be) {
                 (DROP, CTR_DROP_UNALLOCATED_CLUSTER_IP)
-            } else if hook == Hook::FromUplink && flow.ihl_bytes != 20 && dsr::note(ctx, &flow) {
-                // Another node's direct-server-return SYN to a pod of this node.
-                (PASS, CTR_DSR_NOTED)
             } else {
                 (PASS, CTR_PASS_NOT_FRONTEND)
             }
@@ -538,10 +544,14 @@ fn reply(ctx: &TcContext, f: &Flow, len: u32, hook: Hook) -> Option<(i32, u32)> 
     };
     let new_state = reply_state(f, state);
     touch(e, state, new_state, now, len);
-    if c.flags & CT_FLAG_DSR != 0 && new_state & !state & CT_FLAG_ESTABLISHED != 0 {
+    if c.flags & CT_FLAG_DSR != 0
+        && new_state & !state & CT_FLAG_ESTABLISHED != 0
+        && f.tcp_flags & (TCP_FIN | TCP_RST) == 0
+    {
         // A direct-server-return flow's entry on the backend's node, established by this
-        // reply: out of the table a flood of new flows fills. (Other flows move on their
-        // client's packet, both entries at once: `forward`.)
+        // reply: out of the table a flood of new flows fills. Not by an RST or FIN (a spoofed
+        // SYN to a closed port is answered with an RST). (Other flows move on their client's
+        // packet, both entries at once: `forward`.)
         conntrack::promote_one(&key, e);
     }
     if f.proto == IPPROTO_TCP && f.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
@@ -788,11 +798,7 @@ fn new_flow(
     // Direct server return, when it is on and the client is apart from the backend's node:
     // the route to that node.
     let dsr_route = if from_outside && be.flags & BACKEND_FLAG_LOCAL == 0 && dsr::wanted(&cfg, f) {
-        match route_for(ctx, f, f.saddr_be, be.addr_be) {
-            Ok(r) if dsr::client_apart(ctx, f, &r) => Some(r),
-            Ok(_) => None,
-            Err(verdict) => return verdict,
-        }
+        dsr::route(ctx, f, be.addr_be)
     } else {
         None
     };

@@ -1041,11 +1041,35 @@ fn a_new_tcp_flow_by_direct_server_return_is_dnated_only_and_its_syns_name_the_f
         assert_eq!(delta(&before, &after, CTR_NEW_FLOW_SNAT), 1);
         assert_eq!(delta(&before, &after, CTR_NEW_FLOW_DSR), 0);
 
+        // A SYN that fits its route (MTU 1300 to NARROW's node) only without the option (a
+        // TCP Fast Open SYN with a full segment) is SNATed.
+        let narrow = frontend("198.18.192.31:80", FrontendKind::ExternalIp);
+        dp.upsert_service(narrow, &[backend(NARROW, false)])
+            .unwrap();
+        let before = dp.counters().unwrap();
+        let full = tcp(
+            sa("198.18.0.100:40008"),
+            sa("198.18.192.31:80"),
+            SYN,
+            &[7; 1260],
+        );
+        assert_eq!(full.len(), 14 + 1300);
+        let (v, out) = run(&dp, FROM_UPLINK, &full);
+        assert_eq!((v, out[14]), (TC_ACT_REDIRECT, 0x45));
+        assert_eq!(
+            delta(&before, &dp.counters().unwrap(), CTR_NEW_FLOW_SNAT),
+            1
+        );
+
         // UDP: SNATed to the node.
+        let before = dp.counters().unwrap();
         let (v, out) = run(&dp, FROM_UPLINK, &udp(sa(CLIENT), sa(NODE_PORT), b"q"));
         assert_eq!(v, TC_ACT_REDIRECT);
         assert_eq!(check(&out).src.ip(), &NODE.parse::<Ipv4Addr>().unwrap());
-        assert_eq!(delta(&after, &dp.counters().unwrap(), CTR_NEW_FLOW_SNAT), 1);
+        assert_eq!(
+            delta(&before, &dp.counters().unwrap(), CTR_NEW_FLOW_SNAT),
+            1
+        );
 
         // XDP, though let send from both devices, leaves a DSR flow's SYN to TC untouched,
         // recording nothing.
@@ -1121,6 +1145,25 @@ fn the_backend_node_notes_a_direct_server_return_syn_and_its_pods_replies_show_t
         // The pod's FIN closes it.
         run(&dp, TO_UPLINK, &tcp(pod, sa(CLIENT), FIN_ACK, b""));
         assert!(lifetime_left_s(&rev(&dp)) <= 10.0);
+        // A SYN to a closed port (spoofed, say) answered with an RST: closed, and not moved to
+        // the established table.
+        let spoofed = sa("198.18.0.100:40009");
+        run(
+            &dp,
+            FROM_UPLINK,
+            &with_dsr_option(&tcp(spoofed, pod, SYN, b""), shown),
+        );
+        run(&dp, TO_UPLINK, &tcp(pod, spoofed, RST, b""));
+        let e = dp
+            .conntrack()
+            .unwrap()
+            .into_iter()
+            .find(|e| e.kind == sluice::dataplane::CtKind::Reverse && e.src == spoofed)
+            .unwrap();
+        assert!(
+            e.new && lifetime_left_s(&e) <= 10.0,
+            "left in CT4_NEW, closed"
+        );
 
         // Not noted: an option naming a port no frontend has, or a ClusterIP (not served from
         // outside), another option, none at all; their replies leave as the pod sent them.
@@ -1131,6 +1174,12 @@ fn the_backend_node_notes_a_direct_server_return_syn_and_its_pods_replies_show_t
         )
         .unwrap();
         let nowhere = SocketAddrV4::new(OTHER_NODE.parse().unwrap(), 30081);
+        // An externalIP on this node's own address: its port on another address is no
+        // NodePort, and not believed.
+        let external = frontend(&format!("{NODE}:30082"), FrontendKind::ExternalIp);
+        dp.upsert_service(external, &[backend("198.19.0.20:8080", true)])
+            .unwrap();
+        let not_node_port = SocketAddrV4::new(OTHER_NODE.parse().unwrap(), 30082);
         let mut other_kind = with_dsr_option(&tcp(sa("198.18.0.100:40002"), pod, SYN, b""), shown);
         other_kind[34] = 0x9b;
         set_ip_checksum(&mut other_kind);
@@ -1149,6 +1198,10 @@ fn the_backend_node_notes_a_direct_server_return_syn_and_its_pods_replies_show_t
                 with_dsr_option(&tcp(sa("198.18.0.100:40004"), pod, SYN, b""), cluster_ip),
             ),
             (40005, flooded),
+            (
+                40006,
+                with_dsr_option(&tcp(sa("198.18.0.100:40006"), pod, SYN, b""), not_node_port),
+            ),
         ];
         for (port, syn) in cases {
             let before = dp.counters().unwrap();
@@ -1267,5 +1320,29 @@ fn a_direct_server_return_syn_from_a_pod_of_the_backends_node_notes_it_for_its_r
         assert_eq!((clients, full), (vec![*pod.ip()], false));
         let (_, out) = run(&dp, TO_POD, &tcp(backend_pod, pod, SYN_ACK, b""));
         assert_eq!(check(&out).src, shown, "the reply shows the frontend");
+    });
+}
+
+/// A hostNetwork endpoint, on the node's own address (where NodePorts are too): its DSR SYN is
+/// noted all the same, and its replies show the frontend.
+#[test]
+fn a_direct_server_return_syn_to_a_host_network_endpoint_is_noted() {
+    require_privileged!("a_direct_server_return_syn_to_a_host_network_endpoint_is_noted");
+    in_node(|_| {
+        let mut dp = dataplane(SNAT_PORTS);
+        let host = SocketAddrV4::new(NODE.parse().unwrap(), 8080);
+        dp.upsert_service(
+            frontend(NODE_PORT, FrontendKind::NodePort),
+            &[backend(&host.to_string(), true)],
+        )
+        .unwrap();
+        let shown = SocketAddrV4::new(OTHER_NODE.parse().unwrap(), sa(NODE_PORT).port());
+        let syn = with_dsr_option(&tcp(sa(CLIENT), host, SYN, b""), shown);
+        let before = dp.counters().unwrap();
+        let (v, out) = run(&dp, FROM_UPLINK, &syn);
+        assert_eq!((v, &out), (TC_ACT_UNSPEC, &syn), "passed on unchanged");
+        assert_eq!(delta(&before, &dp.counters().unwrap(), CTR_DSR_NOTED), 1);
+        let (_, out) = run(&dp, TO_UPLINK, &tcp(host, sa(CLIENT), SYN_ACK, b""));
+        assert_eq!(check(&out).src, shown);
     });
 }
