@@ -2,7 +2,7 @@
 //! and removed on drop. The machine's own /sys/fs/bpf is never touched.
 use std::path::{Path, PathBuf};
 
-use crate::cmd::{CmdError, run};
+use crate::cmd::CmdError;
 
 #[derive(Debug)]
 pub struct BpfFs {
@@ -16,10 +16,12 @@ impl BpfFs {
             cmd: format!("mkdir {}", dir.display()),
             source,
         })?;
-        let d = dir.to_string_lossy().into_owned();
-        if let Err(e) = run(&["mount", "-t", "bpf", "bpf", &d]) {
+        if let Err(source) = crate::cgroup::mount_fs("bpf", &dir) {
             let _ = std::fs::remove_dir(&dir);
-            return Err(e);
+            return Err(CmdError::Spawn {
+                cmd: format!("mount(2) -t bpf bpf {}", dir.display()),
+                source,
+            });
         }
         Ok(Self { dir })
     }
@@ -31,11 +33,7 @@ impl BpfFs {
 
 impl Drop for BpfFs {
     fn drop(&mut self) {
-        let d = self.dir.to_string_lossy().into_owned();
-        if let Err(e) = run(&["umount", &d]) {
-            eprintln!("testbed: could not unmount {d}: {e}");
-        }
-        let _ = std::fs::remove_dir(&self.dir);
+        crate::cgroup::unmount(&self.dir);
     }
 }
 

@@ -79,10 +79,12 @@ impl Mount {
     fn new() -> std::io::Result<Self> {
         let dir = std::env::temp_dir().join(crate::netns::unique_name("cgroup2"));
         std::fs::create_dir(&dir)?;
-        let d = dir.to_string_lossy().into_owned();
-        if let Err(e) = crate::cmd::run(&["mount", "-t", "cgroup2", "cgroup2", &d]) {
+        if let Err(e) = mount_fs("cgroup2", &dir) {
             let _ = std::fs::remove_dir(&dir);
-            return Err(std::io::Error::other(e.to_string()));
+            return Err(std::io::Error::other(format!(
+                "mount -t cgroup2 cgroup2 {}: {e}",
+                dir.display()
+            )));
         }
         Ok(Self { dir })
     }
@@ -94,10 +96,25 @@ impl Drop for Mount {
     }
 }
 
+/// Mounts a fresh instance of the pseudo file system `fstype` (bpf, cgroup2) on `dir`, by the
+/// mount(2) call itself: spawning mount(8) from a test process with many threads took over
+/// 10 s at times in the 5.10 guest under software emulation, and failed a pinning test.
+pub(crate) fn mount_fs(fstype: &str, dir: &Path) -> std::io::Result<()> {
+    nix::mount::mount(
+        Some(fstype),
+        dir,
+        Some(fstype),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(std::io::Error::from)
+}
+
+/// Unmounts `dir` (umount(2)) and removes it; a failure is reported on stderr, since callers
+/// are drops and sweeps.
 pub(crate) fn unmount(dir: &Path) {
-    let d = dir.to_string_lossy().into_owned();
-    if let Err(e) = crate::cmd::run(&["umount", &d]) {
-        eprintln!("testbed: could not unmount {d}: {e}");
+    if let Err(e) = nix::mount::umount(dir) {
+        eprintln!("testbed: could not unmount {}: {e}", dir.display());
     }
     let _ = std::fs::remove_dir(dir);
 }
