@@ -230,12 +230,20 @@ counters! {
     /// port to the backend) is another live flow's. Its port cannot be remapped, as the
     /// backend answers the client's own port, and the tuple cannot be shared.
     CTR_DROP_DSR_TUPLE_TAKEN = 64, "drop_dsr_tuple_taken";
+    /// Passed untouched at an uplink's ingress: a frame for another host's MAC address
+    /// (`skb->pkt_type` PACKET_OTHERHOST), as a bridge floods a frame while it has not learnt
+    /// where its destination is. The stack drops it; no flow starts or moves on this node.
+    CTR_PASS_OTHER_HOST = 65, "pass_other_host";
+    /// XDP: a new flow's first packet in a frame for another host's MAC address (not the
+    /// uplink's own, in `LB4_UPLINK_MACS`, nor broadcast or multicast): to TC untouched, which
+    /// passes it as `pass_other_host`.
+    CTR_XDP_TO_TC_OTHER_HOST = 66, "xdp_to_tc_other_host";
 }
 
 /// The counters that are no TC verdict (`seen`, the socket programs', the XDP program's, and
 /// the "of the translated packets, ..." kind): every packet a TC program sees counts `seen`
 /// once and exactly one counter not in this list.
-pub const NOT_VERDICTS: [u32; 29] = {
+pub const NOT_VERDICTS: [u32; 30] = {
     const OTHERS: [u32; 19] = [
         CTR_SEEN,
         CTR_HAIRPIN,
@@ -257,7 +265,7 @@ pub const NOT_VERDICTS: [u32; 29] = {
         CTR_AFFINITY_HIT,
         CTR_SOCK_DENY_NO_LOCAL_BACKEND,
     ];
-    let mut all = [CTR_XDP_SEEN; 29];
+    let mut all = [CTR_XDP_SEEN; 30];
     let mut i = 0;
     while i < OTHERS.len() {
         all[i] = OTHERS[i];
@@ -274,7 +282,7 @@ pub const NOT_VERDICTS: [u32; 29] = {
 
 /// The XDP program's own account: every packet it sees counts [`CTR_XDP_SEEN`] and exactly
 /// one of these.
-pub const XDP_OUTCOMES: [u32; 9] = [
+pub const XDP_OUTCOMES: [u32; 10] = [
     CTR_XDP_CT_HIT,
     CTR_XDP_TO_TC_NOT_SERVICE,
     CTR_XDP_TO_TC_FLOW,
@@ -284,10 +292,11 @@ pub const XDP_OUTCOMES: [u32; 9] = [
     CTR_XDP_NEW_FLOW,
     CTR_XDP_NEW_FLOW_TX,
     CTR_XDP_DROP,
+    CTR_XDP_TO_TC_OTHER_HOST,
 ];
 
 /// Number of counters in use (at most [`CTR_SLOTS`]).
-pub const CTR_MAX: u32 = 65;
+pub const CTR_MAX: u32 = 67;
 const _: () = assert!(CTR_MAX <= CTR_SLOTS);
 
 /// One CPU's share of a counter.

@@ -362,6 +362,13 @@ pub const LB4_MAGLEV_MAX: u32 = 4_096;
 pub const LB4_XDP_TX_MAP: &str = "LB4_XDP_TX";
 /// At most this many uplinks in [`LB4_XDP_TX_MAP`].
 pub const LB4_XDP_TX_MAX: u32 = 64;
+/// `LB4_UPLINK_MACS`: an uplink's ifindex (u32) -> its MAC address (u64: the address's six
+/// bytes first in memory, then two zero bytes), for every uplink with sluice's XDP program.
+/// XDP has no `skb->pkt_type`: it compares a new flow's destination MAC with this, so that a
+/// frame for another host (a bridge flooding it) starts no flow here and goes to TC, which
+/// passes it as the stack drops it. Written by the agent at every sync; an uplink not in the
+/// map is not checked at XDP (TC still checks it).
+pub const LB4_UPLINK_MACS_MAP: &str = "LB4_UPLINK_MACS";
 /// [`LB4_XDP_TX_MAP`]: the uplink's XDP program runs in the driver.
 pub const XDP_TX_NATIVE: u32 = 1;
 /// [`LB4_XDP_TX_MAP`]: the uplink's XDP program runs on the skb (generic XDP).

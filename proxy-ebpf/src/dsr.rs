@@ -15,11 +15,7 @@
 //!
 //! UDP keeps SNAT: every datagram would need the option (no handshake to carry it once), and a
 //! datagram near the MTU has no room for it.
-use aya_ebpf::{
-    EbpfContext as _,
-    bindings::{__sk_buff, bpf_adj_room_mode::BPF_ADJ_ROOM_NET},
-    programs::TcContext,
-};
+use aya_ebpf::{bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_NET, programs::TcContext};
 use proxy_common::{
     CT_FLAG_DSR, CT_FLAG_SYN, CTR_DSR_NOTED, CTR_PASS_NOT_FRONTEND, Ct4Entry, IPPROTO_TCP,
     LB4_CONFIG_FLAG_DSR, Lb4Config, SVC_FLAG_CLUSTER_IP, SVC_FLAG_NODE_PORT,
@@ -31,7 +27,7 @@ use crate::{
     lb,
     maps::LB4_CONFIG,
     nat::{RewriteFailed, csum_add, diff, fold, put},
-    parse::{ETH_LEN, Flow, IP_CSUM_OFF, TCP_ACK, TCP_SYN, read},
+    parse::{ETH_LEN, Flow, IP_CSUM_OFF, PACKET_HOST, TCP_ACK, TCP_SYN, pkt_type, read},
     programs::note_pod_client,
 };
 
@@ -186,13 +182,8 @@ fn noted(ctx: &TcContext, f: &Flow, fe_addr_be: u32, fe_port_be: u16) -> bool {
 /// and TC runs before IP drops such a frame): another node's DSR SYN must not be noted here.
 #[inline(always)]
 fn for_this_host(ctx: &TcContext) -> bool {
-    // SAFETY: reading a field of the context the kernel passed us.
-    let pkt_type = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).pkt_type };
-    pkt_type == PACKET_HOST
+    pkt_type(ctx) == PACKET_HOST
 }
-
-/// `skb->pkt_type` of a frame to this host's own MAC address.
-const PACKET_HOST: u32 = 0;
 
 /// A client's SYN with exactly one 8-byte option's room of IP header.
 #[inline(always)]

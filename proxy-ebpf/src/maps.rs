@@ -89,6 +89,9 @@ pub static LB4_MAGLEV: HashMap<u32, MaglevTable> =
 #[map(name = "LB4_XDP_TX")]
 pub static LB4_XDP_TX: HashMap<u32, u32> = HashMap::with_max_entries(LB4_XDP_TX_MAX, 0);
 
+#[map(name = "LB4_UPLINK_MACS")]
+pub static LB4_UPLINK_MACS: HashMap<u32, u64> = HashMap::with_max_entries(LB4_XDP_TX_MAX, 0);
+
 #[map(name = "LB4_SOCK_REVNAT")]
 pub static LB4_SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> =
     LruHashMap::with_max_entries(SOCK_REVNAT_DEFAULT_MAX, 0);
@@ -126,6 +129,7 @@ const _: () = {
     assert!(str_eq(proxy_common::SOCK_CONFIG_MAP, "SOCK_CONFIG"));
     assert!(str_eq(proxy_common::LB4_MAGLEV_MAP, "LB4_MAGLEV"));
     assert!(str_eq(proxy_common::LB4_XDP_TX_MAP, "LB4_XDP_TX"));
+    assert!(str_eq(proxy_common::LB4_UPLINK_MACS_MAP, "LB4_UPLINK_MACS"));
     assert!(str_eq(proxy_common::LB4_XDP_TAILS_MAP, "LB4_XDP_TAILS"));
 };
 

@@ -8,7 +8,7 @@
 //! port rewrite needs the whole SCTP packet's length for its checksum (`sctp`), which a first
 //! fragment does not carry. (SCTP sizes its packets to the path MTU; Linux fragments only a
 //! chunk built before the path MTU dropped.)
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{EbpfContext as _, bindings::__sk_buff, programs::TcContext};
 use proxy_common::{
     CTR_FRAGMENT_FOLLOWED, CTR_PASS_MALFORMED, CTR_PASS_NOT_IPV4, CTR_PASS_OTHER_PROTO, Frag4Key,
     Frag4Ports, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
@@ -170,6 +170,18 @@ pub fn read<T: Copy>(start: usize, end: usize, off: u32) -> Option<T> {
     // alignment, hence the unaligned read.
     Some(unsafe { core::ptr::read_unaligned(p as *const T) })
 }
+
+/// `skb->pkt_type`: who the frame was sent to, by its destination MAC address.
+#[inline(always)]
+pub fn pkt_type(ctx: &TcContext) -> u32 {
+    // SAFETY: reading a field of the context the kernel passed us.
+    unsafe { (*(ctx.as_ptr() as *const __sk_buff)).pkt_type }
+}
+
+/// `skb->pkt_type` of a frame to this host's own MAC address.
+pub const PACKET_HOST: u32 = 0;
+/// `skb->pkt_type` of a unicast frame to another host's MAC address, which the stack drops.
+pub const PACKET_OTHERHOST: u32 = 3;
 
 /// Parses `ctx` as Ethernet + IPv4 + TCP/UDP, or an ICMP error quoting such a packet. `Err`
 /// carries the pass counter that says why the packet is not one the datapath translates.

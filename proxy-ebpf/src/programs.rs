@@ -42,10 +42,10 @@ use proxy_common::{
     CTR_DROP_REWRITE, CTR_DROP_SOURCE_RANGE, CTR_DROP_UNALLOCATED_CLUSTER_IP, CTR_HAIRPIN,
     CTR_NEW_FLOW, CTR_NEW_FLOW_DSR, CTR_NEW_FLOW_SNAT, CTR_PASS_FRAGMENT, CTR_PASS_NO_MATCH,
     CTR_PASS_NOT_FRONTEND, CTR_PASS_NOT_FRONTEND_PORT, CTR_PASS_NOT_POD_CLIENT,
-    CTR_PASS_OTHER_PROTO, CTR_PASS_REPLY_AT_EGRESS, CTR_POD_CLIENTS_FULL, CTR_REDIRECT,
-    CTR_REJECT_FRAG_NEEDED, CTR_REJECT_NO_BACKEND, CTR_REJECT_NO_SUCH_PORT, CTR_REPLY, CTR_SEEN,
-    Ct4Key, DP_STATE_POD_CLIENTS_FULL, FE_ADDR_CLUSTER_IP, FE_ADDR_NAT, FLOW_CB_NOW_HI,
-    FLOW_CB_NOW_LO, IPPROTO_SCTP, IPPROTO_TCP, Lb4Config, SVC_FLAG_CLUSTER_IP,
+    CTR_PASS_OTHER_HOST, CTR_PASS_OTHER_PROTO, CTR_PASS_REPLY_AT_EGRESS, CTR_POD_CLIENTS_FULL,
+    CTR_REDIRECT, CTR_REJECT_FRAG_NEEDED, CTR_REJECT_NO_BACKEND, CTR_REJECT_NO_SUCH_PORT,
+    CTR_REPLY, CTR_SEEN, Ct4Key, DP_STATE_POD_CLIENTS_FULL, FE_ADDR_CLUSTER_IP, FE_ADDR_NAT,
+    FLOW_CB_NOW_HI, FLOW_CB_NOW_LO, IPPROTO_SCTP, IPPROTO_TCP, Lb4Config, SVC_FLAG_CLUSTER_IP,
     SVC_FLAG_NO_LOCAL_DROP, TAIL_NEW_FLOW_FROM_POD, TAIL_NEW_FLOW_FROM_UPLINK,
 };
 
@@ -62,8 +62,8 @@ use crate::{
     },
     nat::{rewrite, translate},
     parse::{
-        FIRST_FRAGMENT, Flow, Packet, TCP_FIN, TCP_RST, TCP_SYN, note_first_fragment, parse,
-        reparse,
+        FIRST_FRAGMENT, Flow, PACKET_OTHERHOST, Packet, TCP_FIN, TCP_RST, TCP_SYN,
+        note_first_fragment, parse, pkt_type, reparse,
     },
     record, reject, sctp,
     stats::count,
@@ -148,6 +148,12 @@ pub fn sluice_pass(_ctx: TcContext) -> i32 {
 fn handle(ctx: &TcContext, hook: Hook) -> i32 {
     let len = ctx.len();
     count(CTR_SEEN, len);
+    // A frame for another host's MAC address (a bridge flooding it, or a device in
+    // promiscuous mode): the stack drops it, and nothing of it may start or move a flow here.
+    if hook == Hook::FromUplink && pkt_type(ctx) == PACKET_OTHERHOST {
+        count(CTR_PASS_OTHER_HOST, len);
+        return PASS;
+    }
     let packet = match parse(ctx) {
         Ok(p) => p,
         Err(counter) => {

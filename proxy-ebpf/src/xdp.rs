@@ -51,9 +51,9 @@ use aya_ebpf::{
 use proxy_common::{
     BACKEND_FLAG_LOCAL, CT_FLAG_PORT_REMAP, CT_FLAG_REDIRECT, CT_FLAG_SNAT, CTR_XDP_CT_HIT,
     CTR_XDP_DROP, CTR_XDP_NEW_FLOW, CTR_XDP_NEW_FLOW_TX, CTR_XDP_SEEN, CTR_XDP_TO_TC_FLOW,
-    CTR_XDP_TO_TC_NOT_SERVICE, CTR_XDP_TO_TC_PARTIAL_CSUM, CTR_XDP_TO_TC_ROUTE, CTR_XDP_TX,
-    Ct4Entry, IPPROTO_TCP, IPPROTO_UDP, Lb4Config, SVC_FLAG_CLUSTER_IP, SVC_FLAG_NO_LOCAL_DROP,
-    TAIL_XDP_NEW_FLOW,
+    CTR_XDP_TO_TC_NOT_SERVICE, CTR_XDP_TO_TC_OTHER_HOST, CTR_XDP_TO_TC_PARTIAL_CSUM,
+    CTR_XDP_TO_TC_ROUTE, CTR_XDP_TX, Ct4Entry, IPPROTO_TCP, IPPROTO_UDP, Lb4Config,
+    SVC_FLAG_CLUSTER_IP, SVC_FLAG_NO_LOCAL_DROP, TAIL_XDP_NEW_FLOW,
 };
 
 use crate::{
@@ -63,7 +63,7 @@ use crate::{
     dsr,
     fib::{self, Fib},
     lb,
-    maps::{LB4_CONFIG, LB4_XDP_TAILS, LB4_XDP_TX},
+    maps::{LB4_CONFIG, LB4_UPLINK_MACS, LB4_XDP_TAILS, LB4_XDP_TX},
     nat::{csum_add, diff, fold},
     parse::{
         ETH_LEN, ETH_P_IP_BE, Flow, IP_CSUM_OFF, IP_DADDR_OFF, IP_MF, IP_OFFSET, IP_SADDR_OFF,
@@ -298,6 +298,9 @@ fn new_flow(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Opti
     const TC: u32 = CTR_XDP_TO_TC_FLOW;
     // The bytes `fast_path` parsed, unchanged.
     let p = parse(start, end, len)?;
+    if for_another_host(ctx, start, end) {
+        return Err(CTR_XDP_TO_TC_OTHER_HOST);
+    }
     let f = &p.flow;
     let now = conntrack::now();
     // Looked up here: the agent may have removed it since the address's filter was read.
@@ -356,6 +359,28 @@ fn new_flow(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Opti
     // A flow another CPU recorded first with another route was dropped by `record`: `hop`
     // is this flow's.
     Ok(send(start, end, &p, &to, hop.as_ref()))
+}
+
+/// Whether the frame at `[start, end)` is for another host's MAC address than the uplink's
+/// own (`LB4_UPLINK_MACS`): a bridge floods a frame while it has not learnt where its
+/// destination is, and the stack drops it (`PACKET_OTHERHOST`), as TC passes it. Broadcast and
+/// multicast frames are this host's too; an uplink the agent wrote no address for is not
+/// checked. Asked of new flows only: an established flow's packet in such a frame is DNATed
+/// and passed, and then dropped by the stack (TC passes it as `pass_other_host`).
+#[inline(always)]
+fn for_another_host(ctx: &XdpContext, start: usize, end: usize) -> bool {
+    let ingress = ctx.ingress_ifindex() as u32;
+    // SAFETY: the value is a plain integer.
+    let Some(own) = (unsafe { LB4_UPLINK_MACS.get(&ingress) }) else {
+        return false;
+    };
+    let (Some(first), Some(last)) = (read::<u32>(start, end, 0), read::<u16>(start, end, 4)) else {
+        return false;
+    };
+    // The six bytes in memory order, as the agent wrote its own (the group bit is the first
+    // byte's lowest).
+    let dst = u64::from(first) | (u64::from(last) << 32);
+    dst & 1 == 0 && dst != *own
 }
 
 /// A reply (backend -> node's SNAT address and port) of an established flow SNATed to the

@@ -43,7 +43,9 @@ fn syn_to(sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
 }
 
 fn syn_from(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+    // To the test run's device's address (the loopback device's, all zeros): a frame for this
+    // host, as the uplink's programs see the frames they translate.
+    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [0; 6])
         .ipv4(src.octets(), dst.octets(), 64)
         .tcp(sport, dport, 1, 64240)
         .syn();

@@ -1314,6 +1314,27 @@ fn xdp_on_the_uplinks(mode: &str) {
         keys
     };
     assert_eq!(sends(&env), vec![eth0], "node0's uplink sends from XDP");
+    // Every XDP uplink's own MAC address, for XDP to tell frames for other hosts by.
+    let uplink_macs = |env: &Env| {
+        let pin = env.bpffs[0]
+            .path()
+            .join("sluice")
+            .join(proxy_common::LB4_UPLINK_MACS_MAP);
+        let data = aya::maps::MapData::from_pin(pin).unwrap();
+        aya::maps::HashMap::<_, u32, u64>::try_from(aya::maps::Map::from_map_data(data).unwrap())
+            .unwrap()
+    };
+    let macs = |env: &Env| {
+        let mut all: Vec<(u32, u64)> = uplink_macs(env).iter().map(Result::unwrap).collect();
+        all.sort_unstable();
+        all
+    };
+    let eth0_mac = env.c.nodes[0]
+        .ns
+        .run_in(|| sluice::dataplane::device_mac("eth0").unwrap())
+        .unwrap();
+    let own = vec![(eth0, sluice::dataplane::uplink_mac_value(eth0_mac))];
+    assert_eq!(macs(&env), own, "node0's uplink's MAC address, for XDP");
     // `sluice features` on the node shows the choice per uplink, read from the agent's pins.
     let uplinks = |env: &Env| -> serde_json::Value {
         let pins = env.bpffs[0].path().join("sluice");
@@ -1348,6 +1369,7 @@ fn xdp_on_the_uplinks(mode: &str) {
         Vec::<u32>::new(),
         "no XDP, nothing sent from it"
     );
+    assert_eq!(macs(&env), vec![], "no XDP, no uplink address for it");
     let seen = env.counter(0, "xdp_seen");
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
@@ -1367,6 +1389,7 @@ fn xdp_on_the_uplinks(mode: &str) {
     // pruned to that: a device an earlier agent let send, now gone, is dropped.
     const GONE: u32 = 4242;
     xdp_tx(&env).insert(&GONE, &1, 0).unwrap();
+    uplink_macs(&env).insert(&GONE, &1, 0).unwrap();
     env.restart_agent(0, &["--xdp-mode", mode], 3);
     let tx = if native { "off" } else { "on" };
     assert_eq!(xdp_mode(&env, 0, mode, tx), Some(1.0), "{}", env.logs());
@@ -1380,6 +1403,11 @@ fn xdp_on_the_uplinks(mode: &str) {
         uplinks(&env),
         row((!native).then_some(mode)),
         "the features report, XDP back with tx auto"
+    );
+    assert_eq!(
+        macs(&env),
+        own,
+        "the uplink's address written again whether it sends or not, a device gone pruned"
     );
     let hits = env.counter(0, "xdp_ct_hit");
     assert!(

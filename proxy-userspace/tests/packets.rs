@@ -2035,9 +2035,9 @@ const LOCAL_BACKEND: &str = "198.19.0.20:8080";
 
 /// The XDP counters, in the order [`xdp_delta`] gives their changes: seen, then its outcomes
 /// (`proxy_common::XDP_OUTCOMES`: hit, three ways to TC, sent out by XDP, to TC for the route,
-/// a new flow passed on, a new flow sent out, dropped).
-const XDP_COUNTERS: [u32; 10] = {
-    let mut all = [CTR_XDP_SEEN; 10];
+/// a new flow passed on, a new flow sent out, dropped, to TC as another host's frame).
+const XDP_COUNTERS: [u32; 11] = {
+    let mut all = [CTR_XDP_SEEN; 11];
     let mut i = 0;
     while i < XDP_OUTCOMES.len() {
         all[i + 1] = XDP_OUTCOMES[i];
@@ -2047,13 +2047,13 @@ const XDP_COUNTERS: [u32; 10] = {
 };
 
 /// The XDP counters' changes between two readings ([`XDP_COUNTERS`]).
-fn xdp_delta(before: &Counters, after: &Counters) -> [u64; 10] {
+fn xdp_delta(before: &Counters, after: &Counters) -> [u64; 11] {
     XDP_COUNTERS.map(|i| delta(before, after, i))
 }
 
 /// What [`xdp_delta`] is for one packet counted as `reason`.
-fn xdp_one(reason: u32) -> [u64; 10] {
-    let mut want = [0; 10];
+fn xdp_one(reason: u32) -> [u64; 11] {
+    let mut want = [0; 11];
     want[0] = 1;
     want[XDP_COUNTERS.iter().position(|&c| c == reason).unwrap()] = 1;
     want
@@ -2471,6 +2471,73 @@ fn session_affinity_holds_for_new_flows_started_at_xdp() {
         "one backend for the client: {to:?}"
     );
     assert_eq!(delta(&before, &after, CTR_AFFINITY_HIT), 9);
+}
+
+/// A frame for another host's MAC address (a bridge floods one while it has not learnt where
+/// its destination is) starts no flow and is not translated: TC passes it untouched by its
+/// `pkt_type`, and XDP, which has none, by the uplink's own address in `LB4_UPLINK_MACS`, as
+/// the stack drops it. A frame to the node's own address, or a broadcast one, starts its flow
+/// as ever; an uplink the agent wrote no address for is not checked at XDP.
+#[test]
+fn a_frame_for_another_hosts_mac_address_starts_no_flow_at_tc_or_xdp() {
+    require_privileged!("a_frame_for_another_hosts_mac_address_starts_no_flow_at_tc_or_xdp");
+    let mut dp = dataplane();
+    dp.upsert_frontend(
+        fe(NODE_PORT, Protocol::Tcp, FrontendKind::NodePort),
+        &Backends::all(vec![be(LOCAL_BACKEND)]),
+    )
+    .unwrap();
+    let syn = |port: u16, dst_mac: [u8; 6]| {
+        let client = std::net::SocketAddrV4::new(*sa(OUTSIDE).ip(), port);
+        let mut f = tcp(client, sa(NODE_PORT), SYN, b"");
+        f[..6].copy_from_slice(&dst_mac);
+        f
+    };
+    const BROADCAST: [u8; 6] = [0xff; 6];
+    // TC: the test run's device is the loopback device, whose address is all zeros (MAC_B).
+    let flooded = syn(52_000, MAC_OTHER_HOST);
+    let before = dp.counters().unwrap();
+    let (verdict, out) = run(&dp, FROM_UPLINK, &flooded);
+    let after = dp.counters().unwrap();
+    assert_eq!((verdict, &out), (TC_ACT_UNSPEC, &flooded), "TC: untouched");
+    assert_eq!(delta(&before, &after, CTR_PASS_OTHER_HOST), 1);
+    assert_eq!(delta(&before, &after, CTR_NEW_FLOW), 0);
+    assert_eq!(dp.conntrack().unwrap(), vec![], "TC: nothing recorded");
+    for (port, mac, what) in [
+        (52_001, MAC_B, "TC: to the node's own address"),
+        (52_002, BROADCAST, "TC: broadcast"),
+    ] {
+        let (verdict, out) = run(&dp, FROM_UPLINK, &syn(port, mac));
+        assert_eq!(verdict, TC_ACT_UNSPEC, "{what}");
+        assert_eq!(check(&out).dst, sa(LOCAL_BACKEND), "{what}: DNATed");
+    }
+    // XDP: the loopback device (index 1 in any namespace) given an address of its own.
+    const OWN: [u8; 6] = [2, 0, 0, 0, 0, 0xc];
+    dp.set_uplink_mac(1, OWN).unwrap();
+    let ct = dp.conntrack().unwrap();
+    let flooded = syn(52_003, MAC_OTHER_HOST);
+    xdp_hands_to_tc(
+        &dp,
+        &flooded,
+        CTR_XDP_TO_TC_OTHER_HOST,
+        "XDP: another host's",
+    );
+    assert_eq!(dp.conntrack().unwrap(), ct, "XDP: nothing recorded");
+    for (port, mac, what) in [
+        (52_004, OWN, "XDP: to the uplink's own address"),
+        (52_005, BROADCAST, "XDP: broadcast"),
+    ] {
+        let out = xdp_passes(&dp, &syn(port, mac), CTR_XDP_NEW_FLOW, what);
+        assert_eq!(check(&out).dst, sa(LOCAL_BACKEND), "{what}: DNATed");
+    }
+    // Without the uplink's address, XDP does not check (TC still does).
+    dp.retain_uplink_macs(&Default::default()).unwrap();
+    xdp_passes(
+        &dp,
+        &syn(52_006, MAC_OTHER_HOST),
+        CTR_XDP_NEW_FLOW,
+        "XDP: unchecked",
+    );
 }
 
 // ---- Maglev (`--lb-algorithm maglev`, `sluice.io/lb-algorithm`) ----

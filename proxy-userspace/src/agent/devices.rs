@@ -250,6 +250,7 @@ impl Devices {
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "could not prune the uplinks XDP sends to"),
         }
+        self.write_uplink_macs(dp);
         for role in [Role::Pod, Role::Uplink] {
             let n = self.attached.values().filter(|(r, _)| *r == role).count();
             self.metrics
@@ -261,6 +262,38 @@ impl Devices {
 }
 
 impl Devices {
+    /// Writes the MAC address of every uplink with sluice's XDP program into
+    /// `LB4_UPLINK_MACS` (again at every sync: an address can change under the same index),
+    /// and removes the others. XDP compares a new flow's frame with it: a frame for another
+    /// host starts no flow (TC passes it, as the stack drops it). Where the address cannot be
+    /// read or written, XDP does not check that uplink (TC still does).
+    fn write_uplink_macs(&self, dp: &mut Dataplane) {
+        let mut keep = BTreeSet::new();
+        for (name, (role, index)) in &self.attached {
+            let xdp_on = self
+                .xdp_modes
+                .get(name)
+                .is_some_and(|(mode, _)| *mode != "off");
+            if *role != Role::Uplink || !xdp_on {
+                continue;
+            }
+            let written = dataplane::device_mac(name)
+                .map_err(|e| e.to_string())
+                .and_then(|mac| dp.set_uplink_mac(*index, mac).map_err(|e| e.to_string()));
+            match written {
+                Ok(()) => {
+                    keep.insert(*index);
+                }
+                Err(error) => {
+                    tracing::warn!(device = %name, %error, "could not write the uplink's MAC address for XDP");
+                }
+            }
+        }
+        if let Err(error) = dp.retain_uplink_macs(&keep) {
+            tracing::warn!(%error, "could not prune the uplinks' MAC addresses");
+        }
+    }
+
     /// Forgets uplink `name`'s XDP mode, and its metric series.
     fn forget_xdp_mode(&mut self, name: &str) {
         if let Some((mode, tx)) = self.xdp_modes.remove(name) {

@@ -39,10 +39,10 @@ use proxy_common::{
     LB4_CONFIG_MAP, LB4_DP_STATE_MAP, LB4_FE_ADDRS_MAP, LB4_FLOW_TAILS_MAP, LB4_FRAGS_MAP,
     LB4_MAGLEV_MAP, LB4_POD_CLIENTS_MAP, LB4_REJECT_BUDGET_MAP, LB4_REVNAT_DEFAULT_MAX,
     LB4_REVNAT_MAP, LB4_SERVICES_DEFAULT_MAX, LB4_SERVICES_MAP, LB4_SRC_RANGES_MAP,
-    LB4_SVC_CIDRS_MAP, LB4_TAILS_MAP, LB4_XDP_TAILS_MAP, LB4_XDP_TX_MAP, Lb4Config,
-    PKT_COUNTERS_MAP, SOCK_CONFIG_MAP, SOCK_REVNAT_DEFAULT_MAX, SOCK_REVNAT_MAP, SVC_CIDRS_MAX,
-    SvcCidrs4, TAIL_NEW_FLOW_FROM_POD, TAIL_NEW_FLOW_FROM_UPLINK, TAIL_SCTP_CHECKSUM,
-    TAIL_XDP_NEW_FLOW,
+    LB4_SVC_CIDRS_MAP, LB4_TAILS_MAP, LB4_UPLINK_MACS_MAP, LB4_XDP_TAILS_MAP, LB4_XDP_TX_MAP,
+    Lb4Config, PKT_COUNTERS_MAP, SOCK_CONFIG_MAP, SOCK_REVNAT_DEFAULT_MAX, SOCK_REVNAT_MAP,
+    SVC_CIDRS_MAX, SvcCidrs4, TAIL_NEW_FLOW_FROM_POD, TAIL_NEW_FLOW_FROM_UPLINK,
+    TAIL_SCTP_CHECKSUM, TAIL_XDP_NEW_FLOW,
 };
 
 pub use crate::service::{
@@ -52,7 +52,9 @@ pub use addrs::monotonic_ns;
 pub use inspect::{Counters, CtEntry, CtFill, CtKind, PinnedMaps, sock_addr};
 pub use raw::{RawDump, RawEntry};
 pub use resize::Copied;
-pub use xdp::{PinnedUplink, XdpMode, detach_xdp, device_driver, pinned_uplinks};
+pub use xdp::{
+    PinnedUplink, XdpMode, detach_xdp, device_driver, device_mac, pinned_uplinks, uplink_mac_value,
+};
 
 /// The eBPF object built by build.rs (aya-build) from `proxy-ebpf`.
 pub static EBPF_OBJECT: &[u8] =
@@ -164,6 +166,7 @@ pub const MAPS: &[&str] = &[
     SOCK_CONFIG_MAP,
     LB4_MAGLEV_MAP,
     LB4_XDP_TX_MAP,
+    LB4_UPLINK_MACS_MAP,
     LB4_XDP_TAILS_MAP,
 ];
 

@@ -8,7 +8,9 @@
 use std::path::{Path, PathBuf};
 
 use aya::programs::{ProgramError, links::FdLink, xdp::XdpLink};
-use proxy_common::{LB4_XDP_TX_MAP, LB4_XDP_TX_MAX, XDP_TX_GENERIC, XDP_TX_NATIVE};
+use proxy_common::{
+    LB4_UPLINK_MACS_MAP, LB4_XDP_TX_MAP, LB4_XDP_TX_MAX, XDP_TX_GENERIC, XDP_TX_NATIVE,
+};
 
 use super::{
     Dataplane, DataplaneError, XDP_FROM_UPLINK, c_name, encode_pin_name, ensure_ethernet,
@@ -225,18 +227,94 @@ impl Dataplane {
         &mut self,
         keep: &std::collections::BTreeSet<u32>,
     ) -> Result<Vec<u32>, DataplaneError> {
-        let map: aya::maps::HashMap<&mut aya::maps::MapData, u32, u32> =
-            self.open_mut(LB4_XDP_TX_MAP)?;
-        let stale: Vec<u32> = map
+        self.retain_uplinks::<u32>(LB4_XDP_TX_MAP, keep)
+    }
+
+    /// Writes the MAC address of the uplink with index `ifindex` into `LB4_UPLINK_MACS`, where
+    /// XDP reads it to leave frames for other hosts to TC (XDP has no `skb->pkt_type`).
+    pub fn set_uplink_mac(&mut self, ifindex: u32, mac: [u8; 6]) -> Result<(), DataplaneError> {
+        self.insert(
+            LB4_UPLINK_MACS_MAP,
+            LB4_XDP_TX_MAX,
+            ifindex,
+            uplink_mac_value(mac),
+            || format!("the uplink with index {ifindex}"),
+        )
+    }
+
+    /// Removes from `LB4_UPLINK_MACS` every uplink not in `keep` (no XDP program there any
+    /// more, gone, or made anew). Returns the indexes removed.
+    pub fn retain_uplink_macs(
+        &mut self,
+        keep: &std::collections::BTreeSet<u32>,
+    ) -> Result<Vec<u32>, DataplaneError> {
+        self.retain_uplinks::<u64>(LB4_UPLINK_MACS_MAP, keep)
+    }
+
+    /// Removes from `map` (uplink ifindex -> `V`) every uplink not in `keep`.
+    fn retain_uplinks<V: aya::Pod>(
+        &mut self,
+        map: &'static str,
+        keep: &std::collections::BTreeSet<u32>,
+    ) -> Result<Vec<u32>, DataplaneError> {
+        let m: aya::maps::HashMap<&mut aya::maps::MapData, u32, V> = self.open_mut(map)?;
+        let stale: Vec<u32> = m
             .keys()
             .filter_map(Result::ok)
             .filter(|i| !keep.contains(i))
             .collect();
         for i in &stale {
-            self.remove::<u32, u32>(LB4_XDP_TX_MAP, i)?;
+            self.remove::<u32, V>(map, i)?;
         }
         Ok(stale)
     }
+}
+
+/// A MAC address as `LB4_UPLINK_MACS` holds it: its six bytes first in memory, as the XDP
+/// program reads a frame's destination.
+pub fn uplink_mac_value(mac: [u8; 6]) -> u64 {
+    let mut b = [0u8; 8];
+    b[..6].copy_from_slice(&mac);
+    u64::from_ne_bytes(b)
+}
+
+/// The MAC address of `interface` (SIOCGIFHWADDR), in the calling thread's network namespace.
+pub fn device_mac(interface: &str) -> std::io::Result<[u8; 6]> {
+    let mut ifr = ifreq_named(interface)?;
+    // SAFETY: a plain socket call.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is ours; SIOCGIFHWADDR reads the name in `ifr` and writes its address.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut ifr) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closing the fd we opened.
+    unsafe { libc::close(fd) };
+    if rc < 0 {
+        return Err(err);
+    }
+    // SAFETY: SIOCGIFHWADDR filled the union's `sockaddr` member.
+    let data = unsafe { ifr.ifr_ifru.ifru_hwaddr.sa_data };
+    let mut mac = [0u8; 6];
+    for (m, d) in mac.iter_mut().zip(data) {
+        *m = d as u8;
+    }
+    Ok(mac)
+}
+
+/// An all-zero `ifreq` naming `interface` (NUL-terminated).
+fn ifreq_named(interface: &str) -> std::io::Result<libc::ifreq> {
+    // SAFETY: an all-zero ifreq is valid.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    let name = interface.as_bytes();
+    if name.len() >= ifr.ifr_name.len() {
+        return Err(std::io::ErrorKind::InvalidInput.into());
+    }
+    for (d, s) in ifr.ifr_name.iter_mut().zip(name) {
+        *d = *s as libc::c_char;
+    }
+    Ok(ifr)
 }
 
 /// The name of `interface`'s driver, as `ethtool -i` reports it (`veth`, `mlx5_core`, ...), in
@@ -265,16 +343,7 @@ pub fn device_driver(interface: &str) -> std::io::Result<String> {
         reserved2: [0; 12],
         counts: [0; 5],
     };
-    // SAFETY: an all-zero ifreq is valid; the name (NUL-terminated, checked below) and the data
-    // pointer are set before use.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    let name = interface.as_bytes();
-    if name.len() >= ifr.ifr_name.len() {
-        return Err(std::io::ErrorKind::InvalidInput.into());
-    }
-    for (d, s) in ifr.ifr_name.iter_mut().zip(name) {
-        *d = *s as libc::c_char;
-    }
+    let mut ifr = ifreq_named(interface)?;
     ifr.ifr_ifru.ifru_data = (&raw mut info).cast();
     // SAFETY: a plain socket call.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };

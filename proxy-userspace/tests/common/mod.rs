@@ -16,7 +16,12 @@ pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
 
 pub const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 0xa];
-pub const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 0xb];
+/// The destination of the test frames: the test run's device's address (the loopback
+/// device's, all zeros), so that the kernel takes them as this host's (`PACKET_HOST`), as the
+/// frames an uplink's programs translate are.
+pub const MAC_B: [u8; 6] = [0; 6];
+/// Another host's MAC address: a frame for it is `PACKET_OTHERHOST` here.
+pub const MAC_OTHER_HOST: [u8; 6] = [2, 0, 0, 0, 0, 0xb];
 
 pub fn sa(s: &str) -> SocketAddrV4 {
     s.parse().unwrap()
