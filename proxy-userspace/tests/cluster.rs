@@ -1295,15 +1295,7 @@ fn xdp_on_the_uplinks(mode: &str) {
         "the connection's requests are XDP hits\n{}",
         env.counters(0)
     );
-    let xdp_tx = |env: &Env| {
-        let pin = env.bpffs[0]
-            .path()
-            .join("sluice")
-            .join(proxy_common::LB4_XDP_TX_MAP);
-        let data = aya::maps::MapData::from_pin(pin).unwrap();
-        aya::maps::HashMap::<_, u32, u32>::try_from(aya::maps::Map::from_map_data(data).unwrap())
-            .unwrap()
-    };
+    let xdp_tx = |env: &Env| pinned_hash::<u32>(env, proxy_common::LB4_XDP_TX_MAP);
     let eth0 = env.c.nodes[0]
         .ns
         .run_in(|| nix::net::if_::if_nametoindex("eth0").unwrap())
@@ -1315,15 +1307,7 @@ fn xdp_on_the_uplinks(mode: &str) {
     };
     assert_eq!(sends(&env), vec![eth0], "node0's uplink sends from XDP");
     // Every XDP uplink's own MAC address, for XDP to tell frames for other hosts by.
-    let uplink_macs = |env: &Env| {
-        let pin = env.bpffs[0]
-            .path()
-            .join("sluice")
-            .join(proxy_common::LB4_UPLINK_MACS_MAP);
-        let data = aya::maps::MapData::from_pin(pin).unwrap();
-        aya::maps::HashMap::<_, u32, u64>::try_from(aya::maps::Map::from_map_data(data).unwrap())
-            .unwrap()
-    };
+    let uplink_macs = |env: &Env| pinned_hash::<u64>(env, proxy_common::LB4_UPLINK_MACS_MAP);
     let macs = |env: &Env| {
         let mut all: Vec<(u32, u64)> = uplink_macs(env).iter().map(Result::unwrap).collect();
         all.sort_unstable();
@@ -1429,6 +1413,16 @@ fn xdp_on_the_uplinks(mode: &str) {
     );
     assert!(oks.iter().all(|b| *b == "web-0"), "{oks:?}");
     assert_eq!(lines.last().map(String::as_str), Some("DONE"));
+}
+
+/// Node 0's pinned hash map `name`, keyed by uplink ifindex.
+fn pinned_hash<V: aya::Pod>(
+    env: &Env,
+    name: &str,
+) -> aya::maps::HashMap<aya::maps::MapData, u32, V> {
+    let pin = env.bpffs[0].path().join("sluice").join(name);
+    let data = aya::maps::MapData::from_pin(pin).unwrap();
+    aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(data).unwrap()).unwrap()
 }
 
 /// The fabric's ends of the nodes' uplinks (`n<k>`) made to take XDP frames, as native XDP_TX

@@ -281,19 +281,8 @@ pub fn uplink_mac_value(mac: [u8; 6]) -> u64 {
 /// The MAC address of `interface` (SIOCGIFHWADDR), in the calling thread's network namespace.
 pub fn device_mac(interface: &str) -> std::io::Result<[u8; 6]> {
     let mut ifr = ifreq_named(interface)?;
-    // SAFETY: a plain socket call.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is ours; SIOCGIFHWADDR reads the name in `ifr` and writes its address.
-    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut ifr) };
-    let err = std::io::Error::last_os_error();
-    // SAFETY: closing the fd we opened.
-    unsafe { libc::close(fd) };
-    if rc < 0 {
-        return Err(err);
-    }
+    // SAFETY: SIOCGIFHWADDR reads the name in `ifr` and writes the address into it.
+    unsafe { device_ioctl(libc::SIOCGIFHWADDR, &mut ifr) }?;
     // SAFETY: SIOCGIFHWADDR filled the union's `sockaddr` member.
     let data = unsafe { ifr.ifr_ifru.ifru_hwaddr.sa_data };
     let mut mac = [0u8; 6];
@@ -301,6 +290,25 @@ pub fn device_mac(interface: &str) -> std::io::Result<[u8; 6]> {
         *m = d as u8;
     }
     Ok(mac)
+}
+
+/// Runs the device ioctl `request` on `ifr` through a fresh datagram socket.
+///
+/// # Safety
+/// `request` must be one that reads and writes only `ifr` and what its data pointer (if the
+/// request uses one) points to, which must be valid for the call.
+unsafe fn device_ioctl(request: libc::Ioctl, ifr: &mut libc::ifreq) -> std::io::Result<()> {
+    // SAFETY: a plain socket call.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is ours; the caller vouches for `request` and `ifr`.
+    let rc = unsafe { libc::ioctl(fd, request, ifr as *mut libc::ifreq) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closing the fd we opened.
+    unsafe { libc::close(fd) };
+    if rc < 0 { Err(err) } else { Ok(()) }
 }
 
 /// An all-zero `ifreq` naming `interface` (NUL-terminated).
@@ -345,19 +353,8 @@ pub fn device_driver(interface: &str) -> std::io::Result<String> {
     };
     let mut ifr = ifreq_named(interface)?;
     ifr.ifr_ifru.ifru_data = (&raw mut info).cast();
-    // SAFETY: a plain socket call.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is ours; SIOCETHTOOL reads `ifr` and writes `info` (which outlives the call).
-    let rc = unsafe { libc::ioctl(fd, libc::SIOCETHTOOL, &mut ifr) };
-    let err = std::io::Error::last_os_error();
-    // SAFETY: closing the fd we opened.
-    unsafe { libc::close(fd) };
-    if rc < 0 {
-        return Err(err);
-    }
+    // SAFETY: SIOCETHTOOL reads `ifr` and writes `info`, which outlives the call.
+    unsafe { device_ioctl(libc::SIOCETHTOOL, &mut ifr) }?;
     let end = info.driver.iter().position(|b| *b == 0).unwrap_or(32);
     Ok(String::from_utf8_lossy(&info.driver[..end]).into_owned())
 }
