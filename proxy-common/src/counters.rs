@@ -160,7 +160,8 @@ counters! {
     /// with a Service address as its destination.
     CTR_DROP_NODE_SCTP_TO_SERVICE = 48, "drop_node_sctp_to_service";
     /// Dropped: a packet that starts a flow (or is refused for its frontend), whose new-flow
-    /// program is missing from `LB4_FLOW_TAILS`. Packets of known flows are served without it.
+    /// program is missing from `LB4_FLOW_TAILS`, or another node's direct-server-return SYN
+    /// whose program (`sluice_dsr_note`) is. Packets of known flows are served without them.
     CTR_DROP_NEW_FLOW_PROGRAM = 49, "drop_new_flow_program";
     /// Dropped: from a pod (or, at an uplink's egress, from the node) to an address inside the
     /// Service CIDRs that no frontend holds, as kube-proxy's nftables mode drops traffic to

@@ -175,7 +175,12 @@ pub const TAIL_NEW_FLOW_FROM_POD: u32 = 0;
 /// Slot of `sluice_new_flow_from_uplink`: a new flow from outside (NodePort, externalIPs,
 /// LoadBalancer; SNAT and redirect to another node's endpoint).
 pub const TAIL_NEW_FLOW_FROM_UPLINK: u32 = 1;
-/// Slots of [`LB4_FLOW_TAILS_MAP`]: two in use, the rest room for programs to come (the same
+/// Slot of `sluice_dsr_note`: at an uplink's ingress, another node's direct-server-return SYN
+/// (its IPv4 option) to an endpoint here, noted for the endpoint's replies. Its own program:
+/// inline, its lookups made `sluice_from_uplink` three times longer to verify, for packets
+/// that carry IP options, which few do.
+pub const TAIL_DSR_NOTE: u32 = 2;
+/// Slots of [`LB4_FLOW_TAILS_MAP`]: three in use, the rest room for programs to come (the same
 /// reason as [`LB4_TAILS_MAX`]).
 pub const LB4_FLOW_TAILS_MAX: u32 = 8;
 

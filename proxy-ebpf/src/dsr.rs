@@ -101,8 +101,20 @@ pub fn add_option(
     put(ctx, ETH_LEN + 20, [opt_head, fe_addr_be])
 }
 
-/// At an uplink's ingress, for a packet with IP options: `None` unless `f` is a client's SYN
-/// for this host carrying the option; else its counter, the packet to be passed on as it is:
+/// At an uplink's ingress, for a packet with IP options: whether `f` is a client's SYN for
+/// this host carrying the option (its header only; what it names is [`note`]'s to look up).
+/// Reads no map: most packets with IP options leave here.
+#[inline(always)]
+pub fn is_noted_syn(ctx: &TcContext, f: &Flow) -> bool {
+    if f.proto != IPPROTO_TCP || !carries_option_in(f) || !for_this_host(ctx) {
+        return false;
+    }
+    read::<[u8; 2]>(ctx.data(), ctx.data_end(), ETH_LEN + 20)
+        .is_some_and(|head| head[0] == OPT_TYPE && u32::from(head[1]) == OPT_LEN)
+}
+
+/// The DSR SYN `f` (as [`is_noted_syn`] found it, in its own program `sluice_dsr_note`):
+/// `None` if it is none after all; else its counter, the packet to be passed on as it is:
 /// `dsr_noted` when the flow's reverse entry (endpoint -> client, showing the frontend the
 /// option names) was written, so that the endpoint's replies are translated at the egress;
 /// `pass_not_a_frontend` when the option names no frontend this node serves from outside (an
@@ -111,9 +123,7 @@ pub fn add_option(
 /// holds the tuple.
 #[inline(always)]
 pub fn note(ctx: &TcContext, f: &Flow) -> Option<u32> {
-    // Whether this is a DSR SYN at all, before any map is read: most packets with IP options
-    // leave here, the verifier's state as it came.
-    if f.proto != IPPROTO_TCP || !carries_option_in(f) || !for_this_host(ctx) {
+    if !is_noted_syn(ctx, f) {
         return None;
     }
     let opt = read::<[u32; 2]>(ctx.data(), ctx.data_end(), ETH_LEN + 20)?;
@@ -122,7 +132,7 @@ pub fn note(ctx: &TcContext, f: &Flow) -> Option<u32> {
         return None;
     }
     // A DSR SYN: from here it is passed on whatever happens (its destination is an endpoint,
-    // not a frontend), so no path of the lookups below rejoins the caller's.
+    // not a frontend).
     Some(
         if noted(ctx, f, opt[1], u16::from_ne_bytes([head[2], head[3]])) {
             CTR_DSR_NOTED

@@ -46,7 +46,7 @@ use proxy_common::{
     CTR_REDIRECT, CTR_REJECT_FRAG_NEEDED, CTR_REJECT_NO_BACKEND, CTR_REJECT_NO_SUCH_PORT,
     CTR_REPLY, CTR_SEEN, Ct4Key, DP_STATE_POD_CLIENTS_FULL, FE_ADDR_CLUSTER_IP, FE_ADDR_NAT,
     FLOW_CB_NOW_HI, FLOW_CB_NOW_LO, IPPROTO_SCTP, IPPROTO_TCP, Lb4Config, SVC_FLAG_CLUSTER_IP,
-    SVC_FLAG_NO_LOCAL_DROP, TAIL_NEW_FLOW_FROM_POD, TAIL_NEW_FLOW_FROM_UPLINK,
+    SVC_FLAG_NO_LOCAL_DROP, TAIL_DSR_NOTE, TAIL_NEW_FLOW_FROM_POD, TAIL_NEW_FLOW_FROM_UPLINK,
 };
 
 use crate::{
@@ -138,6 +138,23 @@ pub fn sluice_new_flow_from_uplink(ctx: TcContext) -> i32 {
     handle_new_flow(&ctx, Hook::FromUplink)
 }
 
+/// Another node's direct-server-return SYN to an endpoint here, handed over by
+/// `sluice_from_uplink` (`dsr::is_noted_syn`): noted for the endpoint's replies
+/// (`dsr::note`), and passed on as it came.
+#[classifier]
+#[inline(always)]
+pub fn sluice_dsr_note(ctx: TcContext) -> i32 {
+    let len = ctx.len();
+    let counter = match reparse(&ctx) {
+        Ok(Packet::Flow(f)) => dsr::note(&ctx, &f).unwrap_or(CTR_PASS_NOT_FRONTEND),
+        // Not reached: the same bytes parse the same.
+        Ok(_) => CTR_PASS_NOT_FRONTEND,
+        Err(counter) => counter,
+    };
+    count(counter, len);
+    PASS
+}
+
 /// Does nothing: the floor the benchmark compares the others with.
 #[classifier]
 pub fn sluice_pass(_ctx: TcContext) -> i32 {
@@ -197,14 +214,10 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
                 ingress_dest(&flow, hook == Hook::FromPod)
             };
             // Another node's direct-server-return SYN to an endpoint here: a pod, or a
-            // hostNetwork one on an address of this node (a frontend address too).
-            let dsr = if hook == Hook::FromUplink && flow.ihl_bytes != 20 {
-                dsr::note(ctx, &flow)
-            } else {
-                None
-            };
-            if let Some(counter) = dsr {
-                (PASS, counter)
+            // hostNetwork one on an address of this node (a frontend address too). Noted by
+            // its own program.
+            if hook == Hook::FromUplink && flow.ihl_bytes != 20 && dsr::is_noted_syn(ctx, &flow) {
+                to_tail(ctx, TAIL_DSR_NOTE, conntrack::now())
             } else if hook == Hook::ToPod && !may_be_reply_to_pod(&flow) {
                 (PASS, CTR_PASS_NOT_POD_CLIENT)
             } else if hook == Hook::ToUplink
@@ -333,6 +346,14 @@ fn to_new_flow(ctx: &TcContext, hook: Hook, now: u64) -> (i32, u32) {
     } else {
         TAIL_NEW_FLOW_FROM_UPLINK
     };
+    to_tail(ctx, slot, now)
+}
+
+/// Tail-calls the program in `LB4_FLOW_TAILS`' `slot`, with the clock reading `now` in
+/// `skb->cb`. Returns only if the tail call failed (an empty slot): then the packet is
+/// dropped, counted.
+#[inline(always)]
+fn to_tail(ctx: &TcContext, slot: u32, now: u64) -> (i32, u32) {
     let skb = ctx.as_ptr() as *mut __sk_buff;
     // SAFETY: the program's own context; `cb` is scratch space TC programs may write. A tail
     // call either does not return, or fails and returns here.

@@ -331,8 +331,9 @@ fn new_flow(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Opti
     let (snat, hop) = if be.flags & BACKEND_FLAG_LOCAL == 0 {
         // To another node's backend: SNAT to this node and sent out by XDP, on a route it may
         // send by (else TC's, which resolves neighbours and answers "fragmentation needed").
-        // Direct server return (its option) is TC's.
-        if cfg.snat_addr_be == 0 || dsr::wanted(&cfg, f) {
+        // Direct server return (its option) is TC's. (`|`, not `||`: one branch where two
+        // made the verifier walk this program half as long again, 352k instructions to 230k.)
+        if (cfg.snat_addr_be == 0) | dsr::wanted(&cfg, f) {
             return Err(TC);
         }
         let hop = next_hop(ctx, &p, cfg.snat_addr_be, be.addr_be)?;

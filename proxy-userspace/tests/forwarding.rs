@@ -909,24 +909,6 @@ fn a_client_from_outside_that_is_a_pod_of_this_node_is_noted_for_its_replies() {
 
 // Direct server return (`--lb-mode dsr`).
 
-/// `frame` (Ethernet, IPv4 without options) with the direct-server-return option naming
-/// `frontend` after its IPv4 header, as the ingress node writes it: type 0x9a, length 8, the
-/// port, the address; header length, total length and checksum to match. Its destination MAC
-/// is the test run's device's (the loopback device's, all zero): a frame for this host.
-fn with_dsr_option(frame: &[u8], frontend: SocketAddrV4) -> Vec<u8> {
-    let mut v = frame[..34].to_vec();
-    v[..6].copy_from_slice(&[0; 6]);
-    v.extend_from_slice(&[0x9a, 8]);
-    v.extend_from_slice(&frontend.port().to_be_bytes());
-    v.extend_from_slice(&frontend.ip().octets());
-    v.extend_from_slice(&frame[34..]);
-    v[14] = 0x47;
-    let tot = u16::from_be_bytes([v[16], v[17]]) + 8;
-    v[16..18].copy_from_slice(&tot.to_be_bytes());
-    set_ip_checksum(&mut v);
-    v
-}
-
 /// The ingress node's half: a new TCP flow from outside to a backend on another node is DNATed
 /// only (the backend sees the client), its SYNs carry the frontend in the option, it is
 /// forwarded by FIB redirect, and the client's ACK establishes it (no reply passes here). UDP

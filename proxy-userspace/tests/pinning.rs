@@ -442,6 +442,7 @@ fn the_new_flow_tail_calls_are_pinned_refilled_on_reload_and_a_missing_one_drops
             &[
                 proxy_common::TAIL_NEW_FLOW_FROM_POD,
                 proxy_common::TAIL_NEW_FLOW_FROM_UPLINK,
+                proxy_common::TAIL_DSR_NOTE,
             ],
         )
     };
@@ -454,6 +455,21 @@ fn the_new_flow_tail_calls_are_pinned_refilled_on_reload_and_a_missing_one_drops
         assert_eq!(verdict, TC_ACT_UNSPEC, "{program} after the reload");
         assert_eq!(check(&out).dst, sa(backend), "{program} after the reload");
     }
+    // Another node's direct-server-return SYN to the backend here, naming the externalIP:
+    // noted by its own program.
+    let dsr_syn = |client| with_dsr_option(&tcp(client, sa(backend), SYN, b""), sa(external));
+    let before = dp.counters().unwrap();
+    let syn = dsr_syn(outside(40020));
+    assert_eq!(run(&dp, FROM_UPLINK, &syn), (TC_ACT_UNSPEC, syn.clone()));
+    assert_eq!(
+        delta(
+            &before,
+            &dp.counters().unwrap(),
+            proxy_common::CTR_DSR_NOTED
+        ),
+        1,
+        "a DSR SYN noted after the reload"
+    );
     // XDP's too: a new flow from outside starts at XDP; with its slot emptied, it goes to TC
     // untouched, which starts it.
     let xdp_new_flow = |client| {
@@ -504,6 +520,21 @@ fn the_new_flow_tail_calls_are_pinned_refilled_on_reload_and_a_missing_one_drops
         assert_eq!(delta(&before, &after, proxy_common::CTR_NEW_FLOW), 0);
         assert_eq!(delta(&before, &after, proxy_common::CTR_SEEN), 1);
     }
+    let before = dp.counters().unwrap();
+    assert_eq!(
+        run(&dp, FROM_UPLINK, &dsr_syn(outside(40021))).0,
+        TC_ACT_SHOT
+    );
+    let after = dp.counters().unwrap();
+    assert_eq!(
+        [
+            proxy_common::CTR_DROP_NEW_FLOW_PROGRAM,
+            proxy_common::CTR_DSR_NOTED
+        ]
+        .map(|c| delta(&before, &after, c)),
+        [1, 0],
+        "a DSR SYN without its program"
+    );
     let before = dp.counters().unwrap();
     let (verdict, out) = run(&dp, FROM_POD, &tcp(pod(40001), sa(vip), ACK, b""));
     assert_eq!(verdict, TC_ACT_UNSPEC);

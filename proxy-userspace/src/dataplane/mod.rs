@@ -41,7 +41,7 @@ use proxy_common::{
     LB4_REVNAT_MAP, LB4_SERVICES_DEFAULT_MAX, LB4_SERVICES_MAP, LB4_SRC_RANGES_MAP,
     LB4_SVC_CIDRS_MAP, LB4_TAILS_MAP, LB4_UPLINK_MACS_MAP, LB4_XDP_TAILS_MAP, LB4_XDP_TX_MAP,
     Lb4Config, PKT_COUNTERS_MAP, SOCK_CONFIG_MAP, SOCK_REVNAT_DEFAULT_MAX, SOCK_REVNAT_MAP,
-    SVC_CIDRS_MAX, SvcCidrs4, TAIL_NEW_FLOW_FROM_POD, TAIL_NEW_FLOW_FROM_UPLINK,
+    SVC_CIDRS_MAX, SvcCidrs4, TAIL_DSR_NOTE, TAIL_NEW_FLOW_FROM_POD, TAIL_NEW_FLOW_FROM_UPLINK,
     TAIL_SCTP_CHECKSUM, TAIL_XDP_NEW_FLOW,
 };
 
@@ -75,6 +75,9 @@ pub const PASS: &str = "sluice_pass";
 pub const NEW_FLOW_FROM_POD: &str = "sluice_new_flow_from_pod";
 /// Tail-called by `sluice_from_uplink` for a packet that starts a flow. Never attached.
 pub const NEW_FLOW_FROM_UPLINK: &str = "sluice_new_flow_from_uplink";
+/// Tail-called by `sluice_from_uplink` for another node's direct-server-return SYN: notes it
+/// for the endpoint's replies. Never attached.
+pub const DSR_NOTE: &str = "sluice_dsr_note";
 /// Tail-called by the four attached programs and the two above: folds a translated SCTP
 /// packet's port change into its CRC32c. Never attached.
 pub const SCTP_CHECKSUM: &str = "sluice_sctp_checksum";
@@ -100,7 +103,7 @@ pub const XDP_PROGRAMS: &[&str] = &[XDP_FROM_UPLINK, XDP_NEW_FLOW, XDP_TX, XDP_P
 const XDP_TAILS: [(&str, u32, &str); 1] = [(LB4_XDP_TAILS_MAP, TAIL_XDP_NEW_FLOW, XDP_NEW_FLOW)];
 
 /// The tail calls' slots: program array, slot, program.
-const TAILS: [(&str, u32, &str); 3] = [
+const TAILS: [(&str, u32, &str); 4] = [
     (LB4_TAILS_MAP, TAIL_SCTP_CHECKSUM, SCTP_CHECKSUM),
     (
         LB4_FLOW_TAILS_MAP,
@@ -112,6 +115,7 @@ const TAILS: [(&str, u32, &str); 3] = [
         TAIL_NEW_FLOW_FROM_UPLINK,
         NEW_FLOW_FROM_UPLINK,
     ),
+    (LB4_FLOW_TAILS_MAP, TAIL_DSR_NOTE, DSR_NOTE),
 ];
 
 /// Every TC program in the object; [`Dataplane::load`] loads them all, so the verifier checks
@@ -125,6 +129,7 @@ pub const PROGRAMS: &[&str] = &[
     PASS,
     NEW_FLOW_FROM_POD,
     NEW_FLOW_FROM_UPLINK,
+    DSR_NOTE,
     SCTP_CHECKSUM,
 ];
 

@@ -563,6 +563,24 @@ pub fn establish(
     );
 }
 
+/// `frame` (Ethernet, IPv4 without options) with the direct-server-return option naming
+/// `frontend` after its IPv4 header, as the ingress node writes it: type 0x9a, length 8, the
+/// port, the address; header length, total length and checksum to match. Its destination MAC
+/// is the test run's device's (the loopback device's, all zero): a frame for this host.
+pub fn with_dsr_option(frame: &[u8], frontend: SocketAddrV4) -> Vec<u8> {
+    let mut v = frame[..34].to_vec();
+    v[..6].copy_from_slice(&MAC_B);
+    v.extend_from_slice(&[0x9a, 8]);
+    v.extend_from_slice(&frontend.port().to_be_bytes());
+    v.extend_from_slice(&frontend.ip().octets());
+    v.extend_from_slice(&frame[34..]);
+    v[14] = 0x47;
+    let tot = u16::from_be_bytes([v[16], v[17]]) + 8;
+    v[16..18].copy_from_slice(&tot.to_be_bytes());
+    set_ip_checksum(&mut v);
+    v
+}
+
 /// The IPv4 header checksum of `frame`'s header, written in place.
 pub fn set_ip_checksum(frame: &mut [u8]) {
     let ihl = usize::from(frame[14] & 0x0f) * 4;
