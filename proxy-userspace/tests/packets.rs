@@ -1529,6 +1529,42 @@ fn differences(a: &RawDump, b: &RawDump) -> Vec<String> {
         .collect()
 }
 
+/// What the verifier walks of each program stays within half of its limit (a million
+/// instructions), and of all of them together within 1.25 million. A small change can double a
+/// program's walk; this catches the jump on the host, before an older kernel's verifier
+/// refuses a program, and before the kernel matrix slows down (under software emulation,
+/// loading the programs is most of each test's time there). Linux reports the counts from
+/// 5.16 (`bpf_prog_info.verified_insns`): on older kernels the test is skipped.
+#[test]
+fn every_program_stays_well_within_the_verifiers_limit() {
+    const NAME: &str = "every_program_stays_well_within_the_verifiers_limit";
+    require_privileged!(NAME);
+    let dp = dataplane();
+    let tc = sluice::dataplane::PROGRAMS.iter().map(|p| {
+        let info = dp.program(p).unwrap().info().unwrap();
+        (*p, info.verified_instruction_count())
+    });
+    let xdp = sluice::dataplane::XDP_PROGRAMS.iter().map(|p| {
+        let info = dp.xdp_program(p).unwrap().info().unwrap();
+        (*p, info.verified_instruction_count())
+    });
+    let counts: Vec<(&str, Option<u32>)> = tc.chain(xdp).collect();
+    if !testbed::kernel_has(
+        NAME,
+        "the count of instructions verified (Linux 5.16)",
+        counts.iter().all(|(_, c)| c.is_some()),
+    ) {
+        return;
+    }
+    let counts: Vec<(&str, u32)> = counts.into_iter().map(|(p, c)| (p, c.unwrap())).collect();
+    let total: u32 = counts.iter().map(|(_, c)| c).sum();
+    let over: Vec<_> = counts.iter().filter(|(_, c)| *c > 500_000).collect();
+    assert!(
+        over.is_empty() && total <= 1_250_000,
+        "over 500,000 each or 1,250,000 in all ({total}): {over:?}; every program: {counts:?}"
+    );
+}
+
 /// What the packet tests' sharing of loaded dataplanes rests on: a dataplane that carried
 /// traffic and then was reset holds, in every map of the object, what a fresh load holds, and
 /// goes on from there as a fresh one would.
