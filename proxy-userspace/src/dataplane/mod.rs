@@ -523,22 +523,7 @@ impl Dataplane {
             .map_err(|source| DataplaneError::Load {
                 source: Box::new(source),
             })?;
-        for &program in PROGRAMS {
-            classifier_mut(&mut ebpf, program)?
-                .load()
-                .map_err(|source| DataplaneError::Verifier {
-                    program,
-                    source: Box::new(source),
-                })?;
-        }
-        for &program in XDP_PROGRAMS {
-            xdp_mut(&mut ebpf, program)?
-                .load()
-                .map_err(|source| DataplaneError::Verifier {
-                    program,
-                    source: Box::new(source),
-                })?;
-        }
+        load_programs(&mut ebpf)?;
         // The tail calls' slots, filled before any program is attached (a pinned map's entries,
         // an earlier agent's programs, are replaced).
         let tc_tails = TAILS
@@ -1163,6 +1148,50 @@ fn xdp_mut<'a>(ebpf: &'a mut Ebpf, program: &'static str) -> Result<&'a mut Xdp,
     ebpf.program_mut(program)
         .and_then(|p| p.try_into().ok())
         .ok_or(DataplaneError::MissingProgram { program })
+}
+
+/// Loads every program of [`PROGRAMS`] and [`XDP_PROGRAMS`], each on a thread of its own: the
+/// kernel verifies privileged loads concurrently (no lock), and most of a load's time is the
+/// verifier's walk of the two biggest programs. The first error in the lists' order is
+/// returned.
+fn load_programs(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
+    let names: Vec<&'static str> = PROGRAMS.iter().chain(XDP_PROGRAMS).copied().collect();
+    for &program in PROGRAMS {
+        classifier_mut(ebpf, program)?;
+    }
+    for &program in XDP_PROGRAMS {
+        xdp_mut(ebpf, program)?;
+    }
+    let mut results: Vec<(usize, Result<(), DataplaneError>)> = std::thread::scope(|s| {
+        let threads: Vec<_> = ebpf
+            .programs_mut()
+            .filter_map(|(name, program)| {
+                let i = names.iter().position(|n| *n == name)?;
+                Some((i, program))
+            })
+            .map(|(i, program)| {
+                let name = names[i];
+                s.spawn(move || {
+                    let loaded = match program {
+                        aya::programs::Program::SchedClassifier(p) => p.load(),
+                        aya::programs::Program::Xdp(p) => p.load(),
+                        _ => return (i, Err(DataplaneError::MissingProgram { program: name })),
+                    };
+                    let loaded = loaded.map_err(|source| DataplaneError::Verifier {
+                        program: name,
+                        source: Box::new(source),
+                    });
+                    (i, loaded)
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("a program's loading thread panicked"))
+            .collect()
+    });
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().try_for_each(|(_, r)| r)
 }
 
 /// The TC program `program` of the object, to load or attach.
