@@ -126,11 +126,9 @@ pub fn note(ctx: &TcContext, f: &Flow) -> Option<u32> {
     if !is_noted_syn(ctx, f) {
         return None;
     }
+    // Its type and length checked: the port, then the address.
     let opt = read::<[u32; 2]>(ctx.data(), ctx.data_end(), ETH_LEN + 20)?;
     let head = opt[0].to_ne_bytes();
-    if head[0] != OPT_TYPE || u32::from(head[1]) != OPT_LEN {
-        return None;
-    }
     // A DSR SYN: from here it is passed on whatever happens (its destination is an endpoint,
     // not a frontend).
     Some(

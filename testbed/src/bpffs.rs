@@ -18,8 +18,8 @@ impl BpfFs {
         })?;
         if let Err(source) = crate::cgroup::mount_fs("bpf", &dir) {
             let _ = std::fs::remove_dir(&dir);
-            return Err(CmdError::Spawn {
-                cmd: format!("mount(2) -t bpf bpf {}", dir.display()),
+            return Err(CmdError::Syscall {
+                call: format!("mount(2) -t bpf bpf {}", dir.display()),
                 source,
             });
         }

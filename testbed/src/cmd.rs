@@ -25,6 +25,13 @@ pub enum CmdError {
         #[source]
         source: std::io::Error,
     },
+    /// A system call made in place of a command (`mount(2)` for `mount`).
+    #[error("`{call}` failed: {source}")]
+    Syscall {
+        call: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("`{cmd}` did not finish within {timeout:?} and was killed")]
     Timeout { cmd: String, timeout: Duration },
     #[error("`{cmd}` failed ({status}): {stderr}")]
