@@ -262,9 +262,31 @@ pub fn run(argv: &[&str]) -> Result<String, CmdError> {
     run_timeout(argv, Duration::from_secs(10))
 }
 
+/// Whether `cmd` is an executable file on PATH (or in the sbin directories, which a non-root
+/// PATH often lacks).
+pub fn on_path(cmd: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(Into::into))
+        .any(|dir| {
+            std::fs::metadata(dir.join(cmd)).is_ok_and(|m| {
+                m.is_file()
+                    && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0
+            })
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn on_path_finds_an_installed_tool_and_not_a_missing_one() {
+        assert!(on_path("sh"), "sh is on every PATH");
+        assert!(!on_path("sluice-no-such-tool"));
+        // A directory of that name is not a tool.
+        assert!(!on_path(""));
+    }
 
     #[test]
     fn a_listed_command_is_built_with_its_arguments() {

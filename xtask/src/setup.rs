@@ -98,20 +98,6 @@ fn step(name: &str, f: impl FnOnce() -> anyhow::Result<String>) -> anyhow::Resul
     }
 }
 
-/// Whether `cmd` is an executable file on PATH (or in the sbin directories, which a non-root
-/// PATH often lacks).
-pub fn on_path(cmd: &str) -> bool {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].map(Into::into))
-        .any(|dir| {
-            std::fs::metadata(dir.join(cmd)).is_ok_and(|m| {
-                m.is_file()
-                    && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0
-            })
-        })
-}
-
 fn dpkg_installed(pkg: &str) -> bool {
     testbed::cmd::output(
         &["dpkg-query", "-W", "-f=${Status}", pkg],
@@ -128,9 +114,9 @@ fn present(t: &Tool) -> bool {
         (Some(cmd), Provider::GoBuild(_)) => bin_dir().join(cmd).is_file(),
         (Some(cmd), Provider::Pip(_)) => testbed::vm::venv_bin(cmd).is_some_and(|b| b.is_file()),
         (Some(cmd), Provider::GoProxy) => {
-            on_path(cmd) || cache_dir().join(format!("go{GO}/bin/go")).is_file()
+            testbed::cmd::on_path(cmd) || cache_dir().join(format!("go{GO}/bin/go")).is_file()
         }
-        (Some(cmd), _) => on_path(cmd),
+        (Some(cmd), _) => testbed::cmd::on_path(cmd),
         (None, Provider::Apt(pkg)) => dpkg_installed(pkg),
         (None, _) => true,
     }
