@@ -157,7 +157,8 @@ pub const CT_FLAG_FIN_REPLY: u16 = 1 << 3;
 pub const CT_FLAG_RST: u16 = 1 << 4;
 /// The flow was SNATed (hairpin): replies' destination must be put back too.
 pub const CT_FLAG_SNAT: u16 = 1 << 5;
-/// Reached the established state (a reply, then another packet from the client).
+/// Reached the established state (a reply, then another packet from the client; for a
+/// direct-server-return entry on the backend's node, which sees no client packet, the reply).
 pub const CT_FLAG_ESTABLISHED: u16 = 1 << 6;
 /// The flow's translated packets are forwarded with a FIB lookup and a redirect, not handed
 /// to the stack: they carry the node's own address (SNAT to the node, or a reply showing a
@@ -172,7 +173,8 @@ pub const CT_FLAG_PORT_REMAP: u16 = 1 << 8;
 /// its replies never come back here, so the client's first packet after its SYN (the
 /// handshake's ACK) establishes it. On the backend's node (a reverse entry written from the
 /// option): the backend's replies get the frontend as their source at the uplink's egress and
-/// leave for the client directly; the backend's first packet after its SYN-ACK establishes it.
+/// leave for the client directly; the backend's SYN-ACK establishes it (in `CT4_NEW`), and
+/// the backend's next packet moves it to `CT4`.
 pub const CT_FLAG_DSR: u16 = 1 << 9;
 
 pub const CT_LIFETIME_TCP_ESTABLISHED_NS: u64 = 6 * 3600 * 1_000_000_000;

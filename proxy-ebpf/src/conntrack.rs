@@ -190,8 +190,13 @@ pub fn lookup(key: &Ct4Key, now: u64) -> Option<*mut Ct4Entry> {
 /// against the clock. Apart, so that a miss in both tables (what most packets leaving a node,
 /// or entering a pod that was a TC client, meet) reads no clock.
 #[inline(always)]
-pub fn find(key: &Ct4Key) -> Option<*mut Ct4Entry> {
-    CT4.get_ptr_mut(key).or_else(|| CT4_NEW.get_ptr_mut(key))
+/// With the entry, whether it is in `CT4_NEW`.
+#[inline(always)]
+pub fn find(key: &Ct4Key) -> Option<(*mut Ct4Entry, bool)> {
+    if let Some(e) = CT4.get_ptr_mut(key) {
+        return Some((e, false));
+    }
+    CT4_NEW.get_ptr_mut(key).map(|e| (e, true))
 }
 
 /// [`find`] for a caller that takes only live `CT4` entries (the XDP program): `Some(Some(e))`,
@@ -211,12 +216,16 @@ pub fn find_established(key: &Ct4Key, now: u64) -> Option<Option<*mut Ct4Entry>>
 /// live entry in `CT4_NEW` (an expired `CT4` entry hides no `CT4_NEW` one; an expired
 /// `CT4_NEW` entry is found expired again), as [`lookup`] would have found.
 #[inline(always)]
-pub fn live_from(e: *mut Ct4Entry, key: &Ct4Key, now: u64) -> Option<*mut Ct4Entry> {
+pub fn live_from(
+    (e, in_new): (*mut Ct4Entry, bool),
+    key: &Ct4Key,
+    now: u64,
+) -> Option<(*mut Ct4Entry, bool)> {
     // SAFETY: a successful lookup returns a valid pointer into the map's value.
     if unsafe { (*e).expires_ns(key.proto) } >= now {
-        return Some(e);
+        return Some((e, in_new));
     }
-    not_established(key, now)
+    not_established(key, now).map(|e| (e, true))
 }
 
 /// Removes the entry at `key` from both tables.
@@ -369,7 +378,6 @@ pub fn reopens(f: &Flow, state: u16) -> bool {
 // The shifts that move the DSR bit, and the TCP SYN bit, onto state bits.
 const DSR_TO_SEEN_REPLY: u32 = CT_FLAG_DSR.trailing_zeros() - CT_FLAG_SEEN_REPLY.trailing_zeros();
 const DSR_TO_ESTABLISHED: u32 = CT_FLAG_DSR.trailing_zeros() - CT_FLAG_ESTABLISHED.trailing_zeros();
-const DSR_SYN_TO_ESTABLISHED: u32 = CT_FLAG_ESTABLISHED.trailing_zeros() - TCP_SYN.trailing_zeros();
 const _: () = assert!(TCP_SYN as u16 == CT_FLAG_SEEN_REPLY);
 
 /// Folds a packet from the client into the flow state; returns the new flags.
@@ -408,11 +416,13 @@ pub fn reply_state(f: &Flow, mut flags: u16) -> u16 {
         if f.tcp_flags & TCP_RST != 0 {
             flags |= CT_FLAG_RST;
         }
-        // Direct server return, on the backend's node: the client's packets do not pass here;
-        // the backend's packet after its SYN-ACK shows the client's ACK reached it (without a
-        // branch, as in `forward_state`).
-        flags |= (flags >> DSR_TO_ESTABLISHED)
-            & (u16::from((f.tcp_flags & TCP_SYN) ^ TCP_SYN) << DSR_SYN_TO_ESTABLISHED);
+        // Direct server return, on the backend's node: the client's packets do not pass
+        // here, and the backend's next packet after its SYN-ACK may be hours away (a pooled
+        // connection whose client waits before its first request): the SYN-ACK establishes
+        // it (without a branch, as in `forward_state`). It stays in `CT4_NEW`, where a flood
+        // of new flows evicts, until that next packet shows the client's ACK reached the
+        // backend (`programs::reply`).
+        flags |= (flags >> DSR_TO_ESTABLISHED) & CT_FLAG_ESTABLISHED;
     } else {
         flags |= CT_FLAG_ESTABLISHED;
     }
