@@ -21,7 +21,8 @@
 //!   the TTL decremented, the MAC addresses of the route's next hop (`bpf_fib_lookup`) set, and
 //!   sent out by XDP itself, back out of the uplink (XDP_TX) or to another uplink
 //!   (XDP_REDIRECT), as TC's `fib::redirect` would; only on an uplink the agent lets send
-//!   (`LB4_XDP_TX`), and only when the route's neighbour is resolved and the packet fits it.
+//!   (`LB4_XDP_TX`), only for a frame sent to the uplink's own MAC address (`for_another_host`),
+//!   and only when the route's neighbour is resolved and the packet fits it.
 //! Each updates the flow's entries as TC's `forward` and `reply` do (`conntrack::touch` with
 //! `conntrack::forward_state` or `reply_state`; a steady packet, `conntrack::steady`, from
 //! its service entry alone).
@@ -271,6 +272,9 @@ fn fast_path(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Opt
         svc.port_be,
     );
     let hop = if snat {
+        if for_another_host(ctx, start, end) {
+            return Err(CTR_XDP_TO_TC_OTHER_HOST);
+        }
         Some(next_hop(ctx, &p, to.saddr_be, to.daddr_be)?)
     } else {
         None
@@ -366,8 +370,11 @@ fn new_flow(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Opti
 /// own (`LB4_UPLINK_MACS`): a bridge floods a frame while it has not learnt where its
 /// destination is, and the stack drops it (`PACKET_OTHERHOST`), as TC passes it. Broadcast and
 /// multicast frames are this host's too; an uplink the agent wrote no address for is not
-/// checked. Asked of new flows only: an established flow's packet in such a frame is DNATed
-/// and passed, and then dropped by the stack (TC passes it as `pass_other_host`).
+/// checked. Asked of new flows, and of an established flow's packets XDP would send out
+/// itself (SNATed to the node, and their replies): sent, such a frame would reach the backend
+/// or the client a second time. An established flow's packet that is only DNATed is not asked
+/// (it would cost every local-backend hit a lookup): it is passed, and the stack drops it
+/// (`PACKET_OTHERHOST`), after it renewed its flow's time.
 #[inline(always)]
 fn for_another_host(ctx: &XdpContext, start: usize, end: usize) -> bool {
     let ingress = ctx.ingress_ifindex() as u32;
@@ -409,6 +416,9 @@ fn snated_reply(
         daddr_be: c.addr_be,
         dport_be: c.port_be,
     };
+    if for_another_host(ctx, start, end) {
+        return Err(CTR_XDP_TO_TC_OTHER_HOST);
+    }
     let hop = next_hop(ctx, p, to.saddr_be, to.daddr_be)?;
     touch(e, c.state, reply_state(&p.flow, c.state), now, len);
     // `send` returns an action whenever it is given a hop.

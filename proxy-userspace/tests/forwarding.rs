@@ -238,6 +238,31 @@ fn xdp_forwards_an_established_flow_snated_to_the_node_both_ways_exactly_as_tc_d
             }
         }
 
+        // A frame of the flow for another host's MAC address (a bridge flooding it) is not
+        // sent out a second time, nor counted in the flow: TC passes it. (The uplink's own
+        // address here is the loopback device's, all zeros, as the test frames' destination.)
+        dp.set_uplink_mac(lo, [0; 6]).unwrap();
+        for (pkt, what) in [(&data, "the client's packet"), (&reply, "the backend's reply")] {
+            let mut flooded = pkt.clone();
+            flooded[..6].copy_from_slice(&MAC_OTHER_HOST);
+            let ct = dp.conntrack().unwrap();
+            let before = dp.counters().unwrap();
+            let (action, out) = run_xdp(&dp, XDP_FROM_UPLINK, &flooded);
+            let after = dp.counters().unwrap();
+            assert_eq!((action, &out), (XDP_PASS, &flooded), "{what}: untouched");
+            assert_eq!(
+                (
+                    delta(&before, &after, CTR_XDP_TO_TC_OTHER_HOST),
+                    delta(&before, &after, CTR_XDP_TX)
+                ),
+                (1, 0),
+                "{what}: left to TC as another host's"
+            );
+            assert_eq!(dp.conntrack().unwrap(), ct, "{what}: the flow untouched");
+            xdp_sends_as_tc(&dp, pkt, None, XDP_REDIRECT, what);
+        }
+        dp.retain_uplink_macs(&Default::default()).unwrap();
+
         // What the route does not allow goes to TC: a TTL about to run out (TC drops it), a
         // neighbour not yet resolved (TC's redirect resolves it).
         let mut last_hop = data.clone();
