@@ -242,7 +242,10 @@ fn xdp_forwards_an_established_flow_snated_to_the_node_both_ways_exactly_as_tc_d
         // sent out a second time, nor counted in the flow: TC passes it. (The uplink's own
         // address here is the loopback device's, all zeros, as the test frames' destination.)
         dp.set_uplink_mac(lo, [0; 6]).unwrap();
-        for (pkt, what) in [(&data, "the client's packet"), (&reply, "the backend's reply")] {
+        for (pkt, what) in [
+            (&data, "the client's packet"),
+            (&reply, "the backend's reply"),
+        ] {
             let mut flooded = pkt.clone();
             flooded[..6].copy_from_slice(&MAC_OTHER_HOST);
             let ct = dp.conntrack().unwrap();
@@ -1166,40 +1169,30 @@ fn the_backend_node_notes_a_direct_server_return_syn_and_its_pods_replies_show_t
         // The pod's FIN closes it.
         run(&dp, TO_UPLINK, &tcp(pod, sa(CLIENT), FIN_ACK, b""));
         assert!(lifetime_left_s(&rev(&dp)) <= 10.0);
+        // A spoofed SYN noted, and the pod's answer to it: the entry, from `client`.
+        let answered = |client: SocketAddrV4, answer: Tcp| {
+            run(
+                &dp,
+                FROM_UPLINK,
+                &with_dsr_option(&tcp(client, pod, SYN, b""), shown),
+            );
+            run(&dp, TO_UPLINK, &tcp(pod, client, answer, b""));
+            dp.conntrack()
+                .unwrap()
+                .into_iter()
+                .find(|e| e.kind == sluice::dataplane::CtKind::Reverse && e.src == client)
+                .unwrap()
+        };
         // A SYN to a closed port (spoofed, say) answered with an RST: closed, and not moved to
         // the established table.
-        let spoofed = sa("198.18.0.100:40009");
-        run(
-            &dp,
-            FROM_UPLINK,
-            &with_dsr_option(&tcp(spoofed, pod, SYN, b""), shown),
-        );
-        run(&dp, TO_UPLINK, &tcp(pod, spoofed, RST, b""));
-        let e = dp
-            .conntrack()
-            .unwrap()
-            .into_iter()
-            .find(|e| e.kind == sluice::dataplane::CtKind::Reverse && e.src == spoofed)
-            .unwrap();
+        let e = answered(sa("198.18.0.100:40009"), RST);
         assert!(
             e.new && lifetime_left_s(&e) <= 10.0,
             "left in CT4_NEW, closed"
         );
         // A spoofed SYN on the tuple of a connection the pod has open is answered with a bare
         // ACK (a challenge ACK): not the next packet after a SYN-ACK, so not established.
-        let challenged = sa("198.18.0.100:40010");
-        run(
-            &dp,
-            FROM_UPLINK,
-            &with_dsr_option(&tcp(challenged, pod, SYN, b""), shown),
-        );
-        run(&dp, TO_UPLINK, &tcp(pod, challenged, ACK, b""));
-        let e = dp
-            .conntrack()
-            .unwrap()
-            .into_iter()
-            .find(|e| e.kind == sluice::dataplane::CtKind::Reverse && e.src == challenged)
-            .unwrap();
+        let e = answered(sa("198.18.0.100:40010"), ACK);
         assert!(e.new, "a challenge ACK left it in CT4_NEW");
 
         // Not noted: an option naming a port no frontend has, or a ClusterIP (not served from
