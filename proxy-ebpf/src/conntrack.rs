@@ -188,9 +188,8 @@ pub fn lookup(key: &Ct4Key, now: u64) -> Option<*mut Ct4Entry> {
 
 /// The entry at `key` in `CT4`, else in `CT4_NEW`, live or not: what [`live_from`] then checks
 /// against the clock. Apart, so that a miss in both tables (what most packets leaving a node,
-/// or entering a pod that was a TC client, meet) reads no clock.
-#[inline(always)]
-/// With the entry, whether it is in `CT4_NEW`.
+/// or entering a pod that was a TC client, meet) reads no clock. With the entry, whether it is
+/// in `CT4_NEW`.
 #[inline(always)]
 pub fn find(key: &Ct4Key) -> Option<(*mut Ct4Entry, bool)> {
     if let Some(e) = CT4.get_ptr_mut(key) {
@@ -214,7 +213,8 @@ pub fn find_established(key: &Ct4Key, now: u64) -> Option<Option<*mut Ct4Entry>>
 
 /// The live entry for `key`, given `e` from [`find`]: `e` if it is live at `now`, else the
 /// live entry in `CT4_NEW` (an expired `CT4` entry hides no `CT4_NEW` one; an expired
-/// `CT4_NEW` entry is found expired again), as [`lookup`] would have found.
+/// `CT4_NEW` entry is found expired again), as [`lookup`] would have found; with whether it
+/// is in `CT4_NEW`.
 #[inline(always)]
 pub fn live_from(
     (e, in_new): (*mut Ct4Entry, bool),
