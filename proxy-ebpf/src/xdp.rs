@@ -3,7 +3,7 @@
 //!
 //! | program                  | attach at           | does                                        |
 //! |--------------------------|---------------------|---------------------------------------------|
-//! | `sluice_xdp_from_uplink` | XDP of uplinks      | an established flow's packet: DNAT and XDP_PASS; SNAT and XDP_TX |
+//! | `sluice_xdp_from_uplink` | XDP of uplinks      | an established flow's packet: DNAT and XDP_PASS; SNAT, or DNAT by DSR, and XDP_TX |
 //! | `sluice_xdp_new_flow`    | tail-called (`LB4_XDP_TAILS`) | a new flow: backend, entries; DNAT and XDP_PASS, or SNAT and sent out |
 //! | `sluice_xdp_tx`          | nowhere             | XDP_TX: the benchmark's floor               |
 //! | `sluice_xdp_pass`        | sandbox veth peers  | XDP_PASS: makes a veth take XDP frames      |
@@ -23,6 +23,9 @@
 //!   (XDP_REDIRECT), as TC's `fib::redirect` would; only on an uplink the agent lets send
 //!   (`LB4_XDP_TX`), only for a frame sent to the uplink's own MAC address (`for_another_host`),
 //!   and only when the route's neighbour is resolved and the packet fits it.
+//! - a client's packet of a flow by direct server return (the ingress node): DNAT only, sent
+//!   out the same way by the route from the client's address (its SYNs, which carry the
+//!   option, are TC's).
 //! Each updates the flow's entries as TC's `forward` and `reply` do (`conntrack::touch` with
 //! `conntrack::forward_state` or `reply_state`; a steady packet, `conntrack::steady`, from
 //! its service entry alone).
@@ -50,11 +53,11 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use proxy_common::{
-    BACKEND_FLAG_LOCAL, CT_FLAG_PORT_REMAP, CT_FLAG_REDIRECT, CT_FLAG_SNAT, CTR_XDP_CT_HIT,
-    CTR_XDP_DROP, CTR_XDP_NEW_FLOW, CTR_XDP_NEW_FLOW_TX, CTR_XDP_SEEN, CTR_XDP_TO_TC_FLOW,
-    CTR_XDP_TO_TC_NOT_SERVICE, CTR_XDP_TO_TC_OTHER_HOST, CTR_XDP_TO_TC_PARTIAL_CSUM,
-    CTR_XDP_TO_TC_ROUTE, CTR_XDP_TX, Ct4Entry, IPPROTO_TCP, IPPROTO_UDP, Lb4Config,
-    SVC_FLAG_CLUSTER_IP, SVC_FLAG_NO_LOCAL_DROP, TAIL_XDP_NEW_FLOW,
+    BACKEND_FLAG_LOCAL, CT_FLAG_DSR, CT_FLAG_PORT_REMAP, CT_FLAG_REDIRECT, CT_FLAG_SNAT,
+    CTR_XDP_CT_HIT, CTR_XDP_DROP, CTR_XDP_NEW_FLOW, CTR_XDP_NEW_FLOW_TX, CTR_XDP_SEEN,
+    CTR_XDP_TO_TC_FLOW, CTR_XDP_TO_TC_NOT_SERVICE, CTR_XDP_TO_TC_OTHER_HOST,
+    CTR_XDP_TO_TC_PARTIAL_CSUM, CTR_XDP_TO_TC_ROUTE, CTR_XDP_TX, Ct4Entry, IPPROTO_TCP,
+    IPPROTO_UDP, Lb4Config, SVC_FLAG_CLUSTER_IP, SVC_FLAG_NO_LOCAL_DROP, TAIL_XDP_NEW_FLOW,
 };
 
 use crate::{
@@ -251,11 +254,15 @@ fn fast_path(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Opt
         (Some(r), unsafe { (*r).state() })
     };
     let flags = forward_state(f, state);
-    // DNAT only (a local backend), or SNAT to the node and forwarded (a remote backend, with
-    // a port of the node's own): nothing else.
+    // DNAT only: to a local backend (passed to the stack), or by direct server return to a
+    // remote one (forwarded from the client's address); or SNAT to the node and forwarded (a
+    // remote backend, with a port of the node's own): nothing else.
     let snat = svc.nat_addr_be != 0;
+    let dsr = svc.flags & CT_FLAG_DSR != 0;
     let want = if snat {
         CT_FLAG_SNAT | CT_FLAG_REDIRECT
+    } else if dsr {
+        CT_FLAG_REDIRECT
     } else {
         0
     };
@@ -271,7 +278,7 @@ fn fast_path(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Opt
         svc.addr_be,
         svc.port_be,
     );
-    let hop = if snat {
+    let hop = if snat | dsr {
         if for_another_host(ctx, start, end) {
             return Err(CTR_XDP_TO_TC_OTHER_HOST);
         }

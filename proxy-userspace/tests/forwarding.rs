@@ -940,7 +940,8 @@ fn a_client_from_outside_that_is_a_pod_of_this_node_is_noted_for_its_replies() {
 /// The ingress node's half: a new TCP flow from outside to a backend on another node is DNATed
 /// only (the backend sees the client), its SYNs carry the frontend in the option, it is
 /// forwarded by FIB redirect, and the client's ACK establishes it (no reply passes here). UDP
-/// is SNATed as without DSR. XDP leaves such a flow to TC.
+/// is SNATed as without DSR. XDP leaves such a flow's SYNs to TC, and forwards its
+/// established packets as TC does.
 #[test]
 fn a_new_tcp_flow_by_direct_server_return_is_dnated_only_and_its_syns_name_the_frontend() {
     require_privileged!(
@@ -1105,6 +1106,32 @@ fn a_new_tcp_flow_by_direct_server_return_is_dnated_only_and_its_syns_name_the_f
             entries,
             "nothing recorded at XDP"
         );
+        // Once TC has started the flow and the client's ACK has established it, XDP forwards
+        // its packets itself, DNATed only and from the client's address, byte for byte as TC
+        // does (no option: only SYNs carry it); a FIN is TC's.
+        let client = sa("198.18.0.100:40001");
+        run(&dp, FROM_UPLINK, &syn);
+        run(&dp, FROM_UPLINK, &tcp(client, sa(NODE_PORT), ACK, b""));
+        for (i, payload) in [&b"GET / HTTP/1.1\r\n"[..], b"Host: x\r\n", b"\r\n"]
+            .into_iter()
+            .enumerate()
+        {
+            let data = tcp(client, sa(NODE_PORT), ACK, payload);
+            let what = format!("an established DSR flow's packet {i}");
+            let out = xdp_sends_as_tc(&dp, &data, None, XDP_REDIRECT, &what);
+            let seen = check(&out);
+            assert_eq!((seen.src, seen.dst), (client, sa(REMOTE)), "{what}");
+            assert_eq!((out[14], ttl(&out)), (0x45, 63), "{what}");
+            assert_eq!(out[0..6], OTHER_MAC, "{what}: to the gateway the FIB names");
+        }
+        let counts = xdp_counts(&dp, || {
+            run_xdp(
+                &dp,
+                XDP_FROM_UPLINK,
+                &tcp(client, sa(NODE_PORT), FIN_ACK, b""),
+            );
+        });
+        assert_eq!(counts, [0, 0, 1, 0, 0], "a FIN is TC's");
     });
 }
 

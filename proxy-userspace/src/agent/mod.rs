@@ -91,9 +91,10 @@ impl XdpSetting {
     }
 }
 
-/// Whether the XDP program on an uplink may send the packets of flows SNATed to the node out
-/// itself (`--xdp-tx`): a client's packet to a backend on another node, and that backend's
-/// reply back to the client. Otherwise TC forwards them, as it does with XDP off.
+/// Whether the XDP program on an uplink may send the packets of flows to backends on other
+/// nodes out itself (`--xdp-tx`): a client's packet SNATed to the node, and the backend's reply
+/// back to the client; with `--lb-mode dsr`, a client's packet DNATed only. Otherwise TC
+/// forwards them, as it does with XDP off.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum XdpTx {
     /// In generic mode, and in native mode on any driver but veth: a veth in native mode drops
@@ -232,8 +233,9 @@ pub struct AgentArgs {
     #[arg(long, env = "SLUICE_XDP_MODE", value_enum, default_value_t = XdpSetting::Off)]
     pub xdp_mode: XdpSetting,
 
-    /// With XDP on an uplink: whether XDP also forwards flows SNATed to the node (to backends
-    /// on other nodes, and their replies), sending them out itself (XDP_TX or XDP_REDIRECT to
+    /// With XDP on an uplink: whether XDP also forwards flows to backends on other nodes
+    /// (SNATed to the node, and their replies; with --lb-mode dsr, DNATed only), sending them
+    /// out itself (XDP_TX or XDP_REDIRECT to
     /// another uplink) instead of leaving them to TC. auto: in generic mode, and in native mode
     /// on drivers other than veth (a veth drops what XDP sends it unless its peer has an XDP
     /// program or GRO on); on: every uplink with XDP; off: never.
