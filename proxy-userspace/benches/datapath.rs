@@ -156,11 +156,12 @@ fn program(dp: &mut Dataplane, services: u32, node_port_addr: Option<Ipv4Addr>, 
 /// floor; then, the tables emptied, the new flows' SYNs again, started at XDP
 /// (`sluice_xdp_new_flow`: backend, SNAT port, FIB lookup, sent out). Then, the tables
 /// emptied and the dataplane reset to `--lb-mode dsr`, the same SYNs through TC by direct
-/// server return (DNAT, the option written, FIB lookup, redirect), and what they became
-/// arriving at the endpoint's node, the tables emptied again (`dsr::note`: the frontend looked
-/// up, the reverse entry written). Returns [empty, new flow, hit, reply, new flow (DSR), DSR
-/// SYN noted] and [XDP floor, XDP hit, XDP reply, XDP new flow].
-fn snat_cell(services: u32, flows: u16, rounds: usize) -> ([Stats; 6], [Stats; 4]) {
+/// server return (DNAT, the option written, FIB lookup, redirect), their next packets once
+/// established (through TC, then XDP), and what the SYNs became arriving at the endpoint's
+/// node, the tables emptied again (`dsr::note`: the frontend looked up, the reverse entry
+/// written). Returns [empty, new flow, hit, reply, new flow (DSR), hit (DSR), DSR SYN noted]
+/// and [XDP floor, XDP hit, XDP reply, XDP new flow, XDP hit (DSR)].
+fn snat_cell(services: u32, flows: u16, rounds: usize) -> ([Stats; 7], [Stats; 5]) {
     let (tx, rx) = std::sync::mpsc::channel();
     common::in_node(move |_| {
         let node: Ipv4Addr = common::NODE.parse().unwrap();
@@ -231,23 +232,11 @@ fn snat_cell(services: u32, flows: u16, rounds: usize) -> ([Stats; 6], [Stats; 4
             "every run was a reply"
         );
         // XDP: the test run's packets come in on the loopback device and leave by `v0`.
-        for dev in ["lo", "v0"] {
-            let index = nix::net::if_::if_nametoindex(dev).unwrap();
-            dp.set_xdp_tx(index, Some(XdpMode::Native)).unwrap();
-        }
+        let_xdp_send(&mut dp);
         let xdp_floor = measure(&dp, XDP_TX, &acks, rounds);
-        let xdp_path = |pkts: &[Vec<u8>], what: &str| {
-            let before = counter(&dp, CTR_XDP_TX);
-            let stats = measure(&dp, XDP_FROM_UPLINK, pkts, rounds);
-            assert_eq!(
-                counter(&dp, CTR_XDP_TX) - before,
-                runs,
-                "every {what} was sent by XDP"
-            );
-            stats
-        };
-        let xdp_hit = xdp_path(&acks, "client's packet");
-        let xdp_reply = xdp_path(&replies, "reply");
+        let sent = "sent by XDP";
+        let xdp_hit = measure_counted(&dp, XDP_FROM_UPLINK, &acks, rounds, CTR_XDP_TX, sent);
+        let xdp_reply = measure_counted(&dp, XDP_FROM_UPLINK, &replies, rounds, CTR_XDP_TX, sent);
         // New flows started at XDP: DNAT, SNAT port, FIB lookup, sent out; each SYN once.
         // The very SYNs TC's new flows were measured on, from the same empty tables.
         for e in dp.conntrack().unwrap() {
@@ -276,6 +265,14 @@ fn snat_cell(services: u32, flows: u16, rounds: usize) -> ([Stats; 6], [Stats; 4
             u64::from(flows),
             "every run was a new flow by direct server return"
         );
+        // Established by the clients' ACKs (unmeasured), the flows' next packets: TC's hit
+        // (DNAT, FIB lookup from the client's address, redirect), then XDP's (the same, sent
+        // out by XDP).
+        measure(&dp, FROM_UPLINK, &acks, 1);
+        let hit = "a conntrack hit of a flow by direct server return";
+        let dsr_hit = measure_counted(&dp, FROM_UPLINK, &acks, rounds, CTR_CT_HIT, hit);
+        let_xdp_send(&mut dp);
+        let xdp_dsr_hit = measure_counted(&dp, XDP_FROM_UPLINK, &acks, rounds, CTR_XDP_TX, sent);
         // The SYNs as the endpoints' node gets them (each sent again: it carries the option
         // again), noted there into empty tables; addressed to the test run's device's MAC (the
         // loopback device's, all zero), as a frame for that node.
@@ -298,8 +295,8 @@ fn snat_cell(services: u32, flows: u16, rounds: usize) -> ([Stats; 6], [Stats; 4
             "every run was a SYN noted"
         );
         tx.send((
-            [empty, new_flow, ct_hit, reply, dsr_new, dsr_noted],
-            [xdp_floor, xdp_hit, xdp_reply, xdp_new],
+            [empty, new_flow, ct_hit, reply, dsr_new, dsr_hit, dsr_noted],
+            [xdp_floor, xdp_hit, xdp_reply, xdp_new, xdp_dsr_hit],
         ))
         .unwrap();
     });
@@ -617,6 +614,11 @@ fn sized_for_services() -> Dataplane {
     .unwrap()
 }
 
+/// A table's cell for `s`, then its ratio to `floor`'s median as the next cell.
+fn cell_and_ratio(s: &Stats, floor: &Stats) -> String {
+    format!("{} | {:.2}x", cell(s), s.median / floor.median)
+}
+
 fn cell(s: &Stats) -> String {
     format!("{:.0} ns (mean {:.0}, p90 {:.0})", s.median, s.mean, s.p90)
 }
@@ -642,6 +644,34 @@ fn over_empty<const N: usize>(services: u32, stats: &[Stats; N]) -> String {
 fn counter(dp: &Dataplane, i: u32) -> u64 {
     let c: [Counter; _] = dp.counters().unwrap();
     c[i as usize].packets
+}
+
+/// [`measure`], asserting that every run counted `ctr`: the cell measured what it says it did.
+fn measure_counted(
+    dp: &Dataplane,
+    program: &'static str,
+    pkts: &[Vec<u8>],
+    rounds: usize,
+    ctr: u32,
+    what: &str,
+) -> Stats {
+    let before = counter(dp, ctr);
+    let stats = measure(dp, program, pkts, rounds);
+    assert_eq!(
+        counter(dp, ctr) - before,
+        (pkts.len() * rounds) as u64,
+        "every run was {what}"
+    );
+    stats
+}
+
+/// Lets XDP send from the test run's device (the loopback device, where its packets come in)
+/// and from `v0` (where the route to the remote endpoints leaves).
+fn let_xdp_send(dp: &mut Dataplane) {
+    for dev in ["lo", "v0"] {
+        let index = nix::net::if_::if_nametoindex(dev).unwrap();
+        dp.set_xdp_tx(index, Some(XdpMode::Native)).unwrap();
+    }
 }
 
 /// Establishes `n` flows from distinct client ports to `vip` (SYN, the backend's SYN-ACK,
@@ -927,8 +957,8 @@ fn main() {
     if let Some((entries, ms)) = *TIDY_SCAN.lock().unwrap() {
         md.push_str(&format!("\nThe agent's tidy scan (`Dataplane::retire_fe_addrs`, run from its tick while a gone frontend's flows live) over those full tables: {entries} conntrack entries read in {ms:.0} ms (median of 5).\n"));
     }
-    md.push_str("\n## The SNAT path: from outside to a NodePort whose endpoints are on other nodes\n\nTC ingress of the uplink (`sluice_from_uplink`) on a thread inside a namespace with a route and a resolved neighbour for the remote endpoints: a new flow (DNAT, SNAT port reserved, FIB lookup, TTL and MACs, redirect), the flow's next packet (conntrack hit, FIB lookup, redirect) and the endpoint's reply (reverse translation, FIB lookup, redirect), against the empty program. Then with `--lb-mode dsr`, from empty tables: the same SYNs by direct server return (DNAT, the option written, FIB lookup, redirect), and those SYNs as they reach the endpoints' node, noted there (`dsr::note`: the option read, the frontend looked up, the reverse entry written).\n\n");
-    md.push_str("| Services | empty program | new flow (SNAT) | conntrack hit (SNAT) | reply (SNAT) | new flow (DSR) | DSR SYN noted | over empty: new / hit / reply / DSR new / noted |\n|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    md.push_str("\n## The SNAT path: from outside to a NodePort whose endpoints are on other nodes\n\nTC ingress of the uplink (`sluice_from_uplink`) on a thread inside a namespace with a route and a resolved neighbour for the remote endpoints: a new flow (DNAT, SNAT port reserved, FIB lookup, TTL and MACs, redirect), the flow's next packet (conntrack hit, FIB lookup, redirect) and the endpoint's reply (reverse translation, FIB lookup, redirect), against the empty program. Then with `--lb-mode dsr`, from empty tables: the same SYNs by direct server return (DNAT, the option written, FIB lookup, redirect), the flows' next packets once the clients' ACKs established them (conntrack hit, FIB lookup from the client's address, redirect), and those SYNs as they reach the endpoints' node, noted there (`dsr::note`: the option read, the frontend looked up, the reverse entry written).\n\n");
+    md.push_str("| Services | empty program | new flow (SNAT) | conntrack hit (SNAT) | reply (SNAT) | new flow (DSR) | conntrack hit (DSR) | DSR SYN noted | over empty: new / hit / reply / DSR new / DSR hit / noted |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     let mut snat_xdp = Vec::new();
     for services in [1u32, 10_000] {
         let (tc, xdp) = snat_cell(services, flows, rounds);
@@ -961,14 +991,19 @@ fn main() {
         ));
     }
     md.push_str("\n### XDP: flows SNATed to the node (remote endpoints), both ways\n\nThe SNAT section's established flows (same run, same namespace): the client's next packet and the endpoint's reply through `sluice_xdp_from_uplink`, each translated (both addresses and ports), given the route's TTL and MACs (`bpf_fib_lookup`) and sent out by XDP (here XDP_REDIRECT, as the test run's packets come in on the loopback device; on an uplink, XDP_TX), beside the XDP floor and TC's own hit and reply above. Then, the tables emptied, the new flows' SYNs again, each once, started at XDP (backend, SNAT port reserved, both entries, FIB lookup, sent out), beside TC's new flow above on the same SYNs from the same empty tables.\n\n| Services | XDP floor (XDP_TX) | XDP hit (SNAT) | hit / floor | XDP reply (SNAT) | reply / floor | XDP new flow (SNAT) | TC hit (SNAT) | TC reply (SNAT) | TC new flow (SNAT) | XDP / TC: hit, reply, new flow |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
-    for (services, [_, tc_new, tc_hit, tc_reply, ..], [floor, hit, reply, new]) in &snat_xdp {
+    // The direct-server-return rows, rendered in the same pass, go in a table of their own.
+    let mut dsr_rows = String::new();
+    for (
+        services,
+        [_, tc_new, tc_hit, tc_reply, _, tc_dsr_hit, _],
+        [floor, hit, reply, new, dsr_hit],
+    ) in &snat_xdp
+    {
         md.push_str(&format!(
-            "| {services} | {} | {} | {:.2}x | {} | {:.2}x | {} | {} | {} | {} | {:.2} / {:.2} / {:.2} |\n",
+            "| {services} | {} | {} | {} | {} | {} | {} | {} | {:.2} / {:.2} / {:.2} |\n",
             cell(floor),
-            cell(hit),
-            hit.median / floor.median,
-            cell(reply),
-            reply.median / floor.median,
+            cell_and_ratio(hit, floor),
+            cell_and_ratio(reply, floor),
             cell(new),
             cell(tc_hit),
             cell(tc_reply),
@@ -977,7 +1012,16 @@ fn main() {
             reply.median / tc_reply.median,
             new.median / tc_new.median
         ));
+        dsr_rows.push_str(&format!(
+            "| {services} | {} | {} | {} | {:.2} |\n",
+            cell(floor),
+            cell_and_ratio(dsr_hit, floor),
+            cell(tc_dsr_hit),
+            dsr_hit.median / tc_dsr_hit.median
+        ));
     }
+    md.push_str("\n### XDP: flows by direct server return (the ingress node)\n\nThe SNAT section's flows by direct server return, established (same run, same namespace): the client's next packet through `sluice_xdp_from_uplink`, DNATed only and sent out by XDP by the route from the client's address, beside the XDP floor and TC's hit of the same flows above.\n\n| Services | XDP floor (XDP_TX) | XDP hit (DSR) | hit / floor | TC hit (DSR) | XDP / TC |\n|---:|---:|---:|---:|---:|---:|\n");
+    md.push_str(&dsr_rows);
     md.push_str("\n## SCTP: the conntrack hit, with its checksum update\n\nTC ingress of a pod device: conntrack hits to a ClusterIP over TCP (port 80 to 8080), and over SCTP with a port change (3868 to 3869: the CRC32c update, in `sluice_sctp_checksum`, tail-called) and without one (3870 to 3870: the tail call, nothing to update).\n\n| Services | empty program | TCP hit | SCTP hit, port changed | SCTP hit, same port | over empty: TCP / SCTP changed / same |\n|---:|---:|---:|---:|---:|---:|\n");
     for services in [1u32, 10_000] {
         md.push_str(&over_empty(services, &sctp_cell(services, flows, rounds)));
