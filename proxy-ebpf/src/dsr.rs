@@ -89,16 +89,45 @@ pub fn add_option(
     let old_word: u32 = read(ctx.data(), ctx.data_end(), ETH_LEN).ok_or(RewriteFailed)?;
     ctx.adjust_room(OPT_LEN as i32, BPF_ADJ_ROOM_NET, 0)
         .map_err(|_| RewriteFailed)?;
+    let h = with_option(f, old_word, old_csum, fe_addr_be, fe_port_be);
+    put(ctx, ETH_LEN, h.first_word)?;
+    put(ctx, IP_CSUM_OFF, h.csum)?;
+    put(ctx, ETH_LEN + 20, h.option)
+}
+
+/// What an IPv4 header without options becomes with the option in it.
+pub struct WithOption {
+    /// The header's first word as it lies in memory: version and length 7 words, TOS, total
+    /// length.
+    pub first_word: u32,
+    /// The header checksum.
+    pub csum: u16,
+    /// The option's two words, to follow the 20-byte header.
+    pub option: [u32; 2],
+}
+
+/// The option naming `fe_addr_be:fe_port_be` for the packet `f`, whose header's first word is
+/// `old_word` (as it lies in memory) and checksum `old_csum`: the words that change, for TC's
+/// [`add_option`] and XDP's alike.
+#[inline(always)]
+pub fn with_option(
+    f: &Flow,
+    old_word: u32,
+    old_csum: u16,
+    fe_addr_be: u32,
+    fe_port_be: u16,
+) -> WithOption {
     let word = old_word.to_ne_bytes();
     let tot_len = f.tot_len.wrapping_add(OPT_LEN as u16).to_be_bytes();
-    let new_word = u32::from_ne_bytes([0x47, word[1], tot_len[0], tot_len[1]]);
+    let first_word = u32::from_ne_bytes([0x47, word[1], tot_len[0], tot_len[1]]);
     let port = fe_port_be.to_ne_bytes();
     let opt_head = u32::from_ne_bytes([OPT_TYPE, OPT_LEN as u8, port[0], port[1]]);
-    let sum = csum_add(csum_add(diff(old_word, new_word), opt_head), fe_addr_be);
-    let csum = !fold(csum_add(u32::from(!old_csum), sum));
-    put(ctx, ETH_LEN, new_word)?;
-    put(ctx, IP_CSUM_OFF, csum)?;
-    put(ctx, ETH_LEN + 20, [opt_head, fe_addr_be])
+    let sum = csum_add(csum_add(diff(old_word, first_word), opt_head), fe_addr_be);
+    WithOption {
+        first_word,
+        csum: !fold(csum_add(u32::from(!old_csum), sum)),
+        option: [opt_head, fe_addr_be],
+    }
 }
 
 /// At an uplink's ingress, for a packet with IP options: whether `f` is a client's SYN for

@@ -4,7 +4,7 @@
 //! | program                  | attach at           | does                                        |
 //! |--------------------------|---------------------|---------------------------------------------|
 //! | `sluice_xdp_from_uplink` | XDP of uplinks      | an established flow's packet: DNAT and XDP_PASS; SNAT, or DNAT by DSR, and XDP_TX |
-//! | `sluice_xdp_new_flow`    | tail-called (`LB4_XDP_TAILS`) | a new flow: backend, entries; DNAT and XDP_PASS, or SNAT and sent out |
+//! | `sluice_xdp_new_flow`    | tail-called (`LB4_XDP_TAILS`) | a new flow: backend, entries; DNAT and XDP_PASS, or SNAT (or DNAT and the DSR option) and sent out |
 //! | `sluice_xdp_tx`          | nowhere             | XDP_TX: the benchmark's floor               |
 //! | `sluice_xdp_pass`        | sandbox veth peers  | XDP_PASS: makes a veth take XDP frames      |
 //!
@@ -49,7 +49,10 @@
 //! which counts it again; a packet it sends out (`xdp_tx`, `xdp_new_flow_tx`) or drops
 //! (`xdp_drop`) never reaches TC.
 use aya_ebpf::{
-    EbpfContext as _, bindings::xdp_action, helpers::bpf_redirect, macros::xdp,
+    EbpfContext as _,
+    bindings::xdp_action,
+    helpers::{bpf_redirect, bpf_xdp_adjust_head},
+    macros::xdp,
     programs::XdpContext,
 };
 use proxy_common::{
@@ -65,7 +68,7 @@ use crate::{
         self, forward_state, owned_by, reply_key, reply_state, service_key, touch, translated_key,
     },
     dsr,
-    fib::{self, Fib},
+    fib::{self, Fib, Route},
     lb,
     maps::{LB4_CONFIG, LB4_UPLINK_MACS, LB4_XDP_TAILS, LB4_XDP_TX},
     nat::{csum_add, diff, fold},
@@ -339,12 +342,23 @@ fn new_flow(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Opti
     // SAFETY: the config is plain integers, copied out.
     let cfg: Lb4Config = LB4_CONFIG.get(0).copied().unwrap_or_default();
     let mut flags = forward_state(f, 0);
-    let (snat, hop) = if be.flags & BACKEND_FLAG_LOCAL == 0 {
+    // To another node's backend by direct server return, as TC decides it (`dsr::route`):
+    // DNAT only, the SYN given the option and sent out by XDP on a route it may send by (else
+    // TC's). A flow that TC would SNAT instead (the client behind the backend's next hop, or
+    // the SYN too big with the option) is SNATed below.
+    let by_dsr = if be.flags & BACKEND_FLAG_LOCAL == 0 && dsr::wanted(&cfg, f) {
+        dsr_route(ctx, &p, be.addr_be)
+    } else {
+        None
+    };
+    let (snat, hop) = if let Some(r) = &by_dsr {
+        let hop = hop_by(ctx, &p, r)?;
+        flags |= CT_FLAG_REDIRECT | CT_FLAG_DSR;
+        (0, Some(hop))
+    } else if be.flags & BACKEND_FLAG_LOCAL == 0 {
         // To another node's backend: SNAT to this node and sent out by XDP, on a route it may
         // send by (else TC's, which resolves neighbours and answers "fragmentation needed").
-        // Direct server return (its option) is TC's. (`|`, not `||`: one branch where two
-        // made the verifier walk this program half as long again, 352k instructions to 230k.)
-        if (cfg.snat_addr_be == 0) | dsr::wanted(&cfg, f) {
+        if cfg.snat_addr_be == 0 {
             return Err(TC);
         }
         let hop = next_hop(ctx, &p, cfg.snat_addr_be, be.addr_be)?;
@@ -369,8 +383,64 @@ fn new_flow(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Opti
         rec.port_be,
     );
     // A flow another CPU recorded first with another route was dropped by `record`: `hop`
-    // is this flow's.
+    // is this flow's. (And one it recorded with the same route, by DSR, gets the option as
+    // TC's retransmitted SYN does.)
+    if by_dsr.is_some() {
+        // The flow is recorded: if XDP cannot make room, TC goes on with it (as with a
+        // retransmitted SYN: the option, the route).
+        let (start, end) = add_dsr_option(ctx, f).ok_or(TC)?;
+        let grown = Parsed {
+            flow: Flow {
+                l4_off: f.l4_off + dsr::OPT_LEN,
+                ..*f
+            },
+            ..p
+        };
+        return send(start, end, &grown, &to, hop.as_ref())
+            .ok_or(CTR_XDP_DROP)
+            .map(Some);
+    }
     Ok(send(start, end, &p, &to, hop.as_ref()))
+}
+
+/// `dsr::route` at XDP: the route from the client to the backend `backend_be` on another node
+/// for `p`'s SYN with the option, unless the client is reached by the same next hop (or the
+/// SYN does not fit with it): then `None`, for SNAT.
+#[inline(always)]
+fn dsr_route(ctx: &XdpContext, p: &Parsed, backend_be: u32) -> Option<Route> {
+    let f = &p.flow;
+    let len = f.tot_len.saturating_add(dsr::OPT_LEN as u16);
+    let to_backend = route_from(ctx, f, f.saddr_be, backend_be, len)?;
+    match route_from(ctx, f, f.daddr_be, f.saddr_be, 0) {
+        Some(back) if back.same_hop(&to_backend) => None,
+        _ => Some(to_backend),
+    }
+}
+
+/// Inserts the option naming the frontend `f.daddr_be:f.dport_be` after the IPv4 header (no
+/// options of its own: `dsr::wanted`), in room made at the front (`bpf_xdp_adjust_head`) by
+/// moving the Ethernet and IPv4 headers up; the header's length, total length and checksum
+/// follow (`dsr::with_option`, as TC's). `None` if no room could be made: the packet is then
+/// as it was. Returns the packet's new bounds.
+#[inline(always)]
+fn add_dsr_option(ctx: &XdpContext, f: &Flow) -> Option<(usize, usize)> {
+    const HEADERS: u32 = ETH_LEN + 20;
+    // SAFETY: the program's own context; a negative delta makes room at the front.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(dsr::OPT_LEN as i32)) } != 0 {
+        return None;
+    }
+    let (start, end) = (ctx.data(), ctx.data_end());
+    // From here the packet has grown: a failed read (none can: it is longer than before) would
+    // leave it half-moved, so the caller drops it.
+    let headers: [u8; HEADERS as usize] = read(start, end, dsr::OPT_LEN)?;
+    put(start, end, 0, headers);
+    let old_word: u32 = read(start, end, ETH_LEN)?;
+    let old_csum: u16 = read(start, end, IP_CSUM_OFF)?;
+    let h = dsr::with_option(f, old_word, old_csum, f.daddr_be, f.dport_be);
+    put(start, end, ETH_LEN, h.first_word);
+    put(start, end, IP_CSUM_OFF, h.csum);
+    put(start, end, HEADERS, h.option);
+    Some((start, end))
 }
 
 /// Whether the frame at `[start, end)` is for another host's MAC address than the uplink's
@@ -439,6 +509,31 @@ fn snated_reply(
 /// route), counted as [`CTR_XDP_TO_TC_ROUTE`].
 #[inline(always)]
 fn next_hop(ctx: &XdpContext, p: &Parsed, saddr_be: u32, daddr_be: u32) -> Result<Hop, u32> {
+    let r =
+        route_from(ctx, &p.flow, saddr_be, daddr_be, p.flow.tot_len).ok_or(CTR_XDP_TO_TC_ROUTE)?;
+    hop_by(ctx, p, &r)
+}
+
+/// The route of `f`'s packet (of `tot_len` bytes) from `saddr_be` to `daddr_be`, as it comes
+/// in on its uplink; `None` if there is none, or it does not fit.
+#[inline(always)]
+fn route_from(
+    ctx: &XdpContext,
+    f: &Flow,
+    saddr_be: u32,
+    daddr_be: u32,
+    tot_len: u16,
+) -> Option<Route> {
+    let ingress = ctx.ingress_ifindex() as u32;
+    match fib::lookup_from(ctx.as_ptr(), ingress, saddr_be, daddr_be, f.proto, tot_len) {
+        Fib::Route(r) => Some(r),
+        _ => None,
+    }
+}
+
+/// [`next_hop`] for the route `r` already looked up.
+#[inline(always)]
+fn hop_by(ctx: &XdpContext, p: &Parsed, r: &Route) -> Result<Hop, u32> {
     const NO: u32 = CTR_XDP_TO_TC_ROUTE;
     let ingress = ctx.ingress_ifindex() as u32;
     // SAFETY: the value is a plain integer.
@@ -446,17 +541,6 @@ fn next_hop(ctx: &XdpContext, p: &Parsed, saddr_be: u32, daddr_be: u32) -> Resul
     if p.ttl <= 1 {
         return Err(NO);
     }
-    let f = &p.flow;
-    let Fib::Route(r) = fib::lookup_from(
-        ctx.as_ptr(),
-        ingress,
-        saddr_be,
-        daddr_be,
-        f.proto,
-        f.tot_len,
-    ) else {
-        return Err(NO);
-    };
     if !r.resolved {
         return Err(NO);
     }

@@ -156,12 +156,12 @@ fn program(dp: &mut Dataplane, services: u32, node_port_addr: Option<Ipv4Addr>, 
 /// floor; then, the tables emptied, the new flows' SYNs again, started at XDP
 /// (`sluice_xdp_new_flow`: backend, SNAT port, FIB lookup, sent out). Then, the tables
 /// emptied and the dataplane reset to `--lb-mode dsr`, the same SYNs through TC by direct
-/// server return (DNAT, the option written, FIB lookup, redirect), their next packets once
-/// established (through TC, then XDP), and what the SYNs became arriving at the endpoint's
+/// server return (DNAT, the option written, FIB lookup, redirect), again started at XDP from
+/// empty tables, their next packets once established (through TC, then XDP), and what the SYNs became arriving at the endpoint's
 /// node, the tables emptied again (`dsr::note`: the frontend looked up, the reverse entry
 /// written). Returns [empty, new flow, hit, reply, new flow (DSR), hit (DSR), DSR SYN noted]
-/// and [XDP floor, XDP hit, XDP reply, XDP new flow, XDP hit (DSR)].
-fn snat_cell(services: u32, flows: u16, rounds: usize) -> ([Stats; 7], [Stats; 5]) {
+/// and [XDP floor, XDP hit, XDP reply, XDP new flow, XDP new flow (DSR), XDP hit (DSR)].
+fn snat_cell(services: u32, flows: u16, rounds: usize) -> ([Stats; 7], [Stats; 6]) {
     let (tx, rx) = std::sync::mpsc::channel();
     common::in_node(move |_| {
         let node: Ipv4Addr = common::NODE.parse().unwrap();
@@ -265,13 +265,21 @@ fn snat_cell(services: u32, flows: u16, rounds: usize) -> ([Stats; 7], [Stats; 5
             u64::from(flows),
             "every run was a new flow by direct server return"
         );
+        // The same SYNs started at XDP, from empty tables again (DNAT, the option in room made
+        // at the front, FIB lookup, sent out).
+        for e in dp.conntrack().unwrap() {
+            dp.evict_conntrack_entry(&e).unwrap();
+        }
+        let_xdp_send(&mut dp);
+        let started = "a new flow sent out by XDP";
+        let xdp_dsr_new =
+            measure_counted(&dp, XDP_FROM_UPLINK, &pkts, 1, CTR_XDP_NEW_FLOW_TX, started);
         // Established by the clients' ACKs (unmeasured), the flows' next packets: TC's hit
         // (DNAT, FIB lookup from the client's address, redirect), then XDP's (the same, sent
         // out by XDP).
         measure(&dp, FROM_UPLINK, &acks, 1);
         let hit = "a conntrack hit of a flow by direct server return";
         let dsr_hit = measure_counted(&dp, FROM_UPLINK, &acks, rounds, CTR_CT_HIT, hit);
-        let_xdp_send(&mut dp);
         let xdp_dsr_hit = measure_counted(&dp, XDP_FROM_UPLINK, &acks, rounds, CTR_XDP_TX, sent);
         // The SYNs as the endpoints' node gets them (each sent again: it carries the option
         // again), noted there into empty tables; addressed to the test run's device's MAC (the
@@ -296,7 +304,14 @@ fn snat_cell(services: u32, flows: u16, rounds: usize) -> ([Stats; 7], [Stats; 5
         );
         tx.send((
             [empty, new_flow, ct_hit, reply, dsr_new, dsr_hit, dsr_noted],
-            [xdp_floor, xdp_hit, xdp_reply, xdp_new, xdp_dsr_hit],
+            [
+                xdp_floor,
+                xdp_hit,
+                xdp_reply,
+                xdp_new,
+                xdp_dsr_new,
+                xdp_dsr_hit,
+            ],
         ))
         .unwrap();
     });
@@ -995,8 +1010,8 @@ fn main() {
     let mut dsr_rows = String::new();
     for (
         services,
-        [_, tc_new, tc_hit, tc_reply, _, tc_dsr_hit, _],
-        [floor, hit, reply, new, dsr_hit],
+        [_, tc_new, tc_hit, tc_reply, tc_dsr_new, tc_dsr_hit, _],
+        [floor, hit, reply, new, dsr_new, dsr_hit],
     ) in &snat_xdp
     {
         md.push_str(&format!(
@@ -1013,14 +1028,17 @@ fn main() {
             new.median / tc_new.median
         ));
         dsr_rows.push_str(&format!(
-            "| {services} | {} | {} | {} | {:.2} |\n",
+            "| {services} | {} | {} | {} | {:.2} | {} | {} | {:.2} |\n",
             cell(floor),
             cell_and_ratio(dsr_hit, floor),
             cell(tc_dsr_hit),
-            dsr_hit.median / tc_dsr_hit.median
+            dsr_hit.median / tc_dsr_hit.median,
+            cell(dsr_new),
+            cell(tc_dsr_new),
+            dsr_new.median / tc_dsr_new.median
         ));
     }
-    md.push_str("\n### XDP: flows by direct server return (the ingress node)\n\nThe SNAT section's flows by direct server return, established (same run, same namespace): the client's next packet through `sluice_xdp_from_uplink`, DNATed only and sent out by XDP by the route from the client's address, beside the XDP floor and TC's hit of the same flows above.\n\n| Services | XDP floor (XDP_TX) | XDP hit (DSR) | hit / floor | TC hit (DSR) | XDP / TC |\n|---:|---:|---:|---:|---:|---:|\n");
+    md.push_str("\n### XDP: flows by direct server return (the ingress node)\n\nThe SNAT section's flows by direct server return (same run, same namespace): their SYNs, each once from empty tables, started at XDP (backend, both entries, the option inserted in room made at the front, FIB lookup, sent out) beside TC's new flow by DSR above; then, established, the client's next packet through `sluice_xdp_from_uplink`, DNATed only and sent out by XDP by the route from the client's address, beside the XDP floor and TC's hit of the same flows above.\n\n| Services | XDP floor (XDP_TX) | XDP hit (DSR) | hit / floor | TC hit (DSR) | XDP / TC: hit | XDP new flow (DSR) | TC new flow (DSR) | XDP / TC: new flow |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     md.push_str(&dsr_rows);
     md.push_str("\n## SCTP: the conntrack hit, with its checksum update\n\nTC ingress of a pod device: conntrack hits to a ClusterIP over TCP (port 80 to 8080), and over SCTP with a port change (3868 to 3869: the CRC32c update, in `sluice_sctp_checksum`, tail-called) and without one (3870 to 3870: the tail call, nothing to update).\n\n| Services | empty program | TCP hit | SCTP hit, port changed | SCTP hit, same port | over empty: TCP / SCTP changed / same |\n|---:|---:|---:|---:|---:|---:|\n");
     for services in [1u32, 10_000] {

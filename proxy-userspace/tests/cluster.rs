@@ -544,11 +544,19 @@ fn direct_server_return(xdp: bool) {
             let seen = web_1_through(&env, ingress);
             assert_eq!(seen.ip(), &client, "the backend sees the client");
         }
+        // Started by TC, or (with XDP) at XDP.
         assert!(
-            env.counter(ingress, "new_flow_dsr") >= 5.0,
+            env.counter(ingress, "new_flow_dsr") + env.counter(ingress, "xdp_new_flow_tx") >= 5.0,
             "{}",
             env.counters(ingress)
         );
+        if xdp {
+            assert!(
+                env.counter(ingress, "xdp_new_flow_tx") >= 1.0,
+                "{}",
+                env.counters(ingress)
+            );
+        }
         assert!(
             env.counter(1, "dsr_noted") - noted >= 5.0,
             "{}",

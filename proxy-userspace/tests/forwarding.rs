@@ -940,8 +940,8 @@ fn a_client_from_outside_that_is_a_pod_of_this_node_is_noted_for_its_replies() {
 /// The ingress node's half: a new TCP flow from outside to a backend on another node is DNATed
 /// only (the backend sees the client), its SYNs carry the frontend in the option, it is
 /// forwarded by FIB redirect, and the client's ACK establishes it (no reply passes here). UDP
-/// is SNATed as without DSR. XDP leaves such a flow's SYNs to TC, and forwards its
-/// established packets as TC does.
+/// is SNATed as without DSR. XDP starts such a flow and forwards its established packets
+/// exactly as TC does.
 #[test]
 fn a_new_tcp_flow_by_direct_server_return_is_dnated_only_and_its_syns_name_the_frontend() {
     require_privileged!(
@@ -1085,32 +1085,53 @@ fn a_new_tcp_flow_by_direct_server_return_is_dnated_only_and_its_syns_name_the_f
             1
         );
 
-        // XDP, though let send from both devices, leaves a DSR flow's SYN to TC untouched,
-        // recording nothing.
+        // XDP, let send from both devices, starts such a flow itself: the SYN DNATed, given
+        // the option (room made at the front) and sent out, byte for byte as TC makes it from
+        // the same state, and the flow recorded alike.
         for dev in ["lo", "v0"] {
             let i = nix::net::if_::if_nametoindex(dev).unwrap();
             dp.set_xdp_tx(i, Some(XdpMode::Native)).unwrap();
         }
-        let syn = tcp(sa("198.18.0.100:40001"), sa(NODE_PORT), SYN, b"");
-        let entries = dp.conntrack().unwrap().len();
+        let client = sa("198.18.0.100:40001");
+        let syn = tcp(client, sa(NODE_PORT), SYN, b"");
+        let before = recorded(&dp);
         let mut got = (0, Vec::new());
         let counts = xdp_counts(&dp, || got = run_xdp(&dp, XDP_FROM_UPLINK, &syn));
         assert_eq!(
             (got.0, counts),
-            (XDP_PASS, [0, 0, 1, 0, 0]),
-            "to TC for the flow"
+            (XDP_REDIRECT, [0, 0, 0, 1, 0]),
+            "a new flow sent out by XDP"
         );
-        assert_eq!(got.1, syn, "untouched");
+        let by_xdp = recorded(&dp);
+        assert_eq!(by_xdp.len(), before.len() + 2, "the flow's two entries");
+        for e in dp.conntrack().unwrap() {
+            if e.src == client || e.dst == client {
+                dp.evict_conntrack_entry(&e).unwrap();
+            }
+        }
+        let counted = dp.counters().unwrap();
+        let (verdict, by_tc) = run(&dp, FROM_UPLINK, &syn);
         assert_eq!(
-            dp.conntrack().unwrap().len(),
-            entries,
-            "nothing recorded at XDP"
+            (
+                verdict,
+                delta(&counted, &dp.counters().unwrap(), CTR_NEW_FLOW_DSR)
+            ),
+            (TC_ACT_REDIRECT, 1),
+            "TC's new flow by DSR"
         );
-        // Once TC has started the flow and the client's ACK has established it, XDP forwards
-        // its packets itself, DNATed only and from the client's address, byte for byte as TC
-        // does (no option: only SYNs carry it); a FIN is TC's.
-        let client = sa("198.18.0.100:40001");
-        run(&dp, FROM_UPLINK, &syn);
+        assert_eq!(got.1, by_tc, "XDP and TC make the same packet");
+        assert_eq!(recorded(&dp), by_xdp, "XDP and TC record the flow alike");
+        let seen = check(&got.1);
+        assert_eq!((seen.src, seen.dst), (client, sa(REMOTE)));
+        assert_eq!(
+            got.1[34..42],
+            with_dsr_option(&syn, sa(NODE_PORT))[34..42],
+            "the option names the frontend"
+        );
+        assert_eq!((ttl(&got.1), &got.1[0..6]), (63, &OTHER_MAC[..]));
+        // Once the client's ACK (TC's: it moves the flow to `CT4`) has established it, XDP
+        // forwards its packets itself, DNATed only and from the client's address, byte for
+        // byte as TC does (no option: only SYNs carry it); a FIN is TC's.
         run(&dp, FROM_UPLINK, &tcp(client, sa(NODE_PORT), ACK, b""));
         for (i, payload) in [&b"GET / HTTP/1.1\r\n"[..], b"Host: x\r\n", b"\r\n"]
             .into_iter()
