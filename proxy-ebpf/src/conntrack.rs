@@ -345,8 +345,8 @@ pub fn promote(skey: &Ct4Key, s: *mut Ct4Entry, rkey: &Ct4Key, r: Option<*mut Ct
     }
 }
 
-/// Moves the one entry `e` at `key`, just established, from `CT4_NEW` to `CT4` (written there
-/// first, as [`promote`] does); an entry already in `CT4` is written over with itself.
+/// Moves the one entry `e` at `key`, in `CT4_NEW`, from there to `CT4` (written there first,
+/// as [`promote`] does).
 #[inline(always)]
 pub fn promote_one(key: &Ct4Key, e: *mut Ct4Entry) {
     // SAFETY: `e` points at a map value; the kernel copies it into the other map.
@@ -378,6 +378,7 @@ pub fn reopens(f: &Flow, state: u16) -> bool {
 // The shifts that move the DSR bit, and the TCP SYN bit, onto state bits.
 const DSR_TO_SEEN_REPLY: u32 = CT_FLAG_DSR.trailing_zeros() - CT_FLAG_SEEN_REPLY.trailing_zeros();
 const DSR_TO_ESTABLISHED: u32 = CT_FLAG_DSR.trailing_zeros() - CT_FLAG_ESTABLISHED.trailing_zeros();
+const DSR_SYN_TO_ESTABLISHED: u32 = CT_FLAG_ESTABLISHED.trailing_zeros() - TCP_SYN.trailing_zeros();
 const _: () = assert!(TCP_SYN as u16 == CT_FLAG_SEEN_REPLY);
 
 /// Folds a packet from the client into the flow state; returns the new flags.
@@ -418,11 +419,12 @@ pub fn reply_state(f: &Flow, mut flags: u16) -> u16 {
         }
         // Direct server return, on the backend's node: the client's packets do not pass
         // here, and the backend's next packet after its SYN-ACK may be hours away (a pooled
-        // connection whose client waits before its first request): the SYN-ACK establishes
-        // it (without a branch, as in `forward_state`). It stays in `CT4_NEW`, where a flood
-        // of new flows evicts, until that next packet shows the client's ACK reached the
-        // backend (`programs::reply`).
-        flags |= (flags >> DSR_TO_ESTABLISHED) & CT_FLAG_ESTABLISHED;
+        // connection whose client waits before its first request): the SYN-ACK (a reply with
+        // SYN) establishes it (without a branch, as in `forward_state`). It stays in
+        // `CT4_NEW`, where a flood of new flows evicts, until the backend's next packet
+        // without SYN, FIN or RST (`programs::reply`).
+        flags |= (flags >> DSR_TO_ESTABLISHED)
+            & (u16::from(f.tcp_flags & TCP_SYN) << DSR_SYN_TO_ESTABLISHED);
     } else {
         flags |= CT_FLAG_ESTABLISHED;
     }

@@ -36,8 +36,8 @@ use aya_ebpf::{
 };
 use proxy_common::{
     BACKEND_FLAG_LOCAL, CT_FLAG_DSR, CT_FLAG_ESTABLISHED, CT_FLAG_PORT_REMAP, CT_FLAG_REDIRECT,
-    CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, CTR_CT_HIT, CTR_CT_STALE_REVERSE, CTR_DROP_FIB,
-    CTR_DROP_FRAGMENT, CTR_DROP_NEW_FLOW_PROGRAM, CTR_DROP_NO_LOCAL_BACKEND, CTR_DROP_NO_SNAT_ADDR,
+    CT_FLAG_SNAT, CTR_CT_HIT, CTR_CT_STALE_REVERSE, CTR_DROP_FIB, CTR_DROP_FRAGMENT,
+    CTR_DROP_NEW_FLOW_PROGRAM, CTR_DROP_NO_LOCAL_BACKEND, CTR_DROP_NO_SNAT_ADDR,
     CTR_DROP_NODE_SCTP_TO_SERVICE, CTR_DROP_REJECT_FAILED, CTR_DROP_REJECT_RATE_LIMITED,
     CTR_DROP_REWRITE, CTR_DROP_SOURCE_RANGE, CTR_DROP_UNALLOCATED_CLUSTER_IP, CTR_HAIRPIN,
     CTR_NEW_FLOW, CTR_NEW_FLOW_DSR, CTR_NEW_FLOW_SNAT, CTR_PASS_FRAGMENT, CTR_PASS_NO_MATCH,
@@ -573,15 +573,17 @@ fn reply(ctx: &TcContext, f: &Flow, len: u32, hook: Hook) -> Option<(i32, u32)> 
     touch(e, state, new_state, now, len);
     if in_new
         && c.flags & CT_FLAG_DSR != 0
-        && state & CT_FLAG_SEEN_REPLY != 0
+        && state & CT_FLAG_ESTABLISHED != 0
         && f.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0
     {
         // A direct-server-return flow's entry on the backend's node, established by its
-        // SYN-ACK (`reply_state`), and now the backend's next packet shows the client's ACK
-        // reached it: out of the table a flood of new flows fills. Not by a retransmitted
-        // SYN-ACK (a spoofed SYN's goes unanswered), an RST or a FIN (a spoofed SYN to a
-        // closed port is answered with an RST). (Other flows move on their client's packet,
-        // both entries at once: `forward`.)
+        // SYN-ACK (`reply_state`), and now the backend's next packet, which it sends once the
+        // handshake is done (or to a segment outside its window): out of the table a flood
+        // of new flows fills. Not by a retransmitted SYN-ACK (all a spoofed SYN's source
+        // gets), an RST or a FIN (a spoofed SYN to a closed port is answered with an RST).
+        // As on the ingress node, a blind spoofer who follows its SYN with one more packet
+        // gets there too. (Other flows move on their client's packet, both entries at once:
+        // `forward`.)
         conntrack::promote_one(&key, e);
     }
     if f.proto == IPPROTO_TCP && f.tcp_flags & (TCP_FIN | TCP_RST) != 0 {

@@ -24,8 +24,8 @@
 //!   (`LB4_XDP_TX`), only for a frame sent to the uplink's own MAC address (`for_another_host`),
 //!   and only when the route's neighbour is resolved and the packet fits it.
 //! - a client's packet of a flow by direct server return (the ingress node): DNAT only, sent
-//!   out the same way by the route from the client's address (its SYNs, which carry the
-//!   option, are TC's).
+//!   out the same way by the route from the client's address (a retransmitted SYN, which
+//!   carries the option again, is TC's; the first is `sluice_xdp_new_flow`'s).
 //! Each updates the flow's entries as TC's `forward` and `reply` do (`conntrack::touch` with
 //! `conntrack::forward_state` or `reply_state`; a steady packet, `conntrack::steady`, from
 //! its service entry alone).
@@ -34,7 +34,8 @@
 //! tail-called into `sluice_xdp_new_flow`, which chooses and records the flow with the code
 //! TC's new-flow program runs (`lb::backend_for`, `record::record`), and drops what TC drops.
 //! What it does not do (an ICMP refusal, hairpin, a route it may not send by) goes to TC
-//! untouched, before anything is recorded. The flow's later packets until it is established
+//! untouched, before anything is recorded (but for a DSR SYN XDP could not make room for the
+//! option in, which TC goes on with as a retransmission of the recorded flow). The flow's later packets until it is established
 //! (its state, and the move to `CT4`) are TC's; so are fragments, ICMP and other protocols.
 //! So a flow never changes backend between the two paths, and nothing is lost when XDP is off.
 //!
@@ -100,8 +101,9 @@ pub fn sluice_xdp_from_uplink(ctx: XdpContext) -> u32 {
 /// A new flow's first packet from outside, tail-called by `sluice_xdp_from_uplink` when no
 /// entry of its flow exists: the backend chosen and the flow recorded as TC's new-flow
 /// program does (`lb::backend_for`, `record::record`), then DNATed and passed on (a local
-/// backend), or SNATed to the node and sent out (a remote one). What it leaves to TC goes
-/// untouched, with no conntrack entry written.
+/// backend), or SNATed to the node (or, by direct server return, given the option naming the
+/// frontend) and sent out (a remote one). What it leaves to TC goes untouched, with no
+/// conntrack entry written (but for a DSR SYN it could not make room for the option in).
 #[xdp]
 pub fn sluice_xdp_new_flow(ctx: XdpContext) -> u32 {
     let (start, end) = (ctx.data(), ctx.data_end());
@@ -388,7 +390,7 @@ fn new_flow(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Opti
     if by_dsr.is_some() {
         // The flow is recorded: if XDP cannot make room, TC goes on with it (as with a
         // retransmitted SYN: the option, the route).
-        let (start, end) = add_dsr_option(ctx, f).ok_or(TC)?;
+        let (start, end) = add_dsr_option(ctx, f)?;
         let grown = Parsed {
             flow: Flow {
                 l4_off: f.l4_off + dsr::OPT_LEN,
@@ -420,27 +422,28 @@ fn dsr_route(ctx: &XdpContext, p: &Parsed, backend_be: u32) -> Option<Route> {
 /// Inserts the option naming the frontend `f.daddr_be:f.dport_be` after the IPv4 header (no
 /// options of its own: `dsr::wanted`), in room made at the front (`bpf_xdp_adjust_head`) by
 /// moving the Ethernet and IPv4 headers up; the header's length, total length and checksum
-/// follow (`dsr::with_option`, as TC's). `None` if no room could be made: the packet is then
-/// as it was. Returns the packet's new bounds.
+/// follow (`dsr::with_option`, as TC's). Returns the packet's new bounds; else
+/// [`CTR_XDP_TO_TC_FLOW`] if no room could be made (the packet is as it was, for TC), or
+/// [`CTR_XDP_DROP`] if the grown packet could not be read (it cannot: it is longer than
+/// before; but half-moved, it must not go on).
 #[inline(always)]
-fn add_dsr_option(ctx: &XdpContext, f: &Flow) -> Option<(usize, usize)> {
+fn add_dsr_option(ctx: &XdpContext, f: &Flow) -> Result<(usize, usize), u32> {
     const HEADERS: u32 = ETH_LEN + 20;
+    const BROKEN: u32 = CTR_XDP_DROP;
     // SAFETY: the program's own context; a negative delta makes room at the front.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(dsr::OPT_LEN as i32)) } != 0 {
-        return None;
+        return Err(CTR_XDP_TO_TC_FLOW);
     }
     let (start, end) = (ctx.data(), ctx.data_end());
-    // From here the packet has grown: a failed read (none can: it is longer than before) would
-    // leave it half-moved, so the caller drops it.
-    let headers: [u8; HEADERS as usize] = read(start, end, dsr::OPT_LEN)?;
+    let headers: [u8; HEADERS as usize] = read(start, end, dsr::OPT_LEN).ok_or(BROKEN)?;
     put(start, end, 0, headers);
-    let old_word: u32 = read(start, end, ETH_LEN)?;
-    let old_csum: u16 = read(start, end, IP_CSUM_OFF)?;
+    let old_word: u32 = read(start, end, ETH_LEN).ok_or(BROKEN)?;
+    let old_csum: u16 = read(start, end, IP_CSUM_OFF).ok_or(BROKEN)?;
     let h = dsr::with_option(f, old_word, old_csum, f.daddr_be, f.dport_be);
     put(start, end, ETH_LEN, h.first_word);
     put(start, end, IP_CSUM_OFF, h.csum);
     put(start, end, HEADERS, h.option);
-    Some((start, end))
+    Ok((start, end))
 }
 
 /// Whether the frame at `[start, end)` is for another host's MAC address than the uplink's

@@ -1241,7 +1241,10 @@ fn the_backend_node_notes_a_direct_server_return_syn_and_its_pods_replies_show_t
         // A spoofed SYN on the tuple of a connection the pod has open is answered with a bare
         // ACK (a challenge ACK): not the next packet after a SYN-ACK, so not established.
         let e = answered(sa("198.18.0.100:40010"), ACK);
-        assert!(e.new, "a challenge ACK left it in CT4_NEW");
+        assert!(
+            e.new && lifetime_left_s(&e) <= 60.0,
+            "a challenge ACK left it in CT4_NEW, opening"
+        );
 
         // Not noted: an option naming a port no frontend has, or a ClusterIP (not served from
         // outside), another option, none at all; their replies leave as the pod sent them.

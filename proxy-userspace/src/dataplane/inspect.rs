@@ -40,7 +40,9 @@ pub struct CtEntry {
     pub dst: SocketAddrV4,
     pub entry: Ct4Entry,
     /// In `CT4_NEW`: the flow is not yet established (no reply yet, or none followed by a
-    /// packet from the client). Otherwise in `CT4`.
+    /// packet from the client), or it is a direct-server-return entry on the backend's node
+    /// established by the backend's SYN-ACK whose next packet has not come yet. Otherwise in
+    /// `CT4`.
     pub new: bool,
 }
 
