@@ -56,11 +56,26 @@ pub fn wanted(cfg: &Lb4Config, f: &Flow) -> bool {
 ///   to the client: the backend's node decides.
 #[inline(always)]
 pub fn route(ctx: &TcContext, f: &Flow, backend_be: u32) -> Option<Route> {
-    let len = fib::wire_len(ctx, f).saturating_add(OPT_LEN as u16);
-    let Fib::Route(to_backend) = fib::lookup(ctx, f.saddr_be, backend_be, f.proto, len) else {
+    route_by(f, backend_be, fib::wire_len(ctx, f), |from, to, len| {
+        fib::lookup(ctx, from, to, f.proto, len)
+    })
+}
+
+/// [`route`] for a packet of `len` bytes (without the option), with `lookup(from, to, len)`
+/// the FIB lookup of the hook it runs at: TC's, and XDP's (`xdp::new_flow`), which so decide
+/// alike.
+#[inline(always)]
+pub fn route_by(
+    f: &Flow,
+    backend_be: u32,
+    len: u16,
+    lookup: impl Fn(u32, u32, u16) -> Fib,
+) -> Option<Route> {
+    let Fib::Route(to_backend) = lookup(f.saddr_be, backend_be, len.saturating_add(OPT_LEN as u16))
+    else {
         return None;
     };
-    match fib::lookup(ctx, f.daddr_be, f.saddr_be, f.proto, 0) {
+    match lookup(f.daddr_be, f.saddr_be, 0) {
         Fib::Route(back) if back.same_hop(&to_backend) => None,
         _ => Some(to_backend),
     }

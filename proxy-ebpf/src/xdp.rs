@@ -35,8 +35,9 @@
 //! TC's new-flow program runs (`lb::backend_for`, `record::record`), and drops what TC drops.
 //! What it does not do (an ICMP refusal, hairpin, a route it may not send by) goes to TC
 //! untouched, before anything is recorded (but for a DSR SYN XDP could not make room for the
-//! option in, which TC goes on with as a retransmission of the recorded flow). The flow's later packets until it is established
-//! (its state, and the move to `CT4`) are TC's; so are fragments, ICMP and other protocols.
+//! option in, which TC goes on with as a retransmission of the recorded flow). The flow's
+//! later packets until it is established (its state, and the move to `CT4`) are TC's; so are
+//! fragments, ICMP and other protocols.
 //! So a flow never changes backend between the two paths, and nothing is lost when XDP is off.
 //!
 //! Its own checksum updates are plain RFC 1624 arithmetic, right for a packet that carries its
@@ -344,12 +345,15 @@ fn new_flow(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Opti
     // SAFETY: the config is plain integers, copied out.
     let cfg: Lb4Config = LB4_CONFIG.get(0).copied().unwrap_or_default();
     let mut flags = forward_state(f, 0);
-    // To another node's backend by direct server return, as TC decides it (`dsr::route`):
+    // To another node's backend by direct server return, as TC decides it (`dsr::route_by`):
     // DNAT only, the SYN given the option and sent out by XDP on a route it may send by (else
     // TC's). A flow that TC would SNAT instead (the client behind the backend's next hop, or
     // the SYN too big with the option) is SNATed below.
     let by_dsr = if be.flags & BACKEND_FLAG_LOCAL == 0 && dsr::wanted(&cfg, f) {
-        dsr_route(ctx, &p, be.addr_be)
+        let ingress = ctx.ingress_ifindex() as u32;
+        dsr::route_by(f, be.addr_be, f.tot_len, |from, to, len| {
+            fib::lookup_from(ctx.as_ptr(), ingress, from, to, f.proto, len)
+        })
     } else {
         None
     };
@@ -405,20 +409,6 @@ fn new_flow(ctx: &XdpContext, start: usize, end: usize, len: u32) -> Result<Opti
     Ok(send(start, end, &p, &to, hop.as_ref()))
 }
 
-/// `dsr::route` at XDP: the route from the client to the backend `backend_be` on another node
-/// for `p`'s SYN with the option, unless the client is reached by the same next hop (or the
-/// SYN does not fit with it): then `None`, for SNAT.
-#[inline(always)]
-fn dsr_route(ctx: &XdpContext, p: &Parsed, backend_be: u32) -> Option<Route> {
-    let f = &p.flow;
-    let len = f.tot_len.saturating_add(dsr::OPT_LEN as u16);
-    let to_backend = route_from(ctx, f, f.saddr_be, backend_be, len)?;
-    match route_from(ctx, f, f.daddr_be, f.saddr_be, 0) {
-        Some(back) if back.same_hop(&to_backend) => None,
-        _ => Some(to_backend),
-    }
-}
-
 /// Inserts the option naming the frontend `f.daddr_be:f.dport_be` after the IPv4 header (no
 /// options of its own: `dsr::wanted`), in room made at the front (`bpf_xdp_adjust_head`) by
 /// moving the Ethernet and IPv4 headers up; the header's length, total length and checksum
@@ -451,8 +441,8 @@ fn add_dsr_option(ctx: &XdpContext, f: &Flow) -> Result<(usize, usize), u32> {
 /// destination is, and the stack drops it (`PACKET_OTHERHOST`), as TC passes it. Broadcast and
 /// multicast frames are this host's too; an uplink the agent wrote no address for is not
 /// checked. Asked of new flows, and of an established flow's packets XDP would send out
-/// itself (SNATed to the node, and their replies): sent, such a frame would reach the backend
-/// or the client a second time. An established flow's packet that is only DNATed is not asked
+/// itself (SNATed to the node, and their replies; by direct server return): sent, such a frame
+/// would reach the backend or the client a second time. An established flow's packet that is only DNATed is not asked
 /// (it would cost every local-backend hit a lookup): it is passed, and the stack drops it
 /// (`PACKET_OTHERHOST`), after it renewed its flow's time.
 #[inline(always)]
