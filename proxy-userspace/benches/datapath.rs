@@ -23,7 +23,7 @@ use proxy_common::{
 use sluice::dataplane::{
     Backend, CtEntry, CtKind, Dataplane, DataplaneConfig, FROM_POD, FROM_UPLINK, Frontend,
     FrontendKind, PASS, PROGRAMS, Protocol, TO_POD, TO_UPLINK, XDP_FROM_UPLINK, XDP_PROGRAMS,
-    XDP_TX, XdpMode,
+    XDP_TX,
 };
 
 /// ClusterIP Services per port: 198.18.128.1.. holds 32,000 on port 80; beyond that the same
@@ -232,7 +232,7 @@ fn snat_cell(services: u32, flows: u16, rounds: usize) -> ([Stats; 7], [Stats; 6
             "every run was a reply"
         );
         // XDP: the test run's packets come in on the loopback device and leave by `v0`.
-        let_xdp_send(&mut dp);
+        common::let_xdp_send(&mut dp);
         let xdp_floor = measure(&dp, XDP_TX, &acks, rounds);
         let sent = "sent by XDP";
         let xdp_hit = measure_counted(&dp, XDP_FROM_UPLINK, &acks, rounds, CTR_XDP_TX, sent);
@@ -270,7 +270,7 @@ fn snat_cell(services: u32, flows: u16, rounds: usize) -> ([Stats; 7], [Stats; 6
         for e in dp.conntrack().unwrap() {
             dp.evict_conntrack_entry(&e).unwrap();
         }
-        let_xdp_send(&mut dp);
+        common::let_xdp_send(&mut dp);
         let started = "a new flow sent out by XDP";
         let xdp_dsr_new =
             measure_counted(&dp, XDP_FROM_UPLINK, &pkts, 1, CTR_XDP_NEW_FLOW_TX, started);
@@ -678,15 +678,6 @@ fn measure_counted(
         "every run was {what}"
     );
     stats
-}
-
-/// Lets XDP send from the test run's device (the loopback device, where its packets come in)
-/// and from `v0` (where the route to the remote endpoints leaves).
-fn let_xdp_send(dp: &mut Dataplane) {
-    for dev in ["lo", "v0"] {
-        let index = nix::net::if_::if_nametoindex(dev).unwrap();
-        dp.set_xdp_tx(index, Some(XdpMode::Native)).unwrap();
-    }
 }
 
 /// Establishes `n` flows from distinct client ports to `vip` (SYN, the backend's SYN-ACK,

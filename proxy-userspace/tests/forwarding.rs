@@ -298,10 +298,7 @@ fn xdp_starts_a_flow_to_a_remote_backend_snated_and_sent_out_exactly_as_tc_does(
         // One SNAT port: the port XDP and TC reserve is then the same.
         let mut dp = remote_node_port((20000, 20000));
         let (client, node_port, remote) = (sa(CLIENT), sa(NODE_PORT), sa(REMOTE));
-        let lo = nix::net::if_::if_nametoindex("lo").unwrap();
-        let v0 = nix::net::if_::if_nametoindex("v0").unwrap();
-        dp.set_xdp_tx(lo, Some(XdpMode::Native)).unwrap();
-        dp.set_xdp_tx(v0, Some(XdpMode::Native)).unwrap();
+        let_xdp_send(&mut dp);
         let syn = tcp(client, node_port, SYN, b"");
         let mut got = (0, Vec::new());
         let counts = xdp_counts(&dp, || got = run_xdp(&dp, XDP_FROM_UPLINK, &syn));
@@ -1088,10 +1085,7 @@ fn a_new_tcp_flow_by_direct_server_return_is_dnated_only_and_its_syns_name_the_f
         // XDP, let send from both devices, starts such a flow itself: the SYN DNATed, given
         // the option (room made at the front) and sent out, byte for byte as TC makes it from
         // the same state, and the flow recorded alike.
-        for dev in ["lo", "v0"] {
-            let i = nix::net::if_::if_nametoindex(dev).unwrap();
-            dp.set_xdp_tx(i, Some(XdpMode::Native)).unwrap();
-        }
+        let_xdp_send(&mut dp);
         let client = sa("198.18.0.100:40001");
         let syn = tcp(client, sa(NODE_PORT), SYN, b"");
         let before = recorded(&dp);

@@ -793,3 +793,13 @@ pub fn recorded(dp: &Dataplane) -> Vec<String> {
     v.sort();
     v
 }
+
+/// Lets XDP send from the test run's device (the loopback device, where its packets come in)
+/// and from `v0` (where the route to the remote endpoints leaves), in native mode.
+pub fn let_xdp_send(dp: &mut sluice::dataplane::Dataplane) {
+    for dev in ["lo", "v0"] {
+        let index = nix::net::if_::if_nametoindex(dev).unwrap();
+        dp.set_xdp_tx(index, Some(sluice::dataplane::XdpMode::Native))
+            .unwrap();
+    }
+}
